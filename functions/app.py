@@ -1,0 +1,207 @@
+"""The HTTP API: routes that parse requests, call the domain, and shape responses.
+
+Domain errors become status codes here and nowhere else.
+"""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+
+from functions import tasks
+from functions.db import Database
+from functions.errors import (
+    DatabaseUnavailable,
+    InvalidInput,
+    TaskNotFound,
+    TaskrunnerError,
+    TaskRunning,
+)
+from functions.kinds import KINDS
+from functions.settings import Settings
+from functions.store import Store
+from functions.tasks import NewTask, Task, TaskState
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 10_000
+_BIGINT_MAX = 2**63 - 1
+
+KindName = Annotated[
+    str,
+    PlainValidator(tasks.parse_kind),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "enum": sorted(KINDS),
+            "description": "The task kind, case-insensitive; returned lowercase.",
+        }
+    ),
+]
+ExecuteAt = Annotated[
+    datetime,
+    PlainValidator(tasks.parse_execute_at),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}],
+            "description": "ISO-8601 date-time with a UTC offset, or Unix seconds.",
+            "examples": ["2030-01-01T12:00:00Z", 1893499200],
+        }
+    ),
+]
+
+
+class TaskIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: KindName
+    execute_at: ExecuteAt
+
+    def to_new(self) -> NewTask:
+        return NewTask(kind=self.type, execute_at=self.execute_at)
+
+
+class BatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[TaskIn] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class TaskOut(BaseModel):
+    id: int
+    type: str
+    state: TaskState
+    execute_at: datetime
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    max_attempts: int
+    output: str | None
+    error: str | None
+
+    @classmethod
+    def of(cls, task: Task) -> "TaskOut":
+        return cls(
+            id=task.id,
+            type=task.kind,
+            state=task.state,
+            execute_at=task.execute_at,
+            created_at=task.created_at,
+            started_at=task.started_at,
+            finished_at=task.finished_at,
+            attempts=task.attempts,
+            max_attempts=task.max_attempts,
+            output=task.output,
+            error=task.error,
+        )
+
+
+class PageOut(BaseModel):
+    items: list[TaskOut]
+    next_cursor: str | None
+
+
+class IdsOut(BaseModel):
+    ids: list[int]
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def build_app(settings: Settings) -> FastAPI:
+    """Build the API for `settings`; the database is first reached by the first request."""
+    database = Database(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await database.dispose()
+
+    app = FastAPI(
+        title="taskrunner",
+        summary="Schedule foo, bar and baz tasks to run once, at or after their time.",
+        lifespan=lifespan,
+    )
+
+    async def get_store() -> Store:
+        return Store(database.engine())
+
+    StoreDep = Annotated[Store, Depends(get_store)]
+
+    @app.exception_handler(TaskrunnerError)
+    async def on_domain_error(request: Request, exc: TaskrunnerError) -> JSONResponse:
+        if isinstance(exc, TaskNotFound):
+            return _error(404, str(exc))
+        if isinstance(exc, TaskRunning):
+            return _error(409, str(exc))
+        if isinstance(exc, InvalidInput):
+            return _error(400, str(exc))
+        if isinstance(exc, DatabaseUnavailable):
+            logger.warning("action=request path=%s: %s", request.url.path, exc)
+            return _error(503, "database unavailable, try again shortly", {"Retry-After": "1"})
+        logger.exception("action=request path=%s: unexpected error", request.url.path)
+        return _error(500, "internal error")
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises after this, so the server logs the traceback once.
+        return _error(500, "internal error")
+
+    @app.get("/healthz")
+    async def healthz(store: StoreDep) -> dict[str, str]:
+        """200 when the database answers, 503 when it does not."""
+        await store.ping()
+        return {"status": "ok"}
+
+    @app.post("/tasks", status_code=201, response_model=TaskOut)
+    async def create_task(body: TaskIn, response: Response, store: StoreDep) -> TaskOut:
+        """Schedule a task to run once, at or after `execute_at`."""
+        task = await tasks.create_task(store, body.to_new(), settings.max_attempts)
+        response.headers["Location"] = f"/tasks/{task.id}"
+        return TaskOut.of(task)
+
+    @app.post("/tasks/batch", status_code=201, response_model=IdsOut)
+    async def create_tasks(body: BatchIn, store: StoreDep) -> IdsOut:
+        """Schedule up to 10,000 tasks: all are written or none (the error names the item)."""
+        new = [item.to_new() for item in body.tasks]
+        return IdsOut(ids=await tasks.create_tasks(store, new, settings.max_attempts))
+
+    @app.get("/tasks", response_model=PageOut)
+    async def list_tasks(
+        store: StoreDep,
+        state: Annotated[
+            TaskState | None, Query(description="scheduled, running, succeeded or failed")
+        ] = None,
+        type: Annotated[
+            str | None, AfterValidator(lambda v: v and tasks.parse_kind(v)), Query()
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    ) -> PageOut:
+        """List tasks by ascending id, optionally filtered by state and type."""
+        page = await tasks.list_tasks(store, state=state, kind=type, limit=limit, cursor=cursor)
+        return PageOut(items=[TaskOut.of(t) for t in page.items], next_cursor=page.next_cursor)
+
+    @app.get("/tasks/{task_id}", response_model=TaskOut)
+    async def get_task(
+        task_id: Annotated[int, Path(ge=1, le=_BIGINT_MAX)], store: StoreDep
+    ) -> TaskOut:
+        """Show one task."""
+        return TaskOut.of(await tasks.get_task(store, task_id))
+
+    @app.delete("/tasks/{task_id}", status_code=204, response_class=Response)
+    async def delete_task(
+        task_id: Annotated[int, Path(ge=1, le=_BIGINT_MAX)], store: StoreDep
+    ) -> Response:
+        """Delete a task; a running one cannot be deleted (409)."""
+        await tasks.delete_task(store, task_id)
+        return Response(status_code=204)
+
+    return app

@@ -1,0 +1,25 @@
+"""The project's exceptions. HTTP status codes are mapped from these in `app`, nowhere else."""
+
+
+class TaskrunnerError(Exception):
+    """Base class of every error taskrunner raises on purpose."""
+
+
+class TaskNotFound(TaskrunnerError):
+    def __init__(self, task_id: int) -> None:
+        super().__init__(f"task {task_id} does not exist")
+        self.task_id = task_id
+
+
+class TaskRunning(TaskrunnerError):
+    def __init__(self, task_id: int) -> None:
+        super().__init__(f"task {task_id} is running and cannot be deleted until it finishes")
+        self.task_id = task_id
+
+
+class InvalidInput(TaskrunnerError):
+    """Input that passed the schema but not the domain (a bad cursor, say)."""
+
+
+class DatabaseUnavailable(TaskrunnerError):
+    """PostgreSQL could not be reached or dropped the connection."""

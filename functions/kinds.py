@@ -1,0 +1,61 @@
+"""The task kinds. Adding one is a coroutine and a line in `KINDS`.
+
+A kind's coroutine returns the line it prints; the runner prints it to stdout and stores it
+as the task's `output`. Raising fails the attempt (and retries it while attempts remain).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from functions.settings import Settings
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a kind may use while it runs."""
+
+    task_id: int
+    attempt: int
+    settings: Settings
+    http: httpx.AsyncClient
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    run: Callable[[Context], Awaitable[str]]
+    # The longest one run can take: a tick near its platform deadline claims only kinds that fit.
+    max_seconds: Callable[[Settings], float]
+
+
+async def foo(ctx: Context) -> str:
+    await asyncio.sleep(ctx.settings.foo_delay_s)
+    return f"Foo {ctx.task_id}"
+
+
+async def bar(ctx: Context) -> str:
+    # httpx's timeout bounds each phase (connect, read...); this bounds the whole request.
+    async with asyncio.timeout(ctx.settings.bar_timeout_s):
+        response = await ctx.http.get(ctx.settings.bar_url)
+    # Any response, 5xx included, is a success: the task is to report the status code.
+    return str(response.status_code)
+
+
+async def baz(ctx: Context) -> str:
+    return f"Baz {random.randint(0, 343)}"
+
+
+KINDS: dict[str, Kind] = {
+    kind.name: kind
+    for kind in (
+        Kind("foo", foo, lambda s: s.foo_delay_s + 1.0),
+        Kind("bar", bar, lambda s: s.bar_timeout_s + 1.0),
+        Kind("baz", baz, lambda s: 1.0),
+    )
+}

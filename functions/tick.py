@@ -1,0 +1,66 @@
+"""The tick: rescue expired leases, then claim and run due tasks.
+
+The cloud calls `handler` on a schedule; `taskrunner tick`, the local timer loop and the
+tests call `tick` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, TextIO
+
+from functions.db import make_engine
+from functions.errors import DatabaseUnavailable
+from functions.runner import Runner, TickSummary
+from functions.settings import Settings
+from functions.store import Store, listen
+
+logger = logging.getLogger(__name__)
+
+
+async def tick(
+    settings: Settings,
+    *,
+    deadline: float | None = None,
+    keep_polling: bool = False,
+    stop: asyncio.Event | None = None,
+    out: TextIO | None = None,
+) -> TickSummary:
+    """Run due tasks until none is left (or, with `keep_polling`, until `stop` or `deadline`).
+
+    `deadline` is a `time.monotonic()` value; no task is claimed that could end after it.
+    Raises DatabaseUnavailable when the database cannot be reached at the start.
+    """
+    engine = make_engine(settings)
+    try:
+        runner = Runner(Store(engine), settings, out=out)
+        listener = None
+        if keep_polling and not settings.transaction_pooler:
+            # Wake on new tasks instead of waiting for the next poll.
+            listener = asyncio.create_task(listen(engine, runner.notify))
+        try:
+            return await runner.run(deadline=deadline, keep_polling=keep_polling, stop=stop)
+        finally:
+            if listener is not None:
+                listener.cancel()
+                await asyncio.gather(listener, return_exceptions=True)
+    finally:
+        await engine.dispose()
+
+
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Lambda entry point for the schedule: one tick, bounded by the invocation's time left."""
+    settings = Settings()
+    deadline = time.monotonic() + context.get_remaining_time_in_millis() / 1000
+    try:
+        summary = asyncio.run(
+            tick(settings, deadline=deadline, keep_polling=settings.tick_mode == "poll")
+        )
+    except DatabaseUnavailable as exc:
+        # Raise, so the platform records a failed invocation (and alarms can see it).
+        logger.error("action=tick: %s", exc)
+        raise
+    logger.info("action=tick %s", summary.as_dict())
+    return summary.as_dict()

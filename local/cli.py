@@ -1,0 +1,131 @@
+"""The `taskrunner` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from functions.errors import TaskrunnerError
+from functions.settings import Settings
+
+logger = logging.getLogger("taskrunner")
+
+
+def _settings(*, migrate: bool) -> Settings:
+    """Read settings; without a database URL, start the embedded database and migrate it."""
+    from local import migrate as migrations
+
+    settings = Settings()
+    if settings.database_url is None:
+        from local.embedded import start_embedded
+
+        settings = settings.model_copy(update={"database_url": start_embedded()})
+        migrate = True  # the embedded database is ours to keep current
+    assert settings.database_url is not None
+    if migrate:
+        migrations.migrate(settings.database_url)
+    elif migrations.pending(settings.database_url):
+        raise TaskrunnerError("the database schema is not up to date: run `taskrunner migrate`")
+    return settings
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    from local.serve import serve
+
+    settings = _settings(migrate=True)
+    logger.info("taskrunner dev: API on http://%s:%d (docs at /docs)", args.host, args.port)
+    asyncio.run(serve(settings, host=args.host, port=args.port, worker=True))
+
+
+def cmd_api(args: argparse.Namespace) -> None:
+    from local.serve import serve
+
+    settings = _settings(migrate=False)
+    asyncio.run(serve(settings, host=args.host, port=args.port, worker=False))
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from local.serve import serve
+
+    asyncio.run(serve(_settings(migrate=False), worker=True))
+
+
+def cmd_tick(args: argparse.Namespace) -> None:
+    from functions.tick import tick
+
+    summary = asyncio.run(tick(_settings(migrate=False)))
+    # The summary is for people and scripts alike; stdout stays for task output.
+    print(json.dumps(summary.as_dict()), file=sys.stderr)
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    _settings(migrate=True)
+    logger.info("the database schema is up to date")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taskrunner",
+        description="Schedule tasks over HTTP and run each once, at or after its time. "
+        "Configured by TASKRUNNER_* environment variables; without TASKRUNNER_DATABASE_URL "
+        "an embedded PostgreSQL is kept in ./.taskrunner/.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def http_args(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+        sub.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+
+    dev = commands.add_parser(
+        "dev", help="run the API and the timer loop together", description="Serve the API and "
+        "run due tasks in one process: the one command to try taskrunner. Applies migrations."
+    )  # fmt: skip
+    http_args(dev)
+    dev.set_defaults(func=cmd_dev)
+
+    api = commands.add_parser(
+        "api", help="run only the HTTP API", description="Serve only the HTTP API."
+    )
+    http_args(api)
+    api.set_defaults(func=cmd_api)
+
+    worker = commands.add_parser(
+        "worker", help="run only the timer loop", description="Claim and run due tasks until "
+        "SIGTERM or SIGINT, then let running tasks finish (within TASKRUNNER_SHUTDOWN_GRACE_S)."
+    )  # fmt: skip
+    worker.set_defaults(func=cmd_worker)
+
+    tick = commands.add_parser(
+        "tick", help="run one tick, then exit", description="Rescue expired leases, run every "
+        "task due now, and exit; prints a JSON summary on stderr."
+    )  # fmt: skip
+    tick.set_defaults(func=cmd_tick)
+
+    migrate = commands.add_parser(
+        "migrate", help="bring the database schema up to date",
+        description="Apply pending migrations to TASKRUNNER_DATABASE_URL (or the embedded one).",
+    )  # fmt: skip
+    migrate.set_defaults(func=cmd_migrate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    try:
+        args.func(args)
+    except TaskrunnerError as exc:
+        logger.error("%s", exc)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,39 @@
+"""Schema migrations (Alembic), run by `taskrunner migrate` and by `taskrunner dev`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, pool
+
+from functions.db import sqlalchemy_url
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _config(database_url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    # Alembic's config is an INI file: a literal % must be doubled.
+    config.set_main_option("sqlalchemy.url", sqlalchemy_url(database_url).replace("%", "%%"))
+    return config
+
+
+def migrate(database_url: str) -> None:
+    """Bring the schema up to date; safe to run from several processes at once."""
+    command.upgrade(_config(database_url), "head")
+
+
+def pending(database_url: str) -> bool:
+    """Whether the database is behind the newest migration."""
+    head = ScriptDirectory.from_config(_config(database_url)).get_current_head()
+    engine = create_engine(sqlalchemy_url(database_url), poolclass=pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision() != head
+    finally:
+        engine.dispose()

@@ -1,0 +1,94 @@
+"""The long-running local processes: the API server and the timer loop, alone or together.
+
+The timer loop emulates the cloud's schedule by calling the same `tick` the Lambda handler
+calls; locally one tick keeps polling (woken by LISTEN/NOTIFY) until the process is told
+to stop, so a task due now starts within milliseconds rather than at the next minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+
+import uvicorn
+
+from functions.app import build_app
+from functions.errors import DatabaseUnavailable
+from functions.settings import Settings
+from functions.tick import tick
+
+logger = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, leaving signals to `serve` so the timer loop can drain first."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def run_timer(settings: Settings, stop: asyncio.Event) -> None:
+    """Call the tick until `stop` is set; when the database is down, retry with backoff."""
+    retry_s = 0.5
+    while not stop.is_set():
+        try:
+            summary = await tick(settings, keep_polling=True, stop=stop)
+            logger.info("action=tick %s", summary.as_dict())
+            retry_s = 0.5
+        except DatabaseUnavailable as exc:
+            logger.warning("action=tick: %s; retrying in %.1fs", exc, retry_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=retry_s)
+            retry_s = min(retry_s * 2, 5.0)
+
+
+async def serve(
+    settings: Settings, *, host: str | None = None, port: int | None = None, worker: bool = True
+) -> None:
+    """Serve the API (when `port` is given) and/or run the timer loop until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    server: _Server | None = None
+    if port is not None:
+        config = uvicorn.Config(
+            build_app(settings),
+            host=host or "127.0.0.1",
+            port=port,
+            log_config=None,  # our logging: everything to stderr, stdout is for task output
+            lifespan="on",
+        )
+        server = _Server(config)
+
+    main = asyncio.current_task()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1 and main is not None:
+            logger.warning("action=shutdown: second signal, stopping now")
+            main.cancel()
+            return
+        logger.info(
+            "action=shutdown signal=%s: finishing running tasks", signal.Signals(signum).name
+        )
+        stop.set()
+        if server is not None:
+            server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    jobs = []
+    if server is not None:
+        jobs.append(server.serve())
+    if worker:
+        jobs.append(run_timer(settings, stop))
+    try:
+        await asyncio.gather(*jobs)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
