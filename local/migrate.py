@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import sqlalchemy.exc
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -11,6 +12,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 
 from functions.db import sqlalchemy_url
+from functions.errors import DatabaseUnavailable
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -25,7 +27,10 @@ def _config(database_url: str) -> Config:
 
 def migrate(database_url: str) -> None:
     """Bring the schema up to date; safe to run from several processes at once."""
-    command.upgrade(_config(database_url), "head")
+    try:
+        command.upgrade(_config(database_url), "head")
+    except sqlalchemy.exc.OperationalError as exc:
+        raise DatabaseUnavailable(f"database unavailable: {exc.orig}") from exc
 
 
 def pending(database_url: str) -> bool:
@@ -35,5 +40,7 @@ def pending(database_url: str) -> bool:
     try:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision() != head
+    except sqlalchemy.exc.OperationalError as exc:
+        raise DatabaseUnavailable(f"database unavailable: {exc.orig}") from exc
     finally:
         engine.dispose()

@@ -1,0 +1,135 @@
+"""The real `taskrunner` command, as a subprocess."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+TASKRUNNER = str(Path(sys.executable).parent / "taskrunner")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@pytest.mark.parametrize("command", [[], ["dev"], ["api"], ["worker"], ["tick"], ["migrate"]])
+def test_help(command: list[str]) -> None:
+    result = subprocess.run(
+        [TASKRUNNER, *command, "--help"], capture_output=True, text=True, check=True
+    )
+    assert "usage: taskrunner" in result.stdout
+
+
+@pytest.mark.slow
+def test_dev_with_the_embedded_database_end_to_end(tmp_path: Path, bar_server: Any) -> None:
+    """What a new user does: `taskrunner dev`, then curl. No database URL is set."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "TASKRUNNER_FOO_DELAY_S": "0.2",
+        "TASKRUNNER_BAR_URL": bar_server(200),
+    }
+    stdout, stderr = (tmp_path / "stdout").open("w"), (tmp_path / "stderr").open("w")
+    proc = subprocess.Popen(
+        [TASKRUNNER, "dev", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=stdout,
+        stderr=stderr,
+    )
+    try:
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{base}/healthz").status_code == 200
+            except httpx.TransportError:
+                assert proc.poll() is None, (tmp_path / "stderr").read_text()
+                return False
+
+        wait_for(healthy, 120, "/healthz")
+        now = time.time()
+        created = {}
+        for kind in ("foo", "bar", "baz"):
+            response = httpx.post(f"{base}/tasks", json={"type": kind, "execute_at": now})
+            assert response.status_code == 201, response.text
+            created[kind] = response.json()["id"]
+        later = httpx.post(f"{base}/tasks", json={"type": "baz", "execute_at": now + 3}).json()
+        assert httpx.get(f"{base}/tasks/{later['id']}").json()["state"] == "scheduled"
+
+        def all_succeeded() -> list[dict[str, Any]] | None:
+            items: list[dict[str, Any]] = httpx.get(f"{base}/tasks").json()["items"]
+            return items if all(t["state"] == "succeeded" for t in items) else None
+
+        tasks = wait_for(all_succeeded, 30, "every task to succeed")
+        assert len(tasks) == 4
+        later = next(t for t in tasks if t["id"] == later["id"])
+        assert later["started_at"] >= later["execute_at"]
+
+        deleted = httpx.delete(f"{base}/tasks/{created['baz']}")
+        assert deleted.status_code == 204
+        assert httpx.delete(f"{base}/tasks/{created['baz']}").status_code == 404
+        assert httpx.post(f"{base}/tasks", json={"type": "x", "execute_at": 1}).status_code == 422
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stdout.close()
+        stderr.close()
+
+    lines = (tmp_path / "stdout").read_text().splitlines()
+    baz_lines = [line for line in lines if line.startswith("Baz ")]
+    assert sorted(lines) == sorted([f"Foo {created['foo']}", "200", *baz_lines])
+    assert len(baz_lines) == 2
+    assert "Traceback" not in (tmp_path / "stderr").read_text()
+
+
+def test_migrate_and_tick_against_a_configured_database(
+    database_url: str, task_factory: Callable[..., int], tmp_path: Path
+) -> None:
+    env = {**os.environ, "TASKRUNNER_DATABASE_URL": database_url}
+    subprocess.run([TASKRUNNER, "migrate"], env=env, check=True, cwd=tmp_path)
+    task = task_factory("baz")
+    result = subprocess.run(
+        [TASKRUNNER, "tick"], env=env, capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    assert result.stdout.startswith("Baz ") and result.stdout.count("\n") == 1
+    summary = json.loads(result.stderr.strip().splitlines()[-1])
+    assert summary["claimed"] == summary["succeeded"] == 1
+    assert not (tmp_path / ".taskrunner").exists(), "no embedded database when a URL is set"
+    assert task
+
+
+def test_tick_with_the_database_down_fails_clearly(tmp_path: Path) -> None:
+    env = {**os.environ, "TASKRUNNER_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"}
+    result = subprocess.run(
+        [TASKRUNNER, "tick"], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 1
+    assert "database unavailable" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""

@@ -1,0 +1,129 @@
+"""The tick, called directly: claim -> run -> record against a real database."""
+
+import io
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from functions.settings import Settings
+from functions.tick import tick
+
+Sql = Callable[..., list[tuple[Any, ...]]]
+
+
+def states(sql: Sql) -> dict[int, tuple[Any, ...]]:
+    rows = sql("SELECT id, state, attempts, output, error FROM tasks ORDER BY id")
+    return {row[0]: row[1:] for row in rows}
+
+
+async def test_due_tasks_run_once_and_print_their_lines(
+    settings: Settings, task_factory: Callable[..., int], sql: Sql, bar_server: Any
+) -> None:
+    settings = settings.model_copy(update={"bar_url": bar_server(200)})
+    foo, bar, baz = task_factory("foo"), task_factory("bar"), task_factory("baz")
+    out = io.StringIO()
+
+    summary = await tick(settings, out=out)
+
+    assert (summary.claimed, summary.succeeded, summary.failed) == (3, 3, 0)
+    lines = out.getvalue().splitlines()
+    baz_line = next(line for line in lines if line.startswith("Baz "))
+    assert sorted(lines) == sorted([f"Foo {foo}", "200", baz_line])
+    assert 0 <= int(baz_line.split()[1]) <= 343
+    got = states(sql)
+    assert got[foo] == ("succeeded", 1, f"Foo {foo}", None)
+    assert got[bar] == ("succeeded", 1, "200", None)
+    assert got[baz] == ("succeeded", 1, baz_line, None)
+
+    again = await tick(settings, out=out)
+    assert again.claimed == 0
+    assert len(out.getvalue().splitlines()) == 3
+
+
+async def test_future_task_waits_for_its_time(
+    settings: Settings, task_factory: Callable[..., int], sql: Sql
+) -> None:
+    later = task_factory("baz", due_in_s=1.0)
+    assert (await tick(settings, out=io.StringIO())).claimed == 0
+    assert states(sql)[later][0] == "scheduled"
+    time.sleep(1.1)
+    assert (await tick(settings, out=io.StringIO())).succeeded == 1
+    started, execute_at = sql("SELECT started_at, execute_at FROM tasks WHERE id = %s", later)[0]
+    assert started >= execute_at
+
+
+async def test_bar_5xx_is_a_success_reporting_the_code(
+    settings: Settings, task_factory: Callable[..., int], sql: Sql, bar_server: Any
+) -> None:
+    settings = settings.model_copy(update={"bar_url": bar_server(503)})
+    task = task_factory("bar")
+    out = io.StringIO()
+    await tick(settings, out=out)
+    assert out.getvalue() == "503\n"
+    assert states(sql)[task] == ("succeeded", 1, "503", None)
+
+
+async def test_bar_network_error_retries_with_backoff_then_fails(
+    settings: Settings, task_factory: Callable[..., int], sql: Sql
+) -> None:
+    # Port 1 on 127.0.0.1: connection refused, at once.
+    settings = settings.model_copy(
+        update={"bar_url": "http://127.0.0.1:1/", "max_attempts": 2, "retry_base_s": 30.0}
+    )
+    task = task_factory("bar", max_attempts=2)
+    out = io.StringIO()
+
+    first = await tick(settings, out=out)
+    assert (first.retried, first.failed) == (1, 0)
+    state, attempts, output, error = states(sql)[task]
+    assert (state, attempts, output) == ("scheduled", 1, None)
+    assert "ConnectError" in error
+    [(backoff_s,)] = sql(
+        "SELECT extract(epoch FROM execute_at - now()) FROM tasks WHERE id = %s", task
+    )
+    assert 25 < backoff_s <= 30, "the retry waits retry_base_s"
+    assert (await tick(settings, out=out)).claimed == 0, "not before its backoff"
+
+    sql("UPDATE tasks SET execute_at = now() WHERE id = %s", task)  # the backoff has passed
+    second = await tick(settings, out=out)
+    assert (second.retried, second.failed) == (0, 1)
+    state, attempts, output, error = states(sql)[task]
+    assert (state, attempts, output) == ("failed", 2, None)
+    assert "ConnectError" in error
+    assert out.getvalue() == "", "a failed bar prints nothing"
+
+
+async def test_many_foo_tasks_run_concurrently(
+    settings: Settings, task_factory: Callable[..., int], sql: Sql
+) -> None:
+    settings = settings.model_copy(update={"foo_delay_s": 1.0, "claim_batch": 100})
+    ids = [task_factory("foo") for _ in range(300)]
+    started = time.monotonic()
+    summary = await tick(settings, out=io.StringIO())
+    elapsed = time.monotonic() - started
+    assert summary.succeeded == 300
+    # Serially this is 300 s; concurrently about 1 s. The bound is loose on purpose.
+    assert elapsed < 30
+    assert sql("SELECT count(*) FROM tasks WHERE state = 'succeeded'") == [(len(ids),)]
+
+
+@pytest.mark.slow
+async def test_foo_really_sleeps_three_seconds(
+    database_url: str, task_factory: Callable[..., int], sql: Sql
+) -> None:
+    task = task_factory("foo")
+    out = io.StringIO()
+    await tick(Settings(database_url=database_url), out=out)
+    assert out.getvalue() == f"Foo {task}\n"
+    started, finished = sql("SELECT started_at, finished_at FROM tasks WHERE id = %s", task)[0]
+    assert (finished - started).total_seconds() >= 3.0
+
+
+async def test_tick_ignores_kinds_it_does_not_know(
+    settings: Settings, task_factory: Callable[..., int], sql: Sql
+) -> None:
+    unknown = task_factory("retired_kind")
+    assert (await tick(settings, out=io.StringIO())).claimed == 0
+    assert states(sql)[unknown][0] == "scheduled"

@@ -1,0 +1,83 @@
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from functions.errors import InvalidInput
+from functions.runner import retry_delay_s
+from functions.settings import Settings
+from functions.tasks import (
+    TaskState,
+    decode_cursor,
+    encode_cursor,
+    parse_execute_at,
+    parse_kind,
+    parse_state,
+)
+
+
+@pytest.mark.parametrize("raw", ["foo", "Foo", " BAZ ", "bar"])
+def test_kind_is_case_insensitive_and_lowercased(raw: str) -> None:
+    assert parse_kind(raw) == raw.strip().lower()
+
+
+@pytest.mark.parametrize("raw", ["qux", "", None, 3, "foo bar"])
+def test_unknown_kind_is_rejected_with_the_choices(raw: object) -> None:
+    with pytest.raises(ValueError, match="type"):
+        parse_kind(raw)
+
+
+def test_iso_time_with_offset_is_read_as_that_instant() -> None:
+    parsed = parse_execute_at("2030-01-01T12:00:00+02:00")
+    assert parsed == datetime(2030, 1, 1, 10, 0, tzinfo=UTC)
+    assert parsed.tzinfo is UTC
+
+
+def test_z_suffix_and_fractional_seconds() -> None:
+    assert parse_execute_at("2030-01-01T12:00:00.250Z") == datetime(
+        2030, 1, 1, 12, 0, 0, 250_000, tzinfo=UTC
+    )
+
+
+@pytest.mark.parametrize("raw", [1_893_499_200, 1_893_499_200.5])
+def test_unix_seconds(raw: float) -> None:
+    assert parse_execute_at(raw) == datetime.fromtimestamp(raw, UTC)
+
+
+def test_naive_time_is_rejected_not_guessed() -> None:
+    with pytest.raises(ValueError, match="no UTC offset"):
+        parse_execute_at("2030-01-01T12:00:00")
+
+
+@pytest.mark.parametrize(
+    "raw", ["tomorrow", "", "2030-13-01T00:00:00Z", True, None, [], -1, float("nan"), 1e20]
+)
+def test_not_a_time_is_rejected(raw: object) -> None:
+    with pytest.raises(ValueError, match="execute_at"):
+        parse_execute_at(raw)
+
+
+def test_aware_non_utc_is_normalised_to_utc() -> None:
+    tz = timezone(timedelta(hours=-5))
+    assert parse_execute_at(datetime(2030, 1, 1, 7, tzinfo=tz).isoformat()).hour == 12
+
+
+def test_state_parsing() -> None:
+    assert parse_state("Failed") is TaskState.FAILED
+    with pytest.raises(ValueError, match="unknown state"):
+        parse_state("done")
+
+
+@pytest.mark.parametrize("last_id", [1, 17, 2**63 - 1])
+def test_cursor_round_trip(last_id: int) -> None:
+    assert decode_cursor(encode_cursor(last_id)) == last_id
+
+
+@pytest.mark.parametrize("cursor", ["zz", "!!", "YWJj", encode_cursor(5)[:-2] + "xx"])
+def test_foreign_cursor_is_invalid_input(cursor: str) -> None:
+    with pytest.raises(InvalidInput):
+        decode_cursor(cursor)
+
+
+def test_retry_delay_doubles_up_to_the_cap() -> None:
+    settings = Settings(retry_base_s=1.0, retry_max_s=5.0)
+    assert [retry_delay_s(settings, n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
