@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from mangum import Mangum
@@ -10,13 +11,19 @@ from functions.app import build_app
 from functions.settings import Settings
 
 _adapter: Mangum | None = None
+_loop: asyncio.AbstractEventLoop | None = None
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """Serve one API Gateway event; the app is built on the first call and kept while warm."""
-    global _adapter
+    global _adapter, _loop
+    if _loop is None or _loop.is_closed():
+        _loop = asyncio.new_event_loop()
+    # Mangum runs each event on the thread's current loop; pin ours, so the pooled
+    # connections made on it in an earlier (warm) invocation are used on it again.
+    asyncio.set_event_loop(_loop)
     if _adapter is None:
-        # lifespan="off": Mangum would otherwise run startup and shutdown around every
-        # event; the app builds its engine on first use and keeps it for the warm container.
+        # lifespan="off": Mangum would run startup and shutdown around every event; the
+        # app builds its engine on first use and keeps it for the life of the container.
         _adapter = Mangum(build_app(Settings()), lifespan="off")
     return _adapter(event, context)

@@ -3,13 +3,14 @@
 Domain errors become status codes here and nowhere else.
 """
 
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 
@@ -21,6 +22,7 @@ from functions.errors import (
     TaskNotFound,
     TaskrunnerError,
     TaskRunning,
+    Unauthorized,
 )
 from functions.kinds import KINDS
 from functions.settings import Settings
@@ -133,7 +135,15 @@ def build_app(settings: Settings) -> FastAPI:
     async def get_store() -> Store:
         return Store(database.engine())
 
+    async def check_token(authorization: Annotated[str | None, Header()] = None) -> None:
+        if settings.api_token is None:
+            return
+        expected = f"Bearer {settings.api_token}"
+        if authorization is None or not hmac.compare_digest(authorization, expected):
+            raise Unauthorized("missing or wrong `Authorization: Bearer <token>` header")
+
     StoreDep = Annotated[Store, Depends(get_store)]
+    Authorized = [Depends(check_token)]
 
     @app.exception_handler(TaskrunnerError)
     async def on_domain_error(request: Request, exc: TaskrunnerError) -> JSONResponse:
@@ -143,6 +153,8 @@ def build_app(settings: Settings) -> FastAPI:
             return _error(409, str(exc))
         if isinstance(exc, InvalidInput):
             return _error(400, str(exc))
+        if isinstance(exc, Unauthorized):
+            return _error(401, str(exc), {"WWW-Authenticate": "Bearer"})
         if isinstance(exc, DatabaseUnavailable):
             logger.warning("action=request path=%s: %s", request.url.path, exc)
             return _error(503, "database unavailable, try again shortly", {"Retry-After": "1"})
@@ -160,20 +172,20 @@ def build_app(settings: Settings) -> FastAPI:
         await store.ping()
         return {"status": "ok"}
 
-    @app.post("/tasks", status_code=201, response_model=TaskOut)
+    @app.post("/tasks", status_code=201, response_model=TaskOut, dependencies=Authorized)
     async def create_task(body: TaskIn, response: Response, store: StoreDep) -> TaskOut:
         """Schedule a task to run once, at or after `execute_at`."""
         task = await tasks.create_task(store, body.to_new(), settings.max_attempts)
         response.headers["Location"] = f"/tasks/{task.id}"
         return TaskOut.of(task)
 
-    @app.post("/tasks/batch", status_code=201, response_model=IdsOut)
+    @app.post("/tasks/batch", status_code=201, response_model=IdsOut, dependencies=Authorized)
     async def create_tasks(body: BatchIn, store: StoreDep) -> IdsOut:
         """Schedule up to 10,000 tasks: all are written or none (the error names the item)."""
         new = [item.to_new() for item in body.tasks]
         return IdsOut(ids=await tasks.create_tasks(store, new, settings.max_attempts))
 
-    @app.get("/tasks", response_model=PageOut)
+    @app.get("/tasks", response_model=PageOut, dependencies=Authorized)
     async def list_tasks(
         store: StoreDep,
         state: Annotated[
@@ -189,14 +201,16 @@ def build_app(settings: Settings) -> FastAPI:
         page = await tasks.list_tasks(store, state=state, kind=type, limit=limit, cursor=cursor)
         return PageOut(items=[TaskOut.of(t) for t in page.items], next_cursor=page.next_cursor)
 
-    @app.get("/tasks/{task_id}", response_model=TaskOut)
+    @app.get("/tasks/{task_id}", response_model=TaskOut, dependencies=Authorized)
     async def get_task(
         task_id: Annotated[int, Path(ge=1, le=_BIGINT_MAX)], store: StoreDep
     ) -> TaskOut:
         """Show one task."""
         return TaskOut.of(await tasks.get_task(store, task_id))
 
-    @app.delete("/tasks/{task_id}", status_code=204, response_class=Response)
+    @app.delete(
+        "/tasks/{task_id}", status_code=204, response_class=Response, dependencies=Authorized
+    )
     async def delete_task(
         task_id: Annotated[int, Path(ge=1, le=_BIGINT_MAX)], store: StoreDep
     ) -> Response:

@@ -21,5 +21,9 @@ class InvalidInput(TaskrunnerError):
     """Input that passed the schema but not the domain (a bad cursor, say)."""
 
 
+class Unauthorized(TaskrunnerError):
+    """The API token is set and the request did not carry it."""
+
+
 class DatabaseUnavailable(TaskrunnerError):
     """PostgreSQL could not be reached or dropped the connection."""

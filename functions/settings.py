@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=5, ge=0)
     db_connect_timeout_s: int = Field(default=5, ge=1)
 
+    # When set, every /tasks request needs `Authorization: Bearer <token>`; /healthz does not.
+    api_token: str | None = None
+
     bar_url: str = DEFAULT_BAR_URL
     bar_timeout_s: float = Field(default=10.0, gt=0)
     # How long `foo` sleeps; the product says 3 seconds, tests shorten it.

@@ -1,0 +1,227 @@
+"""The Lambda handlers, fed real API Gateway and EventBridge event JSON, warm, many times over."""
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import functions.api
+from functions import tick
+from functions.errors import DatabaseUnavailable
+from tests.lambda_harness import FakeContext, api_event, body, header, scheduled_event
+from tests.pgbouncer import pgbouncer_url
+
+__all__ = ["pgbouncer_url"]  # the fixture
+
+Sql = Callable[..., list[tuple[Any, ...]]]
+
+
+@pytest.fixture(autouse=True)
+def cold_start() -> Iterator[None]:
+    """Each test starts with a cold container: no app, no loop, no pool."""
+    yield
+    loop = functions.api._loop
+    functions.api._adapter = None
+    functions.api._loop = None
+    if loop is not None and not loop.is_closed():
+        loop.close()
+
+
+@pytest.fixture
+def lambda_env(monkeypatch: pytest.MonkeyPatch, database_url: str, bar_server: Any) -> None:
+    """The environment the SAM template gives both functions."""
+    monkeypatch.setenv("TASKRUNNER_DATABASE_URL", database_url)
+    monkeypatch.setenv("TASKRUNNER_BAR_URL", bar_server(200))
+    monkeypatch.setenv("TASKRUNNER_FOO_DELAY_S", "0.1")
+    monkeypatch.setenv("TASKRUNNER_DB_POOL_SIZE", "1")
+
+
+def connections(sql: Sql) -> int:
+    [(count,)] = sql(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name = 'taskrunner'"
+    )
+    return int(count)
+
+
+def round_trip(version: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Create, read, list, reject, tick, delete: one user's session through API Gateway."""
+    api = functions.api.handler
+
+    assert api(api_event(version, "healthz"), FakeContext())["statusCode"] == 200
+
+    created = api(api_event(version, "create"), FakeContext())
+    assert created["statusCode"] == 201, created
+    task = body(created)
+    assert task["type"] == "foo" and task["state"] == "scheduled"
+    assert header(created, "location") == f"/tasks/{task['id']}"
+
+    batch = api(api_event(version, "create_batch"), FakeContext())
+    assert batch["statusCode"] == 201
+    assert len(body(batch)["ids"]) == 2
+
+    shown = api(api_event(version, "get", task["id"]), FakeContext())
+    assert (shown["statusCode"], body(shown)["id"]) == (200, task["id"])
+
+    bad = api(api_event(version, "create_bad"), FakeContext())
+    assert bad["statusCode"] == 422
+    assert header(bad, "content-type") == "application/json"
+    assert {e["loc"][-1] for e in body(bad)["detail"]} == {"type", "execute_at"}
+
+    summary = tick.handler(scheduled_event(), FakeContext(60_000))
+    json.dumps(summary)  # the platform serialises it
+    assert summary["claimed"] == summary["succeeded"] == 3
+    assert {"claimed", "succeeded", "failed", "rescued", "seconds"} <= set(summary)
+    printed = capsys.readouterr().out.splitlines()
+    assert f"Foo {task['id']}" in printed and "200" in printed
+
+    listed = api(api_event(version, "list"), FakeContext())
+    assert listed["statusCode"] == 200
+    assert task["id"] in [t["id"] for t in body(listed)["items"]]
+    assert all(t["type"] == "foo" and t["state"] == "succeeded" for t in body(listed)["items"])
+
+    deleted = api(api_event(version, "delete", task["id"]), FakeContext())
+    assert deleted["statusCode"] == 204
+    gone = api(api_event(version, "get", task["id"]), FakeContext())
+    assert (gone["statusCode"], body(gone)) == (
+        404,
+        {"detail": f"task {task['id']} does not exist"},
+    )
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_handlers_stay_warm_without_leaking_connections(
+    lambda_env: None, version: str, sql: Sql, capsys: pytest.CaptureFixture[str]
+) -> None:
+    round_trip(version, capsys)
+    after_first = connections(sql)
+    for _ in range(4):
+        round_trip(version, capsys)
+    assert connections(sql) == after_first <= 2, "the pool is reused, not rebuilt per call"
+
+
+def test_round_trip_through_pgbouncer_in_transaction_mode(
+    lambda_env: None,
+    pgbouncer_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("TASKRUNNER_DATABASE_URL", pgbouncer_url)
+    monkeypatch.setenv("TASKRUNNER_TRANSACTION_POOLER", "true")
+    # Enough rounds for psycopg to prepare statements if it were allowed to (it does after 5).
+    for version in ("v2", "v1", "v2", "v1"):
+        round_trip(version, capsys)
+
+
+def test_tick_near_its_deadline_claims_only_what_fits(
+    lambda_env: None, task_factory: Callable[..., int], sql: Sql, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TASKRUNNER_FOO_DELAY_S", "3")
+    monkeypatch.setenv("TASKRUNNER_BAR_TIMEOUT_S", "10")
+    foo, bar, baz = task_factory("foo"), task_factory("bar"), task_factory("baz")
+    # 3.5 s left, 2 s margin: baz (1 s at most) fits; foo (4 s) and bar (11 s) do not.
+    summary = tick.handler(scheduled_event(), FakeContext(3_500))
+    assert (summary["claimed"], summary["succeeded"]) == (1, 1)
+    assert dict(sql("SELECT id, state FROM tasks")) == {
+        foo: "scheduled",
+        bar: "scheduled",
+        baz: "succeeded",
+    }
+    assert tick.handler(scheduled_event(), FakeContext(1_000))["claimed"] == 0
+
+
+def test_poll_mode_starts_tasks_created_during_the_tick(
+    lambda_env: None, sql: Sql, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TASKRUNNER_TICK_MODE", "poll")
+    monkeypatch.setenv("TASKRUNNER_DEADLINE_MARGIN_S", "1")
+    result: dict[str, Any] = {}
+    runner = threading.Thread(
+        target=lambda: result.update(tick.handler(scheduled_event(), FakeContext(4_000)))
+    )
+    runner.start()
+    sql(
+        "INSERT INTO tasks (kind, execute_at, max_attempts) VALUES"
+        " ('baz', now() + interval '1 second', 3)"
+    )
+    runner.join(timeout=10)
+    assert not runner.is_alive(), "the tick returns before its deadline"
+    assert result["succeeded"] == 1
+    [(lateness_s,)] = sql("SELECT extract(epoch FROM started_at - execute_at) FROM tasks")
+    assert 0 <= lateness_s < 1.0
+
+
+def test_overlapping_ticks_share_the_work_without_repeats(
+    lambda_env: None, sql: Sql, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sql(
+        "INSERT INTO tasks (kind, execute_at, max_attempts)"
+        " SELECT CASE WHEN n % 5 = 0 THEN 'foo' ELSE 'baz' END, now(), 3"
+        " FROM generate_series(1, 500) AS n"
+    )
+    summaries: list[dict[str, Any]] = []
+    ticks = [
+        threading.Thread(
+            target=lambda: summaries.append(tick.handler(scheduled_event(), FakeContext()))
+        )
+        for _ in range(2)
+    ]
+    for t in ticks:
+        t.start()
+    for t in ticks:
+        t.join(timeout=60)
+    assert sum(s["claimed"] for s in summaries) == 500
+    assert sql("SELECT state, attempts, count(*) FROM tasks GROUP BY 1, 2") == [
+        ("succeeded", 1, 500)
+    ]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 500
+    foo_lines = [line for line in lines if line.startswith("Foo ")]
+    assert len(foo_lines) == len(set(foo_lines)) == 100
+
+
+def test_tick_without_a_database_raises_after_logging_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("TASKRUNNER_DATABASE_URL", "postgresql://postgres@127.0.0.1:1/none")
+    with caplog.at_level(logging.ERROR), pytest.raises(DatabaseUnavailable):
+        tick.handler(scheduled_event(), FakeContext())
+    assert "database unavailable" in caplog.text
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_api_without_a_database_answers_json_503(
+    version: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TASKRUNNER_DATABASE_URL", "postgresql://postgres@127.0.0.1:1/none")
+    response = functions.api.handler(api_event(version, "create"), FakeContext())
+    assert response["statusCode"] == 503
+    assert body(response) == {"detail": "database unavailable, try again shortly"}
+
+
+def test_api_token_when_configured(lambda_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKRUNNER_API_TOKEN", "s3cret")
+    refused = functions.api.handler(api_event("v2", "create"), FakeContext())
+    assert refused["statusCode"] == 401
+    assert "Authorization" in body(refused)["detail"]
+    wrong = functions.api.handler(
+        api_event("v2", "create", authorization="Bearer nope"), FakeContext()
+    )
+    assert wrong["statusCode"] == 401
+    ok = functions.api.handler(
+        api_event("v2", "create", authorization="Bearer s3cret"), FakeContext()
+    )
+    assert ok["statusCode"] == 201
+    health = functions.api.handler(api_event("v2", "healthz"), FakeContext())
+    assert health["statusCode"] == 200, "health checks need no token"
+
+
+def test_api_handler_survives_another_loop_in_between(lambda_env: None) -> None:
+    """A warm container whose thread ran (and closed) another event loop between events."""
+    assert functions.api.handler(api_event("v2", "healthz"), FakeContext())["statusCode"] == 200
+    asyncio.run(asyncio.sleep(0))  # leaves the thread without a current loop
+    assert functions.api.handler(api_event("v2", "healthz"), FakeContext())["statusCode"] == 200
