@@ -1,15 +1,18 @@
-"""The task kinds. Adding one is a coroutine and a line in `KINDS`.
+"""The task kinds. Adding one is a function and a line in `KINDS`.
 
-A kind's coroutine returns the line it prints; the runner prints it to stdout and stores it
-as the task's `output`. Raising fails the attempt (and retries it while attempts remain).
+A kind returns the line it prints; the runner prints it to stdout and stores it as the task's
+`output`. Raising fails the attempt (and retries it while attempts remain). A kind that waits
+(sleeps, network calls) is a coroutine function and each run is an asyncio task; a kind that
+returns at once is a plain function, run inline by the worker without a task of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -29,9 +32,14 @@ class Context:
 @dataclass(frozen=True)
 class Kind:
     name: str
-    run: Callable[[Context], Awaitable[str]]
+    run: Callable[[Context], Awaitable[str]] | Callable[[Context], str]
     # The longest one run can take: a tick near its platform deadline claims only kinds that fit.
     max_seconds: Callable[[Settings], float]
+    # A plain function, not a coroutine function: it must return without waiting.
+    instant: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "instant", not inspect.iscoroutinefunction(self.run))
 
 
 async def foo(ctx: Context) -> str:
@@ -47,7 +55,7 @@ async def bar(ctx: Context) -> str:
     return str(response.status_code)
 
 
-async def baz(ctx: Context) -> str:
+def baz(ctx: Context) -> str:
     return f"Baz {random.randint(0, 343)}"
 
 

@@ -8,14 +8,17 @@ run it extends their leases; on the way out it records what finished and release
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 import secrets
 import socket
 import sys
 import time
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import httpx
 
@@ -76,7 +79,7 @@ class Runner:
         self.settings = settings
         self.worker_id = worker_id or new_worker_id()
         self._out = out
-        self._running: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._running: dict[tuple[int, int], asyncio.Future[str]] = {}
         self._pending: list[Result] = []
         self._wake = asyncio.Event()
         self._flush_wanted = asyncio.Event()
@@ -143,42 +146,65 @@ class Runner:
         stop: asyncio.Event,
     ) -> None:
         db_retry_s = _DB_RETRY_FIRST_S
-        while not stop.is_set():
-            kinds = self._kinds_that_fit(deadline)
-            if not kinds:
-                return  # too close to the deadline to start anything
-            free = self.settings.concurrency - len(self._running)
-            wait_s: float | None = None
-            self._wake.clear()
-            try:
-                if free > 0 and kinds:
-                    want = min(free, self.settings.claim_batch)
-                    claimed = await self.store.claim_due(
-                        worker=self.worker_id,
-                        kinds=kinds,
-                        limit=want,
-                        lease_s=self.settings.lease_seconds,
+        # While a full batch is being started, the next claim is already on its way: the
+        # database claims while Python runs tasks (measured: 31,000 -> 40,000 baz/s).
+        prefetch: asyncio.Task[list[Claimed]] | None = None
+        try:
+            while not stop.is_set():
+                kinds = self._kinds_that_fit(deadline)
+                if not kinds:
+                    return  # too close to the deadline to start anything
+                wait_s: float | None = None
+                self._wake.clear()
+                try:
+                    want = min(
+                        self.settings.concurrency - len(self._running), self.settings.claim_batch
                     )
-                    for task in claimed:
+                    if prefetch is not None:
+                        claimed, prefetch = await prefetch, None
+                    elif want > 0:
+                        claimed = await self._claim(kinds, want)
+                    else:
+                        claimed = None
+                    if claimed is not None:
+                        full = len(claimed) == self.settings.claim_batch or len(claimed) == want
+                        if full and not stop.is_set():
+                            free = self.settings.concurrency - len(self._running) - len(claimed)
+                            if free > 0:
+                                batch = min(free, self.settings.claim_batch)
+                                prefetch = asyncio.create_task(self._claim(kinds, batch))
+                        for task in claimed:
+                            self._start(task, http)
+                        summary.claimed += len(claimed)
+                        if full:
+                            await asyncio.sleep(0)  # let the started tasks begin
+                            continue
+                        wait_s = await self._time_to_next_due(kinds)
+                    db_retry_s = _DB_RETRY_FIRST_S
+                except DatabaseUnavailable as exc:
+                    logger.warning("action=claim worker=%s: %s; retrying", self.worker_id, exc)
+                    summary.errors.append(str(exc))
+                    wait_s, db_retry_s = db_retry_s, min(db_retry_s * 2, _DB_RETRY_MAX_S)
+                if not keep_polling and not self._running and (wait_s is None or wait_s > 0):
+                    return  # drained: nothing running, nothing due
+                if deadline is not None:
+                    left_s = deadline - time.monotonic() - self.settings.deadline_margin_s
+                    wait_s = left_s if wait_s is None else min(wait_s, left_s)
+                if not keep_polling and wait_s is not None and wait_s > 0 and self._running:
+                    wait_s = None  # a tick only waits for its own tasks, then looks again
+                await self._sleep(wait_s, stop)
+        finally:
+            if prefetch is not None:
+                # Claimed but not started: start them, so shutdown finishes or releases them.
+                with contextlib.suppress(DatabaseUnavailable):
+                    for task in await prefetch:
                         self._start(task, http)
-                    summary.claimed += len(claimed)
-                    if len(claimed) == want:
-                        await asyncio.sleep(0)  # let the started tasks begin, then claim more
-                        continue
-                    wait_s = await self._time_to_next_due(kinds)
-                db_retry_s = _DB_RETRY_FIRST_S
-            except DatabaseUnavailable as exc:
-                logger.warning("action=claim worker=%s: %s; retrying", self.worker_id, exc)
-                summary.errors.append(str(exc))
-                wait_s, db_retry_s = db_retry_s, min(db_retry_s * 2, _DB_RETRY_MAX_S)
-            if not keep_polling and not self._running and (wait_s is None or wait_s > 0):
-                return  # drained: nothing running, nothing due
-            if deadline is not None:
-                left_s = deadline - time.monotonic() - self.settings.deadline_margin_s
-                wait_s = left_s if wait_s is None else min(wait_s, left_s)
-            if not keep_polling and wait_s is not None and wait_s > 0 and self._running:
-                wait_s = None  # a tick only waits for its own tasks, then looks again
-            await self._sleep(wait_s, stop)
+                        summary.claimed += 1
+
+    async def _claim(self, kinds: list[str], limit: int) -> list[Claimed]:
+        return await self.store.claim_due(
+            worker=self.worker_id, kinds=kinds, limit=limit, lease_s=self.settings.lease_seconds
+        )
 
     async def _time_to_next_due(self, kinds: list[str]) -> float:
         """Seconds until the next task is due by the database's clock, capped by polling."""
@@ -203,15 +229,43 @@ class Runner:
                 waiter.cancel()
 
     def _start(self, claimed: Claimed, http: httpx.AsyncClient) -> None:
-        key = (claimed.id, claimed.attempt)
-        self._running[key] = asyncio.create_task(self._run_one(claimed, http))
-
-    async def _run_one(self, claimed: Claimed, http: httpx.AsyncClient) -> None:
         kind = KINDS[claimed.kind]
         ctx = Context(claimed.id, claimed.attempt, self.settings, http)
-        try:
-            line = await kind.run(ctx)
-        except Exception as exc:
+        if kind.instant:
+            # No asyncio task for a kind that returns at once: creating and scheduling one
+            # per run cost about 40% of a worker's time when draining baz tasks.
+            try:
+                line = kind.run(ctx)
+            except Exception as exc:
+                self._record(claimed, None, exc)
+            else:
+                self._record(claimed, cast(str, line), None)
+            return
+        key = (claimed.id, claimed.attempt)
+        # The kind's own coroutine is the task, recorded by a done-callback: a wrapping
+        # coroutine per task made starting 10,000 foo tasks a fifth slower.
+        task = asyncio.ensure_future(cast(Awaitable[str], kind.run(ctx)))
+        task.add_done_callback(functools.partial(self._on_done, claimed))
+        self._running[key] = task
+
+    def _on_done(self, claimed: Claimed, task: asyncio.Future[str]) -> None:
+        if task.cancelled():
+            return  # shut down or lease lost: released or rescued, never recorded
+        exc = task.exception()
+        if exc is None:
+            self._record(claimed, task.result(), None)
+        elif isinstance(exc, Exception):
+            self._record(claimed, None, exc)
+        else:
+            raise exc
+
+    def _record(self, claimed: Claimed, line: str | None, exc: Exception | None) -> None:
+        """Print a run's line and queue its result for the next batched write."""
+        if exc is None:
+            assert line is not None
+            self.out.write(line + "\n")
+            result = Result(claimed.id, claimed.attempt, TaskState.SUCCEEDED, output=line)
+        else:
             error = f"{type(exc).__name__}: {exc}".rstrip(": ")
             if claimed.attempt < claimed.max_attempts:
                 delay_s = retry_delay_s(self.settings, claimed.attempt)
@@ -232,9 +286,6 @@ class Runner:
                     "action=fail task_id=%s attempt=%s/%s: %s",
                     claimed.id, claimed.attempt, claimed.max_attempts, error,
                 )  # fmt: skip
-        else:
-            self.out.write(line + "\n")
-            result = Result(claimed.id, claimed.attempt, TaskState.SUCCEEDED, output=line)
         self._pending.append(result)
         self._flush_wanted.set()
 

@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     # psycopg's automatic prepared statements and LISTEN/NOTIFY (workers poll instead).
     transaction_pooler: bool = False
     # Connections kept per process; 0 means no pool (a connection per use).
-    db_pool_size: int = Field(default=5, ge=0)
+    db_pool_size: int = Field(default=10, ge=0)
     db_connect_timeout_s: int = Field(default=5, ge=1)
 
     # When set, every /tasks request needs `Authorization: Bearer <token>`; /healthz does not.
@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     concurrency: int = Field(default=10_000, ge=1)
     claim_batch: int = Field(default=1_000, ge=1)
     # Longest sleep between looks at the table when no notification can wake the worker.
-    poll_interval_s: float = Field(default=1.0, gt=0)
+    # At most queries.NOTIFY_HORIZON_S: tasks due later than that wake no worker.
+    poll_interval_s: float = Field(default=1.0, gt=0, le=60)
     # On SIGTERM, how long running tasks may take to finish before they are released.
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     # Margin a tick keeps before its platform deadline: it claims nothing that would end after it.

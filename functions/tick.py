@@ -39,7 +39,7 @@ async def tick(
         listener = None
         if keep_polling and not settings.transaction_pooler:
             # Wake on new tasks instead of waiting for the next poll.
-            listener = asyncio.create_task(listen(engine, runner.notify))
+            listener = asyncio.create_task(listen(settings, runner.notify))
         try:
             return await runner.run(deadline=deadline, keep_polling=keep_polling, stop=stop)
         finally:

@@ -67,6 +67,21 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     logger.info("the database schema is up to date")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from local import bench
+
+    settings = _settings(migrate=True)
+    assert settings.database_url is not None
+    figures = bench.run(
+        settings.database_url, quick=args.quick, tasks=args.tasks, workers=args.workers
+    )
+    print(bench.table(figures))
+    if args.json:
+        bench.write_json(figures, Path(args.json))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskrunner",
@@ -111,6 +126,18 @@ def _parser() -> argparse.ArgumentParser:
         description="Apply pending migrations to TASKRUNNER_DATABASE_URL (or the embedded one).",
     )  # fmt: skip
     migrate.set_defaults(func=cmd_migrate)
+
+    bench = commands.add_parser(
+        "bench", help="measure throughput and lateness",
+        description="Run the benchmark scenarios (drain, fan-out, lateness, create) against a "
+        "database of their own next to the configured (or embedded) one, and print a table of "
+        "each figure, its goal, and what raw PostgreSQL does in the same run.",
+    )  # fmt: skip
+    bench.add_argument("--quick", action="store_true", help="small sizes: a smoke test for CI")
+    bench.add_argument("--tasks", type=int, help="tasks in the drain scenario (default 200,000)")
+    bench.add_argument("--workers", type=int, default=2, help="workers in the scaled drain")
+    bench.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

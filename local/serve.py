@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Iterator
@@ -50,6 +51,9 @@ async def serve(
     settings: Settings, *, host: str | None = None, port: int | None = None, worker: bool = True
 ) -> None:
     """Serve the API (when `port` is given) and/or run the timer loop until SIGTERM or SIGINT."""
+    # What is loaded by now lives as long as the process: keep it out of every garbage
+    # collection. A worker starting 10,000 tasks spent a tenth of that time in full collections.
+    gc.freeze()
     stop = asyncio.Event()
     server: _Server | None = None
     if port is not None:

@@ -1,0 +1,5 @@
+"""`python -m local` is `taskrunner`."""
+
+from local.cli import main
+
+main()

@@ -1,0 +1,40 @@
+"""`taskrunner bench --quick` as a smoke test: every scenario runs and reports a figure.
+
+Speed is not asserted here (timing goals belong to the benchmark, not to tests).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TASKRUNNER = str(Path(sys.executable).parent / "taskrunner")
+
+
+@pytest.mark.slow
+def test_bench_quick_reports_every_scenario(database_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "TASKRUNNER_DATABASE_URL": database_url}
+    result = subprocess.run(
+        [TASKRUNNER, "--log-level", "WARNING", "bench", "--quick", "--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(out.read_text())
+    scenarios = [f["scenario"] for f in figures]
+    for expected in ("drain, 1 worker", "drain, 2 workers", "fan-out", "peak worker memory",
+                     "lateness, future", "lateness, due on creation", "POST /tasks,",
+                     "POST /tasks/batch"):  # fmt: skip
+        assert any(expected in s for s in scenarios), f"no {expected!r} in {scenarios}"
+    for figure in figures:
+        assert math.isfinite(figure["value"]) and figure["value"] > 0, figure
+    assert "| scenario | taskrunner | goal | met | raw PostgreSQL |" in result.stdout
+    assert len(result.stdout.strip().splitlines()) == len(figures) + 2
