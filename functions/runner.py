@@ -147,7 +147,7 @@ class Runner:
     ) -> None:
         db_retry_s = _DB_RETRY_FIRST_S
         # While a full batch is being started, the next claim is already on its way: the
-        # database claims while Python runs tasks (measured: 31,000 -> 40,000 baz/s).
+        # database claims while Python runs tasks (measured: 31,600 -> 36,000 baz/s).
         prefetch: asyncio.Task[list[Claimed]] | None = None
         try:
             while not stop.is_set():
@@ -233,7 +233,7 @@ class Runner:
         ctx = Context(claimed.id, claimed.attempt, self.settings, http)
         if kind.instant:
             # No asyncio task for a kind that returns at once: creating and scheduling one
-            # per run cost about 40% of a worker's time when draining baz tasks.
+            # per run held a worker draining baz to 12,900/s; inline, 14,400/s.
             try:
                 line = kind.run(ctx)
             except Exception as exc:
@@ -242,8 +242,8 @@ class Runner:
                 self._record(claimed, cast(str, line), None)
             return
         key = (claimed.id, claimed.attempt)
-        # The kind's own coroutine is the task, recorded by a done-callback: a wrapping
-        # coroutine per task made starting 10,000 foo tasks a fifth slower.
+        # The kind's own coroutine is the task, recorded by a done-callback: no wrapping
+        # coroutine per task, whose frames cost time when 10,000 foo tasks start at once.
         task = asyncio.ensure_future(cast(Awaitable[str], kind.run(ctx)))
         task.add_done_callback(functools.partial(self._on_done, claimed))
         self._running[key] = task
