@@ -75,8 +75,10 @@ class BatchIn(BaseModel):
 
 
 class TaskOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
-    type: str
+    type: str = Field(validation_alias="kind")
     state: TaskState
     execute_at: datetime
     created_at: datetime
@@ -89,19 +91,7 @@ class TaskOut(BaseModel):
 
     @classmethod
     def of(cls, task: Task) -> "TaskOut":
-        return cls(
-            id=task.id,
-            type=task.kind,
-            state=task.state,
-            execute_at=task.execute_at,
-            created_at=task.created_at,
-            started_at=task.started_at,
-            finished_at=task.finished_at,
-            attempts=task.attempts,
-            max_attempts=task.max_attempts,
-            output=task.output,
-            error=task.error,
-        )
+        return cls.model_validate(task)
 
 
 class PageOut(BaseModel):

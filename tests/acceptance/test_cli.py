@@ -3,9 +3,7 @@
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,23 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-TASKRUNNER = str(Path(sys.executable).parent / "taskrunner")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+from tests.procs import TASKRUNNER, free_port, wait_for
 
 
 @pytest.mark.parametrize("command", [[], ["dev"], ["api"], ["worker"], ["tick"], ["migrate"]])
