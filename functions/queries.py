@@ -59,7 +59,7 @@ ORDER BY id
 
 GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = %(id)s"
 
-# `list_tasks` appends `AND state = %(state)s` / `AND kind = %(kind)s` as asked: a fixed
+# `list_tasks` appends `AND state = '...'` / `AND kind = %(kind)s` as asked: a fixed
 # "(%(state)s IS NULL OR ...)" form would get one generic plan for every filter.
 LIST_TASKS = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id > %(after_id)s"
 

@@ -150,8 +150,9 @@ class Store:
         sql = queries.LIST_TASKS
         params: dict[str, Any] = {"after_id": after_id, "limit": limit}
         if state is not None:
-            sql += " AND state = %(state)s"
-            params["state"] = state.value
+            # A literal, not a parameter: only then can the planner use the partial index for
+            # that state in a prepared statement's generic plan. `state` is a TaskState.
+            sql += f" AND state = '{TaskState(state).value}'"
         if kind is not None:
             sql += " AND kind = %(kind)s"
             params["kind"] = kind

@@ -37,8 +37,12 @@ CREATE TABLE tasks (
 CREATE INDEX tasks_due ON tasks (execute_at, id) WHERE state = 'scheduled';
 -- Serves the rescue of expired leases; holds only running tasks.
 CREATE INDEX tasks_lease ON tasks (lease_expires_at) WHERE state = 'running';
--- Serves GET /tasks?state=... ordered by id, for states that are rare in a big table.
-CREATE INDEX tasks_state_id ON tasks (state, id);
+-- Serve GET /tasks?state=... ordered by id for the states a big table has few of. Partial,
+-- so a task's claim and finish add no entry to them: one (state, id) index instead cost the
+-- drain 10% (raw claim + finish 36,600 -> 40,400 tasks/s without it). `running` is served by
+-- tasks_lease, `succeeded` (most rows) by the primary key.
+CREATE INDEX tasks_scheduled_id ON tasks (id) WHERE state = 'scheduled';
+CREATE INDEX tasks_failed_id ON tasks (id) WHERE state = 'failed';
 """
 
 
