@@ -9,6 +9,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import pydantic
+
 from functions.errors import TaskrunnerError
 from functions.settings import Settings
 
@@ -154,5 +156,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except TaskrunnerError as exc:
         logger.error("%s", exc)
         sys.exit(1)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"TASKRUNNER_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        logger.error("bad configuration: %s", problems)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

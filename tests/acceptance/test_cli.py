@@ -115,3 +115,13 @@ def test_tick_with_the_database_down_fails_clearly(tmp_path: Path) -> None:
     assert "database unavailable" in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+def test_bad_setting_is_reported_without_a_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "TASKRUNNER_LEASE_SECONDS": "soon"}
+    result = subprocess.run(
+        [TASKRUNNER, "tick"], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert "TASKRUNNER_LEASE_SECONDS" in result.stderr
+    assert "Traceback" not in result.stderr
