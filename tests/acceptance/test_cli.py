@@ -106,22 +106,27 @@ def test_migrate_and_tick_against_a_configured_database(
     assert task
 
 
-def test_tick_with_the_database_down_fails_clearly(tmp_path: Path) -> None:
-    env = {**os.environ, "TASKRUNNER_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"}
+@pytest.mark.parametrize(
+    ("setting", "value", "code", "message"),
+    [
+        (
+            "TASKRUNNER_DATABASE_URL",
+            "postgresql://postgres@127.0.0.1:1/x",
+            1,
+            "database unavailable",
+        ),
+        ("TASKRUNNER_LEASE_SECONDS", "soon", 2, "bad configuration: TASKRUNNER_LEASE_SECONDS"),
+    ],
+    ids=["database down", "bad setting"],
+)
+def test_tick_fails_clearly(
+    tmp_path: Path, setting: str, value: str, code: int, message: str
+) -> None:
+    env = {**os.environ, setting: value}
     result = subprocess.run(
         [TASKRUNNER, "tick"], env=env, capture_output=True, text=True, cwd=tmp_path
     )
-    assert result.returncode == 1
-    assert "database unavailable" in result.stderr
+    assert result.returncode == code
+    assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
-
-
-def test_bad_setting_is_reported_without_a_traceback(tmp_path: Path) -> None:
-    env = {**os.environ, "TASKRUNNER_LEASE_SECONDS": "soon"}
-    result = subprocess.run(
-        [TASKRUNNER, "tick"], env=env, capture_output=True, text=True, cwd=tmp_path
-    )
-    assert result.returncode == 2
-    assert "TASKRUNNER_LEASE_SECONDS" in result.stderr
-    assert "Traceback" not in result.stderr
