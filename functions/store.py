@@ -87,7 +87,7 @@ class Store:
     ) -> AsyncIterator[AsyncCursor[Any]]:
         """A psycopg cursor; each statement is a transaction of its own (autocommit).
 
-        SQLAlchemy keeps the pool (sizing, pre-ping, one engine per loop); statements go to
+        SQLAlchemy keeps the pool (sizing, idle checks, one engine per loop); statements go to
         psycopg directly: building SQLAlchemy's result rows held a worker draining baz to
         17,300/s; with psycopg's tuples it reached 31,600/s.
         """
@@ -95,8 +95,14 @@ class Store:
             async with self.engine.connect() as conn:
                 raw = (await conn.get_raw_connection()).driver_connection
                 assert isinstance(raw, psycopg.AsyncConnection)
-                async with raw.cursor(row_factory=row_factory) as cursor:
-                    yield cursor
+                try:
+                    async with raw.cursor(row_factory=row_factory) as cursor:
+                        yield cursor
+                except (psycopg.OperationalError, psycopg.InterfaceError):
+                    if raw.closed or raw.broken:
+                        # Out of the pool for good, rather than reset (and fail) on return.
+                        await conn.invalidate()
+                    raise
         except (
             sqlalchemy.exc.OperationalError,
             sqlalchemy.exc.InterfaceError,

