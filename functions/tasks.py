@@ -100,14 +100,6 @@ def parse_execute_at(value: object) -> datetime:
     raise ValueError("execute_at must be an ISO-8601 date-time with an offset or Unix seconds")
 
 
-def parse_state(value: str) -> TaskState:
-    try:
-        return TaskState(value.strip().lower())
-    except ValueError:
-        expected = ", ".join(s.value for s in TaskState)
-        raise ValueError(f"unknown state {value!r}; expected one of {expected}") from None
-
-
 def encode_cursor(last_id: int) -> str:
     return base64.urlsafe_b64encode(f"after:{last_id}".encode()).decode().rstrip("=")
 

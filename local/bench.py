@@ -15,12 +15,15 @@ import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -312,9 +315,7 @@ class Bench:
         return batches * 10_000 / (time.perf_counter() - started)
 
 
-def _utc(unix_s: float) -> Any:
-    from datetime import UTC, datetime
-
+def _utc(unix_s: float) -> datetime:
     return datetime.fromtimestamp(unix_s, UTC)
 
 
@@ -536,16 +537,12 @@ def run(server_url: str, *, quick: bool, tasks: int | None, workers: int) -> lis
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 def _wait_http(base_url: str) -> None:
-    import urllib.request
-
     deadline = time.monotonic() + 60
     while True:
         try:

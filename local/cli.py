@@ -18,20 +18,30 @@ from functions.settings import Settings
 logger = logging.getLogger("taskrunner")
 
 
-def _settings(*, migrate: bool, wait: bool = False) -> Settings:
-    """Read settings; without a database URL, start the embedded database and migrate it.
+def _resolve() -> tuple[Settings, bool]:
+    """Read settings; without a database URL, start the embedded database.
 
-    With `wait`, a database that cannot be reached yet is waited for (long-running commands:
-    a worker started before its database comes up, or during a restart, just starts late).
+    Returns the settings with their URL, and whether that database is the embedded one.
+    """
+    settings = Settings()
+    if settings.database_url is not None:
+        return settings, False
+    from local.embedded import start_embedded
+
+    return settings.model_copy(update={"database_url": start_embedded()}), True
+
+
+def _settings(*, migrate: bool, wait: bool = False) -> Settings:
+    """Settings for a command that uses the schema: migrate it, or check that it is current.
+
+    The embedded database is always migrated: it is ours to keep current. With `wait`, a
+    database that cannot be reached yet is waited for (long-running commands: a worker
+    started before its database comes up, or during a restart, just starts late).
     """
     from local import migrate as migrations
 
-    settings = Settings()
-    if settings.database_url is None:
-        from local.embedded import start_embedded
-
-        settings = settings.model_copy(update={"database_url": start_embedded()})
-        migrate = True  # the embedded database is ours to keep current
+    settings, embedded = _resolve()
+    migrate = migrate or embedded
     assert settings.database_url is not None
     retry_s = 0.5
     while True:
@@ -90,7 +100,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     from local import bench
 
-    settings = _settings(migrate=True)
+    # The bench works in a database of its own on the same server: the configured one is
+    # neither migrated nor touched.
+    settings, _ = _resolve()
     assert settings.database_url is not None
     figures = bench.run(
         settings.database_url, quick=args.quick, tasks=args.tasks, workers=args.workers

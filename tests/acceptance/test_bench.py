@@ -8,7 +8,9 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +18,12 @@ TASKRUNNER = str(Path(sys.executable).parent / "taskrunner")
 
 
 @pytest.mark.slow
-def test_bench_quick_reports_every_scenario(database_url: str, tmp_path: Path) -> None:
+def test_bench_quick_reports_every_scenario(
+    database_url: str, tmp_path: Path, sql: Callable[..., list[tuple[Any, ...]]]
+) -> None:
+    # The configured database is left alone: the bench works in one of its own beside it.
+    sql("DROP TABLE tasks")
+    sql("DROP TABLE alembic_version")
     out = tmp_path / "bench.json"
     env = {**os.environ, "TASKRUNNER_DATABASE_URL": database_url}
     result = subprocess.run(
@@ -38,3 +45,4 @@ def test_bench_quick_reports_every_scenario(database_url: str, tmp_path: Path) -
         assert math.isfinite(figure["value"]) and figure["value"] > 0, figure
     assert "| scenario | taskrunner | goal | met | raw PostgreSQL |" in result.stdout
     assert len(result.stdout.strip().splitlines()) == len(figures) + 2
+    assert sql("SELECT to_regclass('tasks'), to_regclass('alembic_version')") == [(None, None)]

@@ -127,3 +127,26 @@ async def test_tick_ignores_kinds_it_does_not_know(
     unknown = task_factory("retired_kind")
     assert (await tick(settings, out=io.StringIO())).claimed == 0
     assert states(sql)[unknown][0] == "scheduled"
+
+
+async def test_a_runner_runs_bar_again_after_its_first_run_closed_its_client(
+    settings: Settings, task_factory: Callable[..., int], sql: Sql, bar_server: Any
+) -> None:
+    """The HTTP client is made on first use and closed when a run ends; the next run makes
+    a new one rather than reusing the closed one."""
+    from functions.db import make_engine
+    from functions.runner import Runner
+    from functions.store import Store
+
+    settings = settings.model_copy(update={"bar_url": bar_server(200)})
+    engine = make_engine(settings)
+    out = io.StringIO()
+    runner = Runner(Store(engine), settings, out=out)
+    try:
+        for _ in range(2):
+            task_factory("bar")
+            assert (await runner.run()).succeeded == 1
+    finally:
+        await engine.dispose()
+    assert out.getvalue() == "200\n200\n"
+    assert sql("SELECT DISTINCT state, error FROM tasks") == [("succeeded", None)]

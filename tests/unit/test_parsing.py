@@ -6,12 +6,10 @@ from functions.errors import InvalidInput
 from functions.runner import retry_delay_s
 from functions.settings import Settings
 from functions.tasks import (
-    TaskState,
     decode_cursor,
     encode_cursor,
     parse_execute_at,
     parse_kind,
-    parse_state,
 )
 
 
@@ -59,12 +57,6 @@ def test_not_a_time_is_rejected(raw: object) -> None:
 def test_aware_non_utc_is_normalised_to_utc() -> None:
     tz = timezone(timedelta(hours=-5))
     assert parse_execute_at(datetime(2030, 1, 1, 7, tzinfo=tz).isoformat()).hour == 12
-
-
-def test_state_parsing() -> None:
-    assert parse_state("Failed") is TaskState.FAILED
-    with pytest.raises(ValueError, match="unknown state"):
-        parse_state("done")
 
 
 @pytest.mark.parametrize("last_id", [1, 17, 2**63 - 1])
