@@ -19,6 +19,7 @@ from functions.db import Database
 from functions.errors import (
     DatabaseUnavailable,
     InvalidInput,
+    SchemaOutdated,
     TaskNotFound,
     TaskrunnerError,
     TaskRunning,
@@ -81,6 +82,7 @@ class TaskOut(BaseModel):
     type: str = Field(validation_alias="kind")
     state: TaskState
     execute_at: datetime
+    next_attempt_at: datetime | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -122,8 +124,10 @@ def build_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
 
+    store = Store(database)
+
     async def get_store() -> Store:
-        return Store(database.engine())
+        return store
 
     async def check_token(authorization: Annotated[str | None, Header()] = None) -> None:
         if settings.api_token is None:
@@ -148,6 +152,9 @@ def build_app(settings: Settings) -> FastAPI:
         if isinstance(exc, DatabaseUnavailable):
             logger.warning("action=request path=%s: %s", request.url.path, exc)
             return _error(503, "database unavailable, try again shortly", {"Retry-After": "1"})
+        if isinstance(exc, SchemaOutdated):
+            logger.error("action=request path=%s: %s", request.url.path, exc)
+            return _error(503, str(exc), {"Retry-After": "30"})
         logger.exception("action=request path=%s: unexpected error", request.url.path)
         return _error(500, "internal error")
 

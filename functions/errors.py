@@ -27,3 +27,19 @@ class Unauthorized(TaskrunnerError):
 
 class DatabaseUnavailable(TaskrunnerError):
     """PostgreSQL could not be reached or dropped the connection."""
+
+
+class DatabaseError(TaskrunnerError):
+    """PostgreSQL refused a statement for a reason of its own (not an outage): a value it
+    cannot store, a constraint. For a worker's writes, a reason to write result by result."""
+
+
+class SchemaOutdated(TaskrunnerError):
+    """The database has no taskrunner schema, or an older one."""
+
+    def __init__(self) -> None:
+        super().__init__("the database schema is not up to date: run `taskrunner migrate`")
+
+
+class WorkerFailed(TaskrunnerError):
+    """A worker stopped because it cannot go on (its stdout is closed, a loop of its broke)."""

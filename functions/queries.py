@@ -1,20 +1,43 @@
 """Every SQL statement taskrunner runs, named like the `Store` method that runs it.
 
 The schema is in `local/migrations/versions/`. Time is always the database's `now()`: an
-instance's clock is never compared with `execute_at`. Each statement is its own short
+instance's clock is never compared with a task's time. Each statement is its own short
 transaction; no row lock is held while a task runs.
+
+Plans that do not depend on statistics. A user's table is often fresh, or bulk-loaded a
+moment ago, and never analyzed before the tasks in it run; the planner's estimates can then
+be off by orders of magnitude. So every statement here has one good plan whatever the
+estimates say: batches are bounded (`Store.WRITE_BATCH`), statements that touch a batch of
+tasks by id find them by primary key, and only statements that must scan a state say
+`state = '...'` (the partial indexes that match it are the only ones that serve it). A
+statement that said both `id = ...` and `state = 'running'` could be planned as a scan of
+`tasks_running` (estimated at one row, when statistics were taken before the burst) with the
+batch re-scanned for each running row: quadratic, and it once took four and a half minutes
+to write 40,000 results. `tests/integration/test_plans.py` checks these plans on a freshly
+loaded, never-analyzed table.
 """
 
-# Workers LISTEN here; creating tasks NOTIFYs with the earliest new execute_at.
+# Workers LISTEN here; creating tasks NOTIFYs with the earliest new due time.
 CHANNEL = "taskrunner_tasks"
 
-TASK_COLUMNS = """
-    id, kind, state, execute_at, created_at, started_at, finished_at,
+# When a scheduled task is due: at `execute_at` (what the user asked for), or at the time a
+# retry or a hand-back set. Written exactly so everywhere: the `tasks_due` index is on it.
+DUE_AT = "coalesce(next_attempt_at, execute_at)"
+
+# Timestamps are read as UTC `timestamp`s (`AT TIME ZONE 'UTC'`), so the session's time
+# zone cannot change a value, nor push 9999-12-31 UTC past what Python can hold.
+TASK_COLUMNS = f"""
+    id, kind, state,
+    execute_at AT TIME ZONE 'UTC' AS execute_at,
+    CASE WHEN state = 'scheduled' THEN {DUE_AT} END AT TIME ZONE 'UTC' AS next_attempt_at,
+    created_at AT TIME ZONE 'UTC' AS created_at,
+    started_at AT TIME ZONE 'UTC' AS started_at,
+    finished_at AT TIME ZONE 'UTC' AS finished_at,
     attempts, max_attempts, output, error
 """
 
 # Creating a task due within NOTIFY_HORIZON wakes listening workers (in the same
-# transaction: they hear of it once it is committed). The payload is its execute_at in Unix
+# transaction: they hear of it once it is committed). The payload is its due time in Unix
 # seconds, so a worker sleeping until later wakes up, and one already due sooner does not.
 # Tasks due later need no notification: no worker sleeps longer than its poll interval,
 # which is at most the horizon. (NOTIFY serialises commits on a queue lock: a notification
@@ -30,24 +53,29 @@ INSERT_TASK = f"""
 WITH inserted AS (
     INSERT INTO tasks (kind, execute_at, max_attempts)
     VALUES (%(kind)s, %(execute_at)s, %(max_attempts)s)
-    RETURNING {TASK_COLUMNS}
+    RETURNING *
 ), notified AS (
     SELECT {_NOTIFY_IF_SOON} FROM inserted
 )
-SELECT inserted.* FROM inserted CROSS JOIN notified
+SELECT {TASK_COLUMNS} FROM inserted CROSS JOIN notified
 """
 
 # Many tasks in one statement (all or none). The batch travels as one JSON parameter (see
-# FINISH_MANY), times as Unix seconds (formatting 10,000 ISO dates took half as long as the
-# INSERT itself). Ids come from one identity sequence in row order, so sorting them restores the
+# FINISH_MANY); times as whole microseconds since the Unix epoch, exact at both ends of the
+# range (a float is 30 us coarse near year 9999) and cheaper to make than 10,000 ISO
+# strings. Ids come from one identity sequence in row order, so sorting them restores the
 # order given.
 INSERT_TASKS = f"""
-WITH inserted AS (
-    INSERT INTO tasks (kind, execute_at, max_attempts)
-    SELECT kind, to_timestamp(execute_at_s), %(max_attempts)s
+WITH new AS (
+    SELECT kind, n,
+        timestamptz 'epoch' + make_interval(secs => at_us / 1000000)
+            + make_interval(secs => mod(at_us, 1000000) / 1e6) AS at
     FROM ROWS FROM (
-        json_to_recordset(CAST(%(tasks)s AS json)) AS (kind text, execute_at_s float8)
-    ) WITH ORDINALITY AS new(kind, execute_at_s, n)
+        json_to_recordset(CAST(%(tasks)s AS json)) AS (kind text, at_us bigint)
+    ) WITH ORDINALITY AS new(kind, at_us, n)
+), inserted AS (
+    INSERT INTO tasks (kind, execute_at, max_attempts)
+    SELECT kind, at, %(max_attempts)s FROM new
     ORDER BY n
     RETURNING id, execute_at
 ), notified AS (
@@ -74,48 +102,119 @@ WITH target AS (
 SELECT state FROM target
 """
 
-# The claim. One statement, committed before any task runs:
+# --- workers ------------------------------------------------------------------------------
+
+# A worker's lease covers every task it holds. It is renewed by every heartbeat and every
+# claim, and only while it has not run out: a worker that missed its lease is dead to
+# everyone, itself included (it stops, hands back what it can, and starts again as a new
+# worker), even before anyone rescued its tasks.
+REGISTER_WORKER = """
+INSERT INTO workers (id, lease_expires_at)
+VALUES (%(worker)s, now() + make_interval(secs => CAST(%(lease_s)s AS float8)))
+"""
+
+HEARTBEAT = """
+UPDATE workers
+SET heartbeat_at = now(),
+    lease_expires_at = now() + make_interval(secs => CAST(%(lease_s)s AS float8))
+WHERE id = %(worker)s AND lease_expires_at >= now()
+RETURNING id
+"""
+
+# A worker that stops goes away once it holds nothing; if it still does (it could not hand
+# everything back), its row stays until its lease runs out and its tasks are rescued.
+DEREGISTER_WORKER = """
+DELETE FROM workers
+WHERE id = %(worker)s
+  AND NOT EXISTS (SELECT 1 FROM tasks WHERE state = 'running' AND claimed_by = %(worker)s)
+"""
+
+# --- claim -> run -> record ----------------------------------------------------------------
+
+# The plan the worker's batch statements are written for, pinned for their transaction
+# (SET LOCAL, which works through transaction poolers too). On a table without statistics,
+# or bulk-loaded since they were taken, the planner's estimates can be wrong by orders of
+# magnitude, and the plans it then picks cost what the table holds, not what the batch
+# holds: the claim read all due tasks through a bitmap and sorted them to keep the first
+# `limit` (6 ms for a claim of 10 among 20,000 due, against 2 ms in order); a finishing
+# write scanned the running tasks and re-read its whole batch for each (four and a half
+# minutes for 40,000 results). With these settings the one cheap plan left is the one
+# written for: indexes walked in order, rows found by primary key, the batch read once
+# (tests/integration/test_plans.py).
+PINNED_PLAN = (
+    "SET LOCAL enable_seqscan = off",
+    "SET LOCAL enable_bitmapscan = off",
+    "SET LOCAL enable_sort = off",
+    "SET LOCAL enable_hashjoin = off",
+    "SET LOCAL enable_mergejoin = off",
+)
+
+# The claim. One statement, committed before any task runs (with PINNED_PLAN and NEXT_DUE in
+# one transaction, sent together in one round trip):
+# - `me` renews this worker's lease and holds its row lock until the claim commits, so a
+#   claim and the rescue of this worker's tasks (which locks the same row) never overlap;
+#   a worker whose lease ran out claims nothing (`me` is empty).
 # - SKIP LOCKED lets any number of workers claim at once without waiting or sharing a row.
 # - `id = ANY(ARRAY(...))` rather than `id IN (SELECT ...)`: measured about twice as fast
 #   (the IN form's plan scans the table); the sub-select is served by the `tasks_due` index.
 # - The attempt is counted here, so a worker that dies mid-task still uses one up.
-# - The lease says how long the claim holds; a live worker extends it (`extend_leases`),
-#   a dead worker's tasks go back by `rescue_expired`.
+#   `started_at` is when the first attempt started; retries keep it.
 # - `kinds` holds only the kinds this worker can finish before its deadline.
-CLAIM_DUE = """
+CLAIM_DUE = f"""
+WITH me AS (
+    UPDATE workers
+    SET heartbeat_at = now(),
+        lease_expires_at = now() + make_interval(secs => CAST(%(lease_s)s AS float8))
+    WHERE id = %(worker)s AND lease_expires_at >= now()
+    RETURNING id
+)
 UPDATE tasks
 SET state = 'running',
     attempts = attempts + 1,
-    started_at = now(),
-    claimed_by = %(worker)s,
-    lease_expires_at = now() + make_interval(secs => CAST(%(lease_s)s AS float8))
+    started_at = coalesce(started_at, now()),
+    next_attempt_at = NULL,
+    claimed_by = %(worker)s
 WHERE id = ANY(ARRAY(
     SELECT id FROM tasks
     WHERE state = 'scheduled'
-      AND execute_at <= now()
+      AND {DUE_AT} <= now()
       AND kind = ANY(CAST(%(kinds)s AS text[]))
-    ORDER BY execute_at, id
+      AND EXISTS (SELECT FROM me)
+    ORDER BY {DUE_AT}, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ))
 RETURNING id, kind, attempts, max_attempts
 """
 
-# When the next task becomes due, and the database's time now: a worker sleeps for the
-# difference (a duration, which its own clock measures well) rather than until a wall time.
-NEXT_DUE = """
-SELECT now() AS db_now, (
-    SELECT execute_at FROM tasks
-    WHERE state = 'scheduled' AND kind = ANY(CAST(%(kinds)s AS text[]))
-    ORDER BY execute_at, id
-    LIMIT 1
-) AS next_at
+# How long until the next task is due, by the database's clock, as a duration (which a
+# worker's own clock measures well) rather than a wall time; and the database's time now,
+# in Unix seconds, to compare with the due times notifications carry. Neither is read as a
+# timestamp, so no stored time can fail to load here.
+NEXT_DUE = f"""
+SELECT extract(epoch FROM now())::float8 AS now_s,
+       extract(epoch FROM (
+           SELECT {DUE_AT} FROM tasks
+           WHERE state = 'scheduled' AND kind = ANY(CAST(%(kinds)s AS text[]))
+           ORDER BY {DUE_AT}, id
+           LIMIT 1
+       ) - now())::float8 AS wait_s
+"""
+
+# Due tasks of kinds a tick could not fit before its deadline, by kind.
+COUNT_DUE_BY_KIND = f"""
+SELECT kind, count(*) FROM tasks
+WHERE state = 'scheduled' AND {DUE_AT} <= now()
+  AND kind = ANY(CAST(%(kinds)s AS text[]))
+GROUP BY kind ORDER BY kind
 """
 
 # Records a batch of results in one statement, each fenced: it is written only if this
-# worker still holds that attempt. A row missing from RETURNING means the lease was lost
-# (the task was rescued, maybe re-run): its result is dropped, never written over.
-# A result with state 'scheduled' is a retry: it becomes due again after `retry_in_s`.
+# worker still holds that attempt (`claimed_by` is set only while a task runs: see the
+# `running_iff_claimed` constraint). A row missing from RETURNING means the worker lost it
+# (its lease ran out and the task was rescued, maybe re-run): its result is dropped, never
+# written over. A result with state 'scheduled' is a retry, due again after `retry_in_s`.
+# No `state = 'running'` here: the rows are found by primary key (module docstring).
 # The batch travels as one JSON parameter: psycopg dumps Python lists into SQL arrays in
 # Python (1.6 s of a 9 s profile of 100,000 baz); JSON took a worker from 14,400 to 17,300
 # baz/s.
@@ -125,62 +224,83 @@ SET state = r.state,
     output = r.output,
     error = r.error,
     finished_at = CASE WHEN r.state IN ('succeeded', 'failed') THEN now() END,
-    execute_at = CASE
+    next_attempt_at = CASE
         WHEN r.state = 'scheduled' THEN now() + make_interval(secs => r.retry_in_s)
-        ELSE t.execute_at
     END,
-    claimed_by = NULL,
-    lease_expires_at = NULL
+    claimed_by = NULL
 FROM json_to_recordset(CAST(%(results)s AS json))
     AS r(id bigint, attempt integer, state text, output text, error text, retry_in_s float8)
 WHERE t.id = r.id
-  AND t.state = 'running'
   AND t.claimed_by = %(worker)s
   AND t.attempts = r.attempt
 RETURNING t.id
 """
 
-# A live worker pushes its leases forward while its tasks run.
-EXTEND_LEASES = """
+# Of results whose write may have committed before its connection was lost, those that are
+# in the table now as written (the retry's fence then refuses them: they are no longer held).
+RECORDED = """
+SELECT t.id
+FROM json_to_recordset(CAST(%(results)s AS json))
+    AS r(id bigint, attempt integer, state text, output text, error text)
+JOIN tasks AS t ON t.id = r.id
+WHERE t.attempts = r.attempt
+  AND t.claimed_by IS NULL
+  AND t.state = r.state
+  AND t.output IS NOT DISTINCT FROM r.output
+  AND t.error IS NOT DISTINCT FROM r.error
+"""
+
+# The tasks the database says this worker holds. A claim whose answer was lost with its
+# connection may have committed: its tasks are this worker's, though it never heard of them.
+HELD_BY = "SELECT id FROM tasks WHERE state = 'running' AND claimed_by = %(worker)s"
+
+# A worker hands back what it will not finish (shutting down, or tasks it never heard of):
+# due at once, without counting the interrupted attempt; a task that never got to run its
+# first attempt has not started.
+RELEASE = """
 UPDATE tasks
-SET lease_expires_at = now() + make_interval(secs => CAST(%(lease_s)s AS float8))
+SET state = 'scheduled',
+    attempts = attempts - 1,
+    started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END,
+    next_attempt_at = now(),
+    claimed_by = NULL
 WHERE id = ANY(CAST(%(ids)s AS bigint[]))
-  AND state = 'running'
   AND claimed_by = %(worker)s
 RETURNING id
 """
 
-# Tasks whose lease ran out belong to a worker that died (kill -9, OOM, a FaaS timeout).
-# They go back to `scheduled`, due at once, or to `failed` when their attempts are used up.
-# SKIP LOCKED: two ticks rescuing at once split the rows instead of waiting on each other.
+# Tasks of workers whose lease ran out (kill -9, OOM, a FaaS timeout, a host that stalled)
+# go back to `scheduled`, due at once, or to `failed` when their attempts are used up. The
+# dead worker's row is locked first (SKIP LOCKED: one that is claiming right now is alive),
+# so it cannot claim meanwhile; SKIP LOCKED on the tasks lets parallel ticks split the work.
+# At most `limit` tasks a statement.
 RESCUE_EXPIRED = """
+WITH dead AS (
+    SELECT id FROM workers
+    WHERE lease_expires_at < now()
+    FOR UPDATE SKIP LOCKED
+)
 UPDATE tasks
 SET state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'scheduled' END,
     finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
+    next_attempt_at = CASE WHEN attempts < max_attempts THEN now() END,
     error = 'lease expired: worker ' || claimed_by || ' stopped during attempt '
         || attempts || ' of ' || max_attempts,
-    claimed_by = NULL,
-    lease_expires_at = NULL
+    claimed_by = NULL
 WHERE id = ANY(ARRAY(
     SELECT id FROM tasks
-    WHERE state = 'running' AND lease_expires_at < now()
+    WHERE state = 'running' AND claimed_by IN (SELECT id FROM dead)
+    LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ))
 RETURNING id, state
 """
 
-# A worker shutting down gives back what it could not finish, due at once and without
-# counting the interrupted attempt, instead of leaving it until its lease expires.
-RELEASE = """
-UPDATE tasks
-SET state = 'scheduled',
-    attempts = attempts - 1,
-    claimed_by = NULL,
-    lease_expires_at = NULL
-WHERE id = ANY(CAST(%(ids)s AS bigint[]))
-  AND state = 'running'
-  AND claimed_by = %(worker)s
-RETURNING id
+# Dead workers that hold nothing any more are forgotten.
+FORGET_DEAD_WORKERS = """
+DELETE FROM workers AS w
+WHERE w.lease_expires_at < now()
+  AND NOT EXISTS (SELECT 1 FROM tasks WHERE state = 'running' AND claimed_by = w.id)
 """
 
 PING = "SELECT 1"

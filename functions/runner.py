@@ -1,14 +1,26 @@
 """claim -> run -> record: what a tick does, in the cloud and on a laptop alike.
 
-One `Runner.run` claims due tasks in batches sized to its free concurrency, runs each as an
-asyncio task, prints each kind's line to stdout, and records results in batches. While tasks
-run it extends their leases; on the way out it records what finished and releases the rest.
+One `Runner.run` is one worker: it registers itself (a row in `workers`, with a lease), claims
+due tasks in batches that fit its free room, runs each (inline for kinds that return at once,
+an asyncio task otherwise), prints each kind's line to stdout, and records results in
+bounded batches. Three loops share the work:
+
+- the claim loop claims while there is room, then sleeps until the next due time, a
+  notification, or freed room;
+- the write loop records results, one bounded batch at a time, after their lines are out;
+- the heartbeat renews the worker's lease, rescues the tasks of dead workers, and hands back
+  tasks the database says this worker holds that it never heard of (a claim whose answer
+  was lost with its connection).
+
+Everything a worker holds (running, queued for a slot, waiting to be recorded) is in
+`_held`, and is covered by the worker's lease until it is recorded or handed back. The room
+to claim is bounded by `concurrency` over all of it, and claiming stops while results wait
+on a write that is slow: a worker never claims faster than it records.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
@@ -16,16 +28,16 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import Awaitable
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, TextIO, cast
+from typing import Any, TextIO
 
 import httpx
 
-from functions.errors import DatabaseUnavailable
-from functions.kinds import KINDS, Context
+from functions.errors import DatabaseError, DatabaseUnavailable, WorkerFailed
+from functions.kinds import KINDS, Context, Kind, make_http_client
 from functions.settings import Settings
-from functions.store import Claimed, Result, Store
+from functions.store import Claimed, NextDue, Result, Store
 from functions.tasks import TaskState
 
 logger = logging.getLogger(__name__)
@@ -33,16 +45,36 @@ logger = logging.getLogger(__name__)
 # After a database error the runner waits this long, doubling up to the cap, then tries again.
 _DB_RETRY_FIRST_S = 0.1
 _DB_RETRY_MAX_S = 5.0
+# Results waiting, and no write has completed for this long: writes are slow, stop claiming.
+# A write of a full batch takes ~20 ms here.
+_SLOW_WRITE_S = 1.0
+# A task's output and error are stored up to this many characters.
+_MAX_TEXT = 16_384
+# Rescued tasks are logged one line each up to this many per rescue, then summarised.
+_LOG_EACH_UP_TO = 20
 
 
 def new_worker_id() -> str:
-    """Name this runner in `claimed_by`: host, pid and a random part, unique per run."""
+    """Name a worker in `claimed_by`: host, pid and a random part, unique per run."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 def retry_delay_s(settings: Settings, attempt: int) -> float:
     """Exponential backoff: base, 2x base, 4x base... capped at retry_max_s."""
     return float(min(settings.retry_max_s, settings.retry_base_s * 2 ** (attempt - 1)))
+
+
+def clean_text(text: str) -> str:
+    """`text` as PostgreSQL can store it (no NUL, no lone surrogate), cut to _MAX_TEXT."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode()
+    if len(text) > _MAX_TEXT:
+        text = f"{text[: _MAX_TEXT - 40]}... ({len(text):,} characters in all)"
+    return text
 
 
 @dataclass
@@ -56,9 +88,18 @@ class TickSummary:
     retried: int = 0
     rescued: int = 0
     released: int = 0
+    # Results not written because the worker no longer held the task (its lease ran out).
     lost: int = 0
+    # Due tasks left because their kind could not finish before the deadline, by kind.
+    left_for_time: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
-    errors: list[str] = field(default_factory=list)
+    # Database errors waited out (each retried), and the last one.
+    errors: int = 0
+    last_error: str | None = None
+
+    def note_error(self, error: str) -> None:
+        self.errors += 1
+        self.last_error = error
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,25 +120,50 @@ class Runner:
         self.settings = settings
         self.worker_id = worker_id or new_worker_id()
         self._out = out
-        self._running: dict[tuple[int, int], asyncio.Future[str]] = {}
-        self._pending: list[Result] = []
-        self._http: httpx.AsyncClient | None = None
         self._wake = asyncio.Event()
-        self._flush_wanted = asyncio.Event()
-        # One flush at a time: shutdown must wait for a write in progress, not cancel it.
-        self._flush_lock = asyncio.Lock()
         # The database time up to which this runner means to sleep (Unix seconds);
         # a notification of a task due earlier than that wakes it.
-        self._sleep_until: float = 0.0
+        self._sleep_until = 0.0
+        self._runs = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        # Everything claimed and not yet recorded or handed back, by task id.
+        self._held: dict[int, Claimed] = {}
+        # Tasks of kinds that wait, while they run; and those waiting for a slot of their kind.
+        self._running: dict[int, asyncio.Future[Any]] = {}
+        self._queued: dict[str, deque[Claimed]] = {name: deque() for name in KINDS}
+        self._active: Counter[str] = Counter()
+        self._timed_out: set[int] = set()
+        # Results whose lines are out (or that print none), to be written; the batch in flight.
+        self._pending: list[Result] = []
+        self._writing: list[Result] = []
+        self._results_ready = asyncio.Event()
+        self._backlog_since = 0.0
+        self._last_write_done = 0.0
+        # Tasks whose last write failed with its connection: it may have committed.
+        self._maybe_written: set[int] = set()
+        # Set when the last claim failed with its connection: it may have committed.
+        self._unsure_of_holdings = False
+        self._claim_lock = asyncio.Lock()
+        self._http: httpx.AsyncClient | None = None
+        # Why this run stops early: a failure (the process must exit non-zero), or a lost
+        # lease (the caller starts again as a new worker).
+        self._halt = asyncio.Event()
+        self._failure: str | None = None
+        self.lease_lost = False
+        self._print_error: str | None = None
 
     @property
     def out(self) -> TextIO:
         return self._out or sys.stdout
 
-    def notify(self, execute_at_s: float | None = None) -> None:
-        """Wake the runner: a task due at `execute_at_s` (None: unknown) was created."""
-        if execute_at_s is None or execute_at_s < self._sleep_until:
+    def notify(self, due_s: float | None = None) -> None:
+        """Wake the runner: a task due at `due_s` (None: unknown) was created."""
+        if due_s is None or due_s < self._sleep_until:
             self._wake.set()
+
+    # --- the run -----------------------------------------------------------------------------
 
     async def run(
         self,
@@ -110,34 +176,100 @@ class Runner:
 
         `deadline` is a `time.monotonic()` value: no task is claimed that could end after
         it (less `deadline_margin_s`). Raises DatabaseUnavailable if the database cannot be
-        reached at the start; later outages are waited out.
+        reached at the start (later outages are waited out), and WorkerFailed if the run had
+        to stop because it cannot go on (its stdout closed, one of its loops broke).
         """
         started = time.monotonic()
         stop = stop or asyncio.Event()
+        if self._runs:
+            self.worker_id = new_worker_id()
+        self._runs += 1
+        self._reset()
         summary = TickSummary(worker=self.worker_id)
-        await self._rescue(summary)
-        helpers = [
-            asyncio.create_task(self._flush_loop(summary)),
-            asyncio.create_task(self._heartbeat_loop(summary)),
+        kinds_at_start = self._kinds_that_fit(deadline)
+        await self.store.register_worker(worker=self.worker_id, lease_s=self.settings.lease_seconds)
+        # From here on this worker holds a lease: every way out goes through _shut_down.
+        loops = [
+            asyncio.create_task(self._guard(self._write_loop(summary), "write")),
+            asyncio.create_task(self._guard(self._heartbeat_loop(summary), "heartbeat")),
         ]
         try:
+            try:
+                await self._rescue(summary)
+            except DatabaseUnavailable as exc:
+                summary.note_error(str(exc))
             await self._claim_loop(summary, deadline, keep_polling, stop)
         finally:
-            await self._shut_down(summary, deadline)
-            for helper in helpers:
-                helper.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
-            if self._http is not None:
-                await self._http.aclose()
-                self._http = None
+            await self._shut_down(summary, deadline, loops)
+        if deadline is not None:
+            await self._count_left_for_time(summary, deadline, kinds_at_start)
         summary.seconds = round(time.monotonic() - started, 3)
+        if self._failure is not None:
+            raise WorkerFailed(self._failure)
         return summary
+
+    async def _guard(self, loop: Any, name: str) -> None:
+        """Run a background loop; if it breaks, say so and stop the run (never die silently)."""
+        try:
+            await loop
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("action=%s worker=%s: unexpected error", name, self.worker_id)
+            self._fail(f"the {name} loop failed: {type(exc).__name__}: {exc}")
+
+    def _fail(self, reason: str) -> None:
+        if self._failure is None:
+            self._failure = reason
+            logger.error(
+                "action=stop worker=%s: %s; stopped claiming, handing back what it holds",
+                self.worker_id, reason,
+            )  # fmt: skip
+        self._halt.set()
 
     def _kinds_that_fit(self, deadline: float | None) -> list[str]:
         if deadline is None:
             return list(KINDS)
         left_s = deadline - time.monotonic() - self.settings.deadline_margin_s
         return [name for name, kind in KINDS.items() if kind.max_seconds(self.settings) <= left_s]
+
+    async def _count_left_for_time(
+        self, summary: TickSummary, deadline: float, kinds_at_start: list[str]
+    ) -> None:
+        """Count due tasks whose kind did not fit; warn when a kind never could this run."""
+        unfit = [name for name in KINDS if name not in self._kinds_that_fit(deadline)]
+        if not unfit:
+            return
+        try:
+            summary.left_for_time = await self.store.count_due_by_kind(kinds=unfit)
+        except (DatabaseUnavailable, DatabaseError) as exc:
+            summary.note_error(str(exc))
+            return
+        never = {k: n for k, n in summary.left_for_time.items() if k not in kinds_at_start}
+        if never:
+            margin_s = self.settings.deadline_margin_s
+            needs = ", ".join(
+                f"{k} ({n} due; needs {KINDS[k].max_seconds(self.settings) + margin_s:.0f} s)"
+                for k, n in sorted(never.items())
+            )
+            logger.warning(
+                "action=tick worker=%s: left tasks no run this short can finish: %s;"
+                " give the tick a longer timeout",
+                self.worker_id, needs,
+            )  # fmt: skip
+
+    # --- claim -------------------------------------------------------------------------------
+
+    def _room(self) -> int:
+        """How many tasks the next claim may take (0: none now)."""
+        if len(self._pending) >= self.store.WRITE_BATCH:
+            return 0  # a full batch already waits for the writer
+        if self._pending or self._writing:
+            waited_s = time.monotonic() - max(self._backlog_since, self._last_write_done)
+            if waited_s > _SLOW_WRITE_S:
+                return 0  # writes are slow: claim nothing more until they catch up
+        free = self.settings.concurrency - len(self._held)
+        return max(0, min(free, self.settings.claim_batch, self.store.WRITE_BATCH))
 
     async def _claim_loop(
         self,
@@ -147,143 +279,194 @@ class Runner:
         stop: asyncio.Event,
     ) -> None:
         db_retry_s = _DB_RETRY_FIRST_S
-        # While a full batch is being started, the next claim is already on its way: the
-        # database claims while Python runs tasks (measured: 31,600 -> 36,000 baz/s).
-        prefetch: asyncio.Task[list[Claimed]] | None = None
-        prefetched = 0  # how many the prefetch asked for
-        try:
-            while not stop.is_set():
-                kinds = self._kinds_that_fit(deadline)
-                if not kinds:
-                    return  # too close to the deadline to start anything
-                wait_s: float | None = None
-                self._wake.clear()
-                try:
-                    want = min(
-                        self.settings.concurrency - len(self._running), self.settings.claim_batch
-                    )
-                    if prefetch is not None:
-                        want = prefetched
-                        claimed, prefetch = await prefetch, None
-                    elif want > 0:
-                        claimed = await self._claim(kinds, want)
-                    else:
-                        claimed = None
-                    if claimed is not None:
-                        full = len(claimed) == want  # more may be due
-                        if full and not stop.is_set():
-                            free = self.settings.concurrency - len(self._running) - len(claimed)
-                            if free > 0:
-                                prefetched = min(free, self.settings.claim_batch)
-                                prefetch = asyncio.create_task(self._claim(kinds, prefetched))
-                        for task in claimed:
-                            self._start(task)
-                        summary.claimed += len(claimed)
-                        if full:
-                            await asyncio.sleep(0)  # let the started tasks begin
-                            continue
-                        wait_s = await self._time_to_next_due(kinds)
-                    db_retry_s = _DB_RETRY_FIRST_S
-                except DatabaseUnavailable as exc:
-                    logger.warning("action=claim worker=%s: %s; retrying", self.worker_id, exc)
-                    summary.errors.append(str(exc))
-                    wait_s, db_retry_s = db_retry_s, min(db_retry_s * 2, _DB_RETRY_MAX_S)
-                if not keep_polling and not self._running and (wait_s is None or wait_s > 0):
-                    return  # drained: nothing running, nothing due
-                if deadline is not None:
-                    left_s = deadline - time.monotonic() - self.settings.deadline_margin_s
-                    wait_s = left_s if wait_s is None else min(wait_s, left_s)
-                if not keep_polling and wait_s is not None and wait_s > 0 and self._running:
-                    wait_s = None  # a tick only waits for its own tasks, then looks again
-                await self._sleep(wait_s, stop)
-        finally:
-            if prefetch is not None:
-                # Claimed but not started: start them, so shutdown finishes or releases them.
-                with contextlib.suppress(DatabaseUnavailable):
-                    for task in await prefetch:
-                        self._start(task)
-                        summary.claimed += 1
+        while not stop.is_set() and not self._halt.is_set():
+            kinds = self._kinds_that_fit(deadline)
+            if not kinds:
+                return  # too close to the deadline to start anything
+            self._wake.clear()
+            wait_s: float | None = None  # None: until woken
+            try:
+                if self._unsure_of_holdings:
+                    await self._reconcile(summary)
+                room = self._room()
+                if room > 0:
+                    claimed, due = await self._claim(kinds, room)
+                    summary.claimed += len(claimed)
+                    if len(claimed) == room:
+                        await asyncio.sleep(0)  # let the started tasks begin
+                        continue  # more may be due
+                    wait_s = self._time_to(due)
+                db_retry_s = _DB_RETRY_FIRST_S
+            except DatabaseUnavailable as exc:
+                logger.warning("action=claim worker=%s: %s; retrying", self.worker_id, exc)
+                summary.note_error(str(exc))
+                wait_s, db_retry_s = db_retry_s, min(db_retry_s * 2, _DB_RETRY_MAX_S)
+            if not keep_polling and not self._held and (wait_s is None or wait_s > 0):
+                return  # drained: nothing held, nothing due
+            if deadline is not None:
+                left_s = deadline - time.monotonic() - self.settings.deadline_margin_s
+                wait_s = left_s if wait_s is None else min(wait_s, left_s)
+            if not keep_polling and wait_s is not None and wait_s > 0 and self._held:
+                wait_s = None  # a tick only waits for its own tasks, then looks again
+            if wait_s is None:
+                # Room frees up when a write completes; look again within a poll interval
+                # in any case (a stalled write's backlog has a time limit).
+                wait_s = self.settings.poll_interval_s
+            await self._sleep(wait_s, stop)
 
-    async def _claim(self, kinds: list[str], limit: int) -> list[Claimed]:
-        return await self.store.claim_due(
-            worker=self.worker_id, kinds=kinds, limit=limit, lease_s=self.settings.lease_seconds
-        )
+    async def _claim(self, kinds: list[str], limit: int) -> tuple[list[Claimed], NextDue]:
+        async with self._claim_lock:
+            try:
+                claimed, due = await self.store.claim_due(
+                    worker=self.worker_id,
+                    kinds=kinds,
+                    limit=limit,
+                    lease_s=self.settings.lease_seconds,
+                )
+            except DatabaseUnavailable:
+                # The claim may have committed before its answer was lost: hand back what
+                # the database says this worker holds, once it answers again.
+                self._unsure_of_holdings = True
+                raise
+            for task in claimed:
+                self._held[task.id] = task
+        for task in claimed:
+            self._start(task)
+        return claimed, due
 
-    async def _time_to_next_due(self, kinds: list[str]) -> float:
+    async def _reconcile(self, summary: TickSummary) -> None:
+        """Hand back tasks the database says this worker holds that it never heard of."""
+        async with self._claim_lock:
+            in_database = await self.store.held_by(worker=self.worker_id)
+            unknown = sorted(in_database - self._held.keys())
+            if unknown:
+                released = await self.store.release(worker=self.worker_id, ids=unknown)
+                summary.released += len(released)
+                logger.warning(
+                    "action=release worker=%s count=%d: tasks claimed by a claim whose answer"
+                    " was lost; handed back without using an attempt",
+                    self.worker_id, len(released),
+                )  # fmt: skip
+            self._unsure_of_holdings = False
+
+    def _time_to(self, due: NextDue) -> float:
         """Seconds until the next task is due by the database's clock, capped by polling."""
-        due = await self.store.next_due(kinds=kinds)
-        poll_s = self.settings.poll_interval_s
-        if due.next_at is None:
-            self._sleep_until = due.db_now.timestamp() + poll_s
-            return poll_s
-        wait_s = max(0.0, (due.next_at - due.db_now).total_seconds())
-        self._sleep_until = due.db_now.timestamp() + min(wait_s, poll_s)
-        return min(wait_s, poll_s)
+        wait_s = self.settings.poll_interval_s
+        if due.wait_s is not None:
+            wait_s = min(max(0.0, due.wait_s), wait_s)
+        self._sleep_until = due.now_s + wait_s
+        return wait_s
 
-    async def _sleep(self, wait_s: float | None, stop: asyncio.Event) -> None:
-        """Sleep `wait_s` (None: no limit) or until a notification, a freed slot or `stop`."""
-        if wait_s is not None and wait_s <= 0:
+    async def _sleep(self, wait_s: float, stop: asyncio.Event) -> None:
+        """Sleep `wait_s`, or until a notification, freed room, `stop` or a halt."""
+        if wait_s <= 0:
             return
-        waiters = [asyncio.create_task(self._wake.wait()), asyncio.create_task(stop.wait())]
+        waiters = [
+            asyncio.create_task(self._wake.wait()),
+            asyncio.create_task(stop.wait()),
+            asyncio.create_task(self._halt.wait()),
+        ]
         try:
             await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters:
                 waiter.cancel()
 
+    # --- run ---------------------------------------------------------------------------------
+
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
-            timeout = httpx.Timeout(self.settings.bar_timeout_s)
-            self._http = httpx.AsyncClient(timeout=timeout, follow_redirects=True)
+            self._http = make_http_client(self.settings)
         return self._http
 
     def _start(self, claimed: Claimed) -> None:
         kind = KINDS[claimed.kind]
-        ctx = Context(claimed.id, claimed.attempt, self.settings, self._client)
         if kind.instant:
             # No asyncio task for a kind that returns at once: creating and scheduling one
             # per run held a worker draining baz to 12,900/s; inline, 14,400/s.
+            ctx = Context(claimed.id, claimed.attempt, self.settings, self._client)
             try:
                 line = kind.run(ctx)
             except Exception as exc:
                 self._record(claimed, None, exc)
             else:
-                self._record(claimed, cast(str, line), None)
+                self._record(claimed, line, None)
             return
-        key = (claimed.id, claimed.attempt)
+        limit = kind.concurrency(self.settings)
+        if limit is not None and self._active[kind.name] >= limit:
+            self._queued[kind.name].append(claimed)
+            return
+        self._launch(kind, claimed)
+
+    def _launch(self, kind: Kind, claimed: Claimed) -> None:
+        ctx = Context(claimed.id, claimed.attempt, self.settings, self._client)
+        self._active[kind.name] += 1
         # The kind's own coroutine is the task, recorded by a done-callback: no wrapping
         # coroutine per task, whose frames cost time when 10,000 foo tasks start at once.
-        task = asyncio.ensure_future(cast(Awaitable[str], kind.run(ctx)))
-        task.add_done_callback(functools.partial(self._on_done, claimed))
-        self._running[key] = task
+        task = asyncio.ensure_future(kind.run(ctx))  # type: ignore[arg-type]
+        # A run longer than its kind declares is stopped and fails its attempt: nothing a
+        # worker holds waits forever (its lease would keep it from everyone else).
+        timer = asyncio.get_running_loop().call_later(
+            kind.max_seconds(self.settings), self._time_out, claimed.id
+        )
+        task.add_done_callback(functools.partial(self._on_done, claimed, timer))
+        self._running[claimed.id] = task
 
-    def _on_done(self, claimed: Claimed, task: asyncio.Future[str]) -> None:
+    def _time_out(self, task_id: int) -> None:
+        task = self._running.get(task_id)
+        if task is not None and not task.done():
+            self._timed_out.add(task_id)
+            task.cancel()
+
+    def _on_done(
+        self, claimed: Claimed, timer: asyncio.TimerHandle, task: asyncio.Future[Any]
+    ) -> None:
+        timer.cancel()
+        self._running.pop(claimed.id, None)
+        self._active[claimed.kind] -= 1
+        self._start_queued(claimed.kind)
         if task.cancelled():
-            return  # shut down or lease lost: released or rescued, never recorded
+            if claimed.id in self._timed_out:
+                self._timed_out.discard(claimed.id)
+                limit_s = KINDS[claimed.kind].max_seconds(self.settings)
+                self._record(
+                    claimed,
+                    None,
+                    TimeoutError(f"ran longer than its kind's limit of {limit_s:g} s"),
+                )
+            return  # shutting down or lease lost: handed back, never recorded
         exc = task.exception()
         if exc is None:
             self._record(claimed, task.result(), None)
-        elif isinstance(exc, Exception):
+        else:
             self._record(claimed, None, exc)
-        else:
-            raise exc
 
-    def _record(self, claimed: Claimed, line: str | None, exc: Exception | None) -> None:
+    def _start_queued(self, kind_name: str) -> None:
+        queue = self._queued[kind_name]
+        kind = KINDS[kind_name]
+        limit = kind.concurrency(self.settings)
+        while (
+            queue and not self._halt.is_set() and (limit is None or self._active[kind_name] < limit)
+        ):
+            self._launch(kind, queue.popleft())
+
+    def _record(self, claimed: Claimed, line: object, exc: BaseException | None) -> None:
         """Print a run's line and queue its result for the next batched write."""
+        if claimed.id not in self._held:
+            return  # no longer this worker's (handed back while it ran)
+        if exc is None and not isinstance(line, str):
+            exc = TypeError(f"kind {claimed.kind} returned {type(line).__name__}, not a str")
         if exc is None:
-            assert line is not None
-            self.out.write(line + "\n")
-            result = Result(claimed.id, claimed.attempt, TaskState.SUCCEEDED, output=line)
+            assert isinstance(line, str)
+            if not self._print(line):
+                return  # not printed: handed back at shutdown, for a worker that can print
+            result = Result(claimed.id, claimed.attempt, TaskState.SUCCEEDED, clean_text(line))
         else:
-            error = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            error = clean_text(f"{type(exc).__name__}: {exc}".rstrip(": "))
             if claimed.attempt < claimed.max_attempts:
                 delay_s = retry_delay_s(self.settings, claimed.attempt)
                 result = Result(
-                    claimed.id,
-                    claimed.attempt,
-                    TaskState.SCHEDULED,
-                    error=error,
-                    retry_in_s=delay_s,
+                    claimed.id, claimed.attempt, TaskState.SCHEDULED, None, error, delay_s
                 )
                 logger.warning(
                     "action=retry task_id=%s attempt=%s/%s in=%.1fs: %s",
@@ -295,46 +478,88 @@ class Runner:
                     "action=fail task_id=%s attempt=%s/%s: %s",
                     claimed.id, claimed.attempt, claimed.max_attempts, error,
                 )  # fmt: skip
+        if not self._pending and not self._writing:
+            self._backlog_since = time.monotonic()
         self._pending.append(result)
-        self._flush_wanted.set()
+        self._results_ready.set()
 
-    async def _flush_loop(self, summary: TickSummary) -> None:
+    def _print(self, line: str) -> bool:
+        """Write a line to stdout's buffer; False once stdout cannot take it."""
+        if self._print_error is None:
+            try:
+                self.out.write(line + "\n")
+                return True
+            except (OSError, ValueError) as exc:
+                self._printing_failed(exc)
+        return False
+
+    def _printing_failed(self, exc: BaseException) -> None:
+        self._print_error = f"{type(exc).__name__}: {exc}"
+        self._fail(
+            f"cannot print task output ({self._print_error}); the tasks whose lines were not"
+            " printed are handed back"
+        )
+
+    # --- record ------------------------------------------------------------------------------
+
+    async def _write_loop(self, summary: TickSummary) -> None:
         retry_s = _DB_RETRY_FIRST_S
         while True:
-            await self._flush_wanted.wait()
-            self._flush_wanted.clear()
+            if not self._pending:
+                self._results_ready.clear()
+                await self._results_ready.wait()
+                continue
+            batch = self._pending[: self.store.WRITE_BATCH]
+            del self._pending[: len(batch)]
+            self._writing = batch
             try:
-                await self._flush(summary)
-                retry_s = _DB_RETRY_FIRST_S
+                await self._write(batch, summary)
             except DatabaseUnavailable as exc:
-                logger.warning("action=finish worker=%s: %s; retrying", self.worker_id, exc)
+                self._pending[:0] = batch
+                self._maybe_written.update(r.id for r in batch)
+                logger.warning(
+                    "action=finish worker=%s: %s; %d results kept, retrying in %.1fs",
+                    self.worker_id, exc, len(self._pending), retry_s,
+                )  # fmt: skip
+                summary.note_error(str(exc))
                 await asyncio.sleep(retry_s)
                 retry_s = min(retry_s * 2, _DB_RETRY_MAX_S)
-                self._flush_wanted.set()
+                continue
+            finally:
+                self._writing = []
+            retry_s = _DB_RETRY_FIRST_S
+            self._last_write_done = time.monotonic()
+            self._wake.set()  # room is free again
 
-    async def _flush(self, summary: TickSummary) -> None:
-        """Write every pending result in one statement; keep them if the database is down."""
-        async with self._flush_lock:
-            await self._flush_locked(summary)
-
-    async def _flush_locked(self, summary: TickSummary) -> None:
-        if not self._pending:
-            return
-        batch, self._pending = self._pending, []
+    async def _write(self, batch: list[Result], summary: TickSummary) -> None:
+        """Record one batch of results, each fenced (see queries.FINISH_MANY)."""
         # The lines are out before their results are recorded: a crash in between can print
-        # a line again on the retry, but can never record a run whose line was not printed.
-        self.out.flush()
+        # a line again on the retry, but a run whose line was not printed is never recorded.
+        if self._print_error is None:
+            try:
+                self.out.flush()
+            except (OSError, ValueError) as exc:
+                self._printing_failed(exc)
+        if self._print_error is not None:
+            # Lines still in the buffer may not be out: hand those tasks back instead.
+            batch = [r for r in batch if r.state is not TaskState.SUCCEEDED]
+            if not batch:
+                return
         try:
             written = await self.store.finish_many(worker=self.worker_id, results=batch)
-        except DatabaseUnavailable:
-            self._pending[:0] = batch
-            raise
+        except DatabaseError:
+            written = await self._write_one_by_one(batch)
+        unsure = [r for r in batch if r.id not in written and r.id in self._maybe_written]
+        if unsure:
+            written |= await self.store.recorded(unsure)
         for result in batch:
-            self._running.pop((result.id, result.attempt), None)
+            self._maybe_written.discard(result.id)
+            self._held.pop(result.id, None)
             if result.id not in written:
                 summary.lost += 1
                 logger.warning(
-                    "action=finish task_id=%s attempt=%s worker=%s: lease lost, result dropped",
+                    "action=finish task_id=%s attempt=%s worker=%s: no longer held by this"
+                    " worker (its lease ran out and the task was rescued): result dropped",
                     result.id, result.attempt, self.worker_id,
                 )  # fmt: skip
             elif result.state is TaskState.SUCCEEDED:
@@ -343,88 +568,133 @@ class Runner:
                 summary.failed += 1
             else:
                 summary.retried += 1
-        self._wake.set()  # slots are free again
+
+    async def _write_one_by_one(self, batch: list[Result]) -> set[int]:
+        """The database refused a batch: write each result alone, and record the run of any
+        it still refuses as failed with the database's reason."""
+        written: set[int] = set()
+        for result in batch:
+            try:
+                written |= await self.store.finish_many(worker=self.worker_id, results=[result])
+            except DatabaseError as exc:
+                logger.error(
+                    "action=finish task_id=%s worker=%s: the database refused its result: %s",
+                    result.id, self.worker_id, exc,
+                )  # fmt: skip
+                refused = Result(
+                    result.id,
+                    result.attempt,
+                    TaskState.FAILED,
+                    error=clean_text(f"its result could not be recorded: {exc}"),
+                )
+                written |= await self.store.finish_many(worker=self.worker_id, results=[refused])
+        return written
+
+    # --- heartbeat ---------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self, summary: TickSummary) -> None:
+        """Renew the lease every third of it; rescue dead workers' tasks; reconcile."""
+        interval_s = self.settings.lease_seconds / 3
+        wait_s = interval_s
+        while True:
+            await asyncio.sleep(wait_s)
+            try:
+                # Bounded by the interval: a renewal that takes longer is late anyway.
+                alive = await self.store.heartbeat(
+                    worker=self.worker_id,
+                    lease_s=self.settings.lease_seconds,
+                    timeout_s=interval_s,
+                )
+                if not alive:
+                    self._lose_lease()
+                    return
+                await self._rescue(summary)
+                await self._reconcile(summary)
+                wait_s = interval_s
+            except DatabaseUnavailable as exc:
+                logger.warning("action=heartbeat worker=%s: %s", self.worker_id, exc)
+                summary.note_error(str(exc))
+                wait_s = min(interval_s, 1.0)
+
+    def _lose_lease(self) -> None:
+        self.lease_lost = True
+        logger.error(
+            "action=heartbeat worker=%s: this worker's lease ran out (it could not renew it"
+            " for %.0f s: a stalled process or database); its tasks are rescued by others."
+            " Handing back what it still holds and starting again as a new worker",
+            self.worker_id, self.settings.lease_seconds,
+        )  # fmt: skip
+        self._halt.set()
 
     async def _rescue(self, summary: TickSummary) -> None:
         rescued = await self.store.rescue_expired()
         summary.rescued += len(rescued)
-        for task_id, state in rescued:
+        for task_id, state in rescued[:_LOG_EACH_UP_TO]:
             logger.warning(
-                "action=rescue task_id=%s state=%s: its worker's lease expired", task_id, state
+                "action=rescue task_id=%s state=%s: its worker's lease ran out", task_id, state
             )
+        if len(rescued) > _LOG_EACH_UP_TO:
+            logger.warning(
+                "action=rescue count=%d: and %d more tasks whose worker's lease ran out",
+                len(rescued), len(rescued) - _LOG_EACH_UP_TO,
+            )  # fmt: skip
         if rescued:
             self._wake.set()
 
-    async def _heartbeat_loop(self, summary: TickSummary) -> None:
-        """Every third of a lease: extend the leases of tasks still running, rescue expired ones."""
-        while True:
-            await asyncio.sleep(self.settings.lease_seconds / 3)
-            try:
-                await self._extend_leases(summary)
-                await self._rescue(summary)
-            except DatabaseUnavailable as exc:
-                logger.warning("action=heartbeat worker=%s: %s", self.worker_id, exc)
+    # --- shut down ---------------------------------------------------------------------------
 
-    async def _extend_leases(self, summary: TickSummary) -> None:
-        held = [key for key, task in self._running.items() if not task.done()]
-        if not held:
-            return
-        kept = await self.store.extend_leases(
-            worker=self.worker_id,
-            ids=[task_id for task_id, _ in held],
-            lease_s=self.settings.lease_seconds,
-        )
-        for key in held:
-            if key[0] not in kept and key in self._running:
-                # Rescued elsewhere after this worker stalled: it may run again there, so
-                # stop it here; its result would be dropped by the fence anyway.
-                logger.warning(
-                    "action=extend task_id=%s worker=%s: lease lost, cancelling",
-                    key[0], self.worker_id,
-                )  # fmt: skip
-                self._running.pop(key).cancel()
-                summary.lost += 1
-
-    async def _shut_down(self, summary: TickSummary, deadline: float | None) -> None:
-        """Let running tasks finish within the grace period, record them, release the rest."""
+    async def _shut_down(
+        self, summary: TickSummary, deadline: float | None, loops: list[asyncio.Task[None]]
+    ) -> None:
+        """Let running tasks finish within the grace period, record them, hand back the rest."""
         grace_s = self.settings.shutdown_grace_s
         if deadline is not None:
             grace_s = min(grace_s, max(0.0, deadline - time.monotonic()))
+        if self._halt.is_set():
+            grace_s = 0.0  # a failure or a lost lease: nothing more will be recorded as run
+        self._halt.set()  # no queued task starts from here on
         unfinished = [task for task in self._running.values() if not task.done()]
-        if unfinished:
+        if unfinished and grace_s > 0:
             await asyncio.wait(unfinished, timeout=grace_s)
-        cancelled = [key for key, task in self._running.items() if not task.done()]
-        for key in cancelled:
-            self._running[key].cancel()
-        await asyncio.gather(*(self._running[key] for key in cancelled), return_exceptions=True)
-        flush_until = time.monotonic() + max(grace_s, 1.0)
-        while True:
+        cancelled = [task for task in self._running.values() if not task.done()]
+        for task in cancelled:
+            task.cancel()
+        await asyncio.gather(*cancelled, return_exceptions=True)
+
+        # The write loop records what is left, within the grace period (a second at least).
+        write_loop = loops[0]
+        until = time.monotonic() + max(grace_s, 1.0)
+        while (self._pending or self._writing) and time.monotonic() < until:
+            if write_loop.done():
+                break  # it broke: nothing more will be written
+            await asyncio.sleep(0.01)
+        for loop in loops:
+            loop.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+        # Whatever is still held was not recorded: hand it back (fenced: what this worker
+        # no longer holds is left alone).
+        if self._held:
+            ids = sorted(self._held)
             try:
-                await self._flush(summary)  # waits for a write in progress, then writes the rest
-            except DatabaseUnavailable as exc:
-                if time.monotonic() > flush_until:
-                    logger.error(
-                        "action=finish worker=%s: %s; %d results not recorded, their leases"
-                        " will expire and the tasks run again",
-                        self.worker_id, exc, len(self._pending),
-                    )  # fmt: skip
-                    break
-                await asyncio.sleep(0.2)
-            if not self._pending:
-                break
-        if cancelled:
-            try:
-                released = await self.store.release(
-                    worker=self.worker_id, ids=[task_id for task_id, _ in cancelled]
-                )
+                released = await self.store.release(worker=self.worker_id, ids=ids)
                 summary.released += len(released)
                 logger.info(
                     "action=release worker=%s count=%d: back to scheduled",
                     self.worker_id, len(released),
                 )  # fmt: skip
-            except DatabaseUnavailable as exc:
+            except (DatabaseUnavailable, DatabaseError) as exc:
                 logger.error(
-                    "action=release worker=%s: %s; leases will expire", self.worker_id, exc
-                )
-        self._running.clear()
+                    "action=release worker=%s: %s; %d tasks stay with this worker until its"
+                    " lease runs out, then they are rescued and run again",
+                    self.worker_id, exc, len(ids),
+                )  # fmt: skip
+        try:
+            await self.store.deregister_worker(worker=self.worker_id)
+        except (DatabaseUnavailable, DatabaseError) as exc:
+            logger.warning("action=deregister worker=%s: %s", self.worker_id, exc)
+        self._held.clear()
         self._pending.clear()

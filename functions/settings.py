@@ -22,18 +22,29 @@ class Settings(BaseSettings):
     transaction_pooler: bool = False
     # Connections kept per process; 0 means no pool (a connection per use).
     db_pool_size: int = Field(default=10, ge=0)
+    # How long to wait for a connection (to open one, or for a free one in the pool).
     db_connect_timeout_s: int = Field(default=5, ge=1)
+    # The longest any statement may run; the server cancels it then (a frozen server is
+    # given up on a second later). Every statement taskrunner runs is bounded and short.
+    db_statement_timeout_s: float = Field(default=5.0, gt=0, le=600)
 
     # When set, every /tasks request needs `Authorization: Bearer <token>`; /healthz does not.
     api_token: str | None = None
 
     bar_url: str = DEFAULT_BAR_URL
     bar_timeout_s: float = Field(default=10.0, gt=0)
+    # `bar` requests one worker has in flight at once; the rest wait their turn (claimed, not
+    # yet started: their timeout starts with their request).
+    bar_concurrency: int = Field(default=100, ge=1, le=10_000)
     # How long `foo` sleeps; the product says 3 seconds, tests shorten it.
     foo_delay_s: float = Field(default=3.0, ge=0)
 
-    # A claim holds a task this long; a live worker extends it while the task runs.
-    lease_seconds: float = Field(default=60.0, gt=0)
+    # A worker's lease: it renews it every third of this; when it lapses (the worker died or
+    # stalled), the worker's tasks are rescued. It covers the worker, not a task, so it may be
+    # far shorter than the tasks it runs. Below 3 s a renewal would have less than a second
+    # to reach a busy database before the next one is due: refused rather than let a live
+    # worker's tasks be rescued and run twice.
+    lease_seconds: float = Field(default=60.0, ge=3.0)
     # Runs of one task, crashes included, before it is failed for good.
     max_attempts: int = Field(default=3, ge=1)
     # Retry n waits retry_base_s * 2**(n-1), capped at retry_max_s.

@@ -9,7 +9,8 @@ import base64
 import binascii
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -38,8 +39,12 @@ class Task:
     id: int
     kind: str
     state: TaskState
+    # What the user asked for; never moved by retries.
     execute_at: datetime
+    # When a scheduled task is next due: execute_at at first, later a retry's time.
+    next_attempt_at: datetime | None
     created_at: datetime
+    # When the first attempt started (retries keep it); None until a worker starts it.
     started_at: datetime | None
     finished_at: datetime | None
     attempts: int
@@ -60,8 +65,13 @@ class Page:
     next_cursor: str | None
 
 
-# Python datetimes stop at year 9999; Postgres timestamptz would take more, we never need it.
-_MAX_UNIX_S = datetime(9999, 12, 31, tzinfo=UTC).timestamp()
+# The range of times a task may have: what Python's datetime holds, in UTC. The table
+# enforces the same range (`execute_at_in_range`).
+MIN_EXECUTE_AT = datetime(1, 1, 1, tzinfo=UTC)
+MAX_EXECUTE_AT = datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
+MAX_UNIX_S = (MAX_EXECUTE_AT - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FORMS = "an ISO-8601 date-time with an offset (e.g. 2030-01-01T12:00:00Z) or Unix seconds"
 
 
 def parse_kind(value: object) -> str:
@@ -70,34 +80,58 @@ def parse_kind(value: object) -> str:
         raise ValueError("type must be a string")
     name = value.strip().lower()
     if name not in KINDS:
-        raise ValueError(f"unknown type {value!r}; expected one of {', '.join(sorted(KINDS))}")
+        raise ValueError(
+            f"unknown type {excerpt(value)}; expected one of {', '.join(sorted(KINDS))}"
+        )
     return name
+
+
+def excerpt(value: object, limit: int = 40) -> str:
+    """`repr(value)`, cut to `limit` characters: errors never echo more of the input."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
 
 
 def parse_execute_at(value: object) -> datetime:
     """Return an aware UTC datetime from ISO-8601 with an offset, or from Unix seconds.
 
-    A date-time without an offset is rejected rather than guessed at.
+    A date-time without an offset is rejected rather than guessed at. Unix seconds are read
+    to the microsecond from their decimal form (integers exactly).
     """
     if isinstance(value, bool):
-        raise ValueError("execute_at must be an ISO-8601 date-time with an offset or Unix seconds")
+        raise ValueError(f"execute_at must be {_FORMS}")
     if isinstance(value, int | float):
-        if not math.isfinite(value) or not 0 <= value <= _MAX_UNIX_S:
-            raise ValueError(f"execute_at {value!r} is not a Unix time between 1970 and 9999")
-        return datetime.fromtimestamp(value, UTC)
+        return _from_unix_s(value)
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.strip())
         except ValueError:
-            raise ValueError(
-                f"execute_at {value!r} is not an ISO-8601 date-time (e.g. 2030-01-01T12:00:00Z)"
-            ) from None
+            raise ValueError(f"execute_at {excerpt(value)} is not {_FORMS}") from None
         if parsed.tzinfo is None or parsed.utcoffset() is None:
             raise ValueError(
-                f"execute_at {value!r} has no UTC offset; add one, e.g. 'Z' or '+02:00'"
+                f"execute_at {excerpt(value)} has no UTC offset; add one, e.g. 'Z' or '+02:00'"
             )
-        return parsed.astimezone(UTC)
-    raise ValueError("execute_at must be an ISO-8601 date-time with an offset or Unix seconds")
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError:
+            # e.g. 9999-12-31T23:00:00-05:00, which is in year 10000 in UTC.
+            raise ValueError(
+                f"execute_at {excerpt(value)} is outside 0001-01-01T00:00:00Z to "
+                "9999-12-31T23:59:59.999999Z once converted to UTC"
+            ) from None
+    raise ValueError(f"execute_at must be {_FORMS}")
+
+
+def _from_unix_s(value: float) -> datetime:
+    if not math.isfinite(value) or not 0 <= value <= MAX_UNIX_S:
+        raise ValueError(
+            f"execute_at {excerpt(value)} is not a Unix time between 0 and {MAX_UNIX_S:.6f}"
+            " (1970 to 9999)"
+        )
+    # Through the number's shortest decimal form, not float arithmetic: 1.000001 is one
+    # second and one microsecond, not a hair less.
+    micros = int((Decimal(str(value)) * 1_000_000).to_integral_value(ROUND_HALF_EVEN))
+    return min(_EPOCH + timedelta(microseconds=micros), MAX_EXECUTE_AT)
 
 
 def encode_cursor(last_id: int) -> str:
@@ -112,7 +146,7 @@ def decode_cursor(cursor: str) -> int:
             raise ValueError(raw)
         return int(last_id)
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidInput(f"cursor {cursor!r} is not one this API returned") from None
+        raise InvalidInput(f"cursor {excerpt(cursor)} is not one this API returned") from None
 
 
 async def create_task(store: Store, new: NewTask, max_attempts: int) -> Task:

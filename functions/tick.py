@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any, TextIO
 
-from functions.db import make_engine
+from functions.db import Database
 from functions.errors import DatabaseUnavailable
 from functions.runner import Runner, TickSummary
 from functions.settings import Settings
@@ -33,9 +33,9 @@ async def tick(
     `deadline` is a `time.monotonic()` value; no task is claimed that could end after it.
     Raises DatabaseUnavailable when the database cannot be reached at the start.
     """
-    engine = make_engine(settings)
+    database = Database(settings)
     try:
-        runner = Runner(Store(engine), settings, out=out)
+        runner = Runner(Store(database), settings, out=out)
         listener = None
         if keep_polling and not settings.transaction_pooler:
             # Wake on new tasks instead of waiting for the next poll.
@@ -47,7 +47,7 @@ async def tick(
                 listener.cancel()
                 await asyncio.gather(listener, return_exceptions=True)
     finally:
-        await engine.dispose()
+        await database.dispose()
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:

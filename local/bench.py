@@ -191,7 +191,8 @@ class Bench:
         [(db_now,)] = self.sql("SELECT extract(epoch FROM now())")
         for start in range(0, n, 10_000):
             count = min(10_000, n - start)
-            payload = json.dumps([{"kind": kind, "execute_at_s": float(db_now) + in_s}] * count)
+            at_us = int((float(db_now) + in_s) * 1e6)
+            payload = json.dumps([{"kind": kind, "at_us": at_us}] * count)
             self.conn.execute(queries.INSERT_TASKS, {"tasks": payload, "max_attempts": 3})
         self.sql("VACUUM ANALYZE tasks")
 
@@ -256,7 +257,7 @@ class Bench:
         # Created as the API creates them (one batch, one NOTIFY), due over the next 5 s.
         [(db_now,)] = self.sql("SELECT extract(epoch FROM now())")
         tasks = [
-            {"kind": "baz", "execute_at_s": float(db_now) + random.uniform(0.5, 5.0)}
+            {"kind": "baz", "at_us": int((float(db_now) + random.uniform(0.5, 5.0)) * 1e6)}
             for _ in range(n)
         ]
         self.conn.execute(queries.INSERT_TASKS, {"tasks": json.dumps(tasks), "max_attempts": 3})
@@ -310,7 +311,7 @@ class Bench:
         started = time.perf_counter()
         for _ in range(batches):
             when = time.time() + 3600
-            payload = json.dumps([{"kind": "baz", "execute_at_s": when}] * 10_000)
+            payload = json.dumps([{"kind": "baz", "at_us": int(when * 1e6)}] * 10_000)
             self.conn.execute(queries.INSERT_TASKS, {"tasks": payload, "max_attempts": 3})
         return batches * 10_000 / (time.perf_counter() - started)
 

@@ -10,11 +10,22 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
+from sqlalchemy.engine import make_url
 
-from functions.db import sqlalchemy_url
-from functions.errors import DatabaseUnavailable
+from functions.db import libpq_url
+from functions.errors import DatabaseUnavailable, TaskrunnerError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def sqlalchemy_url(database_url: str) -> str:
+    """Return `database_url` with SQLAlchemy's psycopg 3 driver named in it."""
+    url = make_url(libpq_url(database_url))
+    if url.get_backend_name() not in ("postgresql", "postgres"):
+        raise TaskrunnerError(
+            f"TASKRUNNER_DATABASE_URL must be a postgresql:// URL, not {url.drivername}://"
+        )
+    return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
 def _config(database_url: str) -> Config:

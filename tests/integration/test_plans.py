@@ -1,0 +1,145 @@
+"""The hot statements' plans stay linear whatever the planner's statistics say.
+
+A user's table is fresh (never analyzed), or bulk-loaded a moment after statistics were
+taken, when the burst arrives. Here each statement runs (EXPLAIN ANALYZE, rolled back) over
+50,000 tasks in three such states, as a custom plan and as the generic plan a prepared
+statement gets after a few runs. The checks are on what the executor did, not on costs: the
+batch (a JSON record set, or an array unnested) is read once, never re-scanned per row, no
+statement that looks rows up by id walks a partial index of a state, and the claim reads
+the `tasks_due` index in its order (never a sort of everything due).
+"""
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql as pgsql
+
+from functions import queries
+from functions.store import Store
+
+Sql = Callable[..., list[tuple[Any, ...]]]
+N = 50_000
+BATCH = Store.WRITE_BATCH
+
+
+def prepare_statistics(sql: Sql, how: str) -> None:
+    """Load N tasks the way `how` says, leaving the planner's statistics fresh or stale."""
+    if how == "stale":
+        # Statistics taken when the table held a few scheduled tasks (autovacuum analyzes
+        # small tables early), then a bulk load: wrong on purpose.
+        sql("INSERT INTO tasks (kind, execute_at) SELECT 'baz', now() FROM generate_series(1, 50)")
+        sql("ANALYZE tasks")
+        sql("DELETE FROM tasks")
+    sql(
+        "INSERT INTO tasks (kind, execute_at, max_attempts)"
+        " SELECT 'baz', now() - interval '1 minute', 3 FROM generate_series(1, %s)",
+        N,
+    )
+    sql("INSERT INTO workers (id, lease_expires_at) VALUES ('w', now() + interval '1 hour')")
+    # Half of them running for worker w, as in a burst being worked through.
+    sql(
+        "UPDATE tasks SET state = 'running', attempts = 1, claimed_by = 'w'"
+        " WHERE id IN (SELECT id FROM tasks ORDER BY id LIMIT %s)",
+        N // 2,
+    )
+
+
+def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from nodes(child)
+
+
+def explain(
+    conn: psycopg.Connection[Any],
+    statement: str,
+    params: dict[str, Any],
+    generic: bool,
+    settings: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """EXPLAIN ANALYZE `statement` as a prepared statement, then roll back its effects."""
+    names: list[str] = []
+
+    def placeholder(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    prepared = re.sub(r"%\((\w+)\)s", placeholder, statement)
+    args = pgsql.SQL(", ").join(pgsql.Literal(params[name]) for name in names)
+    mode = "force_generic_plan" if generic else "force_custom_plan"
+    with conn.transaction(force_rollback=True), conn.cursor() as cur:
+        cur.execute(f"SET LOCAL plan_cache_mode = {mode}")
+        for setting in settings:
+            cur.execute(setting.encode())
+        cur.execute(pgsql.SQL("PREPARE stmt AS {}").format(pgsql.SQL(prepared)))
+        cur.execute(pgsql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE stmt({})").format(args))
+        [(result,)] = cur.fetchall()
+        cur.execute("DEALLOCATE stmt")
+    plan: dict[str, Any] = result[0]["Plan"]
+    return plan
+
+
+def results_json(ids: list[int]) -> str:
+    return json.dumps(
+        [
+            {"id": i, "attempt": 1, "state": "succeeded", "output": "Baz 1", "error": None,
+             "retry_in_s": None}
+            for i in ids
+        ]
+    )  # fmt: skip
+
+
+@pytest.fixture(params=["never analyzed", "stale"])
+def loaded(request: pytest.FixtureRequest, sql: Sql) -> str:
+    prepare_statistics(sql, request.param)
+    return str(request.param)
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["custom plan", "generic plan"])
+def test_batch_writes_read_their_batch_once_and_find_rows_by_key(
+    postgresql: psycopg.Connection[Any], sql: Sql, loaded: str, generic: bool
+) -> None:
+    running = [i for (i,) in sql("SELECT id FROM tasks WHERE claimed_by = 'w' ORDER BY id")]
+    # The last batch of the running rows: a plan scanning from the start would show it.
+    batch = running[-BATCH:]
+    cases: dict[str, tuple[str, dict[str, Any]]] = {
+        "FINISH_MANY": (queries.FINISH_MANY, {"worker": "w", "results": results_json(batch)}),
+        "RECORDED": (queries.RECORDED, {"results": results_json(batch)}),
+        "RELEASE": (queries.RELEASE, {"worker": "w", "ids": batch}),
+    }
+    postgresql.autocommit = False
+    for name, (statement, params) in cases.items():
+        # As Store runs them: in a transaction with the pinned plan settings.
+        plan = explain(postgresql, statement, params, generic, queries.PINNED_PLAN)
+        for node in nodes(plan):
+            if node["Node Type"] == "Function Scan":
+                assert node["Actual Loops"] == 1, f"{name}: the batch is re-scanned per row"
+            assert node.get("Index Name") not in ("tasks_running", "tasks_due"), (
+                f"{name} ({loaded}) walks {node.get('Index Name')}"
+            )
+            assert node["Node Type"] != "Seq Scan", f"{name} ({loaded}) scans the whole table"
+        if name in ("FINISH_MANY", "RELEASE"):
+            [update] = [n for n in nodes(plan) if n["Node Type"] == "ModifyTable"]
+            assert update["Actual Rows"] == len(batch), f"{name}: every row of the batch written"
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["custom plan", "generic plan"])
+def test_the_claim_walks_the_due_index_in_order(
+    postgresql: psycopg.Connection[Any], sql: Sql, loaded: str, generic: bool
+) -> None:
+    postgresql.autocommit = False
+    params = {"worker": "w", "kinds": ["foo", "bar", "baz"], "limit": BATCH, "lease_s": 60.0}
+    for name, statement in (("CLAIM_DUE", queries.CLAIM_DUE), ("NEXT_DUE", queries.NEXT_DUE)):
+        # As Store.claim_due runs them: in one transaction with the claim's settings.
+        plan = explain(postgresql, statement, params, generic, queries.PINNED_PLAN)
+        used = {n.get("Index Name") for n in nodes(plan)}
+        assert "tasks_due" in used, f"{name} ({loaded}) does not use tasks_due: {used}"
+        assert not any(n["Node Type"] == "Sort" for n in nodes(plan)), f"{name} sorts"
+        if name == "CLAIM_DUE":
+            updated = [n for n in nodes(plan) if n["Node Type"] == "ModifyTable"]
+            assert {n["Relation Name"] for n in updated} == {"tasks", "workers"}
