@@ -104,12 +104,13 @@ class Database:
         loop = asyncio.get_running_loop()
         if self._pool is None or self._loop is not loop:
             # The old loop is gone or not ours to run: its connections are left to close.
-            size = self.settings.db_pool_size
+            # Connections are opened as needed (min_size 0), not all at once: thirty ticks
+            # starting together must not open thirty pools' worth of connections.
             self._pool = AsyncConnectionPool(
                 self._url,
                 kwargs=self._kwargs,
-                min_size=size,
-                max_size=size,
+                min_size=0,
+                max_size=self.settings.db_pool_size,
                 timeout=self.settings.db_connect_timeout_s,
                 check=self._check,
                 reset=self._returned,

@@ -29,13 +29,14 @@ import socket
 import sys
 import time
 from collections import Counter, deque
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
 import httpx
 
 from functions.errors import DatabaseError, DatabaseUnavailable, WorkerFailed
-from functions.kinds import KINDS, Context, Kind, make_http_client
+from functions.kinds import KINDS, Context, HttpClients, Kind
 from functions.settings import Settings
 from functions.store import Claimed, NextDue, Result, Store
 from functions.tasks import TaskState
@@ -146,7 +147,7 @@ class Runner:
         # Set when the last claim failed with its connection: it may have committed.
         self._unsure_of_holdings = False
         self._claim_lock = asyncio.Lock()
-        self._http: httpx.AsyncClient | None = None
+        self._http: HttpClients | None = None
         # Why this run stops early: a failure (the process must exit non-zero), or a lost
         # lease (the caller starts again as a new worker).
         self._halt = asyncio.Event()
@@ -374,17 +375,17 @@ class Runner:
 
     # --- run ---------------------------------------------------------------------------------
 
-    def _client(self) -> httpx.AsyncClient:
+    def _lend_http(self) -> AbstractAsyncContextManager[httpx.AsyncClient]:
         if self._http is None:
-            self._http = make_http_client(self.settings)
-        return self._http
+            self._http = HttpClients(self.settings)
+        return self._http.lend()
 
     def _start(self, claimed: Claimed) -> None:
         kind = KINDS[claimed.kind]
         if kind.instant:
             # No asyncio task for a kind that returns at once: creating and scheduling one
             # per run held a worker draining baz to 12,900/s; inline, 14,400/s.
-            ctx = Context(claimed.id, claimed.attempt, self.settings, self._client)
+            ctx = Context(claimed.id, claimed.attempt, self.settings, self._lend_http)
             try:
                 line = kind.run(ctx)
             except Exception as exc:
@@ -399,7 +400,7 @@ class Runner:
         self._launch(kind, claimed)
 
     def _launch(self, kind: Kind, claimed: Claimed) -> None:
-        ctx = Context(claimed.id, claimed.attempt, self.settings, self._client)
+        ctx = Context(claimed.id, claimed.attempt, self.settings, self._lend_http)
         self._active[kind.name] += 1
         # The kind's own coroutine is the task, recorded by a done-callback: no wrapping
         # coroutine per task, whose frames cost time when 10,000 foo tasks start at once.

@@ -37,7 +37,8 @@ def test_bench_quick_reports_every_scenario(
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     scenarios = [f["scenario"] for f in figures]
-    for expected in ("drain, 1 worker", "drain, 2 workers", "fan-out", "peak worker memory",
+    for expected in ("drain, 1 worker", "drain, 2 workers", "burst on a fresh table", "fan-out",
+                     "peak worker memory",
                      "lateness, future", "lateness, due on creation", "POST /tasks,",
                      "POST /tasks/batch"):  # fmt: skip
         assert any(expected in s for s in scenarios), f"no {expected!r} in {scenarios}"

@@ -3,6 +3,7 @@
 import asyncio
 import random
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -13,10 +14,11 @@ import httpx
 import psycopg
 import pytest
 
+from tests.pgbouncer import pgbouncer_url
 from tests.pgservers import Server
 from tests.procs import Proc, spawn, wait_for
 
-__all__ = ["spawn"]  # the fixture
+__all__ = ["pgbouncer_url", "spawn"]  # the fixtures
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 pytestmark = pytest.mark.slow
@@ -246,3 +248,68 @@ async def test_a_worker_started_before_its_database_waits_for_it(
         wait_for(ran, 30, "the worker to run the task")
     assert worker.terminate() == 0
     assert worker.stdout().startswith("Baz ")
+
+
+async def test_many_workers_and_apis_through_pgbouncer_in_transaction_mode(
+    spawn: Callable[..., Proc], pgbouncer_url: str, sql: Sql
+) -> None:
+    env = {
+        "TASKRUNNER_DATABASE_URL": pgbouncer_url,
+        "TASKRUNNER_TRANSACTION_POOLER": "true",
+        "TASKRUNNER_FOO_DELAY_S": "0.2",
+    }
+    apis = [spawn("api", env=env, http=True) for _ in range(2)]
+    workers = [spawn("worker", env=env) for _ in range(2)]
+    for api in apis:
+        api.wait_healthy()
+    ids = await create_through(apis, 2000, spread_s=3.0)
+    wait_for(lambda: count_by_state(sql) == {"succeeded": 2000}, 120, "all tasks to succeed")
+    for proc in apis + workers:
+        assert proc.terminate() == 0, proc.stderr()
+    printed = foo_lines(*workers)
+    assert set(printed) == set(ids) and max(printed.values()) == 1
+    assert sql("SELECT DISTINCT attempts FROM tasks") == [(1,)]
+
+
+def test_thirty_parallel_ticks_beside_two_workers(
+    spawn: Callable[..., Proc],
+    database_url: str,
+    sql: Sql,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from functions import tick
+    from tests.lambda_harness import FakeContext, scheduled_event
+
+    env = {"TASKRUNNER_DATABASE_URL": database_url, "TASKRUNNER_FOO_DELAY_S": "0.2"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    workers = [spawn("worker", env=env) for _ in range(2)]
+    sql(
+        "INSERT INTO tasks (kind, execute_at)"
+        " SELECT CASE WHEN n % 3 = 0 THEN 'foo' ELSE 'baz' END, now() + interval '2 seconds'"
+        " FROM generate_series(1, 6000) AS n"
+    )
+    summaries: list[dict[str, Any]] = []
+
+    def one_tick() -> None:
+        time.sleep(2)
+        summaries.append(tick.handler(scheduled_event(), FakeContext(60_000)))
+
+    ticks = [threading.Thread(target=one_tick) for _ in range(30)]
+    for t in ticks:
+        t.start()
+    for t in ticks:
+        t.join(timeout=120)
+    wait_for(lambda: count_by_state(sql) == {"succeeded": 6000}, 120, "every task to run")
+    for proc in workers:
+        assert proc.terminate() == 0, proc.stderr()
+    ticked = capsys.readouterr().out
+    printed = foo_lines(*workers) + Counter(
+        int(m.group(1)) for m in re.finditer(r"^Foo (\d+)$", ticked, re.M)
+    )
+    assert len(printed) == 2000 and max(printed.values()) == 1
+    assert sql("SELECT DISTINCT attempts FROM tasks") == [(1,)]
+    assert len(summaries) == 30
+    baz_lines = re.findall(r"^Baz \d+$", ticked + "".join(w.stdout() for w in workers), re.M)
+    assert len(baz_lines) == 4000, "each baz printed once, by a worker or a tick"

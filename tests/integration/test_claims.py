@@ -287,3 +287,49 @@ async def test_stop_hands_back_unfinished_tasks_at_once(
     ]
     assert out.getvalue().startswith("Baz ")
     assert sql("SELECT count(*) FROM workers") == [(0,)]
+
+
+async def test_deletes_racing_claims_never_delete_under_a_worker(
+    stores: list[Store], sql: Sql
+) -> None:
+    """Each task is either deleted before any worker takes it, or reported running."""
+    await register(stores[0], "w0", "w1", "w2")
+    ids = [
+        i
+        for (i,) in sql(
+            "INSERT INTO tasks (kind, execute_at) SELECT 'baz', now() FROM generate_series(1, 1500)"
+            " RETURNING id"
+        )
+    ]
+    claimed: list[int] = []
+    deleted: list[int] = []
+    refused: list[int] = []
+
+    async def claimer(store: Store, worker: str) -> None:
+        while True:
+            batch, _ = await store.claim_due(worker=worker, kinds=ALL, limit=20, lease_s=60)
+            if not batch:
+                return
+            claimed.extend(c.id for c in batch)
+            await asyncio.sleep(0)
+
+    async def deleter(store: Store, mine: list[int]) -> None:
+        for task_id in mine:
+            state = await store.delete_task(task_id)
+            if state is TaskState.RUNNING:
+                refused.append(task_id)
+            elif state is TaskState.SCHEDULED:
+                deleted.append(task_id)
+
+    await asyncio.gather(
+        claimer(stores[0], "w0"),
+        claimer(stores[1], "w1"),
+        claimer(stores[2], "w2"),
+        deleter(stores[3], ids[::2]),
+    )
+    assert not set(deleted) & set(claimed), "a claimed task was deleted"
+    assert set(refused) <= set(claimed)
+    assert len(claimed) == len(set(claimed))
+    assert set(deleted) | set(claimed) == set(ids)
+    [(left,)] = sql("SELECT count(*) FROM tasks")
+    assert left == len(claimed)
