@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BAR_URL = "https://www.whattimeisitrightnow.com/"
@@ -13,7 +14,10 @@ DEFAULT_BAR_URL = "https://www.whattimeisitrightnow.com/"
 class Settings(BaseSettings):
     """Every tunable of taskrunner; each name carries its unit."""
 
-    model_config = SettingsConfigDict(env_prefix="TASKRUNNER_", frozen=True, extra="ignore")
+    # hide_input_in_errors: a bad value is never repeated in an error (a URL holds a password).
+    model_config = SettingsConfigDict(
+        env_prefix="TASKRUNNER_", frozen=True, extra="ignore", hide_input_in_errors=True
+    )
 
     # A `postgresql://` URL. Unset: the local commands start an embedded PostgreSQL.
     database_url: str | None = None
@@ -53,3 +57,48 @@ class Settings(BaseSettings):
     # "drain": a scheduled tick runs what is due and returns. "poll": it keeps claiming
     # until near its deadline, so a once-a-minute schedule still starts tasks on time.
     tick_mode: Literal["drain", "poll"] = "drain"
+
+    # "json": one JSON object per log line (what CloudWatch Logs Insights reads); "text": a
+    # line for people. Unset: json on Lambda (AWS_LAMBDA_FUNCTION_NAME is set), text elsewhere.
+    log_format: Literal["json", "text"] | None = None
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        """Parse the URL now, so a typo is a configuration error and not a crash on first use."""
+        if value is None:
+            return None
+        if not value.strip():
+            raise PydanticCustomError(
+                "database_url", "is empty: unset it (local commands) or give a postgresql:// URL"
+            )
+        # Imported here: only a configured URL needs it, and the connection code loads it anyway.
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except (ArgumentError, ValueError) as exc:
+            # The reason, never the value: it may hold a password. int() fails on a bad port.
+            reason = "the port is not a number" if "int()" in str(exc) else "cannot be parsed"
+            raise PydanticCustomError(
+                "database_url",
+                "{reason}; expected postgresql://user:password@host:port/dbname",
+                {"reason": reason},
+            ) from None
+        if url.port is not None and not 0 < url.port < 65536:
+            raise PydanticCustomError("database_url", "the port is not between 1 and 65535")
+        if url.get_backend_name() not in ("postgresql", "postgres"):
+            raise PydanticCustomError(
+                "database_url",
+                "must be a postgresql:// URL, not {scheme}://",
+                {"scheme": url.drivername},
+            )
+        return value
+
+
+def describe(error: ValidationError) -> str:
+    """Name each bad setting as its environment variable, with what is wrong with it."""
+    return "; ".join(
+        f"TASKRUNNER_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors()
+    )

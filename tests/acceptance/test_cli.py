@@ -116,8 +116,26 @@ def test_migrate_and_tick_against_a_configured_database(
             "database unavailable",
         ),
         ("TASKRUNNER_LEASE_SECONDS", "soon", 2, "bad configuration: TASKRUNNER_LEASE_SECONDS"),
+        (
+            "TASKRUNNER_DATABASE_URL",
+            "postgresql://u:s3cret@h:abc/db",
+            2,
+            "bad configuration: TASKRUNNER_DATABASE_URL: the port is not a number",
+        ),
+        (
+            "TASKRUNNER_DATABASE_URL",
+            "not a url",
+            2,
+            "bad configuration: TASKRUNNER_DATABASE_URL: cannot be parsed",
+        ),
+        (
+            "TASKRUNNER_DATABASE_URL",
+            "mysql://u:s3cret@h/db",
+            2,
+            "bad configuration: TASKRUNNER_DATABASE_URL: must be a postgresql:// URL",
+        ),
     ],
-    ids=["database down", "bad setting"],
+    ids=["database down", "bad setting", "bad port", "not a url", "not postgresql"],
 )
 def test_tick_fails_clearly(
     tmp_path: Path, setting: str, value: str, code: int, message: str
@@ -126,7 +144,8 @@ def test_tick_fails_clearly(
     result = subprocess.run(
         [TASKRUNNER, "tick"], env=env, capture_output=True, text=True, cwd=tmp_path
     )
-    assert result.returncode == code
+    assert result.returncode == code, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert "s3cret" not in result.stderr, "a URL's password is never repeated"
     assert result.stdout == ""
