@@ -26,4 +26,8 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         # lifespan="off": Mangum would run startup and shutdown around every event; the
         # app builds its engine on first use and keeps it for the life of the container.
         _adapter = Mangum(build_app(handler_settings("api")), lifespan="off")
+    # Mangum fails on `"headers": null` (a v2 event without headers, or a hand-made test
+    # event): read it as no headers.
+    if event.get("headers") is None:
+        event = {**event, "headers": {}}
     return _adapter(event, context)

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     # line for people. Unset: json on Lambda (AWS_LAMBDA_FUNCTION_NAME is set), text elsewhere.
     log_format: Literal["json", "text"] | None = None
 
+    # The path the API is served under, e.g. "/prod": a REST API stage, a custom domain's
+    # base-path mapping, a reverse proxy's prefix. Requests may carry it or not; the URLs the
+    # API makes (Location, /docs) always do. Empty: served at the root.
+    base_path: str = ""
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str | None) -> str | None:
@@ -95,6 +100,17 @@ class Settings(BaseSettings):
                 {"scheme": url.drivername},
             )
         return value
+
+    @field_validator("base_path")
+    @classmethod
+    def _check_base_path(cls, value: str) -> str:
+        """Normalise to "" or "/a/b": one leading slash, no trailing one."""
+        path = value.strip().strip("/")
+        if any(c in path for c in "?#% ") or "//" in path:
+            raise PydanticCustomError(
+                "base_path", "must be a plain path such as /prod (no ?, #, %, spaces or //)"
+            )
+        return f"/{path}" if path else ""
 
 
 def describe(error: ValidationError) -> str:
