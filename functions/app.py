@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 from functions import tasks
 from functions.asgi import BasePath, HeadWithoutBody
 from functions.db import Database
+from functions.docs import add_docs
 from functions.errors import (
     DatabaseUnavailable,
     InvalidInput,
@@ -124,7 +125,11 @@ def build_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
         # A body without a content-type is read as JSON (see `require_json`).
         strict_content_type=False,
+        # Ours instead (functions/docs.py): FastAPI's load their scripts from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
+    add_docs(app)
     app.add_middleware(HeadWithoutBody)
     if settings.base_path:
         app.add_middleware(BasePath, base_path=settings.base_path)

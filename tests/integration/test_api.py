@@ -13,6 +13,7 @@ from fastapi.routing import APIRoute
 from functions.app import build_app
 from functions.settings import Settings
 from tests.conftest import utc_in
+from tests.pages import is_local, page_urls
 
 
 @pytest.fixture
@@ -320,3 +321,30 @@ async def test_behind_a_proxy_with_a_path_prefix(settings: Settings, sent_path: 
             "http://test/prod/tasks",
         )
         assert (await c.get("/prod/openapi.json")).json()["servers"] == [{"url": "/prod"}]
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+async def test_docs_pages_load_everything_from_the_app_itself(
+    client: httpx.AsyncClient, page: str
+) -> None:
+    html = (await client.get(page)).text
+    assert "http://" not in html and "https://" not in html, "no other host, not even a font"
+    urls = page_urls(html)
+    assert "/openapi.json" in urls and "/static/favicon.svg" in urls
+    assert any(url.endswith(".js") for url in urls)
+    for url in urls:
+        assert is_local(url), url
+        response = await client.get(url)
+        assert response.status_code == 200, url
+        assert response.content
+
+
+async def test_docs_assets_answer_head_and_refuse_what_is_not_there(
+    client: httpx.AsyncClient,
+) -> None:
+    head = await client.head("/docs/assets/swagger-ui.css")
+    assert (head.status_code, head.content) == (200, b"")
+    assert int(head.headers["content-length"]) > 10_000
+    # Only the package's static/ directory is served: not its code next to it.
+    assert (await client.get("/docs/assets/%2e%2e/core.py")).status_code == 404
+    assert (await client.get("/static/nothing.js")).status_code == 404

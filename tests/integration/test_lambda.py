@@ -13,6 +13,7 @@ import functions.api
 from functions import tick
 from functions.errors import DatabaseUnavailable
 from tests.lambda_harness import FakeContext, api_event, body, header, retarget, scheduled_event
+from tests.pages import is_local, page_urls
 from tests.pgbouncer import pgbouncer_url
 
 __all__ = ["pgbouncer_url"]  # the fixture
@@ -323,3 +324,20 @@ def test_api_handler_survives_another_loop_in_between(lambda_env: None) -> None:
     assert functions.api.handler(api_event("v2", "healthz"), FakeContext())["statusCode"] == 200
     asyncio.run(asyncio.sleep(0))  # leaves the thread without a current loop
     assert functions.api.handler(api_event("v2", "healthz"), FakeContext())["statusCode"] == 200
+
+
+@pytest.mark.parametrize("page", ["docs", "redoc"])
+def test_docs_behind_a_base_path_load_from_the_app_itself(
+    lambda_env: None, monkeypatch: pytest.MonkeyPatch, page: str
+) -> None:
+    monkeypatch.setenv("TASKRUNNER_BASE_PATH", "/prod")
+    event = api_event("v1", "create_base_path")
+    shown = functions.api.handler(retarget(event, "GET", f"/prod/{page}"), FakeContext())
+    assert shown["statusCode"] == 200
+    urls = page_urls(shown["body"])
+    assert "/prod/openapi.json" in urls
+    for url in urls:
+        assert is_local(url) and url.startswith("/prod/"), url
+        response = functions.api.handler(retarget(event, "GET", url), FakeContext())
+        assert response["statusCode"] == 200, url
+        assert response["body"]
