@@ -12,7 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.procs import TASKRUNNER, free_port, wait_for
+from tests.pages import is_local, page_urls
+from tests.procs import TASKRUNNER, Proc, free_port, spawn, wait_for
+
+__all__ = ["spawn"]  # the fixture
 
 
 @pytest.mark.parametrize("command", [[], ["dev"], ["api"], ["worker"], ["tick"], ["migrate"]])
@@ -149,3 +152,23 @@ def test_tick_fails_clearly(
     assert "Traceback" not in result.stderr
     assert "s3cret" not in result.stderr, "a URL's password is never repeated"
     assert result.stdout == ""
+
+
+def test_api_behind_a_reverse_proxy_at_a_prefix(
+    spawn: Callable[..., Proc], database_url: str
+) -> None:
+    """`taskrunner api` with TASKRUNNER_BASE_PATH, as a proxy that keeps the prefix reaches it."""
+    env = {"TASKRUNNER_DATABASE_URL": database_url, "TASKRUNNER_BASE_PATH": "/prod"}
+    api = spawn("api", env=env, http=True)
+    api.wait_healthy()
+    created = httpx.post(f"{api.url}/prod/tasks", json={"type": "baz", "execute_at": 1893499200})
+    assert created.status_code == 201, created.text
+    assert created.headers["location"] == f"/prod/tasks/{created.json()['id']}"
+    assert httpx.get(api.url + created.headers["location"]).status_code == 200
+    urls = page_urls(httpx.get(f"{api.url}/prod/docs").text)
+    assert "/prod/openapi.json" in urls
+    for url in urls:
+        assert is_local(url) and url.startswith("/prod/"), url
+        assert httpx.get(api.url + url).status_code == 200, url
+    head = httpx.head(f"{api.url}/prod/healthz")
+    assert (head.status_code, head.content) == (200, b"")
