@@ -70,35 +70,41 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str | None) -> str | None:
-        """Parse the URL now, so a typo is a configuration error and not a crash on first use."""
+        """Parse the URL now, so a typo is a configuration error and not a crash on first use.
+
+        libpq's own parser (through psycopg) reads it, as it will to connect; the port it
+        leaves alone, so it is checked here. Messages never repeat the URL: it may hold a
+        password.
+        """
         if value is None:
             return None
         if not value.strip():
             raise PydanticCustomError(
                 "database_url", "is empty: unset it (local commands) or give a postgresql:// URL"
             )
-        # Imported here: only a configured URL needs it, and the connection code loads it anyway.
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
+        scheme, sep, rest = value.partition("://")
+        # A SQLAlchemy-style driver name (postgresql+psycopg://) is accepted and dropped.
+        if not sep or scheme.partition("+")[0] not in ("postgresql", "postgres"):
+            raise PydanticCustomError(
+                "database_url",
+                "must be a postgresql:// URL (postgresql://user:password@host:port/dbname)",
+            )
+        # Imported here: only a configured URL needs it, and connecting loads it anyway.
+        from psycopg import Error
+        from psycopg.conninfo import conninfo_to_dict
 
         try:
-            url = make_url(value)
-        except (ArgumentError, ValueError) as exc:
-            # The reason, never the value: it may hold a password. int() fails on a bad port.
-            reason = "the port is not a number" if "int()" in str(exc) else "cannot be parsed"
+            params = conninfo_to_dict(f"postgresql://{rest}")
+        except Error:
             raise PydanticCustomError(
                 "database_url",
-                "{reason}; expected postgresql://user:password@host:port/dbname",
-                {"reason": reason},
+                "cannot be parsed; expected postgresql://user:password@host:port/dbname",
             ) from None
-        if url.port is not None and not 0 < url.port < 65536:
-            raise PydanticCustomError("database_url", "the port is not between 1 and 65535")
-        if url.get_backend_name() not in ("postgresql", "postgres"):
-            raise PydanticCustomError(
-                "database_url",
-                "must be a postgresql:// URL, not {scheme}://",
-                {"scheme": url.drivername},
-            )
+        for port in str(params.get("port", "")).split(","):
+            if port and not (port.isdigit() and 0 < int(port) < 65536):
+                raise PydanticCustomError(
+                    "database_url", "the port is not a number from 1 to 65535"
+                )
         return value
 
     @field_validator("base_path")

@@ -129,6 +129,12 @@ def test_migrate_and_tick_against_a_configured_database(
             "TASKRUNNER_DATABASE_URL",
             "not a url",
             2,
+            "bad configuration: TASKRUNNER_DATABASE_URL: must be a postgresql:// URL",
+        ),
+        (
+            "TASKRUNNER_DATABASE_URL",
+            "postgresql://u:s3cret@h/db?nonsense=1",
+            2,
             "bad configuration: TASKRUNNER_DATABASE_URL: cannot be parsed",
         ),
         (
@@ -138,7 +144,7 @@ def test_migrate_and_tick_against_a_configured_database(
             "bad configuration: TASKRUNNER_DATABASE_URL: must be a postgresql:// URL",
         ),
     ],
-    ids=["database down", "bad setting", "bad port", "not a url", "not postgresql"],
+    ids=["database down", "bad setting", "bad port", "not a url", "bad query", "not postgresql"],
 )
 def test_tick_fails_clearly(
     tmp_path: Path, setting: str, value: str, code: int, message: str
