@@ -15,10 +15,13 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 
 from functions import tasks
+from functions.asgi import BasePath, HeadWithoutBody
 from functions.db import Database
+from functions.docs import add_docs
 from functions.errors import (
     DatabaseUnavailable,
     InvalidInput,
+    NotJson,
     SchemaOutdated,
     TaskNotFound,
     TaskrunnerError,
@@ -122,22 +125,51 @@ def build_app(settings: Settings) -> FastAPI:
         title="taskrunner",
         summary="Schedule foo, bar and baz tasks to run once, at or after their time.",
         lifespan=lifespan,
+        # A body without a content-type is read as JSON (see `require_json`).
+        strict_content_type=False,
+        # Ours instead (functions/docs.py): FastAPI's load their scripts from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
+    add_docs(app)
+    app.add_middleware(HeadWithoutBody)
+    if settings.base_path:
+        app.add_middleware(BasePath, base_path=settings.base_path)
 
     store = Store(database)
 
     async def get_store() -> Store:
         return store
 
+    expected_token = None if settings.api_token is None else settings.api_token.encode()
+
     async def check_token(authorization: Annotated[str | None, Header()] = None) -> None:
-        if settings.api_token is None:
+        if expected_token is None:
             return
-        expected = f"Bearer {settings.api_token}"
-        if authorization is None or not hmac.compare_digest(authorization, expected):
+        scheme, _, token = (authorization or "").partition(" ")
+        # The scheme is case-insensitive (RFC 9110). Compare bytes: compare_digest refuses a
+        # str with non-ASCII characters, and headers arrive as latin-1, so this gets the bytes
+        # the client sent back.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode("latin-1"), expected_token
+        ):
             raise Unauthorized("missing or wrong `Authorization: Bearer <token>` header")
+
+    async def require_json(request: Request) -> None:
+        # A body sent without a content-type is read as JSON (clients and test consoles omit
+        # it; nothing else could be meant); one that says it is something else gets a 415
+        # that says what to send, rather than a 422 about a string that is not an object.
+        content_type = request.headers.get("content-type", "").strip()
+        media = content_type.partition(";")[0].strip().lower()
+        if media and media != "application/json" and not media.endswith("+json"):
+            raise NotJson(
+                f"the body must be JSON, sent as `content-type: application/json`, not {media}"
+            )
 
     StoreDep = Annotated[Store, Depends(get_store)]
     Authorized = [Depends(check_token)]
+    # Every route that takes a body: the token first, then the content-type.
+    TakesJson = [Depends(check_token), Depends(require_json)]
 
     @app.exception_handler(TaskrunnerError)
     async def on_domain_error(request: Request, exc: TaskrunnerError) -> JSONResponse:
@@ -149,6 +181,8 @@ def build_app(settings: Settings) -> FastAPI:
             return _error(400, str(exc))
         if isinstance(exc, Unauthorized):
             return _error(401, str(exc), {"WWW-Authenticate": "Bearer"})
+        if isinstance(exc, NotJson):
+            return _error(415, str(exc))
         if isinstance(exc, DatabaseUnavailable):
             logger.warning("action=request path=%s: %s", request.url.path, exc)
             return _error(503, "database unavailable, try again shortly", {"Retry-After": "1"})
@@ -169,14 +203,22 @@ def build_app(settings: Settings) -> FastAPI:
         await store.ping()
         return {"status": "ok"}
 
-    @app.post("/tasks", status_code=201, response_model=TaskOut, dependencies=Authorized)
-    async def create_task(body: TaskIn, response: Response, store: StoreDep) -> TaskOut:
+    # HEAD answers as GET does, without the body (HeadWithoutBody); kept out of the schema,
+    # where it would repeat GET's operation.
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+
+    @app.post("/tasks", status_code=201, response_model=TaskOut, dependencies=TakesJson)
+    async def create_task(
+        body: TaskIn, request: Request, response: Response, store: StoreDep
+    ) -> TaskOut:
         """Schedule a task to run once, at or after `execute_at`."""
         task = await tasks.create_task(store, body.to_new(), settings.max_attempts)
-        response.headers["Location"] = f"/tasks/{task.id}"
+        # root_path: the base path the API is served under (BasePath), so the URL works.
+        path = app.url_path_for("get_task", task_id=str(task.id))
+        response.headers["Location"] = request.scope.get("root_path", "") + path
         return TaskOut.of(task)
 
-    @app.post("/tasks/batch", status_code=201, response_model=IdsOut, dependencies=Authorized)
+    @app.post("/tasks/batch", status_code=201, response_model=IdsOut, dependencies=TakesJson)
     async def create_tasks(body: BatchIn, store: StoreDep) -> IdsOut:
         """Schedule up to 10,000 tasks: all are written or none (the error names the item)."""
         new = [item.to_new() for item in body.tasks]

@@ -21,6 +21,10 @@ class InvalidInput(TaskrunnerError):
     """Input that passed the schema but not the domain (a bad cursor, say)."""
 
 
+class NotJson(TaskrunnerError):
+    """A request body sent with a content-type other than JSON."""
+
+
 class Unauthorized(TaskrunnerError):
     """The API token is set and the request did not carry it."""
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BAR_URL = "https://www.whattimeisitrightnow.com/"
@@ -13,7 +14,10 @@ DEFAULT_BAR_URL = "https://www.whattimeisitrightnow.com/"
 class Settings(BaseSettings):
     """Every tunable of taskrunner; each name carries its unit."""
 
-    model_config = SettingsConfigDict(env_prefix="TASKRUNNER_", frozen=True, extra="ignore")
+    # hide_input_in_errors: a bad value is never repeated in an error (a URL holds a password).
+    model_config = SettingsConfigDict(
+        env_prefix="TASKRUNNER_", frozen=True, extra="ignore", hide_input_in_errors=True
+    )
 
     # A `postgresql://` URL. Unset: the local commands start an embedded PostgreSQL.
     database_url: str | None = None
@@ -64,3 +68,70 @@ class Settings(BaseSettings):
     # "drain": a scheduled tick runs what is due and returns. "poll": it keeps claiming
     # until near its deadline, so a once-a-minute schedule still starts tasks on time.
     tick_mode: Literal["drain", "poll"] = "drain"
+
+    # "json": one JSON object per log line (what CloudWatch Logs Insights reads); "text": a
+    # line for people. Unset: json on Lambda (AWS_LAMBDA_FUNCTION_NAME is set), text elsewhere.
+    log_format: Literal["json", "text"] | None = None
+
+    # The path the API is served under, e.g. "/prod": a REST API stage, a custom domain's
+    # base-path mapping, a reverse proxy's prefix. Requests may carry it or not; the URLs the
+    # API makes (Location, /docs) always do. Empty: served at the root.
+    base_path: str = ""
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        """Parse the URL now, so a typo is a configuration error and not a crash on first use.
+
+        libpq's own parser (through psycopg) reads it, as it will to connect; the port it
+        leaves alone, so it is checked here. Messages never repeat the URL: it may hold a
+        password.
+        """
+        if value is None:
+            return None
+        if not value.strip():
+            raise PydanticCustomError(
+                "database_url", "is empty: unset it (local commands) or give a postgresql:// URL"
+            )
+        scheme, sep, rest = value.partition("://")
+        # A SQLAlchemy-style driver name (postgresql+psycopg://) is accepted and dropped.
+        if not sep or scheme.partition("+")[0] not in ("postgresql", "postgres"):
+            raise PydanticCustomError(
+                "database_url",
+                "must be a postgresql:// URL (postgresql://user:password@host:port/dbname)",
+            )
+        # Imported here: only a configured URL needs it, and connecting loads it anyway.
+        from psycopg import Error
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            params = conninfo_to_dict(f"postgresql://{rest}")
+        except Error:
+            raise PydanticCustomError(
+                "database_url",
+                "cannot be parsed; expected postgresql://user:password@host:port/dbname",
+            ) from None
+        for port in str(params.get("port", "")).split(","):
+            if port and not (port.isdigit() and 0 < int(port) < 65536):
+                raise PydanticCustomError(
+                    "database_url", "the port is not a number from 1 to 65535"
+                )
+        return value
+
+    @field_validator("base_path")
+    @classmethod
+    def _check_base_path(cls, value: str) -> str:
+        """Normalise to "" or "/a/b": one leading slash, no trailing one."""
+        path = value.strip().strip("/")
+        if any(c in path for c in "?#% ") or "//" in path:
+            raise PydanticCustomError(
+                "base_path", "must be a plain path such as /prod (no ?, #, %, spaces or //)"
+            )
+        return f"/{path}" if path else ""
+
+
+def describe(error: ValidationError) -> str:
+    """Name each bad setting as its environment variable, with what is wrong with it."""
+    return "; ".join(
+        f"TASKRUNNER_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors()
+    )

@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 from functions.db import Database
 from functions.errors import DatabaseUnavailable
+from functions.logs import handler_settings
 from functions.runner import Runner, TickSummary
 from functions.settings import Settings
 from functions.store import Store, listen
@@ -52,7 +53,7 @@ async def tick(
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """Lambda entry point for the schedule: one tick, bounded by the invocation's time left."""
-    settings = Settings()
+    settings = handler_settings("tick")  # and logging: the summary below is at INFO
     deadline = time.monotonic() + context.get_remaining_time_in_millis() / 1000
     try:
         summary = asyncio.run(

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import pydantic
 
 from functions.errors import DatabaseUnavailable, TaskrunnerError
-from functions.settings import Settings
+from functions.logs import setup_logging
+from functions.settings import Settings, describe
 
 logger = logging.getLogger("taskrunner")
 
@@ -173,22 +174,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    try:
+        log_settings: Settings | None = Settings()
+    except pydantic.ValidationError:
+        log_settings = None  # the command reads them again and says what is wrong
+    setup_logging(log_settings, level=args.log_level.upper())
     try:
         args.func(args)
     except TaskrunnerError as exc:
         logger.error("%s", exc)
         sys.exit(1)
     except pydantic.ValidationError as exc:
-        problems = "; ".join(
-            f"TASKRUNNER_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
-        )
-        logger.error("bad configuration: %s", problems)
+        logger.error("bad configuration: %s", describe(exc))
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

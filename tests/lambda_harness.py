@@ -43,6 +43,31 @@ def api_event(version: str, name: str, task_id: int | None = None, **headers: st
     return event
 
 
+def retarget(event: Any, method: str, path: str, query: str = "") -> Any:
+    """A copy of `event` (from api_event) for another method and path, with no body.
+
+    The path goes into every field API Gateway puts it in, prefix included, as a custom
+    domain's base-path mapping passes it.
+    """
+    event = copy.deepcopy(event)
+    event["body"] = None
+    for name in ("content-type", "content-length"):
+        event["headers"].pop(name, None)
+        event.get("multiValueHeaders", {}).pop(name, None)
+    if event.get("version") == "2.0":
+        event["rawPath"] = event["requestContext"]["http"]["path"] = path
+        event["requestContext"]["http"]["method"] = method
+        event["rawQueryString"] = query
+    else:
+        event["path"] = event["requestContext"]["path"] = path
+        event["httpMethod"] = event["requestContext"]["httpMethod"] = method
+        event["pathParameters"] = {"proxy": path.lstrip("/")}
+        params = dict(pair.split("=", 1) for pair in query.split("&") if pair)
+        event["queryStringParameters"] = params or None
+        event["multiValueQueryStringParameters"] = {k: [v] for k, v in params.items()} or None
+    return event
+
+
 def scheduled_event() -> Any:
     return json.loads((EVENTS / "scheduled.json").read_text())
 

@@ -12,7 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.procs import TASKRUNNER, free_port, wait_for
+from tests.pages import is_local, page_urls
+from tests.procs import TASKRUNNER, Proc, free_port, spawn, wait_for
+
+__all__ = ["spawn"]  # the fixture
 
 
 @pytest.mark.parametrize("command", [[], ["dev"], ["api"], ["worker"], ["tick"], ["migrate"]])
@@ -116,8 +119,32 @@ def test_migrate_and_tick_against_a_configured_database(
             "database unavailable",
         ),
         ("TASKRUNNER_LEASE_SECONDS", "soon", 2, "bad configuration: TASKRUNNER_LEASE_SECONDS"),
+        (
+            "TASKRUNNER_DATABASE_URL",
+            "postgresql://u:s3cret@h:abc/db",
+            2,
+            "bad configuration: TASKRUNNER_DATABASE_URL: the port is not a number",
+        ),
+        (
+            "TASKRUNNER_DATABASE_URL",
+            "not a url",
+            2,
+            "bad configuration: TASKRUNNER_DATABASE_URL: must be a postgresql:// URL",
+        ),
+        (
+            "TASKRUNNER_DATABASE_URL",
+            "postgresql://u:s3cret@h/db?nonsense=1",
+            2,
+            "bad configuration: TASKRUNNER_DATABASE_URL: cannot be parsed",
+        ),
+        (
+            "TASKRUNNER_DATABASE_URL",
+            "mysql://u:s3cret@h/db",
+            2,
+            "bad configuration: TASKRUNNER_DATABASE_URL: must be a postgresql:// URL",
+        ),
     ],
-    ids=["database down", "bad setting"],
+    ids=["database down", "bad setting", "bad port", "not a url", "bad query", "not postgresql"],
 )
 def test_tick_fails_clearly(
     tmp_path: Path, setting: str, value: str, code: int, message: str
@@ -126,7 +153,28 @@ def test_tick_fails_clearly(
     result = subprocess.run(
         [TASKRUNNER, "tick"], env=env, capture_output=True, text=True, cwd=tmp_path
     )
-    assert result.returncode == code
+    assert result.returncode == code, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert "s3cret" not in result.stderr, "a URL's password is never repeated"
     assert result.stdout == ""
+
+
+def test_api_behind_a_reverse_proxy_at_a_prefix(
+    spawn: Callable[..., Proc], database_url: str
+) -> None:
+    """`taskrunner api` with TASKRUNNER_BASE_PATH, as a proxy that keeps the prefix reaches it."""
+    env = {"TASKRUNNER_DATABASE_URL": database_url, "TASKRUNNER_BASE_PATH": "/prod"}
+    api = spawn("api", env=env, http=True)
+    api.wait_healthy()
+    created = httpx.post(f"{api.url}/prod/tasks", json={"type": "baz", "execute_at": 1893499200})
+    assert created.status_code == 201, created.text
+    assert created.headers["location"] == f"/prod/tasks/{created.json()['id']}"
+    assert httpx.get(api.url + created.headers["location"]).status_code == 200
+    urls = page_urls(httpx.get(f"{api.url}/prod/docs").text)
+    assert "/prod/openapi.json" in urls
+    for url in urls:
+        assert is_local(url) and url.startswith("/prod/"), url
+        assert httpx.get(api.url + url).status_code == 200, url
+    head = httpx.head(f"{api.url}/prod/healthz")
+    assert (head.status_code, head.content) == (200, b"")

@@ -1,15 +1,19 @@
 """The HTTP API over ASGI, against a real database."""
 
+import json
 from collections.abc import AsyncIterator, Callable
 from itertools import chain
 from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 from functions.app import build_app
 from functions.settings import Settings
 from tests.conftest import utc_in
+from tests.pages import is_local, page_urls
 
 
 @pytest.fixture
@@ -224,3 +228,122 @@ async def test_database_down_is_503_not_a_hang() -> None:
     assert health.status_code == 503
     assert create.status_code == 503
     assert create.json() == {"detail": "database unavailable, try again shortly"}
+
+
+async def test_head_healthz_when_the_database_is_down_is_503_without_a_body() -> None:
+    app = build_app(Settings(database_url="postgresql://postgres@127.0.0.1:1/none"))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        head = await c.head("/healthz")
+    assert (head.status_code, head.content) == (503, b"")
+
+
+async def test_head_healthz_up(client: httpx.AsyncClient) -> None:
+    head, get = await client.head("/healthz"), await client.get("/healthz")
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-type"] == get.headers["content-type"] == "application/json"
+    assert head.headers["content-length"] == get.headers["content-length"]
+
+
+def body_routes(app: FastAPI) -> list[APIRoute]:
+    return [r for r in app.routes if isinstance(r, APIRoute) and r.body_field is not None]
+
+
+async def test_every_route_with_a_body_reads_json_without_a_content_type(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    routes = body_routes(build_app(settings))
+    assert {r.path for r in routes} == {"/tasks", "/tasks/batch"}
+    one = {"type": "baz", "execute_at": 1893499200}
+    bodies = {"/tasks": one, "/tasks/batch": {"tasks": [one]}}
+    for route in routes:
+        response = await client.post(route.path, content=json.dumps(bodies[route.path]).encode())
+        assert "content-type" not in response.request.headers
+        assert response.status_code == 201, response.text
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+)
+async def test_every_route_with_a_body_refuses_other_types_with_415(
+    client: httpx.AsyncClient, settings: Settings, content_type: str
+) -> None:
+    for route in body_routes(build_app(settings)):
+        for method in route.methods or ():
+            response = await client.request(
+                method, route.path, content=b"{}", headers={"content-type": content_type}
+            )
+            assert response.status_code == 415, (route.path, response.text)
+            detail = response.json()["detail"]
+            assert "application/json" in detail and content_type in detail
+
+
+async def test_json_with_charset_or_a_json_suffix_is_json(client: httpx.AsyncClient) -> None:
+    for content_type in ("application/json; charset=utf-8", "application/merge-patch+json"):
+        response = await client.post(
+            "/tasks",
+            content=b'{"type": "baz", "execute_at": 0}',
+            headers={"content-type": content_type},
+        )
+        assert response.status_code == 201, (content_type, response.text)
+
+
+async def test_token_is_compared_as_bytes_with_the_scheme_in_any_case(settings: Settings) -> None:
+    app = build_app(settings.model_copy(update={"api_token": "s3crét"}))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        for value, status in (
+            ("bearer s3crét", 200),
+            ("Bearer é", 401),
+            ("Bearer \xff\xfe", 401),  # not even UTF-8
+            ("Bearer", 401),
+            ("", 401),
+        ):
+            response = await c.get("/tasks", headers={b"authorization": value.encode()})
+            assert response.status_code == status, (value, response.text)
+
+
+@pytest.mark.parametrize("sent_path", ["/prod/tasks", "/tasks"], ids=["kept", "stripped"])
+async def test_behind_a_proxy_with_a_path_prefix(settings: Settings, sent_path: str) -> None:
+    """A reverse proxy serving the API at /prod/, passing the prefix on or stripping it."""
+    app = build_app(settings.model_copy(update={"base_path": "/prod"}))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        created = await c.post(sent_path, json={"type": "baz", "execute_at": 1893499200})
+        assert created.status_code == 201, created.text
+        location = created.headers["location"]
+        assert location == f"/prod/tasks/{created.json()['id']}"
+        assert (await c.get(location)).json() == created.json()
+        redirect = await c.get(sent_path + "/")
+        assert (redirect.status_code, redirect.headers["location"]) == (
+            307,
+            "http://test/prod/tasks",
+        )
+        assert (await c.get("/prod/openapi.json")).json()["servers"] == [{"url": "/prod"}]
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+async def test_docs_pages_load_everything_from_the_app_itself(
+    client: httpx.AsyncClient, page: str
+) -> None:
+    html = (await client.get(page)).text
+    assert "http://" not in html and "https://" not in html, "no other host, not even a font"
+    urls = page_urls(html)
+    assert "/openapi.json" in urls and "/static/favicon.svg" in urls
+    assert any(url.endswith(".js") for url in urls)
+    for url in urls:
+        assert is_local(url), url
+        response = await client.get(url)
+        assert response.status_code == 200, url
+        assert response.content
+
+
+async def test_docs_assets_answer_head_and_refuse_what_is_not_there(
+    client: httpx.AsyncClient,
+) -> None:
+    head = await client.head("/docs/assets/swagger-ui.css")
+    assert (head.status_code, head.content) == (200, b"")
+    assert int(head.headers["content-length"]) > 10_000
+    # Only the package's static/ directory is served: not its code next to it.
+    assert (await client.get("/docs/assets/%2e%2e/core.py")).status_code == 404
+    assert (await client.get("/static/nothing.js")).status_code == 404

@@ -12,7 +12,8 @@ import pytest
 import functions.api
 from functions import tick
 from functions.errors import DatabaseUnavailable
-from tests.lambda_harness import FakeContext, api_event, body, header, scheduled_event
+from tests.lambda_harness import FakeContext, api_event, body, header, retarget, scheduled_event
+from tests.pages import is_local, page_urls
 from tests.pgbouncer import pgbouncer_url
 
 __all__ = ["pgbouncer_url"]  # the fixture
@@ -22,8 +23,12 @@ Sql = Callable[..., list[tuple[Any, ...]]]
 
 @pytest.fixture(autouse=True)
 def cold_start() -> Iterator[None]:
-    """Each test starts with a cold container: no app, no loop, no pool."""
+    """Each test starts with a cold container: no app, no loop, no pool, logging as it was."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
     loop = functions.api._loop
     functions.api._adapter = None
     functions.api._loop = None
@@ -220,8 +225,119 @@ def test_api_token_when_configured(lambda_env: None, monkeypatch: pytest.MonkeyP
     assert health["statusCode"] == 200, "health checks need no token"
 
 
+@pytest.mark.parametrize(
+    ("authorization", "status"),
+    [
+        ("bearer s3crét", 201),  # the scheme in any case (RFC 9110)
+        ("BEARER s3crét", 201),
+        ("Bearer  s3crét ", 201),
+        ("Bearer é", 401),  # non-ASCII and wrong: a 401, not a TypeError in compare_digest
+        ("Bearer s3cret", 401),
+        ("Basic s3crét", 401),
+        ("s3crét", 401),
+    ],
+)
+def test_api_token_scheme_and_bytes(
+    lambda_env: None, monkeypatch: pytest.MonkeyPatch, authorization: str, status: int
+) -> None:
+    monkeypatch.setenv("TASKRUNNER_API_TOKEN", "s3crét")
+    for version in ("v1", "v2"):
+        event = api_event(version, "create", authorization=authorization)
+        response = functions.api.handler(event, FakeContext())
+        assert response["statusCode"] == status, (version, body(response))
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_event_with_null_headers_is_answered(lambda_env: None, version: str) -> None:
+    event = api_event(version, "healthz")
+    event["headers"] = None
+    if "multiValueHeaders" in event:
+        event["multiValueHeaders"] = None
+    response = functions.api.handler(event, FakeContext())
+    assert (response["statusCode"], body(response)) == (200, {"status": "ok"})
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_body_without_content_type_is_json_and_another_type_is_415(
+    lambda_env: None, version: str
+) -> None:
+    bare = api_event(version, "create")
+    del bare["headers"]["content-type"]
+    bare.get("multiValueHeaders", {}).pop("content-type", None)
+    created = functions.api.handler(bare, FakeContext())
+    assert created["statusCode"] == 201, body(created)
+
+    plain_text = {"content-type": "text/plain"}
+    plain = functions.api.handler(api_event(version, "create", None, **plain_text), FakeContext())
+    assert plain["statusCode"] == 415
+    assert "application/json" in body(plain)["detail"]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_head_healthz_answers_like_get_without_a_body(lambda_env: None, version: str) -> None:
+    event = retarget(api_event(version, "healthz"), "HEAD", "/healthz")
+    response = functions.api.handler(event, FakeContext())
+    assert response["statusCode"] == 200
+    assert not response.get("body")
+    assert header(response, "content-type") == "application/json"
+
+
+# Through a custom domain's base-path mapping the prefix is in the event's path; through a
+# REST API's own domain the stage is not (path /tasks), yet the client's URL has /prod.
+BASE_PATHS = [
+    ("v1", "create_base_path", "/prod"),
+    ("v1", "create", "/prod"),
+    ("v2", "create_base_path", "/taskrunner"),
+]
+
+
+@pytest.mark.parametrize(("version", "event_name", "base"), BASE_PATHS)
+def test_base_path_routes_and_urls_carry_it(
+    lambda_env: None, monkeypatch: pytest.MonkeyPatch, version: str, event_name: str, base: str
+) -> None:
+    monkeypatch.setenv("TASKRUNNER_BASE_PATH", base + "/")  # normalised
+    api = functions.api.handler
+    event = api_event(version, event_name)
+
+    created = api(event, FakeContext())
+    assert created["statusCode"] == 201, body(created)
+    task_id = body(created)["id"]
+    location = header(created, "location")
+    assert location == f"{base}/tasks/{task_id}"
+
+    shown = api(retarget(event, "GET", location), FakeContext())
+    assert (shown["statusCode"], body(shown)["id"]) == (200, task_id)
+    unprefixed = api(retarget(event, "GET", f"/tasks/{task_id}"), FakeContext())
+    assert unprefixed["statusCode"] == 200, "a proxy or stage that strips the prefix works too"
+
+    redirected = api(retarget(event, "GET", f"{base}/tasks/", "limit=5"), FakeContext())
+    assert redirected["statusCode"] == 307
+    host = event["headers"]["host"]
+    assert header(redirected, "location") == f"https://{host}{base}/tasks?limit=5"
+
+    schema = api(retarget(event, "GET", f"{base}/openapi.json"), FakeContext())
+    assert body(schema)["servers"] == [{"url": base}], "Try it out in /docs calls the prefix"
+
+
 def test_api_handler_survives_another_loop_in_between(lambda_env: None) -> None:
     """A warm container whose thread ran (and closed) another event loop between events."""
     assert functions.api.handler(api_event("v2", "healthz"), FakeContext())["statusCode"] == 200
     asyncio.run(asyncio.sleep(0))  # leaves the thread without a current loop
     assert functions.api.handler(api_event("v2", "healthz"), FakeContext())["statusCode"] == 200
+
+
+@pytest.mark.parametrize("page", ["docs", "redoc"])
+def test_docs_behind_a_base_path_load_from_the_app_itself(
+    lambda_env: None, monkeypatch: pytest.MonkeyPatch, page: str
+) -> None:
+    monkeypatch.setenv("TASKRUNNER_BASE_PATH", "/prod")
+    event = api_event("v1", "create_base_path")
+    shown = functions.api.handler(retarget(event, "GET", f"/prod/{page}"), FakeContext())
+    assert shown["statusCode"] == 200
+    urls = page_urls(shown["body"])
+    assert "/prod/openapi.json" in urls
+    for url in urls:
+        assert is_local(url) and url.startswith("/prod/"), url
+        response = functions.api.handler(retarget(event, "GET", url), FakeContext())
+        assert response["statusCode"] == 200, url
+        assert response["body"]
