@@ -199,9 +199,10 @@ def build_app(settings: Settings) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz(store: StoreDep) -> dict[str, str]:
-        """200 when the database answers, 503 when it does not."""
-        await store.ping()
-        return {"status": "ok"}
+        """200 when the database answers with a schema this version can use; 503 when it
+        does not answer, or its schema is missing or behind (`taskrunner migrate`)."""
+        revision = await tasks.check_schema(store)
+        return {"status": "ok", "schema": revision}
 
     # HEAD answers as GET does, without the body (HeadWithoutBody); kept out of the schema,
     # where it would repeat GET's operation.

@@ -1,18 +1,23 @@
-"""Connections to PostgreSQL: one pool per event loop, and no wait without a bound.
-
-psycopg's own pool (psycopg_pool) rather than SQLAlchemy's: a checkout costs 21 us of CPU
-against 208 us (measured here, 5,000 checkouts each), it grows and reconnects in the
-background, and it bounds the wait for a connection. Statements go to psycopg directly.
-SQLAlchemy stays the migrations' toolkit (Alembic), off the request path.
+"""Connections to PostgreSQL: a small pool per event loop, and no wait without a bound.
 
 Every wait is bounded, so a database that is down, slow or frozen (a stalled host answers
 nothing and closes nothing) costs a request at most `db_connect_timeout_s` +
 `db_statement_timeout_s` and then a 503, never a hang:
-- the wait for a pooled connection, by the pool's timeout (`db_connect_timeout_s`);
-- opening a connection, by libpq's `connect_timeout`;
+- the wait for a pooled connection, and opening one (libpq's `connect_timeout`), by
+  `db_connect_timeout_s`;
 - each statement, by the server's `statement_timeout` (when connected directly) and by a
   client-side bound a second longer, which closes the connection outright: a frozen server
   would answer neither the statement nor a cancel request.
+
+Why a pool of our own. It opens connections in the caller, when needed: a refused
+connection is a 503 at once, and the first request after an outage connects at once. The
+pools at hand did otherwise, measured here: psycopg_pool connects in background workers
+with a growing backoff, so while PostgreSQL was down every request waited out the whole
+timeout, and once it was back, requests still failed for 12 s (the workers were in their
+backoff); its workers also swallow a cancellation, which kept `asyncio.run` from returning
+when a pool was left open. SQLAlchemy's async pool behaves, but a checkout costs 208 us of
+CPU (against 21 us for psycopg_pool, and ~5 us here), a fifth of a request. SQLAlchemy stays
+the migrations' toolkit (Alembic), off the request path.
 """
 
 from __future__ import annotations
@@ -20,21 +25,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg.pq import TransactionStatus
 
 from functions.errors import DatabaseError, DatabaseUnavailable, SchemaOutdated, TaskrunnerError
 from functions.settings import Settings
 
 logger = logging.getLogger(__name__)
-# psycopg_pool logs every checkout at INFO.
-logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
 
 T = TypeVar("T")
 
@@ -42,6 +45,8 @@ T = TypeVar("T")
 # restart, a failover, or while its Lambda container was frozen. Checking every checkout
 # doubled its cost; the API went from 520 to 930 POST /tasks per second without it.
 PING_AFTER_IDLE_S = 1.0
+# Idle connections beyond this age are closed rather than reused (a server may drop them).
+MAX_IDLE_S = 300.0
 # The client-side bound on a statement is the server's statement_timeout plus this, so that
 # a server that is alive reports the timeout itself (and ends the statement).
 _CLIENT_GRACE_S = 1.0
@@ -80,6 +85,107 @@ class StatementTimeout(DatabaseUnavailable):
     """A statement got no answer within the bound; its connection was closed."""
 
 
+class Pool:
+    """At most `size` connections of one event loop, opened when needed, handed out in turn.
+
+    A connection given back is handed straight to the longest waiter, if any; a broken one
+    is closed, and its place goes to a waiter, who opens a new one.
+    """
+
+    def __init__(self, url: str, kwargs: dict[str, Any], size: int, timeout_s: float) -> None:
+        self._url = url
+        self._kwargs = kwargs
+        self._size = size
+        self._timeout_s = timeout_s
+        self._open = 0  # open or being opened
+        self._idle: list[tuple[AsyncConnection[Any], float]] = []  # (connection, since)
+        # Each waiter gets a connection, or None: a place to open one.
+        self._waiters: deque[asyncio.Future[AsyncConnection[Any] | None]] = deque()
+
+    async def acquire(self) -> AsyncConnection[Any]:
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            conn, idle_s = await self._next(deadline)
+            if conn is None:
+                return await self._connect()
+            if idle_s < PING_AFTER_IDLE_S or await self._answers(conn):
+                return conn
+            self._discard(conn)
+
+    async def _next(self, deadline: float) -> tuple[AsyncConnection[Any] | None, float]:
+        """An idle connection and how long it was idle; or None when there is room to open
+        one. Else wait for either."""
+        now = time.monotonic()
+        while self._idle:
+            conn, since = self._idle.pop()
+            if now - since < MAX_IDLE_S and not conn.closed:
+                return conn, now - since
+            self._discard(conn)
+        if self._open < self._size:
+            self._open += 1
+            return None, 0.0
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - now)):
+                conn = await waiter
+        except TimeoutError:
+            raise DatabaseUnavailable(
+                f"database unavailable: no free connection within {self._timeout_s:g}s"
+            ) from None
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._give(waiter.result())  # handed over as we were cancelled: pass it on
+            raise
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+        # Handed over by the last user (just now) or a free place (None): no check needed.
+        return conn, 0.0
+
+    async def _answers(self, conn: AsyncConnection[Any]) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await conn.execute("SELECT 1")
+        except (psycopg.Error, OSError, TimeoutError):
+            return False
+        return True
+
+    async def _connect(self) -> AsyncConnection[Any]:
+        try:
+            return await AsyncConnection.connect(self._url, **self._kwargs)
+        except BaseException:
+            self._open -= 1
+            self._give(None)  # the place is free again
+            raise
+
+    def release(self, conn: AsyncConnection[Any]) -> None:
+        if conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
+            self._discard(conn)  # broken, or left mid-transaction: not for the next user
+            return
+        self._give(conn)
+
+    def _give(self, conn: AsyncConnection[Any] | None) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        if conn is not None:
+            self._idle.append((conn, time.monotonic()))
+
+    def _discard(self, conn: AsyncConnection[Any]) -> None:
+        conn.pgconn.finish()
+        self._open -= 1
+        self._give(None)
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            await conn.close()
+        self._open -= len(idle)
+
+
 class Database:
     """Hands out connections of the running event loop's pool, building it on first use.
 
@@ -91,64 +197,37 @@ class Database:
         self.settings = settings
         self._url = libpq_url(settings.database_url)
         self._kwargs = connect_kwargs(settings)
-        self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        self._pool: Pool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._idle_since: weakref.WeakKeyDictionary[AsyncConnection[Any], float] = (
-            weakref.WeakKeyDictionary()
-        )
         self.statement_bound_s = settings.db_statement_timeout_s + _CLIENT_GRACE_S
 
-    def _current_pool(self) -> AsyncConnectionPool[AsyncConnection[Any]] | None:
-        if self.settings.db_pool_size == 0:
-            return None
+    def _current_pool(self) -> Pool:
         loop = asyncio.get_running_loop()
         if self._pool is None or self._loop is not loop:
             # The old loop is gone or not ours to run: its connections are left to close.
-            # Connections are opened as needed (min_size 0), not all at once: thirty ticks
-            # starting together must not open thirty pools' worth of connections.
-            self._pool = AsyncConnectionPool(
+            # Pool size 0 means no connection is kept: each use opens one and closes it.
+            self._pool = Pool(
                 self._url,
-                kwargs=self._kwargs,
-                min_size=0,
-                max_size=self.settings.db_pool_size,
-                timeout=self.settings.db_connect_timeout_s,
-                check=self._check,
-                reset=self._returned,
-                open=False,
-                name="taskrunner",
+                self._kwargs,
+                self.settings.db_pool_size or 1_000_000,
+                self.settings.db_connect_timeout_s,
             )
             self._loop = loop
         return self._pool
-
-    async def _check(self, conn: AsyncConnection[Any]) -> None:
-        idle_since = self._idle_since.get(conn)
-        if idle_since is not None and time.monotonic() - idle_since >= PING_AFTER_IDLE_S:
-            # A failure here makes the pool drop this connection and hand out another.
-            await self.bounded(conn, conn.execute("SELECT 1"))
-
-    async def _returned(self, conn: AsyncConnection[Any]) -> None:
-        self._idle_since[conn] = time.monotonic()
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConnection[Any]]:
         """A connection for one statement or a few; driver errors become domain errors."""
         pool = self._current_pool()
         try:
-            if pool is None:
-                conn = await AsyncConnection.connect(self._url, **self._kwargs)
-                try:
-                    yield conn
-                finally:
-                    await conn.close()
-                return
-            if pool.closed:
-                await pool.open(wait=False)
-            async with pool.connection() as conn:
+            conn = await pool.acquire()
+            try:
                 yield conn
-        except PoolTimeout as exc:
-            raise DatabaseUnavailable(
-                f"database unavailable: no connection within {self.settings.db_connect_timeout_s}s"
-            ) from exc
+            finally:
+                if self.settings.db_pool_size == 0:
+                    pool._discard(conn)
+                else:
+                    pool.release(conn)
         except psycopg.errors.QueryCanceled as exc:
             raise StatementTimeout(f"database statement timed out: {first_line(exc)}") from exc
         except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
@@ -162,28 +241,36 @@ class Database:
         self, conn: AsyncConnection[Any], work: Awaitable[T], timeout_s: float | None = None
     ) -> T:
         """Await `work` on `conn`, at most `timeout_s` (default `statement_bound_s`); past
-        it, close `conn`.
+        it, close `conn` and raise StatementTimeout.
 
-        Closing is the only way out that does not wait on the server: psycopg would send a
-        cancel request and wait for the statement to end, and a frozen server does neither.
+        Closing first is the only way out that does not wait on the server: cancelled
+        otherwise, psycopg sends a cancel request and waits for the statement to end, and a
+        frozen server does neither. No task is made: the timer closes the connection and
+        cancels the awaiting task itself.
         """
         bound_s = self.statement_bound_s if timeout_s is None else timeout_s
-        task = asyncio.ensure_future(work)
-        try:
-            done, _ = await asyncio.wait({task}, timeout=bound_s)
-        except asyncio.CancelledError:
+        task = asyncio.current_task()
+        assert task is not None
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
             conn.pgconn.finish()
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            raise
-        if task in done:
-            return task.result()
-        conn.pgconn.finish()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise StatementTimeout(
-            f"database statement got no answer within {bound_s:.1f}s; its connection was closed"
-        )
+
+        timer = asyncio.get_running_loop().call_later(bound_s, expire)
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            task.uncancel()
+            raise StatementTimeout(
+                f"database statement got no answer within {bound_s:g}s; its connection was closed"
+            ) from None
+        finally:
+            timer.cancel()
 
     async def dispose(self) -> None:
         pool, self._pool, loop, self._loop = self._pool, None, self._loop, None

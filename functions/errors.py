@@ -41,8 +41,9 @@ class DatabaseError(TaskrunnerError):
 class SchemaOutdated(TaskrunnerError):
     """The database has no taskrunner schema, or an older one."""
 
-    def __init__(self) -> None:
-        super().__init__("the database schema is not up to date: run `taskrunner migrate`")
+    def __init__(self, found: str | None = None, needed: str | None = None) -> None:
+        has = "" if needed is None else f" (it has {found or 'none'}, this version needs {needed})"
+        super().__init__(f"the database schema is not up to date{has}: run `taskrunner migrate`")
 
 
 class WorkerFailed(TaskrunnerError):

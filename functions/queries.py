@@ -304,3 +304,8 @@ WHERE w.lease_expires_at < now()
 """
 
 PING = "SELECT 1"
+
+# The schema revision these statements are written for (local/migrations/versions/); a
+# unit test keeps it equal to the newest migration.
+SCHEMA_REVISION = "0002"
+SCHEMA_REVISION_IN_DATABASE = "SELECT version_num FROM alembic_version"

@@ -459,9 +459,10 @@ class Runner:
             exc = TypeError(f"kind {claimed.kind} returned {type(line).__name__}, not a str")
         if exc is None:
             assert isinstance(line, str)
+            line = clean_text(line)  # what is stored is what is printed
             if not self._print(line):
                 return  # not printed: handed back at shutdown, for a worker that can print
-            result = Result(claimed.id, claimed.attempt, TaskState.SUCCEEDED, clean_text(line))
+            result = Result(claimed.id, claimed.attempt, TaskState.SUCCEEDED, line)
         else:
             error = clean_text(f"{type(exc).__name__}: {exc}".rstrip(": "))
             if claimed.attempt < claimed.max_attempts:
@@ -490,6 +491,11 @@ class Runner:
             try:
                 self.out.write(line + "\n")
                 return True
+            except UnicodeEncodeError:
+                # This line, not stdout: an output that stdout's encoding cannot show.
+                encoding = getattr(self.out, "encoding", None) or "ascii"
+                escaped = line.encode(encoding, "backslashreplace").decode(encoding)
+                return self._print(escaped)
             except (OSError, ValueError) as exc:
                 self._printing_failed(exc)
         return False
@@ -549,7 +555,7 @@ class Runner:
         try:
             written = await self.store.finish_many(worker=self.worker_id, results=batch)
         except DatabaseError:
-            written = await self._write_one_by_one(batch)
+            written, batch = await self._write_one_by_one(batch)
         unsure = [r for r in batch if r.id not in written and r.id in self._maybe_written]
         if unsure:
             written |= await self.store.recorded(unsure)
@@ -570,10 +576,12 @@ class Runner:
             else:
                 summary.retried += 1
 
-    async def _write_one_by_one(self, batch: list[Result]) -> set[int]:
+    async def _write_one_by_one(self, batch: list[Result]) -> tuple[set[int], list[Result]]:
         """The database refused a batch: write each result alone, and record the run of any
-        it still refuses as failed with the database's reason."""
+        it still refuses as failed with the database's reason. Returns the ids written and
+        the results as written."""
         written: set[int] = set()
+        results: list[Result] = []
         for result in batch:
             try:
                 written |= await self.store.finish_many(worker=self.worker_id, results=[result])
@@ -582,14 +590,15 @@ class Runner:
                     "action=finish task_id=%s worker=%s: the database refused its result: %s",
                     result.id, self.worker_id, exc,
                 )  # fmt: skip
-                refused = Result(
+                result = Result(
                     result.id,
                     result.attempt,
                     TaskState.FAILED,
                     error=clean_text(f"its result could not be recorded: {exc}"),
                 )
-                written |= await self.store.finish_many(worker=self.worker_id, results=[refused])
-        return written
+                written |= await self.store.finish_many(worker=self.worker_id, results=[result])
+            results.append(result)
+        return written, results
 
     # --- heartbeat ---------------------------------------------------------------------------
 

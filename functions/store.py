@@ -19,6 +19,7 @@ from psycopg.rows import RowFactory, namedtuple_row, tuple_row
 
 from functions import queries
 from functions.db import Database, connect_kwargs, first_line, libpq_url
+from functions.errors import SchemaOutdated
 from functions.settings import Settings
 from functions.tasks import NewTask, Task, TaskState
 
@@ -142,6 +143,14 @@ class Store:
 
     async def ping(self) -> None:
         await self._all(queries.PING)
+
+    async def schema_revision(self) -> str | None:
+        """The migration the database is at; None when it has no taskrunner schema."""
+        try:
+            rows = await self._all(queries.SCHEMA_REVISION_IN_DATABASE, tuple_row)
+        except SchemaOutdated:
+            return None
+        return str(rows[0][0]) if rows else None
 
     # --- tasks, for the API --------------------------------------------------------------
 

@@ -14,8 +14,9 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from functions.errors import InvalidInput, TaskNotFound, TaskRunning
+from functions.errors import InvalidInput, SchemaOutdated, TaskNotFound, TaskRunning
 from functions.kinds import KINDS
+from functions.queries import SCHEMA_REVISION
 
 if TYPE_CHECKING:
     from functions.store import Store
@@ -147,6 +148,18 @@ def decode_cursor(cursor: str) -> int:
         return int(last_id)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidInput(f"cursor {excerpt(cursor)} is not one this API returned") from None
+
+
+async def check_schema(store: Store) -> str:
+    """Return the database's schema revision; raise SchemaOutdated if it is behind this code.
+
+    A newer one is fine: migrations keep the version before them working (they are applied
+    while it still serves).
+    """
+    found = await store.schema_revision()
+    if found is None or int(found) < int(SCHEMA_REVISION):
+        raise SchemaOutdated(found, SCHEMA_REVISION)
+    return found
 
 
 async def create_task(store: Store, new: NewTask, max_attempts: int) -> Task:

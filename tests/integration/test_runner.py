@@ -1,0 +1,165 @@
+"""The runner against a real database: what one task can do to a worker (nothing), what a
+worker does when it cannot go on, and the tick's account of what it left."""
+
+import asyncio
+import io
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from functions import kinds
+from functions.db import Database
+from functions.errors import WorkerFailed
+from functions.kinds import Context, Kind
+from functions.runner import Runner
+from functions.settings import Settings
+from functions.store import Store
+
+Sql = Callable[..., list[tuple[Any, ...]]]
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    database = Database(settings)
+    yield Store(database)
+    await database.dispose()
+
+
+@pytest.fixture
+def extra_kinds(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Kind], None]]:
+    """Add kinds for one test (the real ones stay)."""
+
+    def add(kind: Kind) -> None:
+        monkeypatch.setitem(kinds.KINDS, kind.name, kind)
+
+    yield add
+
+
+def states(sql: Sql) -> dict[str, tuple[Any, ...]]:
+    rows = sql("SELECT kind, state, attempts, output, error FROM tasks ORDER BY id")
+    return {row[0]: row[1:] for row in rows}
+
+
+async def test_one_bad_task_fails_alone_and_the_worker_goes_on(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    extra_kinds: Callable[[Kind], None],
+) -> None:
+    """A kind that returns no string, one whose output PostgreSQL would refuse as is (a NUL
+    byte, a lone surrogate), one that hangs past its limit, and one whose result the
+    database refuses: each ends with a clear error or a stored output, and the baz beside
+    them all succeed."""
+
+    def not_a_string(ctx: Context) -> str:
+        return 42  # type: ignore[return-value]
+
+    def unprintable(ctx: Context) -> str:
+        return "nul \x00 and \ud800 end"
+
+    async def hangs(ctx: Context) -> str:
+        await asyncio.sleep(3600)
+        return "never"
+
+    def refused(ctx: Context) -> str:
+        return "refuse me"
+
+    extra_kinds(Kind("notstr", not_a_string, lambda s: 1.0))
+    extra_kinds(Kind("unprintable", unprintable, lambda s: 1.0))
+    extra_kinds(Kind("hangs", hangs, lambda s: 0.3))
+    extra_kinds(Kind("refused", refused, lambda s: 1.0))
+    # A rule of the user's own that the database enforces on outputs.
+    sql("ALTER TABLE tasks ADD CONSTRAINT no_refuse CHECK (output IS DISTINCT FROM 'refuse me')")
+    for name in ("notstr", "unprintable", "hangs", "refused"):
+        task_factory(name, max_attempts=1)
+    bazes = [task_factory("baz") for _ in range(50)]
+    out = io.StringIO()
+
+    summary = await Runner(store, settings, out=out).run()
+
+    got = states(sql)
+    assert got["notstr"][:2] == ("failed", 1)
+    assert "returned int, not a str" in got["notstr"][3]
+    assert got["unprintable"][:3] == ("succeeded", 1, "nul \\x00 and \\ud800 end")
+    assert got["hangs"][0] == "failed" and "longer than its kind's limit" in got["hangs"][3]
+    assert got["refused"][0] == "failed" and "could not be recorded" in got["refused"][3]
+    [(done,)] = sql("SELECT count(*) FROM tasks WHERE kind = 'baz' AND state = 'succeeded'")
+    assert done == len(bazes)
+    assert summary.lost == 0 and summary.failed == 3
+
+
+async def test_a_broken_write_loop_stops_the_run_loudly(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A background loop that breaks does not die silently and leave tasks to expire: the
+    run stops claiming, hands back what it holds, and raises."""
+    for _ in range(20):
+        task_factory("baz")
+
+    async def broken(**kwargs: Any) -> set[int]:
+        raise RuntimeError("a bug in the write path")
+
+    monkeypatch.setattr(store, "finish_many", broken)
+    with caplog.at_level(logging.ERROR), pytest.raises(WorkerFailed, match="write loop failed"):
+        await Runner(store, settings, out=io.StringIO()).run()
+    assert "a bug in the write path" in caplog.text
+    assert sql("SELECT DISTINCT state, attempts FROM tasks") == [("scheduled", 0)]
+    assert sql("SELECT count(*) FROM workers") == [(0,)]
+
+
+async def test_a_tick_counts_and_names_what_it_had_no_time_for(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 10 s tick cannot fit bar (10 s timeout + 1 s + the 2 s margin): it says so, every
+    time, and its summary counts the bar it left."""
+    settings = settings.model_copy(
+        update={"bar_timeout_s": 10.0, "foo_delay_s": 0.1, "deadline_margin_s": 2.0}
+    )
+    task_factory("bar")
+    task_factory("foo")
+    for _ in range(2):
+        deadline = time.monotonic() + 10.0
+        with caplog.at_level(logging.WARNING):
+            summary = await Runner(store, settings, out=io.StringIO()).run(deadline=deadline)
+        assert summary.left_for_time == {"bar": 1}
+        assert "bar (1 due; needs 13 s)" in caplog.text
+        caplog.clear()
+    assert sql("SELECT kind, state FROM tasks ORDER BY id") == [
+        ("bar", "scheduled"),
+        ("foo", "succeeded"),
+    ]
+
+
+async def test_a_worker_whose_lease_ran_out_stops_and_hands_back(
+    store: Store, settings: Settings, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    """A worker that stalled past its lease finds out at its next heartbeat: it stops, hands
+    back what nobody rescued yet, and the caller starts it again as a new worker."""
+    settings = settings.model_copy(update={"lease_seconds": 3.0, "foo_delay_s": 30.0})
+    task = task_factory("foo")
+    runner = Runner(store, settings, out=io.StringIO())
+    run = asyncio.create_task(runner.run(keep_polling=True))
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if sql("SELECT state FROM tasks") == [("running",)]:
+            break
+    sql("UPDATE workers SET lease_expires_at = now() - interval '1 second'")  # it stalled
+    summary = await asyncio.wait_for(run, timeout=10)
+    assert runner.lease_lost
+    assert summary.released == 1
+    assert sql("SELECT state, attempts, claimed_by FROM tasks") == [("scheduled", 0, None)]
+    assert sql("SELECT count(*) FROM workers") == [(0,)]
+    assert task
