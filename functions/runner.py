@@ -60,6 +60,13 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
+def time_limit_s(kind: Kind, settings: Settings) -> float:
+    """How long a run may take before it is stopped: twice what its kind declares, and 10 s
+    more. Generous on purpose: a busy worker's event loop (10,000 foo starting at once, a
+    starved CPU) delays a run's end, and that must not fail a run that was on time."""
+    return 2 * kind.max_seconds(settings) + 10.0
+
+
 def retry_delay_s(settings: Settings, attempt: int) -> float:
     """Exponential backoff: base, 2x base, 4x base... capped at retry_max_s."""
     return float(min(settings.retry_max_s, settings.retry_base_s * 2 ** (attempt - 1)))
@@ -405,10 +412,10 @@ class Runner:
         # The kind's own coroutine is the task, recorded by a done-callback: no wrapping
         # coroutine per task, whose frames cost time when 10,000 foo tasks start at once.
         task = asyncio.ensure_future(kind.run(ctx))  # type: ignore[arg-type]
-        # A run longer than its kind declares is stopped and fails its attempt: nothing a
+        # A run far longer than its kind declares is stopped and fails its attempt: nothing a
         # worker holds waits forever (its lease would keep it from everyone else).
         timer = asyncio.get_running_loop().call_later(
-            kind.max_seconds(self.settings), self._time_out, claimed.id
+            time_limit_s(kind, self.settings), self._time_out, claimed.id
         )
         task.add_done_callback(functools.partial(self._on_done, claimed, timer))
         self._running[claimed.id] = task
@@ -429,7 +436,7 @@ class Runner:
         if task.cancelled():
             if claimed.id in self._timed_out:
                 self._timed_out.discard(claimed.id)
-                limit_s = KINDS[claimed.kind].max_seconds(self.settings)
+                limit_s = time_limit_s(KINDS[claimed.kind], self.settings)
                 self._record(
                     claimed,
                     None,
@@ -666,6 +673,13 @@ class Runner:
         unfinished = [task for task in self._running.values() if not task.done()]
         if unfinished and grace_s > 0:
             await asyncio.wait(unfinished, timeout=grace_s)
+        if self._unsure_of_holdings:
+            # The last claim's answer was lost: what it took is handed back now, not left
+            # until this worker's lease runs out (which would cost those tasks an attempt).
+            try:
+                await self._reconcile(summary)
+            except (DatabaseUnavailable, DatabaseError) as exc:
+                summary.note_error(str(exc))
         cancelled = [task for task in self._running.values() if not task.done()]
         for task in cancelled:
             task.cancel()

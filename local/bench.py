@@ -63,7 +63,7 @@ class Sizes:
     @classmethod
     def choose(cls, *, quick: bool, tasks: int | None) -> Sizes:
         if quick:
-            return cls(tasks or 5_000, (5_000, 1_000), 500, 40, 1_000, 2)
+            return cls(tasks or 2_000, (2_000, 500), 200, 40, 300, 1)
         return cls(tasks or 200_000, (50_000, 10_000), 10_000, 400, 20_000, 10)
 
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -172,8 +173,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stopped_while_starting(signum: int, frame: object) -> None:
+    # Until a long-running command is up (migrations checked, the database reached), SIGTERM
+    # stops it at once and cleanly: it holds nothing yet. `serve` takes the signal over.
+    logger.info("action=shutdown signal=SIGTERM: stopped while starting")
+    raise SystemExit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stopped_while_starting)
     try:
         log_settings: Settings | None = Settings()
     except pydantic.ValidationError:

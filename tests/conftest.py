@@ -55,6 +55,15 @@ def _server_params() -> list[Any]:
     return params
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep each server's tests in one xdist worker (`-n 2 --dist loadgroup`, the default):
+    the two servers' halves of the suite run side by side, each server started once."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "pg_server" in callspec.params:
+            item.add_marker(pytest.mark.xdist_group(f"pg{callspec.params['pg_server']}"))
+
+
 def db_url(*, host: str, port: int | str, user: str, dbname: str, password: str | None) -> str:
     """A postgresql:// URL that works for TCP hosts and Unix socket directories alike."""
     query = {"host": str(host), "port": str(port)}

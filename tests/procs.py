@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 TASKRUNNER = str(Path(sys.executable).parent / "taskrunner")
@@ -81,6 +82,23 @@ class Proc:
         wait_for(healthy, timeout_s, f"{self.name} /healthz")
 
 
+def wait_registered(proc: Proc, database_url: str, timeout_s: float = 60) -> None:
+    """Until the worker `proc` has its row in `workers` (its id holds its pid)."""
+
+    def registered() -> bool:
+        assert proc.popen.poll() is None, f"{proc.name} exited:\n{proc.stderr()}"
+        try:
+            with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
+                row = conn.execute(
+                    "SELECT 1 FROM workers WHERE id LIKE %s", [f"%:{proc.pid}:%"]
+                ).fetchone()
+        except psycopg.Error:
+            return False
+        return row is not None
+
+    wait_for(registered, timeout_s, f"{proc.name} to register")
+
+
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     """Start `taskrunner ARGS...` with extra environment; all are killed at teardown."""
@@ -91,7 +109,11 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
         env: dict[str, str],
         name: str | None = None,
         http: bool = False,
+        ready: bool = True,
     ) -> Proc:
+        """Start `taskrunner ARGS...`; a worker is waited for until it has registered (so a
+        signal later finds it running, however slowly a loaded machine starts it), unless
+        `ready` is False."""
         name = name or f"{args[0]}-{len(started)}"
         argv = [TASKRUNNER, *args]
         port = None
@@ -105,6 +127,8 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
         )
         proc = Proc(name, popen, out, err, port, files)
         started.append(proc)
+        if ready and args[0] == "worker" and "TASKRUNNER_DATABASE_URL" in env:
+            wait_registered(proc, env["TASKRUNNER_DATABASE_URL"])
         return proc
 
     yield start

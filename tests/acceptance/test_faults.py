@@ -311,13 +311,18 @@ def test_sigterm_mid_fan_out_then_sigkill_lose_nothing(
         "TASKRUNNER_FOO_DELAY_S": "2",
         "TASKRUNNER_LEASE_SECONDS": "3",
         "TASKRUNNER_SHUTDOWN_GRACE_S": "0.5",
+        # Neither worker can take all 5,000: both hold some when the signals come.
+        "TASKRUNNER_CONCURRENCY": "3000",
     }
-    sql(
-        "INSERT INTO tasks (kind, execute_at)"
-        " SELECT 'foo', now() + interval '1 second' FROM generate_series(1, 5000)"
-    )
     first, second = spawn("worker", env=env), spawn("worker", env=env)
-    wait_for(lambda: sql("SELECT count(*) FROM tasks WHERE state = 'running'")[0][0] > 0, 30, "")
+    sql("INSERT INTO tasks (kind, execute_at) SELECT 'foo', now() FROM generate_series(1, 5000)")
+    wait_for(
+        lambda: (
+            sql("SELECT count(DISTINCT claimed_by) FROM tasks WHERE state = 'running'") == [(2,)]
+        ),
+        30,
+        "both workers to hold tasks",
+    )
     first.popen.send_signal(signal.SIGTERM)
     second.kill()
     assert first.popen.wait(timeout=15) == 0, first.stderr()

@@ -165,8 +165,6 @@ async def test_a_skewed_clock_never_runs_a_task_early_or_late(
     libfaketime = next(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"), None)
     if libfaketime is None:
         pytest.skip("needs libfaketime (Debian package faketime; .ci/run installs it)")
-    now = task_factory("baz")
-    later = task_factory("baz", due_in_s=3.0)
     worker = spawn(
         "worker",
         env={
@@ -176,6 +174,8 @@ async def test_a_skewed_clock_never_runs_a_task_early_or_late(
             "FAKETIME_DONT_FAKE_MONOTONIC": "1",
         },
     )
+    now = task_factory("baz")
+    later = task_factory("baz", due_in_s=4.0)
     wait_for(lambda: sql("SELECT state FROM tasks WHERE id = %s", now) == [("succeeded",)], 30, "")
     assert sql("SELECT state FROM tasks WHERE id = %s", later) == [("scheduled",)]
     wait_for(lambda: count_by_state(sql) == {"succeeded": 2}, 30, "the later task")
@@ -233,10 +233,10 @@ async def test_a_worker_started_before_its_database_waits_for_it(
     spawn: Callable[..., Proc], own_server: Server
 ) -> None:
     own_server.stop()
-    worker = spawn("worker", env={"TASKRUNNER_DATABASE_URL": own_server.url})
-    time.sleep(2)
+    worker = spawn("worker", env={"TASKRUNNER_DATABASE_URL": own_server.url}, ready=False)
+    wait_for(lambda: "waiting for the database" in worker.stderr(), 30, "the worker to wait")
+    time.sleep(1)
     assert worker.popen.poll() is None, worker.stderr()
-    assert "waiting for the database" in worker.stderr()
     own_server.start()
     with psycopg.connect(own_server.url, autocommit=True) as conn:
         conn.execute("INSERT INTO tasks (kind, execute_at, max_attempts) VALUES ('baz', now(), 3)")

@@ -277,7 +277,10 @@ async def test_stop_hands_back_unfinished_tasks_at_once(
     run = asyncio.create_task(
         Runner(stores[0], settings, out=out).run(keep_polling=True, stop=stop)
     )
-    await asyncio.sleep(0.5)
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if sql("SELECT state FROM tasks ORDER BY id") == [("running",), ("succeeded",)]:
+            break
     stop.set()
     summary = await asyncio.wait_for(run, timeout=5)
     assert (summary.succeeded, summary.released) == (1, 1)
