@@ -351,28 +351,32 @@ def test_all_connections_taken_at_startup_then_freed(
     with connect(own_server.url) as conn:
         conn.execute("ALTER SYSTEM SET max_connections = 20")
     own_server.restart()
-    hogs = []
-    while True:
-        try:
-            hogs.append(connect(own_server.url))
-        except psycopg.OperationalError:
-            break
-    assert len(hogs) >= 15
-    env = {"TASKRUNNER_DATABASE_URL": own_server.url, "TASKRUNNER_DB_CONNECT_TIMEOUT_S": "2"}
-    api = spawn("api", env=env, http=True)
-    worker = spawn("worker", env=env)
-    time.sleep(3)
-    assert api.popen.poll() is None and worker.popen.poll() is None, api.stderr()
-    for hog in hogs[:12]:
-        hog.close()
-    api.wait_healthy(timeout_s=60)
-    created = httpx.post(f"{api.url}/tasks", json={"type": "baz", "execute_at": time.time()})
-    assert created.status_code == 201, created.text
-    wait_for(
-        lambda: httpx.get(f"{api.url}/tasks/{created.json()['id']}").json()["state"] == "succeeded",
-        60,
-        "the worker to run it",
-    )
-    for hog in hogs[12:]:
-        hog.close()
+    hogs: list[psycopg.Connection[Any]] = []
+    try:
+        while True:
+            try:
+                hogs.append(connect(own_server.url))
+            except psycopg.OperationalError:
+                break
+        assert len(hogs) >= 15
+        env = {"TASKRUNNER_DATABASE_URL": own_server.url, "TASKRUNNER_DB_CONNECT_TIMEOUT_S": "2"}
+        api = spawn("api", env=env, http=True)
+        worker = spawn("worker", env=env, ready=False)
+        time.sleep(3)
+        assert api.popen.poll() is None and worker.popen.poll() is None, api.stderr()
+        for hog in hogs[:12]:
+            hog.close()
+        api.wait_healthy(timeout_s=60)
+        created = httpx.post(f"{api.url}/tasks", json={"type": "baz", "execute_at": time.time()})
+        assert created.status_code == 201, created.text
+        wait_for(
+            lambda: (
+                httpx.get(f"{api.url}/tasks/{created.json()['id']}").json()["state"] == "succeeded"
+            ),
+            60,
+            "the worker to run it",
+        )
+    finally:
+        for hog in hogs:
+            hog.close()
     assert api.terminate() == 0 and worker.terminate() == 0

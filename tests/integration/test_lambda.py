@@ -126,18 +126,21 @@ def test_round_trip_through_pgbouncer_in_transaction_mode(
 def test_tick_near_its_deadline_claims_only_what_fits(
     lambda_env: None, task_factory: Callable[..., int], sql: Sql, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("TASKRUNNER_FOO_DELAY_S", "3")
+    monkeypatch.setenv("TASKRUNNER_FOO_DELAY_S", "8")
     monkeypatch.setenv("TASKRUNNER_BAR_TIMEOUT_S", "10")
     foo, bar, baz = task_factory("foo"), task_factory("bar"), task_factory("baz")
-    # 3.5 s left, 2 s margin: baz (1 s at most) fits; foo (4 s) and bar (11 s) do not.
-    summary = tick.handler(scheduled_event(), FakeContext(3_500))
+    # 6 s left, 2 s margin: baz (1 s at most) fits, with room for a slow start; foo (9 s) and
+    # bar (11 s) do not.
+    summary = tick.handler(scheduled_event(), FakeContext(6_000))
     assert (summary["claimed"], summary["succeeded"]) == (1, 1)
     assert dict(sql("SELECT id, state FROM tasks")) == {
         foo: "scheduled",
         bar: "scheduled",
         baz: "succeeded",
     }
-    assert tick.handler(scheduled_event(), FakeContext(1_000))["claimed"] == 0
+    late = tick.handler(scheduled_event(), FakeContext(1_000))
+    assert late["claimed"] == 0
+    assert late["left_for_time"] == {"bar": 1, "foo": 1}
 
 
 def test_poll_mode_starts_tasks_created_during_the_tick(
