@@ -184,7 +184,11 @@ WHERE id = ANY(ARRAY(
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ))
-RETURNING id, kind, attempts, max_attempts
+RETURNING id, kind, attempts, max_attempts,
+    -- The start lateness of a first attempt, for the activity figures (functions/stats.py).
+    CASE WHEN attempts = 1
+        THEN CAST(extract(epoch FROM now() - execute_at) * 1000 AS float8)
+    END AS lateness_ms
 """
 
 # How long until the next task is due, by the database's clock, as a duration (which a
@@ -301,6 +305,78 @@ FORGET_DEAD_WORKERS = """
 DELETE FROM workers AS w
 WHERE w.lease_expires_at < now()
   AND NOT EXISTS (SELECT 1 FROM tasks WHERE state = 'running' AND claimed_by = w.id)
+"""
+
+# --- activity: what /stats and /metrics read (functions/stats.py) -----------------------------
+
+# A worker's counts for some 10-second buckets, added to what other workers counted. The
+# lateness histograms are added bucket by bucket.
+ADD_ACTIVITY = """
+INSERT INTO task_activity AS a
+    (bucket, started, succeeded, failed, retried, lateness, lateness_max_ms)
+SELECT to_timestamp(b.bucket_s), b.started, b.succeeded, b.failed, b.retried, b.lateness,
+       b.lateness_max_ms
+FROM json_to_recordset(CAST(%(buckets)s AS json)) AS b(
+    bucket_s bigint, started bigint, succeeded bigint, failed bigint, retried bigint,
+    lateness bigint[], lateness_max_ms float8
+)
+ON CONFLICT (bucket) DO UPDATE SET
+    started = a.started + EXCLUDED.started,
+    succeeded = a.succeeded + EXCLUDED.succeeded,
+    failed = a.failed + EXCLUDED.failed,
+    retried = a.retried + EXCLUDED.retried,
+    lateness = ARRAY(
+        SELECT x + y FROM unnest(a.lateness, EXCLUDED.lateness) WITH ORDINALITY AS u(x, y, i)
+        ORDER BY i
+    ),
+    lateness_max_ms = greatest(a.lateness_max_ms, EXCLUDED.lateness_max_ms)
+"""
+
+# What /stats reads, in one read-only transaction (one snapshot). Each is bounded by an
+# index or a cap, so a table of a million finished tasks answers as fast as an empty one
+# (the `stats` scenario of `taskrunner bench`):
+# - scheduled and running by kind: exact, through their partial indexes;
+STATS_ACTIVE_COUNTS = """
+SELECT state, kind, count(*) FROM tasks WHERE state = 'scheduled' GROUP BY 1, 2
+UNION ALL
+SELECT state, kind, count(*) FROM tasks WHERE state = 'running' GROUP BY 1, 2
+"""
+# - the table's size, to choose between counting finished tasks and estimating them: its
+#   pages now, and the rows per page when it was last analyzed;
+STATS_TABLE_SIZE = """
+SELECT pg_relation_size('tasks') / current_setting('block_size')::int AS pages,
+       CASE WHEN relpages > 0 AND reltuples >= 0 THEN reltuples / relpages END AS rows_per_page
+FROM pg_class WHERE oid = 'tasks'::regclass
+"""
+# - finished tasks by state and kind, exactly (a small table) or in a sample of `percent` of
+#   its pages, scaled up (TABLESAMPLE SYSTEM reads only the pages it picks);
+STATS_FINISHED_COUNTS = """
+SELECT state, kind, count(*) FROM tasks
+WHERE state IN ('succeeded', 'failed') GROUP BY 1, 2
+"""
+STATS_FINISHED_SAMPLE = """
+SELECT state, kind, count(*) FROM tasks TABLESAMPLE SYSTEM (CAST(%(percent)s AS float4))
+WHERE state IN ('succeeded', 'failed') GROUP BY 1, 2
+"""
+# - tasks due now, and how long the oldest has waited: the `tasks_due` index, in its order;
+#   workers holding running tasks: the `tasks_running` index;
+STATS_DUE_AND_WORKERS = f"""
+SELECT (SELECT count(*) FROM tasks WHERE state = 'scheduled' AND {DUE_AT} <= now()) AS due,
+       CAST(extract(epoch FROM now() - (
+           SELECT {DUE_AT} FROM tasks WHERE state = 'scheduled' AND {DUE_AT} <= now()
+           ORDER BY {DUE_AT}, id LIMIT 1
+       )) AS float8) AS oldest_due_age_s,
+       (SELECT count(DISTINCT claimed_by) FROM tasks WHERE state = 'running') AS workers,
+       (SELECT count(*) FROM workers WHERE lease_expires_at >= now()) AS workers_alive,
+       CAST(extract(epoch FROM now()) AS float8) AS now_s
+"""
+# - the last hour of activity: 360 rows at most.
+STATS_ACTIVITY = """
+SELECT CAST(extract(epoch FROM bucket) AS bigint), started, succeeded, failed, retried,
+       lateness, lateness_max_ms
+FROM task_activity
+WHERE bucket >= now() - interval '1 hour'
+ORDER BY bucket
 """
 
 PING = "SELECT 1"

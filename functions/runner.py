@@ -21,6 +21,7 @@ on a write that is slow: a worker never claims faster than it records.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -38,6 +39,7 @@ import httpx
 from functions.errors import DatabaseError, DatabaseUnavailable, WorkerFailed
 from functions.kinds import KINDS, Context, HttpClients, Kind
 from functions.settings import Settings
+from functions.stats import Activity, bucket_of, merge_activity
 from functions.store import Claimed, NextDue, Result, Store
 from functions.tasks import TaskState
 
@@ -51,6 +53,8 @@ _DB_RETRY_MAX_S = 5.0
 _SLOW_WRITE_S = 1.0
 # A task's output and error are stored up to this many characters.
 _MAX_TEXT = 16_384
+# Activity counts (for /stats) are written this often.
+_ACTIVITY_EVERY_S = 2.0
 # Rescued tasks are logged one line each up to this many per rescue, then summarised.
 _LOG_EACH_UP_TO = 20
 
@@ -161,6 +165,10 @@ class Runner:
         self._failure: str | None = None
         self.lease_lost = False
         self._print_error: str | None = None
+        # Counts for /stats by 10-second bucket of the database's time, not yet written;
+        # the database's clock less this process's (from each claim's answer).
+        self._activity: dict[int, Activity] = {}
+        self._db_offset_s = 0.0
 
     @property
     def out(self) -> TextIO:
@@ -200,6 +208,7 @@ class Runner:
         loops = [
             asyncio.create_task(self._guard(self._write_loop(summary), "write")),
             asyncio.create_task(self._guard(self._heartbeat_loop(summary), "heartbeat")),
+            asyncio.create_task(self._guard(self._activity_loop(), "activity")),
         ]
         try:
             try:
@@ -338,6 +347,11 @@ class Runner:
                 raise
             for task in claimed:
                 self._held[task.id] = task
+        self._db_offset_s = due.now_s - time.time()
+        activity = self._activity_now()
+        for task in claimed:
+            if task.lateness_ms is not None:
+                activity.start(task.lateness_ms)
         for task in claimed:
             self._start(task)
         return claimed, due
@@ -566,6 +580,7 @@ class Runner:
         unsure = [r for r in batch if r.id not in written and r.id in self._maybe_written]
         if unsure:
             written |= await self.store.recorded(unsure)
+        activity = self._activity_now()
         for result in batch:
             self._maybe_written.discard(result.id)
             self._held.pop(result.id, None)
@@ -578,10 +593,13 @@ class Runner:
                 )  # fmt: skip
             elif result.state is TaskState.SUCCEEDED:
                 summary.succeeded += 1
+                activity.succeeded += 1
             elif result.state is TaskState.FAILED:
                 summary.failed += 1
+                activity.failed += 1
             else:
                 summary.retried += 1
+                activity.retried += 1
 
     async def _write_one_by_one(self, batch: list[Result]) -> tuple[set[int], list[Result]]:
         """The database refused a batch: write each result alone, and record the run of any
@@ -646,6 +664,7 @@ class Runner:
     async def _rescue(self, summary: TickSummary) -> None:
         rescued = await self.store.rescue_expired()
         summary.rescued += len(rescued)
+        self._activity_now().failed += sum(state is TaskState.FAILED for _, state in rescued)
         for task_id, state in rescued[:_LOG_EACH_UP_TO]:
             logger.warning(
                 "action=rescue task_id=%s state=%s: its worker's lease ran out", task_id, state
@@ -657,6 +676,33 @@ class Runner:
             )  # fmt: skip
         if rescued:
             self._wake.set()
+
+    # --- activity ----------------------------------------------------------------------------
+
+    def _activity_now(self) -> Activity:
+        bucket = bucket_of(time.time() + self._db_offset_s)
+        activity = self._activity.get(bucket)
+        if activity is None:
+            activity = self._activity[bucket] = Activity()
+        return activity
+
+    async def _activity_loop(self) -> None:
+        """Write this worker's activity counts every couple of seconds."""
+        while True:
+            await asyncio.sleep(_ACTIVITY_EVERY_S)
+            with contextlib.suppress(DatabaseUnavailable):
+                await self._write_activity()
+
+    async def _write_activity(self) -> None:
+        if not self._activity:
+            return
+        activity, self._activity = self._activity, {}
+        try:
+            await self.store.add_activity(activity)
+        except DatabaseUnavailable:
+            for bucket, counts in activity.items():  # kept for the next try
+                self._activity[bucket] = merge_activity(self._activity.get(bucket), counts)
+            raise
 
     # --- shut down ---------------------------------------------------------------------------
 
@@ -716,6 +762,10 @@ class Runner:
                     " lease runs out, then they are rescued and run again",
                     self.worker_id, exc, len(ids),
                 )  # fmt: skip
+        try:
+            await self._write_activity()
+        except (DatabaseUnavailable, DatabaseError) as exc:
+            logger.warning("action=activity worker=%s: %s; counts not written", self.worker_id, exc)
         try:
             await self.store.deregister_worker(worker=self.worker_id)
         except (DatabaseUnavailable, DatabaseError) as exc:

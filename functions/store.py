@@ -7,6 +7,7 @@ It returns domain values; `db.Database.connection` turns driver errors into doma
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -21,6 +22,7 @@ from functions import queries
 from functions.db import Database, connect_kwargs, first_line, libpq_url
 from functions.errors import SchemaOutdated
 from functions.settings import Settings
+from functions.stats import Activity
 from functions.tasks import NewTask, Task, TaskState
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ class Claimed(NamedTuple):
     kind: str
     attempt: int
     max_attempts: int
+    # How late a first attempt started (ms); None for later attempts.
+    lateness_ms: float | None = None
 
 
 class Result(NamedTuple):
@@ -49,6 +53,23 @@ class Result(NamedTuple):
     output: str | None = None
     error: str | None = None
     retry_in_s: float | None = None
+
+
+@dataclass(frozen=True)
+class StatsRows:
+    """What /stats is computed from (functions/stats.py)."""
+
+    # (state, kind, count); finished states' counts are from a sample when `sampled_percent`.
+    counts: list[tuple[str, str, int]]
+    sampled_percent: float | None
+    due: int
+    oldest_due_age_s: float | None
+    workers: int
+    workers_alive: int
+    now_s: float
+    # (bucket start in Unix seconds, started, succeeded, failed, retried, lateness histogram,
+    #  lateness max ms), oldest first.
+    activity: list[tuple[int, int, int, int, int, list[int], float]]
 
 
 @dataclass(frozen=True)
@@ -264,6 +285,55 @@ class Store:
             [rows] = await self._pinned((queries.RELEASE, {"worker": worker, "ids": list(chunk)}))
             released.update(task_id for (task_id,) in rows)
         return released
+
+    async def stats_rows(self, *, exact_up_to: int, sample_rows: int) -> StatsRows:
+        """The rows /stats is made of (queries.STATS_*), in one snapshot but the sample's."""
+        [(pages, rows_per_page)] = await self._all(queries.STATS_TABLE_SIZE, tuple_row)
+        # A table never analyzed has no rows-per-page figure: ~100 fit a page of tasks.
+        rows = int(pages * (rows_per_page or 100))
+        percent = 100.0 if rows <= exact_up_to else max(0.01, 100.0 * sample_rows / rows)
+        finished = (
+            (queries.STATS_FINISHED_COUNTS, {})
+            if percent >= 100.0
+            else (queries.STATS_FINISHED_SAMPLE, {"percent": percent})
+        )
+        async with self.database.connection() as conn:
+            cursors = [conn.cursor(row_factory=tuple_row) for _ in range(4)]
+            statements: list[tuple[str, dict[str, Any]]] = [
+                (queries.STATS_ACTIVE_COUNTS, {}),
+                finished,
+                (queries.STATS_DUE_AND_WORKERS, {}),
+                (queries.STATS_ACTIVITY, {}),
+            ]
+
+            async def work() -> None:
+                async with conn.pipeline(), conn.transaction():
+                    await conn.execute("SET TRANSACTION READ ONLY")
+                    for cursor, (sql, params) in zip(cursors, statements, strict=True):
+                        await cursor.execute(sql, params)
+
+            await self.database.bounded(conn, work())
+            active, finished_rows, [due], activity = [await c.fetchall() for c in cursors]
+        return StatsRows(
+            counts=[*active, *finished_rows],
+            sampled_percent=None if percent >= 100.0 else percent,
+            due=due[0],
+            oldest_due_age_s=due[1],
+            workers=due[2],
+            workers_alive=due[3],
+            now_s=due[4],
+            activity=activity,
+        )
+
+    async def add_activity(self, buckets: dict[int, Activity]) -> None:
+        """Add a worker's counts of some 10-second buckets (functions/stats.py) to the table."""
+        payload = json.dumps(
+            [
+                {"bucket_s": bucket, **dataclasses.asdict(activity)}
+                for bucket, activity in buckets.items()
+            ]
+        )
+        await self._all(queries.ADD_ACTIVITY, buckets=payload)
 
     async def rescue_expired(self) -> list[tuple[int, TaskState]]:
         """Put back the tasks of workers whose lease ran out; forget those workers."""

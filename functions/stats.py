@@ -1,0 +1,190 @@
+"""What `/stats` and `/metrics` report, read from the database: the same on every instance.
+
+- Counts by state and kind come from the tasks table: exact where an index holds them
+  (scheduled, running, due), and for the finished states exact while the table is small,
+  estimated from a sample of its pages once a count would read more than `EXACT_UP_TO`
+  rows (`estimated` names them).
+- Throughput and lateness come from `task_activity`: 10-second buckets that workers and
+  ticks add to as they claim and record, so reading the last hour is reading 360 small rows,
+  however many tasks that hour ran (and pruning finished tasks does not rewrite history).
+  Start lateness is kept as a histogram of log-spaced buckets: percentiles are within one
+  bucket (about 12%) of the exact value; the maximum is exact.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from functions.kinds import KINDS
+from functions.tasks import TaskState
+
+if TYPE_CHECKING:
+    from functions.store import Store
+
+# Bucket upper bounds of the lateness histogram, in ms: 0.5 ms x 1.25^i up to about an hour,
+# then one open bucket. 72 buckets.
+LATENESS_BOUNDS_MS: tuple[float, ...] = (*(0.5 * 1.25**i for i in range(71)), math.inf)
+BUCKET_S = 10
+# Finished tasks are counted exactly up to this many rows of the table, estimated beyond
+# from a sample of about SAMPLE_ROWS rows.
+EXACT_UP_TO = 200_000
+SAMPLE_ROWS = 20_000
+
+
+def bucket_of(db_time_s: float) -> int:
+    """The start of the 10-second bucket holding `db_time_s` (Unix seconds)."""
+    return int(db_time_s // BUCKET_S * BUCKET_S)
+
+
+@dataclass
+class Activity:
+    """What one worker did in one bucket, to be added to the table."""
+
+    started: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    lateness: list[int] = field(default_factory=lambda: [0] * len(LATENESS_BOUNDS_MS))
+    lateness_max_ms: float = 0.0
+
+    def start(self, lateness_ms: float) -> None:
+        self.started += 1
+        self.lateness[bisect.bisect_left(LATENESS_BOUNDS_MS, lateness_ms)] += 1
+        self.lateness_max_ms = max(self.lateness_max_ms, lateness_ms)
+
+
+def percentile_ms(histogram: Sequence[int], q: float) -> float:
+    """The q-quantile (0..1) of a lateness histogram: interpolated within its bucket on a log
+    scale. 0 for an empty histogram."""
+    total = sum(histogram)
+    if total == 0:
+        return 0.0
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(histogram):
+        if n and seen + n >= rank:
+            upper = LATENESS_BOUNDS_MS[i]
+            lower = LATENESS_BOUNDS_MS[i - 1] if i else 0.0
+            if math.isinf(upper):
+                return lower
+            fraction = (rank - seen) / n
+            if lower == 0.0:
+                return upper * fraction
+            return float(lower * (upper / lower) ** fraction)
+        seen += n
+    return LATENESS_BOUNDS_MS[-2]
+
+
+def merge(histograms: Iterable[Sequence[int]]) -> list[int]:
+    total = [0] * len(LATENESS_BOUNDS_MS)
+    for histogram in histograms:
+        for i, n in enumerate(histogram):
+            total[i] += n
+    return total
+
+
+def merge_activity(into: Activity | None, more: Activity) -> Activity:
+    """`into` with `more` added (a new Activity when `into` is None)."""
+    total = into or Activity()
+    total.started += more.started
+    total.succeeded += more.succeeded
+    total.failed += more.failed
+    total.retried += more.retried
+    total.lateness = [a + b for a, b in zip(total.lateness, more.lateness, strict=True)]
+    total.lateness_max_ms = max(total.lateness_max_ms, more.lateness_max_ms)
+    return total
+
+
+@dataclass(frozen=True)
+class Minute:
+    start: datetime
+    started: int
+    succeeded: int
+    failed: int
+    lateness_p99_ms: float
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What /stats answers (see the module docstring for where each figure comes from)."""
+
+    # state -> kind -> tasks, every state and every kind present.
+    counts: dict[str, dict[str, int]]
+    # States whose counts are estimated from a sample of the table.
+    estimated: list[str]
+    due: int
+    oldest_due_age_s: float
+    # Workers holding running tasks; and workers alive (running or idle).
+    workers: int
+    workers_alive: int
+    # Tasks that finished in the last 60 s, by how.
+    last_minute: dict[str, int]
+    # Start lateness (started_at - execute_at) of first attempts in the last 5 minutes.
+    lateness_ms: dict[str, float]
+    # The last hour, a minute at a time, oldest first.
+    series: list[Minute]
+
+
+async def read_stats(store: Store) -> Stats:
+    """Read the figures /stats and /metrics report."""
+    rows = await store.stats_rows(exact_up_to=EXACT_UP_TO, sample_rows=SAMPLE_ROWS)
+    counts = {state.value: dict.fromkeys(sorted(KINDS), 0) for state in TaskState}
+    scale = 100.0 / rows.sampled_percent if rows.sampled_percent else 1.0
+    finished = {TaskState.SUCCEEDED.value, TaskState.FAILED.value}
+    for state, kind, n in rows.counts:
+        by_kind = counts[state]
+        by_kind[kind] = by_kind.get(kind, 0) + (round(n * scale) if state in finished else n)
+
+    now_s = rows.now_s
+    last_minute = {"succeeded": 0, "failed": 0, "retried": 0}
+    recent: list[Sequence[int]] = []
+    recent_max_ms = 0.0
+    minutes: dict[int, list[Any]] = {}
+    for bucket, started, succeeded, failed, retried, lateness, max_ms in rows.activity:
+        if bucket >= now_s - 60:
+            last_minute["succeeded"] += succeeded
+            last_minute["failed"] += failed
+            last_minute["retried"] += retried
+        if bucket >= now_s - 300:
+            recent.append(lateness)
+            recent_max_ms = max(recent_max_ms, max_ms)
+        minute = minutes.setdefault(bucket // 60 * 60, [0, 0, 0, []])
+        minute[0] += started
+        minute[1] += succeeded
+        minute[2] += failed
+        minute[3].append(lateness)
+
+    histogram = merge(recent)
+    lateness_ms = {
+        f"p{q}": min(percentile_ms(histogram, q / 100), recent_max_ms) for q in (50, 95, 99)
+    }
+    lateness_ms["max"] = recent_max_ms
+    this_minute = int(now_s // 60 * 60)
+    series = []
+    for start in range(this_minute - 59 * 60, this_minute + 60, 60):
+        started, succeeded, failed, histograms = minutes.get(start, [0, 0, 0, []])
+        series.append(
+            Minute(
+                start=datetime.fromtimestamp(start, UTC),
+                started=started,
+                succeeded=succeeded,
+                failed=failed,
+                lateness_p99_ms=percentile_ms(merge(histograms), 0.99),
+            )
+        )
+    return Stats(
+        counts=counts,
+        estimated=sorted(finished) if rows.sampled_percent else [],
+        due=rows.due,
+        oldest_due_age_s=max(0.0, rows.oldest_due_age_s or 0.0),
+        workers=rows.workers,
+        workers_alive=rows.workers_alive,
+        last_minute=last_minute,
+        lateness_ms=lateness_ms,
+        series=series,
+    )
