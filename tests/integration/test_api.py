@@ -2,6 +2,7 @@
 
 import json
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from itertools import chain
 from typing import Any
 
@@ -16,13 +17,25 @@ from tests.conftest import utc_in
 from tests.pages import is_local, page_urls
 
 
-@pytest.fixture
-async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+@asynccontextmanager
+async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app built for `settings`, run through its lifespan.
+
+    The lifespan closes the app's connection pool: a pool left open when the test's event
+    loop closes can hang the loop's shutdown (psycopg_pool's workers survive a cancellation
+    that lands while they open a connection).
+    """
     app = build_app(settings)
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
     ):
+        yield c
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve(settings) as c:
         yield c
 
 
@@ -220,9 +233,7 @@ async def test_openapi_docs_are_served(client: httpx.AsyncClient) -> None:
 
 async def test_database_down_is_503_not_a_hang() -> None:
     # Nothing listens on port 1 of 127.0.0.1: the connection is refused at once.
-    app = build_app(Settings(database_url="postgresql://postgres@127.0.0.1:1/none"))
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+    async with serve(Settings(database_url="postgresql://postgres@127.0.0.1:1/none")) as c:
         health = await c.get("/healthz")
         create = await c.post("/tasks", json={"type": "foo", "execute_at": 1893499200})
     assert health.status_code == 503
@@ -231,9 +242,7 @@ async def test_database_down_is_503_not_a_hang() -> None:
 
 
 async def test_head_healthz_when_the_database_is_down_is_503_without_a_body() -> None:
-    app = build_app(Settings(database_url="postgresql://postgres@127.0.0.1:1/none"))
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+    async with serve(Settings(database_url="postgresql://postgres@127.0.0.1:1/none")) as c:
         head = await c.head("/healthz")
     assert (head.status_code, head.content) == (503, b"")
 
@@ -289,9 +298,7 @@ async def test_json_with_charset_or_a_json_suffix_is_json(client: httpx.AsyncCli
 
 
 async def test_token_is_compared_as_bytes_with_the_scheme_in_any_case(settings: Settings) -> None:
-    app = build_app(settings.model_copy(update={"api_token": "s3crét"}))
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+    async with serve(settings.model_copy(update={"api_token": "s3crét"})) as c:
         for value, status in (
             ("bearer s3crét", 200),
             ("Bearer é", 401),
@@ -306,9 +313,7 @@ async def test_token_is_compared_as_bytes_with_the_scheme_in_any_case(settings: 
 @pytest.mark.parametrize("sent_path", ["/prod/tasks", "/tasks"], ids=["kept", "stripped"])
 async def test_behind_a_proxy_with_a_path_prefix(settings: Settings, sent_path: str) -> None:
     """A reverse proxy serving the API at /prod/, passing the prefix on or stripping it."""
-    app = build_app(settings.model_copy(update={"base_path": "/prod"}))
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+    async with serve(settings.model_copy(update={"base_path": "/prod"})) as c:
         created = await c.post(sent_path, json={"type": "baz", "execute_at": 1893499200})
         assert created.status_code == 201, created.text
         location = created.headers["location"]
