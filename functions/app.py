@@ -20,6 +20,7 @@ from functions.db import Database
 from functions.docs import add_docs
 from functions.errors import (
     DatabaseUnavailable,
+    IdempotencyKeyReused,
     InvalidInput,
     NotJson,
     SchemaOutdated,
@@ -72,10 +73,31 @@ class TaskIn(BaseModel):
         return NewTask(kind=self.type, execute_at=self.execute_at)
 
 
+IdempotencyKey = Annotated[
+    str,
+    Field(
+        pattern=tasks.IDEMPOTENCY_KEY_PATTERN,
+        description="1 to 255 printable ASCII characters, no spaces: a repeat of a request"
+        " with the same key and the same type and execute_at gets the task the first one"
+        " created, and creates nothing.",
+        examples=["order-1842-reminder"],
+    ),
+]
+
+
+class BatchItemIn(TaskIn):
+    idempotency_key: IdempotencyKey | None = None
+
+    def to_new(self) -> NewTask:
+        return NewTask(
+            kind=self.type, execute_at=self.execute_at, idempotency_key=self.idempotency_key
+        )
+
+
 class BatchIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tasks: list[TaskIn] = Field(min_length=1, max_length=MAX_BATCH)
+    tasks: list[BatchItemIn] = Field(min_length=1, max_length=MAX_BATCH)
 
 
 class TaskOut(BaseModel):
@@ -93,6 +115,7 @@ class TaskOut(BaseModel):
     max_attempts: int
     output: str | None
     error: str | None
+    idempotency_key: str | None
 
     @classmethod
     def of(cls, task: Task) -> "TaskOut":
@@ -175,7 +198,7 @@ def build_app(settings: Settings) -> FastAPI:
     async def on_domain_error(request: Request, exc: TaskrunnerError) -> JSONResponse:
         if isinstance(exc, TaskNotFound):
             return _error(404, str(exc))
-        if isinstance(exc, TaskRunning):
+        if isinstance(exc, TaskRunning | IdempotencyKeyReused):
             return _error(409, str(exc))
         if isinstance(exc, InvalidInput):
             return _error(400, str(exc))
@@ -209,13 +232,24 @@ def build_app(settings: Settings) -> FastAPI:
 
     @app.post("/tasks", status_code=201, response_model=TaskOut, dependencies=TakesJson)
     async def create_task(
-        body: TaskIn, request: Request, response: Response, store: StoreDep
+        body: TaskIn,
+        request: Request,
+        response: Response,
+        store: StoreDep,
+        idempotency_key: Annotated[IdempotencyKey | None, Header(alias="Idempotency-Key")] = None,
     ) -> TaskOut:
-        """Schedule a task to run once, at or after `execute_at`."""
-        task = await tasks.create_task(store, body.to_new(), settings.max_attempts)
-        # root_path: the base path the API is served under (BasePath), so the URL works.
-        path = app.url_path_for("get_task", task_id=str(task.id))
-        response.headers["Location"] = request.scope.get("root_path", "") + path
+        """Schedule a task to run once, at or after `execute_at`.
+
+        With an `Idempotency-Key`, a repeat of this request gets the same task back (200).
+        """
+        new = NewTask(kind=body.type, execute_at=body.execute_at, idempotency_key=idempotency_key)
+        task, created = await tasks.create_task(store, new, settings.max_attempts)
+        if created:
+            # root_path: the base path the API is served under (BasePath), so the URL works.
+            path = app.url_path_for("get_task", task_id=str(task.id))
+            response.headers["Location"] = request.scope.get("root_path", "") + path
+        else:
+            response.status_code = 200
         return TaskOut.of(task)
 
     @app.post("/tasks/batch", status_code=201, response_model=IdsOut, dependencies=TakesJson)

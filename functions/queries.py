@@ -33,7 +33,7 @@ TASK_COLUMNS = f"""
     created_at AT TIME ZONE 'UTC' AS created_at,
     started_at AT TIME ZONE 'UTC' AS started_at,
     finished_at AT TIME ZONE 'UTC' AS finished_at,
-    attempts, max_attempts, output, error
+    attempts, max_attempts, output, error, idempotency_key
 """
 
 # Creating a task due within NOTIFY_HORIZON wakes listening workers (in the same
@@ -83,6 +83,66 @@ WITH new AS (
 )
 SELECT inserted.id FROM inserted CROSS JOIN notified
 ORDER BY id
+"""
+
+# --- idempotency keys (migration 0003) ---------------------------------------------------
+# A create with a key inserts unless a task holds the key already. ON CONFLICT waits for a
+# concurrent insert of the same key to commit or roll back, so of any number of concurrent
+# requests with one key exactly one inserts; the others get no row, and read the winner
+# with GET_TASK_BY_KEY (a statement of its own: a new snapshot, which sees it). A create
+# without a key stays on INSERT_TASK / INSERT_TASKS, which pay nothing for keys.
+INSERT_TASK_KEYED = f"""
+WITH inserted AS (
+    INSERT INTO tasks (kind, execute_at, max_attempts, idempotency_key, idempotency_execute_at)
+    VALUES (%(kind)s, %(execute_at)s, %(max_attempts)s, %(key)s, %(execute_at)s)
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING *
+), notified AS (
+    SELECT {_NOTIFY_IF_SOON} FROM inserted
+)
+SELECT {TASK_COLUMNS} FROM inserted CROSS JOIN notified
+"""
+
+# The task holding a key, and what the request that created it asked for (`requested_at`:
+# execute_at may have moved since, by /run or PATCH).
+GET_TASK_BY_KEY = f"""
+SELECT {TASK_COLUMNS}, idempotency_execute_at AT TIME ZONE 'UTC' AS requested_at
+FROM tasks WHERE idempotency_key = %(key)s
+"""
+
+# A batch with keys (unique within it: the domain merges items that share one), run in a
+# transaction with FIND_KEYS: rows whose key is taken are skipped. Keyed rows are inserted
+# in the order of their keys, so concurrent batches sharing keys wait on each other in one
+# order and never deadlock (in the order given, two batches with the same 200 keys in
+# opposite orders locked each other until the statement timeout); they are matched to their
+# items by key. Rows without a key come first, in the order given: their ids, sorted, are
+# theirs in order (as INSERT_TASKS). The skipped keys' tasks are then read by FIND_KEYS, in
+# a new snapshot that sees concurrent winners; a key sent with another kind or time rolls
+# the whole batch back.
+INSERT_TASKS_KEYED = f"""
+WITH new AS (
+    SELECT kind, key, n,
+        timestamptz 'epoch' + make_interval(secs => at_us / 1000000)
+            + make_interval(secs => mod(at_us, 1000000) / 1e6) AS at
+    FROM ROWS FROM (
+        json_to_recordset(CAST(%(tasks)s AS json)) AS (kind text, at_us bigint, key text)
+    ) WITH ORDINALITY AS new(kind, at_us, key, n)
+), inserted AS (
+    INSERT INTO tasks (kind, execute_at, max_attempts, idempotency_key, idempotency_execute_at)
+    SELECT kind, at, %(max_attempts)s, key, CASE WHEN key IS NOT NULL THEN at END FROM new
+    ORDER BY key COLLATE "C" NULLS FIRST, n
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id, execute_at, idempotency_key
+), notified AS (
+    SELECT {_NOTIFY_IF_SOON} FROM inserted
+)
+SELECT inserted.id, inserted.idempotency_key FROM inserted CROSS JOIN notified
+ORDER BY id
+"""
+
+FIND_KEYS = """
+SELECT idempotency_key, id, kind, idempotency_execute_at AT TIME ZONE 'UTC'
+FROM tasks WHERE idempotency_key = ANY(CAST(%(keys)s AS text[]))
 """
 
 GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = %(id)s"

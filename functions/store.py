@@ -9,20 +9,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import psycopg
+from psycopg import AsyncConnection
 from psycopg.rows import RowFactory, namedtuple_row, tuple_row
 
 from functions import queries
 from functions.db import Database, connect_kwargs, first_line, libpq_url
+from functions.errors import DatabaseUnavailable, IdempotencyKeyReused
 from functions.settings import Settings
-from functions.tasks import NewTask, Task, TaskState
+from functions.tasks import NewTask, Task, TaskState, excerpt
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -78,6 +82,24 @@ def _task(row: Any) -> Task:
         max_attempts=row.max_attempts,
         output=row.output,
         error=row.error,
+        idempotency_key=row.idempotency_key,
+    )
+
+
+# How often a keyed create tries again when the task holding its key vanished between the
+# insert that found the key taken and the read of that task (deleted, or its creator rolled
+# back): each try is a new race, lost only to another delete of the same key.
+_KEY_TRIES = 3
+
+
+class _KeyVanished(Exception):
+    """The task holding a key was gone when read: try the create again."""
+
+
+def _reused(key: str, task_id: int) -> IdempotencyKeyReused:
+    return IdempotencyKeyReused(
+        f"idempotency key {excerpt(key)} was used for task {task_id} with another type or"
+        " execute_at; a repeat must send the same type and execute_at, a new task a new key"
     )
 
 
@@ -124,6 +146,17 @@ class Store:
             await self.database.bounded(conn, cursor.execute(sql, params), timeout_s)
             return await cursor.fetchall() if cursor.description else []
 
+    async def _transaction(self, work: Callable[[AsyncConnection[Any]], Awaitable[T]]) -> T:
+        """Run `work` on one connection in one transaction, bounded as a statement is; an
+        exception out of `work` rolls it back."""
+        async with self.database.connection() as conn:
+
+            async def run() -> T:
+                async with conn.transaction():
+                    return await work(conn)
+
+            return await self.database.bounded(conn, run())
+
     async def _pinned(self, *statements: tuple[str, dict[str, Any]]) -> list[list[Any]]:
         """Run `statements` in one transaction under queries.PINNED_PLAN, sent as one
         pipeline (one round trip); return each one's rows (as tuples)."""
@@ -154,9 +187,45 @@ class Store:
         )
         return _task(rows[0])
 
+    async def insert_task_keyed(self, new: NewTask, max_attempts: int) -> tuple[Task, bool]:
+        """Insert `new` unless a task holds its key; return the task, and whether it is new.
+
+        Raises IdempotencyKeyReused when the key's task was made for another kind or time.
+        """
+        assert new.idempotency_key is not None
+        for _ in range(_KEY_TRIES):
+            rows = await self._all(
+                queries.INSERT_TASK_KEYED,
+                kind=new.kind,
+                execute_at=new.execute_at,
+                max_attempts=max_attempts,
+                key=new.idempotency_key,
+            )
+            if rows:
+                return _task(rows[0]), True
+            rows = await self._all(queries.GET_TASK_BY_KEY, key=new.idempotency_key)
+            if not rows:
+                continue
+            task = _task(rows[0])
+            if not new.same_request(task.kind, rows[0].requested_at.replace(tzinfo=UTC)):
+                raise _reused(new.idempotency_key, task.id)
+            return task, False
+        raise DatabaseUnavailable("the idempotency key's task kept vanishing; try again")
+
     async def insert_tasks(self, new: Sequence[NewTask], max_attempts: int) -> list[int]:
+        """Insert `new` (keys unique among them); return the ids in order, an existing
+        task's for an item whose key is taken. All are written or none."""
         if not new:
             return []
+        if any(n.idempotency_key is not None for n in new):
+            for _ in range(_KEY_TRIES):
+                try:
+                    return await self._transaction(
+                        lambda conn: self._insert_keyed(conn, new, max_attempts)
+                    )
+                except _KeyVanished:
+                    continue
+            raise DatabaseUnavailable("an idempotency key's task kept vanishing; try again")
         # Whole microseconds since the epoch: exact over the whole range (queries.INSERT_TASKS).
         payload = json.dumps(
             [{"kind": n.kind, "at_us": (n.execute_at - _EPOCH) // _MICROSECOND} for n in new]
@@ -165,6 +234,51 @@ class Store:
             queries.INSERT_TASKS, tuple_row, tasks=payload, max_attempts=max_attempts
         )
         return [task_id for (task_id,) in rows]
+
+    async def _insert_keyed(
+        self, conn: AsyncConnection[Any], new: Sequence[NewTask], max_attempts: int
+    ) -> list[int]:
+        payload = json.dumps(
+            [
+                {
+                    "kind": n.kind,
+                    "at_us": (n.execute_at - _EPOCH) // _MICROSECOND,
+                    "key": n.idempotency_key,
+                }
+                for n in new
+            ]
+        )
+        cursor = conn.cursor(row_factory=tuple_row)
+        await cursor.execute(
+            queries.INSERT_TASKS_KEYED, {"tasks": payload, "max_attempts": max_attempts}
+        )
+        inserted = await cursor.fetchall()
+        taken = {key: task_id for task_id, key in inserted if key is not None}
+        unkeyed = iter([task_id for task_id, key in inserted if key is None])
+        ids: list[int] = [0] * len(new)
+        skipped: list[int] = []
+        for i, n in enumerate(new):
+            if n.idempotency_key is None:
+                ids[i] = next(unkeyed)
+            elif n.idempotency_key in taken:
+                ids[i] = taken[n.idempotency_key]
+            else:
+                skipped.append(i)
+        if not skipped:
+            return ids
+        keys = [new[i].idempotency_key for i in skipped]
+        await cursor.execute(queries.FIND_KEYS, {"keys": keys})
+        found = {key: (task_id, kind, at) for key, task_id, kind, at in await cursor.fetchall()}
+        for i in skipped:
+            n = new[i]
+            assert n.idempotency_key is not None
+            if n.idempotency_key not in found:
+                raise _KeyVanished
+            task_id, kind, at = found[n.idempotency_key]
+            if not n.same_request(kind, at.replace(tzinfo=UTC)):
+                raise _reused(n.idempotency_key, task_id)
+            ids[i] = task_id
+        return ids
 
     async def get_task(self, task_id: int) -> Task | None:
         rows = await self._all(queries.GET_TASK, id=task_id)

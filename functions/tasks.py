@@ -14,7 +14,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from functions.errors import InvalidInput, TaskNotFound, TaskRunning
+from functions.errors import IdempotencyKeyReused, InvalidInput, TaskNotFound, TaskRunning
 from functions.kinds import KINDS
 
 if TYPE_CHECKING:
@@ -51,12 +51,20 @@ class Task:
     max_attempts: int
     output: str | None
     error: str | None
+    # What the creating request sent as its idempotency key; held while the task exists.
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)
 class NewTask:
     kind: str
     execute_at: datetime
+    # A repeat of a request with this key gets the task the first one made, not a new one.
+    idempotency_key: str | None = None
+
+    def same_request(self, kind: str, execute_at: datetime) -> bool:
+        """Whether a task made for `kind` at `execute_at` is what this request asks for."""
+        return (kind, execute_at) == (self.kind, self.execute_at)
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,10 @@ MIN_EXECUTE_AT = datetime(1, 1, 1, tzinfo=UTC)
 MAX_EXECUTE_AT = datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
 MAX_UNIX_S = (MAX_EXECUTE_AT - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds()
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# 1 to 255 printable ASCII characters, no space: what fits a header value unchanged (a
+# header's surrounding spaces are trimmed in transit, so a key with spaces could arrive as
+# another key). The table checks the same (`idempotency_key_printable`).
+IDEMPOTENCY_KEY_PATTERN = "^[!-~]{1,255}$"
 _FORMS = "an ISO-8601 date-time with an offset (e.g. 2030-01-01T12:00:00Z) or Unix seconds"
 
 
@@ -149,14 +161,46 @@ def decode_cursor(cursor: str) -> int:
         raise InvalidInput(f"cursor {excerpt(cursor)} is not one this API returned") from None
 
 
-async def create_task(store: Store, new: NewTask, max_attempts: int) -> Task:
-    """Schedule one task."""
-    return await store.insert_task(new, max_attempts)
+async def create_task(store: Store, new: NewTask, max_attempts: int) -> tuple[Task, bool]:
+    """Schedule one task; return it, and whether this call created it.
+
+    With an idempotency key, a repeat of the request that created a task (same key, same
+    kind and execute_at) gets that task back, whatever its state now (False); the same key
+    with another kind or time raises IdempotencyKeyReused. Any number of concurrent
+    requests with one key create one task.
+    """
+    if new.idempotency_key is None:
+        return await store.insert_task(new, max_attempts), True
+    return await store.insert_task_keyed(new, max_attempts)
 
 
 async def create_tasks(store: Store, new: list[NewTask], max_attempts: int) -> list[int]:
-    """Schedule many tasks in one statement; all are written or none."""
-    return await store.insert_tasks(new, max_attempts)
+    """Schedule many tasks; all are written or none. Return their ids in the order given.
+
+    An item whose idempotency key names an existing task gets that task's id and creates
+    nothing; items sharing a key share one task. A key sent with another kind or time (by
+    an earlier request, or by another item here) fails the whole batch.
+    """
+    first: dict[str, int] = {}
+    unique: list[NewTask] = []
+    where: list[int] = []
+    for i, item in enumerate(new):
+        key = item.idempotency_key
+        if key is None or key not in first:
+            if key is not None:
+                first[key] = i
+            where.append(len(unique))
+            unique.append(item)
+            continue
+        earlier = new[first[key]]
+        if not earlier.same_request(item.kind, item.execute_at):
+            raise IdempotencyKeyReused(
+                f"tasks {first[key]} and {i} of the batch share idempotency key "
+                f"{excerpt(key)} but differ in type or execute_at"
+            )
+        where.append(where[first[key]])
+    ids = await store.insert_tasks(unique, max_attempts)
+    return [ids[j] for j in where]
 
 
 async def get_task(store: Store, task_id: int) -> Task:

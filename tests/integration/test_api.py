@@ -1,8 +1,7 @@
 """The HTTP API over ASGI, against a real database."""
 
 import json
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from itertools import chain
 from typing import Any
 
@@ -13,30 +12,8 @@ from fastapi.routing import APIRoute
 
 from functions.app import build_app
 from functions.settings import Settings
-from tests.conftest import utc_in
+from tests.conftest import serve, utc_in
 from tests.pages import is_local, page_urls
-
-
-@asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of the app built for `settings`, run through its lifespan.
-
-    The lifespan closes the app's connection pool: a pool left open when the test's event
-    loop closes can hang the loop's shutdown (psycopg_pool's workers survive a cancellation
-    that lands while they open a connection).
-    """
-    app = build_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
-    ):
-        yield c
-
-
-@pytest.fixture
-async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async with serve(settings) as c:
-        yield c
 
 
 async def test_healthz(client: httpx.AsyncClient) -> None:
