@@ -28,6 +28,7 @@ from functions.errors import (
     TaskrunnerError,
     TaskRunning,
     Unauthorized,
+    WrongState,
 )
 from functions.kinds import KINDS
 from functions.settings import Settings
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 MAX_BATCH = 10_000
 _BIGINT_MAX = 2**63 - 1
+
+TaskId = Annotated[int, Path(ge=1, le=_BIGINT_MAX)]
 
 KindName = Annotated[
     str,
@@ -98,6 +101,12 @@ class BatchIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tasks: list[BatchItemIn] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class RescheduleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    execute_at: ExecuteAt
 
 
 class TaskOut(BaseModel):
@@ -198,7 +207,7 @@ def build_app(settings: Settings) -> FastAPI:
     async def on_domain_error(request: Request, exc: TaskrunnerError) -> JSONResponse:
         if isinstance(exc, TaskNotFound):
             return _error(404, str(exc))
-        if isinstance(exc, TaskRunning | IdempotencyKeyReused):
+        if isinstance(exc, TaskRunning | WrongState | IdempotencyKeyReused):
             return _error(409, str(exc))
         if isinstance(exc, InvalidInput):
             return _error(400, str(exc))
@@ -275,18 +284,33 @@ def build_app(settings: Settings) -> FastAPI:
         return PageOut(items=[TaskOut.of(t) for t in page.items], next_cursor=page.next_cursor)
 
     @app.get("/tasks/{task_id}", response_model=TaskOut, dependencies=Authorized)
-    async def get_task(
-        task_id: Annotated[int, Path(ge=1, le=_BIGINT_MAX)], store: StoreDep
-    ) -> TaskOut:
+    async def get_task(task_id: TaskId, store: StoreDep) -> TaskOut:
         """Show one task."""
         return TaskOut.of(await tasks.get_task(store, task_id))
+
+    @app.post("/tasks/{task_id}/run", response_model=TaskOut, dependencies=Authorized)
+    async def run_task(task_id: TaskId, store: StoreDep) -> TaskOut:
+        """Make a scheduled task due now; 409 once it is running or finished."""
+        return TaskOut.of(await tasks.run_task(store, task_id))
+
+    @app.post("/tasks/{task_id}/retry", response_model=TaskOut, dependencies=Authorized)
+    async def retry_task(task_id: TaskId, store: StoreDep) -> TaskOut:
+        """Schedule a failed task again, due now, with a fresh budget of attempts.
+
+        `attempts` counts on and the last `error` stays until the next attempt ends.
+        409 unless the task failed.
+        """
+        return TaskOut.of(await tasks.retry_task(store, task_id, settings.max_attempts))
+
+    @app.patch("/tasks/{task_id}", response_model=TaskOut, dependencies=TakesJson)
+    async def reschedule_task(task_id: TaskId, body: RescheduleIn, store: StoreDep) -> TaskOut:
+        """Move a scheduled task to a new `execute_at`; 409 once it is running or finished."""
+        return TaskOut.of(await tasks.reschedule_task(store, task_id, body.execute_at))
 
     @app.delete(
         "/tasks/{task_id}", status_code=204, response_class=Response, dependencies=Authorized
     )
-    async def delete_task(
-        task_id: Annotated[int, Path(ge=1, le=_BIGINT_MAX)], store: StoreDep
-    ) -> Response:
+    async def delete_task(task_id: TaskId, store: StoreDep) -> Response:
         """Delete a task; a running one cannot be deleted (409)."""
         await tasks.delete_task(store, task_id)
         return Response(status_code=204)

@@ -21,7 +21,9 @@ class WrongState(TaskrunnerError):
     """An action on a task in a state that does not allow it (run a finished task, say)."""
 
     def __init__(self, task_id: int, state: str, action: str, allowed: str) -> None:
-        super().__init__(f"task {task_id} is {state}: only a {allowed} task can be {action}")
+        super().__init__(
+            f"task {task_id} is in state {state}: only a {allowed} task can be {action}"
+        )
         self.task_id = task_id
         self.state = state
 

@@ -162,6 +162,75 @@ WITH target AS (
 SELECT state FROM target
 """
 
+# --- actions on one task -----------------------------------------------------------------
+# Each locks the row first, as DELETE_TASK does: the lock waits for a claim that is starting
+# the task, so an action either happens before any worker takes the task, or finds it
+# running and changes nothing; never a task under a worker. Each returns the state the task
+# had (`found_state`; no row: no such task) and, when it acted, the task as it is now. A
+# task made due within NOTIFY_HORIZON wakes the workers, as a new one does.
+_NOTIFY_DUE_SOON = f"""
+    CASE WHEN min({DUE_AT}) < now() + interval '{NOTIFY_HORIZON_S} seconds'
+        THEN pg_notify('{CHANNEL}', CAST(extract(epoch FROM min({DUE_AT})) AS text))
+    END
+"""
+
+# POST /tasks/{id}/run: a scheduled task becomes due now. Its execute_at becomes now unless
+# it is past already (a task waiting for a retry keeps the time it was asked for), so no task
+# ever starts before its execute_at; a pending retry's wait is dropped.
+RUN_TASK = f"""
+WITH target AS (
+    SELECT id, state FROM tasks WHERE id = %(id)s FOR UPDATE
+), changed AS (
+    UPDATE tasks SET execute_at = least(execute_at, now()), next_attempt_at = NULL
+    WHERE id IN (SELECT id FROM target WHERE state = 'scheduled')
+    RETURNING *
+), notified AS (
+    SELECT {_NOTIFY_DUE_SOON} FROM changed
+)
+SELECT target.state AS found_state, task.*
+FROM target CROSS JOIN notified
+LEFT JOIN (SELECT {TASK_COLUMNS} FROM changed) AS task ON true
+"""
+
+# POST /tasks/{id}/retry: a failed task is scheduled again, due now, with a fresh budget of
+# `max_attempts` more runs. Its history stays: attempts counts on from where it was, and
+# output and error keep the last failure until the next attempt ends.
+RETRY_TASK = f"""
+WITH target AS (
+    SELECT id, state FROM tasks WHERE id = %(id)s FOR UPDATE
+), changed AS (
+    UPDATE tasks
+    SET state = 'scheduled',
+        next_attempt_at = now(),
+        max_attempts = attempts + %(max_attempts)s,
+        finished_at = NULL
+    WHERE id IN (SELECT id FROM target WHERE state = 'failed')
+    RETURNING *
+), notified AS (
+    SELECT {_NOTIFY_DUE_SOON} FROM changed
+)
+SELECT target.state AS found_state, task.*
+FROM target CROSS JOIN notified
+LEFT JOIN (SELECT {TASK_COLUMNS} FROM changed) AS task ON true
+"""
+
+# PATCH /tasks/{id}: a scheduled task gets a new execute_at, and is due then (a pending
+# retry's time is dropped with the old one).
+RESCHEDULE_TASK = f"""
+WITH target AS (
+    SELECT id, state FROM tasks WHERE id = %(id)s FOR UPDATE
+), changed AS (
+    UPDATE tasks SET execute_at = %(execute_at)s, next_attempt_at = NULL
+    WHERE id IN (SELECT id FROM target WHERE state = 'scheduled')
+    RETURNING *
+), notified AS (
+    SELECT {_NOTIFY_DUE_SOON} FROM changed
+)
+SELECT target.state AS found_state, task.*
+FROM target CROSS JOIN notified
+LEFT JOIN (SELECT {TASK_COLUMNS} FROM changed) AS task ON true
+"""
+
 # --- workers ------------------------------------------------------------------------------
 
 # A worker's lease covers every task it holds. It is renewed by every heartbeat and every

@@ -103,6 +103,15 @@ def _reused(key: str, task_id: int) -> IdempotencyKeyReused:
     )
 
 
+def _acted(rows: list[Any]) -> tuple[TaskState | None, Task | None]:
+    """The state a task had before an action (None: no such task), and the task after it
+    (None: the action did not apply to that state)."""
+    if not rows:
+        return None, None
+    row = rows[0]
+    return TaskState(row.found_state), None if row.id is None else _task(row)
+
+
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -303,6 +312,22 @@ class Store:
         """Delete the task unless it is running; return the state it had, None if missing."""
         rows = await self._all(queries.DELETE_TASK, id=task_id)
         return TaskState(rows[0].state) if rows else None
+
+    async def run_task(self, task_id: int) -> tuple[TaskState | None, Task | None]:
+        """Make a scheduled task due now; see `_acted` for what is returned."""
+        return _acted(await self._all(queries.RUN_TASK, id=task_id))
+
+    async def retry_task(
+        self, task_id: int, max_attempts: int
+    ) -> tuple[TaskState | None, Task | None]:
+        """Schedule a failed task again, due now, with `max_attempts` more runs."""
+        return _acted(await self._all(queries.RETRY_TASK, id=task_id, max_attempts=max_attempts))
+
+    async def reschedule_task(
+        self, task_id: int, execute_at: datetime
+    ) -> tuple[TaskState | None, Task | None]:
+        """Move a scheduled task to `execute_at`."""
+        return _acted(await self._all(queries.RESCHEDULE_TASK, id=task_id, execute_at=execute_at))
 
     # --- workers ---------------------------------------------------------------------------
 

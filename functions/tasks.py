@@ -14,7 +14,13 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from functions.errors import IdempotencyKeyReused, InvalidInput, TaskNotFound, TaskRunning
+from functions.errors import (
+    IdempotencyKeyReused,
+    InvalidInput,
+    TaskNotFound,
+    TaskRunning,
+    WrongState,
+)
 from functions.kinds import KINDS
 
 if TYPE_CHECKING:
@@ -233,3 +239,35 @@ async def delete_task(store: Store, task_id: int) -> None:
         raise TaskNotFound(task_id)
     if found is TaskState.RUNNING:
         raise TaskRunning(task_id)
+
+
+def _acted(
+    task_id: int,
+    outcome: tuple[TaskState | None, Task | None],
+    action: str,
+    allowed: TaskState,
+) -> Task:
+    found, task = outcome
+    if found is None:
+        raise TaskNotFound(task_id)
+    if task is None:
+        raise WrongState(task_id, found.value, action, allowed.value)
+    return task
+
+
+async def run_task(store: Store, task_id: int) -> Task:
+    """Make a scheduled task due now (a future execute_at becomes now)."""
+    return _acted(task_id, await store.run_task(task_id), "run now", TaskState.SCHEDULED)
+
+
+async def retry_task(store: Store, task_id: int, max_attempts: int) -> Task:
+    """Schedule a failed task again, due now, with `max_attempts` more runs; its attempts
+    so far and last error stay."""
+    outcome = await store.retry_task(task_id, max_attempts)
+    return _acted(task_id, outcome, "retried", TaskState.FAILED)
+
+
+async def reschedule_task(store: Store, task_id: int, execute_at: datetime) -> Task:
+    """Move a scheduled task to `execute_at`."""
+    outcome = await store.reschedule_task(task_id, execute_at)
+    return _acted(task_id, outcome, "rescheduled", TaskState.SCHEDULED)
