@@ -83,7 +83,12 @@ class Page:
 # enforces the same range (`execute_at_in_range`).
 MIN_EXECUTE_AT = datetime(1, 1, 1, tzinfo=UTC)
 MAX_EXECUTE_AT = datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
-MAX_UNIX_S = (MAX_EXECUTE_AT - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds()
+# Unix seconds run from 0 up to, not including, END_UNIX_S: 10000-01-01T00:00:00Z. An
+# exclusive bound, because a float cannot tell the last microsecond of 9999 from it
+# (253402300799.999999 is the float 253402300800.0): every number below it is a time of
+# 9999 or earlier, to the microsecond, and every number from it up is refused, whether
+# written as an integer or not (JSON Schema's `exclusiveMaximum`, exactly).
+END_UNIX_S = 253_402_300_800
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # 1 to 255 printable ASCII characters, no space: what fits a header value unchanged (a
 # header's surrounding spaces are trimmed in transit, so a key with spaces could arrive as
@@ -141,15 +146,16 @@ def parse_execute_at(value: object) -> datetime:
 
 
 def _from_unix_s(value: float) -> datetime:
-    if not math.isfinite(value) or not 0 <= value <= MAX_UNIX_S:
+    if not math.isfinite(value) or not 0 <= value < END_UNIX_S:
         raise ValueError(
-            f"execute_at {excerpt(value)} is not a Unix time between 0 and {MAX_UNIX_S:.6f}"
-            " (1970 to 9999)"
+            f"execute_at {excerpt(value)} is not a Unix time from 0 up to (not including)"
+            f" {END_UNIX_S} (1970 to the end of 9999)"
         )
     # Through the number's shortest decimal form, not float arithmetic: 1.000001 is one
-    # second and one microsecond, not a hair less.
+    # second and one microsecond, not a hair less. Below END_UNIX_S this stays in 9999: the
+    # largest float below it is 30 us short of it.
     micros = int((Decimal(str(value)) * 1_000_000).to_integral_value(ROUND_HALF_EVEN))
-    return min(_EPOCH + timedelta(microseconds=micros), MAX_EXECUTE_AT)
+    return _EPOCH + timedelta(microseconds=micros)
 
 
 def encode_cursor(last_id: int) -> str:
