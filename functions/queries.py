@@ -162,6 +162,22 @@ WITH target AS (
 SELECT state FROM target
 """
 
+# DELETE / (the original challenge's, for testing): tasks that are not running, a batch at a
+# time. SKIP LOCKED leaves a task that a claim or an action holds right now (a claimed one is
+# running a moment later); the lock re-checks `state` on a task changed since the statement
+# began, so none is deleted under a worker.
+DELETE_NOT_RUNNING = """
+WITH deleted AS (
+    DELETE FROM tasks WHERE id = ANY(ARRAY(
+        SELECT id FROM tasks WHERE state <> 'running'
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ))
+    RETURNING 1
+)
+SELECT count(*) FROM deleted
+"""
+
 # --- actions on one task -----------------------------------------------------------------
 # Each locks the row first, as DELETE_TASK does: the lock waits for a claim that is starting
 # the task, so an action either happens before any worker takes the task, or finds it

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
 
     # When set, every /tasks request needs `Authorization: Bearer <token>`; /healthz does not.
     api_token: str | None = None
+    # DELETE / (the original challenge's "delete everything", for testing) deletes every task
+    # that is not running; refused (403) unless set.
+    allow_delete_all: bool = False
 
     bar_url: str = DEFAULT_BAR_URL
     bar_timeout_s: float = Field(default=10.0, gt=0)

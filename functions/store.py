@@ -138,6 +138,9 @@ class Store:
     # bounded, so no statement's cost or lock time grows with a burst. (1,000: a write takes
     # ~20 ms here; larger batches bought no throughput.)
     WRITE_BATCH = 1_000
+    # The most tasks one statement of `delete_all` deletes (DELETE /, for testing): bounded,
+    # so it never runs into the statement timeout however many tasks there are.
+    DELETE_BATCH = 10_000
 
     def __init__(self, database: Database) -> None:
         self.database = database
@@ -294,14 +297,16 @@ class Store:
         return _task(rows[0]) if rows else None
 
     async def list_tasks(
-        self, *, state: TaskState | None, kind: str | None, after_id: int, limit: int
+        self, *, states: Sequence[TaskState], kind: str | None, after_id: int, limit: int
     ) -> list[Task]:
+        """Tasks after `after_id` by ascending id, in one of `states` (any when empty)."""
         sql = queries.LIST_TASKS
         params: dict[str, Any] = {"after_id": after_id, "limit": limit}
-        if state is not None:
-            # A literal, not a parameter: only then can the planner use the partial index for
-            # that state in a prepared statement's generic plan. `state` is a TaskState.
-            sql += f" AND state = '{TaskState(state).value}'"
+        if states:
+            # Literals, not a parameter: only then can the planner use the partial index for
+            # a state in a prepared statement's generic plan. Each is a TaskState.
+            literals = ", ".join(f"'{TaskState(s).value}'" for s in states)
+            sql += f" AND state IN ({literals})"
         if kind is not None:
             sql += " AND kind = %(kind)s"
             params["kind"] = kind
@@ -312,6 +317,18 @@ class Store:
         """Delete the task unless it is running; return the state it had, None if missing."""
         rows = await self._all(queries.DELETE_TASK, id=task_id)
         return TaskState(rows[0].state) if rows else None
+
+    async def delete_all(self) -> int:
+        """Delete every task that is not running, a bounded batch per statement; return how
+        many were deleted."""
+        deleted = 0
+        while True:
+            [(count,)] = await self._all(
+                queries.DELETE_NOT_RUNNING, tuple_row, limit=self.DELETE_BATCH
+            )
+            deleted += count
+            if count < self.DELETE_BATCH:
+                return int(deleted)
 
     async def run_task(self, task_id: int) -> tuple[TaskState | None, Task | None]:
         """Make a scheduled task due now; see `_acted` for what is returned."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -15,6 +16,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from functions.errors import (
+    Forbidden,
     IdempotencyKeyReused,
     InvalidInput,
     TaskNotFound,
@@ -232,10 +234,29 @@ async def list_tasks(
 ) -> Page:
     """List tasks by ascending id; `next_cursor` is None on the last page."""
     after_id = decode_cursor(cursor) if cursor else 0
-    rows = await store.list_tasks(state=state, kind=kind, after_id=after_id, limit=limit + 1)
+    states = () if state is None else (state,)
+    rows = await store.list_tasks(states=states, kind=kind, after_id=after_id, limit=limit + 1)
     items = rows[:limit]
     next_cursor = encode_cursor(items[-1].id) if len(rows) > limit else None
     return Page(items=items, next_cursor=next_cursor)
+
+
+async def list_in_states(store: Store, states: Sequence[TaskState], limit: int) -> list[Task]:
+    """The first `limit` tasks in any of `states`, oldest first."""
+    return await store.list_tasks(states=states, kind=None, after_id=0, limit=limit)
+
+
+async def delete_all(store: Store, *, allowed: bool) -> int:
+    """Delete every task that is not running (for testing); return how many went.
+
+    Refused unless `allowed`: TASKRUNNER_ALLOW_DELETE_ALL=true.
+    """
+    if not allowed:
+        raise Forbidden(
+            "deleting every task is for testing, and refused unless the setting"
+            " TASKRUNNER_ALLOW_DELETE_ALL=true"
+        )
+    return await store.delete_all()
 
 
 async def delete_task(store: Store, task_id: int) -> None:
