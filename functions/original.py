@@ -7,18 +7,17 @@ never takes a path meant for another route (`/tasks/batch`, `/healthz`, ...).
 """
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Response
-from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.routing import Match
 from starlette.types import Scope
 
 from functions import tasks
-from functions.bodies import TaskId, TaskOut
+from functions.bodies import Route, TaskId, TaskOut
 from functions.kinds import KINDS
 from functions.settings import Settings
 from functions.store import Store
@@ -45,15 +44,8 @@ STATES: dict[OriginalState, tuple[TaskState, ...]] = {
 }
 
 
-def any_case(words: Sequence[str]) -> str:
-    """A pattern matching exactly `words` in any case, portable to every regex dialect
-    (JSON Schema's, Python's, pydantic's), which inline flags are not."""
-    spelled = ("".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in w) for w in words)
-    return f"^(?:{'|'.join(spelled)})$"
-
-
-KIND_PATTERN = any_case(sorted(KINDS))
-STATE_PATTERN = any_case([s.value for s in OriginalState])
+KIND_PATTERN = tasks.any_case(sorted(KINDS))
+STATE_PATTERN = tasks.any_case([s.value for s in OriginalState])
 _DIGITS = re.compile("[0-9]+")
 
 
@@ -61,7 +53,7 @@ class DeletedOut(BaseModel):
     deleted: int
 
 
-class _CreateRoute(APIRoute):
+class _CreateRoute(Route):
     """Matches only a known type and a number of seconds: anything else is another route's."""
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
@@ -75,9 +67,15 @@ class _CreateRoute(APIRoute):
         return match, child
 
 
-def build_router(settings: Settings, store: Store, dependencies: Sequence[Any]) -> APIRouter:
-    """The original's routes over `store`, each behind `dependencies` (the token check)."""
-    router = APIRouter(tags=["original"], dependencies=list(dependencies))
+def build_router(
+    settings: Settings,
+    store: Store,
+    dependencies: Sequence[Any],
+    fails: Callable[..., dict[int | str, dict[str, Any]]],
+) -> APIRouter:
+    """The original's routes over `store`, each behind `dependencies` (the token check);
+    `fails(*codes)` is what a route declares it can answer besides success."""
+    router = APIRouter(tags=["original"], dependencies=list(dependencies), route_class=Route)
 
     async def get_store() -> Store:
         return store
@@ -103,26 +101,37 @@ def build_router(settings: Settings, store: Store, dependencies: Sequence[Any]) 
         response_model=int,
         route_class_override=_CreateRoute,
         summary="Create a task (original)",
+        # 404: the path does not name a type and a number of seconds (another route's).
+        responses=fails(404, 422),
     )
 
-    @router.get("/id/{task_id}", response_model=TaskOut, summary="Show a task (original)")
-    async def original_get(task_id: TaskId, store: StoreDep) -> TaskOut:
+    @router.get(
+        "/id/{id}",
+        response_model=TaskOut,
+        summary="Show a task (original)",
+        responses=fails(404, 422),
+    )
+    async def original_get(id: TaskId, store: StoreDep) -> TaskOut:
         """The task, as `GET /tasks/{task_id}` shows it."""
-        return TaskOut.of(await tasks.get_task(store, task_id))
+        return TaskOut.of(await tasks.get_task(store, id))
 
     @router.delete(
-        "/id/{task_id}",
+        "/id/{id}",
         status_code=204,
         response_class=Response,
         summary="Delete a task (original)",
+        responses=fails(404, 409, 422),
     )
-    async def original_delete(task_id: TaskId, store: StoreDep) -> Response:
+    async def original_delete(id: TaskId, store: StoreDep) -> Response:
         """Delete a task, as `DELETE /tasks/{task_id}` does: 409 while it is running."""
-        await tasks.delete_task(store, task_id)
+        await tasks.delete_task(store, id)
         return Response(status_code=204)
 
     @router.get(
-        "/taskstate/{state}", response_model=list[TaskOut], summary="List by state (original)"
+        "/taskstate/{state}",
+        response_model=list[TaskOut],
+        summary="List by state (original)",
+        responses=fails(422),
     )
     async def original_list(
         state: Annotated[
@@ -139,7 +148,12 @@ def build_router(settings: Settings, store: Store, dependencies: Sequence[Any]) 
         states = STATES[OriginalState(state.upper())]
         return [TaskOut.of(t) for t in await tasks.list_in_states(store, states, LIST_LIMIT)]
 
-    @router.delete("/", response_model=DeletedOut, summary="Delete every task (original)")
+    @router.delete(
+        "/",
+        response_model=DeletedOut,
+        summary="Delete every task (original)",
+        responses=fails(403),
+    )
     async def original_delete_all(store: StoreDep) -> DeletedOut:
         """Delete every task that is not running, for testing: refused (403) unless
         `TASKRUNNER_ALLOW_DELETE_ALL=true`."""

@@ -34,6 +34,12 @@ class Settings(BaseSettings):
 
     # When set, every /tasks request needs `Authorization: Bearer <token>`; /healthz does not.
     api_token: str | None = None
+    # The largest request body the API reads; a larger one gets 413 before it is read whole.
+    # A full batch (10,000 tasks, each with a 255-character idempotency key) is 3.4 MiB as
+    # compact JSON, and 6.0 MiB written as badly as JSON allows without \u escapes (every
+    # key character escaped, indented): 8 MiB takes either. API Gateway and Lambda refuse
+    # bodies over 10 MB and 6 MB before they get here.
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # DELETE / (the original challenge's "delete everything", for testing) deletes every task
     # that is not running; refused (403) unless set.
     allow_delete_all: bool = False

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -97,13 +98,40 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # another key). The table checks the same (`idempotency_key_printable`).
 IDEMPOTENCY_KEY_PATTERN = "^[!-~]{1,255}$"
 _FORMS = "an ISO-8601 date-time with an offset (e.g. 2030-01-01T12:00:00Z) or Unix seconds"
+# What a kind's name may have around it: ASCII spaces, tabs and line ends, nothing else, so
+# that the API's schema can say exactly what it takes.
+_BLANKS = " \t\n\r"
+
+
+def any_case(words: Sequence[str], around: str = "") -> str:
+    """A pattern matching exactly one of `words` in any case (with `around` repeated on
+    either side), in a form every regex dialect reads alike (JSON Schema's, Python's,
+    pydantic's), which inline flags are not."""
+    spelled = ("".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in w) for w in words)
+    return f"^{around}(?:{'|'.join(spelled)}){around}$"
+
+
+KIND_PATTERN = any_case(sorted(KINDS), around="[ \\t\\n\\r]*")
+
+# The cursors `encode_cursor` makes, and only those: base64url (no padding) of "after:" and
+# 1 to 19 ASCII digits. "after:" is "YWZ0ZXI6". Three digits (0011abcd 0011efgh 0011ijkl)
+# make four characters: 0011ab (M, N, O: a digit is at most 1001), cd0011 (D, T, j, z; only
+# D, T after O), efgh00 and 11ijkl; one or two digits left over make two or three.
+_PAIR = "(?:[MN][DTjz]|O[DT])"
+_THREE = f"{_PAIR}[AEIMQUYcgk][w-z0-5]"
+_ONE = "(?:[MN][AQgw]|O[AQ])"
+_TWO = f"{_PAIR}[AEIMQUYcgk]"
+# 1 to 18 digits: up to five threes and a last group; 19: six threes and one.
+CURSOR_PATTERN = (
+    f"^YWZ0ZXI6(?:(?:{_THREE}){{0,5}}(?:{_THREE}|{_ONE}|{_TWO})|(?:{_THREE}){{6}}{_ONE})$"
+)
 
 
 def parse_kind(value: object) -> str:
     """Return the kind named by `value`, matched case-insensitively."""
     if not isinstance(value, str):
         raise ValueError("type must be a string")
-    name = value.strip().lower()
+    name = value.strip(_BLANKS).lower()
     if name not in KINDS:
         raise ValueError(
             f"unknown type {excerpt(value)}; expected one of {', '.join(sorted(KINDS))}"
@@ -113,7 +141,12 @@ def parse_kind(value: object) -> str:
 
 def excerpt(value: object, limit: int = 40) -> str:
     """`repr(value)`, cut to `limit` characters: errors never echo more of the input."""
-    text = repr(value)
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit] + value[-2:]
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of thousands of digits
+        return "a number too long to show"
     return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
 
 
@@ -129,12 +162,25 @@ def parse_execute_at(value: object) -> datetime:
         return _from_unix_s(value)
     if isinstance(value, str):
         try:
-            parsed = datetime.fromisoformat(value.strip())
+            # upper(): RFC 3339 allows a lowercase t and z, Python's parser does not.
+            parsed = datetime.fromisoformat(value.strip().upper())
         except ValueError:
             raise ValueError(f"execute_at {excerpt(value)} is not {_FORMS}") from None
-        if parsed.tzinfo is None or parsed.utcoffset() is None:
+        offset = parsed.utcoffset()
+        if offset is None:
             raise ValueError(
                 f"execute_at {excerpt(value)} has no UTC offset; add one, e.g. 'Z' or '+02:00'"
+            )
+        # On the range's first and last days, an offset that could leave it is refused even
+        # where this time would not (0001-01-01T05:00+01:00): a rule the API's schema can
+        # state exactly (DATE_TIME_PATTERN), unlike "the time is later than the offset".
+        if (parsed.date() == MIN_EXECUTE_AT.date() and offset > timedelta(0)) or (
+            parsed.date() == MAX_EXECUTE_AT.date() and offset < timedelta(0)
+        ):
+            raise ValueError(
+                f"execute_at {excerpt(value)} is on the first or last day of the range with an"
+                " offset that can take it out of 0001-01-01T00:00:00Z to"
+                " 9999-12-31T23:59:59.999999Z: give it in UTC"
             )
         try:
             return parsed.astimezone(UTC)
@@ -145,6 +191,17 @@ def parse_execute_at(value: object) -> datetime:
                 "9999-12-31T23:59:59.999999Z once converted to UTC"
             ) from None
     raise ValueError(f"execute_at must be {_FORMS}")
+
+
+# The date-time strings parse_execute_at refuses, among those of JSON Schema's `date-time`
+# format (RFC 3339): year 0, a leap second (Python's datetime has none), and the offsets it
+# refuses on the range's first and last days.
+DATE_TIME_PATTERN = (
+    "^(?!0000-"
+    "|[^Tt ]*[Tt ][0-9]{2}:[0-9]{2}:60"
+    "|0001-01-01[Tt ][^+]*[+](?!00:?00$)"
+    "|9999-12-31[Tt ][^-]*-(?!00:?00$))"
+)
 
 
 def _from_unix_s(value: float) -> datetime:
@@ -165,6 +222,8 @@ def encode_cursor(last_id: int) -> str:
 
 
 def decode_cursor(cursor: str) -> int:
+    if not re.fullmatch(CURSOR_PATTERN, cursor):
+        raise InvalidInput(f"cursor {excerpt(cursor)} is not one this API returned")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, _, last_id = raw.partition(":")

@@ -164,8 +164,8 @@ async def test_the_original_routes_are_tagged_in_the_openapi_document(
     }
     assert tagged == {
         ("POST", "/{type}/{unix_seconds}"),
-        ("GET", "/id/{task_id}"),
-        ("DELETE", "/id/{task_id}"),
+        ("GET", "/id/{id}"),
+        ("DELETE", "/id/{id}"),
         ("GET", "/taskstate/{state}"),
         ("DELETE", "/"),
     }
