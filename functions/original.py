@@ -102,7 +102,15 @@ def build_router(
         route_class_override=_CreateRoute,
         summary="Create a task (original)",
         # 404: the path does not name a type and a number of seconds (another route's).
-        responses=fails(404, 422),
+        responses={
+            **fails(404, 422),
+            200: {
+                "links": {
+                    op: {"operationId": op, "parameters": {"id": "$response.body"}}
+                    for op in ("original_get", "original_delete")
+                }
+            },
+        },
     )
 
     @router.get(
