@@ -5,21 +5,42 @@ Domain errors become status codes here and nowhere else.
 
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response, Security
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
-from functions import tasks
-from functions.asgi import BasePath, HeadWithoutBody
+from functions import monitoring, original, tasks
+from functions.asgi import BasePath, BodyLimit, HeadWithoutBody
+from functions.bodies import (
+    KIND_SCHEMA,
+    BatchIn,
+    IdempotencyKey,
+    IdsOut,
+    KindQuery,
+    PageOut,
+    RescheduleIn,
+    Route,
+    TaskId,
+    TaskIn,
+    TaskOut,
+    errors,
+    links,
+)
 from functions.db import Database
 from functions.docs import add_docs
 from functions.errors import (
     DatabaseUnavailable,
+    Forbidden,
+    IdempotencyKeyReused,
     InvalidInput,
     NotJson,
     SchemaOutdated,
@@ -27,89 +48,66 @@ from functions.errors import (
     TaskrunnerError,
     TaskRunning,
     Unauthorized,
+    WrongState,
 )
-from functions.kinds import KINDS
 from functions.settings import Settings
 from functions.store import Store
-from functions.tasks import NewTask, Task, TaskState
+from functions.tasks import NewTask, TaskState
 
 logger = logging.getLogger(__name__)
-
-MAX_BATCH = 10_000
-_BIGINT_MAX = 2**63 - 1
-
-KindName = Annotated[
-    str,
-    PlainValidator(tasks.parse_kind),
-    WithJsonSchema(
-        {
-            "type": "string",
-            "enum": sorted(KINDS),
-            "description": "The task kind, case-insensitive; returned lowercase.",
-        }
-    ),
-]
-ExecuteAt = Annotated[
-    datetime,
-    PlainValidator(tasks.parse_execute_at),
-    WithJsonSchema(
-        {
-            "anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}],
-            "description": "ISO-8601 date-time with a UTC offset, or Unix seconds.",
-            "examples": ["2030-01-01T12:00:00Z", 1893499200],
-        }
-    ),
-]
-
-
-class TaskIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: KindName
-    execute_at: ExecuteAt
-
-    def to_new(self) -> NewTask:
-        return NewTask(kind=self.type, execute_at=self.execute_at)
-
-
-class BatchIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    tasks: list[TaskIn] = Field(min_length=1, max_length=MAX_BATCH)
-
-
-class TaskOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    type: str = Field(validation_alias="kind")
-    state: TaskState
-    execute_at: datetime
-    next_attempt_at: datetime | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    attempts: int
-    max_attempts: int
-    output: str | None
-    error: str | None
-
-    @classmethod
-    def of(cls, task: Task) -> "TaskOut":
-        return cls.model_validate(task)
-
-
-class PageOut(BaseModel):
-    items: list[TaskOut]
-    next_cursor: str | None
-
-
-class IdsOut(BaseModel):
-    ids: list[int]
 
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+# A 422 lists at most this many issues: a batch of 10,000 bad items says so in a few lines.
+MAX_ISSUES = 20
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` at most `limit` characters long, and safe to encode (a lone surrogate from a
+    JSON escape would fail the response)."""
+    if len(text) > limit:
+        text = f"{text[: limit - 5]}...{text[-2:]}"
+    return text.encode("utf-8", "backslashreplace").decode()
+
+
+def _issues(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """FastAPI's validation errors as `loc`, `msg` and `type` only: never the `input` (which
+    can be the whole body) nor its `ctx`, and every string cut short."""
+    issues = []
+    for error in errors[:MAX_ISSUES]:
+        msg = str(error.get("msg", ""))
+        if error.get("type") == "json_invalid" and "error" in (error.get("ctx") or {}):
+            msg = f"{msg}: {error['ctx']['error']}"
+        issues.append(
+            {
+                "loc": [x if isinstance(x, int) else _cut(str(x), 40) for x in error["loc"]],
+                "msg": _cut(msg, 300),
+                "type": _cut(str(error.get("type", "")), 40),
+            }
+        )
+    if len(errors) > MAX_ISSUES:
+        issues.append(
+            {
+                "loc": [_cut(str(errors[0]["loc"][0]), 40)],
+                "msg": f"and {len(errors) - MAX_ISSUES} more issues",
+                "type": "too_many_issues",
+            }
+        )
+    return issues
+
+
+def _unreadable(cause: BaseException) -> str:
+    """Why FastAPI could not read a JSON body (it answers 400 with a generic message)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not JSON: byte {cause.start} is not UTF-8"
+    if isinstance(cause, RecursionError):
+        return "the body is not JSON this API reads: it nests too deeply"
+    if isinstance(cause, ValueError):
+        return f"the body is not JSON this API reads: {_cut(str(cause), 100)}"
+    return "the body cannot be read as JSON"
 
 
 def build_app(settings: Settings) -> FastAPI:
@@ -130,30 +128,47 @@ def build_app(settings: Settings) -> FastAPI:
         # Ours instead (functions/docs.py): FastAPI's load their scripts from a CDN.
         docs_url=None,
         redoc_url=None,
+        # operationId: the route's function name (`get_task`), which the links refer to.
+        generate_unique_id_function=lambda route: route.name,
     )
+    app.router.route_class = Route
     add_docs(app)
     app.add_middleware(HeadWithoutBody)
     if settings.base_path:
         app.add_middleware(BasePath, base_path=settings.base_path)
+    # Outermost: no body is read before it is counted.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     store = Store(database)
 
     async def get_store() -> Store:
         return store
 
-    expected_token = None if settings.api_token is None else settings.api_token.encode()
+    Authorized: list[Any] = []
+    auth_errors: tuple[int, ...] = ()
+    if settings.api_token is not None:
+        expected_token = settings.api_token.encode()
+        # Declares the scheme in the OpenAPI document; the check is ours.
+        bearer = HTTPBearer(auto_error=False, description="TASKRUNNER_API_TOKEN")
 
-    async def check_token(authorization: Annotated[str | None, Header()] = None) -> None:
-        if expected_token is None:
-            return
-        scheme, _, token = (authorization or "").partition(" ")
-        # The scheme is case-insensitive (RFC 9110). Compare bytes: compare_digest refuses a
-        # str with non-ASCII characters, and headers arrive as latin-1, so this gets the bytes
-        # the client sent back.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode("latin-1"), expected_token
-        ):
-            raise Unauthorized("missing or wrong `Authorization: Bearer <token>` header")
+        async def check_token(
+            credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+        ) -> None:
+            # The scheme is case-insensitive (RFC 9110; HTTPBearer checks it). Compare bytes:
+            # compare_digest refuses a str with non-ASCII characters, and headers arrive as
+            # latin-1, so this gets the bytes the client sent back.
+            if credentials is None or not hmac.compare_digest(
+                credentials.credentials.strip().encode("latin-1"), expected_token
+            ):
+                raise Unauthorized("missing or wrong `Authorization: Bearer <token>` header")
+
+        Authorized = [Depends(check_token)]
+        auth_errors = (401,)
+
+    def fails(*codes: int) -> dict[int | str, dict[str, Any]]:
+        """What a route declares it can answer besides success: `codes`, the token's 401,
+        413 (any request may send too large a body), and 503 (the database)."""
+        return errors(*sorted({*codes, *auth_errors, 413, 503}))
 
     async def require_json(request: Request) -> None:
         # A body sent without a content-type is read as JSON (clients and test consoles omit
@@ -163,22 +178,26 @@ def build_app(settings: Settings) -> FastAPI:
         media = content_type.partition(";")[0].strip().lower()
         if media and media != "application/json" and not media.endswith("+json"):
             raise NotJson(
-                f"the body must be JSON, sent as `content-type: application/json`, not {media}"
+                "the body must be JSON, sent as `content-type: application/json`, not"
+                f" {tasks.excerpt(media)}"
             )
 
     StoreDep = Annotated[Store, Depends(get_store)]
-    Authorized = [Depends(check_token)]
     # Every route that takes a body: the token first, then the content-type.
-    TakesJson = [Depends(check_token), Depends(require_json)]
+    TakesJson = [*Authorized, Depends(require_json)]
+    # What every route that takes a body can answer besides its own errors.
+    BODY_ERRORS = (400, 408, 415, 422)
 
     @app.exception_handler(TaskrunnerError)
     async def on_domain_error(request: Request, exc: TaskrunnerError) -> JSONResponse:
         if isinstance(exc, TaskNotFound):
             return _error(404, str(exc))
-        if isinstance(exc, TaskRunning):
+        if isinstance(exc, TaskRunning | WrongState | IdempotencyKeyReused):
             return _error(409, str(exc))
         if isinstance(exc, InvalidInput):
             return _error(400, str(exc))
+        if isinstance(exc, Forbidden):
+            return _error(403, str(exc))
         if isinstance(exc, Unauthorized):
             return _error(401, str(exc), {"WWW-Authenticate": "Bearer"})
         if isinstance(exc, NotJson):
@@ -191,6 +210,31 @@ def build_app(settings: Settings) -> FastAPI:
             return _error(503, str(exc), {"Retry-After": "30"})
         logger.exception("action=request path=%s: unexpected error", request.url.path)
         return _error(500, "internal error")
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _issues(exc.errors())}, status_code=422)
+
+    def allowed(scope: Scope) -> str:
+        """Every method some route answers at this path. Starlette's 405 names only the
+        methods of the first route that matched the path (GET of /tasks/{task_id}, not its
+        PATCH and DELETE, which are routes of their own)."""
+        return ", ".join(
+            method
+            for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+            if any(
+                route.matches({**scope, "method": method})[0] is Match.FULL
+                for route in app.router.routes
+            )
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            return _error(400, _unreadable(exc.__cause__))
+        if exc.status_code == 405:
+            exc.headers = {**(exc.headers or {}), "Allow": allowed(request.scope)}
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, exc: Exception) -> JSONResponse:
@@ -208,54 +252,128 @@ def build_app(settings: Settings) -> FastAPI:
     # where it would repeat GET's operation.
     app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
 
-    @app.post("/tasks", status_code=201, response_model=TaskOut, dependencies=TakesJson)
+    @app.post(
+        "/tasks",
+        status_code=201,
+        response_model=TaskOut,
+        dependencies=TakesJson,
+        responses={
+            200: {
+                "model": TaskOut,
+                "description": "A repeat of the request that created this task (same"
+                " Idempotency-Key, type and execute_at): nothing was created.",
+            },
+            201: {"description": "Created.", "links": links("id")},
+            **fails(*BODY_ERRORS, 409),
+        },
+    )
     async def create_task(
-        body: TaskIn, request: Request, response: Response, store: StoreDep
+        body: TaskIn,
+        request: Request,
+        response: Response,
+        store: StoreDep,
+        idempotency_key: Annotated[IdempotencyKey | None, Header(alias="Idempotency-Key")] = None,
     ) -> TaskOut:
-        """Schedule a task to run once, at or after `execute_at`."""
-        task = await tasks.create_task(store, body.to_new(), settings.max_attempts)
-        # root_path: the base path the API is served under (BasePath), so the URL works.
-        path = app.url_path_for("get_task", task_id=str(task.id))
-        response.headers["Location"] = request.scope.get("root_path", "") + path
+        """Schedule a task to run once, at or after `execute_at`.
+
+        With an `Idempotency-Key`, a repeat of this request gets the same task back (200).
+        """
+        new = NewTask(kind=body.type, execute_at=body.execute_at, idempotency_key=idempotency_key)
+        task, created = await tasks.create_task(store, new, settings.max_attempts)
+        if created:
+            # root_path: the base path the API is served under (BasePath), so the URL works.
+            path = app.url_path_for("get_task", task_id=str(task.id))
+            response.headers["Location"] = request.scope.get("root_path", "") + path
+        else:
+            response.status_code = 200
         return TaskOut.of(task)
 
-    @app.post("/tasks/batch", status_code=201, response_model=IdsOut, dependencies=TakesJson)
+    @app.post(
+        "/tasks/batch",
+        status_code=201,
+        response_model=IdsOut,
+        dependencies=TakesJson,
+        responses={**fails(*BODY_ERRORS, 409), 201: {"links": links("ids/0")}},
+    )
     async def create_tasks(body: BatchIn, store: StoreDep) -> IdsOut:
         """Schedule up to 10,000 tasks: all are written or none (the error names the item)."""
         new = [item.to_new() for item in body.tasks]
         return IdsOut(ids=await tasks.create_tasks(store, new, settings.max_attempts))
 
-    @app.get("/tasks", response_model=PageOut, dependencies=Authorized)
+    @app.get("/tasks", response_model=PageOut, dependencies=Authorized, responses=fails(400, 422))
     async def list_tasks(
         store: StoreDep,
         state: Annotated[
             TaskState | None, Query(description="scheduled, running, succeeded or failed")
         ] = None,
-        type: Annotated[
-            str | None, AfterValidator(lambda v: v and tasks.parse_kind(v)), Query()
-        ] = None,
+        type: Annotated[KindQuery | None, Query(description=KIND_SCHEMA["description"])] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+        cursor: Annotated[
+            str | None,
+            Query(pattern=tasks.CURSOR_PATTERN, description="`next_cursor` of the previous page"),
+        ] = None,
     ) -> PageOut:
         """List tasks by ascending id, optionally filtered by state and type."""
         page = await tasks.list_tasks(store, state=state, kind=type, limit=limit, cursor=cursor)
         return PageOut(items=[TaskOut.of(t) for t in page.items], next_cursor=page.next_cursor)
 
-    @app.get("/tasks/{task_id}", response_model=TaskOut, dependencies=Authorized)
-    async def get_task(
-        task_id: Annotated[int, Path(ge=1, le=_BIGINT_MAX)], store: StoreDep
-    ) -> TaskOut:
+    @app.get(
+        "/tasks/{task_id}",
+        response_model=TaskOut,
+        dependencies=Authorized,
+        responses=fails(404, 422),
+    )
+    async def get_task(task_id: TaskId, store: StoreDep) -> TaskOut:
         """Show one task."""
         return TaskOut.of(await tasks.get_task(store, task_id))
 
-    @app.delete(
-        "/tasks/{task_id}", status_code=204, response_class=Response, dependencies=Authorized
+    @app.post(
+        "/tasks/{task_id}/run",
+        response_model=TaskOut,
+        dependencies=Authorized,
+        responses=fails(404, 409, 422),
     )
-    async def delete_task(
-        task_id: Annotated[int, Path(ge=1, le=_BIGINT_MAX)], store: StoreDep
-    ) -> Response:
+    async def run_task(task_id: TaskId, store: StoreDep) -> TaskOut:
+        """Make a scheduled task due now; 409 once it is running or finished."""
+        return TaskOut.of(await tasks.run_task(store, task_id))
+
+    @app.post(
+        "/tasks/{task_id}/retry",
+        response_model=TaskOut,
+        dependencies=Authorized,
+        responses=fails(404, 409, 422),
+    )
+    async def retry_task(task_id: TaskId, store: StoreDep) -> TaskOut:
+        """Schedule a failed task again, due now, with a fresh budget of attempts.
+
+        `attempts` counts on and the last `error` stays until the next attempt ends.
+        409 unless the task failed.
+        """
+        return TaskOut.of(await tasks.retry_task(store, task_id, settings.max_attempts))
+
+    @app.patch(
+        "/tasks/{task_id}",
+        response_model=TaskOut,
+        dependencies=TakesJson,
+        responses=fails(*BODY_ERRORS, 404, 409),
+    )
+    async def reschedule_task(task_id: TaskId, body: RescheduleIn, store: StoreDep) -> TaskOut:
+        """Move a scheduled task to a new `execute_at`; 409 once it is running or finished."""
+        return TaskOut.of(await tasks.reschedule_task(store, task_id, body.execute_at))
+
+    @app.delete(
+        "/tasks/{task_id}",
+        status_code=204,
+        response_class=Response,
+        dependencies=Authorized,
+        responses=fails(404, 409, 422),
+    )
+    async def delete_task(task_id: TaskId, store: StoreDep) -> Response:
         """Delete a task; a running one cannot be deleted (409)."""
         await tasks.delete_task(store, task_id)
         return Response(status_code=204)
 
+    app.include_router(monitoring.build_router(get_store, Authorized, fails))
+    # Last: its `POST /{type}/{unix_seconds}` must not shadow a route above.
+    app.include_router(original.build_router(settings, store, Authorized, fails))
     return app

@@ -17,6 +17,25 @@ class TaskRunning(TaskrunnerError):
         self.task_id = task_id
 
 
+class WrongState(TaskrunnerError):
+    """An action on a task in a state that does not allow it (run a finished task, say)."""
+
+    def __init__(self, task_id: int, state: str, action: str, allowed: str) -> None:
+        super().__init__(
+            f"task {task_id} is in state {state}: only a {allowed} task can be {action}"
+        )
+        self.task_id = task_id
+        self.state = state
+
+
+class IdempotencyKeyReused(TaskrunnerError):
+    """An idempotency key sent again with a different type or execute_at."""
+
+
+class Forbidden(TaskrunnerError):
+    """A call this deployment's settings do not allow."""
+
+
 class InvalidInput(TaskrunnerError):
     """Input that passed the schema but not the domain (a bad cursor, say)."""
 

@@ -33,7 +33,7 @@ TASK_COLUMNS = f"""
     created_at AT TIME ZONE 'UTC' AS created_at,
     started_at AT TIME ZONE 'UTC' AS started_at,
     finished_at AT TIME ZONE 'UTC' AS finished_at,
-    attempts, max_attempts, output, error
+    attempts, max_attempts, output, error, idempotency_key
 """
 
 # Creating a task due within NOTIFY_HORIZON wakes listening workers (in the same
@@ -85,6 +85,66 @@ SELECT inserted.id FROM inserted CROSS JOIN notified
 ORDER BY id
 """
 
+# --- idempotency keys (migration 0003) ---------------------------------------------------
+# A create with a key inserts unless a task holds the key already. ON CONFLICT waits for a
+# concurrent insert of the same key to commit or roll back, so of any number of concurrent
+# requests with one key exactly one inserts; the others get no row, and read the winner
+# with GET_TASK_BY_KEY (a statement of its own: a new snapshot, which sees it). A create
+# without a key stays on INSERT_TASK / INSERT_TASKS, which pay nothing for keys.
+INSERT_TASK_KEYED = f"""
+WITH inserted AS (
+    INSERT INTO tasks (kind, execute_at, max_attempts, idempotency_key, idempotency_execute_at)
+    VALUES (%(kind)s, %(execute_at)s, %(max_attempts)s, %(key)s, %(execute_at)s)
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING *
+), notified AS (
+    SELECT {_NOTIFY_IF_SOON} FROM inserted
+)
+SELECT {TASK_COLUMNS} FROM inserted CROSS JOIN notified
+"""
+
+# The task holding a key, and what the request that created it asked for (`requested_at`:
+# execute_at may have moved since, by /run or PATCH).
+GET_TASK_BY_KEY = f"""
+SELECT {TASK_COLUMNS}, idempotency_execute_at AT TIME ZONE 'UTC' AS requested_at
+FROM tasks WHERE idempotency_key = %(key)s
+"""
+
+# A batch with keys (unique within it: the domain merges items that share one), run in a
+# transaction with FIND_KEYS: rows whose key is taken are skipped. Keyed rows are inserted
+# in the order of their keys, so concurrent batches sharing keys wait on each other in one
+# order and never deadlock (in the order given, two batches with the same 200 keys in
+# opposite orders locked each other until the statement timeout); they are matched to their
+# items by key. Rows without a key come first, in the order given: their ids, sorted, are
+# theirs in order (as INSERT_TASKS). The skipped keys' tasks are then read by FIND_KEYS, in
+# a new snapshot that sees concurrent winners; a key sent with another kind or time rolls
+# the whole batch back.
+INSERT_TASKS_KEYED = f"""
+WITH new AS (
+    SELECT kind, key, n,
+        timestamptz 'epoch' + make_interval(secs => at_us / 1000000)
+            + make_interval(secs => mod(at_us, 1000000) / 1e6) AS at
+    FROM ROWS FROM (
+        json_to_recordset(CAST(%(tasks)s AS json)) AS (kind text, at_us bigint, key text)
+    ) WITH ORDINALITY AS new(kind, at_us, key, n)
+), inserted AS (
+    INSERT INTO tasks (kind, execute_at, max_attempts, idempotency_key, idempotency_execute_at)
+    SELECT kind, at, %(max_attempts)s, key, CASE WHEN key IS NOT NULL THEN at END FROM new
+    ORDER BY key COLLATE "C" NULLS FIRST, n
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id, execute_at, idempotency_key
+), notified AS (
+    SELECT {_NOTIFY_IF_SOON} FROM inserted
+)
+SELECT inserted.id, inserted.idempotency_key FROM inserted CROSS JOIN notified
+ORDER BY id
+"""
+
+FIND_KEYS = """
+SELECT idempotency_key, id, kind, idempotency_execute_at AT TIME ZONE 'UTC'
+FROM tasks WHERE idempotency_key = ANY(CAST(%(keys)s AS text[]))
+"""
+
 GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = %(id)s"
 
 # `list_tasks` appends `AND state = '...'` / `AND kind = %(kind)s` as asked: a fixed
@@ -100,6 +160,91 @@ WITH target AS (
     DELETE FROM tasks WHERE id IN (SELECT id FROM target WHERE state <> 'running')
 )
 SELECT state FROM target
+"""
+
+# DELETE / (the original challenge's, for testing): tasks that are not running, a batch at a
+# time. SKIP LOCKED leaves a task that a claim or an action holds right now (a claimed one is
+# running a moment later); the lock re-checks `state` on a task changed since the statement
+# began, so none is deleted under a worker.
+DELETE_NOT_RUNNING = """
+WITH deleted AS (
+    DELETE FROM tasks WHERE id = ANY(ARRAY(
+        SELECT id FROM tasks WHERE state <> 'running'
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ))
+    RETURNING 1
+)
+SELECT count(*) FROM deleted
+"""
+
+# --- actions on one task -----------------------------------------------------------------
+# Each locks the row first, as DELETE_TASK does: the lock waits for a claim that is starting
+# the task, so an action either happens before any worker takes the task, or finds it
+# running and changes nothing; never a task under a worker. Each returns the state the task
+# had (`found_state`; no row: no such task) and, when it acted, the task as it is now. A
+# task made due within NOTIFY_HORIZON wakes the workers, as a new one does.
+_NOTIFY_DUE_SOON = f"""
+    CASE WHEN min({DUE_AT}) < now() + interval '{NOTIFY_HORIZON_S} seconds'
+        THEN pg_notify('{CHANNEL}', CAST(extract(epoch FROM min({DUE_AT})) AS text))
+    END
+"""
+
+# POST /tasks/{id}/run: a scheduled task becomes due now. Its execute_at becomes now unless
+# it is past already (a task waiting for a retry keeps the time it was asked for), so no task
+# ever starts before its execute_at; a pending retry's wait is dropped.
+RUN_TASK = f"""
+WITH target AS (
+    SELECT id, state FROM tasks WHERE id = %(id)s FOR UPDATE
+), changed AS (
+    UPDATE tasks SET execute_at = least(execute_at, now()), next_attempt_at = NULL
+    WHERE id IN (SELECT id FROM target WHERE state = 'scheduled')
+    RETURNING *
+), notified AS (
+    SELECT {_NOTIFY_DUE_SOON} FROM changed
+)
+SELECT target.state AS found_state, task.*
+FROM target CROSS JOIN notified
+LEFT JOIN (SELECT {TASK_COLUMNS} FROM changed) AS task ON true
+"""
+
+# POST /tasks/{id}/retry: a failed task is scheduled again, due now, with a fresh budget of
+# `max_attempts` more runs. Its history stays: attempts counts on from where it was, and
+# output and error keep the last failure until the next attempt ends.
+RETRY_TASK = f"""
+WITH target AS (
+    SELECT id, state FROM tasks WHERE id = %(id)s FOR UPDATE
+), changed AS (
+    UPDATE tasks
+    SET state = 'scheduled',
+        next_attempt_at = now(),
+        max_attempts = attempts + %(max_attempts)s,
+        finished_at = NULL
+    WHERE id IN (SELECT id FROM target WHERE state = 'failed')
+    RETURNING *
+), notified AS (
+    SELECT {_NOTIFY_DUE_SOON} FROM changed
+)
+SELECT target.state AS found_state, task.*
+FROM target CROSS JOIN notified
+LEFT JOIN (SELECT {TASK_COLUMNS} FROM changed) AS task ON true
+"""
+
+# PATCH /tasks/{id}: a scheduled task gets a new execute_at, and is due then (a pending
+# retry's time is dropped with the old one).
+RESCHEDULE_TASK = f"""
+WITH target AS (
+    SELECT id, state FROM tasks WHERE id = %(id)s FOR UPDATE
+), changed AS (
+    UPDATE tasks SET execute_at = %(execute_at)s, next_attempt_at = NULL
+    WHERE id IN (SELECT id FROM target WHERE state = 'scheduled')
+    RETURNING *
+), notified AS (
+    SELECT {_NOTIFY_DUE_SOON} FROM changed
+)
+SELECT target.state AS found_state, task.*
+FROM target CROSS JOIN notified
+LEFT JOIN (SELECT {TASK_COLUMNS} FROM changed) AS task ON true
 """
 
 # --- workers ------------------------------------------------------------------------------
@@ -307,6 +452,30 @@ WHERE w.lease_expires_at < now()
   AND NOT EXISTS (SELECT 1 FROM tasks WHERE state = 'running' AND claimed_by = w.id)
 """
 
+# --- retention ---------------------------------------------------------------------------
+
+# Finished tasks older than `older_than_s`, the oldest first, at most `limit` a statement:
+# served by the `tasks_finished` index, in its order. SKIP LOCKED: parallel ticks and
+# workers pruning at once split the rows rather than wait on each other.
+PRUNE_FINISHED = """
+WITH pruned AS (
+    DELETE FROM tasks
+    WHERE id = ANY(ARRAY(
+        SELECT id FROM tasks
+        WHERE state IN ('succeeded', 'failed')
+          AND finished_at < now() - make_interval(secs => CAST(%(older_than_s)s AS float8))
+        ORDER BY finished_at
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ))
+    RETURNING 1
+)
+SELECT count(*) FROM pruned
+"""
+
+# Activity is kept a day (/stats reads the last hour).
+PRUNE_ACTIVITY = "DELETE FROM task_activity WHERE bucket < now() - interval '1 day'"
+
 # --- activity: what /stats and /metrics read (functions/stats.py) -----------------------------
 
 # A worker's counts for some 10-second buckets, added to what other workers counted. The
@@ -383,5 +552,5 @@ PING = "SELECT 1"
 
 # The schema revision these statements are written for (local/migrations/versions/); a
 # unit test keeps it equal to the newest migration.
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0004"
 SCHEMA_REVISION_IN_DATABASE = "SELECT version_num FROM alembic_version"

@@ -36,6 +36,7 @@ from typing import Any, TextIO
 
 import httpx
 
+from functions import tasks
 from functions.errors import DatabaseError, DatabaseUnavailable, WorkerFailed
 from functions.kinds import KINDS, Context, HttpClients, Kind
 from functions.settings import Settings
@@ -53,6 +54,11 @@ _DB_RETRY_MAX_S = 5.0
 _SLOW_WRITE_S = 1.0
 # A task's output and error are stored up to this many characters.
 _MAX_TEXT = 16_384
+# Retention: each process prunes finished tasks at most this often, for at most this long.
+_PRUNE_EVERY_S = 60.0
+_PRUNE_BUDGET_S = 5.0
+# When this process last pruned (time.monotonic()), shared by its runs and ticks.
+_last_prune: float | None = None
 # Activity counts (for /stats) are written this often.
 _ACTIVITY_EVERY_S = 2.0
 # Rescued tasks are logged one line each up to this many per rescue, then summarised.
@@ -100,6 +106,8 @@ class TickSummary:
     retried: int = 0
     rescued: int = 0
     released: int = 0
+    # Finished tasks deleted, past TASKRUNNER_RETENTION_S.
+    pruned: int = 0
     # Results not written because the worker no longer held the task (its lease ran out).
     lost: int = 0
     # Due tasks left because their kind could not finish before the deadline, by kind.
@@ -213,6 +221,7 @@ class Runner:
         try:
             try:
                 await self._rescue(summary)
+                await self._prune_if_due(summary, deadline)
             except DatabaseUnavailable as exc:
                 summary.note_error(str(exc))
             await self._claim_loop(summary, deadline, keep_polling, stop)
@@ -645,6 +654,7 @@ class Runner:
                     return
                 await self._rescue(summary)
                 await self._reconcile(summary)
+                await self._prune_if_due(summary, None)
                 wait_s = interval_s
             except DatabaseUnavailable as exc:
                 logger.warning("action=heartbeat worker=%s: %s", self.worker_id, exc)
@@ -676,6 +686,27 @@ class Runner:
             )  # fmt: skip
         if rescued:
             self._wake.set()
+
+    async def _prune_if_due(self, summary: TickSummary, deadline: float | None) -> None:
+        """Delete finished tasks past the retention, if this process has not for a while."""
+        global _last_prune
+        retention_s = self.settings.retention_s
+        now = time.monotonic()
+        if retention_s == 0 or (_last_prune is not None and now - _last_prune < _PRUNE_EVERY_S):
+            return
+        budget_s = _PRUNE_BUDGET_S
+        if deadline is not None:
+            budget_s = min(budget_s, deadline - now - self.settings.deadline_margin_s)
+            if budget_s <= 0:
+                return
+        _last_prune = now
+        pruned = await tasks.prune(self.store, older_than_s=retention_s, budget_s=budget_s)
+        summary.pruned += pruned
+        if pruned:
+            logger.info(
+                "action=prune worker=%s count=%d: finished over %.0f s ago",
+                self.worker_id, pruned, retention_s,
+            )  # fmt: skip
 
     # --- activity ----------------------------------------------------------------------------
 

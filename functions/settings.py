@@ -34,6 +34,15 @@ class Settings(BaseSettings):
 
     # When set, every /tasks request needs `Authorization: Bearer <token>`; /healthz does not.
     api_token: str | None = None
+    # The largest request body the API reads; a larger one gets 413 before it is read whole.
+    # A full batch (10,000 tasks, each with a 255-character idempotency key) is 3.4 MiB as
+    # compact JSON, and 6.0 MiB written as badly as JSON allows without \u escapes (every
+    # key character escaped, indented): 8 MiB takes either. API Gateway and Lambda refuse
+    # bodies over 10 MB and 6 MB before they get here.
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # DELETE / (the original challenge's "delete everything", for testing) deletes every task
+    # that is not running; refused (403) unless set.
+    allow_delete_all: bool = False
 
     bar_url: str = DEFAULT_BAR_URL
     bar_timeout_s: float = Field(default=10.0, gt=0)
@@ -61,6 +70,10 @@ class Settings(BaseSettings):
     # Longest sleep between looks at the table when no notification can wake the worker.
     # At most queries.NOTIFY_HORIZON_S: tasks due later than that wake no worker.
     poll_interval_s: float = Field(default=1.0, gt=0, le=60)
+    # Finished tasks (succeeded, failed) are deleted this long after they finished, by the
+    # workers and ticks (at most about once a minute each) or `taskrunner prune`; 0 keeps
+    # them forever. Deleting a task frees its idempotency key.
+    retention_s: float = Field(default=7 * 24 * 3600.0, ge=0)
     # On SIGTERM, how long running tasks may take to finish before they are released.
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     # Margin a tick keeps before its platform deadline: it claims nothing that would end after it.

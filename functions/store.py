@@ -10,22 +10,25 @@ import asyncio
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import psycopg
+from psycopg import AsyncConnection
 from psycopg.rows import RowFactory, namedtuple_row, tuple_row
 
 from functions import queries
 from functions.db import Database, connect_kwargs, first_line, libpq_url
-from functions.errors import SchemaOutdated
+from functions.errors import DatabaseUnavailable, IdempotencyKeyReused, SchemaOutdated
 from functions.settings import Settings
 from functions.stats import Activity
-from functions.tasks import NewTask, Task, TaskState
+from functions.tasks import NewTask, Task, TaskState, excerpt
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -100,7 +103,34 @@ def _task(row: Any) -> Task:
         max_attempts=row.max_attempts,
         output=row.output,
         error=row.error,
+        idempotency_key=row.idempotency_key,
     )
+
+
+# How often a keyed create tries again when the task holding its key vanished between the
+# insert that found the key taken and the read of that task (deleted, or its creator rolled
+# back): each try is a new race, lost only to another delete of the same key.
+_KEY_TRIES = 3
+
+
+class _KeyVanished(Exception):
+    """The task holding a key was gone when read: try the create again."""
+
+
+def _reused(key: str, task_id: int) -> IdempotencyKeyReused:
+    return IdempotencyKeyReused(
+        f"idempotency key {excerpt(key)} was used for task {task_id} with another type or"
+        " execute_at; a repeat must send the same type and execute_at, a new task a new key"
+    )
+
+
+def _acted(rows: list[Any]) -> tuple[TaskState | None, Task | None]:
+    """The state a task had before an action (None: no such task), and the task after it
+    (None: the action did not apply to that state)."""
+    if not rows:
+        return None, None
+    row = rows[0]
+    return TaskState(row.found_state), None if row.id is None else _task(row)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -129,6 +159,9 @@ class Store:
     # bounded, so no statement's cost or lock time grows with a burst. (1,000: a write takes
     # ~20 ms here; larger batches bought no throughput.)
     WRITE_BATCH = 1_000
+    # The most tasks one statement of `delete_all` deletes (DELETE /, for testing): bounded,
+    # so it never runs into the statement timeout however many tasks there are.
+    DELETE_BATCH = 10_000
 
     def __init__(self, database: Database) -> None:
         self.database = database
@@ -145,6 +178,17 @@ class Store:
             cursor = conn.cursor(row_factory=row_factory)
             await self.database.bounded(conn, cursor.execute(sql, params), timeout_s)
             return await cursor.fetchall() if cursor.description else []
+
+    async def _transaction(self, work: Callable[[AsyncConnection[Any]], Awaitable[T]]) -> T:
+        """Run `work` on one connection in one transaction, bounded as a statement is; an
+        exception out of `work` rolls it back."""
+        async with self.database.connection() as conn:
+
+            async def run() -> T:
+                async with conn.transaction():
+                    return await work(conn)
+
+            return await self.database.bounded(conn, run())
 
     async def _pinned(self, *statements: tuple[str, dict[str, Any]]) -> list[list[Any]]:
         """Run `statements` in one transaction under queries.PINNED_PLAN, sent as one
@@ -184,9 +228,45 @@ class Store:
         )
         return _task(rows[0])
 
+    async def insert_task_keyed(self, new: NewTask, max_attempts: int) -> tuple[Task, bool]:
+        """Insert `new` unless a task holds its key; return the task, and whether it is new.
+
+        Raises IdempotencyKeyReused when the key's task was made for another kind or time.
+        """
+        assert new.idempotency_key is not None
+        for _ in range(_KEY_TRIES):
+            rows = await self._all(
+                queries.INSERT_TASK_KEYED,
+                kind=new.kind,
+                execute_at=new.execute_at,
+                max_attempts=max_attempts,
+                key=new.idempotency_key,
+            )
+            if rows:
+                return _task(rows[0]), True
+            rows = await self._all(queries.GET_TASK_BY_KEY, key=new.idempotency_key)
+            if not rows:
+                continue
+            task = _task(rows[0])
+            if not new.same_request(task.kind, rows[0].requested_at.replace(tzinfo=UTC)):
+                raise _reused(new.idempotency_key, task.id)
+            return task, False
+        raise DatabaseUnavailable("the idempotency key's task kept vanishing; try again")
+
     async def insert_tasks(self, new: Sequence[NewTask], max_attempts: int) -> list[int]:
+        """Insert `new` (keys unique among them); return the ids in order, an existing
+        task's for an item whose key is taken. All are written or none."""
         if not new:
             return []
+        if any(n.idempotency_key is not None for n in new):
+            for _ in range(_KEY_TRIES):
+                try:
+                    return await self._transaction(
+                        lambda conn: self._insert_keyed(conn, new, max_attempts)
+                    )
+                except _KeyVanished:
+                    continue
+            raise DatabaseUnavailable("an idempotency key's task kept vanishing; try again")
         # Whole microseconds since the epoch: exact over the whole range (queries.INSERT_TASKS).
         payload = json.dumps(
             [{"kind": n.kind, "at_us": (n.execute_at - _EPOCH) // _MICROSECOND} for n in new]
@@ -196,19 +276,66 @@ class Store:
         )
         return [task_id for (task_id,) in rows]
 
+    async def _insert_keyed(
+        self, conn: AsyncConnection[Any], new: Sequence[NewTask], max_attempts: int
+    ) -> list[int]:
+        payload = json.dumps(
+            [
+                {
+                    "kind": n.kind,
+                    "at_us": (n.execute_at - _EPOCH) // _MICROSECOND,
+                    "key": n.idempotency_key,
+                }
+                for n in new
+            ]
+        )
+        cursor = conn.cursor(row_factory=tuple_row)
+        await cursor.execute(
+            queries.INSERT_TASKS_KEYED, {"tasks": payload, "max_attempts": max_attempts}
+        )
+        inserted = await cursor.fetchall()
+        taken = {key: task_id for task_id, key in inserted if key is not None}
+        unkeyed = iter([task_id for task_id, key in inserted if key is None])
+        ids: list[int] = [0] * len(new)
+        skipped: list[int] = []
+        for i, n in enumerate(new):
+            if n.idempotency_key is None:
+                ids[i] = next(unkeyed)
+            elif n.idempotency_key in taken:
+                ids[i] = taken[n.idempotency_key]
+            else:
+                skipped.append(i)
+        if not skipped:
+            return ids
+        keys = [new[i].idempotency_key for i in skipped]
+        await cursor.execute(queries.FIND_KEYS, {"keys": keys})
+        found = {key: (task_id, kind, at) for key, task_id, kind, at in await cursor.fetchall()}
+        for i in skipped:
+            n = new[i]
+            assert n.idempotency_key is not None
+            if n.idempotency_key not in found:
+                raise _KeyVanished
+            task_id, kind, at = found[n.idempotency_key]
+            if not n.same_request(kind, at.replace(tzinfo=UTC)):
+                raise _reused(n.idempotency_key, task_id)
+            ids[i] = task_id
+        return ids
+
     async def get_task(self, task_id: int) -> Task | None:
         rows = await self._all(queries.GET_TASK, id=task_id)
         return _task(rows[0]) if rows else None
 
     async def list_tasks(
-        self, *, state: TaskState | None, kind: str | None, after_id: int, limit: int
+        self, *, states: Sequence[TaskState], kind: str | None, after_id: int, limit: int
     ) -> list[Task]:
+        """Tasks after `after_id` by ascending id, in one of `states` (any when empty)."""
         sql = queries.LIST_TASKS
         params: dict[str, Any] = {"after_id": after_id, "limit": limit}
-        if state is not None:
-            # A literal, not a parameter: only then can the planner use the partial index for
-            # that state in a prepared statement's generic plan. `state` is a TaskState.
-            sql += f" AND state = '{TaskState(state).value}'"
+        if states:
+            # Literals, not a parameter: only then can the planner use the partial index for
+            # a state in a prepared statement's generic plan. Each is a TaskState.
+            literals = ", ".join(f"'{TaskState(s).value}'" for s in states)
+            sql += f" AND state IN ({literals})"
         if kind is not None:
             sql += " AND kind = %(kind)s"
             params["kind"] = kind
@@ -219,6 +346,34 @@ class Store:
         """Delete the task unless it is running; return the state it had, None if missing."""
         rows = await self._all(queries.DELETE_TASK, id=task_id)
         return TaskState(rows[0].state) if rows else None
+
+    async def delete_all(self) -> int:
+        """Delete every task that is not running, a bounded batch per statement; return how
+        many were deleted."""
+        deleted = 0
+        while True:
+            [(count,)] = await self._all(
+                queries.DELETE_NOT_RUNNING, tuple_row, limit=self.DELETE_BATCH
+            )
+            deleted += count
+            if count < self.DELETE_BATCH:
+                return int(deleted)
+
+    async def run_task(self, task_id: int) -> tuple[TaskState | None, Task | None]:
+        """Make a scheduled task due now; see `_acted` for what is returned."""
+        return _acted(await self._all(queries.RUN_TASK, id=task_id))
+
+    async def retry_task(
+        self, task_id: int, max_attempts: int
+    ) -> tuple[TaskState | None, Task | None]:
+        """Schedule a failed task again, due now, with `max_attempts` more runs."""
+        return _acted(await self._all(queries.RETRY_TASK, id=task_id, max_attempts=max_attempts))
+
+    async def reschedule_task(
+        self, task_id: int, execute_at: datetime
+    ) -> tuple[TaskState | None, Task | None]:
+        """Move a scheduled task to `execute_at`."""
+        return _acted(await self._all(queries.RESCHEDULE_TASK, id=task_id, execute_at=execute_at))
 
     # --- workers ---------------------------------------------------------------------------
 
@@ -324,6 +479,19 @@ class Store:
             now_s=due[4],
             activity=activity,
         )
+
+    async def prune_finished(self, *, older_than_s: float) -> int:
+        """Delete up to WRITE_BATCH finished tasks older than `older_than_s`; return how many."""
+        [[(pruned,)]] = await self._pinned(
+            (
+                queries.PRUNE_FINISHED,
+                {"older_than_s": older_than_s, "limit": self.WRITE_BATCH},
+            )
+        )
+        return int(pruned)
+
+    async def prune_activity(self) -> None:
+        await self._all(queries.PRUNE_ACTIVITY)
 
     async def add_activity(self, buckets: dict[int, Activity]) -> None:
         """Add a worker's counts of some 10-second buckets (functions/stats.py) to the table."""

@@ -8,13 +8,24 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from functions.errors import InvalidInput, SchemaOutdated, TaskNotFound, TaskRunning
+from functions.errors import (
+    Forbidden,
+    IdempotencyKeyReused,
+    InvalidInput,
+    SchemaOutdated,
+    TaskNotFound,
+    TaskRunning,
+    WrongState,
+)
 from functions.kinds import KINDS
 from functions.queries import SCHEMA_REVISION
 
@@ -52,12 +63,20 @@ class Task:
     max_attempts: int
     output: str | None
     error: str | None
+    # What the creating request sent as its idempotency key; held while the task exists.
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)
 class NewTask:
     kind: str
     execute_at: datetime
+    # A repeat of a request with this key gets the task the first one made, not a new one.
+    idempotency_key: str | None = None
+
+    def same_request(self, kind: str, execute_at: datetime) -> bool:
+        """Whether a task made for `kind` at `execute_at` is what this request asks for."""
+        return (kind, execute_at) == (self.kind, self.execute_at)
 
 
 @dataclass(frozen=True)
@@ -70,16 +89,52 @@ class Page:
 # enforces the same range (`execute_at_in_range`).
 MIN_EXECUTE_AT = datetime(1, 1, 1, tzinfo=UTC)
 MAX_EXECUTE_AT = datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
-MAX_UNIX_S = (MAX_EXECUTE_AT - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds()
+# Unix seconds run from 0 up to, not including, END_UNIX_S: 10000-01-01T00:00:00Z. An
+# exclusive bound, because a float cannot tell the last microsecond of 9999 from it
+# (253402300799.999999 is the float 253402300800.0): every number below it is a time of
+# 9999 or earlier, to the microsecond, and every number from it up is refused, whether
+# written as an integer or not (JSON Schema's `exclusiveMaximum`, exactly).
+END_UNIX_S = 253_402_300_800
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# 1 to 255 printable ASCII characters, no space: what fits a header value unchanged (a
+# header's surrounding spaces are trimmed in transit, so a key with spaces could arrive as
+# another key). The table checks the same (`idempotency_key_printable`).
+IDEMPOTENCY_KEY_PATTERN = "^[!-~]{1,255}$"
 _FORMS = "an ISO-8601 date-time with an offset (e.g. 2030-01-01T12:00:00Z) or Unix seconds"
+# What a kind's name may have around it: ASCII spaces, tabs and line ends, nothing else, so
+# that the API's schema can say exactly what it takes.
+_BLANKS = " \t\n\r"
+
+
+def any_case(words: Sequence[str], around: str = "") -> str:
+    """A pattern matching exactly one of `words` in any case (with `around` repeated on
+    either side), in a form every regex dialect reads alike (JSON Schema's, Python's,
+    pydantic's), which inline flags are not."""
+    spelled = ("".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in w) for w in words)
+    return f"^{around}(?:{'|'.join(spelled)}){around}$"
+
+
+KIND_PATTERN = any_case(sorted(KINDS), around="[ \\t\\n\\r]*")
+
+# The cursors `encode_cursor` makes, and only those: base64url (no padding) of "after:" and
+# 1 to 19 ASCII digits. "after:" is "YWZ0ZXI6". Three digits (0011abcd 0011efgh 0011ijkl)
+# make four characters: 0011ab (M, N, O: a digit is at most 1001), cd0011 (D, T, j, z; only
+# D, T after O), efgh00 and 11ijkl; one or two digits left over make two or three.
+_PAIR = "(?:[MN][DTjz]|O[DT])"
+_THREE = f"{_PAIR}[AEIMQUYcgk][w-z0-5]"
+_ONE = "(?:[MN][AQgw]|O[AQ])"
+_TWO = f"{_PAIR}[AEIMQUYcgk]"
+# 1 to 18 digits: up to five threes and a last group; 19: six threes and one.
+CURSOR_PATTERN = (
+    f"^YWZ0ZXI6(?:(?:{_THREE}){{0,5}}(?:{_THREE}|{_ONE}|{_TWO})|(?:{_THREE}){{6}}{_ONE})$"
+)
 
 
 def parse_kind(value: object) -> str:
     """Return the kind named by `value`, matched case-insensitively."""
     if not isinstance(value, str):
         raise ValueError("type must be a string")
-    name = value.strip().lower()
+    name = value.strip(_BLANKS).lower()
     if name not in KINDS:
         raise ValueError(
             f"unknown type {excerpt(value)}; expected one of {', '.join(sorted(KINDS))}"
@@ -89,7 +144,12 @@ def parse_kind(value: object) -> str:
 
 def excerpt(value: object, limit: int = 40) -> str:
     """`repr(value)`, cut to `limit` characters: errors never echo more of the input."""
-    text = repr(value)
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit] + value[-2:]
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of thousands of digits
+        return "a number too long to show"
     return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
 
 
@@ -105,12 +165,25 @@ def parse_execute_at(value: object) -> datetime:
         return _from_unix_s(value)
     if isinstance(value, str):
         try:
-            parsed = datetime.fromisoformat(value.strip())
+            # upper(): RFC 3339 allows a lowercase t and z, Python's parser does not.
+            parsed = datetime.fromisoformat(value.strip().upper())
         except ValueError:
             raise ValueError(f"execute_at {excerpt(value)} is not {_FORMS}") from None
-        if parsed.tzinfo is None or parsed.utcoffset() is None:
+        offset = parsed.utcoffset()
+        if offset is None:
             raise ValueError(
                 f"execute_at {excerpt(value)} has no UTC offset; add one, e.g. 'Z' or '+02:00'"
+            )
+        # On the range's first and last days, an offset that could leave it is refused even
+        # where this time would not (0001-01-01T05:00+01:00): a rule the API's schema can
+        # state exactly (DATE_TIME_PATTERN), unlike "the time is later than the offset".
+        if (parsed.date() == MIN_EXECUTE_AT.date() and offset > timedelta(0)) or (
+            parsed.date() == MAX_EXECUTE_AT.date() and offset < timedelta(0)
+        ):
+            raise ValueError(
+                f"execute_at {excerpt(value)} is on the first or last day of the range with an"
+                " offset that can take it out of 0001-01-01T00:00:00Z to"
+                " 9999-12-31T23:59:59.999999Z: give it in UTC"
             )
         try:
             return parsed.astimezone(UTC)
@@ -123,16 +196,28 @@ def parse_execute_at(value: object) -> datetime:
     raise ValueError(f"execute_at must be {_FORMS}")
 
 
+# The date-time strings parse_execute_at refuses, among those of JSON Schema's `date-time`
+# format (RFC 3339): year 0, a leap second (Python's datetime has none), and the offsets it
+# refuses on the range's first and last days.
+DATE_TIME_PATTERN = (
+    "^(?!0000-"
+    "|[^Tt ]*[Tt ][0-9]{2}:[0-9]{2}:60"
+    "|0001-01-01[Tt ][^+]*[+](?!00:?00$)"
+    "|9999-12-31[Tt ][^-]*-(?!00:?00$))"
+)
+
+
 def _from_unix_s(value: float) -> datetime:
-    if not math.isfinite(value) or not 0 <= value <= MAX_UNIX_S:
+    if not math.isfinite(value) or not 0 <= value < END_UNIX_S:
         raise ValueError(
-            f"execute_at {excerpt(value)} is not a Unix time between 0 and {MAX_UNIX_S:.6f}"
-            " (1970 to 9999)"
+            f"execute_at {excerpt(value)} is not a Unix time from 0 up to (not including)"
+            f" {END_UNIX_S} (1970 to the end of 9999)"
         )
     # Through the number's shortest decimal form, not float arithmetic: 1.000001 is one
-    # second and one microsecond, not a hair less.
+    # second and one microsecond, not a hair less. Below END_UNIX_S this stays in 9999: the
+    # largest float below it is 30 us short of it.
     micros = int((Decimal(str(value)) * 1_000_000).to_integral_value(ROUND_HALF_EVEN))
-    return min(_EPOCH + timedelta(microseconds=micros), MAX_EXECUTE_AT)
+    return _EPOCH + timedelta(microseconds=micros)
 
 
 def encode_cursor(last_id: int) -> str:
@@ -140,6 +225,8 @@ def encode_cursor(last_id: int) -> str:
 
 
 def decode_cursor(cursor: str) -> int:
+    if not re.fullmatch(CURSOR_PATTERN, cursor):
+        raise InvalidInput(f"cursor {excerpt(cursor)} is not one this API returned")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, _, last_id = raw.partition(":")
@@ -162,14 +249,46 @@ async def check_schema(store: Store) -> str:
     return found
 
 
-async def create_task(store: Store, new: NewTask, max_attempts: int) -> Task:
-    """Schedule one task."""
-    return await store.insert_task(new, max_attempts)
+async def create_task(store: Store, new: NewTask, max_attempts: int) -> tuple[Task, bool]:
+    """Schedule one task; return it, and whether this call created it.
+
+    With an idempotency key, a repeat of the request that created a task (same key, same
+    kind and execute_at) gets that task back, whatever its state now (False); the same key
+    with another kind or time raises IdempotencyKeyReused. Any number of concurrent
+    requests with one key create one task.
+    """
+    if new.idempotency_key is None:
+        return await store.insert_task(new, max_attempts), True
+    return await store.insert_task_keyed(new, max_attempts)
 
 
 async def create_tasks(store: Store, new: list[NewTask], max_attempts: int) -> list[int]:
-    """Schedule many tasks in one statement; all are written or none."""
-    return await store.insert_tasks(new, max_attempts)
+    """Schedule many tasks; all are written or none. Return their ids in the order given.
+
+    An item whose idempotency key names an existing task gets that task's id and creates
+    nothing; items sharing a key share one task. A key sent with another kind or time (by
+    an earlier request, or by another item here) fails the whole batch.
+    """
+    first: dict[str, int] = {}
+    unique: list[NewTask] = []
+    where: list[int] = []
+    for i, item in enumerate(new):
+        key = item.idempotency_key
+        if key is None or key not in first:
+            if key is not None:
+                first[key] = i
+            where.append(len(unique))
+            unique.append(item)
+            continue
+        earlier = new[first[key]]
+        if not earlier.same_request(item.kind, item.execute_at):
+            raise IdempotencyKeyReused(
+                f"tasks {first[key]} and {i} of the batch share idempotency key "
+                f"{excerpt(key)} but differ in type or execute_at"
+            )
+        where.append(where[first[key]])
+    ids = await store.insert_tasks(unique, max_attempts)
+    return [ids[j] for j in where]
 
 
 async def get_task(store: Store, task_id: int) -> Task:
@@ -189,10 +308,29 @@ async def list_tasks(
 ) -> Page:
     """List tasks by ascending id; `next_cursor` is None on the last page."""
     after_id = decode_cursor(cursor) if cursor else 0
-    rows = await store.list_tasks(state=state, kind=kind, after_id=after_id, limit=limit + 1)
+    states = () if state is None else (state,)
+    rows = await store.list_tasks(states=states, kind=kind, after_id=after_id, limit=limit + 1)
     items = rows[:limit]
     next_cursor = encode_cursor(items[-1].id) if len(rows) > limit else None
     return Page(items=items, next_cursor=next_cursor)
+
+
+async def list_in_states(store: Store, states: Sequence[TaskState], limit: int) -> list[Task]:
+    """The first `limit` tasks in any of `states`, oldest first."""
+    return await store.list_tasks(states=states, kind=None, after_id=0, limit=limit)
+
+
+async def delete_all(store: Store, *, allowed: bool) -> int:
+    """Delete every task that is not running (for testing); return how many went.
+
+    Refused unless `allowed`: TASKRUNNER_ALLOW_DELETE_ALL=true.
+    """
+    if not allowed:
+        raise Forbidden(
+            "deleting every task is for testing, and refused unless the setting"
+            " TASKRUNNER_ALLOW_DELETE_ALL=true"
+        )
+    return await store.delete_all()
 
 
 async def delete_task(store: Store, task_id: int) -> None:
@@ -202,3 +340,52 @@ async def delete_task(store: Store, task_id: int) -> None:
         raise TaskNotFound(task_id)
     if found is TaskState.RUNNING:
         raise TaskRunning(task_id)
+
+
+def _acted(
+    task_id: int,
+    outcome: tuple[TaskState | None, Task | None],
+    action: str,
+    allowed: TaskState,
+) -> Task:
+    found, task = outcome
+    if found is None:
+        raise TaskNotFound(task_id)
+    if task is None:
+        raise WrongState(task_id, found.value, action, allowed.value)
+    return task
+
+
+async def run_task(store: Store, task_id: int) -> Task:
+    """Make a scheduled task due now (a future execute_at becomes now)."""
+    return _acted(task_id, await store.run_task(task_id), "run now", TaskState.SCHEDULED)
+
+
+async def retry_task(store: Store, task_id: int, max_attempts: int) -> Task:
+    """Schedule a failed task again, due now, with `max_attempts` more runs; its attempts
+    so far and last error stay."""
+    outcome = await store.retry_task(task_id, max_attempts)
+    return _acted(task_id, outcome, "retried", TaskState.FAILED)
+
+
+async def reschedule_task(store: Store, task_id: int, execute_at: datetime) -> Task:
+    """Move a scheduled task to `execute_at`."""
+    outcome = await store.reschedule_task(task_id, execute_at)
+    return _acted(task_id, outcome, "rescheduled", TaskState.SCHEDULED)
+
+
+async def prune(store: Store, *, older_than_s: float, budget_s: float | None = None) -> int:
+    """Delete finished tasks older than `older_than_s`, a bounded batch at a time, until none
+    is left or `budget_s` has passed; return how many. Their idempotency keys are free again.
+    """
+    started = time.monotonic()
+    pruned = 0
+    while True:
+        batch = await store.prune_finished(older_than_s=older_than_s)
+        pruned += batch
+        if batch < store.WRITE_BATCH:
+            break
+        if budget_s is not None and time.monotonic() - started > budget_s:
+            break
+    await store.prune_activity()
+    return pruned

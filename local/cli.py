@@ -97,6 +97,30 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     logger.info("the database schema is up to date")
 
 
+def cmd_prune(args: argparse.Namespace) -> None:
+    from functions import tasks
+    from functions.db import Database
+    from functions.store import Store
+
+    settings = _settings(migrate=False)
+    older_than_s = settings.retention_s if args.older_than is None else args.older_than
+    if older_than_s == 0:
+        raise TaskrunnerError(
+            "retention is off (TASKRUNNER_RETENTION_S=0): say how old with --older-than SECONDS"
+        )
+
+    async def prune() -> int:
+        database = Database(settings)
+        try:
+            return await tasks.prune(Store(database), older_than_s=older_than_s)
+        finally:
+            await database.dispose()
+
+    pruned = asyncio.run(prune())
+    # The answer is for people and scripts alike; stdout stays for task output.
+    print(f"pruned {pruned} finished tasks older than {older_than_s:g} s", file=sys.stderr)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -158,6 +182,17 @@ def _parser() -> argparse.ArgumentParser:
         description="Apply pending migrations to TASKRUNNER_DATABASE_URL (or the embedded one).",
     )  # fmt: skip
     migrate.set_defaults(func=cmd_migrate)
+
+    prune = commands.add_parser(
+        "prune", help="delete finished tasks past their retention",
+        description="Delete succeeded and failed tasks that finished longer ago than "
+        "TASKRUNNER_RETENTION_S (or --older-than), in batches; say how many. Workers and ticks "
+        "do the same about once a minute.",
+    )  # fmt: skip
+    prune.add_argument(
+        "--older-than", type=float, metavar="SECONDS", help="instead of TASKRUNNER_RETENTION_S"
+    )
+    prune.set_defaults(func=cmd_prune)
 
     bench = commands.add_parser(
         "bench", help="measure throughput and lateness",

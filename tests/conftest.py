@@ -14,7 +14,8 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,11 +23,13 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from pytest_postgresql.janitor import DatabaseJanitor
 from sqlalchemy.engine import URL, make_url
 
+from functions.app import build_app
 from functions.settings import Settings
 from local.migrate import migrate
 from tests.pgservers import (
@@ -265,3 +268,24 @@ def bar_server() -> Iterator[Callable[[int], str]]:
 
 def utc_in(seconds: float) -> datetime:
     return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+@asynccontextmanager
+async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app built for `settings`, run through its lifespan.
+
+    The lifespan closes the app's connection pool, so no connection outlives the test's event
+    loop (to be closed, with a warning, whenever it is collected).
+    """
+    app = build_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
+    ):
+        yield c
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve(settings) as c:
+        yield c

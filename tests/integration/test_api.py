@@ -1,8 +1,7 @@
 """The HTTP API over ASGI, against a real database."""
 
 import json
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from itertools import chain
 from typing import Any
 
@@ -14,28 +13,8 @@ from fastapi.routing import APIRoute
 from functions.app import build_app
 from functions.queries import SCHEMA_REVISION
 from functions.settings import Settings
-from tests.conftest import utc_in
+from tests.conftest import serve, utc_in
 from tests.pages import is_local, page_urls
-
-# Nothing listens on port 1 of 127.0.0.1: a connection is refused at once.
-NOWHERE = "postgresql://postgres@127.0.0.1:1/none"
-
-
-@asynccontextmanager
-async def serving(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of `app`, inside its lifespan: the app's connection pool is closed at the end
-    (a pool left open can keep its event loop from closing)."""
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
-    ):
-        yield c
-
-
-@pytest.fixture
-async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async with serving(build_app(settings)) as c:
-        yield c
 
 
 async def test_healthz(client: httpx.AsyncClient) -> None:
@@ -191,7 +170,9 @@ async def test_bad_reads_are_4xx(client: httpx.AsyncClient, path: str) -> None:
 
 
 async def test_delete_with_non_integer_id_is_4xx(client: httpx.AsyncClient) -> None:
-    assert (await client.delete("/tasks/abc")).status_code == 422
+    # A task id is digits: /tasks/abc names no route (404); digits out of range are a 422.
+    assert (await client.delete("/tasks/abc")).status_code == 404
+    assert (await client.delete("/tasks/0")).status_code == 422
 
 
 async def test_batch_create_keeps_order(client: httpx.AsyncClient) -> None:
@@ -232,9 +213,7 @@ async def test_openapi_docs_are_served(client: httpx.AsyncClient) -> None:
 
 async def test_database_down_is_503_not_a_hang() -> None:
     # Nothing listens on port 1 of 127.0.0.1: the connection is refused at once.
-    async with serving(
-        build_app(Settings(database_url="postgresql://postgres@127.0.0.1:1/none"))
-    ) as c:
+    async with serve(Settings(database_url="postgresql://postgres@127.0.0.1:1/none")) as c:
         health = await c.get("/healthz")
         create = await c.post("/tasks", json={"type": "foo", "execute_at": 1893499200})
     assert health.status_code == 503
@@ -243,9 +222,7 @@ async def test_database_down_is_503_not_a_hang() -> None:
 
 
 async def test_head_healthz_when_the_database_is_down_is_503_without_a_body() -> None:
-    async with serving(
-        build_app(Settings(database_url="postgresql://postgres@127.0.0.1:1/none"))
-    ) as c:
+    async with serve(Settings(database_url="postgresql://postgres@127.0.0.1:1/none")) as c:
         head = await c.head("/healthz")
     assert (head.status_code, head.content) == (503, b"")
 
@@ -265,13 +242,23 @@ async def test_every_route_with_a_body_reads_json_without_a_content_type(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:
     routes = body_routes(build_app(settings))
-    assert {r.path for r in routes} == {"/tasks", "/tasks/batch"}
+    assert {r.path for r in routes} == {"/tasks", "/tasks/batch", "/tasks/{task_id}"}
     one = {"type": "baz", "execute_at": 1893499200}
-    bodies = {"/tasks": one, "/tasks/batch": {"tasks": [one]}}
+    bodies = {
+        "/tasks": one,
+        "/tasks/batch": {"tasks": [one]},
+        "/tasks/{task_id}": {"execute_at": 1893499200},
+    }
+    task_id = (await client.post("/tasks", json=one)).json()["id"]
     for route in routes:
-        response = await client.post(route.path, content=json.dumps(bodies[route.path]).encode())
-        assert "content-type" not in response.request.headers
-        assert response.status_code == 201, response.text
+        for method in route.methods or ():
+            response = await client.request(
+                method,
+                route.path.format(task_id=task_id),
+                content=json.dumps(bodies[route.path]).encode(),
+            )
+            assert "content-type" not in response.request.headers
+            assert response.status_code in (200, 201), response.text
 
 
 @pytest.mark.parametrize(
@@ -283,7 +270,10 @@ async def test_every_route_with_a_body_refuses_other_types_with_415(
     for route in body_routes(build_app(settings)):
         for method in route.methods or ():
             response = await client.request(
-                method, route.path, content=b"{}", headers={"content-type": content_type}
+                method,
+                route.path.format(task_id=1),
+                content=b"{}",
+                headers={"content-type": content_type},
             )
             assert response.status_code == 415, (route.path, response.text)
             detail = response.json()["detail"]
@@ -301,7 +291,7 @@ async def test_json_with_charset_or_a_json_suffix_is_json(client: httpx.AsyncCli
 
 
 async def test_token_is_compared_as_bytes_with_the_scheme_in_any_case(settings: Settings) -> None:
-    async with serving(build_app(settings.model_copy(update={"api_token": "s3crét"}))) as c:
+    async with serve(settings.model_copy(update={"api_token": "s3crét"})) as c:
         for value, status in (
             ("bearer s3crét", 200),
             ("Bearer é", 401),
@@ -316,7 +306,7 @@ async def test_token_is_compared_as_bytes_with_the_scheme_in_any_case(settings: 
 @pytest.mark.parametrize("sent_path", ["/prod/tasks", "/tasks"], ids=["kept", "stripped"])
 async def test_behind_a_proxy_with_a_path_prefix(settings: Settings, sent_path: str) -> None:
     """A reverse proxy serving the API at /prod/, passing the prefix on or stripping it."""
-    async with serving(build_app(settings.model_copy(update={"base_path": "/prod"}))) as c:
+    async with serve(settings.model_copy(update={"base_path": "/prod"})) as c:
         created = await c.post(sent_path, json={"type": "baz", "execute_at": 1893499200})
         assert created.status_code == 201, created.text
         location = created.headers["location"]

@@ -54,6 +54,26 @@ def test_not_a_time_is_rejected(raw: object) -> None:
         parse_execute_at(raw)
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (253402300799, datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)),
+        (253402300799.99997, datetime(9999, 12, 31, 23, 59, 59, 999970, tzinfo=UTC)),
+        (0, datetime(1970, 1, 1, tzinfo=UTC)),
+        (-0.0, datetime(1970, 1, 1, tzinfo=UTC)),
+    ],
+)
+def test_unix_seconds_at_the_ends_of_the_range(raw: float, expected: datetime) -> None:
+    assert parse_execute_at(raw) == expected
+
+
+@pytest.mark.parametrize("raw", [253402300800, 253402300799.999999, 253402300800.5, 10**30])
+def test_unix_seconds_from_the_year_10000_on_are_refused(raw: float) -> None:
+    # 253402300799.999999 is the float 253402300800.0: it cannot mean 9999 any more.
+    with pytest.raises(ValueError, match="up to"):
+        parse_execute_at(raw)
+
+
 def test_aware_non_utc_is_normalised_to_utc() -> None:
     tz = timezone(timedelta(hours=-5))
     assert parse_execute_at(datetime(2030, 1, 1, 7, tzinfo=tz).isoformat()).hour == 12

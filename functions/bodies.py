@@ -1,0 +1,216 @@
+"""What the API reads and writes: request and response bodies, and their parameters.
+
+Shared by the routes (`app`) and the original challenge's routes (`original`). Each type's
+JSON Schema says what the server accepts, so the OpenAPI document is the contract.
+"""
+
+import re
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import Path
+from fastapi.routing import APIRoute
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    WithJsonSchema,
+)
+from starlette.routing import Match
+from starlette.types import Scope
+
+from functions import tasks
+from functions.kinds import KINDS
+from functions.tasks import NewTask, Task, TaskState
+
+MAX_BATCH = 10_000
+_BIGINT_MAX = 2**63 - 1
+
+TaskId = Annotated[int, Path(ge=1, le=_BIGINT_MAX)]
+_DIGITS = re.compile("[0-9]+")
+
+
+class Route(APIRoute):
+    """A route whose task id (`{task_id}`, or the original's `{id}`) matches digits only:
+    `/tasks/batch` is never task "batch" (a PATCH there is a 405, not a 422 about an id),
+    and `/tasks/abc` names no route (404). FastAPI then checks the number's range (422)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is not Match.NONE:
+            params = child.get("path_params", {})
+            for name in ("task_id", "id"):
+                if name in params and not _DIGITS.fullmatch(str(params[name])):
+                    return Match.NONE, {}
+        return match, child
+
+
+KIND_SCHEMA = {
+    "type": "string",
+    "pattern": tasks.KIND_PATTERN,
+    "description": f"The task kind: {', '.join(sorted(KINDS))}, in any case; returned lowercase.",
+    "examples": sorted(KINDS),
+}
+KindName = Annotated[str, PlainValidator(tasks.parse_kind), WithJsonSchema(KIND_SCHEMA)]
+# The same in a query string, where it is always a string.
+KindQuery = Annotated[str, Field(pattern=tasks.KIND_PATTERN), AfterValidator(tasks.parse_kind)]
+ExecuteAt = Annotated[
+    datetime,
+    PlainValidator(tasks.parse_execute_at),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {
+                    "type": "string",
+                    "format": "date-time",
+                    "pattern": tasks.DATE_TIME_PATTERN,
+                    "description": "RFC 3339 (ISO 8601) with a UTC offset, from"
+                    " 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z; on those two"
+                    " days an offset that could leave the range is refused (give UTC).",
+                },
+                {
+                    "type": "number",
+                    "minimum": 0,
+                    "exclusiveMaximum": tasks.END_UNIX_S,
+                    "description": "Unix seconds, to the microsecond: 1970 to the end of 9999.",
+                },
+            ],
+            "description": "When to run the task: a date-time with a UTC offset, or Unix"
+            " seconds. A date-time without an offset is refused rather than guessed at.",
+            "examples": ["2030-01-01T12:00:00Z", 1893499200],
+        }
+    ),
+]
+
+
+class TaskIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: KindName
+    execute_at: ExecuteAt
+
+    def to_new(self) -> NewTask:
+        return NewTask(kind=self.type, execute_at=self.execute_at)
+
+
+IdempotencyKey = Annotated[
+    str,
+    Field(
+        pattern=tasks.IDEMPOTENCY_KEY_PATTERN,
+        description="1 to 255 printable ASCII characters, no spaces: a repeat of a request"
+        " with the same key and the same type and execute_at gets the task the first one"
+        " created, and creates nothing.",
+        examples=["order-1842-reminder"],
+    ),
+]
+
+
+class BatchItemIn(TaskIn):
+    idempotency_key: IdempotencyKey | None = None
+
+    def to_new(self) -> NewTask:
+        return NewTask(
+            kind=self.type, execute_at=self.execute_at, idempotency_key=self.idempotency_key
+        )
+
+
+class BatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[BatchItemIn] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class RescheduleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    execute_at: ExecuteAt
+
+
+class TaskOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    type: str = Field(validation_alias="kind")
+    state: TaskState
+    execute_at: datetime
+    next_attempt_at: datetime | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    max_attempts: int
+    output: str | None
+    error: str | None
+    idempotency_key: str | None
+
+    @classmethod
+    def of(cls, task: Task) -> "TaskOut":
+        return cls.model_validate(task)
+
+
+class PageOut(BaseModel):
+    items: list[TaskOut]
+    next_cursor: str | None
+
+
+class IdsOut(BaseModel):
+    ids: list[int]
+
+
+class ErrorOut(BaseModel):
+    """Every error but 422: what is wrong, in words."""
+
+    detail: str
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int] = Field(description="where: body, query, path or header, then names")
+    msg: str
+    type: str
+
+
+class ValidationErrorOut(BaseModel):
+    """422: the request did not match the schema; at most 20 issues, none echoing more
+    than a short excerpt of what was sent."""
+
+    detail: list[ValidationIssue]
+
+
+# What each error status means, for the OpenAPI document.
+_WHY = {
+    400: "The body cannot be read as JSON (not UTF-8, nested too deep, a number too long),"
+    " or a header is malformed.",
+    401: "Missing or wrong `Authorization: Bearer <token>`.",
+    403: "Not allowed by this deployment's settings.",
+    404: "No such task.",
+    408: "The body did not arrive in time.",
+    409: "The task's state does not allow this, or the idempotency key was used for another"
+    " request.",
+    413: "The body is over TASKRUNNER_MAX_BODY_BYTES.",
+    415: "The body is not sent as JSON.",
+    422: "The request does not match the schema.",
+    503: "The database is unavailable; try again (see Retry-After).",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, object]]:
+    """The `responses` a route declares for these error statuses."""
+    return {
+        code: {
+            "model": ValidationErrorOut if code == 422 else ErrorOut,
+            "description": _WHY[code],
+        }
+        for code in codes
+    }
+
+
+def links(pointer: str) -> dict[str, Any]:
+    """OpenAPI links from a response holding a task's id at `pointer` (`id`, `ids/0`) to
+    the operations on that task: for generated clients, and schemathesis's stateful tests."""
+    task_id = {"task_id": f"$response.body#/{pointer}"}
+    operations = ("get_task", "run_task", "retry_task", "reschedule_task", "delete_task")
+    return {
+        operation: {"operationId": operation, "parameters": task_id} for operation in operations
+    }

@@ -1,0 +1,159 @@
+"""`GET /stats` (JSON) and `GET /metrics` (Prometheus): what workers are doing, read from the
+database, so every instance answers the same (functions/stats.py says where each figure
+comes from)."""
+
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Response
+from pydantic import BaseModel, Field
+
+from functions.bodies import Route
+from functions.stats import Stats, read_stats
+from functions.store import Store
+
+
+class MinuteOut(BaseModel):
+    minute: datetime = Field(description="The minute's start, UTC.")
+    started: int
+    succeeded: int
+    failed: int
+    lateness_p99_ms: float
+
+
+class StatsOut(BaseModel):
+    counts: dict[str, dict[str, int]] = Field(
+        description='Tasks by state, then by type: `{"scheduled": {"foo": 3, ...}, ...}`.'
+    )
+    estimated: list[str] = Field(
+        description="States whose counts are estimated from a sample of the table (once it "
+        "holds more than 200,000 tasks); the others are exact."
+    )
+    due: int = Field(description="Scheduled tasks whose time has come.")
+    oldest_due_age_s: float = Field(
+        description="How long the oldest due task has waited (0 when none is due): whether "
+        "workers keep up."
+    )
+    workers: int = Field(description="Distinct workers holding running tasks now.")
+    workers_alive: int = Field(description="Workers alive now, busy or idle.")
+    last_minute: dict[str, int] = Field(
+        description="Tasks that finished in the last 60 s: succeeded, failed, and retried "
+        "(an attempt failed, another is due)."
+    )
+    lateness_ms: dict[str, float] = Field(
+        description="p50, p95, p99 and max of started_at - execute_at over first attempts "
+        "started in the last 5 minutes (percentiles within ~12%, max exact)."
+    )
+    series: list[MinuteOut] = Field(description="The last hour, a minute at a time.")
+
+    @classmethod
+    def of(cls, stats: Stats) -> "StatsOut":
+        return cls(
+            counts=stats.counts,
+            estimated=stats.estimated,
+            due=stats.due,
+            oldest_due_age_s=round(stats.oldest_due_age_s, 3),
+            workers=stats.workers,
+            workers_alive=stats.workers_alive,
+            last_minute=stats.last_minute,
+            lateness_ms={k: round(v, 3) for k, v in stats.lateness_ms.items()},
+            series=[
+                MinuteOut(
+                    minute=m.start,
+                    started=m.started,
+                    succeeded=m.succeeded,
+                    failed=m.failed,
+                    lateness_p99_ms=round(m.lateness_p99_ms, 3),
+                )
+                for m in stats.series
+            ],
+        )
+
+
+def metric_families(stats: Stats) -> list[Any]:
+    """The Prometheus metrics of `stats`."""
+    # Imported here: only /metrics needs the client library.
+    from prometheus_client.core import GaugeMetricFamily
+
+    tasks = GaugeMetricFamily(
+        "taskrunner_tasks",
+        "Tasks by state and type (finished states estimated on large tables).",
+        labels=["state", "type"],
+    )
+    for state, by_kind in stats.counts.items():
+        for kind, n in by_kind.items():
+            tasks.add_metric([state, kind], n)
+    lateness = GaugeMetricFamily(
+        "taskrunner_start_lateness_seconds",
+        "started_at - execute_at of first attempts started in the last 5 minutes "
+        "(quantile 1 is the maximum).",
+        labels=["quantile"],
+    )
+    for quantile, key in (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"), ("1", "max")):
+        lateness.add_metric([quantile], stats.lateness_ms[key] / 1000)
+    finished = GaugeMetricFamily(
+        "taskrunner_finished_last_minute",
+        "Tasks that finished in the last 60 s, by outcome (retried: another attempt is due).",
+        labels=["state"],
+    )
+    for state, n in stats.last_minute.items():
+        finished.add_metric([state], n)
+    return [
+        tasks,
+        GaugeMetricFamily(
+            "taskrunner_due_tasks", "Scheduled tasks whose time has come.", stats.due
+        ),
+        GaugeMetricFamily(
+            "taskrunner_oldest_due_age_seconds",
+            "How long the oldest due task has waited.",
+            stats.oldest_due_age_s,
+        ),
+        GaugeMetricFamily(
+            "taskrunner_workers", "Distinct workers holding running tasks.", stats.workers
+        ),
+        GaugeMetricFamily(
+            "taskrunner_workers_alive", "Workers alive, busy or idle.", stats.workers_alive
+        ),
+        lateness,
+        finished,
+    ]
+
+
+class _Families:
+    """What prometheus_client's exposition reads: something with `collect()`."""
+
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Any]:
+        return iter(self.families)
+
+
+def build_router(
+    get_store: Callable[[], Any],
+    authorized: Sequence[Any],
+    fails: Callable[..., dict[int | str, dict[str, Any]]],
+) -> APIRouter:
+    router = APIRouter(tags=["monitoring"], route_class=Route, dependencies=list(authorized))
+    StoreDep = Annotated[Store, Depends(get_store)]
+
+    @router.get("/stats", response_model=StatsOut, responses=fails())
+    async def stats(store: StoreDep) -> StatsOut:
+        """Counts, due tasks, workers, the last minute, start lateness and the last hour."""
+        return StatsOut.of(await read_stats(store))
+
+    @router.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}, **fails()},
+    )
+    async def metrics(store: StoreDep) -> Response:
+        """The same figures in the Prometheus text format."""
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+        families = metric_families(await read_stats(store))
+        body = generate_latest(_Families(families))
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return router

@@ -1,0 +1,197 @@
+"""GET /stats and /metrics against a real database, and retention."""
+
+import io
+import os
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from functions import runner, stats
+from functions.settings import Settings
+from functions.tick import tick
+from tests.conftest import serve
+from tests.procs import TASKRUNNER
+
+Sql = Callable[..., list[tuple[Any, ...]]]
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve(settings) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def prune_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's first run prunes, whatever another test's run did (once a minute)."""
+    monkeypatch.setattr(runner, "_last_prune", None)
+
+
+def counts_in_database(sql: Sql) -> dict[str, dict[str, int]]:
+    found: dict[str, dict[str, int]] = {
+        s: {"bar": 0, "baz": 0, "foo": 0} for s in ("scheduled", "running", "succeeded", "failed")
+    }
+    for state, kind, n in sql("SELECT state, kind, count(*) FROM tasks GROUP BY 1, 2"):
+        found[state][kind] = n
+    return found
+
+
+async def test_stats_match_the_database(
+    client: httpx.AsyncClient, settings: Settings, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    # Run 30 baz and 5 foo that were due a second ago, and fail 2 bar for good.
+    for _ in range(30):
+        task_factory("baz", due_in_s=-1.0)
+    for _ in range(5):
+        task_factory("foo", due_in_s=-1.0)
+    bad = settings.model_copy(update={"bar_url": "http://127.0.0.1:1/"})
+    for _ in range(2):
+        task_factory("bar", due_in_s=-1.0, max_attempts=1)
+    summary = await tick(bad, out=io.StringIO())
+    assert (summary.succeeded, summary.failed) == (35, 2)
+    # Then: 3 due now (one of them waiting 120 s), 2 later, 1 held by a live worker.
+    for due_in_s in (-120.0, -5.0, -1.0, 3600.0, 7200.0):
+        task_factory("baz", due_in_s=due_in_s)
+    held = task_factory("foo", due_in_s=-1.0)
+    sql("INSERT INTO workers (id, lease_expires_at) VALUES ('w', now() + interval '1 minute')")
+    sql("UPDATE tasks SET state = 'running', attempts = 1, claimed_by = 'w' WHERE id = %s", held)
+
+    response = await client.get("/stats")
+    assert response.status_code == 200, response.text
+    got = response.json()
+    assert got["counts"] == counts_in_database(sql)
+    assert got["estimated"] == []
+    assert got["due"] == 3
+    assert 119 < got["oldest_due_age_s"] < 130
+    assert (got["workers"], got["workers_alive"]) == (1, 1)
+    assert got["last_minute"] == {"succeeded": 35, "failed": 2, "retried": 0}
+    lateness = got["lateness_ms"]
+    # Started about a second after their time (task_factory's -1 s), within a bucket (12%).
+    assert 800 < lateness["p50"] <= lateness["p95"] <= lateness["p99"] <= lateness["max"] < 5000
+    series = got["series"]
+    assert len(series) == 60
+    assert sum(m["started"] for m in series) == 37
+    assert (sum(m["succeeded"] for m in series), sum(m["failed"] for m in series)) == (35, 2)
+    assert series[-1]["minute"] > series[0]["minute"]
+
+
+async def test_metrics_say_the_same_in_prometheus_text(
+    client: httpx.AsyncClient, settings: Settings, task_factory: Callable[..., int]
+) -> None:
+    for _ in range(4):
+        task_factory("baz")
+    await tick(settings, out=io.StringIO())
+    task_factory("foo", due_in_s=-2.0)
+
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+    assert samples[("taskrunner_tasks", (("state", "succeeded"), ("type", "baz")))] == 4
+    assert samples[("taskrunner_tasks", (("state", "scheduled"), ("type", "foo")))] == 1
+    assert samples[("taskrunner_due_tasks", ())] == 1
+    assert samples[("taskrunner_oldest_due_age_seconds", ())] >= 2
+    assert samples[("taskrunner_workers", ())] == 0
+    assert samples[("taskrunner_finished_last_minute", (("state", "succeeded"),))] == 4
+    quantiles = {
+        dict(labels)["quantile"]: value
+        for (name, labels), value in samples.items()
+        if name == "taskrunner_start_lateness_seconds"
+    }
+    assert set(quantiles) == {"0.5", "0.95", "0.99", "1"}
+
+
+async def test_monitoring_needs_the_token_when_one_is_set(settings: Settings) -> None:
+    async with serve(settings.model_copy(update={"api_token": "s3cret"})) as c:
+        for path in ("/stats", "/metrics"):
+            assert (await c.get(path)).status_code == 401
+            ok = await c.get(path, headers={"Authorization": "Bearer s3cret"})
+            assert ok.status_code == 200
+
+
+async def test_large_tables_are_counted_from_a_sample(
+    client: httpx.AsyncClient, sql: Sql, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sql(
+        "INSERT INTO tasks (kind, state, execute_at, started_at, finished_at, attempts)"
+        " SELECT CASE WHEN n % 4 = 0 THEN 'foo' ELSE 'baz' END, 'succeeded', now(), now(),"
+        " now(), 1 FROM generate_series(1, 40000) AS n"
+    )
+    monkeypatch.setattr(stats, "EXACT_UP_TO", 1_000)
+    monkeypatch.setattr(stats, "SAMPLE_ROWS", 20_000)
+    got = (await client.get("/stats")).json()
+    assert got["estimated"] == ["failed", "succeeded"]
+    assert 20_000 < got["counts"]["succeeded"]["baz"] < 40_000  # 30,000, from about half
+    assert 5_000 < got["counts"]["succeeded"]["foo"] < 15_000  # 10,000
+
+
+async def test_finished_tasks_past_the_retention_are_pruned_and_their_keys_freed(
+    client: httpx.AsyncClient, settings: Settings, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    keyed = await client.post(
+        "/tasks", json={"type": "baz", "execute_at": 0}, headers={"Idempotency-Key": "k-1"}
+    )
+    assert keyed.status_code == 201
+    old = [task_factory("baz") for _ in range(3)]
+    await tick(settings, out=io.StringIO())
+    recent = task_factory("baz")
+    await tick(settings, out=io.StringIO())
+    far_future = task_factory("baz", due_in_s=86400.0)
+    sql(
+        "UPDATE tasks SET finished_at = now() - interval '8 days', created_at = now() - "
+        "interval '9 days' WHERE id = ANY(%s)",
+        [*old, keyed.json()["id"]],
+    )
+    sql("UPDATE tasks SET created_at = now() - interval '9 days' WHERE id = %s", far_future)
+
+    runner._last_prune = None
+    summary = await tick(settings, out=io.StringIO())
+    assert summary.pruned == 4
+    left = {task_id for (task_id,) in sql("SELECT id FROM tasks")}
+    assert left == {recent, far_future}, "only finished tasks past the retention go"
+
+    again = await client.post(
+        "/tasks", json={"type": "foo", "execute_at": 0}, headers={"Idempotency-Key": "k-1"}
+    )
+    assert again.status_code == 201, "the key of a pruned task is free again"
+
+
+def test_prune_on_demand_says_how_many(database_url: str, sql: Sql) -> None:
+    sql(
+        "INSERT INTO tasks (kind, state, execute_at, started_at, finished_at, attempts)"
+        " SELECT 'baz', 'succeeded', now(), now(), now() - interval '2 hours', 1"
+        " FROM generate_series(1, 2500)"
+    )
+    sql(
+        "INSERT INTO tasks (kind, state, execute_at, started_at, finished_at, attempts)"
+        " SELECT 'baz', 'failed', now(), now(), now() - interval '10 minutes', 1"
+        " FROM generate_series(1, 10)"
+    )
+    env = {**os.environ, "TASKRUNNER_DATABASE_URL": database_url}
+    result = subprocess.run(
+        [TASKRUNNER, "prune", "--older-than", "3600"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pruned 2500 finished tasks older than 3600 s" in result.stderr
+    assert result.stdout == ""
+    assert sql("SELECT state, count(*) FROM tasks GROUP BY 1") == [("failed", 10)]
+    off = subprocess.run(
+        [TASKRUNNER, "prune"],
+        env={**env, "TASKRUNNER_RETENTION_S": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert off.returncode == 1 and "--older-than" in off.stderr
