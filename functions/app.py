@@ -32,8 +32,10 @@ from functions.bodies import (
     TaskId,
     TaskIn,
     TaskOut,
+    answer,
     errors,
     links,
+    task_fields,
 )
 from functions.db import Database
 from functions.docs import add_docs
@@ -182,7 +184,6 @@ def build_app(settings: Settings) -> FastAPI:
                 f" {tasks.excerpt(media)}"
             )
 
-    StoreDep = Annotated[Store, Depends(get_store)]
     # Every route that takes a body: the token first, then the content-type.
     TakesJson = [*Authorized, Depends(require_json)]
     # What every route that takes a body can answer besides its own errors.
@@ -242,7 +243,7 @@ def build_app(settings: Settings) -> FastAPI:
         return _error(500, "internal error")
 
     @app.get("/healthz")
-    async def healthz(store: StoreDep) -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         """200 when the database answers with a schema this version can use; 503 when it
         does not answer, or its schema is missing or behind (`taskrunner migrate`)."""
         revision = await tasks.check_schema(store)
@@ -270,23 +271,19 @@ def build_app(settings: Settings) -> FastAPI:
     async def create_task(
         body: TaskIn,
         request: Request,
-        response: Response,
-        store: StoreDep,
         idempotency_key: Annotated[IdempotencyKey | None, Header(alias="Idempotency-Key")] = None,
-    ) -> TaskOut:
+    ) -> Response:
         """Schedule a task to run once, at or after `execute_at`.
 
         With an `Idempotency-Key`, a repeat of this request gets the same task back (200).
         """
         new = NewTask(kind=body.type, execute_at=body.execute_at, idempotency_key=idempotency_key)
         task, created = await tasks.create_task(store, new, settings.max_attempts)
-        if created:
-            # root_path: the base path the API is served under (BasePath), so the URL works.
-            path = app.url_path_for("get_task", task_id=str(task.id))
-            response.headers["Location"] = request.scope.get("root_path", "") + path
-        else:
-            response.status_code = 200
-        return TaskOut.of(task)
+        if not created:
+            return answer(task_fields(task))
+        # root_path: the base path the API is served under (BasePath), so the URL works.
+        location = f"{request.scope.get('root_path', '')}/tasks/{task.id}"
+        return answer(task_fields(task), 201, {"Location": location})
 
     @app.post(
         "/tasks/batch",
@@ -295,14 +292,13 @@ def build_app(settings: Settings) -> FastAPI:
         dependencies=TakesJson,
         responses={**fails(*BODY_ERRORS, 409), 201: {"links": links("ids/0")}},
     )
-    async def create_tasks(body: BatchIn, store: StoreDep) -> IdsOut:
+    async def create_tasks(body: BatchIn) -> Response:
         """Schedule up to 10,000 tasks: all are written or none (the error names the item)."""
         new = [item.to_new() for item in body.tasks]
-        return IdsOut(ids=await tasks.create_tasks(store, new, settings.max_attempts))
+        return answer({"ids": await tasks.create_tasks(store, new, settings.max_attempts)}, 201)
 
     @app.get("/tasks", response_model=PageOut, dependencies=Authorized, responses=fails(400, 422))
     async def list_tasks(
-        store: StoreDep,
         state: Annotated[
             TaskState | None, Query(description="scheduled, running, succeeded or failed")
         ] = None,
@@ -312,10 +308,11 @@ def build_app(settings: Settings) -> FastAPI:
             str | None,
             Query(pattern=tasks.CURSOR_PATTERN, description="`next_cursor` of the previous page"),
         ] = None,
-    ) -> PageOut:
+    ) -> Response:
         """List tasks by ascending id, optionally filtered by state and type."""
         page = await tasks.list_tasks(store, state=state, kind=type, limit=limit, cursor=cursor)
-        return PageOut(items=[TaskOut.of(t) for t in page.items], next_cursor=page.next_cursor)
+        items = [task_fields(t) for t in page.items]
+        return answer({"items": items, "next_cursor": page.next_cursor})
 
     @app.get(
         "/tasks/{task_id}",
@@ -323,9 +320,9 @@ def build_app(settings: Settings) -> FastAPI:
         dependencies=Authorized,
         responses=fails(404, 422),
     )
-    async def get_task(task_id: TaskId, store: StoreDep) -> TaskOut:
+    async def get_task(task_id: TaskId) -> Response:
         """Show one task."""
-        return TaskOut.of(await tasks.get_task(store, task_id))
+        return answer(task_fields(await tasks.get_task(store, task_id)))
 
     @app.post(
         "/tasks/{task_id}/run",
@@ -333,9 +330,9 @@ def build_app(settings: Settings) -> FastAPI:
         dependencies=Authorized,
         responses=fails(404, 409, 422),
     )
-    async def run_task(task_id: TaskId, store: StoreDep) -> TaskOut:
+    async def run_task(task_id: TaskId) -> Response:
         """Make a scheduled task due now; 409 once it is running or finished."""
-        return TaskOut.of(await tasks.run_task(store, task_id))
+        return answer(task_fields(await tasks.run_task(store, task_id)))
 
     @app.post(
         "/tasks/{task_id}/retry",
@@ -343,13 +340,13 @@ def build_app(settings: Settings) -> FastAPI:
         dependencies=Authorized,
         responses=fails(404, 409, 422),
     )
-    async def retry_task(task_id: TaskId, store: StoreDep) -> TaskOut:
+    async def retry_task(task_id: TaskId) -> Response:
         """Schedule a failed task again, due now, with a fresh budget of attempts.
 
         `attempts` counts on and the last `error` stays until the next attempt ends.
         409 unless the task failed.
         """
-        return TaskOut.of(await tasks.retry_task(store, task_id, settings.max_attempts))
+        return answer(task_fields(await tasks.retry_task(store, task_id, settings.max_attempts)))
 
     @app.patch(
         "/tasks/{task_id}",
@@ -357,9 +354,9 @@ def build_app(settings: Settings) -> FastAPI:
         dependencies=TakesJson,
         responses=fails(*BODY_ERRORS, 404, 409),
     )
-    async def reschedule_task(task_id: TaskId, body: RescheduleIn, store: StoreDep) -> TaskOut:
+    async def reschedule_task(task_id: TaskId, body: RescheduleIn) -> Response:
         """Move a scheduled task to a new `execute_at`; 409 once it is running or finished."""
-        return TaskOut.of(await tasks.reschedule_task(store, task_id, body.execute_at))
+        return answer(task_fields(await tasks.reschedule_task(store, task_id, body.execute_at)))
 
     @app.delete(
         "/tasks/{task_id}",
@@ -368,7 +365,7 @@ def build_app(settings: Settings) -> FastAPI:
         dependencies=Authorized,
         responses=fails(404, 409, 422),
     )
-    async def delete_task(task_id: TaskId, store: StoreDep) -> Response:
+    async def delete_task(task_id: TaskId) -> Response:
         """Delete a task; a running one cannot be deleted (409)."""
         await tasks.delete_task(store, task_id)
         return Response(status_code=204)

@@ -32,9 +32,7 @@ import time
 from collections import Counter, deque
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
-from typing import Any, TextIO
-
-import httpx
+from typing import TYPE_CHECKING, Any, TextIO
 
 from functions import tasks
 from functions.errors import DatabaseError, DatabaseUnavailable, WorkerFailed
@@ -43,6 +41,9 @@ from functions.settings import Settings
 from functions.stats import Activity, bucket_of, merge_activity
 from functions.store import Claimed, NextDue, Result, Store
 from functions.tasks import TaskState
+
+if TYPE_CHECKING:
+    import httpx
 
 logger = logging.getLogger(__name__)
 

@@ -15,13 +15,14 @@ import os
 import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from functions.db import Database
 from functions.settings import Settings
 from functions.store import Claimed, Result, Store
 from functions.tasks import TaskState
+from local import loadgen
 from local.migrate import migrate
 
 BENCH_DB_SUFFIX = "_bench"
@@ -59,12 +61,24 @@ class Sizes:
     lateness_tasks: int
     create_requests: int
     bulk_batches: int
+    # Seconds of wrk per API figure.
+    load_s: float
+    # Finished tasks in the table while /stats is read.
+    stats_tasks: int
+    # Soak: seconds in all, of which warm-up; retention; tasks created per second.
+    soak_s: float
+    soak_warmup_s: float
+    soak_retention_s: float
+    soak_rate: int
 
     @classmethod
     def choose(cls, *, quick: bool, tasks: int | None) -> Sizes:
         if quick:
-            return cls(tasks or 2_000, (2_000, 500), 200, 40, 300, 1)
-        return cls(tasks or 200_000, (50_000, 10_000), 10_000, 400, 20_000, 10)
+            return cls(tasks or 2_000, (2_000, 500), 200, 40, 300, 1, 1, 20_000, 12, 6, 2, 200)
+        return cls(
+            tasks or 200_000, (50_000, 10_000), 10_000, 400, 20_000, 10,
+            10, 1_000_000, 330, 120, 30, 1_000,
+        )  # fmt: skip
 
 
 # --- the bench database and the processes under test ------------------------------------
@@ -99,10 +113,17 @@ class Processes:
         self.started: list[subprocess.Popen[bytes]] = []
 
     def start(self, database_url: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
-        environment = {**os.environ, "TASKRUNNER_DATABASE_URL": database_url, **env}
-        proc = subprocess.Popen(
+        """`taskrunner *args` on `database_url`."""
+        return self.run(
             [sys.executable, "-m", "local", "--log-level", "WARNING", *args],
-            env=environment,
+            TASKRUNNER_DATABASE_URL=database_url,
+            **env,
+        )
+
+    def run(self, command: list[str], **env: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            command,
+            env={**os.environ, **env},
             stdout=subprocess.DEVNULL,  # the task lines are printed, to nobody
         )
         self.started.append(proc)
@@ -231,12 +252,23 @@ class Bench:
 
     # --- scenarios -------------------------------------------------------------------------
 
-    def api(self) -> str:
+    def api(self, processes: int = 1) -> tuple[str, subprocess.Popen[bytes]]:
         port = _free_port()
-        self.procs.start(self.url, "api", "--port", str(port))
+        proc = self.procs.start(self.url, "api", "--port", str(port), "--workers", str(processes))
         api_url = f"http://127.0.0.1:{port}"
         _wait_http(api_url)
-        return api_url
+        return api_url, proc
+
+    def reference(self) -> str:
+        """The minimal FastAPI app (local/reference.py), served as `taskrunner api` is."""
+        port = _free_port()
+        self.procs.run(
+            [sys.executable, "-m", "uvicorn", "local.reference:app", "--port", str(port),
+             "--log-level", "warning"]
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        _wait_http(url, "/tasks/1")
+        return url
 
     def drain(self, workers: int) -> float:
         """baz tasks per second, from the first start to the last finish, as recorded."""
@@ -320,7 +352,7 @@ class Bench:
         """p50 and p99 of started_at - created_at (ms) for tasks created due, through the API."""
         n = self.sizes.lateness_tasks
         with self.scenario("latenow"):
-            api_url = self.api()
+            api_url, _ = self.api()
             self.worker()
             self.wait_for_listener(1)
             asyncio.run(_post_one_by_one(api_url, n))
@@ -341,7 +373,7 @@ class Bench:
     def create_single(self) -> float:
         n = self.sizes.create_requests
         with self.scenario("create"):
-            api_url = self.api()
+            api_url, _ = self.api()
             started = time.perf_counter()
             asyncio.run(_post_many(api_url, n, clients=32))
             return n / (time.perf_counter() - started)
@@ -353,7 +385,7 @@ class Bench:
     def create_bulk(self) -> float:
         batches = self.sizes.bulk_batches
         with self.scenario("bulk"):
-            api_url = self.api()
+            api_url, _ = self.api()
             started = time.perf_counter()
             asyncio.run(_post_batches(api_url, batches))
             return batches * 10_000 / (time.perf_counter() - started)
@@ -367,6 +399,123 @@ class Bench:
                 payload = json.dumps([{"kind": "baz", "at_us": at_us}] * 10_000)
                 self.conn.execute(queries.INSERT_TASKS, {"tasks": payload, "max_attempts": 3})
             return batches * 10_000 / (time.perf_counter() - started)
+
+    def api_routes(self) -> list[Figure]:
+        """POST /tasks, GET /tasks/{id} and GET /tasks?limit=100 under wrk (32 keep-alive
+        connections), each beside the minimal route of the same shape and beside pgbench
+        running the same statement; POST and GET also from `taskrunner api --workers 2`."""
+        seconds = self.sizes.load_s
+        body = json.dumps({"type": "baz", "execute_at": time.time() + 86_400})
+        figures = []
+        with self.scenario("api"):
+            reference = self.reference()
+            ref_post = loadgen.wrk(reference, method="POST", path="/tasks", body=body,
+                                   seconds=seconds)  # fmt: skip
+            ref_get = loadgen.wrk(reference, path="/tasks/{id}", ids=(1, 1000), seconds=seconds)
+            ref_page = loadgen.wrk(reference, path="/tasks?limit=100", seconds=seconds)
+            for processes in (1, 2):
+                api_url, proc = self.api(processes)
+                post = loadgen.wrk(api_url, method="POST", path="/tasks", body=body,
+                                   seconds=seconds)  # fmt: skip
+                [(lo, hi)] = self.sql("SELECT min(id), max(id) FROM tasks")
+                get = loadgen.wrk(api_url, path="/tasks/{id}", ids=(lo, hi), seconds=seconds)
+                name = f"{processes} process{'es' if processes > 1 else ''}"
+                loads = [("POST /tasks", post, ref_post), ("GET /tasks/{id}", get, ref_get)]
+                if processes == 1:
+                    page = loadgen.wrk(api_url, path="/tasks?limit=100", seconds=seconds)
+                    loads.append(("GET /tasks?limit=100", page, ref_page))
+                self.procs.stop(proc)
+                for route, ours, ref in loads:
+                    ratio = ours.per_s / ref.per_s
+                    figures.append(
+                        Figure(f"API {route}, {name}, 32 connections", ours.per_s, "req/s",
+                               ">= 50% of minimal, p99 <= 50 ms",
+                               ratio >= 0.5 and (ours.p99_ms or 0) <= 50, None,
+                               f"p99 {ours.p99_ms:.1f} ms; minimal route {ref.per_s:,.0f}/s,"
+                               f" p99 {ref.p99_ms:.1f} ms ({ratio:.0%})")
+                    )  # fmt: skip
+            raws = {
+                "POST /tasks": loadgen.RAW_INSERT,
+                "GET /tasks/{id}": loadgen.raw_get(lo, hi),
+                "GET /tasks?limit=100": loadgen.RAW_PAGE,
+            }
+            rates = {route: loadgen.pgbench(self.url, script, seconds=seconds)
+                     for route, script in raws.items()}  # fmt: skip
+        for i, figure in enumerate(figures):
+            route = figure.scenario.removeprefix("API ").split(",")[0]
+            figures[i] = replace(figure, raw=rates[route])
+        return figures
+
+    def stats_large(self) -> tuple[float, float]:
+        """p50 and p99 (ms) of GET /stats with N finished tasks in the table, run by the
+        workers just before, as a user's would be (nothing analyzed by hand)."""
+        n = self.sizes.stats_tasks
+        with self.scenario("stats"):
+            self.insert_due("baz", n)
+            for _ in range(self.workers):
+                self.worker()
+            wait_until(lambda: self.done(n), n, "stats, running the tasks", 900)
+            self.check_all_succeeded(n)
+            api_url, _ = self.api()
+            times = []
+            for _ in range(50):
+                started = time.perf_counter()
+                with urllib.request.urlopen(f"{api_url}/stats", timeout=10) as response:
+                    stats = json.loads(response.read())
+                times.append((time.perf_counter() - started) * 1000)
+            finished = sum(stats["counts"]["succeeded"].values())
+            if abs(finished - n) > 0.1 * n:
+                raise RuntimeError(f"/stats counted {finished} succeeded of {n}")
+        return percentile(times, 50), percentile(times, 99)
+
+    def soak(self) -> tuple[float, float, float]:
+        """Tasks created and run at a steady rate with a short retention: the peak size of
+        the tasks table with its indexes (MB) in the minute and a half after warm-up and in
+        the last one, and their ratio. Flat means pruning and autovacuum keep up."""
+        sizes = self.sizes
+        window = min(90.0, (sizes.soak_s - sizes.soak_warmup_s) / 2)
+        samples: list[tuple[float, int]] = []
+        with self.scenario("soak"):
+            self.worker(TASKRUNNER_RETENTION_S=str(sizes.soak_retention_s))
+            self.wait_for_listener(1)
+            started = time.monotonic()
+            step = 0.5
+            per_step = max(1, int(sizes.soak_rate * step))
+            with tqdm(total=int(sizes.soak_s), desc="soak", unit="s", leave=False,
+                      file=sys.stderr, disable=not sys.stderr.isatty()) as bar:  # fmt: skip
+                while (elapsed := time.monotonic() - started) < sizes.soak_s:
+                    self.insert_due("baz", per_step, in_s=0)
+                    [(size,)] = self.sql("SELECT pg_total_relation_size('tasks')")
+                    samples.append((elapsed, int(size)))
+                    bar.update(int(elapsed) - bar.n)
+                    time.sleep(max(0.0, started + len(samples) * step - time.monotonic()))
+            [(stuck,)] = self.sql(
+                "SELECT count(*) FROM tasks WHERE state <> 'succeeded'"
+                " AND created_at < now() - interval '10 seconds'"
+            )
+            if stuck:
+                raise RuntimeError(f"soak: {stuck} tasks not run within 10 s")
+        warm = max(b for t, b in samples if sizes.soak_warmup_s <= t < sizes.soak_warmup_s + window)
+        end = max(b for t, b in samples if t >= sizes.soak_s - window)
+        return warm / 2**20, end / 2**20, end / warm
+
+    def cold_starts(self) -> tuple[float, float]:
+        """Median ms, over 5 fresh processes each, of importing the API handler plus its
+        first request, and of importing the tick handler plus a tick with nothing due."""
+        medians = []
+        with self.scenario("coldstart"):
+            for which in ("api", "tick"):
+                totals = []
+                for _ in range(5):
+                    out = subprocess.run(
+                        [sys.executable, "-m", "local.coldstart", which],
+                        env={**os.environ, "TASKRUNNER_DATABASE_URL": self.url,
+                             "AWS_LAMBDA_FUNCTION_NAME": "taskrunner-bench"},
+                        capture_output=True, text=True, timeout=60, check=True,
+                    )  # fmt: skip
+                    totals.append(json.loads(out.stdout.splitlines()[-1])["total_ms"])
+                medians.append(statistics.median(totals))
+        return medians[0], medians[1]
 
 
 def _utc(unix_s: float) -> datetime:
@@ -582,8 +731,34 @@ def run(server_url: str, *, quick: bool, tasks: int | None, workers: int) -> lis
         bulk = bench.create_bulk()
         raw_bulk = bench.raw_create_bulk()
         figures.append(
-            Figure("create, POST /tasks/batch", bulk, "tasks/s", ">= 100,000/s",
-                   bulk >= 100_000, raw_bulk, "the same INSERT, 10,000 rows")
+            Figure("create, POST /tasks/batch of 10,000", bulk, "tasks/s", ">= 85% of raw",
+                   bulk >= 0.85 * raw_bulk, raw_bulk,
+                   f"the same INSERT, 10,000 rows ({bulk / raw_bulk:.0%})")
+        )  # fmt: skip
+        if loadgen.wrk_path() is None:
+            print("bench: wrk is not installed; no API figures", file=sys.stderr)
+        else:
+            figures += bench.api_routes()
+        p50, p99 = bench.stats_large()
+        figures.append(
+            Figure(f"GET /stats, {sizes.stats_tasks:,} finished tasks, p99", p99, "ms",
+                   "<= 50 ms", p99 <= 50, None, f"p50 {p50:.1f} ms")
+        )  # fmt: skip
+        warm, end, ratio = bench.soak()
+        figures.append(
+            Figure(f"soak, {sizes.soak_rate:,} tasks/s for {sizes.soak_s:.0f} s, retention"
+                   f" {sizes.soak_retention_s:.0f} s: table + indexes at the end", end, "MB",
+                   "within 20% of after warm-up", ratio <= 1.2, None,
+                   f"after warm-up {warm:.1f} MB ({ratio - 1:+.0%})")
+        )  # fmt: skip
+        api_ms, tick_ms = bench.cold_starts()
+        figures.append(
+            Figure("cold start, API: import + first request", api_ms, "ms", "<= 350 ms",
+                   api_ms <= 350, None, "median of 5 fresh processes")
+        )  # fmt: skip
+        figures.append(
+            Figure("cold start, tick: import + a tick, nothing due", tick_ms, "ms", "<= 250 ms",
+                   tick_ms <= 250, None, "median of 5 fresh processes")
         )  # fmt: skip
     finally:
         bench.procs.stop_all()
@@ -596,11 +771,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_http(base_url: str) -> None:
+def _wait_http(base_url: str, path: str = "/healthz") -> None:
     deadline = time.monotonic() + 60
     while True:
         try:
-            with urllib.request.urlopen(f"{base_url}/healthz", timeout=2) as response:
+            with urllib.request.urlopen(f"{base_url}{path}", timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
@@ -612,12 +787,14 @@ def _wait_http(base_url: str) -> None:
 def _number(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
-    if unit == "tasks/s":
+    if unit in ("tasks/s", "req/s"):
         return f"{value:,.0f}/s"
     if unit == "ms":
         return f"{value:.1f} ms"
     if unit == "s":
         return f"{value:.2f} s"
+    if unit == "MB":
+        return f"{value:.1f} MB"
     return f"{value:.0f} {unit}"
 
 

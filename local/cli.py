@@ -72,10 +72,13 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
 
 def cmd_api(args: argparse.Namespace) -> None:
-    from local.serve import serve
+    from local.serve import run_api, serve, serve_processes
 
     settings = _settings(migrate=False, wait=True)
-    asyncio.run(serve(settings, host=args.host, port=args.port, worker=False))
+    if args.workers > 1:
+        serve_processes(settings, host=args.host, port=args.port, processes=args.workers)
+    else:
+        run_api(serve(settings, host=args.host, port=args.port, worker=False))
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -138,6 +141,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench.write_json(figures, Path(args.json))
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskrunner",
@@ -163,6 +173,10 @@ def _parser() -> argparse.ArgumentParser:
         "api", help="run only the HTTP API", description="Serve only the HTTP API."
     )
     http_args(api)
+    api.add_argument(
+        "--workers", type=_at_least_one, default=1, metavar="N",
+        help="serve from N processes on one port, for hosts with more cores (default: 1)",
+    )  # fmt: skip
     api.set_defaults(func=cmd_api)
 
     worker = commands.add_parser(

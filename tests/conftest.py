@@ -58,13 +58,29 @@ def _server_params() -> list[Any]:
     return params
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Keep each server's tests in one xdist worker (`-n 2 --dist loadgroup`, the default):
-    the two servers' halves of the suite run side by side, each server started once."""
+    the two servers' halves of the suite run side by side, each server started once.
+
+    A test marked `one_server` runs on the first server only: it exercises what lies above
+    the SQL (the HTTP contract, the bundle's build, the bench's command line, bar's HTTP
+    client), which other tests already cover on every server, and takes a minute or more.
+    """
+    first = _server_params()[0]
+    first_id = first if isinstance(first, str) else first.values[0]
+    kept, dropped = [], []
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and "pg_server" in callspec.params:
-            item.add_marker(pytest.mark.xdist_group(f"pg{callspec.params['pg_server']}"))
+        server = callspec.params.get("pg_server") if callspec is not None else None
+        if server is not None and server != first_id and item.get_closest_marker("one_server"):
+            dropped.append(item)
+            continue
+        if server is not None:
+            item.add_marker(pytest.mark.xdist_group(f"pg{server}"))
+        kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 def db_url(*, host: str, port: int | str, user: str, dbname: str, password: str | None) -> str:

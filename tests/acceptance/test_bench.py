@@ -17,6 +17,7 @@ import pytest
 TASKRUNNER = str(Path(sys.executable).parent / "taskrunner")
 
 
+@pytest.mark.one_server
 @pytest.mark.slow
 def test_bench_quick_reports_every_scenario(
     database_url: str, tmp_path: Path, sql: Callable[..., list[tuple[Any, ...]]]
@@ -40,7 +41,10 @@ def test_bench_quick_reports_every_scenario(
     for expected in ("drain, 1 worker", "drain, 2 workers", "burst on a fresh table", "fan-out",
                      "peak worker memory",
                      "lateness, future", "lateness, due on creation", "POST /tasks,",
-                     "POST /tasks/batch"):  # fmt: skip
+                     "POST /tasks/batch", "API POST /tasks, 1 process",
+                     "API GET /tasks/{id}, 1 process", "API GET /tasks?limit=100, 1 process",
+                     "API POST /tasks, 2 processes", "API GET /tasks/{id}, 2 processes",
+                     "GET /stats", "soak", "cold start, API", "cold start, tick"):  # fmt: skip
         assert any(expected in s for s in scenarios), f"no {expected!r} in {scenarios}"
     for figure in figures:
         assert math.isfinite(figure["value"]) and figure["value"] > 0, figure

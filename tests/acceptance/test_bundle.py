@@ -66,6 +66,7 @@ def sizes(bundle: Path) -> tuple[float, float]:
     return unpacked / 1e6, len(buffer.getvalue()) / 1e6
 
 
+@pytest.mark.one_server
 @pytest.mark.slow
 def test_lambda_bundle_holds_only_runtime_dependencies_and_its_handlers_work(
     tmp_path: Path, database_url: str, sql: Callable[..., list[tuple[object, ...]]]

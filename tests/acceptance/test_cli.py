@@ -1,5 +1,6 @@
 """The real `taskrunner` command, as a subprocess."""
 
+import asyncio
 import json
 import os
 import signal
@@ -178,3 +179,72 @@ def test_api_behind_a_reverse_proxy_at_a_prefix(
         assert httpx.get(api.url + url).status_code == 200, url
     head = httpx.head(f"{api.url}/prod/healthz")
     assert (head.status_code, head.content) == (200, b"")
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of `pid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_api_with_two_workers_serves_from_two_processes_and_stops_cleanly(
+    spawn: Callable[..., Proc], database_url: str, sql: Callable[..., Any]
+) -> None:
+    env = {"TASKRUNNER_DATABASE_URL": database_url}
+    api = spawn("api", "--workers", "2", env=env, http=True)
+    api.wait_healthy()
+    # Two server processes (uvicorn's supervisor forks them; the supervisor may also run a
+    # resource tracker), each with connections of its own to the database.
+    servers = wait_for(
+        lambda: [p for p in _children(api.pid) if "spawn_main" in _cmdline(p)] or None,
+        30,
+        "the server processes",
+    )
+    assert len(servers) == 2, servers
+
+    async def one(i: int) -> int:
+        # A connection each, so that the kernel spreads them over both processes.
+        async with httpx.AsyncClient(timeout=30) as client:
+            response = await client.post(
+                f"{api.url}/tasks", json={"type": "baz", "execute_at": 1893499200 + i}
+            )
+        assert response.status_code == 201, response.text
+        return int(response.json()["id"])
+
+    async def create(n: int) -> list[int]:
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+    ids = asyncio.run(create(64))
+    assert len(set(ids)) == 64
+    assert sql("SELECT count(*) FROM tasks") == [(64,)]
+    backends = sql(
+        "SELECT count(DISTINCT pid) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid <> pg_backend_pid()"
+    )
+    assert backends[0][0] >= 2, backends
+    assert api.terminate() == 0, api.stderr()
+    assert not [p for p in servers if Path(f"/proc/{p}").exists()], "a server process lived on"
+    assert "Traceback" not in api.stderr(), api.stderr()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.parametrize("workers", ["0", "-1", "two"])
+def test_api_refuses_a_number_of_workers_that_cannot_work(workers: str) -> None:
+    result = subprocess.run(
+        [TASKRUNNER, "api", "--workers", workers], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "--workers" in result.stderr

@@ -132,6 +132,7 @@ def test_one_task_at_the_end_of_time_stops_no_one(
     assert api.terminate() == 0 and worker.terminate() == 0
 
 
+@pytest.mark.one_server
 def test_a_fan_out_of_bar_all_succeeds_against_a_healthy_server(
     spawn: Callable[..., Proc], database_url: str, sql: Callable[..., Any]
 ) -> None:

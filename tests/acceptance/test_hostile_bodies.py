@@ -105,6 +105,7 @@ def test_a_chunked_flood_is_cut_off_near_the_limit(
     assert sql("SELECT count(*) FROM tasks") == [(0,)]
 
 
+@pytest.mark.one_server
 def test_a_trickled_body_gets_408(api: Proc) -> None:
     assert api.port is not None
     with head(api.port, {"Content-Length": "1000"}) as sock:

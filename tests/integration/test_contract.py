@@ -45,6 +45,7 @@ def failures_of(event: ev.ScenarioFinished) -> list[str]:
     return found
 
 
+@pytest.mark.one_server
 @pytest.mark.slow
 def test_schemathesis_finds_nothing(settings: Settings, sql: Sql) -> None:
     # Ids far from the small ones schemathesis draws for `task_id`, so that a drawn id does
