@@ -77,7 +77,10 @@ def connect_kwargs(settings: Settings, application_name: str = "taskrunner") -> 
         kwargs["prepare_threshold"] = None
     else:
         timeout_ms = int(settings.db_statement_timeout_s * 1000)
-        kwargs["options"] = f"-c statement_timeout={timeout_ms}"
+        # No JIT: every statement here is short, and compiling one costs 100-500 ms of the
+        # server's CPU, which PostgreSQL before 18 spends on any plan it thinks costly (a
+        # count over a large table, a plan with a disabled node; see queries.PINNED_PLAN).
+        kwargs["options"] = f"-c statement_timeout={timeout_ms} -c jit=off"
     return kwargs
 
 

@@ -286,12 +286,20 @@ WHERE id = %(worker)s
 # minutes for 40,000 results). With these settings the one cheap plan left is the one
 # written for: indexes walked in order, rows found by primary key, the batch read once
 # (tests/integration/test_plans.py).
+#
+# And no JIT. Before PostgreSQL 18 a disabled plan node still costs 10^10 when nothing else
+# can do its job (the rescue's scan of the small `workers` table), and a plan that costly
+# is compiled with LLVM, inlined and optimized: on Debian's PostgreSQL 15 each rescue took
+# 200-480 ms of the server's CPU for a statement that runs in 0.5 ms. That was the stall of
+# a few hundred ms seen now and then in start lateness. (Connections made outside a
+# transaction pooler also turn JIT off for the session: see functions/db.py.)
 PINNED_PLAN = (
     "SET LOCAL enable_seqscan = off",
     "SET LOCAL enable_bitmapscan = off",
     "SET LOCAL enable_sort = off",
     "SET LOCAL enable_hashjoin = off",
     "SET LOCAL enable_mergejoin = off",
+    "SET LOCAL jit = off",
 )
 
 # The claim. One statement, committed before any task runs (with PINNED_PLAN and NEXT_DUE in
