@@ -39,7 +39,10 @@ async def create_through(apis: list[Proc], n: int, spread_s: float) -> list[int]
     """Create `n` foo tasks through the APIs in turn, 32 at a time, due over `spread_s`."""
     ids: list[int] = []
     limit = asyncio.Semaphore(32)
-    async with httpx.AsyncClient(timeout=30) as client:
+    # Idle connections are dropped after 2 s, before the server's keep-alive timeout (5 s)
+    # closes them: a request sent on a connection the server is closing fails to read.
+    limits = httpx.Limits(keepalive_expiry=2)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
 
         async def one(i: int) -> None:
             async with limit:
