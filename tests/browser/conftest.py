@@ -178,8 +178,10 @@ def taskrunner(spawn: Callable[..., Proc], database_url: str) -> Iterator[Callab
             *, worker: bool = False, env: dict[str, str] | None = None, **settings: Any
         ) -> str:
             if worker:
+                # Not waited for: it starts (seconds, on a busy machine) while the page loads.
                 spawn(
                     "worker",
+                    ready=False,
                     env={
                         "TASKRUNNER_DATABASE_URL": database_url,
                         "TASKRUNNER_FOO_DELAY_S": "0.2",

@@ -104,6 +104,9 @@ def test_overview_shows_what_the_database_holds_and_keeps_it_current(
     add_activity(sql, 20, started=4, succeeded=4, failed=0, lateness_bucket=10)
     api = taskrunner()
 
+    # The page's clock runs only when the test says: its refreshes are the test's to time.
+    page.clock.install()
+    page.clock.pause_at(datetime.now(UTC) + timedelta(seconds=1))
     page.goto(f"{api}/")
     expect(page.get_by_role("heading", name="Overview")).to_be_visible()
     counts = counts_in_database(sql)
@@ -150,6 +153,9 @@ def test_overview_shows_what_the_database_holds_and_keeps_it_current(
     page.evaluate("window.stillTheSamePage = true")
     for _ in range(3):
         task_factory("bar", due_in_s=-2.0)
+    page.wait_for_timeout(200)
+    expect(page.locator("#due")).to_have_text(str(due))
+    page.clock.run_for(3_000)
     expect(page.locator("#due")).to_have_text(str(due + 3))
     expect(page.locator('td[data-state="scheduled"][data-kind="bar"]')).to_have_text(
         str(counts_in_database(sql)[("scheduled", "bar")])
@@ -339,7 +345,7 @@ def test_an_action_the_api_refuses_shows_its_reason(
     assert sql("SELECT state FROM tasks WHERE id = %s", task_id) == [("running",)]
 
     # The next refresh shows why: it is running, and the actions are off.
-    page.clock.resume()
+    page.clock.run_for(3_000)
     expect(page.locator('dd[data-field="state"]')).to_have_text("running")
     expect(page.get_by_role("button", name="Delete")).to_be_disabled()
 
@@ -399,19 +405,29 @@ def test_screenshot(
 ) -> None:
     """The README's picture: an hour of steady work with a burst and a few failures."""
     import math
+    import random
 
-    for minute in range(1, 60):
-        rate = int(900 + 250 * math.sin(minute / 6) + (600 if 20 <= minute <= 24 else 0))
-        failed = 12 if 40 <= minute <= 42 else minute % 7 == 0
-        add_activity(sql, minute, started=rate, succeeded=rate - int(failed), failed=int(failed),
-                     lateness_bucket=14 + (5 if 20 <= minute <= 24 else minute % 3))  # fmt: skip
+    noise = random.Random(12)
+    for minute in range(60):
+        burst = 20 <= minute <= 24
+        rate = int(900 + 250 * math.sin(minute / 6) + (600 if burst else 0) + noise.randint(0, 60))
+        failed = 12 if 40 <= minute <= 42 else int(noise.random() < 0.2)
+        add_activity(sql, minute, started=rate, succeeded=rate - failed, failed=failed,
+                     lateness_bucket=(19 if burst else 13) + noise.randint(0, 2))  # fmt: skip
     for kind, n in (("foo", 14), ("bar", 6), ("baz", 40)):
         for i in range(n):
             task_factory(kind, due_in_s=-0.5 if i < 2 else 600.0 + i)
         insert_finished(sql, kind, "succeeded", n * 5, f"{kind.title()} 1")
     insert_finished(sql, "bar", "failed", 3, "HTTP 503 from https://example.com/")
+    for worker in ("a", "b"):
+        sql("INSERT INTO workers (id, lease_expires_at) VALUES (%s, now() + interval '1 min')",
+            worker)  # fmt: skip
+        for _ in range(3):
+            task_id = task_factory("foo", due_in_s=-0.1)
+            sql("UPDATE tasks SET state = 'running', attempts = 1, claimed_by = %s WHERE id = %s",
+                worker, task_id)  # fmt: skip
     api = taskrunner()
-    page.set_viewport_size({"width": 1280, "height": 1000})
+    page.set_viewport_size({"width": 1280, "height": 780})
     page.goto(f"{api}/")
     expect(page.locator('td[data-state="failed"][data-kind="bar"]')).to_have_text("3")
     assert SCREENSHOT is not None

@@ -8,6 +8,8 @@ const BASE = document.documentElement.dataset.base || "";
 const KINDS = (document.documentElement.dataset.kinds || "").split(" ").filter(Boolean);
 const STATES = ["scheduled", "running", "succeeded", "failed"];
 const REFRESH_MS = 3000;
+// A task shown while it is due or running is looked at more often: its result is near.
+const WATCH_MS = 1000;
 const PAGE_SIZE = 25;
 const TOKEN_KEY = "taskrunner.token";
 const SVG = "http://www.w3.org/2000/svg";
@@ -201,7 +203,7 @@ function niceMax(value, floor) {
 
 const W = 640;
 const H = 220;
-const PAD = { left: 48, right: 12, top: 12, bottom: 26 };
+const PAD = { left: 48, right: 12, top: 24, bottom: 26 };
 
 function hhmm(iso) {
   return new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
@@ -229,7 +231,7 @@ function drawChart(el, series, lines, { unit, floor, summary, format }) {
         format(value)),
     );
   }
-  parts.push(svg("text", { class: "axis unit", x: 4, y: PAD.top - 2 }, unit));
+  parts.push(svg("text", { class: "axis unit", x: PAD.left, y: 10 }, unit));
   for (let i = 0; i < n; i += 15) {
     parts.push(svg("text", { class: "axis", x: x(i), y: H - 8, "text-anchor": "middle" },
       hhmm(series[i].minute)));
@@ -590,7 +592,13 @@ async function refreshNow() {
   });
   await running;
   clearTimeout(timer);
-  if (!waitingForToken && !document.hidden) timer = setTimeout(refreshNow, REFRESH_MS);
+  if (!waitingForToken && !document.hidden) timer = setTimeout(refreshNow, interval());
+}
+
+function interval() {
+  if (view().name !== "task" || !current) return REFRESH_MS;
+  const due = current.state === "scheduled" && Date.parse(current.next_attempt_at) <= Date.now();
+  return due || current.state === "running" ? WATCH_MS : REFRESH_MS;
 }
 
 function route() {
