@@ -37,6 +37,7 @@ from functions.bodies import (
     links,
     task_fields,
 )
+from functions.dashboard import add_dashboard
 from functions.db import Database
 from functions.docs import add_docs
 from functions.errors import (
@@ -135,6 +136,8 @@ def build_app(settings: Settings) -> FastAPI:
     )
     app.router.route_class = Route
     add_docs(app)
+    # GET /: the dashboard's page (functions/dashboard.py), outside the schema.
+    add_dashboard(app)
     app.add_middleware(HeadWithoutBody)
     if settings.base_path:
         app.add_middleware(BasePath, base_path=settings.base_path)

@@ -42,7 +42,9 @@ def fetch(path):
 docs = fetch("/docs")
 assets = ["/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css",
           "/static/favicon.svg", "/docs/assets/redoc.standalone.js"]
-statuses = {path: fetch(path)["statusCode"] for path in ["/docs", "/redoc", *assets]}
+# The dashboard's page and files (package data in a subdirectory).
+dashboard = ["/", "/static/dashboard/dashboard.js", "/static/dashboard/dashboard.css"]
+statuses = {path: fetch(path)["statusCode"] for path in ["/docs", "/redoc", *assets, *dashboard]}
 assert all(path in docs["body"] for path in assets[:3]), docs["body"]
 
 print(json.dumps({"status": created["statusCode"], "summary": summary, "docs": statuses}),

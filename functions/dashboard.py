@@ -1,0 +1,60 @@
+"""The dashboard: `GET /` serves one HTML page that reads the JSON API from the browser.
+
+The page (functions/static/dashboard/) holds no data, so it is served without the token: its
+script asks for the token when the API answers 401 and sends it as a bearer header. Every
+URL in it carries the base path, injected here from the request's `root_path`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+from functools import cache
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse
+
+from functions import static
+from functions.kinds import KINDS
+
+DIRECTORY = static.HERE / "dashboard"
+ASSETS = ("dashboard.css", "dashboard.js")
+
+# What the page may load and where its script may connect: this site only. No inline script
+# or style, so a task's output or error shown on the page can never run as code.
+HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self';"
+    " img-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none';"
+    " frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    # The page changes with each release; its assets are named by their content below.
+    "Cache-Control": "no-cache",
+}
+
+
+@cache
+def _template() -> str:
+    """index.html with each asset's URL made unique to its content, so a browser that cached
+    an older release's script cannot pair it with this page. Read once per process."""
+    page = (DIRECTORY / "index.html").read_text(encoding="utf-8")
+    for name in ASSETS:
+        digest = hashlib.sha256((DIRECTORY / name).read_bytes()).hexdigest()[:12]
+        page = page.replace(f"/static/dashboard/{name}", f"/static/dashboard/{name}?v={digest}")
+    return page
+
+
+def render(root_path: str) -> str:
+    """The page for an API served under `root_path` (`""` or `/prod`), offering the task
+    types this version runs."""
+    page = _template().replace("{{kinds}}", " ".join(sorted(KINDS)))
+    return page.replace("{{base}}", html.escape(root_path, quote=True))
+
+
+def add_dashboard(app: FastAPI) -> None:
+    """Serve the dashboard at `/` (GET and HEAD), outside the OpenAPI document."""
+
+    async def dashboard(request: Request) -> HTMLResponse:
+        return HTMLResponse(render(request.scope.get("root_path", "")), headers=HEADERS)
+
+    app.add_api_route("/", dashboard, methods=["GET", "HEAD"], include_in_schema=False)

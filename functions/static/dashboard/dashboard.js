@@ -1,0 +1,644 @@
+// The taskrunner dashboard: reads the JSON API from the browser and draws it.
+//
+// No framework, no build step, no chart library: the two charts are a few SVG paths drawn
+// below, which is less code than any library's configuration would be. Every element is
+// built with textContent (never innerHTML), so a task's output or error is always text.
+
+const BASE = document.documentElement.dataset.base || "";
+const KINDS = (document.documentElement.dataset.kinds || "").split(" ").filter(Boolean);
+const STATES = ["scheduled", "running", "succeeded", "failed"];
+const REFRESH_MS = 3000;
+// A task shown while it is due or running is looked at more often: its result is near.
+const WATCH_MS = 1000;
+const PAGE_SIZE = 25;
+const TOKEN_KEY = "taskrunner.token";
+const SVG = "http://www.w3.org/2000/svg";
+
+const $ = (id) => document.getElementById(id);
+
+// --- The API ------------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, detail) {
+    super(detail);
+    this.status = status;
+  }
+}
+
+// A 401 stops everything until a token is given; callers only need to stop.
+class NeedToken extends Error {}
+
+function token() {
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+
+/** The API's `detail`, in words: a string, or FastAPI's list of issues. */
+function describe(status, body) {
+  const detail = body && body.detail;
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) {
+    return detail
+      .map((i) => `${(i.loc || []).filter((x) => x !== "body").join(".")}: ${i.msg}`)
+      .join("; ");
+  }
+  return `the API answered ${status}`;
+}
+
+async function api(method, path, body) {
+  const headers = { Accept: "application/json" };
+  const sent = token();
+  if (sent) headers.Authorization = `Bearer ${sent}`;
+  const init = { method, headers, cache: "no-store" };
+  if (body !== undefined) {
+    headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(BASE + path, init);
+  } catch (error) {
+    throw new ApiError(0, `cannot reach the API (${error.message})`);
+  }
+  if (response.status === 401) {
+    askForToken(sent ? "That token was refused." : "");
+    throw new NeedToken();
+  }
+  let data = null;
+  if (response.status !== 204) {
+    try {
+      data = await response.json();
+    } catch {
+      data = null;
+    }
+  }
+  if (!response.ok) throw new ApiError(response.status, describe(response.status, data));
+  return data;
+}
+
+// --- Small helpers ------------------------------------------------------------------------
+
+/** An element with attributes and children (strings become text). */
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === null || value === undefined || value === false) continue;
+    if (key === "class") el.className = value;
+    else el.setAttribute(key, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined) continue;
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+}
+
+function svg(tag, attrs = {}, ...children) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attrs)) el.setAttribute(key, String(value));
+  for (const child of children) el.append(child instanceof Node ? child : String(child));
+  return el;
+}
+
+const number = new Intl.NumberFormat();
+
+function fmtNumber(n) {
+  return number.format(n);
+}
+
+function fmtMs(ms) {
+  if (ms < 1) return `${ms.toFixed(2)} ms`;
+  if (ms < 1000) return `${ms.toFixed(ms < 10 ? 1 : 0)} ms`;
+  return fmtSeconds(ms / 1000);
+}
+
+function fmtSeconds(s) {
+  if (s === 0) return "0 s";
+  if (s < 10) return `${s.toFixed(1)} s`;
+  if (s < 60) return `${Math.round(s)} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
+  return `${Math.floor(s / 86400)} d ${Math.round((s % 86400) / 3600)} h`;
+}
+
+function utc(iso) {
+  return iso.replace("T", " ").replace(/Z$|\+00:00$/, " UTC");
+}
+
+/** A <time> in the viewer's local time, with the UTC time in its title. */
+function fmtTime(iso) {
+  if (!iso) return h("span", { class: "muted" }, "–");
+  const date = new Date(iso);
+  return h("time", { datetime: iso, title: utc(iso) }, date.toLocaleString());
+}
+
+/** The ISO-8601 instant of a datetime-local input's value (read in the viewer's zone). */
+function instantOf(localValue) {
+  const date = new Date(localValue);
+  if (Number.isNaN(date.getTime())) throw new ApiError(0, "that time cannot be read");
+  return date.toISOString();
+}
+
+/** A datetime-local value for `date`, in the viewer's zone, to the second. */
+function localValue(date) {
+  const pad = (n) => String(n).padStart(2, "0");
+  return (
+    `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())}` +
+    `T${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())}`
+  );
+}
+
+function badge(state) {
+  return h("span", { class: `badge ${state}` }, state);
+}
+
+function show(el, text) {
+  el.textContent = text || "";
+  el.hidden = !text;
+}
+
+function setText(id, text) {
+  const el = $(id);
+  if (el.textContent !== text) el.textContent = text;
+}
+
+// --- Token --------------------------------------------------------------------------------
+
+let waitingForToken = false;
+
+function askForToken(message) {
+  sessionStorage.removeItem(TOKEN_KEY);
+  waitingForToken = true;
+  for (const id of ["overview-view", "tasks-view", "task-view"]) $(id).hidden = true;
+  $("forget-token").hidden = true;
+  $("token-view").hidden = false;
+  show($("token-error"), message);
+  $("token-input").focus();
+}
+
+$("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const value = $("token-input").value.trim();
+  if (!value) return;
+  sessionStorage.setItem(TOKEN_KEY, value);
+  $("token-input").value = "";
+  $("token-view").hidden = true;
+  waitingForToken = false;
+  route();
+});
+
+$("forget-token").addEventListener("click", () => {
+  sessionStorage.removeItem(TOKEN_KEY);
+  location.reload();
+});
+
+// --- Charts -------------------------------------------------------------------------------
+
+/** The smallest of 1, 2, 5 x 10^n at or above `value` (at least `floor`). */
+function niceMax(value, floor) {
+  const target = Math.max(value, floor);
+  const power = 10 ** Math.floor(Math.log10(target));
+  for (const step of [1, 2, 5, 10]) if (step * power >= target) return step * power;
+  return 10 * power;
+}
+
+const W = 640;
+const H = 220;
+const PAD = { left: 48, right: 12, top: 24, bottom: 26 };
+
+function hhmm(iso) {
+  return new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+/**
+ * Draw `series` (one point a minute) into the <svg> `el`: a line for each of `lines`
+ * ({key, cls, area}), a y axis from 0, the minutes below, and one hover zone a minute whose
+ * <title> gives that minute's figures.
+ */
+function drawChart(el, series, lines, { unit, floor, summary, format }) {
+  const n = series.length;
+  const top = niceMax(Math.max(0, ...series.flatMap((m) => lines.map((l) => m[l.key]))), floor);
+  const plotW = W - PAD.left - PAD.right;
+  const plotH = H - PAD.top - PAD.bottom;
+  const x = (i) => PAD.left + (n > 1 ? (i * plotW) / (n - 1) : plotW / 2);
+  const y = (v) => PAD.top + plotH - (v / top) * plotH;
+
+  const parts = [svg("title", { id: `${el.id}-title` }, summary)];
+  for (const fraction of [0, 0.5, 1]) {
+    const value = top * fraction;
+    parts.push(
+      svg("line", { class: "grid", x1: PAD.left, x2: W - PAD.right, y1: y(value), y2: y(value) }),
+      svg("text", { class: "axis", x: PAD.left - 6, y: y(value) + 4, "text-anchor": "end" },
+        format(value)),
+    );
+  }
+  parts.push(svg("text", { class: "axis unit", x: PAD.left, y: 10 }, unit));
+  for (let i = 0; i < n; i += 15) {
+    parts.push(svg("text", { class: "axis", x: x(i), y: H - 8, "text-anchor": "middle" },
+      hhmm(series[i].minute)));
+  }
+  if (n) {
+    parts.push(svg("text", { class: "axis", x: x(n - 1), y: H - 8, "text-anchor": "end" },
+      hhmm(series[n - 1].minute)));
+  }
+  for (const line of lines) {
+    const points = series.map((m, i) => `${x(i).toFixed(1)},${y(m[line.key]).toFixed(1)}`);
+    if (!points.length) continue;
+    if (line.area) {
+      const area = `M${x(0)},${y(0)} L${points.join(" L")} L${x(n - 1)},${y(0)} Z`;
+      parts.push(svg("path", { class: `area ${line.cls}`, d: area }));
+    }
+    parts.push(svg("path", { class: `line ${line.cls}`, d: `M${points.join(" L")}` }));
+  }
+  // Hover zones, one a minute: the browser shows each one's title as a tooltip.
+  const step = n > 1 ? plotW / (n - 1) : plotW;
+  series.forEach((m, i) => {
+    const figures = lines.map((l) => `${l.label} ${format(m[l.key])}`).join(", ");
+    parts.push(
+      svg("rect", { class: "hover", x: x(i) - step / 2, y: PAD.top, width: step, height: plotH },
+        svg("title", {}, `${hhmm(m.minute)}: ${figures}`)),
+    );
+  });
+  el.replaceChildren(...parts);
+}
+
+const sum = (series, key) => series.reduce((total, m) => total + m[key], 0);
+
+function drawCharts(series) {
+  const started = sum(series, "started");
+  const succeeded = sum(series, "succeeded");
+  const failed = sum(series, "failed");
+  drawChart(
+    $("chart-throughput"),
+    series,
+    [
+      { key: "started", label: "started", cls: "started" },
+      { key: "succeeded", label: "succeeded", cls: "succeeded", area: true },
+      { key: "failed", label: "failed", cls: "failed" },
+    ],
+    {
+      unit: "tasks/min",
+      floor: 5,
+      format: (v) => fmtNumber(Math.round(v)),
+      summary:
+        `Tasks a minute over the last hour: ${fmtNumber(started)} started, ` +
+        `${fmtNumber(succeeded)} succeeded, ${fmtNumber(failed)} failed`,
+    },
+  );
+  const worst = Math.max(0, ...series.map((m) => m.lateness_p99_ms));
+  drawChart(
+    $("chart-lateness"),
+    series,
+    [{ key: "lateness_p99_ms", label: "p99", cls: "lateness", area: true }],
+    {
+      unit: "ms",
+      floor: 1,
+      format: (v) => (v >= 100 ? fmtNumber(Math.round(v)) : String(Math.round(v * 10) / 10)),
+      summary: `Start lateness p99 a minute over the last hour: at most ${fmtMs(worst)}`,
+    },
+  );
+}
+
+// --- Overview -----------------------------------------------------------------------------
+
+function tasksLink(state, kind) {
+  const query = new URLSearchParams();
+  if (state) query.set("state", state);
+  if (kind) query.set("type", kind);
+  const text = query.toString();
+  return `#/tasks${text ? `?${text}` : ""}`;
+}
+
+function drawCounts(counts, estimated) {
+  const kinds = [...new Set([...KINDS, ...STATES.flatMap((s) => Object.keys(counts[s] || {}))])]
+    .sort();
+  const approx = (state) => (estimated.includes(state) ? "≈ " : "");
+  const cell = (state, kind, n) =>
+    h("td", { "data-state": state, "data-kind": kind || "all" },
+      n ? h("a", { href: tasksLink(state, kind) }, approx(state) + fmtNumber(n)) : "0");
+
+  const head = h("tr", {}, h("th", { scope: "col" }, "type"),
+    STATES.map((s) => h("th", { scope: "col" }, badge(s))), h("th", { scope: "col" }, "all"));
+  const rows = kinds.map((kind) => {
+    const byState = STATES.map((s) => (counts[s] || {})[kind] || 0);
+    return h("tr", {}, h("th", { scope: "row" }, kind),
+      STATES.map((s, i) => cell(s, kind, byState[i])),
+      cell(null, kind, byState.reduce((a, b) => a + b, 0)));
+  });
+  const totals = STATES.map((s) => Object.values(counts[s] || {}).reduce((a, b) => a + b, 0));
+  const foot = h("tr", {}, h("th", { scope: "row" }, "all"),
+    STATES.map((s, i) => cell(s, null, totals[i])),
+    cell(null, null, totals.reduce((a, b) => a + b, 0)));
+
+  const table = $("counts");
+  table.tHead.replaceChildren(head);
+  table.tBodies[0].replaceChildren(...rows);
+  table.tFoot.replaceChildren(foot);
+  $("estimated-note").hidden = estimated.length === 0;
+}
+
+async function refreshOverview() {
+  const stats = await api("GET", "/stats");
+  setText("due", fmtNumber(stats.due));
+  setText("oldest-due", fmtSeconds(stats.oldest_due_age_s));
+  $("card-oldest").classList.toggle("warn", stats.oldest_due_age_s > 60);
+  $("card-due").classList.toggle("warn", stats.due > 0 && stats.workers_alive === 0);
+  setText("workers", fmtNumber(stats.workers));
+  setText("workers-alive", fmtNumber(stats.workers_alive));
+  setText("last-succeeded", fmtNumber(stats.last_minute.succeeded || 0));
+  setText("last-failed", fmtNumber(stats.last_minute.failed || 0));
+  setText("last-retried", fmtNumber(stats.last_minute.retried || 0));
+  setText("lateness-p99", fmtMs(stats.lateness_ms.p99));
+  setText("lateness-p50", fmtMs(stats.lateness_ms.p50));
+  setText("lateness-max", fmtMs(stats.lateness_ms.max));
+  drawCounts(stats.counts, stats.estimated);
+  drawCharts(stats.series);
+}
+
+// --- Tasks --------------------------------------------------------------------------------
+
+// The pages seen so far under the current filters: the cursor of each (null: the first).
+const paging = { key: "", cursors: [null], next: null };
+
+function filters() {
+  const query = new URLSearchParams(location.hash.split("?")[1] || "");
+  return { state: query.get("state") || "", type: query.get("type") || "" };
+}
+
+function excerpt(text, length = 80) {
+  return text.length > length ? `${text.slice(0, length - 1)}…` : text;
+}
+
+function taskRow(task) {
+  const note = task.state === "failed" || (task.error && !task.output)
+    ? h("span", { class: "error-text" }, excerpt(task.error || ""))
+    : excerpt(task.output || "");
+  return h("tr", { "data-id": task.id },
+    h("td", {}, h("a", { href: `#/tasks/${task.id}` }, `#${task.id}`)),
+    h("td", {}, task.type),
+    h("td", {}, badge(task.state)),
+    h("td", {}, fmtTime(task.execute_at)),
+    h("td", { class: "num" }, `${task.attempts} / ${task.max_attempts}`),
+    h("td", {}, fmtTime(task.finished_at)),
+    h("td", { class: "note" }, note));
+}
+
+async function refreshTasks() {
+  const { state, type } = filters();
+  const key = `${state}|${type}`;
+  if (paging.key !== key) Object.assign(paging, { key, cursors: [null], next: null });
+  $("filter-state").value = state;
+  $("filter-type").value = type;
+  const query = new URLSearchParams({ limit: String(PAGE_SIZE) });
+  if (state) query.set("state", state);
+  if (type) query.set("type", type);
+  const cursor = paging.cursors[paging.cursors.length - 1];
+  if (cursor) query.set("cursor", cursor);
+  let page;
+  try {
+    page = await api("GET", `/tasks?${query}`);
+  } catch (error) {
+    if (error instanceof ApiError) show($("tasks-error"), error.message);
+    throw error;
+  }
+  show($("tasks-error"), "");
+  paging.next = page.next_cursor;
+  $("tasks").tBodies[0].replaceChildren(...page.items.map(taskRow));
+  $("tasks-empty").hidden = page.items.length > 0;
+  $("page-prev").disabled = paging.cursors.length === 1;
+  $("page-next").disabled = !paging.next;
+  const first = (paging.cursors.length - 1) * PAGE_SIZE;
+  setText("page-label", page.items.length
+    ? `${first + 1}–${first + page.items.length}, oldest first`
+    : "");
+}
+
+function setFilters() {
+  location.hash = tasksLink($("filter-state").value, $("filter-type").value);
+}
+
+$("filter-state").addEventListener("change", setFilters);
+$("filter-type").addEventListener("change", setFilters);
+$("page-next").addEventListener("click", () => {
+  if (!paging.next) return;
+  paging.cursors.push(paging.next);
+  refreshNow();
+});
+$("page-prev").addEventListener("click", () => {
+  if (paging.cursors.length > 1) paging.cursors.pop();
+  refreshNow();
+});
+
+$("create-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const button = event.submitter || $("create-form").querySelector("button");
+  show($("create-error"), "");
+  button.disabled = true;
+  try {
+    const at = $("create-at").value;
+    const executeAt = at ? instantOf(at) : new Date().toISOString();
+    const task = await api("POST", "/tasks", { type: $("create-type").value, execute_at: executeAt });
+    $("create-at").value = "";
+    flash = `Task #${task.id} created.`;
+    location.hash = `#/tasks/${task.id}`;
+  } catch (error) {
+    if (error instanceof ApiError) show($("create-error"), error.message);
+    else if (!(error instanceof NeedToken)) throw error;
+  } finally {
+    button.disabled = false;
+  }
+});
+
+// --- One task -----------------------------------------------------------------------------
+
+let current = null;
+let flash = "";
+
+const FIELDS = [
+  ["id", "id"], ["type", "type"], ["state", "state"], ["execute_at", "execute at"],
+  ["next_attempt_at", "next attempt at"], ["created_at", "created at"],
+  ["started_at", "started at"], ["finished_at", "finished at"], ["attempts", "attempts"],
+  ["max_attempts", "max attempts"], ["idempotency_key", "idempotency key"],
+];
+
+function drawTask(task) {
+  current = task;
+  setText("task-title", `Task #${task.id} · ${task.type}`);
+  const rows = FIELDS.map(([key, label]) => {
+    let value = task[key];
+    if (key === "state") value = badge(value);
+    else if (key.endsWith("_at")) value = fmtTime(value);
+    else if (value === null) value = h("span", { class: "muted" }, "–");
+    return [h("dt", {}, label), h("dd", { "data-field": key }, value)];
+  });
+  $("task-fields").replaceChildren(...rows.flat());
+  setText("task-output", task.output ?? "–");
+  setText("task-last-error", task.error ?? "–");
+  $("task-output").classList.toggle("muted", task.output === null);
+  $("task-last-error").classList.toggle("muted", task.error === null);
+  const scheduled = task.state === "scheduled";
+  $("action-run").disabled = !scheduled;
+  $("action-reschedule").disabled = !scheduled;
+  $("reschedule-at").disabled = !scheduled;
+  $("action-retry").disabled = task.state !== "failed";
+  $("action-delete").disabled = task.state === "running";
+  setText("actions-note", {
+    scheduled: "Run now makes it due at once; Reschedule moves its time.",
+    running: "A running task cannot be changed or deleted until it finishes.",
+    succeeded: "A finished task can only be deleted.",
+    failed: "Retry schedules it again, due now, with a fresh budget of attempts.",
+  }[task.state]);
+}
+
+async function refreshTask(id) {
+  try {
+    drawTask(await api("GET", `/tasks/${id}`));
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 404) {
+      current = null;
+      setText("task-title", `Task #${id}`);
+      $("task-fields").replaceChildren();
+      show($("task-error"), "There is no such task (it was deleted, or pruned once finished).");
+      for (const b of ["action-run", "action-retry", "action-delete", "action-reschedule"]) {
+        $(b).disabled = true;
+      }
+      return;
+    }
+    throw error;
+  }
+}
+
+/** Run an action on the task shown; show the API's refusal, or what was done. */
+async function act(label, method, suffix, body) {
+  if (!current) return;
+  const id = current.id;
+  show($("task-error"), "");
+  show($("task-flash"), "");
+  try {
+    const task = await api(method, `/tasks/${id}${suffix}`, body);
+    if (method === "DELETE") {
+      flash = "";
+      tasksFlash = `Task #${id} deleted.`;
+      location.hash = lastList;
+      return;
+    }
+    drawTask(task);
+    show($("task-flash"), `${label}: done.`);
+  } catch (error) {
+    if (error instanceof ApiError) show($("task-error"), `${label} refused: ${error.message}`);
+    else if (!(error instanceof NeedToken)) throw error;
+  }
+}
+
+let tasksFlash = "";
+// The list as last seen, filters included: where "← Tasks" and a deletion lead back to.
+let lastList = "#/tasks";
+
+$("action-run").addEventListener("click", () => act("Run now", "POST", "/run"));
+$("action-retry").addEventListener("click", () => act("Retry", "POST", "/retry"));
+$("action-delete").addEventListener("click", () => {
+  $("confirm-delete").returnValue = "";
+  $("confirm-delete").showModal();
+});
+$("confirm-delete").addEventListener("close", () => {
+  if ($("confirm-delete").returnValue === "delete") act("Delete", "DELETE", "");
+});
+$("reschedule-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  let executeAt;
+  try {
+    executeAt = instantOf($("reschedule-at").value);
+  } catch (error) {
+    show($("task-error"), error.message);
+    return;
+  }
+  act("Reschedule", "PATCH", "", { execute_at: executeAt });
+});
+
+// --- Views and refreshing -----------------------------------------------------------------
+
+function view() {
+  const path = location.hash.replace(/^#/, "").split("?")[0] || "/";
+  const match = path.match(/^\/tasks\/(\d+)$/);
+  if (match) return { name: "task", id: match[1] };
+  if (path === "/tasks") return { name: "tasks" };
+  return { name: "overview" };
+}
+
+let timer = null;
+let running = null;
+
+async function refresh() {
+  if (waitingForToken) return;
+  const v = view();
+  try {
+    if (v.name === "overview") await refreshOverview();
+    else if (v.name === "tasks") await refreshTasks();
+    else await refreshTask(v.id);
+    show($("banner"), "");
+    setText("updated", `Updated ${new Date().toLocaleTimeString()}`);
+  } catch (error) {
+    if (error instanceof NeedToken) return;
+    if (!(error instanceof ApiError)) throw error;
+    show($("banner"), `Could not refresh: ${error.message}`);
+  }
+}
+
+/** Refresh now (once any refresh under way is done), then every REFRESH_MS while visible. */
+async function refreshNow() {
+  clearTimeout(timer);
+  while (running) await running;
+  running = refresh().finally(() => {
+    running = null;
+  });
+  await running;
+  clearTimeout(timer);
+  if (!waitingForToken && !document.hidden) timer = setTimeout(refreshNow, interval());
+}
+
+function interval() {
+  if (view().name !== "task" || !current) return REFRESH_MS;
+  const due = current.state === "scheduled" && Date.parse(current.next_attempt_at) <= Date.now();
+  return due || current.state === "running" ? WATCH_MS : REFRESH_MS;
+}
+
+function route() {
+  if (waitingForToken) return;
+  const v = view();
+  $("overview-view").hidden = v.name !== "overview";
+  $("tasks-view").hidden = v.name !== "tasks";
+  $("task-view").hidden = v.name !== "task";
+  $("forget-token").hidden = !token();
+  for (const link of document.querySelectorAll("nav a[data-view]")) {
+    const on = link.dataset.view === (v.name === "task" ? "tasks" : v.name);
+    if (on) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  if (v.name === "task") {
+    $("back-to-tasks").href = lastList;
+    if (!current || String(current.id) !== v.id) {
+      current = null;
+      setText("task-title", `Task #${v.id}`);
+      $("task-fields").replaceChildren();
+      $("reschedule-at").value = localValue(new Date(Date.now() + 3600_000));
+    }
+    show($("task-error"), "");
+    show($("task-flash"), flash);
+    flash = "";
+  }
+  if (v.name === "tasks") {
+    lastList = location.hash;
+    show($("tasks-flash"), tasksFlash);
+    tasksFlash = "";
+  }
+  refreshNow();
+}
+
+for (const select of [$("create-type"), $("filter-type")]) {
+  select.append(...KINDS.map((kind) => h("option", { value: kind }, kind)));
+}
+
+window.addEventListener("hashchange", route);
+document.addEventListener("visibilitychange", () => {
+  if (!document.hidden) refreshNow();
+});
+route();
