@@ -39,7 +39,7 @@ def test_bench_quick_reports_every_scenario(
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     scenarios = [f["scenario"] for f in figures]
-    api = ("API POST /tasks, 1 process", "API GET /tasks/{id}, 1 process",
+    api: tuple[str, ...] = ("API POST /tasks, 1 process", "API GET /tasks/{id}, 1 process",
            "API GET /tasks?limit=100, 1 process", "API POST /tasks, 2 processes",
            "API GET /tasks/{id}, 2 processes")  # fmt: skip
     if shutil.which("wrk") is None:  # the API figures need it (.ci/run installs it)
