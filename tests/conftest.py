@@ -75,7 +75,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if server is not None and server != first_id and item.get_closest_marker("one_server"):
             dropped.append(item)
             continue
-        if server is not None:
+        if server is not None and not item.get_closest_marker("one_server"):
+            # (one_server tests go to whichever worker is free: the long ones even out the
+            # two halves, at the cost of a second server started in that worker.)
             item.add_marker(pytest.mark.xdist_group(f"pg{server}"))
         kept.append(item)
     if dropped:
