@@ -77,7 +77,8 @@ def explain(
         for setting in settings:
             cur.execute(setting.encode())
         cur.execute(pgsql.SQL("PREPARE stmt AS {}").format(pgsql.SQL(prepared)))
-        cur.execute(pgsql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE stmt({})").format(args))
+        execute = "EXECUTE stmt({})" if names else "EXECUTE stmt"
+        cur.execute(pgsql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) " + execute).format(args))
         [(result,)] = cur.fetchall()
         cur.execute("DEALLOCATE stmt")
     plan: dict[str, Any] = result[0]["Plan"]
@@ -175,3 +176,30 @@ def test_no_pinned_statement_is_compiled_with_jit(
             cur.execute(b"EXPLAIN (FORMAT JSON) " + statement.encode(), params)
             [(result,)] = cur.fetchall()
         assert "JIT" not in result[0], f"{name} ({loaded}) is compiled: {result[0]['JIT']}"
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["custom plan", "generic plan"])
+def test_stats_count_through_the_indexes_after_a_drain(
+    postgresql: psycopg.Connection[Any], sql: Sql, generic: bool
+) -> None:
+    """Statistics taken mid-burst say many tasks are scheduled; by the time /stats is read
+    they have all run. The counts must still read the partial indexes (a handful of pages),
+    not the whole table, and start no parallel workers (as Store.stats_rows runs them)."""
+    sql(
+        "INSERT INTO tasks (kind, execute_at, max_attempts)"
+        " SELECT 'baz', now() - interval '1 minute', 3 FROM generate_series(1, %s)",
+        N,
+    )
+    sql("ANALYZE tasks")
+    sql(
+        "UPDATE tasks SET state = 'succeeded', attempts = 1, started_at = now(),"
+        " finished_at = now(), output = 'Baz 1'"
+    )
+    postgresql.autocommit = False
+    for name in ("STATS_ACTIVE_COUNTS", "STATS_DUE_AND_WORKERS", "STATS_ACTIVITY"):
+        plan = explain(postgresql, getattr(queries, name), {}, generic, queries.PINNED_PLAN)
+        for node in nodes(plan):
+            assert not (node["Node Type"] == "Seq Scan" and node.get("Relation Name") == "tasks"), (
+                f"{name} reads the whole table"
+            )
+            assert node["Node Type"] not in ("Gather", "Gather Merge"), f"{name} goes parallel"
