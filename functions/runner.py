@@ -145,6 +145,7 @@ class Runner:
         # The database time up to which this runner means to sleep (Unix seconds);
         # a notification of a task due earlier than that wakes it.
         self._sleep_until = 0.0
+        self._sleeping = False
         self._runs = 0
         self._reset()
 
@@ -184,8 +185,13 @@ class Runner:
         return self._out or sys.stdout
 
     def notify(self, due_s: float | None = None) -> None:
-        """Wake the runner: a task due at `due_s` (None: unknown) was created."""
-        if due_s is None or due_s < self._sleep_until:
+        """Wake the runner: a task due at `due_s` (None: unknown) was created.
+
+        While asleep, only a task due before it would wake anyway is news. While awake (a
+        claim in flight, whose snapshot may predate this task), every one is: the claim
+        loop looks again before it sleeps, or the task waits for the next poll.
+        """
+        if due_s is None or not self._sleeping or due_s < self._sleep_until:
             self._wake.set()
 
     # --- the run -----------------------------------------------------------------------------
@@ -398,9 +404,11 @@ class Runner:
             asyncio.create_task(stop.wait()),
             asyncio.create_task(self._halt.wait()),
         ]
+        self._sleeping = True
         try:
             await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self._sleeping = False
             for waiter in waiters:
                 waiter.cancel()
 
