@@ -70,14 +70,16 @@ class Sizes:
     soak_warmup_s: float
     soak_retention_s: float
     soak_rate: int
+    # Fresh processes per cold start figure.
+    cold_starts: int
 
     @classmethod
     def choose(cls, *, quick: bool, tasks: int | None) -> Sizes:
         if quick:
-            return cls(tasks or 2_000, (2_000, 500), 200, 40, 300, 1, 1, 20_000, 12, 6, 2, 200)
+            return cls(tasks or 2_000, (2_000, 500), 200, 40, 300, 1, 1, 5_000, 8, 4, 2, 200, 2)
         return cls(
             tasks or 200_000, (50_000, 10_000), 10_000, 400, 20_000, 10,
-            10, 1_000_000, 330, 120, 30, 1_000,
+            10, 1_000_000, 330, 120, 30, 1_000, 5,
         )  # fmt: skip
 
 
@@ -500,13 +502,13 @@ class Bench:
         return warm / 2**20, end / 2**20, end / warm
 
     def cold_starts(self) -> tuple[float, float]:
-        """Median ms, over 5 fresh processes each, of importing the API handler plus its
-        first request, and of importing the tick handler plus a tick with nothing due."""
+        """Median ms, over fresh processes (5 in a full run), of importing the API handler plus
+        its first request, and of importing the tick handler plus a tick with nothing due."""
         medians = []
         with self.scenario("coldstart"):
             for which in ("api", "tick"):
                 totals = []
-                for _ in range(5):
+                for _ in range(self.sizes.cold_starts):
                     out = subprocess.run(
                         [sys.executable, "-m", "local.coldstart", which],
                         env={**os.environ, "TASKRUNNER_DATABASE_URL": self.url,
@@ -754,11 +756,11 @@ def run(server_url: str, *, quick: bool, tasks: int | None, workers: int) -> lis
         api_ms, tick_ms = bench.cold_starts()
         figures.append(
             Figure("cold start, API: import + first request", api_ms, "ms", "<= 350 ms",
-                   api_ms <= 350, None, "median of 5 fresh processes")
+                   api_ms <= 350, None, f"median of {sizes.cold_starts} fresh processes")
         )  # fmt: skip
         figures.append(
             Figure("cold start, tick: import + a tick, nothing due", tick_ms, "ms", "<= 250 ms",
-                   tick_ms <= 250, None, "median of 5 fresh processes")
+                   tick_ms <= 250, None, f"median of {sizes.cold_starts} fresh processes")
         )  # fmt: skip
     finally:
         bench.procs.stop_all()

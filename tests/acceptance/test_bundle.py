@@ -51,7 +51,7 @@ print(json.dumps({"status": created["statusCode"], "summary": summary, "docs": s
       file=sys.stderr)
 """
 
-# Measured 2026-11: 33.7 MB unpacked, 11.9 MB zipped (ZIP_DEFLATED), from 61.4 MB / 20.2 MB
+# Measured 2026-11: 34.2 MB unpacked, 12.1 MB zipped (ZIP_DEFLATED), from 61.4 MB / 20.2 MB
 # before the pruning (and SQLAlchemy's leaving the runtime); the bounds leave ~12% to grow.
 MAX_UNPACKED_MB = 38
 MAX_ZIPPED_MB = 13.5
