@@ -377,8 +377,12 @@ class Runner:
         async with self._claim_lock:
             in_database = await self.store.held_by(worker=self.worker_id)
             unknown = sorted(in_database - self._held.keys())
-            if unknown:
-                released = await self.store.release(worker=self.worker_id, ids=unknown)
+            # (A task finished while `held_by` read is in `unknown` too: the release is
+            # fenced and leaves it alone, and only what was handed back is reported.)
+            released = (
+                await self.store.release(worker=self.worker_id, ids=unknown) if unknown else []
+            )
+            if released:
                 summary.released += len(released)
                 logger.warning(
                     "action=release worker=%s count=%d: tasks claimed by a claim whose answer"
