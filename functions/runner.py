@@ -380,7 +380,7 @@ class Runner:
             # (A task finished while `held_by` read is in `unknown` too: the release is
             # fenced and leaves it alone, and only what was handed back is reported.)
             released = (
-                await self.store.release(worker=self.worker_id, ids=unknown) if unknown else []
+                await self.store.release(worker=self.worker_id, ids=unknown) if unknown else set()
             )
             if released:
                 summary.released += len(released)

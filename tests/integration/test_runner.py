@@ -14,7 +14,7 @@ from functions import kinds
 from functions.db import Database
 from functions.errors import WorkerFailed
 from functions.kinds import Context, Kind
-from functions.runner import Runner
+from functions.runner import Runner, TickSummary
 from functions.settings import Settings
 from functions.store import Store
 
@@ -165,3 +165,49 @@ async def test_a_worker_whose_lease_ran_out_stops_and_hands_back(
     assert sql("SELECT state, attempts, claimed_by FROM tasks") == [("scheduled", 0, None)]
     assert sql("SELECT count(*) FROM workers") == [(0,)]
     assert task
+
+
+async def test_reconcile_reports_only_what_it_handed_back(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A task whose result was written while the worker read its holdings looks held and
+    unknown; the fenced release leaves it alone, and nothing is said of it. A task the
+    database says this worker holds, and that it never heard of, is handed back and said."""
+    runner = Runner(store, settings, out=io.StringIO())
+    await store.register_worker(worker=runner.worker_id, lease_s=60)
+    done, lost = task_factory("baz"), task_factory("baz")
+    sql(
+        "UPDATE tasks SET state = 'succeeded', attempts = 1, started_at = now(),"
+        " finished_at = now(), output = 'Baz 1' WHERE id = %s",
+        done,
+    )
+    read = store.held_by
+
+    async def raced(*, worker: str) -> set[int]:
+        return await read(worker=worker) | {done}  # read before `done`'s write committed
+
+    monkeypatch.setattr(store, "held_by", raced)
+    summary = TickSummary(worker=runner.worker_id)
+    with caplog.at_level(logging.WARNING):
+        await runner._reconcile(summary)
+    assert summary.released == 0
+    assert "action=release" not in caplog.text
+    sql(
+        "UPDATE tasks SET state = 'running', attempts = 1, started_at = now(), claimed_by = %s"
+        " WHERE id = %s",
+        runner.worker_id,
+        lost,
+    )
+    with caplog.at_level(logging.WARNING):
+        await runner._reconcile(summary)
+    assert summary.released == 1
+    assert "action=release" in caplog.text and "count=1" in caplog.text
+    assert sql("SELECT id, state FROM tasks ORDER BY id") == [
+        (done, "succeeded"),
+        (lost, "scheduled"),
+    ]
