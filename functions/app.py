@@ -146,9 +146,6 @@ def build_app(settings: Settings) -> FastAPI:
 
     store = Store(database)
 
-    async def get_store() -> Store:
-        return store
-
     Authorized: list[Any] = []
     auth_errors: tuple[int, ...] = ()
     if settings.api_token is not None:
@@ -373,7 +370,7 @@ def build_app(settings: Settings) -> FastAPI:
         await tasks.delete_task(store, task_id)
         return Response(status_code=204)
 
-    app.include_router(monitoring.build_router(get_store, Authorized, fails))
+    app.include_router(monitoring.build_router(store, Authorized, fails))
     # Last: its `POST /{type}/{unix_seconds}` must not shadow a route above.
     app.include_router(original.build_router(settings, store, Authorized, fails))
     return app

@@ -4,9 +4,9 @@ comes from)."""
 
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
 from functions.bodies import Route
@@ -131,15 +131,14 @@ class _Families:
 
 
 def build_router(
-    get_store: Callable[[], Any],
+    store: Store,
     authorized: Sequence[Any],
     fails: Callable[..., dict[int | str, dict[str, Any]]],
 ) -> APIRouter:
     router = APIRouter(tags=["monitoring"], route_class=Route, dependencies=list(authorized))
-    StoreDep = Annotated[Store, Depends(get_store)]
 
     @router.get("/stats", response_model=StatsOut, responses=fails())
-    async def stats(store: StoreDep) -> StatsOut:
+    async def stats() -> StatsOut:
         """Counts, due tasks, workers, the last minute, start lateness and the last hour."""
         return StatsOut.of(await read_stats(store))
 
@@ -148,7 +147,7 @@ def build_router(
         response_class=Response,
         responses={200: {"content": {"text/plain": {}}}, **fails()},
     )
-    async def metrics(store: StoreDep) -> Response:
+    async def metrics() -> Response:
         """The same figures in the Prometheus text format."""
         from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 

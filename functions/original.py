@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Response
+from fastapi import APIRouter, Path, Response
 from pydantic import BaseModel
 from starlette.routing import Match
 from starlette.types import Scope
@@ -77,17 +77,11 @@ def build_router(
     `fails(*codes)` is what a route declares it can answer besides success."""
     router = APIRouter(tags=["original"], dependencies=list(dependencies), route_class=Route)
 
-    async def get_store() -> Store:
-        return store
-
-    StoreDep = Annotated[Store, Depends(get_store)]
-
     async def original_create(
         type: Annotated[str, Path(pattern=KIND_PATTERN, description="foo, bar or baz, any case")],
         unix_seconds: Annotated[
             int, Path(ge=0, le=MAX_UNIX_SECONDS, description="when to run it, in Unix seconds")
         ],
-        store: StoreDep,
     ) -> int:
         """Schedule a task of `type` at `unix_seconds`; answer its id."""
         new = NewTask(kind=tasks.parse_kind(type), execute_at=tasks.parse_execute_at(unix_seconds))
@@ -119,7 +113,7 @@ def build_router(
         summary="Show a task (original)",
         responses=fails(404, 422),
     )
-    async def original_get(id: TaskId, store: StoreDep) -> TaskOut:
+    async def original_get(id: TaskId) -> TaskOut:
         """The task, as `GET /tasks/{task_id}` shows it."""
         return TaskOut.of(await tasks.get_task(store, id))
 
@@ -130,7 +124,7 @@ def build_router(
         summary="Delete a task (original)",
         responses=fails(404, 409, 422),
     )
-    async def original_delete(id: TaskId, store: StoreDep) -> Response:
+    async def original_delete(id: TaskId) -> Response:
         """Delete a task, as `DELETE /tasks/{task_id}` does: 409 while it is running."""
         await tasks.delete_task(store, id)
         return Response(status_code=204)
@@ -150,7 +144,6 @@ def build_router(
                 " (succeeded or failed), any case",
             ),
         ],
-        store: StoreDep,
     ) -> list[TaskOut]:
         """The first 1,000 tasks in `state`, oldest first (`GET /tasks` pages through all)."""
         states = STATES[OriginalState(state.upper())]
@@ -162,7 +155,7 @@ def build_router(
         summary="Delete every task (original)",
         responses=fails(403),
     )
-    async def original_delete_all(store: StoreDep) -> DeletedOut:
+    async def original_delete_all() -> DeletedOut:
         """Delete every task that is not running, for testing: refused (403) unless
         `TASKRUNNER_ALLOW_DELETE_ALL=true`."""
         deleted = await tasks.delete_all(store, allowed=settings.allow_delete_all)

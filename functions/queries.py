@@ -190,15 +190,16 @@ _NOTIFY_DUE_SOON = f"""
     END
 """
 
-# POST /tasks/{id}/run: a scheduled task becomes due now. Its execute_at becomes now unless
-# it is past already (a task waiting for a retry keeps the time it was asked for), so no task
-# ever starts before its execute_at; a pending retry's wait is dropped.
-RUN_TASK = f"""
+
+def _act(from_state: str, update: str) -> str:
+    """An action on one task: `update` (an UPDATE of tasks without its WHERE) applied to the
+    task `%(id)s` if it is in `from_state`, the row locked first."""
+    return f"""
 WITH target AS (
     SELECT id, state FROM tasks WHERE id = %(id)s FOR UPDATE
 ), changed AS (
-    UPDATE tasks SET execute_at = least(execute_at, now()), next_attempt_at = NULL
-    WHERE id IN (SELECT id FROM target WHERE state = 'scheduled')
+    {update}
+    WHERE id IN (SELECT id FROM target WHERE state = '{from_state}')
     RETURNING *
 ), notified AS (
     SELECT {_NOTIFY_DUE_SOON} FROM changed
@@ -207,45 +208,33 @@ SELECT target.state AS found_state, task.*
 FROM target CROSS JOIN notified
 LEFT JOIN (SELECT {TASK_COLUMNS} FROM changed) AS task ON true
 """
+
+
+# POST /tasks/{id}/run: a scheduled task becomes due now. Its execute_at becomes now unless
+# it is past already (a task waiting for a retry keeps the time it was asked for), so no task
+# ever starts before its execute_at; a pending retry's wait is dropped.
+RUN_TASK = _act(
+    "scheduled",
+    "UPDATE tasks SET execute_at = least(execute_at, now()), next_attempt_at = NULL",
+)
 
 # POST /tasks/{id}/retry: a failed task is scheduled again, due now, with a fresh budget of
 # `max_attempts` more runs. Its history stays: attempts counts on from where it was, and
 # output and error keep the last failure until the next attempt ends.
-RETRY_TASK = f"""
-WITH target AS (
-    SELECT id, state FROM tasks WHERE id = %(id)s FOR UPDATE
-), changed AS (
-    UPDATE tasks
+RETRY_TASK = _act(
+    "failed",
+    """UPDATE tasks
     SET state = 'scheduled',
         next_attempt_at = now(),
         max_attempts = attempts + %(max_attempts)s,
-        finished_at = NULL
-    WHERE id IN (SELECT id FROM target WHERE state = 'failed')
-    RETURNING *
-), notified AS (
-    SELECT {_NOTIFY_DUE_SOON} FROM changed
+        finished_at = NULL""",
 )
-SELECT target.state AS found_state, task.*
-FROM target CROSS JOIN notified
-LEFT JOIN (SELECT {TASK_COLUMNS} FROM changed) AS task ON true
-"""
 
 # PATCH /tasks/{id}: a scheduled task gets a new execute_at, and is due then (a pending
 # retry's time is dropped with the old one).
-RESCHEDULE_TASK = f"""
-WITH target AS (
-    SELECT id, state FROM tasks WHERE id = %(id)s FOR UPDATE
-), changed AS (
-    UPDATE tasks SET execute_at = %(execute_at)s, next_attempt_at = NULL
-    WHERE id IN (SELECT id FROM target WHERE state = 'scheduled')
-    RETURNING *
-), notified AS (
-    SELECT {_NOTIFY_DUE_SOON} FROM changed
+RESCHEDULE_TASK = _act(
+    "scheduled", "UPDATE tasks SET execute_at = %(execute_at)s, next_attempt_at = NULL"
 )
-SELECT target.state AS found_state, task.*
-FROM target CROSS JOIN notified
-LEFT JOIN (SELECT {TASK_COLUMNS} FROM changed) AS task ON true
-"""
 
 # --- workers ------------------------------------------------------------------------------
 

@@ -109,6 +109,17 @@ class ServerInfo:
             host=self.host, port=self.port, user=self.user, dbname=dbname, password=self.password
         )
 
+    def janitor(self, dbname: str, template: str | None = None) -> DatabaseJanitor:
+        """Creates `dbname` (a copy of `template`, if given) on entry, drops it on exit."""
+        return DatabaseJanitor(
+            user=self.user,
+            host=self.host,
+            port=self.port,
+            password=self.password,
+            dbname=dbname,
+            template_dbname=template,
+        )
+
 
 @pytest.fixture(scope="session", params=_server_params())
 def pg_server(request: pytest.FixtureRequest) -> Iterator[ServerInfo]:
@@ -154,15 +165,10 @@ def pg_server(request: pytest.FixtureRequest) -> Iterator[ServerInfo]:
 def postgresql(pg_server: ServerInfo) -> Iterator[psycopg.Connection[Any]]:
     """A connection to this test's own database, cloned from the migrated template."""
     dbname = f"taskrunner_test_{os.getpid()}_{next(_test_dbs)}"
-    janitor = DatabaseJanitor(
-        user=pg_server.user,
-        host=pg_server.host,
-        port=pg_server.port,
-        password=pg_server.password,
-        dbname=dbname,
-        template_dbname=pg_server.template,
-    )
-    with janitor, psycopg.connect(pg_server.url(dbname)) as conn:
+    with (
+        pg_server.janitor(dbname, pg_server.template),
+        psycopg.connect(pg_server.url(dbname)) as conn,
+    ):
         yield conn
 
 
@@ -170,14 +176,7 @@ def postgresql(pg_server: ServerInfo) -> Iterator[psycopg.Connection[Any]]:
 def empty_database_url(pg_server: ServerInfo) -> Iterator[str]:
     """A database with no schema at all: what a user points taskrunner at before migrating."""
     dbname = f"taskrunner_empty_{os.getpid()}_{next(_test_dbs)}"
-    janitor = DatabaseJanitor(
-        user=pg_server.user,
-        host=pg_server.host,
-        port=pg_server.port,
-        password=pg_server.password,
-        dbname=dbname,
-    )
-    with janitor:
+    with pg_server.janitor(dbname):
         yield pg_server.url(dbname)
 
 

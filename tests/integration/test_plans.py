@@ -30,7 +30,8 @@ def prepare_statistics(sql: Sql, how: str) -> None:
     """Load N tasks the way `how` says, leaving the planner's statistics fresh or stale."""
     if how == "stale":
         # Statistics taken when the table held a few scheduled tasks (autovacuum analyzes
-        # small tables early), then a bulk load: wrong on purpose.
+        # small tables early: this ANALYZE stands for that one), then a bulk load: wrong on
+        # purpose. The product never analyzes; the plans must not depend on it.
         sql("INSERT INTO tasks (kind, execute_at) SELECT 'baz', now() FROM generate_series(1, 50)")
         sql("ANALYZE tasks")
         sql("DELETE FROM tasks")
@@ -190,6 +191,8 @@ def test_stats_count_through_the_indexes_after_a_drain(
         " SELECT 'baz', now() - interval '1 minute', 3 FROM generate_series(1, %s)",
         N,
     )
+    # What autovacuum's own analyze does in the middle of a burst (the product's settings
+    # make it run after 1% of the rows change): statistics of a moment that has passed.
     sql("ANALYZE tasks")
     sql(
         "UPDATE tasks SET state = 'succeeded', attempts = 1, started_at = now(),"
