@@ -111,7 +111,14 @@ class Pool:
             conn, idle_s = await self._next(deadline)
             if conn is None:
                 return await self._connect()
-            if idle_s < PING_AFTER_IDLE_S or await self._answers(conn):
+            if idle_s < PING_AFTER_IDLE_S:
+                return conn
+            try:
+                answers = await self._answers(conn)
+            except BaseException:
+                self._discard(conn)  # cancelled mid-check: its place must not be lost
+                raise
+            if answers:
                 return conn
             self._discard(conn)
 
@@ -133,6 +140,8 @@ class Pool:
             async with asyncio.timeout(max(0.0, deadline - now)):
                 conn = await waiter
         except TimeoutError:
+            if waiter.done() and not waiter.cancelled():
+                return waiter.result(), 0.0  # handed over just as the time ran out
             raise DatabaseUnavailable(
                 f"database unavailable: no free connection within {self._timeout_s:g}s"
             ) from None

@@ -68,6 +68,56 @@ async def test_waiting_for_a_connection_is_bounded(database: Database) -> None:
     assert await select_one(database) == 1
 
 
+async def test_a_wait_cancelled_during_the_idle_check_keeps_the_pool_whole(
+    own_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's loops are cancelled at shutdown whatever they are doing; one cancelled
+    while its connection was being checked must not take the pool's only place with it
+    (a tick then waited 5 s per statement and overran its deadline)."""
+    monkeypatch.setattr("functions.db.PING_AFTER_IDLE_S", 0.0)  # every checkout checks
+    settings = Settings(database_url=own_server.url, db_pool_size=1, db_connect_timeout_s=2)
+    database = Database(settings)
+    try:
+        assert await select_one(database) == 1
+        own_server.freeze()  # the check hangs
+        try:
+            waiting = asyncio.create_task(select_one(database))
+            await asyncio.sleep(0.3)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        finally:
+            own_server.thaw()
+        assert await select_one(database) == 1
+    finally:
+        await database.dispose()
+
+
+async def test_a_connection_handed_over_as_the_wait_times_out_is_not_lost(
+    own_server: Server,
+) -> None:
+    """The holder gives its connection back in the same turn of the loop as the waiter's
+    time runs out: the waiter takes it (before, it raised and the connection was lost)."""
+    settings = Settings(database_url=own_server.url, db_pool_size=1, db_connect_timeout_s=1)
+    database = Database(settings)
+    loop = asyncio.get_running_loop()
+    try:
+        async with database.connection() as conn:
+            held = conn
+        pool = database._current_pool()
+        conn = await pool.acquire()
+        assert conn is held
+        # Block the loop across both moments, so the release (0.9 s) and the waiter's
+        # timeout (1 s) fire in the same turn, release first.
+        loop.call_later(0.5, time.sleep, 0.7)
+        loop.call_later(0.9, pool.release, conn)
+        assert await pool.acquire() is conn
+        pool.release(conn)
+        assert await select_one(database) == 1
+    finally:
+        await database.dispose()
+
+
 async def test_a_frozen_server_is_given_up_on_and_its_connection_closed(
     database: Database, own_server: Server
 ) -> None:
