@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import logging
 import os
 import secrets
@@ -94,6 +95,16 @@ def clean_text(text: str) -> str:
     if len(text) > _MAX_TEXT:
         text = f"{text[: _MAX_TEXT - 40]}... ({len(text):,} characters in all)"
     return text
+
+
+def _writes_through(out: TextIO) -> bool:
+    """Whether a line written to `out` without error is out of this process (line-buffered,
+    as a terminal is, or unbuffered, as with PYTHONUNBUFFERED or `python -u`), rather than
+    in a buffer that a later flush may fail to write."""
+    if getattr(out, "line_buffering", False):
+        return True
+    raw = getattr(out, "buffer", None)
+    return bool(getattr(out, "write_through", False)) and isinstance(raw, io.RawIOBase)
 
 
 @dataclass
@@ -175,6 +186,10 @@ class Runner:
         self._failure: str | None = None
         self.lease_lost = False
         self._print_error: str | None = None
+        # Tasks whose line is in stdout's buffer, not known to be out until the next flush
+        # succeeds (none when stdout writes through: a line written is out).
+        self._unflushed: set[int] = set()
+        self._out_writes_through = _writes_through(self.out)
         # Counts for /stats by 10-second bucket of the database's time, not yet written;
         # the database's clock less this process's (from each claim's answer).
         self._activity: dict[int, Activity] = {}
@@ -505,6 +520,8 @@ class Runner:
             line = clean_text(line)  # what is stored is what is printed
             if not self._print(line):
                 return  # not printed: handed back at shutdown, for a worker that can print
+            if not self._out_writes_through:
+                self._unflushed.add(claimed.id)
             result = Result(claimed.id, claimed.attempt, TaskState.SUCCEEDED, line)
         else:
             error = clean_text(f"{type(exc).__name__}: {exc}".rstrip(": "))
@@ -564,6 +581,11 @@ class Runner:
             self._writing = batch
             try:
                 await self._write(batch, summary)
+            except asyncio.CancelledError:
+                # Stopped mid-write (shutdown): the batch is written there, or handed back.
+                self._pending[:0] = batch
+                self._maybe_written.update(r.id for r in batch)
+                raise
             except DatabaseUnavailable as exc:
                 self._pending[:0] = batch
                 self._maybe_written.update(r.id for r in batch)
@@ -588,11 +610,17 @@ class Runner:
         if self._print_error is None:
             try:
                 self.out.flush()
+                self._unflushed.clear()
             except (OSError, ValueError) as exc:
                 self._printing_failed(exc)
         if self._print_error is not None:
-            # Lines still in the buffer may not be out: hand those tasks back instead.
-            batch = [r for r in batch if r.state is not TaskState.SUCCEEDED]
+            # Lines that were still in the buffer may not be out: hand those tasks back
+            # instead. Those written through, or flushed, are out: recorded as run.
+            batch = [
+                r
+                for r in batch
+                if r.state is not TaskState.SUCCEEDED or r.id not in self._unflushed
+            ]
             if not batch:
                 return
         try:
@@ -785,6 +813,17 @@ class Runner:
         for loop in loops:
             loop.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
+        # Results the write loop did not get to (it was backing off from an outage, or had
+        # no time) are written now, not handed back: a run that happened is recorded rather
+        # than run again. Fenced as ever: a task rescued meanwhile is left to its new holder.
+        while self._pending:
+            batch = self._pending[: self.store.WRITE_BATCH]
+            del self._pending[: len(batch)]
+            try:
+                await self._write(batch, summary)
+            except (DatabaseUnavailable, DatabaseError) as exc:
+                summary.note_error(str(exc))
+                break  # the database is not answering: the release below will not either
         if self._http is not None:
             await self._http.aclose()
             self._http = None

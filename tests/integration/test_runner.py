@@ -12,7 +12,7 @@ import pytest
 
 from functions import kinds
 from functions.db import Database
-from functions.errors import WorkerFailed
+from functions.errors import DatabaseUnavailable, WorkerFailed
 from functions.kinds import Context, Kind
 from functions.runner import Runner, TickSummary
 from functions.settings import Settings
@@ -210,4 +210,83 @@ async def test_reconcile_reports_only_what_it_handed_back(
     assert sql("SELECT id, state FROM tasks ORDER BY id") == [
         (done, "succeeded"),
         (lost, "scheduled"),
+    ]
+
+
+class ClosesAfter(io.RawIOBase):
+    """A pipe whose reader goes away after `lines` lines (`taskrunner worker | head`)."""
+
+    def __init__(self, lines: int) -> None:
+        self.left = lines
+        self.got = b""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if self.left <= 0:
+            raise BrokenPipeError(32, "Broken pipe")
+        taken = b"".join(bytes(data).splitlines(keepends=True)[: self.left])
+        self.left -= taken.count(b"\n")
+        self.got += taken
+        return len(taken)
+
+
+@pytest.mark.parametrize("buffered", [False, True])
+async def test_lines_that_got_out_are_recorded_when_stdout_closes(
+    store: Store, settings: Settings, sql: Sql, buffered: bool
+) -> None:
+    """Unbuffered (PYTHONUNBUFFERED, `python -u`), each line written is out: its task is
+    recorded as run, and only the rest is handed back (all 500 were, and ran again).
+    Buffered, a line is out only once a flush succeeds: here the one flush fails part-way,
+    so which lines got out is not known, and every task is handed back."""
+    sql("INSERT INTO tasks (kind, execute_at) SELECT 'baz', now() FROM generate_series(1, 500)")
+    pipe = ClosesAfter(lines=7)
+    raw: Any = io.BufferedWriter(pipe, buffer_size=1 << 20) if buffered else pipe
+    out = io.TextIOWrapper(raw, encoding="utf-8", write_through=not buffered)
+    with pytest.raises(WorkerFailed, match="cannot print"):
+        await Runner(store, settings, out=out).run()
+    got = pipe.got.decode().splitlines()
+    assert len(got) == 7
+    counts: dict[str, int] = dict(
+        sql("SELECT state || '/' || attempts, count(*) FROM tasks GROUP BY 1")
+    )
+    assert counts == ({"scheduled/0": 500} if buffered else {"succeeded/1": 7, "scheduled/0": 493})
+    if not buffered:
+        recorded = sql("SELECT output FROM tasks WHERE state = 'succeeded' ORDER BY output")
+        assert sorted(got) == [output for (output,) in recorded]
+
+
+async def test_a_worker_that_lost_its_lease_records_the_runs_it_has_not_written_yet(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its results wait while the database cannot take them; then it finds its lease ran out.
+    Nobody rescued those tasks yet: it records what ran (fenced), not hands them back to run
+    again with their attempt refunded (before: every line printed twice, attempts 1)."""
+    settings = settings.model_copy(update={"lease_seconds": 3.0})
+    ids = [task_factory("baz") for _ in range(5)]
+    out = io.StringIO()
+    runner = Runner(store, settings, out=out)
+    finish_many = store.finish_many
+
+    async def refused_until_the_lease_is_lost(**kwargs: Any) -> set[int]:
+        if not runner.lease_lost:
+            raise DatabaseUnavailable("database unavailable: (test) writes refused")
+        return await finish_many(**kwargs)
+
+    monkeypatch.setattr(store, "finish_many", refused_until_the_lease_is_lost)
+    run = asyncio.create_task(runner.run(keep_polling=True))
+    # Long enough for the write loop's retries to back off to seconds between tries.
+    await asyncio.sleep(3.5)
+    assert len(out.getvalue().splitlines()) == 5
+    sql("UPDATE workers SET lease_expires_at = now() - interval '1 second'")
+    summary = await asyncio.wait_for(run, timeout=10)
+    assert runner.lease_lost
+    assert (summary.succeeded, summary.released) == (5, 0)
+    assert sql("SELECT id, state, attempts FROM tasks ORDER BY id") == [
+        (task_id, "succeeded", 1) for task_id in ids
     ]
