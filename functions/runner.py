@@ -337,6 +337,8 @@ class Runner:
                 if self._unsure_of_holdings:
                     await self._reconcile(summary)
                 room = self._room()
+                if deadline is not None:
+                    kinds, room = self._within_slots(kinds, room)
                 if room > 0:
                     claimed, due = await self._claim(kinds, room)
                     summary.claimed += len(claimed)
@@ -361,6 +363,21 @@ class Runner:
                 # in any case (a stalled write's backlog has a time limit).
                 wait_s = self.settings.poll_interval_s
             await self._sleep(wait_s, stop)
+
+    def _within_slots(self, kinds: list[str], room: int) -> tuple[list[str], int]:
+        """Before a deadline, claim no more of a kind than it has free slots for (`bar`:
+        TASKRUNNER_BAR_CONCURRENCY): one that waited for a slot could start too late to
+        finish in time. A kind with none free is left out of the claim."""
+        fitting = []
+        for name in kinds:
+            limit = KINDS[name].concurrency(self.settings)
+            if limit is not None:
+                free = limit - self._active[name] - len(self._queued[name])
+                if free <= 0:
+                    continue
+                room = min(room, free)
+            fitting.append(name)
+        return fitting, room if fitting else 0
 
     async def _claim(self, kinds: list[str], limit: int) -> tuple[list[Claimed], NextDue]:
         async with self._claim_lock:

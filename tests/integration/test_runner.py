@@ -4,6 +4,7 @@ worker does when it cannot go on, and the tick's account of what it left."""
 import asyncio
 import io
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -290,3 +291,41 @@ async def test_a_worker_that_lost_its_lease_records_the_runs_it_has_not_written_
     assert sql("SELECT id, state, attempts FROM tasks ORDER BY id") == [
         (task_id, "succeeded", 1) for task_id in ids
     ]
+
+
+@pytest.fixture
+def silent_bar_url() -> Iterator[str]:
+    """A server that takes connections and never answers: each bar runs to its timeout."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(100)
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    listener.close()
+
+
+async def test_a_tick_claims_no_more_bar_than_it_has_slots_for(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    silent_bar_url: str,
+) -> None:
+    """One bar slot, 1 s per bar, 3 s to the deadline: one bar fits, and only one is claimed.
+    Before, all three were: the two waiting for the slot made the tick overrun its deadline
+    (on Lambda, a timeout) and were handed back, one after it had sent its request."""
+    settings = settings.model_copy(
+        update={
+            "bar_url": silent_bar_url,
+            "bar_timeout_s": 1.0,
+            "bar_concurrency": 1,
+            "deadline_margin_s": 0.5,
+            "max_attempts": 3,
+        }
+    )
+    for _ in range(3):
+        task_factory("bar")
+    deadline = time.monotonic() + 3.0
+    summary = await Runner(store, settings, out=io.StringIO()).run(deadline=deadline)
+    assert time.monotonic() < deadline, "the tick returns before its deadline"
+    assert (summary.claimed, summary.released) == (1, 0)
+    assert sql("SELECT attempts, count(*) FROM tasks GROUP BY 1 ORDER BY 1") == [(0, 2), (1, 1)]
