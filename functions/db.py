@@ -157,9 +157,8 @@ class Pool:
 
     async def _answers(self, conn: AsyncConnection[Any]) -> bool:
         try:
-            async with asyncio.timeout(self._timeout_s):
-                await conn.execute("SELECT 1")
-        except (psycopg.Error, OSError, TimeoutError):
+            await bounded(conn, conn.execute("SELECT 1"), self._timeout_s)
+        except (psycopg.Error, OSError, StatementTimeout):
             return False
         return True
 
@@ -253,41 +252,46 @@ class Database:
         self, conn: AsyncConnection[Any], work: Awaitable[T], timeout_s: float | None = None
     ) -> T:
         """Await `work` on `conn`, at most `timeout_s` (default `statement_bound_s`); past
-        it, close `conn` and raise StatementTimeout.
-
-        Closing first is the only way out that does not wait on the server: cancelled
-        otherwise, psycopg sends a cancel request and waits for the statement to end, and a
-        frozen server does neither. No task is made: the timer closes the connection and
-        cancels the awaiting task itself.
-        """
-        bound_s = self.statement_bound_s if timeout_s is None else timeout_s
-        task = asyncio.current_task()
-        assert task is not None
-        expired = False
-
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            conn.pgconn.finish()
-            task.cancel()
-
-        timer = asyncio.get_running_loop().call_later(bound_s, expire)
-        try:
-            return await work
-        except asyncio.CancelledError:
-            if not expired:
-                raise
-            task.uncancel()
-            raise StatementTimeout(
-                f"database statement got no answer within {bound_s:g}s; its connection was closed"
-            ) from None
-        finally:
-            timer.cancel()
+        it, close `conn` and raise StatementTimeout (see `bounded` below)."""
+        return await bounded(conn, work, self.statement_bound_s if timeout_s is None else timeout_s)
 
     async def dispose(self) -> None:
         pool, self._pool, loop, self._loop = self._pool, None, self._loop, None
         if pool is not None and loop is asyncio.get_running_loop():
             await pool.close()
+
+
+async def bounded(conn: AsyncConnection[Any], work: Awaitable[T], bound_s: float) -> T:
+    """Await `work` on `conn` at most `bound_s`; past it, close `conn` and raise
+    StatementTimeout.
+
+    Closing first is the only way out that does not wait on the server: cancelled
+    otherwise, psycopg sends a cancel request and waits for the statement to end, and a
+    frozen server does neither. No task is made: the timer closes the connection and
+    cancels the awaiting task itself.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        conn.pgconn.finish()
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(bound_s, expire)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        task.uncancel()
+        raise StatementTimeout(
+            f"database statement got no answer within {bound_s:g}s; its connection was closed"
+        ) from None
+    finally:
+        timer.cancel()
 
 
 def first_line(exc: BaseException) -> str:

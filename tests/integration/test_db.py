@@ -136,6 +136,27 @@ async def test_a_frozen_server_is_given_up_on_and_its_connection_closed(
     assert await select_one(database) == 1
 
 
+async def test_a_frozen_server_is_given_up_on_after_an_idle_spell(
+    database: Database, own_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection had been idle, so it is checked first; the check is bounded like any
+    statement (closed, not cancelled: a cancel request waits on the frozen server too), and
+    the new connection then by the connect timeout. Before: 20 s with the defaults."""
+    assert await select_one(database) == 1
+    monkeypatch.setattr("functions.db.PING_AFTER_IDLE_S", 0.0)
+    own_server.freeze()
+    try:
+        asked = time.monotonic()
+        with pytest.raises(DatabaseUnavailable):
+            await select_one(database)
+        waited_s = time.monotonic() - asked
+    finally:
+        own_server.thaw()
+    # The check (2 s, the connect timeout), then a new connection (2 s): about 4 s.
+    assert waited_s < 6
+    assert await select_one(database) == 1
+
+
 async def test_a_statement_that_overruns_is_cancelled_by_the_server(database: Database) -> None:
     with pytest.raises(StatementTimeout, match="timed out"):
         async with database.connection() as conn:
