@@ -159,6 +159,11 @@ class Pool:
         try:
             await bounded(conn, conn.execute("SELECT 1"), self._timeout_s)
         except (psycopg.Error, OSError, StatementTimeout):
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Cancelled mid-check (psycopg may answer a cancel with its own error):
+                # the caller is going away, it does not want a new connection.
+                raise asyncio.CancelledError from None
             return False
         return True
 
