@@ -81,7 +81,8 @@ def time_limit_s(kind: Kind, settings: Settings) -> float:
 
 def retry_delay_s(settings: Settings, attempt: int) -> float:
     """Exponential backoff: base, 2x base, 4x base... capped at retry_max_s."""
-    return float(min(settings.retry_max_s, settings.retry_base_s * 2 ** (attempt - 1)))
+    # A float power, capped: 2 ** 1024 as an int does not convert to a float at all.
+    return float(min(settings.retry_max_s, settings.retry_base_s * 2.0 ** min(attempt - 1, 100)))
 
 
 def clean_text(text: str) -> str:

@@ -10,6 +10,11 @@ from pydantic_core import PydanticCustomError
 
 DEFAULT_BAR_URL = "https://www.whattimeisitrightnow.com/"
 ENV_PREFIX = "TASKRUNNER_"
+_HOUR_S = 3600
+_DAY_S = 24 * _HOUR_S
+_YEAR_S = 365 * _DAY_S
+# The oldest a finished task is kept, or asked about (`taskrunner prune --older-than`).
+MAX_AGE_S = 100 * _YEAR_S
 
 
 def from_environment(fields: Any) -> dict[str, str]:
@@ -36,7 +41,11 @@ class Settings(BaseModel):
     """
 
     # hide_input_in_errors: a bad value is never repeated in an error (a URL holds a password).
-    model_config = ConfigDict(frozen=True, extra="ignore", hide_input_in_errors=True)
+    # allow_inf_nan: "inf" or "nan" is no number of seconds (each has an upper bound too, so
+    # that every time computed from it fits PostgreSQL's and Python's ranges).
+    model_config = ConfigDict(
+        frozen=True, extra="ignore", hide_input_in_errors=True, allow_inf_nan=False
+    )
 
     def __init__(self, **values: Any) -> None:
         super().__init__(**{**from_environment(type(self).model_fields), **values})
@@ -49,7 +58,7 @@ class Settings(BaseModel):
     # Connections kept per process; 0 means no pool (a connection per use).
     db_pool_size: int = Field(default=10, ge=0)
     # How long to wait for a connection (to open one, or for a free one in the pool).
-    db_connect_timeout_s: int = Field(default=5, ge=1)
+    db_connect_timeout_s: int = Field(default=5, ge=1, le=_HOUR_S)
     # The longest any statement may run; the server cancels it then (a frozen server is
     # given up on a second later). Every statement taskrunner runs is bounded and short.
     db_statement_timeout_s: float = Field(default=5.0, gt=0, le=600)
@@ -67,24 +76,24 @@ class Settings(BaseModel):
     allow_delete_all: bool = False
 
     bar_url: str = DEFAULT_BAR_URL
-    bar_timeout_s: float = Field(default=10.0, gt=0)
+    bar_timeout_s: float = Field(default=10.0, gt=0, le=_DAY_S)
     # `bar` requests one worker has in flight at once; the rest wait their turn (claimed, not
     # yet started: their timeout starts with their request).
     bar_concurrency: int = Field(default=100, ge=1, le=10_000)
     # How long `foo` sleeps; the product says 3 seconds, tests shorten it.
-    foo_delay_s: float = Field(default=3.0, ge=0)
+    foo_delay_s: float = Field(default=3.0, ge=0, le=_DAY_S)
 
     # A worker's lease: it renews it every third of this; when it lapses (the worker died or
     # stalled), the worker's tasks are rescued. It covers the worker, not a task, so it may be
     # far shorter than the tasks it runs. Below 3 s a renewal would have less than a second
     # to reach a busy database before the next one is due: refused rather than let a live
     # worker's tasks be rescued and run twice.
-    lease_seconds: float = Field(default=60.0, ge=3.0)
+    lease_seconds: float = Field(default=60.0, ge=3.0, le=_DAY_S)
     # Runs of one task, crashes included, before it is failed for good.
-    max_attempts: int = Field(default=3, ge=1)
+    max_attempts: int = Field(default=3, ge=1, le=1_000_000)
     # Retry n waits retry_base_s * 2**(n-1), capped at retry_max_s.
-    retry_base_s: float = Field(default=1.0, ge=0)
-    retry_max_s: float = Field(default=300.0, ge=0)
+    retry_base_s: float = Field(default=1.0, ge=0, le=_YEAR_S)
+    retry_max_s: float = Field(default=300.0, ge=0, le=_YEAR_S)
 
     # Tasks one worker process runs at once, and the most one claim statement takes.
     concurrency: int = Field(default=10_000, ge=1)
@@ -95,11 +104,11 @@ class Settings(BaseModel):
     # Finished tasks (succeeded, failed) are deleted this long after they finished, by the
     # workers and ticks (at most about once a minute each) or `taskrunner prune`; 0 keeps
     # them forever. Deleting a task frees its idempotency key.
-    retention_s: float = Field(default=7 * 24 * 3600.0, ge=0)
+    retention_s: float = Field(default=7.0 * _DAY_S, ge=0, le=MAX_AGE_S)
     # On SIGTERM, how long running tasks may take to finish before they are released.
-    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    shutdown_grace_s: float = Field(default=10.0, ge=0, le=_DAY_S)
     # Margin a tick keeps before its platform deadline: it claims nothing that would end after it.
-    deadline_margin_s: float = Field(default=2.0, ge=0)
+    deadline_margin_s: float = Field(default=2.0, ge=0, le=_HOUR_S)
     # "drain": a scheduled tick runs what is due and returns. "poll": it keeps claiming
     # until near its deadline, so a once-a-minute schedule still starts tasks on time.
     tick_mode: Literal["drain", "poll"] = "drain"

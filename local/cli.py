@@ -15,7 +15,7 @@ import pydantic
 
 from functions.errors import DatabaseUnavailable, TaskrunnerError
 from functions.logs import setup_logging
-from functions.settings import Settings, describe
+from functions.settings import MAX_AGE_S, Settings, describe
 
 logger = logging.getLogger("taskrunner")
 
@@ -107,7 +107,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
     settings = _settings(migrate=False)
     older_than_s = settings.retention_s if args.older_than is None else args.older_than
-    if older_than_s == 0:
+    if args.older_than is None and older_than_s == 0:
         raise TaskrunnerError(
             "retention is off (TASKRUNNER_RETENTION_S=0): say how old with --older-than SECONDS"
         )
@@ -148,6 +148,31 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, not {value}")
+    return value
+
+
+def _age_s(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= MAX_AGE_S:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds from 0 to {MAX_AGE_S:.0f} (100 years), not {text}"
+        )
+    return value
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(_LOG_LEVELS)}, not {text}")
+    return text.upper()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskrunner",
@@ -155,12 +180,14 @@ def _parser() -> argparse.ArgumentParser:
         "Configured by TASKRUNNER_* environment variables; without TASKRUNNER_DATABASE_URL "
         "an embedded PostgreSQL is kept in ./.taskrunner/.",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument(
+        "--log-level", type=_log_level, default="INFO", help="logging level (default: INFO)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def http_args(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-        sub.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+        sub.add_argument("--port", type=_port, default=8000, help="port to bind (default: 8000)")
 
     dev = commands.add_parser(
         "dev", help="run the API and the timer loop together", description="Serve the API and "
@@ -204,8 +231,9 @@ def _parser() -> argparse.ArgumentParser:
         "do the same about once a minute.",
     )  # fmt: skip
     prune.add_argument(
-        "--older-than", type=float, metavar="SECONDS", help="instead of TASKRUNNER_RETENTION_S"
-    )
+        "--older-than", type=_age_s, metavar="SECONDS",
+        help="instead of TASKRUNNER_RETENTION_S (0: every finished task)",
+    )  # fmt: skip
     prune.set_defaults(func=cmd_prune)
 
     bench = commands.add_parser(

@@ -248,3 +248,26 @@ def test_api_refuses_a_number_of_workers_that_cannot_work(workers: str) -> None:
     )
     assert result.returncode == 2
     assert "--workers" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--log-level", "bogus", "tick"],
+        ["api", "--port", "70000"],
+        ["dev", "--port", "-1"],
+        ["prune", "--older-than", "-1"],
+        ["prune", "--older-than", "nan"],
+        ["prune", "--older-than", "inf"],
+        ["prune", "--older-than", "1e400"],
+        ["prune", "--older-than", "99999999999999"],
+    ],
+)
+def test_arguments_out_of_range_are_usage_errors(argv: list[str]) -> None:
+    """Exit 2 with what is wrong, before anything starts: not a port that wraps around
+    (70000 listened on 4464), a prune of every task (-1), or a database error (inf)."""
+    result = subprocess.run([TASKRUNNER, *argv], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    option = "--log-level" if argv[0] == "--log-level" else argv[-2]
+    assert f"argument {option}:" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -195,3 +195,13 @@ def test_prune_on_demand_says_how_many(database_url: str, sql: Sql) -> None:
         timeout=60,
     )
     assert off.returncode == 1 and "--older-than" in off.stderr
+    every = subprocess.run(
+        [TASKRUNNER, "prune", "--older-than", "0"],
+        env={**env, "TASKRUNNER_RETENTION_S": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert every.returncode == 0, every.stderr
+    assert "pruned 10 finished tasks older than 0 s" in every.stderr
+    assert sql("SELECT count(*) FROM tasks") == [(0,)]

@@ -64,3 +64,42 @@ def test_a_bad_value_is_named_by_its_variable_and_not_repeated(
 def test_settings_are_frozen() -> None:
     with pytest.raises(ValidationError):
         Settings().db_pool_size = 2
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("LEASE_SECONDS", "inf"),
+        ("LEASE_SECONDS", "nan"),
+        ("LEASE_SECONDS", "99999999999999999999"),
+        ("RETRY_BASE_S", "inf"),
+        ("RETRY_MAX_S", "1e40"),
+        ("RETENTION_S", "-1"),
+        ("RETENTION_S", "1e12"),
+        ("FOO_DELAY_S", "Infinity"),
+        ("MAX_ATTEMPTS", "10000000000"),
+    ],
+)
+def test_numbers_that_no_time_can_hold_are_refused(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """Accepted before, they failed at run time ("interval out of range", a retry due at
+    "inf s" recorded as a failed run)."""
+    monkeypatch.setenv(f"TASKRUNNER_{name}", value)
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert describe(caught.value).startswith(f"TASKRUNNER_{name}: ")
+
+
+def test_a_late_retry_of_a_long_budget_waits_the_cap() -> None:
+    """2 ** 1024 as an int does not convert to a float: attempt 1,025 raised OverflowError."""
+    from functions.runner import retry_delay_s
+
+    settings = Settings(retry_base_s=1.0, retry_max_s=300.0, max_attempts=1_000_000)
+    assert [retry_delay_s(settings, n) for n in (1, 2, 9, 1_025, 999_999)] == [
+        1.0,
+        2.0,
+        256.0,
+        300.0,
+        300.0,
+    ]
