@@ -479,7 +479,8 @@ PRUNE_ACTIVITY = "DELETE FROM task_activity WHERE bucket < now() - interval '1 d
 # --- activity: what /stats and /metrics read (functions/stats.py) -----------------------------
 
 # A worker's counts for some 10-second buckets, added to what other workers counted. The
-# lateness histograms are added bucket by bucket.
+# lateness histograms are added bucket by bucket (one of an older version is shorter: the
+# buckets it lacks count as 0).
 ADD_ACTIVITY = """
 INSERT INTO task_activity AS a
     (bucket, started, succeeded, failed, retried, lateness, lateness_max_ms)
@@ -495,7 +496,8 @@ ON CONFLICT (bucket) DO UPDATE SET
     failed = a.failed + EXCLUDED.failed,
     retried = a.retried + EXCLUDED.retried,
     lateness = ARRAY(
-        SELECT x + y FROM unnest(a.lateness, EXCLUDED.lateness) WITH ORDINALITY AS u(x, y, i)
+        SELECT coalesce(x, 0) + coalesce(y, 0)
+        FROM unnest(a.lateness, EXCLUDED.lateness) WITH ORDINALITY AS u(x, y, i)
         ORDER BY i
     ),
     lateness_max_ms = greatest(a.lateness_max_ms, EXCLUDED.lateness_max_ms)

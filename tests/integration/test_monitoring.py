@@ -79,6 +79,41 @@ async def test_stats_match_the_database(
     assert series[-1]["minute"] > series[0]["minute"]
 
 
+@pytest.mark.parametrize("late_s", [3_600.0, 86_400.0, 200 * 86_400.0])
+async def test_lateness_of_hours_and_days_is_reported_within_a_bucket(
+    client: httpx.AsyncClient, settings: Settings, task_factory: Callable[..., int], late_s: float
+) -> None:
+    """Tasks due long ago (a worker was down for a day): before, every percentile stopped at
+    the histogram's last bound, 50.6 minutes."""
+    for _ in range(20):
+        task_factory("baz", due_in_s=-late_s)
+    await tick(settings, out=io.StringIO())
+    lateness = (await client.get("/stats")).json()["lateness_ms"]
+    for key in ("p50", "p95", "p99"):
+        assert late_s * 1000 / 1.25 <= lateness[key] <= lateness["max"] * 1.25, (key, lateness)
+    assert late_s * 1000 <= lateness["max"] < (late_s + 60) * 1000
+
+
+async def test_a_shorter_histogram_of_an_older_version_adds_up(
+    settings: Settings, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    """During an upgrade, old workers write 72 buckets and new ones 113 into the same rows."""
+    sql(
+        "INSERT INTO task_activity (bucket, started, succeeded, failed, retried, lateness,"
+        " lateness_max_ms) SELECT to_timestamp(b), 72, 0, 0, 0, array_fill(1::bigint, ARRAY[72]),"
+        " 1 FROM generate_series(floor(extract(epoch FROM now()) / 10)::bigint * 10,"
+        " floor(extract(epoch FROM now()) / 10)::bigint * 10 + 60, 10) AS b"
+    )
+    for _ in range(5):
+        task_factory("baz")
+    await tick(settings, out=io.StringIO())
+    [(nulls, length, total)] = sql(
+        "SELECT count(*) FILTER (WHERE x IS NULL), max(cardinality(lateness)), sum(x)"
+        " FROM task_activity, unnest(lateness) AS x WHERE started > 72"
+    )
+    assert (nulls, length, total) == (0, len(stats.LATENESS_BOUNDS_MS), 72 + 5)
+
+
 async def test_metrics_say_the_same_in_prometheus_text(
     client: httpx.AsyncClient, settings: Settings, task_factory: Callable[..., int]
 ) -> None:
