@@ -100,7 +100,11 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # header's surrounding spaces are trimmed in transit, so a key with spaces could arrive as
 # another key). The table checks the same (`idempotency_key_printable`).
 IDEMPOTENCY_KEY_PATTERN = "^[!-~]{1,255}$"
-_FORMS = "an ISO-8601 date-time with an offset (e.g. 2030-01-01T12:00:00Z) or Unix seconds"
+_FORMS = "an RFC 3339 date-time with an offset (e.g. 2030-01-01T12:00:00Z) or Unix seconds"
+_RFC_3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+    r"([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])?"  # (none: refused below, saying so)
+)
 # What a kind's name may have around it: ASCII spaces, tabs and line ends, nothing else, so
 # that the API's schema can say exactly what it takes.
 _BLANKS = " \t\n\r"
@@ -154,7 +158,7 @@ def excerpt(value: object, limit: int = 40) -> str:
 
 
 def parse_execute_at(value: object) -> datetime:
-    """Return an aware UTC datetime from ISO-8601 with an offset, or from Unix seconds.
+    """Return an aware UTC datetime from an RFC 3339 date-time with an offset, or from Unix seconds.
 
     A date-time without an offset is rejected rather than guessed at. Unix seconds are read
     to the microsecond from their decimal form (integers exactly).
@@ -164,9 +168,14 @@ def parse_execute_at(value: object) -> datetime:
     if isinstance(value, int | float):
         return _from_unix_s(value)
     if isinstance(value, str):
+        text = value.strip()
+        # RFC 3339's form only: Python's parser also takes ISO 8601's others (20300101T1200Z,
+        # week dates, hours alone) and offsets past 23:59 (+00:99, read as 1 h 39 min).
+        if not _RFC_3339.fullmatch(text):
+            raise ValueError(f"execute_at {excerpt(value)} is not {_FORMS}")
         try:
             # upper(): RFC 3339 allows a lowercase t and z, Python's parser does not.
-            parsed = datetime.fromisoformat(value.strip().upper())
+            parsed = datetime.fromisoformat(text.upper())
         except ValueError:
             raise ValueError(f"execute_at {excerpt(value)} is not {_FORMS}") from None
         offset = parsed.utcoffset()

@@ -47,6 +47,43 @@ def test_naive_time_is_rejected_not_guessed() -> None:
 
 
 @pytest.mark.parametrize(
+    "raw",
+    [
+        "2030-01-01T12:00:00+00:99",
+        "2030-01-01T12:00:00-00:75",
+        "2030-01-01T12:00:00+24:00",
+        "2030-01-01T12:00:00+0099",
+        "2030-01-01T12:00:00+01:30:99",
+        "2030-01-01T12:00:00.Z",
+        "2030-01-01T12:00:00,5Z",
+        "20300101T120000Z",
+        "2030-W01-1T12:00Z",
+        "2030-01-01T12Z",
+        "2030-01-01T12:00Z",
+        "2030-01-01T12:00:00\u00a0Z",
+        "\u0662030-01-01T12:00:00Z",
+    ],
+)
+def test_what_rfc_3339_does_not_allow_is_refused(raw: str) -> None:
+    """Python's parser reads these (ISO 8601's other forms, offsets past 23:59); the API
+    says RFC 3339, and +00:99 is no offset (it was read as 1 h 39 min)."""
+    with pytest.raises(ValueError, match="is not an RFC 3339 date-time"):
+        parse_execute_at(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("2030-01-01t12:00:00z", datetime(2030, 1, 1, 12, tzinfo=UTC)),
+        ("2030-01-01 12:00:00+23:59", datetime(2029, 12, 31, 12, 1, tzinfo=UTC)),
+        (" 2030-01-01T12:00:00.1234567-00:30 ", datetime(2030, 1, 1, 12, 30, 0, 123456, UTC)),
+    ],
+)
+def test_rfc_3339_in_all_its_forms(raw: str, expected: datetime) -> None:
+    assert parse_execute_at(raw) == expected
+
+
+@pytest.mark.parametrize(
     "raw", ["tomorrow", "", "2030-13-01T00:00:00Z", True, None, [], -1, float("nan"), 1e20]
 )
 def test_not_a_time_is_rejected(raw: object) -> None:
