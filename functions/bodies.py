@@ -20,7 +20,7 @@ from pydantic import (
 )
 from pydantic_core import to_json
 from starlette.routing import Match
-from starlette.types import Scope
+from starlette.types import Receive, Scope, Send
 
 from functions import tasks
 from functions.kinds import KINDS
@@ -36,10 +36,21 @@ _DIGITS = re.compile("[0-9]+")
 class Route(APIRoute):
     """A route whose task id (`{task_id}`, or the original's `{id}`) matches digits only:
     `/tasks/batch` is never task "batch" (a PATCH there is a 405, not a 422 about an id),
-    and `/tasks/abc` names no route (404). FastAPI then checks the number's range (422)."""
+    and `/tasks/abc` names no route (404). FastAPI then checks the number's range (422).
+
+    A GET route answers HEAD too, as HTTP asks of every resource that answers GET (the
+    body is dropped by asgi.HeadWithoutBody); the OpenAPI document lists GET alone."""
+
+    def _as_get(self, scope: Scope) -> Scope:
+        if scope.get("method") == "HEAD" and self.methods and "GET" in self.methods:
+            return {**scope, "method": "GET"}
+        return scope
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().handle(self._as_get(scope), receive, send)
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        match, child = super().matches(scope)
+        match, child = super().matches(self._as_get(scope))
         if match is not Match.NONE:
             params = child.get("path_params", {})
             for name in ("task_id", "id"):

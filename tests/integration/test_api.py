@@ -234,6 +234,18 @@ async def test_head_healthz_up(client: httpx.AsyncClient) -> None:
     assert head.headers["content-length"] == get.headers["content-length"]
 
 
+async def test_every_get_route_answers_head(client: httpx.AsyncClient) -> None:
+    """HTTP asks HEAD of whatever answers GET (it was 405 everywhere but / and /healthz)."""
+    created = await client.post("/tasks", json={"type": "baz", "execute_at": 4_102_444_800})
+    task_id = created.json()["id"]
+    for path in ("/tasks", f"/tasks/{task_id}", "/tasks?type=baz", "/stats", "/openapi.json"):
+        head, get = await client.head(path), await client.get(path)
+        assert (head.status_code, head.content, get.status_code) == (200, b"", 200), path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+    assert (await client.head("/tasks/999999")).status_code == 404
+    assert "HEAD" in (await client.put("/tasks")).headers["allow"]
+
+
 def body_routes(app: FastAPI) -> list[APIRoute]:
     return [r for r in app.routes if isinstance(r, APIRoute) and r.body_field is not None]
 
