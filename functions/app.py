@@ -108,6 +108,8 @@ def _unreadable(cause: BaseException) -> str:
         return f"the body is not JSON: byte {cause.start} is not UTF-8"
     if isinstance(cause, RecursionError):
         return "the body is not JSON this API reads: it nests too deeply"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return "the body is not JSON this API reads: a whole number has over 4,300 digits"
     if isinstance(cause, ValueError):
         return f"the body is not JSON this API reads: {_cut(str(cause), 100)}"
     return "the body cannot be read as JSON"
@@ -178,10 +180,13 @@ def build_app(settings: Settings) -> FastAPI:
         # that says what to send, rather than a 422 about a string that is not an object.
         content_type = request.headers.get("content-type", "").strip()
         media = content_type.partition(";")[0].strip().lower()
-        if media and media != "application/json" and not media.endswith("+json"):
+        # (A header with parameters and no media type, `; charset=utf-8`, says nothing either.)
+        if (content_type and not media) or (
+            media and media != "application/json" and not media.endswith("+json")
+        ):
             raise NotJson(
                 "the body must be JSON, sent as `content-type: application/json`, not"
-                f" {tasks.excerpt(media)}"
+                f" {tasks.excerpt(media or content_type)}"
             )
 
     # Every route that takes a body: the token first, then the content-type.

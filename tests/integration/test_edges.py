@@ -66,6 +66,13 @@ HOSTILE: list[tuple[str, str, str, bytes, int | tuple[int, ...]]] = [
     ),
     ("1 MB in a patch", "PATCH", "/tasks/1", json.dumps({"execute_at": "x" * MiB}).encode(), 422),
     (
+        "number with 5,000 digits",
+        "POST",
+        "/tasks/batch",
+        b'{"tasks": [{"type": "foo", "execute_at": ' + b"1" * 5_000 + b"}]}",
+        400,
+    ),
+    (
         "number with 100,000 digits",
         "POST",
         "/tasks",
@@ -242,6 +249,8 @@ async def test_times_past_the_ends_of_the_range_are_422_on_every_route(
         ({b"content-type": b"text/plain"}, 415),
         ({b"content-type": b"application/x-www-form-urlencoded"}, 415),
         ({b"content-type": b"multipart/form-data; boundary=x"}, 415),
+        ({b"content-type": b";"}, 415),
+        ({b"content-type": b"; charset=utf-8"}, 415),
         ({b"idempotency-key": b"\xff"}, 422),
         ({b"idempotency-key": b"k" * 10_000}, 422),
         ({b"idempotency-key": b"\x00"}, 422),
@@ -401,3 +410,13 @@ async def test_the_original_create_with_a_huge_time_is_422(
     client: httpx.AsyncClient, path: str
 ) -> None:
     refused(await client.post(path), 422)
+
+
+async def test_a_number_too_long_to_read_is_named_as_such(settings: Settings) -> None:
+    body = b'{"type": "foo", "execute_at": ' + b"7" * 5_000 + b"}"
+    async with serve(settings) as client:
+        response = await client.post("/tasks", content=body)
+    assert response.status_code == 400
+    assert response.json()["detail"] == (
+        "the body is not JSON this API reads: a whole number has over 4,300 digits"
+    )
