@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable
@@ -50,6 +51,8 @@ MAX_IDLE_S = 300.0
 # The client-side bound on a statement is the server's statement_timeout plus this, so that
 # a server that is alive reports the timeout itself (and ends the statement).
 _CLIENT_GRACE_S = 1.0
+# What a statement still gets once a deadline has passed: enough for a healthy server.
+_PAST_DEADLINE_S = 0.05
 
 
 def libpq_url(database_url: str | None) -> str:
@@ -105,16 +108,20 @@ class Pool:
         # Each waiter gets a connection, or None: a place to open one.
         self._waiters: deque[asyncio.Future[AsyncConnection[Any] | None]] = deque()
 
-    async def acquire(self) -> AsyncConnection[Any]:
-        deadline = time.monotonic() + self._timeout_s
+    async def acquire(self, timeout_s: float | None = None) -> AsyncConnection[Any]:
+        """A connection within `timeout_s` (default: the connect timeout), or
+        DatabaseUnavailable. Never cancelled from outside for its bound: psycopg answers a
+        cancelled statement by asking the server to cancel it, which waits on a frozen one."""
+        bound_s = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
+        deadline = time.monotonic() + bound_s
         while True:
             conn, idle_s = await self._next(deadline)
             if conn is None:
-                return await self._connect()
+                return await self._connect(deadline)
             if idle_s < PING_AFTER_IDLE_S:
                 return conn
             try:
-                answers = await self._answers(conn)
+                answers = await self._answers(conn, max(0.0, deadline - time.monotonic()))
             except BaseException:
                 self._discard(conn)  # cancelled mid-check: its place must not be lost
                 raise
@@ -155,9 +162,9 @@ class Pool:
         # Handed over by the last user (just now) or a free place (None): no check needed.
         return conn, 0.0
 
-    async def _answers(self, conn: AsyncConnection[Any]) -> bool:
+    async def _answers(self, conn: AsyncConnection[Any], bound_s: float) -> bool:
         try:
-            await bounded(conn, conn.execute("SELECT 1"), self._timeout_s)
+            await bounded(conn, conn.execute("SELECT 1"), bound_s)
         except (psycopg.Error, OSError, StatementTimeout):
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -167,9 +174,20 @@ class Pool:
             return False
         return True
 
-    async def _connect(self) -> AsyncConnection[Any]:
+    async def _connect(self, deadline: float) -> AsyncConnection[Any]:
         try:
-            return await AsyncConnection.connect(self._url, **self._kwargs)
+            left_s = deadline - time.monotonic()
+            if left_s >= self._timeout_s:
+                return await AsyncConnection.connect(self._url, **self._kwargs)
+            # A shorter bound than libpq's connect_timeout (whole seconds): no query is in
+            # flight yet, so cancelling the connect waits on nothing.
+            try:
+                async with asyncio.timeout(max(0.0, left_s)):
+                    return await AsyncConnection.connect(self._url, **self._kwargs)
+            except TimeoutError:
+                raise DatabaseUnavailable(
+                    "database unavailable: no connection within the time left"
+                ) from None
         except BaseException:
             self._open -= 1
             self._give(None)  # the place is free again
@@ -209,13 +227,21 @@ class Database:
     new loop: a pooled async connection must never be used from a loop it was not made on.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, deadline: float | None = None) -> None:
         self.settings = settings
         self._url = libpq_url(settings.database_url)
         self._kwargs = connect_kwargs(settings)
         self._pool: Pool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.statement_bound_s = settings.db_statement_timeout_s + _CLIENT_GRACE_S
+        # A `time.monotonic()` by which every wait on the database ends (a tick's platform
+        # deadline): a frozen server cannot hold the caller past it.
+        self.deadline = deadline
+
+    def _time_left_s(self, bound_s: float) -> float:
+        if self.deadline is None:
+            return bound_s
+        return min(bound_s, max(_PAST_DEADLINE_S, self.deadline - time.monotonic()))
 
     def _current_pool(self) -> Pool:
         loop = asyncio.get_running_loop()
@@ -236,7 +262,7 @@ class Database:
         """A connection for one statement or a few; driver errors become domain errors."""
         pool = self._current_pool()
         try:
-            conn = await pool.acquire()
+            conn = await pool.acquire(self._time_left_s(math.inf))
             try:
                 yield conn
             finally:
@@ -258,7 +284,8 @@ class Database:
     ) -> T:
         """Await `work` on `conn`, at most `timeout_s` (default `statement_bound_s`); past
         it, close `conn` and raise StatementTimeout (see `bounded` below)."""
-        return await bounded(conn, work, self.statement_bound_s if timeout_s is None else timeout_s)
+        bound_s = self.statement_bound_s if timeout_s is None else timeout_s
+        return await bounded(conn, work, self._time_left_s(bound_s))
 
     async def dispose(self) -> None:
         pool, self._pool, loop, self._loop = self._pool, None, self._loop, None

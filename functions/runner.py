@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 # After a database error the runner waits this long, doubling up to the cap, then tries again.
 _DB_RETRY_FIRST_S = 0.1
 _DB_RETRY_MAX_S = 5.0
+# What a run with a deadline keeps, when it stops, for recording results and handing back.
+_FINAL_WRITES_S = 1.0
 # Results waiting, and no write has completed for this long: writes are slow, stop claiming.
 # A write of a full batch takes ~20 ms here.
 _SLOW_WRITE_S = 1.0
@@ -802,7 +804,8 @@ class Runner:
         """Let running tasks finish within the grace period, record them, hand back the rest."""
         grace_s = self.settings.shutdown_grace_s
         if deadline is not None:
-            grace_s = min(grace_s, max(0.0, deadline - time.monotonic()))
+            # What is left of the run, less a second for the writes and the hand-back below.
+            grace_s = min(grace_s, max(0.0, deadline - time.monotonic() - _FINAL_WRITES_S))
         if self._halt.is_set():
             grace_s = 0.0  # a failure or a lost lease: nothing more will be recorded as run
         self._halt.set()  # no queued task starts from here on
@@ -821,9 +824,10 @@ class Runner:
             task.cancel()
         await asyncio.gather(*cancelled, return_exceptions=True)
 
-        # The write loop records what is left, within the grace period (a second at least).
+        # The write loop records what is left, within the grace period (a second at least,
+        # but for a run with a deadline: what it does not write is written below).
         write_loop = loops[0]
-        until = time.monotonic() + max(grace_s, 1.0)
+        until = time.monotonic() + (grace_s if deadline is not None else max(grace_s, 1.0))
         while (self._pending or self._writing) and time.monotonic() < until:
             if write_loop.done():
                 break  # it broke: nothing more will be written

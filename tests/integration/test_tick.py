@@ -1,14 +1,17 @@
 """The tick, called directly: claim -> run -> record against a real database."""
 
+import asyncio
 import io
 import time
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 
 from functions.settings import Settings
 from functions.tick import tick
+from tests.pgservers import Server
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 
@@ -151,3 +154,32 @@ async def test_a_runner_runs_bar_again_after_its_first_run_closed_its_client(
         await database.dispose()
     assert out.getvalue() == "200\n200\n"
     assert sql("SELECT DISTINCT state, error FROM tasks") == [("succeeded", None)]
+
+
+async def test_a_tick_returns_by_its_deadline_when_the_database_freezes(
+    own_server: Server,
+) -> None:
+    """The server freezes while the tick's foo sleep: every wait on it (the results, the
+    hand-back, the summary's counts) ends by the deadline, so the platform never kills the
+    tick. Before: a 6 s tick returned after 20 s and more."""
+    settings = Settings(
+        database_url=own_server.url,
+        foo_delay_s=1.0,
+        deadline_margin_s=2.0,
+        db_connect_timeout_s=5,
+        db_statement_timeout_s=5.0,
+    )
+    with psycopg.connect(own_server.url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO tasks (kind, execute_at) SELECT 'foo', now() FROM generate_series(1, 20)"
+        )
+    deadline = time.monotonic() + 6.0
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.5, own_server.freeze)
+    try:
+        summary = await tick(settings, deadline=deadline, out=io.StringIO())
+        returned = time.monotonic()
+    finally:
+        own_server.thaw()
+    assert returned <= deadline, f"returned {returned - deadline:.1f} s after the deadline"
+    assert summary.errors > 0
