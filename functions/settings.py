@@ -13,6 +13,19 @@ ENV_PREFIX = "TASKRUNNER_"
 _HOUR_S = 3600
 _DAY_S = 24 * _HOUR_S
 _YEAR_S = 365 * _DAY_S
+# libpq's connection options whose values it checks only when connecting.
+_LIBPQ_CHOICES = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "target_session_attrs": (
+        "any", "read-write", "read-only", "primary", "standby", "prefer-standby",
+    ),
+    "load_balance_hosts": ("disable", "random"),
+}  # fmt: skip
+_LIBPQ_INTEGERS = (
+    "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+)  # fmt: skip
 # The oldest a finished task is kept, or asked about (`taskrunner prune --older-than`).
 MAX_AGE_S = 100 * _YEAR_S
 
@@ -159,6 +172,21 @@ class Settings(BaseModel):
             if port and not (port.isdigit() and 0 < int(port) < 65536):
                 raise PydanticCustomError(
                     "database_url", "the port is not a number from 1 to 65535"
+                )
+        # Options libpq checks only when it connects: a typo there would read as an outage
+        # (a worker waiting for the database forever) rather than as a setting to fix.
+        for option, raw in params.items():
+            text = str(raw).strip()
+            choices = _LIBPQ_CHOICES.get(option)
+            if choices is not None and text not in choices:
+                raise PydanticCustomError(
+                    "database_url",
+                    "its option {option} must be one of {choices}",
+                    {"option": option, "choices": ", ".join(choices)},
+                )
+            if option in _LIBPQ_INTEGERS and not text.lstrip("-").isdigit():
+                raise PydanticCustomError(
+                    "database_url", "its option {option} must be a whole number", {"option": option}
                 )
         return value
 

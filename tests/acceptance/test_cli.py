@@ -144,9 +144,24 @@ def test_migrate_and_tick_against_a_configured_database(
             2,
             "bad configuration: TASKRUNNER_DATABASE_URL: must be a postgresql:// URL",
         ),
+        (
+            "TASKRUNNER_DATABASE_URL",
+            "postgresql://u:s3cret@h/db?sslmode=bogus",
+            2,
+            "bad configuration: TASKRUNNER_DATABASE_URL: its option sslmode must be one of",
+        ),
+        (
+            "TASKRUNNER_DATABASE_URL",
+            "postgresql://u:s3cret@h/db?connect_timeout=abc",
+            2,
+            "bad configuration: TASKRUNNER_DATABASE_URL: its option connect_timeout must be a",
+        ),
     ],
-    ids=["database down", "bad setting", "bad port", "not a url", "bad query", "not postgresql"],
-)
+    ids=[
+        "database down", "bad setting", "bad port", "not a url", "bad query", "not postgresql",
+        "bad sslmode", "bad connect_timeout",
+    ],
+)  # fmt: skip
 def test_tick_fails_clearly(
     tmp_path: Path, setting: str, value: str, code: int, message: str
 ) -> None:
