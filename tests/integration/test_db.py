@@ -36,6 +36,18 @@ async def select_one(database: Database) -> int:
         return int(one)
 
 
+async def refused_while_frozen(database: Database, own_server: Server) -> float:
+    """Freeze the server, ask for a row; return how long the refusal took."""
+    own_server.freeze()
+    try:
+        asked = time.monotonic()
+        with pytest.raises(DatabaseUnavailable):
+            await select_one(database)
+        return time.monotonic() - asked
+    finally:
+        own_server.thaw()
+
+
 async def test_a_refused_connection_fails_at_once_not_after_the_timeout() -> None:
     database = Database(Settings(database_url=NOWHERE, db_connect_timeout_s=30))
     asked = time.monotonic()
@@ -122,14 +134,7 @@ async def test_a_frozen_server_is_given_up_on_and_its_connection_closed(
     database: Database, own_server: Server
 ) -> None:
     assert await select_one(database) == 1
-    own_server.freeze()
-    try:
-        asked = time.monotonic()
-        with pytest.raises(DatabaseUnavailable):
-            await select_one(database)
-        waited_s = time.monotonic() - asked
-    finally:
-        own_server.thaw()
+    waited_s = await refused_while_frozen(database, own_server)
     # The statement bound (1 s + 1 s), or the ping of a connection idle too long, or the
     # connect timeout (2 s) for a new one: never more than about their sum.
     assert waited_s < 8
@@ -144,14 +149,7 @@ async def test_a_frozen_server_is_given_up_on_after_an_idle_spell(
     the new connection then by the connect timeout. Before: 20 s with the defaults."""
     assert await select_one(database) == 1
     monkeypatch.setattr("functions.db.PING_AFTER_IDLE_S", 0.0)
-    own_server.freeze()
-    try:
-        asked = time.monotonic()
-        with pytest.raises(DatabaseUnavailable):
-            await select_one(database)
-        waited_s = time.monotonic() - asked
-    finally:
-        own_server.thaw()
+    waited_s = await refused_while_frozen(database, own_server)
     # The check (2 s, the connect timeout), then a new connection (2 s): about 4 s.
     assert waited_s < 6
     assert await select_one(database) == 1
