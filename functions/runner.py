@@ -804,10 +804,8 @@ class Runner:
         """Let running tasks finish within the grace period, record them, hand back the rest."""
         grace_s = self.settings.shutdown_grace_s
         if deadline is not None:
-            # What is left of the run, less a second for the writes and the hand-back below
-            # (taken from the deadline margin: with a smaller margin, that margin).
-            reserve_s = min(_FINAL_WRITES_S, self.settings.deadline_margin_s)
-            grace_s = min(grace_s, max(0.0, deadline - time.monotonic() - reserve_s))
+            # What is left of the run, less a second for the writes and the hand-back below.
+            grace_s = min(grace_s, max(0.0, deadline - time.monotonic() - _FINAL_WRITES_S))
         if self._halt.is_set():
             grace_s = 0.0  # a failure or a lost lease: nothing more will be recorded as run
         self._halt.set()  # no queued task starts from here on
