@@ -177,12 +177,10 @@ class Pool:
     async def _connect(self, deadline: float) -> AsyncConnection[Any]:
         try:
             left_s = deadline - time.monotonic()
-            if left_s >= self._timeout_s:
-                return await AsyncConnection.connect(self._url, **self._kwargs)
-            # A shorter bound than libpq's connect_timeout (whole seconds): no query is in
-            # flight yet, so cancelling the connect waits on nothing.
+            # libpq's connect_timeout bounds it, or the time left when that is shorter (no
+            # query is in flight yet, so cancelling the connect waits on nothing).
             try:
-                async with asyncio.timeout(max(0.0, left_s)):
+                async with asyncio.timeout(left_s if left_s < self._timeout_s else None):
                     return await AsyncConnection.connect(self._url, **self._kwargs)
             except TimeoutError:
                 raise DatabaseUnavailable(

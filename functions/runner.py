@@ -601,14 +601,13 @@ class Runner:
             self._writing = batch
             try:
                 await self._write(batch, summary)
-            except asyncio.CancelledError:
-                # Stopped mid-write (shutdown): the batch is written there, or handed back.
+            except (DatabaseUnavailable, asyncio.CancelledError) as exc:
+                # Kept, and maybe written already: tried again here, or (stopped mid-write at
+                # shutdown) written there or handed back.
                 self._pending[:0] = batch
                 self._maybe_written.update(r.id for r in batch)
-                raise
-            except DatabaseUnavailable as exc:
-                self._pending[:0] = batch
-                self._maybe_written.update(r.id for r in batch)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
                 logger.warning(
                     "action=finish worker=%s: %s; %d results kept, retrying in %.1fs",
                     self.worker_id, exc, len(self._pending), retry_s,

@@ -8,7 +8,7 @@
   ticks add to as they claim and record, so reading the last hour is reading 360 small rows,
   however many tasks that hour ran (and pruning finished tasks does not rewrite history).
   Start lateness is kept as a histogram of log-spaced buckets: percentiles are within one
-  bucket (about 12%) of the exact value, up to a year late; the maximum is exact.
+  bucket (about 12%) of the exact value, up to 330 days late; the maximum is exact.
 """
 
 from __future__ import annotations
