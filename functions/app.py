@@ -4,7 +4,6 @@ Domain errors become status codes here and nowhere else.
 """
 
 import hmac
-import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -19,7 +18,8 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from functions import monitoring, original, tasks
-from functions.asgi import BasePath, BodyLimit, HeadWithoutBody
+from functions.answers import status_of
+from functions.asgi import layers
 from functions.bodies import (
     KIND_SCHEMA,
     BatchIn,
@@ -28,11 +28,8 @@ from functions.bodies import (
     KindQuery,
     PageOut,
     RescheduleIn,
-    Route,
-    TaskId,
     TaskIn,
     TaskOut,
-    answer,
     errors,
     links,
     task_fields,
@@ -40,24 +37,11 @@ from functions.bodies import (
 from functions.dashboard import add_dashboard
 from functions.db import Database
 from functions.docs import add_docs
-from functions.errors import (
-    DatabaseUnavailable,
-    Forbidden,
-    IdempotencyKeyReused,
-    InvalidInput,
-    NotJson,
-    SchemaOutdated,
-    TaskNotFound,
-    TaskrunnerError,
-    TaskRunning,
-    Unauthorized,
-    WrongState,
-)
+from functions.errors import NotJson, TaskrunnerError, Unauthorized
+from functions.routing import Route, TaskId, answer
 from functions.settings import Settings
 from functions.store import Store
 from functions.tasks import NewTask, TaskState
-
-logger = logging.getLogger(__name__)
 
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -115,9 +99,17 @@ def _unreadable(cause: BaseException) -> str:
     return "the body cannot be read as JSON"
 
 
-def build_app(settings: Settings) -> FastAPI:
-    """Build the API for `settings`; the database is first reached by the first request."""
-    database = Database(settings)
+def build_app(
+    settings: Settings, *, store: Store | None = None, middleware: bool = True
+) -> FastAPI:
+    """Build the API for `settings`; the database is first reached by the first request.
+
+    `middleware=False`: without `asgi.layers`, which the caller puts around it (the Lambda
+    handler, with `store`: the one the hot path uses).
+    """
+    if store is None:
+        store = Store(Database(settings))
+    database = store.database
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -140,13 +132,10 @@ def build_app(settings: Settings) -> FastAPI:
     add_docs(app)
     # GET /: the dashboard's page (functions/dashboard.py), outside the schema.
     add_dashboard(app)
-    app.add_middleware(HeadWithoutBody)
-    if settings.base_path:
-        app.add_middleware(BasePath, base_path=settings.base_path)
-    # Outermost: no body is read before it is counted.
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-
-    store = Store(database)
+    if middleware:
+        # Each added goes outside those added before it.
+        for layer, kwargs in layers(settings, store):
+            app.add_middleware(layer, **kwargs)
 
     Authorized: list[Any] = []
     auth_errors: tuple[int, ...] = ()
@@ -196,26 +185,7 @@ def build_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(TaskrunnerError)
     async def on_domain_error(request: Request, exc: TaskrunnerError) -> JSONResponse:
-        if isinstance(exc, TaskNotFound):
-            return _error(404, str(exc))
-        if isinstance(exc, TaskRunning | WrongState | IdempotencyKeyReused):
-            return _error(409, str(exc))
-        if isinstance(exc, InvalidInput):
-            return _error(400, str(exc))
-        if isinstance(exc, Forbidden):
-            return _error(403, str(exc))
-        if isinstance(exc, Unauthorized):
-            return _error(401, str(exc), {"WWW-Authenticate": "Bearer"})
-        if isinstance(exc, NotJson):
-            return _error(415, str(exc))
-        if isinstance(exc, DatabaseUnavailable):
-            logger.warning("action=request path=%s: %s", request.url.path, exc)
-            return _error(503, "database unavailable, try again shortly", {"Retry-After": "1"})
-        if isinstance(exc, SchemaOutdated):
-            logger.error("action=request path=%s: %s", request.url.path, exc)
-            return _error(503, str(exc), {"Retry-After": "30"})
-        logger.exception("action=request path=%s: unexpected error", request.url.path)
-        return _error(500, "internal error")
+        return _error(*status_of(exc, request.url.path))
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,14 +1,22 @@
 """ASGI middleware between the server (Mangum or uvicorn) and the app: base path, HEAD,
-the limits on request bodies."""
+the limits on request bodies, the hot path; and their order (`layers`).
+
+Plain ASGI, without Starlette's request and response classes: the Lambda handler wraps the
+app in these on a cold start, before FastAPI is imported (`hotpath.Lazy`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from functions.answers import send_detail
+from functions.hotpath import HotPath
+from functions.settings import Settings
+from functions.store import Store
 
 
 class BasePath:
@@ -108,7 +116,9 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length")
+        declared = next(
+            (v.decode("latin-1") for k, v in scope["headers"] if k == b"content-length"), None
+        )
         if declared is not None:
             refused = None
             if not declared.strip().isascii() or not declared.strip().isdigit():
@@ -160,7 +170,25 @@ class BodyLimit:
 
 
 async def _answer(refused: HTTPException, scope: Scope, receive: Receive, send: Send) -> None:
-    response = JSONResponse(
-        {"detail": refused.detail}, status_code=refused.status_code, headers=refused.headers
-    )
-    await response(scope, receive, send)
+    await send_detail(send, refused.status_code, refused.detail, dict(refused.headers or {}))
+
+
+def layers(settings: Settings, store: Store) -> list[tuple[Any, dict[str, Any]]]:
+    """The middleware between the server and the FastAPI app, innermost first, with their
+    arguments: `app.build_app` adds them to the app, the Lambda handler wraps them around it."""
+    found: list[tuple[Any, dict[str, Any]]] = [
+        (HotPath, {"settings": settings, "store": store}),
+        (HeadWithoutBody, {}),
+    ]
+    if settings.base_path:
+        found.append((BasePath, {"base_path": settings.base_path}))
+    # Outermost: no body is read before it is counted.
+    found.append((BodyLimit, {"max_bytes": settings.max_body_bytes}))
+    return found
+
+
+def wrap(app: ASGIApp, settings: Settings, store: Store) -> ASGIApp:
+    """`app` inside `layers`."""
+    for middleware, kwargs in layers(settings, store):
+        app = middleware(app, **kwargs)
+    return app

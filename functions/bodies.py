@@ -4,12 +4,9 @@ Shared by the routes (`app`) and the original challenge's routes (`original`). E
 JSON Schema says what the server accepts, so the OpenAPI document is the contract.
 """
 
-import re
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import Path, Response
-from fastapi.routing import APIRoute
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -18,46 +15,13 @@ from pydantic import (
     PlainValidator,
     WithJsonSchema,
 )
-from pydantic_core import to_json
-from starlette.routing import Match
-from starlette.types import Receive, Scope, Send
 
 from functions import tasks
 from functions.kinds import KINDS
 from functions.tasks import NewTask, Task, TaskState
 
 MAX_BATCH = 10_000
-_BIGINT_MAX = 2**63 - 1
-
-TaskId = Annotated[int, Path(ge=1, le=_BIGINT_MAX)]
-_DIGITS = re.compile("[0-9]+")
-
-
-class Route(APIRoute):
-    """A route whose task id (`{task_id}`, or the original's `{id}`) matches digits only:
-    `/tasks/batch` is never task "batch" (a PATCH there is a 405, not a 422 about an id),
-    and `/tasks/abc` names no route (404). FastAPI then checks the number's range (422).
-
-    A GET route answers HEAD too, as HTTP asks of every resource that answers GET (the
-    body is dropped by asgi.HeadWithoutBody); the OpenAPI document lists GET alone."""
-
-    def _as_get(self, scope: Scope) -> Scope:
-        if scope.get("method") == "HEAD" and self.methods and "GET" in self.methods:
-            return {**scope, "method": "GET"}
-        return scope
-
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await super().handle(self._as_get(scope), receive, send)
-
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        match, child = super().matches(self._as_get(scope))
-        if match is not Match.NONE:
-            params = child.get("path_params", {})
-            for name in ("task_id", "id"):
-                if name in params and not _DIGITS.fullmatch(str(params[name])):
-                    return Match.NONE, {}
-        return match, child
-
+BIGINT_MAX = 2**63 - 1
 
 KIND_SCHEMA = {
     "type": "string",
@@ -180,16 +144,6 @@ def task_fields(task: Task) -> dict[str, Any]:
         "error": task.error,
         "idempotency_key": task.idempotency_key,
     }
-
-
-def answer(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """A JSON response, serialized once by pydantic-core (datetimes as pydantic writes them).
-
-    A route returning a Response skips FastAPI's response_model step, which validates the
-    returned model again and encodes it a second time: a fifth of a request's CPU, measured.
-    The route's response_model still documents the body.
-    """
-    return Response(to_json(content), status_code, headers, media_type="application/json")
 
 
 class PageOut(BaseModel):

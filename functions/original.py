@@ -17,8 +17,9 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from functions import tasks
-from functions.bodies import Route, TaskId, TaskOut
+from functions.bodies import TaskOut
 from functions.kinds import KINDS
+from functions.routing import Route, TaskId
 from functions.settings import Settings
 from functions.store import Store
 from functions.tasks import NewTask, TaskState

@@ -3,6 +3,9 @@
 import asyncio
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,10 +33,13 @@ def cold_start() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
-    loop = functions.api._loop
+    loop, database = functions.api._loop, functions.api._database
     functions.api._adapter = None
     functions.api._loop = None
+    functions.api._database = None
     if loop is not None and not loop.is_closed():
+        if database is not None:
+            loop.run_until_complete(database.dispose())
         loop.close()
 
 
@@ -378,3 +384,34 @@ def test_healthz_reports_a_schema_behind_this_version(
         f"the database schema is not up to date (it has 0001, this version needs"
         f" {SCHEMA_REVISION}): run `taskrunner migrate`"
     )
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_cold_start_that_creates_and_reads_tasks_imports_no_fastapi(
+    database_url: str, version: str
+) -> None:
+    """The hot path (functions/hotpath.py) serves them; FastAPI comes with the first request
+    it does not serve (here a list), and answers it."""
+    probe = f"""
+import json, sys
+from functions.api import handler
+from tests.lambda_harness import FakeContext, api_event, body
+created = handler(api_event("{version}", "create"), FakeContext())
+assert created["statusCode"] == 201, created
+task_id = body(created)["id"]
+shown = handler(api_event("{version}", "get", task_id), FakeContext())
+assert shown["statusCode"] == 200, shown
+before = sorted({{"fastapi", "starlette.routing", "starlette.responses"}} & set(sys.modules))
+listed = handler(api_event("{version}", "list"), FakeContext())
+assert listed["statusCode"] == 200, listed
+print(json.dumps([before, "fastapi" in sys.modules]))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, "TASKRUNNER_DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == [[], True]

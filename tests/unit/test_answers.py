@@ -6,7 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from functions.bodies import TaskOut, answer, task_fields
+from functions.bodies import TaskOut, task_fields
+from functions.routing import answer
 from functions.tasks import Task, TaskState
 
 AT = datetime(2026, 11, 28, 9, 0, 0, 123456, tzinfo=UTC)

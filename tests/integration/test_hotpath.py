@@ -1,0 +1,270 @@
+"""The hot path (functions/hotpath.py) answers exactly what the FastAPI routes answer.
+
+Each request goes to two apps on one database: the API as served (hot path first), and the
+same API without the hot path (every request through FastAPI). Their answers must be equal,
+byte for byte, but for what differs between two tasks (id, created_at, Location).
+"""
+
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from functions.app import build_app
+from functions.asgi import layers, wrap
+from functions.db import Database
+from functions.hotpath import HotPath, Lazy
+from functions.settings import Settings
+from functions.store import Store
+
+TOKEN = "s3cret"
+
+
+def _fastapi_only(settings: Settings, store: Store) -> Any:
+    app: Any = build_app(settings, store=store, middleware=False)
+    for layer, kwargs in layers(settings, store):
+        if layer is not HotPath:
+            app = layer(app, **kwargs)
+    return app
+
+
+class Pair:
+    """The same request to the API as served and to the API without its hot path."""
+
+    def __init__(self, served: httpx.AsyncClient, fastapi: httpx.AsyncClient) -> None:
+        self.served = served
+        self.fastapi = fastapi
+
+    async def both(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send the request to both; assert they answer alike; return the served answer."""
+        a = await self.served.request(method, path, **kwargs)
+        b = await self.fastapi.request(method, path, **kwargs)
+        assert (a.status_code, _same(a)) == (b.status_code, _same(b)), (a.text, b.text)
+        return a
+
+
+def _same(response: httpx.Response) -> Any:
+    """What must be equal between two answers, the tasks' own ids and times blanked."""
+    headers = [
+        (name, re.sub(r"/tasks/\d+$", "/tasks/ID", value))
+        for name, value in response.headers.multi_items()
+        if name != "content-length"
+    ]
+    body: Any = response.content
+    if response.headers.get("content-type") == "application/json" and body:
+        body = json.loads(body)
+        if isinstance(body, dict) and "created_at" in body:
+            body = {**body, "id": "ID", "created_at": "T", "idempotency_key": "K"}
+        if isinstance(body, dict) and "ids" in body:
+            body = {"ids": len(body["ids"])}
+    return headers, body, len(response.content) if not isinstance(body, dict) else None
+
+
+@pytest.fixture(params=["", "/prod"], ids=["root", "base-path"])
+async def pair(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[Pair]:
+    settings = settings.model_copy(update={"api_token": TOKEN, "base_path": request.param})
+    database = Database(settings)
+    store = Store(database)
+    served = build_app(settings, store=store)
+    fastapi = _fastapi_only(settings, store)
+    try:
+        async with (
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=served), base_url="http://test"
+            ) as a,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=fastapi), base_url="http://test"
+            ) as b,
+        ):
+            yield Pair(a, b)
+    finally:
+        await database.dispose()
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def test_creating_a_task_answers_alike(pair: Pair) -> None:
+    body = {"type": " BAZ ", "execute_at": 1893499200.000001}
+    created = await pair.both("POST", "/tasks", json=body, headers=AUTH)
+    assert created.status_code == 201
+    assert created.json()["execute_at"] == "2030-01-01T12:00:00.000001Z"
+    for content_type in ("application/json", "APPLICATION/JSON; charset=utf-8", "", None):
+        headers = AUTH if content_type is None else {**AUTH, "content-type": content_type}
+        sent = await pair.both("POST", "/tasks", content=json.dumps(body), headers=headers)
+        assert sent.status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        (b'{"type": "baz", "execute_at": 1893499200}', {"authorization": "Bearer nope"}),
+        (b'{"type": "baz", "execute_at": 1893499200}', {}),  # no token
+        (b'{"type": "baz", "execute_at": 1893499200, "x": 1}', AUTH),
+        (b'{"type": "qux", "execute_at": 1893499200}', AUTH),
+        (b'{"type": "baz", "execute_at": "2030-01-01T12:00:00"}', AUTH),
+        (b'{"type": "baz", "execute_at": 253402300800}', AUTH),
+        (b'{"type": "baz"', AUTH),
+        (b"", AUTH),
+        (b"[]", AUTH),
+        (b"\xff", AUTH),
+        (b'{"type": "baz", "execute_at": NaN}', AUTH),
+        (b'{"type": "baz", "execute_at": 1e400}', AUTH),
+        (b"[" * 100_000, AUTH),
+        (b'{"type": "baz", "execute_at": 1' + b"0" * 5000 + b"}", AUTH),
+        (b'{"type": "baz", "execute_at": 1893499200}', {**AUTH, "content-type": "text/plain"}),
+        (b'{"type": "baz", "execute_at": 1893499200}', {**AUTH, "idempotency-key": "a b"}),
+        (b'{"type": "baz", "execute_at": 1893499200}', {**AUTH, "idempotency-key": "k" * 256}),
+    ],
+)
+async def test_a_refused_create_answers_alike(
+    pair: Pair, body: bytes, headers: dict[str, str]
+) -> None:
+    response = await pair.both("POST", "/tasks", content=body, headers=headers)
+    assert response.status_code in (400, 401, 415, 422)
+
+
+async def test_idempotent_creates_answer_alike(pair: Pair) -> None:
+    body = {"type": "foo", "execute_at": "2030-01-01T12:00:00+02:00"}
+    # The same key to both apps: whichever is first creates, the other gets it back (200);
+    # so each app creates with its own key, then repeats it, then repeats it wrongly.
+    for client, key in ((pair.served, "served-1"), (pair.fastapi, "fastapi-1")):
+        headers = {**AUTH, "Idempotency-Key": key}
+        assert (await client.post("/tasks", json=body, headers=headers)).status_code == 201
+    for _ in range(2):
+        served = await pair.served.post(
+            "/tasks", json=body, headers={**AUTH, "Idempotency-Key": "served-1"}
+        )
+        fastapi = await pair.fastapi.post(
+            "/tasks", json=body, headers={**AUTH, "Idempotency-Key": "fastapi-1"}
+        )
+        assert served.status_code == fastapi.status_code == 200
+        assert _same(served) == _same(fastapi)
+    other = {**body, "type": "bar"}
+    for key in ("served-1", "fastapi-1"):
+        headers = {**AUTH, "Idempotency-Key": key}
+        conflict = await pair.both("POST", "/tasks", json=other, headers=headers)
+        assert conflict.status_code == 409
+
+
+async def test_reading_a_task_answers_alike(pair: Pair) -> None:
+    created = await pair.served.post("/tasks", json={"type": "baz", "execute_at": 0}, headers=AUTH)
+    task_id = created.json()["id"]
+    for method in ("GET", "HEAD"):
+        for path in (f"/tasks/{task_id}", f"/tasks/{task_id:020d}", "/tasks/999999999999"):
+            await pair.both(method, path, headers=AUTH)
+        for path in ("/tasks/0", f"/tasks/{2**63}", "/tasks/1" + "0" * 30, "/tasks/\uff11"):
+            refused = await pair.both(method, path, headers=AUTH)
+            assert refused.status_code in (404, 422)
+        assert (await pair.both(method, f"/tasks/{task_id}")).status_code == 401
+    shown = await pair.both("GET", f"/tasks/{task_id}", headers=AUTH)
+    assert shown.json()["id"] == task_id
+
+
+async def test_a_database_that_is_down_answers_alike(settings: Settings) -> None:
+    down = settings.model_copy(
+        update={"database_url": "postgresql://nobody@127.0.0.1:1/none", "db_pool_size": 0}
+    )
+    store = Store(Database(down))
+    for app in (build_app(down, store=store), _fastapi_only(down, store)):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        ) as client:
+            created = await client.post("/tasks", json={"type": "baz", "execute_at": 0})
+            shown = await client.get("/tasks/1")
+        for response in (created, shown):
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "1"
+            assert response.json() == {"detail": "database unavailable, try again shortly"}
+
+
+async def test_the_hot_path_does_not_build_the_fastapi_app(settings: Settings) -> None:
+    built: list[bool] = []
+
+    def build() -> Any:
+        built.append(True)
+        return build_app(settings, store=store, middleware=False)
+
+    store = Store(Database(settings))
+    app = wrap(Lazy(build), settings, store)
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        ) as client:
+            created = await client.post("/tasks", json={"type": "baz", "execute_at": 0})
+            assert created.status_code == 201
+            shown = await client.get(created.headers["location"])
+            assert shown.json() == created.json()
+            items = [
+                {"type": t, "execute_at": at}
+                for t, at in (("baz", 0), (" Foo", "1970-01-01T00:00:00Z"))
+            ]
+            batch = await client.post("/tasks/batch", json={"tasks": items})
+            assert batch.status_code == 201
+            assert built == []
+            assert (await client.get("/tasks")).status_code == 200
+            assert built == [True]
+    finally:
+        await store.database.dispose()
+
+
+# Unix seconds whose microseconds need care: halves (to even), 17 significant digits, the
+# smallest float, exponents, the last microsecond a float can name before the end of 9999.
+TIMES = [
+    0, 1, 0.0000005, 0.0000015, 0.0000025, 1.0000025, 5e-324, 1e-07, 1.5e-06, 0.1,
+    123456789.1234565, 1893499200.000001, 1893499200.0000005, 2**37, 253402300799,
+    253402300799.99997, 253402300799.99998, 1700000000.9999995, 1700000000.9999994,
+]  # fmt: skip
+
+
+async def test_a_batch_stores_each_time_as_one_create_does(pair: Pair) -> None:
+    items = [{"type": "baz", "execute_at": t} for t in TIMES]
+    items += [{"type": "FOO ", "execute_at": "2030-01-01T12:00:00.1234567+01:00"}]
+    created = await pair.served.post("/tasks/batch", json={"tasks": items}, headers=AUTH)
+    assert created.status_code == 201, created.text
+    for item, task_id in zip(items, created.json()["ids"], strict=True):
+        one = await pair.fastapi.post("/tasks", json=item, headers=AUTH)
+        shown = await pair.served.get(f"/tasks/{task_id}", headers=AUTH)
+        assert shown.json()["execute_at"] == one.json()["execute_at"], item
+        assert shown.json()["type"] == one.json()["type"]
+
+
+@pytest.mark.parametrize(
+    "tasks",
+    [
+        [{"type": "baz", "execute_at": 1893499200}] * 3,
+        [{"type": " Bar", "execute_at": "2030-01-01T12:00:00Z"}, {"type": "foo", "execute_at": 0}],
+        [{"type": "baz", "execute_at": 1893499200, "idempotency_key": "k1"}],
+        [{"type": "baz", "execute_at": 1893499200, "idempotency_key": None}],
+        [],
+        [{"type": "baz", "execute_at": 253402300800}],
+        [{"type": "baz", "execute_at": -1}],
+        [{"type": "baz", "execute_at": True}],
+        [{"type": "baz", "execute_at": None}],
+        [{"type": "baz", "execute_at": "2030-01-01T12:00:00"}],
+        [{"type": "qux", "execute_at": 0}],
+        [{"type": ["baz"], "execute_at": 0}],
+        [{"type": "baz"}],
+        [{"type": "baz", "execute_at": 0, "x": 1}],
+        [["baz", 0]],
+        [{"type": "baz", "execute_at": 0}] * 10_001,
+    ],
+    ids=lambda tasks: json.dumps(tasks)[:60],
+)
+async def test_a_batch_answers_alike(pair: Pair, tasks: list[Any]) -> None:
+    response = await pair.both("POST", "/tasks/batch", json={"tasks": tasks}, headers=AUTH)
+    if response.status_code == 201:
+        # Ids differ between the two apps' tasks; their number and order must not.
+        assert len(response.json()["ids"]) == len(tasks)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"tasks": [{"type": "baz", "execute_at": NaN}]}', b'{"tasks": [], "x": 1}', b"[]", b"{"],
+)
+async def test_a_refused_batch_answers_alike(pair: Pair, body: bytes) -> None:
+    response = await pair.both("POST", "/tasks/batch", content=body, headers=AUTH)
+    assert response.status_code in (400, 422)
