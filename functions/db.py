@@ -27,9 +27,9 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection
@@ -41,6 +41,8 @@ from functions.settings import Settings
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+In = TypeVar("In")
+Out = TypeVar("Out")
 
 # A connection idle this long is checked before use: it may have died with a database
 # restart, a failover, or while its Lambda container was frozen. Checking every checkout
@@ -85,6 +87,79 @@ def connect_kwargs(settings: Settings, application_name: str = "taskrunner") -> 
         # count over a large table, a plan with a disabled node; see queries.PINNED_PLAN).
         kwargs["options"] = f"-c statement_timeout={timeout_ms} -c jit=off"
     return kwargs
+
+
+class Coalescer(Generic[In, Out]):
+    """Concurrent calls of one statement, sent as one statement while the database is busy.
+
+    At most `max_inflight` statements run at once. A call made while they all run waits for
+    the next one, which takes every call that came meanwhile (at most `max_size`): under
+    load, N creates cost one round trip and one commit instead of N. A call made while a
+    place is free runs at once, alone: nothing waits for company.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[In]], Awaitable[list[Out]]],
+        *,
+        max_inflight: int,
+        max_size: int,
+    ) -> None:
+        self._run = run
+        self._max_inflight = max_inflight
+        self._max_size = max_size
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inflight = 0
+        self._waiting: list[tuple[In, asyncio.Future[Out]]] = []
+        self._batches: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, item: In) -> Out:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # A new loop (a Lambda container's next one): what the old one held is gone.
+            self._loop, self._inflight, self._waiting = loop, 0, []
+        if self._inflight < self._max_inflight and not self._waiting:
+            self._inflight += 1
+            try:
+                [out] = await self._run([item])
+                return out
+            finally:
+                self._inflight -= 1
+                self._next()
+        future: asyncio.Future[Out] = loop.create_future()
+        self._waiting.append((item, future))
+        return await future
+
+    def _next(self) -> None:
+        """Send the calls waiting, if a place is free."""
+        if not self._waiting or self._inflight >= self._max_inflight:
+            return
+        batch = self._waiting[: self._max_size]
+        del self._waiting[: self._max_size]
+        self._inflight += 1
+        # A task of its own: the call that freed the place has its answer and goes on.
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _send(self, batch: list[tuple[In, asyncio.Future[Out]]]) -> None:
+        try:
+            outs = await self._run([item for item, _ in batch])
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
+            for (_, future), out in zip(batch, outs, strict=True):
+                if not future.done():
+                    future.set_result(out)
+        finally:
+            self._inflight -= 1
+            self._next()
 
 
 class StatementTimeout(DatabaseUnavailable):

@@ -60,6 +60,28 @@ WITH inserted AS (
 SELECT {TASK_COLUMNS} FROM inserted CROSS JOIN notified
 """
 
+# Creates of one task each, made at once by concurrent requests, in one statement
+# (Store.insert_task): their rows, in the order given (see INSERT_TASKS on ids).
+INSERT_TASK_MANY = f"""
+WITH new AS (
+    SELECT kind, n, max_attempts,
+        timestamptz 'epoch' + make_interval(secs => at_us / 1000000)
+            + make_interval(secs => mod(at_us, 1000000) / 1e6) AS at
+    FROM ROWS FROM (
+        json_to_recordset(CAST(%(tasks)s AS json)) AS (kind text, at_us bigint, max_attempts int)
+    ) WITH ORDINALITY AS new(kind, at_us, max_attempts, n)
+), inserted AS (
+    INSERT INTO tasks (kind, execute_at, max_attempts)
+    SELECT kind, at, max_attempts FROM new
+    ORDER BY n
+    RETURNING *
+), notified AS (
+    SELECT {_NOTIFY_IF_SOON} FROM inserted
+)
+SELECT {TASK_COLUMNS} FROM inserted CROSS JOIN notified
+ORDER BY id
+"""
+
 # Many tasks in one statement (all or none). The batch travels as one JSON parameter (see
 # FINISH_MANY); times as whole microseconds since the Unix epoch, exact at both ends of the
 # range (a float is 30 us coarse near year 9999) and cheaper to make than 10,000 ISO
@@ -146,6 +168,8 @@ FROM tasks WHERE idempotency_key = ANY(CAST(%(keys)s AS text[]))
 """
 
 GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = %(id)s"
+# Reads of one task each, made at once by concurrent requests (Store.get_task).
+GET_TASK_MANY = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY(%(ids)s)"
 
 # `list_tasks` appends `AND state = '...'` / `AND kind = %(kind)s` as asked: a fixed
 # "(%(state)s IS NULL OR ...)" form would get one generic plan for every filter.

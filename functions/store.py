@@ -21,7 +21,7 @@ from psycopg.rows import RowFactory, namedtuple_row, tuple_row
 from pydantic_core import to_json
 
 from functions import queries
-from functions.db import Database, connect_kwargs, first_line, libpq_url
+from functions.db import Coalescer, Database, connect_kwargs, first_line, libpq_url
 from functions.errors import DatabaseUnavailable, IdempotencyKeyReused, SchemaOutdated
 from functions.settings import Settings
 from functions.stats import Activity
@@ -164,8 +164,18 @@ class Store:
     # so it never runs into the statement timeout however many tasks there are.
     DELETE_BATCH = 10_000
 
+    # Creates and reads of one task, the API's busiest statements: at most this many run
+    # at once, and calls made meanwhile share the next statement, at most COALESCE_MAX in
+    # one (db.Coalescer). Measured with 32 clients on one process: 2 in flight served
+    # about twice the creates per second of 10 (one per pooled connection), p99 lower.
+    COALESCE_INFLIGHT = 2
+    COALESCE_MAX = 100
+
     def __init__(self, database: Database) -> None:
         self.database = database
+        inflight, size = self.COALESCE_INFLIGHT, self.COALESCE_MAX
+        self._creates = Coalescer(self._insert_task_many, max_inflight=inflight, max_size=size)
+        self._reads = Coalescer(self._get_task_many, max_inflight=inflight, max_size=size)
 
     async def _all(
         self,
@@ -221,13 +231,24 @@ class Store:
     # --- tasks, for the API --------------------------------------------------------------
 
     async def insert_task(self, new: NewTask, max_attempts: int) -> Task:
-        rows = await self._all(
-            queries.INSERT_TASK,
-            kind=new.kind,
-            execute_at=new.execute_at,
-            max_attempts=max_attempts,
-        )
-        return _task(rows[0])
+        return await self._creates((new, max_attempts))
+
+    async def _insert_task_many(self, new: list[tuple[NewTask, int]]) -> list[Task]:
+        if len(new) == 1:
+            [(one, max_attempts)] = new
+            rows = await self._all(
+                queries.INSERT_TASK,
+                kind=one.kind,
+                execute_at=one.execute_at,
+                max_attempts=max_attempts,
+            )
+            return [_task(rows[0])]
+        payload = [
+            {"kind": n.kind, "at_us": (n.execute_at - _EPOCH) // _MICROSECOND, "max_attempts": m}
+            for n, m in new
+        ]
+        rows = await self._all(queries.INSERT_TASK_MANY, tasks=to_json(payload).decode())
+        return [_task(row) for row in rows]
 
     async def insert_task_keyed(self, new: NewTask, max_attempts: int) -> tuple[Task, bool]:
         """Insert `new` unless a task holds its key; return the task, and whether it is new.
@@ -330,8 +351,14 @@ class Store:
         return ids
 
     async def get_task(self, task_id: int) -> Task | None:
-        rows = await self._all(queries.GET_TASK, id=task_id)
-        return _task(rows[0]) if rows else None
+        return await self._reads(task_id)
+
+    async def _get_task_many(self, ids: list[int]) -> list[Task | None]:
+        if len(ids) == 1:
+            rows = await self._all(queries.GET_TASK, id=ids[0])
+            return [_task(rows[0]) if rows else None]
+        found = {row.id: _task(row) for row in await self._all(queries.GET_TASK_MANY, ids=ids)}
+        return [found.get(task_id) for task_id in ids]
 
     async def list_tasks(
         self, *, states: Sequence[TaskState], kind: str | None, after_id: int, limit: int

@@ -5,9 +5,11 @@ same API without the hot path (every request through FastAPI). Their answers mus
 byte for byte, but for what differs between two tasks (id, created_at, Location).
 """
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -268,3 +270,43 @@ async def test_a_batch_answers_alike(pair: Pair, tasks: list[Any]) -> None:
 async def test_a_refused_batch_answers_alike(pair: Pair, body: bytes) -> None:
     response = await pair.both("POST", "/tasks/batch", content=body, headers=AUTH)
     assert response.status_code in (400, 422)
+
+
+async def test_concurrent_creates_and_reads_share_statements_and_get_their_own_answers(
+    settings: Settings,
+) -> None:
+    store = Store(Database(settings))
+    statements: list[str] = []
+    run = store._all
+
+    async def counted(sql: str, *args: Any, **kwargs: Any) -> list[Any]:
+        statements.append(sql)
+        return await run(sql, *args, **kwargs)
+
+    store._all = counted  # type: ignore[method-assign]
+    kinds = ("foo", "bar", "baz")
+    sent = [{"type": kinds[i % 3], "execute_at": 1893499200 + i / 1e6} for i in range(60)]
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=build_app(settings, store=store)),
+            base_url="http://test",
+        ) as client:
+            created = await asyncio.gather(*(client.post("/tasks", json=body) for body in sent))
+            creates = len(statements)
+            ids = [response.json()["id"] for response in created]
+            missing = [max(ids) + 1000 + i for i in range(5)]
+            shown = await asyncio.gather(*(client.get(f"/tasks/{i}") for i in ids + missing))
+    finally:
+        await store.database.dispose()
+    assert [r.status_code for r in created] == [201] * 60
+    assert len(set(ids)) == 60
+    for i, (body, response) in enumerate(zip(sent, created, strict=True)):
+        task = response.json()
+        assert task["type"] == body["type"]
+        at = datetime.fromisoformat(task["execute_at"].replace("Z", "+00:00"))
+        assert at == datetime(2030, 1, 1, 12, tzinfo=UTC) + timedelta(microseconds=i)
+        assert response.headers["location"] == f"/tasks/{task['id']}"
+    assert creates < 60  # they shared statements
+    assert len(statements) - creates < 65
+    assert [r.json() for r in shown[:60]] == [r.json() for r in created]
+    assert [r.status_code for r in shown[60:]] == [404] * 5

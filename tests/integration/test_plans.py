@@ -206,3 +206,17 @@ def test_stats_count_through_the_indexes_after_a_drain(
                 f"{name} reads the whole table"
             )
             assert node["Node Type"] not in ("Gather", "Gather Merge"), f"{name} goes parallel"
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["custom plan", "generic plan"])
+def test_reads_of_many_tasks_at_once_find_them_by_key(
+    postgresql: psycopg.Connection[Any], sql: Sql, loaded: str, generic: bool
+) -> None:
+    """GET_TASK_MANY, which concurrent reads share (Store.get_task), run as the store runs
+    it: no pinned settings."""
+    ids = [i for (i,) in sql("SELECT id FROM tasks ORDER BY id DESC LIMIT %s", Store.COALESCE_MAX)]
+    postgresql.autocommit = False
+    plan = explain(postgresql, queries.GET_TASK_MANY, {"ids": ids}, generic)
+    for node in nodes(plan):
+        assert node["Node Type"] != "Seq Scan", f"GET_TASK_MANY ({loaded}) scans the table"
+    assert plan["Actual Rows"] == len(ids)
