@@ -1,6 +1,7 @@
 """The HTTP API: routes that parse requests, call the domain, and shape responses.
 
-Domain errors become status codes here and nowhere else.
+Domain errors become status codes in `answers.status_of`, for these routes and the hot path
+(`hotpath`), which serves the busiest requests before they reach FastAPI.
 """
 
 import hmac
