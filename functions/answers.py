@@ -55,17 +55,26 @@ def status_of(exc: TaskrunnerError, path: str) -> tuple[int, str, dict[str, str]
     return 500, "internal error", {}
 
 
-async def send_json(
-    send: Send, status: int, body: bytes, headers: dict[str, str] | None = None
-) -> None:
-    """Answer `body` (JSON) with `status`: the headers a Starlette JSON response has, in
-    its order (given ones, then content-length and content-type)."""
+def json_answer(
+    status: int, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The two ASGI messages answering `body` (JSON) with `status`: the headers a Starlette
+    JSON response has, in its order (given ones, then content-length and content-type).
+    Made before anything is sent, so a header that cannot be encoded fails here."""
     raw = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in
            (headers or {}).items()]  # fmt: skip
     raw.append((b"content-length", str(len(body)).encode()))
     raw.append((b"content-type", b"application/json"))
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+    start = {"type": "http.response.start", "status": status, "headers": raw}
+    return start, {"type": "http.response.body", "body": body}
+
+
+async def send_json(
+    send: Send, status: int, body: bytes, headers: dict[str, str] | None = None
+) -> None:
+    """Answer `body` (JSON) with `status` (see `json_answer`)."""
+    for message in json_answer(status, body, headers):
+        await send(message)
 
 
 async def send_detail(

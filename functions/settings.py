@@ -195,9 +195,12 @@ class Settings(BaseModel):
     def _check_base_path(cls, value: str) -> str:
         """Normalise to "" or "/a/b": one leading slash, no trailing one."""
         path = value.strip().strip("/")
-        if any(c in path for c in "?#% ") or "//" in path:
+        # Printable ASCII: what a URL's path holds as it is, and a Location header can carry.
+        plain = all("!" <= c <= "~" for c in path)
+        if not plain or any(c in path for c in "?#%") or "//" in path:
             raise PydanticCustomError(
-                "base_path", "must be a plain path such as /prod (no ?, #, %, spaces or //)"
+                "base_path",
+                "must be a plain path such as /prod (printable ASCII; no ?, #, %, spaces or //)",
             )
         return f"/{path}" if path else ""
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
 import re
 import time
 from collections.abc import Sequence
@@ -218,7 +217,9 @@ DATE_TIME_PATTERN = (
 
 
 def _from_unix_s(value: float) -> datetime:
-    if not math.isfinite(value) or not 0 <= value < END_UNIX_S:
+    # (NaN and infinities fail the comparison; math.isfinite would raise on an integer of
+    # over 308 digits.)
+    if not 0 <= value < END_UNIX_S:
         raise ValueError(
             f"execute_at {excerpt(value)} is not a Unix time from 0 up to (not including)"
             f" {END_UNIX_S} (1970 to the end of 9999)"

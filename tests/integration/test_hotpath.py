@@ -116,6 +116,7 @@ async def test_creating_a_task_answers_alike(pair: Pair) -> None:
         (b'{"type": "baz", "execute_at": NaN}', AUTH),
         (b'{"type": "baz", "execute_at": 1e400}', AUTH),
         (b"[" * 100_000, AUTH),
+        (b'{"type": "baz", "execute_at": 1' + b"0" * 400 + b"}", AUTH),  # no float holds it
         (b'{"type": "baz", "execute_at": 1' + b"0" * 5000 + b"}", AUTH),
         (b'{"type": "baz", "execute_at": 1893499200}', {**AUTH, "content-type": "text/plain"}),
         (b'{"type": "baz", "execute_at": 1893499200}', {**AUTH, "idempotency-key": "a b"}),
@@ -127,6 +128,39 @@ async def test_a_refused_create_answers_alike(
 ) -> None:
     response = await pair.both("POST", "/tasks", content=body, headers=headers)
     assert response.status_code in (400, 401, 415, 422)
+
+
+async def test_a_body_nested_past_200_levels_is_the_fastapi_apps_to_read(
+    settings: Settings,
+) -> None:
+    """json.loads' nesting limit is counted on the caller's stack (deeper in FastAPI's
+    route than in the hot path): a body nested near it, whose deep value a later duplicate
+    key drops, was created by the hot path where FastAPI refused it (400). The hot path
+    reads at most 200 levels, whatever the stack; deeper bodies go on to the FastAPI app."""
+    passed_on: list[int] = []
+
+    async def fastapi(scope: Any, receive: Any, send: Any) -> None:
+        passed_on.append(len((await receive())["body"]))
+        await send({"type": "http.response.start", "status": 418, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    store = Store(Database(settings))
+    bodies = {
+        depth: b'{"type": ' + b"[" * depth + b"]" * depth + b', "type": "foo", "execute_at": 0}'
+        for depth in (200, 201, 965, 5_000)
+    }
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=HotPath(fastapi, settings, store)),
+            base_url="http://test",
+        ) as client:
+            answers = {
+                d: (await client.post("/tasks", content=b)).status_code for d, b in bodies.items()
+            }
+    finally:
+        await store.database.dispose()
+    assert answers == {200: 201, 201: 418, 965: 418, 5_000: 418}
+    assert passed_on == [len(bodies[d]) for d in (201, 965, 5_000)]
 
 
 async def test_idempotent_creates_answer_alike(pair: Pair) -> None:
@@ -244,6 +278,7 @@ async def test_a_batch_stores_each_time_as_one_create_does(pair: Pair) -> None:
         [],
         [{"type": "baz", "execute_at": 253402300800}],
         [{"type": "baz", "execute_at": -1}],
+        [{"type": "baz", "execute_at": 10**400}],
         [{"type": "baz", "execute_at": True}],
         [{"type": "baz", "execute_at": None}],
         [{"type": "baz", "execute_at": "2030-01-01T12:00:00"}],
@@ -310,3 +345,23 @@ async def test_concurrent_creates_and_reads_share_statements_and_get_their_own_a
     assert len(statements) - creates < 65
     assert [r.json() for r in shown[:60]] == [r.json() for r in created]
     assert [r.status_code for r in shown[60:]] == [404] * 5
+
+
+async def test_an_answer_that_cannot_be_sent_is_a_500_in_json(settings: Settings) -> None:
+    """Its messages are made before the first is sent: a header that cannot be encoded
+    leaves room to answer 500 as the FastAPI app does."""
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def work() -> tuple[int, bytes, dict[str, str]]:
+        return 201, b"{}", {"Location": "/\u751f/tasks/1"}
+
+    hot = HotPath(
+        _fastapi_only(settings, Store(Database(settings))), settings, Store(Database(settings))
+    )
+    await hot._answer({"path": "/tasks"}, send, work())
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 500
+    assert json.loads(sent[1]["body"]) == {"detail": "internal error"}

@@ -415,3 +415,15 @@ print(json.dumps([before, "fastapi" in sys.modules]))
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.splitlines()[-1]) == [[], True]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_time_no_float_can_hold_is_a_422_in_json(lambda_env: None, version: str) -> None:
+    """An integer of 400 digits overflowed a float check: a 500, and on Lambda (where the
+    hot path sits outside FastAPI) Mangum's plain-text one."""
+    event = api_event(version, "create")
+    event["body"] = '{"type": "foo", "execute_at": 1' + "0" * 400 + "}"
+    response = functions.api.handler(event, FakeContext())
+    assert response["statusCode"] == 422, response
+    assert header(response, "content-type") == "application/json"
+    assert "not a Unix time" in body(response)["detail"][0]["msg"]

@@ -103,3 +103,11 @@ def test_a_late_retry_of_a_long_budget_waits_the_cap() -> None:
         300.0,
         300.0,
     ]
+
+
+@pytest.mark.parametrize("path", ["/生产", "/pr\u00e9d", "/a\tb", "/a b", "/a?b", "/a%20b", "a//b"])
+def test_a_base_path_must_be_plain_printable_ascii(path: str) -> None:
+    """What a URL's path holds as it is: the API writes it into Location headers, which
+    carry no other characters (a non-ASCII one failed every create with a 500)."""
+    with pytest.raises(ValidationError, match="printable ASCII"):
+        Settings(base_path=path)
