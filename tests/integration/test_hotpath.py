@@ -358,9 +358,10 @@ async def test_an_answer_that_cannot_be_sent_is_a_500_in_json(settings: Settings
     async def work() -> tuple[int, bytes, dict[str, str]]:
         return 201, b"{}", {"Location": "/\u751f/tasks/1"}
 
-    hot = HotPath(
-        _fastapi_only(settings, Store(Database(settings))), settings, Store(Database(settings))
-    )
+    async def unused(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("not passed on")
+
+    hot = HotPath(unused, settings, Store(Database(settings)))
     await hot._answer({"path": "/tasks"}, send, work())
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     assert sent[0]["status"] == 500
