@@ -96,21 +96,29 @@ class Coalescer(Generic[In, Out]):
     the next one, which takes every call that came meanwhile (at most `max_size`): under
     load, N creates cost one round trip and one commit instead of N. A call made while a
     place is free runs at once, alone: nothing waits for company.
+
+    The wait is bounded as a wait for a pooled connection is: a call still waiting after
+    `max_wait_s` gives up (DatabaseUnavailable), and a statement gets what is left of its
+    oldest call's `max_wait_s` to find a connection (`run(items, wait_s)`). So a request
+    ends within the same bounds as one that never waited here, a frozen database included.
     """
 
     def __init__(
         self,
-        run: Callable[[list[In]], Awaitable[list[Out]]],
+        run: Callable[[list[In], float | None], Awaitable[list[Out]]],
         *,
         max_inflight: int,
         max_size: int,
+        max_wait_s: float,
     ) -> None:
         self._run = run
         self._max_inflight = max_inflight
         self._max_size = max_size
+        self._max_wait_s = max_wait_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight = 0
-        self._waiting: list[tuple[In, asyncio.Future[Out]]] = []
+        # (item, its answer, the loop time by which its statement must have a connection)
+        self._waiting: list[tuple[In, asyncio.Future[Out], float]] = []
         self._batches: set[asyncio.Task[None]] = set()
 
     async def __call__(self, item: In) -> Out:
@@ -121,14 +129,31 @@ class Coalescer(Generic[In, Out]):
         if self._inflight < self._max_inflight and not self._waiting:
             self._inflight += 1
             try:
-                [out] = await self._run([item])
+                [out] = await self._run([item], None)
                 return out
             finally:
                 self._inflight -= 1
                 self._next()
         future: asyncio.Future[Out] = loop.create_future()
-        self._waiting.append((item, future))
-        return await future
+        entry = (item, future, loop.time() + self._max_wait_s)
+        self._waiting.append(entry)
+        # Only a call still waiting gives up; one in a statement is bounded there.
+        timer = loop.call_at(entry[2], self._give_up, entry)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+            if entry in self._waiting:  # cancelled while waiting: not sent
+                self._waiting.remove(entry)
+
+    def _give_up(self, entry: tuple[In, asyncio.Future[Out], float]) -> None:
+        if entry in self._waiting:
+            self._waiting.remove(entry)
+            entry[1].set_exception(
+                DatabaseUnavailable(
+                    f"database unavailable: no statement could start within {self._max_wait_s}s"
+                )
+            )
 
     def _next(self) -> None:
         """Send the calls waiting, if a place is free."""
@@ -142,19 +167,20 @@ class Coalescer(Generic[In, Out]):
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
 
-    async def _send(self, batch: list[tuple[In, asyncio.Future[Out]]]) -> None:
+    async def _send(self, batch: list[tuple[In, asyncio.Future[Out], float]]) -> None:
+        wait_s = max(_PAST_DEADLINE_S, batch[0][2] - asyncio.get_running_loop().time())
         try:
-            outs = await self._run([item for item, _ in batch])
+            outs = await self._run([item for item, _, _ in batch], wait_s)
         except asyncio.CancelledError:
-            for _, future in batch:
+            for _, future, _ in batch:
                 future.cancel()
             raise
         except Exception as exc:
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
         else:
-            for (_, future), out in zip(batch, outs, strict=True):
+            for (_, future, _), out in zip(batch, outs, strict=True):
                 if not future.done():
                     future.set_result(out)
         finally:
@@ -331,11 +357,12 @@ class Database:
         return self._pool
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[AsyncConnection[Any]]:
-        """A connection for one statement or a few; driver errors become domain errors."""
+    async def connection(self, wait_s: float | None = None) -> AsyncIterator[AsyncConnection[Any]]:
+        """A connection for one statement or a few, within `wait_s` at most (and within
+        the connect timeout); driver errors become domain errors."""
         pool = self._current_pool()
         try:
-            conn = await pool.acquire(self._time_left_s(math.inf))
+            conn = await pool.acquire(self._time_left_s(math.inf if wait_s is None else wait_s))
             try:
                 yield conn
             finally:

@@ -174,9 +174,14 @@ class Store:
 
     def __init__(self, database: Database) -> None:
         self.database = database
-        inflight, size = self.COALESCE_INFLIGHT, self.COALESCE_MAX
-        self._creates = Coalescer(self._insert_task_many, max_inflight=inflight, max_size=size)
-        self._reads = Coalescer(self._get_task_many, max_inflight=inflight, max_size=size)
+        # A call waits for its statement at most as long as for a pooled connection.
+        bounds: dict[str, Any] = {
+            "max_inflight": self.COALESCE_INFLIGHT,
+            "max_size": self.COALESCE_MAX,
+            "max_wait_s": database.settings.db_connect_timeout_s,
+        }
+        self._creates = Coalescer(self._insert_task_many, **bounds)
+        self._reads = Coalescer(self._get_task_many, **bounds)
 
     async def _all(
         self,
@@ -184,9 +189,10 @@ class Store:
         row_factory: RowFactory[Any] = namedtuple_row,
         *,
         timeout_s: float | None = None,
+        wait_s: float | None = None,
         **params: Any,
     ) -> list[Any]:
-        async with self.database.connection() as conn:
+        async with self.database.connection(wait_s) as conn:
             cursor = conn.cursor(row_factory=row_factory)
             await self.database.bounded(conn, cursor.execute(sql, params), timeout_s)
             return await cursor.fetchall() if cursor.description else []
@@ -234,11 +240,14 @@ class Store:
     async def insert_task(self, new: NewTask, max_attempts: int) -> Task:
         return await self._creates((new, max_attempts))
 
-    async def _insert_task_many(self, new: list[tuple[NewTask, int]]) -> list[Task]:
+    async def _insert_task_many(
+        self, new: list[tuple[NewTask, int]], wait_s: float | None
+    ) -> list[Task]:
         if len(new) == 1:
             [(one, max_attempts)] = new
             rows = await self._all(
                 queries.INSERT_TASK,
+                wait_s=wait_s,
                 kind=one.kind,
                 execute_at=one.execute_at,
                 max_attempts=max_attempts,
@@ -248,7 +257,9 @@ class Store:
             {"kind": n.kind, "at_us": (n.execute_at - _EPOCH) // _MICROSECOND, "max_attempts": m}
             for n, m in new
         ]
-        rows = await self._all(queries.INSERT_TASK_MANY, tasks=to_json(payload).decode())
+        rows = await self._all(
+            queries.INSERT_TASK_MANY, wait_s=wait_s, tasks=to_json(payload).decode()
+        )
         return [_task(row) for row in rows]
 
     async def insert_task_keyed(self, new: NewTask, max_attempts: int) -> tuple[Task, bool]:
@@ -354,11 +365,12 @@ class Store:
     async def get_task(self, task_id: int) -> Task | None:
         return await self._reads(task_id)
 
-    async def _get_task_many(self, ids: list[int]) -> list[Task | None]:
+    async def _get_task_many(self, ids: list[int], wait_s: float | None) -> list[Task | None]:
         if len(ids) == 1:
-            rows = await self._all(queries.GET_TASK, id=ids[0])
+            rows = await self._all(queries.GET_TASK, wait_s=wait_s, id=ids[0])
             return [_task(rows[0]) if rows else None]
-        found = {row.id: _task(row) for row in await self._all(queries.GET_TASK_MANY, ids=ids)}
+        rows = await self._all(queries.GET_TASK_MANY, wait_s=wait_s, ids=ids)
+        found = {row.id: _task(row) for row in rows}
         return [found.get(task_id) for task_id in ids]
 
     async def list_tasks(

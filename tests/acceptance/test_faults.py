@@ -267,7 +267,8 @@ def test_a_frozen_database_gets_503s_not_hangs_and_workers_come_back(
                         response.headers.get("retry-after"),
                     )
 
-                paths = ["/healthz"] * 20 + ["/tasks?limit=1000"] * 20
+                # (/tasks/1: the hot path, where reads made at once share a statement.)
+                paths = ["/healthz"] * 20 + ["/tasks?limit=1000"] * 20 + ["/tasks/1"] * 20
                 return await asyncio.gather(*(one(p) for p in paths))
 
         answers = asyncio.run(twenty())

@@ -6,6 +6,7 @@ import asyncio
 import pytest
 
 from functions.db import Coalescer
+from functions.errors import DatabaseUnavailable
 
 
 class Statements:
@@ -13,11 +14,13 @@ class Statements:
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
+        self.waits: list[float | None] = []
         self.gate = asyncio.Event()
         self.fail = False
 
-    async def run(self, items: list[int]) -> list[int]:
+    async def run(self, items: list[int], wait_s: float | None) -> list[int]:
         self.batches.append(items)
+        self.waits.append(wait_s)
         await self.gate.wait()
         if self.fail:
             raise RuntimeError("refused")
@@ -26,7 +29,7 @@ class Statements:
 
 async def test_a_call_alone_runs_at_once_and_later_ones_share_the_next_statement() -> None:
     statements = Statements()
-    coalesce = Coalescer(statements.run, max_inflight=1, max_size=100)
+    coalesce = Coalescer(statements.run, max_inflight=1, max_size=100, max_wait_s=5)
     calls = [asyncio.create_task(coalesce(i)) for i in range(10)]
     await asyncio.sleep(0.01)
     assert statements.batches == [[0]]  # the others wait for a place
@@ -37,7 +40,7 @@ async def test_a_call_alone_runs_at_once_and_later_ones_share_the_next_statement
 
 async def test_a_statement_takes_at_most_max_size_calls() -> None:
     statements = Statements()
-    coalesce = Coalescer(statements.run, max_inflight=2, max_size=3)
+    coalesce = Coalescer(statements.run, max_inflight=2, max_size=3, max_wait_s=5)
     calls = [asyncio.create_task(coalesce(i)) for i in range(10)]
     await asyncio.sleep(0.01)
     statements.gate.set()
@@ -49,7 +52,7 @@ async def test_a_statement_takes_at_most_max_size_calls() -> None:
 async def test_each_call_of_a_failed_statement_gets_its_error() -> None:
     statements = Statements()
     statements.fail = True
-    coalesce = Coalescer(statements.run, max_inflight=1, max_size=100)
+    coalesce = Coalescer(statements.run, max_inflight=1, max_size=100, max_wait_s=5)
     calls = [asyncio.create_task(coalesce(i)) for i in range(4)]
     await asyncio.sleep(0.01)
     statements.gate.set()
@@ -62,7 +65,7 @@ async def test_each_call_of_a_failed_statement_gets_its_error() -> None:
 
 async def test_a_caller_that_gives_up_leaves_the_others_their_answers() -> None:
     statements = Statements()
-    coalesce = Coalescer(statements.run, max_inflight=1, max_size=100)
+    coalesce = Coalescer(statements.run, max_inflight=1, max_size=100, max_wait_s=5)
     first = asyncio.create_task(coalesce(0))
     await asyncio.sleep(0)
     waiting = [asyncio.create_task(coalesce(i)) for i in range(1, 4)]
@@ -79,7 +82,7 @@ def test_a_new_event_loop_starts_afresh() -> None:
     """A Lambda container runs each invocation on a loop that may be new: nothing the old
     loop held (here, a place taken by a call that loop never finished) carries over."""
     statements = Statements()
-    coalesce = Coalescer(statements.run, max_inflight=1, max_size=100)
+    coalesce = Coalescer(statements.run, max_inflight=1, max_size=100, max_wait_s=5)
     old = asyncio.new_event_loop()
     held = old.create_task(coalesce(1))  # takes the only place, and waits on the gate
     old.run_until_complete(asyncio.sleep(0.01))
@@ -92,3 +95,33 @@ def test_a_new_event_loop_starts_afresh() -> None:
 
     assert asyncio.run(again()) == 10
     assert not held.done()
+
+
+async def test_a_call_waits_no_longer_than_for_a_pooled_connection() -> None:
+    """A frozen database holds the statements in flight: the calls behind them give up
+    after `max_wait_s` (a 503), as they would waiting for a connection, and are not sent."""
+    statements = Statements()
+    coalesce = Coalescer(statements.run, max_inflight=1, max_size=100, max_wait_s=0.2)
+    first = asyncio.create_task(coalesce(0))
+    await asyncio.sleep(0)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(DatabaseUnavailable, match=r"within 0\.2s"):
+        await coalesce(1)
+    assert 0.19 < asyncio.get_running_loop().time() - started < 1
+    statements.gate.set()
+    assert await first == 0
+    assert statements.batches == [[0]]
+
+
+async def test_a_statement_gets_what_is_left_of_its_oldest_calls_wait() -> None:
+    statements = Statements()
+    coalesce = Coalescer(statements.run, max_inflight=1, max_size=100, max_wait_s=1.0)
+    first = asyncio.create_task(coalesce(0))
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(coalesce(i)) for i in (1, 2)]
+    await asyncio.sleep(0.3)
+    statements.gate.set()
+    assert [await t for t in (first, *waiting)] == [0, 2, 4]
+    assert statements.waits[0] is None  # alone: the usual bound
+    wait_s = statements.waits[1]
+    assert wait_s is not None and 0.5 < wait_s < 0.71
