@@ -4,8 +4,8 @@ routing and dependency machinery.
 Under load (wrk, 32 connections, one process) FastAPI's routing, dependency solving, and
 its exception and exit-stack middleware were ~40% of the CPU of a `POST /tasks` or a
 `GET /tasks/{id}`. A request is served here only when it is plainly well formed: the
-method and path of one of the two routes, the token right when one is set, a JSON body
-that `TaskIn` accepts, at most one valid `Idempotency-Key`. Anything else, every refusal in
+method and path of one of these routes, the token right when one is set, a JSON body that
+`TaskIn` (or, for a batch, `tasks.read_batch`) accepts, at most one valid `Idempotency-Key`. Anything else, every refusal in
 particular, goes on to the FastAPI app (`app`) and is answered there as before: the two
 cannot disagree about a 4xx, and the OpenAPI document stays FastAPI's. A success, and a
 domain error once the request was read (404, 409, 503), is answered with the same bytes
@@ -51,8 +51,8 @@ def _key_ok(key: bytes) -> bool:
 
 
 class HotPath:
-    """ASGI middleware: serve `POST /tasks` and `GET`/`HEAD /tasks/{id}` when they are
-    plainly well formed; pass everything else to `app`."""
+    """ASGI middleware: serve `POST /tasks`, `POST /tasks/batch` and `GET`/`HEAD
+    /tasks/{id}` when they are plainly well formed; pass everything else to `app`."""
 
     def __init__(self, app: ASGIApp, settings: Settings, store: Store) -> None:
         self.app = app
