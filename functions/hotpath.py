@@ -5,11 +5,12 @@ Under load (wrk, 32 connections, one process) FastAPI's routing, dependency solv
 its exception and exit-stack middleware were ~40% of the CPU of a `POST /tasks` or a
 `GET /tasks/{id}`. A request is served here only when it is plainly well formed: the
 method and path of one of these routes, the token right when one is set, a JSON body that
-`TaskIn` (or, for a batch, `tasks.read_batch`) accepts, at most one valid `Idempotency-Key`. Anything else, every refusal in
-particular, goes on to the FastAPI app (`app`) and is answered there as before: the two
-cannot disagree about a 4xx, and the OpenAPI document stays FastAPI's. A success, and a
-domain error once the request was read (404, 409, 503), is answered with the same bytes
-the FastAPI routes send (`bodies.task_fields`, `answers.status_of`).
+`TaskIn` (or, for a batch, `tasks.read_batch`) accepts, at most one valid
+`Idempotency-Key`. Anything else, every refusal in particular, goes on to the FastAPI app
+(`app`) and is answered there as before: the two cannot disagree about a 4xx, and the
+OpenAPI document stays FastAPI's. A success, and a domain error once the request was read
+(404, 409, 503), is answered with the same bytes the FastAPI routes send
+(`bodies.task_fields`, `answers.status_of`).
 
 On Lambda the FastAPI app is built, and FastAPI imported, by the first request it is needed
 for (`Lazy`): a cold start that creates or reads a task does without ~0.5 s of imports.
