@@ -49,6 +49,12 @@ _NOTIFY_IF_SOON = f"""
     END
 """
 
+# A time sent as `at_us`, whole microseconds since the Unix epoch (bigint), as a
+# timestamptz: exact over the whole range, where a float of seconds is 30 us coarse near
+# year 9999. Whole seconds and the microseconds apart, so no step goes through a float.
+_AT_FROM_US = """timestamptz 'epoch' + make_interval(secs => at_us / 1000000)
+            + make_interval(secs => mod(at_us, 1000000) / 1e6)"""
+
 INSERT_TASK = f"""
 WITH inserted AS (
     INSERT INTO tasks (kind, execute_at, max_attempts)
@@ -65,8 +71,7 @@ SELECT {TASK_COLUMNS} FROM inserted CROSS JOIN notified
 INSERT_TASK_MANY = f"""
 WITH new AS (
     SELECT kind, n, max_attempts,
-        timestamptz 'epoch' + make_interval(secs => at_us / 1000000)
-            + make_interval(secs => mod(at_us, 1000000) / 1e6) AS at
+        {_AT_FROM_US} AS at
     FROM ROWS FROM (
         json_to_recordset(CAST(%(tasks)s AS json)) AS (kind text, at_us bigint, max_attempts int)
     ) WITH ORDINALITY AS new(kind, at_us, max_attempts, n)
@@ -83,15 +88,13 @@ ORDER BY id
 """
 
 # Many tasks in one statement (all or none). The batch travels as one JSON parameter (see
-# FINISH_MANY); times as whole microseconds since the Unix epoch, exact at both ends of the
-# range (a float is 30 us coarse near year 9999) and cheaper to make than 10,000 ISO
+# FINISH_MANY); times as whole microseconds (_AT_FROM_US), cheaper to make than 10,000 ISO
 # strings. Ids come from one identity sequence in row order, so sorting them restores the
 # order given.
 INSERT_TASKS = f"""
 WITH new AS (
     SELECT kind, n,
-        timestamptz 'epoch' + make_interval(secs => at_us / 1000000)
-            + make_interval(secs => mod(at_us, 1000000) / 1e6) AS at
+        {_AT_FROM_US} AS at
     FROM ROWS FROM (
         json_to_recordset(CAST(%(tasks)s AS json)) AS (kind text, at_us bigint)
     ) WITH ORDINALITY AS new(kind, at_us, n)
@@ -144,8 +147,7 @@ FROM tasks WHERE idempotency_key = %(key)s
 INSERT_TASKS_KEYED = f"""
 WITH new AS (
     SELECT kind, key, n,
-        timestamptz 'epoch' + make_interval(secs => at_us / 1000000)
-            + make_interval(secs => mod(at_us, 1000000) / 1e6) AS at
+        {_AT_FROM_US} AS at
     FROM ROWS FROM (
         json_to_recordset(CAST(%(tasks)s AS json)) AS (kind text, at_us bigint, key text)
     ) WITH ORDINALITY AS new(kind, at_us, key, n)
