@@ -1,4 +1,5 @@
-"""What the API answers for a domain error, and JSON answers sent as plain ASGI messages.
+"""What the API answers: a task's fields, the status of a domain error, and JSON answers
+sent as plain ASGI messages.
 
 Shared by the FastAPI app (`app`) and the routes served without it (`hotpath`, `asgi`), so
 an error reads the same whichever served the request. No FastAPI or Starlette here: the
@@ -10,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from functions.errors import (
     DatabaseUnavailable,
@@ -26,7 +28,70 @@ from functions.errors import (
     WrongState,
 )
 
+if TYPE_CHECKING:
+    from functions.tasks import Task
+
 logger = logging.getLogger("functions.app")
+
+
+def task_fields(task: Task) -> dict[str, Any]:
+    """A task as `bodies.TaskOut` shows it, without building one: the routes answer with
+    this, and the schema of TaskOut documents it (a unit test holds the two equal)."""
+    return {
+        "id": task.id,
+        "type": task.kind,
+        # The value, not the enum: pydantic-core wrote a page of 100 in 634 us with the
+        # StrEnum, 312 us with its str.
+        "state": task.state.value,
+        "execute_at": task.execute_at,
+        "next_attempt_at": task.next_attempt_at,
+        "created_at": task.created_at,
+        "started_at": task.started_at,
+        "finished_at": task.finished_at,
+        "attempts": task.attempts,
+        "max_attempts": task.max_attempts,
+        "output": task.output,
+        "error": task.error,
+        "idempotency_key": task.idempotency_key,
+    }
+
+
+def task_json(task: Task) -> bytes:
+    """`task_fields` as JSON, the bytes pydantic-core's `to_json` writes (the FastAPI routes
+    write with it; a unit test holds the two equal), by the json module: the hot path and a
+    Lambda cold start do without importing pydantic-core (~30 ms)."""
+    fields = task_fields(task)
+    for name in _TIMES:
+        when = fields[name]
+        if when is not None:
+            fields[name] = _datetime_text(when)
+    return _dumps(fields).encode()
+
+
+def ids_json(ids: list[int]) -> bytes:
+    """`{"ids": [...]}`, as `to_json` writes it."""
+    return _dumps({"ids": ids}).encode()
+
+
+_TIMES = ("execute_at", "next_attempt_at", "created_at", "started_at", "finished_at")
+# Compact, and characters as they are (UTF-8): what pydantic-core writes.
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _datetime_text(when: datetime) -> str:
+    """An aware datetime as pydantic-core writes it: "Z" for UTC, else the offset to the
+    minute."""
+    offset = when.utcoffset()
+    text = when.replace(tzinfo=None).isoformat()
+    if not offset:
+        return text + "Z"
+    minutes = int(offset.total_seconds()) // 60 if offset > _ZERO else -(-offset // _MINUTE)
+    sign = "+" if offset > _ZERO else "-"
+    return f"{text}{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+_ZERO = timedelta(0)
+_MINUTE = timedelta(minutes=1)
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 

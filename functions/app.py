@@ -19,7 +19,7 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from functions import monitoring, original, tasks
-from functions.answers import status_of
+from functions.answers import status_of, task_fields
 from functions.asgi import layers
 from functions.bodies import (
     KIND_SCHEMA,
@@ -33,7 +33,6 @@ from functions.bodies import (
     TaskOut,
     errors,
     links,
-    task_fields,
 )
 from functions.dashboard import add_dashboard
 from functions.db import Database

@@ -8,9 +8,10 @@ app in these on a cold start, before FastAPI is imported (`hotpath.Lazy`).
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from functions.answers import send_detail
@@ -72,13 +73,30 @@ BODY_GRACE_S = 10.0
 BODY_MIN_RATE = 64 * 1024
 
 
-class _BodyRefused(HTTPException):
-    """Raised from `receive` while the app reads the body; an HTTPException, so FastAPI's
-    own body reading lets it through to the app's error handler."""
+class _Refused(Exception):
+    """A body refused by BodyLimit: `_refusal` makes it."""
 
-    def __init__(self, status_code: int, detail: str) -> None:
-        # The rest of the body is never read: the connection cannot be reused.
-        super().__init__(status_code, detail, headers={"Connection": "close"})
+    status_code: int
+    detail: str
+    headers: Mapping[str, str] | None
+
+
+@functools.cache
+def _refusal_type() -> Callable[..., _Refused]:
+    """Raised from `receive` while the app reads the body; also Starlette's HTTPException, so
+    FastAPI's own body reading lets it through to the app's error handler. Made by the first
+    refusal: a Lambda cold start does without importing Starlette's exceptions (~15 ms)."""
+    from starlette.exceptions import HTTPException
+
+    class BodyRefused(_Refused, HTTPException):
+        pass
+
+    return BodyRefused
+
+
+def _refusal(status_code: int, detail: str) -> _Refused:
+    # The rest of the body is never read: the connection cannot be reused.
+    return _refusal_type()(status_code, detail, headers={"Connection": "close"})
 
 
 class BodyLimit:
@@ -102,11 +120,11 @@ class BodyLimit:
         self.grace_s = grace_s
         self.min_rate = min_rate
 
-    def too_large(self) -> _BodyRefused:
-        return _BodyRefused(413, f"the request body is over the limit of {self.max_bytes} bytes")
+    def too_large(self) -> _Refused:
+        return _refusal(413, f"the request body is over the limit of {self.max_bytes} bytes")
 
-    def too_slow(self) -> _BodyRefused:
-        return _BodyRefused(
+    def too_slow(self) -> _Refused:
+        return _refusal(
             408,
             "the request body did not arrive in time: send it at"
             f" {self.min_rate / 1024:.0f} KiB/s or faster",
@@ -122,7 +140,7 @@ class BodyLimit:
         if declared is not None:
             refused = None
             if not declared.strip().isascii() or not declared.strip().isdigit():
-                refused = _BodyRefused(400, "the Content-Length header is not a number")
+                refused = _refusal(400, "the Content-Length header is not a number")
             elif int(declared) > self.max_bytes:
                 refused = self.too_large()
             if refused is not None:
@@ -162,14 +180,14 @@ class BodyLimit:
 
         try:
             await self.app(scope, limited, tracked)
-        except _BodyRefused as refused:
+        except _Refused as refused:
             # Read by something other than FastAPI's routes (which answer it themselves).
             if response_started:
                 raise
             await _answer(refused, scope, receive, send)
 
 
-async def _answer(refused: HTTPException, scope: Scope, receive: Receive, send: Send) -> None:
+async def _answer(refused: _Refused, scope: Scope, receive: Receive, send: Send) -> None:
     await send_detail(send, refused.status_code, refused.detail, dict(refused.headers or {}))
 
 

@@ -17,9 +17,7 @@ import sys
 import time
 from typing import Any
 
-from pydantic import ValidationError
-
-from functions.settings import Settings, describe
+from functions.settings import Settings, SettingsError, describe
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -106,7 +104,7 @@ def handler_settings(action: str) -> Settings:
     """Read the settings and set up logging, for a Lambda handler; bad settings are logged."""
     try:
         settings = Settings()
-    except ValidationError as exc:
+    except SettingsError as exc:
         setup_logging(None)
         logging.getLogger(__name__).error("action=%s: bad configuration: %s", action, describe(exc))
         raise

@@ -10,7 +10,7 @@ from pydantic_core import to_json
 from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
-from functions.bodies import BIGINT_MAX
+from functions.tasks import BIGINT_MAX
 
 TaskId = Annotated[int, Path(ge=1, le=BIGINT_MAX)]
 _DIGITS = re.compile("[0-9]+")

@@ -94,6 +94,9 @@ MAX_EXECUTE_AT = datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
 # 9999 or earlier, to the microsecond, and every number from it up is refused, whether
 # written as an integer or not (JSON Schema's `exclusiveMaximum`, exactly).
 END_UNIX_S = 253_402_300_800
+# The most tasks one batch creates; the largest task id (PostgreSQL's bigint).
+MAX_BATCH = 10_000
+BIGINT_MAX = 2**63 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 # 1 to 255 printable ASCII characters, no space: what fits a header value unchanged (a
@@ -379,6 +382,11 @@ def read_batch(items: list[Any]) -> list[dict[str, Any]] | None:
                 return None
         append({"kind": kind, "at_us": us})
     return out
+
+
+def new_task(kind: str, at_us: int, idempotency_key: str | None = None) -> NewTask:
+    """A task read by `read_batch`, to create on its own."""
+    return NewTask(kind, _EPOCH + timedelta(microseconds=at_us), idempotency_key)
 
 
 async def create_batch(store: Store, items: list[dict[str, Any]], max_attempts: int) -> list[int]:

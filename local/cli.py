@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -11,11 +12,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-import pydantic
-
 from functions.errors import DatabaseUnavailable, TaskrunnerError
 from functions.logs import setup_logging
-from functions.settings import MAX_AGE_S, Settings, describe
+from functions.settings import MAX_AGE_S, Settings, SettingsError, describe
 
 logger = logging.getLogger("taskrunner")
 
@@ -30,7 +29,7 @@ def _resolve() -> tuple[Settings, bool]:
         return settings, False
     from local.embedded import start_embedded
 
-    return settings.model_copy(update={"database_url": start_embedded()}), True
+    return dataclasses.replace(settings, database_url=start_embedded()), True
 
 
 def _settings(*, migrate: bool, wait: bool = False) -> Settings:
@@ -262,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _stopped_while_starting)
     try:
         log_settings: Settings | None = Settings()
-    except pydantic.ValidationError:
+    except SettingsError:
         log_settings = None  # the command reads them again and says what is wrong
     setup_logging(log_settings, level=args.log_level.upper())
     try:
@@ -270,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except TaskrunnerError as exc:
         logger.error("%s", exc)
         sys.exit(1)
-    except pydantic.ValidationError as exc:
+    except SettingsError as exc:
         logger.error("bad configuration: %s", describe(exc))
         sys.exit(2)
     except KeyboardInterrupt:

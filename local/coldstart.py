@@ -1,9 +1,13 @@
-"""A Lambda cold start, measured in a fresh process: `python -m local.coldstart api|tick`.
+"""A Lambda cold start, measured in a fresh process: `python -m local.coldstart
+api|tick|floor`, or `python -I -S local/coldstart.py --bundle <dir> api|tick|floor` to
+import from a Lambda bundle (infra/Makefile) and nothing else.
 
 Times the import of a handler's module plus its first invocation (for `api`, an API Gateway
-HTTP API event creating a task; for `tick`, a scheduled event with nothing due), from the
-first line of this module, and prints {"import_ms": ..., "total_ms": ...} on stdout. The
-handlers read TASKRUNNER_DATABASE_URL like on Lambda. `taskrunner bench` runs it.
+HTTP API event creating a task; for `tick`, a scheduled event with nothing due), or for
+`floor` what any handler on asyncio and psycopg pays (importing them, one connection, one
+statement), from the first line of this module, and prints {"import_ms": ...,
+"total_ms": ...} on stdout. The handlers read TASKRUNNER_DATABASE_URL like on Lambda.
+`taskrunner bench` runs it.
 """
 
 import time
@@ -11,6 +15,7 @@ import time
 STARTED = time.perf_counter()
 
 import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -53,8 +58,21 @@ class Context:
 
 
 def main() -> None:
-    which = sys.argv[1]
-    if which == "api":
+    args = sys.argv[1:]
+    if args[0] == "--bundle":
+        sys.path.insert(0, args[1])
+        args = args[2:]
+    which = args[0]
+    if which == "floor":
+        # What any handler on asyncio and psycopg pays: those imports, one connection, one
+        # statement. The bench shows it beside the two, measured in the same run.
+        import asyncio
+
+        import psycopg  # noqa: F401  (its import is timed here)
+
+        imported = time.perf_counter()
+        asyncio.run(_select_one(os.environ["TASKRUNNER_DATABASE_URL"]))
+    elif which == "api":
         from functions.api import handler
 
         imported = time.perf_counter()
@@ -69,6 +87,13 @@ def main() -> None:
     done = time.perf_counter()
     result = {"import_ms": (imported - STARTED) * 1000, "total_ms": (done - STARTED) * 1000}
     print(json.dumps(result))
+
+
+async def _select_one(url: str) -> None:
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        await conn.execute("SELECT 1")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ its `lease_expires_at` in the past, never by sleeping.
 """
 
 import asyncio
+import dataclasses
 import io
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -196,7 +197,7 @@ async def test_runner_keeps_its_lease_through_tasks_longer_than_it(
     settings: Settings, task_factory: Callable[..., int], sql: Sql
 ) -> None:
     """A lease covers the worker, not the task: a live worker's long task is never rescued."""
-    settings = settings.model_copy(update={"lease_seconds": 3.0, "foo_delay_s": 4.0})
+    settings = dataclasses.replace(settings, lease_seconds=3.0, foo_delay_s=4.0)
     task = task_factory("foo")
     database, other = Database(settings), Database(settings)
     try:
@@ -235,7 +236,7 @@ async def test_runner_hands_back_tasks_from_a_claim_whose_answer_it_never_got(
 ) -> None:
     """A claim that committed as its connection broke: the runner never heard of its
     tasks, though they are leased to it. They go back at once, not when it stops."""
-    settings = settings.model_copy(update={"lease_seconds": 3.0})
+    settings = dataclasses.replace(settings, lease_seconds=3.0)
     orphan = task_factory("baz", due_in_s=-5)
     runner = Runner(stores[0], settings, out=io.StringIO())
     stop = asyncio.Event()
@@ -269,7 +270,7 @@ async def test_runner_hands_back_tasks_from_a_claim_whose_answer_it_never_got(
 async def test_stop_hands_back_unfinished_tasks_at_once(
     stores: list[Store], settings: Settings, task_factory: Callable[..., int], sql: Sql
 ) -> None:
-    settings = settings.model_copy(update={"foo_delay_s": 30.0, "shutdown_grace_s": 0.2})
+    settings = dataclasses.replace(settings, foo_delay_s=30.0, shutdown_grace_s=0.2)
     task_factory("foo")
     task_factory("baz")
     out = io.StringIO()

@@ -10,6 +10,7 @@ is `id`, as the original challenge wrote it, so the inference does not take it f
 `/tasks/...`, which a schema cannot say is an alias).
 """
 
+import dataclasses
 import gc
 from collections.abc import Callable
 from typing import Any
@@ -54,7 +55,7 @@ def test_schemathesis_finds_nothing(settings: Settings, sql: Sql) -> None:
     # No pool: schemathesis runs the app on an event loop of its own that outlives the test,
     # where a pool's background tasks would be left pending, and fail a later test when
     # they are collected.
-    app = build_app(settings.model_copy(update={"api_token": TOKEN, "db_pool_size": 0}))
+    app = build_app(dataclasses.replace(settings, api_token=TOKEN, db_pool_size=0))
     config = SchemathesisConfig.from_dict(
         {
             "headers": {"Authorization": f"Bearer {TOKEN}"},

@@ -2,6 +2,7 @@
 and takes no route of the API's or the original challenge's (the page itself is tested in a
 browser: tests/browser/)."""
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ Sql = Callable[..., list[tuple[Any, ...]]]
 
 
 async def test_the_page_and_its_files_are_served_without_the_token(settings: Settings) -> None:
-    async with serve(settings.model_copy(update={"api_token": "s3cret"})) as client:
+    async with serve(dataclasses.replace(settings, api_token="s3cret")) as client:
         page = await client.get("/")
         assert page.status_code == 200
         assert page.headers["content-type"].startswith("text/html")
@@ -38,7 +39,7 @@ async def test_the_page_and_its_files_are_served_without_the_token(settings: Set
 
 
 async def test_every_url_of_the_page_carries_the_base_path(settings: Settings) -> None:
-    async with serve(settings.model_copy(update={"base_path": "/prod"})) as client:
+    async with serve(dataclasses.replace(settings, base_path="/prod")) as client:
         # /prod is sent on to /prod/, where relative links would also resolve.
         bare = await client.get("/prod")
         assert (bare.status_code, bare.headers["location"]) == (307, "http://test/prod/")
@@ -54,7 +55,7 @@ async def test_every_url_of_the_page_carries_the_base_path(settings: Settings) -
 async def test_the_page_is_outside_the_schema_and_the_original_routes_still_answer(
     settings: Settings, sql: Sql
 ) -> None:
-    async with serve(settings.model_copy(update={"allow_delete_all": True})) as client:
+    async with serve(dataclasses.replace(settings, allow_delete_all=True)) as client:
         schema = (await client.get("/openapi.json")).json()
         assert "/" in schema["paths"]
         assert set(schema["paths"]["/"]) == {"delete"}

@@ -7,6 +7,7 @@ trickle) to `taskrunner api`.
 """
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -260,7 +261,7 @@ async def test_odd_header_bytes_get_a_short_4xx(
     settings: Settings, headers: dict[bytes, bytes], status: int
 ) -> None:
     token = {b"authorization": b"Bearer t"}
-    async with serve(settings.model_copy(update={"api_token": "t"})) as client:
+    async with serve(dataclasses.replace(settings, api_token="t")) as client:
         response = await client.post("/tasks", json=task(), headers={**token, **headers})
     refused(response, status)
 
@@ -320,7 +321,7 @@ async def test_a_content_length_that_is_not_a_number_is_400(
 async def test_a_declared_length_over_the_limit_is_413_before_any_byte_is_read(
     settings: Settings,
 ) -> None:
-    app = build_app(settings.model_copy(update={"max_body_bytes": 1024}))
+    app = build_app(dataclasses.replace(settings, max_body_bytes=1024))
     scope, _ = raw_request("POST", "/tasks/batch", [(b"content-length", b"88000000")], [])
 
     async def receive() -> dict[str, Any]:
@@ -345,7 +346,7 @@ async def test_a_body_without_a_length_is_cut_off_at_the_limit(
             yield chunk
 
     limit = 256 * 1024
-    async with serve(settings.model_copy(update={"max_body_bytes": limit})) as client:
+    async with serve(dataclasses.replace(settings, max_body_bytes=limit)) as client:
         for path in ("/tasks", "/tasks/batch", "/tasks/1"):
             received = 0
             method = "PATCH" if path == "/tasks/1" else "POST"

@@ -1,5 +1,6 @@
 """GET /stats and /metrics against a real database, and retention."""
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -48,7 +49,7 @@ async def test_stats_match_the_database(
         task_factory("baz", due_in_s=-1.0)
     for _ in range(5):
         task_factory("foo", due_in_s=-1.0)
-    bad = settings.model_copy(update={"bar_url": "http://127.0.0.1:1/"})
+    bad = dataclasses.replace(settings, bar_url="http://127.0.0.1:1/")
     for _ in range(2):
         task_factory("bar", due_in_s=-1.0, max_attempts=1)
     summary = await tick(bad, out=io.StringIO())
@@ -145,7 +146,7 @@ async def test_metrics_say_the_same_in_prometheus_text(
 
 
 async def test_monitoring_needs_the_token_when_one_is_set(settings: Settings) -> None:
-    async with serve(settings.model_copy(update={"api_token": "s3cret"})) as c:
+    async with serve(dataclasses.replace(settings, api_token="s3cret")) as c:
         for path in ("/stats", "/metrics"):
             assert (await c.get(path)).status_code == 401
             ok = await c.get(path, headers={"Authorization": "Bearer s3cret"})

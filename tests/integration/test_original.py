@@ -1,5 +1,6 @@
 """The original challenge's routes, as a script written for it calls them."""
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -129,7 +130,7 @@ async def test_delete_everything_when_allowed_leaves_running_tasks(
 ) -> None:
     sql("INSERT INTO tasks (kind, execute_at) SELECT 'baz', now() FROM generate_series(1, 25000)")
     sql("UPDATE tasks SET state = 'running', attempts = 1, claimed_by = 'w' WHERE id % 1000 = 0")
-    async with serve(settings.model_copy(update={"allow_delete_all": True})) as client:
+    async with serve(dataclasses.replace(settings, allow_delete_all=True)) as client:
         response = await client.delete("/")
     assert response.status_code == 200, response.text
     assert response.json() == {"deleted": 24975}
@@ -144,7 +145,7 @@ async def test_every_original_route_needs_the_token(settings: Settings) -> None:
         ("GET", "/taskstate/NOTSTARTED"),
         ("DELETE", "/"),
     ]
-    async with serve(settings.model_copy(update={"api_token": "t"})) as client:
+    async with serve(dataclasses.replace(settings, api_token="t")) as client:
         for method, path in calls:
             response = await client.request(method, path)
             assert response.status_code == 401, (method, path, response.text)

@@ -2,6 +2,7 @@
 worker does when it cannot go on, and the tick's account of what it left."""
 
 import asyncio
+import dataclasses
 import io
 import logging
 import socket
@@ -128,8 +129,8 @@ async def test_a_tick_counts_and_names_what_it_had_no_time_for(
 ) -> None:
     """A 10 s tick cannot fit bar (10 s timeout + 1 s + the 2 s margin): it says so, every
     time, and its summary counts the bar it left."""
-    settings = settings.model_copy(
-        update={"bar_timeout_s": 10.0, "foo_delay_s": 0.1, "deadline_margin_s": 2.0}
+    settings = dataclasses.replace(
+        settings, bar_timeout_s=10.0, foo_delay_s=0.1, deadline_margin_s=2.0
     )
     task_factory("bar")
     task_factory("foo")
@@ -151,7 +152,7 @@ async def test_a_worker_whose_lease_ran_out_stops_and_hands_back(
 ) -> None:
     """A worker that stalled past its lease finds out at its next heartbeat: it stops, hands
     back what nobody rescued yet, and the caller starts it again as a new worker."""
-    settings = settings.model_copy(update={"lease_seconds": 3.0, "foo_delay_s": 30.0})
+    settings = dataclasses.replace(settings, lease_seconds=3.0, foo_delay_s=30.0)
     task = task_factory("foo")
     runner = Runner(store, settings, out=io.StringIO())
     run = asyncio.create_task(runner.run(keep_polling=True))
@@ -268,7 +269,7 @@ async def test_a_worker_that_lost_its_lease_records_the_runs_it_has_not_written_
     """Its results wait while the database cannot take them; then it finds its lease ran out.
     Nobody rescued those tasks yet: it records what ran (fenced), not hands them back to run
     again with their attempt refunded (before: every line printed twice, attempts 1)."""
-    settings = settings.model_copy(update={"lease_seconds": 3.0})
+    settings = dataclasses.replace(settings, lease_seconds=3.0)
     ids = [task_factory("baz") for _ in range(5)]
     out = io.StringIO()
     runner = Runner(store, settings, out=out)
@@ -313,14 +314,13 @@ async def test_a_tick_claims_no_more_bar_than_it_has_slots_for(
     """One bar slot, 1 s per bar, 3 s to the deadline: one bar fits, and only one is claimed.
     Before, all three were: the two waiting for the slot made the tick overrun its deadline
     (on Lambda, a timeout) and were handed back, one after it had sent its request."""
-    settings = settings.model_copy(
-        update={
-            "bar_url": silent_bar_url,
-            "bar_timeout_s": 1.0,
-            "bar_concurrency": 1,
-            "deadline_margin_s": 0.5,
-            "max_attempts": 3,
-        }
+    settings = dataclasses.replace(
+        settings,
+        bar_url=silent_bar_url,
+        bar_timeout_s=1.0,
+        bar_concurrency=1,
+        deadline_margin_s=0.5,
+        max_attempts=3,
     )
     for _ in range(3):
         task_factory("bar")

@@ -1,6 +1,7 @@
 """The tick, called directly: claim -> run -> record against a real database."""
 
 import asyncio
+import dataclasses
 import io
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ def states(sql: Sql) -> dict[int, tuple[Any, ...]]:
 async def test_due_tasks_run_once_and_print_their_lines(
     settings: Settings, task_factory: Callable[..., int], sql: Sql, bar_server: Any
 ) -> None:
-    settings = settings.model_copy(update={"bar_url": bar_server(200)})
+    settings = dataclasses.replace(settings, bar_url=bar_server(200))
     foo, bar, baz = task_factory("foo"), task_factory("bar"), task_factory("baz")
     out = io.StringIO()
 
@@ -60,7 +61,7 @@ async def test_future_task_waits_for_its_time(
 async def test_bar_5xx_is_a_success_reporting_the_code(
     settings: Settings, task_factory: Callable[..., int], sql: Sql, bar_server: Any
 ) -> None:
-    settings = settings.model_copy(update={"bar_url": bar_server(503)})
+    settings = dataclasses.replace(settings, bar_url=bar_server(503))
     task = task_factory("bar")
     out = io.StringIO()
     await tick(settings, out=out)
@@ -72,8 +73,8 @@ async def test_bar_network_error_retries_with_backoff_then_fails(
     settings: Settings, task_factory: Callable[..., int], sql: Sql
 ) -> None:
     # Port 1 on 127.0.0.1: connection refused, at once.
-    settings = settings.model_copy(
-        update={"bar_url": "http://127.0.0.1:1/", "max_attempts": 2, "retry_base_s": 30.0}
+    settings = dataclasses.replace(
+        settings, bar_url="http://127.0.0.1:1/", max_attempts=2, retry_base_s=30.0
     )
     task = task_factory("bar", max_attempts=2)
     out = io.StringIO()
@@ -102,7 +103,7 @@ async def test_bar_network_error_retries_with_backoff_then_fails(
 async def test_many_foo_tasks_run_concurrently(
     settings: Settings, task_factory: Callable[..., int], sql: Sql
 ) -> None:
-    settings = settings.model_copy(update={"foo_delay_s": 1.0, "claim_batch": 100})
+    settings = dataclasses.replace(settings, foo_delay_s=1.0, claim_batch=100)
     ids = [task_factory("foo") for _ in range(300)]
     started = time.monotonic()
     summary = await tick(settings, out=io.StringIO())
@@ -142,7 +143,7 @@ async def test_a_runner_runs_bar_again_after_its_first_run_closed_its_client(
     from functions.runner import Runner
     from functions.store import Store
 
-    settings = settings.model_copy(update={"bar_url": bar_server(200)})
+    settings = dataclasses.replace(settings, bar_url=bar_server(200))
     database = Database(settings)
     out = io.StringIO()
     runner = Runner(Store(database), settings, out=out)

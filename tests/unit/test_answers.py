@@ -1,12 +1,17 @@
 """The routes answer with `task_fields`, serialized once; TaskOut documents the body. They
-must agree field for field, in the JSON a client reads."""
+must agree field for field, in the JSON a client reads; and the hot path's JSON (the json
+module's) must be the FastAPI routes' (pydantic-core's) byte for byte."""
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic_core import to_json
 
-from functions.bodies import TaskOut, task_fields
+from functions.answers import ids_json, task_fields, task_json
+from functions.bodies import TaskOut
 from functions.routing import answer
 from functions.tasks import Task, TaskState
 
@@ -47,3 +52,46 @@ def test_a_task_answers_as_taskout_says(task: Task) -> None:
     assert fast.media_type == "application/json"
     assert json.loads(bytes(fast.body)) == json.loads(TaskOut.of(task).model_dump_json())
     assert list(json.loads(bytes(fast.body))) == list(TaskOut.model_fields)
+
+
+OFFSETS = st.one_of(
+    st.just(UTC),
+    st.integers(-86_399, 86_399).map(lambda s: timezone(timedelta(seconds=s))),
+    st.integers(-1439, 1439).map(lambda m: timezone(timedelta(minutes=m))),
+)
+TIMES = st.one_of(
+    st.none(), st.datetimes(datetime(2, 1, 1), datetime(9998, 12, 31), timezones=OFFSETS)
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    times=st.tuples(TIMES, TIMES, TIMES, TIMES, TIMES),
+    output=st.one_of(st.none(), st.text()),
+    error=st.one_of(st.none(), st.text(st.characters(codec="utf-8"))),
+    key=st.one_of(st.none(), st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E))),
+    state=st.sampled_from(TaskState),
+    numbers=st.tuples(st.integers(1, 2**63 - 1), st.integers(0, 10**6), st.integers(1, 10**6)),
+)
+def test_the_hot_paths_json_is_pydantic_cores(
+    times: tuple[datetime | None, ...],
+    output: str | None,
+    error: str | None,
+    key: str | None,
+    state: TaskState,
+    numbers: tuple[int, int, int],
+) -> None:
+    execute_at = times[0] or AT
+    created_at = times[2] or AT
+    task = _task(
+        id=numbers[0], state=state, execute_at=execute_at, next_attempt_at=times[1],
+        created_at=created_at, started_at=times[3], finished_at=times[4],
+        attempts=numbers[1], max_attempts=numbers[2], output=output, error=error,
+        idempotency_key=key,
+    )  # fmt: skip
+    assert task_json(task) == to_json(task_fields(task))
+
+
+@given(st.lists(st.integers(1, 2**63 - 1), max_size=50))
+def test_a_batchs_ids_are_written_as_pydantic_core_writes_them(ids: list[int]) -> None:
+    assert ids_json(ids) == to_json({"ids": ids})
