@@ -1,11 +1,17 @@
+import random
+import struct
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from functions.errors import InvalidInput
 from functions.runner import retry_delay_s
 from functions.settings import Settings
 from functions.tasks import (
+    _quick_us,
+    _unix_us,
     decode_cursor,
     encode_cursor,
     parse_execute_at,
@@ -130,3 +136,58 @@ def test_foreign_cursor_is_invalid_input(cursor: str) -> None:
 def test_retry_delay_doubles_up_to_the_cap() -> None:
     settings = Settings(retry_base_s=1.0, retry_max_s=5.0)
     assert [retry_delay_s(settings, n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+# Unix seconds in 2004-2106 as clients send them: float arithmetic on time.time() (all 17
+# digits), decimals to the microsecond and past it, and floats a few steps from a half
+# microsecond, where the decimal form and the float round apart.
+def _near_half_us(k: int, steps: int) -> float:
+    bits = struct.unpack("<q", struct.pack("<d", (k + 0.5) / 1e6))[0] + steps
+    return float(struct.unpack("<d", struct.pack("<q", bits))[0])
+
+
+SECONDS = st.one_of(
+    st.floats(2**30, 2**32, exclude_max=True),
+    st.builds(
+        lambda s, us, digits: float(f"{s}.{us:09d}"[: len(str(s)) + 1 + digits]),
+        st.integers(2**30, 2**32 - 1), st.integers(0, 10**9 - 1), st.integers(1, 9),
+    ),
+    st.floats(0, 2**30),
+)  # fmt: skip
+
+
+@settings(max_examples=5000, deadline=None)
+@given(SECONDS)
+def test_float_arithmetic_reads_microseconds_as_the_decimal_form_does(value: float) -> None:
+    """`_quick_us` answers only where float arithmetic decides the microsecond; where it
+    answers, it is the microsecond of the float's shortest decimal form (`_unix_us`)."""
+    quick = _quick_us(value)
+    assert quick is None or quick == _unix_us(value)
+
+
+@pytest.mark.parametrize("seconds", [(2**30, 2**31), (2**31, 2**32)])
+def test_floats_next_to_a_half_microsecond_are_read_as_their_decimal_form(
+    seconds: tuple[int, int],
+) -> None:
+    """Where the float nearest a half microsecond is barely on one side, its decimal form
+    is the half itself (rounded to even): what float arithmetic decides must not be that
+    close. 20,000 half microseconds in each range of float spacing, and their neighbours."""
+    rng = random.Random(20261128)
+    for _ in range(20_000):
+        k = rng.randrange(seconds[0] * 10**6, seconds[1] * 10**6)
+        for steps in (-2, -1, 0, 1, 2):
+            value = _near_half_us(k, steps)
+            quick = _quick_us(value)
+            assert quick is None or quick == _unix_us(value), repr(value)
+
+
+def test_float_arithmetic_decides_most_times_clients_send() -> None:
+    now = 1_795_860_000.0
+    sent = [now + i * 0.36 for i in range(10_000)] + [
+        round(now + i * 0.37, 6) for i in range(10_000)
+    ]
+    decided = [_quick_us(value) for value in sent]
+    assert sum(us is not None for us in decided) > 0.7 * len(sent)
+    assert [us if us is not None else _unix_us(v) for us, v in zip(decided, sent, strict=True)] == [
+        _unix_us(v) for v in sent
+    ]
