@@ -82,12 +82,12 @@ def _check_database_url(value: str) -> str:
 
     try:
         params = conninfo_to_dict(f"postgresql://{rest}")
-    except Error:
+    except (Error, ValueError):  # (psycopg's, and %ff: no UTF-8 once decoded)
         raise _Invalid(
             "cannot be parsed; expected postgresql://user:password@host:port/dbname"
         ) from None
     for port in str(params.get("port", "")).split(","):
-        if port and not (port.isdigit() and 0 < int(port) < 65536):
+        if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
             raise _Invalid("the port is not a number from 1 to 65535")
     # Options libpq checks only when it connects: a typo there would read as an outage (a
     # worker waiting for the database forever) rather than as a setting to fix.
@@ -96,7 +96,7 @@ def _check_database_url(value: str) -> str:
         choices = _LIBPQ_CHOICES.get(option)
         if choices is not None and text not in choices:
             raise _Invalid(f"its option {option} must be one of {', '.join(choices)}")
-        if option in _LIBPQ_INTEGERS and not text.lstrip("-").isdigit():
+        if option in _LIBPQ_INTEGERS and not (text.isascii() and text.lstrip("-").isdigit()):
             raise _Invalid(f"its option {option} must be a whole number")
     return value
 
@@ -258,6 +258,13 @@ def _read(raw: Any, kind: Any, rules: Any) -> Any:
     """`raw` (a string from the environment, or a value given to Settings()) as `kind`,
     within the field's bounds."""
     options = typing.get_args(kind)
+    if isinstance(raw, str) and not raw.isascii():
+        try:
+            raw.encode()
+        except UnicodeEncodeError:  # bytes the environment held that are no UTF-8
+            raise _Invalid(
+                "Input should be a valid string, unable to parse raw data as a unicode string"
+            ) from None
     if type(None) in options:
         if raw is None:
             return None
@@ -276,10 +283,10 @@ def _read(raw: Any, kind: Any, rules: Any) -> Any:
     if kind is bool:
         if isinstance(raw, bool):
             return raw
-        word = raw.lower() if isinstance(raw, str) else raw
-        if word in _TRUE or raw == 1:
+        word = raw.lower() if isinstance(raw, str) else str(raw) if isinstance(raw, int) else None
+        if word in _TRUE:
             return True
-        if word in _FALSE or raw == 0:
+        if word in _FALSE:
             return False
         raise _Invalid("Input should be a valid boolean, unable to interpret input")
     number = _integer(raw) if kind is int else _float(raw)
@@ -304,21 +311,17 @@ def _integer(raw: Any) -> int:
     if isinstance(raw, int):
         return raw
     if isinstance(raw, float):
+        if not math.isfinite(raw):
+            raise _Invalid("Input should be a finite number")
         if not raw.is_integer():
             raise _Invalid("Input should be a valid integer, got a number with a fractional part")
         return int(raw)
     if not isinstance(raw, str):
         raise _Invalid("Input should be a valid integer")
-    # As pydantic-core: trimmed; no underscore at either end; zeros after a decimal point
-    # dropped ("3.00"), then leading zeros and underscores among them ("0_7", "0-9" is -9).
-    text = _DECIMAL_ZEROS.sub("", raw.strip(_WHITE_SPACE))
-    found = None
-    if text[:1] != "_" and text[-1:] != "_":
-        if text[:1] == "0":
-            text = text.lstrip("0_") or "0"
-            found = _INTEGER.fullmatch(text) if text[:1] != "+" else None
-        else:
-            found = _INTEGER.fullmatch(text)
+    # As pydantic-core: trimmed, zeros after a decimal point dropped ("3.00"), digits in
+    # groups joined by single underscores. (pydantic-core also read runs of zeros,
+    # underscores and signs oddly: "0-9" as -9, "+0-0" and "00___0" as 0. Refused here.)
+    found = _INTEGER.fullmatch(_DECIMAL_ZEROS.sub("", raw.strip(_WHITE_SPACE)))
     if found is None:
         raise _Invalid("Input should be a valid integer, unable to parse string as an integer")
     sign, digits = found.group(1), found.group(2).replace("_", "").lstrip("0") or "0"
@@ -330,7 +333,10 @@ def _integer(raw: Any) -> int:
 
 def _float(raw: Any) -> float:
     if isinstance(raw, int | float):
-        number: float | None = float(raw)
+        try:
+            number: float | None = float(raw)
+        except OverflowError:  # an int past any float
+            raise _Invalid("Input should be a finite number") from None
     elif isinstance(raw, str):
         # As pydantic-core: the text trimmed, or else with its underscores dropped (single
         # ones, none leading or trailing), read by Rust's grammar of a float.
