@@ -78,11 +78,6 @@ def plain_task_json(task: Task) -> bytes:
     return _dumps(fields).encode()
 
 
-def ids_json(ids: list[int]) -> bytes:
-    """`{"ids": [...]}`, as `to_json` writes it."""
-    return _dumps({"ids": ids}).encode()
-
-
 _TIMES = ("execute_at", "next_attempt_at", "created_at", "started_at", "finished_at")
 # Compact, and characters as they are (UTF-8): what pydantic-core writes.
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic_core import to_json
 
-from functions.answers import ids_json, plain_task_json, task_fields, task_json
+from functions.answers import plain_task_json, task_fields, task_json
 from functions.bodies import TaskOut
 from functions.routing import answer
 from functions.tasks import Task, TaskState
@@ -90,8 +90,3 @@ def test_the_hot_paths_json_is_pydantic_cores(
         idempotency_key=key,
     )  # fmt: skip
     assert plain_task_json(task) == task_json(task) == to_json(task_fields(task))
-
-
-@given(st.lists(st.integers(1, 2**63 - 1), max_size=50))
-def test_a_batchs_ids_are_written_as_pydantic_core_writes_them(ids: list[int]) -> None:
-    assert ids_json(ids) == to_json({"ids": ids})
