@@ -92,10 +92,10 @@ def _datetime_text(when: datetime) -> str:
     offset = when.utcoffset()
     if offset is None or offset % _MINUTE == _ZERO:
         return text
-    text = when.replace(tzinfo=None).isoformat()
-    minutes = int(offset.total_seconds()) // 60 if offset > _ZERO else -(-offset // _MINUTE)
+    # Seconds of the offset dropped, toward zero.
+    minutes = abs(offset) // _MINUTE
     sign = "+" if offset > _ZERO else "-"
-    return f"{text}{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+    return f"{when.replace(tzinfo=None).isoformat()}{sign}{minutes // 60:02d}:{minutes % 60:02d}"
 
 
 _ZERO = timedelta(0)

@@ -258,8 +258,8 @@ _UTC_DATE_TIME = re.compile(
 # spacing there), and `value * 1e6` within 0.125 of its exact product (half the spacing of
 # floats below 2**51): 0.2443 us in all. So when that product is within 0.25 of a whole
 # number, the decimal form's microseconds round to that number, halves or not, and
-# `_unix_us` need not be asked. (It costs ~1.7-5 us a value here; this, ~0.1 us.)
-_FAST_US_BELOW_S = 2**31
+# `_unix_us` need not be asked. (It costs ~1.7-5 us a value here; this, ~0.1 us.) Used
+# below 2**30 s, where the exact reading that follows does not apply.
 # From 2**30 s (2004) to 2**32 s (2106) a float is a whole number of 2**-22 s, so
 # `value * 2**22 * 15625` is its product with 10**6 * 2**16, exactly, as an integer. There
 # (ten digits before the point) its shortest decimal form is whole microseconds (16 digits
@@ -279,7 +279,7 @@ def _quick_us(value: float) -> int | None:
         if -3276 <= past_half <= 3276:
             return None
         return (exact >> 16) + (past_half > 0)
-    if value < _FAST_US_BELOW_S:
+    if value < _EXACT_FROM_S:
         us = round(product := value * 1e6)
         if abs(product - us) < 0.25:
             return us
