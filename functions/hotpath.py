@@ -119,17 +119,15 @@ class HotPath:
         if body is None:
             return  # the client left before sending its body: no one to answer
         work = self._read(scope, body, key, batch=batch)
-        if work is None:
+        if work is None or not await self._answer(scope, send, work):
             # Refused in the FastAPI app's words (400 or 422), which reads the body again.
             await self.app(scope, _replay(body, receive), send)
-            return
-        await self._answer(scope, send, work)
 
     def _read(
         self, scope: Scope, body: bytes, key: bytes | None, *, batch: bool
-    ) -> Awaitable[Answer] | None:
+    ) -> Awaitable[Answer | None] | None:
         """The work a body asks for, or None for the FastAPI app to answer. What was read
-        is let go on return: before the FastAPI app reads the body again (2.8 million
+        is let go before the FastAPI app reads the body again (2.8 million
         empty objects under the size limit are ~200 MB each time)."""
         try:
             if batch:
@@ -162,19 +160,20 @@ class HotPath:
         key_text = None if key is None else key.decode("ascii")
         return self._created(scope, tasks.new_task(item["kind"], item["at_us"], key_text))
 
-    def _many(self, sent: Any) -> Awaitable[Answer] | None:
+    def _many(self, sent: Any) -> Awaitable[Answer | None] | None:
         if sent.__class__ is not dict or len(sent) != 1:
             return None
         items = sent.get("tasks")
         if items.__class__ is not list or not 1 <= len(items) <= MAX_BATCH:
             return None
-        batch = tasks.read_batch(items)
-        return None if batch is None else self._created_many(batch)
+        return self._created_many(items)
 
-    async def _created_many(self, batch: list[dict[str, Any]]) -> Answer:
+    async def _created_many(self, items: list[Any]) -> Answer | None:
+        ids = await tasks.create_batch(self.store, items, self.max_attempts)
+        if ids is None:
+            return None
         from pydantic_core import to_json  # (loaded: it read the batch)
 
-        ids = await tasks.create_batch(self.store, batch, self.max_attempts)
         return 201, to_json({"ids": ids}), {}
 
     async def _created(self, scope: Scope, new: NewTask) -> Answer:
@@ -188,19 +187,25 @@ class HotPath:
     async def _get(self, task_id: int) -> Answer:
         return 200, task_json(await tasks.get_task(self.store, task_id)), {}
 
-    async def _answer(self, scope: Scope, send: Send, work: Awaitable[Answer]) -> None:
+    async def _answer(self, scope: Scope, send: Send, work: Awaitable[Answer | None]) -> bool:
+        """Send what `work` answers; False, with nothing sent, if it refuses the request
+        (a batch with an item `tasks.read_batch` refuses: nothing was written)."""
         try:
-            messages = json_answer(*await work)
+            answer = await work
+            if answer is None:
+                return False
+            messages = json_answer(*answer)
         except TaskrunnerError as exc:
             await send_detail(send, *status_of(exc, scope["path"]))
-            return
+            return True
         except Exception as exc:
             # As the FastAPI app's last handler answers: 500 in words, the traceback logged.
             logger.error("action=request path=%s: unexpected error", scope["path"], exc_info=exc)
             await send_detail(send, 500, "internal error")
-            return
+            return True
         for message in messages:
             await send(message)
+        return True
 
 
 async def _read(receive: Receive) -> bytes | None:

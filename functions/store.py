@@ -299,23 +299,37 @@ class Store:
                     continue
             raise DatabaseUnavailable("an idempotency key's task kept vanishing; try again")
         return await self.insert_batch(
-            [{"kind": n.kind, "at_us": (n.execute_at - _EPOCH) // _MICROSECOND} for n in new],
+            [[{"kind": n.kind, "at_us": (n.execute_at - _EPOCH) // _MICROSECOND} for n in new]],
             max_attempts,
         )
 
-    async def insert_batch(self, items: list[dict[str, Any]], max_attempts: int) -> list[int]:
+    async def insert_batch(
+        self, slices: Iterable[list[dict[str, Any]]], max_attempts: int
+    ) -> list[int]:
         """Insert tasks given as `{"kind", "at_us"}` (whole microseconds since the epoch:
-        exact over the whole range, queries.INSERT_TASKS); return their ids in order. All
-        or none."""
+        exact over the whole range, queries.INSERT_TASKS), one statement per slice, in one
+        transaction; return their ids in order. All or none: an exception out of `slices`
+        rolls back what was sent before it.
+
+        The statements go out in a pipeline, each as soon as its slice comes: the server
+        writes one slice while `slices` reads the next (tasks.create_batch)."""
         # pydantic-core's to_json: 1.9 ms for 10,000 tasks, against 7.4 ms with json.dumps.
         # Imported here, by the API's batches: the tick's cold start imports no pydantic.
         from pydantic_core import to_json
 
-        payload = to_json(items).decode()
-        rows = await self._all(
-            queries.INSERT_TASKS, tuple_row, tasks=payload, max_attempts=max_attempts
-        )
-        return [task_id for (task_id,) in rows]
+        async with self.database.connection() as conn:
+            cursors: list[psycopg.AsyncCursor[tuple[int]]] = []
+
+            async def work() -> None:
+                async with conn.pipeline(), conn.transaction():
+                    for rows in slices:
+                        cursor = conn.cursor(row_factory=tuple_row)
+                        params = {"tasks": to_json(rows).decode(), "max_attempts": max_attempts}
+                        await cursor.execute(queries.INSERT_TASKS, params)
+                        cursors.append(cursor)
+
+            await self.database.bounded(conn, work())
+            return [task_id for cursor in cursors for (task_id,) in await cursor.fetchall()]
 
     async def _insert_keyed(
         self, conn: AsyncConnection[Any], new: Sequence[NewTask], max_attempts: int

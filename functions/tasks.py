@@ -9,7 +9,7 @@ import base64
 import binascii
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -413,10 +413,43 @@ def new_task(kind: str, at_us: int, idempotency_key: str | None = None) -> NewTa
     return NewTask(kind, _EPOCH + timedelta(microseconds=at_us), idempotency_key)
 
 
-async def create_batch(store: Store, items: list[dict[str, Any]], max_attempts: int) -> list[int]:
-    """Schedule tasks read by `read_batch`; all are written or none. Return their ids in the
-    order given."""
-    return await store.insert_batch(items, max_attempts)
+# A batch is written a slice per statement, in one transaction, each sent as soon as it is
+# read (Store.insert_batch): the database writes one slice while the next is read. The
+# first slice is small, so the database starts early; each next is twice as large, so a
+# batch of 10,000 is five statements, and reading a slice (~1.3 us a task here, against
+# ~6 us to write one) never keeps the database waiting. Measured on `taskrunner bench`'s
+# batches (embedded PostgreSQL 18): 58-74% of the raw INSERT read whole, 82-117% in slices.
+FIRST_SLICE = 500
+
+
+def _slices(n: int) -> Iterator[tuple[int, int]]:
+    """`(start, stop)` of each slice of a batch of `n` items."""
+    start, size = 0, FIRST_SLICE
+    while start < n:
+        yield start, min(n, start + size)
+        start, size = start + size, size * 2
+
+
+async def create_batch(store: Store, items: list[Any], max_attempts: int) -> list[int] | None:
+    """Read a batch's tasks, as sent, by `read_batch`, and schedule them; all are written or
+    none. Return their ids in the order given; None, with nothing written, if `read_batch`
+    refuses any (then `create_tasks`, through the full schema, says why)."""
+
+    def read() -> Iterator[list[dict[str, Any]]]:
+        for start, stop in _slices(len(items)):
+            rows = read_batch(items[start:stop])
+            if rows is None:
+                raise _Refused
+            yield rows
+
+    try:
+        return await store.insert_batch(read(), max_attempts)
+    except _Refused:
+        return None
+
+
+class _Refused(Exception):
+    """An item of a batch `read_batch` refuses."""
 
 
 async def get_task(store: Store, task_id: int) -> Task:

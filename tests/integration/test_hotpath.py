@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from functions import tasks
 from functions.app import build_app
 from functions.asgi import layers, wrap
 from functions.db import Database
@@ -319,6 +320,51 @@ async def test_a_batch_answers_alike(pair: Pair, tasks: list[Any]) -> None:
     if response.status_code == 201:
         # Ids differ between the two apps' tasks; their number and order must not.
         assert len(response.json()["ids"]) == len(tasks)
+
+
+async def test_a_batch_written_in_slices_keeps_its_order(pair: Pair, sql: Any) -> None:
+    # Past the first slices (tasks.FIRST_SLICE, then twice as many each): ids in the order
+    # given, each with its own time, however the batch was cut.
+    n = tasks.FIRST_SLICE * 7 + 3
+    items = [{"type": "baz", "execute_at": 1893499200 + i + 0.5} for i in range(n)]
+    created = await pair.served.post("/tasks/batch", json={"tasks": items}, headers=AUTH)
+    assert created.status_code == 201, created.text
+    ids = created.json()["ids"]
+    assert ids == sorted(ids) and len(set(ids)) == n
+    rows = sql(
+        "SELECT id, extract(epoch FROM execute_at) FROM tasks WHERE id = ANY(%s) ORDER BY id",
+        ids,
+    )
+    assert [(task_id, float(at)) for task_id, at in rows] == [
+        (task_id, item["execute_at"]) for task_id, item in zip(ids, items, strict=True)
+    ]
+
+
+@pytest.mark.parametrize(
+    "last",
+    [
+        {"type": "baz", "execute_at": -1},  # refused: 422
+        {"type": "qux", "execute_at": 0},  # refused: 422
+        {"type": "baz", "execute_at": 0, "idempotency_key": "last"},  # created, by FastAPI
+    ],
+    ids=["time", "type", "key"],
+)
+async def test_a_batch_read_past_its_first_slices_is_written_once_or_not_at_all(
+    pair: Pair, sql: Any, last: dict[str, Any]
+) -> None:
+    # The hot path sends the first slices before it reads the last item; an item it does
+    # not take (refused, or with a key) rolls them back, and the FastAPI app answers alone.
+    items = [{"type": "baz", "execute_at": 1893499200 + i} for i in range(9_999)] + [last]
+    [(before,)] = sql("SELECT count(*) FROM tasks")
+    response = await pair.both("POST", "/tasks/batch", json={"tasks": items}, headers=AUTH)
+    [(after,)] = sql("SELECT count(*) FROM tasks")
+    if "idempotency_key" in last:
+        assert response.status_code == 201
+        # One batch through each app, each written once; the keyed task once in all.
+        assert after - before == 2 * 9_999 + 1
+    else:
+        assert response.status_code == 422
+        assert after == before
 
 
 @pytest.mark.parametrize(
