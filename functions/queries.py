@@ -292,13 +292,14 @@ WHERE id = %(worker)s
 # --- claim -> run -> record ----------------------------------------------------------------
 
 # The plan the worker's batch statements are written for, pinned for their transaction
-# (SET LOCAL, which works through transaction poolers too). On a table without statistics,
-# or bulk-loaded since they were taken, the planner's estimates can be wrong by orders of
-# magnitude, and the plans it then picks cost what the table holds, not what the batch
-# holds: the claim read all due tasks through a bitmap and sorted them to keep the first
-# `limit` (6 ms for a claim of 10 among 20,000 due, against 2 ms in order); a finishing
-# write scanned the running tasks and re-read its whole batch for each (four and a half
-# minutes for 40,000 results). With these settings the one cheap plan left is the one
+# (set_config(..., true) is SET LOCAL, which works through transaction poolers too; one
+# statement for all, where seven SET LOCAL cost a cold tick ~8 ms each time). On a table
+# without statistics, or bulk-loaded since they were taken, the planner's estimates can be
+# wrong by orders of magnitude, and the plans it then picks cost what the table holds, not
+# what the batch holds: the claim read all due tasks through a bitmap and sorted them to
+# keep the first `limit` (6 ms for a claim of 10 among 20,000 due, against 2 ms in order); a
+# finishing write scanned the running tasks and re-read its whole batch for each (four and a
+# half minutes for 40,000 results). With these settings the one cheap plan left is the one
 # written for: indexes walked in order, rows found by primary key, the batch read once
 # (tests/integration/test_plans.py).
 #
@@ -308,17 +309,17 @@ WHERE id = %(worker)s
 # 200-480 ms of the server's CPU for a statement that runs in 0.5 ms. That was the stall of
 # a few hundred ms seen now and then in start lateness. (Connections made outside a
 # transaction pooler also turn JIT off for the session: see functions/db.py.)
-PINNED_PLAN = (
-    "SET LOCAL enable_seqscan = off",
-    "SET LOCAL enable_bitmapscan = off",
-    "SET LOCAL enable_sort = off",
-    "SET LOCAL enable_hashjoin = off",
-    "SET LOCAL enable_mergejoin = off",
-    "SET LOCAL jit = off",
-    # Nor parallel workers: on the same estimates, a statement that reads a few index pages
-    # was planned with two of them, which cost 7 ms of a 9 ms count to start.
-    "SET LOCAL max_parallel_workers_per_gather = 0",
-)
+PINNED_PLAN = """
+SELECT set_config('enable_seqscan', 'off', true),
+    set_config('enable_bitmapscan', 'off', true),
+    set_config('enable_sort', 'off', true),
+    set_config('enable_hashjoin', 'off', true),
+    set_config('enable_mergejoin', 'off', true),
+    set_config('jit', 'off', true),
+    -- Nor parallel workers: on the same estimates, a statement that reads a few index
+    -- pages was planned with two of them, which cost 7 ms of a 9 ms count to start.
+    set_config('max_parallel_workers_per_gather', '0', true)
+"""
 
 # The claim. One statement, committed before any task runs (with PINNED_PLAN and NEXT_DUE in
 # one transaction, sent together in one round trip):

@@ -26,7 +26,6 @@ import functools
 import io
 import logging
 import os
-import secrets
 import socket
 import sys
 import time
@@ -71,7 +70,7 @@ _LOG_EACH_UP_TO = 20
 
 def new_worker_id() -> str:
     """Name a worker in `claimed_by`: host, pid and a random part, unique per run."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
 
 
 def time_limit_s(kind: Kind, settings: Settings) -> float:
@@ -399,10 +398,11 @@ class Runner:
             for task in claimed:
                 self._held[task.id] = task
         self._db_offset_s = due.now_s - time.time()
-        activity = self._activity_now()
-        for task in claimed:
-            if task.lateness_ms is not None:
-                activity.start(task.lateness_ms)
+        if claimed:  # (a tick with nothing to do writes no activity: a statement less)
+            activity = self._activity_now()
+            for task in claimed:
+                if task.lateness_ms is not None:
+                    activity.start(task.lateness_ms)
         for task in claimed:
             self._start(task)
         return claimed, due
@@ -734,7 +734,9 @@ class Runner:
     async def _rescue(self, summary: TickSummary) -> None:
         rescued = await self.store.rescue_expired()
         summary.rescued += len(rescued)
-        self._activity_now().failed += sum(state is TaskState.FAILED for _, state in rescued)
+        failed = sum(state is TaskState.FAILED for _, state in rescued)
+        if failed:
+            self._activity_now().failed += failed
         for task_id, state in rescued[:_LOG_EACH_UP_TO]:
             logger.warning(
                 "action=rescue task_id=%s state=%s: its worker's lease ran out", task_id, state

@@ -215,8 +215,7 @@ class Store:
 
             async def work() -> None:
                 async with conn.pipeline(), conn.transaction():
-                    for setting in queries.PINNED_PLAN:
-                        await conn.execute(setting)
+                    await conn.execute(queries.PINNED_PLAN)
                     for cursor, (sql, params) in zip(cursors, statements, strict=True):
                         await cursor.execute(sql, params)
 
@@ -530,8 +529,7 @@ class Store:
                     # middle of a burst, they told the planner 200,000 tasks were scheduled
                     # when none was, and it counted them by reading all million rows of the
                     # table (140 ms, on every /stats, until the next analyze).
-                    for setting in queries.PINNED_PLAN:
-                        await conn.execute(setting)
+                    await conn.execute(queries.PINNED_PLAN)
                     for cursor, (sql, params) in zip(cursors, statements, strict=True):
                         await cursor.execute(sql, params)
 

@@ -1,14 +1,17 @@
 """The connection pool: every wait bounded, failing at once when it can, recovering at once."""
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
 import pytest
+from psycopg.rows import tuple_row
 
 from functions.db import Database, StatementTimeout
 from functions.errors import DatabaseUnavailable
 from functions.settings import Settings
+from functions.store import Store
 from tests.pgservers import Server
 
 # Nothing listens on port 1 of 127.0.0.1: a connection is refused at once.
@@ -172,3 +175,18 @@ async def test_sessions_run_without_jit(settings: Settings) -> None:
             assert await cursor.fetchall() == [("off",)]
     finally:
         await database.dispose()
+
+
+async def test_the_pinned_plan_holds_for_its_transaction_only(settings: Settings) -> None:
+    settings = dataclasses.replace(settings, db_pool_size=1)  # one connection: the same session
+    store = Store(Database(settings))
+    names = ("enable_seqscan", "enable_bitmapscan", "enable_sort", "enable_hashjoin",
+             "enable_mergejoin", "jit", "max_parallel_workers_per_gather")  # fmt: skip
+    show = "SELECT " + ", ".join(f"current_setting('{name}')" for name in names)
+    try:
+        [[pinned]] = await store._pinned((show, {}))
+        assert pinned == ("off",) * 6 + ("0",)
+        [after] = await store._all(show, tuple_row)
+        assert after[:5] == ("on",) * 5 and after[6] != "0"
+    finally:
+        await store.database.dispose()

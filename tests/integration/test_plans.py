@@ -60,7 +60,7 @@ def explain(
     statement: str,
     params: dict[str, Any],
     generic: bool,
-    settings: tuple[str, ...] = (),
+    settings: str | None = None,
 ) -> dict[str, Any]:
     """EXPLAIN ANALYZE `statement` as a prepared statement, then roll back its effects."""
     names: list[str] = []
@@ -75,8 +75,8 @@ def explain(
     mode = "force_generic_plan" if generic else "force_custom_plan"
     with conn.transaction(force_rollback=True), conn.cursor() as cur:
         cur.execute(f"SET LOCAL plan_cache_mode = {mode}")
-        for setting in settings:
-            cur.execute(setting.encode())
+        if settings is not None:
+            cur.execute(settings.encode())
         cur.execute(pgsql.SQL("PREPARE stmt AS {}").format(pgsql.SQL(prepared)))
         execute = "EXECUTE stmt({})" if names else "EXECUTE stmt"
         cur.execute(pgsql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) " + execute).format(args))
@@ -172,8 +172,7 @@ def test_no_pinned_statement_is_compiled_with_jit(
             # As the session a worker opens through a transaction pooler has it: JIT as the
             # server is configured (on by default), and only the pinned settings.
             cur.execute("SET LOCAL jit = on")
-            for setting in queries.PINNED_PLAN:
-                cur.execute(setting.encode())
+            cur.execute(queries.PINNED_PLAN.encode())
             cur.execute(b"EXPLAIN (FORMAT JSON) " + statement.encode(), params)
             [(result,)] = cur.fetchall()
         assert "JIT" not in result[0], f"{name} ({loaded}) is compiled: {result[0]['JIT']}"

@@ -58,6 +58,17 @@ async def test_future_task_waits_for_its_time(
     assert started >= execute_at
 
 
+async def test_a_tick_with_nothing_due_writes_no_activity(
+    settings: Settings, task_factory: Callable[..., int], sql: Sql
+) -> None:
+    task_factory("baz", due_in_s=3600.0)
+    assert (await tick(settings, out=io.StringIO())).claimed == 0
+    assert sql("SELECT count(*) FROM task_activity") == [(0,)]
+    task_factory("baz")
+    assert (await tick(settings, out=io.StringIO())).succeeded == 1
+    assert sql("SELECT sum(started), sum(succeeded) FROM task_activity") == [(1, 1)]
+
+
 async def test_bar_5xx_is_a_success_reporting_the_code(
     settings: Settings, task_factory: Callable[..., int], sql: Sql, bar_server: Any
 ) -> None:
