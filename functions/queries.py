@@ -540,14 +540,16 @@ UNION ALL
 SELECT state, kind, count(*) FROM tasks WHERE state = 'running' GROUP BY 1, 2
 """
 # - the table's size, to choose between counting finished tasks and estimating them: its
-#   pages now, and the rows per page when it was last analyzed;
+#   pages now, and the rows per page when it was last analyzed; and its live rows, as the
+#   server counts them (its statistics: each commit's inserts and deletes, within a second);
 STATS_TABLE_SIZE = """
 SELECT pg_relation_size('tasks') / current_setting('block_size')::int AS pages,
-       CASE WHEN relpages > 0 AND reltuples >= 0 THEN reltuples / relpages END AS rows_per_page
+       CASE WHEN relpages > 0 AND reltuples >= 0 THEN reltuples / relpages END AS rows_per_page,
+       pg_stat_get_live_tuples(oid) AS live_rows
 FROM pg_class WHERE oid = 'tasks'::regclass
 """
 # - finished tasks by state and kind, exactly (a small table) or in a sample of `percent` of
-#   its pages, scaled up (TABLESAMPLE SYSTEM reads only the pages it picks);
+#   its pages (TABLESAMPLE SYSTEM reads only the pages it picks), scaled up (stats.py);
 STATS_FINISHED_COUNTS = """
 SELECT state, kind, count(*) FROM tasks
 WHERE state IN ('succeeded', 'failed') GROUP BY 1, 2

@@ -65,6 +65,8 @@ class StatsRows:
     # (state, kind, count); finished states' counts are from a sample when `sampled_percent`.
     counts: list[tuple[str, str, int]]
     sampled_percent: float | None
+    # The table's live rows as the server's statistics count them (0 without statistics).
+    live_rows: int
     due: int
     oldest_due_age_s: float | None
     workers: int
@@ -504,7 +506,7 @@ class Store:
 
     async def stats_rows(self, *, exact_up_to: int, sample_rows: int) -> StatsRows:
         """The rows /stats is made of (queries.STATS_*), in one snapshot but the sample's."""
-        [(pages, rows_per_page)] = await self._all(queries.STATS_TABLE_SIZE, tuple_row)
+        [(pages, rows_per_page, live_rows)] = await self._all(queries.STATS_TABLE_SIZE, tuple_row)
         # A table never analyzed has no rows-per-page figure: ~100 fit a page of tasks.
         rows = int(pages * (rows_per_page or 100))
         percent = 100.0 if rows <= exact_up_to else max(0.01, 100.0 * sample_rows / rows)
@@ -538,6 +540,7 @@ class Store:
         return StatsRows(
             counts=[*active, *finished_rows],
             sampled_percent=None if percent >= 100.0 else percent,
+            live_rows=live_rows,
             due=due[0],
             oldest_due_age_s=due[1],
             workers=due[2],
