@@ -4,12 +4,14 @@
 
 import asyncio
 import os
+import random
 import re
 import signal
 import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +286,68 @@ def test_a_frozen_database_gets_503s_not_hangs_and_workers_come_back(
     wait_for(lambda: states(own_server.url) == {"succeeded": 201}, 60, "the worker to go on")
     assert api.terminate() == 0 and worker.terminate() == 0
     assert "Traceback" not in api.stderr() + worker.stderr()
+
+
+def test_a_batch_answered_with_an_error_was_not_written(
+    spawn: Callable[..., Proc], own_server: Server
+) -> None:
+    """Sessions ended at random (a failover, an idle timeout, pg_terminate_backend) while
+    batches are written: a batch answered 201 is all there, one answered otherwise is not
+    there at all, so a client may send it again. (A batch is written in slices, several
+    statements in one transaction: its COMMIT once went down the pipeline behind them, and
+    a session ended right after the commit turned a written batch into a 503.)"""
+    api = spawn("api", env={"TASKRUNNER_DATABASE_URL": own_server.url}, http=True)
+    api.wait_healthy()
+    size, seconds = 1_200, 8.0  # three slices each (tasks.FIRST_SLICE: 500, then 1,000)
+    stop = time.monotonic() + seconds
+
+    def end_sessions() -> int:
+        ended = 0
+        with connect(own_server.url) as conn:
+            while time.monotonic() < stop:
+                time.sleep(random.uniform(0.01, 0.2))
+                [(n,)] = conn.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE pid <> pg_backend_pid() AND datname = current_database()"
+                    " AND (query LIKE '%%INSERT INTO tasks%%' OR query = 'COMMIT')"
+                ).fetchall()
+                ended += n
+        return ended
+
+    async def post_batches() -> dict[int, int]:
+        answers: dict[int, int] = {}
+        async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
+
+            async def client_loop(first: int) -> None:
+                batch = first
+                while time.monotonic() < stop:
+                    # Batch b's tasks are due in second 2_000_000_000 + b: counted per second.
+                    at = 2_000_000_000 + batch
+                    items = [{"type": "baz", "execute_at": at + i / 1e6} for i in range(size)]
+                    response = await client.post("/tasks/batch", json={"tasks": items})
+                    answers[batch] = response.status_code
+                    batch += 3
+
+            await asyncio.gather(*(client_loop(first) for first in range(3)))
+        return answers
+
+    with ThreadPoolExecutor(1) as pool:
+        ended = pool.submit(end_sessions)
+        answers = asyncio.run(post_batches())
+        assert ended.result() > 0, "no session was ended: the test tested nothing"
+    with connect(own_server.url) as conn:
+        written = dict(
+            conn.execute(
+                "SELECT CAST(extract(epoch FROM execute_at) AS bigint) - 2000000000, count(*)"
+                " FROM tasks GROUP BY 1"
+            ).fetchall()
+        )
+    failed = [batch for batch, status in answers.items() if status != 201]
+    assert failed, "no batch failed: the test tested nothing"
+    assert set(answers.values()) <= {201, 503}, answers
+    assert {batch: written.get(batch, 0) for batch in failed} == dict.fromkeys(failed, 0)
+    created = [batch for batch, status in answers.items() if status == 201]
+    assert {batch: written.get(batch) for batch in created} == dict.fromkeys(created, size)
 
 
 @pytest.mark.parametrize(
