@@ -365,6 +365,13 @@ class Database:
             conn = await pool.acquire(self._time_left_s(math.inf if wait_s is None else wait_s))
             try:
                 yield conn
+            except psycopg.DatabaseError as exc:
+                # An error that ended the session is an outage to the caller, whatever its
+                # class: the server's idle-in-transaction timeout (25P03) is an
+                # InternalError, and was answered 500 where a lost connection is a 503.
+                if conn.broken:
+                    raise DatabaseUnavailable(f"database unavailable: {first_line(exc)}") from exc
+                raise
             finally:
                 if self.settings.db_pool_size == 0:
                     pool._discard(conn)

@@ -190,3 +190,14 @@ async def test_the_pinned_plan_holds_for_its_transaction_only(settings: Settings
         assert after[:5] == ("on",) * 5 and after[6] != "0"
     finally:
         await store.database.dispose()
+
+
+async def test_a_session_the_server_ended_is_an_outage_not_a_refusal(database: Database) -> None:
+    # The server's idle-in-transaction timeout ends the session with an InternalError
+    # (25P03): a 503 to the API's callers, as any lost connection is, not a 500.
+    with pytest.raises(DatabaseUnavailable, match="idle-in-transaction timeout"):
+        async with database.connection() as conn, conn.transaction():
+            await conn.execute("SET LOCAL idle_in_transaction_session_timeout = '10ms'")
+            await asyncio.sleep(0.5)
+            await conn.execute("SELECT 1")
+    assert await select_one(database) == 1  # and the next use gets a working connection
