@@ -42,8 +42,10 @@ class StatsOut(BaseModel):
         "(an attempt failed, another is due)."
     )
     lateness_ms: dict[str, float] = Field(
-        description="p50, p95, p99 and max of started_at - execute_at over first attempts "
-        "started in the last 5 minutes (percentiles within ~12%, max exact)."
+        description="p50, p95, p99 and max of the start lateness of first attempts started "
+        "in the last 5 minutes: started_at less the moment the task became due (the latest of "
+        "execute_at, created_at and the run-now or retry request that made it due); "
+        "percentiles within ~12%, max exact."
     )
     series: list[MinuteOut] = Field(description="The last hour, a minute at a time.")
 
@@ -86,8 +88,8 @@ def metric_families(stats: Stats) -> list[Any]:
             tasks.add_metric([state, kind], n)
     lateness = GaugeMetricFamily(
         "taskrunner_start_lateness_seconds",
-        "started_at - execute_at of first attempts started in the last 5 minutes "
-        "(quantile 1 is the maximum).",
+        "Start lateness (started_at less the moment the task became due) of first attempts "
+        "started in the last 5 minutes (quantile 1 is the maximum).",
         labels=["quantile"],
     )
     for quantile, key in (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"), ("1", "max")):

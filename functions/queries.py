@@ -24,6 +24,13 @@ CHANNEL = "taskrunner_tasks"
 # retry or a hand-back set. Written exactly so everywhere: the `tasks_due` index is on it.
 DUE_AT = "coalesce(next_attempt_at, execute_at)"
 
+# When a task became due, for its start lateness (`started_at` less this): the request that
+# made it due (run now, retry, a reschedule to a past time: `made_due_at`, migration 0005),
+# or else the latest of the time asked for and the time it was created (a task created with
+# `execute_at: 0` is not 56 years late). The one definition of lateness: the claim reports
+# it to /stats, /metrics and the dashboard, and `taskrunner bench` reads it from the table.
+BECAME_DUE = "coalesce(made_due_at, greatest(execute_at, created_at))"
+
 # Timestamps are read as UTC `timestamp`s (`AT TIME ZONE 'UTC'`), so the session's time
 # zone cannot change a value, nor push 9999-12-31 UTC past what Python can hold.
 TASK_COLUMNS = f"""
@@ -129,7 +136,7 @@ SELECT {TASK_COLUMNS} FROM inserted CROSS JOIN notified
 """
 
 # The task holding a key, and what the request that created it asked for (`requested_at`:
-# execute_at may have moved since, by /run or PATCH).
+# execute_at may have moved since, by PATCH).
 GET_TASK_BY_KEY = f"""
 SELECT {TASK_COLUMNS}, idempotency_execute_at AT TIME ZONE 'UTC' AS requested_at
 FROM tasks WHERE idempotency_key = %(key)s
@@ -236,12 +243,15 @@ LEFT JOIN (SELECT {TASK_COLUMNS} FROM changed) AS task ON true
 """
 
 
-# POST /tasks/{id}/run: a scheduled task becomes due now. Its execute_at becomes now unless
-# it is past already (a task waiting for a retry keeps the time it was asked for), so no task
-# ever starts before its execute_at; a pending retry's wait is dropped.
+# POST /tasks/{id}/run: a scheduled task becomes due now. Like a retry, it sets when the
+# next attempt may start (`next_attempt_at`) and leaves `execute_at`, the time the user asked
+# for, as it was; a pending retry's wait is dropped. A task already due stays as it is, due
+# since it was (`made_due_at` is set only by the request that made the task due).
 RUN_TASK = _act(
     "scheduled",
-    "UPDATE tasks SET execute_at = least(execute_at, now()), next_attempt_at = NULL",
+    f"""UPDATE tasks
+    SET next_attempt_at = CASE WHEN {DUE_AT} > now() THEN now() ELSE next_attempt_at END,
+        made_due_at = CASE WHEN {DUE_AT} > now() THEN now() ELSE made_due_at END""",
 )
 
 # POST /tasks/{id}/retry: a failed task is scheduled again, due now, with a fresh budget of
@@ -252,14 +262,24 @@ RETRY_TASK = _act(
     """UPDATE tasks
     SET state = 'scheduled',
         next_attempt_at = now(),
+        made_due_at = now(),
         max_attempts = attempts + %(max_attempts)s,
         finished_at = NULL""",
 )
 
 # PATCH /tasks/{id}: a scheduled task gets a new execute_at, and is due then (a pending
-# retry's time is dropped with the old one).
+# retry's time is dropped with the old one). Moved to a time already past, a task that was
+# not due became due now; one that was due already stays due since it was.
 RESCHEDULE_TASK = _act(
-    "scheduled", "UPDATE tasks SET execute_at = %(execute_at)s, next_attempt_at = NULL"
+    "scheduled",
+    f"""UPDATE tasks
+    SET execute_at = %(execute_at)s,
+        next_attempt_at = NULL,
+        made_due_at = CASE
+            WHEN %(execute_at)s > now() THEN NULL
+            WHEN {DUE_AT} > now() THEN now()
+            ELSE {BECAME_DUE}
+        END""",
 )
 
 # --- workers ------------------------------------------------------------------------------
@@ -357,9 +377,10 @@ WHERE id = ANY(ARRAY(
     FOR UPDATE SKIP LOCKED
 ))
 RETURNING id, kind, attempts, max_attempts,
-    -- The start lateness of a first attempt, for the activity figures (functions/stats.py).
+    -- The start lateness of a first attempt, for the activity figures (functions/stats.py):
+    -- from BECAME_DUE, which this UPDATE leaves as it was (it clears next_attempt_at).
     CASE WHEN attempts = 1
-        THEN CAST(extract(epoch FROM now() - execute_at) * 1000 AS float8)
+        THEN CAST(extract(epoch FROM now() - {BECAME_DUE}) * 1000 AS float8)
     END AS lateness_ms
 """
 
@@ -583,5 +604,5 @@ PING = "SELECT 1"
 
 # The schema revision these statements are written for (local/migrations/versions/); a
 # unit test keeps it equal to the newest migration.
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 SCHEMA_REVISION_IN_DATABASE = "SELECT version_num FROM alembic_version"

@@ -126,7 +126,8 @@ class Stats:
     workers_alive: int
     # Tasks that finished in the last 60 s, by how.
     last_minute: dict[str, int]
-    # Start lateness (started_at - execute_at) of first attempts in the last 5 minutes.
+    # Start lateness (started_at less when the task became due: queries.BECAME_DUE) of first
+    # attempts in the last 5 minutes.
     lateness_ms: dict[str, float]
     # The last hour, a minute at a time, oldest first.
     series: list[Minute]

@@ -50,9 +50,10 @@ class Task:
     id: int
     kind: str
     state: TaskState
-    # What the user asked for; never moved by retries.
+    # What the user asked for; never moved by retries or run now (only by a reschedule).
     execute_at: datetime
-    # When a scheduled task is next due: execute_at at first, later a retry's time.
+    # When a scheduled task is next due: execute_at at first, later a retry's or a run-now's
+    # time.
     next_attempt_at: datetime | None
     created_at: datetime
     # When the first attempt started (retries keep it); None until a worker starts it.
@@ -518,7 +519,7 @@ def _acted(
 
 
 async def run_task(store: Store, task_id: int) -> Task:
-    """Make a scheduled task due now (a future execute_at becomes now)."""
+    """Make a scheduled task due now; its execute_at stays the time the user asked for."""
     return _acted(task_id, await store.run_task(task_id), "run now", TaskState.SCHEDULED)
 
 

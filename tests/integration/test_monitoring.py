@@ -45,7 +45,8 @@ def counts_in_database(sql: Sql) -> dict[str, dict[str, int]]:
 async def test_stats_match_the_database(
     client: httpx.AsyncClient, settings: Settings, sql: Sql, task_factory: Callable[..., int]
 ) -> None:
-    # Run 30 baz and 5 foo that were due a second ago, and fail 2 bar for good.
+    # Run 30 baz and 5 foo that were due a second ago (created a minute before their time),
+    # and fail 2 bar for good.
     for _ in range(30):
         task_factory("baz", due_in_s=-1.0)
     for _ in range(5):
@@ -53,6 +54,7 @@ async def test_stats_match_the_database(
     bad = dataclasses.replace(settings, bar_url="http://127.0.0.1:1/")
     for _ in range(2):
         task_factory("bar", due_in_s=-1.0, max_attempts=1)
+    sql("UPDATE tasks SET created_at = execute_at - interval '1 minute'")
     summary = await tick(bad, out=io.StringIO())
     assert (summary.succeeded, summary.failed) == (35, 2)
     # Then: 3 due now (one of them waiting 120 s), 2 later, 1 held by a live worker.
@@ -83,17 +85,66 @@ async def test_stats_match_the_database(
 
 @pytest.mark.parametrize("late_s", [3_600.0, 86_400.0, 200 * 86_400.0])
 async def test_lateness_of_hours_and_days_is_reported_within_a_bucket(
-    client: httpx.AsyncClient, settings: Settings, task_factory: Callable[..., int], late_s: float
+    client: httpx.AsyncClient,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    late_s: float,
 ) -> None:
     """Tasks due long ago (a worker was down for a day): before, every percentile stopped at
     the histogram's last bound, 50.6 minutes."""
     for _ in range(20):
         task_factory("baz", due_in_s=-late_s)
+    sql("UPDATE tasks SET created_at = execute_at - interval '1 minute'")
     await tick(settings, out=io.StringIO())
     lateness = (await client.get("/stats")).json()["lateness_ms"]
     for key in ("p50", "p95", "p99"):
         assert late_s * 1000 / 1.25 <= lateness[key] <= lateness["max"] * 1.25, (key, lateness)
     assert late_s * 1000 <= lateness["max"] < (late_s + 60) * 1000
+
+
+async def lateness_after_a_tick(client: httpx.AsyncClient, settings: Settings) -> dict[str, Any]:
+    summary = await tick(settings, out=io.StringIO())
+    assert summary.succeeded >= 1
+    stats_ms = (await client.get("/stats")).json()["lateness_ms"]
+    metrics = {
+        dict(s.labels)["quantile"]: s.value * 1000
+        for family in text_string_to_metric_families((await client.get("/metrics")).text)
+        for s in family.samples
+        if s.name == "taskrunner_start_lateness_seconds"
+    }
+    assert metrics["1"] == pytest.approx(stats_ms["max"], abs=0.01)
+    return dict(stats_ms)
+
+
+async def test_a_task_created_with_a_time_long_past_is_late_from_its_creation(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    """`execute_at: 0`, as the README's examples send: due when created, not 56 years late
+    (what /stats, /metrics and the dashboard said before)."""
+    for at in (0, "2001-01-01T00:00:00Z"):
+        response = await client.post("/tasks", json={"type": "baz", "execute_at": at})
+        assert response.status_code == 201, response.text
+    lateness = await lateness_after_a_tick(client, settings)
+    assert 0 <= lateness["max"] < 60_000, lateness
+
+
+async def test_a_task_run_now_or_rescheduled_to_the_past_is_late_from_that_request(
+    client: httpx.AsyncClient, settings: Settings, sql: Sql
+) -> None:
+    """Created an hour ago for 2030, then run now (or moved to a time already past): due
+    from that request, neither an hour late (from its creation) nor years early."""
+    ids = []
+    for _ in range(2):
+        response = await client.post("/tasks", json={"type": "baz", "execute_at": 1893499200})
+        ids.append(response.json()["id"])
+    sql("UPDATE tasks SET created_at = created_at - interval '1 hour'")
+    assert (await client.post(f"/tasks/{ids[0]}/run")).status_code == 200
+    assert (await client.patch(f"/tasks/{ids[1]}", json={"execute_at": 0})).status_code == 200
+    lateness = await lateness_after_a_tick(client, settings)
+    assert 0 < lateness["p50"] <= lateness["max"] < 60_000, lateness
+    [(execute_at,)] = sql("SELECT extract(epoch FROM execute_at) FROM tasks WHERE id = %s", ids[0])
+    assert execute_at == 1893499200
 
 
 async def test_a_shorter_histogram_of_an_older_version_adds_up(
