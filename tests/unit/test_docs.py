@@ -1,9 +1,12 @@
-"""The README documents every setting the code reads."""
+"""The README documents every setting the code reads, and shows the answer of every example."""
 
 import dataclasses
 from pathlib import Path
 
+import pytest
+
 from functions.settings import Settings
+from tests.examples import BASE_URL, examples, mismatch, pages, parse_body
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
 
@@ -16,3 +19,34 @@ def test_every_setting_is_in_the_readme_configuration_table() -> None:
         if f"`TASKRUNNER_{name.upper()}`" not in table
     ]
     assert missing == []
+
+
+def test_every_curl_example_shows_its_answer_and_asks_only_the_local_server() -> None:
+    """The examples that tests/acceptance/test_readme.py runs: each shows at least its status,
+    and each is sent to the server the README starts (a test never reaches the internet)."""
+    requests = [e for page in pages() for e in examples(page) if e.is_request]
+    assert len(requests) >= 20
+    assert [e.where for e in requests if e.answer is None or e.answer.status is None] == []
+    assert [e.where for e in requests if BASE_URL not in e.command] == []
+
+
+@pytest.mark.parametrize(
+    ("shown", "got", "problem"),
+    [
+        ('{"ids": [7, 8]}', {"ids": [1, 2]}, None),
+        ('{"ids": [7, 8]}', {"ids": [1]}, ".ids: 1 items, 2 shown"),
+        ('{"id": 3, ...}', {"id": 1, "type": "foo"}, None),
+        ('{"id": 3}', {"id": 1, "type": "foo"}, "the body: keys missing [], not shown ['type']"),
+        ("[{...}, ...]", [{"a": 1}, {"b": None}], None),
+        (
+            '{"next_cursor": null}',
+            {"next_cursor": "YWZ0ZXI6Mw"},
+            '.next_cursor: "YWZ0ZXI6Mw" is not a null',
+        ),
+        ('{"p50": 2.1}', {"p50": 0}, None),
+    ],
+)
+def test_shapes_are_compared_by_keys_and_types(
+    shown: str, got: object, problem: str | None
+) -> None:
+    assert mismatch(parse_body(shown), got) == problem
