@@ -11,6 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+from tests.lockfile import CONSTRAINTS, pins
 
 ROOT = Path(__file__).parents[2]
 EVENTS = ROOT / "tests" / "events"
@@ -104,6 +108,14 @@ def test_lambda_bundle_holds_only_runtime_dependencies_and_its_handlers_work(
     assert not [p for p in bundle.rglob("*") if p.is_dir() and p.name in ("tests", "testing")]
     assert not [p for p in files if p.suffix in (".h", ".c", ".pyx", ".pxd")]
     assert (bundle / "functions" / "static" / "favicon.svg").is_file(), "package data"
+    # Every dependency at the version constraints.txt pins, the one the suite ran with, not the
+    # newest release.
+    shipped = {}
+    for dist_info in bundle.glob("*.dist-info"):
+        name, _, version = dist_info.name.removesuffix(".dist-info").partition("-")
+        shipped[canonicalize_name(name)] = Version(version)
+    locked = {name: Version(version) for name, version in pins().items()}
+    assert shipped and {n: locked.get(n) for n in shipped} == shipped, CONSTRAINTS.name
     for dist_info in bundle.glob("taskrunner-*.dist-info"):
         for line in (dist_info / "RECORD").read_text().splitlines():
             listed = line.split(",")[0]
