@@ -71,6 +71,27 @@ _ACTIVITY_EVERY_S = 2.0
 _LOG_EACH_UP_TO = 20
 
 
+def database_for_log(url: str | None) -> str:
+    """The database a URL names, fit for a log line: its password replaced by ***."""
+    if not url:
+        return "(none)"
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "(not a URL)"
+    userinfo, at, hostpart = rest.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = f"{userinfo.partition(':')[0]}:***"
+    # The query may carry a password too (?password=..., ?sslpassword=...).
+    hostpart, q, query = hostpart.partition("?")
+    if q:
+        options = [option.partition("=") for option in query.split("&")]
+        query = "&".join(
+            f"{name}{eq}***" if "password" in name.lower() else f"{name}{eq}{value}"
+            for name, eq, value in options
+        )
+    return f"{scheme}://{userinfo}{at}{hostpart}{q}{query}"
+
+
 def new_worker_id() -> str:
     """Name a worker in `claimed_by`: host, pid and a random part, unique per run."""
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
@@ -235,6 +256,13 @@ class Runner:
         # From here on this worker holds a lease: every way out goes through _shut_down.
         self._writer = LineWriter(self.out, self._lines_out)
         self._writer.renewed(sent_at, self.settings.lease_seconds)
+        if keep_polling and deadline is None:  # a worker (`worker`, `dev`), not a tick
+            logger.info(
+                "action=start worker=%s kinds=%s concurrency=%d lease_s=%g database=%s:"
+                " claiming due tasks",
+                self.worker_id, ",".join(KINDS), self.settings.concurrency,
+                self.settings.lease_seconds, database_for_log(self.settings.database_url),
+            )  # fmt: skip
         loops = [
             asyncio.create_task(self._guard(self._write_loop(summary), "write")),
             asyncio.create_task(self._guard(self._heartbeat_loop(summary), "heartbeat")),

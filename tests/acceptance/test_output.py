@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.procs import TASKRUNNER, Proc, free_port, spawn, wait_for
+from tests.procs import TASKRUNNER, Proc, free_port, spawn, wait_for, wait_registered
 
 __all__ = ["spawn"]  # the fixture
 
@@ -215,3 +215,18 @@ def test_a_worker_paused_past_its_lease_prints_nothing_of_what_was_rescued(
     assert other.terminate() == 0, other.stderr()
     assert lines(paused.stdout(), "Foo") == Counter(), "nothing printed after the pause"
     assert sql("SELECT state, attempts, count(*) FROM tasks GROUP BY 1, 2") == [("succeeded", 2, n)]
+
+
+def test_a_worker_says_what_it_is_when_it_starts(
+    spawn: Callable[..., Proc], database_url: str
+) -> None:
+    """One line on stderr: its id, kinds, concurrency, lease and database, password hidden."""
+    url = database_url.replace("postgresql://postgres@", "postgresql://postgres:s3cret@")
+    worker = spawn("worker", env={"TASKRUNNER_DATABASE_URL": url, "TASKRUNNER_CONCURRENCY": "7"})
+    wait_registered(worker, database_url)
+    wait_for(lambda: "action=start" in worker.stderr(), 30, "the start-up line")
+    assert worker.terminate() == 0
+    [line] = [line for line in worker.stderr().splitlines() if "action=start" in line]
+    assert f"worker={worker.pid}" not in line and f":{worker.pid}:" in line
+    assert "kinds=foo,bar,baz concurrency=7 lease_s=" in line
+    assert "database=postgresql://postgres:***@" in line and "s3cret" not in line
