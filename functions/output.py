@@ -90,6 +90,11 @@ class LineWriter:
             self._signalled = False
         return done
 
+    @property
+    def closed(self) -> bool:
+        """Nothing more will be written (closed, or stdout failed)."""
+        return self._closing
+
     def close(self) -> None:
         """Write nothing more: what is queued is dropped, a write under way is finished."""
         with self._lock:

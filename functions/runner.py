@@ -867,14 +867,19 @@ class Runner:
         # but for a run with a deadline: what it does not write is written below).
         write_loop = loops[0]
         until = time.monotonic() + (grace_s if deadline is not None else max(grace_s, 1.0))
-        while (self._pending or self._writing or self._printing) and time.monotonic() < until:
+        writer = self._writer
+        while time.monotonic() < until and (
+            self._pending
+            or self._writing
+            or (self._printing and writer is not None and not writer.closed)
+        ):
             if write_loop.done():
                 break  # it broke: nothing more will be written
             await asyncio.sleep(0.01)
         # Lines not out by now never will be: their tasks are handed back below.
-        if self._writer is not None:
-            self._writer.close()
-            await self._writer.wait_closed()
+        if writer is not None:
+            writer.close()
+            await writer.wait_closed()
             self._lines_out()
         self._printing.clear()
         for loop in loops:
