@@ -55,6 +55,9 @@ _DB_RETRY_FIRST_S = 0.1
 _DB_RETRY_MAX_S = 5.0
 # What a run with a deadline keeps, when it stops, for recording results and handing back.
 _FINAL_WRITES_S = 1.0
+# What a run stopping with no grace left still gives lines already with the writer; within
+# _FINAL_WRITES_S.
+_LINES_AT_SHUTDOWN_S = 0.25
 # Results waiting, and no write has completed for this long: writes are slow, stop claiming.
 # A write of a full batch takes ~20 ms here.
 _SLOW_WRITE_S = 1.0
@@ -868,10 +871,15 @@ class Runner:
         write_loop = loops[0]
         until = time.monotonic() + (grace_s if deadline is not None else max(grace_s, 1.0))
         writer = self._writer
-        while time.monotonic() < until and (
-            self._pending
-            or self._writing
-            or (self._printing and writer is not None and not writer.closed)
+        # Lines already with the writer get a moment even with no grace left (a run near its
+        # deadline): normally they are out within a millisecond, and a run whose line is out
+        # is recorded rather than run again.
+        lines_until = max(until, time.monotonic() + _LINES_AT_SHUTDOWN_S)
+        while ((self._pending or self._writing) and time.monotonic() < until) or (
+            self._printing
+            and writer is not None
+            and not writer.closed
+            and time.monotonic() < lines_until
         ):
             if write_loop.done():
                 break  # it broke: nothing more will be written
