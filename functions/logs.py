@@ -4,7 +4,8 @@ On Lambda each record is one JSON object on one line, so CloudWatch keeps a reco
 too) as one event and Logs Insights can filter on its fields; elsewhere it is a line of text.
 Our messages start with `key=value` fields (`action=tick worker=w1 task_id=7: lease lost`):
 in JSON those become fields of their own, and so do the items of a dict logged as an argument
-(the tick's summary), so `filter action = "tick" and failed > 0` works.
+(the tick's summary), so `filter action = "tick" and failed > 0` works. A dict is not repeated
+in the JSON message: its items are the fields.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
         }
-        message = record.getMessage()
+        message = _message(record)
         while found := _FIELD.match(message):
             key, value, colon = found.groups()
             if key not in _RESERVED:
@@ -45,7 +46,8 @@ class JsonFormatter(logging.Formatter):
             message = message[found.end() :]
             if colon:
                 break
-        out["message"] = message
+        # (A message that was only fields and a dict, the tick's summary, says what it is.)
+        out["message"] = message or str(out.get("action", ""))
         args = record.args if isinstance(record.args, tuple) else (record.args,)
         for arg in args:
             if isinstance(arg, dict):
@@ -55,6 +57,22 @@ class JsonFormatter(logging.Formatter):
         elif record.exc_text:
             out["exception"] = record.exc_text
         return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The record's message with each dict argument left out (its items are fields)."""
+    args = record.args
+    if isinstance(args, dict):
+        if "%(" in str(record.msg):
+            return record.getMessage()  # the dict fills named placeholders: it is the text
+        args = (args,)
+    if not args or not any(isinstance(arg, dict) for arg in args):
+        return record.getMessage()
+    try:
+        text = str(record.msg) % tuple("" if isinstance(arg, dict) else arg for arg in args)
+    except (TypeError, ValueError):
+        return record.getMessage()
+    return text.strip()
 
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -2,8 +2,10 @@
 
 One `Runner.run` is one worker: it registers itself (a row in `workers`, with a lease), claims
 due tasks in batches that fit its free room, runs each (inline for kinds that return at once,
-an asyncio task otherwise), prints each kind's line to stdout, and records results in
-bounded batches. Three loops share the work:
+an asyncio task otherwise), hands each kind's line to a writer thread for stdout
+(functions/output.py: output never stops the loop, and is written only while the lease
+covers it), and records results in bounded batches once their lines are out. Three loops
+share the work:
 
 - the claim loop claims while there is room, then sleeps until the next due time, a
   notification, or freed room;
@@ -15,7 +17,8 @@ bounded batches. Three loops share the work:
 Everything a worker holds (running, queued for a slot, waiting to be recorded) is in
 `_held`, and is covered by the worker's lease until it is recorded or handed back. The room
 to claim is bounded by `concurrency` over all of it, and claiming stops while results wait
-on a write that is slow: a worker never claims faster than it records.
+on a write that is slow, or lines on a stdout that is: a worker never claims faster than it
+records, or than its output is read.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import io
 import logging
 import os
 import socket
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from functions import tasks
 from functions.errors import DatabaseError, DatabaseUnavailable, WorkerFailed
 from functions.kinds import KINDS, Context, HttpClients, Kind
+from functions.output import LineWriter
 from functions.settings import Settings
 from functions.stats import Activity, bucket_of, merge_activity
 from functions.store import Claimed, NextDue, Result, Store
@@ -52,6 +55,9 @@ _DB_RETRY_FIRST_S = 0.1
 _DB_RETRY_MAX_S = 5.0
 # What a run with a deadline keeps, when it stops, for recording results and handing back.
 _FINAL_WRITES_S = 1.0
+# What a run stopping with no grace left still gives lines already with the writer; within
+# _FINAL_WRITES_S.
+_LINES_AT_SHUTDOWN_S = 0.25
 # Results waiting, and no write has completed for this long: writes are slow, stop claiming.
 # A write of a full batch takes ~20 ms here.
 _SLOW_WRITE_S = 1.0
@@ -66,6 +72,27 @@ _last_prune: float | None = None
 _ACTIVITY_EVERY_S = 2.0
 # Rescued tasks are logged one line each up to this many per rescue, then summarised.
 _LOG_EACH_UP_TO = 20
+
+
+def database_for_log(url: str | None) -> str:
+    """The database a URL names, fit for a log line: its password replaced by ***."""
+    if not url:
+        return "(none)"
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "(not a URL)"
+    userinfo, at, hostpart = rest.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = f"{userinfo.partition(':')[0]}:***"
+    # The query may carry a password too (?password=..., ?sslpassword=...).
+    hostpart, q, query = hostpart.partition("?")
+    if q:
+        options = [option.partition("=") for option in query.split("&")]
+        query = "&".join(
+            f"{name}{eq}***" if "password" in name.lower() else f"{name}{eq}{value}"
+            for name, eq, value in options
+        )
+    return f"{scheme}://{userinfo}{at}{hostpart}{q}{query}"
 
 
 def new_worker_id() -> str:
@@ -97,16 +124,6 @@ def clean_text(text: str) -> str:
     if len(text) > _MAX_TEXT:
         text = f"{text[: _MAX_TEXT - 40]}... ({len(text):,} characters in all)"
     return text
-
-
-def _writes_through(out: TextIO) -> bool:
-    """Whether a line written to `out` without error is out of this process (line-buffered,
-    as a terminal is, or unbuffered, as with PYTHONUNBUFFERED or `python -u`), rather than
-    in a buffer that a later flush may fail to write."""
-    if getattr(out, "line_buffering", False):
-        return True
-    raw = getattr(out, "buffer", None)
-    return bool(getattr(out, "write_through", False)) and isinstance(raw, io.RawIOBase)
 
 
 @dataclass
@@ -188,10 +205,12 @@ class Runner:
         self._failure: str | None = None
         self.lease_lost = False
         self._print_error: str | None = None
-        # Tasks whose line is in stdout's buffer, not known to be out until the next flush
-        # succeeds (none when stdout writes through: a line written is out).
-        self._unflushed: set[int] = set()
-        self._out_writes_through = _writes_through(self.out)
+        # Results whose line is with the writer, not out yet (recorded once it is), and
+        # since when lines have waited for it (time.monotonic()).
+        self._printing: dict[int, Result] = {}
+        self._printing_since = 0.0
+        self._last_line_out = 0.0
+        self._writer: LineWriter | None = None
         # Counts for /stats by 10-second bucket of the database's time, not yet written;
         # the database's clock less this process's (from each claim's answer).
         self._activity: dict[int, Activity] = {}
@@ -235,8 +254,18 @@ class Runner:
         self._reset()
         summary = TickSummary(worker=self.worker_id)
         kinds_at_start = self._kinds_that_fit(deadline)
+        sent_at = time.monotonic()
         await self.store.register_worker(worker=self.worker_id, lease_s=self.settings.lease_seconds)
         # From here on this worker holds a lease: every way out goes through _shut_down.
+        self._writer = LineWriter(self.out, self._lines_out)
+        self._writer.renewed(sent_at, self.settings.lease_seconds)
+        if keep_polling and deadline is None:  # a worker (`worker`, `dev`), not a tick
+            logger.info(
+                "action=start worker=%s kinds=%s concurrency=%d lease_s=%g database=%s:"
+                " claiming due tasks",
+                self.worker_id, ",".join(KINDS), self.settings.concurrency,
+                self.settings.lease_seconds, database_for_log(self.settings.database_url),
+            )  # fmt: skip
         loops = [
             asyncio.create_task(self._guard(self._write_loop(summary), "write")),
             asyncio.create_task(self._guard(self._heartbeat_loop(summary), "heartbeat")),
@@ -318,6 +347,10 @@ class Runner:
             waited_s = time.monotonic() - max(self._backlog_since, self._last_write_done)
             if waited_s > _SLOW_WRITE_S:
                 return 0  # writes are slow: claim nothing more until they catch up
+        if self._printing:
+            waited_s = time.monotonic() - max(self._printing_since, self._last_line_out)
+            if waited_s > _SLOW_WRITE_S:
+                return 0  # stdout is slow (a reader that does not keep up): the same
         free = self.settings.concurrency - len(self._held)
         return max(0, min(free, self.settings.claim_batch, self.store.WRITE_BATCH))
 
@@ -383,6 +416,7 @@ class Runner:
 
     async def _claim(self, kinds: list[str], limit: int) -> tuple[list[Claimed], NextDue]:
         async with self._claim_lock:
+            sent_at = time.monotonic()
             try:
                 claimed, due = await self.store.claim_due(
                     worker=self.worker_id,
@@ -397,6 +431,8 @@ class Runner:
                 raise
             for task in claimed:
                 self._held[task.id] = task
+        if claimed:  # (none: nothing was due, or the lease had run out)
+            self._renewed(sent_at)
         self._db_offset_s = due.now_s - time.time()
         if claimed:  # (a tick with nothing to do writes no activity: a statement less)
             activity = self._activity_now()
@@ -538,11 +574,16 @@ class Runner:
         if exc is None:
             assert isinstance(line, str)
             line = clean_text(line)  # what is stored is what is printed
-            if not self._print(line):
+            if self._print_error is not None or self._writer is None:
                 return  # not printed: handed back at shutdown, for a worker that can print
-            if not self._out_writes_through:
-                self._unflushed.add(claimed.id)
-            result = Result(claimed.id, claimed.attempt, TaskState.SUCCEEDED, line)
+            # Recorded once its line is out (_lines_out).
+            if not self._printing:
+                self._printing_since = time.monotonic()
+            self._printing[claimed.id] = Result(
+                claimed.id, claimed.attempt, TaskState.SUCCEEDED, line
+            )
+            self._writer.put(claimed.id, line)
+            return
         else:
             error = clean_text(f"{type(exc).__name__}: {exc}".rstrip(": "))
             if claimed.attempt < claimed.max_attempts:
@@ -565,23 +606,34 @@ class Runner:
         self._pending.append(result)
         self._results_ready.set()
 
-    def _print(self, line: str) -> bool:
-        """Write a line to stdout's buffer; False once stdout cannot take it."""
-        if self._print_error is None:
-            try:
-                self.out.write(line + "\n")
-                return True
-            except UnicodeEncodeError:
-                # This line, not stdout: an output that stdout's encoding cannot show.
-                encoding = getattr(self.out, "encoding", None) or "ascii"
-                escaped = line.encode(encoding, "backslashreplace").decode(encoding)
-                return self._print(escaped)
-            except (OSError, ValueError) as exc:
-                self._printing_failed(exc)
-        return False
+    def _lines_out(self) -> None:
+        """Queue the results of the runs whose lines the writer got out (on the loop)."""
+        if self._writer is None:
+            return
+        out = self._writer.take_out()
+        if out:
+            self._last_line_out = time.monotonic()
+        for task_id in out:
+            result = self._printing.pop(task_id, None)
+            if result is not None and task_id in self._held:
+                if not self._pending and not self._writing:
+                    self._backlog_since = time.monotonic()
+                self._pending.append(result)
+        if out:
+            self._results_ready.set()
+            if not self._printing:
+                self._wake.set()  # room is free again
+        if self._writer.error is not None and self._print_error is None:
+            self._printing_failed(self._writer.error)
 
-    def _printing_failed(self, exc: BaseException) -> None:
-        self._print_error = f"{type(exc).__name__}: {exc}"
+    def _renewed(self, sent_at: float) -> None:
+        """The lease was renewed by a statement sent at `sent_at`: lines may be written
+        up to then plus the lease, less a margin (functions/output.py)."""
+        if self._writer is not None:
+            self._writer.renewed(sent_at, self.settings.lease_seconds)
+
+    def _printing_failed(self, error: str) -> None:
+        self._print_error = error
         self._fail(
             f"cannot print task output ({self._print_error}); the tasks whose lines were not"
             " printed are handed back"
@@ -624,24 +676,9 @@ class Runner:
 
     async def _write(self, batch: list[Result], summary: TickSummary) -> None:
         """Record one batch of results, each fenced (see queries.FINISH_MANY)."""
-        # The lines are out before their results are recorded: a crash in between can print
-        # a line again on the retry, but a run whose line was not printed is never recorded.
-        if self._print_error is None:
-            try:
-                self.out.flush()
-                self._unflushed.clear()
-            except (OSError, ValueError) as exc:
-                self._printing_failed(exc)
-        if self._print_error is not None:
-            # Lines that were still in the buffer may not be out: hand those tasks back
-            # instead. Those written through, or flushed, are out: recorded as run.
-            batch = [
-                r
-                for r in batch
-                if r.state is not TaskState.SUCCEEDED or r.id not in self._unflushed
-            ]
-            if not batch:
-                return
+        # A run's line is out before its result is queued here (_lines_out): a crash in
+        # between can print a line again on the retry, but a run whose line was not printed
+        # is never recorded.
         try:
             written = await self.store.finish_many(worker=self.worker_id, results=batch)
         except DatabaseError:
@@ -703,6 +740,7 @@ class Runner:
         while True:
             await asyncio.sleep(wait_s)
             try:
+                sent_at = time.monotonic()
                 # Bounded by the interval: a renewal that takes longer is late anyway.
                 alive = await self.store.heartbeat(
                     worker=self.worker_id,
@@ -712,6 +750,7 @@ class Runner:
                 if not alive:
                     self._lose_lease()
                     return
+                self._renewed(sent_at)
                 await self._rescue(summary)
                 await self._reconcile(summary)
                 await self._prune_if_due(summary, None)
@@ -729,6 +768,8 @@ class Runner:
             " Handing back what it still holds and starting again as a new worker",
             self.worker_id, self.settings.lease_seconds,
         )  # fmt: skip
+        if self._writer is not None:
+            self._writer.close()  # no line more: those tasks may be running elsewhere
         self._halt.set()
 
     async def _rescue(self, summary: TickSummary) -> None:
@@ -829,10 +870,26 @@ class Runner:
         # but for a run with a deadline: what it does not write is written below).
         write_loop = loops[0]
         until = time.monotonic() + (grace_s if deadline is not None else max(grace_s, 1.0))
-        while (self._pending or self._writing) and time.monotonic() < until:
+        writer = self._writer
+        # Lines already with the writer get a moment even with no grace left (a run near its
+        # deadline): normally they are out within a millisecond, and a run whose line is out
+        # is recorded rather than run again.
+        lines_until = max(until, time.monotonic() + _LINES_AT_SHUTDOWN_S)
+        while ((self._pending or self._writing) and time.monotonic() < until) or (
+            self._printing
+            and writer is not None
+            and not writer.closed
+            and time.monotonic() < lines_until
+        ):
             if write_loop.done():
                 break  # it broke: nothing more will be written
             await asyncio.sleep(0.01)
+        # Lines not out by now never will be: their tasks are handed back below.
+        if writer is not None:
+            writer.close()
+            await writer.wait_closed()
+            self._lines_out()
+        self._printing.clear()
         for loop in loops:
             loop.cancel()
         await asyncio.gather(*loops, return_exceptions=True)

@@ -30,11 +30,19 @@ def test_key_value_words_become_fields() -> None:
     assert list(out)[:3] == ["time", "level", "logger"]
 
 
-def test_a_dict_argument_becomes_fields_and_the_text_stays() -> None:
-    out = json.loads(JsonFormatter().format(record("action=tick %s", {"claimed": 3, "level": 9})))
-    assert out["action"] == "tick" and out["claimed"] == 3
+def test_a_dict_argument_becomes_fields_and_is_not_repeated_in_the_message() -> None:
+    """The tick's summary: each item a field, no Python repr (`'last_error': None`) in the
+    message, which says what the line is."""
+    summary = {"claimed": 3, "level": 9, "last_error": None}
+    out = json.loads(JsonFormatter().format(record("action=tick %s", summary)))
+    assert out["action"] == "tick" and out["claimed"] == 3 and out["last_error"] is None
     assert out["level"] == "WARNING", "a field never replaces the record's own"
-    assert out["message"] == "{'claimed': 3, 'level': 9}"
+    assert out["message"] == "tick"
+    assert "None" not in json.dumps(out) and "{" not in out["message"]
+    out = json.loads(JsonFormatter().format(record("action=x: took %s of %s", "2 s", {"a": 1})))
+    assert (out["message"], out["a"]) == ("took 2 s of", 1)
+    named = record("%(what)s done", {"what": "prune"})
+    assert json.loads(JsonFormatter().format(named))["message"] == "prune done"
 
 
 def test_plain_messages_and_tracebacks_stay_on_one_line() -> None:

@@ -1,0 +1,208 @@
+"""Task lines to stdout from a thread of their own: output never stops the event loop.
+
+A reader that is slow (`taskrunner worker | (sleep 25; cat)`) fills the pipe, and a write
+to a full pipe blocks. On the event loop that blocked the heartbeat, the claims and the API
+with it: a worker's lease ran out under the tasks it held, and they ran again elsewhere
+(20,000 baz, lease 8 s: 1,000 ran twice). Here the loop hands each line to `LineWriter.put`
+and carries on; the thread writes and reports which lines are out, and only then are their
+results recorded.
+
+A line is written only while the worker's lease covers it, by this process's monotonic
+clock: `renewed` says when a renewal was sent, and past that plus the lease, less a margin,
+nothing is written (the lines wait for the next renewal; if the lease turns out lost, they
+are never written and their tasks are handed back). A process paused past its lease (a
+stopped host, SIGSTOP) therefore does not print, when it wakes, the lines of tasks another
+worker has rescued and run. The check is made right before each write, in the thread.
+
+To a file descriptor (stdout, normally), lines go out in writes of at most PIPE_BUF bytes,
+each made once `poll` says it will not block, so each is all out or not at all on a pipe,
+and the thread never sits in a write it cannot leave. Other streams (tests' StringIO) are
+written line by line and flushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TextIO
+
+# A write of at most this many bytes to a pipe is all out or not at all (POSIX).
+CHUNK_BYTES = select.PIPE_BUF
+# How often a waiting thread looks again at a stop, a renewal, a pipe that drains.
+_POLL_S = 0.1
+
+
+def lease_margin_s(lease_s: float) -> float:
+    """How long before its lease runs out a worker stops printing: a second, or a tenth of
+    the lease if that is more (what a renewal's round trip and clocks' drift may take)."""
+    return max(1.0, lease_s / 10)
+
+
+class LineWriter:
+    """Writes lines to `out` from a daemon thread; `on_out` (called on the event loop, from
+    the thread) hears that some are out: `take_out` then returns their keys."""
+
+    def __init__(self, out: TextIO, on_out: Callable[[], None]) -> None:
+        self._out = out
+        self._on_out = on_out
+        self._loop = asyncio.get_running_loop()
+        self._fd: int | None = None
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            self._fd = out.fileno()
+            out.flush()  # what is in its buffer goes first; from here on it is bypassed
+        self._encoding = getattr(out, "encoding", None) or "utf-8"
+        self._lock = threading.Condition()
+        self._queue: deque[tuple[int, str]] = deque()
+        self._done: list[int] = []
+        self._signalled = False
+        self._closing = False
+        # time.monotonic() past which no line is written (the lease less its margin).
+        self._writable_until = 0.0
+        # Why writing stopped for good (stdout closed), once it has.
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="taskrunner-stdout", daemon=True)
+        self._thread.start()
+
+    def renewed(self, sent_at: float, lease_s: float) -> None:
+        """The lease was renewed by a statement sent at `sent_at` (time.monotonic())."""
+        until = sent_at + lease_s - lease_margin_s(lease_s)
+        with self._lock:
+            if until > self._writable_until:
+                self._writable_until = until
+                self._lock.notify()
+
+    def put(self, key: int, line: str) -> None:
+        """Queue a line (without its newline); `key` comes back from `take_out` once it is out."""
+        with self._lock:
+            self._queue.append((key, line))
+            self._lock.notify()
+
+    def take_out(self) -> list[int]:
+        """The keys of the lines out since the last call."""
+        with self._lock:
+            done, self._done = self._done, []
+            self._signalled = False
+        return done
+
+    @property
+    def closed(self) -> bool:
+        """Nothing more will be written (closed, or stdout failed)."""
+        return self._closing
+
+    def close(self) -> None:
+        """Write nothing more: what is queued is dropped, a write under way is finished."""
+        with self._lock:
+            self._closing = True
+            self._queue.clear()
+            self._lock.notify()
+
+    async def wait_closed(self, timeout_s: float = 1.0) -> None:
+        """Wait for the thread to end after `close` (it looks again every _POLL_S), or for
+        `timeout_s` (a write to a terminal that blocks: the thread is left to it)."""
+        until = time.monotonic() + timeout_s
+        while self._thread.is_alive() and time.monotonic() < until:
+            await asyncio.sleep(0.01)
+
+    # --- the thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing:
+                    self._lock.wait()
+                if self._closing:
+                    return
+                batch = self._next_batch()
+            try:
+                written = self._write(batch)
+            except Exception as exc:  # (any: a thread that died silently would stall the worker)
+                self.error = f"{type(exc).__name__}: {exc}"
+                written = False
+            if not written:  # closed meanwhile, or failed: nothing more is written
+                with self._lock:
+                    self._closing = True
+                    self._queue.clear()
+                self._signal()
+                return
+            if self._fd is not None:
+                self._out_now(batch)
+
+    def _out_now(self, lines: list[tuple[int, str]]) -> None:
+        with self._lock:
+            self._done.extend(key for key, _ in lines)
+        self._signal()
+
+    def _next_batch(self) -> list[tuple[int, str]]:
+        """Lines from the queue that fit one atomic write (one line at least)."""
+        batch = [self._queue.popleft()]
+        size = len(batch[0][1]) + 1
+        # (Characters, not bytes: a line of other than ASCII makes a write that may exceed
+        # PIPE_BUF, and so may be split; it is still written whole or reported not out.)
+        while self._queue and size + len(self._queue[0][1]) + 1 <= CHUNK_BYTES:
+            batch.append(self._queue.popleft())
+            size += len(batch[-1][1]) + 1
+        return batch
+
+    def _signal(self) -> None:
+        with self._lock:
+            if self._signalled:
+                return
+            self._signalled = True
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+            self._loop.call_soon_threadsafe(self._on_out)
+
+    def _may_write(self) -> bool:
+        """Wait until a write is covered by the lease; False when closing."""
+        with self._lock:
+            while not self._closing and time.monotonic() >= self._writable_until:
+                self._lock.wait(_POLL_S)
+            return not self._closing
+
+    def _write(self, batch: list[tuple[int, str]]) -> bool:
+        """Write a batch; True once all of it is out, False if closing stopped it first."""
+        if self._fd is None:
+            return self._write_stream(batch)
+        data = "".join(f"{line}\n" for _, line in batch).encode(self._encoding, "backslashreplace")
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT)
+        view = memoryview(data)
+        while len(view) == len(data):  # nothing of it out yet
+            if not self._may_write():
+                return False
+            if not poller.poll(_POLL_S * 1000):
+                continue  # the reader is slow: look again (at a stop, at the lease)
+            # Right before the bytes go: a pause of the process up to here is caught.
+            if time.monotonic() >= self._writable_until:
+                continue
+            with contextlib.suppress(BlockingIOError):  # (a non-blocking descriptor)
+                view = view[os.write(self._fd, view) :]
+        while view:  # the rest of a write that went out in part (not a pipe)
+            if self._closing:
+                return False
+            poller.poll(_POLL_S * 1000)
+            with contextlib.suppress(BlockingIOError):
+                view = view[os.write(self._fd, view) :]
+        return True
+
+    def _write_stream(self, batch: list[tuple[int, str]]) -> bool:
+        """Each line written and flushed on its own, and reported out at once: what a
+        failure leaves out of the stream is known to the line."""
+        for entry in batch:
+            line = entry[1]
+            if not self._may_write():
+                return False
+            try:
+                self._out.write(line + "\n")
+            except UnicodeEncodeError:
+                # This line, not the stream: text its encoding cannot show, written escaped.
+                escaped = line.encode(self._encoding, "backslashreplace").decode(self._encoding)
+                self._out.write(escaped + "\n")
+            self._out.flush()
+            self._out_now([entry])
+        return True

@@ -1,0 +1,84 @@
+"""The stdout writer on its own: lines go out only while the lease covers them, a line out is
+reported, and a full pipe holds up nothing but the writer's thread."""
+
+import asyncio
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from functions.output import LineWriter, lease_margin_s
+
+
+def test_the_margin_is_a_second_or_a_tenth_of_the_lease() -> None:
+    assert (lease_margin_s(3), lease_margin_s(10), lease_margin_s(60)) == (1.0, 1.0, 6.0)
+
+
+async def wait_until(predicate: object, timeout_s: float = 10) -> None:
+    until = time.monotonic() + timeout_s
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < until, "timed out"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 4096)
+    yield read_fd, write_fd
+    os.close(read_fd)
+    os.close(write_fd)
+
+
+def read(fd: int) -> bytes:
+    try:
+        return os.read(fd, 1 << 20)
+    except BlockingIOError:
+        return b""
+
+
+async def test_nothing_is_written_past_the_lease_until_it_is_renewed(
+    pipe: tuple[int, int],
+) -> None:
+    """A renewal sent a lease ago (a process paused since): the line waits, unwritten; the
+    next renewal lets it out, and it is reported."""
+    read_fd, write_fd = pipe
+    out = os.fdopen(write_fd, "w", closefd=False)
+    reported: list[int] = []
+    writer = LineWriter(out, lambda: reported.extend(writer.take_out()))
+    lease_s = 3.0
+    writer.renewed(time.monotonic() - lease_s, lease_s)  # a pause of a lease since
+    writer.put(7, "Foo 7")
+    await asyncio.sleep(0.5)
+    assert read(read_fd) == b"" and reported == []
+    writer.renewed(time.monotonic(), lease_s)
+    await wait_until(lambda: reported == [7])
+    assert read(read_fd) == b"Foo 7\n"
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_a_full_pipe_stops_only_the_writer_and_close_drops_what_waits(
+    pipe: tuple[int, int],
+) -> None:
+    """Lines beyond what the pipe holds wait in the thread; those never written (dropped
+    by `close`) are never reported out, and every line reported is in the pipe."""
+    read_fd, write_fd = pipe
+    out = os.fdopen(write_fd, "w", closefd=False)
+    reported: list[int] = []
+    writer = LineWriter(out, lambda: reported.extend(writer.take_out()))
+    writer.renewed(time.monotonic(), 60.0)
+    for i in range(2_000):  # 20 KB, five times the pipe
+        writer.put(i, f"Baz {i:05}")
+    await wait_until(lambda: len(reported) > 0)
+    await asyncio.sleep(0.2)
+    assert 0 < len(reported) < 2_000, "the pipe holds a fifth of it"
+    got = read(read_fd)
+    writer.close()
+    await writer.wait_closed()
+    got += read(read_fd)
+    reported.extend(writer.take_out())
+    assert got.decode().splitlines() == [f"Baz {i:05}" for i in sorted(reported)]
