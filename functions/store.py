@@ -20,7 +20,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import RowFactory, namedtuple_row, tuple_row
 
 from functions import queries
-from functions.db import Coalescer, Database, connect_kwargs, first_line, libpq_url
+from functions.db import Coalescer, Database, behind_pooler, connect, first_line
 from functions.errors import DatabaseUnavailable, IdempotencyKeyReused, SchemaOutdated
 from functions.settings import Settings
 from functions.stats import Activity
@@ -600,14 +600,16 @@ async def listen(settings: Settings, on_created: Callable[[float | None], None])
     LISTEN needs a session of its own for as long as it listens, so it gets a connection of
     its own outside the pool (which may hold a single connection), and it cannot work through
     a transaction pooler. Reconnects after an outage, then calls `on_created(None)`: it may
-    have missed notifications meanwhile.
+    have missed notifications meanwhile. Returns at once behind a transaction pooler, set or
+    found by connecting (db.connect): the worker polls instead.
     """
     retry_s = 0.1
-    kwargs = connect_kwargs(settings, application_name="taskrunner-listen")
-    while True:
+    while not behind_pooler(settings):
         try:
-            conn = await psycopg.AsyncConnection.connect(libpq_url(settings.database_url), **kwargs)
+            conn = await connect(settings, application_name="taskrunner-listen")
             async with conn:
+                if behind_pooler(settings):
+                    return
                 await conn.execute(f"LISTEN {queries.CHANNEL}")
                 on_created(None)
                 retry_s = 0.1
