@@ -461,7 +461,8 @@ class Store:
         return bool(rows)
 
     async def deregister_worker(self, *, worker: str) -> None:
-        await self._all(queries.DEREGISTER_WORKER, worker=worker)
+        # Pinned as the claim is, for its plan (a custom one: see queries.PINNED_PLAN).
+        await self._pinned((queries.DEREGISTER_WORKER, {"worker": worker}))
 
     # --- claim -> run -> record --------------------------------------------------------------
 
@@ -504,7 +505,7 @@ class Store:
         return found
 
     async def held_by(self, *, worker: str) -> set[int]:
-        rows = await self._all(queries.HELD_BY, tuple_row, worker=worker)
+        [rows] = await self._pinned((queries.HELD_BY, {"worker": worker}))
         return {task_id for (task_id,) in rows}
 
     async def release(self, *, worker: str, ids: Sequence[int]) -> set[int]:
@@ -590,7 +591,7 @@ class Store:
             rescued += [(task_id, TaskState(state)) for task_id, state in rows]
             if len(rows) < self.WRITE_BATCH:
                 break
-        await self._all(queries.FORGET_DEAD_WORKERS)
+        await self._pinned((queries.FORGET_DEAD_WORKERS, {}))
         return rescued
 
 
