@@ -67,6 +67,20 @@ def libpq_url(database_url: str | None) -> str:
     return database_url
 
 
+# How a transaction pooler refuses the startup parameter `options`: pgbouncer says
+# "unsupported startup parameter: options", RDS Proxy that it "doesn't support command-line
+# options".
+_POOLER_REFUSALS = ("unsupported startup parameter", "command-line options")
+# Set once a pooler has refused `options` in this process: from then on every connection is
+# made as in pooler mode, as if TASKRUNNER_TRANSACTION_POOLER were set.
+_pooler_found = False
+
+
+def behind_pooler(settings: Settings) -> bool:
+    """Whether connections go through a transaction pooler: set, or found by connecting."""
+    return settings.transaction_pooler or _pooler_found
+
+
 def connect_kwargs(settings: Settings, application_name: str = "taskrunner") -> dict[str, Any]:
     """psycopg connection arguments for `settings` (autocommit: every statement is its own
     transaction, which spares the BEGIN and COMMIT round trips)."""
@@ -75,7 +89,7 @@ def connect_kwargs(settings: Settings, application_name: str = "taskrunner") -> 
         "connect_timeout": settings.db_connect_timeout_s,
         "application_name": application_name,
     }
-    if settings.transaction_pooler:
+    if behind_pooler(settings):
         # pgbouncer (transaction mode) and RDS Proxy hand each transaction to any server
         # connection, where a statement prepared on another one does not exist; and they
         # refuse startup options, so the statement bound is client-side only.
@@ -87,6 +101,32 @@ def connect_kwargs(settings: Settings, application_name: str = "taskrunner") -> 
         # count over a large table, a plan with a disabled node; see queries.PINNED_PLAN).
         kwargs["options"] = f"-c statement_timeout={timeout_ms} -c jit=off"
     return kwargs
+
+
+async def connect(settings: Settings, application_name: str = "taskrunner") -> AsyncConnection[Any]:
+    """A new connection for `settings`.
+
+    A transaction pooler reached with TASKRUNNER_TRANSACTION_POOLER unset refuses the
+    startup options: that misconfiguration must not look like an outage (every request a
+    503, forever). The refusal is recognised once, with a warning, and this process goes on
+    as in pooler mode.
+    """
+    global _pooler_found
+    url = libpq_url(settings.database_url)
+    kwargs = connect_kwargs(settings, application_name)
+    try:
+        return await AsyncConnection.connect(url, **kwargs)
+    except psycopg.OperationalError as exc:
+        if "options" not in kwargs or not any(r in str(exc) for r in _POOLER_REFUSALS):
+            raise
+    if not _pooler_found:
+        _pooler_found = True
+        logger.warning(
+            "action=connect: the database refused startup options, as a transaction pooler"
+            " (pgbouncer, RDS Proxy) does: going on without them, without prepared statements"
+            " and without LISTEN; set TASKRUNNER_TRANSACTION_POOLER=true to say so"
+        )
+    return await AsyncConnection.connect(url, **connect_kwargs(settings, application_name))
 
 
 class Coalescer(Generic[In, Out]):
@@ -199,9 +239,8 @@ class Pool:
     is closed, and its place goes to a waiter, who opens a new one.
     """
 
-    def __init__(self, url: str, kwargs: dict[str, Any], size: int, timeout_s: float) -> None:
-        self._url = url
-        self._kwargs = kwargs
+    def __init__(self, settings: Settings, size: int, timeout_s: float) -> None:
+        self._settings = settings
         self._size = size
         self._timeout_s = timeout_s
         self._open = 0  # open or being opened
@@ -282,7 +321,7 @@ class Pool:
             # query is in flight yet, so cancelling the connect waits on nothing).
             try:
                 async with asyncio.timeout(left_s if left_s < self._timeout_s else None):
-                    return await AsyncConnection.connect(self._url, **self._kwargs)
+                    return await connect(self._settings)
             except TimeoutError:
                 raise DatabaseUnavailable(
                     "database unavailable: no connection within the time left"
@@ -328,8 +367,7 @@ class Database:
 
     def __init__(self, settings: Settings, *, deadline: float | None = None) -> None:
         self.settings = settings
-        self._url = libpq_url(settings.database_url)
-        self._kwargs = connect_kwargs(settings)
+        libpq_url(settings.database_url)  # a missing URL is an error now, not at first use
         self._pool: Pool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.statement_bound_s = settings.db_statement_timeout_s + _CLIENT_GRACE_S
@@ -348,8 +386,7 @@ class Database:
             # The old loop is gone or not ours to run: its connections are left to close.
             # Pool size 0 means no connection is kept: each use opens one and closes it.
             self._pool = Pool(
-                self._url,
-                self._kwargs,
+                self.settings,
                 self.settings.db_pool_size or 1_000_000,
                 self.settings.db_connect_timeout_s,
             )

@@ -329,6 +329,21 @@ WHERE id = %(worker)s
 # 200-480 ms of the server's CPU for a statement that runs in 0.5 ms. That was the stall of
 # a few hundred ms seen now and then in start lateness. (Connections made outside a
 # transaction pooler also turn JIT off for the session: see functions/db.py.)
+#
+# And a custom plan, made for the values at hand, every time. psycopg prepares a statement on
+# its 6th run and PostgreSQL then keeps the generic plan it made at that moment, planned for
+# the table as it was: a worker that ran a few dozen single tasks on a fresh table kept, for
+# FINISH_MANY, a walk of the whole primary key with the batch's JSON re-read for every row
+# (1,000 x 1,000 rows per write: 600-780 ms for 1,000 results on Debian's PostgreSQL 15) until
+# autovacuum's first analyze, and the pinned settings cannot stop it (it was planned under
+# them). Measured on 15 with a worker warmed by 30 single tasks, then 100,000 baz through POST
+# /tasks/batch: 1,564 finished/s before, 14,000-23,500/s with custom plans, as with no prepared
+# statements at all (TASKRUNNER_TRANSACTION_POOLER=true: 13,900-21,400/s in the same hour). A
+# custom plan costs ~0.5 ms of planning per statement, a batch's, not a task's; a shape with one
+# possible plan was no option: with hash and merge joins off, the nested loop can still be
+# turned either way. A statement with no parameter always runs its generic plan (the setting
+# cannot change that): the worker's one on `tasks`, FORGET_DEAD_WORKERS, is run under these
+# settings too, so its plan is at least made under them.
 PINNED_PLAN = """
 SELECT set_config('enable_seqscan', 'off', true),
     set_config('enable_bitmapscan', 'off', true),
@@ -338,7 +353,9 @@ SELECT set_config('enable_seqscan', 'off', true),
     set_config('jit', 'off', true),
     -- Nor parallel workers: on the same estimates, a statement that reads a few index
     -- pages was planned with two of them, which cost 7 ms of a 9 ms count to start.
-    set_config('max_parallel_workers_per_gather', '0', true)
+    set_config('max_parallel_workers_per_gather', '0', true),
+    -- A plan for the values at hand, each time: see above.
+    set_config('plan_cache_mode', 'force_custom_plan', true)
 """
 
 # The claim. One statement, committed before any task runs (with PINNED_PLAN and NEXT_DUE in

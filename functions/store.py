@@ -20,7 +20,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import RowFactory, namedtuple_row, tuple_row
 
 from functions import queries
-from functions.db import Coalescer, Database, connect_kwargs, first_line, libpq_url
+from functions.db import Coalescer, Database, behind_pooler, connect, first_line
 from functions.errors import DatabaseUnavailable, IdempotencyKeyReused, SchemaOutdated
 from functions.settings import Settings
 from functions.stats import Activity
@@ -461,7 +461,8 @@ class Store:
         return bool(rows)
 
     async def deregister_worker(self, *, worker: str) -> None:
-        await self._all(queries.DEREGISTER_WORKER, worker=worker)
+        # Pinned as the claim is, for its plan (a custom one: see queries.PINNED_PLAN).
+        await self._pinned((queries.DEREGISTER_WORKER, {"worker": worker}))
 
     # --- claim -> run -> record --------------------------------------------------------------
 
@@ -504,7 +505,7 @@ class Store:
         return found
 
     async def held_by(self, *, worker: str) -> set[int]:
-        rows = await self._all(queries.HELD_BY, tuple_row, worker=worker)
+        [rows] = await self._pinned((queries.HELD_BY, {"worker": worker}))
         return {task_id for (task_id,) in rows}
 
     async def release(self, *, worker: str, ids: Sequence[int]) -> set[int]:
@@ -590,7 +591,7 @@ class Store:
             rescued += [(task_id, TaskState(state)) for task_id, state in rows]
             if len(rows) < self.WRITE_BATCH:
                 break
-        await self._all(queries.FORGET_DEAD_WORKERS)
+        await self._pinned((queries.FORGET_DEAD_WORKERS, {}))
         return rescued
 
 
@@ -600,14 +601,16 @@ async def listen(settings: Settings, on_created: Callable[[float | None], None])
     LISTEN needs a session of its own for as long as it listens, so it gets a connection of
     its own outside the pool (which may hold a single connection), and it cannot work through
     a transaction pooler. Reconnects after an outage, then calls `on_created(None)`: it may
-    have missed notifications meanwhile.
+    have missed notifications meanwhile. Returns at once behind a transaction pooler, set or
+    found by connecting (db.connect): the worker polls instead.
     """
     retry_s = 0.1
-    kwargs = connect_kwargs(settings, application_name="taskrunner-listen")
-    while True:
+    while not behind_pooler(settings):
         try:
-            conn = await psycopg.AsyncConnection.connect(libpq_url(settings.database_url), **kwargs)
+            conn = await connect(settings, application_name="taskrunner-listen")
             async with conn:
+                if behind_pooler(settings):
+                    return
                 await conn.execute(f"LISTEN {queries.CHANNEL}")
                 on_created(None)
                 retry_s = 0.1

@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any, TextIO
 
-from functions.db import Database
+from functions.db import Database, behind_pooler
 from functions.errors import TaskrunnerError
 from functions.logs import handler_settings
 from functions.runner import Runner, TickSummary
@@ -41,8 +41,9 @@ async def tick(
     try:
         runner = Runner(Store(database), settings, out=out)
         listener = None
-        if keep_polling and not settings.transaction_pooler:
-            # Wake on new tasks instead of waiting for the next poll.
+        if keep_polling and not behind_pooler(settings):
+            # Wake on new tasks instead of waiting for the next poll (`listen` returns if
+            # its connection finds a transaction pooler, where LISTEN cannot work).
             listener = asyncio.create_task(listen(settings, runner.notify))
         try:
             return await runner.run(deadline=deadline, keep_polling=keep_polling, stop=stop)

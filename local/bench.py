@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from functions import queries
 from functions.db import Database
+from functions.errors import TaskrunnerError
 from functions.settings import Settings
 from functions.store import Claimed, Result, Store
 from functions.tasks import TaskState
@@ -74,14 +75,18 @@ class Sizes:
     soak_rate: int
     # Fresh processes per cold start figure.
     cold_starts: int
+    # Warm burst: the burst created after a worker ran a few single tasks on a small table.
+    warm_burst_tasks: int
 
     @classmethod
     def choose(cls, *, quick: bool, tasks: int | None) -> Sizes:
         if quick:
-            return cls(tasks or 2_000, (2_000, 500), 200, 40, 300, 1, 1, 5_000, 8, 4, 2, 200, 2)
+            return cls(
+                tasks or 2_000, (2_000, 500), 200, 40, 300, 1, 1, 5_000, 8, 4, 2, 200, 2, 20_000
+            )
         return cls(
             tasks or 200_000, (50_000, 10_000), 10_000, 400, 20_000, 10,
-            10, 1_000_000, 330, 120, 30, 1_000, 11,
+            10, 1_000_000, 330, 120, 30, 1_000, 11, 100_000,
         )  # fmt: skip
 
 
@@ -319,6 +324,35 @@ class Bench:
                 " count(*) FILTER (WHERE attempts > 1) FROM tasks"
             )
         return float(seconds), int(reruns)
+
+    def warm_burst(self, pooler: bool = False) -> float:
+        """baz finished per second in a burst sent through POST /tasks/batch (due now) to a
+        worker that first ran 30 single tasks, created 30 ms apart, on a fresh table: its
+        statements were prepared while the table was small (see queries.PINNED_PLAN)."""
+        n = self.sizes.warm_burst_tasks
+        env = {"TASKRUNNER_TRANSACTION_POOLER": "true"} if pooler else {}
+        with self.scenario("warmburst"):
+            port = _free_port()
+            self.procs.start(self.url, "api", "--port", str(port), **env)
+            api_url = f"http://127.0.0.1:{port}"
+            _wait_http(api_url)
+            self.procs.start(self.url, "worker", **env)
+            # Registered, so it runs the warm-up tasks one by one (it does not LISTEN with
+            # the pooler setting).
+            wait_until(lambda: int(self.sql("SELECT count(*) FROM workers")[0][0]), 1,
+                       "the worker to start", 60)  # fmt: skip
+            asyncio.run(_post_one_by_one(api_url, 30, gap_s=0.03))
+            wait_until(lambda: self.done(30), 30, "warm-up", 60)
+            [(first,)] = self.sql("SELECT max(id) FROM tasks")
+            asyncio.run(_post_batches(api_url, math.ceil(n / 10_000), due_now=True, size=n))
+            wait_until(lambda: self.done(n + 30), n + 30, "warm burst", 600)
+            self.check_all_succeeded(n + 30)
+            [(seconds,)] = self.sql(
+                "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM tasks"
+                " WHERE id > %s",
+                first,
+            )
+        return n / float(seconds)
 
     def fanout(self) -> tuple[float, float]:
         """Seconds from the due time until the last of N 3-second foo tasks finished; peak MB."""
@@ -692,25 +726,35 @@ async def _post_many(api_url: str, n: int, clients: int) -> None:
     await asyncio.gather(*(client(n // clients) for _ in range(clients)))
 
 
-async def _post_one_by_one(api_url: str, n: int) -> None:
-    """Create tasks due at once, one at a time, a few milliseconds apart."""
+async def _post_one_by_one(api_url: str, n: int, gap_s: float | None = None) -> None:
+    """Create tasks due at once, one at a time, a few milliseconds apart (or `gap_s`)."""
     conn = await _HttpConnection.open(api_url)
     for _ in range(n):
         body = json.dumps({"type": "baz", "execute_at": time.time() - 1}).encode()
         status, text = await conn.post("/tasks", body)
         if status != 201:
             raise RuntimeError(f"POST /tasks answered {status}: {text[:200]!r}")
-        await asyncio.sleep(random.uniform(0.005, 0.02))
+        await asyncio.sleep(random.uniform(0.005, 0.02) if gap_s is None else gap_s)
     conn.close()
 
 
-async def _post_batches(api_url: str, batches: int) -> None:
-    # 10,000 times over an hour, each to the microsecond: as a client's own times would be.
-    when = time.time() + 3600
-    times = [when + i * 0.36 for i in range(10_000)]
-    body = json.dumps({"tasks": [{"type": "baz", "execute_at": t} for t in times]}).encode()
+async def _post_batches(
+    api_url: str, batches: int, *, due_now: bool = False, size: int | None = None
+) -> None:
+    """`batches` POST /tasks/batch of 10,000 baz (`size` in all, when given)."""
+    if due_now:
+        times = [time.time() - 1] * 10_000
+    else:
+        # 10,000 times over an hour, each to the microsecond: as a client's own times would be.
+        when = time.time() + 3600
+        times = [when + i * 0.36 for i in range(10_000)]
     conn = await _HttpConnection.open(api_url)
+    left = batches * 10_000 if size is None else size
     for _ in range(batches):
+        count, left = min(10_000, left), left - 10_000
+        body = json.dumps(
+            {"tasks": [{"type": "baz", "execute_at": t} for t in times[:count]]}
+        ).encode()
         status, text = await conn.post("/tasks/batch", body)
         if status != 201:
             raise RuntimeError(f"POST /tasks/batch answered {status}: {text[:200]!r}")
@@ -720,94 +764,141 @@ async def _post_batches(api_url: str, batches: int) -> None:
 # --- the run and its table ---------------------------------------------------------------
 
 
-def run(server_url: str, *, quick: bool, tasks: int | None, workers: int) -> list[Figure]:
+# The scenarios `taskrunner bench --scenario` can pick, in the order they run.
+SCENARIOS = ("drain", "burst", "warm-burst", "fanout", "lateness", "create", "api", "stats",
+             "soak", "cold-start")  # fmt: skip
+
+
+def run(
+    server_url: str,
+    *,
+    quick: bool,
+    tasks: int | None,
+    workers: int,
+    only: Collection[str] | None = None,
+) -> list[Figure]:
+    """Run every scenario, or those in `only` (names from SCENARIOS); return the figures."""
+    unknown = sorted(set(only or ()) - set(SCENARIOS))
+    if unknown:
+        raise TaskrunnerError(f"no bench scenario {unknown}; the scenarios: {', '.join(SCENARIOS)}")
     sizes = Sizes.choose(quick=quick, tasks=tasks)
     bench = Bench(server_url, sizes, workers)
     figures: list[Figure] = []
     raw_note = "claim + finish transactions only, 2 pipelines"
+    drain_one: float | None = None  # the warm burst's yardstick
+
+    def want(name: str) -> bool:
+        return only is None or name in only
+
     try:
-        raw = bench.raw_drain()
-        one = bench.drain(1)
-        figures.append(
-            Figure("drain, 1 worker", one, "tasks/s", ">= 50,000/s", one >= 50_000, raw, raw_note)
-        )
-        if workers > 1:
-            many = bench.drain(workers)
+        if want("drain"):
+            raw = bench.raw_drain()
+            one = drain_one = bench.drain(1)
             figures.append(
-                Figure(f"drain, {workers} workers", many, "tasks/s", "> 1 worker", many > one,
-                       raw, raw_note)
+                Figure(
+                    "drain, 1 worker", one, "tasks/s", ">= 50,000/s", one >= 50_000, raw, raw_note
+                )
+            )
+            if workers > 1:
+                many = bench.drain(workers)
+                figures.append(
+                    Figure(f"drain, {workers} workers", many, "tasks/s", "> 1 worker", many > one,
+                           raw, raw_note)
+                )  # fmt: skip
+
+        if want("burst"):
+            seconds, reruns = bench.burst()
+            baz, foo = sizes.burst_tasks
+            figures.append(
+                Figure(f"burst on a fresh table, {baz:,} baz + {foo:,} foo, {workers} workers",
+                       seconds, "s", "each once; <= 10 s", reruns == 0 and seconds <= 10, 3.0,
+                       f"ran twice: {reruns}; the floor: foo sleeps 3 s")
             )  # fmt: skip
 
-        seconds, reruns = bench.burst()
-        baz, foo = sizes.burst_tasks
-        figures.append(
-            Figure(f"burst on a fresh table, {baz:,} baz + {foo:,} foo, {workers} workers",
-                   seconds, "s", "each once; <= 10 s", reruns == 0 and seconds <= 10, 3.0,
-                   f"ran twice: {reruns}; the floor: foo sleeps 3 s")
-        )  # fmt: skip
+        if want("warm-burst"):
+            warm = bench.warm_burst()
+            one = drain_one or bench.drain(1)
+            n = sizes.warm_burst_tasks
+            figures.append(
+                Figure(f"burst of {n:,} baz to a worker warmed on a small table", warm,
+                       "tasks/s", ">= 70% of drain, 1 worker", warm >= 0.7 * one, None,
+                       f"drain, 1 worker: {one:,.0f}/s")
+            )  # fmt: skip
 
-        seconds, peak = bench.fanout()
-        n = sizes.fanout_tasks
-        figures.append(
-            Figure(f"fan-out, {n:,} x 3 s foo", seconds, "s", "<= 3.5 s", seconds <= 3.5,
-                   3.0, "the floor: each sleeps 3 s")
-        )  # fmt: skip
-        figures.append(
-            Figure("fan-out, peak worker memory", peak, "MB", "< 150 MB", peak < 150, None, "")
-        )
-        p50, p99 = bench.lateness_future()
-        figures.append(
-            Figure("lateness, future task, p99", p99, "ms", "<= 5 ms", p99 <= 5, None,
-                   f"p50 {p50:.1f} ms")
-        )  # fmt: skip
-        notify = bench.raw_notify_ms()
-        p50, p99 = bench.lateness_now()
-        figures.append(
-            Figure("lateness, due on creation, p99", p99, "ms", "<= 5 ms", p99 <= 5, notify,
-                   f"p50 {p50:.1f} ms; raw: NOTIFY trip p99")
-        )  # fmt: skip
-        single = bench.create_single()
-        raw_single = bench.raw_create_single()
-        figures.append(
-            Figure("create, POST /tasks, 32 clients", single, "tasks/s", ">= 3,000/s",
-                   single >= 3_000, raw_single, "single-row INSERT, 4 connections")
-        )  # fmt: skip
-        bulk = bench.create_bulk()
-        raw_bulk = bench.raw_create_bulk()
-        figures.append(
-            Figure("create, POST /tasks/batch of 10,000", bulk, "tasks/s", ">= 85% of raw",
-                   bulk >= 0.85 * raw_bulk, raw_bulk,
-                   f"the same INSERT, 10,000 rows ({bulk / raw_bulk:.0%})")
-        )  # fmt: skip
-        if loadgen.wrk_path() is None:
-            print("bench: wrk is not installed; no API figures", file=sys.stderr)
-        else:
-            figures += bench.api_routes()
-        p50, p99 = bench.stats_large()
-        figures.append(
-            Figure(f"GET /stats, {sizes.stats_tasks:,} finished tasks, p99", p99, "ms",
-                   "<= 50 ms", p99 <= 50, None, f"p50 {p50:.1f} ms")
-        )  # fmt: skip
-        warm, end, ratio = bench.soak()
-        figures.append(
-            Figure(f"soak, {sizes.soak_rate:,} tasks/s for {sizes.soak_s:.0f} s, retention"
-                   f" {sizes.soak_retention_s:.0f} s: table + indexes at the end", end, "MB",
-                   "within 20% of after warm-up", ratio <= 1.2, None,
-                   f"after warm-up {warm:.1f} MB ({ratio - 1:+.0%})")
-        )  # fmt: skip
-        api_ms, tick_ms, floor_ms, where = bench.cold_starts()
-        note = (
-            f"median of {sizes.cold_starts} fresh processes, in {where}; raw: import asyncio"
-            " and psycopg, connect, SELECT 1"
-        )
-        figures.append(
-            Figure("cold start, API: import + first request", api_ms, "ms", "<= 350 ms",
-                   api_ms <= 350, floor_ms, note)
-        )  # fmt: skip
-        figures.append(
-            Figure("cold start, tick: import + a tick, nothing due", tick_ms, "ms", "<= 250 ms",
-                   tick_ms <= 250, floor_ms, note)
-        )  # fmt: skip
+        if want("fanout"):
+            seconds, peak = bench.fanout()
+            n = sizes.fanout_tasks
+            figures.append(
+                Figure(f"fan-out, {n:,} x 3 s foo", seconds, "s", "<= 3.5 s", seconds <= 3.5,
+                       3.0, "the floor: each sleeps 3 s")
+            )  # fmt: skip
+            figures.append(
+                Figure("fan-out, peak worker memory", peak, "MB", "< 150 MB", peak < 150, None, "")
+            )
+
+        if want("lateness"):
+            p50, p99 = bench.lateness_future()
+            figures.append(
+                Figure("lateness, future task, p99", p99, "ms", "<= 5 ms", p99 <= 5, None,
+                       f"p50 {p50:.1f} ms")
+            )  # fmt: skip
+            notify = bench.raw_notify_ms()
+            p50, p99 = bench.lateness_now()
+            figures.append(
+                Figure("lateness, due on creation, p99", p99, "ms", "<= 5 ms", p99 <= 5, notify,
+                       f"p50 {p50:.1f} ms; raw: NOTIFY trip p99")
+            )  # fmt: skip
+
+        if want("create"):
+            single = bench.create_single()
+            raw_single = bench.raw_create_single()
+            figures.append(
+                Figure("create, POST /tasks, 32 clients", single, "tasks/s", ">= 3,000/s",
+                       single >= 3_000, raw_single, "single-row INSERT, 4 connections")
+            )  # fmt: skip
+            bulk = bench.create_bulk()
+            raw_bulk = bench.raw_create_bulk()
+            figures.append(
+                Figure("create, POST /tasks/batch of 10,000", bulk, "tasks/s", ">= 85% of raw",
+                       bulk >= 0.85 * raw_bulk, raw_bulk,
+                       f"the same INSERT, 10,000 rows ({bulk / raw_bulk:.0%})")
+            )  # fmt: skip
+
+        if want("api"):
+            if loadgen.wrk_path() is None:
+                print("bench: wrk is not installed; no API figures", file=sys.stderr)
+            else:
+                figures += bench.api_routes()
+        if want("stats"):
+            p50, p99 = bench.stats_large()
+            figures.append(
+                Figure(f"GET /stats, {sizes.stats_tasks:,} finished tasks, p99", p99, "ms",
+                       "<= 50 ms", p99 <= 50, None, f"p50 {p50:.1f} ms")
+            )  # fmt: skip
+
+        if want("soak"):
+            warm, end, ratio = bench.soak()
+            figures.append(
+                Figure(f"soak, {sizes.soak_rate:,} tasks/s for {sizes.soak_s:.0f} s, retention"
+                       f" {sizes.soak_retention_s:.0f} s: table + indexes at the end", end, "MB",
+                       "within 20% of after warm-up", ratio <= 1.2, None,
+                       f"after warm-up {warm:.1f} MB ({ratio - 1:+.0%})")
+            )  # fmt: skip
+
+        if want("cold-start"):
+            api_ms, tick_ms, floor_ms, where = bench.cold_starts()
+            note = (
+                f"median of {sizes.cold_starts} fresh processes, in {where}; raw: import asyncio"
+                " and psycopg, connect, SELECT 1"
+            )
+            figures.append(
+                Figure("cold start, API: import + first request", api_ms, "ms", "<= 350 ms",
+                       api_ms <= 350, floor_ms, note)
+            )  # fmt: skip
+            figures.append(
+                Figure("cold start, tick: import + a tick, nothing due", tick_ms, "ms", "<= 250 ms",
+                       tick_ms <= 250, floor_ms, note)
+            )  # fmt: skip
     finally:
         bench.procs.stop_all()
     return figures

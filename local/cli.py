@@ -133,11 +133,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
     settings, _ = _resolve()
     assert settings.database_url is not None
     figures = bench.run(
-        settings.database_url, quick=args.quick, tasks=args.tasks, workers=args.workers
+        settings.database_url,
+        quick=args.quick,
+        tasks=args.tasks,
+        workers=args.workers,
+        only=args.scenario,
     )
     print(bench.table(figures))
     if args.json:
         bench.write_json(figures, Path(args.json))
+    missed = [f.scenario for f in figures if not f.met]
+    if args.check and missed:
+        logger.error("bench: goals missed: %s", "; ".join(missed))
+        sys.exit(1)
 
 
 def _at_least_one(text: str) -> int:
@@ -245,6 +253,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--tasks", type=int, help="tasks in the drain scenario (default 200,000)")
     bench.add_argument("--workers", type=int, default=2, help="workers in the scaled drain")
     bench.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    bench.add_argument(
+        "--check", action="store_true", help="exit 1 when a figure misses its goal (its `met`)"
+    )
+    bench.add_argument(
+        "--scenario", action="append", metavar="NAME",
+        help="run only this scenario (repeatable; an unknown name lists them)",
+    )  # fmt: skip
     bench.set_defaults(func=cmd_bench)
     return parser
 

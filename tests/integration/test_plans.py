@@ -6,9 +6,12 @@ taken, when the burst arrives. Here each statement runs (EXPLAIN ANALYZE, rolled
 statement gets after a few runs. The checks are on what the executor did, not on costs: the
 batch (a JSON record set, or an array unnested) is read once, never re-scanned per row, no
 statement that looks rows up by id walks a partial index of a state, and the claim reads
-the `tasks_due` index in its order (never a sort of everything due).
+the `tasks_due` index in its order (never a sort of everything due). And a worker whose
+statements were prepared while the table was small runs them with plans made for the burst.
 """
 
+import dataclasses
+import io
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -19,6 +22,9 @@ import pytest
 from psycopg import sql as pgsql
 
 from functions import queries
+from functions.db import Database
+from functions.runner import Runner
+from functions.settings import Settings
 from functions.store import Store
 
 Sql = Callable[..., list[tuple[Any, ...]]]
@@ -74,9 +80,10 @@ def explain(
     args = pgsql.SQL(", ").join(pgsql.Literal(params[name]) for name in names)
     mode = "force_generic_plan" if generic else "force_custom_plan"
     with conn.transaction(force_rollback=True), conn.cursor() as cur:
-        cur.execute(f"SET LOCAL plan_cache_mode = {mode}")
         if settings is not None:
             cur.execute(settings.encode())
+        # After the settings, which pin custom plans: the generic plan's shape is checked too.
+        cur.execute(f"SET LOCAL plan_cache_mode = {mode}")
         cur.execute(pgsql.SQL("PREPARE stmt AS {}").format(pgsql.SQL(prepared)))
         execute = "EXECUTE stmt({})" if names else "EXECUTE stmt"
         cur.execute(pgsql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) " + execute).format(args))
@@ -219,3 +226,93 @@ def test_reads_of_many_tasks_at_once_find_them_by_key(
     for node in nodes(plan):
         assert node["Node Type"] != "Seq Scan", f"GET_TASK_MANY ({loaded}) scans the table"
     assert plan["Actual Rows"] == len(ids)
+
+
+def server_text(statement: str) -> str:
+    """`statement` as psycopg prepares it: each named placeholder as $n, in order."""
+    names: list[str] = []
+
+    def placeholder(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    return re.sub(r"%\((\w+)\)s", placeholder, statement)
+
+
+async def test_a_worker_warmed_on_a_small_table_keeps_the_burst_plans(
+    postgresql: psycopg.Connection[Any], settings: Settings, sql: Sql
+) -> None:
+    """A worker runs 30 single tasks on a fresh table, then a burst arrives (issue 20).
+
+    psycopg prepares a statement on its 6th run, and PostgreSQL then keeps the generic plan
+    it made while the table held a few rows: for FINISH_MANY, the table walked in full with
+    the batch re-read for every row (a 1,000-row write took 600-780 ms on PostgreSQL 15, and
+    a worker drained the burst at 4-5k tasks/s). On the worker's own connection, after the
+    burst, each claim and write statement must run with a plan made for its values."""
+    settings = dataclasses.replace(settings, db_pool_size=1)
+    database = Database(settings)
+    store = Store(database)
+    runner = Runner(store, settings, worker_id="w", out=io.StringIO())
+    try:
+        for _ in range(30):
+            sql("INSERT INTO tasks (kind, execute_at) VALUES ('baz', now())")
+            assert (await runner.run()).succeeded == 1
+        # The burst, as POST /tasks/batch writes it (the API's own statement).
+        payload = json.dumps([{"kind": "baz", "at_us": 0}] * 20_000)
+        postgresql.execute(queries.INSERT_TASKS, {"tasks": payload, "max_attempts": 3})
+        assert (await runner.run()).succeeded == 20_000
+        sql("INSERT INTO tasks (kind, execute_at) SELECT 'baz', now() FROM generate_series(1, %s)",
+            2 * BATCH)  # fmt: skip
+        await store.register_worker(worker="w", lease_s=60)
+        params = {"lease_s": 60.0, "worker": "w", "kinds": ["baz"], "limit": BATCH}
+        [ids] = await store._pinned((queries.CLAIM_DUE, params))
+        assert len(ids) == BATCH
+
+        async with database.connection() as conn:  # the one the worker used
+            prepared = {
+                statement: (name, generic)
+                for name, statement, generic in await (
+                    await conn.execute(
+                        "SELECT name, statement, generic_plans FROM pg_prepared_statements"
+                    )
+                ).fetchall()
+            }
+            claim, finish = server_text(queries.CLAIM_DUE), server_text(queries.FINISH_MANY)
+            assert claim in prepared and finish in prepared, "prepared, as a warm worker's are"
+
+            async def explain(name: str, *args: Any) -> dict[str, Any]:
+                """EXPLAIN ANALYZE the prepared statement `name` (in a transaction under
+                PINNED_PLAN, as Store runs it)."""
+                values = pgsql.SQL(", ").join(pgsql.Literal(a) for a in args)
+                query = pgsql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {}({})").format(
+                    pgsql.Identifier(name), values
+                )
+                [(result,)] = await (await conn.execute(query)).fetchall()
+                plan: dict[str, Any] = result[0]["Plan"]
+                return plan
+
+            # One transaction, rolled back: psycopg deallocates every statement after a
+            # rollback.
+            async with conn.transaction(force_rollback=True):
+                await conn.execute(queries.PINNED_PLAN)
+                # $1..$n in the order the statement names them.
+                names = dict.fromkeys(re.findall(r"%\((\w+)\)s", queries.CLAIM_DUE))
+                plan = await explain(prepared[claim][0], *(params[n] for n in names))
+                assert "tasks_due" in {n.get("Index Name") for n in nodes(plan)}
+                assert not any(n["Node Type"] == "Sort" for n in nodes(plan)), "the claim sorts"
+
+                results = results_json([i for i, *_ in ids])
+                plan = await explain(prepared[finish][0], results, "w")
+            batch_reads = [n for n in nodes(plan) if n["Node Type"] == "Function Scan"]
+            assert [n["Actual Loops"] for n in batch_reads] == [1], "the batch is read once"
+            found = [n for n in nodes(plan) if n.get("Relation Name") == "tasks" and
+                     n["Node Type"] != "ModifyTable"]  # fmt: skip
+            assert all(n.get("Index Name") == "tasks_pkey" for n in found), found
+            assert all(n["Actual Loops"] == BATCH for n in found), "one lookup per result"
+            # And none of the worker's statements on tasks ran a generic plan in the burst.
+            for statement, (_, generic) in prepared.items():
+                if "tasks" in statement and "$1" in statement:
+                    assert generic == 0, f"ran a generic plan: {statement}"
+    finally:
+        await database.dispose()

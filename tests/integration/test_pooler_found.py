@@ -1,0 +1,83 @@
+"""Both Lambda handlers through pgbouncer (transaction mode) with TASKRUNNER_TRANSACTION_POOLER
+unset: the pooler's refusal of startup options is recognised, once, and every request and
+tick goes on as in pooler mode (tests/acceptance/test_pooler_unset.py does the commands)."""
+
+import asyncio
+import logging
+import struct
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from functions import db
+from functions.settings import Settings
+from tests.integration.test_lambda import cold_start, lambda_env, round_trip
+from tests.pgbouncer import pgbouncer_url
+
+__all__ = ["cold_start", "lambda_env", "pgbouncer_url"]  # the fixtures
+
+
+@pytest.fixture
+def fresh_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """As in a new container: no pooler found yet."""
+    monkeypatch.setattr(db, "_pooler_found", False)
+    yield
+
+
+def test_handlers_through_pgbouncer_without_the_setting(
+    lambda_env: None,
+    fresh_process: None,
+    pgbouncer_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("TASKRUNNER_DATABASE_URL", pgbouncer_url)
+    caplog.set_level(logging.WARNING, logger="functions.db")
+    # Enough rounds for psycopg to prepare statements if it were allowed to (it does after 5).
+    for version in ("v2", "v1", "v2", "v1"):
+        round_trip(version, capsys)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "functions.db"]
+    assert len(warnings) == 1, warnings
+    assert "TASKRUNNER_TRANSACTION_POOLER=true" in warnings[0]
+
+
+# RDS Proxy's words (its apostrophe is typographic), which no test can get from RDS Proxy itself.
+RDS_PROXY = "Feature not supported: RDS Proxy currently doesn\u2019t support command-line options."
+
+
+async def test_rds_proxy_refusal_is_recognised_too(
+    fresh_process: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server on 127.0.0.1 that answers a startup packet with `options` as RDS Proxy does,
+    and any other with an error of its own: the second attempt comes without options."""
+    packets: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            length, code = struct.unpack("!ii", await reader.readexactly(8))
+            if code in (80877103, 80877104):  # SSLRequest, GSSENCRequest: not here
+                writer.write(b"N")
+                continue
+            packets.append(await reader.readexactly(length - 8))
+            message = RDS_PROXY if b"options\0" in packets[-1] else "the test server ends here"
+            fields = b"SFATAL\0VFATAL\0C0A000\0M" + message.encode() + b"\0\0"
+            writer.write(b"E" + struct.pack("!i", len(fields) + 4) + fields)
+            await writer.drain()
+            writer.close()
+            return
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = Settings(database_url=f"postgresql://taskrunner@127.0.0.1:{port}/taskrunner")
+    caplog.set_level(logging.WARNING, logger="functions.db")
+    try:
+        with pytest.raises(psycopg.OperationalError, match="the test server ends here"):
+            await db.connect(settings)
+    finally:
+        server.close()
+    assert [b"options\0" in p for p in packets] == [True, False]
+    assert db.behind_pooler(settings)
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "functions.db"]
+    assert "TASKRUNNER_TRANSACTION_POOLER=true" in warning
