@@ -764,7 +764,7 @@ async def _post_batches(
 # --- the run and its table ---------------------------------------------------------------
 
 
-# The scenarios `taskrunner bench --scenario` can pick, in the order they run.
+# The scenarios `taskrunner bench --only` can pick, in the order they run.
 SCENARIOS = ("drain", "burst", "warm-burst", "fanout", "lateness", "create", "api", "stats",
              "soak", "cold-start")  # fmt: skip
 

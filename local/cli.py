@@ -137,7 +137,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         quick=args.quick,
         tasks=args.tasks,
         workers=args.workers,
-        only=args.scenario,
+        only=args.only,
     )
     print(bench.table(figures))
     if args.json:
@@ -257,7 +257,7 @@ def _parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="exit 1 when a figure misses its goal (its `met`)"
     )
     bench.add_argument(
-        "--scenario", action="append", metavar="NAME",
+        "--only", action="append", metavar="SCENARIO",
         help="run only this scenario (repeatable; an unknown name lists them)",
     )  # fmt: skip
     bench.set_defaults(func=cmd_bench)

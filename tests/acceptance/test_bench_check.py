@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-# `taskrunner bench --scenario fanout`, with the fan-out measured as 99 s: far past its goal.
+# `taskrunner bench --only fanout`, with the fan-out measured as 99 s: far past its goal.
 MISSED = """
 import sys
 from local import bench, cli
@@ -19,7 +19,7 @@ cli.main(sys.argv[1:])
 
 def bench(database_url: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", MISSED, "bench", "--quick", "--scenario", "fanout", *args],
+        [sys.executable, "-c", MISSED, "bench", "--quick", "--only", "fanout", *args],
         env={**os.environ, "TASKRUNNER_DATABASE_URL": database_url},
         capture_output=True,
         text=True,
@@ -41,6 +41,6 @@ def test_check_exits_1_when_a_goal_is_missed(database_url: str, tmp_path: Path) 
     assert unchecked.returncode == 0, unchecked.stderr
     assert "| no |" in unchecked.stdout
 
-    unknown = bench(database_url, tmp_path, "--scenario", "nap")
+    unknown = bench(database_url, tmp_path, "--only", "nap")
     assert unknown.returncode == 1
     assert "no bench scenario ['nap']; the scenarios: drain, burst, warm-burst" in unknown.stderr
