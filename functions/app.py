@@ -4,7 +4,6 @@ Domain errors become status codes in `answers.status_of`, for these routes and t
 (`hotpath`), which serves the busiest requests before they reach FastAPI.
 """
 
-import hmac
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -18,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import Scope
 
-from functions import monitoring, original, tasks
+from functions import auth, monitoring, original, tasks
 from functions.answers import status_of, task_fields
 from functions.asgi import layers
 from functions.bodies import (
@@ -141,19 +140,17 @@ def build_app(
     auth_errors: tuple[int, ...] = ()
     if settings.api_token is not None:
         expected_token = settings.api_token.encode()
-        # Declares the scheme in the OpenAPI document; the check is ours.
+        # Declares the scheme in the OpenAPI document; the check is `auth.authorized`, which
+        # `auth.Authorize` made already before the body was read (`asgi.layers`). Made again
+        # here for an app served without those layers (`middleware=False`).
         bearer = HTTPBearer(auto_error=False, description="TASKRUNNER_API_TOKEN")
 
         async def check_token(
+            request: Request,
             credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
         ) -> None:
-            # The scheme is case-insensitive (RFC 9110; HTTPBearer checks it). Compare bytes:
-            # compare_digest refuses a str with non-ASCII characters, and headers arrive as
-            # latin-1, so this gets the bytes the client sent back.
-            if credentials is None or not hmac.compare_digest(
-                credentials.credentials.strip().encode("latin-1"), expected_token
-            ):
-                raise Unauthorized("missing or wrong `Authorization: Bearer <token>` header")
+            if not auth.authorized(request.scope["headers"], expected_token):
+                raise Unauthorized(auth.MISSING)
 
         Authorized = [Depends(check_token)]
         auth_errors = (401,)
@@ -178,7 +175,8 @@ def build_app(
                 f" {tasks.excerpt(media or content_type)}"
             )
 
-    # Every route that takes a body: the token first, then the content-type.
+    # Every route that takes a body: the token first (`auth.Authorize` checked it already),
+    # then the content-type.
     TakesJson = [*Authorized, Depends(require_json)]
     # What every route that takes a body can answer besides its own errors.
     BODY_ERRORS = (400, 408, 415, 422)
