@@ -23,9 +23,10 @@ from functions.asgi import layers
 from functions.bodies import (
     KIND_SCHEMA,
     BatchIn,
+    Cursor,
     IdempotencyKey,
     IdsOut,
-    KindQuery,
+    KindName,
     PageOut,
     RescheduleIn,
     TaskIn,
@@ -275,11 +276,10 @@ def build_app(
         state: Annotated[
             TaskState | None, Query(description="scheduled, running, succeeded or failed")
         ] = None,
-        type: Annotated[KindQuery | None, Query(description=KIND_SCHEMA["description"])] = None,
+        type: Annotated[KindName | None, Query(description=KIND_SCHEMA["description"])] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         cursor: Annotated[
-            str | None,
-            Query(pattern=tasks.CURSOR_PATTERN, description="`next_cursor` of the previous page"),
+            Cursor | None, Query(description="`next_cursor` of the previous page")
         ] = None,
     ) -> Response:
         """List tasks by ascending id, optionally filtered by state and type."""

@@ -135,6 +135,7 @@ _TWO = f"{_PAIR}[AEIMQUYcgk]"
 CURSOR_PATTERN = (
     f"^YWZ0ZXI6(?:(?:{_THREE}){{0,5}}(?:{_THREE}|{_ONE}|{_TWO})|(?:{_THREE}){{6}}{_ONE})$"
 )
+_CURSOR = re.compile(CURSOR_PATTERN)
 
 
 def parse_kind(value: object) -> str:
@@ -147,6 +148,32 @@ def parse_kind(value: object) -> str:
             f"unknown type {excerpt(value)}; expected one of {', '.join(sorted(KINDS))}"
         )
     return name
+
+
+def parse_idempotency_key(value: object) -> str:
+    """Return `value` if it is an idempotency key this API takes (IDEMPOTENCY_KEY_PATTERN)."""
+    if not isinstance(value, str) or not _IDEMPOTENCY_KEY.fullmatch(value):
+        raise ValueError(
+            f"idempotency key {excerpt(value)} is not 1 to 255 printable ASCII characters"
+            " (`!` to `~`, no spaces)"
+        )
+    return value
+
+
+_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
+
+
+def parse_cursor(value: object) -> str:
+    """Return `value` if it is a cursor this API issued (CURSOR_PATTERN), as it came."""
+    if not isinstance(value, str) or not _CURSOR.fullmatch(value):
+        raise ValueError(_NOT_A_CURSOR.format(excerpt(value)))
+    return value
+
+
+_NOT_A_CURSOR = (
+    "cursor {} is not a cursor this API issued: send the `next_cursor` of the page before,"
+    " as it came"
+)
 
 
 def excerpt(value: object, limit: int = 40) -> str:
@@ -291,16 +318,15 @@ def encode_cursor(last_id: int) -> str:
 
 
 def decode_cursor(cursor: str) -> int:
-    if not re.fullmatch(CURSOR_PATTERN, cursor):
-        raise InvalidInput(f"cursor {excerpt(cursor)} is not one this API returned")
     try:
+        parse_cursor(cursor)
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, _, last_id = raw.partition(":")
         if prefix != "after":
             raise ValueError(raw)
         return int(last_id)
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidInput(f"cursor {excerpt(cursor)} is not one this API returned") from None
+        raise InvalidInput(_NOT_A_CURSOR.format(excerpt(cursor))) from None
 
 
 async def check_schema(store: Store) -> str:
