@@ -130,7 +130,7 @@ def build_app(
     )
     app.router.route_class = Route
     add_docs(app)
-    # GET /: the dashboard's page (functions/dashboard.py), outside the schema.
+    # GET /: the dashboard's page (functions/dashboard.py); HEAD by `Route`.
     add_dashboard(app)
     if middleware:
         # Each added goes outside those added before it.
