@@ -37,7 +37,7 @@ from functions.bodies import (
 from functions.dashboard import add_dashboard
 from functions.db import Database
 from functions.docs import add_docs
-from functions.errors import NotJson, TaskrunnerError, Unauthorized
+from functions.errors import TaskrunnerError, Unauthorized
 from functions.routing import Route, TaskId, answer
 from functions.settings import Settings
 from functions.store import Store
@@ -161,24 +161,10 @@ def build_app(
         413 (any request may send too large a body), and 503 (the database)."""
         return errors(*sorted({*codes, *auth_errors, 413, 503}))
 
-    async def require_json(request: Request) -> None:
-        # A body sent without a content-type is read as JSON (clients and test consoles omit
-        # it; nothing else could be meant); one that says it is something else gets a 415
-        # that says what to send, rather than a 422 about a string that is not an object.
-        content_type = request.headers.get("content-type", "").strip()
-        media = content_type.partition(";")[0].strip().lower()
-        # (A header with parameters and no media type, `; charset=utf-8`, says nothing either.)
-        if (content_type and not media) or (
-            media and media != "application/json" and not media.endswith("+json")
-        ):
-            raise NotJson(
-                "the body must be JSON, sent as `content-type: application/json`, not"
-                f" {tasks.excerpt(media or content_type)}"
-            )
-
-    # Every route that takes a body: the token first (`auth.Authorize` checked it already),
-    # then the content-type.
-    TakesJson = [*Authorized, Depends(require_json)]
+    # Every route that takes a body. Its content-type, and how much it holds, are checked
+    # by `Route` before the body is parsed (`routing.require_json`, `tasks.count_values`);
+    # the token before anything, by `auth.Authorize`.
+    TakesJson = Authorized
     # What every route that takes a body can answer besides its own errors.
     BODY_ERRORS = (400, 408, 415, 422)
 
