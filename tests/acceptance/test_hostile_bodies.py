@@ -147,3 +147,24 @@ def test_the_most_values_under_the_limit_are_a_422_in_bounded_memory(api: Proc, 
         assert "more than any request takes" in detail["detail"][0]["msg"], (what, detail)
     peak_mb = peak_rss_mb(api.pid)
     assert peak_mb - baseline_mb < 100, f"memory went from {baseline_mb:.0f} to {peak_mb:.0f} MB"
+
+
+def test_without_the_token_an_8_mib_body_is_401_before_it_is_read(
+    spawn: Callable[..., Proc], database_url: str
+) -> None:
+    env = {"TASKRUNNER_DATABASE_URL": database_url, "TASKRUNNER_API_TOKEN": "s3cret"}
+    proc = spawn("api", env=env, http=True)
+    proc.wait_healthy()
+    assert proc.port is not None
+    baseline_mb = peak_rss_mb(proc.pid)
+    body = WORST["a batch of empty objects"]
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        with head(proc.port, {"Content-Length": str(len(body)), **headers}) as sock:
+            sock.sendall(body)
+            status, detail = response_of(sock)
+        assert status == 401, detail
+    # Over the limit too: 401, not 413.
+    with head(proc.port, {"Content-Length": str(84 * MiB)}) as sock:
+        assert response_of(sock)[0] == 401
+    peak_mb = peak_rss_mb(proc.pid)
+    assert peak_mb - baseline_mb < 20, f"memory went from {baseline_mb:.0f} to {peak_mb:.0f} MB"
