@@ -1,6 +1,6 @@
 """The API token: which requests need it, how it is checked, and the 401 before anything else.
 
-`Authorize` is the outermost layer but one (`asgi.layers`): a request that needs the token and
+`Authorize` is outside every layer but BasePath (`asgi.layers`): a request that needs the token and
 lacks it is answered 401 before its body is counted, read or parsed, on every path (the hot
 path, the FastAPI app, the Lambda handler). The FastAPI app's dependency (`app.check_token`)
 checks by the same function, `authorized`, and declares the scheme in the OpenAPI document.
