@@ -4,7 +4,6 @@ Domain errors become status codes in `answers.status_of`, for these routes and t
 (`hotpath`), which serves the busiest requests before they reach FastAPI.
 """
 
-import hmac
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -18,15 +17,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import Scope
 
-from functions import monitoring, original, tasks
+from functions import auth, monitoring, original, tasks
 from functions.answers import status_of, task_fields
 from functions.asgi import layers
 from functions.bodies import (
     KIND_SCHEMA,
     BatchIn,
+    Cursor,
     IdempotencyKey,
     IdsOut,
-    KindQuery,
+    KindName,
     PageOut,
     RescheduleIn,
     TaskIn,
@@ -37,7 +37,7 @@ from functions.bodies import (
 from functions.dashboard import add_dashboard
 from functions.db import Database
 from functions.docs import add_docs
-from functions.errors import NotJson, TaskrunnerError, Unauthorized
+from functions.errors import TaskrunnerError, Unauthorized
 from functions.routing import Route, TaskId, answer
 from functions.settings import Settings
 from functions.store import Store
@@ -130,7 +130,7 @@ def build_app(
     )
     app.router.route_class = Route
     add_docs(app)
-    # GET /: the dashboard's page (functions/dashboard.py), outside the schema.
+    # GET /: the dashboard's page (functions/dashboard.py); HEAD by `Route`.
     add_dashboard(app)
     if middleware:
         # Each added goes outside those added before it.
@@ -141,19 +141,17 @@ def build_app(
     auth_errors: tuple[int, ...] = ()
     if settings.api_token is not None:
         expected_token = settings.api_token.encode()
-        # Declares the scheme in the OpenAPI document; the check is ours.
+        # Declares the scheme in the OpenAPI document; the check is `auth.authorized`, which
+        # `auth.Authorize` made already before the body was read (`asgi.layers`). Made again
+        # here for an app served without those layers (`middleware=False`).
         bearer = HTTPBearer(auto_error=False, description="TASKRUNNER_API_TOKEN")
 
         async def check_token(
+            request: Request,
             credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
         ) -> None:
-            # The scheme is case-insensitive (RFC 9110; HTTPBearer checks it). Compare bytes:
-            # compare_digest refuses a str with non-ASCII characters, and headers arrive as
-            # latin-1, so this gets the bytes the client sent back.
-            if credentials is None or not hmac.compare_digest(
-                credentials.credentials.strip().encode("latin-1"), expected_token
-            ):
-                raise Unauthorized("missing or wrong `Authorization: Bearer <token>` header")
+            if not auth.authorized(request.scope["headers"], expected_token):
+                raise Unauthorized(auth.MISSING)
 
         Authorized = [Depends(check_token)]
         auth_errors = (401,)
@@ -163,23 +161,10 @@ def build_app(
         413 (any request may send too large a body), and 503 (the database)."""
         return errors(*sorted({*codes, *auth_errors, 413, 503}))
 
-    async def require_json(request: Request) -> None:
-        # A body sent without a content-type is read as JSON (clients and test consoles omit
-        # it; nothing else could be meant); one that says it is something else gets a 415
-        # that says what to send, rather than a 422 about a string that is not an object.
-        content_type = request.headers.get("content-type", "").strip()
-        media = content_type.partition(";")[0].strip().lower()
-        # (A header with parameters and no media type, `; charset=utf-8`, says nothing either.)
-        if (content_type and not media) or (
-            media and media != "application/json" and not media.endswith("+json")
-        ):
-            raise NotJson(
-                "the body must be JSON, sent as `content-type: application/json`, not"
-                f" {tasks.excerpt(media or content_type)}"
-            )
-
-    # Every route that takes a body: the token first, then the content-type.
-    TakesJson = [*Authorized, Depends(require_json)]
+    # Every route that takes a body. Its content-type, and how much it holds, are checked
+    # by `Route` before the body is parsed (`routing.require_json`, `tasks.count_values`);
+    # the token before anything, by `auth.Authorize`.
+    TakesJson = Authorized
     # What every route that takes a body can answer besides its own errors.
     BODY_ERRORS = (400, 408, 415, 422)
 
@@ -277,11 +262,10 @@ def build_app(
         state: Annotated[
             TaskState | None, Query(description="scheduled, running, succeeded or failed")
         ] = None,
-        type: Annotated[KindQuery | None, Query(description=KIND_SCHEMA["description"])] = None,
+        type: Annotated[KindName | None, Query(description=KIND_SCHEMA["description"])] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         cursor: Annotated[
-            str | None,
-            Query(pattern=tasks.CURSOR_PATTERN, description="`next_cursor` of the previous page"),
+            Cursor | None, Query(description="`next_cursor` of the previous page")
         ] = None,
     ) -> Response:
         """List tasks by ascending id, optionally filtered by state and type."""

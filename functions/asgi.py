@@ -1,5 +1,5 @@
-"""ASGI middleware between the server (Mangum or uvicorn) and the app: base path, HEAD,
-the limits on request bodies, the hot path; and their order (`layers`).
+"""ASGI middleware between the server (Mangum or uvicorn) and the app: base path, the token
+(`auth`), HEAD, the limits on request bodies, the hot path; and their order (`layers`).
 
 Plain ASGI, without Starlette's request and response classes: the Lambda handler wraps the
 app in these on a cold start, before FastAPI is imported (`hotpath.Lazy`).
@@ -15,6 +15,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from functions.answers import send_detail
+from functions.auth import Authorize
 from functions.hotpath import HotPath
 from functions.settings import Settings
 from functions.store import Store
@@ -196,12 +197,16 @@ def layers(settings: Settings, store: Store) -> list[tuple[Any, dict[str, Any]]]
     arguments: `app.build_app` adds them to the app, the Lambda handler wraps them around it."""
     found: list[tuple[Any, dict[str, Any]]] = [
         (HotPath, {"settings": settings, "store": store}),
+        # Outside all that reads a body: no body is read before it is counted.
+        (BodyLimit, {"max_bytes": settings.max_body_bytes}),
         (HeadWithoutBody, {}),
     ]
+    if settings.api_token is not None:
+        # Outside the body's limits: without the token, 401 before a 413 or a 408, and not a
+        # byte of the body read.
+        found.append((Authorize, {"token": settings.api_token}))
     if settings.base_path:
         found.append((BasePath, {"base_path": settings.base_path}))
-    # Outermost: no body is read before it is counted.
-    found.append((BodyLimit, {"max_bytes": settings.max_body_bytes}))
     return found
 
 

@@ -8,7 +8,6 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -26,9 +25,21 @@ KIND_SCHEMA = {
     "description": f"The task kind: {', '.join(sorted(KINDS))}, in any case; returned lowercase.",
     "examples": sorted(KINDS),
 }
+# Each pattern below is the schema's, for clients and schemathesis; the server checks by a
+# function whose error says in words what is wrong and what is accepted (a pydantic pattern's
+# error would quote the pattern, hundreds of characters of it).
 KindName = Annotated[str, PlainValidator(tasks.parse_kind), WithJsonSchema(KIND_SCHEMA)]
-# The same in a query string, where it is always a string.
-KindQuery = Annotated[str, Field(pattern=tasks.KIND_PATTERN), AfterValidator(tasks.parse_kind)]
+Cursor = Annotated[
+    str,
+    PlainValidator(tasks.parse_cursor),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": tasks.CURSOR_PATTERN,
+            "description": "`next_cursor` of the previous page",
+        }
+    ),
+]
 ExecuteAt = Annotated[
     datetime,
     PlainValidator(tasks.parse_execute_at),
@@ -70,12 +81,16 @@ class TaskIn(BaseModel):
 
 IdempotencyKey = Annotated[
     str,
-    Field(
-        pattern=tasks.IDEMPOTENCY_KEY_PATTERN,
-        description="1 to 255 printable ASCII characters, no spaces: a repeat of a request"
-        " with the same key and the same type and execute_at gets the task the first one"
-        " created, and creates nothing.",
-        examples=["order-1842-reminder"],
+    PlainValidator(tasks.parse_idempotency_key),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": tasks.IDEMPOTENCY_KEY_PATTERN,
+            "description": "1 to 255 printable ASCII characters, no spaces: a repeat of a"
+            " request with the same key and the same type and execute_at gets the task the"
+            " first one created, and creates nothing.",
+            "examples": ["order-1842-reminder"],
+        }
     ),
 ]
 

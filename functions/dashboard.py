@@ -52,9 +52,20 @@ def render(root_path: str) -> str:
 
 
 def add_dashboard(app: FastAPI) -> None:
-    """Serve the dashboard at `/` (GET and HEAD), outside the OpenAPI document."""
+    """Serve the dashboard at `/`: GET in the OpenAPI document, as `text/html`, so that the
+    document lists every method `/` answers (HEAD, as for every GET route, by the app's
+    route class)."""
 
     async def dashboard(request: Request) -> HTMLResponse:
+        """The dashboard: an HTML page that reads this API from the browser (no token
+        needed for the page; its script asks for one when the API answers 401)."""
         return HTMLResponse(render(request.scope.get("root_path", "")), headers=HEADERS)
 
-    app.add_api_route("/", dashboard, methods=["GET", "HEAD"], include_in_schema=False)
+    app.add_api_route(
+        "/",
+        dashboard,
+        methods=["GET"],
+        response_class=HTMLResponse,
+        summary="Dashboard",
+        responses={200: {"description": "The dashboard's page."}},
+    )

@@ -4,13 +4,13 @@ routing and dependency machinery.
 Under load (wrk, 32 connections, one process) FastAPI's routing, dependency solving, and
 its exception and exit-stack middleware were ~40% of the CPU of a `POST /tasks` or a
 `GET /tasks/{id}`. A request is served here only when it is plainly well formed: the
-method and path of one of these routes, the token right when one is set, a JSON body that
-`tasks.read_batch` accepts (a task or a batch, read by the rules of `bodies.TaskIn`), at
-most one valid `Idempotency-Key`. Anything else, every refusal in particular, goes on to
-the FastAPI app (`app`) and is answered there as before: the two cannot disagree about a
-4xx, and the OpenAPI document stays FastAPI's. A success, and a domain error once the
-request was read (404, 409, 503), is answered with the same bytes the FastAPI routes send
-(`answers.task_fields`, `answers.status_of`).
+method and path of one of these routes, a JSON body that `tasks.read_batch` accepts (a
+task or a batch, read by the rules of `bodies.TaskIn`), at most one valid
+`Idempotency-Key`. (The token was checked before, by `auth.Authorize`.) Anything else,
+every refusal in particular, goes on to the FastAPI app (`app`) and is answered there as
+before: the two cannot disagree about a 4xx, and the OpenAPI document stays FastAPI's. A
+success, and a domain error once the request was read (404, 409, 503), is answered with the
+same bytes the FastAPI routes send (`answers.task_fields`, `answers.status_of`).
 
 On Lambda the FastAPI app is built, and FastAPI imported, by the first request it is needed
 for (`Lazy`): a cold start that creates or reads a task does without ~0.5 s of imports,
@@ -19,7 +19,6 @@ pydantic's among them.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -55,13 +54,14 @@ def _key_ok(key: bytes) -> bool:
 
 class HotPath:
     """ASGI middleware: serve `POST /tasks`, `POST /tasks/batch` and `GET`/`HEAD
-    /tasks/{id}` when they are plainly well formed; pass everything else to `app`."""
+    /tasks/{id}` when they are plainly well formed; pass everything else to `app`.
+
+    Inside `auth.Authorize` (`asgi.layers`): a request without the token never gets here."""
 
     def __init__(self, app: ASGIApp, settings: Settings, store: Store) -> None:
         self.app = app
         self.store = store
         self.max_attempts = settings.max_attempts
-        self.token = None if settings.api_token is None else settings.api_token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -80,31 +80,14 @@ class HotPath:
                     and digits.isascii()
                     and digits.isdigit()
                     and 1 <= int(digits) <= BIGINT_MAX
-                    and self._authorized(scope)
                 ):
                     await self._answer(scope, send, self._get(int(digits)))
                     return
         await self.app(scope, receive, send)
 
-    def _authorized(self, scope: Scope) -> bool:
-        """Whether the request passes the token check the FastAPI app makes (`check_token`
-        and HTTPBearer): the first Authorization header, scheme `bearer` in any case."""
-        if self.token is None:
-            return True
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, credentials = value.decode("latin-1").partition(" ")
-                credentials = credentials.strip()
-                return (
-                    scheme.lower() == "bearer"
-                    and bool(credentials)
-                    and hmac.compare_digest(credentials.encode("latin-1"), self.token)
-                )
-        return False
-
     async def _create(self, scope: Scope, receive: Receive, send: Send, *, batch: bool) -> None:
         content_type = key = None
-        plain = self._authorized(scope)
+        plain = True
         for name, value in scope["headers"]:
             if name == b"content-type":
                 plain &= content_type is None and value.lower() in _JSON
@@ -126,9 +109,11 @@ class HotPath:
     def _read(
         self, scope: Scope, body: bytes, key: bytes | None, *, batch: bool
     ) -> Awaitable[Answer | None] | None:
-        """The work a body asks for, or None for the FastAPI app to answer. What was read
-        is let go before the FastAPI app reads the body again (2.8 million
-        empty objects under the size limit are ~200 MB each time)."""
+        """The work a body asks for, or None for the FastAPI app to answer. A body that
+        holds more values than any request takes is not read here (`tasks.count_values`),
+        and what was read is let go before the FastAPI app reads the body again."""
+        if tasks.count_values(body) > tasks.MAX_VALUES:
+            return None  # (refused before it is read, in the FastAPI app's words)
         try:
             if batch:
                 # Read by pydantic-core (a third of json.loads' time for 10,000 tasks, the

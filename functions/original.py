@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, PlainValidator, WithJsonSchema
 from starlette.routing import Match
 from starlette.types import Scope
 
@@ -48,6 +48,34 @@ STATES: dict[OriginalState, tuple[TaskState, ...]] = {
 KIND_PATTERN = tasks.any_case(sorted(KINDS))
 STATE_PATTERN = tasks.any_case([s.value for s in OriginalState])
 _DIGITS = re.compile("[0-9]+")
+
+
+def parse_state(value: object) -> OriginalState:
+    """The original's state named by `value`, in any case."""
+    try:
+        return OriginalState(str(value).upper())
+    except ValueError:
+        raise ValueError(
+            f"unknown state {tasks.excerpt(value)}; expected one of"
+            f" {', '.join(OriginalState)} (in any case)"
+        ) from None
+
+
+STATE_DESCRIPTION = (
+    "NOTSTARTED (scheduled), STARTED (running) or COMPLETE (succeeded or failed), any case"
+)
+StateName = Annotated[
+    OriginalState,
+    PlainValidator(parse_state),
+    # The pattern for clients and schemathesis; parse_state's error says it in words.
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": STATE_PATTERN,
+            "description": STATE_DESCRIPTION,
+        }
+    ),
+]
 
 
 class DeletedOut(BaseModel):
@@ -137,17 +165,10 @@ def build_router(
         responses=fails(422),
     )
     async def original_list(
-        state: Annotated[
-            str,
-            Path(
-                pattern=STATE_PATTERN,
-                description="NOTSTARTED (scheduled), STARTED (running) or COMPLETE"
-                " (succeeded or failed), any case",
-            ),
-        ],
+        state: Annotated[StateName, Path(description=STATE_DESCRIPTION)],
     ) -> list[TaskOut]:
         """The first 1,000 tasks in `state`, oldest first (`GET /tasks` pages through all)."""
-        states = STATES[OriginalState(state.upper())]
+        states = STATES[state]
         return [TaskOut.of(t) for t in await tasks.list_in_states(store, states, LIST_LIMIT)]
 
     @router.delete(

@@ -67,19 +67,6 @@ def test_schemathesis_finds_nothing(settings: Settings, sql: Sql) -> None:
                 "fuzzing": {"enabled": True},
                 "stateful": {"enabled": True},
             },
-            # `/` also answers GET and HEAD: the dashboard's HTML page, kept out of the document
-            # (no part of the API a client calls). So GET there is not a 405, and a 405 there
-            # allows GET; tests/integration/test_dashboard.py checks `/`'s other methods.
-            "operations": [
-                {
-                    "include-path": "/",
-                    "include-method": "DELETE",
-                    "checks": {
-                        "unsupported_method": {"enabled": False},
-                        "allow_header_conformance": {"enabled": False},
-                    },
-                }
-            ],
         }
     )
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=config)

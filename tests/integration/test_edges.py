@@ -18,6 +18,7 @@ import pytest
 from functions.app import build_app
 from functions.asgi import BodyLimit
 from functions.settings import Settings
+from functions.tasks import MAX_VALUES, TOO_MANY_VALUES
 from tests.conftest import serve
 
 Sql = Callable[..., list[tuple[Any, ...]]]
@@ -421,3 +422,15 @@ async def test_a_number_too_long_to_read_is_named_as_such(settings: Settings) ->
     assert response.json()["detail"] == (
         "the body is not JSON this API reads: a whole number has over 4,300 digits"
     )
+
+
+async def test_a_body_with_too_many_values_is_refused_before_it_is_parsed(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    [(task_id,)] = sql("INSERT INTO tasks (kind, execute_at) VALUES ('foo', now()) RETURNING id")
+    body = b"[" + b"[]," * (MAX_VALUES + 1) + b"[]]"
+    patched = await client.patch(f"/tasks/{task_id}", content=body)
+    refused(patched, 422)
+    assert patched.json()["detail"][0]["msg"] == TOO_MANY_VALUES
+    # The content-type is checked first: a body that is not JSON is not counted.
+    refused(await client.post("/tasks", content=body, headers={"content-type": "text/csv"}), 415)

@@ -1,17 +1,24 @@
+import json
 import random
 import struct
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+from unittest.mock import patch
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from functions import tasks
 from functions.errors import InvalidInput
 from functions.runner import retry_delay_s
 from functions.settings import Settings
 from functions.tasks import (
+    MAX_BATCH,
+    MAX_VALUES,
     _quick_us,
     _unix_us,
+    count_values,
     decode_cursor,
     encode_cursor,
     parse_execute_at,
@@ -191,3 +198,61 @@ def test_float_arithmetic_decides_most_times_clients_send() -> None:
     assert [us if us is not None else _unix_us(v) for us, v in zip(decided, sent, strict=True)] == [
         _unix_us(v) for v in sent
     ]
+
+
+def structure(value: Any) -> int:
+    """What `count_values` counts in `value` written as JSON: its strings (keys too), its
+    objects and arrays, and the commas between their items."""
+    if isinstance(value, str):
+        return 1
+    if isinstance(value, list):
+        return 1 + max(len(value) - 1, 0) + sum(structure(v) for v in value)
+    if isinstance(value, dict):
+        return 1 + max(len(value) - 1, 0) + sum(1 + structure(v) for v in value.values())
+    return 0
+
+
+# Strings full of what could be taken for JSON's structure: quotes, backslashes, brackets.
+tricky = st.text(alphabet='",{[\\]}:ab \n\u00e9', max_size=12)
+documents = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | tricky,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(tricky, inner, max_size=5),
+    max_leaves=40,
+)
+
+
+@given(documents, st.booleans(), st.booleans())
+@settings(max_examples=500)
+def test_a_body_is_over_the_bound_exactly_when_it_holds_more(
+    value: Any, ascii_only: bool, indented: bool
+) -> None:
+    body = json.dumps(value, ensure_ascii=ascii_only, indent=1 if indented else None).encode()
+    held = structure(value)
+    assert count_values(body) >= held
+    # Over the bound exactly when the body holds more than it, whatever its strings hold.
+    for bound in (held - 1, held, held + 1):
+        with patch.object(tasks, "MAX_VALUES", bound):
+            assert (count_values(body) > bound) == (held > bound), bound
+
+
+def test_the_largest_body_the_api_takes_is_under_the_bound() -> None:
+    # (Every item with a key of 255 characters that look like JSON's structure.)
+    key = '",{[\\' * 51
+    items = [{"type": "foo", "execute_at": "2030-01-01T00:00:00Z", "idempotency_key": key}]
+    body = json.dumps({"tasks": items * MAX_BATCH}).encode()
+    assert structure({"tasks": items * MAX_BATCH}) == count_values(body) <= MAX_VALUES
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"tasks": [' + b"{}," * 2_000_000 + b"{}]}",
+        b"[" + b'"",' * 2_000_000 + b'""]',
+        b"[" + b"0," * 2_000_000 + b"0]",
+        # An unterminated string of escaped quotes, then objects.
+        b'["' + b'\\"' * 1_000_000 + b'", ' + b"{}," * 1_000_000 + b"{}]",
+    ],
+    ids=["objects", "strings", "numbers", "escapes"],
+)
+def test_millions_of_values_are_over_the_bound(body: bytes) -> None:
+    assert count_values(body) > MAX_VALUES

@@ -1,0 +1,44 @@
+"""The OpenAPI document lists every method a path answers, and a 405's `Allow` lists exactly
+those (HEAD besides, wherever GET is): what schemathesis's `allow_header_conformance` checks,
+path by path, here without a database."""
+
+import dataclasses
+import re
+
+import httpx
+
+from functions.app import build_app
+from functions.settings import Settings
+
+# Answered before the database is asked: nothing listens here.
+NOWHERE = Settings(database_url="postgresql://taskrunner@127.0.0.1:9/none")
+EXAMPLES = {"task_id": "1", "id": "1", "type": "foo", "unix_seconds": "1", "state": "STARTED"}
+
+
+async def test_every_405_allows_exactly_what_the_document_lists() -> None:
+    app = build_app(NOWHERE)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        paths = (await client.get("/openapi.json")).json()["paths"]
+        assert paths
+        for template, operations in paths.items():
+            path = re.sub(r"\{(\w+)\}", lambda m: EXAMPLES[m[1]], template)
+            listed = {method.upper() for method in operations}
+            if "GET" in listed:
+                listed.add("HEAD")
+            for method in ("OPTIONS", "PUT", "TRACE"):
+                if method in listed:
+                    continue
+                response = await client.request(method, path)
+                assert response.status_code == 405, (method, path)
+                allowed = set(response.headers["allow"].split(", "))
+                assert allowed == listed, (template, method)
+
+
+async def test_the_dashboard_is_in_the_document_as_html() -> None:
+    document = build_app(dataclasses.replace(NOWHERE, api_token="t")).openapi()
+    page = document["paths"]["/"]["get"]
+    assert set(page["responses"]["200"]["content"]) == {"text/html"}
+    # Served without the token, as the document says: no security on the operation.
+    assert "security" not in page
