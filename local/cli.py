@@ -172,6 +172,15 @@ def _log_level(text: str) -> str:
     return text.upper()
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("taskrunner")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskrunner",
@@ -179,6 +188,7 @@ def _parser() -> argparse.ArgumentParser:
         "Configured by TASKRUNNER_* environment variables; without TASKRUNNER_DATABASE_URL "
         "an embedded PostgreSQL is kept in ./.taskrunner/.",
     )
+    parser.add_argument("--version", action="version", version=f"taskrunner {_version()}")
     parser.add_argument(
         "--log-level", type=_log_level, default="INFO", help="logging level (default: INFO)"
     )
