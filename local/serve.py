@@ -7,22 +7,29 @@ to stop, so a task due now starts within milliseconds rather than at the next mi
 The server listens at once, whether or not the database answers: until it answers with a
 schema this version can use, every request gets a 503 (`Readiness`), so a load balancer or
 a probe sees a live process that is not ready rather than a refused connection.
+
+Each process bounds its connections (`limited_protocol`): at most TASKRUNNER_MAX_CONNECTIONS
+open, and none left open without a request's headers for TASKRUNNER_HEADER_TIMEOUT_S; uvicorn
+bounds neither (its `limit_concurrency` answers only once the headers are complete).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
 import signal
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from functions import tasks
 from functions.answers import send_detail
@@ -126,6 +133,150 @@ class Readiness:
             self._logged = (kind, now)
 
 
+# What a connection past TASKRUNNER_MAX_CONNECTIONS is sent, before it is closed.
+_TOO_MANY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"retry-after: 1\r\nconnection: close\r\ncontent-length: 48\r\n\r\n"
+    b'{"detail":"too many connections, try again soon"}'
+)
+_last_refusal_logged = -_REPEAT_LOG_S
+
+
+class _Limits:
+    """One connection's bounds, for either of uvicorn's HTTP protocols (`protocol`).
+
+    The header clock runs from the connection's start, and from the first byte of each later
+    request (uvicorn's keep-alive timeout covers the wait between requests); a request whose
+    headers are complete has begun a response cycle (`protocol.cycle`), which stops it.
+    """
+
+    def __init__(self, protocol: Any, max_connections: int, header_timeout_s: float) -> None:
+        self.protocol = protocol
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+        self.clock: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        if len(self.protocol.connections) > self.max_connections:
+            global _last_refusal_logged
+            if time.monotonic() - _last_refusal_logged >= _REPEAT_LOG_S:
+                _last_refusal_logged = time.monotonic()
+                logger.warning(
+                    "action=connections open=%d: at TASKRUNNER_MAX_CONNECTIONS; answering 503",
+                    len(self.protocol.connections) - 1,
+                )
+            transport.write(_TOO_MANY)
+            transport.close()
+            return
+        self._start_clock()
+
+    def data_received(self, data: bytes, receive: Callable[[bytes], None]) -> None:
+        cycle = self.protocol.cycle
+        if self.clock is None and (cycle is None or cycle.response_complete):
+            self._start_clock()  # the first byte of the next request
+        receive(data)
+        if self.protocol.cycle is not cycle:  # a request's headers are complete
+            self.stop_clock()
+
+    def stop_clock(self) -> None:
+        if self.clock is not None:
+            self.clock.cancel()
+            self.clock = None
+
+    def _start_clock(self) -> None:
+        self.clock = self.protocol.loop.call_later(self.header_timeout_s, self._out_of_time)
+
+    def _out_of_time(self) -> None:
+        self.clock = None
+        if not self.protocol.transport.is_closing():
+            self.protocol.transport.close()
+
+
+class LimitedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol (what it serves with when httptools is installed, as
+    the `local` extra does), within `_Limits`."""
+
+    def __init__(
+        self, *args: Any, max_connections: int, header_timeout_s: float, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = _Limits(self, max_connections, header_timeout_s)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.limits.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.limits.data_received(data, super().data_received)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.limits.stop_clock()
+        super().connection_lost(exc)
+
+
+class LimitedH11(H11Protocol):
+    """uvicorn's h11 protocol (what it serves with when httptools is missing), within `_Limits`."""
+
+    def __init__(
+        self, *args: Any, max_connections: int, header_timeout_s: float, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = _Limits(self, max_connections, header_timeout_s)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.limits.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.limits.data_received(data, super().data_received)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.limits.stop_clock()
+        super().connection_lost(exc)
+
+
+# Descriptors a serving process keeps beside its connections: its pool, the worker's and
+# LISTEN connections, pipes, logs (`taskrunner dev` holds 12 when idle).
+_OTHER_DESCRIPTORS = 64
+# asyncio accepts up to its server's backlog at once before any connection is handed to
+# the protocol (which refuses those past the bound): under a flood, that many more open at
+# once. uvloop hands each over as it accepts it.
+_ASYNCIO_BACKLOG = 128
+
+
+def max_connections(settings: Settings, *, burst: int = 0) -> int:
+    """TASKRUNNER_MAX_CONNECTIONS, or fewer if this process may not open that many
+    descriptors (RLIMIT_NOFILE) with room for its others and an accept `burst`."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = soft - _OTHER_DESCRIPTORS - burst
+    if soft == resource.RLIM_INFINITY or room >= settings.max_connections:
+        return settings.max_connections
+    held = max(room, 1)
+    logger.warning(
+        "action=connections: TASKRUNNER_MAX_CONNECTIONS=%d, but this process may open only %d"
+        " descriptors (RLIMIT_NOFILE): holding at most %d connections",
+        settings.max_connections, soft, held,
+    )  # fmt: skip
+    return held
+
+
+def limited_protocol(
+    settings: Settings,
+    protocol: type[LimitedHttpTools | LimitedH11] = LimitedHttpTools,
+    *,
+    burst: int = 0,
+) -> Any:
+    """`protocol` with the bounds of `settings` on each connection, for uvicorn's `http`
+    (which it calls as it would a class; a partial also pickles, for `--workers N`)."""
+    return functools.partial(
+        protocol,
+        max_connections=max_connections(settings, burst=burst),
+        header_timeout_s=settings.header_timeout_s,
+    )
+
+
 def build_served_app(settings: Settings, *, migrate: bool = False) -> Readiness:
     """The app `taskrunner api` and `dev` serve: the API behind `Readiness`."""
     store = Store(Database(settings))
@@ -187,12 +338,17 @@ async def serve(
     app: Readiness | None = None
     if port is not None:
         app = build_served_app(settings, migrate=migrate)
+        on_uvloop = type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        burst = 0 if on_uvloop else _ASYNCIO_BACKLOG
         config = uvicorn.Config(
             app,
             host=host or "127.0.0.1",
             port=port,
             log_config=None,  # our logging: everything to stderr, stdout is for task output
             lifespan="on",
+            http=limited_protocol(settings, burst=burst),
+            # uvicorn's 2048 unless asyncio's loop (`dev`): see _ASYNCIO_BACKLOG.
+            backlog=2048 if on_uvloop else _ASYNCIO_BACKLOG,
         )
         server = _Server(config)
 
@@ -270,4 +426,6 @@ def serve_processes(settings: Settings, *, host: str, port: int, processes: int)
         workers=processes,
         log_config=None,
         lifespan="on",
+        # Each process holds at most TASKRUNNER_MAX_CONNECTIONS.
+        http=limited_protocol(settings),
     )

@@ -2,9 +2,11 @@
 answering 503 until the database is ready."""
 
 import os
+import resource
+import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -92,3 +94,92 @@ def test_dev_migrates_a_configured_database_once_it_answers(
     created = httpx.post(f"{api.url}/tasks", json={"type": "baz", "execute_at": 1})
     assert created.status_code == 201, created.text
     wait_for(lambda: api.stdout().startswith("Baz "), 30, "the task to run")
+
+
+HALF_OPEN = b"GET /tasks/1 HTTP/1.1\r\nHost: x\r\n"
+
+
+def half_open(port: int, n: int) -> list[socket.socket]:
+    """`n` connections that each send the start of a request and never its end."""
+    opened = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(HALF_OPEN)
+        opened.append(s)
+    return opened
+
+
+def answer(s: socket.socket) -> bytes | None:
+    """What the server sent on `s` up to its close; None while it holds the connection open."""
+    s.setblocking(False)
+    got = b""
+    try:
+        while chunk := s.recv(65536):
+            got += chunk
+    except BlockingIOError:
+        return None
+    except ConnectionResetError:
+        pass
+    return got
+
+
+@pytest.fixture
+def descriptors() -> Iterator[None]:
+    """Room for this test's own ~1,200 sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize(
+    ("command", "max_connections", "nofile"),
+    [(["api"], 1000, 1100), (["dev"], 1000, 1300), (["api", "--workers", "2"], 400, 500)],
+    ids=["api", "dev", "api-2"],
+)
+def test_connections_that_never_finish_their_headers_are_bounded_and_closed(
+    spawn: Callable[..., Proc],
+    database_url: str,
+    descriptors: None,
+    command: list[str],
+    max_connections: int,
+    nofile: int,
+) -> None:
+    """1,200 connections that send half a request's headers, against a process (each of
+    `--workers 2`) that may open `nofile` descriptors: the ones past the bound are answered
+    503 at once, the others closed after the header timeout, and the API serves throughout."""
+    env = {
+        "TASKRUNNER_DATABASE_URL": database_url,
+        "TASKRUNNER_HEADER_TIMEOUT_S": "5",
+        "TASKRUNNER_MAX_CONNECTIONS": str(max_connections),
+    }
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))  # inherited by the API
+    try:
+        api = spawn(*command, env=env, http=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    api.wait_healthy()
+    assert api.port is not None
+    opened = half_open(api.port, 1200)
+    try:
+        time.sleep(1)
+        answers = [answer(s) for s in opened]
+        refused = [a for a in answers if a is not None]
+        processes = 2 if "--workers" in command else 1
+        assert len(refused) >= 1200 - processes * max_connections, len(refused)
+        # Each was told why (not reset): 503 with a detail.
+        for a in refused:
+            assert a.startswith(b"HTTP/1.1 503 ") and b"too many connections" in a, a
+        # Every held connection is closed once the header timeout has passed.
+        held = [s for s, a in zip(opened, answers, strict=True) if a is None]
+        assert len(held) <= processes * max_connections
+        wait_for(lambda: all(answer(s) is not None for s in held), 60, "the held ones to be closed")
+    finally:
+        for s in opened:
+            s.close()
+    api.wait_healthy(timeout_s=10)
+    created = httpx.post(f"{api.url}/tasks", json={"type": "baz", "execute_at": 1893499200})
+    assert created.status_code == 201, created.text
+    assert api.terminate() == 0
+    assert "Traceback" not in api.stderr(), api.stderr()
