@@ -116,6 +116,13 @@ class Readiness:
                 self._log(f"{exc}; answering 503 until it is")
                 await asyncio.sleep(1.0)
                 continue
+            except Exception as exc:
+                # A database that refuses (a role that may not create tables, for `dev`'s
+                # migrations): said in the log, which the 503 points to; tried again.
+                self._not_ready("not ready: the database refused; the server's log says why", "5")
+                self._log("the database refused: answering 503", exc)
+                await asyncio.sleep(5.0)
+                continue
             logger.info("action=ready schema=%s: the database answers; serving", revision)
             self._open = True
             self.ready.set()
@@ -124,12 +131,15 @@ class Readiness:
     def _not_ready(self, detail: str, retry_after: str) -> None:
         self._detail, self._retry_after = detail, retry_after
 
-    def _log(self, news: str) -> None:
+    def _log(self, news: str, error: BaseException | None = None) -> None:
         """Log `news`, unless it is the same kind of news as last time and under a minute old."""
         kind, now = news.partition(":")[0], time.monotonic()
         last = self._logged
         if last is None or last[0] != kind or now - last[1] >= _REPEAT_LOG_S:
-            logger.warning("action=ready: %s", news)
+            if error is None:
+                logger.warning("action=ready: %s", news)
+            else:
+                logger.error("action=ready: %s", news, exc_info=error)
             self._logged = (kind, now)
 
 

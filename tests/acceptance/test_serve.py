@@ -10,7 +10,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 
 from tests.pgservers import Server
 from tests.procs import TASKRUNNER, Proc, spawn, wait_for
@@ -183,3 +185,27 @@ def test_connections_that_never_finish_their_headers_are_bounded_and_closed(
     assert created.status_code == 201, created.text
     assert api.terminate() == 0
     assert "Traceback" not in api.stderr(), api.stderr()
+
+
+def test_dev_with_a_role_that_may_not_migrate_says_so_and_keeps_listening(
+    spawn: Callable[..., Proc], empty_database_url: str
+) -> None:
+    """The migrations fail for a reason of the database's own (not an outage): 503, the
+    reason in the log, and another try later."""
+    role = f"no_create_{os.getpid()}"
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    try:
+        url = make_url(empty_database_url).set(username=role).render_as_string(False)
+        api = spawn("dev", env={"TASKRUNNER_DATABASE_URL": url}, http=True)
+        health = wait_for(
+            lambda: (r := not_ready(api)) is not None and "log" in r.text and r, 60, "the 503"
+        )
+        assert "the database refused" in health.json()["detail"]
+        wait_for(lambda: "permission denied" in api.stderr(), 30, "the reason in the log")
+        assert api.terminate() == 0
+    finally:
+        with psycopg.connect(empty_database_url, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
