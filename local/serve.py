@@ -144,10 +144,11 @@ class Readiness:
 
 
 # What a connection past TASKRUNNER_MAX_CONNECTIONS is sent, before it is closed.
+_TOO_MANY_BODY = b'{"detail":"too many connections, try again soon"}'
 _TOO_MANY = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-    b"retry-after: 1\r\nconnection: close\r\ncontent-length: 48\r\n\r\n"
-    b'{"detail":"too many connections, try again soon"}'
+    b"retry-after: 1\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(_TOO_MANY_BODY), _TOO_MANY_BODY)
 )
 _last_refusal_logged = -_REPEAT_LOG_S
 

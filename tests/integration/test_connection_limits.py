@@ -1,11 +1,13 @@
 """The bounds on each connection of `taskrunner api` and `dev` (local.serve.limited_protocol),
 with both of uvicorn's HTTP protocols, around an app that needs no database."""
 
+import json
 import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import h11
 import pytest
 import uvicorn
 
@@ -96,9 +98,15 @@ def test_a_kept_alive_connection_that_stalls_mid_headers_is_closed(connect: Conn
 def test_a_connection_past_the_bound_is_answered_503_and_closed(connect: Connect) -> None:
     held = [connect() for _ in range(3)]
     refused = connect()
-    answer = wait_closed(refused)
-    assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
-    assert answer.endswith(b'{"detail":"too many connections, try again soon"}')
+    # A whole HTTP answer, as a client reads it.
+    client = h11.Connection(h11.CLIENT)
+    client.receive_data(wait_closed(refused))
+    client.receive_data(b"")
+    head, body, end = client.next_event(), client.next_event(), client.next_event()
+    assert isinstance(head, h11.Response) and head.status_code == 503
+    assert (b"retry-after", b"1") in head.headers
+    assert isinstance(body, h11.Data) and isinstance(end, h11.EndOfMessage)
+    assert json.loads(body.data) == {"detail": "too many connections, try again soon"}
     # Once the held ones are timed out, there is room again.
     for s in held:
         assert wait_closed(s) == b""
