@@ -58,25 +58,22 @@ def connect(request: pytest.FixtureRequest) -> Iterator[Connect]:
         thread.join(30)
 
 
-def closed(s: socket.socket) -> bytes | None:
-    """All the server sent on `s` once it closed it; None while it is open."""
-    s.setblocking(False)
-    got = b""
-    try:
-        while chunk := s.recv(65536):
-            got += chunk
-    except BlockingIOError:
-        return None
-    except ConnectionResetError:
-        pass
-    return got
-
-
 def wait_closed(s: socket.socket) -> bytes:
     """What the server sent on `s` before it closed it, once it has."""
-    got: list[bytes] = wait_for(
-        lambda: (sent := closed(s)) is not None and [sent], 10, "the server to close"
-    )
+    s.setblocking(False)
+    got = [b""]
+
+    def closed() -> bool:
+        try:
+            while chunk := s.recv(65536):
+                got[0] += chunk
+        except BlockingIOError:
+            return False
+        except ConnectionResetError:
+            pass
+        return True
+
+    wait_for(closed, 10, "the server to close")
     return got[0]
 
 
