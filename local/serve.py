@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 # While the database does not answer, or its schema is behind, the same news is logged at
 # most this often.
 _REPEAT_LOG_S = 60.0
+# How long startup waits for the first check to find the database ready.
+_FIRST_CHECK_S = 2.0
 
 
 class Readiness:
@@ -85,6 +87,13 @@ class Readiness:
 
         async def receive_and_stop_checking() -> Message:
             message = await receive()
+            if message["type"] == "lifespan.startup":
+                # uvicorn listens once startup is complete: a database that answers is found
+                # ready first (with --workers N, a process not ready yet would otherwise take
+                # its share of the requests to answer 503), and one that does not still
+                # leaves the server listening within a second or two.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.ready.wait(), timeout=_FIRST_CHECK_S)
             if message["type"] == "lifespan.shutdown" and self._watch is not None:
                 # Before the app's own shutdown closes the pool the checks use.
                 self._watch.cancel()
