@@ -157,6 +157,12 @@ class Settings:
     # key character escaped, indented): 8 MiB takes either. API Gateway and Lambda refuse
     # bodies over 10 MB and 6 MB before they get here.
     max_body_bytes: int = _setting(8 * 1024 * 1024, ge=1024)
+    # Open connections one `taskrunner api` or `dev` process holds; one more is answered 503
+    # and closed at once, so that clients that never finish cannot use up its descriptors.
+    max_connections: int = _setting(1_000, ge=1)
+    # A connection that has not sent a request's headers this long after it opened (or after
+    # the request's first byte, on a kept-alive connection) is closed (`taskrunner api`, `dev`).
+    header_timeout_s: float = _setting(10.0, gt=0, le=_HOUR_S)
     # DELETE / (the original challenge's "delete everything", for testing) deletes every task
     # that is not running; refused (403) unless set.
     allow_delete_all: bool = False

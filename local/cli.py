@@ -62,18 +62,35 @@ def _settings(*, migrate: bool, wait: bool = False) -> Settings:
             retry_s = min(retry_s * 2, 5.0)
 
 
+def _serving() -> tuple[Settings, bool]:
+    """Settings for a command that serves the API, and whether the embedded database is used.
+
+    The embedded database is migrated here: it is ours to keep current. A configured one is
+    not waited for: the server listens at once and answers 503 until that database answers
+    with a current schema (`local.serve.Readiness`), so a probe sees a live process.
+    """
+    settings, embedded = _resolve()
+    if embedded:
+        from local import migrate as migrations
+
+        assert settings.database_url is not None
+        migrations.migrate(settings.database_url)
+    return settings, embedded
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     from local.serve import serve
 
-    settings = _settings(migrate=True, wait=True)
+    settings, embedded = _serving()
     logger.info("taskrunner dev: API on http://%s:%d (docs at /docs)", args.host, args.port)
-    asyncio.run(serve(settings, host=args.host, port=args.port, worker=True))
+    # `dev` applies migrations: to a configured database, once it answers.
+    asyncio.run(serve(settings, host=args.host, port=args.port, worker=True, migrate=not embedded))
 
 
 def cmd_api(args: argparse.Namespace) -> None:
     from local.serve import run_api, serve, serve_processes
 
-    settings = _settings(migrate=False, wait=True)
+    settings, _ = _serving()
     if args.workers > 1:
         serve_processes(settings, host=args.host, port=args.port, processes=args.workers)
     else:
@@ -180,6 +197,15 @@ def _log_level(text: str) -> str:
     return text.upper()
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("taskrunner")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskrunner",
@@ -187,6 +213,7 @@ def _parser() -> argparse.ArgumentParser:
         "Configured by TASKRUNNER_* environment variables; without TASKRUNNER_DATABASE_URL "
         "an embedded PostgreSQL is kept in ./.taskrunner/.",
     )
+    parser.add_argument("--version", action="version", version=f"taskrunner {_version()}")
     parser.add_argument(
         "--log-level", type=_log_level, default="INFO", help="logging level (default: INFO)"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import sqlalchemy.exc
@@ -16,6 +17,16 @@ from functions.db import libpq_url
 from functions.errors import DatabaseUnavailable, TaskrunnerError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _upgrades_only(record: logging.LogRecord) -> bool:
+    """Alembic's lines worth a user's eyes: the migrations applied ("Running upgrade 0003 ->
+    0004"), not what it says on every connection ("Context impl PostgresqlImpl.", "Will assume
+    transactional DDL."), which every worker, prune and tick printed."""
+    return record.levelno > logging.INFO or record.getMessage().startswith("Running ")
+
+
+logging.getLogger("alembic.runtime.migration").addFilter(_upgrades_only)
 
 
 def sqlalchemy_url(database_url: str) -> str:

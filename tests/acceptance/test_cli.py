@@ -286,3 +286,47 @@ def test_arguments_out_of_range_are_usage_errors(argv: list[str]) -> None:
     option = "--log-level" if argv[0] == "--log-level" else argv[-2]
     assert f"argument {option}:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    result = subprocess.run([TASKRUNNER, "--version"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"taskrunner {version('taskrunner')}\n"
+
+
+# What Alembic logs on every connection; nobody asked for it.
+ALEMBIC_NOISE = ("Context impl", "Will assume transactional DDL")
+
+
+def test_migrate_says_what_it_applies_and_nothing_else_of_alembic(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    env = {**os.environ, "TASKRUNNER_DATABASE_URL": empty_database_url}
+    first = subprocess.run(
+        [TASKRUNNER, "migrate"], env=env, capture_output=True, text=True, cwd=tmp_path, check=True
+    )
+    assert "Running upgrade  -> 0001" in first.stderr, first.stderr
+    again = subprocess.run(
+        [TASKRUNNER, "migrate"], env=env, capture_output=True, text=True, cwd=tmp_path, check=True
+    )
+    assert "Running upgrade" not in again.stderr
+    assert "the database schema is up to date" in again.stderr
+    for noise in ALEMBIC_NOISE:
+        assert noise not in first.stderr + again.stderr
+
+
+def test_worker_and_prune_print_no_alembic_noise(
+    spawn: Callable[..., Proc], database_url: str, tmp_path: Path
+) -> None:
+    env = {"TASKRUNNER_DATABASE_URL": database_url}
+    pruned = subprocess.run(
+        [TASKRUNNER, "prune"], env={**os.environ, **env}, capture_output=True, text=True,
+        cwd=tmp_path, check=True,
+    )  # fmt: skip
+    worker = spawn("worker", env=env)  # waits until it has registered
+    assert worker.terminate() == 0
+    for noise in ALEMBIC_NOISE:
+        assert noise not in pruned.stderr, pruned.stderr
+        assert noise not in worker.stderr(), worker.stderr()
