@@ -74,6 +74,16 @@ _POOLER_REFUSALS = ("unsupported startup parameter", "command-line options")
 # Set once a pooler has refused `options` in this process: from then on every connection is
 # made as in pooler mode, as if TASKRUNNER_TRANSACTION_POOLER were set.
 _pooler_found = False
+# Set once a connection made with `options` showed them applied. pgbouncer configured with
+# `ignore_startup_parameters = options` takes them without a word and drops them, and then
+# hands transactions to server connections where psycopg's prepared statements do not exist
+# (`GET /tasks/{id}` answered 500 "prepared statement _pg3_1 does not exist" from its 6th
+# run on): so the first such connection of a process reads back what it asked for.
+_options_checked = False
+# Whether the server applied this connection's `options` (the statement bound it asked for).
+_OPTIONS_APPLIED = """
+SELECT setting = %(timeout_ms)s FROM pg_settings WHERE name = 'statement_timeout'
+"""
 
 
 def behind_pooler(settings: Settings) -> bool:
@@ -107,26 +117,51 @@ async def connect(settings: Settings, application_name: str = "taskrunner") -> A
     """A new connection for `settings`.
 
     A transaction pooler reached with TASKRUNNER_TRANSACTION_POOLER unset refuses the
-    startup options: that misconfiguration must not look like an outage (every request a
-    503, forever). The refusal is recognised once, with a warning, and this process goes on
-    as in pooler mode.
+    startup options, or ignores them: that misconfiguration must not look like an outage
+    (every request a 503, forever) nor break prepared statements. A refusal is recognised
+    at any connection; options ignored, by reading them back on the first connection of
+    the process that has them. Either is said once, with a warning, and this process goes
+    on as in pooler mode.
     """
-    global _pooler_found
+    global _options_checked
     url = libpq_url(settings.database_url)
     kwargs = connect_kwargs(settings, application_name)
     try:
-        return await AsyncConnection.connect(url, **kwargs)
+        conn = await AsyncConnection.connect(url, **kwargs)
     except psycopg.OperationalError as exc:
         if "options" not in kwargs or not any(r in str(exc) for r in _POOLER_REFUSALS):
             raise
-    if not _pooler_found:
-        _pooler_found = True
-        logger.warning(
-            "action=connect: the database refused startup options, as a transaction pooler"
-            " (pgbouncer, RDS Proxy) does: going on without them, without prepared statements"
-            " and without LISTEN; set TASKRUNNER_TRANSACTION_POOLER=true to say so"
-        )
+        _found_pooler("refused")
+        return await AsyncConnection.connect(url, **connect_kwargs(settings, application_name))
+    if "options" not in kwargs or _options_checked:
+        return conn
+    try:
+        timeout_ms = str(int(settings.db_statement_timeout_s * 1000))
+        cursor = await conn.execute(_OPTIONS_APPLIED, {"timeout_ms": timeout_ms})
+        row = await cursor.fetchone()
+    except BaseException:
+        await conn.close()
+        raise
+    if row is not None and row[0]:
+        _options_checked = True
+        return conn
+    await conn.close()
+    _found_pooler("ignored")
     return await AsyncConnection.connect(url, **connect_kwargs(settings, application_name))
+
+
+def _found_pooler(how: str) -> None:
+    """From now on, connect as in pooler mode; say so once."""
+    global _pooler_found
+    if _pooler_found:
+        return
+    _pooler_found = True
+    logger.warning(
+        "action=connect: the database %s startup options, as a transaction pooler"
+        " (pgbouncer, RDS Proxy) does: going on without them, without prepared statements"
+        " and without LISTEN; set TASKRUNNER_TRANSACTION_POOLER=true to say so",
+        how,
+    )
 
 
 class Coalescer(Generic[In, Out]):

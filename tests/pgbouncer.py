@@ -21,6 +21,17 @@ from tests.procs import free_port
 @pytest.fixture
 def pgbouncer_url(database_url: str) -> Iterator[str]:
     """The test database's URL, through pgbouncer with pool_mode = transaction."""
+    yield from _pgbouncer(database_url, ignore="extra_float_digits")
+
+
+@pytest.fixture
+def pgbouncer_ignoring_options_url(database_url: str) -> Iterator[str]:
+    """The same, with pgbouncer told to take the startup parameter `options` and drop it
+    (a common setting: it then neither refuses nor applies them)."""
+    yield from _pgbouncer(database_url, ignore="extra_float_digits, options")
+
+
+def _pgbouncer(database_url: str, ignore: str) -> Iterator[str]:
     binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
     if not Path(binary).exists():
         pytest.skip("needs pgbouncer (Debian package pgbouncer; .ci/run installs it)")
@@ -44,7 +55,7 @@ auth_file = {workdir / "users.txt"}
 pool_mode = transaction
 default_pool_size = 4
 max_client_conn = 200
-ignore_startup_parameters = extra_float_digits
+ignore_startup_parameters = {ignore}
 """
     )
     for f in workdir.iterdir():

@@ -13,15 +13,21 @@ import pytest
 from functions import db
 from functions.settings import Settings
 from tests.integration.test_lambda import cold_start, lambda_env, round_trip
-from tests.pgbouncer import pgbouncer_url
+from tests.pgbouncer import pgbouncer_ignoring_options_url, pgbouncer_url
 
-__all__ = ["cold_start", "lambda_env", "pgbouncer_url"]  # the fixtures
+__all__ = [  # the fixtures
+    "cold_start",
+    "lambda_env",
+    "pgbouncer_ignoring_options_url",
+    "pgbouncer_url",
+]
 
 
 @pytest.fixture
 def fresh_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """As in a new container: no pooler found yet."""
     monkeypatch.setattr(db, "_pooler_found", False)
+    monkeypatch.setattr(db, "_options_checked", False, raising=False)
     yield
 
 
@@ -41,6 +47,41 @@ def test_handlers_through_pgbouncer_without_the_setting(
     warnings = [r.getMessage() for r in caplog.records if r.name == "functions.db"]
     assert len(warnings) == 1, warnings
     assert "TASKRUNNER_TRANSACTION_POOLER=true" in warnings[0]
+
+
+def test_handlers_through_pgbouncer_that_ignores_options(
+    lambda_env: None,
+    fresh_process: None,
+    pgbouncer_ignoring_options_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """pgbouncer with `ignore_startup_parameters = options` takes them and drops them: no
+    refusal to recognise, and prepared statements that another server connection does not
+    have (`GET /tasks/{id}` a 500 from its 6th run on). Reading the options back finds it."""
+    monkeypatch.setenv("TASKRUNNER_DATABASE_URL", pgbouncer_ignoring_options_url)
+    caplog.set_level(logging.WARNING, logger="functions.db")
+    for version in ("v2", "v1", "v2", "v1", "v2", "v1", "v2", "v1"):
+        round_trip(version, capsys)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "functions.db"]
+    assert len(warnings) == 1, warnings
+    assert "ignored startup options" in warnings[0]
+    assert "TASKRUNNER_TRANSACTION_POOLER=true" in warnings[0]
+
+
+async def test_a_server_that_applies_options_is_not_taken_for_a_pooler(
+    fresh_process: None, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Read back once: the first connection checks, later ones do not; nothing is said."""
+    settings = Settings(database_url=database_url)
+    caplog.set_level(logging.WARNING, logger="functions.db")
+    for _ in range(2):
+        conn = await db.connect(settings)
+        await conn.close()
+    assert not db.behind_pooler(settings)
+    assert db._options_checked
+    assert [r for r in caplog.records if r.name == "functions.db"] == []
 
 
 # RDS Proxy's words (its apostrophe is typographic), which no test can get from RDS Proxy itself.
