@@ -113,6 +113,19 @@ def _check_base_path(value: str) -> str:
     return f"/{path}" if path else ""
 
 
+def _check_api_token(value: str) -> str:
+    """A token a client can send as it is: not empty (unset turns the check off), nothing a
+    header drops around it (white space), no control character (none can be sent)."""
+    if not value:
+        raise _Invalid("must not be empty (unset it to serve without a token)")
+    if value != value.strip() or any(c < " " or c == "\x7f" for c in value):
+        raise _Invalid(
+            "must not start or end with white space nor hold control characters: no client"
+            " could send it as it is, and every request would be refused"
+        )
+    return value
+
+
 def _setting(
     default: Any,
     *,
@@ -150,7 +163,7 @@ class Settings:
     db_statement_timeout_s: float = _setting(5.0, gt=0, le=600)
 
     # When set, every /tasks request needs `Authorization: Bearer <token>`; /healthz does not.
-    api_token: str | None = None
+    api_token: str | None = _setting(None, check=_check_api_token)
     # The largest request body the API reads; a larger one gets 413 before it is read whole.
     # A full batch (10,000 tasks, each with a 255-character idempotency key) is 3.4 MiB as
     # compact JSON, and 6.0 MiB written as badly as JSON allows without \u escapes (every

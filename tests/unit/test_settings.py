@@ -128,6 +128,20 @@ def test_a_base_path_must_be_plain_printable_ascii(path: str) -> None:
         Settings(base_path=path)
 
 
+@pytest.mark.parametrize("token", ["", " s3cret", "s3cret\n", "s3cret ", "\ts3cret", "s3\x00cret"])
+def test_an_api_token_no_client_could_send_is_refused(token: str) -> None:
+    """Empty, or with what a header drops around its value, or a control character: every
+    request would get 401 and the API would be locked for good (it started silently)."""
+    with pytest.raises(SettingsError) as raised:
+        Settings(api_token=token)
+    assert "TASKRUNNER_API_TOKEN" in describe(raised.value)
+
+
+@pytest.mark.parametrize("token", ["s3cret", "s3cr\u00e9t", "a b", "x" * 500])
+def test_an_api_token_a_client_can_send_is_kept(token: str) -> None:
+    assert Settings(api_token=token).api_token == token
+
+
 # --- read as pydantic read them --------------------------------------------------------------
 # Settings were a pydantic model (lax mode, allow_inf_nan=False); they are read by a few lines
 # of ours now, to spare the tick's cold start pydantic's import. The model they were, built
@@ -146,7 +160,11 @@ def _pydantic_reference() -> Any:
 
 
 REFERENCE = _pydantic_reference()
-CHECKED_BY_US = {"database_url", "base_path"}  # custom checks, tested on their own above
+CHECKED_BY_US = {
+    "database_url",
+    "base_path",
+    "api_token",
+}  # custom checks, tested on their own above
 NAMES = [f.name for f in dataclasses.fields(Settings) if f.name not in CHECKED_BY_US]
 INTEGERS = {name for name, kind in typing.get_type_hints(Settings).items() if kind is int}
 # Leading zeros, then a sign or a run of underscores.
