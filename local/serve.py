@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 # While the database does not answer, or its schema is behind, the same news is logged at
 # most this often.
 _REPEAT_LOG_S = 60.0
-# How long startup waits for the first check to find the database ready.
+# How long startup waits for the first check to end (a database that does not answer at
+# all, frozen, would otherwise hold the server from listening for its connect timeout).
 _FIRST_CHECK_S = 2.0
 
 
@@ -66,6 +67,8 @@ class Readiness:
         self.store = store
         self.migrate = migrate
         self.ready = asyncio.Event()
+        # Set once the first check has ended, ready or not.
+        self.checked = asyncio.Event()
         self._open = False
         self._detail = "starting: the database has not been reached yet"
         self._retry_after = "1"
@@ -90,10 +93,11 @@ class Readiness:
             if message["type"] == "lifespan.startup":
                 # uvicorn listens once startup is complete: a database that answers is found
                 # ready first (with --workers N, a process not ready yet would otherwise take
-                # its share of the requests to answer 503), and one that does not still
-                # leaves the server listening within a second or two.
+                # its share of the requests to answer 503); one that refuses is known at once
+                # (the server listens then, answering 503), and one that does not answer at
+                # all holds it back _FIRST_CHECK_S at most.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.ready.wait(), timeout=_FIRST_CHECK_S)
+                    await asyncio.wait_for(self.checked.wait(), timeout=_FIRST_CHECK_S)
             if message["type"] == "lifespan.shutdown" and self._watch is not None:
                 # Before the app's own shutdown closes the pool the checks use.
                 self._watch.cancel()
@@ -135,10 +139,12 @@ class Readiness:
             logger.info("action=ready schema=%s: the database answers; serving", revision)
             self._open = True
             self.ready.set()
+            self.checked.set()
             return
 
     def _not_ready(self, detail: str, retry_after: str) -> None:
         self._detail, self._retry_after = detail, retry_after
+        self.checked.set()
 
     def _log(self, news: str, error: BaseException | None = None) -> None:
         """Log `news`, unless it is the same kind of news as last time and under a minute old."""
