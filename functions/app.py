@@ -194,7 +194,9 @@ def build_app(
         if exc.status_code == 400 and exc.__cause__ is not None:
             return _error(400, _unreadable(exc.__cause__))
         if exc.status_code == 405:
-            exc.headers = {**(exc.headers or {}), "Allow": allowed(request.scope)}
+            # A mounted app's own (static files) where no route of ours answers the path.
+            given = (exc.headers or {}).get("Allow", "")
+            exc.headers = {**(exc.headers or {}), "Allow": allowed(request.scope) or given}
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(Exception)

@@ -11,9 +11,27 @@ import importlib.util
 from pathlib import Path
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
 HERE = Path(__file__).parent
+# The kinds of file served: those listed as package data (pyproject.toml) and those the docs'
+# package ships. Nothing else in these directories is (this module's source, its bytecode).
+SERVED_SUFFIXES = frozenset({".svg", ".png", ".ico", ".css", ".js", ".html"})
+
+
+class Files(StaticFiles):
+    """StaticFiles that serves only SERVED_SUFFIXES, and whose 405 says what is allowed
+    (Starlette's names no method: an empty `Allow`, which HTTP does not permit)."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        if scope["method"] not in ("GET", "HEAD"):
+            raise HTTPException(status_code=405, headers={"Allow": "GET, HEAD"})
+        if Path(path).suffix not in SERVED_SUFFIXES:
+            raise HTTPException(status_code=404)
+        return await super().get_response(path, scope)
 
 
 def package_dir(package: str, *parts: str) -> Path:
@@ -27,4 +45,4 @@ def package_dir(package: str, *parts: str) -> Path:
 def mount(app: FastAPI, path: str, directory: Path, name: str) -> None:
     """Serve the files of `directory` at `path`: GET and HEAD, with ETag and Last-Modified."""
     # StaticFiles costs no import time of its own: FastAPI's routing imports it already.
-    app.mount(path, StaticFiles(directory=directory), name=name)
+    app.mount(path, Files(directory=directory), name=name)

@@ -42,3 +42,19 @@ async def test_the_dashboard_is_in_the_document_as_html() -> None:
     assert set(page["responses"]["200"]["content"]) == {"text/html"}
     # Served without the token, as the document says: no security on the operation.
     assert "security" not in page
+
+
+async def test_static_files_allow_get_and_head_and_serve_only_their_kinds() -> None:
+    """Outside the document, as /docs is; their 405 still names what they allow (Starlette's
+    named nothing: an empty `Allow`), and the package's own source is not a static file."""
+    app = build_app(NOWHERE)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        for path in ("/static/favicon.svg", "/static/dashboard/dashboard.js"):
+            assert (await client.get(path)).status_code == 200
+            for method in ("POST", "DELETE", "OPTIONS", "PUT"):
+                response = await client.request(method, path)
+                assert response.status_code == 405, (method, path)
+                assert response.headers["allow"] == "GET, HEAD", (method, path)
+        assert (await client.get("/static/__init__.py")).status_code == 404

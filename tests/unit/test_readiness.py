@@ -2,6 +2,7 @@
 ready or not, and waits for it only while it has not ended (a database that answers nothing)."""
 
 import asyncio
+from collections.abc import MutableMapping
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from tests.procs import free_port
 
 async def _startup(readiness: serve.Readiness) -> None:
     """Run the lifespan up to startup's completion, as uvicorn does before it listens."""
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
     started = asyncio.Event()
 
     async def receive() -> dict[str, Any]:
@@ -24,7 +25,7 @@ async def _startup(readiness: serve.Readiness) -> None:
         await asyncio.Event().wait()  # no shutdown in this test
         raise AssertionError
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
         started.set()
 
