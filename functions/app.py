@@ -204,7 +204,7 @@ def build_app(
         # Starlette re-raises after this, so the server logs the traceback once.
         return _error(500, "internal error")
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=errors(503))
     async def healthz() -> dict[str, str]:
         """200 when the database answers with a schema this version can use; 503 when it
         does not answer, or its schema is missing or behind (`taskrunner migrate`)."""

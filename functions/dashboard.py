@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 
 from functions import static
+from functions.bodies import errors
 from functions.kinds import KINDS
 
 DIRECTORY = static.HERE / "dashboard"
@@ -67,5 +68,6 @@ def add_dashboard(app: FastAPI) -> None:
         methods=["GET"],
         response_class=HTMLResponse,
         summary="Dashboard",
-        responses={200: {"description": "The dashboard's page."}},
+        # 503 while `taskrunner api` or `dev` has not reached the database yet (local/serve.py).
+        responses={200: {"description": "The dashboard's page."}, **errors(503)},
     )

@@ -58,3 +58,11 @@ async def test_static_files_allow_get_and_head_and_serve_only_their_kinds() -> N
                 assert response.status_code == 405, (method, path)
                 assert response.headers["allow"] == "GET, HEAD", (method, path)
         assert (await client.get("/static/__init__.py")).status_code == 404
+
+
+def test_routes_that_answer_503_while_the_database_is_away_say_so() -> None:
+    """/healthz answers 503 whenever the database does not answer (it is the probe), and the
+    page does while `taskrunner api` has not reached the database yet (local/serve.py)."""
+    paths = build_app(NOWHERE).openapi()["paths"]
+    for path in ("/healthz", "/"):
+        assert "503" in paths[path]["get"]["responses"], path
