@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import time
+import typing
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
@@ -218,47 +219,36 @@ class _Limits:
             self.protocol.transport.close()
 
 
-class LimitedHttpTools(HttpToolsProtocol):
+class _Limited:
+    """What both of uvicorn's protocols get: `_Limits` on each connection."""
+
+    limits: _Limits
+
+    def __init__(
+        self, *args: Any, max_connections: int, header_timeout_s: float, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = _Limits(self, max_connections, header_timeout_s)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self.limits.connection_made(typing.cast(asyncio.Transport, transport))
+
+    def data_received(self, data: bytes) -> None:
+        self.limits.data_received(data, super().data_received)  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.limits.stop_clock()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
+class LimitedHttpTools(_Limited, HttpToolsProtocol):
     """uvicorn's httptools protocol (what it serves with when httptools is installed, as
     the `local` extra does), within `_Limits`."""
 
-    def __init__(
-        self, *args: Any, max_connections: int, header_timeout_s: float, **kwargs: Any
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.limits = _Limits(self, max_connections, header_timeout_s)
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self.limits.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.limits.data_received(data, super().data_received)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.limits.stop_clock()
-        super().connection_lost(exc)
-
-
-class LimitedH11(H11Protocol):
+class LimitedH11(_Limited, H11Protocol):
     """uvicorn's h11 protocol (what it serves with when httptools is missing), within `_Limits`."""
-
-    def __init__(
-        self, *args: Any, max_connections: int, header_timeout_s: float, **kwargs: Any
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.limits = _Limits(self, max_connections, header_timeout_s)
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self.limits.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.limits.data_received(data, super().data_received)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.limits.stop_clock()
-        super().connection_lost(exc)
 
 
 # Descriptors a serving process keeps beside its connections: its pool, the worker's and

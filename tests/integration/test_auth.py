@@ -14,6 +14,7 @@ from functions.db import Database
 from functions.settings import Settings
 from functions.store import Store
 from tests.conftest import serve
+from tests.integration.test_edges import raw_request
 
 TOKEN = "s3cret"
 MiB = 1024 * 1024
@@ -50,20 +51,7 @@ async def call(app: App, method: str, path: str, headers: list[tuple[bytes, byte
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": headers,
-        "server": ("test", 80),
-        "client": ("test", 1),
-    }
+    scope, _ = raw_request(method, path, headers, [])
     await app(scope, receive, send)
     start = next(m for m in sent if m["type"] == "http.response.start")
     return start["status"], dict(start["headers"]), asked
