@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import psycopg
 import sqlalchemy.exc
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine
 
 from functions.db import libpq_url
 from functions.errors import DatabaseUnavailable, TaskrunnerError
@@ -29,21 +30,29 @@ def _upgrades_only(record: logging.LogRecord) -> bool:
 logging.getLogger("alembic.runtime.migration").addFilter(_upgrades_only)
 
 
-def sqlalchemy_url(database_url: str) -> str:
-    """Return `database_url` with SQLAlchemy's psycopg 3 driver named in it."""
-    url = make_url(libpq_url(database_url))
-    if url.get_backend_name() not in ("postgresql", "postgres"):
+def make_engine(database_url: str) -> Engine:
+    """Return an engine whose connections psycopg makes from `database_url`, as libpq reads it.
+
+    SQLAlchemy never parses the URL: its parser takes one host and keeps a host literally, so a
+    multi-host URL (`h1:5432,h2:5432`) raised ValueError and a socket directory given as a host
+    (`%2Ftmp`) was looked up in DNS, while libpq, and so the rest of taskrunner, takes both.
+    """
+    conninfo = libpq_url(database_url)
+    scheme = conninfo.partition("://")[0]
+    if scheme not in ("postgresql", "postgres"):
         raise TaskrunnerError(
-            f"TASKRUNNER_DATABASE_URL must be a postgresql:// URL, not {url.drivername}://"
+            f"TASKRUNNER_DATABASE_URL must be a postgresql:// URL, not {scheme}://"
         )
-    return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    return create_engine(
+        "postgresql+psycopg://", creator=lambda: psycopg.connect(conninfo), poolclass=pool.NullPool
+    )
 
 
 def _config(database_url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    # Alembic's config is an INI file: a literal % must be doubled.
-    config.set_main_option("sqlalchemy.url", sqlalchemy_url(database_url).replace("%", "%%"))
+    # Read by migrations/env.py; kept out of the INI options, which would re-parse it.
+    config.attributes["database_url"] = database_url
     return config
 
 
@@ -58,11 +67,11 @@ def migrate(database_url: str) -> None:
 def pending(database_url: str) -> bool:
     """Whether the database is behind the newest migration."""
     head = ScriptDirectory.from_config(_config(database_url)).get_current_head()
-    engine = create_engine(sqlalchemy_url(database_url), poolclass=pool.NullPool)
+    schema = make_engine(database_url)
     try:
-        with engine.connect() as conn:
+        with schema.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision() != head
     except sqlalchemy.exc.OperationalError as exc:
         raise DatabaseUnavailable(f"database unavailable: {exc.orig}") from exc
     finally:
-        engine.dispose()
+        schema.dispose()

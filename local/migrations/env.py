@@ -5,13 +5,14 @@ once safely: the first applies the migrations, the others then find nothing to d
 """
 
 from alembic import context
-from sqlalchemy import create_engine, pool, text
+from sqlalchemy import text
+
+from local.migrate import make_engine
 
 # Any constant works; it names the lock only among this database's advisory locks.
 MIGRATION_LOCK = 7_283_911
 
-url = context.config.get_main_option("sqlalchemy.url")
-engine = create_engine(url, poolclass=pool.NullPool)
+engine = make_engine(context.config.attributes["database_url"])
 with engine.connect() as connection, connection.begin():
     connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
     context.configure(connection=connection)

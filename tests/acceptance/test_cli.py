@@ -9,8 +9,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
+import psycopg
 import pytest
 
 from tests.pages import is_local, page_urls
@@ -108,6 +110,47 @@ def test_migrate_and_tick_against_a_configured_database(
     assert summary["claimed"] == summary["succeeded"] == 1
     assert not (tmp_path / ".taskrunner").exists(), "no embedded database when a URL is set"
     assert task
+
+
+def libpq_only_url(database_url: str, form: str) -> str:
+    """`database_url`'s database, named as libpq takes it and SQLAlchemy's URL parser cannot:
+    two hosts (the same server twice), or its Unix socket directory percent-encoded as the host."""
+    with psycopg.connect(database_url) as conn:
+        directory, port, listen = (
+            str(conn.execute(f"SHOW {name}").fetchone()[0])  # type: ignore[index]
+            for name in ("unix_socket_directories", "port", "listen_addresses")
+        )
+        user, password, dbname = conn.info.user, conn.info.password, conn.info.dbname
+    user = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "")
+    socket = quote(directory.split(",")[0].strip(), safe="")
+    if form == "socket as host":
+        return f"postgresql://{user}@{socket}:{port}/{dbname}"
+    host = "127.0.0.1" if listen in ("*", "127.0.0.1", "localhost") else socket
+    return f"postgresql://{user}@{host}:{port},{host}:{port}/{dbname}"
+
+
+@pytest.mark.parametrize("form", ["two hosts", "socket as host"])
+def test_migrate_worker_and_dev_take_urls_only_libpq_parses(
+    spawn: Callable[..., Proc], empty_database_url: str, form: str, tmp_path: Path
+) -> None:
+    env = {"TASKRUNNER_DATABASE_URL": libpq_only_url(empty_database_url, form)}
+    migrated = subprocess.run(
+        [TASKRUNNER, "migrate"], env={**os.environ, **env}, capture_output=True, text=True,
+        cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert migrated.returncode == 0, migrated.stderr
+    assert "Running upgrade  -> 0001" in migrated.stderr, migrated.stderr
+    # The worker checks the schema before it starts (it used to wait for a host named
+    # "%2Ftmp..." forever); `dev` applies migrations, then serves and runs tasks.
+    worker = spawn("worker", env=env)  # waits until it has registered
+    dev = spawn("dev", env=env, http=True)
+    dev.wait_healthy()
+    created = httpx.post(f"{dev.url}/tasks", json={"type": "baz", "execute_at": 0}, timeout=10)
+    assert created.status_code == 201, created.text
+    task = f"{dev.url}/tasks/{created.json()['id']}"
+    wait_for(lambda: httpx.get(task, timeout=10).json()["state"] == "succeeded", 30, "the task")
+    assert worker.terminate() == 0, worker.stderr()
+    assert dev.terminate() == 0, dev.stderr()
 
 
 @pytest.mark.parametrize(

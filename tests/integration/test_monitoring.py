@@ -103,6 +103,25 @@ async def test_lateness_of_hours_and_days_is_reported_within_a_bucket(
     assert late_s * 1000 <= lateness["max"] < (late_s + 60) * 1000
 
 
+async def test_one_tasks_percentiles_are_its_lateness_each_minute_too(
+    client: httpx.AsyncClient, settings: Settings, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    """One task about 6 s late: its p50, p99 and its minute's p99 (the dashboard's chart) are
+    its lateness. Before, interpolated within the bucket (5,864-7,330 ms), the minute's p99
+    read about 7,330 ms, above the maximum, and p50 below it."""
+    task_factory("baz", due_in_s=-5.9)
+    sql("UPDATE tasks SET created_at = execute_at - interval '1 minute'")  # due 5.9 s ago
+    summary = await tick(settings, out=io.StringIO())
+    assert summary.succeeded == 1
+    got = (await client.get("/stats")).json()
+    lateness = got["lateness_ms"]
+    assert 5_900 <= lateness["max"] < 60_000, lateness
+    assert lateness["p50"] == lateness["p95"] == lateness["p99"] == lateness["max"], lateness
+    # The task's minute: the last, or the one before if a minute began since the tick.
+    (minute,) = [m for m in got["series"] if m["started"]]
+    assert minute["lateness_p99_ms"] == lateness["max"], minute
+
+
 async def lateness_after_a_tick(client: httpx.AsyncClient, settings: Settings) -> dict[str, Any]:
     summary = await tick(settings, out=io.StringIO())
     assert summary.succeeded >= 1
