@@ -146,7 +146,7 @@ def test_the_table_refuses_keys_the_api_refuses(sql: Sql) -> None:
         sql(insert, "~" * 255)
 
 
-def test_the_table_checks_keys_without_a_counted_repetition(sql: Sql) -> None:
+def test_the_tables_checks_hold_no_counted_repetition(sql: Sql) -> None:
     # PostgreSQL's regex engine runs `{1,255}` in time that grows with the count times the
     # key's length: `idempotency_key ~ '^[\x21-\x7e]{1,255}$'` took 2.7 s of the one INSERT of
     # a batch of 10,000 255-character keys (statement timeout 5 s; 0.3 s in all with the
