@@ -150,7 +150,10 @@ FROM tasks WHERE idempotency_key = %(key)s
 # items by key. Rows without a key come first, in the order given: their ids, sorted, are
 # theirs in order (as INSERT_TASKS). The skipped keys' tasks are then read by FIND_KEYS, in
 # a new snapshot that sees concurrent winners; a key sent with another kind or time rolls
-# the whole batch back.
+# the whole batch back. Cost, 10,000 items with 255-character keys on a fresh table: 0.23 to
+# 0.32 s (PostgreSQL 15, 18), against 0.07 to 0.12 s without keys; 4.8 s before the table's
+# key check lost its counted repetition (migration 0006). The sort by key spills to disk at
+# the default work_mem (5.5 MB), which costs nothing measurable: 566 against 582 ms at 16 MB.
 INSERT_TASKS_KEYED = f"""
 WITH new AS (
     SELECT kind, key, n,
@@ -621,5 +624,5 @@ PING = "SELECT 1"
 
 # The schema revision these statements are written for (local/migrations/versions/); a
 # unit test keeps it equal to the newest migration.
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 SCHEMA_REVISION_IN_DATABASE = "SELECT version_num FROM alembic_version"

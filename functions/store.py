@@ -345,7 +345,9 @@ class Store:
     async def _insert_keyed(
         self, conn: AsyncConnection[Any], new: Sequence[NewTask], max_attempts: int
     ) -> list[int]:
-        payload = json.dumps(
+        from pydantic_core import to_json  # as insert_batch: 35 -> 10 ms for 10,000 keys
+
+        payload = to_json(
             [
                 {
                     "kind": n.kind,
@@ -354,7 +356,7 @@ class Store:
                 }
                 for n in new
             ]
-        )
+        ).decode()
         cursor = conn.cursor(row_factory=tuple_row)
         await cursor.execute(
             queries.INSERT_TASKS_KEYED, {"tasks": payload, "max_attempts": max_attempts}
