@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from functions.settings import Settings, SettingsError, describe
+from functions.settings import Settings, SettingsError, describe, warn_unknown_variables
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -124,7 +124,9 @@ def handler_settings(action: str) -> Settings:
         settings = Settings()
     except SettingsError as exc:
         setup_logging(None)
+        warn_unknown_variables()
         logging.getLogger(__name__).error("action=%s: bad configuration: %s", action, describe(exc))
         raise
     setup_logging(settings)
+    warn_unknown_variables()  # once: on the first read of a warm Lambda's process
     return settings

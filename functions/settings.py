@@ -1,14 +1,27 @@
 """Settings, read from the environment with the prefix `TASKRUNNER_`.
 
-Read and checked here, by a few lines rather than by pydantic: the tick's handler needs
+Read and checked here by plain code rather than by pydantic: the tick's handler needs
 nothing else of pydantic, which cost each of its Lambda cold starts 60-90 ms to import and
-build a model (measured). Values are read as pydantic read them (its lax rules, its messages:
-tests/unit/test_settings.py holds the two alike).
+build a model (measured). A bad value is named by its variable, with what is accepted and
+what was given ("TASKRUNNER_LEASE_SECONDS: must be a number of seconds from 3 to 86400, got
+'abc'"); a URL or a token is never repeated (it may hold a secret).
+
+What is read: a whole number is ASCII digits with an optional sign; a number is a decimal
+(`2.5`, `1e3`), finite (`inf` and `nan` are refused); a yes/no is true/false, 1/0, yes/no,
+on/off, t/f or y/n in any case; a choice is one of its words as written. Around any of
+these, ASCII white space (space, tab, newlines) is stripped; nothing else is (a no-break
+space is part of the value, and refused). The database URL is read by libpq, the base path
+is stripped of white space and slashes, and the API token is taken exactly as given.
+
+A `TASKRUNNER_*` variable that no setting reads is most likely a typo: each command, and
+each Lambda handler's first read, logs a warning naming it and the closest setting
+(`warn_unknown_variables`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -22,6 +35,10 @@ ENV_PREFIX = "TASKRUNNER_"
 _HOUR_S = 3600
 _DAY_S = 24 * _HOUR_S
 _YEAR_S = 365 * _DAY_S
+# Variables with the prefix that are no setting: the test suite's and the screenshot tool's.
+_NOT_SETTINGS_PREFIXES = ("TASKRUNNER_TEST_",)
+_NOT_SETTINGS = frozenset({"TASKRUNNER_SCREENSHOT"})
+_warned = False
 # libpq's connection options whose values it checks only when connecting.
 _LIBPQ_CHOICES = {
     "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
@@ -51,9 +68,44 @@ def from_environment(fields: Any) -> dict[str, str]:
     return found
 
 
+def unknown_variables() -> list[tuple[str, str | None]]:
+    """The `TASKRUNNER_*` variables that no setting reads, each with the closest setting's
+    variable (None if none is close)."""
+    names = [name.upper() for name in _TYPES]
+    found: list[tuple[str, str | None]] = []
+    for key in sorted(os.environ):
+        upper = key.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in _NOT_SETTINGS:
+            continue
+        if upper.startswith(_NOT_SETTINGS_PREFIXES):
+            continue
+        name = upper[len(ENV_PREFIX) :]
+        if name.lower() in _TYPES:
+            continue
+        import difflib  # only when a variable is unknown
+
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        found.append((key, f"{ENV_PREFIX}{close[0]}" if close else None))
+    return found
+
+
+def warn_unknown_variables() -> None:
+    """Log a warning for each `TASKRUNNER_*` variable that no setting reads (once a process):
+    a typo there was silently ignored, and the setting kept its default."""
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    if not any(key.upper().startswith(ENV_PREFIX) for key in os.environ):
+        return
+    for key, close in unknown_variables():
+        hint = f"did you mean {close}?" if close else "see the README's Configuration section"
+        logging.getLogger(__name__).warning("%s is set but no setting reads it: %s", key, hint)
+
+
 class SettingsError(ValueError):
-    """Settings that cannot be used: each bad one's name and what is wrong with it, never its
-    value (a URL holds a password)."""
+    """Settings that cannot be used: each bad one's name and what is wrong with it; a number's
+    or a word's value is repeated, a URL's or a token's never (a URL holds a password)."""
 
     def __init__(self, problems: list[tuple[str, str]]) -> None:
         self.problems = problems
@@ -237,7 +289,7 @@ class Settings:
             value = field.default
             if field.name in given:
                 try:
-                    value = _read(given[field.name], _TYPES[field.name], field.metadata)
+                    value = _read(field.name, given[field.name], _TYPES[field.name], field.metadata)
                 except _Invalid as exc:
                     problems.append((field.name, str(exc)))
             object.__setattr__(self, field.name, value)
@@ -253,27 +305,24 @@ def describe(error: SettingsError) -> str:
     return "; ".join(f"{ENV_PREFIX}{name.upper()}: {problem}" for name, problem in error.problems)
 
 
-# --- reading one value, as pydantic's lax mode read it -------------------------------------
+# --- reading one value --------------------------------------------------------------------
 
-# What Rust's str::trim (pydantic-core) takes for white space: Unicode's White_Space, which
-# unlike str.isspace() leaves out the separators \x1c-\x1f.
-_WHITE_SPACE = (
-    "\t\n\x0b\x0c\r \x85\xa0\u1680"
-    + "".join(map(chr, range(0x2000, 0x200B)))
-    + ("\u2028\u2029\u202f\u205f\u3000")
-)
-# Digits in groups joined by single underscores.
-_INTEGER = re.compile(r"([+-]?)([0-9]+(?:_[0-9]+)*)", re.ASCII)
-_DECIMAL_ZEROS = re.compile(r"\.0+$")
-# Rust's f64::from_str: no white space, no underscores, ASCII digits.
-_FLOAT = re.compile(
-    r"[+-]?(?:inf|infinity|nan|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?)", re.ASCII | re.I
-)
+# What is stripped around a number, a yes/no or a choice: ASCII white space only.
+_ASCII_SPACE = " \t\n\r\x0b\x0c"
+_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
 _TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
 _FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
+_BOOLEAN = "must be true or false (also 1/0, yes/no, on/off)"
 
 
-def _read(raw: Any, kind: Any, rules: Any) -> Any:
+def _shown(raw: Any) -> str:
+    """The value as read, for a message (cut short: it may be long)."""
+    text = repr(raw)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def _read(name: str, raw: Any, kind: Any, rules: Any) -> Any:
     """`raw` (a string from the environment, or a value given to Settings()) as `kind`,
     within the field's bounds."""
     options = typing.get_args(kind)
@@ -281,97 +330,96 @@ def _read(raw: Any, kind: Any, rules: Any) -> Any:
         try:
             raw.encode()
         except UnicodeEncodeError:  # bytes the environment held that are no UTF-8
-            raise _Invalid(
-                "Input should be a valid string, unable to parse raw data as a unicode string"
-            ) from None
+            raise _Invalid("holds bytes that are not UTF-8") from None
     if type(None) in options:
         if raw is None:
             return None
         kind = next(option for option in options if option is not type(None))
     if typing.get_origin(kind) is Literal:
         choices = typing.get_args(kind)
-        if raw not in choices:
-            names = [f"'{choice}'" for choice in choices]
-            raise _Invalid(f"Input should be {', '.join(names[:-1])} or {names[-1]}")
-        return raw
+        word = raw.strip(_ASCII_SPACE) if isinstance(raw, str) else raw
+        if word not in choices:
+            raise _Invalid(f"must be one of {', '.join(choices)}, got {_shown(raw)}")
+        return word
     if kind is str:
         if not isinstance(raw, str):
-            raise _Invalid("Input should be a valid string")
+            raise _Invalid(f"must be a string, got {_shown(raw)}")
         check = rules.get("check")
         return raw if check is None else check(raw)
     if kind is bool:
         if isinstance(raw, bool):
             return raw
-        word = raw.lower() if isinstance(raw, str) else str(raw) if isinstance(raw, int) else None
+        word = raw.strip(_ASCII_SPACE).lower() if isinstance(raw, str) else None
         if word in _TRUE:
             return True
         if word in _FALSE:
             return False
-        raise _Invalid("Input should be a valid boolean, unable to interpret input")
+        raise _Invalid(f"{_BOOLEAN}, got {_shown(raw)}")
+    seconds = name.endswith(("_s", "_seconds"))
+    noun = ("a whole number" if kind is int else "a number") + (" of seconds" if seconds else "")
+    wanted = f"must be {noun}{_range(rules)}"
     number = _integer(raw) if kind is int else _float(raw)
-    for rule, holds, words in _BOUNDS:
-        bound = rules.get(rule)
-        if bound is not None and not holds(number, bound):
-            shown = int(bound) if bound == int(bound) else bound
-            raise _Invalid(f"Input should be {words} {shown}")
+    if number is None:
+        raise _Invalid(f"{wanted}, got {_shown(raw)}")
+    ge, gt, le = rules.get("ge"), rules.get("gt"), rules.get("le")
+    if (
+        (ge is not None and not number >= ge)
+        or (gt is not None and not number > gt)
+        or (le is not None and not number <= le)
+    ):
+        raise _Invalid(f"{wanted}, got {_shown(raw)}")
     return number
 
 
-_BOUNDS: list[tuple[str, Callable[[float, float], bool], str]] = [
-    ("gt", lambda value, bound: value > bound, "greater than"),
-    ("ge", lambda value, bound: value >= bound, "greater than or equal to"),
-    ("le", lambda value, bound: value <= bound, "less than or equal to"),
-]
+def _bound(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)
 
 
-def _integer(raw: Any) -> int:
+def _range(rules: Any) -> str:
+    """The bounds in words: " from 3 to 86400", " above 0, at most 600", " of at least 1"."""
+    ge, gt, le = rules.get("ge"), rules.get("gt"), rules.get("le")
+    if ge is not None and le is not None:
+        return f" from {_bound(ge)} to {_bound(le)}"
+    if gt is not None and le is not None:
+        return f" above {_bound(gt)} and at most {_bound(le)}"
+    if ge is not None:
+        return f" of at least {_bound(ge)}"
+    if gt is not None:
+        return f" above {_bound(gt)}"
+    return ""
+
+
+def _integer(raw: Any) -> int | None:
+    """Digits with an optional sign, or an int from code; None if it is no whole number."""
     if isinstance(raw, bool):
-        return int(raw)
+        return None
     if isinstance(raw, int):
         return raw
-    if isinstance(raw, float):
-        if not math.isfinite(raw):
-            raise _Invalid("Input should be a finite number")
-        if not raw.is_integer():
-            raise _Invalid("Input should be a valid integer, got a number with a fractional part")
-        return int(raw)
     if not isinstance(raw, str):
-        raise _Invalid("Input should be a valid integer")
-    # As pydantic-core: trimmed, zeros after a decimal point dropped ("3.00"), digits in
-    # groups joined by single underscores. (pydantic-core also read runs of zeros,
-    # underscores and signs oddly: "0-9" as -9, "+0-0" and "00___0" as 0. Refused here.)
-    found = _INTEGER.fullmatch(_DECIMAL_ZEROS.sub("", raw.strip(_WHITE_SPACE)))
-    if found is None:
-        raise _Invalid("Input should be a valid integer, unable to parse string as an integer")
-    sign, digits = found.group(1), found.group(2).replace("_", "").lstrip("0") or "0"
-    # Python's own bound on a number read from text (sys.get_int_max_str_digits()).
-    if len(digits) > 4300:
-        raise _Invalid("Unable to parse input string as an integer, exceeded maximum size")
-    return int(sign + digits)
+        return None
+    text = raw.strip(_ASCII_SPACE)
+    # Python's own bound on a number read from text (sys.get_int_max_str_digits()); past it
+    # no bound of ours could hold anyway: such a value is out of range.
+    if _INTEGER.fullmatch(text) is None or len(text) > 4000:
+        return None
+    return int(text)
 
 
-def _float(raw: Any) -> float:
+def _float(raw: Any) -> float | None:
+    """A finite decimal number (1, 2.5, 1e3), or an int or float from code; None otherwise.
+
+    "inf" and "nan" are no number of seconds (each setting has an upper bound too, so that
+    every time computed from it fits PostgreSQL's and Python's ranges).
+    """
+    if isinstance(raw, bool):
+        return None
     if isinstance(raw, int | float):
         try:
-            number: float | None = float(raw)
+            number = float(raw)
         except OverflowError:  # an int past any float
-            raise _Invalid("Input should be a finite number") from None
-    elif isinstance(raw, str):
-        # As pydantic-core: the text trimmed, or else with its underscores dropped (single
-        # ones, none leading or trailing), read by Rust's grammar of a float.
-        number = _rust_float(raw.strip(_WHITE_SPACE))
-        if number is None and not (raw[:1] == "_" or raw[-1:] == "_" or "__" in raw):
-            number = _rust_float(raw.replace("_", ""))
+            return None
+    elif isinstance(raw, str) and _FLOAT.fullmatch(raw.strip(_ASCII_SPACE)):
+        number = float(raw.strip(_ASCII_SPACE))
     else:
-        number = None
-    if number is None:
-        raise _Invalid("Input should be a valid number, unable to parse string as a number")
-    # "inf" or "nan" is no number of seconds (each has an upper bound too, so that every
-    # time computed from it fits PostgreSQL's and Python's ranges).
-    if not math.isfinite(number):
-        raise _Invalid("Input should be a finite number")
-    return number
-
-
-def _rust_float(text: str) -> float | None:
-    return float(text) if _FLOAT.fullmatch(text) else None
+        return None
+    return number if math.isfinite(number) else None

@@ -14,7 +14,13 @@ from collections.abc import Sequence
 
 from functions.errors import DatabaseUnavailable, TaskrunnerError
 from functions.logs import setup_logging
-from functions.settings import MAX_AGE_S, Settings, SettingsError, describe
+from functions.settings import (
+    MAX_AGE_S,
+    Settings,
+    SettingsError,
+    describe,
+    warn_unknown_variables,
+)
 
 logger = logging.getLogger("taskrunner")
 
@@ -306,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except SettingsError:
         log_settings = None  # the command reads them again and says what is wrong
     setup_logging(log_settings, level=args.log_level.upper())
+    warn_unknown_variables()
     try:
         args.func(args)
     except TaskrunnerError as exc:

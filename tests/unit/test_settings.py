@@ -1,18 +1,13 @@
-"""Settings come from `TASKRUNNER_*` variables, read as pydantic-settings read them."""
+"""Settings come from `TASKRUNNER_*` variables, checked with messages that name them."""
 
 import dataclasses
+import logging
 import os
-import re
-import typing
-from typing import Any
 
 import pytest
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
-from pydantic import Field as PydanticField
-from pydantic import ValidationError, create_model
 
-from functions.settings import _WHITE_SPACE, Settings, SettingsError, describe
+from functions import settings as settings_module
+from functions.settings import Settings, SettingsError, describe, warn_unknown_variables
 
 
 @pytest.fixture(autouse=True)
@@ -20,6 +15,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.upper().startswith("TASKRUNNER_"):
             monkeypatch.delenv(key)
+    monkeypatch.setattr(settings_module, "_warned", False)
 
 
 def test_defaults_without_any_variable() -> None:
@@ -65,14 +61,16 @@ def test_a_bad_value_is_named_by_its_variable_and_not_repeated(
         Settings()
     said = describe(caught.value)
     assert "TASKRUNNER_DB_POOL_SIZE" in said and "TASKRUNNER_DATABASE_URL" in said
-    assert "many" not in said and "s3cret" not in said
+    assert "got 'many'" in said and "s3cret" not in said
 
 
 def test_settings_are_frozen_and_a_changed_copy_is_checked() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         Settings().db_pool_size = 2  # type: ignore[misc]
     assert dataclasses.replace(Settings(), db_pool_size=2).db_pool_size == 2
-    with pytest.raises(SettingsError, match="TASKRUNNER_DB_POOL_SIZE: Input should be greater"):
+    with pytest.raises(
+        SettingsError, match="TASKRUNNER_DB_POOL_SIZE: must be a whole number of at least 0, got -1"
+    ):
         dataclasses.replace(Settings(), db_pool_size=-1)
 
 
@@ -142,70 +140,174 @@ def test_an_api_token_a_client_can_send_is_kept(token: str) -> None:
     assert Settings(api_token=token).api_token == token
 
 
-# --- read as pydantic read them --------------------------------------------------------------
-# Settings were a pydantic model (lax mode, allow_inf_nan=False); they are read by a few lines
-# of ours now, to spare the tick's cold start pydantic's import. The model they were, built
-# from the same fields and bounds, reads each value alike: the same number, or the same message.
+# --- each kind of value ----------------------------------------------------------------------
 
 
-def _pydantic_reference() -> Any:
-    fields: dict[str, Any] = {}
-    for field in dataclasses.fields(Settings):
-        bounds = {
-            k: v for k, v in field.metadata.items() if k in ("ge", "gt", "le") and v is not None
-        }
-        kind = typing.get_type_hints(Settings)[field.name]
-        fields[field.name] = (kind, PydanticField(default=field.default, **bounds))
-    return create_model("Reference", __config__={"allow_inf_nan": False}, **fields)
-
-
-REFERENCE = _pydantic_reference()
-CHECKED_BY_US = {
-    "database_url",
-    "base_path",
-    "api_token",
-}  # custom checks, tested on their own above
-NAMES = [f.name for f in dataclasses.fields(Settings) if f.name not in CHECKED_BY_US]
-INTEGERS = {name for name, kind in typing.get_type_hints(Settings).items() if kind is int}
-# Leading zeros, then a sign or a run of underscores.
-ZEROS_THEN_JUNK = re.compile(r"[+-]?0[0_]*(?:[+-]|__)")
-NOT_AN_INTEGER = "Input should be a valid integer, unable to parse string as an integer"
-TOKENS = [*"0123456789+-._eExXaAfFnNiItTyYoO ,", "\n", "\t", "\xa0", "\x1c", "\u2003", "\u0663"]
-TEXT = st.lists(
-    st.sampled_from([*TOKENS, "inf", "nan", "true", "off", "poll", "json", "_0", ".0"]), max_size=10
-).map("".join)
-
-
-def _outcome(make: Any) -> Any:
+def _message(name: str, raw: str) -> str:
+    os.environ[f"TASKRUNNER_{name.upper()}"] = raw
     try:
-        return ("ok", make())
-    except (ValidationError, SettingsError) as exc:
-        if isinstance(exc, ValidationError):
-            return ("error", [e["msg"] for e in exc.errors()])
-        return ("error", [problem for _, problem in exc.problems])
+        with pytest.raises(SettingsError) as caught:
+            Settings()
+    finally:
+        del os.environ[f"TASKRUNNER_{name.upper()}"]
+    return describe(caught.value)
 
 
-@settings(max_examples=3000, deadline=None)
-@given(name=st.sampled_from(NAMES), raw=TEXT)
-@example(name="db_pool_size", raw="1" * 5000)
-@example(name="db_pool_size", raw="3." + "0" * 5000)
-@example(name="lease_seconds", raw="1e309")
-@example(name="lease_seconds", raw="1e-400")
-@example(name="retention_s", raw="1e12")
-@example(name="max_attempts", raw="10000000000")
-def test_each_value_is_read_as_pydantic_read_it(name: str, raw: str) -> None:
-    ours = _outcome(lambda: getattr(Settings(**{name: raw}), name))
-    theirs = _outcome(lambda: getattr(REFERENCE(**{name: raw}), name))
-    if name in INTEGERS and ZEROS_THEN_JUNK.match(raw.strip(_WHITE_SPACE)):
-        # pydantic-core read these oddly ("0-9" as -9, "+0-0" and "00___0" as 0): refused.
-        assert ours == (
-            "error",
-            ["Input should be a valid integer, unable to parse string as an integer"],
-        )
-        return
-    assert ours == theirs
-    if ours[0] == "ok":
-        assert type(ours[1]) is type(theirs[1])
+@pytest.mark.parametrize(
+    ("name", "raw", "value"),
+    [
+        ("max_attempts", "1", 1),
+        ("max_attempts", "1000000", 1_000_000),
+        ("max_attempts", " +7\t", 7),
+        ("db_pool_size", "0", 0),
+        ("db_pool_size", "-0", 0),
+        ("db_pool_size", "9" * 100, int("9" * 100)),  # no upper bound
+        ("lease_seconds", "3", 3.0),
+        ("lease_seconds", "86400", 86400.0),
+        ("lease_seconds", "\n7.5 ", 7.5),
+        ("lease_seconds", "1e3", 1000.0),
+        ("lease_seconds", ".5e1", 5.0),
+        ("db_statement_timeout_s", "0.001", 0.001),
+        ("db_statement_timeout_s", "600", 600.0),
+        ("foo_delay_s", "0", 0.0),
+        ("transaction_pooler", "TRUE", True),
+        ("transaction_pooler", " yes ", True),
+        ("transaction_pooler", "1", True),
+        ("transaction_pooler", "On", True),
+        ("transaction_pooler", "false", False),
+        ("transaction_pooler", "0", False),
+        ("transaction_pooler", "no", False),
+        ("tick_mode", "poll", "poll"),
+        ("tick_mode", " drain\n", "drain"),
+        ("log_format", "json", "json"),
+    ],
+)
+def test_good_values_are_read(
+    monkeypatch: pytest.MonkeyPatch, name: str, raw: str, value: object
+) -> None:
+    monkeypatch.setenv(f"TASKRUNNER_{name.upper()}", raw)
+    read = getattr(Settings(), name)
+    assert (read, type(read)) == (value, type(value))
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "said"),
+    [
+        ("lease_seconds", "abc", "must be a number of seconds from 3 to 86400, got 'abc'"),
+        ("lease_seconds", "2.999", "must be a number of seconds from 3 to 86400, got '2.999'"),
+        ("lease_seconds", "86400.01", "from 3 to 86400, got '86400.01'"),
+        ("lease_seconds", "inf", "from 3 to 86400, got 'inf'"),
+        ("lease_seconds", "-Infinity", "got '-Infinity'"),
+        ("lease_seconds", "nan", "got 'nan'"),
+        ("lease_seconds", "1e309", "got '1e309'"),
+        ("lease_seconds", "1_000", "got '1_000'"),
+        ("lease_seconds", "7,5", "got '7,5'"),
+        ("lease_seconds", "\xa07", "got '\\xa07'"),  # not ASCII white space: kept, refused
+        ("lease_seconds", "\u0663", "got"),  # a digit, but not an ASCII one
+        ("lease_seconds", "", "got ''"),
+        ("db_statement_timeout_s", "0", "must be a number of seconds above 0 and at most 600"),
+        ("db_statement_timeout_s", "600.5", "above 0 and at most 600, got '600.5'"),
+        ("max_attempts", "0", "must be a whole number from 1 to 1000000, got '0'"),
+        ("max_attempts", "1000001", "must be a whole number from 1 to 1000000, got '1000001'"),
+        ("max_attempts", "10000000000", "from 1 to 1000000, got '10000000000'"),
+        ("max_attempts", "3.0", "must be a whole number from 1 to 1000000, got '3.0'"),
+        ("max_attempts", "1e3", "got '1e3'"),
+        ("max_attempts", "0x10", "got '0x10'"),
+        ("max_attempts", "9" * 5000, "from 1 to 1000000, got '9999"),
+        ("db_pool_size", "-1", "must be a whole number of at least 0, got '-1'"),
+        ("db_pool_size", "9" * 5000, "must be a whole number of at least 0, got '9999"),
+        ("db_connect_timeout_s", "0", "must be a whole number of seconds from 1 to 3600"),
+        ("transaction_pooler", "maybe", "must be true or false (also 1/0, yes/no, on/off)"),
+        ("transaction_pooler", "2", "got '2'"),
+        ("transaction_pooler", "", "got ''"),
+        ("tick_mode", "Poll", "must be one of drain, poll, got 'Poll'"),
+        ("log_format", "xml", "must be one of json, text, got 'xml'"),
+    ],
+)
+def test_bad_values_say_what_is_accepted_and_what_was_given(name: str, raw: str, said: str) -> None:
+    message = _message(name, raw)
+    assert message.startswith(f"TASKRUNNER_{name.upper()}: must be ")
+    assert said in message
+    assert len(message) < 200  # a long value is cut short
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("max_attempts", 5),
+        ("lease_seconds", 5),
+        ("lease_seconds", 5.5),
+        ("transaction_pooler", True),
+        ("tick_mode", "poll"),
+        ("api_token", "s3cret"),
+    ],
+)
+def test_values_from_code_are_taken_as_they_are(name: str, value: object) -> None:
+    assert getattr(Settings(**{name: value}), name) == value
+
+
+# --- variables that no setting reads -----------------------------------------------------------
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "functions.settings"]
+
+
+def test_a_typo_is_warned_about_with_the_closest_name(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("TASKRUNNER_MAX_ATTEMPT", "5")
+    monkeypatch.setenv("taskrunner_lease_secs", "5")
+    monkeypatch.setenv("TASKRUNNER_MAX_ATTEMPTS", "4")
+    with caplog.at_level(logging.WARNING):
+        warn_unknown_variables()
+    assert _warnings(caplog) == [
+        "TASKRUNNER_MAX_ATTEMPT is set but no setting reads it: did you mean"
+        " TASKRUNNER_MAX_ATTEMPTS?",
+        "taskrunner_lease_secs is set but no setting reads it: did you mean"
+        " TASKRUNNER_LEASE_SECONDS?",
+    ]
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_a_name_close_to_none_is_warned_about_without_a_guess(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("TASKRUNNER_NO_SUCH_SETTING", "1")
+    monkeypatch.setenv("TASKRUNNER_", "1")
+    with caplog.at_level(logging.WARNING):
+        warn_unknown_variables()
+    assert _warnings(caplog) == [
+        "TASKRUNNER_ is set but no setting reads it: see the README's Configuration section",
+        "TASKRUNNER_NO_SUCH_SETTING is set but no setting reads it: see the README's"
+        " Configuration section",
+    ]
+
+
+def test_the_suites_own_variables_and_the_settings_are_not_warned_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in ("TEST_SERVERS", "TEST_DATABASE_URL", "TEST_ANYTHING", "SCREENSHOT"):
+        monkeypatch.setenv(f"TASKRUNNER_{name}", "1")
+    monkeypatch.setenv("_TASKRUNNER_API_LOG_LEVEL", "info")  # the API's, with no prefix
+    for field in dataclasses.fields(Settings):
+        monkeypatch.setenv(f"TASKRUNNER_{field.name.upper()}", "x")
+    with caplog.at_level(logging.WARNING):
+        warn_unknown_variables()
+    assert _warnings(caplog) == []
+
+
+def test_the_warning_is_given_once_a_process_not_on_each_read(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("TASKRUNNER_MAX_ATTEMPT", "5")
+    with caplog.at_level(logging.WARNING):
+        Settings()
+        assert _warnings(caplog) == []
+        warn_unknown_variables()
+        warn_unknown_variables()
+        Settings()
+    assert len(_warnings(caplog)) == 1
 
 
 @pytest.mark.parametrize(
@@ -237,3 +339,20 @@ def test_a_url_that_libpq_cannot_use_is_a_bad_setting_not_a_crash(
 def test_odd_values_from_code_are_bad_settings(name: str, value: object) -> None:
     with pytest.raises(SettingsError, match=rf"^TASKRUNNER_{name.upper()}: "):
         Settings(**{name: value})
+
+
+def test_a_lambda_handler_warns_on_its_first_read_only(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from functions.logs import handler_settings
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setenv("TASKRUNNER_MAX_ATTEMPT", "5")
+    handler_settings("tick")
+    handler_settings("tick")  # a warm invocation
+    assert _warnings(caplog) == [
+        "TASKRUNNER_MAX_ATTEMPT is set but no setting reads it: did you mean"
+        " TASKRUNNER_MAX_ATTEMPTS?"
+    ]
