@@ -10,8 +10,9 @@ What is read: a whole number is ASCII digits with an optional sign; a number is 
 (`2.5`, `1e3`), finite (`inf` and `nan` are refused); a yes/no is true/false, 1/0, yes/no,
 on/off, t/f or y/n in any case; a choice is one of its words as written. Around any of
 these, ASCII white space (space, tab, newlines) is stripped; nothing else is (a no-break
-space is part of the value, and refused). The database URL is read by libpq, the base path
-is stripped of white space and slashes, and the API token is taken exactly as given.
+space is part of the value, and refused). The database URL is read by libpq; the bar URL
+must be http(s) with a host, as given; the base path is stripped of white space and
+slashes; the API token is taken exactly as given.
 
 A `TASKRUNNER_*` variable that no setting reads is most likely a typo: each command, and
 each Lambda handler's first read, logs a warning naming it and the closest setting
@@ -153,6 +154,26 @@ def _check_database_url(value: str) -> str:
     return value
 
 
+def _check_bar_url(value: str) -> str:
+    """An http:// or https:// URL with a host: anything else failed every `bar` task, at run
+    time, rather than the command at start."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises ValueError for a port that is no number up to 65535)
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or value != value.strip()  # (urlsplit drops it; a client may not)
+    ):
+        raise _Invalid(f"must be an http:// or https:// URL with a host, got {_shown(value)}")
+    return value
+
+
 def _check_base_path(value: str) -> str:
     """Normalise to "" or "/a/b": one leading slash, no trailing one."""
     path = value.strip().strip("/")
@@ -232,7 +253,7 @@ class Settings:
     # that is not running; refused (403) unless set.
     allow_delete_all: bool = False
 
-    bar_url: str = DEFAULT_BAR_URL
+    bar_url: str = _setting(DEFAULT_BAR_URL, check=_check_bar_url)
     bar_timeout_s: float = _setting(10.0, gt=0, le=_DAY_S)
     # `bar` requests one worker has in flight at once; the rest wait their turn (claimed, not
     # yet started: their timeout starts with their request).

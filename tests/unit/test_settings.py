@@ -180,6 +180,8 @@ def _message(name: str, raw: str) -> str:
         ("tick_mode", "poll", "poll"),
         ("tick_mode", " drain\n", "drain"),
         ("log_format", "json", "json"),
+        ("bar_url", "http://127.0.0.1:8080/x?y=1", "http://127.0.0.1:8080/x?y=1"),
+        ("bar_url", "https://example.com", "https://example.com"),
     ],
 )
 def test_good_values_are_read(
@@ -222,6 +224,12 @@ def test_good_values_are_read(
         ("transaction_pooler", "", "got ''"),
         ("tick_mode", "Poll", "must be one of drain, poll, got 'Poll'"),
         ("log_format", "xml", "must be one of json, text, got 'xml'"),
+        ("bar_url", "example.com", "must be an http:// or https:// URL with a host"),
+        ("bar_url", "ftp://example.com/", "got 'ftp://example.com/'"),
+        ("bar_url", "http:///path", "got 'http:///path'"),
+        ("bar_url", "http://h:99999/", "got 'http://h:99999/'"),
+        ("bar_url", "", "got ''"),
+        ("bar_url", " http://h/", "got ' http://h/'"),
     ],
 )
 def test_bad_values_say_what_is_accepted_and_what_was_given(name: str, raw: str, said: str) -> None:
