@@ -86,6 +86,27 @@ SELECT setting = %(timeout_ms)s FROM pg_settings WHERE name = 'statement_timeout
 """
 
 
+def database_for_log(url: str | None) -> str:
+    """The database a URL names, fit for a log line: its password replaced by ***."""
+    if not url:
+        return "(none)"
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "(not a URL)"
+    userinfo, at, hostpart = rest.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = f"{userinfo.partition(':')[0]}:***"
+    # The query may carry a password too (?password=..., ?sslpassword=...).
+    hostpart, q, query = hostpart.partition("?")
+    if q:
+        options = [option.partition("=") for option in query.split("&")]
+        query = "&".join(
+            f"{name}{eq}***" if "password" in name.lower() else f"{name}{eq}{value}"
+            for name, eq, value in options
+        )
+    return f"{scheme}://{userinfo}{at}{hostpart}{q}{query}"
+
+
 def behind_pooler(settings: Settings) -> bool:
     """Whether connections go through a transaction pooler: set, or found by connecting."""
     return settings.transaction_pooler or _pooler_found

@@ -36,7 +36,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-from functions import tasks
+from functions import db, tasks
 from functions.errors import DatabaseError, DatabaseUnavailable, WorkerFailed
 from functions.kinds import KINDS, Context, HttpClients, Kind
 from functions.output import LineWriter
@@ -72,27 +72,6 @@ _last_prune: float | None = None
 _ACTIVITY_EVERY_S = 2.0
 # Rescued tasks are logged one line each up to this many per rescue, then summarised.
 _LOG_EACH_UP_TO = 20
-
-
-def database_for_log(url: str | None) -> str:
-    """The database a URL names, fit for a log line: its password replaced by ***."""
-    if not url:
-        return "(none)"
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return "(not a URL)"
-    userinfo, at, hostpart = rest.rpartition("@")
-    if at and ":" in userinfo:
-        userinfo = f"{userinfo.partition(':')[0]}:***"
-    # The query may carry a password too (?password=..., ?sslpassword=...).
-    hostpart, q, query = hostpart.partition("?")
-    if q:
-        options = [option.partition("=") for option in query.split("&")]
-        query = "&".join(
-            f"{name}{eq}***" if "password" in name.lower() else f"{name}{eq}{value}"
-            for name, eq, value in options
-        )
-    return f"{scheme}://{userinfo}{at}{hostpart}{q}{query}"
 
 
 def new_worker_id() -> str:
@@ -264,7 +243,7 @@ class Runner:
                 "action=start worker=%s kinds=%s concurrency=%d lease_s=%g database=%s:"
                 " claiming due tasks",
                 self.worker_id, ",".join(KINDS), self.settings.concurrency,
-                self.settings.lease_seconds, database_for_log(self.settings.database_url),
+                self.settings.lease_seconds, db.database_for_log(self.settings.database_url),
             )  # fmt: skip
         loops = [
             asyncio.create_task(self._guard(self._write_loop(summary), "write")),

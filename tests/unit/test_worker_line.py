@@ -2,7 +2,7 @@
 
 import pytest
 
-from functions.runner import database_for_log
+from functions.db import database_for_log
 
 
 @pytest.mark.parametrize(
