@@ -153,6 +153,7 @@ def descriptors() -> Iterator[None]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+@pytest.mark.one_server  # the bound is the HTTP server's; no PostgreSQL version reaches it
 @pytest.mark.parametrize(
     ("command", "max_connections", "nofile"),
     [(["api"], 1000, 1100), (["dev"], 1000, 1300), (["api", "--workers", "2"], 400, 500)],
