@@ -1,6 +1,8 @@
-"""The README documents every setting the code reads, and shows the answer of every example."""
+"""The docs document every setting the code reads, link only to pages that exist, and show the
+answer of every example."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -8,11 +10,15 @@ import pytest
 from functions.settings import Settings
 from tests.examples import BASE_URL, examples, mismatch, pages, parse_body
 
-README = (Path(__file__).parents[2] / "README.md").read_text()
+ROOT = Path(__file__).parents[2]
+OPERATIONS = (ROOT / "docs" / "operations.md").read_text()
+# What a reader is sent to: the README, ARCHITECTURE.md and every page of docs/.
+DOCS = [*pages(), ROOT / "ARCHITECTURE.md"]
 
 
-def test_every_setting_is_in_the_readme_configuration_table() -> None:
-    table = README[README.index("## Configuration") : README.index("## Performance")]
+def test_every_setting_is_in_the_configuration_table() -> None:
+    start = OPERATIONS.index("## Configuration")
+    table = OPERATIONS[start : OPERATIONS.index("\n## ", start)]
     missing = [
         f"TASKRUNNER_{name.upper()}"
         for name in (field.name for field in dataclasses.fields(Settings))
@@ -50,3 +56,19 @@ def test_shapes_are_compared_by_keys_and_types(
     shown: str, got: object, problem: str | None
 ) -> None:
     assert mismatch(parse_body(shown), got) == problem
+
+
+def test_every_relative_link_leads_to_a_file() -> None:
+    broken = []
+    for page in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert broken == []
+
+
+def test_the_readme_stays_short() -> None:
+    """The README says what the project is, how to run and test it, a tour; the rest is in docs/."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
