@@ -1,5 +1,5 @@
-"""The docs document every setting the code reads, link only to pages that exist, and show the
-answer of every example."""
+"""The docs document every setting the code reads, name only files that exist, link only to
+pages that exist, and show the answer of every example."""
 
 import dataclasses
 import re
@@ -56,6 +56,53 @@ def test_shapes_are_compared_by_keys_and_types(
     shown: str, got: object, problem: str | None
 ) -> None:
     assert mismatch(parse_body(shown), got) == problem
+
+
+def _named_paths(text: str) -> set[str]:
+    """Every `functions/...` or `local/...` path a page names (a module, a package, a folder)."""
+    return {
+        match.rstrip(".,:;")
+        for match in re.findall(r"(?<![\w/.])(?:functions|local)/[\w./-]*", text)
+        if match.rstrip(".,:;/") not in ("functions", "local")
+    }
+
+
+def _layout_paths(readme: str) -> set[str]:
+    """The paths of the README's Layout block: a top folder, then its entries indented."""
+    block = readme[readme.index("## Layout") :]
+    block = block[block.index("```\n") + 4 : block.index("\n```", block.index("```\n") + 4)]
+    paths, top = set(), None
+    for line in block.splitlines():
+        if not line.strip() or line.startswith(" " * 6):
+            continue  # a blank line, or a description carried over
+        name = line.split()[0]
+        if not line.startswith(" "):
+            top = name
+            paths.add(name)
+        elif top is not None:
+            paths.add(top + name)
+    return paths
+
+
+def test_the_layout_is_read_as_paths() -> None:
+    paths = _layout_paths((ROOT / "README.md").read_text())
+    assert {"functions/tick.py", "local/cli.py", "tests/"} <= paths
+
+
+def test_every_module_the_docs_name_exists() -> None:
+    """Each `functions/...` and `local/...` path in the README (its Layout too), ARCHITECTURE.md
+    and docs/ names a file or folder of the tree: a module that moves takes its docs with it."""
+    named: dict[str, list[str]] = {}
+    for page in DOCS:
+        text = page.read_text()
+        found = _named_paths(text)
+        if page.name == "README.md" and page.parent == ROOT:
+            found |= {p for p in _layout_paths(text) if p.startswith(("functions/", "local/"))}
+        for path in found:
+            named.setdefault(path, []).append(str(page.relative_to(ROOT)))
+    missing = [f"{path} (in {', '.join(where)})" for path, where in sorted(named.items())
+               if not (ROOT / path).exists()]  # fmt: skip
+    assert not missing, "no such file: " + "; ".join(missing)
 
 
 def test_every_relative_link_leads_to_a_file() -> None:
