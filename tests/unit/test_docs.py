@@ -1,6 +1,7 @@
-"""The docs document every setting the code reads, name only files that exist, link only to
-pages that exist, and show the answer of every example."""
+"""The docs document every setting and command the code has, name only files that exist, link
+only to pages and headings that exist, and show the answer of every example."""
 
+import argparse
 import dataclasses
 import re
 from pathlib import Path
@@ -131,3 +132,33 @@ def test_every_relative_link_leads_to_a_file_and_a_heading() -> None:
 def test_the_readme_stays_short() -> None:
     """The README says what the project is, how to run and test it, a tour; the rest is in docs/."""
     assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+def test_every_command_and_option_of_the_cli_is_in_the_commands_table() -> None:
+    """docs/operations.md's table has a row for each `taskrunner` command naming each of its
+    options (`--help` aside), and no row for a command that does not exist."""
+    from local.cli import _parser
+
+    start = OPERATIONS.index("## Commands")
+    table = OPERATIONS[start : OPERATIONS.index("\n## ", start)]
+    rows = {
+        match[1]: match[0]
+        for match in re.finditer(r"^\| `taskrunner ([a-z]+)\b.*$", table, re.MULTILINE)
+    }
+    parser = _parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert sorted(rows) == sorted(commands.choices)
+    missing = [
+        f"{name} {option}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help" and option not in rows[name]
+    ]
+    missing += [
+        option
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help" and option not in table
+    ]
+    assert missing == []
