@@ -37,13 +37,13 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
 from functions import db, tasks
+from functions.counters import Activity, bucket_of, merge_activity
 from functions.errors import DatabaseError, DatabaseUnavailable, WorkerFailed
 from functions.kinds import KINDS, Context, HttpClients, Kind
+from functions.model import TaskState
 from functions.output import LineWriter
 from functions.settings import Settings
-from functions.stats import Activity, bucket_of, merge_activity
 from functions.store import Claimed, NextDue, Result, Store
-from functions.tasks import TaskState
 
 if TYPE_CHECKING:
     import httpx

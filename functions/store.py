@@ -20,11 +20,12 @@ from psycopg import AsyncConnection
 from psycopg.rows import RowFactory, namedtuple_row, tuple_row
 
 from functions import queries
+from functions.counters import Activity
 from functions.db import Coalescer, Database, behind_pooler, connect, first_line
 from functions.errors import DatabaseUnavailable, IdempotencyKeyReused, SchemaOutdated
+from functions.model import NewTask, Task, TaskState
+from functions.parsing import excerpt
 from functions.settings import Settings
-from functions.stats import Activity
-from functions.tasks import NewTask, Task, TaskState, excerpt
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Result(NamedTuple):
 
 @dataclass(frozen=True)
 class StatsRows:
-    """What /stats is computed from (functions/stats.py)."""
+    """What /stats is computed from (functions/report.py)."""
 
     # (state, kind, count); finished states' counts are from a sample when `sampled_percent`.
     counts: list[tuple[str, str, int]]
@@ -576,7 +577,7 @@ class Store:
         await self._all(queries.PRUNE_ACTIVITY)
 
     async def add_activity(self, buckets: dict[int, Activity]) -> None:
-        """Add a worker's counts of some 10-second buckets (functions/stats.py) to the table."""
+        """Add a worker's counts of some 10-second buckets (functions/report.py) to the table."""
         payload = json.dumps(
             [
                 {"bucket_s": bucket, **dataclasses.asdict(activity)}
