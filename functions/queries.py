@@ -331,7 +331,7 @@ WHERE id = %(worker)s
 # is compiled with LLVM, inlined and optimized: on Debian's PostgreSQL 15 each rescue took
 # 200-480 ms of the server's CPU for a statement that runs in 0.5 ms. That was the stall of
 # a few hundred ms seen now and then in start lateness. (Connections made outside a
-# transaction pooler also turn JIT off for the session: see functions/db.py.)
+# transaction pooler also turn JIT off for the session: see functions/conninfo.py.)
 #
 # And a custom plan, made for the values at hand, every time. psycopg prepares a statement on
 # its 6th run and PostgreSQL then keeps the generic plan it made at that moment, planned for

@@ -36,7 +36,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-from functions import db, tasks
+from functions import conninfo, tasks
 from functions.counters import Activity, bucket_of, merge_activity
 from functions.errors import DatabaseError, DatabaseUnavailable, WorkerFailed
 from functions.kinds import KINDS, Context, HttpClients, Kind
@@ -243,7 +243,7 @@ class Runner:
                 "action=start worker=%s kinds=%s concurrency=%d lease_s=%g database=%s:"
                 " claiming due tasks",
                 self.worker_id, ",".join(KINDS), self.settings.concurrency,
-                self.settings.lease_seconds, db.database_for_log(self.settings.database_url),
+                self.settings.lease_seconds, conninfo.database_for_log(self.settings.database_url),
             )  # fmt: skip
         loops = [
             asyncio.create_task(self._guard(self._write_loop(summary), "write")),

@@ -20,8 +20,9 @@ from psycopg import AsyncConnection
 from psycopg.rows import RowFactory, namedtuple_row, tuple_row
 
 from functions import queries
+from functions.conninfo import behind_pooler, connect
 from functions.counters import Activity
-from functions.db import Coalescer, Database, behind_pooler, connect, first_line
+from functions.db import Coalescer, Database, first_line
 from functions.errors import DatabaseUnavailable, IdempotencyKeyReused, SchemaOutdated
 from functions.model import NewTask, Task, TaskState
 from functions.parsing import excerpt
@@ -605,7 +606,7 @@ async def listen(settings: Settings, on_created: Callable[[float | None], None])
     its own outside the pool (which may hold a single connection), and it cannot work through
     a transaction pooler. Reconnects after an outage, then calls `on_created(None)`: it may
     have missed notifications meanwhile. Returns at once behind a transaction pooler, set or
-    found by connecting (db.connect): the worker polls instead.
+    found by connecting (conninfo.connect): the worker polls instead.
     """
     retry_s = 0.1
     while not behind_pooler(settings):
