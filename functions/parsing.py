@@ -1,7 +1,9 @@
 """Reading a task from what a client sent: its kind, its time, its idempotency key, a page's
 cursor, and a whole batch at once; and the patterns the API's schema states the same rules in.
 
-Each reader raises ValueError saying what is wrong, quoting at most an `excerpt` of the input.
+Each `parse_*` raises ValueError saying what is wrong, quoting at most an `excerpt` of the
+input (`decode_cursor` raises InvalidInput, a 400); `read_batch` answers None and
+leaves saying why to the full schema.
 """
 
 from __future__ import annotations
