@@ -30,7 +30,7 @@ from functions.errors import (
 )
 
 if TYPE_CHECKING:
-    from functions.tasks import Task
+    from functions.model import Task
 
 logger = logging.getLogger("functions.app")
 

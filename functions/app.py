@@ -38,10 +38,10 @@ from functions.dashboard import add_dashboard
 from functions.db import Database
 from functions.docs import add_docs
 from functions.errors import TaskrunnerError, Unauthorized
+from functions.model import NewTask, TaskState
 from functions.routing import Route, TaskId, answer
 from functions.settings import Settings
 from functions.store import Store
-from functions.tasks import NewTask, TaskState
 
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -162,7 +162,7 @@ def build_app(
         return errors(*sorted({*codes, *auth_errors, 413, 503}))
 
     # Every route that takes a body. Its content-type, and how much it holds, are checked
-    # by `Route` before the body is parsed (`routing.require_json`, `tasks.count_values`);
+    # by `Route` before the body is parsed (`routing.require_json`, `parsing.count_values`);
     # the token before anything, by `auth.Authorize`.
     TakesJson = Authorized
     # What every route that takes a body can answer besides its own errors.

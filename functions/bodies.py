@@ -15,41 +15,41 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from functions import tasks
+from functions import model, parsing
 from functions.kinds import KINDS
-from functions.tasks import MAX_BATCH, NewTask, Task, TaskState
+from functions.model import MAX_BATCH, NewTask, Task, TaskState
 
 KIND_SCHEMA = {
     "type": "string",
-    "pattern": tasks.KIND_PATTERN,
+    "pattern": parsing.KIND_PATTERN,
     "description": f"The task kind: {', '.join(sorted(KINDS))}, in any case; returned lowercase.",
     "examples": sorted(KINDS),
 }
 # Each pattern below is the schema's, for clients and schemathesis; the server checks by a
 # function whose error says in words what is wrong and what is accepted (a pydantic pattern's
 # error would quote the pattern, hundreds of characters of it).
-KindName = Annotated[str, PlainValidator(tasks.parse_kind), WithJsonSchema(KIND_SCHEMA)]
+KindName = Annotated[str, PlainValidator(parsing.parse_kind), WithJsonSchema(KIND_SCHEMA)]
 Cursor = Annotated[
     str,
-    PlainValidator(tasks.parse_cursor),
+    PlainValidator(parsing.parse_cursor),
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": tasks.CURSOR_PATTERN,
+            "pattern": parsing.CURSOR_PATTERN,
             "description": "`next_cursor` of the previous page",
         }
     ),
 ]
 ExecuteAt = Annotated[
     datetime,
-    PlainValidator(tasks.parse_execute_at),
+    PlainValidator(parsing.parse_execute_at),
     WithJsonSchema(
         {
             "anyOf": [
                 {
                     "type": "string",
                     "format": "date-time",
-                    "pattern": tasks.DATE_TIME_PATTERN,
+                    "pattern": parsing.DATE_TIME_PATTERN,
                     "description": "RFC 3339 (ISO 8601) with a UTC offset, from"
                     " 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z; on those two"
                     " days an offset that could leave the range is refused (give UTC).",
@@ -57,7 +57,7 @@ ExecuteAt = Annotated[
                 {
                     "type": "number",
                     "minimum": 0,
-                    "exclusiveMaximum": tasks.END_UNIX_S,
+                    "exclusiveMaximum": model.END_UNIX_S,
                     "description": "Unix seconds, to the microsecond: 1970 to the end of 9999.",
                 },
             ],
@@ -81,11 +81,11 @@ class TaskIn(BaseModel):
 
 IdempotencyKey = Annotated[
     str,
-    PlainValidator(tasks.parse_idempotency_key),
+    PlainValidator(parsing.parse_idempotency_key),
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": tasks.IDEMPOTENCY_KEY_PATTERN,
+            "pattern": model.IDEMPOTENCY_KEY_PATTERN,
             "description": "1 to 255 printable ASCII characters, no spaces: a repeat of a"
             " request with the same key and the same type and execute_at gets the task the"
             " first one created, and creates nothing.",

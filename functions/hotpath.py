@@ -4,7 +4,7 @@ routing and dependency machinery.
 Under load (wrk, 32 connections, one process) FastAPI's routing, dependency solving, and
 its exception and exit-stack middleware were ~40% of the CPU of a `POST /tasks` or a
 `GET /tasks/{id}`. A request is served here only when it is plainly well formed: the
-method and path of one of these routes, a JSON body that `tasks.read_batch` accepts (a
+method and path of one of these routes, a JSON body that `parsing.read_batch` accepts (a
 task or a batch, read by the rules of `bodies.TaskIn`), at most one valid
 `Idempotency-Key`. (The token was checked before, by `auth.Authorize`.) Anything else,
 every refusal in particular, goes on to the FastAPI app (`app`) and is answered there as
@@ -26,12 +26,12 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from functions import tasks
+from functions import model, parsing, tasks
 from functions.answers import json_answer, send_detail, status_of, task_json
 from functions.errors import TaskrunnerError
+from functions.model import BIGINT_MAX, MAX_BATCH, NewTask
 from functions.settings import Settings
 from functions.store import Store
-from functions.tasks import BIGINT_MAX, MAX_BATCH, NewTask
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ _MAX_BRACKETS = 100
 
 
 def _key_ok(key: bytes) -> bool:
-    """Whether `key` matches tasks.IDEMPOTENCY_KEY_PATTERN: 1 to 255 of `!` to `~`."""
+    """Whether `key` matches model.IDEMPOTENCY_KEY_PATTERN: 1 to 255 of `!` to `~`."""
     return 1 <= len(key) <= 255 and all(0x21 <= c <= 0x7E for c in key)
 
 
@@ -110,9 +110,9 @@ class HotPath:
         self, scope: Scope, body: bytes, key: bytes | None, *, batch: bool
     ) -> Awaitable[Answer | None] | None:
         """The work a body asks for, or None for the FastAPI app to answer. A body that
-        holds more values than any request takes is not read here (`tasks.count_values`),
+        holds more values than any request takes is not read here (`parsing.count_values`),
         and what was read is let go before the FastAPI app reads the body again."""
-        if tasks.count_values(body) > tasks.MAX_VALUES:
+        if parsing.count_values(body) > model.MAX_VALUES:
             return None  # (refused before it is read, in the FastAPI app's words)
         try:
             if batch:
@@ -138,12 +138,12 @@ class HotPath:
     def _one(self, scope: Scope, sent: Any, key: bytes | None) -> Awaitable[Answer] | None:
         # Read as a batch's item is, by the rules `bodies.TaskIn` reads a task by: no pydantic
         # model here, so a Lambda cold start need not import pydantic (~70 ms, measured).
-        read = tasks.read_batch([sent])
+        read = parsing.read_batch([sent])
         if read is None:
             return None
         (item,) = read
         key_text = None if key is None else key.decode("ascii")
-        return self._created(scope, tasks.new_task(item["kind"], item["at_us"], key_text))
+        return self._created(scope, parsing.new_task(item["kind"], item["at_us"], key_text))
 
     def _many(self, sent: Any) -> Awaitable[Answer | None] | None:
         if sent.__class__ is not dict or len(sent) != 1:
@@ -174,7 +174,7 @@ class HotPath:
 
     async def _answer(self, scope: Scope, send: Send, work: Awaitable[Answer | None]) -> bool:
         """Send what `work` answers; False, with nothing sent, if it refuses the request
-        (a batch with an item `tasks.read_batch` refuses: nothing was written)."""
+        (a batch with an item `parsing.read_batch` refuses: nothing was written)."""
         try:
             answer = await work
             if answer is None:

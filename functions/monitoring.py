@@ -1,5 +1,5 @@
 """`GET /stats` (JSON) and `GET /metrics` (Prometheus): what workers are doing, read from the
-database, so every instance answers the same (functions/stats.py says where each figure
+database, so every instance answers the same (functions/report.py says where each figure
 comes from)."""
 
 from collections.abc import Callable, Iterator, Sequence
@@ -9,8 +9,8 @@ from typing import Any
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
+from functions.report import Stats, read_stats
 from functions.routing import Route
-from functions.stats import Stats, read_stats
 from functions.store import Store
 
 

@@ -16,18 +16,18 @@ from pydantic import BaseModel, PlainValidator, WithJsonSchema
 from starlette.routing import Match
 from starlette.types import Scope
 
-from functions import tasks
+from functions import model, parsing, tasks
 from functions.bodies import TaskOut
 from functions.kinds import KINDS
+from functions.model import NewTask, TaskState
 from functions.routing import Route, TaskId
 from functions.settings import Settings
 from functions.store import Store
-from functions.tasks import NewTask, TaskState
 
 # GET /taskstate/{state} answers at most this many tasks, oldest first.
 LIST_LIMIT = 1_000
 # The latest whole Unix second the API accepts: 9999-12-31T23:59:59Z.
-MAX_UNIX_SECONDS = tasks.END_UNIX_S - 1
+MAX_UNIX_SECONDS = model.END_UNIX_S - 1
 
 
 class OriginalState(StrEnum):
@@ -45,8 +45,8 @@ STATES: dict[OriginalState, tuple[TaskState, ...]] = {
 }
 
 
-KIND_PATTERN = tasks.any_case(sorted(KINDS))
-STATE_PATTERN = tasks.any_case([s.value for s in OriginalState])
+KIND_PATTERN = parsing.any_case(sorted(KINDS))
+STATE_PATTERN = parsing.any_case([s.value for s in OriginalState])
 _DIGITS = re.compile("[0-9]+")
 
 
@@ -56,7 +56,7 @@ def parse_state(value: object) -> OriginalState:
         return OriginalState(str(value).upper())
     except ValueError:
         raise ValueError(
-            f"unknown state {tasks.excerpt(value)}; expected one of"
+            f"unknown state {parsing.excerpt(value)}; expected one of"
             f" {', '.join(OriginalState)} (in any case)"
         ) from None
 
@@ -113,7 +113,9 @@ def build_router(
         ],
     ) -> int:
         """Schedule a task of `type` at `unix_seconds`; answer its id."""
-        new = NewTask(kind=tasks.parse_kind(type), execute_at=tasks.parse_execute_at(unix_seconds))
+        new = NewTask(
+            kind=parsing.parse_kind(type), execute_at=parsing.parse_execute_at(unix_seconds)
+        )
         task, _ = await tasks.create_task(store, new, settings.max_attempts)
         return task.id
 

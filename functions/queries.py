@@ -331,7 +331,7 @@ WHERE id = %(worker)s
 # is compiled with LLVM, inlined and optimized: on Debian's PostgreSQL 15 each rescue took
 # 200-480 ms of the server's CPU for a statement that runs in 0.5 ms. That was the stall of
 # a few hundred ms seen now and then in start lateness. (Connections made outside a
-# transaction pooler also turn JIT off for the session: see functions/db.py.)
+# transaction pooler also turn JIT off for the session: see functions/conninfo.py.)
 #
 # And a custom plan, made for the values at hand, every time. psycopg prepares a statement on
 # its 6th run and PostgreSQL then keeps the generic plan it made at that moment, planned for
@@ -397,7 +397,7 @@ WHERE id = ANY(ARRAY(
     FOR UPDATE SKIP LOCKED
 ))
 RETURNING id, kind, attempts, max_attempts,
-    -- The start lateness of a first attempt, for the activity figures (functions/stats.py):
+    -- The start lateness of a first attempt, for the activity figures (functions/counters.py):
     -- from BECAME_DUE, which this UPDATE leaves as it was (it clears next_attempt_at).
     CASE WHEN attempts = 1
         THEN CAST(extract(epoch FROM now() - {BECAME_DUE}) * 1000 AS float8)
@@ -544,7 +544,7 @@ SELECT count(*) FROM pruned
 # Activity is kept a day (/stats reads the last hour).
 PRUNE_ACTIVITY = "DELETE FROM task_activity WHERE bucket < now() - interval '1 day'"
 
-# --- activity: what /stats and /metrics read (functions/stats.py) -----------------------------
+# --- activity: what /stats and /metrics read (functions/report.py) ----------------------------
 
 # A worker's counts for some 10-second buckets, added to what other workers counted. The
 # lateness histograms are added bucket by bucket (one of an older version is shorter: the
@@ -590,7 +590,7 @@ SELECT pg_relation_size('tasks') / current_setting('block_size')::int AS pages,
 FROM pg_class WHERE oid = 'tasks'::regclass
 """
 # - finished tasks by state and kind, exactly (a small table) or in a sample of `percent` of
-#   its pages (TABLESAMPLE SYSTEM reads only the pages it picks), scaled up (stats.py);
+#   its pages (TABLESAMPLE SYSTEM reads only the pages it picks), scaled up (report.py);
 STATS_FINISHED_COUNTS = """
 SELECT state, kind, count(*) FROM tasks
 WHERE state IN ('succeeded', 'failed') GROUP BY 1, 2

@@ -12,9 +12,9 @@ from pydantic_core import to_json
 from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
-from functions import tasks
+from functions import model, parsing
 from functions.errors import NotJson
-from functions.tasks import BIGINT_MAX
+from functions.model import BIGINT_MAX
 
 TaskId = Annotated[int, Path(ge=1, le=BIGINT_MAX)]
 _DIGITS = re.compile("[0-9]+")
@@ -38,7 +38,7 @@ class Route(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         """FastAPI's handler, behind the checks of a body before it is parsed: its
-        content-type (415), and how many values it holds (`tasks.count_values`: 422 past
+        content-type (415), and how many values it holds (`parsing.count_values`: 422 past
         MAX_VALUES, before json.loads builds them all)."""
         handler = super().get_route_handler()
         if self.body_field is None:
@@ -46,8 +46,8 @@ class Route(APIRoute):
 
         async def read_body_first(request: Request) -> Response:
             require_json(request.headers.get("content-type", ""))
-            if tasks.count_values(await request.body()) > tasks.MAX_VALUES:
-                issue = {"loc": ("body",), "msg": tasks.TOO_MANY_VALUES, "type": "too_long"}
+            if parsing.count_values(await request.body()) > model.MAX_VALUES:
+                issue = {"loc": ("body",), "msg": model.TOO_MANY_VALUES, "type": "too_long"}
                 raise RequestValidationError([issue])
             # (FastAPI's handler reads the body this request has kept.)
             return await handler(request)
@@ -89,5 +89,5 @@ def require_json(content_type: str) -> None:
     ):
         raise NotJson(
             "the body must be JSON, sent as `content-type: application/json`, not"
-            f" {tasks.excerpt(media or content_type)}"
+            f" {parsing.excerpt(media or content_type)}"
         )

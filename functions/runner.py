@@ -36,14 +36,14 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-from functions import db, tasks
+from functions import conninfo, tasks
+from functions.counters import Activity, bucket_of, merge_activity
 from functions.errors import DatabaseError, DatabaseUnavailable, WorkerFailed
 from functions.kinds import KINDS, Context, HttpClients, Kind
+from functions.model import TaskState
 from functions.output import LineWriter
 from functions.settings import Settings
-from functions.stats import Activity, bucket_of, merge_activity
 from functions.store import Claimed, NextDue, Result, Store
-from functions.tasks import TaskState
 
 if TYPE_CHECKING:
     import httpx
@@ -243,7 +243,7 @@ class Runner:
                 "action=start worker=%s kinds=%s concurrency=%d lease_s=%g database=%s:"
                 " claiming due tasks",
                 self.worker_id, ",".join(KINDS), self.settings.concurrency,
-                self.settings.lease_seconds, db.database_for_log(self.settings.database_url),
+                self.settings.lease_seconds, conninfo.database_for_log(self.settings.database_url),
             )  # fmt: skip
         loops = [
             asyncio.create_task(self._guard(self._write_loop(summary), "write")),

@@ -20,11 +20,13 @@ from psycopg import AsyncConnection
 from psycopg.rows import RowFactory, namedtuple_row, tuple_row
 
 from functions import queries
-from functions.db import Coalescer, Database, behind_pooler, connect, first_line
+from functions.conninfo import behind_pooler, connect
+from functions.counters import Activity
+from functions.db import Coalescer, Database, first_line
 from functions.errors import DatabaseUnavailable, IdempotencyKeyReused, SchemaOutdated
+from functions.model import NewTask, Task, TaskState
+from functions.parsing import excerpt
 from functions.settings import Settings
-from functions.stats import Activity
-from functions.tasks import NewTask, Task, TaskState, excerpt
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ class Result(NamedTuple):
 
 @dataclass(frozen=True)
 class StatsRows:
-    """What /stats is computed from (functions/stats.py)."""
+    """What /stats is computed from (functions/report.py)."""
 
     # (state, kind, count); finished states' counts are from a sample when `sampled_percent`.
     counts: list[tuple[str, str, int]]
@@ -576,7 +578,7 @@ class Store:
         await self._all(queries.PRUNE_ACTIVITY)
 
     async def add_activity(self, buckets: dict[int, Activity]) -> None:
-        """Add a worker's counts of some 10-second buckets (functions/stats.py) to the table."""
+        """Add a worker's counts of some 10-second buckets (functions/report.py) to the table."""
         payload = json.dumps(
             [
                 {"bucket_s": bucket, **dataclasses.asdict(activity)}
@@ -604,7 +606,7 @@ async def listen(settings: Settings, on_created: Callable[[float | None], None])
     its own outside the pool (which may hold a single connection), and it cannot work through
     a transaction pooler. Reconnects after an outage, then calls `on_created(None)`: it may
     have missed notifications meanwhile. Returns at once behind a transaction pooler, set or
-    found by connecting (db.connect): the worker polls instead.
+    found by connecting (conninfo.connect): the worker polls instead.
     """
     retry_s = 0.1
     while not behind_pooler(settings):

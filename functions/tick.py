@@ -11,7 +11,8 @@ import logging
 import time
 from typing import Any, TextIO
 
-from functions.db import Database, behind_pooler
+from functions.conninfo import behind_pooler
+from functions.db import Database
 from functions.errors import TaskrunnerError
 from functions.logs import handler_settings
 from functions.runner import Runner, TickSummary

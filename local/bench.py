@@ -37,9 +37,9 @@ from tqdm import tqdm
 from functions import queries
 from functions.db import Database
 from functions.errors import TaskrunnerError
+from functions.model import TaskState
 from functions.settings import Settings
 from functions.store import Claimed, Result, Store
-from functions.tasks import TaskState
 from local import loadgen
 from local.migrate import migrate
 

@@ -14,7 +14,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import Engine
 
-from functions.db import libpq_url
+from functions.conninfo import libpq_url
 from functions.errors import DatabaseUnavailable, TaskrunnerError
 
 MIGRATIONS = Path(__file__).parent / "migrations"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from functions.stats import LATENESS_BOUNDS_MS
+from functions.counters import LATENESS_BOUNDS_MS
 from tests.browser.conftest import SERVER, BrowserLog
 
 if TYPE_CHECKING:

@@ -12,10 +12,10 @@ import pytest
 
 from functions.db import Database
 from functions.kinds import KINDS
+from functions.model import TaskState
 from functions.queries import CHANNEL
 from functions.settings import Settings
 from functions.store import Store
-from functions.tasks import TaskState
 from functions.tick import tick
 
 Sql = Callable[..., list[tuple[Any, ...]]]

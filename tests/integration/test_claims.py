@@ -14,10 +14,10 @@ import pytest
 
 from functions.db import Database
 from functions.kinds import KINDS
+from functions.model import TaskState
 from functions.runner import Runner
 from functions.settings import Settings
 from functions.store import Result, Store
-from functions.tasks import TaskState
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 ALL = list(KINDS)

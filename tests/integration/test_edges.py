@@ -17,8 +17,8 @@ import pytest
 
 from functions.app import build_app
 from functions.asgi import BodyLimit
+from functions.model import MAX_VALUES, TOO_MANY_VALUES
 from functions.settings import Settings
-from functions.tasks import MAX_VALUES, TOO_MANY_VALUES
 from tests.conftest import serve
 
 Sql = Callable[..., list[tuple[Any, ...]]]

@@ -21,9 +21,9 @@ from functions.app import build_app
 from functions.asgi import layers, wrap
 from functions.db import Database
 from functions.hotpath import HotPath, Lazy
+from functions.model import TOO_MANY_VALUES
 from functions.settings import Settings
 from functions.store import Store
-from functions.tasks import TOO_MANY_VALUES
 
 TOKEN = "s3cret"
 
@@ -440,7 +440,7 @@ async def test_an_answer_that_cannot_be_sent_is_a_500_in_json(settings: Settings
 
 @pytest.mark.parametrize("path", ["/tasks", "/tasks/batch"])
 async def test_a_body_with_too_many_values_answers_alike(pair: Pair, path: str) -> None:
-    """Refused before either reads it (tasks.count_values): 200,001 empty objects."""
+    """Refused before either reads it (parsing.count_values): 200,001 empty objects."""
     body = b'{"tasks": [' + b"{}," * 200_000 + b"{}]}"
     response = await pair.both("POST", path, content=body, headers=AUTH)
     assert response.status_code == 422

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from functions import runner, stats
+from functions import counters, report, runner
 from functions.settings import Settings
 from functions.tick import tick
 from tests.conftest import serve
@@ -183,7 +183,7 @@ async def test_a_shorter_histogram_of_an_older_version_adds_up(
         "SELECT count(*) FILTER (WHERE x IS NULL), max(cardinality(lateness)), sum(x)"
         " FROM task_activity, unnest(lateness) AS x WHERE started > 72"
     )
-    assert (nulls, length, total) == (0, len(stats.LATENESS_BOUNDS_MS), 72 + 5)
+    assert (nulls, length, total) == (0, len(counters.LATENESS_BOUNDS_MS), 72 + 5)
 
 
 async def test_metrics_say_the_same_in_prometheus_text(
@@ -232,8 +232,8 @@ async def test_large_tables_are_counted_from_a_sample(
         " SELECT CASE WHEN n % 4 = 0 THEN 'foo' ELSE 'baz' END, 'succeeded', now(), now(),"
         " now(), 1 FROM generate_series(1, 40000) AS n"
     )
-    monkeypatch.setattr(stats, "EXACT_UP_TO", 1_000)
-    monkeypatch.setattr(stats, "SAMPLE_ROWS", 20_000)
+    monkeypatch.setattr(report, "EXACT_UP_TO", 1_000)
+    monkeypatch.setattr(report, "SAMPLE_ROWS", 20_000)
     got = (await client.get("/stats")).json()
     assert got["estimated"] == ["failed", "succeeded"]
     assert 20_000 < got["counts"]["succeeded"]["baz"] < 40_000  # 30,000, from about half
@@ -266,8 +266,8 @@ async def test_a_drained_table_is_estimated_from_its_live_rows(
     while sql("SELECT pg_stat_get_live_tuples('tasks'::regclass)") != [(n + left,)]:
         assert time.monotonic() < deadline, "the statistics never caught up"
         time.sleep(0.1)
-    monkeypatch.setattr(stats, "EXACT_UP_TO", 1_000)
-    monkeypatch.setattr(stats, "SAMPLE_ROWS", 2_000)  # ~20 of the table's pages
+    monkeypatch.setattr(report, "EXACT_UP_TO", 1_000)
+    monkeypatch.setattr(report, "SAMPLE_ROWS", 2_000)  # ~20 of the table's pages
     for _ in range(20):
         got = (await client.get("/stats")).json()
         assert got["estimated"] == ["failed", "succeeded"]

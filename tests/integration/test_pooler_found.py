@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from functions import db
+from functions import conninfo
 from functions.settings import Settings
 from tests.integration.test_lambda import cold_start, lambda_env, round_trip
 from tests.pgbouncer import pgbouncer_ignoring_options_url, pgbouncer_url
@@ -24,11 +24,11 @@ __all__ = [  # the fixtures
 
 
 @pytest.fixture
-def fresh_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def fresh_process() -> Iterator[None]:
     """As in a new container: no pooler found yet."""
-    monkeypatch.setattr(db, "_pooler_found", False)
-    monkeypatch.setattr(db, "_options_checked", False, raising=False)
+    conninfo.forget_found()
     yield
+    conninfo.forget_found()
 
 
 def test_handlers_through_pgbouncer_without_the_setting(
@@ -40,11 +40,11 @@ def test_handlers_through_pgbouncer_without_the_setting(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setenv("TASKRUNNER_DATABASE_URL", pgbouncer_url)
-    caplog.set_level(logging.WARNING, logger="functions.db")
+    caplog.set_level(logging.WARNING, logger="functions.conninfo")
     # Enough rounds for psycopg to prepare statements if it were allowed to (it does after 5).
     for version in ("v2", "v1", "v2", "v1"):
         round_trip(version, capsys)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "functions.db"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "functions.conninfo"]
     assert len(warnings) == 1, warnings
     assert "TASKRUNNER_TRANSACTION_POOLER=true" in warnings[0]
 
@@ -61,10 +61,10 @@ def test_handlers_through_pgbouncer_that_ignores_options(
     refusal to recognise, and prepared statements that another server connection does not
     have (`GET /tasks/{id}` a 500 from its 6th run on). Reading the options back finds it."""
     monkeypatch.setenv("TASKRUNNER_DATABASE_URL", pgbouncer_ignoring_options_url)
-    caplog.set_level(logging.WARNING, logger="functions.db")
+    caplog.set_level(logging.WARNING, logger="functions.conninfo")
     for version in ("v2", "v1", "v2", "v1", "v2", "v1", "v2", "v1"):
         round_trip(version, capsys)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "functions.db"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "functions.conninfo"]
     assert len(warnings) == 1, warnings
     assert "ignored startup options" in warnings[0]
     assert "TASKRUNNER_TRANSACTION_POOLER=true" in warnings[0]
@@ -75,13 +75,13 @@ async def test_a_server_that_applies_options_is_not_taken_for_a_pooler(
 ) -> None:
     """Read back once: the first connection checks, later ones do not; nothing is said."""
     settings = Settings(database_url=database_url)
-    caplog.set_level(logging.WARNING, logger="functions.db")
+    caplog.set_level(logging.WARNING, logger="functions.conninfo")
     for _ in range(2):
-        conn = await db.connect(settings)
+        conn = await conninfo.connect(settings)
         await conn.close()
-    assert not db.behind_pooler(settings)
-    assert db._options_checked
-    assert [r for r in caplog.records if r.name == "functions.db"] == []
+    assert not conninfo.behind_pooler(settings)
+    assert conninfo.found.options_applied
+    assert [r for r in caplog.records if r.name == "functions.conninfo"] == []
 
 
 # RDS Proxy's words (its apostrophe is typographic), which no test can get from RDS Proxy itself.
@@ -112,13 +112,13 @@ async def test_rds_proxy_refusal_is_recognised_too(
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     settings = Settings(database_url=f"postgresql://taskrunner@127.0.0.1:{port}/taskrunner")
-    caplog.set_level(logging.WARNING, logger="functions.db")
+    caplog.set_level(logging.WARNING, logger="functions.conninfo")
     try:
         with pytest.raises(psycopg.OperationalError, match="the test server ends here"):
-            await db.connect(settings)
+            await conninfo.connect(settings)
     finally:
         server.close()
     assert [b"options\0" in p for p in packets] == [True, False]
-    assert db.behind_pooler(settings)
-    [warning] = [r.getMessage() for r in caplog.records if r.name == "functions.db"]
+    assert conninfo.behind_pooler(settings)
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "functions.conninfo"]
     assert "TASKRUNNER_TRANSACTION_POOLER=true" in warning

@@ -12,8 +12,8 @@ from pydantic_core import to_json
 
 from functions.answers import plain_task_json, task_fields, task_json
 from functions.bodies import TaskOut
+from functions.model import Task, TaskState
 from functions.routing import answer
-from functions.tasks import Task, TaskState
 
 AT = datetime(2026, 11, 28, 9, 0, 0, 123456, tzinfo=UTC)
 

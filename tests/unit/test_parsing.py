@@ -9,13 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from functions import tasks
+from functions import parsing
 from functions.errors import InvalidInput
-from functions.runner import retry_delay_s
-from functions.settings import Settings
-from functions.tasks import (
-    MAX_BATCH,
-    MAX_VALUES,
+from functions.model import MAX_BATCH, MAX_VALUES
+from functions.parsing import (
     _quick_us,
     _unix_us,
     count_values,
@@ -24,6 +21,8 @@ from functions.tasks import (
     parse_execute_at,
     parse_kind,
 )
+from functions.runner import retry_delay_s
+from functions.settings import Settings
 
 
 @pytest.mark.parametrize("raw", ["foo", "Foo", " BAZ ", "bar"])
@@ -231,7 +230,7 @@ def test_a_body_is_over_the_bound_exactly_when_it_holds_more(
     assert count_values(body) >= held
     # Over the bound exactly when the body holds more than it, whatever its strings hold.
     for bound in (held - 1, held, held + 1):
-        with patch.object(tasks, "MAX_VALUES", bound):
+        with patch.object(parsing, "MAX_VALUES", bound):
             assert (count_values(body) > bound) == (held > bound), bound
 
 

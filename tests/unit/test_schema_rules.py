@@ -6,7 +6,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from functions.errors import InvalidInput
-from functions.tasks import (
+from functions.parsing import (
     CURSOR_PATTERN,
     DATE_TIME_PATTERN,
     KIND_PATTERN,

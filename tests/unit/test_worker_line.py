@@ -2,7 +2,7 @@
 
 import pytest
 
-from functions.db import database_for_log
+from functions.conninfo import database_for_log
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Activity figures for /stats, and a table tuned for a queue that churns.
 
 - `task_activity`: what workers and ticks did, in 10-second buckets of the database's time
-  (functions/stats.py): tasks started, succeeded, failed, retried, and a histogram of start
+  (functions/counters.py): tasks started, succeeded, failed, retried, and a histogram of start
   lateness. Reading an hour is reading 360 small rows, whatever the volume.
 - `tasks_finished`: finished tasks by the time they finished, for retention (the prune
   deletes the oldest first, a bounded batch at a time).
@@ -29,7 +29,7 @@ CREATE TABLE task_activity (
     succeeded       bigint NOT NULL DEFAULT 0,
     failed          bigint NOT NULL DEFAULT 0,
     retried         bigint NOT NULL DEFAULT 0,
-    -- Counts per lateness bucket (functions/stats.py LATENESS_BOUNDS_MS).
+    -- Counts per lateness bucket (functions/counters.py LATENESS_BOUNDS_MS).
     lateness        bigint[] NOT NULL,
     lateness_max_ms double precision NOT NULL DEFAULT 0
 );

@@ -6,8 +6,9 @@
   their total from the table's live rows, as the server counts them, shared out among
   states and kinds as in a sample of its pages.
 - Throughput and lateness come from `task_activity`: 10-second buckets that workers and
-  ticks add to as they claim and record, so reading the last hour is reading 360 small rows,
-  however many tasks that hour ran (and pruning finished tasks does not rewrite history).
+  ticks add to as they claim and record (functions/counters.py), so reading the last hour
+  is reading 360 small rows, however many tasks that hour ran (and pruning finished tasks
+  does not rewrite history).
   Start lateness is kept as a histogram of log-spaced buckets and a maximum per bucket:
   percentiles are within about 12% (the middle of a bucket 1.25 wide) of the exact value, up
   to 330 days late, and never above the maximum of the same rows, which is exact.
@@ -19,47 +20,19 @@ import bisect
 import itertools
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from functions.counters import LATENESS_BOUNDS_MS
 from functions.kinds import KINDS
-from functions.tasks import TaskState
+from functions.model import TaskState
+from functions.store import StatsRows, Store
 
-if TYPE_CHECKING:
-    from functions.store import StatsRows, Store
-
-# Bucket upper bounds of the lateness histogram, in ms: 0.5 ms x 1.25^i up to 330 days,
-# then one open bucket: 113 buckets. (Up to 72 before: a task an hour late or more
-# was reported 50.6 minutes late. Rows written then merge into the first 72 buckets.)
-LATENESS_BOUNDS_MS: tuple[float, ...] = (*(0.5 * 1.25**i for i in range(112)), math.inf)
-BUCKET_S = 10
 # Finished tasks are counted exactly up to this many rows of the table, estimated beyond
 # from a sample of about SAMPLE_ROWS rows.
 EXACT_UP_TO = 200_000
 SAMPLE_ROWS = 20_000
-
-
-def bucket_of(db_time_s: float) -> int:
-    """The start of the 10-second bucket holding `db_time_s` (Unix seconds)."""
-    return int(db_time_s // BUCKET_S * BUCKET_S)
-
-
-@dataclass
-class Activity:
-    """What one worker did in one bucket, to be added to the table."""
-
-    started: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    retried: int = 0
-    lateness: list[int] = field(default_factory=lambda: [0] * len(LATENESS_BOUNDS_MS))
-    lateness_max_ms: float = 0.0
-
-    def start(self, lateness_ms: float) -> None:
-        self.started += 1
-        self.lateness[bisect.bisect_left(LATENESS_BOUNDS_MS, lateness_ms)] += 1
-        self.lateness_max_ms = max(self.lateness_max_ms, lateness_ms)
 
 
 def percentile_ms(histogram: Sequence[int], q: float, max_ms: float = math.inf) -> float:
@@ -94,18 +67,6 @@ def merge(histograms: Iterable[Sequence[int]]) -> list[int]:
     for histogram in histograms:
         for i, n in enumerate(histogram):
             total[i] += n
-    return total
-
-
-def merge_activity(into: Activity | None, more: Activity) -> Activity:
-    """`into` with `more` added (a new Activity when `into` is None)."""
-    total = into or Activity()
-    total.started += more.started
-    total.succeeded += more.succeeded
-    total.failed += more.failed
-    total.retried += more.retried
-    total.lateness = [a + b for a, b in zip(total.lateness, more.lateness, strict=True)]
-    total.lateness_max_ms = max(total.lateness_max_ms, more.lateness_max_ms)
     return total
 
 
@@ -164,7 +125,11 @@ def _finished_scale(rows: StatsRows) -> float:
 
 async def read_stats(store: Store) -> Stats:
     """Read the figures /stats and /metrics report."""
-    rows = await store.stats_rows(exact_up_to=EXACT_UP_TO, sample_rows=SAMPLE_ROWS)
+    return stats_from(await store.stats_rows(exact_up_to=EXACT_UP_TO, sample_rows=SAMPLE_ROWS))
+
+
+def stats_from(rows: StatsRows) -> Stats:
+    """Make what /stats and /metrics report of the rows read for it (Store.stats_rows)."""
     counts = {state.value: dict.fromkeys(sorted(KINDS), 0) for state in TaskState}
     scale = _finished_scale(rows) if rows.sampled_percent else 1.0
     for state, kind, n in rows.counts:

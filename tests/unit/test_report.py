@@ -5,7 +5,8 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from functions.stats import Activity, percentile_ms
+from functions.counters import Activity
+from functions.report import percentile_ms
 
 QUANTILES = (0.0, 0.01, 0.07, 0.5, 0.95, 0.99, 1.0)
 # The README's "about 12%": a bucket is 1.25 wide, and its geometric middle within sqrt(1.25).

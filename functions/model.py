@@ -1,0 +1,92 @@
+"""What a task is: its states, its fields, a new one, a page of them, and the limits on each.
+
+The bottom of the package: it imports nothing of ours, so anything may import it. Reading
+these from input is `parsing`'s; doing something with them is `tasks`'s (through `store`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+
+class TaskState(StrEnum):
+    # Set by create, by a retry after a failed attempt, by rescue after a worker died,
+    # and by a worker that shuts down before its task finished.
+    SCHEDULED = "scheduled"
+    # Set by a worker's claim; the worker holds a lease on the task until it records a result.
+    RUNNING = "running"
+    # Set by the worker that ran the task, once its kind returned.
+    SUCCEEDED = "succeeded"
+    # Set by the worker when the last attempt raised, or by rescue when a crashed task has
+    # no attempts left.
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Task:
+    id: int
+    kind: str
+    state: TaskState
+    # What the user asked for; never moved by retries or run now (only by a reschedule).
+    execute_at: datetime
+    # When a scheduled task is next due: execute_at at first, later a retry's or a run-now's
+    # time.
+    next_attempt_at: datetime | None
+    created_at: datetime
+    # When the first attempt started (retries keep it); None until a worker starts it.
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    max_attempts: int
+    output: str | None
+    error: str | None
+    # What the creating request sent as its idempotency key; held while the task exists.
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class NewTask:
+    kind: str
+    execute_at: datetime
+    # A repeat of a request with this key gets the task the first one made, not a new one.
+    idempotency_key: str | None = None
+
+    def same_request(self, kind: str, execute_at: datetime) -> bool:
+        """Whether a task made for `kind` at `execute_at` is what this request asks for."""
+        return (kind, execute_at) == (self.kind, self.execute_at)
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Task]
+    next_cursor: str | None
+
+
+# The range of times a task may have: what Python's datetime holds, in UTC. The table
+# enforces the same range (`execute_at_in_range`).
+MIN_EXECUTE_AT = datetime(1, 1, 1, tzinfo=UTC)
+MAX_EXECUTE_AT = datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
+# Unix seconds run from 0 up to, not including, END_UNIX_S: 10000-01-01T00:00:00Z. An
+# exclusive bound, because a float cannot tell the last microsecond of 9999 from it
+# (253402300799.999999 is the float 253402300800.0): every number below it is a time of
+# 9999 or earlier, to the microsecond, and every number from it up is refused, whether
+# written as an integer or not (JSON Schema's `exclusiveMaximum`, exactly).
+END_UNIX_S = 253_402_300_800
+# The most tasks one batch creates; the largest task id (PostgreSQL's bigint).
+MAX_BATCH = 10_000
+BIGINT_MAX = 2**63 - 1
+# 1 to 255 printable ASCII characters, no space: what fits a header value unchanged (a
+# header's surrounding spaces are trimmed in transit, so a key with spaces could arrive as
+# another key). The table checks the same (`idempotency_key_printable`).
+IDEMPOTENCY_KEY_PATTERN = "^[!-~]{1,255}$"
+# The most JSON values a request body may hold (`parsing.count_values`): more than any body
+# this API takes (a full batch with idempotency keys has 100,003), and few enough that
+# reading them costs a few MB at most. Without it, 8 MiB of `{},` is 2.8 million dicts when
+# read: ~200 MB for json.loads, as much again for pydantic-core, all before a 422.
+MAX_VALUES = 12 * MAX_BATCH
+TOO_MANY_VALUES = (
+    f"the body holds more than {MAX_VALUES:,} JSON values (objects, arrays, strings and"
+    f" items), more than any request takes: a batch holds at most {MAX_BATCH:,} tasks"
+)
