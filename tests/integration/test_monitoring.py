@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from functions import runner, stats
+from functions import stats
 from functions.settings import Settings
 from functions.tick import tick
 from tests.conftest import serve
@@ -25,12 +25,6 @@ Sql = Callable[..., list[tuple[Any, ...]]]
 async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with serve(settings) as c:
         yield c
-
-
-@pytest.fixture(autouse=True)
-def prune_now(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test's first run prunes, whatever another test's run did (once a minute)."""
-    monkeypatch.setattr(runner, "_last_prune", None)
 
 
 def counts_in_database(sql: Sql) -> dict[str, dict[str, int]]:
@@ -296,8 +290,7 @@ async def test_finished_tasks_past_the_retention_are_pruned_and_their_keys_freed
     )
     sql("UPDATE tasks SET created_at = now() - interval '9 days' WHERE id = %s", far_future)
 
-    runner._last_prune = None
-    summary = await tick(settings, out=io.StringIO())
+    summary = await tick(settings, out=io.StringIO())  # its own prune clock: due
     assert summary.pruned == 4
     left = {task_id for (task_id,) in sql("SELECT id FROM tasks")}
     assert left == {recent, far_future}, "only finished tasks past the retention go"
