@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from functions import stats
 from functions.settings import Settings
 from functions.tick import tick
+from functions.upkeep import PRUNE_EVERY_S, PruneClock
 from tests.conftest import serve
 from tests.procs import TASKRUNNER
 
@@ -299,6 +300,25 @@ async def test_finished_tasks_past_the_retention_are_pruned_and_their_keys_freed
         "/tasks", json={"type": "foo", "execute_at": 0}, headers={"Idempotency-Key": "k-1"}
     )
     assert again.status_code == 201, "the key of a pruned task is free again"
+
+
+async def test_ticks_that_share_a_prune_clock_prune_at_most_once_a_minute(
+    settings: Settings, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    """A process's ticks (a Lambda container's, the timer loop's) share one clock."""
+    clock = PruneClock()
+    old = task_factory("baz")
+    assert (await tick(settings, out=io.StringIO(), prune_clock=clock)).pruned == 0
+    sql(
+        "UPDATE tasks SET finished_at = now() - interval '8 days', created_at = now() - "
+        "interval '9 days' WHERE id = %s",
+        old,
+    )
+    again = await tick(settings, out=io.StringIO(), prune_clock=clock)
+    assert again.pruned == 0, "pruned less than a minute ago"
+    assert clock.last_s is not None
+    clock.last_s -= PRUNE_EVERY_S  # a minute on
+    assert (await tick(settings, out=io.StringIO(), prune_clock=clock)).pruned == 1
 
 
 def test_prune_on_demand_says_how_many(database_url: str, sql: Sql) -> None:
