@@ -29,15 +29,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TextIO
 
 from functions import db
-from functions.completer import (
-    DB_RETRY_FIRST_S,
-    DB_RETRY_MAX_S,
-    SLOW_WRITE_S,
-    Completer,
-    clean_text,
-    result_of,
-    retry_delay_s,
-)
+from functions.completer import DB_RETRY_FIRST_S, DB_RETRY_MAX_S, SLOW_WRITE_S, Completer, result_of
 from functions.errors import DatabaseError, DatabaseUnavailable, WorkerFailed
 from functions.kinds import KINDS, Context, HttpClients, Kind
 from functions.output import Printer
@@ -49,7 +41,7 @@ from functions.upkeep import PruneClock, Upkeep
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["Runner", "TickSummary", "clean_text", "new_worker_id", "retry_delay_s"]
+__all__ = ["Runner", "TickSummary", "new_worker_id"]
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from functions import tasks
+from functions.completer import retry_delay_s
 from functions.errors import InvalidInput
-from functions.runner import retry_delay_s
 from functions.settings import Settings
 from functions.tasks import (
     MAX_BATCH,
