@@ -18,6 +18,9 @@ To a file descriptor (stdout, normally), lines go out in writes of at most PIPE_
 each made once `poll` says it will not block, so each is all out or not at all on a pipe,
 and the thread never sits in a write it cannot leave. Other streams (tests' StringIO) are
 written line by line and flushed.
+
+`Printer` is a run's accounting around its `LineWriter`: what waits for its line to be out
+(handed on once it is), since when, and whether stdout has become too slow to claim more.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TextIO
+from typing import Generic, TextIO, TypeVar
+
+T = TypeVar("T")
 
 # A write of at most this many bytes to a pipe is all out or not at all (POSIX).
 CHUNK_BYTES = select.PIPE_BUF
@@ -206,3 +211,94 @@ class LineWriter:
             self._out.flush()
             self._out_now([entry])
         return True
+
+
+class Printer(Generic[T]):
+    """One run's lines: each is printed with a payload (its result) that goes to `on_out`
+    once the line is out. `on_error` hears, once, that stdout failed for good."""
+
+    def __init__(
+        self,
+        out: TextIO,
+        lease_s: float,
+        slow_s: float,
+        on_out: Callable[[list[T]], None],
+        on_error: Callable[[str], None],
+    ) -> None:
+        self._out = out
+        self._lease_s = lease_s
+        self._slow_s = slow_s
+        self._on_out = on_out
+        self._on_error = on_error
+        self._writer: LineWriter | None = None
+        # Payloads whose line is with the writer, not out yet, and since when lines have
+        # waited for it (time.monotonic()).
+        self._waiting: dict[int, T] = {}
+        self._waiting_since = 0.0
+        self._last_out = 0.0
+        # Why printing stopped for good (stdout closed), once it has.
+        self.error: str | None = None
+
+    def start(self, sent_at: float) -> None:
+        """Start the writer thread, under a lease renewed by a statement sent at `sent_at`."""
+        self._writer = LineWriter(self._out, self._lines_out)
+        self._writer.renewed(sent_at, self._lease_s)
+
+    def renewed(self, sent_at: float) -> None:
+        """The lease was renewed by a statement sent at `sent_at`: lines may be written up to
+        then plus the lease, less a margin."""
+        if self._writer is not None:
+            self._writer.renewed(sent_at, self._lease_s)
+
+    def print(self, key: int, line: str, payload: T) -> None:
+        """Queue `line`; `payload` goes to `on_out` once it is out. Dropped (never out) once
+        printing has failed, or before `start`."""
+        if self.error is not None or self._writer is None:
+            return
+        if not self._waiting:
+            self._waiting_since = time.monotonic()
+        self._waiting[key] = payload
+        self._writer.put(key, line)
+
+    @property
+    def waiting(self) -> bool:
+        """Some lines are with the writer, not out yet."""
+        return bool(self._waiting)
+
+    @property
+    def may_print(self) -> bool:
+        """The writer may still get lines out (started, not closed)."""
+        return self._writer is not None and not self._writer.closed
+
+    def stalled(self) -> bool:
+        """Lines have waited, with none out, longer than `slow_s` (a reader that does not
+        keep up)."""
+        if not self._waiting:
+            return False
+        return time.monotonic() - max(self._waiting_since, self._last_out) > self._slow_s
+
+    def stop(self) -> None:
+        """Print nothing more (the lease is lost: those tasks may be running elsewhere)."""
+        if self._writer is not None:
+            self._writer.close()
+
+    async def close(self) -> None:
+        """Stop the writer, hand on what got out, forget the rest (never out now)."""
+        if self._writer is not None:
+            self._writer.close()
+            await self._writer.wait_closed()
+            self._lines_out()
+        self._waiting.clear()
+
+    def _lines_out(self) -> None:
+        """Hand on the payloads of the lines the writer got out (on the loop)."""
+        if self._writer is None:
+            return
+        out = self._writer.take_out()
+        if out:
+            self._last_out = time.monotonic()
+            payloads = [self._waiting.pop(key) for key in out if key in self._waiting]
+            self._on_out(payloads)
+        if self._writer.error is not None and self.error is None:
+            self.error = self._writer.error
+            self._on_error(self.error)

@@ -1,8 +1,9 @@
 """Every SQL statement taskrunner runs, named like the `Store` method that runs it.
 
 The schema is in `local/migrations/versions/`. Time is always the database's `now()`: an
-instance's clock is never compared with a task's time. Each statement is its own short
-transaction; no row lock is held while a task runs.
+instance's clock is never compared with a task's time (the claim, the lease and the rescue
+read it as `NOW`, which a test may set). Each statement is its own short transaction; no row
+lock is held while a task runs.
 
 Plans that do not depend on statistics. A user's table is often fresh, or bulk-loaded a
 moment ago, and never analyzed before the tasks in it run; the planner's estimates can then
@@ -16,6 +17,11 @@ batch re-scanned for each running row: quadratic, and it once took four and a ha
 to write 40,000 results. `tests/integration/test_plans.py` checks these plans on a freshly
 loaded, never-analyzed table.
 """
+
+# "Now" of the claim, the lease and the rescue: the database's, or a test's (River's
+# `coalesce(sqlc.narg('now'), now())`); the store passes NULL in production. A NULL folds
+# away before planning: the plans are those of `now()` (tests/integration/test_plans.py).
+NOW = "coalesce(CAST(%(now)s AS timestamptz), now())"
 
 # Workers LISTEN here; creating tasks NOTIFYs with the earliest new due time.
 CHANNEL = "taskrunner_tasks"
@@ -296,11 +302,11 @@ INSERT INTO workers (id, lease_expires_at)
 VALUES (%(worker)s, now() + make_interval(secs => CAST(%(lease_s)s AS float8)))
 """
 
-HEARTBEAT = """
+HEARTBEAT = f"""
 UPDATE workers
-SET heartbeat_at = now(),
-    lease_expires_at = now() + make_interval(secs => CAST(%(lease_s)s AS float8))
-WHERE id = %(worker)s AND lease_expires_at >= now()
+SET heartbeat_at = {NOW},
+    lease_expires_at = {NOW} + make_interval(secs => CAST(%(lease_s)s AS float8))
+WHERE id = %(worker)s AND lease_expires_at >= {NOW}
 RETURNING id
 """
 
@@ -375,21 +381,21 @@ SELECT set_config('enable_seqscan', 'off', true),
 CLAIM_DUE = f"""
 WITH me AS (
     UPDATE workers
-    SET heartbeat_at = now(),
-        lease_expires_at = now() + make_interval(secs => CAST(%(lease_s)s AS float8))
-    WHERE id = %(worker)s AND lease_expires_at >= now()
+    SET heartbeat_at = {NOW},
+        lease_expires_at = {NOW} + make_interval(secs => CAST(%(lease_s)s AS float8))
+    WHERE id = %(worker)s AND lease_expires_at >= {NOW}
     RETURNING id
 )
 UPDATE tasks
 SET state = 'running',
     attempts = attempts + 1,
-    started_at = coalesce(started_at, now()),
+    started_at = coalesce(started_at, {NOW}),
     next_attempt_at = NULL,
     claimed_by = %(worker)s
 WHERE id = ANY(ARRAY(
     SELECT id FROM tasks
     WHERE state = 'scheduled'
-      AND {DUE_AT} <= now()
+      AND {DUE_AT} <= {NOW}
       AND kind = ANY(CAST(%(kinds)s AS text[]))
       AND EXISTS (SELECT FROM me)
     ORDER BY {DUE_AT}, id
@@ -400,7 +406,7 @@ RETURNING id, kind, attempts, max_attempts,
     -- The start lateness of a first attempt, for the activity figures (functions/counters.py):
     -- from BECAME_DUE, which this UPDATE leaves as it was (it clears next_attempt_at).
     CASE WHEN attempts = 1
-        THEN CAST(extract(epoch FROM now() - {BECAME_DUE}) * 1000 AS float8)
+        THEN CAST(extract(epoch FROM {NOW} - {BECAME_DUE}) * 1000 AS float8)
     END AS lateness_ms
 """
 
@@ -409,13 +415,13 @@ RETURNING id, kind, attempts, max_attempts,
 # in Unix seconds, to compare with the due times notifications carry. Neither is read as a
 # timestamp, so no stored time can fail to load here.
 NEXT_DUE = f"""
-SELECT extract(epoch FROM now())::float8 AS now_s,
+SELECT extract(epoch FROM {NOW})::float8 AS now_s,
        extract(epoch FROM (
            SELECT {DUE_AT} FROM tasks
            WHERE state = 'scheduled' AND kind = ANY(CAST(%(kinds)s AS text[]))
            ORDER BY {DUE_AT}, id
            LIMIT 1
-       ) - now())::float8 AS wait_s
+       ) - {NOW})::float8 AS wait_s
 """
 
 # Due tasks of kinds a tick could not fit before its deadline, by kind.
@@ -491,16 +497,16 @@ RETURNING id
 # dead worker's row is locked first (SKIP LOCKED: one that is claiming right now is alive),
 # so it cannot claim meanwhile; SKIP LOCKED on the tasks lets parallel ticks split the work.
 # At most `limit` tasks a statement.
-RESCUE_EXPIRED = """
+RESCUE_EXPIRED = f"""
 WITH dead AS (
     SELECT id FROM workers
-    WHERE lease_expires_at < now()
+    WHERE lease_expires_at < {NOW}
     FOR UPDATE SKIP LOCKED
 )
 UPDATE tasks
 SET state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'scheduled' END,
-    finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
-    next_attempt_at = CASE WHEN attempts < max_attempts THEN now() END,
+    finished_at = CASE WHEN attempts >= max_attempts THEN {NOW} END,
+    next_attempt_at = CASE WHEN attempts < max_attempts THEN {NOW} END,
     error = 'lease expired: worker ' || claimed_by || ' stopped during attempt '
         || attempts || ' of ' || max_attempts,
     claimed_by = NULL

@@ -457,10 +457,13 @@ class Store:
     async def register_worker(self, *, worker: str, lease_s: float) -> None:
         await self._all(queries.REGISTER_WORKER, worker=worker, lease_s=lease_s)
 
-    async def heartbeat(self, *, worker: str, lease_s: float, timeout_s: float) -> bool:
-        """Renew the worker's lease; False when it had already run out."""
+    async def heartbeat(
+        self, *, worker: str, lease_s: float, timeout_s: float, now: datetime | None = None
+    ) -> bool:
+        """Renew the worker's lease; False when it had already run out. `now`: a test's
+        clock (queries.NOW)."""
         rows = await self._all(
-            queries.HEARTBEAT, worker=worker, lease_s=lease_s, timeout_s=timeout_s
+            queries.HEARTBEAT, worker=worker, lease_s=lease_s, timeout_s=timeout_s, now=now
         )
         return bool(rows)
 
@@ -471,16 +474,24 @@ class Store:
     # --- claim -> run -> record --------------------------------------------------------------
 
     async def claim_due(
-        self, *, worker: str, kinds: Sequence[str], limit: int, lease_s: float
+        self,
+        *,
+        worker: str,
+        kinds: Sequence[str],
+        limit: int,
+        lease_s: float,
+        now: datetime | None = None,
     ) -> tuple[list[Claimed], NextDue]:
         """Claim up to `limit` due tasks; also say when the next one left is due.
 
-        One transaction (NEXT_DUE sees the claim's own rows as taken), one round trip."""
+        One transaction (NEXT_DUE sees the claim's own rows as taken), one round trip.
+        `now`: a test's clock (queries.NOW)."""
         params = {
             "worker": worker,
             "kinds": list(kinds),
             "limit": min(limit, self.WRITE_BATCH),
             "lease_s": lease_s,
+            "now": now,
         }
         claimed, [(now_s, wait_s)] = await self._pinned(
             (queries.CLAIM_DUE, params), (queries.NEXT_DUE, params)
@@ -587,11 +598,13 @@ class Store:
         )
         await self._all(queries.ADD_ACTIVITY, buckets=payload)
 
-    async def rescue_expired(self) -> list[tuple[int, TaskState]]:
-        """Put back the tasks of workers whose lease ran out; forget those workers."""
+    async def rescue_expired(self, *, now: datetime | None = None) -> list[tuple[int, TaskState]]:
+        """Put back the tasks of workers whose lease ran out; forget those workers. `now`: a
+        test's clock for the rescue (queries.NOW; forgetting stays on the database's)."""
         rescued: list[tuple[int, TaskState]] = []
+        params = {"limit": self.WRITE_BATCH, "now": now}
         while True:
-            [rows] = await self._pinned((queries.RESCUE_EXPIRED, {"limit": self.WRITE_BATCH}))
+            [rows] = await self._pinned((queries.RESCUE_EXPIRED, params))
             rescued += [(task_id, TaskState(state)) for task_id, state in rows]
             if len(rows) < self.WRITE_BATCH:
                 break

@@ -18,8 +18,12 @@ from functions.logs import handler_settings
 from functions.runner import Runner, TickSummary
 from functions.settings import Settings
 from functions.store import Store, listen
+from functions.upkeep import PruneClock
 
 logger = logging.getLogger(__name__)
+
+# This Lambda container's: its ticks prune at most once a minute between them.
+_PRUNE_CLOCK = PruneClock()
 
 
 async def tick(
@@ -29,10 +33,13 @@ async def tick(
     keep_polling: bool = False,
     stop: asyncio.Event | None = None,
     out: TextIO | None = None,
+    prune_clock: PruneClock | None = None,
 ) -> TickSummary:
     """Run due tasks until none is left (or, with `keep_polling`, until `stop` or `deadline`).
 
     `deadline` is a `time.monotonic()` value; no task is claimed that could end after it.
+    A caller that ticks again and again passes the same `prune_clock` to each tick, so the
+    process prunes at most once a minute (without one, this tick prunes if retention is on).
     Raises DatabaseUnavailable when the database cannot be reached at the start.
     """
     # Every wait on the database ends a second before the deadline (then each gets
@@ -40,7 +47,7 @@ async def tick(
     # it writes its results.
     database = Database(settings, deadline=None if deadline is None else deadline - 1.0)
     try:
-        runner = Runner(Store(database), settings, out=out)
+        runner = Runner(Store(database), settings, out=out, prune_clock=prune_clock)
         listener = None
         if keep_polling and not behind_pooler(settings):
             # Wake on new tasks instead of waiting for the next poll (`listen` returns if
@@ -62,7 +69,12 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     deadline = time.monotonic() + context.get_remaining_time_in_millis() / 1000
     try:
         summary = asyncio.run(
-            tick(settings, deadline=deadline, keep_polling=settings.tick_mode == "poll")
+            tick(
+                settings,
+                deadline=deadline,
+                keep_polling=settings.tick_mode == "poll",
+                prune_clock=_PRUNE_CLOCK,
+            )
         )
     except TaskrunnerError as exc:
         # Raise, so the platform records a failed invocation (and alarms can see it): the

@@ -41,6 +41,7 @@ from functions.logs import setup_logging
 from functions.settings import Settings
 from functions.store import Store
 from functions.tick import tick
+from functions.upkeep import PruneClock
 
 logger = logging.getLogger(__name__)
 
@@ -320,9 +321,10 @@ async def run_timer(
         for waiting in waits:
             waiting.cancel()
     retry_s = 0.5
+    prune_clock = PruneClock()  # this process's: it prunes at most once a minute
     while not stop.is_set():
         try:
-            summary = await tick(settings, keep_polling=True, stop=stop)
+            summary = await tick(settings, keep_polling=True, stop=stop, prune_clock=prune_clock)
             logger.info("action=tick %s", summary.as_dict())
             retry_s = 0.5
         except DatabaseUnavailable as exc:

@@ -1,13 +1,15 @@
 """The claim, worker leases, fencing and rescue, against a real database.
 
 "Time passing" is the database's clock moved by hand: a worker's lease is expired by setting
-its `lease_expires_at` in the past, never by sleeping.
+its `lease_expires_at` in the past, or the claim and the rescue are given a later `now`
+(queries.NOW), never by sleeping.
 """
 
 import asyncio
 import dataclasses
 import io
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -127,6 +129,28 @@ async def test_finish_is_fenced_against_a_worker_that_lost_its_lease(
     done = Result(task, second.attempt, TaskState.SUCCEEDED, output="from B")
     assert await b.finish_many(worker="B", results=[done]) == {task}
     assert sql("SELECT state, output, attempts FROM tasks") == [("succeeded", "from B", 2)]
+
+
+async def test_the_claim_the_lease_and_the_rescue_read_the_clock_they_are_given(
+    stores: list[Store], task_factory: Callable[..., int], sql: Sql
+) -> None:
+    """An hour passes without anyone waiting for it: the claim, the heartbeat and the rescue
+    take `now` (the store's default, None, is the database's clock)."""
+    store = stores[0]
+    await store.register_worker(worker="A", lease_s=7200)  # alive an hour from now
+    task = task_factory("baz", due_in_s=3600.0)
+    [(db_now,)] = sql("SELECT now()")
+    assert (await store.claim_due(worker="A", kinds=ALL, limit=1, lease_s=7200))[0] == []
+    later = db_now + timedelta(hours=1, seconds=1)
+    [claimed] = (await store.claim_due(worker="A", kinds=ALL, limit=1, lease_s=60, now=later))[0]
+    assert claimed.id == task and claimed.lateness_ms is not None
+    # The claim renewed its lease to `later` + 60 s: alive 30 s on, dead 61 s on.
+    assert await store.rescue_expired(now=later + timedelta(seconds=30)) == []
+    dead = later + timedelta(seconds=61)
+    assert not await store.heartbeat(worker="A", lease_s=60, timeout_s=5, now=dead)
+    assert await store.rescue_expired(now=dead) == [(task, TaskState.SCHEDULED)]
+    [(next_attempt_at,)] = sql("SELECT next_attempt_at FROM tasks")
+    assert next_attempt_at == dead, "due again at the rescue's now"
 
 
 async def test_finish_is_fenced_by_attempt_too(

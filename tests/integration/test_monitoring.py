@@ -12,9 +12,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from functions import counters, report, runner
+from functions import counters, report
 from functions.settings import Settings
 from functions.tick import tick
+from functions.upkeep import PRUNE_EVERY_S, PruneClock
 from tests.conftest import serve
 from tests.procs import TASKRUNNER
 
@@ -25,12 +26,6 @@ Sql = Callable[..., list[tuple[Any, ...]]]
 async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with serve(settings) as c:
         yield c
-
-
-@pytest.fixture(autouse=True)
-def prune_now(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test's first run prunes, whatever another test's run did (once a minute)."""
-    monkeypatch.setattr(runner, "_last_prune", None)
 
 
 def counts_in_database(sql: Sql) -> dict[str, dict[str, int]]:
@@ -296,8 +291,7 @@ async def test_finished_tasks_past_the_retention_are_pruned_and_their_keys_freed
     )
     sql("UPDATE tasks SET created_at = now() - interval '9 days' WHERE id = %s", far_future)
 
-    runner._last_prune = None
-    summary = await tick(settings, out=io.StringIO())
+    summary = await tick(settings, out=io.StringIO())  # its own prune clock: due
     assert summary.pruned == 4
     left = {task_id for (task_id,) in sql("SELECT id FROM tasks")}
     assert left == {recent, far_future}, "only finished tasks past the retention go"
@@ -306,6 +300,25 @@ async def test_finished_tasks_past_the_retention_are_pruned_and_their_keys_freed
         "/tasks", json={"type": "foo", "execute_at": 0}, headers={"Idempotency-Key": "k-1"}
     )
     assert again.status_code == 201, "the key of a pruned task is free again"
+
+
+async def test_ticks_that_share_a_prune_clock_prune_at_most_once_a_minute(
+    settings: Settings, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    """A process's ticks (a Lambda container's, the timer loop's) share one clock."""
+    clock = PruneClock()
+    old = task_factory("baz")
+    assert (await tick(settings, out=io.StringIO(), prune_clock=clock)).pruned == 0
+    sql(
+        "UPDATE tasks SET finished_at = now() - interval '8 days', created_at = now() - "
+        "interval '9 days' WHERE id = %s",
+        old,
+    )
+    again = await tick(settings, out=io.StringIO(), prune_clock=clock)
+    assert again.pruned == 0, "pruned less than a minute ago"
+    assert clock.last_s is not None
+    clock.last_s -= PRUNE_EVERY_S  # a minute on
+    assert (await tick(settings, out=io.StringIO(), prune_clock=clock)).pruned == 1
 
 
 def test_prune_on_demand_says_how_many(database_url: str, sql: Sql) -> None:

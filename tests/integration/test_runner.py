@@ -16,7 +16,7 @@ from functions import kinds
 from functions.db import Database
 from functions.errors import DatabaseUnavailable, WorkerFailed
 from functions.kinds import Context, Kind
-from functions.runner import Runner, TickSummary
+from functions.runner import Runner
 from functions.settings import Settings
 from functions.store import Store
 
@@ -194,9 +194,9 @@ async def test_reconcile_reports_only_what_it_handed_back(
         return await read(worker=worker) | {done}  # read before `done`'s write committed
 
     monkeypatch.setattr(store, "held_by", raced)
-    summary = TickSummary(worker=runner.worker_id)
+    summary = runner.state.summary
     with caplog.at_level(logging.WARNING):
-        await runner._reconcile(summary)
+        await runner.upkeep.reconcile()
     assert summary.released == 0
     assert "action=release" not in caplog.text
     sql(
@@ -206,7 +206,7 @@ async def test_reconcile_reports_only_what_it_handed_back(
         lost,
     )
     with caplog.at_level(logging.WARNING):
-        await runner._reconcile(summary)
+        await runner.upkeep.reconcile()
     assert summary.released == 1
     assert "action=release" in caplog.text and "count=1" in caplog.text
     assert sql("SELECT id, state FROM tasks ORDER BY id") == [

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from functions import parsing
+from functions.completer import retry_delay_s
 from functions.errors import InvalidInput
 from functions.model import MAX_BATCH, MAX_VALUES
 from functions.parsing import (
@@ -21,7 +22,6 @@ from functions.parsing import (
     parse_execute_at,
     parse_kind,
 )
-from functions.runner import retry_delay_s
 from functions.settings import Settings
 
 

@@ -106,7 +106,7 @@ def test_numbers_that_no_time_can_hold_are_refused(
 
 def test_a_late_retry_of_a_long_budget_waits_the_cap() -> None:
     """2 ** 1024 as an int does not convert to a float: attempt 1,025 raised OverflowError."""
-    from functions.runner import retry_delay_s
+    from functions.completer import retry_delay_s
 
     settings = Settings(retry_base_s=1.0, retry_max_s=300.0, max_attempts=1_000_000)
     assert [retry_delay_s(settings, n) for n in (1, 2, 9, 1_025, 999_999)] == [

@@ -8,7 +8,7 @@ from functions.settings import Settings
 
 
 def _runner() -> Runner:
-    store: Any = object()  # notify() and _sleep() never touch the store
+    store: Any = object()  # notify() and the wakeup never touch the store
     return Runner(store, Settings(database_url="postgresql://localhost/none"))
 
 
@@ -16,16 +16,16 @@ async def test_a_task_created_during_a_claim_wakes_the_next_look() -> None:
     runner = _runner()
     # The last sleep was meant to end at 100 (database time); it is later than that now,
     # and a claim is in flight (not asleep) when a task due at 105 is created.
-    runner._sleep_until = 100.0
+    runner.wakeup.sleep_until = 100.0
     runner.notify(105.0)
-    assert runner._wake.is_set()
+    assert runner.wakeup.is_set()
 
 
 async def test_while_asleep_only_a_task_due_sooner_wakes_it() -> None:
     runner = _runner()
-    runner._sleep_until = 100.0
+    runner.wakeup.sleep_until = 100.0
     stop = asyncio.Event()
-    sleeping = asyncio.create_task(runner._sleep(5.0, stop))
+    sleeping = asyncio.create_task(runner.wakeup.sleep(5.0, stop))
     await asyncio.sleep(0.01)
     runner.notify(150.0)  # due after it wakes anyway: no news
     await asyncio.sleep(0.01)

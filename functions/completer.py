@@ -1,0 +1,234 @@
+"""The result writer: a run's results recorded in bounded batches, each write fenced.
+
+The runner hands each result over (`add`) once its line is out, or at once for one that
+prints none; the write loop (`run`) writes them a batch at a time (queries.FINISH_MANY:
+zero rows for a task means this worker no longer held it, and its result is dropped). A
+batch whose write fails with its connection is kept and tried again, and may have
+committed: what is not written the second time is looked up before it is counted lost.
+
+Backpressure, as River's completer has it: while a full batch waits, or results have
+waited on a write that is slow, the runner claims nothing more (`should_wait`). It claims
+again as soon as neither holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from functions.errors import DatabaseError, DatabaseUnavailable
+from functions.model import TaskState
+from functions.run_state import RunState
+from functions.settings import Settings
+from functions.store import Claimed, Result
+
+logger = logging.getLogger(__name__)
+
+# After a database error the writer waits this long, doubling up to the cap, then tries again.
+DB_RETRY_FIRST_S = 0.1
+DB_RETRY_MAX_S = 5.0
+# Results waiting, and no write has completed for this long: writes are slow, stop claiming.
+# A write of a full batch takes ~20 ms here.
+SLOW_WRITE_S = 1.0
+# A task's output and error are stored up to this many characters.
+_MAX_TEXT = 16_384
+
+
+def clean_text(text: str) -> str:
+    """`text` as PostgreSQL can store it (no NUL, no lone surrogate), cut to _MAX_TEXT."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode()
+    if len(text) > _MAX_TEXT:
+        text = f"{text[: _MAX_TEXT - 40]}... ({len(text):,} characters in all)"
+    return text
+
+
+def retry_delay_s(settings: Settings, attempt: int) -> float:
+    """Exponential backoff: base, 2x base, 4x base... capped at retry_max_s."""
+    # A float power, capped: 2 ** 1024 as an int does not convert to a float at all.
+    return float(min(settings.retry_max_s, settings.retry_base_s * 2.0 ** min(attempt - 1, 100)))
+
+
+def result_of(
+    claimed: Claimed, line: object, exc: BaseException | None, settings: Settings
+) -> Result:
+    """A run's result: succeeded with its line, or the retry or failure its error earns."""
+    if exc is None and not isinstance(line, str):
+        exc = TypeError(f"kind {claimed.kind} returned {type(line).__name__}, not a str")
+    if exc is None:
+        assert isinstance(line, str)
+        return Result(claimed.id, claimed.attempt, TaskState.SUCCEEDED, clean_text(line))
+    error = clean_text(f"{type(exc).__name__}: {exc}".rstrip(": "))
+    if claimed.attempt < claimed.max_attempts:
+        delay_s = retry_delay_s(settings, claimed.attempt)
+        logger.warning(
+            "action=retry task_id=%s attempt=%s/%s in=%.1fs: %s",
+            claimed.id, claimed.attempt, claimed.max_attempts, delay_s, error,
+        )  # fmt: skip
+        return Result(claimed.id, claimed.attempt, TaskState.SCHEDULED, None, error, delay_s)
+    logger.error(
+        "action=fail task_id=%s attempt=%s/%s: %s",
+        claimed.id, claimed.attempt, claimed.max_attempts, error,
+    )  # fmt: skip
+    return Result(claimed.id, claimed.attempt, TaskState.FAILED, error=error)
+
+
+class Completer:
+    """Writes one run's results; `run` is its loop, `write_rest` what shutdown writes."""
+
+    def __init__(self, state: RunState) -> None:
+        self.state = state
+        # Results to be written; the batch in flight.
+        self._pending: list[Result] = []
+        self._writing: list[Result] = []
+        self._ready = asyncio.Event()
+        self._backlog_since = 0.0
+        self._last_write_done = 0.0
+        # Tasks whose last write failed with its connection: it may have committed.
+        self._maybe_written: set[int] = set()
+
+    def add(self, result: Result) -> None:
+        """Queue a result for the next batched write."""
+        if not self.busy:
+            self._backlog_since = time.monotonic()
+        self._pending.append(result)
+        self._ready.set()
+
+    @property
+    def busy(self) -> bool:
+        """Results wait to be written, or a write is under way."""
+        return bool(self._pending or self._writing)
+
+    # --- backpressure ------------------------------------------------------------------------
+
+    def backlog_wait_threshold(self) -> int:
+        """How many results may wait before claiming stops: a full batch."""
+        return self.state.store.WRITE_BATCH
+
+    def writes_stalled(self) -> bool:
+        """Results have waited, with no write completed, longer than SLOW_WRITE_S."""
+        if not self.busy:
+            return False
+        waited_s = time.monotonic() - max(self._backlog_since, self._last_write_done)
+        return waited_s > SLOW_WRITE_S
+
+    def should_wait(self) -> bool:
+        """Claim nothing more now: the writes are behind."""
+        return len(self._pending) >= self.backlog_wait_threshold() or self.writes_stalled()
+
+    # --- writes ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Write results as they come, one bounded batch at a time; wait out outages."""
+        state = self.state
+        retry_s = DB_RETRY_FIRST_S
+        while True:
+            if not self._pending:
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            batch = self._pending[: state.store.WRITE_BATCH]
+            del self._pending[: len(batch)]
+            self._writing = batch
+            try:
+                await self._write(batch)
+            except (DatabaseUnavailable, asyncio.CancelledError) as exc:
+                # Kept, and maybe written already: tried again here, or (stopped mid-write at
+                # shutdown) written there or handed back.
+                self._pending[:0] = batch
+                self._maybe_written.update(r.id for r in batch)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                logger.warning(
+                    "action=finish worker=%s: %s; %d results kept, retrying in %.1fs",
+                    state.worker_id, exc, len(self._pending), retry_s,
+                )  # fmt: skip
+                state.summary.note_error(str(exc))
+                await asyncio.sleep(retry_s)
+                retry_s = min(retry_s * 2, DB_RETRY_MAX_S)
+                continue
+            finally:
+                self._writing = []
+            retry_s = DB_RETRY_FIRST_S
+            self._last_write_done = time.monotonic()
+            state.wake.set()  # room is free again
+
+    async def write_rest(self) -> None:
+        """Write what the loop did not get to (it was backing off, or had no time): a run
+        that happened is recorded rather than run again. Stops at the first error."""
+        while self._pending:
+            batch = self._pending[: self.state.store.WRITE_BATCH]
+            del self._pending[: len(batch)]
+            try:
+                await self._write(batch)
+            except (DatabaseUnavailable, DatabaseError) as exc:
+                self.state.summary.note_error(str(exc))
+                break  # the database is not answering: the release after this will not either
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+    async def _write(self, batch: list[Result]) -> None:
+        """Record one batch of results, each fenced (see queries.FINISH_MANY)."""
+        # A run's line is out before its result is added here (output.Printer): a crash in
+        # between can print a line again on the retry, but a run whose line was not printed
+        # is never recorded.
+        state = self.state
+        summary = state.summary
+        try:
+            written = await state.store.finish_many(worker=state.worker_id, results=batch)
+        except DatabaseError:
+            written, batch = await self._write_one_by_one(batch)
+        unsure = [r for r in batch if r.id not in written and r.id in self._maybe_written]
+        if unsure:
+            written |= await state.store.recorded(unsure)
+        activity = state.activity_now()
+        for result in batch:
+            self._maybe_written.discard(result.id)
+            state.held.pop(result.id, None)
+            if result.id not in written:
+                summary.lost += 1
+                logger.warning(
+                    "action=finish task_id=%s attempt=%s worker=%s: no longer held by this"
+                    " worker (its lease ran out and the task was rescued): result dropped",
+                    result.id, result.attempt, state.worker_id,
+                )  # fmt: skip
+            elif result.state is TaskState.SUCCEEDED:
+                summary.succeeded += 1
+                activity.succeeded += 1
+            elif result.state is TaskState.FAILED:
+                summary.failed += 1
+                activity.failed += 1
+            else:
+                summary.retried += 1
+                activity.retried += 1
+
+    async def _write_one_by_one(self, batch: list[Result]) -> tuple[set[int], list[Result]]:
+        """The database refused a batch: write each result alone, and record the run of any
+        it still refuses as failed with the database's reason. Returns the ids written and
+        the results as written."""
+        store, worker = self.state.store, self.state.worker_id
+        written: set[int] = set()
+        results: list[Result] = []
+        for result in batch:
+            try:
+                written |= await store.finish_many(worker=worker, results=[result])
+            except DatabaseError as exc:
+                logger.error(
+                    "action=finish task_id=%s worker=%s: the database refused its result: %s",
+                    result.id, worker, exc,
+                )  # fmt: skip
+                result = Result(
+                    result.id,
+                    result.attempt,
+                    TaskState.FAILED,
+                    error=clean_text(f"its result could not be recorded: {exc}"),
+                )
+                written |= await store.finish_many(worker=worker, results=[result])
+            results.append(result)
+        return written, results

@@ -1,0 +1,188 @@
+"""What one run of a worker holds, shared by its three parts.
+
+The runner (functions/runner.py: claim -> start -> record -> shut down), the completer
+(functions/completer.py: the batched fenced writes) and the upkeep (functions/upkeep.py:
+lease, rescue, reconcile, prune, activity) each hold the same `RunState`, made anew for each
+run: what is held, what the run has done, and the events that wake or stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from functions.counters import Activity, bucket_of
+from functions.kinds import KINDS
+from functions.settings import Settings
+from functions.store import Claimed, Store
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TickSummary:
+    """What one run did; JSON-serialisable with `as_dict`."""
+
+    worker: str
+    claimed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    rescued: int = 0
+    released: int = 0
+    # Finished tasks deleted, past TASKRUNNER_RETENTION_S.
+    pruned: int = 0
+    # Results not written because the worker no longer held the task (its lease ran out).
+    lost: int = 0
+    # Due tasks left because their kind could not finish before the deadline, by kind.
+    left_for_time: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    # Database errors waited out (each retried), and the last one.
+    errors: int = 0
+    last_error: str | None = None
+
+    def note_error(self, error: str) -> None:
+        self.errors += 1
+        self.last_error = error
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Slots:
+    """Per-kind slots (`bar`: TASKRUNNER_BAR_CONCURRENCY): how many of each kind run, and
+    the tasks that wait for a slot of their kind."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.active: Counter[str] = Counter()
+        self.queued: dict[str, deque[Claimed]] = {name: deque() for name in KINDS}
+
+    def full(self, name: str) -> bool:
+        limit = KINDS[name].concurrency(self.settings)
+        return limit is not None and self.active[name] >= limit
+
+    def within(self, kinds: list[str], room: int) -> tuple[list[str], int]:
+        """Before a deadline, claim no more of a kind than it has free slots for: one that
+        waited for a slot could start too late to finish in time. A kind with none free is
+        left out of the claim."""
+        fitting = []
+        for name in kinds:
+            limit = KINDS[name].concurrency(self.settings)
+            if limit is not None:
+                free = limit - self.active[name] - len(self.queued[name])
+                if free <= 0:
+                    continue
+                room = min(room, free)
+            fitting.append(name)
+        return fitting, room if fitting else 0
+
+
+class Wakeup:
+    """What wakes the claim loop from its sleep: a task created due sooner than it means to
+    sleep (`notify`), or room freed, a rescue (`set`)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        # The database time up to which the loop means to sleep (Unix seconds).
+        self.sleep_until = 0.0
+        self.sleeping = False
+
+    def set(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def notify(self, due_s: float | None = None) -> None:
+        """A task due at `due_s` (None: unknown) was created.
+
+        While asleep, only a task due before it would wake anyway is news. While awake (a
+        claim in flight, whose snapshot may predate this task), every one is: the claim
+        loop looks again before it sleeps, or the task waits for the next poll.
+        """
+        if due_s is None or not self.sleeping or due_s < self.sleep_until:
+            self._event.set()
+
+    async def sleep(self, wait_s: float, *until: asyncio.Event) -> None:
+        """Sleep `wait_s`, or until woken or one of `until` is set."""
+        if wait_s <= 0:
+            return
+        waiters = [asyncio.create_task(e.wait()) for e in (self._event, *until)]
+        self.sleeping = True
+        try:
+            await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.sleeping = False
+            for waiter in waiters:
+                waiter.cancel()
+
+
+@dataclass
+class RunState:
+    """One run's shared state. Everything claimed and not yet recorded or handed back is in
+    `held`, covered by the worker's lease until it is."""
+
+    store: Store
+    settings: Settings
+    worker_id: str
+    # Makes the claim loop look again: a notification, freed room, a rescue.
+    wake: Wakeup
+    summary: TickSummary
+    held: dict[int, Claimed] = field(default_factory=dict)
+    # Claims and reconciles take turns: a reconcile must not read holdings mid-claim.
+    claim_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Set when the last claim failed with its connection: it may have committed.
+    unsure_of_holdings: bool = False
+    # Why this run stops early: a failure (the process must exit non-zero), or a lost
+    # lease (the caller starts again as a new worker).
+    halt: asyncio.Event = field(default_factory=asyncio.Event)
+    failure: str | None = None
+    lease_lost: bool = False
+    # Counts for /stats by 10-second bucket of the database's time, not yet written; the
+    # database's clock less this process's (from each claim's answer).
+    activity: dict[int, Activity] = field(default_factory=dict)
+    db_offset_s: float = 0.0
+
+    def fail(self, reason: str) -> None:
+        """Stop the run for a failure: the process exits non-zero once it has shut down."""
+        if self.failure is None:
+            self.failure = reason
+            logger.error(
+                "action=stop worker=%s: %s; stopped claiming, handing back what it holds",
+                self.worker_id, reason,
+            )  # fmt: skip
+        self.halt.set()
+
+    async def guard(self, loop: Any, name: str) -> None:
+        """Run a background loop; if it breaks, say so and stop the run (never die silently)."""
+        try:
+            await loop
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("action=%s worker=%s: unexpected error", name, self.worker_id)
+            self.fail(f"the {name} loop failed: {type(exc).__name__}: {exc}")
+
+    def count_started(self, claimed: list[Claimed]) -> None:
+        """Count first attempts' lateness (a claim with nothing writes no activity)."""
+        if claimed:
+            activity = self.activity_now()
+            for task in claimed:
+                if task.lateness_ms is not None:
+                    activity.start(task.lateness_ms)
+
+    def activity_now(self) -> Activity:
+        """The activity counts of the current bucket (of the database's time)."""
+        bucket = bucket_of(time.time() + self.db_offset_s)
+        activity = self.activity.get(bucket)
+        if activity is None:
+            activity = self.activity[bucket] = Activity()
+        return activity

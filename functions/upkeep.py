@@ -1,0 +1,241 @@
+"""A run's upkeep: its lease, the tasks of dead workers, lost claims, retention, activity.
+
+- The heartbeat renews the worker's lease every third of it; a renewal the database refuses
+  means the lease ran out (a stalled process or database): the run stops printing and
+  halts, and its caller starts again as a new worker.
+- With each renewal it rescues the tasks of workers whose lease ran out, hands back tasks
+  the database says this worker holds that it never heard of (a claim whose answer was lost
+  with its connection), and prunes finished tasks past the retention when due.
+- Activity counts (for /stats) are written every couple of seconds.
+- At the end of a run it hands back what is still held, signs the worker off, and counts
+  what a tick left for lack of time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from functions import tasks
+from functions.counters import merge_activity
+from functions.errors import DatabaseError, DatabaseUnavailable
+from functions.kinds import KINDS
+from functions.model import TaskState
+from functions.output import Printer
+from functions.run_state import RunState
+
+logger = logging.getLogger(__name__)
+
+# Retention: each process prunes finished tasks at most this often, for at most this long.
+PRUNE_EVERY_S = 60.0
+_PRUNE_BUDGET_S = 5.0
+# Activity counts (for /stats) are written this often.
+_ACTIVITY_EVERY_S = 2.0
+# Rescued tasks are logged one line each up to this many per rescue, then summarised.
+_LOG_EACH_UP_TO = 20
+
+
+class PruneClock:
+    """When a process last pruned (time.monotonic()). One per process, shared by its runs
+    and ticks (`tick(prune_clock=...)`), so that it prunes at most every PRUNE_EVERY_S."""
+
+    def __init__(self) -> None:
+        self.last_s: float | None = None
+
+    def due(self, now_s: float) -> bool:
+        return self.last_s is None or now_s - self.last_s >= PRUNE_EVERY_S
+
+
+class Upkeep:
+    """The heartbeat and the activity loop of one run, and what they do."""
+
+    def __init__(self, state: RunState, printer: Printer[Any], prune_clock: PruneClock) -> None:
+        self.state = state
+        self.printer = printer
+        self.prune_clock = prune_clock
+
+    # --- heartbeat ---------------------------------------------------------------------------
+
+    async def heartbeat_loop(self) -> None:
+        """Renew the lease every third of it; rescue dead workers' tasks; reconcile; prune."""
+        state = self.state
+        interval_s = state.settings.lease_seconds / 3
+        wait_s = interval_s
+        while True:
+            await asyncio.sleep(wait_s)
+            try:
+                sent_at = time.monotonic()
+                # Bounded by the interval: a renewal that takes longer is late anyway.
+                alive = await state.store.heartbeat(
+                    worker=state.worker_id,
+                    lease_s=state.settings.lease_seconds,
+                    timeout_s=interval_s,
+                )
+                if not alive:
+                    self._lose_lease()
+                    return
+                self.printer.renewed(sent_at)
+                await self.rescue()
+                await self.reconcile()
+                await self.prune_if_due(None)
+                wait_s = interval_s
+            except DatabaseUnavailable as exc:
+                logger.warning("action=heartbeat worker=%s: %s", state.worker_id, exc)
+                state.summary.note_error(str(exc))
+                wait_s = min(interval_s, 1.0)
+
+    def _lose_lease(self) -> None:
+        state = self.state
+        state.lease_lost = True
+        logger.error(
+            "action=heartbeat worker=%s: this worker's lease ran out (it could not renew it"
+            " for %.0f s: a stalled process or database); its tasks are rescued by others."
+            " Handing back what it still holds and starting again as a new worker",
+            state.worker_id, state.settings.lease_seconds,
+        )  # fmt: skip
+        self.printer.stop()  # no line more: those tasks may be running elsewhere
+        state.halt.set()
+
+    async def rescue(self) -> None:
+        """Put back (or fail, out of attempts) the tasks of workers whose lease ran out."""
+        state = self.state
+        rescued = await state.store.rescue_expired()
+        state.summary.rescued += len(rescued)
+        failed = sum(task_state is TaskState.FAILED for _, task_state in rescued)
+        if failed:
+            state.activity_now().failed += failed
+        for task_id, task_state in rescued[:_LOG_EACH_UP_TO]:
+            logger.warning(
+                "action=rescue task_id=%s state=%s: its worker's lease ran out", task_id, task_state
+            )
+        if len(rescued) > _LOG_EACH_UP_TO:
+            logger.warning(
+                "action=rescue count=%d: and %d more tasks whose worker's lease ran out",
+                len(rescued), len(rescued) - _LOG_EACH_UP_TO,
+            )  # fmt: skip
+        if rescued:
+            state.wake.set()
+
+    async def reconcile(self) -> None:
+        """Hand back tasks the database says this worker holds that it never heard of."""
+        state = self.state
+        async with state.claim_lock:
+            in_database = await state.store.held_by(worker=state.worker_id)
+            unknown = sorted(in_database - state.held.keys())
+            # (A task finished while `held_by` read is in `unknown` too: the release is
+            # fenced and leaves it alone, and only what was handed back is reported.)
+            released = (
+                await state.store.release(worker=state.worker_id, ids=unknown) if unknown else set()
+            )
+            if released:
+                state.summary.released += len(released)
+                logger.warning(
+                    "action=release worker=%s count=%d: tasks claimed by a claim whose answer"
+                    " was lost; handed back without using an attempt",
+                    state.worker_id, len(released),
+                )  # fmt: skip
+            state.unsure_of_holdings = False
+
+    async def prune_if_due(self, deadline: float | None) -> None:
+        """Delete finished tasks past the retention, if this process has not for a while."""
+        state = self.state
+        retention_s = state.settings.retention_s
+        now = time.monotonic()
+        if retention_s == 0 or not self.prune_clock.due(now):
+            return
+        budget_s = _PRUNE_BUDGET_S
+        if deadline is not None:
+            budget_s = min(budget_s, deadline - now - state.settings.deadline_margin_s)
+            if budget_s <= 0:
+                return
+        self.prune_clock.last_s = now
+        pruned = await tasks.prune(state.store, older_than_s=retention_s, budget_s=budget_s)
+        state.summary.pruned += pruned
+        if pruned:
+            logger.info(
+                "action=prune worker=%s count=%d: finished over %.0f s ago",
+                state.worker_id, pruned, retention_s,
+            )  # fmt: skip
+
+    async def release_held(self) -> None:
+        """Hand back what is still held (not recorded) at shutdown; fenced: what this
+        worker no longer holds is left alone."""
+        state = self.state
+        if not state.held:
+            return
+        ids = sorted(state.held)
+        try:
+            released = await state.store.release(worker=state.worker_id, ids=ids)
+            state.summary.released += len(released)
+            logger.info(
+                "action=release worker=%s count=%d: back to scheduled",
+                state.worker_id, len(released),
+            )  # fmt: skip
+        except (DatabaseUnavailable, DatabaseError) as exc:
+            logger.error(
+                "action=release worker=%s: %s; %d tasks stay with this worker until its"
+                " lease runs out, then they are rescued and run again",
+                state.worker_id, exc, len(ids),
+            )  # fmt: skip
+
+    async def sign_off(self) -> None:
+        """Write the last activity counts and remove the worker's row (its lease)."""
+        worker = self.state.worker_id
+        try:
+            await self.write_activity()
+        except (DatabaseUnavailable, DatabaseError) as exc:
+            logger.warning("action=activity worker=%s: %s; counts not written", worker, exc)
+        try:
+            await self.state.store.deregister_worker(worker=worker)
+        except (DatabaseUnavailable, DatabaseError) as exc:
+            logger.warning("action=deregister worker=%s: %s", worker, exc)
+
+    async def count_left_for_time(self, unfit: list[str], kinds_at_start: list[str]) -> None:
+        """Count due tasks of the kinds that no longer fit before a run's deadline; warn
+        about a kind that never fitted this run."""
+        state = self.state
+        settings, summary = state.settings, state.summary
+        if not unfit:
+            return
+        try:
+            summary.left_for_time = await state.store.count_due_by_kind(kinds=unfit)
+        except (DatabaseUnavailable, DatabaseError) as exc:
+            summary.note_error(str(exc))
+            return
+        never = {k: n for k, n in summary.left_for_time.items() if k not in kinds_at_start}
+        if never:
+            margin_s = settings.deadline_margin_s
+            needs = ", ".join(
+                f"{k} ({n} due; needs {KINDS[k].max_seconds(settings) + margin_s:.0f} s)"
+                for k, n in sorted(never.items())
+            )
+            logger.warning(
+                "action=tick worker=%s: left tasks no run this short can finish: %s;"
+                " give the tick a longer timeout",
+                state.worker_id, needs,
+            )  # fmt: skip
+
+    # --- activity ----------------------------------------------------------------------------
+
+    async def activity_loop(self) -> None:
+        """Write this worker's activity counts every couple of seconds."""
+        while True:
+            await asyncio.sleep(_ACTIVITY_EVERY_S)
+            with contextlib.suppress(DatabaseUnavailable):
+                await self.write_activity()
+
+    async def write_activity(self) -> None:
+        """Add the counts not yet written to the table; kept for the next try on an outage."""
+        state = self.state
+        if not state.activity:
+            return
+        activity, state.activity = state.activity, {}
+        try:
+            await state.store.add_activity(activity)
+        except DatabaseUnavailable:
+            for bucket, counts in activity.items():  # kept for the next try
+                state.activity[bucket] = merge_activity(state.activity.get(bucket), counts)
+            raise
