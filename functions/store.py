@@ -563,6 +563,14 @@ class Store:
 
             await self.database.bounded(conn, work())
             active, finished_rows, [due], activity = [await c.fetchall() for c in cursors]
+        # A sample of a few pages can miss every finished row of a drained table (most pages
+        # dead, the live ones few): the server counts them, so sample again, wider, until
+        # some are found (at worst the whole table), rather than report none.
+        while not finished_rows and percent < 100.0 and live_rows > sum(n for *_, n in active):
+            percent = min(100.0, percent * 8)
+            finished_rows = await self._all(
+                queries.STATS_FINISHED_SAMPLE, tuple_row, percent=percent
+            )
         return StatsRows(
             counts=[*active, *finished_rows],
             sampled_percent=None if percent >= 100.0 else percent,

@@ -272,6 +272,28 @@ async def test_a_drained_table_is_estimated_from_its_live_rows(
         assert abs(succeeded["foo"] - n / 4) < 0.1 * n / 4, succeeded
 
 
+async def test_a_sample_that_misses_every_finished_row_is_taken_again_wider(
+    client: httpx.AsyncClient, sql: Sql, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A sample of ~0.01% of the pages finds no finished row here, though the server counts
+    # 20,000: the answer is never "none succeeded".
+    n = 20_000
+    sql(
+        "INSERT INTO tasks (kind, state, attempts, started_at, finished_at, execute_at)"
+        " SELECT 'baz', 'succeeded', 1, now(), now(), now() FROM generate_series(1, %s)",
+        n,
+    )
+    deadline = time.monotonic() + 10
+    while sql("SELECT pg_stat_get_live_tuples('tasks'::regclass)") != [(n,)]:
+        assert time.monotonic() < deadline, "the statistics never caught up"
+        time.sleep(0.1)
+    monkeypatch.setattr(report, "EXACT_UP_TO", 1_000)
+    monkeypatch.setattr(report, "SAMPLE_ROWS", 1)
+    got = (await client.get("/stats")).json()
+    assert got["estimated"] == ["failed", "succeeded"]
+    assert abs(sum(got["counts"]["succeeded"].values()) - n) <= 2, got["counts"]
+
+
 async def test_finished_tasks_past_the_retention_are_pruned_and_their_keys_freed(
     client: httpx.AsyncClient, settings: Settings, sql: Sql, task_factory: Callable[..., int]
 ) -> None:
