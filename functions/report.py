@@ -39,7 +39,7 @@ def percentile_ms(histogram: Sequence[int], q: float, max_ms: float = math.inf) 
     """Estimate the q-quantile (0..1) of a lateness histogram whose largest value is `max_ms`.
 
     The value of rank ceil(q x total), read as the geometric middle of its bucket, so within
-    a factor of sqrt(1.25) (11.8%) of the true value: the README's "about 12%". (Interpolated
+    a factor of sqrt(1.25) (11.8%) of the true value: docs/api.md's "about 12%". (Interpolated
     within the bucket before, it could be 25% off, and above the maximum: one task 7,158.8 ms
     late read as 7,330 at p99, 6,571 at p50.) The highest non-empty bucket holds the maximum,
     so it ends at `max_ms`, and the last rank is `max_ms` itself: a percentile never exceeds

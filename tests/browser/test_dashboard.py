@@ -399,12 +399,12 @@ def test_with_a_token_the_page_asks_once_and_sends_it_only_as_a_header(
     expect(page.get_by_role("heading", name="This API needs a token")).to_be_visible()
 
 
-@pytest.mark.skipif(not SCREENSHOT, reason="writes the README's screenshot: set "
+@pytest.mark.skipif(not SCREENSHOT, reason="writes docs/dashboard.png: set "
                     "TASKRUNNER_SCREENSHOT=docs/dashboard.png")  # fmt: skip
 def test_screenshot(
     taskrunner: Callable[..., str], page: Page, sql: Sql, task_factory: Callable[..., int]
 ) -> None:
-    """The README's picture: an hour of steady work with a burst and a few failures."""
+    """The picture in docs/operations.md: an hour of steady work with a burst and a few failures."""
     import math
     import random
 

@@ -134,7 +134,7 @@ async def lateness_after_a_tick(client: httpx.AsyncClient, settings: Settings) -
 async def test_a_task_created_with_a_time_long_past_is_late_from_its_creation(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:
-    """`execute_at: 0`, as the README's examples send: due when created, not 56 years late
+    """`execute_at: 0`, as docs/api.md's examples send: due when created, not 56 years late
     (what /stats, /metrics and the dashboard said before)."""
     for at in (0, "2001-01-01T00:00:00Z"):
         response = await client.post("/tasks", json={"type": "baz", "execute_at": at})

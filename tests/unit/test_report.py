@@ -9,7 +9,7 @@ from functions.counters import Activity
 from functions.report import percentile_ms
 
 QUANTILES = (0.0, 0.01, 0.07, 0.5, 0.95, 0.99, 1.0)
-# The README's "about 12%": a bucket is 1.25 wide, and its geometric middle within sqrt(1.25).
+# docs/api.md's "about 12%": a bucket is 1.25 wide, and its geometric middle within sqrt(1.25).
 # (Below 0.5 ms, the first bucket, within 0.25 ms.)
 WITHIN = math.sqrt(1.25) * (1 + 1e-9)
 
