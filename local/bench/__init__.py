@@ -8,5 +8,8 @@ come from the database's own timestamps. `suite` picks the scenarios (`--only`) 
 figure's goal; `load` drives wrk, pgbench and the HTTP clients; `coldstart` is the fresh
 process a cold start is timed in; `minimal_app` is the API figures' minimal route.
 
+Two commits compared, three alternating runs each, medians within 10%: `python -m
+local.bench.compare BASE HEAD --only drain --only create --only cold-start --runs 3`.
+
 Nothing is imported here: `python -m local.bench.coldstart` times its own imports.
 """
