@@ -7,7 +7,8 @@ minute on a shared machine falls on both. All runs use one PostgreSQL server: th
 TASKRUNNER_DATABASE_URL, else an embedded one started for the comparison. Prints each figure's
 median per commit and their ratio, and exits 1 when a median moved more than the tolerance
 (10%) the wrong way: down for a rate, up for a time or a size. The raw ratio is the same for
-the raw PostgreSQL column of those runs: where it moved as much, the machine did.
+the raw PostgreSQL column of those runs: where it moved as much, the machine did; so did it
+where the spread of one commit's own runs is wider than the move.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class Verdict:
     base_raw: float | None  # the median of the raw PostgreSQL column, where there is one
     head_raw: float | None
     worse: bool  # moved more than the tolerance the wrong way, or went missing
+    # The widest spread of one commit's runs (largest / smallest - 1): a move smaller than
+    # that is the machine's as much as the commit's.
+    spread: float
 
     @property
     def ratio(self) -> float | None:
@@ -69,6 +73,10 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _spread(values: list[float]) -> float:
+    return max(values) / min(values) - 1 if len(values) > 1 and min(values) > 0 else 0.0
+
+
 def judge(base: Sequence[Run], head: Sequence[Run], tolerance: float = 0.10) -> list[Verdict]:
     """Each figure's medians over the runs of each commit, and whether HEAD is worse.
 
@@ -79,8 +87,9 @@ def judge(base: Sequence[Run], head: Sequence[Run], tolerance: float = 0.10) -> 
     verdicts = []
     for name in names:
         unit = next(run[name].unit for run in (*base, *head) if name in run)
-        b = _median([run[name].value for run in base if name in run])
-        h = _median([run[name].value for run in head if name in run])
+        base_values = [run[name].value for run in base if name in run]
+        head_values = [run[name].value for run in head if name in run]
+        b, h = _median(base_values), _median(head_values)
         if b is None:
             worse = False
         elif h is None:
@@ -91,12 +100,13 @@ def judge(base: Sequence[Run], head: Sequence[Run], tolerance: float = 0.10) -> 
             worse = h > b * (1 + tolerance)
         base_raw = _median([r for run in base if name in run and (r := run[name].raw) is not None])
         head_raw = _median([r for run in head if name in run and (r := run[name].raw) is not None])
-        verdicts.append(Verdict(name, unit, b, h, base_raw, head_raw, worse))
+        spread = max(_spread(base_values), _spread(head_values))
+        verdicts.append(Verdict(name, unit, b, h, base_raw, head_raw, worse, spread))
     return verdicts
 
 
 def report(verdicts: list[Verdict], base_label: str, head_label: str, tolerance: float) -> str:
-    """A Markdown table of the medians, their ratio and the verdict."""
+    """A Markdown table of the medians, their ratio, the runs' spread and the verdict."""
 
     def num(value: float | None) -> str:
         return "-" if value is None else f"{value:,.1f}" if value < 1000 else f"{value:,.0f}"
@@ -105,8 +115,8 @@ def report(verdicts: list[Verdict], base_label: str, head_label: str, tolerance:
         return "-" if a is None or b is None else f"{b / a:.3f}"
 
     lines = [
-        f"| figure | unit | {base_label} | {head_label} | ratio | raw ratio | verdict |",
-        "|---|---|---|---|---|---|---|",
+        f"| figure | unit | {base_label} | {head_label} | ratio | raw ratio | spread | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for v in verdicts:
         verdict = (
@@ -118,7 +128,7 @@ def report(verdicts: list[Verdict], base_label: str, head_label: str, tolerance:
         )
         lines.append(
             f"| {v.figure} | {v.unit} | {num(v.base)} | {num(v.head)} | {ratio(v.base, v.head)}"
-            f" | {ratio(v.base_raw, v.head_raw)} | {verdict} |"
+            f" | {ratio(v.base_raw, v.head_raw)} | {v.spread:.0%} | {verdict} |"
         )
     return "\n".join(lines)
 

@@ -40,7 +40,11 @@ def test_the_median_decides_so_one_slow_run_does_not() -> None:
     assert (verdict.base, verdict.head, verdict.worse) == (100.0, 99.0, False)
     assert verdict.ratio == 0.99
     head = runs(drain=[30.0, 80.0, 101.0])  # most runs slower
-    assert worse(base, head) == {"drain": True}
+    [verdict] = judge(base, head)
+    assert verdict.worse
+    assert "| drain | tasks/s | 100.0 | 80.0 | 0.800 | - | 237% | worse by more than 10% |" in (
+        report([verdict], "base a", "head b", 0.10)
+    ), "the spread of one commit's runs is shown beside the verdict"
 
 
 def test_a_figure_head_lost_is_worse_and_a_new_one_is_shown_not_judged() -> None:
@@ -49,8 +53,8 @@ def test_a_figure_head_lost_is_worse_and_a_new_one_is_shown_not_judged() -> None
     verdicts = judge(base, head)
     assert {v.figure: v.worse for v in verdicts} == {"drain": False, "cold": True, "fanout": False}
     table = report(verdicts, "base a", "head b", 0.10)
-    assert "| cold | ms | 300.0 | - | - | - | worse by more than 10% |" in table
-    assert "| fanout | s | - | 3.2 | - | - | not judged (new) |" in table
+    assert "| cold | ms | 300.0 | - | - | - | 0% | worse by more than 10% |" in table
+    assert "| fanout | s | - | 3.2 | - | - | 0% | not judged (new) |" in table
 
 
 def test_a_run_is_read_from_the_json_the_bench_writes_with_its_raw_column() -> None:
