@@ -141,9 +141,8 @@ def _git(*args: str) -> str:
 
 
 @contextmanager
-def checkout(commit: str, parent: Path) -> Iterator[Path]:
-    """`commit` in a temporary worktree under `parent`, removed at the end."""
-    path = parent / commit
+def checkout(commit: str, path: Path) -> Iterator[Path]:
+    """`commit` in a temporary worktree at `path`, removed at the end."""
     _git("worktree", "add", "--detach", "--quiet", str(path), commit)
     try:
         yield path
@@ -214,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
         parent = Path(tmp)
         with (
-            checkout(commits["base"], parent) as base_tree,
-            checkout(commits["head"], parent) as head_tree,
+            # Apart even for one commit: BASE = HEAD shows the machine's own noise.
+            checkout(commits["base"], parent / "base") as base_tree,
+            checkout(commits["head"], parent / "head") as head_tree,
             database_server(parent) as url,
         ):
             trees = {"base": base_tree, "head": head_tree}
