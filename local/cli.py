@@ -149,22 +149,23 @@ def cmd_prune(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from local import bench
+    from local.bench.figures import table, write_json
+    from local.bench.suite import run
 
     # The bench works in a database of its own on the same server: the configured one is
     # neither migrated nor touched.
     settings, _ = _resolve()
     assert settings.database_url is not None
-    figures = bench.run(
+    figures = run(
         settings.database_url,
         quick=args.quick,
         tasks=args.tasks,
         workers=args.workers,
         only=args.only,
     )
-    print(bench.table(figures))
+    print(table(figures))
     if args.json:
-        bench.write_json(figures, Path(args.json))
+        write_json(figures, Path(args.json))
     missed = [f.scenario for f in figures if not f.met]
     if args.check and missed:
         logger.error("bench: goals missed: %s", "; ".join(missed))

@@ -1,5 +1,5 @@
-"""A Lambda cold start, measured in a fresh process: `python -m local.coldstart
-api|tick|floor`, or `python -I -S local/coldstart.py --bundle <dir> api|tick|floor` to
+"""A Lambda cold start, measured in a fresh process: `python -m local.bench.coldstart
+api|tick|floor`, or `python -I -S local/bench/coldstart.py --bundle <dir> api|tick|floor` to
 import from a Lambda bundle (infra/Makefile) and nothing else.
 
 Times the import of a handler's module plus its first invocation (for `api`, an API Gateway

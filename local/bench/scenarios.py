@@ -1,0 +1,356 @@
+"""The bench's scenarios: each starts real `taskrunner worker` / `taskrunner api` processes on
+a fresh database of its own and reads its figure from the database's own timestamps; beside
+each, the raw PostgreSQL reference measured in the same run (`references`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+from pydantic_core import to_json
+from tqdm import tqdm
+
+from functions import queries
+from local.bench import load, references
+from local.bench.figures import Figure
+from local.bench.harness import Harness, free_port, peak_rss_mb, percentile, wait_http, wait_until
+
+
+class Bench(Harness):
+    """The scenarios, one method each, returning their measures."""
+
+    def drain(self, workers: int) -> float:
+        """baz tasks per second, from the first start to the last finish, as recorded."""
+        n = self.sizes.drain_tasks
+        with self.scenario(f"drain{workers}"):
+            self.insert_due("baz", n)
+            for _ in range(workers):
+                self.worker()
+            wait_until(lambda: self.done(n), n, f"drain, {workers} worker(s)", 600)
+            self.check_all_succeeded(n)
+            [(seconds,)] = self.sql(
+                "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM tasks"
+            )
+        return n / float(seconds)
+
+    def raw_drain(self) -> float:
+        """The same claim and finish transactions straight from psycopg, no task work."""
+        n = self.sizes.drain_tasks
+        with self.scenario("rawdrain"):
+            self.insert_due("baz", n)
+            return asyncio.run(references.raw_drain(self.url, n))
+
+    def burst(self) -> tuple[float, int]:
+        """50,000 baz and 10,000 foo due at one moment on a fresh table, the workers
+        waiting: seconds from their due time to the last finish, and the tasks that ran
+        more than once (rescued from a live worker, or written twice)."""
+        baz, foo = self.sizes.burst_tasks
+        with self.scenario("burst"):
+            for _ in range(self.workers):
+                self.worker()
+            self.wait_for_listener(self.workers)
+            # One INSERT, as a user loading work does, due 2 s later.
+            self.sql(
+                "INSERT INTO tasks (kind, execute_at, max_attempts)"
+                " SELECT CASE WHEN n <= %s THEN 'baz' ELSE 'foo' END,"
+                " now() + interval '2 seconds', 3 FROM generate_series(1, %s) AS n",
+                baz,
+                baz + foo,
+            )
+            wait_until(lambda: self.done(baz + foo), baz + foo, "burst", 600)
+            self.check_all_succeeded(baz + foo)
+            [(seconds, reruns)] = self.sql(
+                "SELECT extract(epoch FROM max(finished_at) - min(execute_at)),"
+                " count(*) FILTER (WHERE attempts > 1) FROM tasks"
+            )
+        return float(seconds), int(reruns)
+
+    def warm_burst(self, pooler: bool = False) -> float:
+        """baz finished per second in a burst sent through POST /tasks/batch (due now) to a
+        worker that first ran 30 single tasks, created 30 ms apart, on a fresh table: its
+        statements were prepared while the table was small (see queries.PINNED_PLAN)."""
+        n = self.sizes.warm_burst_tasks
+        env = {"TASKRUNNER_TRANSACTION_POOLER": "true"} if pooler else {}
+        with self.scenario("warmburst"):
+            port = free_port()
+            self.procs.start(self.url, "api", "--port", str(port), **env)
+            api_url = f"http://127.0.0.1:{port}"
+            wait_http(api_url)
+            self.procs.start(self.url, "worker", **env)
+            # Registered, so it runs the warm-up tasks one by one (it does not LISTEN with
+            # the pooler setting).
+            wait_until(lambda: int(self.sql("SELECT count(*) FROM workers")[0][0]), 1,
+                       "the worker to start", 60)  # fmt: skip
+            asyncio.run(load.post_one_by_one(api_url, 30, gap_s=0.03))
+            wait_until(lambda: self.done(30), 30, "warm-up", 60)
+            [(first,)] = self.sql("SELECT max(id) FROM tasks")
+            asyncio.run(load.post_batches(api_url, math.ceil(n / 10_000), due_now=True, size=n))
+            wait_until(lambda: self.done(n + 30), n + 30, "warm burst", 600)
+            self.check_all_succeeded(n + 30)
+            [(seconds,)] = self.sql(
+                "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM tasks"
+                " WHERE id > %s",
+                first,
+            )
+        return n / float(seconds)
+
+    def fanout(self) -> tuple[float, float]:
+        """Seconds from the due time until the last of N 3-second foo tasks finished; peak MB."""
+        n = self.sizes.fanout_tasks
+        with self.scenario("fanout"):
+            worker = self.worker()
+            self.wait_for_listener(1)
+            self.insert_due("foo", n, in_s=1.0)
+            wait_until(lambda: self.done(n), n, "fan-out", 120)
+            self.check_all_succeeded(n)
+            peak = peak_rss_mb(worker.pid)
+            [(seconds,)] = self.sql(
+                "SELECT extract(epoch FROM max(finished_at) - min(execute_at)) FROM tasks"
+            )
+        return float(seconds), peak
+
+    def lateness_future(self) -> tuple[float, float]:
+        """p50 and p99 of start lateness (ms) for tasks created ahead of their time."""
+        n = self.sizes.lateness_tasks
+        with self.scenario("latefuture"):
+            self.worker()
+            self.wait_for_listener(1)
+            # Created as the API creates them (one batch, one NOTIFY), due over the next 5 s.
+            [(db_now,)] = self.sql("SELECT extract(epoch FROM now())")
+            tasks = [
+                {"kind": "baz", "at_us": int((float(db_now) + random.uniform(0.5, 5.0)) * 1e6)}
+                for _ in range(n)
+            ]
+            self.conn.execute(queries.INSERT_TASKS, {"tasks": json.dumps(tasks), "max_attempts": 3})
+            wait_until(lambda: self.done(n), n, "lateness, future", 60)
+            self.check_all_succeeded(n)
+            return self._lateness_ms()
+
+    def lateness_now(self) -> tuple[float, float]:
+        """p50 and p99 of start lateness (ms) for tasks created due, through the API."""
+        n = self.sizes.lateness_tasks
+        with self.scenario("latenow"):
+            api_url, _ = self.api()
+            self.worker()
+            self.wait_for_listener(1)
+            asyncio.run(load.post_one_by_one(api_url, n))
+            wait_until(lambda: self.done(n), n, "lateness, due now", 60)
+            self.check_all_succeeded(n)
+            return self._lateness_ms()
+
+    def _lateness_ms(self) -> tuple[float, float]:
+        """p50 and p99 of start lateness (ms), as /stats defines it (queries.BECAME_DUE)."""
+        rows = self.sql(
+            f"SELECT extract(epoch FROM started_at - {queries.BECAME_DUE}) * 1000 FROM tasks"
+        )
+        values = [float(v) for (v,) in rows]
+        return percentile(values, 50), percentile(values, 99)
+
+    def raw_notify_ms(self) -> float:
+        """p99 of a NOTIFY's trip from one session to another LISTENing one (ms)."""
+        with self.scenario("rawnotify"):
+            return asyncio.run(references.raw_notify_p99(self.url, self.sizes.lateness_tasks))
+
+    def create_single(self) -> float:
+        n = self.sizes.create_requests
+        with self.scenario("create"):
+            api_url, _ = self.api()
+            started = time.perf_counter()
+            asyncio.run(load.post_many(api_url, n, clients=32))
+            return n / (time.perf_counter() - started)
+
+    def raw_create_single(self) -> float:
+        with self.scenario("rawcreate"):
+            n = self.sizes.create_requests
+            return asyncio.run(references.raw_insert_one_by_one(self.url, n, 4))
+
+    def create_bulk(self) -> float:
+        batches = self.sizes.bulk_batches
+        with self.scenario("bulk"):
+            api_url, _ = self.api()
+            started = time.perf_counter()
+            asyncio.run(load.post_batches(api_url, batches))
+            return batches * 10_000 / (time.perf_counter() - started)
+
+    def create_bulk_keyed(self) -> float:
+        """As create_bulk, each item with an idempotency key of 255 characters (the most the
+        API takes): what the keyed path adds to a batch."""
+        batches = self.sizes.bulk_batches
+        with self.scenario("bulkkeyed"):
+            api_url, _ = self.api()
+            started = time.perf_counter()
+            asyncio.run(load.post_batches(api_url, batches, key_chars=255))
+            return batches * 10_000 / (time.perf_counter() - started)
+
+    def raw_create_bulk(self) -> float:
+        batches = self.sizes.bulk_batches
+        with self.scenario("rawbulk"):
+            started = time.perf_counter()
+            for _ in range(batches):
+                at_us = int((time.time() + 3600) * 1e6)
+                # Serialized as the store does (pydantic-core), so only the API differs.
+                rows = [{"kind": "baz", "at_us": at_us + i * 360_000} for i in range(10_000)]
+                payload = to_json(rows).decode()
+                self.conn.execute(queries.INSERT_TASKS, {"tasks": payload, "max_attempts": 3})
+            return batches * 10_000 / (time.perf_counter() - started)
+
+    def api_routes(self) -> list[Figure]:
+        """POST /tasks, GET /tasks/{id} and GET /tasks?limit=100 under wrk (32 keep-alive
+        connections), each beside the minimal route of the same shape and beside pgbench
+        running the same statement; POST and GET also from `taskrunner api --workers 2`."""
+        seconds = self.sizes.load_s
+        body = json.dumps({"type": "baz", "execute_at": time.time() + 86_400})
+        figures = []
+        with self.scenario("api"):
+            reference = self.reference()
+            ref_post = load.wrk(reference, method="POST", path="/tasks", body=body,
+                                   seconds=seconds)  # fmt: skip
+            ref_get = load.wrk(reference, path="/tasks/{id}", ids=(1, 1000), seconds=seconds)
+            ref_page = load.wrk(reference, path="/tasks?limit=100", seconds=seconds)
+            for processes in (1, 2):
+                api_url, proc = self.api(processes)
+                post = load.wrk(api_url, method="POST", path="/tasks", body=body,
+                                   seconds=seconds)  # fmt: skip
+                [(lo, hi)] = self.sql("SELECT min(id), max(id) FROM tasks")
+                get = load.wrk(api_url, path="/tasks/{id}", ids=(lo, hi), seconds=seconds)
+                name = f"{processes} process{'es' if processes > 1 else ''}"
+                loads = [("POST /tasks", post, ref_post), ("GET /tasks/{id}", get, ref_get)]
+                if processes == 1:
+                    page = load.wrk(api_url, path="/tasks?limit=100", seconds=seconds)
+                    loads.append(("GET /tasks?limit=100", page, ref_page))
+                self.procs.stop(proc)
+                for route, ours, ref in loads:
+                    ratio = ours.per_s / ref.per_s
+                    figures.append(
+                        Figure(f"API {route}, {name}, 32 connections", ours.per_s, "req/s",
+                               ">= 50% of minimal, p99 <= 50 ms",
+                               ratio >= 0.5 and (ours.p99_ms or 0) <= 50, None,
+                               f"p99 {ours.p99_ms:.1f} ms; minimal route {ref.per_s:,.0f}/s,"
+                               f" p99 {ref.p99_ms:.1f} ms ({ratio:.0%})")
+                    )  # fmt: skip
+            raws = {
+                "POST /tasks": references.RAW_INSERT,
+                "GET /tasks/{id}": references.raw_get(lo, hi),
+                "GET /tasks?limit=100": references.RAW_PAGE,
+            }
+            rates = {route: load.pgbench(self.url, script, seconds=seconds)
+                     for route, script in raws.items()}  # fmt: skip
+        for i, figure in enumerate(figures):
+            route = figure.scenario.removeprefix("API ").split(",")[0]
+            figures[i] = replace(figure, raw=rates[route])
+        return figures
+
+    def stats_large(self) -> tuple[float, float]:
+        """p50 and p99 (ms) of GET /stats with N finished tasks in the table, run by the
+        workers just before, as a user's would be (nothing analyzed by hand)."""
+        n = self.sizes.stats_tasks
+        with self.scenario("stats"):
+            self.insert_due("baz", n)
+            for _ in range(self.workers):
+                self.worker()
+            wait_until(lambda: self.done(n), n, "stats, running the tasks", 900)
+            self.check_all_succeeded(n)
+            api_url, _ = self.api()
+            times = []
+            # 200, so that the p99 is not simply the slowest (the first, which opens the
+            # API's connection).
+            for _ in range(200):
+                started = time.perf_counter()
+                with urllib.request.urlopen(f"{api_url}/stats", timeout=10) as response:
+                    stats = json.loads(response.read())
+                times.append((time.perf_counter() - started) * 1000)
+            finished = sum(stats["counts"]["succeeded"].values())
+            if abs(finished - n) > 0.1 * n:
+                raise RuntimeError(f"/stats counted {finished} succeeded of {n}")
+        return percentile(times, 50), percentile(times, 99)
+
+    def soak(self) -> tuple[float, float, float]:
+        """Tasks created and run at a steady rate with a short retention: the peak size of
+        the tasks table with its indexes (MB) in the minute and a half after warm-up and in
+        the last one, and their ratio. Flat means pruning and autovacuum keep up."""
+        sizes = self.sizes
+        window = min(90.0, (sizes.soak_s - sizes.soak_warmup_s) / 2)
+        samples: list[tuple[float, int]] = []
+        with self.scenario("soak"):
+            self.worker(TASKRUNNER_RETENTION_S=str(sizes.soak_retention_s))
+            self.wait_for_listener(1)
+            started = time.monotonic()
+            step = 0.5
+            per_step = max(1, int(sizes.soak_rate * step))
+            with tqdm(total=int(sizes.soak_s), desc="soak", unit="s", leave=False,
+                      file=sys.stderr, disable=not sys.stderr.isatty()) as bar:  # fmt: skip
+                while (elapsed := time.monotonic() - started) < sizes.soak_s:
+                    self.insert_due("baz", per_step, in_s=0)
+                    [(size,)] = self.sql("SELECT pg_total_relation_size('tasks')")
+                    samples.append((elapsed, int(size)))
+                    bar.update(int(elapsed) - bar.n)
+                    time.sleep(max(0.0, started + len(samples) * step - time.monotonic()))
+            [(stuck,)] = self.sql(
+                "SELECT count(*) FROM tasks WHERE state <> 'succeeded'"
+                " AND created_at < now() - interval '10 seconds'"
+            )
+            if stuck:
+                raise RuntimeError(f"soak: {stuck} tasks not run within 10 s")
+        warm = max(b for t, b in samples if sizes.soak_warmup_s <= t < sizes.soak_warmup_s + window)
+        end = max(b for t, b in samples if t >= sizes.soak_s - window)
+        return warm / 2**20, end / 2**20, end / warm
+
+    def cold_starts(self) -> tuple[float, float, float, str]:
+        """Median ms, over fresh processes (11 in a full run), of importing the API handler
+        plus its first request, of importing the tick handler plus a tick with nothing due,
+        and of the floor under both (importing asyncio and psycopg, one connection, one
+        statement: coldstart.py); and where they ran.
+
+        They run in the Lambda bundle `sam build` makes (infra/Makefile: the runtime
+        dependencies only, compiled to .pyc as pip installs them), by `python -I -S`, which
+        sees the standard library and the bundle and nothing else; where the bundle cannot
+        be built (no make, no PyPI), in the development install, and the note says so.
+        """
+        medians = []
+        with self.scenario("coldstart"), tempfile.TemporaryDirectory() as tmp:
+            bundle = _lambda_bundle(Path(tmp) / "bundle")
+            if bundle is None:
+                command = [sys.executable, "-m", "local.bench.coldstart"]
+                where = "the development install (the Lambda bundle could not be built)"
+            else:
+                script = str(Path(__file__).with_name("coldstart.py"))
+                command = [sys.executable, "-I", "-S", script, "--bundle", str(bundle)]
+                where = "the Lambda bundle, python -I -S"
+            for which in ("api", "tick", "floor"):
+                totals = []
+                for _ in range(self.sizes.cold_starts):
+                    out = subprocess.run(
+                        [*command, which],
+                        env={**os.environ, "TASKRUNNER_DATABASE_URL": self.url,
+                             "AWS_LAMBDA_FUNCTION_NAME": "taskrunner-bench"},
+                        capture_output=True, text=True, timeout=60, check=True,
+                    )  # fmt: skip
+                    totals.append(json.loads(out.stdout.splitlines()[-1])["total_ms"])
+                medians.append(statistics.median(totals))
+        return medians[0], medians[1], medians[2], where
+
+
+def _lambda_bundle(target: Path) -> Path | None:
+    """The bundle `sam build` makes for a function (both hold the same), built into `target`;
+    None if it cannot be built here."""
+    root = Path(__file__).parents[2]
+    try:
+        subprocess.run(
+            ["make", "-s", "-C", str(root / "infra"), "build-ApiFunction",
+             f"ARTIFACTS_DIR={target}", f"PYTHON={sys.executable}"],
+            capture_output=True, timeout=900, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return target

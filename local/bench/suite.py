@@ -1,0 +1,158 @@
+"""The run: the scenarios `taskrunner bench --only` picks, in order, and the figure each
+yields with its goal."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Collection
+
+from functions.errors import TaskrunnerError
+from local.bench import load
+from local.bench.figures import Figure
+from local.bench.harness import Sizes
+from local.bench.scenarios import Bench
+
+# The scenarios `taskrunner bench --only` can pick, in the order they run.
+SCENARIOS = ("drain", "burst", "warm-burst", "fanout", "lateness", "create", "api", "stats",
+             "soak", "cold-start")  # fmt: skip
+
+
+def run(
+    server_url: str,
+    *,
+    quick: bool,
+    tasks: int | None,
+    workers: int,
+    only: Collection[str] | None = None,
+) -> list[Figure]:
+    """Run every scenario, or those in `only` (names from SCENARIOS); return the figures."""
+    unknown = sorted(set(only or ()) - set(SCENARIOS))
+    if unknown:
+        raise TaskrunnerError(f"no bench scenario {unknown}; the scenarios: {', '.join(SCENARIOS)}")
+    sizes = Sizes.choose(quick=quick, tasks=tasks)
+    bench = Bench(server_url, sizes, workers)
+    figures: list[Figure] = []
+    raw_note = "claim + finish transactions only, 2 pipelines"
+    drain_one: float | None = None  # the warm burst's yardstick
+
+    def want(name: str) -> bool:
+        return only is None or name in only
+
+    try:
+        if want("drain"):
+            raw = bench.raw_drain()
+            one = drain_one = bench.drain(1)
+            figures.append(
+                Figure(
+                    "drain, 1 worker", one, "tasks/s", ">= 50,000/s", one >= 50_000, raw, raw_note
+                )
+            )
+            if workers > 1:
+                many = bench.drain(workers)
+                figures.append(
+                    Figure(f"drain, {workers} workers", many, "tasks/s", "> 1 worker", many > one,
+                           raw, raw_note)
+                )  # fmt: skip
+
+        if want("burst"):
+            seconds, reruns = bench.burst()
+            baz, foo = sizes.burst_tasks
+            figures.append(
+                Figure(f"burst on a fresh table, {baz:,} baz + {foo:,} foo, {workers} workers",
+                       seconds, "s", "each once; <= 10 s", reruns == 0 and seconds <= 10, 3.0,
+                       f"ran twice: {reruns}; the floor: foo sleeps 3 s")
+            )  # fmt: skip
+
+        if want("warm-burst"):
+            warm = bench.warm_burst()
+            one = drain_one or bench.drain(1)
+            n = sizes.warm_burst_tasks
+            figures.append(
+                Figure(f"burst of {n:,} baz to a worker warmed on a small table", warm,
+                       "tasks/s", ">= 70% of drain, 1 worker", warm >= 0.7 * one, None,
+                       f"drain, 1 worker: {one:,.0f}/s")
+            )  # fmt: skip
+
+        if want("fanout"):
+            seconds, peak = bench.fanout()
+            n = sizes.fanout_tasks
+            figures.append(
+                Figure(f"fan-out, {n:,} x 3 s foo", seconds, "s", "<= 3.5 s", seconds <= 3.5,
+                       3.0, "the floor: each sleeps 3 s")
+            )  # fmt: skip
+            figures.append(
+                Figure("fan-out, peak worker memory", peak, "MB", "< 150 MB", peak < 150, None, "")
+            )
+
+        if want("lateness"):
+            p50, p99 = bench.lateness_future()
+            figures.append(
+                Figure("lateness, future task, p99", p99, "ms", "<= 5 ms", p99 <= 5, None,
+                       f"p50 {p50:.1f} ms")
+            )  # fmt: skip
+            notify = bench.raw_notify_ms()
+            p50, p99 = bench.lateness_now()
+            figures.append(
+                Figure("lateness, due on creation, p99", p99, "ms", "<= 5 ms", p99 <= 5, notify,
+                       f"p50 {p50:.1f} ms; raw: NOTIFY trip p99")
+            )  # fmt: skip
+
+        if want("create"):
+            single = bench.create_single()
+            raw_single = bench.raw_create_single()
+            figures.append(
+                Figure("create, POST /tasks, 32 clients", single, "tasks/s", ">= 3,000/s",
+                       single >= 3_000, raw_single, "single-row INSERT, 4 connections")
+            )  # fmt: skip
+            bulk = bench.create_bulk()
+            raw_bulk = bench.raw_create_bulk()
+            figures.append(
+                Figure("create, POST /tasks/batch of 10,000", bulk, "tasks/s", ">= 85% of raw",
+                       bulk >= 0.85 * raw_bulk, raw_bulk,
+                       f"the same INSERT, 10,000 rows ({bulk / raw_bulk:.0%})")
+            )  # fmt: skip
+            keyed = bench.create_bulk_keyed()
+            figures.append(
+                Figure("create, POST /tasks/batch of 10,000 with 255-character keys", keyed,
+                       "tasks/s", ">= 1/3 of no keys", keyed * 3 >= bulk, bulk,
+                       f"raw: the batch without keys ({keyed / bulk:.0%})")
+            )  # fmt: skip
+
+        if want("api"):
+            if load.wrk_path() is None:
+                print("bench: wrk is not installed; no API figures", file=sys.stderr)
+            else:
+                figures += bench.api_routes()
+        if want("stats"):
+            p50, p99 = bench.stats_large()
+            figures.append(
+                Figure(f"GET /stats, {sizes.stats_tasks:,} finished tasks, p99", p99, "ms",
+                       "<= 50 ms", p99 <= 50, None, f"p50 {p50:.1f} ms")
+            )  # fmt: skip
+
+        if want("soak"):
+            warm, end, ratio = bench.soak()
+            figures.append(
+                Figure(f"soak, {sizes.soak_rate:,} tasks/s for {sizes.soak_s:.0f} s, retention"
+                       f" {sizes.soak_retention_s:.0f} s: table + indexes at the end", end, "MB",
+                       "within 20% of after warm-up", ratio <= 1.2, None,
+                       f"after warm-up {warm:.1f} MB ({ratio - 1:+.0%})")
+            )  # fmt: skip
+
+        if want("cold-start"):
+            api_ms, tick_ms, floor_ms, where = bench.cold_starts()
+            note = (
+                f"median of {sizes.cold_starts} fresh processes, in {where}; raw: import asyncio"
+                " and psycopg, connect, SELECT 1"
+            )
+            figures.append(
+                Figure("cold start, API: import + first request", api_ms, "ms", "<= 350 ms",
+                       api_ms <= 350, floor_ms, note)
+            )  # fmt: skip
+            figures.append(
+                Figure("cold start, tick: import + a tick, nothing due", tick_ms, "ms", "<= 250 ms",
+                       tick_ms <= 250, floor_ms, note)
+            )  # fmt: skip
+    finally:
+        bench.procs.stop_all()
+    return figures
