@@ -2,13 +2,13 @@
 --only create --only cold-start --runs 3`.
 
 Each commit is checked out into a temporary `git worktree` (removed afterwards) and runs
-`taskrunner bench --only ...` from there, alternately (BASE HEAD BASE HEAD ...), so a slow
-minute on a shared machine falls on both. All runs use one PostgreSQL server: the configured
-TASKRUNNER_DATABASE_URL, else an embedded one started for the comparison. Prints each figure's
-median per commit and their ratio, and exits 1 when a median moved more than the tolerance
-(10%) the wrong way: down for a rate, up for a time or a size. The raw ratio is the same for
-the raw PostgreSQL column of those runs: where it moved as much, the machine did; so did it
-where the spread of one commit's own runs is wider than the move.
+`taskrunner bench --only ...` from there, alternately (BASE HEAD HEAD BASE BASE HEAD ...), so a
+slow minute on a shared machine, or a load that drifts, falls on both. All runs use one
+PostgreSQL server: the configured TASKRUNNER_DATABASE_URL, else an embedded one started for the
+comparison. Prints each figure's median per commit and their ratio, and exits 1 when a median
+moved more than the tolerance (10%) the wrong way: down for a rate, up for a time or a size. The
+raw ratio is the same for the raw PostgreSQL column of those runs: where it moved as much, the
+machine did; so did it where the spread of one commit's own runs is wider than the move.
 """
 
 from __future__ import annotations
@@ -222,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             for tree in trees.values():
                 _check_imports_from(tree)
             for i in range(args.runs):
-                for side in ("base", "head"):
+                # BASE HEAD, then HEAD BASE: a load that rises or falls through the
+                # comparison favours neither side.
+                for side in ("base", "head") if i % 2 == 0 else ("head", "base"):
                     started = time.monotonic()
                     out = parent / f"{side}{i}.json"
                     runs[side].append(bench_once(trees[side], url, bench_args, out))
