@@ -1,7 +1,7 @@
 """The HTTP API: routes that parse requests, call the domain, and shape responses.
 
-Domain errors become status codes in `answers.status_of`, for these routes and the hot path
-(`hotpath`), which serves the busiest requests before they reach FastAPI.
+Domain errors become status codes in `responses.status_of`, for these routes and the hot path
+(`fastpath`), which serves the busiest requests before they reach FastAPI.
 """
 
 from collections.abc import AsyncIterator, Sequence
@@ -17,10 +17,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import Scope
 
-from functions import auth, monitoring, original, tasks
-from functions.answers import status_of, task_fields
-from functions.asgi import layers
-from functions.bodies import (
+from functions import tasks
+from functions.db import Database
+from functions.errors import TaskrunnerError, Unauthorized
+from functions.http import auth, challenge, monitoring
+from functions.http.dashboard import add_dashboard
+from functions.http.docs import add_docs
+from functions.http.middleware import layers
+from functions.http.responses import status_of, task_fields
+from functions.http.routes import Route, TaskId, answer
+from functions.http.schemas import (
     KIND_SCHEMA,
     BatchIn,
     Cursor,
@@ -34,11 +40,6 @@ from functions.bodies import (
     errors,
     links,
 )
-from functions.dashboard import add_dashboard
-from functions.db import Database
-from functions.docs import add_docs
-from functions.errors import TaskrunnerError, Unauthorized
-from functions.routing import Route, TaskId, answer
 from functions.settings import Settings
 from functions.store import Store
 from functions.tasks import NewTask, TaskState
@@ -104,7 +105,7 @@ def build_app(
 ) -> FastAPI:
     """Build the API for `settings`; the database is first reached by the first request.
 
-    `middleware=False`: without `asgi.layers`, which the caller puts around it (the Lambda
+    `middleware=False`: without `middleware.layers`, which the caller puts around it (the Lambda
     handler, with `store`: the one the hot path uses).
     """
     if store is None:
@@ -122,7 +123,7 @@ def build_app(
         lifespan=lifespan,
         # A body without a content-type is read as JSON (see `require_json`).
         strict_content_type=False,
-        # Ours instead (functions/docs.py): FastAPI's load their scripts from a CDN.
+        # Ours instead (functions/http/docs.py): FastAPI's load their scripts from a CDN.
         docs_url=None,
         redoc_url=None,
         # operationId: the route's function name (`get_task`), which the links refer to.
@@ -130,7 +131,7 @@ def build_app(
     )
     app.router.route_class = Route
     add_docs(app)
-    # GET /: the dashboard's page (functions/dashboard.py); HEAD by `Route`.
+    # GET /: the dashboard's page (functions/http/dashboard.py); HEAD by `Route`.
     add_dashboard(app)
     if middleware:
         # Each added goes outside those added before it.
@@ -142,7 +143,7 @@ def build_app(
     if settings.api_token is not None:
         expected_token = settings.api_token.encode()
         # Declares the scheme in the OpenAPI document; the check is `auth.authorized`, which
-        # `auth.Authorize` made already before the body was read (`asgi.layers`). Made again
+        # `auth.Authorize` made already before the body was read (`middleware.layers`). Made again
         # here for an app served without those layers (`middleware=False`).
         bearer = HTTPBearer(auto_error=False, description="TASKRUNNER_API_TOKEN")
 
@@ -162,7 +163,7 @@ def build_app(
         return errors(*sorted({*codes, *auth_errors, 413, 503}))
 
     # Every route that takes a body. Its content-type, and how much it holds, are checked
-    # by `Route` before the body is parsed (`routing.require_json`, `tasks.count_values`);
+    # by `Route` before the body is parsed (`routes.require_json`, `tasks.count_values`);
     # the token before anything, by `auth.Authorize`.
     TakesJson = Authorized
     # What every route that takes a body can answer besides its own errors.
@@ -333,5 +334,5 @@ def build_app(
 
     app.include_router(monitoring.build_router(store, Authorized, fails))
     # Last: its `POST /{type}/{unix_seconds}` must not shadow a route above.
-    app.include_router(original.build_router(settings, store, Authorized, fails))
+    app.include_router(challenge.build_router(settings, store, Authorized, fails))
     return app

@@ -1,6 +1,6 @@
 """What the API reads and writes: request and response bodies, and their parameters.
 
-Shared by the routes (`app`) and the original challenge's routes (`original`). Each type's
+Shared by the routes (`app`) and the original challenge's routes (`challenge`). Each type's
 JSON Schema says what the server accepts, so the OpenAPI document is the contract.
 """
 

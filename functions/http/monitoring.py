@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
-from functions.routing import Route
+from functions.http.routes import Route
 from functions.stats import Stats, read_stats
 from functions.store import Store
 

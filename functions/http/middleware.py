@@ -2,7 +2,7 @@
 (`auth`), HEAD, the limits on request bodies, the hot path; and their order (`layers`).
 
 Plain ASGI, without Starlette's request and response classes: the Lambda handler wraps the
-app in these on a cold start, before FastAPI is imported (`hotpath.Lazy`).
+app in these on a cold start, before FastAPI is imported (`fastpath.Lazy`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from functions.answers import send_detail
-from functions.auth import Authorize
-from functions.hotpath import HotPath
+from functions.http.auth import Authorize
+from functions.http.fastpath import HotPath
+from functions.http.responses import send_detail
 from functions.settings import Settings
 from functions.store import Store
 

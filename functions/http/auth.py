@@ -1,8 +1,8 @@
 """The API token: which requests need it, how it is checked, and the 401 before anything else.
 
-`Authorize` is outside every layer but BasePath (`asgi.layers`): a request that needs the token and
-lacks it is answered 401 before its body is counted, read or parsed, on every path (the hot
-path, the FastAPI app, the Lambda handler). The FastAPI app's dependency (`app.check_token`)
+`Authorize` is outside every layer but BasePath (`middleware.layers`): a request that needs the
+token and lacks it is answered 401 before its body is counted, read or parsed, on every path
+(the hot path, the FastAPI app, the Lambda handler). The FastAPI app's dependency (`app.check_token`)
 checks by the same function, `authorized`, and declares the scheme in the OpenAPI document.
 
 No FastAPI or Starlette here: the Lambda handler imports this on a cold start.
@@ -15,8 +15,8 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from functions.answers import send_detail, status_of
 from functions.errors import Unauthorized
+from functions.http.responses import send_detail, status_of
 
 # HTTP's optional whitespace (RFC 9110, 5.6.3): all that is ignored around the credentials.
 # (str.strip() would also drop \x85 and \xa0, which a client may have meant as the token's.)

@@ -5,12 +5,12 @@ Under load (wrk, 32 connections, one process) FastAPI's routing, dependency solv
 its exception and exit-stack middleware were ~40% of the CPU of a `POST /tasks` or a
 `GET /tasks/{id}`. A request is served here only when it is plainly well formed: the
 method and path of one of these routes, a JSON body that `tasks.read_batch` accepts (a
-task or a batch, read by the rules of `bodies.TaskIn`), at most one valid
+task or a batch, read by the rules of `schemas.TaskIn`), at most one valid
 `Idempotency-Key`. (The token was checked before, by `auth.Authorize`.) Anything else,
 every refusal in particular, goes on to the FastAPI app (`app`) and is answered there as
 before: the two cannot disagree about a 4xx, and the OpenAPI document stays FastAPI's. A
 success, and a domain error once the request was read (404, 409, 503), is answered with the
-same bytes the FastAPI routes send (`answers.task_fields`, `answers.status_of`).
+same bytes the FastAPI routes send (`responses.task_fields`, `responses.status_of`).
 
 On Lambda the FastAPI app is built, and FastAPI imported, by the first request it is needed
 for (`Lazy`): a cold start that creates or reads a task does without ~0.5 s of imports,
@@ -27,8 +27,8 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from functions import tasks
-from functions.answers import json_answer, send_detail, status_of, task_json
 from functions.errors import TaskrunnerError
+from functions.http.responses import json_answer, send_detail, status_of, task_json
 from functions.settings import Settings
 from functions.store import Store
 from functions.tasks import BIGINT_MAX, MAX_BATCH, NewTask
@@ -56,7 +56,7 @@ class HotPath:
     """ASGI middleware: serve `POST /tasks`, `POST /tasks/batch` and `GET`/`HEAD
     /tasks/{id}` when they are plainly well formed; pass everything else to `app`.
 
-    Inside `auth.Authorize` (`asgi.layers`): a request without the token never gets here."""
+    Inside `auth.Authorize` (`middleware.layers`): a request without the token never gets here."""
 
     def __init__(self, app: ASGIApp, settings: Settings, store: Store) -> None:
         self.app = app
@@ -136,7 +136,7 @@ class HotPath:
             return None
 
     def _one(self, scope: Scope, sent: Any, key: bytes | None) -> Awaitable[Answer] | None:
-        # Read as a batch's item is, by the rules `bodies.TaskIn` reads a task by: no pydantic
+        # Read as a batch's item is, by the rules `schemas.TaskIn` reads a task by: no pydantic
         # model here, so a Lambda cold start need not import pydantic (~70 ms, measured).
         read = tasks.read_batch([sent])
         if read is None:
@@ -165,7 +165,7 @@ class HotPath:
         task, created = await tasks.create_task(self.store, new, self.max_attempts)
         if not created:
             return 200, task_json(task), {}
-        # root_path: the base path the API is served under (asgi.BasePath), so the URL works.
+        # root_path: the base path the API is served under (middleware.BasePath), so the URL works.
         location = f"{scope.get('root_path', '')}/tasks/{task.id}"
         return 201, task_json(task), {"Location": location}
 

@@ -1,5 +1,5 @@
 """FastAPI's side of the routes: how a route matches its path, reads its body, its task id
-parameter, and its JSON answer. (The bodies themselves, without FastAPI: `bodies`.)"""
+parameter, and its JSON answer. (The bodies themselves, without FastAPI: `schemas`.)"""
 
 import re
 from collections.abc import Callable, Coroutine
@@ -26,7 +26,7 @@ class Route(APIRoute):
     and `/tasks/abc` names no route (404). FastAPI then checks the number's range (422).
 
     A GET route answers HEAD too, as HTTP asks of every resource that answers GET (the
-    body is dropped by asgi.HeadWithoutBody); the OpenAPI document lists GET alone."""
+    body is dropped by middleware.HeadWithoutBody); the OpenAPI document lists GET alone."""
 
     def _as_get(self, scope: Scope) -> Scope:
         if scope.get("method") == "HEAD" and self.methods and "GET" in self.methods:

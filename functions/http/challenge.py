@@ -17,9 +17,9 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from functions import tasks
-from functions.bodies import TaskOut
+from functions.http.routes import Route, TaskId
+from functions.http.schemas import TaskOut
 from functions.kinds import KINDS
-from functions.routing import Route, TaskId
 from functions.settings import Settings
 from functions.store import Store
 from functions.tasks import NewTask, TaskState
