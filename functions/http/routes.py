@@ -1,11 +1,12 @@
-"""FastAPI's side of the routes: how a route matches its path, reads its body, its task id
-parameter, and its JSON answer. (The bodies themselves, without FastAPI: `schemas`.)"""
+"""taskrunner's own routes (`add_routes`: the health check and the tasks), and FastAPI's
+side of every route: how it matches its path, reads its body, its task id parameter, and its
+JSON answer. (The bodies: `schemas`; the rules both paths read a request by: `rules`.)"""
 
 import re
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
-from fastapi import Path, Request, Response
+from fastapi import FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic_core import to_json
@@ -13,8 +14,25 @@ from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
 from functions import tasks
-from functions.errors import NotJson
-from functions.tasks import BIGINT_MAX
+from functions.http.responses import task_fields, task_json
+from functions.http.rules import require_json
+from functions.http.schemas import (
+    KIND_SCHEMA,
+    BatchIn,
+    Cursor,
+    IdempotencyKey,
+    IdsOut,
+    KindName,
+    PageOut,
+    RescheduleIn,
+    TaskIn,
+    TaskOut,
+    errors,
+    links,
+)
+from functions.settings import Settings
+from functions.store import Store
+from functions.tasks import BIGINT_MAX, NewTask, Task, TaskState
 
 TaskId = Annotated[int, Path(ge=1, le=BIGINT_MAX)]
 _DIGITS = re.compile("[0-9]+")
@@ -74,20 +92,157 @@ def answer(content: Any, status_code: int = 200, headers: dict[str, str] | None 
     return Response(to_json(content), status_code, headers, media_type="application/json")
 
 
-def require_json(content_type: str) -> None:
-    """Raise NotJson (415) unless a body sent with `content_type` is read as JSON.
+def task_answer(
+    task: Task, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """A task's JSON response: the bytes the fast path sends (`responses.task_json`)."""
+    return Response(task_json(task), status_code, headers, media_type="application/json")
 
-    A body sent without a content-type is read as JSON (clients and test consoles omit it;
-    nothing else could be meant); one that says it is something else gets a 415 that says
-    what to send, rather than a 422 about a string that is not an object.
-    """
-    content_type = content_type.strip()
-    media = content_type.partition(";")[0].strip().lower()
-    # (A header with parameters and no media type, `; charset=utf-8`, says nothing either.)
-    if (content_type and not media) or (
-        media and media != "application/json" and not media.endswith("+json")
-    ):
-        raise NotJson(
-            "the body must be JSON, sent as `content-type: application/json`, not"
-            f" {tasks.excerpt(media or content_type)}"
-        )
+
+# What every route that takes a body can answer besides its own errors. Its content-type, and
+# how much it holds, are checked by `Route` before the body is parsed (`rules.require_json`,
+# `tasks.count_values`); the token before anything, by `middleware.Authorize`.
+BODY_ERRORS = (400, 408, 415, 422)
+
+
+def add_routes(
+    app: FastAPI,
+    settings: Settings,
+    store: Store,
+    token_check: Sequence[Any],
+    fails: Callable[..., dict[int | str, dict[str, Any]]],
+) -> None:
+    """Add taskrunner's own routes over `store` to `app`: the health check and the tasks.
+    Every route but the health check depends on `token_check`; `fails(*codes)` is what a
+    route declares it can answer besides success.
+
+    Added to the app itself, as `Route`s (`app.router.route_class`), not as a router of
+    their own: an included router is one entry of `app.routes` that hides its routes."""
+    token_check = list(token_check)
+
+    @app.get("/healthz", responses=errors(503))
+    async def healthz() -> dict[str, str]:
+        """200 when the database answers with a schema this version can use; 503 when it
+        does not answer, or its schema is missing or behind (`taskrunner migrate`)."""
+        revision = await tasks.check_schema(store)
+        return {"status": "ok", "schema": revision}
+
+    # HEAD answers as GET does, without the body (HeadWithoutBody); kept out of the schema,
+    # where it would repeat GET's operation.
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+
+    @app.post(
+        "/tasks",
+        status_code=201,
+        response_model=TaskOut,
+        dependencies=token_check,
+        responses={
+            200: {
+                "model": TaskOut,
+                "description": "A repeat of the request that created this task (same"
+                " Idempotency-Key, type and execute_at): nothing was created.",
+            },
+            201: {"description": "Created.", "links": links("id")},
+            **fails(*BODY_ERRORS, 409),
+        },
+    )
+    async def create_task(
+        body: TaskIn,
+        request: Request,
+        idempotency_key: Annotated[IdempotencyKey | None, Header(alias="Idempotency-Key")] = None,
+    ) -> Response:
+        """Schedule a task to run once, at or after `execute_at`.
+
+        With an `Idempotency-Key`, a repeat of this request gets the same task back (200).
+        """
+        new = NewTask(kind=body.type, execute_at=body.execute_at, idempotency_key=idempotency_key)
+        task, created = await tasks.create_task(store, new, settings.max_attempts)
+        if not created:
+            return task_answer(task)
+        # root_path: the base path the API is served under (BasePath), so the URL works.
+        location = f"{request.scope.get('root_path', '')}/tasks/{task.id}"
+        return task_answer(task, 201, {"Location": location})
+
+    @app.post(
+        "/tasks/batch",
+        status_code=201,
+        response_model=IdsOut,
+        dependencies=token_check,
+        responses={**fails(*BODY_ERRORS, 409), 201: {"links": links("ids/0")}},
+    )
+    async def create_tasks(body: BatchIn) -> Response:
+        """Schedule up to 10,000 tasks: all are written or none (the error names the item)."""
+        new = [item.to_new() for item in body.tasks]
+        return answer({"ids": await tasks.create_tasks(store, new, settings.max_attempts)}, 201)
+
+    @app.get("/tasks", response_model=PageOut, dependencies=token_check, responses=fails(400, 422))
+    async def list_tasks(
+        state: Annotated[
+            TaskState | None, Query(description="scheduled, running, succeeded or failed")
+        ] = None,
+        type: Annotated[KindName | None, Query(description=KIND_SCHEMA["description"])] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        cursor: Annotated[
+            Cursor | None, Query(description="`next_cursor` of the previous page")
+        ] = None,
+    ) -> Response:
+        """List tasks by ascending id, optionally filtered by state and type."""
+        page = await tasks.list_tasks(store, state=state, kind=type, limit=limit, cursor=cursor)
+        items = [task_fields(t) for t in page.items]
+        return answer({"items": items, "next_cursor": page.next_cursor})
+
+    @app.get(
+        "/tasks/{task_id}",
+        response_model=TaskOut,
+        dependencies=token_check,
+        responses=fails(404, 422),
+    )
+    async def get_task(task_id: TaskId) -> Response:
+        """Show one task."""
+        return task_answer(await tasks.get_task(store, task_id))
+
+    @app.post(
+        "/tasks/{task_id}/run",
+        response_model=TaskOut,
+        dependencies=token_check,
+        responses=fails(404, 409, 422),
+    )
+    async def run_task(task_id: TaskId) -> Response:
+        """Make a scheduled task due now; 409 once it is running or finished."""
+        return task_answer(await tasks.run_task(store, task_id))
+
+    @app.post(
+        "/tasks/{task_id}/retry",
+        response_model=TaskOut,
+        dependencies=token_check,
+        responses=fails(404, 409, 422),
+    )
+    async def retry_task(task_id: TaskId) -> Response:
+        """Schedule a failed task again, due now, with a fresh budget of attempts.
+
+        `attempts` counts on and the last `error` stays until the next attempt ends.
+        409 unless the task failed.
+        """
+        return task_answer(await tasks.retry_task(store, task_id, settings.max_attempts))
+
+    @app.patch(
+        "/tasks/{task_id}",
+        response_model=TaskOut,
+        dependencies=token_check,
+        responses=fails(*BODY_ERRORS, 404, 409),
+    )
+    async def reschedule_task(task_id: TaskId, body: RescheduleIn) -> Response:
+        """Move a scheduled task to a new `execute_at`; 409 once it is running or finished."""
+        return task_answer(await tasks.reschedule_task(store, task_id, body.execute_at))
+
+    @app.delete(
+        "/tasks/{task_id}",
+        status_code=204,
+        response_class=Response,
+        dependencies=token_check,
+        responses=fails(404, 409, 422),
+    )
+    async def delete_task(task_id: TaskId) -> Response:
+        """Delete a task; a running one cannot be deleted (409)."""
+        await tasks.delete_task(store, task_id)
+        return Response(status_code=204)

@@ -432,7 +432,7 @@ async def test_an_answer_that_cannot_be_sent_is_a_500_in_json(settings: Settings
         raise AssertionError("not passed on")
 
     hot = HotPath(unused, settings, Store(Database(settings)))
-    await hot._answer({"path": "/tasks"}, send, work())
+    await hot._send_answer({"path": "/tasks"}, send, work())
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     assert sent[0]["status"] == 500
     assert json.loads(sent[1]["body"]) == {"detail": "internal error"}
