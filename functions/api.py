@@ -1,5 +1,5 @@
 """Lambda entry point for the HTTP API: API Gateway (HTTP API or REST API) -> Mangum -> the
-middleware of `asgi.layers` -> FastAPI, built (and imported) by the first request the hot
+middleware of `middleware.layers` -> FastAPI, built (and imported) by the first request the hot
 path does not serve."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from typing import Any
 
 from mangum import Mangum
 
-from functions.asgi import wrap
 from functions.db import Database
-from functions.hotpath import Lazy
+from functions.http.fastpath import Lazy
+from functions.http.middleware import wrap
 from functions.logs import handler_settings
 from functions.settings import Settings
 from functions.store import Store
@@ -45,8 +45,8 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
 
 def _build(settings: Settings, store: Store) -> Any:
     def fastapi_app() -> Any:
-        # Here, not at the top: most requests never need FastAPI (functions/hotpath.py).
-        from functions.app import build_app
+        # Here, not at the top: most requests never need FastAPI (functions/http/fastpath.py).
+        from functions.http.app import build_app
 
         return build_app(settings, store=store, middleware=False)
 

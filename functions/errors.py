@@ -1,5 +1,5 @@
 """The project's exceptions. HTTP status codes are mapped from these in
-`answers.status_of`, nowhere else."""
+`responses.status_of`, nowhere else."""
 
 
 class TaskrunnerError(Exception):

@@ -33,10 +33,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from functions import tasks
-from functions.answers import send_detail
-from functions.app import build_app
 from functions.db import Database
 from functions.errors import DatabaseUnavailable, SchemaOutdated
+from functions.http.app import build_app
+from functions.http.responses import send_detail
 from functions.logs import setup_logging
 from functions.settings import Settings
 from functions.store import Store

@@ -29,7 +29,7 @@ import pytest
 from pytest_postgresql.janitor import DatabaseJanitor
 from sqlalchemy.engine import URL, make_url
 
-from functions.app import build_app
+from functions.http.app import build_app
 from functions.settings import Settings
 from local.migrate import migrate
 from tests.pgservers import (

@@ -107,7 +107,7 @@ def test_lambda_bundle_holds_only_runtime_dependencies_and_its_handlers_work(
     files = [p for p in bundle.rglob("*") if p.is_file()]
     assert not [p for p in bundle.rglob("*") if p.is_dir() and p.name in ("tests", "testing")]
     assert not [p for p in files if p.suffix in (".h", ".c", ".pyx", ".pxd")]
-    assert (bundle / "functions" / "static" / "favicon.svg").is_file(), "package data"
+    assert (bundle / "functions" / "http" / "static" / "favicon.svg").is_file(), "package data"
     # Every dependency at the version constraints.txt pins, the one the suite ran with, not the
     # newest release.
     shipped = {}

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 import uvicorn
 
-from functions.app import build_app
+from functions.http.app import build_app
 from functions.settings import Settings
 from tests.pgservers import available_versions
 from tests.procs import Proc, spawn, wait_for

@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from functions.app import build_app
+from functions.http.app import build_app
 from functions.queries import SCHEMA_REVISION
 from functions.settings import Settings
 from tests.conftest import serve, utc_in

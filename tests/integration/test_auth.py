@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from functions import api
-from functions.app import build_app
 from functions.db import Database
+from functions.http.app import build_app
 from functions.settings import Settings
 from functions.store import Store
 from tests.conftest import serve

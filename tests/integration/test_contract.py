@@ -21,7 +21,7 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import Status
 from schemathesis.engine import events as ev
 
-from functions.app import build_app
+from functions.http.app import build_app
 from functions.settings import Settings
 
 TOKEN = "contract-token"

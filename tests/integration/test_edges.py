@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from functions.app import build_app
-from functions.asgi import BodyLimit
+from functions.http.app import build_app
+from functions.http.middleware import BodyLimit
 from functions.model import MAX_VALUES, TOO_MANY_VALUES
 from functions.settings import Settings
 from tests.conftest import serve

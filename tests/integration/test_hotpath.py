@@ -1,4 +1,4 @@
-"""The hot path (functions/hotpath.py) answers exactly what the FastAPI routes answer.
+"""The hot path (functions/http/fastpath.py) answers exactly what the FastAPI routes answer.
 
 Each request goes to two apps on one database: the API as served (hot path first), and the
 same API without the hot path (every request through FastAPI). Their answers must be equal,
@@ -17,10 +17,10 @@ import httpx
 import pytest
 
 from functions import tasks
-from functions.app import build_app
-from functions.asgi import layers, wrap
 from functions.db import Database
-from functions.hotpath import HotPath, Lazy
+from functions.http.app import build_app
+from functions.http.fastpath import HotPath, Lazy
+from functions.http.middleware import layers, wrap
 from functions.model import TOO_MANY_VALUES
 from functions.settings import Settings
 from functions.store import Store
@@ -432,7 +432,7 @@ async def test_an_answer_that_cannot_be_sent_is_a_500_in_json(settings: Settings
         raise AssertionError("not passed on")
 
     hot = HotPath(unused, settings, Store(Database(settings)))
-    await hot._answer({"path": "/tasks"}, send, work())
+    await hot._send_answer({"path": "/tasks"}, send, work())
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     assert sent[0]["status"] == 500
     assert json.loads(sent[1]["body"]) == {"detail": "internal error"}

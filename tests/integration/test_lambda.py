@@ -390,7 +390,7 @@ def test_healthz_reports_a_schema_behind_this_version(
 def test_a_cold_start_that_creates_and_reads_tasks_imports_no_fastapi(
     database_url: str, version: str
 ) -> None:
-    """The hot path (functions/hotpath.py) serves them; FastAPI and pydantic come with the
+    """The hot path (functions/http/fastpath.py) serves them; FastAPI and pydantic come with the
     first request it does not serve (here a list), and answer it."""
     probe = f"""
 import json, sys
@@ -402,7 +402,7 @@ task_id = body(created)["id"]
 shown = handler(api_event("{version}", "get", task_id), FakeContext())
 assert shown["statusCode"] == 200, shown
 later = {{"fastapi", "starlette.routing", "starlette.responses", "starlette.exceptions",
-         "pydantic", "pydantic_core", "functions.bodies"}}
+         "pydantic", "pydantic_core", "functions.http.schemas"}}
 before = sorted(later & set(sys.modules))
 listed = handler(api_event("{version}", "list"), FakeContext())
 assert listed["statusCode"] == 200, listed

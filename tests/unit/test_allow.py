@@ -7,7 +7,7 @@ import re
 
 import httpx
 
-from functions.app import build_app
+from functions.http.app import build_app
 from functions.settings import Settings
 
 # Answered before the database is asked: nothing listens here.

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic_core import to_json
 
-from functions.answers import plain_task_json, task_fields, task_json
-from functions.bodies import TaskOut
+from functions.http.responses import plain_task_json, task_fields, task_json
+from functions.http.routes import answer
+from functions.http.schemas import TaskOut
 from functions.model import Task, TaskState
-from functions.routing import answer
 
 AT = datetime(2026, 11, 28, 9, 0, 0, 123456, tzinfo=UTC)
 

@@ -165,7 +165,7 @@ def test_every_command_and_option_of_the_cli_is_in_the_commands_table() -> None:
 
 
 def test_every_bench_scenario_is_described_on_the_performance_page() -> None:
-    from local.bench import SCENARIOS
+    from local.bench.suite import SCENARIOS
 
     page = (ROOT / "docs" / "performance.md").read_text()
     described = re.findall(r"^- `([\w-]+)`", page[page.index("## The scenarios") :], re.MULTILINE)

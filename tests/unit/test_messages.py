@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
-from functions.app import build_app
+from functions.http.app import build_app
 from functions.settings import Settings
 
 # Refused before the database is asked: nothing listens here.

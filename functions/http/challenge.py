@@ -17,10 +17,11 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from functions import model, parsing, tasks
-from functions.bodies import TaskOut
+from functions.http.responses import task_fields
+from functions.http.routes import Route, TaskId, answer, task_answer
+from functions.http.schemas import TaskOut
 from functions.kinds import KINDS
 from functions.model import NewTask, TaskState
-from functions.routing import Route, TaskId
 from functions.settings import Settings
 from functions.store import Store
 
@@ -144,9 +145,9 @@ def build_router(
         summary="Show a task (original)",
         responses=fails(404, 422),
     )
-    async def original_get(id: TaskId) -> TaskOut:
+    async def original_get(id: TaskId) -> Response:
         """The task, as `GET /tasks/{task_id}` shows it."""
-        return TaskOut.of(await tasks.get_task(store, id))
+        return task_answer(await tasks.get_task(store, id))
 
     @router.delete(
         "/id/{id}",
@@ -168,10 +169,10 @@ def build_router(
     )
     async def original_list(
         state: Annotated[StateName, Path(description=STATE_DESCRIPTION)],
-    ) -> list[TaskOut]:
+    ) -> Response:
         """The first 1,000 tasks in `state`, oldest first (`GET /tasks` pages through all)."""
-        states = STATES[state]
-        return [TaskOut.of(t) for t in await tasks.list_in_states(store, states, LIST_LIMIT)]
+        found = await tasks.list_in_states(store, STATES[state], LIST_LIMIT)
+        return answer([task_fields(t) for t in found])
 
     @router.delete(
         "/",

@@ -1,8 +1,8 @@
-"""ASGI middleware between the server (Mangum or uvicorn) and the app: base path, the token
-(`auth`), HEAD, the limits on request bodies, the hot path; and their order (`layers`).
+"""ASGI middleware between the server (Mangum or uvicorn) and the app: base path, the token,
+HEAD, the limits on request bodies, the fast path; and their order (`layers`).
 
 Plain ASGI, without Starlette's request and response classes: the Lambda handler wraps the
-app in these on a cold start, before FastAPI is imported (`hotpath.Lazy`).
+app in these on a cold start, before FastAPI is imported (`fastpath.Lazy`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from functions.answers import send_detail
-from functions.auth import Authorize
-from functions.hotpath import HotPath
+from functions.errors import Unauthorized
+from functions.http import rules
+from functions.http.fastpath import HotPath
+from functions.http.responses import send_detail, status_of
 from functions.settings import Settings
 from functions.store import Store
 
@@ -41,6 +42,31 @@ class BasePath:
             if not (path == self.base_path or path.startswith(self.base_path + "/")):
                 path = self.base_path + path
             scope = {**scope, "root_path": self.base_path, "path": path}
+        await self.app(scope, receive, send)
+
+
+class Authorize:
+    """Answer 401 to a request that needs the token and does not carry it, reading nothing of
+    its body; pass every other request to `app`.
+
+    Outside every layer but BasePath (`layers`): the 401 comes before the body is counted,
+    read or parsed, on every path (the fast path, the FastAPI app, the Lambda handler).
+    Every route but the public ones (`rules.is_public`) needs the token, so a request without
+    it learns nothing, not even whether its path or method names a route (401, not 404 or 405).
+    """
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and not rules.bearer_ok(scope["headers"], self.token)
+            and not rules.is_public(scope["method"], rules.route_path(scope))
+        ):
+            await send_detail(send, *status_of(Unauthorized(rules.NO_TOKEN), scope["path"]))
+            return
         await self.app(scope, receive, send)
 
 
@@ -74,8 +100,8 @@ BODY_GRACE_S = 10.0
 BODY_MIN_RATE = 64 * 1024
 
 
-class _Refused(Exception):
-    """A body refused by BodyLimit: `_refusal` makes it."""
+class BodyRefused(Exception):
+    """A body refused by BodyLimit: `_refuse` makes it."""
 
     status_code: int
     detail: str
@@ -83,19 +109,19 @@ class _Refused(Exception):
 
 
 @functools.cache
-def _refusal_type() -> Callable[..., _Refused]:
+def _refusal_type() -> Callable[..., BodyRefused]:
     """Raised from `receive` while the app reads the body; also Starlette's HTTPException, so
     FastAPI's own body reading lets it through to the app's error handler. Made by the first
     refusal: a Lambda cold start does without importing Starlette's exceptions (~15 ms)."""
     from starlette.exceptions import HTTPException
 
-    class BodyRefused(_Refused, HTTPException):
+    class BodyRefusedHTTP(BodyRefused, HTTPException):
         pass
 
-    return BodyRefused
+    return BodyRefusedHTTP
 
 
-def _refusal(status_code: int, detail: str) -> _Refused:
+def _refuse(status_code: int, detail: str) -> BodyRefused:
     # The rest of the body is never read: the connection cannot be reused.
     return _refusal_type()(status_code, detail, headers={"Connection": "close"})
 
@@ -121,11 +147,11 @@ class BodyLimit:
         self.grace_s = grace_s
         self.min_rate = min_rate
 
-    def too_large(self) -> _Refused:
-        return _refusal(413, f"the request body is over the limit of {self.max_bytes} bytes")
+    def too_large(self) -> BodyRefused:
+        return _refuse(413, f"the request body is over the limit of {self.max_bytes} bytes")
 
-    def too_slow(self) -> _Refused:
-        return _refusal(
+    def too_slow(self) -> BodyRefused:
+        return _refuse(
             408,
             "the request body did not arrive in time: send it at"
             f" {self.min_rate / 1024:.0f} KiB/s or faster",
@@ -141,11 +167,11 @@ class BodyLimit:
         if declared is not None:
             refused = None
             if not declared.strip().isascii() or not declared.strip().isdigit():
-                refused = _refusal(400, "the Content-Length header is not a number")
+                refused = _refuse(400, "the Content-Length header is not a number")
             elif int(declared) > self.max_bytes:
                 refused = self.too_large()
             if refused is not None:
-                await _answer(refused, scope, receive, send)
+                await _send_refusal(refused, send)
                 return
 
         loop = asyncio.get_running_loop()
@@ -181,14 +207,14 @@ class BodyLimit:
 
         try:
             await self.app(scope, limited, tracked)
-        except _Refused as refused:
+        except BodyRefused as refused:
             # Read by something other than FastAPI's routes (which answer it themselves).
             if response_started:
                 raise
-            await _answer(refused, scope, receive, send)
+            await _send_refusal(refused, send)
 
 
-async def _answer(refused: _Refused, scope: Scope, receive: Receive, send: Send) -> None:
+async def _send_refusal(refused: BodyRefused, send: Send) -> None:
     await send_detail(send, refused.status_code, refused.detail, dict(refused.headers or {}))
 
 

@@ -9,8 +9,8 @@ from typing import Any
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
+from functions.http.routes import Route
 from functions.report import Stats, read_stats
-from functions.routing import Route
 from functions.store import Store
 
 

@@ -1,7 +1,7 @@
 """What the API answers: a task's fields, the status of a domain error, and JSON answers
 sent as plain ASGI messages.
 
-Shared by the FastAPI app (`app`) and the routes served without it (`hotpath`, `asgi`), so
+Shared by the FastAPI app (`app`) and the routes served without it (`fastpath`, `middleware`), so
 an error reads the same whichever served the request. No FastAPI or Starlette here: the
 Lambda handler imports this on a cold start.
 """
@@ -36,7 +36,7 @@ logger = logging.getLogger("functions.app")
 
 
 def task_fields(task: Task) -> dict[str, Any]:
-    """A task as `bodies.TaskOut` shows it, without building one: the routes answer with
+    """A task as `schemas.TaskOut` shows it, without building one: the routes answer with
     this, and the schema of TaskOut documents it (a unit test holds the two equal)."""
     return {
         "id": task.id,

@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 
-from functions import static
+from functions.http import static
 
 ASSETS = "/docs/assets"
 FAVICON = "/static/favicon.svg"

@@ -4,13 +4,13 @@ routing and dependency machinery.
 Under load (wrk, 32 connections, one process) FastAPI's routing, dependency solving, and
 its exception and exit-stack middleware were ~40% of the CPU of a `POST /tasks` or a
 `GET /tasks/{id}`. A request is served here only when it is plainly well formed: the
-method and path of one of these routes, a JSON body that `parsing.read_batch` accepts (a
-task or a batch, read by the rules of `bodies.TaskIn`), at most one valid
-`Idempotency-Key`. (The token was checked before, by `auth.Authorize`.) Anything else,
+method and path of one of these routes, a JSON body that the rules accept (`rules.read_task`,
+`rules.batch_items`, the rules the FastAPI app reads a body by), at most one valid
+`Idempotency-Key`. (The token was checked before, by `middleware.Authorize`.) Anything else,
 every refusal in particular, goes on to the FastAPI app (`app`) and is answered there as
 before: the two cannot disagree about a 4xx, and the OpenAPI document stays FastAPI's. A
 success, and a domain error once the request was read (404, 409, 503), is answered with the
-same bytes the FastAPI routes send (`answers.task_fields`, `answers.status_of`).
+same bytes the FastAPI routes send (`responses.task_json`, `responses.status_of`).
 
 On Lambda the FastAPI app is built, and FastAPI imported, by the first request it is needed
 for (`Lazy`): a cold start that creates or reads a task does without ~0.5 s of imports,
@@ -27,18 +27,16 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from functions import model, parsing, tasks
-from functions.answers import json_answer, send_detail, status_of, task_json
 from functions.errors import TaskrunnerError
-from functions.model import BIGINT_MAX, MAX_BATCH, NewTask
+from functions.http import rules
+from functions.http.responses import json_answer, send_detail, status_of, task_json
+from functions.model import BIGINT_MAX, NewTask
 from functions.settings import Settings
 from functions.store import Store
 
 logger = logging.getLogger(__name__)
 
 
-# The content-types a body is read as JSON with here; any other goes to the FastAPI app,
-# which reads `+json` types, refuses the rest with 415, and parses parameters its own way.
-_JSON = (b"application/json", b"application/json; charset=utf-8")
 _TASK_PREFIX = "/tasks/"
 # A status, a JSON body, headers.
 Answer = tuple[int, bytes, dict[str, str]]
@@ -47,16 +45,12 @@ _MAX_ID_DIGITS = len(str(BIGINT_MAX))
 _MAX_BRACKETS = 100
 
 
-def _key_ok(key: bytes) -> bool:
-    """Whether `key` matches model.IDEMPOTENCY_KEY_PATTERN: 1 to 255 of `!` to `~`."""
-    return 1 <= len(key) <= 255 and all(0x21 <= c <= 0x7E for c in key)
-
-
 class HotPath:
     """ASGI middleware: serve `POST /tasks`, `POST /tasks/batch` and `GET`/`HEAD
     /tasks/{id}` when they are plainly well formed; pass everything else to `app`.
 
-    Inside `auth.Authorize` (`asgi.layers`): a request without the token never gets here."""
+    Inside `middleware.Authorize` (`middleware.layers`): a request without the token never
+    gets here."""
 
     def __init__(self, app: ASGIApp, settings: Settings, store: Store) -> None:
         self.app = app
@@ -65,13 +59,10 @@ class HotPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            path: str = scope["path"]
-            root: str = scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root) :]
+            path = rules.route_path(scope)
             method = scope["method"]
             if method == "POST" and path in ("/tasks", "/tasks/batch"):
-                await self._create(scope, receive, send, batch=path == "/tasks/batch")
+                await self._serve_create(scope, receive, send, batch=path == "/tasks/batch")
                 return
             if method in ("GET", "HEAD") and path.startswith(_TASK_PREFIX):
                 digits = path[len(_TASK_PREFIX) :]
@@ -81,33 +72,38 @@ class HotPath:
                     and digits.isdigit()
                     and 1 <= int(digits) <= BIGINT_MAX
                 ):
-                    await self._answer(scope, send, self._get(int(digits)))
+                    await self._send_answer(scope, send, self._get_task(int(digits)))
                     return
         await self.app(scope, receive, send)
 
-    async def _create(self, scope: Scope, receive: Receive, send: Send, *, batch: bool) -> None:
+    async def _serve_create(
+        self, scope: Scope, receive: Receive, send: Send, *, batch: bool
+    ) -> None:
         content_type = key = None
         plain = True
         for name, value in scope["headers"]:
             if name == b"content-type":
-                plain &= content_type is None and value.lower() in _JSON
+                plain &= content_type is None and value.lower() in rules.PLAIN_JSON
                 content_type = value
             elif name == b"idempotency-key" and not batch:  # (a batch's items carry theirs)
-                plain &= key is None and _key_ok(value)
-                key = value
+                plain &= key is None
+                try:
+                    key = rules.idempotency_key(value)
+                except ValueError:
+                    plain = False
         if not plain:
             await self.app(scope, receive, send)
             return
-        body = await _read(receive)
+        body = await read_body(receive)
         if body is None:
             return  # the client left before sending its body: no one to answer
-        work = self._read(scope, body, key, batch=batch)
-        if work is None or not await self._answer(scope, send, work):
+        work = self._work_for(scope, body, key, batch=batch)
+        if work is None or not await self._send_answer(scope, send, work):
             # Refused in the FastAPI app's words (400 or 422), which reads the body again.
             await self.app(scope, _replay(body, receive), send)
 
-    def _read(
-        self, scope: Scope, body: bytes, key: bytes | None, *, batch: bool
+    def _work_for(
+        self, scope: Scope, body: bytes, key: str | None, *, batch: bool
     ) -> Awaitable[Answer | None] | None:
         """The work a body asks for, or None for the FastAPI app to answer. A body that
         holds more values than any request takes is not read here (`parsing.count_values`),
@@ -124,36 +120,21 @@ class HotPath:
                 from pydantic_core import from_json
 
                 # Keys cached, not values: a third less time for 10,000 tasks.
-                return self._many(from_json(body, cache_strings="keys"))
+                items = rules.batch_items(from_json(body, cache_strings="keys"))
+                return None if items is None else self._create_tasks(items)
             # One task, read as the FastAPI app reads it (json.loads), where its nesting
             # cannot come near the stack's limit: fewer brackets than that in all.
             if body.count(b"[") + body.count(b"{") > _MAX_BRACKETS:
                 return None
-            return self._one(scope, json.loads(body), key)
+            new = rules.read_task(json.loads(body), key)
+            return None if new is None else self._create_task(scope, new)
         except Exception:
             # Anything refused or failing here (a 422, an integer too long for a float) is
             # the FastAPI app's to answer, in its words.
             return None
 
-    def _one(self, scope: Scope, sent: Any, key: bytes | None) -> Awaitable[Answer] | None:
-        # Read as a batch's item is, by the rules `bodies.TaskIn` reads a task by: no pydantic
-        # model here, so a Lambda cold start need not import pydantic (~70 ms, measured).
-        read = parsing.read_batch([sent])
-        if read is None:
-            return None
-        (item,) = read
-        key_text = None if key is None else key.decode("ascii")
-        return self._created(scope, parsing.new_task(item["kind"], item["at_us"], key_text))
-
-    def _many(self, sent: Any) -> Awaitable[Answer | None] | None:
-        if sent.__class__ is not dict or len(sent) != 1:
-            return None
-        items = sent.get("tasks")
-        if items.__class__ is not list or not 1 <= len(items) <= MAX_BATCH:
-            return None
-        return self._created_many(items)
-
-    async def _created_many(self, items: list[Any]) -> Answer | None:
+    async def _create_tasks(self, items: list[Any]) -> Answer | None:
+        # Its items are read by `parsing.read_batch` a slice at a time, as they are written.
         ids = await tasks.create_batch(self.store, items, self.max_attempts)
         if ids is None:
             return None
@@ -161,18 +142,19 @@ class HotPath:
 
         return 201, to_json({"ids": ids}), {}
 
-    async def _created(self, scope: Scope, new: NewTask) -> Answer:
+    async def _create_task(self, scope: Scope, new: NewTask) -> Answer:
         task, created = await tasks.create_task(self.store, new, self.max_attempts)
         if not created:
             return 200, task_json(task), {}
-        # root_path: the base path the API is served under (asgi.BasePath), so the URL works.
+        # root_path: the base path the API is served under (middleware.BasePath), so the URL
+        # works.
         location = f"{scope.get('root_path', '')}/tasks/{task.id}"
         return 201, task_json(task), {"Location": location}
 
-    async def _get(self, task_id: int) -> Answer:
+    async def _get_task(self, task_id: int) -> Answer:
         return 200, task_json(await tasks.get_task(self.store, task_id)), {}
 
-    async def _answer(self, scope: Scope, send: Send, work: Awaitable[Answer | None]) -> bool:
+    async def _send_answer(self, scope: Scope, send: Send, work: Awaitable[Answer | None]) -> bool:
         """Send what `work` answers; False, with nothing sent, if it refuses the request
         (a batch with an item `parsing.read_batch` refuses: nothing was written)."""
         try:
@@ -193,7 +175,7 @@ class HotPath:
         return True
 
 
-async def _read(receive: Receive) -> bytes | None:
+async def read_body(receive: Receive) -> bytes | None:
     """The whole request body; None when the client left before sending it."""
     chunks = []
     while True:

@@ -1,6 +1,6 @@
 """The dashboard: `GET /` serves one HTML page that reads the JSON API from the browser.
 
-The page (functions/static/dashboard/) holds no data, so it is served without the token: its
+The page (functions/http/static/dashboard/) holds no data, so it is served without the token: its
 script asks for the token when the API answers 401 and sends it as a bearer header. Every
 URL in it carries the base path, injected here from the request's `root_path`.
 """
@@ -14,8 +14,8 @@ from functools import cache
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 
-from functions import static
-from functions.bodies import errors
+from functions.http import static
+from functions.http.schemas import errors
 from functions.kinds import KINDS
 
 DIRECTORY = static.HERE / "dashboard"

@@ -1,0 +1,248 @@
+"""taskrunner's own routes (`add_routes`: the health check and the tasks), and FastAPI's
+side of every route: how it matches its path, reads its body, its task id parameter, and its
+JSON answer. (The bodies: `schemas`; the rules both paths read a request by: `rules`.)"""
+
+import re
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic_core import to_json
+from starlette.routing import Match
+from starlette.types import Receive, Scope, Send
+
+from functions import model, parsing, tasks
+from functions.http.responses import task_fields, task_json
+from functions.http.rules import require_json
+from functions.http.schemas import (
+    KIND_SCHEMA,
+    BatchIn,
+    Cursor,
+    IdempotencyKey,
+    IdsOut,
+    KindName,
+    PageOut,
+    RescheduleIn,
+    TaskIn,
+    TaskOut,
+    errors,
+    links,
+)
+from functions.model import BIGINT_MAX, NewTask, Task, TaskState
+from functions.settings import Settings
+from functions.store import Store
+
+TaskId = Annotated[int, Path(ge=1, le=BIGINT_MAX)]
+_DIGITS = re.compile("[0-9]+")
+
+
+class Route(APIRoute):
+    """A route whose task id (`{task_id}`, or the original's `{id}`) matches digits only:
+    `/tasks/batch` is never task "batch" (a PATCH there is a 405, not a 422 about an id),
+    and `/tasks/abc` names no route (404). FastAPI then checks the number's range (422).
+
+    A GET route answers HEAD too, as HTTP asks of every resource that answers GET (the
+    body is dropped by middleware.HeadWithoutBody); the OpenAPI document lists GET alone."""
+
+    def _as_get(self, scope: Scope) -> Scope:
+        if scope.get("method") == "HEAD" and self.methods and "GET" in self.methods:
+            return {**scope, "method": "GET"}
+        return scope
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().handle(self._as_get(scope), receive, send)
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """FastAPI's handler, behind the checks of a body before it is parsed: its
+        content-type (415), and how many values it holds (`parsing.count_values`: 422 past
+        MAX_VALUES, before json.loads builds them all)."""
+        handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
+
+        async def read_body_first(request: Request) -> Response:
+            require_json(request.headers.get("content-type", ""))
+            if parsing.count_values(await request.body()) > model.MAX_VALUES:
+                issue = {"loc": ("body",), "msg": model.TOO_MANY_VALUES, "type": "too_long"}
+                raise RequestValidationError([issue])
+            # (FastAPI's handler reads the body this request has kept.)
+            return await handler(request)
+
+        return read_body_first
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(self._as_get(scope))
+        if match is not Match.NONE:
+            params = child.get("path_params", {})
+            for name in ("task_id", "id"):
+                if name in params and not _DIGITS.fullmatch(str(params[name])):
+                    return Match.NONE, {}
+        return match, child
+
+
+def answer(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON response, serialized once by pydantic-core (datetimes as pydantic writes them).
+
+    A route returning a Response skips FastAPI's response_model step, which validates the
+    returned model again and encodes it a second time: a fifth of a request's CPU, measured.
+    The route's response_model still documents the body.
+    """
+    return Response(to_json(content), status_code, headers, media_type="application/json")
+
+
+def task_answer(
+    task: Task, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """A task's JSON response: the bytes the fast path sends (`responses.task_json`)."""
+    return Response(task_json(task), status_code, headers, media_type="application/json")
+
+
+# What every route that takes a body can answer besides its own errors. Its content-type, and
+# how much it holds, are checked by `Route` before the body is parsed (`rules.require_json`,
+# `parsing.count_values`); the token before anything, by `middleware.Authorize`.
+BODY_ERRORS = (400, 408, 415, 422)
+
+
+def add_routes(
+    app: FastAPI,
+    settings: Settings,
+    store: Store,
+    token_check: Sequence[Any],
+    fails: Callable[..., dict[int | str, dict[str, Any]]],
+) -> None:
+    """Add taskrunner's own routes over `store` to `app`: the health check and the tasks.
+    Every route but the health check depends on `token_check`; `fails(*codes)` is what a
+    route declares it can answer besides success.
+
+    Added to the app itself, as `Route`s (`app.router.route_class`), not as a router of
+    their own: an included router is one entry of `app.routes` that hides its routes."""
+    token_check = list(token_check)
+
+    @app.get("/healthz", responses=errors(503))
+    async def healthz() -> dict[str, str]:
+        """200 when the database answers with a schema this version can use; 503 when it
+        does not answer, or its schema is missing or behind (`taskrunner migrate`)."""
+        revision = await tasks.check_schema(store)
+        return {"status": "ok", "schema": revision}
+
+    # HEAD answers as GET does, without the body (HeadWithoutBody); kept out of the schema,
+    # where it would repeat GET's operation.
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+
+    @app.post(
+        "/tasks",
+        status_code=201,
+        response_model=TaskOut,
+        dependencies=token_check,
+        responses={
+            200: {
+                "model": TaskOut,
+                "description": "A repeat of the request that created this task (same"
+                " Idempotency-Key, type and execute_at): nothing was created.",
+            },
+            201: {"description": "Created.", "links": links("id")},
+            **fails(*BODY_ERRORS, 409),
+        },
+    )
+    async def create_task(
+        body: TaskIn,
+        request: Request,
+        idempotency_key: Annotated[IdempotencyKey | None, Header(alias="Idempotency-Key")] = None,
+    ) -> Response:
+        """Schedule a task to run once, at or after `execute_at`.
+
+        With an `Idempotency-Key`, a repeat of this request gets the same task back (200).
+        """
+        new = NewTask(kind=body.type, execute_at=body.execute_at, idempotency_key=idempotency_key)
+        task, created = await tasks.create_task(store, new, settings.max_attempts)
+        if not created:
+            return task_answer(task)
+        # root_path: the base path the API is served under (BasePath), so the URL works.
+        location = f"{request.scope.get('root_path', '')}/tasks/{task.id}"
+        return task_answer(task, 201, {"Location": location})
+
+    @app.post(
+        "/tasks/batch",
+        status_code=201,
+        response_model=IdsOut,
+        dependencies=token_check,
+        responses={**fails(*BODY_ERRORS, 409), 201: {"links": links("ids/0")}},
+    )
+    async def create_tasks(body: BatchIn) -> Response:
+        """Schedule up to 10,000 tasks: all are written or none (the error names the item)."""
+        new = [item.to_new() for item in body.tasks]
+        return answer({"ids": await tasks.create_tasks(store, new, settings.max_attempts)}, 201)
+
+    @app.get("/tasks", response_model=PageOut, dependencies=token_check, responses=fails(400, 422))
+    async def list_tasks(
+        state: Annotated[
+            TaskState | None, Query(description="scheduled, running, succeeded or failed")
+        ] = None,
+        type: Annotated[KindName | None, Query(description=KIND_SCHEMA["description"])] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        cursor: Annotated[
+            Cursor | None, Query(description="`next_cursor` of the previous page")
+        ] = None,
+    ) -> Response:
+        """List tasks by ascending id, optionally filtered by state and type."""
+        page = await tasks.list_tasks(store, state=state, kind=type, limit=limit, cursor=cursor)
+        items = [task_fields(t) for t in page.items]
+        return answer({"items": items, "next_cursor": page.next_cursor})
+
+    @app.get(
+        "/tasks/{task_id}",
+        response_model=TaskOut,
+        dependencies=token_check,
+        responses=fails(404, 422),
+    )
+    async def get_task(task_id: TaskId) -> Response:
+        """Show one task."""
+        return task_answer(await tasks.get_task(store, task_id))
+
+    @app.post(
+        "/tasks/{task_id}/run",
+        response_model=TaskOut,
+        dependencies=token_check,
+        responses=fails(404, 409, 422),
+    )
+    async def run_task(task_id: TaskId) -> Response:
+        """Make a scheduled task due now; 409 once it is running or finished."""
+        return task_answer(await tasks.run_task(store, task_id))
+
+    @app.post(
+        "/tasks/{task_id}/retry",
+        response_model=TaskOut,
+        dependencies=token_check,
+        responses=fails(404, 409, 422),
+    )
+    async def retry_task(task_id: TaskId) -> Response:
+        """Schedule a failed task again, due now, with a fresh budget of attempts.
+
+        `attempts` counts on and the last `error` stays until the next attempt ends.
+        409 unless the task failed.
+        """
+        return task_answer(await tasks.retry_task(store, task_id, settings.max_attempts))
+
+    @app.patch(
+        "/tasks/{task_id}",
+        response_model=TaskOut,
+        dependencies=token_check,
+        responses=fails(*BODY_ERRORS, 404, 409),
+    )
+    async def reschedule_task(task_id: TaskId, body: RescheduleIn) -> Response:
+        """Move a scheduled task to a new `execute_at`; 409 once it is running or finished."""
+        return task_answer(await tasks.reschedule_task(store, task_id, body.execute_at))
+
+    @app.delete(
+        "/tasks/{task_id}",
+        status_code=204,
+        response_class=Response,
+        dependencies=token_check,
+        responses=fails(404, 409, 422),
+    )
+    async def delete_task(task_id: TaskId) -> Response:
+        """Delete a task; a running one cannot be deleted (409)."""
+        await tasks.delete_task(store, task_id)
+        return Response(status_code=204)

@@ -1,0 +1,124 @@
+"""The rules a request is read by, each written once and called by both paths that serve the
+API, the FastAPI app and the fast path (`fastpath`), so that the two agree by construction:
+
+- the token: which requests need it (`is_public`) and how it is checked (`bearer_ok`), by
+  `middleware.Authorize`, and by the app's dependency when it is served without the middleware;
+- the content type: `require_json` (the app's routes, `routes.Route`); the fast path reads
+  only `PLAIN_JSON`, types that need no parameter parsed, and leaves any other to the app;
+- the Idempotency-Key: `parsing.parse_idempotency_key`, on the header as Starlette decodes it
+  (`idempotency_key`);
+- a task's body: `read_task`, which `schemas.TaskIn` tries before pydantic's own reading (that
+  runs only to say why a body is refused), and a batch's envelope: `batch_items`, with its
+  items read by `parsing.read_batch`;
+- how much a body may hold: `parsing.count_values`.
+
+The JSON of a task is `responses.task_json`, and a domain error's status
+`responses.status_of`, for both. No FastAPI, Starlette or pydantic here: the Lambda handler
+imports this on a cold start.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from functions import parsing
+from functions.errors import NotJson
+from functions.model import MAX_BATCH, NewTask
+
+# HTTP's optional whitespace (RFC 9110, 5.6.3): all that is ignored around the credentials.
+# (str.strip() would also drop \x85 and \xa0, which a client may have meant as the token's.)
+_OWS = b" \t"
+NO_TOKEN = "missing or wrong `Authorization: Bearer <token>` header"
+# What GET and HEAD may read without the token: the dashboard's page (its script asks for the
+# token), the health check, the documentation and static files. "" is the base path without
+# its slash (redirected to it).
+PUBLIC_PATHS = frozenset({"", "/", "/healthz", "/docs", "/redoc", "/openapi.json"})
+PUBLIC_PREFIXES = ("/static/", "/docs/assets/")
+
+
+def bearer_ok(headers: Iterable[tuple[bytes, bytes]], token: bytes) -> bool:
+    """Whether the first Authorization header of `headers` is `Bearer <token>`: the scheme in
+    any case (RFC 9110), spaces and tabs around the credentials ignored, nothing else."""
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            scheme, _, credentials = value.strip(_OWS).partition(b" ")
+            credentials = credentials.strip(_OWS)
+            # compare_digest on bytes: the header's bytes as sent, whatever their encoding.
+            return (
+                scheme.lower() == b"bearer"
+                and bool(credentials)
+                and hmac.compare_digest(credentials, token)
+            )
+    return False
+
+
+def is_public(method: str, path: str) -> bool:
+    """Whether `method` on `path` (without the base path) is served without the token."""
+    return method in ("GET", "HEAD") and (path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES))
+
+
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The request's path as the routes name it: without the base path (`root_path`)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root) :]
+    return path
+
+
+def require_json(content_type: str) -> None:
+    """Raise NotJson (415) unless a body sent with `content_type` is read as JSON.
+
+    A body sent without a content-type is read as JSON (clients and test consoles omit it;
+    nothing else could be meant); one that says it is something else gets a 415 that says
+    what to send, rather than a 422 about a string that is not an object.
+    """
+    content_type = content_type.strip()
+    media = content_type.partition(";")[0].strip().lower()
+    # (A header with parameters and no media type, `; charset=utf-8`, says nothing either.)
+    if (content_type and not media) or (
+        media and media != "application/json" and not media.endswith("+json")
+    ):
+        raise NotJson(
+            "the body must be JSON, sent as `content-type: application/json`, not"
+            f" {parsing.excerpt(media or content_type)}"
+        )
+
+
+# Content-types (lowercased) that `require_json` takes and whose parameters need no parsing:
+# the fast path reads a body sent with one of these (or none); any other goes to the app,
+# which reads `+json` types, refuses the rest, and parses parameters its own way.
+PLAIN_JSON = (b"application/json", b"application/json; charset=utf-8")
+
+
+def idempotency_key(value: bytes) -> str:
+    """The Idempotency-Key header's value, decoded as Starlette decodes headers (latin-1);
+    ValueError unless it is a key this API takes (`parsing.parse_idempotency_key`)."""
+    return parsing.parse_idempotency_key(value.decode("latin-1"))
+
+
+def read_task(sent: Any, idempotency_key: str | None = None) -> NewTask | None:
+    """The task a body (read as JSON) asks for: an object with a `type` and an `execute_at`
+    and nothing else, read by `parsing.read_batch`; None if it is not one (the app's schema,
+    `schemas.TaskIn`, then says why in pydantic's words)."""
+    try:
+        read = parsing.read_batch([sent])
+    except Exception:  # (any failure is refused here, and explained by pydantic)
+        return None
+    if read is None:
+        return None
+    (item,) = read
+    return parsing.new_task(item["kind"], item["at_us"], idempotency_key)
+
+
+def batch_items(sent: Any) -> list[Any] | None:
+    """The items of a batch's body, `{"tasks": [...]}` with 1 to MAX_BATCH items and nothing
+    else (what `schemas.BatchIn` declares); None if it is not one."""
+    if sent.__class__ is not dict or len(sent) != 1:
+        return None
+    items = sent.get("tasks")
+    if items.__class__ is not list or not 1 <= len(items) <= MAX_BATCH:
+        return None
+    return items
