@@ -279,7 +279,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", help="measure throughput and lateness",
-        description="Run the benchmark scenarios (drain, fan-out, lateness, create) against a "
+        description="Run the benchmark scenarios (docs/performance.md describes each) against a "
         "database of their own next to the configured (or embedded) one, and print a table of "
         "each figure, its goal, and what raw PostgreSQL does in the same run.",
     )  # fmt: skip
