@@ -69,25 +69,28 @@ def _named_paths(text: str) -> set[str]:
 
 
 def _layout_paths(readme: str) -> set[str]:
-    """The paths of the README's Layout block: a top folder, then its entries indented."""
+    """The paths of the README's Layout block: a top folder, then its entries indented, two
+    spaces a level (a folder's own entries one level deeper)."""
     block = readme[readme.index("## Layout") :]
     block = block[block.index("```\n") + 4 : block.index("\n```", block.index("```\n") + 4)]
-    paths, top = set(), None
+    paths: set[str] = set()
+    folders: list[str] = []  # the folder at each level above the line
     for line in block.splitlines():
-        if not line.strip() or line.startswith(" " * 6):
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        if not line.strip() or depth > len(folders):
             continue  # a blank line, or a description carried over
         name = line.split()[0]
-        if not line.startswith(" "):
-            top = name
-            paths.add(name)
-        elif top is not None:
-            paths.add(top + name)
+        del folders[depth:]
+        path = "".join(folders) + name
+        paths.add(path)
+        if name.endswith("/"):
+            folders.append(name)
     return paths
 
 
 def test_the_layout_is_read_as_paths() -> None:
     paths = _layout_paths((ROOT / "README.md").read_text())
-    assert {"functions/tick.py", "local/cli.py", "tests/"} <= paths
+    assert {"functions/tick.py", "functions/http/rules.py", "local/cli.py", "tests/"} <= paths
 
 
 def test_every_module_the_docs_name_exists() -> None:
