@@ -530,7 +530,9 @@ class Store:
             released.update(task_id for (task_id,) in rows)
         return released
 
-    async def stats_rows(self, *, exact_up_to: int, sample_rows: int) -> StatsRows:
+    async def stats_rows(
+        self, *, exact_up_to: int, sample_rows: int, widest_rows: int
+    ) -> StatsRows:
         """The rows /stats is made of (queries.STATS_*), in one snapshot but the sample's."""
         [(pages, rows_per_page, live_rows)] = await self._all(queries.STATS_TABLE_SIZE, tuple_row)
         # A table never analyzed has no rows-per-page figure: ~100 fit a page of tasks.
@@ -564,9 +566,14 @@ class Store:
             await self.database.bounded(conn, work())
             active, finished_rows, [due], activity = [await c.fetchall() for c in cursors]
         # A sample of a few pages can miss every finished row of a drained table (most pages
-        # dead, the live ones few): the server counts them, so sample again, wider, until
-        # some are found (at worst the whole table), rather than report none.
-        while not finished_rows and percent < 100.0 and live_rows > sum(n for *_, n in active):
+        # dead, the live ones few): the server counts them, so sample again, eight times
+        # wider, while the sample reads at most `widest_rows` rows, rather than report none.
+        while (
+            not finished_rows
+            and live_rows > sum(n for *_, n in active)
+            and percent < 100.0
+            and rows * min(100.0, percent * 8) / 100.0 <= widest_rows
+        ):
             percent = min(100.0, percent * 8)
             finished_rows = await self._all(
                 queries.STATS_FINISHED_SAMPLE, tuple_row, percent=percent

@@ -272,11 +272,17 @@ async def test_a_drained_table_is_estimated_from_its_live_rows(
         assert abs(succeeded["foo"] - n / 4) < 0.1 * n / 4, succeeded
 
 
+@pytest.mark.parametrize(("widest_rows", "found"), [(200_000, True), (10, False)])
 async def test_a_sample_that_misses_every_finished_row_is_taken_again_wider(
-    client: httpx.AsyncClient, sql: Sql, monkeypatch: pytest.MonkeyPatch
+    client: httpx.AsyncClient,
+    sql: Sql,
+    monkeypatch: pytest.MonkeyPatch,
+    widest_rows: int,
+    found: bool,
 ) -> None:
     # A sample of ~0.01% of the pages finds no finished row here, though the server counts
-    # 20,000: the answer is never "none succeeded".
+    # 20,000: it is taken again, wider, while it reads at most WIDEST_SAMPLE_ROWS rows (at
+    # 10, none is taken: the old answer, estimated 0).
     n = 20_000
     sql(
         "INSERT INTO tasks (kind, state, attempts, started_at, finished_at, execute_at)"
@@ -289,9 +295,14 @@ async def test_a_sample_that_misses_every_finished_row_is_taken_again_wider(
         time.sleep(0.1)
     monkeypatch.setattr(report, "EXACT_UP_TO", 1_000)
     monkeypatch.setattr(report, "SAMPLE_ROWS", 1)
+    monkeypatch.setattr(report, "WIDEST_SAMPLE_ROWS", widest_rows)
     got = (await client.get("/stats")).json()
-    assert got["estimated"] == ["failed", "succeeded"]
-    assert abs(sum(got["counts"]["succeeded"].values()) - n) <= 2, got["counts"]
+    succeeded = sum(got["counts"]["succeeded"].values())
+    if found:
+        assert got["estimated"] == ["failed", "succeeded"]
+        assert abs(succeeded - n) <= 2, got["counts"]
+    else:
+        assert succeeded == 0, got["counts"]
 
 
 async def test_finished_tasks_past_the_retention_are_pruned_and_their_keys_freed(
