@@ -23,7 +23,8 @@ from functions.run_state import RunState
 from functions.settings import Settings
 from functions.store import Claimed, Result
 
-logger = logging.getLogger(__name__)
+# The worker's lines keep one logger name, whichever of its parts writes them (filters use it).
+logger = logging.getLogger("functions.runner")
 
 # After a database error the writer waits this long, doubling up to the cap, then tries again.
 DB_RETRY_FIRST_S = 0.1

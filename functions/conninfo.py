@@ -15,7 +15,7 @@ from psycopg import AsyncConnection
 from functions.errors import TaskrunnerError
 from functions.settings import Settings
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("functions.db")  # connections log as one, opened or pooled
 
 
 def libpq_url(database_url: str | None) -> str:

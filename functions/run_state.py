@@ -20,7 +20,8 @@ from functions.kinds import KINDS
 from functions.settings import Settings
 from functions.store import Claimed, Store
 
-logger = logging.getLogger(__name__)
+# The worker's lines keep one logger name, whichever of its parts writes them (filters use it).
+logger = logging.getLogger("functions.runner")
 
 
 @dataclass

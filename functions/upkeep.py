@@ -27,7 +27,8 @@ from functions.model import TaskState
 from functions.output import Printer
 from functions.run_state import RunState
 
-logger = logging.getLogger(__name__)
+# The worker's lines keep one logger name, whichever of its parts writes them (filters use it).
+logger = logging.getLogger("functions.runner")
 
 # Retention: each process prunes finished tasks at most this often, for at most this long.
 PRUNE_EVERY_S = 60.0

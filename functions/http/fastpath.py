@@ -34,7 +34,7 @@ from functions.model import BIGINT_MAX, NewTask
 from functions.settings import Settings
 from functions.store import Store
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("functions.app")  # the API logs as one, on either path
 
 
 _TASK_PREFIX = "/tasks/"

@@ -40,11 +40,11 @@ def test_handlers_through_pgbouncer_without_the_setting(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setenv("TASKRUNNER_DATABASE_URL", pgbouncer_url)
-    caplog.set_level(logging.WARNING, logger="functions.conninfo")
+    caplog.set_level(logging.WARNING, logger="functions.db")
     # Enough rounds for psycopg to prepare statements if it were allowed to (it does after 5).
     for version in ("v2", "v1", "v2", "v1"):
         round_trip(version, capsys)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "functions.conninfo"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "functions.db"]
     assert len(warnings) == 1, warnings
     assert "TASKRUNNER_TRANSACTION_POOLER=true" in warnings[0]
 
@@ -61,10 +61,10 @@ def test_handlers_through_pgbouncer_that_ignores_options(
     refusal to recognise, and prepared statements that another server connection does not
     have (`GET /tasks/{id}` a 500 from its 6th run on). Reading the options back finds it."""
     monkeypatch.setenv("TASKRUNNER_DATABASE_URL", pgbouncer_ignoring_options_url)
-    caplog.set_level(logging.WARNING, logger="functions.conninfo")
+    caplog.set_level(logging.WARNING, logger="functions.db")
     for version in ("v2", "v1", "v2", "v1", "v2", "v1", "v2", "v1"):
         round_trip(version, capsys)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "functions.conninfo"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "functions.db"]
     assert len(warnings) == 1, warnings
     assert "ignored startup options" in warnings[0]
     assert "TASKRUNNER_TRANSACTION_POOLER=true" in warnings[0]
@@ -75,13 +75,13 @@ async def test_a_server_that_applies_options_is_not_taken_for_a_pooler(
 ) -> None:
     """Read back once: the first connection checks, later ones do not; nothing is said."""
     settings = Settings(database_url=database_url)
-    caplog.set_level(logging.WARNING, logger="functions.conninfo")
+    caplog.set_level(logging.WARNING, logger="functions.db")
     for _ in range(2):
         conn = await conninfo.connect(settings)
         await conn.close()
     assert not conninfo.behind_pooler(settings)
     assert conninfo.found.options_applied
-    assert [r for r in caplog.records if r.name == "functions.conninfo"] == []
+    assert [r for r in caplog.records if r.name == "functions.db"] == []
 
 
 # RDS Proxy's words (its apostrophe is typographic), which no test can get from RDS Proxy itself.
@@ -112,7 +112,7 @@ async def test_rds_proxy_refusal_is_recognised_too(
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     settings = Settings(database_url=f"postgresql://taskrunner@127.0.0.1:{port}/taskrunner")
-    caplog.set_level(logging.WARNING, logger="functions.conninfo")
+    caplog.set_level(logging.WARNING, logger="functions.db")
     try:
         with pytest.raises(psycopg.OperationalError, match="the test server ends here"):
             await conninfo.connect(settings)
@@ -120,5 +120,5 @@ async def test_rds_proxy_refusal_is_recognised_too(
         server.close()
     assert [b"options\0" in p for p in packets] == [True, False]
     assert conninfo.behind_pooler(settings)
-    [warning] = [r.getMessage() for r in caplog.records if r.name == "functions.conninfo"]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "functions.db"]
     assert "TASKRUNNER_TRANSACTION_POOLER=true" in warning

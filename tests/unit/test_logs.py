@@ -90,3 +90,14 @@ def test_off_lambda_other_handlers_are_kept_and_text_is_the_default(
     assert len(root_logger.handlers) == 2 and other in root_logger.handlers
     [ours] = [h for h in root_logger.handlers if h is not other]
     assert not isinstance(ours.formatter, JsonFormatter)
+
+
+def test_the_worker_and_the_api_log_under_the_names_the_docs_give() -> None:
+    """Each part of the worker logs as `functions.runner`, connections as `functions.db`, both
+    paths of the API as `functions.app` (infra/README.md's Logs): filters rely on them."""
+    from functions import completer, conninfo, run_state, runner, upkeep
+    from functions.http import fastpath, responses
+
+    assert {m.logger.name for m in (runner, completer, upkeep, run_state)} == {"functions.runner"}
+    assert conninfo.logger.name == "functions.db"
+    assert {fastpath.logger.name, responses.logger.name} == {"functions.app"}
