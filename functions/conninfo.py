@@ -106,7 +106,13 @@ def connect_kwargs(settings: Settings, application_name: str = "taskrunner") -> 
         # No JIT: every statement here is short, and compiling one costs 100-500 ms of the
         # server's CPU, which PostgreSQL before 18 spends on any plan it thinks costly (a
         # count over a large table, a plan with a disabled node; see queries.PINNED_PLAN).
-        kwargs["options"] = f"-c statement_timeout={timeout_ms} -c jit=off"
+        # A session left idle inside a transaction (its process stopped or frozen between
+        # BEGIN and COMMIT) is ended after the same bound: the row locks it holds (its
+        # worker's row) would otherwise keep its rescue waiting for as long as it is frozen.
+        kwargs["options"] = (
+            f"-c statement_timeout={timeout_ms} -c idle_in_transaction_session_timeout={timeout_ms}"
+            " -c jit=off"
+        )
     return kwargs
 
 

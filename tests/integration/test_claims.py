@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from functions import conninfo
 from functions.db import Database
 from functions.kinds import KINDS
 from functions.model import TaskState
@@ -179,6 +180,30 @@ async def test_rescue_only_touches_workers_whose_lease_ran_out(
     expire(sql, "B")
     assert [state for _, state in await store.rescue_expired()] == [TaskState.SCHEDULED]
     assert sql("SELECT claimed_by FROM tasks WHERE state = 'running'") == [("A",)]
+
+
+async def test_a_worker_frozen_inside_a_transaction_does_not_hold_up_its_rescue(
+    settings: Settings, stores: list[Store], task_factory: Callable[..., int], sql: Sql
+) -> None:
+    """A worker stopped between BEGIN and COMMIT holds its worker row's lock: the server ends
+    such a session after TASKRUNNER_DB_STATEMENT_TIMEOUT_S idle, and the rescue goes on."""
+    store = stores[0]
+    await register(store, "frozen")
+    task = task_factory("baz")
+    await store.claim_due(worker="frozen", kinds=ALL, limit=1, lease_s=60)
+    frozen = await conninfo.connect(dataclasses.replace(settings, db_statement_timeout_s=1.0))
+    await frozen.execute("BEGIN")
+    await frozen.execute("UPDATE workers SET heartbeat_at = now() WHERE id = 'frozen'")
+    # ... and then nothing: the process is stopped. Its lease runs out a minute later.
+    [(db_now,)] = sql("SELECT now()")
+    later = db_now + timedelta(seconds=61)
+    rescued: list[Any] = []
+    deadline = asyncio.get_running_loop().time() + 15
+    while not rescued and asyncio.get_running_loop().time() < deadline:
+        rescued = await store.rescue_expired(now=later)
+        await asyncio.sleep(0.2)
+    assert rescued == [(task, TaskState.SCHEDULED)]
+    await frozen.close()
 
 
 async def test_crashes_use_up_attempts_then_the_task_fails(
