@@ -58,9 +58,12 @@ def new_worker_id() -> str:
 
 
 def time_limit_s(kind: Kind, settings: Settings) -> float:
-    """How long a run may take before it is stopped: twice what its kind declares, and 10 s
-    more. Generous on purpose: a busy worker's event loop (10,000 foo starting at once, a
-    starved CPU) delays a run's end, and that must not fail a run that was on time."""
+    """How long a run may take before it is stopped: a declared kind's `timeout_s`; for a
+    built-in, twice what it declares and 10 s more. Generous on purpose: a busy worker's event
+    loop (10,000 foo starting at once, a starved CPU) delays a run's end, and that must not
+    fail a run that was on time."""
+    if kind.limit_s is not None:
+        return kind.limit_s(settings)
     return 2 * kind.max_seconds(settings) + 10.0
 
 
