@@ -99,6 +99,8 @@ class Stats:
     lateness_ms: dict[str, float]
     # The last hour, a minute at a time, oldest first.
     series: list[Minute]
+    # Due tasks of kinds that no worker or tick ran in the last 5 minutes, by kind.
+    unserved: dict[str, int]
 
 
 _FINISHED = frozenset({TaskState.SUCCEEDED.value, TaskState.FAILED.value})
@@ -183,4 +185,5 @@ def stats_from(rows: StatsRows) -> Stats:
         last_minute=last_minute,
         lateness_ms=lateness_ms,
         series=series,
+        unserved=dict(rows.unserved),
     )

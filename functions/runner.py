@@ -145,7 +145,9 @@ class Runner:
         state, summary = self.state, self.state.summary
         kinds_at_start = self._kinds_that_fit(deadline)
         sent_at = time.monotonic()
-        await self.store.register_worker(worker=self.worker_id, lease_s=self.settings.lease_seconds)
+        await self.store.register_worker(
+            worker=self.worker_id, lease_s=self.settings.lease_seconds, kinds=list(KINDS)
+        )
         # From here on this worker holds a lease: every way out goes through _shut_down.
         self.printer.start(sent_at)
         if keep_polling and deadline is None:  # a worker (`worker`, `dev`), not a tick
@@ -164,6 +166,7 @@ class Runner:
             try:
                 await self.upkeep.rescue()
                 await self.upkeep.prune_if_due(deadline)
+                await self.upkeep.warn_unserved_if_due()
             except DatabaseUnavailable as exc:
                 summary.note_error(str(exc))
             await self._claim_loop(deadline, keep_polling, stop)
