@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import math
 import random
 import re
 import ssl
@@ -42,8 +43,11 @@ _NAME = re.compile(NAME_PATTERN)
 RESERVED_NAMES = frozenset(
     "tasks id taskstate schedules stats metrics healthz docs redoc workers errors".split()
 )
-# A run of a kind that declares no `timeout_s` is stopped after this long.
+# A run of a coroutine kind that declares no `timeout_s` is stopped after this long. A plain
+# function runs inline and cannot be stopped: without a `timeout_s` it is taken to need a
+# second (as `baz`), which is what a tick near its deadline reckons with.
 DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_INSTANT_S = 1.0
 
 
 class Fail(Exception):
@@ -150,28 +154,35 @@ def _per_settings(
     return value if callable(value) else lambda settings: value
 
 
+def _number(value: object, *, above: float = 0, whole: bool = False) -> bool:
+    """A finite number above `above` (and a whole one, with `whole`); no bool."""
+    if isinstance(value, bool) or not isinstance(value, int if whole else int | float):
+        return False
+    return math.isfinite(value) and value > above
+
+
 def kind(
     name: str,
     *,
-    timeout_s: float | Callable[[Settings], float] = DEFAULT_TIMEOUT_S,
+    timeout_s: float | Callable[[Settings], float] | None = None,
     concurrency: int | Callable[[Settings], int | None] | None = None,
 ) -> Callable[[F], F]:
     """Declare the decorated function as the kind `name`; the function is returned unchanged.
 
-    `timeout_s`: a run still going after this long is stopped and fails its attempt (a plain
-    function runs inline and cannot be stopped: it must return at once). `concurrency`: how
-    many runs one worker has going at once (None: no limit). Either may be a function of the
-    `Settings`. The name is checked when the module is loaded (`load`).
+    `timeout_s`: a run still going after this long is stopped and fails its attempt (default
+    DEFAULT_TIMEOUT_S; a plain function runs inline and cannot be stopped: it must return at
+    once, and is reckoned to need DEFAULT_INSTANT_S). `concurrency`: how many runs one worker
+    has going at once (None: no limit). Either may be a function of the `Settings`. The name
+    is checked when the module is loaded (`load`).
     """
-    if not callable(timeout_s) and not (isinstance(timeout_s, int | float) and timeout_s > 0):
+    if not (timeout_s is None or callable(timeout_s) or _number(timeout_s, above=0)):
         raise ValueError(f"kind {name!r}: timeout_s must be a number of seconds above 0")
-    if not callable(concurrency) and not (
-        concurrency is None or (isinstance(concurrency, int) and concurrency >= 1)
-    ):
+    if not (concurrency is None or callable(concurrency) or _number(concurrency, whole=True)):
         raise ValueError(f"kind {name!r}: concurrency must be a whole number from 1, or None")
-    limit = _per_settings(timeout_s)
 
     def declare(run: F) -> F:
+        default = DEFAULT_TIMEOUT_S if inspect.iscoroutinefunction(run) else DEFAULT_INSTANT_S
+        limit = _per_settings(default if timeout_s is None else timeout_s)
         _DECLARED.append(
             Kind(
                 name,

@@ -167,14 +167,15 @@ class Upkeep:
             )  # fmt: skip
 
     async def warn_unserved_if_due(self) -> None:
-        """Warn of due tasks of kinds nothing ran in the last 5 minutes: at most once every
-        UNSERVED_WARN_EVERY_S per process, whatever its runs (each tick is one)."""
+        """Warn of due tasks of kinds nothing ran in the last 5 minutes (looked for at each
+        start and heartbeat): at most once every UNSERVED_WARN_EVERY_S per process, whatever
+        its runs (each tick is one)."""
         now_s = time.monotonic()
         if _unserved_warned[0] is not None and now_s - _unserved_warned[0] < UNSERVED_WARN_EVERY_S:
             return
-        _unserved_warned[0] = now_s
         unserved = await self.state.store.count_unserved()
         if unserved:
+            _unserved_warned[0] = now_s
             logger.warning(
                 "action=unserved kinds=%s: due tasks of kinds no worker or tick has run in the"
                 " last 5 minutes: %s; nothing claims them until a worker that runs them starts"

@@ -362,3 +362,36 @@ def test_the_docs_module_runs_as_written(
         [f"reminded {reminded['id']}", f"reminded {reminded_too['id']}"]
     )
     assert dev.terminate() == 0, dev.stderr()
+
+
+@pytest.mark.slow
+def test_a_kind_no_worker_loads_waits_in_sight_until_one_does(
+    spawn: Callable[..., Proc], database_url: str, tmp_path: Path
+) -> None:
+    """The API deployed with a new kind before the workers: its tasks are shown, not lost."""
+    base = {"TASKRUNNER_DATABASE_URL": database_url, "TASKRUNNER_POLL_INTERVAL_S": "0.1"}
+    with_kinds = {**base, **kind_env(tmp_path, "setting")}
+    api = spawn("api", env=with_kinds, http=True)
+    api.wait_healthy()
+    email = httpx.post(f"{api.url}/tasks", json={"type": "send_email", "execute_at": 0}).json()
+    baz = httpx.post(f"{api.url}/tasks", json={"type": "baz", "execute_at": 0}).json()
+    old = spawn("worker", env={**base, "PYTHONPATH": python_path()}, name="old-worker")
+
+    def get(task: dict[str, Any]) -> dict[str, Any]:
+        return dict(httpx.get(f"{api.url}/tasks/{task['id']}").json())
+
+    wait_for(lambda: get(baz)["state"] == "succeeded", 60, "the old worker to run baz")
+    wait_for(lambda: "action=unserved" in old.stderr(), 60, "the old worker's warning")
+    assert "kinds=send_email: " in old.stderr() and "send_email (1 due)" in old.stderr()
+    assert httpx.get(f"{api.url}/stats").json()["unserved"] == {"send_email": 1}
+    metrics = httpx.get(f"{api.url}/metrics").text
+    assert 'taskrunner_unserved_due_tasks{type="send_email"} 1.0' in metrics
+    assert (get(email)["state"], get(email)["attempts"]) == ("scheduled", 0)
+
+    new = spawn("worker", env=with_kinds, name="new-worker")
+    wait_for(lambda: get(email)["state"] == "succeeded", 60, "the new worker to run it")
+    assert new.stdout() == f"sent ✉ {email['id']}\n"
+    assert "sent" not in old.stdout()
+    assert httpx.get(f"{api.url}/stats").json()["unserved"] == {}
+    for proc in (api, old, new):
+        assert proc.terminate() == 0, proc.stderr()

@@ -138,17 +138,23 @@ def test_a_declared_kind_is_stopped_at_its_timeout_exactly() -> None:
     assert limited.concurrency(settings) == 20 and not limited.instant
     assert time_limit_s(per_settings, settings) == 6.0
     assert per_settings.concurrency(settings) is None
+    # Without one: a minute for a coroutine kind, a second for a plain one (it runs inline).
+    kinds.kind("waits")(run)
+    kinds.kind("inline")(lambda ctx: None)
+    waits, inline = kinds._DECLARED[-2:]
+    assert (waits.max_seconds(settings), time_limit_s(waits, settings)) == (60.0, 60.0)
+    assert inline.max_seconds(settings) == 1.0 and inline.instant
     # The built-ins keep their generous limit: twice what they take, and 10 s.
     assert time_limit_s(KINDS["foo"], settings) == 2 * (3.0 + 1.0) + 10
 
 
-@pytest.mark.parametrize("timeout_s", [0, -1, "30"])
+@pytest.mark.parametrize("timeout_s", [0, -1, "30", True, float("inf"), float("nan")])
 def test_a_timeout_must_be_seconds_above_zero(timeout_s: object) -> None:
     with pytest.raises(ValueError, match="timeout_s must be a number of seconds above 0"):
         kinds.kind("x", timeout_s=timeout_s)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("concurrency", [0, -1, 2.5])
+@pytest.mark.parametrize("concurrency", [0, -1, 2.5, True, "3"])
 def test_a_concurrency_must_be_a_whole_number_from_one(concurrency: object) -> None:
     with pytest.raises(ValueError, match="concurrency must be a whole number from 1"):
         kinds.kind("x", concurrency=concurrency)  # type: ignore[arg-type]
