@@ -422,7 +422,7 @@ def api_app() -> Readiness:
     """The app of one of `serve_processes`' children (uvicorn imports it by name)."""
     settings = Settings()
     setup_logging(settings, level=os.environ.get(_LOG_LEVEL, "INFO"))
-    kinds.load(settings.kinds)  # (the parent loaded them once already: they load)
+    kinds.load(settings.kinds)  # (done when functions.tick was imported: here, said)
     return build_served_app(settings)
 
 

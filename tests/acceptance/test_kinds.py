@@ -395,3 +395,20 @@ def test_a_kind_no_worker_loads_waits_in_sight_until_one_does(
     assert httpx.get(f"{api.url}/stats").json()["unserved"] == {}
     for proc in (api, old, new):
         assert proc.terminate() == 0, proc.stderr()
+
+
+@pytest.mark.slow
+def test_each_process_of_api_workers_loads_the_kinds(
+    spawn: Callable[..., Proc], database_url: str, tmp_path: Path
+) -> None:
+    """`taskrunner api --workers 2`: uvicorn's children build their own apps."""
+    env = {"TASKRUNNER_DATABASE_URL": database_url, **kind_env(tmp_path, "setting")}
+    api = spawn("api", "--workers", "2", env=env, http=True)
+    api.wait_healthy()
+    for _ in range(10):  # over new connections: each may reach either child
+        with httpx.Client() as client:
+            created = client.post(f"{api.url}/tasks", json={"type": "quiet", "execute_at": 0})
+            assert created.status_code == 201, created.text
+            document = client.get(f"{api.url}/openapi.json").text
+            assert "send_email" in document
+    assert api.terminate() == 0, api.stderr()
