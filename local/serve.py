@@ -422,7 +422,8 @@ def api_app() -> Readiness:
     """The app of one of `serve_processes`' children (uvicorn imports it by name)."""
     settings = Settings()
     setup_logging(settings, level=os.environ.get(_LOG_LEVEL, "INFO"))
-    kinds.load(settings.kinds)  # (done when functions.tick was imported: here, said)
+    # Loaded already when functions.tick was imported (then a no-op), as every start does.
+    kinds.load(settings.kinds)
     return build_served_app(settings)
 
 
