@@ -12,7 +12,7 @@ from mangum import Mangum
 from functions.db import Database
 from functions.http.fastpath import Lazy
 from functions.http.middleware import wrap
-from functions.logs import handler_settings
+from functions.logs import handler_kinds, handler_settings
 from functions.settings import Settings
 from functions.store import Store
 
@@ -20,6 +20,8 @@ _adapter: Mangum | None = None
 _loop: asyncio.AbstractEventLoop | None = None
 # The pool of the container's life (closed by nothing: a container is frozen, then gone).
 _database: Database | None = None
+# Every process loads the same kinds at start: here, the container's init.
+handler_kinds("api")
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:

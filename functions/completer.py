@@ -18,6 +18,7 @@ import logging
 import time
 
 from functions.errors import DatabaseError, DatabaseUnavailable
+from functions.kinds import Fail
 from functions.model import TaskState
 from functions.run_state import RunState
 from functions.settings import Settings
@@ -58,14 +59,15 @@ def retry_delay_s(settings: Settings, attempt: int) -> float:
 def result_of(
     claimed: Claimed, line: object, exc: BaseException | None, settings: Settings
 ) -> Result:
-    """A run's result: succeeded with its line, or the retry or failure its error earns."""
-    if exc is None and not isinstance(line, str):
-        exc = TypeError(f"kind {claimed.kind} returned {type(line).__name__}, not a str")
+    """A run's result: succeeded with its line (or none), or the retry or failure its error
+    earns: `Fail` fails the task at once, whatever attempts it has left."""
     if exc is None:
-        assert isinstance(line, str)
-        return Result(claimed.id, claimed.attempt, TaskState.SUCCEEDED, clean_text(line))
+        if line is None or isinstance(line, str):
+            output = None if line is None else clean_text(line)
+            return Result(claimed.id, claimed.attempt, TaskState.SUCCEEDED, output)
+        exc = TypeError(f"kind {claimed.kind} returned {type(line).__name__}, not a str or None")
     error = clean_text(f"{type(exc).__name__}: {exc}".rstrip(": "))
-    if claimed.attempt < claimed.max_attempts:
+    if claimed.attempt < claimed.max_attempts and not isinstance(exc, Fail):
         delay_s = retry_delay_s(settings, claimed.attempt)
         logger.warning(
             "action=retry task_id=%s attempt=%s/%s in=%.1fs: %s",

@@ -130,3 +130,20 @@ def handler_settings(action: str) -> Settings:
     setup_logging(settings)
     warn_unknown_variables()  # once: on the first read of a warm Lambda's process
     return settings
+
+
+def handler_kinds(action: str) -> None:
+    """Load the kind modules, at a Lambda handler's init (the import of its module).
+
+    A module that cannot be loaded is logged, then raised: the init fails, and with it every
+    event, rather than the API taking types no tick runs (or the reverse).
+    """
+    from functions.kinds import KindError, load
+    from functions.settings import kinds_from_environment
+
+    try:
+        load(kinds_from_environment())
+    except (KindError, SettingsError) as exc:
+        setup_logging(None)
+        logging.getLogger(__name__).error("action=%s: kinds not loaded: %s", action, exc)
+        raise

@@ -47,7 +47,10 @@ def any_case(words: Sequence[str], around: str = "") -> str:
     return f"^{around}(?:{'|'.join(spelled)}){around}$"
 
 
-KIND_PATTERN = any_case(sorted(KINDS), around="[ \\t\\n\\r]*")
+def kind_pattern() -> str:
+    """The pattern of the kinds loaded (`kinds.load`), as `parse_kind` takes them."""
+    return any_case(sorted(KINDS), around="[ \\t\\n\\r]*")
+
 
 # The cursors `encode_cursor` makes, and only those: base64url (no padding) of "after:" and
 # 1 to 19 ASCII digits. "after:" is "YWZ0ZXI6". Three digits (0011abcd 0011efgh 0011ijkl)

@@ -297,12 +297,31 @@ RESCHEDULE_TASK = _act(
 # claim, and only while it has not run out: a worker that missed its lease is dead to
 # everyone, itself included (it stops, hands back what it can, and starts again as a new
 # worker), even before anyone rescued its tasks.
-REGISTER_WORKER = """
+#
+# Registering and each heartbeat also record the kinds the worker runs (`kinds`, sorted, so
+# that two workers lock the rows they update in one order) in `kinds_served` (migration
+# 0007). A kind written less than a minute ago is left alone, so its row is written about
+# once a minute whatever the number of workers; an unserved kind is one not run for 5.
+_RECORD_KINDS = f"""
+served AS (
+    INSERT INTO kinds_served AS s (kind, last_run_at)
+    SELECT k, {NOW} FROM unnest(CAST(%(kinds)s AS text[])) AS k
+    WHERE NOT EXISTS (
+        SELECT FROM kinds_served r
+        WHERE r.kind = k AND r.last_run_at > {NOW} - interval '1 minute'
+    )
+    ORDER BY k
+    ON CONFLICT (kind) DO UPDATE SET last_run_at = greatest(s.last_run_at, excluded.last_run_at)
+)"""
+
+REGISTER_WORKER = f"""
+WITH {_RECORD_KINDS}
 INSERT INTO workers (id, lease_expires_at)
 VALUES (%(worker)s, now() + make_interval(secs => CAST(%(lease_s)s AS float8)))
 """
 
 HEARTBEAT = f"""
+WITH {_RECORD_KINDS}
 UPDATE workers
 SET heartbeat_at = {NOW},
     lease_expires_at = {NOW} + make_interval(secs => CAST(%(lease_s)s AS float8))
@@ -617,6 +636,16 @@ SELECT (SELECT count(*) FROM tasks WHERE state = 'scheduled' AND {DUE_AT} <= now
        (SELECT count(*) FROM workers WHERE lease_expires_at >= now()) AS workers_alive,
        CAST(extract(epoch FROM now()) AS float8) AS now_s
 """
+# - due tasks of kinds that no worker or tick ran in the last 5 minutes, by kind (read
+#   among the due tasks, as the counts above read the scheduled ones);
+STATS_UNSERVED = f"""
+SELECT kind, count(*) FROM tasks
+WHERE state = 'scheduled' AND {DUE_AT} <= now()
+  AND kind NOT IN (
+      SELECT kind FROM kinds_served WHERE last_run_at >= now() - interval '5 minutes'
+  )
+GROUP BY kind ORDER BY kind
+"""
 # - the last hour of activity: 360 rows at most.
 STATS_ACTIVITY = """
 SELECT CAST(extract(epoch FROM bucket) AS bigint), started, succeeded, failed, retried,
@@ -630,5 +659,5 @@ PING = "SELECT 1"
 
 # The schema revision these statements are written for (local/migrations/versions/); a
 # unit test keeps it equal to the newest migration.
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 SCHEMA_REVISION_IN_DATABASE = "SELECT version_num FROM alembic_version"

@@ -102,6 +102,8 @@ class Stats:
     lateness_ms: dict[str, float]
     # The last hour, a minute at a time, oldest first.
     series: list[Minute]
+    # Due tasks of kinds that no worker or tick ran in the last 5 minutes, by kind.
+    unserved: dict[str, int]
 
 
 _FINISHED = frozenset({TaskState.SUCCEEDED.value, TaskState.FAILED.value})
@@ -189,4 +191,5 @@ def stats_from(rows: StatsRows) -> Stats:
         last_minute=last_minute,
         lateness_ms=lateness_ms,
         series=series,
+        unserved=dict(rows.unserved),
     )

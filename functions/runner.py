@@ -58,9 +58,12 @@ def new_worker_id() -> str:
 
 
 def time_limit_s(kind: Kind, settings: Settings) -> float:
-    """How long a run may take before it is stopped: twice what its kind declares, and 10 s
-    more. Generous on purpose: a busy worker's event loop (10,000 foo starting at once, a
-    starved CPU) delays a run's end, and that must not fail a run that was on time."""
+    """How long a run may take before it is stopped: a declared kind's `timeout_s`; for a
+    built-in, twice what it declares and 10 s more. Generous on purpose: a busy worker's event
+    loop (10,000 foo starting at once, a starved CPU) delays a run's end, and that must not
+    fail a run that was on time."""
+    if kind.limit_s is not None:
+        return kind.limit_s(settings)
     return 2 * kind.max_seconds(settings) + 10.0
 
 
@@ -142,7 +145,9 @@ class Runner:
         state, summary = self.state, self.state.summary
         kinds_at_start = self._kinds_that_fit(deadline)
         sent_at = time.monotonic()
-        await self.store.register_worker(worker=self.worker_id, lease_s=self.settings.lease_seconds)
+        await self.store.register_worker(
+            worker=self.worker_id, lease_s=self.settings.lease_seconds, kinds=list(KINDS)
+        )
         # From here on this worker holds a lease: every way out goes through _shut_down.
         self.printer.start(sent_at)
         if keep_polling and deadline is None:  # a worker (`worker`, `dev`), not a tick
@@ -161,6 +166,7 @@ class Runner:
             try:
                 await self.upkeep.rescue()
                 await self.upkeep.prune_if_due(deadline)
+                await self.upkeep.warn_unserved_if_due()
             except DatabaseUnavailable as exc:
                 summary.note_error(str(exc))
             await self._claim_loop(deadline, keep_polling, stop)

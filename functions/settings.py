@@ -199,6 +199,33 @@ def _check_api_token(value: str) -> str:
     return value
 
 
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _check_kinds(value: str) -> str:
+    """Comma-separated module names as `import` takes them; "" (or only commas) names none."""
+    names = [name.strip(_ASCII_SPACE) for name in value.split(",")]
+    bad = [name for name in names if name and not _MODULE_NAME.fullmatch(name)]
+    if bad:
+        raise _Invalid(
+            f"must be module names separated by commas (as `import` takes them),"
+            f" got {_shown(bad[0])}"
+        )
+    return ",".join(name for name in names if name)
+
+
+def kinds_from_environment() -> str | None:
+    """TASKRUNNER_KINDS alone, checked: what a Lambda handler loads when its module is
+    imported (its init), before it reads the rest of the settings on its first event."""
+    raw = from_environment({"kinds"}).get("kinds")
+    if raw is None:
+        return None
+    try:
+        return str(_read("kinds", raw, str, {"check": _check_kinds}))
+    except _Invalid as exc:
+        raise SettingsError([("kinds", str(exc))]) from None
+
+
 def _setting(
     default: Any,
     *,
@@ -299,6 +326,11 @@ class Settings:
     # base-path mapping, a reverse proxy's prefix. Requests may carry it or not; the URLs the
     # API makes (Location, /docs) always do. Empty: served at the root.
     base_path: str = _setting("", check=_check_base_path)
+
+    # The user's kind modules, comma-separated (`myapp.kinds,other.kinds`): every process
+    # imports them at start, with those of the entry point group `taskrunner.kinds`
+    # (functions/kinds.py; docs/own-tasks.md).
+    kinds: str | None = _setting(None, check=_check_kinds)
 
     def __init__(self, **values: Any) -> None:
         unknown = values.keys() - _TYPES.keys()

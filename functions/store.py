@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
 
@@ -77,6 +77,8 @@ class StatsRows:
     # (bucket start in Unix seconds, started, succeeded, failed, retried, lateness histogram,
     #  lateness max ms), oldest first.
     activity: list[tuple[int, int, int, int, int, list[int], float]]
+    # (kind, due tasks) of the kinds nothing ran in the last 5 minutes (queries.STATS_UNSERVED).
+    unserved: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -454,18 +456,38 @@ class Store:
 
     # --- workers ---------------------------------------------------------------------------
 
-    async def register_worker(self, *, worker: str, lease_s: float) -> None:
-        await self._all(queries.REGISTER_WORKER, worker=worker, lease_s=lease_s)
+    async def register_worker(
+        self, *, worker: str, lease_s: float, kinds: Sequence[str] = ()
+    ) -> None:
+        """Register the worker with its lease, and record that it runs `kinds`."""
+        await self._all(
+            queries.REGISTER_WORKER, worker=worker, lease_s=lease_s, kinds=sorted(kinds), now=None
+        )
 
     async def heartbeat(
-        self, *, worker: str, lease_s: float, timeout_s: float, now: datetime | None = None
+        self,
+        *,
+        worker: str,
+        lease_s: float,
+        timeout_s: float,
+        kinds: Sequence[str] = (),
+        now: datetime | None = None,
     ) -> bool:
-        """Renew the worker's lease; False when it had already run out. `now`: a test's
-        clock (queries.NOW)."""
+        """Renew the worker's lease (and record that it runs `kinds`); False when the lease
+        had already run out. `now`: a test's clock (queries.NOW)."""
         rows = await self._all(
-            queries.HEARTBEAT, worker=worker, lease_s=lease_s, timeout_s=timeout_s, now=now
+            queries.HEARTBEAT,
+            worker=worker,
+            lease_s=lease_s,
+            timeout_s=timeout_s,
+            kinds=sorted(kinds),
+            now=now,
         )
         return bool(rows)
+
+    async def count_unserved(self) -> dict[str, int]:
+        """Due tasks of the kinds nothing ran in the last 5 minutes, by kind."""
+        return dict(await self._all(queries.STATS_UNSERVED, tuple_row))
 
     async def deregister_worker(self, *, worker: str) -> None:
         # Pinned as the claim is, for its plan (a custom one: see queries.PINNED_PLAN).
@@ -544,12 +566,13 @@ class Store:
             else (queries.STATS_FINISHED_SAMPLE, {"percent": percent})
         )
         async with self.database.connection() as conn:
-            cursors = [conn.cursor(row_factory=tuple_row) for _ in range(4)]
+            cursors = [conn.cursor(row_factory=tuple_row) for _ in range(5)]
             statements: list[tuple[str, dict[str, Any]]] = [
                 (queries.STATS_ACTIVE_COUNTS, {}),
                 finished,
                 (queries.STATS_DUE_AND_WORKERS, {}),
                 (queries.STATS_ACTIVITY, {}),
+                (queries.STATS_UNSERVED, {}),
             ]
 
             async def work() -> None:
@@ -564,7 +587,7 @@ class Store:
                         await cursor.execute(sql, params)
 
             await self.database.bounded(conn, work())
-            active, finished_rows, [due], activity = [await c.fetchall() for c in cursors]
+            active, finished_rows, [due], activity, unserved = [await c.fetchall() for c in cursors]
         # A sample of a few pages can miss every finished row of a drained table (most pages
         # dead, the live ones few): the server counts them, so sample again, eight times
         # wider, while the sample reads at most `widest_rows` rows, rather than report none.
@@ -588,6 +611,7 @@ class Store:
             workers_alive=due[3],
             now_s=due[4],
             activity=activity,
+            unserved=unserved,
         )
 
     async def prune_finished(self, *, older_than_s: float) -> int:

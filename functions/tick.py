@@ -14,7 +14,7 @@ from typing import Any, TextIO
 from functions.conninfo import behind_pooler
 from functions.db import Database
 from functions.errors import TaskrunnerError
-from functions.logs import handler_settings
+from functions.logs import handler_kinds, handler_settings
 from functions.runner import Runner, TickSummary
 from functions.settings import Settings
 from functions.store import Store, listen
@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 # This Lambda container's: its ticks prune at most once a minute between them.
 _PRUNE_CLOCK = PruneClock()
+# Every process loads the same kinds at start: here, the container's init.
+handler_kinds("tick")
 
 
 async def tick(

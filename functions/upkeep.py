@@ -35,6 +35,10 @@ PRUNE_EVERY_S = 60.0
 _PRUNE_BUDGET_S = 5.0
 # Activity counts (for /stats) are written this often.
 _ACTIVITY_EVERY_S = 2.0
+# A worker warns of due tasks nothing runs (kinds it does not load) at most this often; when
+# it last did (time.monotonic(), one per process).
+UNSERVED_WARN_EVERY_S = 60.0
+_unserved_warned: list[float | None] = [None]
 # Rescued tasks are logged one line each up to this many per rescue, then summarised.
 _LOG_EACH_UP_TO = 20
 
@@ -74,6 +78,7 @@ class Upkeep:
                     worker=state.worker_id,
                     lease_s=state.settings.lease_seconds,
                     timeout_s=interval_s,
+                    kinds=list(KINDS),
                 )
                 if not alive:
                     self._lose_lease()
@@ -82,6 +87,7 @@ class Upkeep:
                 await self.rescue()
                 await self.reconcile()
                 await self.prune_if_due(None)
+                await self.warn_unserved_if_due()
                 wait_s = interval_s
             except DatabaseUnavailable as exc:
                 logger.warning("action=heartbeat worker=%s: %s", state.worker_id, exc)
@@ -160,6 +166,24 @@ class Upkeep:
                 "action=prune worker=%s count=%d: finished over %.0f s ago",
                 state.worker_id, pruned, retention_s,
             )  # fmt: skip
+
+    async def warn_unserved_if_due(self) -> None:
+        """Warn of due tasks of kinds nothing ran in the last 5 minutes (looked for at each
+        start and heartbeat): at most once every UNSERVED_WARN_EVERY_S per process, whatever
+        its runs (each tick is one)."""
+        now_s = time.monotonic()
+        if _unserved_warned[0] is not None and now_s - _unserved_warned[0] < UNSERVED_WARN_EVERY_S:
+            return
+        unserved = await self.state.store.count_unserved()
+        if unserved:
+            _unserved_warned[0] = now_s
+            logger.warning(
+                "action=unserved kinds=%s: due tasks of kinds no worker or tick has run in the"
+                " last 5 minutes: %s; nothing claims them until a worker that runs them starts"
+                " (TASKRUNNER_KINDS, or an entry point of the group taskrunner.kinds)",
+                ",".join(unserved),
+                ", ".join(f"{kind} ({n} due)" for kind, n in unserved.items()),
+            )
 
     async def release_held(self) -> None:
         """Hand back what is still held (not recorded) at shutdown; fenced: what this

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 from functions.errors import DatabaseUnavailable, TaskrunnerError
+from functions.kinds import KindError
 from functions.logs import setup_logging
 from functions.settings import (
     MAX_AGE_S,
@@ -235,7 +236,7 @@ def _parser() -> argparse.ArgumentParser:
         "run due tasks in one process: the one command to try taskrunner. Applies migrations."
     )  # fmt: skip
     http_args(dev)
-    dev.set_defaults(func=cmd_dev)
+    dev.set_defaults(func=cmd_dev, kinds=True)
 
     api = commands.add_parser(
         "api", help="run only the HTTP API", description="Serve only the HTTP API."
@@ -245,19 +246,19 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=_at_least_one, default=1, metavar="N",
         help="serve from N processes on one port, for hosts with more cores (default: 1)",
     )  # fmt: skip
-    api.set_defaults(func=cmd_api)
+    api.set_defaults(func=cmd_api, kinds=True)
 
     worker = commands.add_parser(
         "worker", help="run only the timer loop", description="Claim and run due tasks until "
         "SIGTERM or SIGINT, then let running tasks finish (within TASKRUNNER_SHUTDOWN_GRACE_S)."
     )  # fmt: skip
-    worker.set_defaults(func=cmd_worker)
+    worker.set_defaults(func=cmd_worker, kinds=True)
 
     tick = commands.add_parser(
         "tick", help="run one tick, then exit", description="Rescue expired leases, run every "
         "task due now, and exit; prints a JSON summary on stderr."
     )  # fmt: skip
-    tick.set_defaults(func=cmd_tick)
+    tick.set_defaults(func=cmd_tick, kinds=True)
 
     migrate = commands.add_parser(
         "migrate", help="bring the database schema up to date",
@@ -315,7 +316,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(log_settings, level=args.log_level.upper())
     warn_unknown_variables()
     try:
+        if getattr(args, "kinds", False):
+            # Before anything is served or run: a kind module that cannot be loaded stops
+            # the command here (exit 2), naming the module and why.
+            from functions.kinds import load
+
+            load(Settings().kinds)
         args.func(args)
+    except KindError as exc:
+        logger.error("%s", exc)
+        sys.exit(2)
     except TaskrunnerError as exc:
         logger.error("%s", exc)
         sys.exit(1)

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from functions import tasks
+from functions import kinds, tasks
 from functions.db import Database
 from functions.errors import DatabaseUnavailable, SchemaOutdated
 from functions.http.app import build_app
@@ -422,6 +422,8 @@ def api_app() -> Readiness:
     """The app of one of `serve_processes`' children (uvicorn imports it by name)."""
     settings = Settings()
     setup_logging(settings, level=os.environ.get(_LOG_LEVEL, "INFO"))
+    # Loaded already when functions.tick was imported (then a no-op), as every start does.
+    kinds.load(settings.kinds)
     return build_served_app(settings)
 
 

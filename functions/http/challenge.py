@@ -46,7 +46,6 @@ STATES: dict[OriginalState, tuple[TaskState, ...]] = {
 }
 
 
-KIND_PATTERN = parsing.any_case(sorted(KINDS))
 STATE_PATTERN = parsing.any_case([s.value for s in OriginalState])
 _DIGITS = re.compile("[0-9]+")
 
@@ -106,9 +105,12 @@ def build_router(
     """The original's routes over `store`, each behind `dependencies` (the token check);
     `fails(*codes)` is what a route declares it can answer besides success."""
     router = APIRouter(tags=["original"], dependencies=list(dependencies), route_class=Route)
+    # The kinds loaded (`kinds.load`, before any app is built), as the path takes them.
+    kind_pattern = parsing.any_case(sorted(KINDS))
+    kind_names = f"{', '.join(sorted(KINDS))}, any case"
 
     async def original_create(
-        type: Annotated[str, Path(pattern=KIND_PATTERN, description="foo, bar or baz, any case")],
+        type: Annotated[str, Path(pattern=kind_pattern, description=kind_names)],
         unix_seconds: Annotated[
             int, Path(ge=0, le=MAX_UNIX_SECONDS, description="when to run it, in Unix seconds")
         ],

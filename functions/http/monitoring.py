@@ -48,6 +48,12 @@ class StatsOut(BaseModel):
         "percentiles within ~12%, max exact."
     )
     series: list[MinuteOut] = Field(description="The last hour, a minute at a time.")
+    unserved: dict[str, int] = Field(
+        description="Due tasks of types that no worker or tick has run in the last 5 minutes, "
+        'by type (`{"send_email": 12}`; empty when every due task\'s type is run): a type '
+        "the workers do not load yet (the API deployed first) or any more. Nothing claims "
+        "them; they run once a worker that runs their type starts."
+    )
 
     @classmethod
     def of(cls, stats: Stats) -> "StatsOut":
@@ -70,6 +76,7 @@ class StatsOut(BaseModel):
                 )
                 for m in stats.series
             ],
+            unserved=stats.unserved,
         )
 
 
@@ -101,6 +108,13 @@ def metric_families(stats: Stats) -> list[Any]:
     )
     for state, n in stats.last_minute.items():
         finished.add_metric([state], n)
+    unserved = GaugeMetricFamily(
+        "taskrunner_unserved_due_tasks",
+        "Due tasks of types that no worker or tick has run in the last 5 minutes.",
+        labels=["type"],
+    )
+    for kind, n in stats.unserved.items():
+        unserved.add_metric([kind], n)
     return [
         tasks,
         GaugeMetricFamily(
@@ -119,6 +133,7 @@ def metric_families(stats: Stats) -> list[Any]:
         ),
         lateness,
         finished,
+        unserved,
     ]
 
 

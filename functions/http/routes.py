@@ -17,7 +17,6 @@ from functions import model, parsing, tasks
 from functions.http.responses import task_fields, task_json
 from functions.http.rules import require_json
 from functions.http.schemas import (
-    KIND_SCHEMA,
     BatchIn,
     Cursor,
     IdempotencyKey,
@@ -28,6 +27,7 @@ from functions.http.schemas import (
     TaskIn,
     TaskOut,
     errors,
+    kind_schema,
     links,
 )
 from functions.model import BIGINT_MAX, NewTask, Task, TaskState
@@ -180,7 +180,7 @@ def add_routes(
         state: Annotated[
             TaskState | None, Query(description="scheduled, running, succeeded or failed")
         ] = None,
-        type: Annotated[KindName | None, Query(description=KIND_SCHEMA["description"])] = None,
+        type: Annotated[KindName | None, Query(description=kind_schema()["description"])] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         cursor: Annotated[
             Cursor | None, Query(description="`next_cursor` of the previous page")

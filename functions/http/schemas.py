@@ -11,6 +11,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     ModelWrapValidatorHandler,
     PlainValidator,
     WithJsonSchema,
@@ -22,16 +23,33 @@ from functions.http.rules import read_task
 from functions.kinds import KINDS
 from functions.model import MAX_BATCH, NewTask, Task, TaskState
 
-KIND_SCHEMA = {
-    "type": "string",
-    "pattern": parsing.KIND_PATTERN,
-    "description": f"The task kind: {', '.join(sorted(KINDS))}, in any case; returned lowercase.",
-    "examples": sorted(KINDS),
-}
+
+def kind_schema() -> dict[str, Any]:
+    """The JSON Schema of a kind's name: the kinds loaded when the document is made (each
+    process loads them before it builds its app)."""
+    return {
+        "type": "string",
+        "pattern": parsing.kind_pattern(),
+        "description": f"The task kind: {', '.join(sorted(KINDS))}, in any case;"
+        " returned lowercase.",
+        "examples": sorted(KINDS),
+    }
+
+
+class _KindJsonSchema:
+    """`WithJsonSchema`, read when a document is made rather than when this module is
+    imported (before the kind modules are loaded)."""
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: Any, handler: GetJsonSchemaHandler
+    ) -> dict[str, Any]:
+        return kind_schema()
+
+
 # Each pattern below is the schema's, for clients and schemathesis; the server checks by a
 # function whose error says in words what is wrong and what is accepted (a pydantic pattern's
 # error would quote the pattern, hundreds of characters of it).
-KindName = Annotated[str, PlainValidator(parsing.parse_kind), WithJsonSchema(KIND_SCHEMA)]
+KindName = Annotated[str, PlainValidator(parsing.parse_kind), _KindJsonSchema()]
 Cursor = Annotated[
     str,
     PlainValidator(parsing.parse_cursor),

@@ -163,6 +163,25 @@ def test_overview_shows_what_the_database_holds_and_keeps_it_current(
     assert page.evaluate("window.stillTheSamePage") is True
 
 
+def test_a_kind_nothing_runs_is_named_in_a_warning(
+    taskrunner: Callable[..., str], page: Page, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    task_factory("ghost", due_in_s=-1.0)
+    task_factory("baz", due_in_s=-1.0)
+    sql("INSERT INTO kinds_served (kind, last_run_at) VALUES ('baz', now())")
+    api = taskrunner()
+    page.clock.install()
+    page.clock.pause_at(datetime.now(UTC) + timedelta(seconds=1))
+    page.goto(f"{api}/")
+    warning = page.locator("#unserved")
+    expect(warning).to_be_visible()
+    expect(warning).to_have_text(re.compile(r"^Nothing runs ghost \(1 due\): no worker or tick"))
+    # A worker that runs it starts: the warning goes at the next refresh.
+    sql("INSERT INTO kinds_served (kind, last_run_at) VALUES ('ghost', now())")
+    page.clock.run_for(3_000)
+    expect(warning).to_be_hidden()
+
+
 def test_a_task_created_in_the_form_runs_and_one_moved_and_run_now_runs_too(
     taskrunner: Callable[..., str], page: Page, sql: Sql
 ) -> None:

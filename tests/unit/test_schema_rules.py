@@ -9,12 +9,14 @@ from functions.errors import InvalidInput
 from functions.parsing import (
     CURSOR_PATTERN,
     DATE_TIME_PATTERN,
-    KIND_PATTERN,
     decode_cursor,
     encode_cursor,
+    kind_pattern,
     parse_execute_at,
     parse_kind,
 )
+
+KIND_PATTERN = kind_pattern()
 
 
 def accepts(parse: object, value: object) -> bool:

@@ -350,6 +350,15 @@ async function refreshOverview() {
   setText("lateness-p99", fmtMs(stats.lateness_ms.p99));
   setText("lateness-p50", fmtMs(stats.lateness_ms.p50));
   setText("lateness-max", fmtMs(stats.lateness_ms.max));
+  const unserved = Object.entries(stats.unserved || {});
+  show(
+    $("unserved"),
+    unserved.length
+      ? `Nothing runs ${unserved.map(([kind, n]) => `${kind} (${fmtNumber(n)} due)`).join(", ")}:` +
+          " no worker or tick has run this type in the last 5 minutes. Its tasks wait until a" +
+          " worker that loads it starts (TASKRUNNER_KINDS)."
+      : "",
+  );
   drawCounts(stats.counts, stats.estimated);
   drawCharts(stats.series);
 }
