@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from functions.values import ASCII_SPACE, Invalid, read_value, shown
 
 DEFAULT_BAR_URL = "https://www.whattimeisitrightnow.com/"
 ENV_PREFIX = "TASKRUNNER_"
@@ -113,10 +114,6 @@ class SettingsError(ValueError):
         super().__init__(describe(self))
 
 
-class _Invalid(Exception):
-    """One value that cannot be read; its message says why."""
-
-
 def _check_database_url(value: str) -> str:
     """Parse the URL now, so a typo is a configuration error and not a crash on first use.
 
@@ -124,11 +121,11 @@ def _check_database_url(value: str) -> str:
     alone, so it is checked here. Messages never repeat the URL: it may hold a password.
     """
     if not value.strip():
-        raise _Invalid("is empty: unset it (local commands) or give a postgresql:// URL")
+        raise Invalid("is empty: unset it (local commands) or give a postgresql:// URL")
     scheme, sep, rest = value.partition("://")
     # A SQLAlchemy-style driver name (postgresql+psycopg://) is accepted and dropped.
     if not sep or scheme.partition("+")[0] not in ("postgresql", "postgres"):
-        raise _Invalid("must be a postgresql:// URL (postgresql://user:password@host:port/dbname)")
+        raise Invalid("must be a postgresql:// URL (postgresql://user:password@host:port/dbname)")
     # Imported here: only a configured URL needs it, and connecting loads it anyway.
     from psycopg import Error
     from psycopg.conninfo import conninfo_to_dict
@@ -136,21 +133,21 @@ def _check_database_url(value: str) -> str:
     try:
         params = conninfo_to_dict(f"postgresql://{rest}")
     except (Error, ValueError):  # (psycopg's, and %ff: no UTF-8 once decoded)
-        raise _Invalid(
+        raise Invalid(
             "cannot be parsed; expected postgresql://user:password@host:port/dbname"
         ) from None
     for port in str(params.get("port", "")).split(","):
         if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-            raise _Invalid("the port is not a number from 1 to 65535")
+            raise Invalid("the port is not a number from 1 to 65535")
     # Options libpq checks only when it connects: a typo there would read as an outage (a
     # worker waiting for the database forever) rather than as a setting to fix.
     for option, raw in params.items():
         text = str(raw).strip()
         choices = _LIBPQ_CHOICES.get(option)
         if choices is not None and text not in choices:
-            raise _Invalid(f"its option {option} must be one of {', '.join(choices)}")
+            raise Invalid(f"its option {option} must be one of {', '.join(choices)}")
         if option in _LIBPQ_INTEGERS and not (text.isascii() and text.lstrip("-").isdigit()):
-            raise _Invalid(f"its option {option} must be a whole number")
+            raise Invalid(f"its option {option} must be a whole number")
     return value
 
 
@@ -170,7 +167,7 @@ def _check_bar_url(value: str) -> str:
         or not parts.hostname
         or value != value.strip()  # (urlsplit drops it; a client may not)
     ):
-        raise _Invalid(f"must be an http:// or https:// URL with a host, got {_shown(value)}")
+        raise Invalid(f"must be an http:// or https:// URL with a host, got {shown(value)}")
     return value
 
 
@@ -180,7 +177,7 @@ def _check_base_path(value: str) -> str:
     # Printable ASCII: what a URL's path holds as it is, and a Location header can carry.
     plain = all("!" <= c <= "~" for c in path)
     if not plain or any(c in path for c in "?#%") or "//" in path:
-        raise _Invalid(
+        raise Invalid(
             "must be a plain path such as /prod (printable ASCII; no ?, #, %, spaces or //)"
         )
     return f"/{path}" if path else ""
@@ -190,9 +187,9 @@ def _check_api_token(value: str) -> str:
     """A token a client can send as it is: not empty (unset turns the check off), nothing a
     header drops around it (white space), no control character (none can be sent)."""
     if not value:
-        raise _Invalid("must not be empty (unset it to serve without a token)")
+        raise Invalid("must not be empty (unset it to serve without a token)")
     if value != value.strip() or any(c < " " or c == "\x7f" for c in value):
-        raise _Invalid(
+        raise Invalid(
             "must not start or end with white space nor hold control characters: no client"
             " could send it as it is, and every request would be refused"
         )
@@ -204,12 +201,12 @@ _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 def _check_kinds(value: str) -> str:
     """Comma-separated module names as `import` takes them; "" (or only commas) names none."""
-    names = [name.strip(_ASCII_SPACE) for name in value.split(",")]
+    names = [name.strip(ASCII_SPACE) for name in value.split(",")]
     bad = [name for name in names if name and not _MODULE_NAME.fullmatch(name)]
     if bad:
-        raise _Invalid(
+        raise Invalid(
             f"must be module names separated by commas (as `import` takes them),"
-            f" got {_shown(bad[0])}"
+            f" got {shown(bad[0])}"
         )
     return ",".join(name for name in names if name)
 
@@ -221,8 +218,8 @@ def kinds_from_environment() -> str | None:
     if raw is None:
         return None
     try:
-        return str(_read("kinds", raw, str, {"check": _check_kinds}))
-    except _Invalid as exc:
+        return str(read_value("kinds", raw, str, {"check": _check_kinds}))
+    except Invalid as exc:
         raise SettingsError([("kinds", str(exc))]) from None
 
 
@@ -342,8 +339,10 @@ class Settings:
             value = field.default
             if field.name in given:
                 try:
-                    value = _read(field.name, given[field.name], _TYPES[field.name], field.metadata)
-                except _Invalid as exc:
+                    value = read_value(
+                        field.name, given[field.name], _TYPES[field.name], field.metadata
+                    )
+                except Invalid as exc:
                     problems.append((field.name, str(exc)))
             object.__setattr__(self, field.name, value)
         if problems:
@@ -356,123 +355,3 @@ _TYPES: dict[str, Any] = typing.get_type_hints(Settings)
 def describe(error: SettingsError) -> str:
     """Name each bad setting as its environment variable, with what is wrong with it."""
     return "; ".join(f"{ENV_PREFIX}{name.upper()}: {problem}" for name, problem in error.problems)
-
-
-# --- reading one value --------------------------------------------------------------------
-
-# What is stripped around a number, a yes/no or a choice: ASCII white space only.
-_ASCII_SPACE = " \t\n\r\x0b\x0c"
-_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
-_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
-_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
-_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
-_BOOLEAN = "must be true or false (also 1/0, yes/no, on/off)"
-
-
-def _shown(raw: Any) -> str:
-    """The value as read, for a message (cut short: it may be long)."""
-    text = repr(raw)
-    return text if len(text) <= 40 else f"{text[:37]}..."
-
-
-def _read(name: str, raw: Any, kind: Any, rules: Any) -> Any:
-    """`raw` (a string from the environment, or a value given to Settings()) as `kind`,
-    within the field's bounds."""
-    options = typing.get_args(kind)
-    if isinstance(raw, str) and not raw.isascii():
-        try:
-            raw.encode()
-        except UnicodeEncodeError:  # bytes the environment held that are no UTF-8
-            raise _Invalid("holds bytes that are not UTF-8") from None
-    if type(None) in options:
-        if raw is None:
-            return None
-        kind = next(option for option in options if option is not type(None))
-    if typing.get_origin(kind) is Literal:
-        choices = typing.get_args(kind)
-        word = raw.strip(_ASCII_SPACE) if isinstance(raw, str) else raw
-        if word not in choices:
-            raise _Invalid(f"must be one of {', '.join(choices)}, got {_shown(raw)}")
-        return word
-    if kind is str:
-        if not isinstance(raw, str):
-            raise _Invalid(f"must be a string, got {_shown(raw)}")
-        check = rules.get("check")
-        return raw if check is None else check(raw)
-    if kind is bool:
-        if isinstance(raw, bool):
-            return raw
-        word = raw.strip(_ASCII_SPACE).lower() if isinstance(raw, str) else None
-        if word in _TRUE:
-            return True
-        if word in _FALSE:
-            return False
-        raise _Invalid(f"{_BOOLEAN}, got {_shown(raw)}")
-    seconds = name.endswith(("_s", "_seconds"))
-    noun = ("a whole number" if kind is int else "a number") + (" of seconds" if seconds else "")
-    wanted = f"must be {noun}{_range(rules)}"
-    number = _integer(raw) if kind is int else _float(raw)
-    if number is None:
-        raise _Invalid(f"{wanted}, got {_shown(raw)}")
-    ge, gt, le = rules.get("ge"), rules.get("gt"), rules.get("le")
-    if (
-        (ge is not None and not number >= ge)
-        or (gt is not None and not number > gt)
-        or (le is not None and not number <= le)
-    ):
-        raise _Invalid(f"{wanted}, got {_shown(raw)}")
-    return number
-
-
-def _bound(value: float) -> str:
-    return str(int(value)) if value == int(value) else str(value)
-
-
-def _range(rules: Any) -> str:
-    """The bounds in words: " from 3 to 86400", " above 0, at most 600", " of at least 1"."""
-    ge, gt, le = rules.get("ge"), rules.get("gt"), rules.get("le")
-    if ge is not None and le is not None:
-        return f" from {_bound(ge)} to {_bound(le)}"
-    if gt is not None and le is not None:
-        return f" above {_bound(gt)} and at most {_bound(le)}"
-    if ge is not None:
-        return f" of at least {_bound(ge)}"
-    if gt is not None:
-        return f" above {_bound(gt)}"
-    return ""
-
-
-def _integer(raw: Any) -> int | None:
-    """Digits with an optional sign, or an int from code; None if it is no whole number."""
-    if isinstance(raw, bool):
-        return None
-    if isinstance(raw, int):
-        return raw
-    if not isinstance(raw, str):
-        return None
-    text = raw.strip(_ASCII_SPACE)
-    # Python's own bound on a number read from text (sys.get_int_max_str_digits()); past it
-    # no bound of ours could hold anyway: such a value is out of range.
-    if _INTEGER.fullmatch(text) is None or len(text) > 4000:
-        return None
-    return int(text)
-
-
-def _float(raw: Any) -> float | None:
-    """A finite decimal number (1, 2.5, 1e3), or an int or float from code; None otherwise.
-
-    "inf" and "nan" are no number of seconds (each setting has an upper bound too, so that
-    every time computed from it fits PostgreSQL's and Python's ranges).
-    """
-    if isinstance(raw, bool):
-        return None
-    if isinstance(raw, int | float):
-        try:
-            number = float(raw)
-        except OverflowError:  # an int past any float
-            return None
-    elif isinstance(raw, str) and _FLOAT.fullmatch(raw.strip(_ASCII_SPACE)):
-        number = float(raw.strip(_ASCII_SPACE))
-    else:
-        return None
-    return number if math.isfinite(number) else None
