@@ -243,6 +243,10 @@ class Settings:
     # key character escaped, indented): 8 MiB takes either. API Gateway and Lambda refuse
     # bodies over 10 MB and 6 MB before they get here.
     max_body_bytes: int = _setting(8 * 1024 * 1024, ge=1024)
+    # The largest payload a task may carry, as compact JSON in UTF-8; a larger one gets 422.
+    # At most 4 MiB, so that one task's answer stays under the 5 MB of a page. Given, it must
+    # be below max_body_bytes: a body holding a payload that large would get 413 first.
+    max_payload_bytes: int = _setting(64 * 1024, ge=16, le=4 * 1024 * 1024)
     # Open connections one `taskrunner api` or `dev` process holds; one more is answered 503
     # and closed at once, so that clients that never finish cannot use up its descriptors.
     max_connections: int = _setting(1_000, ge=1)
@@ -314,6 +318,19 @@ class Settings:
                 except _Invalid as exc:
                     problems.append((field.name, str(exc)))
             object.__setattr__(self, field.name, value)
+        if (
+            "max_payload_bytes" in given
+            and not problems
+            and self.max_payload_bytes >= self.max_body_bytes
+        ):
+            problems.append(
+                (
+                    "max_payload_bytes",
+                    f"must be below TASKRUNNER_MAX_BODY_BYTES ({self.max_body_bytes:,}), got"
+                    f" {self.max_payload_bytes:,}: a body holding a payload that large would"
+                    " be refused (413) before it is read",
+                )
+            )
         if problems:
             raise SettingsError(problems)
 

@@ -72,11 +72,23 @@ ExecuteAt = Annotated[
 ]
 
 
+PAYLOAD_DESCRIPTION = (
+    "Any JSON value, given to the task's kind as `ctx.payload`; null when absent. At most"
+    " TASKRUNNER_MAX_PAYLOAD_BYTES (65,536 by default) as compact JSON in UTF-8, nested at"
+    f" most {model.MAX_PAYLOAD_DEPTH} deep, with no NaN or Infinity and no character U+0000"
+    " (PostgreSQL's jsonb cannot store it): 422 otherwise."
+)
+Payload = Annotated[
+    Any, Field(description=PAYLOAD_DESCRIPTION, examples=[{"to": "ada@example.com"}])
+]
+
+
 class TaskIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: KindName
     execute_at: ExecuteAt
+    payload: Payload = None
 
     @model_validator(mode="wrap")
     @classmethod
@@ -87,10 +99,10 @@ class TaskIn(BaseModel):
         new = read_task(sent)
         if new is None:
             return by_the_schema(sent)
-        return cls.model_construct(type=new.kind, execute_at=new.execute_at)
+        return cls.model_construct(type=new.kind, execute_at=new.execute_at, payload=new.payload)
 
     def to_new(self) -> NewTask:
-        return NewTask(kind=self.type, execute_at=self.execute_at)
+        return NewTask(kind=self.type, execute_at=self.execute_at, payload=self.payload)
 
 
 IdempotencyKey = Annotated[
@@ -101,8 +113,8 @@ IdempotencyKey = Annotated[
             "type": "string",
             "pattern": model.IDEMPOTENCY_KEY_PATTERN,
             "description": "1 to 255 printable ASCII characters, no spaces: a repeat of a"
-            " request with the same key and the same type and execute_at gets the task the"
-            " first one created, and creates nothing.",
+            " request with the same key and the same type, execute_at and payload gets the"
+            " task the first one created, and creates nothing.",
             "examples": ["order-1842-reminder"],
         }
     ),
@@ -114,7 +126,10 @@ class BatchItemIn(TaskIn):
 
     def to_new(self) -> NewTask:
         return NewTask(
-            kind=self.type, execute_at=self.execute_at, idempotency_key=self.idempotency_key
+            kind=self.type,
+            execute_at=self.execute_at,
+            idempotency_key=self.idempotency_key,
+            payload=self.payload,
         )
 
 
@@ -127,9 +142,23 @@ class BatchIn(BaseModel):
 
 
 class RescheduleIn(BaseModel):
+    """A new `execute_at`, a new `payload`, or both: what is absent stays as it was, and a
+    `payload` of null clears it."""
+
     model_config = ConfigDict(extra="forbid")
 
-    execute_at: ExecuteAt
+    # Not `| None`: a null time is refused, as the schema says; absent, the time stays.
+    execute_at: ExecuteAt = Field(default=None)  # type: ignore[assignment]
+    payload: Payload = None
+
+    @model_validator(mode="after")
+    def _something(self) -> Self:
+        if not self.model_fields_set:
+            raise ValueError(
+                "nothing to change: send `execute_at` (a new time), `payload` (a new payload,"
+                " or null to clear it), or both"
+            )
+        return self
 
 
 class TaskOut(BaseModel):
@@ -148,6 +177,7 @@ class TaskOut(BaseModel):
     output: str | None
     error: str | None
     idempotency_key: str | None
+    payload: Payload
 
     @classmethod
     def of(cls, task: Task) -> "TaskOut":
