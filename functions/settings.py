@@ -199,6 +199,9 @@ def _check_api_token(value: str) -> str:
     return value
 
 
+_PAYLOAD_DEFAULT = 64 * 1024
+
+
 def _setting(
     default: Any,
     *,
@@ -244,9 +247,9 @@ class Settings:
     # bodies over 10 MB and 6 MB before they get here.
     max_body_bytes: int = _setting(8 * 1024 * 1024, ge=1024)
     # The largest payload a task may carry, as compact JSON in UTF-8; a larger one gets 422.
-    # At most 4 MiB, so that one task's answer stays under the 5 MB of a page. Given, it must
-    # be below max_body_bytes: a body holding a payload that large would get 413 first.
-    max_payload_bytes: int = _setting(64 * 1024, ge=16, le=4 * 1024 * 1024)
+    # At most 4 MiB, so that one task's answer stays under the 5 MB of a page. Set to other
+    # than its default, it must be below max_body_bytes: such a body would get 413 first.
+    max_payload_bytes: int = _setting(_PAYLOAD_DEFAULT, ge=16, le=4 * 1024 * 1024)
     # Open connections one `taskrunner api` or `dev` process holds; one more is answered 503
     # and closed at once, so that clients that never finish cannot use up its descriptors.
     max_connections: int = _setting(1_000, ge=1)
@@ -318,9 +321,11 @@ class Settings:
                 except _Invalid as exc:
                     problems.append((field.name, str(exc)))
             object.__setattr__(self, field.name, value)
+        # Set to other than its default, the payload limit must fit in a body; the default
+        # beside a smaller body limit is the body's to refuse (413), as the docs say.
         if (
-            "max_payload_bytes" in given
-            and not problems
+            not problems
+            and self.max_payload_bytes != _PAYLOAD_DEFAULT
             and self.max_payload_bytes >= self.max_body_bytes
         ):
             problems.append(

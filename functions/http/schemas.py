@@ -11,11 +11,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     ModelWrapValidatorHandler,
     PlainValidator,
     WithJsonSchema,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
+from typing_extensions import TypeAliasType
 
 from functions import model, parsing
 from functions.http.rules import read_task
@@ -78,8 +82,36 @@ PAYLOAD_DESCRIPTION = (
     f" most {model.MAX_PAYLOAD_DEPTH} deep, with no NaN or Infinity and no character U+0000"
     " (PostgreSQL's jsonb cannot store it): 422 otherwise."
 )
+# Text without U+0000 (jsonb cannot store it), in a string or an object's key.
+_NO_NUL = "^[^\\x00]*$"
+_Text = Annotated[str, Field(pattern=_NO_NUL)]
+
+
+class _KeysWithoutNul:
+    """An object's keys, in the schema: `propertyNames` holds every key to the pattern, where
+    the `patternProperties` pydantic writes would let other keys through."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        value = schema.pop("patternProperties")[_NO_NUL]
+        schema.update(propertyNames={"pattern": _NO_NUL}, additionalProperties=value)
+        return schema
+
+
+# Any JSON value but U+0000: what the schema says a payload is. The rest of its rules (its
+# size, which is a setting; NaN; nesting) are `parsing.payload_json`'s, checked by the domain
+# on every path, and in the description.
+PayloadValue = TypeAliasType(
+    "PayloadValue",
+    "bool | int | float | _Text | list[PayloadValue]"
+    " | Annotated[dict[_Text, PayloadValue], _KeysWithoutNul] | None",
+)
 Payload = Annotated[
-    Any, Field(description=PAYLOAD_DESCRIPTION, examples=[{"to": "ada@example.com"}])
+    PayloadValue,
+    Field(description=PAYLOAD_DESCRIPTION, examples=[{"to": "ada@example.com"}]),
 ]
 
 
@@ -145,7 +177,8 @@ class RescheduleIn(BaseModel):
     """A new `execute_at`, a new `payload`, or both: what is absent stays as it was, and a
     `payload` of null clears it."""
 
-    model_config = ConfigDict(extra="forbid")
+    # At least one of the two, as the schema says (minProperties) and `_something` checks.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
 
     # Not `| None`: a null time is refused, as the schema says; absent, the time stays.
     execute_at: ExecuteAt = Field(default=None)  # type: ignore[assignment]
