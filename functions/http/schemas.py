@@ -14,6 +14,7 @@ from pydantic import (
     GetJsonSchemaHandler,
     ModelWrapValidatorHandler,
     PlainValidator,
+    TypeAdapter,
     WithJsonSchema,
     model_validator,
 )
@@ -109,8 +110,23 @@ PayloadValue = TypeAliasType(
     "bool | int | float | _Text | list[PayloadValue]"
     " | Annotated[dict[_Text, PayloadValue], _KeysWithoutNul] | None",
 )
+_PAYLOAD_VALUE = TypeAdapter(PayloadValue)
+
+
+class _DocumentedAsPayloadValue:
+    """Read as any value (the domain checks it, on every path, in its own words: pydantic's
+    for a union would list six issues for one U+0000), documented as PayloadValue."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return handler(_PAYLOAD_VALUE.core_schema)
+
+
 Payload = Annotated[
-    PayloadValue,
+    Any,
+    _DocumentedAsPayloadValue,
     Field(description=PAYLOAD_DESCRIPTION, examples=[{"to": "ada@example.com"}]),
 ]
 
