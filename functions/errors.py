@@ -41,6 +41,15 @@ class InvalidInput(TaskrunnerError):
     """Input that passed the schema but not the domain (a bad cursor, say)."""
 
 
+class InvalidPayload(TaskrunnerError):
+    """A payload the API does not take (too large, or not storable as jsonb): a 422 whose
+    issue names where it was sent (`loc`), as the schema's own 422s do."""
+
+    def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
+        super().__init__(msg)
+        self.issues = [{"loc": list(loc), "msg": msg, "type": "payload_invalid"}]
+
+
 class NotJson(TaskrunnerError):
     """A request body sent with a content-type other than JSON."""
 

@@ -24,7 +24,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from functions.errors import TaskrunnerError
 from functions.settings import Settings
@@ -67,6 +67,9 @@ class Context:
     settings: Settings
     # Lends one of the runner's HTTP clients for a request: `async with ctx.http() as client`.
     http: Callable[[], AbstractAsyncContextManager[httpx.AsyncClient]]
+    # The task's payload, as the request that created it (or a PATCH) sent it: any JSON
+    # value as `json.loads` reads it; None when it has none.
+    payload: Any = None
 
 
 class HttpClients:

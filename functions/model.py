@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 
 class TaskState(StrEnum):
@@ -44,6 +45,8 @@ class Task:
     error: str | None
     # What the creating request sent as its idempotency key; held while the task exists.
     idempotency_key: str | None = None
+    # Any JSON value, given to the kind as `ctx.payload`; None when there is none (JSON null).
+    payload: Any = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class NewTask:
     execute_at: datetime
     # A repeat of a request with this key gets the task the first one made, not a new one.
     idempotency_key: str | None = None
+    # Any JSON value (as `json.loads` reads it); checked by `parsing.payload_json`.
+    payload: Any = None
 
     def same_request(self, kind: str, execute_at: datetime) -> bool:
         """Whether a task made for `kind` at `execute_at` is what this request asks for."""
@@ -81,6 +86,17 @@ BIGINT_MAX = 2**63 - 1
 # header's surrounding spaces are trimmed in transit, so a key with spaces could arrive as
 # another key). The table checks the same (`idempotency_key_printable`).
 IDEMPOTENCY_KEY_PATTERN = "^[!-~]{1,255}$"
+# How deep a payload may nest (`[[1]]` is 2): far below what json.loads, pydantic-core
+# (200) and PostgreSQL's jsonb read, so a stored payload can always be read back, by any of
+# them, in any stack.
+MAX_PAYLOAD_DEPTH = 100
+# The most bytes one answer listing tasks holds (`GET /tasks`, `GET /taskstate/{state}`):
+# under Lambda's 6 MB response limit with room to spare; a page of large payloads is shorter.
+MAX_PAGE_BYTES = 5_000_000
+# The most bytes a payload may have (TASKRUNNER_MAX_PAYLOAD_BYTES at most): a task with one
+# is an answer of its own well under MAX_PAGE_BYTES.
+MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+
 # The most JSON values a request body may hold (`parsing.count_values`): more than any body
 # this API takes (a full batch with idempotency keys has 100,003), and few enough that
 # reading them costs a few MB at most. Without it, 8 MiB of `{},` is 2.8 million dicts when

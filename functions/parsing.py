@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,7 @@ from functions.model import (
     END_UNIX_S,
     IDEMPOTENCY_KEY_PATTERN,
     MAX_EXECUTE_AT,
+    MAX_PAYLOAD_DEPTH,
     MAX_VALUES,
     MIN_EXECUTE_AT,
     NewTask,
@@ -286,11 +288,96 @@ def count_values(body: bytes) -> int:
     return count(b"".join(plain.split(b'"')[::2])) + strings
 
 
+# The one way a payload is written: compact, characters as they are (UTF-8). Its size is
+# the length of this in UTF-8; NaN and Infinity are refused (JSON has no such numbers).
+_dump_payload = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+# `\u0000` written for the character U+0000: a backslash that no other backslash escapes.
+_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def payload_json(value: Any, max_bytes: int) -> str:
+    """`value` as the compact JSON it is stored and measured as; ValueError saying why, if
+    it is more than `max_bytes` in UTF-8 or cannot be stored (NaN or Infinity, the
+    character U+0000, which jsonb refuses, a lone surrogate, nesting past MAX_PAYLOAD_DEPTH).
+    """
+    try:
+        text = _dump_payload(value)
+    except RecursionError:
+        raise ValueError(_TOO_DEEP) from None
+    except ValueError:  # (the only one json.dumps raises on values json.loads makes)
+        raise ValueError(
+            "payload holds NaN, Infinity or a number too large for a double, which JSON"
+            " cannot write"
+        ) from None
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:
+        raise ValueError(
+            "payload holds a lone surrogate (a \\ud800-\\udfff escape without its pair),"
+            " which is not Unicode text"
+        ) from None
+    if size > max_bytes:
+        raise ValueError(
+            f"payload is {size:,} bytes as compact JSON in UTF-8, over the limit of"
+            f" {max_bytes:,} (TASKRUNNER_MAX_PAYLOAD_BYTES)"
+        )
+    if "\\u0000" in text and _NUL.search(text):
+        raise ValueError(
+            "payload holds the character U+0000 (\\u0000), which PostgreSQL's jsonb cannot store"
+        )
+    # Fewer brackets than the limit in all cannot nest past it; only more are walked.
+    if text.count("[") + text.count("{") > MAX_PAYLOAD_DEPTH and _depth(value) > MAX_PAYLOAD_DEPTH:
+        raise ValueError(_TOO_DEEP)
+    return text
+
+
+_TOO_DEEP = f"payload nests deeper than {MAX_PAYLOAD_DEPTH} arrays and objects"
+
+
+def _depth(value: Any) -> int:
+    """How deep `value` nests (a scalar 0, `[]` 1), walked without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if item.__class__ is dict:
+            children: Any = item.values()
+        elif item.__class__ is list:
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_PAYLOAD_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def same_payload(a: Any, b: Any) -> bool:
+    """Whether two payloads are equal as jsonb compares them: objects whatever their keys'
+    order, numbers by value, `true` never equal to `1`. (Both checked by `payload_json`:
+    they nest at most MAX_PAYLOAD_DEPTH.)"""
+    if a.__class__ is bool or b.__class__ is bool:
+        return a is b
+    if a.__class__ is dict:
+        return (
+            b.__class__ is dict
+            and a.keys() == b.keys()
+            and all(same_payload(v, b[k]) for k, v in a.items())
+        )
+    if a.__class__ is list:
+        return b.__class__ is list and len(a) == len(b) and all(map(same_payload, a, b))
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return a.__class__ is b.__class__ and a == b
+
+
 def read_batch(items: list[Any]) -> list[dict[str, Any]] | None:
     """The batch's items as `store.insert_batch` takes them (kind, time in whole
-    microseconds), if each is a task with a type and an execute_at and nothing else; None if
-    any item has more (an idempotency key) or is refused (then `create_tasks`, through the
-    full schema, says why).
+    microseconds, and the payload as sent, when one is), if each is a task with a type, an
+    execute_at and perhaps a payload, and nothing else; None if any item has more (an
+    idempotency key) or is refused (then `create_tasks`, through the full schema, says why).
+    The payload's own rules are the caller's (`tasks.create_batch`): they take a setting.
 
     A 10,000-task batch is read here in a few milliseconds, by the rules a single task is
     read by: a type already in lowercase is taken as it is, any other goes through
@@ -302,7 +389,10 @@ def read_batch(items: list[Any]) -> list[dict[str, Any]] | None:
     # Seconds `_unix_us` read already: a batch often holds one time many times.
     read: dict[float, int] = {}
     for item in items:
-        if item.__class__ is not dict or len(item) != 2:
+        if item.__class__ is not dict:
+            return None
+        size = len(item)
+        if size != 2 and (size != 3 or "payload" not in item):
             return None
         kind = item.get("type")
         at = item.get("execute_at")
@@ -333,10 +423,15 @@ def read_batch(items: list[Any]) -> list[dict[str, Any]] | None:
                     us = (parse_execute_at(at) - _EPOCH) // _MICROSECOND
             except ValueError:  # (year 0, a leap second: parse_execute_at says why)
                 return None
-        append({"kind": kind, "at_us": us})
+        if size == 3 and item["payload"] is not None:
+            append({"kind": kind, "at_us": us, "payload": item["payload"]})
+        else:
+            append({"kind": kind, "at_us": us})
     return out
 
 
-def new_task(kind: str, at_us: int, idempotency_key: str | None = None) -> NewTask:
+def new_task(
+    kind: str, at_us: int, idempotency_key: str | None = None, payload: Any = None
+) -> NewTask:
     """A task read by `read_batch`, to create on its own."""
-    return NewTask(kind, _EPOCH + timedelta(microseconds=at_us), idempotency_key)
+    return NewTask(kind, _EPOCH + timedelta(microseconds=at_us), idempotency_key, payload)

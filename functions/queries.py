@@ -46,7 +46,7 @@ TASK_COLUMNS = f"""
     created_at AT TIME ZONE 'UTC' AS created_at,
     started_at AT TIME ZONE 'UTC' AS started_at,
     finished_at AT TIME ZONE 'UTC' AS finished_at,
-    attempts, max_attempts, output, error, idempotency_key
+    attempts, max_attempts, output, error, idempotency_key, payload
 """
 
 # Creating a task due within NOTIFY_HORIZON wakes listening workers (in the same
@@ -70,8 +70,8 @@ _AT_FROM_US = """timestamptz 'epoch' + make_interval(secs => at_us / 1000000)
 
 INSERT_TASK = f"""
 WITH inserted AS (
-    INSERT INTO tasks (kind, execute_at, max_attempts)
-    VALUES (%(kind)s, %(execute_at)s, %(max_attempts)s)
+    INSERT INTO tasks (kind, execute_at, max_attempts, payload)
+    VALUES (%(kind)s, %(execute_at)s, %(max_attempts)s, CAST(%(payload)s AS jsonb))
     RETURNING *
 ), notified AS (
     SELECT {_NOTIFY_IF_SOON} FROM inserted
@@ -80,17 +80,19 @@ SELECT {TASK_COLUMNS} FROM inserted CROSS JOIN notified
 """
 
 # Creates of one task each, made at once by concurrent requests, in one statement
-# (Store.insert_task): their rows, in the order given (see INSERT_TASKS on ids).
+# (Store.insert_task): their rows, in the order given (see INSERT_TASKS on ids). A payload
+# travels as a JSON value inside the parameter (absent or null: none).
 INSERT_TASK_MANY = f"""
 WITH new AS (
-    SELECT kind, n, max_attempts,
+    SELECT kind, n, max_attempts, payload,
         {_AT_FROM_US} AS at
     FROM ROWS FROM (
-        json_to_recordset(CAST(%(tasks)s AS json)) AS (kind text, at_us bigint, max_attempts int)
-    ) WITH ORDINALITY AS new(kind, at_us, max_attempts, n)
+        json_to_recordset(CAST(%(tasks)s AS json))
+            AS (kind text, at_us bigint, max_attempts int, payload jsonb)
+    ) WITH ORDINALITY AS new(kind, at_us, max_attempts, payload, n)
 ), inserted AS (
-    INSERT INTO tasks (kind, execute_at, max_attempts)
-    SELECT kind, at, max_attempts FROM new
+    INSERT INTO tasks (kind, execute_at, max_attempts, payload)
+    SELECT kind, at, max_attempts, payload FROM new
     ORDER BY n
     RETURNING *
 ), notified AS (
@@ -106,14 +108,14 @@ ORDER BY id
 # order given.
 INSERT_TASKS = f"""
 WITH new AS (
-    SELECT kind, n,
+    SELECT kind, n, payload,
         {_AT_FROM_US} AS at
     FROM ROWS FROM (
-        json_to_recordset(CAST(%(tasks)s AS json)) AS (kind text, at_us bigint)
-    ) WITH ORDINALITY AS new(kind, at_us, n)
+        json_to_recordset(CAST(%(tasks)s AS json)) AS (kind text, at_us bigint, payload jsonb)
+    ) WITH ORDINALITY AS new(kind, at_us, payload, n)
 ), inserted AS (
-    INSERT INTO tasks (kind, execute_at, max_attempts)
-    SELECT kind, at, %(max_attempts)s FROM new
+    INSERT INTO tasks (kind, execute_at, max_attempts, payload)
+    SELECT kind, at, %(max_attempts)s, payload FROM new
     ORDER BY n
     RETURNING id, execute_at
 ), notified AS (
@@ -128,11 +130,15 @@ ORDER BY id
 # concurrent insert of the same key to commit or roll back, so of any number of concurrent
 # requests with one key exactly one inserts; the others get no row, and read the winner
 # with GET_TASK_BY_KEY (a statement of its own: a new snapshot, which sees it). A create
-# without a key stays on INSERT_TASK / INSERT_TASKS, which pay nothing for keys.
+# without a key stays on INSERT_TASK / INSERT_TASKS, which pay nothing for keys. What the
+# request asked for is kept apart (`idempotency_execute_at`, `idempotency_payload`): PATCH
+# may move the task's time and payload, and a repeat is compared with what was asked.
 INSERT_TASK_KEYED = f"""
 WITH inserted AS (
-    INSERT INTO tasks (kind, execute_at, max_attempts, idempotency_key, idempotency_execute_at)
-    VALUES (%(kind)s, %(execute_at)s, %(max_attempts)s, %(key)s, %(execute_at)s)
+    INSERT INTO tasks (kind, execute_at, max_attempts, idempotency_key, idempotency_execute_at,
+        payload, idempotency_payload)
+    VALUES (%(kind)s, %(execute_at)s, %(max_attempts)s, %(key)s, %(execute_at)s,
+        CAST(%(payload)s AS jsonb), CAST(%(payload)s AS jsonb))
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), notified AS (
@@ -142,9 +148,11 @@ SELECT {TASK_COLUMNS} FROM inserted CROSS JOIN notified
 """
 
 # The task holding a key, and what the request that created it asked for (`requested_at`:
-# execute_at may have moved since, by PATCH).
+# execute_at may have moved since, by PATCH), and whether it asked for this payload (jsonb
+# equality: key order and spacing do not matter).
 GET_TASK_BY_KEY = f"""
-SELECT {TASK_COLUMNS}, idempotency_execute_at AT TIME ZONE 'UTC' AS requested_at
+SELECT {TASK_COLUMNS}, idempotency_execute_at AT TIME ZONE 'UTC' AS requested_at,
+    idempotency_payload IS NOT DISTINCT FROM CAST(%(payload)s AS jsonb) AS same_payload
 FROM tasks WHERE idempotency_key = %(key)s
 """
 
@@ -162,14 +170,18 @@ FROM tasks WHERE idempotency_key = %(key)s
 # the default work_mem (5.5 MB), which costs nothing measurable: 566 against 582 ms at 16 MB.
 INSERT_TASKS_KEYED = f"""
 WITH new AS (
-    SELECT kind, key, n,
+    SELECT kind, key, n, payload,
         {_AT_FROM_US} AS at
     FROM ROWS FROM (
-        json_to_recordset(CAST(%(tasks)s AS json)) AS (kind text, at_us bigint, key text)
-    ) WITH ORDINALITY AS new(kind, at_us, key, n)
+        json_to_recordset(CAST(%(tasks)s AS json))
+            AS (kind text, at_us bigint, key text, payload jsonb)
+    ) WITH ORDINALITY AS new(kind, at_us, key, payload, n)
 ), inserted AS (
-    INSERT INTO tasks (kind, execute_at, max_attempts, idempotency_key, idempotency_execute_at)
-    SELECT kind, at, %(max_attempts)s, key, CASE WHEN key IS NOT NULL THEN at END FROM new
+    INSERT INTO tasks (kind, execute_at, max_attempts, idempotency_key, idempotency_execute_at,
+        payload, idempotency_payload)
+    SELECT kind, at, %(max_attempts)s, key, CASE WHEN key IS NOT NULL THEN at END,
+        payload, CASE WHEN key IS NOT NULL THEN payload END
+    FROM new
     ORDER BY key COLLATE "C" NULLS FIRST, n
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id, execute_at, idempotency_key
@@ -180,9 +192,14 @@ SELECT inserted.id, inserted.idempotency_key FROM inserted CROSS JOIN notified
 ORDER BY id
 """
 
+# The tasks holding the keys sent (`[{"key", "payload"}]`), what their requests asked for,
+# and whether that was the payload sent with the key now (jsonb equality, as GET_TASK_BY_KEY).
 FIND_KEYS = """
-SELECT idempotency_key, id, kind, idempotency_execute_at AT TIME ZONE 'UTC'
-FROM tasks WHERE idempotency_key = ANY(CAST(%(keys)s AS text[]))
+SELECT tasks.idempotency_key, tasks.id, tasks.kind,
+    tasks.idempotency_execute_at AT TIME ZONE 'UTC',
+    tasks.idempotency_payload IS NOT DISTINCT FROM sent.payload
+FROM json_to_recordset(CAST(%(sent)s AS json)) AS sent(key text, payload jsonb)
+JOIN tasks ON tasks.idempotency_key = sent.key
 """
 
 GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = %(id)s"
@@ -276,19 +293,24 @@ RETRY_TASK = _act(
         finished_at = NULL""",
 )
 
-# PATCH /tasks/{id}: a scheduled task gets a new execute_at, and is due then (a pending
-# retry's time is dropped with the old one). Moved to a time already past, a task that was
-# not due became due now; one that was due already stays due since it was.
+# PATCH /tasks/{id} with an execute_at: a scheduled task gets a new execute_at, and is due
+# then (a pending retry's time is dropped with the old one). Moved to a time already past, a
+# task that was not due became due now; one that was due already stays due since it was.
+# Without one (NULL), its times stay as they were. With `set_payload`, its payload becomes
+# `payload` (NULL: none); the payload its idempotency key stands for stays.
+_MOVED = "CAST(%(execute_at)s AS timestamptz)"
 RESCHEDULE_TASK = _act(
     "scheduled",
     f"""UPDATE tasks
-    SET execute_at = %(execute_at)s,
-        next_attempt_at = NULL,
+    SET execute_at = coalesce({_MOVED}, execute_at),
+        next_attempt_at = CASE WHEN {_MOVED} IS NULL THEN next_attempt_at END,
         made_due_at = CASE
-            WHEN %(execute_at)s > now() THEN NULL
+            WHEN {_MOVED} IS NULL THEN made_due_at
+            WHEN {_MOVED} > now() THEN NULL
             WHEN {DUE_AT} > now() THEN now()
             ELSE {BECAME_DUE}
-        END""",
+        END,
+        payload = CASE WHEN %(set_payload)s THEN CAST(%(payload)s AS jsonb) ELSE payload END""",
 )
 
 # --- workers ------------------------------------------------------------------------------
@@ -300,7 +322,7 @@ RESCHEDULE_TASK = _act(
 #
 # Registering and each heartbeat also record the kinds the worker runs (`kinds`, sorted, so
 # that two workers lock the rows they update in one order) in `kinds_served` (migration
-# 0007). A kind written less than a minute ago is left alone, so its row is written about
+# 0008). A kind written less than a minute ago is left alone, so its row is written about
 # once a minute whatever the number of workers; an unserved kind is one not run for 5.
 _RECORD_KINDS = f"""
 served AS (
@@ -426,7 +448,8 @@ RETURNING id, kind, attempts, max_attempts,
     -- from BECAME_DUE, which this UPDATE leaves as it was (it clears next_attempt_at).
     CASE WHEN attempts = 1
         THEN CAST(extract(epoch FROM {NOW} - {BECAME_DUE}) * 1000 AS float8)
-    END AS lateness_ms
+    END AS lateness_ms,
+    payload
 """
 
 # How long until the next task is due, by the database's clock, as a duration (which a
@@ -659,5 +682,5 @@ PING = "SELECT 1"
 
 # The schema revision these statements are written for (local/migrations/versions/); a
 # unit test keeps it equal to the newest migration.
-SCHEMA_REVISION = "0007"
+SCHEMA_REVISION = "0008"
 SCHEMA_REVISION_IN_DATABASE = "SELECT version_num FROM alembic_version"

@@ -223,6 +223,9 @@ def kinds_from_environment() -> str | None:
         raise SettingsError([("kinds", str(exc))]) from None
 
 
+_PAYLOAD_DEFAULT = 64 * 1024
+
+
 def _setting(
     default: Any,
     *,
@@ -267,6 +270,10 @@ class Settings:
     # key character escaped, indented): 8 MiB takes either. API Gateway and Lambda refuse
     # bodies over 10 MB and 6 MB before they get here.
     max_body_bytes: int = _setting(8 * 1024 * 1024, ge=1024)
+    # The largest payload a task may carry, as compact JSON in UTF-8; a larger one gets 422.
+    # At most 4 MiB, so that one task's answer stays under the 5 MB of a page. Set to other
+    # than its default, it must be below max_body_bytes: such a body would get 413 first.
+    max_payload_bytes: int = _setting(_PAYLOAD_DEFAULT, ge=16, le=4 * 1024 * 1024)
     # Open connections one `taskrunner api` or `dev` process holds; one more is answered 503
     # and closed at once, so that clients that never finish cannot use up its descriptors.
     max_connections: int = _setting(1_000, ge=1)
@@ -345,6 +352,21 @@ class Settings:
                 except Invalid as exc:
                     problems.append((field.name, str(exc)))
             object.__setattr__(self, field.name, value)
+        # Set to other than its default, the payload limit must fit in a body; the default
+        # beside a smaller body limit is the body's to refuse (413), as the docs say.
+        if (
+            not problems
+            and self.max_payload_bytes != _PAYLOAD_DEFAULT
+            and self.max_payload_bytes >= self.max_body_bytes
+        ):
+            problems.append(
+                (
+                    "max_payload_bytes",
+                    f"must be below TASKRUNNER_MAX_BODY_BYTES ({self.max_body_bytes:,}), got"
+                    f" {self.max_payload_bytes:,}: a body holding a payload that large would"
+                    " be refused (413) before it is read",
+                )
+            )
         if problems:
             raise SettingsError(problems)
 

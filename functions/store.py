@@ -47,6 +47,8 @@ class Claimed(NamedTuple):
     max_attempts: int
     # How late a first attempt started (ms); None for later attempts.
     lateness_ms: float | None = None
+    # The task's payload (any JSON value; None when it has none).
+    payload: Any = None
 
 
 class Result(NamedTuple):
@@ -110,7 +112,17 @@ def _task(row: Any) -> Task:
         output=row.output,
         error=row.error,
         idempotency_key=row.idempotency_key,
+        payload=row.payload,
     )
+
+
+# A payload as the statements take it: its compact JSON (checked before, by
+# `parsing.payload_json`), or NULL for none.
+_dump_payload = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _payload_param(payload: Any) -> str | None:
+    return None if payload is None else _dump_payload(payload)
 
 
 # How often a keyed create tries again when the task holding its key vanished between the
@@ -125,8 +137,9 @@ class _KeyVanished(Exception):
 
 def _reused(key: str, task_id: int) -> IdempotencyKeyReused:
     return IdempotencyKeyReused(
-        f"idempotency key {excerpt(key)} was used for task {task_id} with another type or"
-        " execute_at; a repeat must send the same type and execute_at, a new task a new key"
+        f"idempotency key {excerpt(key)} was used for task {task_id} with another type,"
+        " execute_at or payload; a repeat must send the same type, execute_at and payload, a"
+        " new task a new key"
     )
 
 
@@ -255,21 +268,29 @@ class Store:
                 kind=one.kind,
                 execute_at=one.execute_at,
                 max_attempts=max_attempts,
+                payload=_payload_param(one.payload),
             )
             return [_task(rows[0])]
-        payload = [
-            {"kind": n.kind, "at_us": (n.execute_at - _EPOCH) // _MICROSECOND, "max_attempts": m}
+        sent = [
+            {
+                "kind": n.kind,
+                "at_us": (n.execute_at - _EPOCH) // _MICROSECOND,
+                "max_attempts": m,
+                "payload": n.payload,
+            }
             for n, m in new
         ]
-        rows = await self._all(queries.INSERT_TASK_MANY, wait_s=wait_s, tasks=json.dumps(payload))
+        rows = await self._all(queries.INSERT_TASK_MANY, wait_s=wait_s, tasks=_dump_payload(sent))
         return [_task(row) for row in rows]
 
     async def insert_task_keyed(self, new: NewTask, max_attempts: int) -> tuple[Task, bool]:
         """Insert `new` unless a task holds its key; return the task, and whether it is new.
 
-        Raises IdempotencyKeyReused when the key's task was made for another kind or time.
+        Raises IdempotencyKeyReused when the key's task was made for another kind, time or
+        payload.
         """
         assert new.idempotency_key is not None
+        payload = _payload_param(new.payload)
         for _ in range(_KEY_TRIES):
             rows = await self._all(
                 queries.INSERT_TASK_KEYED,
@@ -277,14 +298,18 @@ class Store:
                 execute_at=new.execute_at,
                 max_attempts=max_attempts,
                 key=new.idempotency_key,
+                payload=payload,
             )
             if rows:
                 return _task(rows[0]), True
-            rows = await self._all(queries.GET_TASK_BY_KEY, key=new.idempotency_key)
+            rows = await self._all(
+                queries.GET_TASK_BY_KEY, key=new.idempotency_key, payload=payload
+            )
             if not rows:
                 continue
             task = _task(rows[0])
-            if not new.same_request(task.kind, rows[0].requested_at.replace(tzinfo=UTC)):
+            requested_at = rows[0].requested_at.replace(tzinfo=UTC)
+            if not new.same_request(task.kind, requested_at) or not rows[0].same_payload:
                 raise _reused(new.idempotency_key, task.id)
             return task, False
         raise DatabaseUnavailable("the idempotency key's task kept vanishing; try again")
@@ -304,7 +329,16 @@ class Store:
                     continue
             raise DatabaseUnavailable("an idempotency key's task kept vanishing; try again")
         return await self.insert_batch(
-            [[{"kind": n.kind, "at_us": (n.execute_at - _EPOCH) // _MICROSECOND} for n in new]],
+            [
+                [
+                    {
+                        "kind": n.kind,
+                        "at_us": (n.execute_at - _EPOCH) // _MICROSECOND,
+                        "payload": n.payload,
+                    }
+                    for n in new
+                ]
+            ],
             max_attempts,
         )
 
@@ -312,7 +346,8 @@ class Store:
         self, slices: Iterable[list[dict[str, Any]]], max_attempts: int
     ) -> list[int]:
         """Insert tasks given as `{"kind", "at_us"}` (whole microseconds since the epoch:
-        exact over the whole range, queries.INSERT_TASKS), one statement per slice, in one
+        exact over the whole range, queries.INSERT_TASKS) and perhaps a `"payload"` (a JSON
+        value, checked before), one statement per slice, in one
         transaction; return their ids in order. All or none: an exception out of `slices`
         rolls back what was sent before it.
 
@@ -357,6 +392,7 @@ class Store:
                     "kind": n.kind,
                     "at_us": (n.execute_at - _EPOCH) // _MICROSECOND,
                     "key": n.idempotency_key,
+                    "payload": n.payload,
                 }
                 for n in new
             ]
@@ -379,16 +415,21 @@ class Store:
                 skipped.append(i)
         if not skipped:
             return ids
-        keys = [new[i].idempotency_key for i in skipped]
-        await cursor.execute(queries.FIND_KEYS, {"keys": keys})
-        found = {key: (task_id, kind, at) for key, task_id, kind, at in await cursor.fetchall()}
+        sent = to_json(
+            [{"key": new[i].idempotency_key, "payload": new[i].payload} for i in skipped]
+        ).decode()
+        await cursor.execute(queries.FIND_KEYS, {"sent": sent})
+        found = {
+            key: (task_id, kind, at, same)
+            for key, task_id, kind, at, same in await cursor.fetchall()
+        }
         for i in skipped:
             n = new[i]
             assert n.idempotency_key is not None
             if n.idempotency_key not in found:
                 raise _KeyVanished
-            task_id, kind, at = found[n.idempotency_key]
-            if not n.same_request(kind, at.replace(tzinfo=UTC)):
+            task_id, kind, at, same_payload = found[n.idempotency_key]
+            if not n.same_request(kind, at.replace(tzinfo=UTC)) or not same_payload:
                 raise _reused(n.idempotency_key, task_id)
             ids[i] = task_id
         return ids
@@ -449,10 +490,23 @@ class Store:
         return _acted(await self._all(queries.RETRY_TASK, id=task_id, max_attempts=max_attempts))
 
     async def reschedule_task(
-        self, task_id: int, execute_at: datetime
+        self,
+        task_id: int,
+        execute_at: datetime | None,
+        *,
+        set_payload: bool = False,
+        payload: Any = None,
     ) -> tuple[TaskState | None, Task | None]:
-        """Move a scheduled task to `execute_at`."""
-        return _acted(await self._all(queries.RESCHEDULE_TASK, id=task_id, execute_at=execute_at))
+        """Move a scheduled task to `execute_at` (None: it stays), and with `set_payload`
+        give it `payload` (None: none)."""
+        rows = await self._all(
+            queries.RESCHEDULE_TASK,
+            id=task_id,
+            execute_at=execute_at,
+            set_payload=set_payload,
+            payload=_payload_param(payload),
+        )
+        return _acted(rows)
 
     # --- workers ---------------------------------------------------------------------------
 

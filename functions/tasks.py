@@ -14,13 +14,21 @@ from typing import Any
 from functions.errors import (
     Forbidden,
     IdempotencyKeyReused,
+    InvalidPayload,
     SchemaOutdated,
     TaskNotFound,
     TaskRunning,
     WrongState,
 )
 from functions.model import NewTask, Page, Task, TaskState
-from functions.parsing import decode_cursor, encode_cursor, excerpt, read_batch
+from functions.parsing import (
+    decode_cursor,
+    encode_cursor,
+    excerpt,
+    payload_json,
+    read_batch,
+    same_payload,
+)
 from functions.queries import SCHEMA_REVISION
 from functions.store import Store
 
@@ -37,29 +45,48 @@ async def check_schema(store: Store) -> str:
     return found
 
 
-async def create_task(store: Store, new: NewTask, max_attempts: int) -> tuple[Task, bool]:
+def check_payload(payload: Any, max_bytes: int, loc: tuple[str | int, ...]) -> None:
+    """Raise InvalidPayload (422, at `loc`) unless `payload` is one a task may carry
+    (`parsing.payload_json`)."""
+    if payload is not None:
+        try:
+            payload_json(payload, max_bytes)
+        except ValueError as exc:
+            raise InvalidPayload(loc, str(exc)) from None
+
+
+async def create_task(
+    store: Store, new: NewTask, max_attempts: int, max_payload_bytes: int
+) -> tuple[Task, bool]:
     """Schedule one task; return it, and whether this call created it.
 
     With an idempotency key, a repeat of the request that created a task (same key, same
-    kind and execute_at) gets that task back, whatever its state now (False); the same key
-    with another kind or time raises IdempotencyKeyReused. Any number of concurrent
-    requests with one key create one task.
+    kind, execute_at and payload) gets that task back, whatever its state now (False); the
+    same key with another kind, time or payload raises IdempotencyKeyReused. Any number of
+    concurrent requests with one key create one task. A payload over `max_payload_bytes`,
+    or one jsonb cannot store, raises InvalidPayload, with nothing written.
     """
+    check_payload(new.payload, max_payload_bytes, ("body", "payload"))
     if new.idempotency_key is None:
         return await store.insert_task(new, max_attempts), True
     return await store.insert_task_keyed(new, max_attempts)
 
 
-async def create_tasks(store: Store, new: list[NewTask], max_attempts: int) -> list[int]:
+async def create_tasks(
+    store: Store, new: list[NewTask], max_attempts: int, max_payload_bytes: int
+) -> list[int]:
     """Schedule many tasks; all are written or none. Return their ids in the order given.
 
     An item whose idempotency key names an existing task gets that task's id and creates
-    nothing; items sharing a key share one task. A key sent with another kind or time (by
-    an earlier request, or by another item here) fails the whole batch.
+    nothing; items sharing a key share one task. A key sent with another kind, time or
+    payload (by an earlier request, or by another item here), or any item's payload refused
+    (InvalidPayload), fails the whole batch.
     """
     first: dict[str, int] = {}
     unique: list[NewTask] = []
     where: list[int] = []
+    for i, item in enumerate(new):
+        check_payload(item.payload, max_payload_bytes, ("body", "tasks", i, "payload"))
     for i, item in enumerate(new):
         key = item.idempotency_key
         if key is None or key not in first:
@@ -69,10 +96,12 @@ async def create_tasks(store: Store, new: list[NewTask], max_attempts: int) -> l
             unique.append(item)
             continue
         earlier = new[first[key]]
-        if not earlier.same_request(item.kind, item.execute_at):
+        if not earlier.same_request(item.kind, item.execute_at) or not same_payload(
+            earlier.payload, item.payload
+        ):
             raise IdempotencyKeyReused(
                 f"tasks {first[key]} and {i} of the batch share idempotency key "
-                f"{excerpt(key)} but differ in type or execute_at"
+                f"{excerpt(key)} but differ in type, execute_at or payload"
             )
         where.append(where[first[key]])
     ids = await store.insert_tasks(unique, max_attempts)
@@ -96,16 +125,24 @@ def _slices(n: int) -> Iterator[tuple[int, int]]:
         start, size = start + size, size * 2
 
 
-async def create_batch(store: Store, items: list[Any], max_attempts: int) -> list[int] | None:
+async def create_batch(
+    store: Store, items: list[Any], max_attempts: int, max_payload_bytes: int
+) -> list[int] | None:
     """Read a batch's tasks, as sent, by `read_batch`, and schedule them; all are written or
     none. Return their ids in the order given; None, with nothing written, if `read_batch`
-    refuses any (then `create_tasks`, through the full schema, says why)."""
+    refuses any (then `create_tasks`, through the full schema, says why). A payload refused
+    raises InvalidPayload, with nothing written."""
 
     def read() -> Iterator[list[dict[str, Any]]]:
         for start, stop in _slices(len(items)):
             rows = read_batch(items[start:stop])
             if rows is None:
                 raise _Refused
+            for i, row in enumerate(rows, start):
+                if "payload" in row:
+                    check_payload(
+                        row["payload"], max_payload_bytes, ("body", "tasks", i, "payload")
+                    )
             yield rows
 
     try:
@@ -195,10 +232,31 @@ async def retry_task(store: Store, task_id: int, max_attempts: int) -> Task:
     return _acted(task_id, outcome, "retried", TaskState.FAILED)
 
 
-async def reschedule_task(store: Store, task_id: int, execute_at: datetime) -> Task:
-    """Move a scheduled task to `execute_at`."""
-    outcome = await store.reschedule_task(task_id, execute_at)
-    return _acted(task_id, outcome, "rescheduled", TaskState.SCHEDULED)
+async def reschedule_task(
+    store: Store,
+    task_id: int,
+    execute_at: datetime | None,
+    *,
+    set_payload: bool = False,
+    payload: Any = None,
+    max_payload_bytes: int = 0,
+) -> Task:
+    """Move a scheduled task to `execute_at` (None: its time stays), and, with
+    `set_payload`, give it `payload` (None clears it). A payload refused raises
+    InvalidPayload, with nothing changed."""
+    if set_payload:
+        check_payload(payload, max_payload_bytes, ("body", "payload"))
+    outcome = await store.reschedule_task(
+        task_id, execute_at, set_payload=set_payload, payload=payload
+    )
+    action = (
+        "rescheduled"
+        if not set_payload
+        else "given a payload"
+        if execute_at is None
+        else ("rescheduled or given a payload")
+    )
+    return _acted(task_id, outcome, action, TaskState.SCHEDULED)
 
 
 async def prune(store: Store, *, older_than_s: float, budget_s: float | None = None) -> int:

@@ -24,14 +24,14 @@ from functions.http import challenge, monitoring, routes, rules
 from functions.http.dashboard import add_dashboard
 from functions.http.docs import add_docs
 from functions.http.middleware import layers
-from functions.http.responses import status_of
+from functions.http.responses import Detail, status_of
 from functions.http.routes import Route
 from functions.http.schemas import errors
 from functions.settings import Settings
 from functions.store import Store
 
 
-def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(status: int, detail: Detail, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 

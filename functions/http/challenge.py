@@ -17,8 +17,8 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from functions import model, parsing, tasks
-from functions.http.responses import task_fields
-from functions.http.routes import Route, TaskId, answer, task_answer
+from functions.http.responses import list_json
+from functions.http.routes import Route, TaskId, task_answer
 from functions.http.schemas import TaskOut
 from functions.kinds import KINDS
 from functions.model import NewTask, TaskState
@@ -119,7 +119,9 @@ def build_router(
         new = NewTask(
             kind=parsing.parse_kind(type), execute_at=parsing.parse_execute_at(unix_seconds)
         )
-        task, _ = await tasks.create_task(store, new, settings.max_attempts)
+        task, _ = await tasks.create_task(
+            store, new, settings.max_attempts, settings.max_payload_bytes
+        )
         return task.id
 
     router.add_api_route(
@@ -172,9 +174,11 @@ def build_router(
     async def original_list(
         state: Annotated[StateName, Path(description=STATE_DESCRIPTION)],
     ) -> Response:
-        """The first 1,000 tasks in `state`, oldest first (`GET /tasks` pages through all)."""
+        """The first 1,000 tasks in `state`, oldest first (`GET /tasks` pages through all),
+        as many of them as fit in 5 MB (Lambda's limit is 6 MB): with large payloads, fewer.
+        """
         found = await tasks.list_in_states(store, STATES[state], LIST_LIMIT)
-        return answer([task_fields(t) for t in found])
+        return Response(list_json(found), media_type="application/json")
 
     @router.delete(
         "/",

@@ -56,6 +56,7 @@ class HotPath:
         self.app = app
         self.store = store
         self.max_attempts = settings.max_attempts
+        self.max_payload_bytes = settings.max_payload_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -135,7 +136,7 @@ class HotPath:
 
     async def _create_tasks(self, items: list[Any]) -> Answer | None:
         # Its items are read by `parsing.read_batch` a slice at a time, as they are written.
-        ids = await tasks.create_batch(self.store, items, self.max_attempts)
+        ids = await tasks.create_batch(self.store, items, self.max_attempts, self.max_payload_bytes)
         if ids is None:
             return None
         from pydantic_core import to_json  # (loaded: it read the batch)
@@ -143,7 +144,9 @@ class HotPath:
         return 201, to_json({"ids": ids}), {}
 
     async def _create_task(self, scope: Scope, new: NewTask) -> Answer:
-        task, created = await tasks.create_task(self.store, new, self.max_attempts)
+        task, created = await tasks.create_task(
+            self.store, new, self.max_attempts, self.max_payload_bytes
+        )
         if not created:
             return 200, task_json(task), {}
         # root_path: the base path the API is served under (middleware.BasePath), so the URL

@@ -20,6 +20,7 @@ from functions.errors import (
     Forbidden,
     IdempotencyKeyReused,
     InvalidInput,
+    InvalidPayload,
     NotJson,
     SchemaOutdated,
     TaskNotFound,
@@ -28,9 +29,11 @@ from functions.errors import (
     Unauthorized,
     WrongState,
 )
+from functions.model import MAX_PAGE_BYTES
+from functions.parsing import encode_cursor
 
 if TYPE_CHECKING:
-    from functions.model import Task
+    from functions.model import Page, Task
 
 logger = logging.getLogger("functions.app")
 
@@ -38,6 +41,11 @@ logger = logging.getLogger("functions.app")
 def task_fields(task: Task) -> dict[str, Any]:
     """A task as `schemas.TaskOut` shows it, without building one: the routes answer with
     this, and the schema of TaskOut documents it (a unit test holds the two equal)."""
+    return {**_fields(task), "payload": task.payload}
+
+
+def _fields(task: Task) -> dict[str, Any]:
+    """`task_fields` but the payload, which comes last, written by the json module."""
     return {
         "id": task.id,
         "type": task.kind,
@@ -58,24 +66,63 @@ def task_fields(task: Task) -> dict[str, Any]:
 
 
 def task_json(task: Task) -> bytes:
-    """`task_fields` as JSON: the bytes pydantic-core's `to_json` writes (the FastAPI routes
-    write with it). Where pydantic-core is loaded already (a server builds the FastAPI app
-    at start) it writes them, at a quarter of the json module's time; a Lambda cold start
-    has not loaded it, and spares ~30 ms by writing them with the json module."""
+    """`task_fields` as JSON, the one JSON of a task whichever path answers. Its fields but
+    the payload are the bytes pydantic-core's `to_json` writes: where pydantic-core is
+    loaded already (a server builds the FastAPI app at start) it writes them, at a quarter
+    of the json module's time; a Lambda cold start has not loaded it, and spares ~30 ms by
+    writing them with the json module. The payload is always the json module's (the two
+    write some numbers differently: 1e-07, 1e-7), compact, as `parsing.payload_json`."""
     core = sys.modules.get("pydantic_core")
-    if core is not None:
-        return core.to_json(task_fields(task))  # type: ignore[no-any-return]
-    return plain_task_json(task)
+    if core is None:
+        return plain_task_json(task)
+    head: bytes = core.to_json(_fields(task))
+    return b"".join((head[:-1], b',"payload":', _dumps(task.payload).encode(), b"}"))
 
 
 def plain_task_json(task: Task) -> bytes:
-    """`task_json` by the json module (a unit test holds the two equal)."""
+    """`task_json` by the json module alone (a unit test holds the two equal)."""
     fields = task_fields(task)
     for name in _TIMES:
         when = fields[name]
         if when is not None:
             fields[name] = _datetime_text(when)
     return _dumps(fields).encode()
+
+
+# What a page's JSON holds besides its items: `{"items":[`, `],"next_cursor":`, a cursor
+# (at most 36 characters, quoted) and `}`, rounded up.
+_PAGE_ROOM = 100
+
+
+def _fitting(items: list[Task]) -> list[bytes]:
+    """The JSON of `items`, from the first, while they fit in one answer of MAX_PAGE_BYTES
+    (always the first)."""
+    out: list[bytes] = []
+    size = _PAGE_ROOM
+    for task in items:
+        one = task_json(task)
+        size += len(one) + 1
+        if out and size > MAX_PAGE_BYTES:
+            break
+        out.append(one)
+    return out
+
+
+def page_json(page: Page) -> bytes:
+    """A page of tasks as `schemas.PageOut`, at most MAX_PAGE_BYTES: its items while they
+    fit, and a `next_cursor` after the last one sent when some did not."""
+    out = _fitting(page.items)
+    cursor = page.next_cursor
+    if len(out) < len(page.items):
+        cursor = encode_cursor(page.items[len(out) - 1].id)
+    return b"".join(
+        (b'{"items":[', b",".join(out), b'],"next_cursor":', _dumps(cursor).encode(), b"}")
+    )
+
+
+def list_json(items: list[Task]) -> bytes:
+    """Tasks as a JSON array, at most MAX_PAGE_BYTES: the first of `items` that fit."""
+    return b"".join((b"[", b",".join(_fitting(items)), b"]"))
 
 
 _TIMES = ("execute_at", "next_attempt_at", "created_at", "started_at", "finished_at")
@@ -104,8 +151,14 @@ _MINUTE = timedelta(minutes=1)
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
-def status_of(exc: TaskrunnerError, path: str) -> tuple[int, str, dict[str, str]]:
+# A 422's detail is a list of issues (`loc`, `msg`, `type`); every other error's, a string.
+Detail = str | list[dict[str, Any]]
+
+
+def status_of(exc: TaskrunnerError, path: str) -> tuple[int, Detail, dict[str, str]]:
     """The status, `detail` and headers the API answers `exc` with (raised serving `path`)."""
+    if isinstance(exc, InvalidPayload):
+        return 422, exc.issues, {}
     if isinstance(exc, TaskNotFound):
         return 404, str(exc), {}
     if isinstance(exc, TaskRunning | WrongState | IdempotencyKeyReused):
@@ -151,7 +204,7 @@ async def send_json(
 
 
 async def send_detail(
-    send: Send, status: int, detail: str, headers: dict[str, str] | None = None
+    send: Send, status: int, detail: Detail, headers: dict[str, str] | None = None
 ) -> None:
     """Answer `{"detail": detail}` with `status`, encoded as Starlette's JSONResponse does."""
     body = json.dumps({"detail": detail}, ensure_ascii=False, separators=(",", ":"))

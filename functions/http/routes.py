@@ -14,7 +14,7 @@ from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
 from functions import model, parsing, tasks
-from functions.http.responses import task_fields, task_json
+from functions.http.responses import page_json, task_json
 from functions.http.rules import require_json
 from functions.http.schemas import (
     BatchIn,
@@ -140,7 +140,7 @@ def add_routes(
             200: {
                 "model": TaskOut,
                 "description": "A repeat of the request that created this task (same"
-                " Idempotency-Key, type and execute_at): nothing was created.",
+                " Idempotency-Key, type, execute_at and payload): nothing was created.",
             },
             201: {"description": "Created.", "links": links("id")},
             **fails(*BODY_ERRORS, 409),
@@ -155,8 +155,15 @@ def add_routes(
 
         With an `Idempotency-Key`, a repeat of this request gets the same task back (200).
         """
-        new = NewTask(kind=body.type, execute_at=body.execute_at, idempotency_key=idempotency_key)
-        task, created = await tasks.create_task(store, new, settings.max_attempts)
+        new = NewTask(
+            kind=body.type,
+            execute_at=body.execute_at,
+            idempotency_key=idempotency_key,
+            payload=body.payload,
+        )
+        task, created = await tasks.create_task(
+            store, new, settings.max_attempts, settings.max_payload_bytes
+        )
         if not created:
             return task_answer(task)
         # root_path: the base path the API is served under (BasePath), so the URL works.
@@ -173,7 +180,10 @@ def add_routes(
     async def create_tasks(body: BatchIn) -> Response:
         """Schedule up to 10,000 tasks: all are written or none (the error names the item)."""
         new = [item.to_new() for item in body.tasks]
-        return answer({"ids": await tasks.create_tasks(store, new, settings.max_attempts)}, 201)
+        ids = await tasks.create_tasks(
+            store, new, settings.max_attempts, settings.max_payload_bytes
+        )
+        return answer({"ids": ids}, 201)
 
     @app.get("/tasks", response_model=PageOut, dependencies=token_check, responses=fails(400, 422))
     async def list_tasks(
@@ -186,10 +196,12 @@ def add_routes(
             Cursor | None, Query(description="`next_cursor` of the previous page")
         ] = None,
     ) -> Response:
-        """List tasks by ascending id, optionally filtered by state and type."""
+        """List tasks by ascending id, optionally filtered by state and type.
+
+        An answer holds at most 5 MB (Lambda's limit is 6 MB): a page of large payloads has
+        fewer than `limit` items, and its `next_cursor` goes on from the last one."""
         page = await tasks.list_tasks(store, state=state, kind=type, limit=limit, cursor=cursor)
-        items = [task_fields(t) for t in page.items]
-        return answer({"items": items, "next_cursor": page.next_cursor})
+        return Response(page_json(page), media_type="application/json")
 
     @app.get(
         "/tasks/{task_id}",
@@ -232,8 +244,17 @@ def add_routes(
         responses=fails(*BODY_ERRORS, 404, 409),
     )
     async def reschedule_task(task_id: TaskId, body: RescheduleIn) -> Response:
-        """Move a scheduled task to a new `execute_at`; 409 once it is running or finished."""
-        return task_answer(await tasks.reschedule_task(store, task_id, body.execute_at))
+        """Move a scheduled task to a new `execute_at`, give it a new `payload` (null clears
+        it), or both; what is absent stays. 409 once it is running or finished."""
+        task = await tasks.reschedule_task(
+            store,
+            task_id,
+            body.execute_at,
+            set_payload="payload" in body.model_fields_set,
+            payload=body.payload,
+            max_payload_bytes=settings.max_payload_bytes,
+        )
+        return task_answer(task)
 
     @app.delete(
         "/tasks/{task_id}",

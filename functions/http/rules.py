@@ -100,9 +100,10 @@ def idempotency_key(value: bytes) -> str:
 
 
 def read_task(sent: Any, idempotency_key: str | None = None) -> NewTask | None:
-    """The task a body (read as JSON) asks for: an object with a `type` and an `execute_at`
-    and nothing else, read by `parsing.read_batch`; None if it is not one (the app's schema,
-    `schemas.TaskIn`, then says why in pydantic's words)."""
+    """The task a body (read as JSON) asks for: an object with a `type`, an `execute_at`,
+    perhaps a `payload`, and nothing else, read by `parsing.read_batch`; None if it is not
+    one (the app's schema, `schemas.TaskIn`, then says why in pydantic's words). The
+    payload's own rules take a setting: `tasks.create_task` checks them, for both paths."""
     try:
         read = parsing.read_batch([sent])
     except Exception:  # (any failure is refused here, and explained by pydantic)
@@ -110,7 +111,7 @@ def read_task(sent: Any, idempotency_key: str | None = None) -> NewTask | None:
     if read is None:
         return None
     (item,) = read
-    return parsing.new_task(item["kind"], item["at_us"], idempotency_key)
+    return parsing.new_task(item["kind"], item["at_us"], idempotency_key, item.get("payload"))
 
 
 def batch_items(sent: Any) -> list[Any] | None:

@@ -14,9 +14,13 @@ from pydantic import (
     GetJsonSchemaHandler,
     ModelWrapValidatorHandler,
     PlainValidator,
+    TypeAdapter,
     WithJsonSchema,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
+from typing_extensions import TypeAliasType
 
 from functions import model, parsing
 from functions.http.rules import read_task
@@ -90,11 +94,66 @@ ExecuteAt = Annotated[
 ]
 
 
+PAYLOAD_DESCRIPTION = (
+    "Any JSON value, given to the task's kind as `ctx.payload`; null when absent. At most"
+    " TASKRUNNER_MAX_PAYLOAD_BYTES (65,536 by default) as compact JSON in UTF-8, nested at"
+    f" most {model.MAX_PAYLOAD_DEPTH} deep, with no NaN or Infinity and no character U+0000"
+    " (PostgreSQL's jsonb cannot store it): 422 otherwise."
+)
+# Text without U+0000 (jsonb cannot store it), in a string or an object's key.
+_NO_NUL = "^[^\\x00]*$"
+_Text = Annotated[str, Field(pattern=_NO_NUL)]
+
+
+class _KeysWithoutNul:
+    """An object's keys, in the schema: `propertyNames` holds every key to the pattern, where
+    the `patternProperties` pydantic writes would let other keys through."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        value = schema.pop("patternProperties")[_NO_NUL]
+        schema.update(propertyNames={"pattern": _NO_NUL}, additionalProperties=value)
+        return schema
+
+
+# Any JSON value but U+0000: what the schema says a payload is. The rest of its rules (its
+# size, which is a setting; NaN; nesting) are `parsing.payload_json`'s, checked by the domain
+# on every path, and in the description.
+PayloadValue = TypeAliasType(
+    "PayloadValue",
+    "bool | int | float | _Text | list[PayloadValue]"
+    " | Annotated[dict[_Text, PayloadValue], _KeysWithoutNul] | None",
+)
+_PAYLOAD_VALUE = TypeAdapter(PayloadValue)
+
+
+class _DocumentedAsPayloadValue:
+    """Read as any value (the domain checks it, on every path, in its own words: pydantic's
+    for a union would list six issues for one U+0000), documented as PayloadValue."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return handler(_PAYLOAD_VALUE.core_schema)
+
+
+Payload = Annotated[
+    Any,
+    _DocumentedAsPayloadValue,
+    Field(description=PAYLOAD_DESCRIPTION, examples=[{"to": "ada@example.com"}]),
+]
+
+
 class TaskIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: KindName
     execute_at: ExecuteAt
+    payload: Payload = None
 
     @model_validator(mode="wrap")
     @classmethod
@@ -105,10 +164,10 @@ class TaskIn(BaseModel):
         new = read_task(sent)
         if new is None:
             return by_the_schema(sent)
-        return cls.model_construct(type=new.kind, execute_at=new.execute_at)
+        return cls.model_construct(type=new.kind, execute_at=new.execute_at, payload=new.payload)
 
     def to_new(self) -> NewTask:
-        return NewTask(kind=self.type, execute_at=self.execute_at)
+        return NewTask(kind=self.type, execute_at=self.execute_at, payload=self.payload)
 
 
 IdempotencyKey = Annotated[
@@ -119,8 +178,8 @@ IdempotencyKey = Annotated[
             "type": "string",
             "pattern": model.IDEMPOTENCY_KEY_PATTERN,
             "description": "1 to 255 printable ASCII characters, no spaces: a repeat of a"
-            " request with the same key and the same type and execute_at gets the task the"
-            " first one created, and creates nothing.",
+            " request with the same key and the same type, execute_at and payload gets the"
+            " task the first one created, and creates nothing.",
             "examples": ["order-1842-reminder"],
         }
     ),
@@ -132,7 +191,10 @@ class BatchItemIn(TaskIn):
 
     def to_new(self) -> NewTask:
         return NewTask(
-            kind=self.type, execute_at=self.execute_at, idempotency_key=self.idempotency_key
+            kind=self.type,
+            execute_at=self.execute_at,
+            idempotency_key=self.idempotency_key,
+            payload=self.payload,
         )
 
 
@@ -145,9 +207,24 @@ class BatchIn(BaseModel):
 
 
 class RescheduleIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A new `execute_at`, a new `payload`, or both: what is absent stays as it was, and a
+    `payload` of null clears it."""
 
-    execute_at: ExecuteAt
+    # At least one of the two, as the schema says (minProperties) and `_something` checks.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
+
+    # Not `| None`: a null time is refused, as the schema says; absent, the time stays.
+    execute_at: ExecuteAt = Field(default=None)  # type: ignore[assignment]
+    payload: Payload = None
+
+    @model_validator(mode="after")
+    def _something(self) -> Self:
+        if not self.model_fields_set:
+            raise ValueError(
+                "nothing to change: send `execute_at` (a new time), `payload` (a new payload,"
+                " or null to clear it), or both"
+            )
+        return self
 
 
 class TaskOut(BaseModel):
@@ -166,6 +243,7 @@ class TaskOut(BaseModel):
     output: str | None
     error: str | None
     idempotency_key: str | None
+    payload: Payload
 
     @classmethod
     def of(cls, task: Task) -> "TaskOut":

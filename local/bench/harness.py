@@ -208,14 +208,20 @@ class Harness:
         if succeeded != n:
             raise RuntimeError(f"{succeeded} of {n} tasks succeeded")
 
-    def insert_due(self, kind: str, n: int, in_s: float = -1.0) -> None:
-        """Create `n` tasks due `in_s` from now, with the API's own batch INSERT (and NOTIFY)."""
+    def insert_due(
+        self, kind: str, n: int, in_s: float = -1.0, payload: object | None = None
+    ) -> None:
+        """Create `n` tasks due `in_s` from now, with the API's own batch INSERT (and NOTIFY),
+        each with `payload` when one is given."""
         [(db_now,)] = self.sql("SELECT extract(epoch FROM now())")
         for start in range(0, n, 10_000):
             count = min(10_000, n - start)
             at_us = int((float(db_now) + in_s) * 1e6)
-            payload = json.dumps([{"kind": kind, "at_us": at_us}] * count)
-            self.conn.execute(queries.INSERT_TASKS, {"tasks": payload, "max_attempts": 3})
+            task: dict[str, object] = {"kind": kind, "at_us": at_us}
+            if payload is not None:
+                task["payload"] = payload
+            payload_json = json.dumps([task] * count)
+            self.conn.execute(queries.INSERT_TASKS, {"tasks": payload_json, "max_attempts": 3})
 
     def wait_for_listener(self, count: int) -> None:
         """Until `count` workers are LISTENing, i.e. started and idle."""

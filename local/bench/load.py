@@ -152,8 +152,30 @@ class HttpConnection:
         self.writer.close()
 
 
-async def post_many(api_url: str, n: int, clients: int) -> None:
-    body = json.dumps({"type": "baz", "execute_at": time.time() + 3600}).encode()
+def payload_of(size: int) -> dict[str, object]:
+    """A payload of exactly `size` bytes as compact JSON (at least 64), shaped as a user's
+    would be: a few fields, a list of objects, a text."""
+    value: dict[str, object] = {
+        "user_id": 184_203,
+        "email": "ada.lovelace@example.com",
+        "items": [{"sku": f"SKU-{i:05d}", "qty": i % 3 + 1, "price": 12.5} for i in range(8)],
+        "note": "",
+    }
+    fill = size - len(json.dumps(value, separators=(",", ":")).encode())
+    if fill < 0:
+        value = {"note": ""}
+        fill = size - len(json.dumps(value, separators=(",", ":")).encode())
+    value["note"] = "x" * fill
+    return value
+
+
+async def post_many(api_url: str, n: int, clients: int, payload_bytes: int = 0) -> None:
+    """`n` POST /tasks from `clients` connections, each with a payload of `payload_bytes`
+    (none when 0)."""
+    task: dict[str, object] = {"type": "baz", "execute_at": time.time() + 3600}
+    if payload_bytes:
+        task["payload"] = payload_of(payload_bytes)
+    body = json.dumps(task).encode()
 
     async def client(count: int) -> None:
         conn = await HttpConnection.open(api_url)

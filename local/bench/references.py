@@ -91,7 +91,8 @@ async def raw_insert_one_by_one(url: str, n: int, connections: int) -> float:
     async def insert(conn: psycopg.AsyncConnection[Any], count: int) -> None:
         for _ in range(count):
             await conn.execute(
-                queries.INSERT_TASK, {"kind": "baz", "execute_at": when, "max_attempts": 3}
+                queries.INSERT_TASK,
+                {"kind": "baz", "execute_at": when, "max_attempts": 3, "payload": None},
             )
 
     started = time.perf_counter()
@@ -112,7 +113,12 @@ def as_pgbench(sql: str, values: dict[str, str]) -> str:
 # The API's statements as pgbench runs them (values as the API would send them).
 RAW_INSERT = as_pgbench(
     queries.INSERT_TASK,
-    {"kind": "'baz'", "execute_at": "now() + interval '1 hour'", "max_attempts": "3"},
+    {
+        "kind": "'baz'",
+        "execute_at": "now() + interval '1 hour'",
+        "max_attempts": "3",
+        "payload": "NULL",
+    },
 )
 
 

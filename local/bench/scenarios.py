@@ -30,11 +30,15 @@ from local.bench.harness import Harness, free_port, peak_rss_mb, percentile, wai
 class Bench(Harness):
     """The scenarios, one method each, returning their measures."""
 
-    def drain(self, workers: int) -> float:
-        """baz tasks per second, from the first start to the last finish, as recorded."""
+    def drain(self, workers: int, payload_bytes: int = 0) -> float:
+        """baz tasks per second, from the first start to the last finish, as recorded; each
+        task with a payload of `payload_bytes` (none when 0), which the claim reads and
+        hands to the kind."""
         n = self.sizes.drain_tasks
-        with self.scenario(f"drain{workers}"):
-            self.insert_due("baz", n)
+        name = f"drain{workers}" + (f"payload{payload_bytes}" if payload_bytes else "")
+        with self.scenario(name):
+            payload = load.payload_of(payload_bytes) if payload_bytes else None
+            self.insert_due("baz", n, payload=payload)
             for _ in range(workers):
                 self.worker()
             wait_until(lambda: self.done(n), n, f"drain, {workers} worker(s)", 600)
@@ -162,12 +166,14 @@ class Bench(Harness):
         with self.scenario("rawnotify"):
             return asyncio.run(references.raw_notify_p99(self.url, self.sizes.lateness_tasks))
 
-    def create_single(self) -> float:
+    def create_single(self, payload_bytes: int = 0) -> float:
+        """POST /tasks per second from 32 clients, each task with a payload of
+        `payload_bytes` (none when 0)."""
         n = self.sizes.create_requests
-        with self.scenario("create"):
+        with self.scenario("create" + (f"payload{payload_bytes}" if payload_bytes else "")):
             api_url, _ = self.api()
             started = time.perf_counter()
-            asyncio.run(load.post_many(api_url, n, clients=32))
+            asyncio.run(load.post_many(api_url, n, clients=32, payload_bytes=payload_bytes))
             return n / (time.perf_counter() - started)
 
     def raw_create_single(self) -> float:

@@ -13,8 +13,10 @@ from local.bench.harness import Sizes
 from local.bench.scenarios import Bench
 
 # The scenarios `taskrunner bench --only` can pick, in the order they run.
-SCENARIOS = ("drain", "burst", "warm-burst", "fanout", "lateness", "create", "api", "stats",
-             "soak", "cold-start")  # fmt: skip
+SCENARIOS = ("drain", "payload-drain", "burst", "warm-burst", "fanout", "lateness", "create",
+             "payload-create", "api", "stats", "soak", "cold-start")  # fmt: skip
+# The payload scenarios' payload: a user's typical task data.
+PAYLOAD_BYTES = 1024
 
 
 def run(
@@ -53,6 +55,15 @@ def run(
                     Figure(f"drain, {workers} workers", many, "tasks/s", "> 1 worker", many > one,
                            raw, raw_note)
                 )  # fmt: skip
+
+        if want("payload-drain"):
+            one = drain_one = drain_one or bench.drain(1)
+            loaded = bench.drain(1, payload_bytes=PAYLOAD_BYTES)
+            figures.append(
+                Figure("drain, 1 worker, a 1 KiB payload each", loaded, "tasks/s",
+                       ">= 90% of no payload", loaded >= 0.9 * one, one,
+                       f"raw: the drain without payloads ({loaded / one:.0%})")
+            )  # fmt: skip
 
         if want("burst"):
             seconds, reruns = bench.burst()
@@ -116,6 +127,15 @@ def run(
                 Figure("create, POST /tasks/batch of 10,000 with 255-character keys", keyed,
                        "tasks/s", ">= 1/3 of no keys", keyed * 3 >= bulk, bulk,
                        f"raw: the batch without keys ({keyed / bulk:.0%})")
+            )  # fmt: skip
+
+        if want("payload-create"):
+            bare = single if want("create") else bench.create_single()
+            loaded = bench.create_single(payload_bytes=PAYLOAD_BYTES)
+            figures.append(
+                Figure("create, POST /tasks with a 1 KiB payload, 32 clients", loaded,
+                       "tasks/s", ">= 90% of no payload", loaded >= 0.9 * bare, bare,
+                       f"raw: the same without a payload ({loaded / bare:.0%})")
             )  # fmt: skip
 
         if want("api"):

@@ -48,7 +48,8 @@ def test_bench_quick_reports_every_scenario(
     others = ("drain, 1 worker", "drain, 2 workers", "burst on a fresh table", "fan-out",
               "peak worker memory", "lateness, future", "lateness, due on creation",
               "POST /tasks,", "POST /tasks/batch", "GET /stats", "soak", "cold start, API",
-              "cold start, tick")  # fmt: skip
+              "cold start, tick", "drain, 1 worker, a 1 KiB payload each",
+              "POST /tasks with a 1 KiB payload")  # fmt: skip
     for expected in (*api, *others):
         assert any(expected in s for s in scenarios), f"no {expected!r} in {scenarios}"
     for figure in figures:

@@ -447,3 +447,159 @@ async def test_a_body_with_too_many_values_answers_alike(pair: Pair, path: str) 
     assert response.json()["detail"] == [
         {"loc": ["body"], "msg": TOO_MANY_VALUES, "type": "too_long"}
     ]
+
+
+# --- payloads ------------------------------------------------------------------------------
+LIMIT = 65_536  # TASKRUNNER_MAX_PAYLOAD_BYTES's default
+
+
+def sized(size: int) -> dict[str, str]:
+    """A payload of exactly `size` bytes as compact JSON in UTF-8, in 1, 2, 3 and 4-byte
+    characters: `{"s":"..."}` is 8 bytes around its text."""
+    text = "aé日🎉" * ((size - 8) // 10)
+    return {"s": text + "x" * (size - 8 - len(text.encode()))}
+
+
+def nested(depth: int) -> Any:
+    value: Any = "deep"
+    for i in range(depth):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+PAYLOADS = [
+    {"to": "ada@example.com", "cc": ["b@é.example"], "n": 3, "x": [1, 2.5, None, True, False]},
+    'just a string \u2603 \U0001f389 "quoted" \\ back \n line',
+    0,
+    -1.5e-07,
+    1e22,
+    10**30,
+    [],
+    {},
+    {"z": 1, "a": {"nested": [{"deeper": [[]]}]}},
+    nested(100),
+    sized(LIMIT),
+]
+
+
+@pytest.mark.parametrize("payload", PAYLOADS, ids=lambda p: json.dumps(p)[:30])
+async def test_a_payload_answers_alike_and_comes_back_intact(pair: Pair, payload: Any) -> None:
+    body = {"type": "baz", "execute_at": 1893499200, "payload": payload}
+    created = await pair.both("POST", "/tasks", json=body, headers=AUTH)
+    assert created.status_code == 201, created.text
+    # Numbers come back as numbers of the same value (1e22 may come back as an integer).
+    assert created.json()["payload"] == payload
+    shown = await pair.both("GET", f"/tasks/{created.json()['id']}", headers=AUTH)
+    assert shown.json()["payload"] == payload
+    batch = await pair.both(
+        "POST", "/tasks/batch", json={"tasks": [body, {**body, "payload": None}]}, headers=AUTH
+    )
+    assert batch.status_code == 201, batch.text
+    first, second = batch.json()["ids"]
+    assert (await pair.served.get(f"/tasks/{first}", headers=AUTH)).json()["payload"] == payload
+    assert (await pair.served.get(f"/tasks/{second}", headers=AUTH)).json()["payload"] is None
+
+
+async def test_a_task_without_a_payload_answers_null(pair: Pair) -> None:
+    created = await pair.both("POST", "/tasks", json={"type": "baz", "execute_at": 0}, headers=AUTH)
+    assert created.json()["payload"] is None
+
+
+_REFUSED_PAYLOADS = {
+    "over the limit": (json.dumps(sized(LIMIT + 1)), f"{LIMIT + 1:,} bytes", f"{LIMIT:,}"),
+    "NaN": ("NaN", "NaN", None),
+    "Infinity": ('{"a": [-Infinity]}', "Infinity", None),
+    "too large a number": ("1e400", "Infinity", None),
+    "U+0000": ('"a\\u0000b"', "U+0000", None),
+    "U+0000 in a key": ('{"\\u0000": 1}', "U+0000", None),
+    "a lone surrogate": ('"\\ud800"', "surrogate", None),
+    "nested past the limit": (json.dumps(nested(101)), "deeper than 100", None),
+}
+
+
+@pytest.mark.parametrize("name", _REFUSED_PAYLOADS)
+async def test_a_refused_payload_answers_alike_writes_nothing_and_says_why(
+    pair: Pair, sql: Any, name: str
+) -> None:
+    payload, says, also = _REFUSED_PAYLOADS[name]
+    [(before,)] = sql("SELECT count(*) FROM tasks")
+    one = f'{{"type": "baz", "execute_at": 0, "payload": {payload}}}'
+    response = await pair.both("POST", "/tasks", content=one, headers=AUTH)
+    assert response.status_code == 422, response.text
+    [issue] = response.json()["detail"]
+    assert issue["loc"] == ["body", "payload"]
+    assert says in issue["msg"] and (also is None or also in issue["msg"])
+    # A batch of 10,000 whose last item is refused: the slices before it were sent, and are
+    # rolled back; the issue names the item.
+    good = ",".join(['{"type": "baz", "execute_at": 0, "payload": {"n": 1}}'] * 9_999)
+    batch = f'{{"tasks": [{good}, {one}]}}'
+    response = await pair.both("POST", "/tasks/batch", content=batch, headers=AUTH)
+    assert response.status_code == 422, response.text
+    [issue] = response.json()["detail"]
+    assert issue["loc"] == ["body", "tasks", 9_999, "payload"]
+    assert says in issue["msg"]
+    assert sql("SELECT count(*) FROM tasks") == [(before,)]
+
+
+async def test_a_payload_nested_past_what_json_reads_is_refused_not_a_500(pair: Pair) -> None:
+    deep = '{"type": "baz", "execute_at": 0, "payload": ' + "[" * 5000 + "]" * 5000 + "}"
+    for path, body in (("/tasks", deep), ("/tasks/batch", f'{{"tasks": [{deep}]}}')):
+        response = await pair.both("POST", path, content=body, headers=AUTH)
+        assert response.status_code in (400, 422), response.text
+
+
+async def test_an_idempotent_repeat_is_compared_with_the_payload_it_was_created_with(
+    pair: Pair,
+) -> None:
+    payload = {"a": 1, "b": [1, 2, {"c": "é"}]}
+    for client, key in ((pair.served, "p-served"), (pair.fastapi, "p-fastapi")):
+        headers = {**AUTH, "Idempotency-Key": key}
+        body = {"type": "foo", "execute_at": 1893499200, "payload": payload}
+        first = await client.post("/tasks", json=body, headers=headers)
+        assert first.status_code == 201
+        # The same payload, its keys in another order and spaced otherwise: a repeat.
+        again = (
+            '{"type":"foo","execute_at":1893499200,"payload":{ "b" : [1,2,{"c":"é"}], "a":1.0 }}'
+        )
+        repeat = await client.post("/tasks", content=again.encode(), headers=headers)
+        assert repeat.status_code == 200, repeat.text
+        assert repeat.json()["id"] == first.json()["id"]
+        for other in ({"a": 1}, {"a": True, "b": [1, 2, {"c": "é"}]}, None, "x"):
+            conflict = await client.post("/tasks", json={**body, "payload": other}, headers=headers)
+            assert conflict.status_code == 409, (other, conflict.text)
+            assert "payload" in conflict.json()["detail"]
+        # Changed by PATCH since: a repeat is still compared with what created it.
+        patched = await client.patch(
+            f"/tasks/{first.json()['id']}", json={"payload": {"new": 1}}, headers=AUTH
+        )
+        assert patched.status_code == 200 and patched.json()["payload"] == {"new": 1}
+        repeat = await client.post("/tasks", json=body, headers=headers)
+        assert repeat.status_code == 200 and repeat.json()["payload"] == {"new": 1}
+        moved = await client.post("/tasks", json={**body, "payload": {"new": 1}}, headers=headers)
+        assert moved.status_code == 409
+    # Absent and null are the same request.
+    for client, key in ((pair.served, "n-served"), (pair.fastapi, "n-fastapi")):
+        headers = {**AUTH, "Idempotency-Key": key}
+        body = {"type": "foo", "execute_at": 1893499200}
+        assert (await client.post("/tasks", json=body, headers=headers)).status_code == 201
+        repeat = await client.post("/tasks", json={**body, "payload": None}, headers=headers)
+        assert repeat.status_code == 200
+
+
+async def test_a_batch_repeat_is_compared_with_each_items_payload(pair: Pair) -> None:
+    item = {"type": "baz", "execute_at": 0, "idempotency_key": "b-1", "payload": {"x": [1]}}
+    first = await pair.served.post("/tasks/batch", json={"tasks": [item]}, headers=AUTH)
+    assert first.status_code == 201
+    same = {**item, "payload": {"x": [1.0]}}
+    repeat = await pair.both("POST", "/tasks/batch", json={"tasks": [same]}, headers=AUTH)
+    assert repeat.status_code == 201 and repeat.json()["ids"] == first.json()["ids"]
+    other = {**item, "payload": {"x": [2]}}
+    conflict = await pair.both("POST", "/tasks/batch", json={"tasks": [other]}, headers=AUTH)
+    assert conflict.status_code == 409 and "payload" in conflict.json()["detail"]
+    # Two items of one batch with one key and two payloads.
+    twins = [{**item, "idempotency_key": "b-2"}, {**other, "idempotency_key": "b-2"}]
+    conflict = await pair.both("POST", "/tasks/batch", json={"tasks": twins}, headers=AUTH)
+    assert conflict.status_code == 409 and "payload" in conflict.json()["detail"]
+    twins = [{**item, "idempotency_key": "b-3"}, {**same, "idempotency_key": "b-3"}]
+    shared = await pair.served.post("/tasks/batch", json={"tasks": twins}, headers=AUTH)
+    assert shared.status_code == 201 and len(set(shared.json()["ids"])) == 1

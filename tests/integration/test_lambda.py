@@ -401,6 +401,18 @@ assert created["statusCode"] == 201, created
 task_id = body(created)["id"]
 shown = handler(api_event("{version}", "get", task_id), FakeContext())
 assert shown["statusCode"] == 200, shown
+# With a payload (64 KiB exactly, in UTF-8), and one byte over: served without FastAPI too.
+for size, status in ((65_536, 201), (65_537, 422)):
+    event = api_event("{version}", "create")
+    payload = {{"s": "é" * ((size - 9) // 2) + "x" * (1 + (size - 9) % 2)}}
+    event["body"] = json.dumps({{"type": "baz", "execute_at": 0, "payload": payload}})
+    answer = handler(event, FakeContext())
+    assert answer["statusCode"] == status, answer["body"][:300]
+    if status == 201:
+        got = handler(api_event("{version}", "get", body(answer)["id"]), FakeContext())
+        assert body(got)["payload"] == payload
+    else:
+        assert "65,537 bytes" in body(answer)["detail"][0]["msg"]
 later = {{"fastapi", "starlette.routing", "starlette.responses", "starlette.exceptions",
          "pydantic", "pydantic_core", "functions.http.schemas"}}
 before = sorted(later & set(sys.modules))

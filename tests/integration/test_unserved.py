@@ -1,5 +1,5 @@
 """Due tasks of a kind nothing runs: shown in /stats, /metrics and a worker's log, never claimed,
-run once something that runs their kind starts (migration 0007, `kinds_served`)."""
+run once something that runs their kind starts (migration 0008, `kinds_served`)."""
 
 from __future__ import annotations
 

@@ -10,10 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic_core import to_json
 
-from functions.http.responses import plain_task_json, task_fields, task_json
+from functions.http.responses import (
+    list_json,
+    page_json,
+    plain_task_json,
+    task_fields,
+    task_json,
+)
 from functions.http.routes import answer
 from functions.http.schemas import TaskOut
-from functions.model import Task, TaskState
+from functions.model import MAX_PAGE_BYTES, Page, Task, TaskState
+from functions.parsing import decode_cursor
 
 AT = datetime(2026, 11, 28, 9, 0, 0, 123456, tzinfo=UTC)
 
@@ -90,3 +97,59 @@ def test_the_hot_paths_json_is_pydantic_cores(
         idempotency_key=key,
     )  # fmt: skip
     assert plain_task_json(task) == task_json(task) == to_json(task_fields(task))
+
+
+# Any JSON value as json.loads makes them (floats finite: NaN and Infinity are refused).
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**30), 10**30)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=JSON_VALUES, output=st.one_of(st.none(), st.text()))
+def test_a_payload_is_written_alike_whichever_writes_the_task(payload: object, output: str) -> None:
+    """With pydantic-core loaded (a server) or not (a Lambda cold start), the same bytes: the
+    payload is always the json module's, compact, characters as they are (pydantic-core
+    writes some floats otherwise: 1e-07 as 1e-7)."""
+    task = _task(payload=payload, output=output)
+    written = task_json(task)
+    assert written == plain_task_json(task)
+    assert written.endswith(
+        b',"payload":'
+        + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        + b"}"
+    )
+    assert json.loads(written) == json.loads(to_json(task_fields(task)))
+    assert list(json.loads(written)) == list(TaskOut.model_fields)
+
+
+def test_a_page_of_large_payloads_is_cut_under_5_mb_and_says_where_to_go_on() -> None:
+    big = "é" * 32_000  # 64,000 bytes, 64,002 as JSON
+    items = [_task(id=i, payload=big) for i in range(1, 101)]
+    page = page_json(Page(items=items, next_cursor=None))
+    assert len(page) <= MAX_PAGE_BYTES
+    read = json.loads(page)
+    kept = [item["id"] for item in read["items"]]
+    assert kept == list(range(1, len(kept) + 1)) and 70 <= len(kept) < 100
+    assert decode_cursor(read["next_cursor"]) == kept[-1]
+    # Everything fits: the page's own cursor, None on the last page.
+    small = page_json(Page(items=items[:3], next_cursor=None))
+    assert json.loads(small)["next_cursor"] is None and len(json.loads(small)["items"]) == 3
+    assert (
+        json.loads(page_json(Page(items=items[:3], next_cursor="YWZ0ZXI6Mw")))["next_cursor"]
+        == "YWZ0ZXI6Mw"
+    )
+    # One task alone over the budget is still sent, alone, with the cursor after it.
+    huge = [_task(id=1, payload="x" * MAX_PAGE_BYTES), _task(id=2)]
+    alone = json.loads(page_json(Page(items=huge, next_cursor=None)))
+    assert [i["id"] for i in alone["items"]] == [1] and decode_cursor(alone["next_cursor"]) == 1
+    listed = list_json(items)
+    assert len(listed) <= MAX_PAGE_BYTES
+    assert [t["id"] for t in json.loads(listed)] == kept
+    assert json.loads(list_json(items[:2])) == [json.loads(task_json(t)) for t in items[:2]]

@@ -1,5 +1,6 @@
 import json
 import random
+import re
 import struct
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -255,3 +256,80 @@ def test_the_largest_body_the_api_takes_is_under_the_bound() -> None:
 )
 def test_millions_of_values_are_over_the_bound(body: bytes) -> None:
     assert count_values(body) > MAX_VALUES
+
+
+def _size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, 0, "", [], {}, "é日🎉", {"b": [1, {"c": None}], "a": True}, 10**40, -1.5e-7],
+)
+def test_a_payload_is_measured_as_compact_utf8_json(value: Any) -> None:
+    size = _size(value)
+    assert parsing.payload_json(value, size) == json.dumps(
+        value, separators=(",", ":"), ensure_ascii=False
+    )
+    with pytest.raises(ValueError, match=f"payload is {size:,} bytes .* limit of {size - 1:,}"):
+        parsing.payload_json(value, size - 1)
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        (float("nan"), "NaN"),
+        ([float("-inf")], "Infinity"),
+        ("a\x00b", "U+0000"),
+        ({"k\x00": 1}, "U+0000"),
+        ("\\\x00", "U+0000"),  # an escaped backslash, then the character
+        ("\ud800", "surrogate"),
+        ({"a": "\udfff"}, "surrogate"),
+    ],
+)
+def test_a_payload_jsonb_cannot_store_is_refused(value: Any, says: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
+        parsing.payload_json(value, 1_000_000)
+
+
+def test_the_text_backslash_u0000_is_not_the_character() -> None:
+    # `\u0000` written out as six characters: JSON writes its backslash escaped.
+    for text in ("\\u0000", "\\\\u0000", "a\\u0000b"):
+        assert "\x00" not in parsing.payload_json(text, 100)
+
+
+def test_a_payload_nests_at_most_100_deep() -> None:
+    def nested(depth: int) -> Any:
+        value: Any = 1
+        for i in range(depth):
+            value = [value] if i % 2 else {"k": value}
+        return value
+
+    parsing.payload_json(nested(100), 10_000)
+    # 100 brackets, none deeper than 2: walked, and taken.
+    parsing.payload_json([[1]] * 100, 10_000)
+    with pytest.raises(ValueError, match="deeper than 100"):
+        parsing.payload_json(nested(101), 10_000)
+    # Deeper than the json module can write: refused the same, not a RecursionError.
+    with pytest.raises(ValueError, match="deeper than 100"):
+        parsing.payload_json(nested(100_000), 10**9)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        ({"a": 1, "b": [1, 2]}, {"b": [1, 2.0], "a": 1.0}, True),
+        (True, 1, False),
+        ([1], [True], False),
+        ({"a": False}, {"a": 0}, False),
+        (None, None, True),
+        (None, {}, False),
+        ("1", 1, False),
+        ([1, 2], [2, 1], False),
+        ({"a": 1}, {"a": 1, "b": 2}, False),
+        (10**30, 10**30, True),
+    ],
+)
+def test_payloads_are_the_same_as_jsonb_compares_them(a: Any, b: Any, same: bool) -> None:
+    assert parsing.same_payload(a, b) is same
+    assert parsing.same_payload(b, a) is same

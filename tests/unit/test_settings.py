@@ -364,3 +364,29 @@ def test_a_lambda_handler_warns_on_its_first_read_only(
         "TASKRUNNER_MAX_ATTEMPT is set but no setting reads it: did you mean"
         " TASKRUNNER_MAX_ATTEMPTS?"
     ]
+
+
+def test_the_payload_limit_has_bounds_and_must_fit_in_a_body(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Settings().max_payload_bytes == 65_536
+    assert Settings(max_payload_bytes=16).max_payload_bytes == 16
+    assert Settings(max_payload_bytes=4 * 1024 * 1024).max_payload_bytes == 4 * 1024 * 1024
+    for bad in ("15", "4194305", "1e3"):
+        monkeypatch.setenv("TASKRUNNER_MAX_PAYLOAD_BYTES", bad)
+        with pytest.raises(SettingsError) as caught:
+            Settings()
+        assert "TASKRUNNER_MAX_PAYLOAD_BYTES" in describe(caught.value)
+    monkeypatch.setenv("TASKRUNNER_MAX_PAYLOAD_BYTES", "100000")
+    monkeypatch.setenv("TASKRUNNER_MAX_BODY_BYTES", "100000")
+    with pytest.raises(SettingsError) as caught:
+        Settings()
+    said = describe(caught.value)
+    assert "TASKRUNNER_MAX_PAYLOAD_BYTES" in said and "TASKRUNNER_MAX_BODY_BYTES (100,000)" in said
+    monkeypatch.setenv("TASKRUNNER_MAX_BODY_BYTES", "100001")
+    assert Settings().max_payload_bytes == 100_000
+    # Left at its default, a small body limit is the body's alone (413 comes first).
+    monkeypatch.delenv("TASKRUNNER_MAX_PAYLOAD_BYTES")
+    monkeypatch.setenv("TASKRUNNER_MAX_BODY_BYTES", "1024")
+    assert Settings().max_body_bytes == 1024
+    assert dataclasses.replace(Settings(), max_body_bytes=2048).max_body_bytes == 2048

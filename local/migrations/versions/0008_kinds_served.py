@@ -6,13 +6,13 @@ come and go is not taken for one that runs nothing. Due tasks of a kind no row n
 the last 5 minutes are "unserved": /stats, /metrics, the dashboard and the workers' logs say
 so (functions/report.py). A new table: nothing of `tasks` is rewritten.
 
-Revision ID: 0007
+Revision ID: 0008
 """
 
 from alembic import op
 
-revision = "0007"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,188 @@
+"""A task's payload: from the request to the kind (`ctx.payload`) intact, changed or
+cleared by PATCH while scheduled, and listed in pages that stay under 5 MB.
+
+The two paths' answers are compared in test_hotpath.py; here each path creates tasks that a
+worker then runs.
+"""
+
+import io
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from functions import kinds
+from functions.db import Database
+from functions.http.app import build_app
+from functions.kinds import Context, Kind
+from functions.model import MAX_PAGE_BYTES
+from functions.runner import Runner
+from functions.settings import Settings
+from functions.store import Store
+from tests.integration.test_hotpath import LIMIT, PAYLOADS, nested, sized
+
+Sql = Callable[..., list[tuple[Any, ...]]]
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    database = Database(settings)
+    yield Store(database)
+    await database.dispose()
+
+
+@pytest.fixture
+def received(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[int, Any]]:
+    """The payload each task's kind received, by task id: `baz` replaced by a recorder."""
+    got: dict[int, Any] = {}
+
+    def record(ctx: Context) -> str:
+        assert ctx.task_id not in got
+        got[ctx.task_id] = ctx.payload
+        return f"got {ctx.task_id}"
+
+    monkeypatch.setitem(kinds.KINDS, "baz", Kind("baz", record, lambda s: 1.0))
+    yield got
+
+
+@pytest.fixture
+async def fastapi_only(store: Store, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The FastAPI app alone, without the hot path (nor any middleware)."""
+    app = build_app(settings, store=store, middleware=False)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        yield client
+
+
+async def test_payloads_arrive_intact_at_the_kind_whichever_path_created_them(
+    client: httpx.AsyncClient,
+    fastapi_only: httpx.AsyncClient,
+    store: Store,
+    settings: Settings,
+    received: dict[int, Any],
+) -> None:
+    sent: dict[int, Any] = {}
+    for api in (client, fastapi_only):
+        for payload in [*PAYLOADS, None]:
+            body = {"type": "baz", "execute_at": 0, "payload": payload}
+            created = await api.post("/tasks", json=body)
+            assert created.status_code == 201, created.text
+            sent[created.json()["id"]] = payload
+        batch = await api.post("/tasks/batch", json={"tasks": [{"type": "baz", "execute_at": 0,
+            "payload": p} for p in PAYLOADS]})  # fmt: skip
+        assert batch.status_code == 201, batch.text
+        sent.update(zip(batch.json()["ids"], PAYLOADS, strict=True))
+        absent = await api.post("/tasks", json={"type": "baz", "execute_at": 0})
+        sent[absent.json()["id"]] = None
+    # 64 KiB exactly, by its bytes: multi-byte characters counted as UTF-8.
+    assert (
+        len(json.dumps(sized(LIMIT), ensure_ascii=False, separators=(",", ":")).encode()) == LIMIT
+    )
+    summary = await Runner(store, settings, out=io.StringIO()).run()
+    assert summary.failed == 0
+    assert received == sent  # each once, each intact
+
+
+async def test_the_original_create_makes_a_task_without_a_payload(
+    client: httpx.AsyncClient, store: Store, settings: Settings, received: dict[int, Any]
+) -> None:
+    created = await client.post("/baz/0")
+    assert created.status_code == 200
+    shown = await client.get(f"/id/{created.json()}")
+    assert shown.json()["payload"] is None
+    await Runner(store, settings, out=io.StringIO()).run()
+    assert received == {created.json(): None}
+
+
+async def test_patch_keeps_clears_or_sets_the_payload_of_a_scheduled_task_only(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    body = {"type": "baz", "execute_at": "2030-01-01T00:00:00Z", "payload": {"v": 1}}
+    task_id = (await client.post("/tasks", json=body)).json()["id"]
+
+    async def patch(change: Any) -> httpx.Response:
+        return await client.patch(f"/tasks/{task_id}", json=change)
+
+    # A new time alone: the payload stays.
+    moved = await patch({"execute_at": "2031-01-01T00:00:00Z"})
+    assert moved.status_code == 200, moved.text
+    assert (moved.json()["payload"], moved.json()["execute_at"]) == (
+        {"v": 1},
+        "2031-01-01T00:00:00Z",
+    )
+    # A payload alone: the time (and when it is due) stays.
+    [before] = sql(
+        "SELECT execute_at, next_attempt_at, made_due_at FROM tasks WHERE id = %s", task_id
+    )
+    changed = await patch({"payload": ["é", {"deep": nested(50)}]})
+    assert changed.status_code == 200
+    assert changed.json()["payload"] == ["é", {"deep": nested(50)}]
+    assert changed.json()["execute_at"] == "2031-01-01T00:00:00Z"
+    assert sql(
+        "SELECT execute_at, next_attempt_at, made_due_at FROM tasks WHERE id = %s", task_id
+    ) == [before]
+    # null clears it; both at once.
+    assert (await patch({"payload": None})).json()["payload"] is None
+    both = await patch({"execute_at": 0, "payload": 7})
+    assert (both.json()["payload"], both.json()["execute_at"]) == (7, "1970-01-01T00:00:00Z")
+    # Refused, nothing changed: nothing asked for, a null time, a payload over the limit.
+    for change, says in (
+        ({}, "send `execute_at`"),
+        ({"execute_at": None}, "execute_at"),
+        ({"payload": sized(LIMIT + 1)}, f"{LIMIT + 1:,} bytes"),
+        ({"payload": "\u0000"}, "U+0000"),
+        ({"other": 1}, "Extra inputs"),
+    ):
+        refused = await patch(change)
+        assert refused.status_code == 422, (change, refused.text)
+        assert says in json.dumps(refused.json()["detail"]), refused.text
+    assert (await client.get(f"/tasks/{task_id}")).json()["payload"] == 7
+    # A task that is not scheduled: 409, whatever is asked.
+    sql("UPDATE tasks SET state = 'failed', finished_at = now() WHERE id = %s", task_id)
+    for change in ({"payload": 8}, {"payload": None}, {"execute_at": 0, "payload": 8}):
+        conflict = await patch(change)
+        assert conflict.status_code == 409, conflict.text
+        assert "only a scheduled task can be" in conflict.json()["detail"]
+    assert sql("SELECT payload FROM tasks WHERE id = %s", task_id) == [(7,)]
+
+
+async def test_a_list_of_large_payloads_stays_under_5_mb_and_its_cursor_goes_on(
+    client: httpx.AsyncClient,
+) -> None:
+    big = sized(LIMIT)
+    ids: list[int] = []
+    for _ in range(4):
+        items = [{"type": "baz", "execute_at": 0, "payload": big}] * 50
+        created = await client.post("/tasks/batch", json={"tasks": items})
+        assert created.status_code == 201, created.text
+        ids += created.json()["ids"]
+    small = await client.post(
+        "/tasks/batch", json={"tasks": [{"type": "baz", "execute_at": 0}] * 5}
+    )
+    ids += small.json()["ids"]
+    seen: list[int] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        params: dict[str, Any] = {"limit": 1000, **({"cursor": cursor} if cursor else {})}
+        page = await client.get("/tasks", params=params)
+        assert page.status_code == 200
+        assert len(page.content) <= MAX_PAGE_BYTES
+        pages += 1
+        read = page.json()
+        assert read["items"]
+        seen += [item["id"] for item in read["items"]]
+        assert all(item["payload"] == big for item in read["items"] if item["id"] not in ids[-5:])
+        cursor = read["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids  # each once, in order
+    assert pages == 3  # 205 tasks of 64 KiB: ~75 a page
+    # The original's list has no cursor: it answers the first tasks that fit.
+    listed = await client.get("/taskstate/NOTSTARTED")
+    assert listed.status_code == 200 and len(listed.content) <= MAX_PAGE_BYTES
+    assert [t["id"] for t in listed.json()] == ids[: len(listed.json())]
+    assert 70 <= len(listed.json()) < len(ids)
