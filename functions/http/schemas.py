@@ -161,6 +161,10 @@ class TaskIn(BaseModel):
         """A task the fast path would read is read here as it reads it (`rules.read_task`):
         the two paths agree on every task either accepts. The fields' validators read the
         rest: keyed batch items, and every refused body, to say why."""
+        # An object of other than two keys (a keyed batch item) is one `read_task` refuses at
+        # once: not tried. 10,000 tries added 7-15 ms to the validation of a keyed batch.
+        if sent.__class__ is dict and len(sent) != 2:
+            return by_the_schema(sent)
         new = read_task(sent)
         if new is None:
             return by_the_schema(sent)
