@@ -373,11 +373,11 @@ def same_payload(a: Any, b: Any) -> bool:
 
 
 def read_batch(items: list[Any]) -> list[dict[str, Any]] | None:
-    """The batch's items as `store.insert_batch` takes them (kind, time in whole
+    """The batch's items as `store.insert_tasks_streamed` takes them (kind, time in whole
     microseconds, and the payload as sent, when one is), if each is a task with a type, an
     execute_at and perhaps a payload, and nothing else; None if any item has more (an
     idempotency key) or is refused (then `create_tasks`, through the full schema, says why).
-    The payload's own rules are the caller's (`tasks.create_batch`): they take a setting.
+    The payload's own rules are the caller's (`tasks.create_tasks_streamed`): they take a setting.
 
     A 10,000-task batch is read here in a few milliseconds, by the rules a single task is
     read by: a type already in lowercase is taken as it is, any other goes through

@@ -109,7 +109,7 @@ async def create_tasks(
 
 
 # A batch is written a slice per statement, in one transaction, each sent as soon as it is
-# read (Store.insert_batch): the database writes one slice while the next is read. The
+# read (Store.insert_tasks_streamed): the database writes one slice while the next is read. The
 # first slice is small, so the database starts early; each next is twice as large, so a
 # batch of 10,000 is five statements, and reading a slice (~1.3 us a task here, against
 # ~6 us to write one) never keeps the database waiting. Measured on `taskrunner bench`'s
@@ -125,7 +125,7 @@ def _slices(n: int) -> Iterator[tuple[int, int]]:
         start, size = start + size, size * 2
 
 
-async def create_batch(
+async def create_tasks_streamed(
     store: Store, items: list[Any], max_attempts: int, max_payload_bytes: int
 ) -> list[int] | None:
     """Read a batch's tasks, as sent, by `read_batch`, and schedule them; all are written or
@@ -137,7 +137,7 @@ async def create_batch(
         for start, stop in _slices(len(items)):
             rows = read_batch(items[start:stop])
             if rows is None:
-                raise _Refused
+                raise _ItemRefused
             for i, row in enumerate(rows, start):
                 if "payload" in row:
                     check_payload(
@@ -146,12 +146,12 @@ async def create_batch(
             yield rows
 
     try:
-        return await store.insert_batch(read(), max_attempts)
-    except _Refused:
+        return await store.insert_tasks_streamed(read(), max_attempts)
+    except _ItemRefused:
         return None
 
 
-class _Refused(Exception):
+class _ItemRefused(Exception):
     """An item of a batch `read_batch` refuses."""
 
 
@@ -206,7 +206,7 @@ async def delete_task(store: Store, task_id: int) -> None:
         raise TaskRunning(task_id)
 
 
-def _acted(
+def _task_or_refusal(
     task_id: int,
     outcome: tuple[TaskState | None, Task | None],
     action: str,
@@ -222,14 +222,14 @@ def _acted(
 
 async def run_task(store: Store, task_id: int) -> Task:
     """Make a scheduled task due now; its execute_at stays the time the user asked for."""
-    return _acted(task_id, await store.run_task(task_id), "run now", TaskState.SCHEDULED)
+    return _task_or_refusal(task_id, await store.run_task(task_id), "run now", TaskState.SCHEDULED)
 
 
 async def retry_task(store: Store, task_id: int, max_attempts: int) -> Task:
     """Schedule a failed task again, due now, with `max_attempts` more runs; its attempts
     so far and last error stay."""
     outcome = await store.retry_task(task_id, max_attempts)
-    return _acted(task_id, outcome, "retried", TaskState.FAILED)
+    return _task_or_refusal(task_id, outcome, "retried", TaskState.FAILED)
 
 
 async def reschedule_task(
@@ -256,7 +256,7 @@ async def reschedule_task(
         if execute_at is None
         else ("rescheduled or given a payload")
     )
-    return _acted(task_id, outcome, action, TaskState.SCHEDULED)
+    return _task_or_refusal(task_id, outcome, action, TaskState.SCHEDULED)
 
 
 async def prune(store: Store, *, older_than_s: float, budget_s: float | None = None) -> int:

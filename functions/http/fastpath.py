@@ -136,7 +136,9 @@ class HotPath:
 
     async def _create_tasks(self, items: list[Any]) -> Answer | None:
         # Its items are read by `parsing.read_batch` a slice at a time, as they are written.
-        ids = await tasks.create_batch(self.store, items, self.max_attempts, self.max_payload_bytes)
+        ids = await tasks.create_tasks_streamed(
+            self.store, items, self.max_attempts, self.max_payload_bytes
+        )
         if ids is None:
             return None
         from pydantic_core import to_json  # (loaded: it read the batch)
