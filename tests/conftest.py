@@ -29,8 +29,10 @@ import pytest
 from pytest_postgresql.janitor import DatabaseJanitor
 from sqlalchemy.engine import URL, make_url
 
+from functions.db import Database
 from functions.http.app import build_app
 from functions.settings import Settings
+from functions.store import Store
 from local.migrate import migrate
 from tests.pgservers import (
     Server,
@@ -206,6 +208,14 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def database_url(postgresql: psycopg.Connection[Any], pg_server: ServerInfo) -> str:
     """The URL of this test's own database, cloned from the migrated template."""
     return pg_server.url(postgresql.info.dbname)
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    """A store on a pool of its own, disposed of after the test."""
+    database = Database(settings)
+    yield Store(database)
+    await database.dispose()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from functions import kinds
-from functions.db import Database
 from functions.http.app import build_app
 from functions.kinds import Context, Kind
 from functions.model import MAX_PAGE_BYTES
@@ -24,13 +23,6 @@ from functions.store import Store
 from tests.integration.test_hotpath import LIMIT, PAYLOADS, nested, sized
 
 Sql = Callable[..., list[tuple[Any, ...]]]
-
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[Store]:
-    database = Database(settings)
-    yield Store(database)
-    await database.dispose()
 
 
 @pytest.fixture

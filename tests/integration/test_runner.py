@@ -7,13 +7,12 @@ import io
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from functions import kinds
-from functions.db import Database
 from functions.errors import DatabaseUnavailable, WorkerFailed
 from functions.kinds import Context, Kind
 from functions.runner import Runner
@@ -21,13 +20,6 @@ from functions.settings import Settings
 from functions.store import Store
 
 Sql = Callable[..., list[tuple[Any, ...]]]
-
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[Store]:
-    database = Database(settings)
-    yield Store(database)
-    await database.dispose()
 
 
 @pytest.fixture
