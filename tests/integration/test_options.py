@@ -157,6 +157,6 @@ async def test_a_tick_near_its_deadline_takes_a_task_whose_own_timeout_fits(
 
     summary = await Runner(store, settings, out=io.StringIO()).run(deadline=time.monotonic() + 5)
 
-    states = dict(sql("SELECT id, state FROM tasks"))
+    states: dict[int, str] = dict(sql("SELECT id, state FROM tasks"))
     assert states == {unfit: "scheduled", fits: "succeeded", baz: "succeeded"}
     assert summary.left_for_time == {"slow": 1}
