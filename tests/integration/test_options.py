@@ -8,6 +8,7 @@ import dataclasses
 import io
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -67,6 +68,9 @@ async def test_a_tasks_own_timeout_stops_a_run_of_a_coroutine_kind(
     rows = {i: r for i, *r in sql("SELECT id, state, attempts, error FROM tasks")}
     assert rows[stopped] == ["failed", 1, "TimeoutError: ran longer than its timeout_s of 0.2 s"]
     assert rows[done][:2] == ["succeeded", 1]
+    # Stopped long before the kind's own 30 s (a loose bound: it is 0.2 s).
+    [(ran_for,)] = sql("SELECT finished_at - started_at FROM tasks WHERE id = %s", stopped)
+    assert ran_for < timedelta(seconds=15)
 
 
 async def test_a_tasks_own_max_attempts_bounds_its_runs_and_a_retry_adds_the_setting(
