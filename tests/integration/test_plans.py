@@ -12,8 +12,10 @@ statements were prepared while the table was small runs them with plans made for
 
 import dataclasses
 import io
+import itertools
 import json
 import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -67,6 +69,8 @@ def explain(
     params: dict[str, Any],
     generic: bool,
     settings: str | None = None,
+    *,
+    buffers: bool = False,
 ) -> dict[str, Any]:
     """EXPLAIN ANALYZE `statement` as a prepared statement, then roll back its effects."""
     names: list[str] = []
@@ -86,7 +90,8 @@ def explain(
         cur.execute(f"SET LOCAL plan_cache_mode = {mode}")
         cur.execute(pgsql.SQL("PREPARE stmt AS {}").format(pgsql.SQL(prepared)))
         execute = "EXECUTE stmt({})" if names else "EXECUTE stmt"
-        cur.execute(pgsql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) " + execute).format(args))
+        options = "ANALYZE, BUFFERS, FORMAT JSON" if buffers else "ANALYZE, FORMAT JSON"
+        cur.execute(pgsql.SQL(f"EXPLAIN ({options}) " + execute).format(args))
         [(result,)] = cur.fetchall()
         cur.execute("DEALLOCATE stmt")
     plan: dict[str, Any] = result[0]["Plan"]
@@ -322,3 +327,88 @@ async def test_a_worker_warmed_on_a_small_table_keeps_the_burst_plans(
                     assert generic == 0, f"ran a generic plan: {statement}"
     finally:
         await database.dispose()
+
+
+FUTURE = 1_000_000
+# Due tasks in each priority's range: fewer in all than a claim takes, so the claim goes
+# through every range to its end.
+DUE_PER_PRIORITY = 50
+PRIORITY_LEVELS = 10
+
+
+def load_future_tasks(conn: psycopg.Connection[Any]) -> int:
+    """A million tasks due tomorrow and later, over the ten priorities, and a few due now in
+    each, written as `POST /tasks/batch` writes them (the API's own statement, 10,000 a
+    statement); nothing analyzed by hand. Returns how many are due."""
+    conn.autocommit = True
+    tomorrow_us = (int(time.time()) + 86_400) * 1_000_000
+    for start in range(0, FUTURE, 10_000):
+        rows = [
+            {"kind": "baz", "at_us": tomorrow_us + i * 1_000, "priority": i % PRIORITY_LEVELS}
+            for i in range(start, start + 10_000)
+        ]
+        conn.execute(queries.INSERT_TASKS, {"tasks": json.dumps(rows), "max_attempts": 3})
+    due = [
+        {"kind": kind, "at_us": 0, "priority": level}
+        for level in range(PRIORITY_LEVELS)
+        for kind in ("baz", "foo") * (DUE_PER_PRIORITY // 2)
+    ]
+    conn.execute(queries.INSERT_TASKS, {"tasks": json.dumps(due), "max_attempts": 3})
+    conn.execute(
+        "INSERT INTO workers (id, lease_expires_at) VALUES ('w', now() + interval '1 hour')"
+    )
+    return len(due)
+
+
+def test_reads_of_due_tasks_read_no_future_ones_whatever_their_priorities(
+    postgresql: psycopg.Connection[Any],
+) -> None:
+    """Each statement that finds due tasks, or the next one due, on a million tasks that are
+    not due yet, spread over the ten priorities (PostgreSQL 15 has no skip scan: each names
+    the ten priorities, queries.PRIORITIES). Each reads the due tasks and at most an index
+    page more per priority: its rows read are the due ones, its buffers a few per due task,
+    where one read of the future tasks' index entries alone is thousands. Whether or not
+    autovacuum analyzed the table meanwhile (with statistics, a count once read every
+    scheduled task through `tasks_scheduled_id`: 1,000,000 rows to count 500)."""
+    due = load_future_tasks(postgresql)
+    claim = {"worker": "w", "kinds": ["foo", "baz"], "limit": BATCH, "lease_s": 60.0,
+             "now": None, "short_kinds": [], "fit_s": None}  # fmt: skip
+    cases: dict[str, tuple[str, dict[str, Any], int]] = {
+        # (statement, parameters, the rows of tasks it reads)
+        "CLAIM_DUE": (queries.CLAIM_DUE, claim, due),
+        "NEXT_DUE": (queries.NEXT_DUE, claim, PRIORITY_LEVELS),
+        "STATS_DUE_AND_WORKERS": (queries.STATS_DUE_AND_WORKERS, {}, due + PRIORITY_LEVELS),
+        "STATS_UNSERVED": (queries.STATS_UNSERVED, {}, due),
+        "COUNT_DUE_BY_KIND": (queries.COUNT_DUE_BY_KIND, {"kinds": ["foo"]}, due),
+    }
+    postgresql.autocommit = False
+    for (name, (statement, params, rows_read)), generic in itertools.product(
+        cases.items(), (False, True)
+    ):
+        # As the store runs them: under the pinned settings; as a custom plan, and as the
+        # generic plan a prepared statement may get.
+        plan = explain(postgresql, statement, params, generic, queries.PINNED_PLAN, buffers=True)
+        which = f"{name} ({'generic' if generic else 'custom'} plan)"
+        # What reads rows of tasks (the claim's UPDATE finds what it claimed by primary key).
+        scans = [
+            n
+            for n in nodes(plan)
+            if n.get("Relation Name") == "tasks"
+            and n["Node Type"] != "ModifyTable"
+            and n.get("Index Name") not in ("tasks_pkey", "tasks_running")
+        ]
+        assert {n.get("Index Name") for n in scans} == {"tasks_due"}, f"{which}: {scans}"
+        if name in ("CLAIM_DUE", "NEXT_DUE"):
+            # In the index's order: a sort would lock every due task to keep a few.
+            assert not any(n["Node Type"] == "Sort" for n in nodes(plan)), f"{which} sorts"
+        read = sum(
+            (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"]
+            for n in scans
+        )
+        assert read == rows_read, f"{which} read {read} rows of tasks"
+        blocks = sum(n["Shared Hit Blocks"] + n["Shared Read Blocks"] for n in scans)
+        assert blocks <= 3 * due + 100, f"{which} read {blocks} blocks"
+    [(tasks, due_now)] = postgresql.execute(
+        "SELECT count(*), count(*) FILTER (WHERE execute_at <= now()) FROM tasks"
+    ).fetchall()
+    assert (tasks, due_now) == (FUTURE + due, due)
