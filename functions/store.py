@@ -551,7 +551,9 @@ class Store:
 
     async def count_unserved(self) -> dict[str, int]:
         """Due tasks of the kinds nothing ran in the last 5 minutes, by kind."""
-        return dict(await self._all(queries.STATS_UNSERVED, tuple_row))
+        # Pinned, for its plan (queries._due_tasks).
+        [rows] = await self._pinned((queries.STATS_UNSERVED, {}))
+        return dict(rows)
 
     async def deregister_worker(self, *, worker: str) -> None:
         # Pinned as the claim is, for its plan (a custom one: see queries.PINNED_PLAN).
@@ -595,7 +597,7 @@ class Store:
         return claimed, NextDue(now_s=now_s, wait_s=wait_s)
 
     async def count_due_by_kind(self, *, kinds: Sequence[str]) -> dict[str, int]:
-        rows = await self._all(queries.COUNT_DUE_BY_KIND, tuple_row, kinds=list(kinds))
+        [rows] = await self._pinned((queries.COUNT_DUE_BY_KIND, {"kinds": list(kinds)}))
         return dict(rows)
 
     async def finish_many(self, *, worker: str, results: Sequence[Result]) -> set[int]:
