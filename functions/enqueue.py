@@ -27,12 +27,20 @@ import psycopg
 from psycopg.rows import namedtuple_row
 
 from functions import kinds
-from functions.errors import EnqueueRefused, IdempotencyKeyReused, InvalidPayload
+from functions.errors import EnqueueRefused, IdempotencyKeyReused, InvalidPayload, InvalidValue
 from functions.model import MAX_PAYLOAD_DEPTH, NewTask
-from functions.parsing import excerpt, parse_execute_at, parse_idempotency_key, parse_kind
+from functions.parsing import (
+    excerpt,
+    parse_execute_at,
+    parse_idempotency_key,
+    parse_kind,
+    parse_max_attempts,
+    parse_priority,
+    parse_timeout_s,
+)
 from functions.settings import Settings
 from functions.store import insert_task_steps
-from functions.tasks import check_payload
+from functions.tasks import check_payload, check_timeout
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection as SAConnection
@@ -41,9 +49,6 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
 __all__ = ["EnqueueRefused", "IdempotencyKeyReused", "enqueue", "enqueue_async"]
-
-# The most attempts a task may be given when it is created (the API's `max_attempts`).
-MAX_ATTEMPTS = 1_000
 
 SyncConnection: TypeAlias = "psycopg.Connection[Any] | SAConnection | Session"
 AsyncConnection: TypeAlias = "psycopg.AsyncConnection[Any] | SAAsyncConnection | AsyncSession"
@@ -65,10 +70,12 @@ def enqueue(
     `Session`), in its current transaction; return the task's id.
 
     `execute_at`: an aware datetime (a naive one is refused: its time zone is unknown),
-    Unix seconds, or an RFC 3339 string with an offset, as the API takes. Raises
-    EnqueueRefused (nothing written) for what the API refuses with a 422, and
-    IdempotencyKeyReused when `idempotency_key` holds a task asked for with another type,
-    time or payload (a repeat with the same ones returns that task's id).
+    Unix seconds, or an RFC 3339 string with an offset, as the API takes. `max_attempts`
+    (None: TASKRUNNER_MAX_ATTEMPTS), `timeout_s` (None: the kind's own) and `priority` are
+    the API's options, by its rules. Raises EnqueueRefused (nothing written) for what the
+    API refuses with a 422, and IdempotencyKeyReused when `idempotency_key` holds a task
+    asked for with another type, time, payload or option (a repeat with the same ones
+    returns that task's id).
     """
     run = _sync_runner(conn)
     steps = _steps(type, execute_at, payload, max_attempts, timeout_s, priority, idempotency_key)
@@ -126,11 +133,17 @@ def _steps(
             else _read("idempotency_key", parse_idempotency_key, idempotency_key)
         ),
         payload=_read_payload(payload, settings.max_payload_bytes),
+        max_attempts=None
+        if max_attempts is None
+        else _read("max_attempts", parse_max_attempts, max_attempts),
+        timeout_s=_read("timeout_s", parse_timeout_s, timeout_s),
+        priority=_read("priority", parse_priority, priority),
     )
-    attempts = settings.max_attempts if max_attempts is None else _read_attempts(max_attempts)
-    _read_timeout(timeout_s)
-    _read_priority(priority)
-    return insert_task_steps(new, attempts)
+    try:
+        check_timeout(new.kind, new.timeout_s, settings, ("timeout_s",))
+    except InvalidValue as exc:
+        raise EnqueueRefused("timeout_s", str(exc)) from None
+    return insert_task_steps(new, settings.max_attempts)
 
 
 _read_once: Settings | None = None
@@ -218,29 +231,6 @@ def _check_json_types(value: Any) -> None:
                 f"{where} is a {type(item).__name__}, which is no JSON value: a payload holds"
                 " dicts (of str keys), lists, str, int, float, bool and None",
             )
-
-
-def _whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _read_attempts(value: object) -> int:
-    if not _whole(value) or not 1 <= value <= MAX_ATTEMPTS:  # type: ignore[operator]
-        raise EnqueueRefused(
-            "max_attempts",
-            f"max_attempts must be a whole number from 1 to {MAX_ATTEMPTS:,}, got {excerpt(value)}",
-        )
-    return value  # type: ignore[return-value]
-
-
-def _read_timeout(value: object) -> None:
-    if value is not None:
-        raise EnqueueRefused("timeout_s", "timeout_s is not taken yet: leave it None")
-
-
-def _read_priority(value: object) -> None:
-    if value != 0 or not _whole(value):
-        raise EnqueueRefused("priority", "priority is not taken yet: leave it 0")
 
 
 # --- the connections ---------------------------------------------------------------------

@@ -30,7 +30,7 @@ from functions.http.schemas import (
     kind_schema,
     links,
 )
-from functions.model import BIGINT_MAX, NewTask, Task, TaskState
+from functions.model import BIGINT_MAX, Task, TaskState
 from functions.settings import Settings
 from functions.store import Store
 
@@ -155,15 +155,8 @@ def add_routes(
 
         With an `Idempotency-Key`, a repeat of this request gets the same task back (200).
         """
-        new = NewTask(
-            kind=body.type,
-            execute_at=body.execute_at,
-            idempotency_key=idempotency_key,
-            payload=body.payload,
-        )
-        task, created = await tasks.create_task(
-            store, new, settings.max_attempts, settings.max_payload_bytes
-        )
+        new = body.to_new(idempotency_key)
+        task, created = await tasks.create_task(store, new, settings)
         if not created:
             return task_answer(task)
         # root_path: the base path the API is served under (BasePath), so the URL works.
@@ -180,9 +173,7 @@ def add_routes(
     async def create_tasks(body: BatchIn) -> Response:
         """Schedule up to 10,000 tasks: all are written or none (the error names the item)."""
         new = [item.to_new() for item in body.tasks]
-        ids = await tasks.create_tasks(
-            store, new, settings.max_attempts, settings.max_payload_bytes
-        )
+        ids = await tasks.create_tasks(store, new, settings)
         return answer({"ids": ids}, 201)
 
     @app.get("/tasks", response_model=PageOut, dependencies=token_check, responses=fails(400, 422))

@@ -27,6 +27,7 @@ from functions.runner import Runner
 from functions.settings import Settings
 from functions.store import Store, listen
 from functions.tick import tick
+from tests.conftest import serve
 from tests.integration.test_hotpath import LIMIT, PAYLOADS, nested, sized
 
 Sql = Callable[..., list[tuple[Any, ...]]]
@@ -236,6 +237,18 @@ REFUSED: list[tuple[str, Call]] = [
     ("max_attempts", (("foo", 0), {"max_attempts": True})),
     ("max_attempts", (("foo", 0), {"max_attempts": 2.0})),
     ("max_attempts", (("foo", 0), {"max_attempts": "3"})),
+    ("timeout_s", (("foo", 0), {"timeout_s": 0})),
+    ("timeout_s", (("foo", 0), {"timeout_s": -1.5})),
+    ("timeout_s", (("foo", 0), {"timeout_s": float("nan")})),
+    ("timeout_s", (("foo", 0), {"timeout_s": True})),
+    ("timeout_s", (("foo", 0), {"timeout_s": "5"})),
+    ("timeout_s", (("baz", 0), {"timeout_s": 1.000001})),  # over baz's own 1 s
+    ("timeout_s", (("foo", 0), {"timeout_s": 4.5})),  # over foo's 3 s + 1
+    ("priority", (("foo", 0), {"priority": -1})),
+    ("priority", (("foo", 0), {"priority": 10})),
+    ("priority", (("foo", 0), {"priority": None})),
+    ("priority", (("foo", 0), {"priority": 1.0})),
+    ("priority", (("foo", 0), {"priority": False})),
     ("idempotency_key", (("foo", 0), {"idempotency_key": ""})),
     ("idempotency_key", (("foo", 0), {"idempotency_key": "a b"})),
     ("idempotency_key", (("foo", 0), {"idempotency_key": "k" * 256})),
@@ -272,20 +285,28 @@ async def test_each_refusal_raises_writes_nothing_and_the_transaction_commits_th
 
 
 async def test_refusals_say_what_the_api_says(
+    psycopg_conn: psycopg.Connection[Any], database_url: str
+) -> None:
+    """Each refusal the API can be sent in JSON is refused with its 422's message, by an
+    API of the same settings (enqueue reads them from the environment)."""
+    async with serve(Settings(database_url=database_url)) as client:
+        await _compare_refusals(psycopg_conn, client)
+    assert psycopg_conn.execute("SELECT count(*) FROM tasks").fetchone() == (0,)
+
+
+async def _compare_refusals(
     psycopg_conn: psycopg.Connection[Any], client: httpx.AsyncClient
 ) -> None:
-    """Each refusal the API can be sent in JSON is refused with its 422's message."""
     for argument, ((kind, at), options) in REFUSED:
         if not _json_able(kind, at, options):
             continue
         body: dict[str, Any] = {"type": kind, "execute_at": at}
         headers = {}
-        if "payload" in options:
-            body["payload"] = options["payload"]
-        if "idempotency_key" in options:
-            headers["Idempotency-Key"] = options["idempotency_key"]
-        if "max_attempts" in options:
-            continue  # (an option of the API's from issue 22.4)
+        for name, value in options.items():
+            if name == "idempotency_key":
+                headers["Idempotency-Key"] = value
+            else:
+                body[name] = value
         with pytest.raises(EnqueueRefused) as refused:
             enqueue(psycopg_conn, kind, at, **options)
         # (json.dumps escapes what is not ASCII: a lone surrogate is sent as JSON can say it.)
@@ -297,7 +318,6 @@ async def test_refusals_say_what_the_api_says(
         assert answer.status_code == 422, (argument, answer.text)
         messages = [issue["msg"] for issue in answer.json()["detail"]]
         assert any(str(refused.value) in msg for msg in messages), (str(refused.value), messages)
-    assert psycopg_conn.execute("SELECT count(*) FROM tasks").fetchone() == (0,)
 
 
 def _json_able(kind: Any, at: Any, options: dict[str, Any]) -> bool:
@@ -338,16 +358,26 @@ async def test_what_is_taken_is_stored_as_given(
     ids = []
     for (args, kwargs), _ in ACCEPTED:
         ids.append(enqueue(psycopg_conn, *args, **kwargs))
-    ids.append(enqueue(psycopg_conn, "baz", 0, max_attempts=1, idempotency_key="k" * 255))
-    ids.append(enqueue(psycopg_conn, "baz", 0, max_attempts=1000, idempotency_key="!~"))
+    options: list[dict[str, Any]] = [
+        {"max_attempts": 1, "idempotency_key": "k" * 255, "timeout_s": 1e-6, "priority": 9},
+        {"max_attempts": 1000, "idempotency_key": "!~", "timeout_s": 1, "priority": 0},
+        {"timeout_s": 4},  # foo's own: 3 s and 1
+    ]
+    for kwargs in options:
+        ids.append(enqueue(psycopg_conn, "foo", 0, **kwargs))
     psycopg_conn.commit()
     rows = sql(
-        "SELECT kind, execute_at, payload, max_attempts, idempotency_key FROM tasks"
-        " WHERE id = ANY(%s) ORDER BY id",
+        "SELECT kind, execute_at, payload, max_attempts, idempotency_key, timeout_s, priority"
+        " FROM tasks WHERE id = ANY(%s) ORDER BY id",
         ids,
     )
     assert [row[:3] for row in rows[: len(ACCEPTED)]] == [want for _, want in ACCEPTED]
-    assert [row[3:] for row in rows[len(ACCEPTED) :]] == [(1, "k" * 255), (1000, "!~")]
+    assert {row[3:] for row in rows[: len(ACCEPTED)]} == {(3, None, None, 0)}
+    assert [row[3:] for row in rows[len(ACCEPTED) :]] == [
+        (1, "k" * 255, 1e-6, 9),
+        (1000, "!~", 1.0, 0),
+        (3, None, 4.0, 0),
+    ]
 
 
 async def test_the_wrong_connection_is_a_type_error(
@@ -383,6 +413,9 @@ async def test_a_repeat_gets_the_same_task_and_another_request_raises(
         {"execute_at": AWARE + timedelta(microseconds=1)},
         {"payload": {"a": 1, "b": [2.5]}},
         {"payload": None},
+        {"max_attempts": 2},
+        {"timeout_s": 2.5},
+        {"priority": 1},
     ]
     for changed in others:
         call: dict[str, Any] = {
@@ -392,7 +425,7 @@ async def test_a_repeat_gets_the_same_task_and_another_request_raises(
             **changed,
         }
         with pytest.raises(IdempotencyKeyReused, match=f"used for task {first} with another"):
-            enqueue(psycopg_conn, call["type"], call["execute_at"], payload=call["payload"],
+            enqueue(psycopg_conn, call.pop("type"), call.pop("execute_at"), **call,
                     idempotency_key="k1")  # fmt: skip
     # The transaction goes on: the task and another are committed.
     other = enqueue(psycopg_conn, "baz", 0, idempotency_key="k2")
