@@ -29,6 +29,9 @@ from functions.store import Store, listen
 from functions.tick import tick
 from tests.conftest import serve
 from tests.integration.test_hotpath import LIMIT, PAYLOADS, nested, sized
+from tests.pgbouncer import pgbouncer_url
+
+__all__ = ["pgbouncer_url"]  # the fixture
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 # One call of enqueue: its arguments after the connection, and its keywords.
@@ -502,6 +505,29 @@ async def test_listeners_hear_of_the_task_at_the_commit_and_not_before(
         conn.commit()
         heard = [n.payload for n in listener.notifies(timeout=10, stop_after=1)]
         assert [float(due) for due in heard] == [0.0]  # the task's due time, in Unix seconds
+
+
+async def test_through_a_transaction_pooler_the_task_and_its_notify_come_at_the_commit(
+    pgbouncer_url: str, database_url: str, sql: Sql
+) -> None:
+    """Your own connection may go through pgbouncer in transaction mode: the transaction
+    holds one server connection from BEGIN to COMMIT, and a worker LISTENing on the
+    database itself hears of the task at the commit."""
+    with (
+        psycopg.connect(database_url, autocommit=True) as listener,
+        psycopg.connect(pgbouncer_url, prepare_threshold=None) as conn,
+    ):
+        listener.execute(f"LISTEN {queries.CHANNEL}")
+        enqueue(conn, "foo", 0)
+        conn.rollback()
+        first = enqueue(conn, "foo", 0, idempotency_key="pooled")
+        assert enqueue(conn, "foo", 0, idempotency_key="pooled") == first
+        sql(f"NOTIFY {queries.CHANNEL}, 'marker'")
+        assert [n.payload for n in listener.notifies(timeout=10, stop_after=1)] == ["marker"]
+        conn.commit()
+        heard = [n.payload for n in listener.notifies(timeout=10, stop_after=1)]
+        assert [float(due) for due in heard] == [0.0]
+    assert sql("SELECT id, idempotency_key FROM tasks") == [(first, "pooled")]
 
 
 async def test_a_sleeping_worker_wakes_at_the_commit(
