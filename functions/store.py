@@ -168,8 +168,8 @@ class _KeyVanished(Exception):
 def _reused(key: str, task_id: int) -> IdempotencyKeyReused:
     return IdempotencyKeyReused(
         f"idempotency key {excerpt(key)} was used for task {task_id} with another type,"
-        " execute_at or payload; a repeat must send the same type, execute_at and payload, a"
-        " new task a new key"
+        " execute_at, payload, max_attempts, timeout_s or priority; a repeat must send the"
+        " same ones, a new task a new key"
     )
 
 

@@ -140,7 +140,8 @@ def add_routes(
             200: {
                 "model": TaskOut,
                 "description": "A repeat of the request that created this task (same"
-                " Idempotency-Key, type, execute_at and payload): nothing was created.",
+                " Idempotency-Key, type, execute_at, payload and options): nothing was"
+                " created.",
             },
             201: {"description": "Created.", "links": links("id")},
             **fails(*BODY_ERRORS, 409),

@@ -245,8 +245,9 @@ IdempotencyKey = Annotated[
             "type": "string",
             "pattern": model.IDEMPOTENCY_KEY_PATTERN,
             "description": "1 to 255 printable ASCII characters, no spaces: a repeat of a"
-            " request with the same key and the same type, execute_at and payload gets the"
-            " task the first one created, and creates nothing.",
+            " request with the same key and the same type, execute_at, payload and options"
+            " (max_attempts, timeout_s, priority) gets the task the first one created, and"
+            " creates nothing.",
             "examples": ["order-1842-reminder"],
         }
     ),

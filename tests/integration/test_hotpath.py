@@ -603,3 +603,129 @@ async def test_a_batch_repeat_is_compared_with_each_items_payload(pair: Pair) ->
     twins = [{**item, "idempotency_key": "b-3"}, {**same, "idempotency_key": "b-3"}]
     shared = await pair.served.post("/tasks/batch", json={"tasks": twins}, headers=AUTH)
     assert shared.status_code == 201 and len(set(shared.json()["ids"])) == 1
+
+
+# A task's options at the ends of their ranges (foo's own timeout is 1.05 s in these tests:
+# foo_delay_s + 1), and what each answer shows for them.
+OPTIONS = [
+    ({}, (3, 0, None)),
+    ({"max_attempts": 1, "priority": 0, "timeout_s": None}, (1, 0, None)),
+    ({"max_attempts": 1000, "priority": 9, "timeout_s": 1.05}, (1000, 9, 1.05)),
+    ({"timeout_s": 1}, (3, 0, 1.0)),
+    ({"timeout_s": 1e-07, "priority": 5}, (3, 5, 1e-07)),
+]
+
+
+@pytest.mark.parametrize(("options", "shown"), OPTIONS, ids=[str(o) for o, _ in OPTIONS])
+async def test_options_answer_alike_and_come_back(
+    pair: Pair, sql: Any, options: dict[str, Any], shown: tuple[Any, ...]
+) -> None:
+    body = {"type": "foo", "execute_at": 1893499200, **options}
+    created = await pair.both("POST", "/tasks", json=body, headers=AUTH)
+    assert created.status_code == 201
+    task = created.json()
+    assert (task["max_attempts"], task["priority"], task["timeout_s"]) == shown
+    assert (await pair.both("GET", f"/tasks/{task['id']}", headers=AUTH)).json() == task
+    plain = {"type": "baz", "execute_at": 0}
+    batch = await pair.both("POST", "/tasks/batch", json={"tasks": [body, plain]}, headers=AUTH)
+    assert batch.status_code == 201
+    made, default = [
+        (await pair.both("GET", f"/tasks/{i}", headers=AUTH)).json() for i in batch.json()["ids"]
+    ]
+    assert (made["max_attempts"], made["priority"], made["timeout_s"]) == shown
+    assert (default["max_attempts"], default["priority"], default["timeout_s"]) == (3, 0, None)
+    keyed = {**body, "idempotency_key": f"k-{len(options)}-{task['id']}"}
+    ids = (await pair.served.post("/tasks/batch", json={"tasks": [keyed]}, headers=AUTH)).json()
+    [row] = sql("SELECT max_attempts, priority, timeout_s FROM tasks WHERE id = %s", ids["ids"][0])
+    assert row == shown
+
+
+# Each refusal, and the words its 422 says it in.
+REFUSED_OPTIONS = [
+    ("max_attempts", 0, "1 to 1,000"),
+    ("max_attempts", 1001, "1 to 1,000"),
+    ("max_attempts", -1, "1 to 1,000"),
+    ("max_attempts", True, "1 to 1,000"),
+    ("max_attempts", 3.0, "1 to 1,000"),
+    ("max_attempts", "3", "1 to 1,000"),
+    ("max_attempts", None, "1 to 1,000"),
+    ("max_attempts", 10**400, "1 to 1,000"),
+    ("priority", 10, "0 (runs first) to 9"),
+    ("priority", -1, "0 (runs first) to 9"),
+    ("priority", False, "0 (runs first) to 9"),
+    ("priority", 1.0, "0 (runs first) to 9"),
+    ("priority", None, "0 (runs first) to 9"),
+    ("timeout_s", 0, "above 0"),
+    ("timeout_s", -0.5, "above 0"),
+    ("timeout_s", True, "above 0"),
+    ("timeout_s", "5", "above 0"),
+    ("timeout_s", float("nan"), "above 0"),
+    ("timeout_s", 10**400, "above 0"),
+    ("timeout_s", 1.0500000000000003, "at most 1.05 s"),  # foo's own, and the next float
+    ("timeout_s", 2, "at most 1.05 s"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    REFUSED_OPTIONS,
+    ids=[f"{n}={v!r:.20}" for n, v, _ in REFUSED_OPTIONS],
+)
+async def test_a_refused_option_answers_alike_names_the_field_and_writes_nothing(
+    pair: Pair, sql: Any, name: str, value: Any, says: str
+) -> None:
+    body = {"type": "foo", "execute_at": 1893499200, name: value}
+    # (json.dumps writes NaN, as some clients do; httpx's `json=` refuses to.)
+    refused = await pair.both("POST", "/tasks", content=json.dumps(body), headers=AUTH)
+    assert refused.status_code == 422
+    [issue] = refused.json()["detail"]
+    assert issue["loc"] == ["body", name] and name in issue["msg"] and says in issue["msg"], issue
+    items = [{"type": "baz", "execute_at": 0}] * 3 + [body]
+    batch = json.dumps({"tasks": items})
+    refused = await pair.both("POST", "/tasks/batch", content=batch, headers=AUTH)
+    assert refused.status_code == 422
+    [issue] = refused.json()["detail"]
+    assert issue["loc"] == ["body", "tasks", 3, name] and says in issue["msg"], issue
+    assert sql("SELECT count(*) FROM tasks") == [(0,)]
+
+
+async def test_an_idempotent_repeat_is_compared_with_the_options_it_was_created_with(
+    pair: Pair,
+) -> None:
+    body = {"type": "foo", "execute_at": 1893499200, "priority": 2, "timeout_s": 0.5}
+    for client, key in ((pair.served, "o-served"), (pair.fastapi, "o-fastapi")):
+        headers = {**AUTH, "Idempotency-Key": key}
+        first = await client.post("/tasks", json=body, headers=headers)
+        assert first.status_code == 201
+        # The default sent or left out, a timeout written otherwise: the same request.
+        for same in ({**body, "max_attempts": 3}, {**body, "timeout_s": 5e-1}):
+            repeat = await client.post("/tasks", json=same, headers=headers)
+            assert repeat.status_code == 200 and repeat.json()["id"] == first.json()["id"]
+        for other in (
+            {"priority": 0},
+            {"timeout_s": 0.25},
+            {"timeout_s": None},
+            {"max_attempts": 4},
+        ):
+            conflict = await client.post("/tasks", json={**body, **other}, headers=headers)
+            assert conflict.status_code == 409, (other, conflict.text)
+            assert "priority" in conflict.json()["detail"]
+    # A retry raises max_attempts: a repeat is compared with what was asked.
+    item = {"type": "baz", "execute_at": 0, "max_attempts": 2, "idempotency_key": "o-batch"}
+    [task_id] = (
+        await pair.served.post("/tasks/batch", json={"tasks": [item]}, headers=AUTH)
+    ).json()["ids"]
+    await pair.served.patch(f"/tasks/{task_id}", json={"payload": 1}, headers=AUTH)
+    repeat = await pair.both("POST", "/tasks/batch", json={"tasks": [item]}, headers=AUTH)
+    assert repeat.status_code == 201 and repeat.json()["ids"] == [task_id]
+    for other in ({"max_attempts": 3}, {"priority": 1}, {"timeout_s": 1}):
+        conflict = await pair.both(
+            "POST", "/tasks/batch", json={"tasks": [{**item, **other}]}, headers=AUTH
+        )
+        assert conflict.status_code == 409, other
+    twins = [
+        {**item, "idempotency_key": "o-twins"},
+        {**item, "idempotency_key": "o-twins", "priority": 3},
+    ]
+    conflict = await pair.both("POST", "/tasks/batch", json={"tasks": twins}, headers=AUTH)
+    assert conflict.status_code == 409 and "priority" in conflict.json()["detail"]
