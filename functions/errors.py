@@ -64,6 +64,16 @@ class InvalidTimeout(InvalidValue):
     issue_type = "timeout_too_long"
 
 
+class EnqueueRefused(TaskrunnerError, ValueError):
+    """A task `functions.enqueue` does not write, for what the API answers 422 for (an
+    unknown type, a bad time, a payload or an option it does not take): nothing was sent to
+    the database, so the caller's transaction goes on. `argument` names the argument."""
+
+    def __init__(self, argument: str, msg: str) -> None:
+        super().__init__(msg)
+        self.argument = argument
+
+
 class NotJson(TaskrunnerError):
     """A request body sent with a content-type other than JSON."""
 

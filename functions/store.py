@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import operator
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
@@ -203,6 +203,55 @@ def _results_json(results: Iterable[Result]) -> str:
     )
 
 
+def insert_task_steps(
+    new: NewTask, default_max_attempts: int
+) -> Generator[tuple[str, dict[str, Any]], list[Any], tuple[Any, bool]]:
+    """Create one task: the statements, each yielded with its parameters and sent back its
+    rows (with attribute access: `row.id`), and, returned, the task's row
+    (queries.TASK_COLUMNS) and whether it was created.
+
+    Whoever holds the connection runs them: the store on its pool, `functions.enqueue` on a
+    caller's connection, in the caller's transaction. Nothing is checked here (parsing and
+    tasks.check_payload / check_timeout do that before). With an idempotency key, a task
+    holding the key already is returned (not created) if it was asked for with the same kind,
+    time, payload and options; otherwise IdempotencyKeyReused is raised, with nothing
+    written. Each statement reads a snapshot of its own (READ COMMITTED), so a key taken by a
+    transaction that commits meanwhile is read after the insert waited for it.
+    """
+    max_attempts, timeout_s, priority = new.options(default_max_attempts)
+    sent: dict[str, Any] = {
+        "payload": _payload_param(new.payload),
+        "max_attempts": max_attempts,
+        "timeout_s": timeout_s,
+        "priority": priority,
+    }
+    if new.idempotency_key is None:
+        rows = yield queries.INSERT_TASK, {"kind": new.kind, "execute_at": new.execute_at, **sent}
+        return rows[0], True
+    key = new.idempotency_key
+    sent["key"] = key
+    for _ in range(_KEY_TRIES):
+        rows = yield (
+            queries.INSERT_TASK_KEYED,
+            {"kind": new.kind, "execute_at": new.execute_at, **sent},
+        )
+        if rows:
+            return rows[0], True
+        rows = yield queries.GET_TASK_BY_KEY, sent
+        if not rows:
+            continue
+        row = rows[0]
+        requested_at = row.requested_at.replace(tzinfo=UTC)
+        if (
+            not new.same_request(row.kind, requested_at)
+            or not row.same_payload
+            or not row.same_options
+        ):
+            raise _reused(key, row.id)
+        return row, False
+    raise DatabaseUnavailable("the idempotency key's task kept vanishing; try again")
+
+
 class Store:
     # The most rows one statement writes. A claim, a batch of results, a rescue: each is
     # bounded, so no statement's cost or lock time grows with a burst. (1,000: a write takes
@@ -315,33 +364,14 @@ class Store:
         payload or options.
         """
         assert new.idempotency_key is not None
-        max_attempts, timeout_s, priority = new.options(default_max_attempts)
-        sent: dict[str, Any] = {
-            "key": new.idempotency_key,
-            "payload": _payload_param(new.payload),
-            "max_attempts": max_attempts,
-            "timeout_s": timeout_s,
-            "priority": priority,
-        }
-        for _ in range(_KEY_TRIES):
-            rows = await self._all(
-                queries.INSERT_TASK_KEYED, kind=new.kind, execute_at=new.execute_at, **sent
-            )
-            if rows:
-                return _task(rows[0]), True
-            rows = await self._all(queries.GET_TASK_BY_KEY, **sent)
-            if not rows:
-                continue
-            task = _task(rows[0])
-            requested_at = rows[0].requested_at.replace(tzinfo=UTC)
-            if (
-                not new.same_request(task.kind, requested_at)
-                or not rows[0].same_payload
-                or not rows[0].same_options
-            ):
-                raise _reused(new.idempotency_key, task.id)
-            return task, False
-        raise DatabaseUnavailable("the idempotency key's task kept vanishing; try again")
+        steps = insert_task_steps(new, default_max_attempts)
+        try:
+            sql, params = next(steps)
+            while True:
+                sql, params = steps.send(await self._all(sql, **params))
+        except StopIteration as done:
+            row, created = done.value
+            return _task(row), created
 
     async def insert_tasks(self, new: Sequence[NewTask], max_attempts: int) -> list[int]:
         """Insert `new` (keys unique among them); return the ids in order, an existing

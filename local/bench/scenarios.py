@@ -16,12 +16,15 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
 from pydantic_core import to_json
 from tqdm import tqdm
 
 from functions import queries
+from functions.enqueue import enqueue
 from local.bench import load, references
 from local.bench.figures import Figure
 from local.bench.harness import Harness, free_port, peak_rss_mb, percentile, wait_http, wait_until
@@ -160,6 +163,46 @@ class Bench(Harness):
         )
         values = [float(v) for (v,) in rows]
         return percentile(values, 50), percentile(values, 99)
+
+    def wake(self) -> tuple[float, float]:
+        """p50 and p99 (ms) from the commit of a transaction that enqueued a task due now
+        (`functions.enqueue`, beside a row of the user's own) to the task's start, by a
+        worker asleep with nothing due (its poll interval is 1 s: the NOTIFY sent in that
+        transaction wakes it at the commit). Measured by the database's clock from the last
+        statement before COMMIT: the commit's own time is in it."""
+        n = self.sizes.lateness_tasks
+        with self.scenario("wake"):
+            self.sql("CREATE TABLE orders (id bigint GENERATED ALWAYS AS IDENTITY, note text)")
+            self.worker()
+            self.wait_for_listener(1)
+            lateness: list[float] = []
+            with psycopg.connect(self.url) as conn:
+                for _ in tqdm(range(n), desc="wake-up", leave=False, file=sys.stderr,
+                              disable=not sys.stderr.isatty()):  # fmt: skip
+                    # The worker ran the last one, looked again, and is asleep.
+                    time.sleep(random.uniform(0.05, 0.15))
+                    [(order,)] = conn.execute(
+                        "INSERT INTO orders (note) VALUES ('bench') RETURNING id"
+                    ).fetchall()
+                    task_id = enqueue(conn, "baz", datetime.now(UTC), payload={"order": order})
+                    [(before_commit,)] = conn.execute("SELECT clock_timestamp()").fetchall()
+                    conn.commit()
+                    started = self._started_at(task_id)
+                    lateness.append((started - before_commit).total_seconds() * 1000)
+            wait_until(lambda: self.done(n), n, "wake-up", 60)
+            self.check_all_succeeded(n)
+        return percentile(lateness, 50), percentile(lateness, 99)
+
+    def _started_at(self, task_id: int) -> datetime:
+        """When the task started, once it has (10 s at most)."""
+        deadline = time.monotonic() + 10
+        while True:
+            [(started,)] = self.sql("SELECT started_at FROM tasks WHERE id = %s", task_id)
+            if started is not None:
+                return started  # type: ignore[no-any-return]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"wake-up: task {task_id} did not start within 10 s")
+            time.sleep(0.002)
 
     def raw_notify_ms(self) -> float:
         """p99 of a NOTIFY's trip from one session to another LISTENing one (ms)."""

@@ -13,8 +13,8 @@ from local.bench.harness import Sizes
 from local.bench.scenarios import Bench
 
 # The scenarios `taskrunner bench --only` can pick, in the order they run.
-SCENARIOS = ("drain", "payload-drain", "burst", "warm-burst", "fanout", "lateness", "create",
-             "payload-create", "api", "stats", "soak", "cold-start")  # fmt: skip
+SCENARIOS = ("drain", "payload-drain", "burst", "warm-burst", "fanout", "lateness", "wake",
+             "create", "payload-create", "api", "stats", "soak", "cold-start")  # fmt: skip
 # The payload scenarios' payload: a user's typical task data.
 PAYLOAD_BYTES = 1024
 
@@ -36,6 +36,7 @@ def run(
     figures: list[Figure] = []
     raw_note = "claim + finish transactions only, 2 pipelines"
     drain_one: float | None = None  # the warm burst's yardstick
+    notify: float | None = None  # a NOTIFY's trip, p99 (ms): the raw beside two lateness figures
 
     def want(name: str) -> bool:
         return only is None or name in only
@@ -106,6 +107,14 @@ def run(
             figures.append(
                 Figure("lateness, due on creation, p99", p99, "ms", "<= 5 ms", p99 <= 5, notify,
                        f"p50 {p50:.1f} ms; raw: NOTIFY trip p99")
+            )  # fmt: skip
+
+        if want("wake"):
+            p50, p99 = bench.wake()
+            notify = notify or bench.raw_notify_ms()
+            figures.append(
+                Figure("wake-up, enqueue + commit to start, worker asleep, p99", p99, "ms",
+                       "<= 100 ms", p99 <= 100, notify, f"p50 {p50:.1f} ms; raw: NOTIFY trip p99")
             )  # fmt: skip
 
         if want("create"):

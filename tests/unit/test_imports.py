@@ -35,6 +35,22 @@ def test_the_tick_imports_no_pydantic() -> None:
     assert result.stdout.strip() == "[]", result.stdout
 
 
+def test_enqueue_imports_neither_the_api_nor_the_worker() -> None:
+    """`functions.enqueue` is imported by the user's own application, inside its web
+    requests: it brings neither FastAPI (nor Starlette, Mangum, uvicorn) nor the worker, nor
+    SQLAlchemy unless it is given one of its connections."""
+    worker = ("runner", "tick", "completer", "upkeep", "output", "run_state", "http")
+    probe = (
+        "import sys, functions.enqueue; print(sorted(m for m in sys.modules if"
+        " m.split('.')[0] in ('fastapi', 'starlette', 'mangum', 'uvicorn', 'sqlalchemy')"
+        f" or m.split('.')[:2] in [['functions', w] for w in {worker!r}]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]", result.stdout
+
+
 # The package's own modules, and what each imports of them: every import statement, at the
 # top, under `if TYPE_CHECKING:` and inside functions alike (a type-only circle is still a
 # circle to a reader, and an import inside a function one waiting to be hoisted).
