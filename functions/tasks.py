@@ -20,6 +20,7 @@ from functions.errors import (
     TaskRunning,
     WrongState,
 )
+from functions.kinds import KINDS
 from functions.model import NewTask, Page, Task, TaskState
 from functions.parsing import (
     decode_cursor,
@@ -45,14 +46,18 @@ async def check_schema(store: Store) -> str:
     return found
 
 
-def check_payload(payload: Any, max_bytes: int, loc: tuple[str | int, ...]) -> None:
+def check_payload(kind: str, payload: Any, max_bytes: int, loc: tuple[str | int, ...]) -> None:
     """Raise InvalidPayload (422, at `loc`) unless `payload` is one a task may carry
-    (`parsing.payload_json`)."""
-    if payload is not None:
-        try:
+    (`parsing.payload_json`) and one its kind takes (the kind's `check`, as `http`'s). The
+    one place every create, and a PATCH of a payload, checks one."""
+    try:
+        if payload is not None:
             payload_json(payload, max_bytes)
-        except ValueError as exc:
-            raise InvalidPayload(loc, str(exc)) from None
+        declared = KINDS.get(kind)
+        if declared is not None and declared.check is not None:
+            declared.check(payload)
+    except ValueError as exc:
+        raise InvalidPayload(loc, str(exc)) from None
 
 
 async def create_task(
@@ -66,7 +71,7 @@ async def create_task(
     concurrent requests with one key create one task. A payload over `max_payload_bytes`,
     or one jsonb cannot store, raises InvalidPayload, with nothing written.
     """
-    check_payload(new.payload, max_payload_bytes, ("body", "payload"))
+    check_payload(new.kind, new.payload, max_payload_bytes, ("body", "payload"))
     if new.idempotency_key is None:
         return await store.insert_task(new, max_attempts), True
     return await store.insert_task_keyed(new, max_attempts)
@@ -86,7 +91,7 @@ async def create_tasks(
     unique: list[NewTask] = []
     where: list[int] = []
     for i, item in enumerate(new):
-        check_payload(item.payload, max_payload_bytes, ("body", "tasks", i, "payload"))
+        check_payload(item.kind, item.payload, max_payload_bytes, ("body", "tasks", i, "payload"))
     for i, item in enumerate(new):
         key = item.idempotency_key
         if key is None or key not in first:
@@ -133,15 +138,21 @@ async def create_tasks_streamed(
     refuses any (then `create_tasks`, through the full schema, says why). A payload refused
     raises InvalidPayload, with nothing written."""
 
+    # Kinds that check their payload (`http`): their items are checked with or without one.
+    checked = {name for name, declared in KINDS.items() if declared.check is not None}
+
     def read() -> Iterator[list[dict[str, Any]]]:
         for start, stop in _slices(len(items)):
             rows = read_batch(items[start:stop])
             if rows is None:
                 raise _ItemRefused
             for i, row in enumerate(rows, start):
-                if "payload" in row:
+                if "payload" in row or row["kind"] in checked:
                     check_payload(
-                        row["payload"], max_payload_bytes, ("body", "tasks", i, "payload")
+                        row["kind"],
+                        row.get("payload"),
+                        max_payload_bytes,
+                        ("body", "tasks", i, "payload"),
                     )
             yield rows
 
@@ -245,7 +256,10 @@ async def reschedule_task(
     `set_payload`, give it `payload` (None clears it). A payload refused raises
     InvalidPayload, with nothing changed."""
     if set_payload:
-        check_payload(payload, max_payload_bytes, ("body", "payload"))
+        # The kind's own rules need the kind, which a task keeps for good: read first.
+        task = await store.get_task(task_id)
+        if task is not None:
+            check_payload(task.kind, payload, max_payload_bytes, ("body", "payload"))
     outcome = await store.reschedule_task(
         task_id, execute_at, set_payload=set_payload, payload=payload
     )
