@@ -13,13 +13,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from functions import kinds
+from functions.http.app import build_app
 from functions.runner import Runner
 from functions.settings import Settings
 from functions.store import Store
@@ -311,3 +312,94 @@ async def test_header_values_are_masked_in_every_answer_and_never_logged(
     assert all(s.headers["Authorization"] == SECRET for s in target.seen)
     assert caplog.records and SECRET not in caplog.text
     assert SECRET not in " ".join(str(r[0]) for r in sql("SELECT error FROM tasks"))
+
+
+@pytest.fixture
+async def fastapi_only(store: Store, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The FastAPI app alone, without the fast path (nor any middleware)."""
+    app = build_app(settings, store=store, middleware=False)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as api:
+        yield api
+
+
+# Payloads refused at create, each with what its 422 says.
+REFUSED = {
+    "none": (None, "must be an object with a `url`"),
+    "no url": ({"method": "GET"}, "must have a `url`"),
+    "not a url": ({"url": "not a url"}, "`url` holds a space"),
+    "ftp": ({"url": "ftp://example.com/"}, "`url` must be http:// or https://, not ftp"),
+    "no host": ({"url": "http:///path"}, "`url` has no host"),
+    "bad port": ({"url": "http://example.com:99999/"}, "`url` cannot be read as a URL"),
+    "password": ({"url": "https://u:p@example.com/"}, "must not hold a user name or password"),
+    "method": ({"url": "https://example.com/", "method": "FETCH"}, "`method` 'FETCH' is not"),
+    "lowercase method": ({"url": "https://example.com/", "method": "post"}, "'post' is not"),
+    "header number": (
+        {"url": "https://example.com/", "headers": {"X-N": 1}},
+        "`headers` value of X-N must be a string",
+    ),
+    "header list": ({"url": "https://example.com/", "headers": ["X"]}, "`headers` must be an"),
+    "header name": (
+        {"url": "https://example.com/", "headers": {"a b": "x"}},
+        "not an HTTP header name: 'a b'",
+    ),
+    "header line": (
+        {"url": "https://example.com/", "headers": {"X-A": f"{SECRET}\r\nB: c"}},
+        "`headers` value of X-A must be printable ASCII",
+    ),
+    "host header": (
+        {"url": "https://example.com/", "headers": {"Host": "x"}},
+        "`headers` sets Host, which taskrunner sets itself",
+    ),
+    "GET body": (
+        {"url": "https://example.com/", "method": "GET", "body": "x"},
+        "has a `body`, which a GET request cannot carry",
+    ),
+    "extra": ({"url": "https://example.com/", "timeout": 3}, "has no field 'timeout'"),
+}
+
+
+@pytest.mark.parametrize("path", ["fast", "fastapi"])
+async def test_a_payload_the_http_kind_cannot_run_is_a_422_on_every_create_path(
+    client: httpx.AsyncClient, fastapi_only: httpx.AsyncClient, sql: Sql, path: str
+) -> None:
+    api = client if path == "fast" else fastapi_only
+    good = {"type": "http", "execute_at": 0, "payload": {"url": "https://example.com/"}}
+    for name, (payload, message) in REFUSED.items():
+        sent = {"type": "HTTP", "execute_at": 0, "payload": payload}
+        one = await api.post("/tasks", json=sent)
+        batch = await api.post("/tasks/batch", json={"tasks": [good, good, sent]})
+        for answer, loc in ((one, ["body", "payload"]), (batch, ["body", "tasks", 2, "payload"])):
+            assert answer.status_code == 422, (name, answer.text)
+            (issue,) = answer.json()["detail"]
+            assert issue["loc"] == loc, name
+            assert message in issue["msg"], (name, issue["msg"])
+            assert SECRET not in answer.text
+    # Without a payload at all: the original route, and a body without one.
+    assert (await api.post("/http/0")).status_code == 422
+    assert (await api.post("/tasks", json={"type": "http", "execute_at": 0})).status_code == 422
+    assert sql("SELECT count(*) FROM tasks") == [(0,)]  # nothing written, no batch in part
+    taken: list[dict[str, Any]] = [
+        {"url": "HTTPS://EXAMPLE.com:8443/a?b=c#d", "method": "DELETE", "headers": {}},
+        {"url": "http://[::1]/", "headers": None, "body": None, "method": "GET"},
+        {"url": "https://xn--bcher-kva.example/", "headers": {"X-Empty": "", "A": "b \tc"}},
+    ]
+    for payload in taken:
+        created = await api.post("/tasks", json={**good, "payload": payload})
+        assert created.status_code == 201, created.text
+
+
+async def test_a_patch_of_an_http_tasks_payload_is_checked(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    task_id = await create(client, {"url": "https://example.com/", "headers": {"A": SECRET}})
+    for payload, message in ((None, "must be an object"), ({"url": "x:y"}, "not x")):
+        refused = await client.patch(f"/tasks/{task_id}", json={"payload": payload})
+        assert refused.status_code == 422, refused.text
+        assert message in refused.json()["detail"][0]["msg"]
+    assert sql("SELECT payload->>'url' FROM tasks") == [("https://example.com/",)]
+    moved = await client.patch(f"/tasks/{task_id}", json={"payload": {"url": "https://a.b/"}})
+    assert moved.status_code == 200 and moved.json()["payload"] == {"url": "https://a.b/"}
+    missing = await client.patch("/tasks/999", json={"payload": None})
+    assert missing.status_code == 404
