@@ -26,7 +26,6 @@ import re
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from functions import egress
 from functions.kinds import Context, Fail, Retry, kind
@@ -46,20 +45,62 @@ MAX_URL_CHARS = 4096
 CONCURRENCY = 100
 # What the API shows in place of a header's value.
 MASK = "***"
-_FIELDS = ("url", "method", "headers", "body")
-# Headers taskrunner sets (or HTTP/1.1's connection itself does): one in a payload would
-# contradict what is sent.
+# Headers taskrunner sets (or HTTP/1.1's connection itself does): left out of what is sent
+# when a payload has them.
 MANAGED_HEADERS = frozenset(
     "host content-length transfer-encoding connection keep-alive upgrade te trailer"
-    " proxy-connection proxy-authorization".split()
+    " proxy-connection".split()
 )
-# RFC 9110: a header's name is a token; its value visible ASCII, with spaces and tabs
-# inside (ASCII only: what httpx sends unchanged).
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?")
+
+# The rules of a payload, each a pattern written once for `check_payload` and for the API's
+# schema (PAYLOAD_SCHEMA), in what Python's and JSON Schema's regexes read alike: the two
+# agree by construction. A URL: http(s), a host name or IPv4 address (no user name or
+# password: they would be shown in answers), a port up to 65535, then printable ASCII
+# without spaces and the characters a URL escapes (percent-encode the rest). No IPv6
+# literal: `[...]` takes a grammar of its own, and a name serves (as for IDNs: punycode).
+URL_PATTERN = (
+    "^[Hh][Tt][Tt][Pp][Ss]?://"
+    "[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?"
+    "(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?"
+    "(?:[/?#][!#-;=?-\\[\\]_a-z~]*)?$"
+)
+# RFC 9110: a header's name is a token; its value visible ASCII, with spaces and tabs inside.
+HEADER_NAME_PATTERN = "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
+HEADER_VALUE_PATTERN = "^(?:[!-~](?:[ -~\\t]*[!-~])?)?$"
+_URL = re.compile(URL_PATTERN)
+_NAME = re.compile(HEADER_NAME_PATTERN)
+_VALUE = re.compile(HEADER_VALUE_PATTERN)
+_FIELDS = ("url", "method", "headers", "body")
+_NO_BODY = ("GET", "HEAD")
 _REDIRECTS = (301, 302, 303, 307, 308)
-# Characters no URL holds as they are (spaces, controls, quotes, angle brackets...).
-_NOT_IN_URL = re.compile(r"[\x00-\x20\x7f\"<>\\^`{|}]")
+
+# The payload's JSON Schema: the OpenAPI document states it for `"type": "http"`.
+PAYLOAD_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["url"],
+    "additionalProperties": False,
+    "properties": {
+        "url": {"type": "string", "maxLength": MAX_URL_CHARS, "pattern": URL_PATTERN},
+        "method": {"enum": list(METHODS), "default": "POST"},
+        "headers": {
+            "anyOf": [
+                {"type": "null"},
+                {
+                    "type": "object",
+                    "propertyNames": {"pattern": HEADER_NAME_PATTERN},
+                    "additionalProperties": {"type": "string", "pattern": HEADER_VALUE_PATTERN},
+                },
+            ]
+        },
+        "body": {"description": "a string is sent as UTF-8 text; any other value as JSON"},
+    },
+    # A GET or HEAD carries no body.
+    "if": {"required": ["method"], "properties": {"method": {"enum": list(_NO_BODY)}}},
+    "then": {"properties": {"body": {"type": "null"}}},
+    "description": "An `http` task's request: `url` (http or https), `method` (POST by"
+    " default), `headers` (their values are shown as *** in answers) and `body`.",
+    "examples": [{"url": "https://hooks.example.com/paid", "body": {"order": 42}}],
+}
 
 
 class HttpError(Exception):
@@ -74,33 +115,9 @@ def _refuse(what: str) -> None:
     raise ValueError(f"an http task's payload {what}")
 
 
-def _check_url(url: object) -> None:
-    if not isinstance(url, str):
-        _refuse("must have a `url`: a string, http:// or https://")
-    assert isinstance(url, str)
-    if len(url) > MAX_URL_CHARS:
-        _refuse(f"`url` is {len(url):,} characters, over the limit of {MAX_URL_CHARS:,}")
-    if _NOT_IN_URL.search(url):
-        _refuse("`url` holds a space, a control character or a character a URL escapes")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (raises ValueError for a port that is no number up to 65535)
-    except ValueError as exc:
-        _refuse(f"`url` cannot be read as a URL ({exc})")
-    if parts.scheme.lower() not in ("http", "https"):
-        _refuse(f"`url` must be http:// or https://, not {parts.scheme or 'without a scheme'}")
-    if "@" in parts.netloc:
-        _refuse(
-            "`url` must not hold a user name or password (they would be shown in answers):"
-            " send credentials in `headers`, whose values are masked"
-        )
-    if not parts.hostname:
-        _refuse("`url` has no host")
-
-
 def check_payload(payload: Any) -> None:
-    """Raise ValueError, saying what is wrong, unless `payload` is one the http kind runs.
-    Never quotes a header's value."""
+    """Raise ValueError, saying what is wrong, unless `payload` is one the http kind runs
+    (PAYLOAD_SCHEMA, exactly). Never quotes a header's value."""
     if not isinstance(payload, dict):
         _refuse(
             "must be an object with a `url`, and perhaps `method`, `headers` and `body`"
@@ -109,7 +126,17 @@ def check_payload(payload: Any) -> None:
     unknown = [name for name in payload if name not in _FIELDS]
     if unknown:
         _refuse(f"has no field {unknown[0]!r:.60}: it takes url, method, headers and body")
-    _check_url(payload.get("url"))
+    url = payload.get("url")
+    if not isinstance(url, str):
+        _refuse("must have a `url`: a string, http:// or https://")
+    if len(url) > MAX_URL_CHARS:
+        _refuse(f"`url` is {len(url):,} characters, over the limit of {MAX_URL_CHARS:,}")
+    if not _URL.fullmatch(url):
+        _refuse(
+            f"`url` {url!r:.80} is not an http:// or https:// URL with a host (a name or an"
+            " IPv4 address), perhaps a port, and printable ASCII after it (no spaces, no user"
+            " name or password: send credentials in `headers`, whose values are masked)"
+        )
     method = payload.get("method", "POST")
     if method not in METHODS:
         shown = repr(method)[:40] if isinstance(method, str) else type(method).__name__
@@ -118,15 +145,9 @@ def check_payload(payload: Any) -> None:
     if headers is not None:
         if not isinstance(headers, dict):
             _refuse("`headers` must be an object of header names to string values")
-        seen: set[str] = set()
         for name, value in headers.items():
-            if not _TOKEN.fullmatch(name):
+            if not _NAME.fullmatch(name):
                 _refuse(f"`headers` has a name that is not an HTTP header name: {name!r:.60}")
-            if name.lower() in MANAGED_HEADERS:
-                _refuse(f"`headers` sets {name}, which taskrunner sets itself")
-            if name.lower() in seen:
-                _refuse(f"`headers` names {name} twice (header names are case-insensitive)")
-            seen.add(name.lower())
             # (The value is never quoted: it may be a secret.)
             if not isinstance(value, str):
                 _refuse(f"`headers` value of {name} must be a string")
@@ -135,7 +156,7 @@ def check_payload(payload: Any) -> None:
                     f"`headers` value of {name} must be printable ASCII (spaces and tabs"
                     " inside it only)"
                 )
-    if payload.get("body") is not None and method in ("GET", "HEAD"):
+    if payload.get("body") is not None and method in _NO_BODY:
         _refuse(f"has a `body`, which a {method} request cannot carry")
 
 
@@ -199,7 +220,14 @@ def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
     return a.host == b.host and not (a.scheme == "https" and b.scheme != "https")
 
 
-@kind("http", timeout_s=TIMEOUT_S, concurrency=CONCURRENCY, check=check_payload, show=masked)
+@kind(
+    "http",
+    timeout_s=TIMEOUT_S,
+    concurrency=CONCURRENCY,
+    check=check_payload,
+    show=masked,
+    payload_schema=PAYLOAD_SCHEMA,
+)
 async def http(ctx: Context) -> str:
     """Make the request the payload describes (see the module's docstring)."""
     import httpx
@@ -266,7 +294,9 @@ async def http(ctx: Context) -> str:
 
 
 def _headers(given: dict[str, str], content_type: str | None) -> dict[str, str]:
-    """The payload's headers, with a User-Agent and the body's content type unless given."""
+    """The payload's headers but MANAGED_HEADERS, with a User-Agent and the body's content
+    type unless given."""
+    given = {k: v for k, v in given.items() if k.lower() not in MANAGED_HEADERS}
     names = {name.lower() for name in given}
     headers = {"User-Agent": "taskrunner"} if "user-agent" not in names else {}
     if content_type is not None and "content-type" not in names:

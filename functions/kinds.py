@@ -181,6 +181,9 @@ class Kind:
     # The payload as the API shows it (`responses.task_fields`): e.g. secrets masked. The
     # stored payload, which the kind receives, is left as it was.
     show: Callable[[Any], Any] | None = None
+    # The JSON Schema of the payloads `check` takes, stated by the API's OpenAPI document for
+    # a task of this kind (None: any payload).
+    payload_schema: dict[str, Any] | None = None
     # A plain function, not a coroutine function: it must return without waiting.
     instant: bool = field(init=False)
 
@@ -213,6 +216,7 @@ def kind(
     concurrency: int | Callable[[Settings], int | None] | None = None,
     check: Callable[[Any], None] | None = None,
     show: Callable[[Any], Any] | None = None,
+    payload_schema: dict[str, Any] | None = None,
 ) -> Callable[[F], F]:
     """Declare the decorated function as the kind `name`; the function is returned unchanged.
 
@@ -222,8 +226,9 @@ def kind(
     has going at once (None: no limit). Either may be a function of the `Settings`.
     `check(payload)`: raises ValueError, saying what is wrong, for a payload this kind cannot
     run with; every create (and a PATCH of the payload) answers it with a 422, nothing written.
-    `show(payload)`: the payload as the API's answers show it (secrets masked). The name is
-    checked when the module is loaded (`load`).
+    `show(payload)`: the payload as the API's answers show it (secrets masked).
+    `payload_schema`: the JSON Schema of what `check` takes, for the OpenAPI document. The
+    name is checked when the module is loaded (`load`).
     """
     if not (timeout_s is None or callable(timeout_s) or _number(timeout_s, above=0)):
         raise ValueError(f"kind {name!r}: timeout_s must be a number of seconds above 0")
@@ -243,6 +248,7 @@ def kind(
                 module=getattr(run, "__module__", None) or "?",
                 check=check,
                 show=show,
+                payload_schema=payload_schema,
             )
         )
         return run

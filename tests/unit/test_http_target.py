@@ -131,3 +131,36 @@ def test_a_refused_header_value_is_never_quoted() -> None:
         with pytest.raises(ValueError) as refused:
             http_target.check_payload({"url": "https://a.b/", "headers": {"X-Key": value}})
         assert "secret" not in str(refused.value) and "X-Key" in str(refused.value)
+
+
+CASES: list[Any] = [
+    None, [], "https://a.b/", {}, {"url": 5}, {"url": "https://a.b/", "x": 1},
+    {"url": "https://a.b/"}, {"url": "HTTP://A.B:0/"}, {"url": "http://a.b:65535/"},
+    {"url": "http://a.b:65536/"}, {"url": "http://a.b:/"}, {"url": "http://[::1]:8080/x"}, {"url": "http://1.2.3.4:8080/x"},
+    {"url": "http://[zz]/"}, {"url": "http://a.b/é"}, {"url": "http://a.b/<"},
+    {"url": "http://a.b/~!$&'()*+,;=:@[]?#/"}, {"url": "http://u@a.b/"}, {"url": "http://_a.b_/"},
+    {"url": "http://-a/"}, {"url": "https://a.b/" + "x" * 4084},
+    {"url": "https://a.b/" + "x" * 4085}, {"url": "http://a.b", "method": "get"},
+    {"url": "http://a.b", "method": None}, {"url": "http://a.b", "method": "GET", "body": None},
+    {"url": "http://a.b", "method": "HEAD", "body": 0}, {"url": "http://a.b", "body": [1]},
+    {"url": "http://a.b", "headers": None}, {"url": "http://a.b", "headers": []},
+    {"url": "http://a.b", "headers": {"": "x"}}, {"url": "http://a.b", "headers": {"a:": "x"}},
+    {"url": "http://a.b", "headers": {"A": ""}}, {"url": "http://a.b", "headers": {"A": " x"}},
+    {"url": "http://a.b", "headers": {"A": "x\ty"}}, {"url": "http://a.b", "headers": {"A": "x\t"}},
+    {"url": "http://a.b", "headers": {"A": "é"}}, {"url": "http://a.b", "headers": {"Host": "h"}},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("payload", CASES)
+def test_the_schema_the_api_states_takes_what_the_check_takes(payload: Any) -> None:
+    """PAYLOAD_SCHEMA (the OpenAPI document's, read by another regex engine: schemathesis's
+    validator, in Rust) and check_payload agree, case by case."""
+    import jsonschema_rs
+
+    by_schema = jsonschema_rs.Draft202012Validator(http_target.PAYLOAD_SCHEMA).is_valid(payload)
+    try:
+        http_target.check_payload(payload)
+        by_check = True
+    except ValueError:
+        by_check = False
+    assert by_schema == by_check
