@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 from functions.errors import DatabaseError, DatabaseUnavailable
-from functions.kinds import Fail
+from functions.kinds import Fail, Retry
 from functions.model import TaskState
 from functions.run_state import RunState
 from functions.settings import Settings
@@ -56,11 +57,17 @@ def retry_delay_s(settings: Settings, attempt: int) -> float:
     return float(min(settings.retry_max_s, settings.retry_base_s * 2.0 ** min(attempt - 1, 100)))
 
 
+def _number(value: object) -> bool:
+    """A finite int or float (not a bool): what `Retry(after_s)` must be to be honoured."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def result_of(
     claimed: Claimed, line: object, exc: BaseException | None, settings: Settings
 ) -> Result:
     """A run's result: succeeded with its line (or none), or the retry or failure its error
-    earns: `Fail` fails the task at once, whatever attempts it has left."""
+    earns: `Fail` fails the task at once, whatever attempts it has left; `Retry` sets when
+    the next attempt is due (at most retry_max_s), in place of the backoff."""
     if exc is None:
         if line is None or isinstance(line, str):
             output = None if line is None else clean_text(line)
@@ -68,7 +75,10 @@ def result_of(
         exc = TypeError(f"kind {claimed.kind} returned {type(line).__name__}, not a str or None")
     error = clean_text(f"{type(exc).__name__}: {exc}".rstrip(": "))
     if claimed.attempt < claimed.max_attempts and not isinstance(exc, Fail):
-        delay_s = retry_delay_s(settings, claimed.attempt)
+        if isinstance(exc, Retry) and _number(exc.after_s):
+            delay_s = min(max(0.0, float(exc.after_s)), settings.retry_max_s)
+        else:
+            delay_s = retry_delay_s(settings, claimed.attempt)
         logger.warning(
             "action=retry task_id=%s attempt=%s/%s in=%.1fs: %s",
             claimed.id, claimed.attempt, claimed.max_attempts, delay_s, error,

@@ -124,15 +124,16 @@ def _steps(
     """The statements creating the task, once every argument is read (refused: raised
     before the first)."""
     settings = _settings()
+    kind_name = _read("type", parse_kind, kind)
     new = NewTask(
-        kind=_read("type", parse_kind, kind),
+        kind=kind_name,
         execute_at=_read_execute_at(execute_at),
         idempotency_key=(
             None
             if idempotency_key is None
             else _read("idempotency_key", parse_idempotency_key, idempotency_key)
         ),
-        payload=_read_payload(payload, settings.max_payload_bytes),
+        payload=_read_payload(kind_name, payload, settings.max_payload_bytes),
         max_attempts=None
         if max_attempts is None
         else _read("max_attempts", parse_max_attempts, max_attempts),
@@ -192,14 +193,14 @@ def _read_execute_at(value: object) -> datetime:
     return _read("execute_at", parse_execute_at, value)  # type: ignore[no-any-return]
 
 
-def _read_payload(value: Any, max_bytes: int) -> Any:
+def _read_payload(kind: str, value: Any, max_bytes: int) -> Any:
     """`value` if it is a payload the API takes: JSON as `json.loads` reads it (dicts with
-    str keys, lists, str, int, float, bool, None), within `max_bytes`, storable as jsonb."""
-    if value is None:
-        return None
-    _check_json_types(value)
+    str keys, lists, str, int, float, bool, None), within `max_bytes`, storable as jsonb, and
+    one `kind` takes (its `check`, as `http`'s)."""
+    if value is not None:
+        _check_json_types(value)
     try:
-        check_payload(value, max_bytes, ("payload",))
+        check_payload(kind, value, max_bytes, ("payload",))
     except InvalidPayload as exc:
         raise EnqueueRefused("payload", str(exc)) from None
     return value

@@ -24,7 +24,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from functions.errors import TaskrunnerError
 from functions.settings import Settings
@@ -54,6 +54,16 @@ class Fail(Exception):
     """Raised by a kind: the task fails for good now, whatever attempts it has left."""
 
 
+class Retry(Exception):
+    """Raised by a kind: this attempt failed, and the next (if attempts remain) is due in
+    `after_s` seconds rather than after the usual backoff; capped at TASKRUNNER_RETRY_MAX_S
+    (the `http` kind raises it for a `Retry-After`)."""
+
+    def __init__(self, after_s: float, message: str = "") -> None:
+        super().__init__(message or f"retry in {after_s:g} s")
+        self.after_s = after_s
+
+
 class KindError(TaskrunnerError):
     """A kind module that cannot be loaded: it names the module and the reason."""
 
@@ -66,10 +76,19 @@ class Context:
     attempt: int
     settings: Settings
     # Lends one of the runner's HTTP clients for a request: `async with ctx.http() as client`.
-    http: Callable[[], AbstractAsyncContextManager[httpx.AsyncClient]]
+    # `ctx.http(guarded=True)` lends one that connects only to the addresses the `http` kind
+    # may (functions/egress.py: no loopback, private, link-local... unless allowed).
+    http: Lend
     # The task's payload, as the request that created it (or a PATCH) sent it: any JSON
     # value as `json.loads` reads it; None when it has none.
     payload: Any = None
+
+
+class Lend(Protocol):
+    def __call__(self, *, guarded: bool = False) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+        """Lend an HTTP client for a request (`guarded`: one that connects only where
+        TASKRUNNER_HTTP_ALLOWED_HOSTS and functions/egress.py allow)."""
+        ...
 
 
 class HttpClients:
@@ -85,36 +104,52 @@ class HttpClients:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._tls: ssl.SSLContext | None = None
-        self._free: list[httpx.AsyncClient] = []
+        # Free clients, plain ([False]) and guarded ([True]).
+        self._free: dict[bool, list[httpx.AsyncClient]] = {False: [], True: []}
         self._made: list[httpx.AsyncClient] = []
 
-    def _new(self) -> httpx.AsyncClient:
+    def _new(self, guarded: bool) -> httpx.AsyncClient:
         import httpx
 
         if self._tls is None:
             self._tls = httpx.create_ssl_context()
-        client = httpx.AsyncClient(
-            verify=self._tls,
-            timeout=httpx.Timeout(self.settings.bar_timeout_s),
-            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-            follow_redirects=True,
-        )
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        if guarded:
+            from functions import egress
+
+            client = httpx.AsyncClient(
+                transport=egress.guarded_transport(self._tls, limits, self.settings),
+                # No proxy from the environment: the address checked must be the one
+                # connected to. Redirects and time limits are the caller's.
+                trust_env=False,
+                timeout=None,
+                follow_redirects=False,
+            )
+        else:
+            client = httpx.AsyncClient(
+                verify=self._tls,
+                timeout=httpx.Timeout(self.settings.bar_timeout_s),
+                limits=limits,
+                follow_redirects=True,
+            )
         self._made.append(client)
         return client
 
     @asynccontextmanager
-    async def lend(self) -> AsyncIterator[httpx.AsyncClient]:
-        client = self._free.pop() if self._free else self._new()
+    async def lend(self, *, guarded: bool = False) -> AsyncIterator[httpx.AsyncClient]:
+        free = self._free[guarded]
+        client = free.pop() if free else self._new(guarded)
         try:
             yield client
         finally:
-            self._free.append(client)
+            free.append(client)
 
     async def aclose(self) -> None:
         for client in self._made:
             await client.aclose()
         self._made.clear()
-        self._free.clear()
+        for free in self._free.values():
+            free.clear()
 
 
 def _unlimited(settings: Settings) -> int | None:
@@ -139,6 +174,16 @@ class Kind:
     limit_s: Callable[[Settings], float] | None = None
     # The module that declared it (for messages: which module a clash comes from).
     module: str = __name__
+    # Checks a payload when a task of this kind is created or given a new payload (every
+    # path: `tasks.check_payload`): raises ValueError saying what is wrong (a 422), or
+    # returns. Given None for a task without one.
+    check: Callable[[Any], None] | None = None
+    # The payload as the API shows it (`responses.task_fields`): e.g. secrets masked. The
+    # stored payload, which the kind receives, is left as it was.
+    show: Callable[[Any], Any] | None = None
+    # The JSON Schema of the payloads `check` takes, stated by the API's OpenAPI document for
+    # a task of this kind (None: any payload).
+    payload_schema: dict[str, Any] | None = None
     # A plain function, not a coroutine function: it must return without waiting.
     instant: bool = field(init=False)
 
@@ -169,14 +214,21 @@ def kind(
     *,
     timeout_s: float | Callable[[Settings], float] | None = None,
     concurrency: int | Callable[[Settings], int | None] | None = None,
+    check: Callable[[Any], None] | None = None,
+    show: Callable[[Any], Any] | None = None,
+    payload_schema: dict[str, Any] | None = None,
 ) -> Callable[[F], F]:
     """Declare the decorated function as the kind `name`; the function is returned unchanged.
 
     `timeout_s`: a run still going after this long is stopped and fails its attempt (default
     DEFAULT_TIMEOUT_S; a plain function runs inline and cannot be stopped: it must return at
     once, and is reckoned to need DEFAULT_INSTANT_S). `concurrency`: how many runs one worker
-    has going at once (None: no limit). Either may be a function of the `Settings`. The name
-    is checked when the module is loaded (`load`).
+    has going at once (None: no limit). Either may be a function of the `Settings`.
+    `check(payload)`: raises ValueError, saying what is wrong, for a payload this kind cannot
+    run with; every create (and a PATCH of the payload) answers it with a 422, nothing written.
+    `show(payload)`: the payload as the API's answers show it (secrets masked).
+    `payload_schema`: the JSON Schema of what `check` takes, for the OpenAPI document. The
+    name is checked when the module is loaded (`load`).
     """
     if not (timeout_s is None or callable(timeout_s) or _number(timeout_s, above=0)):
         raise ValueError(f"kind {name!r}: timeout_s must be a number of seconds above 0")
@@ -194,6 +246,9 @@ def kind(
                 concurrency=_per_settings(concurrency),  # type: ignore[arg-type]
                 limit_s=limit,  # type: ignore[arg-type]
                 module=getattr(run, "__module__", None) or "?",
+                check=check,
+                show=show,
+                payload_schema=payload_schema,
             )
         )
         return run
@@ -235,8 +290,12 @@ BUILT_IN: dict[str, Kind] = {
         Kind("baz", baz, lambda s: 1.0),
     )
 }
-# The kinds this process runs and its API takes: the built-ins, and those `load` loaded. One
-# dict, changed in place by `load`, so that every reader sees what was loaded.
+# Modules of the package that declare built-in kinds with `@kind`, as a user's module would:
+# `load` always loads them (functions/http_target.py: the `http` kind).
+BUILT_IN_MODULES = ("functions.http_target",)
+# The kinds this process runs and its API takes: the built-ins, and those `load` loaded (the
+# built-in modules' included). One dict, changed in place by `load`, so that every reader
+# sees what was loaded.
 KINDS: dict[str, Kind] = dict(BUILT_IN)
 # What `load` was last given (False: not called yet), and the entry points' modules it found.
 _loaded: str | bool | None = False
@@ -269,8 +328,8 @@ def module_names(setting: str | None) -> list[str]:
 
 
 def load(setting: str | None) -> dict[str, Kind]:
-    """Import the modules of TASKRUNNER_KINDS (`setting`) and of the entry points, and make
-    `KINDS` the built-ins and every kind they declare; return it.
+    """Import BUILT_IN_MODULES, the modules of TASKRUNNER_KINDS (`setting`) and of the entry
+    points, and make `KINDS` the built-ins and every kind they declare; return it.
 
     Raises KindError, naming the module and why, for a module that cannot be imported, a
     name that is not NAME_PATTERN or is one of the API's paths, or two kinds of one name (a
@@ -280,7 +339,8 @@ def load(setting: str | None) -> dict[str, Kind]:
     global _loaded
     if _loaded is not False and _loaded == setting:
         return KINDS
-    sources = [(name, "TASKRUNNER_KINDS") for name in module_names(setting)]
+    sources = [(name, "built in") for name in BUILT_IN_MODULES]
+    sources += [(name, "TASKRUNNER_KINDS") for name in module_names(setting)]
     sources += [source for source in _entry_point_modules() if source[0] not in dict(sources)]
     found: dict[str, Kind] = dict(BUILT_IN)
     for module, named_by in sources:
@@ -320,7 +380,7 @@ def _check(declared: Kind, module: str, found: dict[str, Kind]) -> None:
             f"{where}: the kind name {name!r} is a path of the API (reserved:"
             f" {', '.join(sorted(RESERVED_NAMES))})"
         )
-    if name in BUILT_IN:
+    if name in BUILT_IN or (name in found and found[name].module in BUILT_IN_MODULES):
         raise KindError(f"{where}: the kind name {name!r} is a built-in kind's")
     if name in found:
         first, second = found[name].module, declared.module

@@ -303,10 +303,12 @@ class Runner:
 
     # --- start -------------------------------------------------------------------------------
 
-    def _lend_http(self) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+    def _lend_http(
+        self, *, guarded: bool = False
+    ) -> AbstractAsyncContextManager[httpx.AsyncClient]:
         if self._http is None:
             self._http = HttpClients(self.settings)
-        return self._http.lend()
+        return self._http.lend(guarded=guarded)
 
     def _start(self, claimed: Claimed) -> None:
         kind = KINDS[claimed.kind]

@@ -211,6 +211,37 @@ def _check_kinds(value: str) -> str:
     return ",".join(name for name in names if name)
 
 
+def _check_allowed_hosts(value: str) -> str:
+    """Comma-separated host names (as a URL's host, any case) and IP addresses or CIDRs
+    (`10.0.0.0/8`, `fd00::/8`); "" allows none. Normalised: lowercase, no spaces, CIDRs in
+    their network form."""
+    import ipaddress
+
+    out: list[str] = []
+    for raw in value.split(","):
+        item = raw.strip(ASCII_SPACE).lower().rstrip(".")
+        if not item:
+            continue
+        try:
+            out.append(str(ipaddress.ip_network(item.strip("[]"), strict=False)))
+            continue
+        except ValueError:
+            pass
+        if "/" in item or not _HOST_NAME.fullmatch(item):
+            raise Invalid(
+                "must be host names (as in a URL, e.g. hooks.internal.example) or IP"
+                f" addresses and CIDRs (e.g. 10.0.0.0/8), separated by commas, got {shown(raw)}"
+            )
+        out.append(item)
+    return ",".join(dict.fromkeys(out))
+
+
+# A DNS name's labels: letters, digits, hyphens and underscores, 1 to 63 each.
+_HOST_NAME = re.compile(
+    r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+)
+
+
 def kinds_from_environment() -> str | None:
     """TASKRUNNER_KINDS alone, checked: what a Lambda handler loads when its module is
     imported (its init), before it reads the rest of the settings on its first event."""
@@ -286,6 +317,10 @@ class Settings:
 
     bar_url: str = _setting(DEFAULT_BAR_URL, check=_check_bar_url)
     bar_timeout_s: float = _setting(10.0, gt=0, le=_DAY_S)
+    # What the `http` kind may connect to besides public addresses: host names (matched
+    # against a URL's host) and IP addresses or CIDRs (matched against the address connected
+    # to), comma-separated (functions/egress.py). Unset: public addresses only.
+    http_allowed_hosts: str | None = _setting(None, check=_check_allowed_hosts)
     # `bar` requests one worker has in flight at once; the rest wait their turn (claimed, not
     # yet started: their timeout starts with their request).
     bar_concurrency: int = _setting(100, ge=1, le=10_000)

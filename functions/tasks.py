@@ -48,14 +48,18 @@ async def check_schema(store: Store) -> str:
     return found
 
 
-def check_payload(payload: Any, max_bytes: int, loc: tuple[str | int, ...]) -> None:
+def check_payload(kind: str, payload: Any, max_bytes: int, loc: tuple[str | int, ...]) -> None:
     """Raise InvalidPayload (422, at `loc`) unless `payload` is one a task may carry
-    (`parsing.payload_json`)."""
-    if payload is not None:
-        try:
+    (`parsing.payload_json`) and one its kind takes (the kind's `check`, as `http`'s). The
+    one place every create, and a PATCH of a payload, checks one."""
+    try:
+        if payload is not None:
             payload_json(payload, max_bytes)
-        except ValueError as exc:
-            raise InvalidPayload(loc, str(exc)) from None
+        declared = KINDS.get(kind)
+        if declared is not None and declared.check is not None:
+            declared.check(payload)
+    except ValueError as exc:
+        raise InvalidPayload(loc, str(exc)) from None
 
 
 def check_timeout(
@@ -88,7 +92,7 @@ async def create_task(store: Store, new: NewTask, settings: Settings) -> tuple[T
     payload over TASKRUNNER_MAX_PAYLOAD_BYTES, or one jsonb cannot store, raises
     InvalidPayload, and a timeout over its kind's InvalidTimeout, with nothing written.
     """
-    check_payload(new.payload, settings.max_payload_bytes, ("body", "payload"))
+    check_payload(new.kind, new.payload, settings.max_payload_bytes, ("body", "payload"))
     check_timeout(new.kind, new.timeout_s, settings, ("body", "timeout_s"))
     if new.idempotency_key is None:
         return await store.insert_task(new, settings.max_attempts), True
@@ -107,8 +111,9 @@ async def create_tasks(store: Store, new: list[NewTask], settings: Settings) -> 
     unique: list[NewTask] = []
     where: list[int] = []
     for i, item in enumerate(new):
-        check_payload(item.payload, settings.max_payload_bytes, ("body", "tasks", i, "payload"))
-        check_timeout(item.kind, item.timeout_s, settings, ("body", "tasks", i, "timeout_s"))
+        loc = ("body", "tasks", i)
+        check_payload(item.kind, item.payload, settings.max_payload_bytes, (*loc, "payload"))
+        check_timeout(item.kind, item.timeout_s, settings, (*loc, "timeout_s"))
     for i, item in enumerate(new):
         key = item.idempotency_key
         if key is None or key not in first:
@@ -159,17 +164,23 @@ async def create_tasks_streamed(
     timeout refused raises InvalidPayload or InvalidTimeout, with nothing written."""
     max_payload_bytes = settings.max_payload_bytes
 
+    # Kinds that check their payload (`http`): their items are checked with or without one.
+    checked = {name for name, declared in KINDS.items() if declared.check is not None}
+
     def read() -> Iterator[list[dict[str, Any]]]:
         for start, stop in _slices(len(items)):
             rows = read_batch(items[start:stop])
             if rows is None:
                 raise _ItemRefused
             for i, row in enumerate(rows, start):
-                if len(row) == 2:
+                if len(row) == 2 and row["kind"] not in checked:
                     continue  # (a kind and a time alone: most items)
-                if "payload" in row:
+                if "payload" in row or row["kind"] in checked:
                     check_payload(
-                        row["payload"], max_payload_bytes, ("body", "tasks", i, "payload")
+                        row["kind"],
+                        row.get("payload"),
+                        max_payload_bytes,
+                        ("body", "tasks", i, "payload"),
                     )
                 if "timeout_s" in row:
                     loc = ("body", "tasks", i, "timeout_s")
@@ -276,7 +287,10 @@ async def reschedule_task(
     `set_payload`, give it `payload` (None clears it). A payload refused raises
     InvalidPayload, with nothing changed."""
     if set_payload:
-        check_payload(payload, max_payload_bytes, ("body", "payload"))
+        # The kind's own rules need the kind, which a task keeps for good: read first.
+        task = await store.get_task(task_id)
+        if task is not None:
+            check_payload(task.kind, payload, max_payload_bytes, ("body", "payload"))
     outcome = await store.reschedule_task(
         task_id, execute_at, set_payload=set_payload, payload=payload
     )

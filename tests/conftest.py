@@ -29,6 +29,7 @@ import pytest
 from pytest_postgresql.janitor import DatabaseJanitor
 from sqlalchemy.engine import URL, make_url
 
+from functions import kinds
 from functions.db import Database
 from functions.http.app import build_app
 from functions.settings import Settings
@@ -42,6 +43,9 @@ from tests.pgservers import (
 )
 
 _test_dbs = count()
+# As every process does at start: the built-in kind modules (the `http` kind) are loaded, so
+# that no test sees a different set of kinds depending on which ran before it.
+kinds.load(None)
 
 
 def _server_params() -> list[Any]:

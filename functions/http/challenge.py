@@ -20,7 +20,7 @@ from functions import model, parsing, tasks
 from functions.http.responses import list_json
 from functions.http.routes import Route, TaskId, task_answer
 from functions.http.schemas import TaskOut
-from functions.kinds import KINDS
+from functions.kinds import KINDS, Kind
 from functions.model import NewTask, TaskState
 from functions.settings import Settings
 from functions.store import Store
@@ -48,6 +48,18 @@ STATES: dict[OriginalState, tuple[TaskState, ...]] = {
 
 STATE_PATTERN = parsing.any_case([s.value for s in OriginalState])
 _DIGITS = re.compile("[0-9]+")
+
+
+def _runs_without_payload(declared: Kind) -> bool:
+    """Whether a task of this kind may be created without a payload (its `check` takes
+    none): the original route creates tasks without one."""
+    if declared.check is None:
+        return True
+    try:
+        declared.check(None)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_state(value: object) -> OriginalState:
@@ -105,9 +117,11 @@ def build_router(
     """The original's routes over `store`, each behind `dependencies` (the token check);
     `fails(*codes)` is what a route declares it can answer besides success."""
     router = APIRouter(tags=["original"], dependencies=list(dependencies), route_class=Route)
-    # The kinds loaded (`kinds.load`, before any app is built), as the path takes them.
-    kind_pattern = parsing.any_case(sorted(KINDS))
-    kind_names = f"{', '.join(sorted(KINDS))}, any case"
+    # The kinds loaded (`kinds.load`, before any app is built) that run without a payload
+    # (not `http`, whose payload is its request), as the path takes them.
+    names = sorted(name for name, declared in KINDS.items() if _runs_without_payload(declared))
+    kind_pattern = parsing.any_case(names)
+    kind_names = f"{', '.join(names)}, any case"
 
     async def original_create(
         type: Annotated[str, Path(pattern=kind_pattern, description=kind_names)],

@@ -29,6 +29,7 @@ from functions.errors import (
     Unauthorized,
     WrongState,
 )
+from functions.kinds import KINDS
 from functions.model import MAX_PAGE_BYTES
 from functions.parsing import encode_cursor
 
@@ -41,7 +42,16 @@ logger = logging.getLogger("functions.app")
 def task_fields(task: Task) -> dict[str, Any]:
     """A task as `schemas.TaskOut` shows it, without building one: the routes answer with
     this, and the schema of TaskOut documents it (a unit test holds the two equal)."""
-    return {**_fields(task), "timeout_s": task.timeout_s, "payload": task.payload}
+    return {**_fields(task), "timeout_s": task.timeout_s, "payload": shown_payload(task)}
+
+
+def shown_payload(task: Task) -> Any:
+    """The payload as answers show it: as its kind's `show` has it (the `http` kind's
+    header values masked), or as stored."""
+    declared = KINDS.get(task.kind)
+    if declared is None or declared.show is None or task.payload is None:
+        return task.payload
+    return declared.show(task.payload)
 
 
 def _fields(task: Task) -> dict[str, Any]:
@@ -79,7 +89,7 @@ def task_json(task: Task) -> bytes:
     if core is None:
         return plain_task_json(task)
     head: bytes = core.to_json(_fields(task))
-    tail = _dumps(task.timeout_s), ',"payload":', _dumps(task.payload), "}"
+    tail = _dumps(task.timeout_s), ',"payload":', _dumps(shown_payload(task)), "}"
     return b"".join((head[:-1], b',"timeout_s":', "".join(tail).encode()))
 
 

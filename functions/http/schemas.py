@@ -192,8 +192,28 @@ Priority = Annotated[
 ]
 
 
+def _kind_payloads(schema: dict[str, Any]) -> None:
+    """Add to a task's schema the payload rules of each kind that declares them (`http`):
+    `if` its type is that kind (in any case, as `parsing.parse_kind` reads it), `then` a
+    payload of that schema is required. Read when a document is made (kinds are loaded
+    before)."""
+    rules = [
+        {
+            "if": {
+                "required": ["type"],
+                "properties": {"type": {"pattern": parsing.any_case([name], "[ \\t\\n\\r]*")}},
+            },
+            "then": {"required": ["payload"], "properties": {"payload": declared.payload_schema}},
+        }
+        for name, declared in sorted(KINDS.items())
+        if declared.payload_schema is not None
+    ]
+    if rules:
+        schema["allOf"] = rules
+
+
 class TaskIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_kind_payloads)
 
     type: KindName
     execute_at: ExecuteAt

@@ -61,6 +61,30 @@ def test_schemathesis_finds_nothing(settings: Settings, sql: Sql) -> None:
             "headers": {"Authorization": f"Bearer {TOKEN}"},
             "checks": {"enabled": True},
             "generation": {"max-examples": 100, "mode": "all"},
+            # A PATCH's payload is checked by the rules of the task's kind (an `http` task's
+            # must describe a request), which its body does not name: the schema cannot say
+            # which payloads a given task takes, so a 422 there is no contract broken.
+            "operations": [
+                {
+                    "include-path": "/tasks/{task_id}",
+                    "include-method": "PATCH",
+                    "checks": {
+                        "positive_data_acceptance": {
+                            "expected-statuses": [
+                                "2xx",
+                                "3xx",
+                                "401",
+                                "403",
+                                "404",
+                                "409",
+                                "422",
+                                "429",
+                                "5xx",
+                            ]
+                        }
+                    },
+                }
+            ],
             "phases": {
                 "examples": {"enabled": True},
                 "coverage": {"enabled": True},

@@ -73,4 +73,4 @@ async def test_the_page_is_outside_the_schema_and_the_original_routes_still_answ
 
 async def test_the_page_offers_the_task_types_this_version_runs(client: httpx.AsyncClient) -> None:
     page = await client.get("/")
-    assert 'data-kinds="bar baz foo"' in page.text
+    assert 'data-kinds="bar baz foo http"' in page.text

@@ -77,7 +77,7 @@ async def test_a_kind_nothing_runs_is_shown_and_runs_once_a_worker_runs_it(
     [warning] = [r.getMessage() for r in caplog.records if "action=unserved" in r.getMessage()]
     assert "kinds=ghost:" in warning and "ghost (2 due)" in warning
     served = sql("SELECT kind FROM kinds_served ORDER BY kind")
-    assert served == [("bar",), ("baz",), ("foo",)]
+    assert served == [("bar",), ("baz",), ("foo",), ("http",)]
 
     # The tick is gone, its record is not: a new baz task, due, is not unserved.
     task_factory("baz")

@@ -25,7 +25,7 @@ API_PATHS = "tasks id taskstate schedules stats metrics healthz docs redoc worke
 def _builtins_only() -> Iterator[None]:
     yield
     kinds.load(None)
-    assert sorted(KINDS) == ["bar", "baz", "foo"]
+    assert sorted(KINDS) == ["bar", "baz", "foo", "http"]
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_loading_adds_a_modules_kinds_to_the_builtins(module: Callable[..., str]
     name = module("mail", "sms")
     loaded = kinds.load(name)
     assert loaded is KINDS
-    assert sorted(KINDS) == ["bar", "baz", "foo", "mail", "sms"]
+    assert sorted(KINDS) == ["bar", "baz", "foo", "http", "mail", "sms"]
     assert KINDS["mail"].module == name and KINDS["mail"].instant
 
 
@@ -90,7 +90,7 @@ def test_other_names_are_refused(module: Callable[..., str], name: str) -> None:
         kinds.load(source)
     assert str(refused.value).startswith(f"kind module {source}: the kind name {name!r} is not")
     assert "^[a-z][a-z0-9_]{0,62}$" in str(refused.value)
-    assert sorted(KINDS) == ["bar", "baz", "foo"]  # as it was
+    assert sorted(KINDS) == ["bar", "baz", "foo", "http"]  # as it was
 
 
 @pytest.mark.parametrize("name", API_PATHS)
@@ -100,7 +100,7 @@ def test_a_path_of_the_api_is_refused(module: Callable[..., str], name: str) -> 
         kinds.load(source)
 
 
-@pytest.mark.parametrize("name", ["foo", "bar", "baz"])
+@pytest.mark.parametrize("name", ["foo", "bar", "baz", "http"])
 def test_a_builtins_name_is_refused(module: Callable[..., str], name: str) -> None:
     with pytest.raises(KindError, match=f"the kind name '{name}' is a built-in kind's"):
         kinds.load(module(name))
@@ -111,7 +111,7 @@ def test_a_refused_load_leaves_the_kinds_loaded_before(module: Callable[..., str
     kinds.load(good)
     with pytest.raises(KindError, match=rf"declared twice \({good} and {bad}\)"):
         kinds.load(f"{good},{bad}")
-    assert sorted(KINDS) == ["bar", "baz", "foo", "mail"]
+    assert sorted(KINDS) == ["bar", "baz", "foo", "http", "mail"]
 
 
 def test_a_module_that_cannot_be_imported_is_named_with_its_error(

@@ -36,7 +36,7 @@ async def test_an_unknown_type_in_the_query_is_named_with_the_known_ones(
 ) -> None:
     found = issue(await client.get("/tasks", params={"type": "qux"}))
     assert found["loc"] == ["query", "type"]
-    assert "unknown type 'qux'; expected one of bar, baz, foo" in found["msg"]
+    assert "unknown type 'qux'; expected one of bar, baz, foo, http" in found["msg"]
 
 
 @pytest.mark.parametrize("cursor", ["abc", "YWZ0ZXI6", "YWZ0ZXI6MTA=", "x" * 1000])
