@@ -23,6 +23,10 @@ class TaskState(StrEnum):
     # Set by the worker when the last attempt raised, or by rescue when a crashed task has
     # no attempts left.
     FAILED = "failed"
+    # Set by a cancel (the API's, one task or by filter; a schedule's when disabled or
+    # deleted) of a task that had not finished. A worker running it stops it and records
+    # nothing.
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)

@@ -313,6 +313,67 @@ RESCHEDULE_TASK = _act(
         payload = CASE WHEN %(set_payload)s THEN CAST(%(payload)s AS jsonb) ELSE payload END""",
 )
 
+# --- cancelling (migration 0012) ------------------------------------------------------------
+# Workers LISTEN here too: a cancel of running tasks NOTIFYs, once per worker that held one,
+# with that worker's id; the worker then reads which of its tasks it no longer holds
+# (NO_LONGER_HELD) and stops them. (Behind a transaction pooler, which has no LISTEN, a
+# worker reads that every poll interval instead.)
+CANCEL_CHANNEL = "taskrunner_cancelled"
+
+# States a task can be cancelled from: it has not finished.
+CANCELLABLE = ("scheduled", "running")
+
+
+def cancel_tasks(condition: str, states: tuple[str, ...] = CANCELLABLE) -> str:
+    """Cancel up to `%(limit)s` tasks in `states` (CANCELLABLE or a part) that match
+    `condition` (SQL over the columns of `tasks`, with its own parameters), lowest ids
+    first; return the ids cancelled.
+
+    The rows are locked in id order (every statement that locks many tasks and waits does so
+    in that order: FINISH_MANY's results are sorted by id), and a lock that waited for a
+    claim or a finish re-reads the row: a task claimed meanwhile is cancelled running, one
+    finished meanwhile is left as it finished. A cancelled task is finished, holds no lease
+    and waits for no retry; the worker that held a running one hears it on CANCEL_CHANNEL,
+    in the same transaction. Its write of a result is fenced on `claimed_by`, so it cannot
+    land on the cancelled task. The ids are picked from each state's partial index
+    (`tasks_scheduled_id`, `tasks_running`), never by a walk of the whole table."""
+    assert states and set(states) <= set(CANCELLABLE)
+    picks = "\n            UNION ALL\n".join(
+        f"""            (SELECT id FROM tasks WHERE state = '{state}' AND ({condition})
+             ORDER BY id LIMIT %(limit)s)"""
+        for state in states
+    )
+    literals = ", ".join(f"'{state}'" for state in states)
+    return f"""
+WITH target AS (
+    SELECT id, claimed_by FROM tasks
+    WHERE id = ANY(ARRAY(
+        SELECT id FROM (
+{picks}
+        ) AS picked
+        ORDER BY id LIMIT %(limit)s
+    ))
+      AND state IN ({literals}) AND ({condition})
+    ORDER BY id
+    FOR UPDATE
+), cancelled AS (
+    UPDATE tasks AS t
+    SET state = 'cancelled',
+        finished_at = now(),
+        next_attempt_at = NULL,
+        claimed_by = NULL
+    FROM target
+    WHERE t.id = target.id
+    RETURNING t.id, target.claimed_by AS held_by
+), notified AS (
+    SELECT count(pg_notify('{CANCEL_CHANNEL}', held_by))
+    FROM (SELECT DISTINCT held_by FROM cancelled WHERE held_by IS NOT NULL) AS holders
+)
+SELECT cancelled.id FROM cancelled CROSS JOIN notified
+ORDER BY cancelled.id
+"""
+
+
 # --- workers ------------------------------------------------------------------------------
 
 # A worker's lease covers every task it holds. It is renewed by every heartbeat and every
@@ -682,5 +743,5 @@ PING = "SELECT 1"
 
 # The schema revision these statements are written for (local/migrations/versions/); a
 # unit test keeps it equal to the newest migration.
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0012"
 SCHEMA_REVISION_IN_DATABASE = "SELECT version_num FROM alembic_version"

@@ -510,6 +510,24 @@ class Store:
         )
         return _outcome_of(rows)
 
+    async def cancel_tasks(
+        self,
+        statement: str,
+        *,
+        limit: int,
+        conn: AsyncConnection[Any] | None = None,
+        **params: Any,
+    ) -> list[int]:
+        """Run a cancel made by `queries.cancel_tasks` (its condition's `params` given) on at
+        most `limit` tasks; return the ids cancelled, ascending. On `conn` when given (in
+        the caller's transaction: its commit is the cancel's), else a statement of its own."""
+        params = {**params, "limit": limit}
+        if conn is not None:
+            cursor = conn.cursor(row_factory=tuple_row)
+            await cursor.execute(statement, params)
+            return [task_id for (task_id,) in await cursor.fetchall()]
+        return [task_id for (task_id,) in await self._all(statement, tuple_row, **params)]
+
     # --- workers ---------------------------------------------------------------------------
 
     async def register_worker(
@@ -584,8 +602,11 @@ class Store:
     async def finish_many(self, *, worker: str, results: Sequence[Result]) -> set[int]:
         """Record results; return the ids written (the others were no longer held)."""
         assert len(results) <= self.WRITE_BATCH, "the caller bounds its batches"
+        # In id order, the order a cancel of many tasks locks them in: two statements that
+        # lock rows in one order never deadlock (queries.cancel_tasks).
+        ordered = sorted(results, key=lambda r: r.id)
         [rows] = await self._pinned(
-            (queries.FINISH_MANY, {"worker": worker, "results": _results_json(results)})
+            (queries.FINISH_MANY, {"worker": worker, "results": _results_json(ordered)})
         )
         return {task_id for (task_id,) in rows}
 
