@@ -77,8 +77,8 @@ class StatsRows:
     workers_alive: int
     now_s: float
     # (bucket start in Unix seconds, started, succeeded, failed, retried, lateness histogram,
-    #  lateness max ms), oldest first.
-    activity: list[tuple[int, int, int, int, int, list[int], float]]
+    #  lateness max ms, cancelled), oldest first.
+    activity: list[tuple[int, int, int, int, int, list[int], float, int]]
     # (kind, due tasks) of the kinds nothing ran in the last 5 minutes (queries.STATS_UNSERVED).
     unserved: list[tuple[str, int]] = field(default_factory=list)
 
@@ -150,6 +150,14 @@ def _outcome_of(rows: list[Any]) -> tuple[TaskState | None, Task | None]:
         return None, None
     row = rows[0]
     return TaskState(row.found_state), None if row.id is None else _task(row)
+
+
+def _filter(kind: str | None) -> tuple[str, dict[str, Any]]:
+    """The SQL condition of a filter on tasks other than their state (GET /tasks, the bulk
+    cancel and retry), and its parameters: `true` and none when it has none."""
+    if kind is None:
+        return "true", {}
+    return "kind = %(kind)s", {"kind": kind}
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -456,11 +464,68 @@ class Store:
             # a state in a prepared statement's generic plan. Each is a TaskState.
             literals = ", ".join(f"'{TaskState(s).value}'" for s in states)
             sql += f" AND state IN ({literals})"
-        if kind is not None:
-            sql += " AND kind = %(kind)s"
-            params["kind"] = kind
+        condition, more = _filter(kind)
+        if more:
+            sql += f" AND {condition}"
+            params.update(more)
         rows = await self._all(sql + " ORDER BY id LIMIT %(limit)s", **params)
         return [_task(row) for row in rows]
+
+    async def cancel_task(self, task_id: int) -> Task | None:
+        """Cancel the task if it is scheduled or running; return it cancelled (None: it was
+        not cancelled now: missing, or finished, cancelled before included)."""
+        rows = await self._all(queries.CANCEL_TASK, id=task_id, limit=1)
+        return _task(rows[0]) if rows else None
+
+    async def cancel_matching(
+        self, *, states: Sequence[TaskState], kind: str | None, limit: int
+    ) -> int:
+        """Cancel up to `limit` tasks in `states` (of the cancellable ones; all of those
+        when empty) of `kind` (any: None), lowest ids first; return how many."""
+        return await self._in_batches(
+            queries.cancel_tasks, queries.CANCELLABLE, states, kind, limit, {}
+        )
+
+    async def retry_matching(
+        self, *, states: Sequence[TaskState], kind: str | None, limit: int, max_attempts: int
+    ) -> int:
+        """Schedule again, due now with `max_attempts` more runs, up to `limit` failed or
+        cancelled tasks in `states` (all of those when empty) of `kind` (any: None), lowest
+        ids first; return how many."""
+        return await self._in_batches(
+            queries.retry_tasks,
+            queries.RETRYABLE,
+            states,
+            kind,
+            limit,
+            {"max_attempts": max_attempts},
+        )
+
+    async def _in_batches(
+        self,
+        statement_for: Callable[[str, tuple[str, ...]], str],
+        allowed: tuple[str, ...],
+        states: Sequence[TaskState],
+        kind: str | None,
+        limit: int,
+        params: dict[str, Any],
+    ) -> int:
+        """Run `statement_for(condition, states)` over the tasks of `states` (within
+        `allowed`) and `kind`, WRITE_BATCH at most a statement, until `limit` are done or
+        none is left; return how many were."""
+        wanted = tuple(s for s in allowed if not states or s in states)
+        if not wanted:
+            return 0
+        condition, more = _filter(kind)
+        statement = statement_for(condition, wanted)
+        done = 0
+        while done < limit:
+            batch = min(limit - done, self.WRITE_BATCH)
+            rows = await self._all(statement, tuple_row, **params, **more, limit=batch)
+            done += len(rows)
+            if not rows:
+                break
+        return done
 
     async def delete_task(self, task_id: int) -> TaskState | None:
         """Delete the task unless it is running; return the state it had, None if missing."""
@@ -618,6 +683,15 @@ class Store:
             found.update(task_id for (task_id,) in rows)
         return found
 
+    async def no_longer_held(self, held: Sequence[Claimed]) -> set[int]:
+        """Of the tasks a worker holds, those it should stop (queries.NO_LONGER_HELD)."""
+        gone: set[int] = set()
+        for chunk in _chunks(held, self.WRITE_BATCH):
+            sent = json.dumps([{"id": c.id, "attempt": c.attempt} for c in chunk])
+            [rows] = await self._pinned((queries.NO_LONGER_HELD, {"held": sent}))
+            gone.update(task_id for (task_id,) in rows)
+        return gone
+
     async def held_by(self, *, worker: str) -> set[int]:
         [rows] = await self._pinned((queries.HELD_BY, {"worker": worker}))
         return {task_id for (task_id,) in rows}
@@ -728,14 +802,20 @@ class Store:
         return rescued
 
 
-async def listen(settings: Settings, on_created: Callable[[float | None], None]) -> None:
-    """Call `on_created(due_s)` for each batch of tasks created, until cancelled.
+async def listen(
+    settings: Settings,
+    on_created: Callable[[float | None], None],
+    on_cancelled: Callable[[str | None], None] | None = None,
+) -> None:
+    """Call `on_created(due_s)` for each batch of tasks created, and `on_cancelled(worker)`
+    for each cancel of tasks `worker` was running, until cancelled.
 
     LISTEN needs a session of its own for as long as it listens, so it gets a connection of
     its own outside the pool (which may hold a single connection), and it cannot work through
-    a transaction pooler. Reconnects after an outage, then calls `on_created(None)`: it may
-    have missed notifications meanwhile. Returns at once behind a transaction pooler, set or
-    found by connecting (conninfo.connect): the worker polls instead.
+    a transaction pooler. Reconnects after an outage, then calls `on_created(None)` and
+    `on_cancelled(None)`: it may have missed notifications meanwhile. Returns at once behind
+    a transaction pooler, set or found by connecting (conninfo.connect): the worker polls
+    instead.
     """
     retry_s = 0.1
     while not behind_pooler(settings):
@@ -745,9 +825,16 @@ async def listen(settings: Settings, on_created: Callable[[float | None], None])
                 if behind_pooler(settings):
                     return
                 await conn.execute(f"LISTEN {queries.CHANNEL}")
+                if on_cancelled is not None:
+                    await conn.execute(f"LISTEN {queries.CANCEL_CHANNEL}")
+                    on_cancelled(None)
                 on_created(None)
                 retry_s = 0.1
                 async for note in conn.notifies():
+                    if note.channel == queries.CANCEL_CHANNEL:
+                        if on_cancelled is not None:
+                            on_cancelled(note.payload)
+                        continue
                     try:
                         on_created(float(note.payload))
                     except ValueError:
