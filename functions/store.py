@@ -152,6 +152,18 @@ def _outcome_of(rows: list[Any]) -> tuple[TaskState | None, Task | None]:
     return TaskState(row.found_state), None if row.id is None else _task(row)
 
 
+class Cancelled(NamedTuple):
+    """What a cancel did: the ids cancelled, ascending, and the workers that were running
+    some of them (each once)."""
+
+    ids: list[int]
+    holders: list[str]
+
+
+def _holders(held_by: Iterable[str | None]) -> list[str]:
+    return sorted({worker for worker in held_by if worker is not None})
+
+
 def _filter(kind: str | None) -> tuple[str, dict[str, Any]]:
     """The SQL condition of a filter on tasks other than their state (GET /tasks, the bulk
     cancel and retry), and its parameters: `true` and none when it has none."""
@@ -475,7 +487,10 @@ class Store:
         """Cancel the task if it is scheduled or running; return it cancelled (None: it was
         not cancelled now: missing, or finished, cancelled before included)."""
         rows = await self._all(queries.CANCEL_TASK, id=task_id, limit=1)
-        return _task(rows[0]) if rows else None
+        if not rows:
+            return None
+        await self.announce(Cancelled([task_id], _holders([rows[0].held_by])))
+        return _task(rows[0])
 
     async def cancel_matching(
         self, *, states: Sequence[TaskState], kind: str | None, limit: int
@@ -483,7 +498,7 @@ class Store:
         """Cancel up to `limit` tasks in `states` (of the cancellable ones; all of those
         when empty) of `kind` (any: None), lowest ids first; return how many."""
         return await self._in_batches(
-            queries.cancel_tasks, queries.CANCELLABLE, states, kind, limit, {}
+            queries.cancel_tasks, queries.CANCELLABLE, states, kind, limit, {}, announce=True
         )
 
     async def retry_matching(
@@ -509,10 +524,12 @@ class Store:
         kind: str | None,
         limit: int,
         params: dict[str, Any],
+        *,
+        announce: bool = False,
     ) -> int:
         """Run `statement_for(condition, states)` over the tasks of `states` (within
         `allowed`) and `kind`, WRITE_BATCH at most a statement, until `limit` are done or
-        none is left; return how many were."""
+        none is left; return how many were. With `announce`, each batch is a cancel's."""
         wanted = tuple(s for s in allowed if not states or s in states)
         if not wanted:
             return 0
@@ -525,6 +542,8 @@ class Store:
             done += len(rows)
             if not rows:
                 break
+            if announce:
+                await self.announce(Cancelled([r[0] for r in rows], _holders(r[-1] for r in rows)))
         return done
 
     async def delete_task(self, task_id: int) -> TaskState | None:
@@ -582,16 +601,34 @@ class Store:
         limit: int,
         conn: AsyncConnection[Any] | None = None,
         **params: Any,
-    ) -> list[int]:
+    ) -> Cancelled:
         """Run a cancel made by `queries.cancel_tasks` (its condition's `params` given) on at
-        most `limit` tasks; return the ids cancelled, ascending. On `conn` when given (in
-        the caller's transaction: its commit is the cancel's), else a statement of its own."""
+        most `limit` tasks; return the ids cancelled, ascending, and who held them.
+
+        On `conn` when given, in the caller's transaction: the caller then calls `announce`
+        once that has committed. Else in a statement of its own, announced at once."""
         params = {**params, "limit": limit}
         if conn is not None:
             cursor = conn.cursor(row_factory=tuple_row)
             await cursor.execute(statement, params)
-            return [task_id for (task_id,) in await cursor.fetchall()]
-        return [task_id for (task_id,) in await self._all(statement, tuple_row, **params)]
+            rows = await cursor.fetchall()
+        else:
+            rows = await self._all(statement, tuple_row, **params)
+        cancelled = Cancelled([task_id for task_id, _ in rows], _holders(r[-1] for r in rows))
+        if conn is None:
+            await self.announce(cancelled)
+        return cancelled
+
+    async def announce(self, cancelled: Cancelled) -> None:
+        """Tell the workers that held cancelled tasks, and count the cancels (/stats): once
+        the cancel has committed (queries.ANNOUNCE_CANCELS says why apart)."""
+        if cancelled.ids:
+            await self._all(
+                queries.ANNOUNCE_CANCELS,
+                tuple_row,
+                count=len(cancelled.ids),
+                workers=cancelled.holders,
+            )
 
     # --- workers ---------------------------------------------------------------------------
 

@@ -37,12 +37,12 @@ async def test_a_cancel_by_condition_takes_the_lowest_ids_and_only_what_matches(
     everything = queries.cancel_tasks("kind = %(kind)s")
     with psycopg.connect(database_url, autocommit=True) as listener:
         listener.execute(f"LISTEN {queries.CANCEL_CHANNEL}")
-        assert await store.cancel_tasks(unstarted, limit=1, kind="foo") == [foo[0]]
-        assert await store.cancel_tasks(unstarted, limit=10, kind="foo") == [foo[3]]
+        assert await store.cancel_tasks(unstarted, limit=1, kind="foo") == ([foo[0]], [])
+        assert await store.cancel_tasks(unstarted, limit=10, kind="foo") == ([foo[3]], [])
         assert [n.payload for n in listener.notifies(timeout=0.2)] == []
-        assert await store.cancel_tasks(everything, limit=10, kind="foo") == [foo[1]]
+        assert await store.cancel_tasks(everything, limit=10, kind="foo") == ([foo[1]], ["w1"])
         assert [n.payload for n in listener.notifies(timeout=1, stop_after=1)] == ["w1"]
-        assert await store.cancel_tasks(everything, limit=10, kind="foo") == []
+        assert await store.cancel_tasks(everything, limit=10, kind="foo") == ([], [])
     found = states(sql)
     assert found[foo[0]] == found[foo[1]] == found[foo[3]] == ("cancelled", None, True)
     assert found[foo[2]] == ("succeeded", None, True)
@@ -143,3 +143,29 @@ async def test_a_running_task_is_cancelled_its_worker_hears_it_and_prints_nothin
     assert sql("SELECT state, claimed_by FROM tasks WHERE id = %s", ids[0]) == [("cancelled", None)]
     # The two others were handed back at shutdown, as ever.
     assert sql("SELECT count(*) FROM tasks WHERE state = 'scheduled'") == [(2,)]
+
+
+async def test_bulk_cancel_and_retry_act_on_the_filter_lowest_ids_first(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    foo = [await created(client, "foo", at=FUTURE) for _ in range(5)]
+    bar = await created(client, "bar", at=FUTURE)
+    response = await client.post("/tasks/cancel", params={"type": "foo", "limit": 3})
+    assert response.json() == {"count": 3}
+    assert [s for (s,) in sql("SELECT state FROM tasks ORDER BY id")] == [
+        *["cancelled"] * 3,
+        *["scheduled"] * 3,
+    ]
+    response = await client.post("/tasks/retry", params={"type": "foo", "limit": 2})
+    assert response.json() == {"count": 2}
+    response = await client.post("/tasks/retry", params={"state": "failed"})
+    assert response.json() == {"count": 0}
+    response = await client.post("/tasks/cancel", params={"state": "succeeded"})
+    assert response.json() == {"count": 0}
+    assert [s for (s,) in sql("SELECT state FROM tasks ORDER BY id")] == [
+        "scheduled",
+        "scheduled",
+        "cancelled",
+        *["scheduled"] * 3,
+    ]
+    assert len(foo) == 5 and bar == foo[-1] + 1
