@@ -169,3 +169,36 @@ async def test_bulk_cancel_and_retry_act_on_the_filter_lowest_ids_first(
         *["scheduled"] * 3,
     ]
     assert len(foo) == 5 and bar == foo[-1] + 1
+
+
+async def test_a_tick_stops_its_task_cancelled_while_it_runs(
+    client: httpx.AsyncClient, settings: Settings, sql: Sql
+) -> None:
+    """A tick does not listen: it looks at its poll interval (0.05 s here), and returns
+    without waiting for foo's 30 s."""
+    settings = dataclasses.replace(settings, foo_delay_s=30.0)
+    task_id = await created(client)
+    out = io.StringIO()
+    run = asyncio.create_task(tick(settings, out=out))
+    await until(lambda: sql("SELECT state FROM tasks") == [("running",)])
+    assert (await client.post(f"/tasks/{task_id}/cancel")).status_code == 200
+    summary = await asyncio.wait_for(run, 20.0)
+    assert (summary.claimed, summary.cancelled, summary.succeeded) == (1, 1, 0)
+    assert out.getvalue() == ""
+    assert sql("SELECT state, attempts, claimed_by FROM tasks") == [("cancelled", 1, None)]
+
+
+async def test_cancelled_is_a_state_the_filters_the_original_listing_and_retention_know(
+    client: httpx.AsyncClient, settings: Settings, sql: Sql
+) -> None:
+    cancelled = await created(client, at=FUTURE)
+    await client.post(f"/tasks/{cancelled}/cancel")
+    other = await created(client, at=FUTURE)
+    listed = (await client.get("/tasks", params={"state": "cancelled"})).json()["items"]
+    assert [t["id"] for t in listed] == [cancelled]
+    complete = (await client.get("/taskstate/COMPLETE")).json()
+    assert [t["id"] for t in complete] == [cancelled]
+    # Pruned as finished tasks are, once past the retention.
+    sql("UPDATE tasks SET finished_at = now() - interval '8 days' WHERE id = %s", cancelled)
+    assert (await tick(settings, out=io.StringIO())).pruned == 1
+    assert sql("SELECT id FROM tasks") == [(other,)]
