@@ -332,9 +332,12 @@ def _locked_in_id_order(states: tuple[str, ...], condition: str) -> str:
 
     Every statement that locks many tasks and waits for their locks does so in id order
     (FINISH_MANY's results are sorted by id), so none of them deadlock."""
+    # A running task's id is read from `tasks_running`, which is not in id order: all the
+    # running tasks that match (no more than the workers hold), sorted. The other states' id
+    # indexes are read in order, `limit` at most.
     picks = "\n        UNION ALL\n".join(
-        f"""        (SELECT id FROM tasks WHERE state = '{state}' AND ({condition})
-         ORDER BY id LIMIT %(limit)s)"""
+        f"""        (SELECT id FROM tasks WHERE state = '{state}' AND ({condition})"""
+        + (")" if state == "running" else "\n         ORDER BY id LIMIT %(limit)s)")
         for state in states
     )
     literals = ", ".join(f"'{state}'" for state in states)

@@ -246,11 +246,13 @@ class Store:
 
             return await self.database.bounded(conn, run())
 
-    async def _pinned(self, *statements: tuple[str, dict[str, Any]]) -> list[list[Any]]:
+    async def _pinned(
+        self, *statements: tuple[str, dict[str, Any]], row_factory: RowFactory[Any] = tuple_row
+    ) -> list[list[Any]]:
         """Run `statements` in one transaction under queries.PINNED_PLAN, sent as one
-        pipeline (one round trip); return each one's rows (as tuples)."""
+        pipeline (one round trip); return each one's rows (as tuples, or `row_factory`'s)."""
         async with self.database.connection() as conn:
-            cursors = [conn.cursor(row_factory=tuple_row) for _ in statements]
+            cursors = [conn.cursor(row_factory=row_factory) for _ in statements]
 
             async def work() -> None:
                 async with conn.pipeline(), conn.transaction():
@@ -486,7 +488,10 @@ class Store:
     async def cancel_task(self, task_id: int) -> Task | None:
         """Cancel the task if it is scheduled or running; return it cancelled (None: it was
         not cancelled now: missing, or finished, cancelled before included)."""
-        rows = await self._all(queries.CANCEL_TASK, id=task_id, limit=1)
+        # Pinned, as the cancels by filter are: a plan for the values at hand, by key.
+        [rows] = await self._pinned(
+            (queries.CANCEL_TASK, {"id": task_id, "limit": 1}), row_factory=namedtuple_row
+        )
         if not rows:
             return None
         await self.announce(Cancelled([task_id], _holders([rows[0].held_by])))
@@ -538,7 +543,10 @@ class Store:
         done = 0
         while done < limit:
             batch = min(limit - done, self.WRITE_BATCH)
-            rows = await self._all(statement, tuple_row, **params, **more, limit=batch)
+            # Pinned (queries.PINNED_PLAN): on a table never analyzed, the scheduled tasks'
+            # ids were read through a bitmap and all sorted, 25,000 for a batch of 1,000
+            # (tests/integration/test_plans.py); pinned, their index is read in order.
+            [rows] = await self._pinned((statement, {**params, **more, "limit": batch}))
             done += len(rows)
             if not rows:
                 break
@@ -613,7 +621,7 @@ class Store:
             await cursor.execute(statement, params)
             rows = await cursor.fetchall()
         else:
-            rows = await self._all(statement, tuple_row, **params)
+            [rows] = await self._pinned((statement, params))
         cancelled = Cancelled([task_id for task_id, _ in rows], _holders(r[-1] for r in rows))
         if conn is None:
             await self.announce(cancelled)
