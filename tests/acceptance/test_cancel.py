@@ -47,8 +47,11 @@ def insert_foo(sql: Sql, n: int, due: str = "now()", kind: str = "foo") -> list[
 
 
 async def post_all(url: str, paths: list[str], clients: int = 32) -> list[httpx.Response]:
-    """POST each of `paths`, `clients` at a time."""
+    """POST each of `paths`, `clients` at a time. A 503 (the database did not answer in
+    time: a loaded CI machine) or a lost connection is sent again, as a client should (each
+    of these requests may be repeated); that must stay rare."""
     limit = asyncio.Semaphore(clients)
+    retried: list[str] = []
     # Idle connections dropped before the server's keep-alive timeout closes them (as
     # test_scale's clients do).
     limits = httpx.Limits(keepalive_expiry=2)
@@ -56,9 +59,20 @@ async def post_all(url: str, paths: list[str], clients: int = 32) -> list[httpx.
 
         async def one(path: str) -> httpx.Response:
             async with limit:
+                for _ in range(3):
+                    try:
+                        response = await client.post(path)
+                    except httpx.TransportError:
+                        retried.append(path)
+                        continue
+                    if response.status_code != 503:
+                        return response
+                    retried.append(path)
                 return await client.post(path)
 
-        return await asyncio.gather(*(one(p) for p in paths))
+        answers = await asyncio.gather(*(one(p) for p in paths))
+    assert len(retried) <= max(1, len(paths) // 100), f"{len(retried)} requests sent again"
+    return answers
 
 
 def running_count(sql: Sql) -> int:
@@ -83,7 +97,8 @@ async def test_a_thousand_running_foo_on_two_workers_cancelled_by_32_clients(
     assert sql("SELECT count(DISTINCT claimed_by) FROM tasks") == [(2,)]
 
     answers = await post_all(api.url, [f"/tasks/{i}/cancel" for i in ids])
-    assert {(r.status_code, r.json()["state"]) for r in answers} == {(200, "cancelled")}
+    assert [r.text for r in answers if r.status_code != 200] == [], api.stderr()[-3000:]
+    assert {r.json()["state"] for r in answers} == {"cancelled"}
     assert sql("SELECT state, count(*), count(claimed_by) FROM tasks GROUP BY 1") == [
         ("cancelled", 1000, 0)
     ]
