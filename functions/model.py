@@ -23,6 +23,10 @@ class TaskState(StrEnum):
     # Set by the worker when the last attempt raised, or by rescue when a crashed task has
     # no attempts left.
     FAILED = "failed"
+    # Set by a cancel (the API's, one task or by filter; a schedule's when disabled or
+    # deleted) of a task that had not finished. A worker running it stops it and records
+    # nothing.
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,15 @@ class NewTask:
 
 
 @dataclass(frozen=True)
+class TaskFilter:
+    """Which tasks a listing, a bulk cancel or a bulk retry is about: those in `state` and
+    of `kind` (None: any)."""
+
+    state: TaskState | None = None
+    kind: str | None = None
+
+
+@dataclass(frozen=True)
 class Page:
     items: list[Task]
     next_cursor: str | None
@@ -101,6 +114,9 @@ MAX_ATTEMPTS_AT_CREATE = 1_000
 MIN_PRIORITY, MAX_PRIORITY = 0, 9
 # The most tasks one batch creates; the largest task id (PostgreSQL's bigint).
 MAX_BATCH = 10_000
+# The most tasks one bulk cancel or retry acts on, and how many when not told.
+MAX_BULK = 10_000
+DEFAULT_BULK = 1_000
 BIGINT_MAX = 2**63 - 1
 # 1 to 255 printable ASCII characters, no space: what fits a header value unchanged (a
 # header's surrounding spaces are trimmed in transit, so a key with spaces could arrive as

@@ -84,8 +84,8 @@ class StatsRows:
     workers_alive: int
     now_s: float
     # (bucket start in Unix seconds, started, succeeded, failed, retried, lateness histogram,
-    #  lateness max ms), oldest first.
-    activity: list[tuple[int, int, int, int, int, list[int], float]]
+    #  lateness max ms, cancelled), oldest first.
+    activity: list[tuple[int, int, int, int, int, list[int], float, int]]
     # (kind, due tasks) of the kinds nothing ran in the last 5 minutes (queries.STATS_UNSERVED).
     unserved: list[tuple[str, int]] = field(default_factory=list)
 
@@ -180,6 +180,26 @@ def _outcome_of(rows: list[Any]) -> tuple[TaskState | None, Task | None]:
         return None, None
     row = rows[0]
     return TaskState(row.found_state), None if row.id is None else _task(row)
+
+
+class Cancelled(NamedTuple):
+    """What a cancel did: the ids cancelled, ascending, and the workers that were running
+    some of them (each once)."""
+
+    ids: list[int]
+    holders: list[str]
+
+
+def _holders(held_by: Iterable[str | None]) -> list[str]:
+    return sorted({worker for worker in held_by if worker is not None})
+
+
+def _filter(kind: str | None) -> tuple[str, dict[str, Any]]:
+    """The SQL condition of a filter on tasks other than their state (GET /tasks, the bulk
+    cancel and retry), and its parameters: `true` and none when it has none."""
+    if kind is None:
+        return "true", {}
+    return "kind = %(kind)s", {"kind": kind}
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -305,11 +325,13 @@ class Store:
 
             return await self.database.bounded(conn, run())
 
-    async def _pinned(self, *statements: tuple[str, dict[str, Any]]) -> list[list[Any]]:
+    async def _pinned(
+        self, *statements: tuple[str, dict[str, Any]], row_factory: RowFactory[Any] = tuple_row
+    ) -> list[list[Any]]:
         """Run `statements` in one transaction under queries.PINNED_PLAN, sent as one
-        pipeline (one round trip); return each one's rows (as tuples)."""
+        pipeline (one round trip); return each one's rows (as tuples, or `row_factory`'s)."""
         async with self.database.connection() as conn:
-            cursors = [conn.cursor(row_factory=tuple_row) for _ in statements]
+            cursors = [conn.cursor(row_factory=row_factory) for _ in statements]
 
             async def work() -> None:
                 async with conn.pipeline(), conn.transaction():
@@ -494,11 +516,81 @@ class Store:
             # a state in a prepared statement's generic plan. Each is a TaskState.
             literals = ", ".join(f"'{TaskState(s).value}'" for s in states)
             sql += f" AND state IN ({literals})"
-        if kind is not None:
-            sql += " AND kind = %(kind)s"
-            params["kind"] = kind
+        condition, more = _filter(kind)
+        if more:
+            sql += f" AND {condition}"
+            params.update(more)
         rows = await self._all(sql + " ORDER BY id LIMIT %(limit)s", **params)
         return [_task(row) for row in rows]
+
+    async def cancel_task(self, task_id: int) -> Task | None:
+        """Cancel the task if it is scheduled or running; return it cancelled (None: it was
+        not cancelled now: missing, or finished, cancelled before included)."""
+        # Pinned, as the cancels by filter are: a plan for the values at hand, by key.
+        [rows] = await self._pinned(
+            (queries.CANCEL_TASK, {"id": task_id, "limit": 1}), row_factory=namedtuple_row
+        )
+        if not rows:
+            return None
+        await self.announce(Cancelled([task_id], _holders([rows[0].held_by])))
+        return _task(rows[0])
+
+    async def cancel_matching(
+        self, *, states: Sequence[TaskState], kind: str | None, limit: int
+    ) -> int:
+        """Cancel up to `limit` tasks in `states` (of the cancellable ones; all of those
+        when empty) of `kind` (any: None), lowest ids first; return how many."""
+        return await self._in_batches(
+            queries.cancel_tasks, queries.CANCELLABLE, states, kind, limit, {}, announce=True
+        )
+
+    async def retry_matching(
+        self, *, states: Sequence[TaskState], kind: str | None, limit: int, max_attempts: int
+    ) -> int:
+        """Schedule again, due now with `max_attempts` more runs, up to `limit` failed or
+        cancelled tasks in `states` (all of those when empty) of `kind` (any: None), lowest
+        ids first; return how many."""
+        return await self._in_batches(
+            queries.retry_tasks,
+            queries.RETRYABLE,
+            states,
+            kind,
+            limit,
+            {"max_attempts": max_attempts},
+        )
+
+    async def _in_batches(
+        self,
+        statement_for: Callable[[str, tuple[str, ...]], str],
+        allowed: tuple[str, ...],
+        states: Sequence[TaskState],
+        kind: str | None,
+        limit: int,
+        params: dict[str, Any],
+        *,
+        announce: bool = False,
+    ) -> int:
+        """Run `statement_for(condition, states)` over the tasks of `states` (within
+        `allowed`) and `kind`, WRITE_BATCH at most a statement, until `limit` are done or
+        none is left; return how many were. With `announce`, each batch is a cancel's."""
+        wanted = tuple(s for s in allowed if not states or s in states)
+        if not wanted:
+            return 0
+        condition, more = _filter(kind)
+        statement = statement_for(condition, wanted)
+        done = 0
+        while done < limit:
+            batch = min(limit - done, self.WRITE_BATCH)
+            # Pinned (queries.PINNED_PLAN): on a table never analyzed, the scheduled tasks'
+            # ids were read through a bitmap and all sorted, 25,000 for a batch of 1,000
+            # (tests/integration/test_plans.py); pinned, their index is read in order.
+            [rows] = await self._pinned((statement, {**params, **more, "limit": batch}))
+            done += len(rows)
+            if not rows:
+                break
+            if announce:
+                await self.announce(Cancelled([r[0] for r in rows], _holders(r[-1] for r in rows)))
+        return done
 
     async def delete_task(self, task_id: int) -> TaskState | None:
         """Delete the task unless it is running; return the state it had, None if missing."""
@@ -547,6 +639,42 @@ class Store:
             payload=_payload_param(payload),
         )
         return _outcome_of(rows)
+
+    async def cancel_tasks(
+        self,
+        statement: str,
+        *,
+        limit: int,
+        conn: AsyncConnection[Any] | None = None,
+        **params: Any,
+    ) -> Cancelled:
+        """Run a cancel made by `queries.cancel_tasks` (its condition's `params` given) on at
+        most `limit` tasks; return the ids cancelled, ascending, and who held them.
+
+        On `conn` when given, in the caller's transaction: the caller then calls `announce`
+        once that has committed. Else in a statement of its own, announced at once."""
+        params = {**params, "limit": limit}
+        if conn is not None:
+            cursor = conn.cursor(row_factory=tuple_row)
+            await cursor.execute(statement, params)
+            rows = await cursor.fetchall()
+        else:
+            [rows] = await self._pinned((statement, params))
+        cancelled = Cancelled([task_id for task_id, _ in rows], _holders(r[-1] for r in rows))
+        if conn is None:
+            await self.announce(cancelled)
+        return cancelled
+
+    async def announce(self, cancelled: Cancelled) -> None:
+        """Tell the workers that held cancelled tasks, and count the cancels (/stats): once
+        the cancel has committed (queries.ANNOUNCE_CANCELS says why apart)."""
+        if cancelled.ids:
+            await self._all(
+                queries.ANNOUNCE_CANCELS,
+                tuple_row,
+                count=len(cancelled.ids),
+                workers=cancelled.holders,
+            )
 
     # --- workers ---------------------------------------------------------------------------
 
@@ -633,8 +761,11 @@ class Store:
     async def finish_many(self, *, worker: str, results: Sequence[Result]) -> set[int]:
         """Record results; return the ids written (the others were no longer held)."""
         assert len(results) <= self.WRITE_BATCH, "the caller bounds its batches"
+        # In id order, the order a cancel of many tasks locks them in: two statements that
+        # lock rows in one order never deadlock (queries.cancel_tasks).
+        ordered = sorted(results, key=lambda r: r.id)
         [rows] = await self._pinned(
-            (queries.FINISH_MANY, {"worker": worker, "results": _results_json(results)})
+            (queries.FINISH_MANY, {"worker": worker, "results": _results_json(ordered)})
         )
         return {task_id for (task_id,) in rows}
 
@@ -645,6 +776,15 @@ class Store:
             [rows] = await self._pinned((queries.RECORDED, {"results": _results_json(chunk)}))
             found.update(task_id for (task_id,) in rows)
         return found
+
+    async def no_longer_held(self, held: Sequence[Claimed]) -> set[int]:
+        """Of the tasks a worker holds, those it should stop (queries.NO_LONGER_HELD)."""
+        gone: set[int] = set()
+        for chunk in _chunks(held, self.WRITE_BATCH):
+            sent = json.dumps([{"id": c.id, "attempt": c.attempt} for c in chunk])
+            [rows] = await self._pinned((queries.NO_LONGER_HELD, {"held": sent}))
+            gone.update(task_id for (task_id,) in rows)
+        return gone
 
     async def held_by(self, *, worker: str) -> set[int]:
         [rows] = await self._pinned((queries.HELD_BY, {"worker": worker}))
@@ -756,14 +896,20 @@ class Store:
         return rescued
 
 
-async def listen(settings: Settings, on_created: Callable[[float | None], None]) -> None:
-    """Call `on_created(due_s)` for each batch of tasks created, until cancelled.
+async def listen(
+    settings: Settings,
+    on_created: Callable[[float | None], None],
+    on_cancelled: Callable[[str | None], None] | None = None,
+) -> None:
+    """Call `on_created(due_s)` for each batch of tasks created, and `on_cancelled(worker)`
+    for each cancel of tasks `worker` was running, until cancelled.
 
     LISTEN needs a session of its own for as long as it listens, so it gets a connection of
     its own outside the pool (which may hold a single connection), and it cannot work through
-    a transaction pooler. Reconnects after an outage, then calls `on_created(None)`: it may
-    have missed notifications meanwhile. Returns at once behind a transaction pooler, set or
-    found by connecting (conninfo.connect): the worker polls instead.
+    a transaction pooler. Reconnects after an outage, then calls `on_created(None)` and
+    `on_cancelled(None)`: it may have missed notifications meanwhile. Returns at once behind
+    a transaction pooler, set or found by connecting (conninfo.connect): the worker polls
+    instead.
     """
     retry_s = 0.1
     while not behind_pooler(settings):
@@ -773,9 +919,16 @@ async def listen(settings: Settings, on_created: Callable[[float | None], None])
                 if behind_pooler(settings):
                     return
                 await conn.execute(f"LISTEN {queries.CHANNEL}")
+                if on_cancelled is not None:
+                    await conn.execute(f"LISTEN {queries.CANCEL_CHANNEL}")
+                    on_cancelled(None)
                 on_created(None)
                 retry_s = 0.1
                 async for note in conn.notifies():
+                    if note.channel == queries.CANCEL_CHANNEL:
+                        if on_cancelled is not None:
+                            on_cancelled(note.payload)
+                        continue
                     try:
                         on_created(float(note.payload))
                     except ValueError:

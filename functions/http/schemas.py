@@ -346,6 +346,10 @@ class IdsOut(BaseModel):
     ids: list[int]
 
 
+class CountOut(BaseModel):
+    count: int = Field(description="How many tasks were acted on.")
+
+
 class ErrorOut(BaseModel):
     """Every error but 422: what is wrong, in words."""
 

@@ -415,3 +415,34 @@ def test_reads_of_due_tasks_read_no_future_ones_whatever_their_priorities(
         "SELECT count(*), count(*) FILTER (WHERE execute_at <= now()) FROM tasks"
     ).fetchall()
     assert (tasks, due_now) == (FUTURE + due, due)
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["custom plan", "generic plan"])
+def test_a_cancel_or_retry_by_filter_reads_the_indexes_of_its_states(
+    postgresql: psycopg.Connection[Any], sql: Sql, loaded: str, generic: bool
+) -> None:
+    """Of 25,000 running and 25,000 scheduled (and, for the retry, as many failed), a
+    statement of a bulk cancel or retry reads its states' partial indexes: the running
+    tasks, and at most `limit` of the others; never the whole table."""
+    sql("UPDATE tasks SET state = 'failed', finished_at = now() WHERE state = 'scheduled'")
+    sql(
+        "INSERT INTO tasks (kind, execute_at) SELECT 'baz', now() FROM generate_series(1, %s)",
+        N // 2,
+    )
+    cases = {
+        "cancel": queries.cancel_tasks("kind = %(kind)s"),
+        "retry": queries.retry_tasks("kind = %(kind)s"),
+        "cancel one": queries.CANCEL_TASK,
+    }
+    postgresql.autocommit = False
+    for name, statement in cases.items():
+        params = {"kind": "baz", "limit": BATCH, "max_attempts": 3, "id": N}
+        # As Store runs them: with the pinned plan settings.
+        plan = explain(postgresql, statement, params, generic, queries.PINNED_PLAN)
+        read = 0
+        for node in nodes(plan):
+            assert node["Node Type"] != "Seq Scan", f"{name} ({loaded}) scans the whole table"
+            if "Scan" in node["Node Type"] and node["Node Type"] != "Bitmap Index Scan":
+                read += node["Actual Rows"] * node["Actual Loops"]
+                read += node.get("Rows Removed by Filter", 0)
+        assert read <= N // 2 + 5 * BATCH, f"{name} ({loaded}) read {read} rows"
