@@ -30,7 +30,7 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 def counts_in_database(sql: Sql) -> dict[str, dict[str, int]]:
     found: dict[str, dict[str, int]] = {
-        s: {"bar": 0, "baz": 0, "foo": 0}
+        s: {"bar": 0, "baz": 0, "foo": 0, "http": 0}
         for s in ("scheduled", "running", "succeeded", "failed", "cancelled")
     }
     for state, kind, n in sql("SELECT state, kind, count(*) FROM tasks GROUP BY 1, 2"):
@@ -281,7 +281,7 @@ async def test_a_drained_table_is_estimated_from_its_live_rows(
     for _ in range(20):
         got = (await client.get("/stats")).json()
         assert got["estimated"] == ["cancelled", "failed", "succeeded"]
-        assert got["counts"]["scheduled"] == {"bar": 0, "baz": left * 3 // 4, "foo": left // 4}
+        assert got["counts"]["scheduled"] == {"bar": 0, "baz": left * 3 // 4, "foo": left // 4, "http": 0}
         succeeded = got["counts"]["succeeded"]
         assert abs(sum(succeeded.values()) - n) <= 2, succeeded  # (rounded per kind)
         assert abs(succeeded["foo"] - n / 4) < 0.1 * n / 4, succeeded
