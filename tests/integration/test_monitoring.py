@@ -76,7 +76,7 @@ async def test_stats_match_the_database(
     assert got["due"] == 3
     assert 119 < got["oldest_due_age_s"] < 130
     assert (got["workers"], got["workers_alive"]) == (1, 1)
-    assert got["counts"]["cancelled"] == {"bar": 1, "baz": 0, "foo": 1}
+    assert got["counts"]["cancelled"] == {"bar": 1, "baz": 0, "foo": 1, "http": 0}
     assert got["last_minute"] == {"succeeded": 35, "failed": 2, "retried": 0, "cancelled": 2}
     lateness = got["lateness_ms"]
     # Started about a second after their time (task_factory's -1 s), within a bucket (12%).
