@@ -449,7 +449,8 @@ RETURNING id, kind, attempts, max_attempts,
     CASE WHEN attempts = 1
         THEN CAST(extract(epoch FROM {NOW} - {BECAME_DUE}) * 1000 AS float8)
     END AS lateness_ms,
-    payload
+    -- As text: the kind parses it if it reads it (functions/kinds.py Context.payload).
+    CAST(payload AS text) AS payload
 """
 
 # How long until the next task is due, by the database's clock, as a duration (which a

@@ -47,8 +47,9 @@ class Claimed(NamedTuple):
     max_attempts: int
     # How late a first attempt started (ms); None for later attempts.
     lateness_ms: float | None = None
-    # The task's payload (any JSON value; None when it has none).
-    payload: Any = None
+    # The task's payload as stored, its JSON (None when it has none): only a kind that
+    # reads `ctx.payload` pays for parsing it (kinds.Context).
+    payload_json: str | None = None
 
 
 class Result(NamedTuple):
