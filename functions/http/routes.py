@@ -179,9 +179,8 @@ def add_routes(
     )
     async def create_tasks(body: BatchIn) -> Response:
         """Schedule up to 10,000 tasks: all are written or none (the error names the item)."""
-        new = [item.to_new() for item in body.tasks]
         ids = await tasks.create_tasks(
-            store, new, settings.max_attempts, settings.max_payload_bytes
+            store, body.to_new(), settings.max_attempts, settings.max_payload_bytes
         )
         return answer({"ids": ids}, 201)
 
