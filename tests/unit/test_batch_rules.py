@@ -16,7 +16,7 @@ def test_a_keyed_batch_is_read_whole_by_the_rules_not_item_by_item(
 
     tried: list[object] = []
     monkeypatch.setattr(schemas, "read_task", lambda sent: tried.append(sent))
-    items = [
+    items: list[dict[str, object]] = [
         {"type": "baz", "execute_at": 0, "idempotency_key": "k-1", "payload": {"é": [1]}},
         {"type": "baz", "execute_at": "2030-01-01T00:00:00Z"},
         {"type": "baz", "execute_at": 1.5, "idempotency_key": None},
