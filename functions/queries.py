@@ -208,7 +208,14 @@ GET_TASK_MANY = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY(%(ids)s)"
 
 # `list_tasks` appends `AND state = '...'` / `AND kind = %(kind)s` as asked: a fixed
 # "(%(state)s IS NULL OR ...)" form would get one generic plan for every filter.
-LIST_TASKS = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id > %(after_id)s"
+# Each row with what it holds of text that can be large, as stored (`stored_bytes`): the
+# store stops reading a page once its rows hold an answer's limit (Store.list_tasks).
+# jsonb's text has a space after each `,` and `:`: at least the compact JSON an answer
+# writes, but for a few numbers (jsonb writes 1e-7 as 0.0000001).
+STORED_BYTES = """coalesce(octet_length(CAST(payload AS text)), 0)
+    + coalesce(octet_length(output), 0) + coalesce(octet_length(error), 0)"""
+LIST_TASKS = f"""SELECT {TASK_COLUMNS}, {STORED_BYTES} AS stored_bytes
+FROM tasks WHERE id > %(after_id)s"""
 
 # The row lock waits for a claim that is starting this task, so a task is either deleted
 # before any worker takes it, or reported running; never deleted under a worker.

@@ -20,7 +20,7 @@ from functions.errors import (
     TaskRunning,
     WrongState,
 )
-from functions.model import NewTask, Page, Task, TaskState
+from functions.model import MAX_PAGE_BYTES, NewTask, Page, Task, TaskState
 from functions.parsing import (
     decode_cursor,
     encode_cursor,
@@ -173,15 +173,20 @@ async def list_tasks(
     """List tasks by ascending id; `next_cursor` is None on the last page."""
     after_id = decode_cursor(cursor) if cursor else 0
     states = () if state is None else (state,)
-    rows = await store.list_tasks(states=states, kind=kind, after_id=after_id, limit=limit + 1)
+    rows, cut = await store.list_tasks(
+        states=states, kind=kind, after_id=after_id, limit=limit + 1, max_bytes=MAX_PAGE_BYTES
+    )
     items = rows[:limit]
-    next_cursor = encode_cursor(items[-1].id) if len(rows) > limit else None
+    next_cursor = encode_cursor(items[-1].id) if len(rows) > limit or cut else None
     return Page(items=items, next_cursor=next_cursor)
 
 
 async def list_in_states(store: Store, states: Sequence[TaskState], limit: int) -> list[Task]:
     """The first `limit` tasks in any of `states`, oldest first."""
-    return await store.list_tasks(states=states, kind=None, after_id=0, limit=limit)
+    found, _ = await store.list_tasks(
+        states=states, kind=None, after_id=0, limit=limit, max_bytes=MAX_PAGE_BYTES
+    )
+    return found
 
 
 async def delete_all(store: Store, *, allowed: bool) -> int:

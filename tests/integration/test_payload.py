@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from functions import kinds
+from functions import store as store_module
 from functions.http.app import build_app
 from functions.kinds import Context, Kind
 from functions.model import MAX_PAGE_BYTES
@@ -142,9 +143,18 @@ async def test_patch_keeps_clears_or_sets_the_payload_of_a_scheduled_task_only(
 
 
 async def test_a_list_of_large_payloads_stays_under_5_mb_and_its_cursor_goes_on(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     big = sized(LIMIT)
+    # The rows each page read: not all 1,001 its limit allows, but a chunk that held 5 MB.
+    read_rows: list[int] = []
+    as_task = store_module._task
+
+    def counted(row: Any) -> Any:
+        read_rows[-1] += 1
+        return as_task(row)
+
+    monkeypatch.setattr(store_module, "_task", counted)
     ids: list[int] = []
     for _ in range(4):
         items = [{"type": "baz", "execute_at": 0, "payload": big}] * 50
@@ -160,6 +170,7 @@ async def test_a_list_of_large_payloads_stays_under_5_mb_and_its_cursor_goes_on(
     pages = 0
     while True:
         params: dict[str, Any] = {"limit": 1000, **({"cursor": cursor} if cursor else {})}
+        read_rows.append(0)
         page = await client.get("/tasks", params=params)
         assert page.status_code == 200
         assert len(page.content) <= MAX_PAGE_BYTES
@@ -173,6 +184,7 @@ async def test_a_list_of_large_payloads_stays_under_5_mb_and_its_cursor_goes_on(
             break
     assert seen == ids  # each once, in order
     assert pages == 3  # 205 tasks of 64 KiB: ~75 a page
+    assert read_rows == [Store.PAGE_CHUNK, Store.PAGE_CHUNK, 55]
     # The original's list has no cursor: it answers the first tasks that fit.
     listed = await client.get("/taskstate/NOTSTARTED")
     assert listed.status_code == 200 and len(listed.content) <= MAX_PAGE_BYTES
