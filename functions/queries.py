@@ -133,12 +133,14 @@ ORDER BY id
 # without a key stays on INSERT_TASK / INSERT_TASKS, which pay nothing for keys. What the
 # request asked for is kept apart (`idempotency_execute_at`, `idempotency_payload`): PATCH
 # may move the task's time and payload, and a repeat is compared with what was asked.
+# The payload is stored once: `idempotency_payload` holds `[original]` only once a PATCH has
+# changed it (migration 0010); until then the task's own payload is what the key stands for.
 INSERT_TASK_KEYED = f"""
 WITH inserted AS (
     INSERT INTO tasks (kind, execute_at, max_attempts, idempotency_key, idempotency_execute_at,
-        payload, idempotency_payload)
+        payload)
     VALUES (%(kind)s, %(execute_at)s, %(max_attempts)s, %(key)s, %(execute_at)s,
-        CAST(%(payload)s AS jsonb), CAST(%(payload)s AS jsonb))
+        CAST(%(payload)s AS jsonb))
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), notified AS (
@@ -150,9 +152,14 @@ SELECT {TASK_COLUMNS} FROM inserted CROSS JOIN notified
 # The task holding a key, and what the request that created it asked for (`requested_at`:
 # execute_at may have moved since, by PATCH), and whether it asked for this payload (jsonb
 # equality: key order and spacing do not matter).
+# The payload a key stands for (see INSERT_TASK_KEYED). A payload is never the jsonb `null`
+# (null is stored as NULL), so `[null]` reads back as NULL.
+KEYED_PAYLOAD = """CASE WHEN tasks.idempotency_payload IS NULL THEN tasks.payload
+    ELSE nullif(tasks.idempotency_payload -> 0, 'null') END"""
+
 GET_TASK_BY_KEY = f"""
 SELECT {TASK_COLUMNS}, idempotency_execute_at AT TIME ZONE 'UTC' AS requested_at,
-    idempotency_payload IS NOT DISTINCT FROM CAST(%(payload)s AS jsonb) AS same_payload
+    {KEYED_PAYLOAD} IS NOT DISTINCT FROM CAST(%(payload)s AS jsonb) AS same_payload
 FROM tasks WHERE idempotency_key = %(key)s
 """
 
@@ -178,9 +185,8 @@ WITH new AS (
     ) WITH ORDINALITY AS new(kind, at_us, key, payload, n)
 ), inserted AS (
     INSERT INTO tasks (kind, execute_at, max_attempts, idempotency_key, idempotency_execute_at,
-        payload, idempotency_payload)
-    SELECT kind, at, %(max_attempts)s, key, CASE WHEN key IS NOT NULL THEN at END,
-        payload, CASE WHEN key IS NOT NULL THEN payload END
+        payload)
+    SELECT kind, at, %(max_attempts)s, key, CASE WHEN key IS NOT NULL THEN at END, payload
     FROM new
     ORDER BY key COLLATE "C" NULLS FIRST, n
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
@@ -194,10 +200,10 @@ ORDER BY id
 
 # The tasks holding the keys sent (`[{"key", "payload"}]`), what their requests asked for,
 # and whether that was the payload sent with the key now (jsonb equality, as GET_TASK_BY_KEY).
-FIND_KEYS = """
+FIND_KEYS = f"""
 SELECT tasks.idempotency_key, tasks.id, tasks.kind,
     tasks.idempotency_execute_at AT TIME ZONE 'UTC',
-    tasks.idempotency_payload IS NOT DISTINCT FROM sent.payload
+    {KEYED_PAYLOAD} IS NOT DISTINCT FROM sent.payload
 FROM json_to_recordset(CAST(%(sent)s AS json)) AS sent(key text, payload jsonb)
 JOIN tasks ON tasks.idempotency_key = sent.key
 """
@@ -317,7 +323,14 @@ RESCHEDULE_TASK = _act(
             WHEN {DUE_AT} > now() THEN now()
             ELSE {BECAME_DUE}
         END,
-        payload = CASE WHEN %(set_payload)s THEN CAST(%(payload)s AS jsonb) ELSE payload END""",
+        payload = CASE WHEN %(set_payload)s THEN CAST(%(payload)s AS jsonb) ELSE payload END,
+        -- The first change of a keyed task's payload keeps the original (see GET_TASK_BY_KEY).
+        idempotency_payload = CASE
+            WHEN %(set_payload)s AND idempotency_key IS NOT NULL AND idempotency_payload IS NULL
+                AND payload IS DISTINCT FROM CAST(%(payload)s AS jsonb)
+            THEN jsonb_build_array(payload)
+            ELSE idempotency_payload
+        END""",
 )
 
 # --- workers ------------------------------------------------------------------------------
@@ -690,5 +703,5 @@ PING = "SELECT 1"
 
 # The schema revision these statements are written for (local/migrations/versions/); a
 # unit test keeps it equal to the newest migration.
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0010"
 SCHEMA_REVISION_IN_DATABASE = "SELECT version_num FROM alembic_version"
