@@ -182,13 +182,14 @@ ORDER BY id
 # request asked for is kept apart (`idempotency_execute_at`, `idempotency_payload`): PATCH
 # may move the task's time and payload, and a retry its max_attempts (kept as asked in
 # `idempotency_max_attempts`, migration 0009): a repeat is compared with what was asked.
+# The payload is stored once: `idempotency_payload` holds `[original]` only once a PATCH has
+# changed it (migration 0010); until then the task's own payload is what the key stands for.
 INSERT_TASK_KEYED = f"""
 WITH inserted AS (
     INSERT INTO tasks (kind, execute_at, max_attempts, idempotency_key, idempotency_execute_at,
-        payload, idempotency_payload, priority, timeout_s, idempotency_max_attempts)
+        payload, priority, timeout_s, idempotency_max_attempts)
     VALUES (%(kind)s, %(execute_at)s, %(max_attempts)s, %(key)s, %(execute_at)s,
-        CAST(%(payload)s AS jsonb), CAST(%(payload)s AS jsonb), %(priority)s, %(timeout_s)s,
-        %(max_attempts)s)
+        CAST(%(payload)s AS jsonb), %(priority)s, %(timeout_s)s, %(max_attempts)s)
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), notified AS (
@@ -213,6 +214,10 @@ def _same_options(max_attempts: str, priority: str, timeout_s: str) -> str:
 # The task holding a key, and what the request that created it asked for (`requested_at`:
 # execute_at may have moved since, by PATCH), and whether it asked for this payload (jsonb
 # equality: key order and spacing do not matter) and these options.
+# The payload a key stands for (see INSERT_TASK_KEYED). A payload is never the jsonb `null`
+# (null is stored as NULL), so `[null]` reads back as NULL.
+KEYED_PAYLOAD = """CASE WHEN tasks.idempotency_payload IS NULL THEN tasks.payload
+    ELSE nullif(tasks.idempotency_payload -> 0, 'null') END"""
 _SAME_OPTIONS_SENT = _same_options(
     "CAST(%(max_attempts)s AS int)",
     "CAST(%(priority)s AS smallint)",
@@ -220,7 +225,7 @@ _SAME_OPTIONS_SENT = _same_options(
 )
 GET_TASK_BY_KEY = f"""
 SELECT {TASK_COLUMNS}, idempotency_execute_at AT TIME ZONE 'UTC' AS requested_at,
-    idempotency_payload IS NOT DISTINCT FROM CAST(%(payload)s AS jsonb) AS same_payload,
+    {KEYED_PAYLOAD} IS NOT DISTINCT FROM CAST(%(payload)s AS jsonb) AS same_payload,
     {_SAME_OPTIONS_SENT} AS same_options
 FROM tasks WHERE idempotency_key = %(key)s
 """
@@ -247,10 +252,9 @@ WITH new AS (
     ) WITH ORDINALITY AS new(kind, at_us, key, payload, max_attempts, priority, timeout_s, n)
 ), inserted AS (
     INSERT INTO tasks (kind, execute_at, max_attempts, idempotency_key, idempotency_execute_at,
-        payload, idempotency_payload, priority, timeout_s, idempotency_max_attempts)
+        payload, priority, timeout_s, idempotency_max_attempts)
     SELECT kind, at, max_attempts, key, CASE WHEN key IS NOT NULL THEN at END,
-        payload, CASE WHEN key IS NOT NULL THEN payload END, priority, timeout_s,
-        CASE WHEN key IS NOT NULL THEN max_attempts END
+        payload, priority, timeout_s, CASE WHEN key IS NOT NULL THEN max_attempts END
     FROM new
     ORDER BY key COLLATE "C" NULLS FIRST, n
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
@@ -268,7 +272,7 @@ ORDER BY id
 FIND_KEYS = f"""
 SELECT tasks.idempotency_key, tasks.id, tasks.kind,
     tasks.idempotency_execute_at AT TIME ZONE 'UTC',
-    tasks.idempotency_payload IS NOT DISTINCT FROM sent.payload
+    {KEYED_PAYLOAD} IS NOT DISTINCT FROM sent.payload
         AND {_same_options("sent.max_attempts", "sent.priority", "sent.timeout_s")}
 FROM json_to_recordset(CAST(%(sent)s AS json))
     AS sent(key text, payload jsonb, max_attempts int, priority smallint, timeout_s float8)
@@ -281,7 +285,14 @@ GET_TASK_MANY = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY(%(ids)s)"
 
 # `list_tasks` appends `AND state = '...'` / `AND kind = %(kind)s` as asked: a fixed
 # "(%(state)s IS NULL OR ...)" form would get one generic plan for every filter.
-LIST_TASKS = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id > %(after_id)s"
+# Each row with what it holds of text that can be large, as stored (`stored_bytes`): the
+# store stops reading a page once its rows hold an answer's limit (Store.list_tasks).
+# jsonb's text has a space after each `,` and `:`: at least the compact JSON an answer
+# writes, but for a few numbers (jsonb writes 1e-7 as 0.0000001).
+STORED_BYTES = """coalesce(octet_length(CAST(payload AS text)), 0)
+    + coalesce(octet_length(output), 0) + coalesce(octet_length(error), 0)"""
+LIST_TASKS = f"""SELECT {TASK_COLUMNS}, {STORED_BYTES} AS stored_bytes
+FROM tasks WHERE id > %(after_id)s"""
 
 # The row lock waits for a claim that is starting this task, so a task is either deleted
 # before any worker takes it, or reported running; never deleted under a worker.
@@ -381,7 +392,14 @@ RESCHEDULE_TASK = _act(
             WHEN {DUE_AT} > now() THEN now()
             ELSE {BECAME_DUE}
         END,
-        payload = CASE WHEN %(set_payload)s THEN CAST(%(payload)s AS jsonb) ELSE payload END""",
+        payload = CASE WHEN %(set_payload)s THEN CAST(%(payload)s AS jsonb) ELSE payload END,
+        -- The first change of a keyed task's payload keeps the original (see GET_TASK_BY_KEY).
+        idempotency_payload = CASE
+            WHEN %(set_payload)s AND idempotency_key IS NOT NULL AND idempotency_payload IS NULL
+                AND payload IS DISTINCT FROM CAST(%(payload)s AS jsonb)
+            THEN jsonb_build_array(payload)
+            ELSE idempotency_payload
+        END""",
 )
 
 # --- cancelling, and retrying many (migration 0012) -------------------------------------------
@@ -668,7 +686,8 @@ RETURNING id, kind, attempts, max_attempts,
     CASE WHEN attempts = 1
         THEN CAST(extract(epoch FROM {NOW} - {BECAME_DUE}) * 1000 AS float8)
     END AS lateness_ms,
-    payload, timeout_s, priority
+    -- As text: the kind parses it if it reads it (functions/kinds.py Context.payload).
+    CAST(payload AS text) AS payload, timeout_s, priority
 """
 
 # How long until the next task the claim would take is due, by the database's clock, as a

@@ -48,8 +48,9 @@ class Claimed(NamedTuple):
     max_attempts: int
     # How late a first attempt started (ms); None for later attempts.
     lateness_ms: float | None = None
-    # The task's payload (any JSON value; None when it has none).
-    payload: Any = None
+    # The task's payload as stored, its JSON (None when it has none): only a kind that
+    # reads `ctx.payload` pays for parsing it (kinds.Context).
+    payload_json: str | None = None
     # Its own time limit (None: its kind's), and its priority.
     timeout_s: float | None = None
     priority: int = 0
@@ -505,12 +506,26 @@ class Store:
         found = {row.id: _task(row) for row in rows}
         return [found.get(task_id) for task_id in ids]
 
+    # A page is read a chunk of rows at a time: the first of at most this many (a default
+    # page, 100 and one more, in one statement), the next sized by what the rows so far held.
+    PAGE_CHUNK = 101
+
     async def list_tasks(
-        self, *, states: Sequence[TaskState], kind: str | None, after_id: int, limit: int
-    ) -> list[Task]:
-        """Tasks after `after_id` by ascending id, in one of `states` (any when empty)."""
+        self,
+        *,
+        states: Sequence[TaskState],
+        kind: str | None,
+        after_id: int,
+        limit: int,
+        max_bytes: int,
+    ) -> tuple[list[Task], bool]:
+        """Tasks after `after_id` by ascending id, in one of `states` (any when empty), and
+        whether the reading stopped short of `limit` because the rows read held `max_bytes`
+        (their payloads, outputs and errors as stored text, queries.STORED_BYTES): a page of
+        large payloads is cut under its limit anyway (responses.page_json), and is not read
+        whole first. Each chunk goes on from the last id read, as the next page would."""
         sql = queries.LIST_TASKS
-        params: dict[str, Any] = {"after_id": after_id, "limit": limit}
+        params: dict[str, Any] = {}
         if states:
             # Literals, not a parameter: only then can the planner use the partial index for
             # a state in a prepared statement's generic plan. Each is a TaskState.
@@ -520,8 +535,21 @@ class Store:
         if more:
             sql += f" AND {condition}"
             params.update(more)
-        rows = await self._all(sql + " ORDER BY id LIMIT %(limit)s", **params)
-        return [_task(row) for row in rows]
+        sql += " ORDER BY id LIMIT %(limit)s"
+        rows: list[Task] = []
+        held = 0
+        chunk = min(limit, self.PAGE_CHUNK)
+        while True:
+            fetched = await self._all(sql, after_id=after_id, limit=chunk, **params)
+            rows += map(_task, fetched)
+            held += sum(row.stored_bytes for row in fetched)
+            if len(fetched) < chunk or len(rows) >= limit:
+                return rows, False
+            if held >= max_bytes:
+                return rows, True
+            after_id = rows[-1].id
+            per_row = max(1, held // len(rows))
+            chunk = max(1, min(limit - len(rows), (max_bytes - held) // per_row + 1))
 
     async def cancel_task(self, task_id: int) -> Task | None:
         """Cancel the task if it is scheduled or running; return it cancelled (None: it was

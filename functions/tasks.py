@@ -22,7 +22,7 @@ from functions.errors import (
     WrongState,
 )
 from functions.kinds import KINDS
-from functions.model import NewTask, Page, Task, TaskFilter, TaskState
+from functions.model import MAX_PAGE_BYTES, NewTask, Page, Task, TaskFilter, TaskState
 from functions.parsing import (
     decode_cursor,
     encode_cursor,
@@ -208,17 +208,24 @@ async def list_tasks(store: Store, matching: TaskFilter, *, limit: int, cursor: 
     """List the tasks `matching` by ascending id; `next_cursor` is None on the last page."""
     after_id = decode_cursor(cursor) if cursor else 0
     states = () if matching.state is None else (matching.state,)
-    rows = await store.list_tasks(
-        states=states, kind=matching.kind, after_id=after_id, limit=limit + 1
+    rows, cut = await store.list_tasks(
+        states=states,
+        kind=matching.kind,
+        after_id=after_id,
+        limit=limit + 1,
+        max_bytes=MAX_PAGE_BYTES,
     )
     items = rows[:limit]
-    next_cursor = encode_cursor(items[-1].id) if len(rows) > limit else None
+    next_cursor = encode_cursor(items[-1].id) if len(rows) > limit or cut else None
     return Page(items=items, next_cursor=next_cursor)
 
 
 async def list_in_states(store: Store, states: Sequence[TaskState], limit: int) -> list[Task]:
     """The first `limit` tasks in any of `states`, oldest first."""
-    return await store.list_tasks(states=states, kind=None, after_id=0, limit=limit)
+    found, _ = await store.list_tasks(
+        states=states, kind=None, after_id=0, limit=limit, max_bytes=MAX_PAGE_BYTES
+    )
+    return found
 
 
 async def delete_all(store: Store, *, allowed: bool) -> int:

@@ -295,7 +295,8 @@ def _parser() -> argparse.ArgumentParser:
         "--only", action="append", metavar="SCENARIO",
         help="run only this scenario (repeatable; an unknown name lists them)",
     )  # fmt: skip
-    bench.set_defaults(func=cmd_bench)
+    # Its workers load the kinds: a module that cannot be loaded stops it first, as it does them.
+    bench.set_defaults(func=cmd_bench, kinds=True)
     return parser
 
 

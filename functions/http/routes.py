@@ -198,8 +198,7 @@ def add_routes(
     )
     async def create_tasks(body: BatchIn) -> Response:
         """Schedule up to 10,000 tasks: all are written or none (the error names the item)."""
-        new = [item.to_new() for item in body.tasks]
-        ids = await tasks.create_tasks(store, new, settings)
+        ids = await tasks.create_tasks(store, body.to_new(), settings)
         return answer({"ids": ids}, 201)
 
     @app.get("/tasks", response_model=PageOut, dependencies=token_check, responses=fails(400, 422))

@@ -116,6 +116,33 @@ def read_task(sent: Any, idempotency_key: str | None = None) -> NewTask | None:
     return parsing.new_task(item, idempotency_key)
 
 
+def read_keyed_batch(items: list[Any]) -> list[NewTask] | None:
+    """The tasks of a batch's items, each perhaps with an `idempotency_key` (a string, or
+    null for none), read at once by the rules `read_task` reads a task by (`read_batch`
+    for the rest of each item); None if any item is not one (the app's schema then reads
+    them one by one, and says why)."""
+    keys: list[str | None] = []
+    bare: list[Any] = []
+    for item in items:
+        if item.__class__ is not dict or "idempotency_key" not in item:
+            keys.append(None)
+            bare.append(item)
+            continue
+        key = item["idempotency_key"]
+        if key is None:
+            keys.append(None)
+        else:
+            try:
+                keys.append(parsing.parse_idempotency_key(key))
+            except Exception:  # (refused here, and explained by pydantic)
+                return None
+        bare.append({name: value for name, value in item.items() if name != "idempotency_key"})
+    read = parsing.read_batch(bare)
+    if read is None:
+        return None
+    return [parsing.new_task(task, key) for task, key in zip(read, keys, strict=True)]
+
+
 def batch_items(sent: Any) -> list[Any] | None:
     """The items of a batch's body, `{"tasks": [...]}` with 1 to MAX_BATCH items and nothing
     else (what `schemas.BatchIn` declares); None if it is not one."""

@@ -210,7 +210,7 @@ def test_a_kind_module_that_cannot_be_loaded_stops_dev(tmp_path: Path, case: str
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("command", ["api", "worker", "tick"])
+@pytest.mark.parametrize("command", ["api", "worker", "tick", "bench"])
 @pytest.mark.parametrize("case", ["unknown module", "two kinds alike"])
 def test_every_command_refuses_before_it_starts(tmp_path: Path, command: str, case: str) -> None:
     files, setting, message = REFUSALS[case]

@@ -281,7 +281,12 @@ async def test_a_drained_table_is_estimated_from_its_live_rows(
     for _ in range(20):
         got = (await client.get("/stats")).json()
         assert got["estimated"] == ["cancelled", "failed", "succeeded"]
-        assert got["counts"]["scheduled"] == {"bar": 0, "baz": left * 3 // 4, "foo": left // 4, "http": 0}
+        assert got["counts"]["scheduled"] == {
+            "bar": 0,
+            "baz": left * 3 // 4,
+            "foo": left // 4,
+            "http": 0,
+        }
         succeeded = got["counts"]["succeeded"]
         assert abs(sum(succeeded.values()) - n) <= 2, succeeded  # (rounded per kind)
         assert abs(succeeded["foo"] - n / 4) < 0.1 * n / 4, succeeded

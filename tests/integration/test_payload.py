@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from functions import kinds
+from functions import store as store_module
 from functions.http.app import build_app
 from functions.kinds import Context, Kind
 from functions.model import MAX_PAGE_BYTES
@@ -142,9 +143,18 @@ async def test_patch_keeps_clears_or_sets_the_payload_of_a_scheduled_task_only(
 
 
 async def test_a_list_of_large_payloads_stays_under_5_mb_and_its_cursor_goes_on(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     big = sized(LIMIT)
+    # The rows each page read: not all 1,001 its limit allows, but a chunk that held 5 MB.
+    read_rows: list[int] = []
+    as_task = store_module._task
+
+    def counted(row: Any) -> Any:
+        read_rows[-1] += 1
+        return as_task(row)
+
+    monkeypatch.setattr(store_module, "_task", counted)
     ids: list[int] = []
     for _ in range(4):
         items = [{"type": "baz", "execute_at": 0, "payload": big}] * 50
@@ -160,6 +170,7 @@ async def test_a_list_of_large_payloads_stays_under_5_mb_and_its_cursor_goes_on(
     pages = 0
     while True:
         params: dict[str, Any] = {"limit": 1000, **({"cursor": cursor} if cursor else {})}
+        read_rows.append(0)
         page = await client.get("/tasks", params=params)
         assert page.status_code == 200
         assert len(page.content) <= MAX_PAGE_BYTES
@@ -173,8 +184,48 @@ async def test_a_list_of_large_payloads_stays_under_5_mb_and_its_cursor_goes_on(
             break
     assert seen == ids  # each once, in order
     assert pages == 3  # 205 tasks of 64 KiB: ~75 a page
+    assert read_rows == [Store.PAGE_CHUNK, Store.PAGE_CHUNK, 55]
     # The original's list has no cursor: it answers the first tasks that fit.
     listed = await client.get("/taskstate/NOTSTARTED")
     assert listed.status_code == 200 and len(listed.content) <= MAX_PAGE_BYTES
     assert [t["id"] for t in listed.json()] == ids[: len(listed.json())]
     assert 70 <= len(listed.json()) < len(ids)
+
+
+async def test_a_keyed_task_stores_its_payload_once_until_a_patch_changes_it(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    def kept(task_id: int) -> Any:
+        [(copy,)] = sql("SELECT idempotency_payload FROM tasks WHERE id = %s", task_id)
+        return copy
+
+    async def create(key: str, payload: Any = None) -> httpx.Response:
+        body = {"type": "baz", "execute_at": "2030-01-01T00:00:00Z", "payload": payload}
+        return await client.post("/tasks", json=body, headers={"Idempotency-Key": key})
+
+    async def patch(task_id: int, payload: Any) -> None:
+        changed = await client.patch(f"/tasks/{task_id}", json={"payload": payload})
+        assert changed.status_code == 200, changed.text
+
+    first = (await create("once", {"v": "é"})).json()["id"]
+    batch = await client.post("/tasks/batch", json={"tasks": [{"type": "baz", "execute_at": 0,
+        "idempotency_key": "in-batch", "payload": [1]}]})  # fmt: skip
+    assert kept(first) is None and kept(batch.json()["ids"][0]) is None
+    await patch(first, {"v": "é"})  # the same payload: nothing to keep
+    assert kept(first) is None
+    await patch(first, {"v": 2})
+    await patch(first, None)
+    assert kept(first) == [{"v": "é"}]  # the first, kept through later changes
+    assert (await create("once", {"v": "é"})).status_code == 200
+    assert (await create("once", {"v": 2})).status_code == 409
+    assert (await create("once")).status_code == 409
+    # Created without one: `[null]` is kept, and a repeat without one is the same request.
+    bare = (await create("bare")).json()["id"]
+    await patch(bare, {"v": 3})
+    assert kept(bare) == [None]
+    assert (await create("bare")).status_code == 200
+    assert (await create("bare", {"v": 3})).status_code == 409
+    # Without a key, nothing is kept.
+    plain = (await client.post("/tasks", json={"type": "baz", "execute_at": 0})).json()["id"]
+    await patch(plain, {"v": 4})
+    assert kept(plain) is None

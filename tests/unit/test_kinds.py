@@ -198,3 +198,18 @@ def test_the_setting_reads_module_names(monkeypatch: pytest.MonkeyPatch) -> None
             Settings()
         with pytest.raises(SettingsError, match="TASKRUNNER_KINDS: must be module names"):
             kinds_from_environment()
+
+
+def test_a_payload_is_read_from_its_json_on_first_use_only() -> None:
+    # The claim hands the payload over as stored (jsonb's text); a kind that never reads
+    # ctx.payload never parses it.
+    def context(payload_json: str | None) -> kinds.Context:
+        return kinds.Context(1, 1, Settings(), lambda: None, payload_json)  # type: ignore[arg-type]
+
+    ctx = context('{"to": "ada@example.com", "n": [1, 2.5, null, "é"]}')
+    assert "payload" not in vars(ctx)
+    assert ctx.payload == {"to": "ada@example.com", "n": [1, 2.5, None, "é"]}
+    assert ctx.payload is ctx.payload  # read once
+    assert context(None).payload is None
+    assert context("null").payload is None
+    assert context('"text"').payload == "text"
