@@ -46,7 +46,8 @@ TASK_COLUMNS = f"""
     created_at AT TIME ZONE 'UTC' AS created_at,
     started_at AT TIME ZONE 'UTC' AS started_at,
     finished_at AT TIME ZONE 'UTC' AS finished_at,
-    attempts, max_attempts, output, error, idempotency_key, payload
+    attempts, max_attempts, output, error, idempotency_key, payload,
+    schedule, scheduled_for AT TIME ZONE 'UTC' AS scheduled_for
 """
 
 # Creating a task due within NOTIFY_HORIZON wakes listening workers (in the same
@@ -312,6 +313,118 @@ RESCHEDULE_TASK = _act(
         END,
         payload = CASE WHEN %(set_payload)s THEN CAST(%(payload)s AS jsonb) ELSE payload END""",
 )
+
+# --- schedules (migration 0011; functions/schedules.py) ------------------------------------
+
+SCHEDULE_COLUMNS = """
+    name, kind, cron, timezone, payload, max_attempts, timeout_s, priority, catch_up, enabled,
+    last_occurrence_at AT TIME ZONE 'UTC' AS last_occurrence_at,
+    next_run_at AT TIME ZONE 'UTC' AS next_run_at,
+    skipped_occurrences,
+    created_at AT TIME ZONE 'UTC' AS created_at,
+    updated_at AT TIME ZONE 'UTC' AS updated_at
+"""
+
+# The time a change of a schedule is made at: the database's (or a test's, queries.NOW).
+NOW_UTC = f"SELECT {NOW} AT TIME ZONE 'UTC'"
+
+GET_SCHEDULE = f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE name = %(name)s"
+
+# A change (create, replace, PATCH, DELETE) locks the schedule first: it waits for a creator
+# of occurrences that holds it, and then reads the occurrences that creator made, so the new
+# next occurrence is worked out from the last one made, never from one before it.
+LOCK_SCHEDULE = GET_SCHEDULE + " FOR UPDATE"
+
+LIST_SCHEDULES = f"""
+SELECT {SCHEDULE_COLUMNS} FROM schedules
+WHERE name > %(after)s COLLATE "C"
+ORDER BY name COLLATE "C"
+LIMIT %(limit)s
+"""
+
+_SCHEDULE_VALUES = """
+    %(kind)s, %(cron)s, %(timezone)s, CAST(%(payload)s AS jsonb), %(max_attempts)s,
+    %(timeout_s)s, %(priority)s, %(catch_up)s, %(enabled)s, %(last_occurrence_at)s,
+    %(next_run_at)s, %(skipped_occurrences)s"""
+
+# Nothing when the name was taken meanwhile (a concurrent create): the change is tried again.
+INSERT_SCHEDULE = f"""
+INSERT INTO schedules (name, kind, cron, timezone, payload, max_attempts, timeout_s,
+    priority, catch_up, enabled, last_occurrence_at, next_run_at, skipped_occurrences)
+VALUES (%(name)s, {_SCHEDULE_VALUES})
+ON CONFLICT (name) DO NOTHING
+RETURNING {SCHEDULE_COLUMNS}
+"""
+
+UPDATE_SCHEDULE = f"""
+UPDATE schedules
+SET (kind, cron, timezone, payload, max_attempts, timeout_s, priority, catch_up, enabled,
+    last_occurrence_at, next_run_at, skipped_occurrences) = ({_SCHEDULE_VALUES}),
+    updated_at = now()
+WHERE name = %(name)s
+RETURNING {SCHEDULE_COLUMNS}
+"""
+
+DELETE_SCHEDULE = "DELETE FROM schedules WHERE name = %(name)s"
+
+# A schedule disabled or deleted: its occurrences that have not started go. Served by the
+# `tasks_occurrence` index. (Until the `cancelled` state exists they are deleted; then this is
+# the cancel of those tasks.)
+CANCEL_UNSTARTED_OCCURRENCES = """
+DELETE FROM tasks
+WHERE schedule = %(name)s AND state = 'scheduled' AND started_at IS NULL
+"""
+
+# The creator of occurrences, first half: the enabled schedules whose next occurrence is due
+# within `ahead_s`, locked until the transaction that creates their tasks commits. Through
+# the `schedules_next_run` index, in its order, at most `limit`: its cost is that of the due
+# schedules, whatever the number of others. SKIP LOCKED: creators running at once split the
+# due schedules, and none waits for a PATCH. With `now`, the time the occurrences are
+# worked out at (functions/schedules.py).
+PICK_DUE_SCHEDULES = f"""
+SELECT {SCHEDULE_COLUMNS}, {NOW} AT TIME ZONE 'UTC' AS now
+FROM schedules
+WHERE enabled
+  AND next_run_at <= {NOW} + make_interval(secs => CAST(%(ahead_s)s AS float8))
+ORDER BY next_run_at
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
+"""
+
+# Second half, in the same transaction: the occurrences' tasks, and each schedule moved past
+# them (its next occurrence; its last one made; the missed ones it skipped). Times travel as
+# whole microseconds (_AT_FROM_US). ON CONFLICT: an occurrence made already is not made again
+# (the second guard; the locked row is the first). The tasks wake listening workers as any
+# new task does.
+CREATE_OCCURRENCES = f"""
+WITH new AS (
+    SELECT schedule, kind, max_attempts, payload, {_AT_FROM_US} AS at
+    FROM json_to_recordset(CAST(%(tasks)s AS json))
+        AS (schedule text, kind text, at_us bigint, max_attempts int, payload jsonb)
+), inserted AS (
+    INSERT INTO tasks (kind, execute_at, max_attempts, payload, schedule, scheduled_for)
+    SELECT kind, at, max_attempts, payload, schedule, at FROM new
+    ORDER BY schedule, at
+    ON CONFLICT (schedule, scheduled_for) WHERE schedule IS NOT NULL DO NOTHING
+    RETURNING execute_at
+), moved AS (
+    UPDATE schedules AS s
+    SET next_run_at = timestamptz 'epoch' + make_interval(secs => m.next_us / 1e6),
+        last_occurrence_at = coalesce(
+            timestamptz 'epoch' + make_interval(secs => m.last_us / 1e6), s.last_occurrence_at
+        ),
+        skipped_occurrences = s.skipped_occurrences + m.skipped
+    FROM json_to_recordset(CAST(%(schedules)s AS json))
+        AS m(name text, next_us bigint, last_us bigint, skipped bigint)
+    WHERE s.name = m.name
+    RETURNING 1
+), notified AS (
+    SELECT {_NOTIFY_IF_SOON} FROM inserted
+)
+SELECT (SELECT count(*) FROM inserted) AS created, (SELECT count(*) FROM moved) AS moved
+FROM notified
+"""
+
 
 # --- workers ------------------------------------------------------------------------------
 
@@ -682,5 +795,5 @@ PING = "SELECT 1"
 
 # The schema revision these statements are written for (local/migrations/versions/); a
 # unit test keeps it equal to the newest migration.
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0011"
 SCHEMA_REVISION_IN_DATABASE = "SELECT version_num FROM alembic_version"
