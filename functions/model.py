@@ -23,6 +23,10 @@ class TaskState(StrEnum):
     # Set by the worker when the last attempt raised, or by rescue when a crashed task has
     # no attempts left.
     FAILED = "failed"
+    # Set by a cancel (the API's, one task or by filter; a schedule's when disabled or
+    # deleted) of a task that had not finished. A worker running it stops it and records
+    # nothing.
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,9 @@ class Schedule:
     skipped_occurrences: int = 0
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    # The task of the last occurrence made, and its state (None: none, or it was deleted).
+    last_task_id: int | None = None
+    last_task_state: TaskState | None = None
 
 
 @dataclass(frozen=True)

@@ -328,15 +328,26 @@ SCHEDULE_COLUMNS = """
 # The time a change of a schedule is made at: the database's (or a test's, queries.NOW).
 NOW_UTC = f"SELECT {NOW} AT TIME ZONE 'UTC'"
 
-GET_SCHEDULE = f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE name = %(name)s"
+# A schedule as shown: with the task of the last occurrence made, and its state (the
+# `tasks_occurrence` index, read backwards: one row).
+_SHOWN_SCHEDULE = f"""
+SELECT {SCHEDULE_COLUMNS}, last.id AS last_task_id, last.state AS last_task_state
+FROM schedules
+LEFT JOIN LATERAL (
+    SELECT id, state FROM tasks
+    WHERE tasks.schedule = schedules.name
+    ORDER BY scheduled_for DESC
+    LIMIT 1
+) AS last ON true"""
+
+GET_SCHEDULE = f"{_SHOWN_SCHEDULE}\nWHERE name = %(name)s"
 
 # A change (create, replace, PATCH, DELETE) locks the schedule first: it waits for a creator
 # of occurrences that holds it, and then reads the occurrences that creator made, so the new
 # next occurrence is worked out from the last one made, never from one before it.
-LOCK_SCHEDULE = GET_SCHEDULE + " FOR UPDATE"
+LOCK_SCHEDULE = f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE name = %(name)s FOR UPDATE"
 
-LIST_SCHEDULES = f"""
-SELECT {SCHEDULE_COLUMNS} FROM schedules
+LIST_SCHEDULES = f"""{_SHOWN_SCHEDULE}
 WHERE name > %(after)s COLLATE "C"
 ORDER BY name COLLATE "C"
 LIMIT %(limit)s
@@ -367,14 +378,6 @@ RETURNING {SCHEDULE_COLUMNS}
 
 DELETE_SCHEDULE = "DELETE FROM schedules WHERE name = %(name)s"
 
-# A schedule disabled or deleted: its occurrences that have not started go. Served by the
-# `tasks_occurrence` index. (Until the `cancelled` state exists they are deleted; then this is
-# the cancel of those tasks.)
-CANCEL_UNSTARTED_OCCURRENCES = """
-DELETE FROM tasks
-WHERE schedule = %(name)s AND state = 'scheduled' AND started_at IS NULL
-"""
-
 # The creator of occurrences, first half: the enabled schedules whose next occurrence is due
 # within `ahead_s`, locked until the transaction that creates their tasks commits. Through
 # the `schedules_next_run` index, in its order, at most `limit`: its cost is that of the due
@@ -386,7 +389,9 @@ SELECT {SCHEDULE_COLUMNS}, {NOW} AT TIME ZONE 'UTC' AS now
 FROM schedules
 WHERE enabled
   AND next_run_at <= {NOW} + make_interval(secs => CAST(%(ahead_s)s AS float8))
-ORDER BY next_run_at
+-- The column, not the output's `next_run_at` (in UTC), which ORDER BY would read first: the
+-- index's order, no sort.
+ORDER BY schedules.next_run_at
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED
 """
@@ -424,6 +429,73 @@ WITH new AS (
 SELECT (SELECT count(*) FROM inserted) AS created, (SELECT count(*) FROM moved) AS moved
 FROM notified
 """
+
+# --- cancelling (migration 0012) ------------------------------------------------------------
+# Workers LISTEN here too: a cancel of running tasks NOTIFYs, once per worker that held one,
+# with that worker's id; the worker then reads which of its tasks it no longer holds
+# (NO_LONGER_HELD) and stops them. (Behind a transaction pooler, which has no LISTEN, a
+# worker reads that every poll interval instead.)
+CANCEL_CHANNEL = "taskrunner_cancelled"
+
+# States a task can be cancelled from: it has not finished.
+CANCELLABLE = ("scheduled", "running")
+
+
+def cancel_tasks(condition: str, states: tuple[str, ...] = CANCELLABLE) -> str:
+    """Cancel up to `%(limit)s` tasks in `states` (CANCELLABLE or a part) that match
+    `condition` (SQL over the columns of `tasks`, with its own parameters), lowest ids
+    first; return the ids cancelled.
+
+    The rows are locked in id order (every statement that locks many tasks and waits does so
+    in that order: FINISH_MANY's results are sorted by id), and a lock that waited for a
+    claim or a finish re-reads the row: a task claimed meanwhile is cancelled running, one
+    finished meanwhile is left as it finished. A cancelled task is finished, holds no lease
+    and waits for no retry; the worker that held a running one hears it on CANCEL_CHANNEL,
+    in the same transaction. Its write of a result is fenced on `claimed_by`, so it cannot
+    land on the cancelled task. The ids are picked from each state's partial index
+    (`tasks_scheduled_id`, `tasks_running`), never by a walk of the whole table."""
+    assert states and set(states) <= set(CANCELLABLE)
+    picks = "\n            UNION ALL\n".join(
+        f"""            (SELECT id FROM tasks WHERE state = '{state}' AND ({condition})
+             ORDER BY id LIMIT %(limit)s)"""
+        for state in states
+    )
+    literals = ", ".join(f"'{state}'" for state in states)
+    return f"""
+WITH target AS (
+    SELECT id, claimed_by FROM tasks
+    WHERE id = ANY(ARRAY(
+        SELECT id FROM (
+{picks}
+        ) AS picked
+        ORDER BY id LIMIT %(limit)s
+    ))
+      AND state IN ({literals}) AND ({condition})
+    ORDER BY id
+    FOR UPDATE
+), cancelled AS (
+    UPDATE tasks AS t
+    SET state = 'cancelled',
+        finished_at = now(),
+        next_attempt_at = NULL,
+        claimed_by = NULL
+    FROM target
+    WHERE t.id = target.id
+    RETURNING t.id, target.claimed_by AS held_by
+), notified AS (
+    SELECT count(pg_notify('{CANCEL_CHANNEL}', held_by))
+    FROM (SELECT DISTINCT held_by FROM cancelled WHERE held_by IS NOT NULL) AS holders
+)
+SELECT cancelled.id FROM cancelled CROSS JOIN notified
+ORDER BY cancelled.id
+"""
+
+
+# A schedule disabled or deleted: its occurrences that have not started are cancelled (a
+# retry waiting after a first attempt has started: it stays, as a running one does).
+CANCEL_UNSTARTED_OCCURRENCES = cancel_tasks(
+    "schedule = %(name)s AND started_at IS NULL", ("scheduled",)
+)
 
 
 # --- workers ------------------------------------------------------------------------------
@@ -795,5 +867,5 @@ PING = "SELECT 1"
 
 # The schema revision these statements are written for (local/migrations/versions/); a
 # unit test keeps it equal to the newest migration.
-SCHEMA_REVISION = "0011"
+SCHEMA_REVISION = "0012"
 SCHEMA_REVISION_IN_DATABASE = "SELECT version_num FROM alembic_version"

@@ -135,6 +135,10 @@ def _schedule(row: Any) -> Schedule:
         skipped_occurrences=row.skipped_occurrences,
         created_at=_utc(row.created_at),
         updated_at=_utc(row.updated_at),
+        last_task_id=getattr(row, "last_task_id", None),
+        last_task_state=None
+        if getattr(row, "last_task_state", None) is None
+        else TaskState(row.last_task_state),
     )
 
 
@@ -610,7 +614,7 @@ class Store:
         """Apply `change` to the schedule `name` in one transaction, the row locked: it gets
         the schedule (None: there is none) and the time now, and returns the schedule to
         write (None: delete it); an exception out of it changes nothing. A schedule deleted
-        or disabled by it loses its occurrences that have not started, in the same
+        or disabled by it has its occurrences that have not started cancelled, in the same
         transaction. Returns the schedule as written and as it was."""
         for _ in range(_KEY_TRIES):
             try:
@@ -632,19 +636,28 @@ class Store:
         rows = await cursor.fetchall()
         before = _schedule(rows[0]) if rows else None
         after = change(before, now.replace(tzinfo=UTC))
-        if after is before:
-            return after, before
-        if after is None:
+        if after is before:  # nothing to write
+            pass
+        elif after is None:
             await cursor.execute(queries.DELETE_SCHEDULE, {"name": name})
         else:
             sql = queries.INSERT_SCHEDULE if before is None else queries.UPDATE_SCHEDULE
             await cursor.execute(sql, _schedule_params(after))
-            rows = await cursor.fetchall()
-            if not rows:
+            if not await cursor.fetchall():
                 raise _KeyVanished
-            after = _schedule(rows[0])
-        if after is None or not after.enabled:
-            await cursor.execute(queries.CANCEL_UNSTARTED_OCCURRENCES, {"name": name})
+        if after is not before and (after is None or not after.enabled):
+            while True:
+                cancelled = await self.cancel_tasks(
+                    queries.CANCEL_UNSTARTED_OCCURRENCES,
+                    limit=self.WRITE_BATCH,
+                    conn=conn,
+                    name=name,
+                )
+                if len(cancelled) < self.WRITE_BATCH:
+                    break
+        if after is not None:  # as shown, with its last task (cancelled by now, maybe)
+            await cursor.execute(queries.GET_SCHEDULE, {"name": name})
+            after = _schedule((await cursor.fetchall())[0])
         return after, before
 
     async def create_occurrences(self, plan: PlanOccurrences, *, ahead_s: float) -> int:
@@ -708,6 +721,24 @@ class Store:
         )
         [(created, _)] = await cursor.fetchall()
         return len(rows), int(created)
+
+    async def cancel_tasks(
+        self,
+        statement: str,
+        *,
+        limit: int,
+        conn: AsyncConnection[Any] | None = None,
+        **params: Any,
+    ) -> list[int]:
+        """Run a cancel made by `queries.cancel_tasks` (its condition's `params` given) on at
+        most `limit` tasks; return the ids cancelled, ascending. On `conn` when given (in
+        the caller's transaction: its commit is the cancel's), else a statement of its own."""
+        params = {**params, "limit": limit}
+        if conn is not None:
+            cursor = conn.cursor(row_factory=tuple_row)
+            await cursor.execute(statement, params)
+            return [task_id for (task_id,) in await cursor.fetchall()]
+        return [task_id for (task_id,) in await self._all(statement, tuple_row, **params)]
 
     # --- workers ---------------------------------------------------------------------------
 
@@ -785,8 +816,11 @@ class Store:
     async def finish_many(self, *, worker: str, results: Sequence[Result]) -> set[int]:
         """Record results; return the ids written (the others were no longer held)."""
         assert len(results) <= self.WRITE_BATCH, "the caller bounds its batches"
+        # In id order, the order a cancel of many tasks locks them in: two statements that
+        # lock rows in one order never deadlock (queries.cancel_tasks).
+        ordered = sorted(results, key=lambda r: r.id)
         [rows] = await self._pinned(
-            (queries.FINISH_MANY, {"worker": worker, "results": _results_json(results)})
+            (queries.FINISH_MANY, {"worker": worker, "results": _results_json(ordered)})
         )
         return {task_id for (task_id,) in rows}
 

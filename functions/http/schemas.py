@@ -401,6 +401,11 @@ class SchedulePatchIn(BaseModel):
         }
 
 
+class LastTaskOut(BaseModel):
+    id: int
+    state: TaskState
+
+
 class ScheduleOut(BaseModel):
     name: str
     type: str
@@ -423,6 +428,10 @@ class ScheduleOut(BaseModel):
     )
     created_at: datetime
     updated_at: datetime
+    last_task: LastTaskOut | None = Field(
+        description="The task of the last occurrence made, and its state; null when none is"
+        " (or it was deleted)."
+    )
 
 
 def schedule_fields(schedule: Schedule) -> dict[str, Any]:
@@ -443,6 +452,9 @@ def schedule_fields(schedule: Schedule) -> dict[str, Any]:
         "skipped_occurrences": schedule.skipped_occurrences,
         "created_at": schedule.created_at,
         "updated_at": schedule.updated_at,
+        "last_task": None
+        if schedule.last_task_id is None or schedule.last_task_state is None
+        else {"id": schedule.last_task_id, "state": schedule.last_task_state.value},
     }
 
 

@@ -336,10 +336,10 @@ async def test_patch_takes_effect_from_the_next_occurrence_not_made(store: Store
 
 
 @pytest.mark.one_server
-async def test_disabling_or_deleting_takes_the_occurrences_not_started(
+async def test_disabling_or_deleting_cancels_the_occurrences_not_started(
     store: Store, sql: Sql
 ) -> None:
-    """Made a minute ahead and not started: they go with the schedule; started ones stay."""
+    """Made a minute ahead and not started: they are cancelled; a started one stays."""
     t0 = next_minute(sql).replace(second=0) + MINUTE
     clock = Clock(t0 - timedelta(seconds=50))
     own = Store(store.database, clock=clock)
@@ -351,7 +351,8 @@ async def test_disabling_or_deleting_takes_the_occurrences_not_started(
         assert (await client.patch("/schedules/off", json={"enabled": False})).status_code == 200
         assert (await client.delete("/schedules/gone")).status_code == 204
         assert (await client.patch("/schedules/kept", json={"enabled": False})).status_code == 200
-        assert sql("SELECT schedule FROM tasks") == [("kept",)]
+        states = sql("SELECT schedule, state FROM tasks ORDER BY schedule")
+        assert states == [("gone", "cancelled"), ("kept", "scheduled"), ("off", "cancelled")]
         # Disabled makes nothing, however far the clock goes; enabled again starts after now.
         clock.move(10 * MINUTE)
         assert await made(own, clock) == 0
