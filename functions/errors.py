@@ -56,13 +56,27 @@ class InvalidInput(TaskrunnerError):
     """Input that passed the schema but not the domain (a bad cursor, say)."""
 
 
-class InvalidPayload(TaskrunnerError):
-    """A payload the API does not take (too large, or not storable as jsonb): a 422 whose
+class InvalidValue(TaskrunnerError):
+    """A value the schema lets through and a rule that takes a setting refuses: a 422 whose
     issue names where it was sent (`loc`), as the schema's own 422s do."""
+
+    issue_type = "value_invalid"
 
     def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
         super().__init__(msg)
-        self.issues = [{"loc": list(loc), "msg": msg, "type": "payload_invalid"}]
+        self.issues = [{"loc": list(loc), "msg": msg, "type": self.issue_type}]
+
+
+class InvalidPayload(InvalidValue):
+    """A payload the API does not take (too large, or not storable as jsonb)."""
+
+    issue_type = "payload_invalid"
+
+
+class InvalidTimeout(InvalidValue):
+    """A task's `timeout_s` over its kind's own limit."""
+
+    issue_type = "timeout_too_long"
 
 
 class NotJson(TaskrunnerError):

@@ -54,6 +54,10 @@ class Task:
     # The schedule that made this task, and the occurrence it is (None for any other task).
     schedule: str | None = None
     scheduled_for: datetime | None = None
+    # 0 (the default) to 9: among tasks that are due, a lower number runs first.
+    priority: int = 0
+    # A run still going after this long is stopped; None: the kind's own limit.
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -64,10 +68,21 @@ class NewTask:
     idempotency_key: str | None = None
     # Any JSON value (as `json.loads` reads it); checked by `parsing.payload_json`.
     payload: Any = None
+    # The task's options (`parsing.parse_max_attempts`, `parse_timeout_s`, `parse_priority`):
+    # None for max_attempts is TASKRUNNER_MAX_ATTEMPTS, for timeout_s the kind's own limit.
+    max_attempts: int | None = None
+    timeout_s: float | None = None
+    priority: int = 0
 
     def same_request(self, kind: str, execute_at: datetime) -> bool:
         """Whether a task made for `kind` at `execute_at` is what this request asks for."""
         return (kind, execute_at) == (self.kind, self.execute_at)
+
+    def options(self, default_max_attempts: int) -> tuple[int, float | None, int]:
+        """(max_attempts, timeout_s, priority) as the task is made with them: what an
+        idempotency key stands for besides the kind, the time and the payload."""
+        max_attempts = default_max_attempts if self.max_attempts is None else self.max_attempts
+        return max_attempts, self.timeout_s, self.priority
 
 
 class CatchUp(StrEnum):
@@ -139,6 +154,11 @@ MAX_EXECUTE_AT = datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
 # 9999 or earlier, to the microsecond, and every number from it up is refused, whether
 # written as an integer or not (JSON Schema's `exclusiveMaximum`, exactly).
 END_UNIX_S = 253_402_300_800
+# A task's own options: its attempts at create (a retry adds TASKRUNNER_MAX_ATTEMPTS more
+# later, as it does to any task), and its priority, 0 running first (the table checks the
+# same range: `priority_in_range`, migration 0009).
+MAX_ATTEMPTS_AT_CREATE = 1_000
+MIN_PRIORITY, MAX_PRIORITY = 0, 9
 # The most tasks one batch creates; the largest task id (PostgreSQL's bigint).
 MAX_BATCH = 10_000
 BIGINT_MAX = 2**63 - 1

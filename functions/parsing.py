@@ -1,5 +1,6 @@
-"""Reading a task from what a client sent: its kind, its time, its idempotency key, a page's
-cursor, and a whole batch at once; and the patterns the API's schema states the same rules in.
+"""Reading a task from what a client sent: its kind, its time, its idempotency key, its
+options (max_attempts, timeout_s, priority), a page's cursor, and a whole batch at once;
+and the patterns the API's schema states the same rules in.
 
 Each `parse_*` raises ValueError saying what is wrong, quoting at most an `excerpt` of the
 input (`decode_cursor` raises InvalidInput, a 400); `read_batch` answers None and
@@ -11,21 +12,25 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Any
+from typing import Any, TypeGuard
 
 from functions.errors import InvalidInput
 from functions.kinds import KINDS
 from functions.model import (
     END_UNIX_S,
     IDEMPOTENCY_KEY_PATTERN,
+    MAX_ATTEMPTS_AT_CREATE,
     MAX_EXECUTE_AT,
     MAX_PAYLOAD_DEPTH,
+    MAX_PRIORITY,
     MAX_VALUES,
     MIN_EXECUTE_AT,
+    MIN_PRIORITY,
     NewTask,
 )
 
@@ -92,6 +97,50 @@ def parse_idempotency_key(value: object) -> str:
 
 
 _IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
+
+
+def parse_max_attempts(value: object) -> int:
+    """Return `value` if it is a task's max_attempts at create: a whole number (written
+    without a fraction: `3.0` is refused, as `true` is) from 1 to MAX_ATTEMPTS_AT_CREATE."""
+    if not _whole(value) or not 1 <= value <= MAX_ATTEMPTS_AT_CREATE:
+        raise ValueError(
+            f"max_attempts {excerpt(value)} is not a whole number from 1 to"
+            f" {MAX_ATTEMPTS_AT_CREATE:,}"
+        )
+    return value
+
+
+def parse_priority(value: object) -> int:
+    """Return `value` if it is a priority: a whole number from MIN_PRIORITY (runs first) to
+    MAX_PRIORITY (written without a fraction; no bool)."""
+    if not _whole(value) or not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise ValueError(
+            f"priority {excerpt(value)} is not a whole number from {MIN_PRIORITY} (runs first)"
+            f" to {MAX_PRIORITY}"
+        )
+    return value
+
+
+def _whole(value: object) -> TypeGuard[int]:
+    """An integer as JSON readers make one (`3`, not `3.0`), not a bool."""
+    return value.__class__ is int
+
+
+def parse_timeout_s(value: object) -> float | None:
+    """Return `value` as a float if it is a task's timeout: a number of seconds above 0
+    (None: the kind's own). That it is within its kind's own limit, which takes a setting,
+    is the domain's to check (`tasks.check_options`)."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer of over 308 digits
+            seconds = math.inf
+        # (NaN fails the comparison.)
+        if 0 < seconds < math.inf:
+            return seconds
+    raise ValueError(f"timeout_s {excerpt(value)} is not a number of seconds above 0")
 
 
 def parse_cursor(value: object) -> str:
@@ -374,10 +423,11 @@ def same_payload(a: Any, b: Any) -> bool:
 
 def read_batch(items: list[Any]) -> list[dict[str, Any]] | None:
     """The batch's items as `store.insert_tasks_streamed` takes them (kind, time in whole
-    microseconds, and the payload as sent, when one is), if each is a task with a type, an
-    execute_at and perhaps a payload, and nothing else; None if any item has more (an
-    idempotency key) or is refused (then `create_tasks`, through the full schema, says why).
-    The payload's own rules are the caller's (`tasks.create_tasks_streamed`): they take a setting.
+    microseconds, and the payload and options as sent, when there are), if each is a task
+    with a type, an execute_at and perhaps a payload and options (ITEM_KEYS), and nothing
+    else; None if any item has more (an idempotency key) or is refused (then
+    `create_tasks`, through the full schema, says why). The rules of the payload and of a
+    timeout's ceiling are the caller's (`tasks.create_tasks_streamed`): they take a setting.
 
     A 10,000-task batch is read here in a few milliseconds, by the rules a single task is
     read by: a type already in lowercase is taken as it is, any other goes through
@@ -392,7 +442,7 @@ def read_batch(items: list[Any]) -> list[dict[str, Any]] | None:
         if item.__class__ is not dict:
             return None
         size = len(item)
-        if size != 2 and (size != 3 or "payload" not in item):
+        if size != 2 and not ITEM_KEYS.issuperset(item):
             return None
         kind = item.get("type")
         at = item.get("execute_at")
@@ -423,15 +473,42 @@ def read_batch(items: list[Any]) -> list[dict[str, Any]] | None:
                     us = (parse_execute_at(at) - _EPOCH) // _MICROSECOND
             except ValueError:  # (year 0, a leap second: parse_execute_at says why)
                 return None
-        if size == 3 and item["payload"] is not None:
-            append({"kind": kind, "at_us": us, "payload": item["payload"]})
-        else:
+        if size == 2:
             append({"kind": kind, "at_us": us})
+            continue
+        row = {"kind": kind, "at_us": us}
+        try:
+            for name, value in item.items():
+                read_option = _READ_OPTION.get(name)
+                if read_option is not None and (value := read_option(value)) is not None:
+                    row[name] = value
+        except ValueError:
+            return None
+        append(row)
     return out
 
 
-def new_task(
-    kind: str, at_us: int, idempotency_key: str | None = None, payload: Any = None
-) -> NewTask:
-    """A task read by `read_batch`, to create on its own."""
-    return NewTask(kind, _EPOCH + timedelta(microseconds=at_us), idempotency_key, payload)
+# What a task's body (and a batch's item, but for its idempotency key) may hold.
+ITEM_KEYS = frozenset({"type", "execute_at", "payload", "max_attempts", "timeout_s", "priority"})
+# How each of the rest is read; None: as if absent (a null payload or timeout_s: a task's
+# answer shows them null; a null max_attempts or priority is refused, as the answer never
+# shows one).
+_READ_OPTION: dict[str, Any] = {
+    "payload": lambda value: value,
+    "max_attempts": parse_max_attempts,
+    "timeout_s": parse_timeout_s,
+    "priority": parse_priority,
+}
+
+
+def new_task(row: dict[str, Any], idempotency_key: str | None = None) -> NewTask:
+    """A task read by `read_batch` (one of its rows), to create on its own."""
+    return NewTask(
+        row["kind"],
+        _EPOCH + timedelta(microseconds=row["at_us"]),
+        idempotency_key,
+        row.get("payload"),
+        max_attempts=row.get("max_attempts"),
+        timeout_s=row.get("timeout_s"),
+        priority=row.get("priority", 0),
+    )

@@ -18,6 +18,8 @@ to write 40,000 results. `tests/integration/test_plans.py` checks these plans on
 loaded, never-analyzed table.
 """
 
+from functions.model import MAX_PRIORITY, MIN_PRIORITY
+
 # "Now" of the claim, the lease and the rescue: the database's, or a test's (River's
 # `coalesce(sqlc.narg('now'), now())`); the store passes NULL in production. A NULL folds
 # away before planning: the plans are those of `now()` (tests/integration/test_plans.py).
@@ -29,6 +31,33 @@ CHANNEL = "taskrunner_tasks"
 # When a scheduled task is due: at `execute_at` (what the user asked for), or at the time a
 # retry or a hand-back set. Written exactly so everywhere: the `tasks_due` index is on it.
 DUE_AT = "coalesce(next_attempt_at, execute_at)"
+
+# Every priority a task may have (a literal, so every plan of a statement, generic ones too,
+# sees it). The `tasks_due` index is on (priority, DUE_AT, id) of scheduled tasks (migration
+# 0009): `priority = ANY(PRIORITIES)` with `DUE_AT <= now` reads it as one index range per
+# priority, in order, each ending at its first task not yet due. So a statement written so
+# reads only due tasks however many are scheduled later: PostgreSQL 15 has no skip scan, and
+# without the ten levels named it would read the index from its start, future tasks and
+# all, to find the due ones among them. Measured with 1,000,000 future tasks over the ten
+# levels (tests/integration/test_plans.py).
+_LEVELS = ",".join(str(level) for level in range(MIN_PRIORITY, MAX_PRIORITY + 1))
+PRIORITIES = f"CAST('{{{_LEVELS}}}' AS smallint[])"
+
+
+def _first_due_by_priority(where: str) -> str:
+    """The earliest due time among scheduled tasks that match `where`: the first task of
+    each priority's range of `tasks_due`, ten index probes in all, never a scan of them."""
+    return f"""(
+        SELECT min(first.due) FROM unnest({PRIORITIES}) AS level(priority)
+        CROSS JOIN LATERAL (
+            SELECT {DUE_AT} AS due FROM tasks
+            WHERE state = 'scheduled' AND tasks.priority = level.priority AND {where}
+            -- priority first: the index's order (it is one value here).
+            ORDER BY tasks.priority, {DUE_AT}, id
+            LIMIT 1
+        ) AS first
+    )"""
+
 
 # When a task became due, for its start lateness (`started_at` less this): the request that
 # made it due (run now, retry, a reschedule to a past time: `made_due_at`, migration 0005),
@@ -46,7 +75,7 @@ TASK_COLUMNS = f"""
     created_at AT TIME ZONE 'UTC' AS created_at,
     started_at AT TIME ZONE 'UTC' AS started_at,
     finished_at AT TIME ZONE 'UTC' AS finished_at,
-    attempts, max_attempts, output, error, idempotency_key, payload,
+    attempts, max_attempts, output, error, idempotency_key, payload, priority, timeout_s,
     schedule, scheduled_for AT TIME ZONE 'UTC' AS scheduled_for
 """
 
@@ -71,8 +100,9 @@ _AT_FROM_US = """timestamptz 'epoch' + make_interval(secs => at_us / 1000000)
 
 INSERT_TASK = f"""
 WITH inserted AS (
-    INSERT INTO tasks (kind, execute_at, max_attempts, payload)
-    VALUES (%(kind)s, %(execute_at)s, %(max_attempts)s, CAST(%(payload)s AS jsonb))
+    INSERT INTO tasks (kind, execute_at, max_attempts, payload, priority, timeout_s)
+    VALUES (%(kind)s, %(execute_at)s, %(max_attempts)s, CAST(%(payload)s AS jsonb),
+        %(priority)s, %(timeout_s)s)
     RETURNING *
 ), notified AS (
     SELECT {_NOTIFY_IF_SOON} FROM inserted
@@ -85,15 +115,15 @@ SELECT {TASK_COLUMNS} FROM inserted CROSS JOIN notified
 # travels as a JSON value inside the parameter (absent or null: none).
 INSERT_TASK_MANY = f"""
 WITH new AS (
-    SELECT kind, n, max_attempts, payload,
+    SELECT kind, n, max_attempts, payload, priority, timeout_s,
         {_AT_FROM_US} AS at
     FROM ROWS FROM (
-        json_to_recordset(CAST(%(tasks)s AS json))
-            AS (kind text, at_us bigint, max_attempts int, payload jsonb)
-    ) WITH ORDINALITY AS new(kind, at_us, max_attempts, payload, n)
+        json_to_recordset(CAST(%(tasks)s AS json)) AS (kind text, at_us bigint,
+            max_attempts int, payload jsonb, priority smallint, timeout_s float8)
+    ) WITH ORDINALITY AS new(kind, at_us, max_attempts, payload, priority, timeout_s, n)
 ), inserted AS (
-    INSERT INTO tasks (kind, execute_at, max_attempts, payload)
-    SELECT kind, at, max_attempts, payload FROM new
+    INSERT INTO tasks (kind, execute_at, max_attempts, payload, priority, timeout_s)
+    SELECT kind, at, max_attempts, payload, priority, timeout_s FROM new
     ORDER BY n
     RETURNING *
 ), notified AS (
@@ -105,18 +135,22 @@ ORDER BY id
 
 # Many tasks in one statement (all or none). The batch travels as one JSON parameter (see
 # FINISH_MANY); times as whole microseconds (_AT_FROM_US), cheaper to make than 10,000 ISO
-# strings. Ids come from one identity sequence in row order, so sorting them restores the
-# order given.
+# strings. A task's options are in its row when it has them (else the defaults: the
+# `max_attempts` parameter, the kind's timeout, priority 0). Ids come from one identity
+# sequence in row order, so sorting them restores the order given.
 INSERT_TASKS = f"""
 WITH new AS (
-    SELECT kind, n, payload,
+    SELECT kind, n, payload, max_attempts, priority, timeout_s,
         {_AT_FROM_US} AS at
     FROM ROWS FROM (
-        json_to_recordset(CAST(%(tasks)s AS json)) AS (kind text, at_us bigint, payload jsonb)
-    ) WITH ORDINALITY AS new(kind, at_us, payload, n)
+        json_to_recordset(CAST(%(tasks)s AS json)) AS (kind text, at_us bigint, payload jsonb,
+            max_attempts int, priority smallint, timeout_s float8)
+    ) WITH ORDINALITY AS new(kind, at_us, payload, max_attempts, priority, timeout_s, n)
 ), inserted AS (
-    INSERT INTO tasks (kind, execute_at, max_attempts, payload)
-    SELECT kind, at, %(max_attempts)s, payload FROM new
+    INSERT INTO tasks (kind, execute_at, max_attempts, payload, priority, timeout_s)
+    SELECT kind, at, coalesce(max_attempts, %(max_attempts)s), payload, coalesce(priority, 0),
+        timeout_s
+    FROM new
     ORDER BY n
     RETURNING id, execute_at
 ), notified AS (
@@ -133,13 +167,15 @@ ORDER BY id
 # with GET_TASK_BY_KEY (a statement of its own: a new snapshot, which sees it). A create
 # without a key stays on INSERT_TASK / INSERT_TASKS, which pay nothing for keys. What the
 # request asked for is kept apart (`idempotency_execute_at`, `idempotency_payload`): PATCH
-# may move the task's time and payload, and a repeat is compared with what was asked.
+# may move the task's time and payload, and a retry its max_attempts (kept as asked in
+# `idempotency_max_attempts`, migration 0009): a repeat is compared with what was asked.
 INSERT_TASK_KEYED = f"""
 WITH inserted AS (
     INSERT INTO tasks (kind, execute_at, max_attempts, idempotency_key, idempotency_execute_at,
-        payload, idempotency_payload)
+        payload, idempotency_payload, priority, timeout_s, idempotency_max_attempts)
     VALUES (%(kind)s, %(execute_at)s, %(max_attempts)s, %(key)s, %(execute_at)s,
-        CAST(%(payload)s AS jsonb), CAST(%(payload)s AS jsonb))
+        CAST(%(payload)s AS jsonb), CAST(%(payload)s AS jsonb), %(priority)s, %(timeout_s)s,
+        %(max_attempts)s)
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), notified AS (
@@ -148,12 +184,31 @@ WITH inserted AS (
 SELECT {TASK_COLUMNS} FROM inserted CROSS JOIN notified
 """
 
+
+def _same_options(max_attempts: str, priority: str, timeout_s: str) -> str:
+    """Whether the keyed task in `tasks` was asked for with these options (SQL expressions).
+    A task keyed before migration 0009 has no `idempotency_max_attempts`: it was made with
+    the setting of its day, whatever that was, and any max_attempts repeats it."""
+    return f"""(
+        (tasks.idempotency_max_attempts IS NULL
+            OR tasks.idempotency_max_attempts = {max_attempts})
+        AND tasks.priority = {priority}
+        AND tasks.timeout_s IS NOT DISTINCT FROM {timeout_s}
+    )"""
+
+
 # The task holding a key, and what the request that created it asked for (`requested_at`:
 # execute_at may have moved since, by PATCH), and whether it asked for this payload (jsonb
-# equality: key order and spacing do not matter).
+# equality: key order and spacing do not matter) and these options.
+_SAME_OPTIONS_SENT = _same_options(
+    "CAST(%(max_attempts)s AS int)",
+    "CAST(%(priority)s AS smallint)",
+    "CAST(%(timeout_s)s AS float8)",
+)
 GET_TASK_BY_KEY = f"""
 SELECT {TASK_COLUMNS}, idempotency_execute_at AT TIME ZONE 'UTC' AS requested_at,
-    idempotency_payload IS NOT DISTINCT FROM CAST(%(payload)s AS jsonb) AS same_payload
+    idempotency_payload IS NOT DISTINCT FROM CAST(%(payload)s AS jsonb) AS same_payload,
+    {_SAME_OPTIONS_SENT} AS same_options
 FROM tasks WHERE idempotency_key = %(key)s
 """
 
@@ -171,17 +226,18 @@ FROM tasks WHERE idempotency_key = %(key)s
 # the default work_mem (5.5 MB), which costs nothing measurable: 566 against 582 ms at 16 MB.
 INSERT_TASKS_KEYED = f"""
 WITH new AS (
-    SELECT kind, key, n, payload,
+    SELECT kind, key, n, payload, max_attempts, priority, timeout_s,
         {_AT_FROM_US} AS at
     FROM ROWS FROM (
-        json_to_recordset(CAST(%(tasks)s AS json))
-            AS (kind text, at_us bigint, key text, payload jsonb)
-    ) WITH ORDINALITY AS new(kind, at_us, key, payload, n)
+        json_to_recordset(CAST(%(tasks)s AS json)) AS (kind text, at_us bigint, key text,
+            payload jsonb, max_attempts int, priority smallint, timeout_s float8)
+    ) WITH ORDINALITY AS new(kind, at_us, key, payload, max_attempts, priority, timeout_s, n)
 ), inserted AS (
     INSERT INTO tasks (kind, execute_at, max_attempts, idempotency_key, idempotency_execute_at,
-        payload, idempotency_payload)
-    SELECT kind, at, %(max_attempts)s, key, CASE WHEN key IS NOT NULL THEN at END,
-        payload, CASE WHEN key IS NOT NULL THEN payload END
+        payload, idempotency_payload, priority, timeout_s, idempotency_max_attempts)
+    SELECT kind, at, max_attempts, key, CASE WHEN key IS NOT NULL THEN at END,
+        payload, CASE WHEN key IS NOT NULL THEN payload END, priority, timeout_s,
+        CASE WHEN key IS NOT NULL THEN max_attempts END
     FROM new
     ORDER BY key COLLATE "C" NULLS FIRST, n
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
@@ -193,13 +249,16 @@ SELECT inserted.id, inserted.idempotency_key FROM inserted CROSS JOIN notified
 ORDER BY id
 """
 
-# The tasks holding the keys sent (`[{"key", "payload"}]`), what their requests asked for,
-# and whether that was the payload sent with the key now (jsonb equality, as GET_TASK_BY_KEY).
-FIND_KEYS = """
+# The tasks holding the keys sent (`[{"key", "payload", "max_attempts", "priority",
+# "timeout_s"}]`), what their requests asked for, and whether that was the payload (jsonb
+# equality, as GET_TASK_BY_KEY) and the options sent with the key now.
+FIND_KEYS = f"""
 SELECT tasks.idempotency_key, tasks.id, tasks.kind,
     tasks.idempotency_execute_at AT TIME ZONE 'UTC',
     tasks.idempotency_payload IS NOT DISTINCT FROM sent.payload
-FROM json_to_recordset(CAST(%(sent)s AS json)) AS sent(key text, payload jsonb)
+        AND {_same_options("sent.max_attempts", "sent.priority", "sent.timeout_s")}
+FROM json_to_recordset(CAST(%(sent)s AS json))
+    AS sent(key text, payload jsonb, max_attempts int, priority smallint, timeout_s float8)
 JOIN tasks ON tasks.idempotency_key = sent.key
 """
 
@@ -403,12 +462,13 @@ FOR UPDATE SKIP LOCKED
 # new task does.
 CREATE_OCCURRENCES = f"""
 WITH new AS (
-    SELECT schedule, kind, max_attempts, payload, {_AT_FROM_US} AS at
-    FROM json_to_recordset(CAST(%(tasks)s AS json))
-        AS (schedule text, kind text, at_us bigint, max_attempts int, payload jsonb)
+    SELECT schedule, kind, max_attempts, payload, timeout_s, priority, {_AT_FROM_US} AS at
+    FROM json_to_recordset(CAST(%(tasks)s AS json)) AS (schedule text, kind text,
+        at_us bigint, max_attempts int, payload jsonb, timeout_s float8, priority smallint)
 ), inserted AS (
-    INSERT INTO tasks (kind, execute_at, max_attempts, payload, schedule, scheduled_for)
-    SELECT kind, at, max_attempts, payload, schedule, at FROM new
+    INSERT INTO tasks (kind, execute_at, max_attempts, payload, timeout_s, priority, schedule,
+        scheduled_for)
+    SELECT kind, at, max_attempts, payload, timeout_s, priority, schedule, at FROM new
     ORDER BY schedule, at
     ON CONFLICT (schedule, scheduled_for) WHERE schedule IS NOT NULL DO NOTHING
     RETURNING execute_at
@@ -593,6 +653,12 @@ SELECT set_config('enable_seqscan', 'off', true),
     set_config('plan_cache_mode', 'force_custom_plan', true)
 """
 
+# Which tasks a worker may take: those of `kinds` (each fits before its deadline, if it has
+# one), and those of `short_kinds` whose own timeout fits in `fit_s` seconds.
+_CLAIMABLE = """(kind = ANY(CAST(%(kinds)s AS text[]))
+        OR (kind = ANY(CAST(%(short_kinds)s AS text[]))
+            AND timeout_s <= CAST(%(fit_s)s AS float8)))"""
+
 # The claim. One statement, committed before any task runs (with PINNED_PLAN and NEXT_DUE in
 # one transaction, sent together in one round trip):
 # - `me` renews this worker's lease and holds its row lock until the claim commits, so a
@@ -603,7 +669,13 @@ SELECT set_config('enable_seqscan', 'off', true),
 #   (the IN form's plan scans the table); the sub-select is served by the `tasks_due` index.
 # - The attempt is counted here, so a worker that dies mid-task still uses one up.
 #   `started_at` is when the first attempt started; retries keep it.
-# - `kinds` holds only the kinds this worker can finish before its deadline.
+# - `kinds` holds only the kinds this worker can finish before its deadline; of the others,
+#   `short_kinds` (NULL `fit_s`: none), it takes tasks whose own timeout_s fits.
+# - Among due tasks the lowest priority comes first, then the earliest due: one range of
+#   `tasks_due` per priority (PRIORITIES), read in the index's order, so no row that is not
+#   due is read and nothing is sorted. A claim of due tasks of priority 0 alone reads
+#   exactly what it did before priorities (the first range fills the LIMIT); one that runs
+#   out of due tasks probes the nine other ranges, a page each.
 CLAIM_DUE = f"""
 WITH me AS (
     UPDATE workers
@@ -621,10 +693,11 @@ SET state = 'running',
 WHERE id = ANY(ARRAY(
     SELECT id FROM tasks
     WHERE state = 'scheduled'
+      AND priority = ANY({PRIORITIES})
       AND {DUE_AT} <= {NOW}
-      AND kind = ANY(CAST(%(kinds)s AS text[]))
+      AND {_CLAIMABLE}
       AND EXISTS (SELECT FROM me)
-    ORDER BY {DUE_AT}, id
+    ORDER BY priority, {DUE_AT}, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ))
@@ -634,27 +707,22 @@ RETURNING id, kind, attempts, max_attempts,
     CASE WHEN attempts = 1
         THEN CAST(extract(epoch FROM {NOW} - {BECAME_DUE}) * 1000 AS float8)
     END AS lateness_ms,
-    payload
+    payload, timeout_s, priority
 """
 
-# How long until the next task is due, by the database's clock, as a duration (which a
-# worker's own clock measures well) rather than a wall time; and the database's time now,
-# in Unix seconds, to compare with the due times notifications carry. Neither is read as a
-# timestamp, so no stored time can fail to load here.
+# How long until the next task the claim would take is due, by the database's clock, as a
+# duration (which a worker's own clock measures well) rather than a wall time; and the
+# database's time now, in Unix seconds, to compare with the due times notifications carry.
+# Neither is read as a timestamp, so no stored time can fail to load here.
 NEXT_DUE = f"""
 SELECT extract(epoch FROM {NOW})::float8 AS now_s,
-       extract(epoch FROM (
-           SELECT {DUE_AT} FROM tasks
-           WHERE state = 'scheduled' AND kind = ANY(CAST(%(kinds)s AS text[]))
-           ORDER BY {DUE_AT}, id
-           LIMIT 1
-       ) - {NOW})::float8 AS wait_s
+       extract(epoch FROM {_first_due_by_priority(_CLAIMABLE)} - {NOW})::float8 AS wait_s
 """
 
 # Due tasks of kinds a tick could not fit before its deadline, by kind.
 COUNT_DUE_BY_KIND = f"""
 SELECT kind, count(*) FROM tasks
-WHERE state = 'scheduled' AND {DUE_AT} <= now()
+WHERE state = 'scheduled' AND priority = ANY({PRIORITIES}) AND {DUE_AT} <= now()
   AND kind = ANY(CAST(%(kinds)s AS text[]))
 GROUP BY kind ORDER BY kind
 """
@@ -832,14 +900,15 @@ STATS_FINISHED_SAMPLE = """
 SELECT state, kind, count(*) FROM tasks TABLESAMPLE SYSTEM (CAST(%(percent)s AS float4))
 WHERE state IN ('succeeded', 'failed') GROUP BY 1, 2
 """
-# - tasks due now, and how long the oldest has waited: the `tasks_due` index, in its order;
-#   workers holding running tasks: the `tasks_running` index;
+# - tasks due now, and how long the oldest has waited: the `tasks_due` index, a range of due
+#   tasks per priority (PRIORITIES); workers holding running tasks: the `tasks_running` index;
 STATS_DUE_AND_WORKERS = f"""
-SELECT (SELECT count(*) FROM tasks WHERE state = 'scheduled' AND {DUE_AT} <= now()) AS due,
-       CAST(extract(epoch FROM now() - (
-           SELECT {DUE_AT} FROM tasks WHERE state = 'scheduled' AND {DUE_AT} <= now()
-           ORDER BY {DUE_AT}, id LIMIT 1
-       )) AS float8) AS oldest_due_age_s,
+SELECT (SELECT count(*) FROM tasks
+        WHERE state = 'scheduled' AND priority = ANY({PRIORITIES}) AND {DUE_AT} <= now()
+       ) AS due,
+       CAST(extract(epoch FROM
+           now() - {_first_due_by_priority(f"{DUE_AT} <= now()")}
+       ) AS float8) AS oldest_due_age_s,
        (SELECT count(DISTINCT claimed_by) FROM tasks WHERE state = 'running') AS workers,
        (SELECT count(*) FROM workers WHERE lease_expires_at >= now()) AS workers_alive,
        CAST(extract(epoch FROM now()) AS float8) AS now_s
@@ -848,7 +917,7 @@ SELECT (SELECT count(*) FROM tasks WHERE state = 'scheduled' AND {DUE_AT} <= now
 #   among the due tasks, as the counts above read the scheduled ones);
 STATS_UNSERVED = f"""
 SELECT kind, count(*) FROM tasks
-WHERE state = 'scheduled' AND {DUE_AT} <= now()
+WHERE state = 'scheduled' AND priority = ANY({PRIORITIES}) AND {DUE_AT} <= now()
   AND kind NOT IN (
       SELECT kind FROM kinds_served WHERE last_run_at >= now() - interval '5 minutes'
   )

@@ -57,11 +57,14 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
 
 
-def time_limit_s(kind: Kind, settings: Settings) -> float:
-    """How long a run may take before it is stopped: a declared kind's `timeout_s`; for a
-    built-in, twice what it declares and 10 s more. Generous on purpose: a busy worker's event
-    loop (10,000 foo starting at once, a starved CPU) delays a run's end, and that must not
-    fail a run that was on time."""
+def time_limit_s(kind: Kind, settings: Settings, timeout_s: float | None = None) -> float:
+    """How long a run may take before it is stopped: the task's own `timeout_s` if it has
+    one; else a declared kind's `timeout_s`; for a built-in, twice what it declares and 10 s
+    more. Generous on purpose: a busy worker's event loop (10,000 foo starting at once, a
+    starved CPU) delays a run's end, and that must not fail a run that was on time (a task's
+    own timeout is what its creator asked for, exactly)."""
+    if timeout_s is not None:
+        return timeout_s
     if kind.limit_s is not None:
         return kind.limit_s(settings)
     return 2 * kind.max_seconds(settings) + 10.0
@@ -143,7 +146,7 @@ class Runner:
         self._runs += 1
         self._reset()
         state, summary = self.state, self.state.summary
-        kinds_at_start = self._kinds_that_fit(deadline)
+        kinds_at_start, _ = self._kinds_that_fit(deadline)
         sent_at = time.monotonic()
         await self.store.register_worker(
             worker=self.worker_id, lease_s=self.settings.lease_seconds, kinds=list(KINDS)
@@ -175,18 +178,30 @@ class Runner:
         finally:
             await self._shut_down(deadline, loops)
         if deadline is not None:
-            unfit = [name for name in KINDS if name not in self._kinds_that_fit(deadline)]
+            _, unfit = self._kinds_that_fit(deadline)
             await self.upkeep.count_left_for_time(unfit, kinds_at_start)
         summary.seconds = round(time.monotonic() - started, 3)
         if state.failure is not None:
             raise WorkerFailed(state.failure)
         return summary
 
-    def _kinds_that_fit(self, deadline: float | None) -> list[str]:
+    def _left_s(self, deadline: float | None) -> float | None:
+        """Seconds a run started now may take and end before the deadline (None: none)."""
         if deadline is None:
-            return list(KINDS)
-        left_s = deadline - time.monotonic() - self.settings.deadline_margin_s
-        return [name for name, kind in KINDS.items() if kind.max_seconds(self.settings) <= left_s]
+            return None
+        return deadline - time.monotonic() - self.settings.deadline_margin_s
+
+    def _kinds_that_fit(self, deadline: float | None) -> tuple[list[str], list[str]]:
+        """The kinds whose every run ends before the deadline, and the others (of which a
+        task whose own timeout_s fits may still be taken)."""
+        left_s = self._left_s(deadline)
+        if left_s is None:
+            return list(KINDS), []
+        fit: list[str] = []
+        unfit: list[str] = []
+        for name, kind in KINDS.items():
+            (fit if kind.max_seconds(self.settings) <= left_s else unfit).append(name)
+        return fit, unfit
 
     # --- claim -------------------------------------------------------------------------------
 
@@ -205,8 +220,9 @@ class Runner:
         state = self.state
         db_retry_s = DB_RETRY_FIRST_S
         while not stop.is_set() and not state.halt.is_set():
-            kinds = self._kinds_that_fit(deadline)
-            if not kinds:
+            kinds, short_kinds = self._kinds_that_fit(deadline)
+            fit_s = self._left_s(deadline)
+            if fit_s is not None and fit_s <= 0:
                 return  # too close to the deadline to start anything
             self.wakeup.clear()
             wait_s: float | None = None  # None: until woken
@@ -215,9 +231,11 @@ class Runner:
                     await self.upkeep.reconcile()
                 room = self._room()
                 if deadline is not None:
-                    kinds, room = self.slots.within(kinds, room)
+                    with_slots, room = self.slots.within(kinds + short_kinds, room)
+                    kinds = [name for name in kinds if name in with_slots]
+                    short_kinds = [name for name in short_kinds if name in with_slots]
                 if room > 0:
-                    claimed, due = await self._claim(kinds, room)
+                    claimed, due = await self._claim(kinds, room, short_kinds, fit_s)
                     state.summary.claimed += len(claimed)
                     for task in claimed:
                         self._start(task)
@@ -243,8 +261,15 @@ class Runner:
                 wait_s = self.settings.poll_interval_s
             await self.wakeup.sleep(wait_s, stop, state.halt)
 
-    async def _claim(self, kinds: list[str], limit: int) -> tuple[list[Claimed], NextDue]:
-        """Claim up to `limit` due tasks of `kinds`; each is held from here on."""
+    async def _claim(
+        self,
+        kinds: list[str],
+        limit: int,
+        short_kinds: list[str] | None = None,
+        fit_s: float | None = None,
+    ) -> tuple[list[Claimed], NextDue]:
+        """Claim up to `limit` due tasks of `kinds`, and of `short_kinds` those whose own
+        timeout_s is at most `fit_s`; each is held from here on."""
         state = self.state
         async with state.claim_lock:
             sent_at = time.monotonic()
@@ -254,6 +279,8 @@ class Runner:
                     kinds=kinds,
                     limit=limit,
                     lease_s=self.settings.lease_seconds,
+                    short_kinds=short_kinds or (),
+                    fit_s=fit_s,
                 )
             except DatabaseUnavailable:
                 # The claim may have committed before its answer was lost: hand back what
@@ -312,7 +339,7 @@ class Runner:
         # A run far longer than its kind declares is stopped and fails its attempt: nothing a
         # worker holds waits forever (its lease would keep it from everyone else).
         timer = asyncio.get_running_loop().call_later(
-            time_limit_s(kind, self.settings), self._time_out, claimed.id
+            time_limit_s(kind, self.settings, claimed.timeout_s), self._time_out, claimed.id
         )
         task.add_done_callback(functools.partial(self._on_done, claimed, timer))
         self._running[claimed.id] = task
@@ -333,8 +360,9 @@ class Runner:
         if task.cancelled():
             if claimed.id in self._timed_out:
                 self._timed_out.discard(claimed.id)
-                limit_s = time_limit_s(KINDS[claimed.kind], self.settings)
-                error = TimeoutError(f"ran longer than its kind's limit of {limit_s:g} s")
+                limit_s = time_limit_s(KINDS[claimed.kind], self.settings, claimed.timeout_s)
+                whose = "its kind's limit" if claimed.timeout_s is None else "its timeout_s"
+                error = TimeoutError(f"ran longer than {whose} of {limit_s:g} s")
                 self._record(claimed, None, error)
             return  # shutting down or lease lost: handed back, never recorded
         exc = task.exception()

@@ -210,6 +210,8 @@ def occurrences_of(
                     at=at,
                     max_attempts=schedule.max_attempts or default_max_attempts,
                     payload=schedule.payload,
+                    timeout_s=schedule.timeout_s,
+                    priority=schedule.priority or 0,
                 )
             )
         advanced.append(
@@ -312,10 +314,16 @@ def _same(current: Schedule, given: ScheduleIn) -> bool:
     )  # fmt: skip
 
 
-async def patch_schedule(store: Store, name: str, changes: dict[str, Any]) -> Schedule:
+async def patch_schedule(
+    store: Store,
+    name: str,
+    changes: dict[str, Any],
+    check: Callable[[ScheduleIn], ScheduleIn] = lambda given: given,
+) -> Schedule:
     """Change some fields of a schedule (`changes`: ScheduleIn's field names). A new cron or
     zone takes effect from the next occurrence not yet made; enabling one starts from its
-    next occurrence after now (a disabled schedule made nothing, and catches nothing up)."""
+    next occurrence after now (a disabled schedule made nothing, and catches nothing up).
+    `check` holds the schedule as changed to the rules of its tasks (it raises)."""
 
     def change(current: Schedule | None, now: datetime) -> Schedule | None:
         if current is None:
@@ -331,7 +339,7 @@ async def patch_schedule(store: Store, name: str, changes: dict[str, Any]) -> Sc
             catch_up=current.catch_up,
             enabled=current.enabled,
         )
-        given = replace(given, **changes)
+        given = check(replace(given, **changes))
         moved = (given.cron, given.timezone, given.enabled) != (
             current.cron, current.timezone, current.enabled,
         )  # fmt: skip

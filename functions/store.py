@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import operator
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -49,6 +50,12 @@ class Claimed(NamedTuple):
     lateness_ms: float | None = None
     # The task's payload (any JSON value; None when it has none).
     payload: Any = None
+    # Its own time limit (None: its kind's), and its priority.
+    timeout_s: float | None = None
+    priority: int = 0
+
+
+_by_priority = operator.attrgetter("priority")
 
 
 class Result(NamedTuple):
@@ -115,6 +122,8 @@ def _task(row: Any) -> Task:
         payload=row.payload,
         schedule=row.schedule,
         scheduled_for=_utc(row.scheduled_for),
+        priority=row.priority,
+        timeout_s=row.timeout_s,
     )
 
 
@@ -172,6 +181,8 @@ class Occurrence(NamedTuple):
     at: datetime
     max_attempts: int
     payload: Any = None
+    timeout_s: float | None = None
+    priority: int = 0
 
 
 class ScheduleAdvance(NamedTuple):
@@ -199,6 +210,27 @@ _dump_payload = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).enco
 
 def _payload_param(payload: Any) -> str | None:
     return None if payload is None else _dump_payload(payload)
+
+
+def _row(new: NewTask, default_max_attempts: int | None = None) -> dict[str, Any]:
+    """`new` as a row of the JSON the insert statements read: with every option, made with
+    `default_max_attempts`; without it, only the options it has (INSERT_TASKS fills in the
+    rest)."""
+    row = {
+        "kind": new.kind,
+        "at_us": (new.execute_at - _EPOCH) // _MICROSECOND,
+        "payload": new.payload,
+    }
+    if default_max_attempts is not None:
+        row["max_attempts"], row["timeout_s"], row["priority"] = new.options(default_max_attempts)
+        return row
+    if new.max_attempts is not None:
+        row["max_attempts"] = new.max_attempts
+    if new.timeout_s is not None:
+        row["timeout_s"] = new.timeout_s
+    if new.priority:
+        row["priority"] = new.priority
+    return row
 
 
 # How often a keyed create tries again when the task holding its key vanished between the
@@ -285,13 +317,13 @@ class Store:
         sql: str,
         row_factory: RowFactory[Any] = namedtuple_row,
         *,
-        timeout_s: float | None = None,
+        bound_s: float | None = None,
         wait_s: float | None = None,
         **params: Any,
     ) -> list[Any]:
         async with self.database.connection(wait_s) as conn:
             cursor = conn.cursor(row_factory=row_factory)
-            await self.database.bounded(conn, cursor.execute(sql, params), timeout_s)
+            await self.database.bounded(conn, cursor.execute(sql, params), bound_s)
             return await cursor.fetchall() if cursor.description else []
 
     async def _transaction(self, work: Callable[[AsyncConnection[Any]], Awaitable[T]]) -> T:
@@ -340,7 +372,8 @@ class Store:
         self, new: list[tuple[NewTask, int]], wait_s: float | None
     ) -> list[Task]:
         if len(new) == 1:
-            [(one, max_attempts)] = new
+            [(one, default_max_attempts)] = new
+            max_attempts, timeout_s, priority = one.options(default_max_attempts)
             rows = await self._all(
                 queries.INSERT_TASK,
                 wait_s=wait_s,
@@ -348,47 +381,45 @@ class Store:
                 execute_at=one.execute_at,
                 max_attempts=max_attempts,
                 payload=_payload_param(one.payload),
+                priority=priority,
+                timeout_s=timeout_s,
             )
             return [_task(rows[0])]
-        sent = [
-            {
-                "kind": n.kind,
-                "at_us": (n.execute_at - _EPOCH) // _MICROSECOND,
-                "max_attempts": m,
-                "payload": n.payload,
-            }
-            for n, m in new
-        ]
+        sent = [_row(n, m) for n, m in new]
         rows = await self._all(queries.INSERT_TASK_MANY, wait_s=wait_s, tasks=_dump_payload(sent))
         return [_task(row) for row in rows]
 
-    async def insert_task_keyed(self, new: NewTask, max_attempts: int) -> tuple[Task, bool]:
+    async def insert_task_keyed(self, new: NewTask, default_max_attempts: int) -> tuple[Task, bool]:
         """Insert `new` unless a task holds its key; return the task, and whether it is new.
 
-        Raises IdempotencyKeyReused when the key's task was made for another kind, time or
-        payload.
+        Raises IdempotencyKeyReused when the key's task was made for another kind, time,
+        payload or options.
         """
         assert new.idempotency_key is not None
-        payload = _payload_param(new.payload)
+        max_attempts, timeout_s, priority = new.options(default_max_attempts)
+        sent: dict[str, Any] = {
+            "key": new.idempotency_key,
+            "payload": _payload_param(new.payload),
+            "max_attempts": max_attempts,
+            "timeout_s": timeout_s,
+            "priority": priority,
+        }
         for _ in range(_KEY_TRIES):
             rows = await self._all(
-                queries.INSERT_TASK_KEYED,
-                kind=new.kind,
-                execute_at=new.execute_at,
-                max_attempts=max_attempts,
-                key=new.idempotency_key,
-                payload=payload,
+                queries.INSERT_TASK_KEYED, kind=new.kind, execute_at=new.execute_at, **sent
             )
             if rows:
                 return _task(rows[0]), True
-            rows = await self._all(
-                queries.GET_TASK_BY_KEY, key=new.idempotency_key, payload=payload
-            )
+            rows = await self._all(queries.GET_TASK_BY_KEY, **sent)
             if not rows:
                 continue
             task = _task(rows[0])
             requested_at = rows[0].requested_at.replace(tzinfo=UTC)
-            if not new.same_request(task.kind, requested_at) or not rows[0].same_payload:
+            if (
+                not new.same_request(task.kind, requested_at)
+                or not rows[0].same_payload
+                or not rows[0].same_options
+            ):
                 raise _reused(new.idempotency_key, task.id)
             return task, False
         raise DatabaseUnavailable("the idempotency key's task kept vanishing; try again")
@@ -407,27 +438,16 @@ class Store:
                 except _KeyVanished:
                     continue
             raise DatabaseUnavailable("an idempotency key's task kept vanishing; try again")
-        return await self.insert_tasks_streamed(
-            [
-                [
-                    {
-                        "kind": n.kind,
-                        "at_us": (n.execute_at - _EPOCH) // _MICROSECOND,
-                        "payload": n.payload,
-                    }
-                    for n in new
-                ]
-            ],
-            max_attempts,
-        )
+        return await self.insert_tasks_streamed([[_row(n) for n in new]], max_attempts)
 
     async def insert_tasks_streamed(
         self, slices: Iterable[list[dict[str, Any]]], max_attempts: int
     ) -> list[int]:
         """Insert tasks given as `{"kind", "at_us"}` (whole microseconds since the epoch:
         exact over the whole range, queries.INSERT_TASKS) and perhaps a `"payload"` (a JSON
-        value, checked before), one statement per slice, in one
-        transaction; return their ids in order. All or none: an exception out of `slices`
+        value, checked before) and options (`"max_attempts"`, else `max_attempts`;
+        `"timeout_s"`, `"priority"`), one statement per slice, in one transaction; return
+        their ids in order. All or none: an exception out of `slices`
         rolls back what was sent before it.
 
         The statements go out in a pipeline, each as soon as its slice comes: the server
@@ -466,20 +486,10 @@ class Store:
         from pydantic_core import to_json  # as insert_tasks_streamed: 35 -> 10 ms for 10,000 keys
 
         payload = to_json(
-            [
-                {
-                    "kind": n.kind,
-                    "at_us": (n.execute_at - _EPOCH) // _MICROSECOND,
-                    "key": n.idempotency_key,
-                    "payload": n.payload,
-                }
-                for n in new
-            ]
+            [{**_row(n, max_attempts), "key": n.idempotency_key} for n in new]
         ).decode()
         cursor = conn.cursor(row_factory=tuple_row)
-        await cursor.execute(
-            queries.INSERT_TASKS_KEYED, {"tasks": payload, "max_attempts": max_attempts}
-        )
+        await cursor.execute(queries.INSERT_TASKS_KEYED, {"tasks": payload})
         inserted = await cursor.fetchall()
         taken = {key: task_id for task_id, key in inserted if key is not None}
         unkeyed = iter([task_id for task_id, key in inserted if key is None])
@@ -495,7 +505,7 @@ class Store:
         if not skipped:
             return ids
         sent = to_json(
-            [{"key": new[i].idempotency_key, "payload": new[i].payload} for i in skipped]
+            [{**_row(new[i], max_attempts), "key": new[i].idempotency_key} for i in skipped]
         ).decode()
         await cursor.execute(queries.FIND_KEYS, {"sent": sent})
         found = {
@@ -702,6 +712,8 @@ class Store:
                             "at_us": _us(t.at),
                             "max_attempts": t.max_attempts,
                             "payload": t.payload,
+                            "timeout_s": t.timeout_s,
+                            "priority": t.priority,
                         }
                         for t in tasks
                     ]
@@ -765,7 +777,7 @@ class Store:
             queries.HEARTBEAT,
             worker=worker,
             lease_s=lease_s,
-            timeout_s=timeout_s,
+            bound_s=timeout_s,
             kinds=sorted(kinds),
             now=now,
         )
@@ -788,9 +800,13 @@ class Store:
         kinds: Sequence[str],
         limit: int,
         lease_s: float,
+        short_kinds: Sequence[str] = (),
+        fit_s: float | None = None,
         now: datetime | None = None,
     ) -> tuple[list[Claimed], NextDue]:
-        """Claim up to `limit` due tasks; also say when the next one left is due.
+        """Claim up to `limit` due tasks of `kinds`, and of `short_kinds` those whose own
+        timeout is at most `fit_s`, the lowest priority first; also say when the next one
+        left is due. Returned in the order to start them: by priority, then by id.
 
         One transaction (NEXT_DUE sees the claim's own rows as taken), one round trip.
         `now`: a test's clock (queries.NOW; by default `clock()`'s)."""
@@ -799,14 +815,19 @@ class Store:
         params = {
             "worker": worker,
             "kinds": list(kinds),
+            "short_kinds": list(short_kinds),
+            "fit_s": fit_s,
             "limit": min(limit, self.WRITE_BATCH),
             "lease_s": lease_s,
             "now": now,
         }
-        claimed, [(now_s, wait_s)] = await self._pinned(
+        rows, [(now_s, wait_s)] = await self._pinned(
             (queries.CLAIM_DUE, params), (queries.NEXT_DUE, params)
         )
-        claimed = list(map(Claimed._make, claimed))
+        claimed = list(map(Claimed._make, rows))
+        # The UPDATE returns its rows by id (it finds them through the primary key).
+        if any(task.priority for task in claimed):
+            claimed.sort(key=_by_priority)
         return claimed, NextDue(now_s=now_s, wait_s=wait_s)
 
     async def count_due_by_kind(self, *, kinds: Sequence[str]) -> dict[str, int]:

@@ -15,11 +15,13 @@ from functions.errors import (
     Forbidden,
     IdempotencyKeyReused,
     InvalidPayload,
+    InvalidTimeout,
     SchemaOutdated,
     TaskNotFound,
     TaskRunning,
     WrongState,
 )
+from functions.kinds import KINDS
 from functions.model import NewTask, Page, Task, TaskState
 from functions.parsing import (
     decode_cursor,
@@ -30,6 +32,7 @@ from functions.parsing import (
     same_payload,
 )
 from functions.queries import SCHEMA_REVISION
+from functions.settings import Settings
 from functions.store import Store
 
 
@@ -55,38 +58,57 @@ def check_payload(payload: Any, max_bytes: int, loc: tuple[str | int, ...]) -> N
             raise InvalidPayload(loc, str(exc)) from None
 
 
-async def create_task(
-    store: Store, new: NewTask, max_attempts: int, max_payload_bytes: int
-) -> tuple[Task, bool]:
+def check_timeout(
+    kind: str, timeout_s: float | None, settings: Settings, loc: tuple[str | int, ...]
+) -> None:
+    """Raise InvalidTimeout (422, at `loc`) if `timeout_s` is over the longest a run of
+    `kind` may take (`Kind.max_seconds`: its declared `timeout_s`; a built-in's own figure)."""
+    if timeout_s is not None:
+        limit_s = KINDS[kind].max_seconds(settings)
+        if timeout_s > limit_s:
+            raise InvalidTimeout(
+                loc,
+                f"timeout_s {excerpt(timeout_s)} is over what kind {kind!r} allows: at most"
+                f" {_seconds(limit_s)} s, its own timeout",
+            )
+
+
+def _seconds(value: float) -> str:
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+async def create_task(store: Store, new: NewTask, settings: Settings) -> tuple[Task, bool]:
     """Schedule one task; return it, and whether this call created it.
 
     With an idempotency key, a repeat of the request that created a task (same key, same
-    kind, execute_at and payload) gets that task back, whatever its state now (False); the
-    same key with another kind, time or payload raises IdempotencyKeyReused. Any number of
-    concurrent requests with one key create one task. A payload over `max_payload_bytes`,
-    or one jsonb cannot store, raises InvalidPayload, with nothing written.
+    kind, execute_at, payload and options) gets that task back, whatever its state now
+    (False); the same key with another kind, time, payload or option raises
+    IdempotencyKeyReused. Any number of concurrent requests with one key create one task. A
+    payload over TASKRUNNER_MAX_PAYLOAD_BYTES, or one jsonb cannot store, raises
+    InvalidPayload, and a timeout over its kind's InvalidTimeout, with nothing written.
     """
-    check_payload(new.payload, max_payload_bytes, ("body", "payload"))
+    check_payload(new.payload, settings.max_payload_bytes, ("body", "payload"))
+    check_timeout(new.kind, new.timeout_s, settings, ("body", "timeout_s"))
     if new.idempotency_key is None:
-        return await store.insert_task(new, max_attempts), True
-    return await store.insert_task_keyed(new, max_attempts)
+        return await store.insert_task(new, settings.max_attempts), True
+    return await store.insert_task_keyed(new, settings.max_attempts)
 
 
-async def create_tasks(
-    store: Store, new: list[NewTask], max_attempts: int, max_payload_bytes: int
-) -> list[int]:
+async def create_tasks(store: Store, new: list[NewTask], settings: Settings) -> list[int]:
     """Schedule many tasks; all are written or none. Return their ids in the order given.
 
     An item whose idempotency key names an existing task gets that task's id and creates
-    nothing; items sharing a key share one task. A key sent with another kind, time or
-    payload (by an earlier request, or by another item here), or any item's payload refused
-    (InvalidPayload), fails the whole batch.
+    nothing; items sharing a key share one task. A key sent with another kind, time,
+    payload or option (by an earlier request, or by another item here), or any item's
+    payload or timeout refused (InvalidPayload, InvalidTimeout), fails the whole batch.
     """
     first: dict[str, int] = {}
     unique: list[NewTask] = []
     where: list[int] = []
     for i, item in enumerate(new):
-        check_payload(item.payload, max_payload_bytes, ("body", "tasks", i, "payload"))
+        check_payload(item.payload, settings.max_payload_bytes, ("body", "tasks", i, "payload"))
+        check_timeout(item.kind, item.timeout_s, settings, ("body", "tasks", i, "timeout_s"))
     for i, item in enumerate(new):
         key = item.idempotency_key
         if key is None or key not in first:
@@ -96,15 +118,18 @@ async def create_tasks(
             unique.append(item)
             continue
         earlier = new[first[key]]
-        if not earlier.same_request(item.kind, item.execute_at) or not same_payload(
-            earlier.payload, item.payload
+        if (
+            not earlier.same_request(item.kind, item.execute_at)
+            or not same_payload(earlier.payload, item.payload)
+            or earlier.options(settings.max_attempts) != item.options(settings.max_attempts)
         ):
             raise IdempotencyKeyReused(
                 f"tasks {first[key]} and {i} of the batch share idempotency key "
-                f"{excerpt(key)} but differ in type, execute_at or payload"
+                f"{excerpt(key)} but differ in type, execute_at, payload, max_attempts,"
+                " timeout_s or priority"
             )
         where.append(where[first[key]])
-    ids = await store.insert_tasks(unique, max_attempts)
+    ids = await store.insert_tasks(unique, settings.max_attempts)
     return [ids[j] for j in where]
 
 
@@ -126,12 +151,13 @@ def _slices(n: int) -> Iterator[tuple[int, int]]:
 
 
 async def create_tasks_streamed(
-    store: Store, items: list[Any], max_attempts: int, max_payload_bytes: int
+    store: Store, items: list[Any], settings: Settings
 ) -> list[int] | None:
     """Read a batch's tasks, as sent, by `read_batch`, and schedule them; all are written or
     none. Return their ids in the order given; None, with nothing written, if `read_batch`
-    refuses any (then `create_tasks`, through the full schema, says why). A payload refused
-    raises InvalidPayload, with nothing written."""
+    refuses any (then `create_tasks`, through the full schema, says why). A payload or a
+    timeout refused raises InvalidPayload or InvalidTimeout, with nothing written."""
+    max_payload_bytes = settings.max_payload_bytes
 
     def read() -> Iterator[list[dict[str, Any]]]:
         for start, stop in _slices(len(items)):
@@ -139,14 +165,19 @@ async def create_tasks_streamed(
             if rows is None:
                 raise _ItemRefused
             for i, row in enumerate(rows, start):
+                if len(row) == 2:
+                    continue  # (a kind and a time alone: most items)
                 if "payload" in row:
                     check_payload(
                         row["payload"], max_payload_bytes, ("body", "tasks", i, "payload")
                     )
+                if "timeout_s" in row:
+                    loc = ("body", "tasks", i, "timeout_s")
+                    check_timeout(row["kind"], row["timeout_s"], settings, loc)
             yield rows
 
     try:
-        return await store.insert_tasks_streamed(read(), max_attempts)
+        return await store.insert_tasks_streamed(read(), settings.max_attempts)
     except _ItemRefused:
         return None
 

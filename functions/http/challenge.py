@@ -119,9 +119,7 @@ def build_router(
         new = NewTask(
             kind=parsing.parse_kind(type), execute_at=parsing.parse_execute_at(unix_seconds)
         )
-        task, _ = await tasks.create_task(
-            store, new, settings.max_attempts, settings.max_payload_bytes
-        )
+        task, _ = await tasks.create_task(store, new, settings)
         return task.id
 
     router.add_api_route(

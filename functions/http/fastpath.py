@@ -55,8 +55,7 @@ class HotPath:
     def __init__(self, app: ASGIApp, settings: Settings, store: Store) -> None:
         self.app = app
         self.store = store
-        self.max_attempts = settings.max_attempts
-        self.max_payload_bytes = settings.max_payload_bytes
+        self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -136,9 +135,7 @@ class HotPath:
 
     async def _create_tasks(self, items: list[Any]) -> Answer | None:
         # Its items are read by `parsing.read_batch` a slice at a time, as they are written.
-        ids = await tasks.create_tasks_streamed(
-            self.store, items, self.max_attempts, self.max_payload_bytes
-        )
+        ids = await tasks.create_tasks_streamed(self.store, items, self.settings)
         if ids is None:
             return None
         from pydantic_core import to_json  # (loaded: it read the batch)
@@ -146,9 +143,7 @@ class HotPath:
         return 201, to_json({"ids": ids}), {}
 
     async def _create_task(self, scope: Scope, new: NewTask) -> Answer:
-        task, created = await tasks.create_task(
-            self.store, new, self.max_attempts, self.max_payload_bytes
-        )
+        task, created = await tasks.create_task(self.store, new, self.settings)
         if not created:
             return 200, task_json(task), {}
         # root_path: the base path the API is served under (middleware.BasePath), so the URL

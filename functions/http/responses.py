@@ -20,7 +20,7 @@ from functions.errors import (
     Forbidden,
     IdempotencyKeyReused,
     InvalidInput,
-    InvalidPayload,
+    InvalidValue,
     NotJson,
     ScheduleExists,
     ScheduleNotFound,
@@ -43,11 +43,12 @@ logger = logging.getLogger("functions.app")
 def task_fields(task: Task) -> dict[str, Any]:
     """A task as `schemas.TaskOut` shows it, without building one: the routes answer with
     this, and the schema of TaskOut documents it (a unit test holds the two equal)."""
-    return {**_fields(task), "payload": task.payload}
+    return {**_fields(task), "timeout_s": task.timeout_s, "payload": task.payload}
 
 
 def _fields(task: Task) -> dict[str, Any]:
-    """`task_fields` but the payload, which comes last, written by the json module."""
+    """`task_fields` but the timeout and the payload, which come last, written by the json
+    module."""
     return {
         "id": task.id,
         "type": task.kind,
@@ -66,6 +67,7 @@ def _fields(task: Task) -> dict[str, Any]:
         "idempotency_key": task.idempotency_key,
         "schedule": task.schedule,
         "scheduled_for": task.scheduled_for,
+        "priority": task.priority,
     }
 
 
@@ -74,13 +76,15 @@ def task_json(task: Task) -> bytes:
     the payload are the bytes pydantic-core's `to_json` writes: where pydantic-core is
     loaded already (a server builds the FastAPI app at start) it writes them, at a quarter
     of the json module's time; a Lambda cold start has not loaded it, and spares ~30 ms by
-    writing them with the json module. The payload is always the json module's (the two
-    write some numbers differently: 1e-07, 1e-7), compact, as `parsing.payload_json`."""
+    writing them with the json module. The timeout and the payload are always the json
+    module's (the two write some numbers differently: 1e-07, 1e-7), compact, as
+    `parsing.payload_json`."""
     core = sys.modules.get("pydantic_core")
     if core is None:
         return plain_task_json(task)
     head: bytes = core.to_json(_fields(task))
-    return b"".join((head[:-1], b',"payload":', _dumps(task.payload).encode(), b"}"))
+    tail = _dumps(task.timeout_s), ',"payload":', _dumps(task.payload), "}"
+    return b"".join((head[:-1], b',"timeout_s":', "".join(tail).encode()))
 
 
 def plain_task_json(task: Task) -> bytes:
@@ -163,7 +167,7 @@ Detail = str | list[dict[str, Any]]
 
 def status_of(exc: TaskrunnerError, path: str) -> tuple[int, Detail, dict[str, str]]:
     """The status, `detail` and headers the API answers `exc` with (raised serving `path`)."""
-    if isinstance(exc, InvalidPayload):
+    if isinstance(exc, InvalidValue):
         return 422, exc.issues, {}
     if isinstance(exc, TaskNotFound | ScheduleNotFound):
         return 404, str(exc), {}

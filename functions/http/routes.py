@@ -38,7 +38,7 @@ from functions.http.schemas import (
     links,
     schedule_fields,
 )
-from functions.model import BIGINT_MAX, NewTask, Schedule, Task, TaskState
+from functions.model import BIGINT_MAX, Schedule, Task, TaskState
 from functions.settings import Settings
 from functions.store import Store
 
@@ -163,15 +163,8 @@ def add_routes(
 
         With an `Idempotency-Key`, a repeat of this request gets the same task back (200).
         """
-        new = NewTask(
-            kind=body.type,
-            execute_at=body.execute_at,
-            idempotency_key=idempotency_key,
-            payload=body.payload,
-        )
-        task, created = await tasks.create_task(
-            store, new, settings.max_attempts, settings.max_payload_bytes
-        )
+        new = body.to_new(idempotency_key)
+        task, created = await tasks.create_task(store, new, settings)
         if not created:
             return task_answer(task)
         # root_path: the base path the API is served under (BasePath), so the URL works.
@@ -188,9 +181,7 @@ def add_routes(
     async def create_tasks(body: BatchIn) -> Response:
         """Schedule up to 10,000 tasks: all are written or none (the error names the item)."""
         new = [item.to_new() for item in body.tasks]
-        ids = await tasks.create_tasks(
-            store, new, settings.max_attempts, settings.max_payload_bytes
-        )
+        ids = await tasks.create_tasks(store, new, settings)
         return answer({"ids": ids}, 201)
 
     @app.get("/tasks", response_model=PageOut, dependencies=token_check, responses=fails(400, 422))
@@ -296,8 +287,11 @@ def add_schedule_routes(
     """The schedules' routes (functions/schedules.py): as `add_routes`."""
     token_check = list(token_check)
 
-    def payload_checked(payload: Any) -> None:
-        tasks.check_payload(payload, settings.max_payload_bytes, ("body", "payload"))
+    def checked(given: schedules.ScheduleIn) -> schedules.ScheduleIn:
+        """The rules a task's fields are held to beyond the schema's, as create holds them."""
+        tasks.check_payload(given.payload, settings.max_payload_bytes, ("body", "payload"))
+        tasks.check_timeout(given.kind, given.timeout_s, settings, ("body", "timeout_s"))
+        return given
 
     @app.post(
         "/schedules",
@@ -309,8 +303,7 @@ def add_schedule_routes(
     async def create_schedule(body: ScheduleIn, request: Request) -> Response:
         """Create a schedule: each occurrence of its cron becomes one task. 409 if one has
         that name (PUT replaces)."""
-        payload_checked(body.payload)
-        schedule = await schedules.create_schedule(store, body.name, body.to_domain())
+        schedule = await schedules.create_schedule(store, body.name, checked(body.to_domain()))
         location = f"{request.scope.get('root_path', '')}/schedules/{schedule.name}"
         return answer(schedule_fields(schedule), 201, {"Location": location})
 
@@ -328,8 +321,7 @@ def add_schedule_routes(
             issue = {"loc": ("body", "name"), "msg": f"name must be the path's, {name!r}",
                      "type": "value_error"}  # fmt: skip
             raise RequestValidationError([issue])
-        payload_checked(body.payload)
-        schedule, created = await schedules.put_schedule(store, name, body.to_domain())
+        schedule, created = await schedules.put_schedule(store, name, checked(body.to_domain()))
         return schedule_answer(schedule, 201 if created else 200)
 
     @app.get(
@@ -368,9 +360,8 @@ def add_schedule_routes(
         """Change some of a schedule's fields; what is absent stays. A new cron, zone or
         payload takes effect from the next occurrence not yet made; `enabled: false` makes
         nothing more and cancels the occurrences made that have not started."""
-        if "payload" in body.model_fields_set:
-            payload_checked(body.payload)
-        return schedule_answer(await schedules.patch_schedule(store, name, body.changes()))
+        schedule = await schedules.patch_schedule(store, name, body.changes(), checked)
+        return schedule_answer(schedule)
 
     @app.delete(
         "/schedules/{name}",

@@ -8,8 +8,9 @@ API, the FastAPI app and the fast path (`fastpath`), so that the two agree by co
 - the Idempotency-Key: `parsing.parse_idempotency_key`, on the header as Starlette decodes it
   (`idempotency_key`);
 - a task's body: `read_task`, which `schemas.TaskIn` tries before pydantic's own reading (that
-  runs only to say why a body is refused), and a batch's envelope: `batch_items`, with its
-  items read by `parsing.read_batch`;
+  runs only to say why a body is refused; its options' rules, `parsing.parse_max_attempts`,
+  `parse_timeout_s` and `parse_priority`, are the schema's validators too), and a batch's
+  envelope: `batch_items`, with its items read by `parsing.read_batch`;
 - how much a body may hold: `parsing.count_values`.
 
 The JSON of a task is `responses.task_json`, and a domain error's status
@@ -101,9 +102,10 @@ def idempotency_key(value: bytes) -> str:
 
 def read_task(sent: Any, idempotency_key: str | None = None) -> NewTask | None:
     """The task a body (read as JSON) asks for: an object with a `type`, an `execute_at`,
-    perhaps a `payload`, and nothing else, read by `parsing.read_batch`; None if it is not
-    one (the app's schema, `schemas.TaskIn`, then says why in pydantic's words). The
-    payload's own rules take a setting: `tasks.create_task` checks them, for both paths."""
+    perhaps a `payload` and options, and nothing else (`parsing.ITEM_KEYS`), read by
+    `parsing.read_batch`; None if it is not one (the app's schema, `schemas.TaskIn`, then
+    says why in pydantic's words). The rules that take a setting (the payload's size, a
+    timeout within its kind's): `tasks.create_task` checks them, for both paths."""
     try:
         read = parsing.read_batch([sent])
     except Exception:  # (any failure is refused here, and explained by pydantic)
@@ -111,7 +113,7 @@ def read_task(sent: Any, idempotency_key: str | None = None) -> NewTask | None:
     if read is None:
         return None
     (item,) = read
-    return parsing.new_task(item["kind"], item["at_us"], idempotency_key, item.get("payload"))
+    return parsing.new_task(item, idempotency_key)
 
 
 def batch_items(sent: Any) -> list[Any] | None:

@@ -26,6 +26,7 @@ from functions import model, parsing, schedules
 from functions.http.rules import read_task
 from functions.kinds import KINDS
 from functions.model import MAX_BATCH, CatchUp, NewTask, Schedule, Task, TaskState
+from functions.parsing import ITEM_KEYS
 
 
 def kind_schema() -> dict[str, Any]:
@@ -148,12 +149,59 @@ Payload = Annotated[
 ]
 
 
+MaxAttempts = Annotated[
+    int,
+    PlainValidator(parsing.parse_max_attempts),
+    WithJsonSchema(
+        {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": model.MAX_ATTEMPTS_AT_CREATE,
+            "description": "How many runs the task may start (a failed run is retried while"
+            " runs are left); default TASKRUNNER_MAX_ATTEMPTS. Written without a fraction:"
+            " `3.0` is refused. A retry (`POST /tasks/{task_id}/retry`) adds"
+            " TASKRUNNER_MAX_ATTEMPTS more.",
+        }
+    ),
+]
+TimeoutS = Annotated[
+    float | None,
+    PlainValidator(parsing.parse_timeout_s),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "null"}],
+            "description": "Seconds a run may take before it is stopped and fails its attempt;"
+            " at most the kind's own timeout (422 above it), which is what null or absent"
+            " means. A plain-function kind runs inline and cannot be stopped: its timeout"
+            " only tells a tick near its deadline whether the task fits.",
+        }
+    ),
+]
+Priority = Annotated[
+    int,
+    PlainValidator(parsing.parse_priority),
+    WithJsonSchema(
+        {
+            "type": "integer",
+            "minimum": model.MIN_PRIORITY,
+            "maximum": model.MAX_PRIORITY,
+            "description": "Among tasks that are due, a lower number runs first (0, the"
+            " default, first; then by due time).",
+        }
+    ),
+]
+
+
 class TaskIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: KindName
     execute_at: ExecuteAt
     payload: Payload = None
+    # Not `| None` in the schema: a null is refused, as the schema says; absent, the default.
+    max_attempts: MaxAttempts = Field(default=None)  # type: ignore[assignment]
+    timeout_s: TimeoutS = None
+    priority: Priority = 0
 
     @model_validator(mode="wrap")
     @classmethod
@@ -161,17 +209,32 @@ class TaskIn(BaseModel):
         """A task the fast path would read is read here as it reads it (`rules.read_task`):
         the two paths agree on every task either accepts. The fields' validators read the
         rest: keyed batch items, and every refused body, to say why."""
-        # An object of other than two keys (a keyed batch item) is one `read_task` refuses at
-        # once: not tried. 10,000 tries added 7-15 ms to the validation of a keyed batch.
-        if sent.__class__ is dict and len(sent) != 2:
+        # An object with a key `read_task` refuses (a keyed batch item) is not tried: 10,000
+        # tries added 7-15 ms to the validation of a keyed batch.
+        if sent.__class__ is dict and len(sent) != 2 and not ITEM_KEYS.issuperset(sent):
             return by_the_schema(sent)
         new = read_task(sent)
         if new is None:
             return by_the_schema(sent)
-        return cls.model_construct(type=new.kind, execute_at=new.execute_at, payload=new.payload)
+        return cls.model_construct(
+            type=new.kind,
+            execute_at=new.execute_at,
+            payload=new.payload,
+            max_attempts=new.max_attempts,
+            timeout_s=new.timeout_s,
+            priority=new.priority,
+        )
 
-    def to_new(self) -> NewTask:
-        return NewTask(kind=self.type, execute_at=self.execute_at, payload=self.payload)
+    def to_new(self, idempotency_key: str | None = None) -> NewTask:
+        return NewTask(
+            kind=self.type,
+            execute_at=self.execute_at,
+            idempotency_key=idempotency_key,
+            payload=self.payload,
+            max_attempts=self.max_attempts,
+            timeout_s=self.timeout_s,
+            priority=self.priority,
+        )
 
 
 IdempotencyKey = Annotated[
@@ -193,13 +256,8 @@ IdempotencyKey = Annotated[
 class BatchItemIn(TaskIn):
     idempotency_key: IdempotencyKey | None = None
 
-    def to_new(self) -> NewTask:
-        return NewTask(
-            kind=self.type,
-            execute_at=self.execute_at,
-            idempotency_key=self.idempotency_key,
-            payload=self.payload,
-        )
+    def to_new(self, idempotency_key: str | None = None) -> NewTask:
+        return super().to_new(idempotency_key or self.idempotency_key)
 
 
 # What `rules.batch_items` reads on the fast path. (No docstring: it would be the schema's
@@ -250,6 +308,10 @@ class TaskOut(BaseModel):
     schedule: str | None = Field(description="The schedule that made this task; null for others.")
     scheduled_for: datetime | None = Field(
         description="The occurrence of its schedule this task is (UTC); null for others."
+    )
+    priority: int = Field(description="0 to 9: among due tasks, a lower number runs first")
+    timeout_s: float | None = Field(
+        description="Seconds a run may take before it is stopped; null: the kind's own"
     )
     payload: Payload
 
@@ -313,9 +375,6 @@ ScheduleCursor = Annotated[
     PlainValidator(schedules.parse_name_cursor),
     WithJsonSchema({"type": "string", "description": "`next_cursor` of the previous page"}),
 ]
-MaxAttempts = Annotated[int, Field(ge=1, le=1_000_000)]
-TimeoutS = Annotated[float, Field(gt=0, le=86_400)]
-Priority = Annotated[int, Field(ge=0, le=9)]
 _CATCH_UP = (
     "After everything was stopped across occurrences: `latest` makes one task, for the most"
     " recent missed; `all` one per missed occurrence (the most recent 1,000); `none` only"
@@ -330,13 +389,10 @@ class _ScheduleFields(BaseModel):
     cron: Cron
     timezone: TimeZone = "UTC"
     payload: Payload = None
-    max_attempts: MaxAttempts | None = Field(
-        None, description="Each task's attempts; null: TASKRUNNER_MAX_ATTEMPTS."
-    )
-    timeout_s: TimeoutS | None = Field(
-        None, description="Each task's time limit; null: its kind's."
-    )
-    priority: Priority | None = Field(None, description="Each task's priority; null: the default.")
+    # Each task's options, read as a task's are (null: the defaults).
+    max_attempts: MaxAttempts | None = None
+    timeout_s: TimeoutS = None
+    priority: Priority | None = None
     catch_up: CatchUp = Field(CatchUp.LATEST, description=_CATCH_UP)
     enabled: bool = True
 

@@ -92,7 +92,14 @@ async def raw_insert_one_by_one(url: str, n: int, connections: int) -> float:
         for _ in range(count):
             await conn.execute(
                 queries.INSERT_TASK,
-                {"kind": "baz", "execute_at": when, "max_attempts": 3, "payload": None},
+                {
+                    "kind": "baz",
+                    "execute_at": when,
+                    "max_attempts": 3,
+                    "payload": None,
+                    "priority": 0,
+                    "timeout_s": None,
+                },
             )
 
     started = time.perf_counter()
@@ -118,6 +125,8 @@ RAW_INSERT = as_pgbench(
         "execute_at": "now() + interval '1 hour'",
         "max_attempts": "3",
         "payload": "NULL",
+        "priority": "0",
+        "timeout_s": "NULL",
     },
 )
 

@@ -124,7 +124,7 @@ BAD_CREATES: list[tuple[str, Any]] = [
     ("negative unix time", {"type": "foo", "execute_at": -5}),
     ("missing type", {"execute_at": 1893499200}),
     ("missing execute_at", {"type": "foo"}),
-    ("unknown field", {"type": "foo", "execute_at": 1893499200, "priority": 1}),
+    ("unknown field", {"type": "foo", "execute_at": 1893499200, "queue": "default"}),
     ("not an object", ["foo"]),
 ]
 

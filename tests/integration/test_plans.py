@@ -143,7 +143,8 @@ def test_the_claim_walks_the_due_index_in_order(
 ) -> None:
     postgresql.autocommit = False
     params = {
-        "worker": "w", "kinds": ["foo", "bar", "baz"], "limit": BATCH, "lease_s": 60.0, "now": None
+        "worker": "w", "kinds": ["foo", "bar", "baz"], "limit": BATCH, "lease_s": 60.0, "now": None,
+        "short_kinds": [], "fit_s": None,
     }  # fmt: skip
     for name, statement in (("CLAIM_DUE", queries.CLAIM_DUE), ("NEXT_DUE", queries.NEXT_DUE)):
         # As Store.claim_due runs them: in one transaction with the claim's settings.
@@ -192,8 +193,10 @@ def test_no_pinned_statement_is_compiled_with_jit(
     batch = running[-BATCH:]
     cases: dict[str, tuple[str, dict[str, Any]]] = {
         "CLAIM_DUE": (queries.CLAIM_DUE, {"worker": "w", "kinds": ["foo", "bar", "baz"],
-                                          "limit": BATCH, "lease_s": 60.0, "now": None}),
-        "NEXT_DUE": (queries.NEXT_DUE, {"kinds": ["foo", "bar", "baz"], "now": None}),
+                                          "limit": BATCH, "lease_s": 60.0, "now": None,
+                                          "short_kinds": [], "fit_s": None}),
+        "NEXT_DUE": (queries.NEXT_DUE, {"kinds": ["foo", "bar", "baz"], "now": None,
+                                        "short_kinds": [], "fit_s": None}),
         "FINISH_MANY": (queries.FINISH_MANY, {"worker": "w", "results": results_json(batch)}),
         "RECORDED": (queries.RECORDED, {"results": results_json(batch)}),
         "RELEASE": (queries.RELEASE, {"worker": "w", "ids": batch}),
@@ -292,7 +295,8 @@ async def test_a_worker_warmed_on_a_small_table_keeps_the_burst_plans(
         sql("INSERT INTO tasks (kind, execute_at) SELECT 'baz', now() FROM generate_series(1, %s)",
             2 * BATCH)  # fmt: skip
         await store.register_worker(worker="w", lease_s=60)
-        params = {"lease_s": 60.0, "worker": "w", "kinds": ["baz"], "limit": BATCH, "now": None}
+        params = {"lease_s": 60.0, "worker": "w", "kinds": ["baz"], "limit": BATCH, "now": None,
+                  "short_kinds": [], "fit_s": None}  # fmt: skip
         [ids] = await store._pinned((queries.CLAIM_DUE, params))
         assert len(ids) == BATCH
 

@@ -66,7 +66,7 @@ async def test_one_bad_task_fails_alone_and_the_worker_goes_on(
     extra_kinds(Kind("notstr", not_a_string, lambda s: 1.0))
     extra_kinds(Kind("unprintable", unprintable, lambda s: 1.0))
     extra_kinds(Kind("hangs", hangs, lambda s: 0.3))
-    monkeypatch.setattr("functions.runner.time_limit_s", lambda kind, settings: 0.5)
+    monkeypatch.setattr("functions.runner.time_limit_s", lambda kind, settings, own=None: 0.5)
     extra_kinds(Kind("refused", refused, lambda s: 1.0))
     # A rule of the user's own that the database enforces on outputs.
     sql("ALTER TABLE tasks ADD CONSTRAINT no_refuse CHECK (output IS DISTINCT FROM 'refuse me')")

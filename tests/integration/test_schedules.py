@@ -145,7 +145,9 @@ async def test_create_show_list_replace_patch_delete(settings: Settings, sql: Sq
         ({"name": "-dash"}, "schedule name '-dash'"),
         ({"name": "a" * 129}, "schedule name"),
         ({"catch_up": "some"}, "catch_up"),
-        ({"max_attempts": 0}, "max_attempts"),
+        ({"max_attempts": 0}, "max_attempts 0"),
+        ({"priority": 10}, "priority 10"),
+        ({"timeout_s": 1e9}, "timeout_s 1000000000.0 is over what kind 'baz' allows"),
         ({"payload": "\u0000"}, "payload"),
     ],
 )
@@ -312,6 +314,28 @@ async def test_daylight_saving_in_paris(
         clock.move(timedelta(minutes=10))
     got = [at.strftime("%Y-%m-%d %H:%M") for at in occurrences(sql, "paris")]
     assert got == expected_utc
+
+
+@pytest.mark.one_server
+async def test_each_occurrence_is_a_task_with_the_schedules_options(store: Store, sql: Sql) -> None:
+    t0 = next_minute(sql).replace(second=0) + MINUTE
+    clock = Clock(t0 - timedelta(seconds=50))
+    own = Store(store.database, clock=clock)
+    async with api(store.database.settings, clock) as client:
+        body = schedule_body(
+            type="foo", payload={"n": [1, "é"]}, max_attempts=7, timeout_s=0.5, priority=3
+        )
+        assert (await client.post("/schedules", json=body)).status_code == 201
+        assert await made(own, clock) == 1
+        [task] = (await client.get("/tasks")).json()["items"]
+        assert task["schedule"] == "every-minute"
+        assert task["scheduled_for"] == task["execute_at"] == t0.isoformat().replace("+00:00", "Z")
+        assert (task["type"], task["payload"], task["max_attempts"]) == ("foo", {"n": [1, "é"]}, 7)
+        assert (task["timeout_s"], task["priority"]) == (0.5, 3)
+        refused = await client.patch("/schedules/every-minute", json={"timeout_s": 1e9})
+        assert refused.status_code == 422 and "timeout_s" in refused.text
+        shown = (await client.get("/schedules/every-minute")).json()
+        assert shown["last_task"] == {"id": task["id"], "state": "scheduled"}
 
 
 @pytest.mark.one_server
