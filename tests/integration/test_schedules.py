@@ -418,3 +418,47 @@ def test_plan_is_a_pure_function_of_the_schedule_and_now() -> None:
     assert made.occurrences == [] and made.next_run_at == t0
     made = schedules.plan(schedule, t0 - timedelta(seconds=60))
     assert made.occurrences == [t0] and made.next_run_at == t0 + timedelta(hours=1)
+
+
+@pytest.mark.one_server
+async def test_an_occurrence_made_already_is_not_made_again_whatever_the_schedule_says(
+    store: Store, sql: Sql
+) -> None:
+    """The second guard: a schedule moved back over occurrences it made (a restored backup, a
+    hand edit) makes none of them twice (the unique index on schedule and occurrence)."""
+    t0 = next_minute(sql).replace(second=0) + MINUTE
+    clock = Clock(t0 - timedelta(seconds=50))
+    own = Store(store.database, clock=clock)
+    async with api(store.database.settings, clock) as client:
+        assert (await client.post("/schedules", json=schedule_body())).status_code == 201
+    assert await made(own, clock) == 1
+    sql("UPDATE schedules SET next_run_at = %s", t0)
+    assert await made(own, clock) == 0
+    assert occurrences(sql) == [t0]
+    schedule = await own.get_schedule("every-minute")
+    assert schedule is not None and schedule.next_run_at == t0 + MINUTE
+
+
+@pytest.mark.one_server
+async def test_a_creator_skips_schedules_another_holds_and_never_waits(
+    store: Store, sql: Sql, postgresql: Any
+) -> None:
+    """SKIP LOCKED: while one transaction holds a due schedule (another creator, a PATCH),
+    a creator makes the others' occurrences and returns at once; no lock in a process."""
+    t0 = next_minute(sql).replace(second=0) + MINUTE
+    clock = Clock(t0 - timedelta(seconds=50))
+    own = Store(store.database, clock=clock)
+    async with api(store.database.settings, clock) as client:
+        for name in ("held", "free"):
+            assert (await client.post("/schedules", json=schedule_body(name))).status_code == 201
+    postgresql.autocommit = False
+    with postgresql.transaction():
+        postgresql.execute("SELECT 1 FROM schedules WHERE name = 'held' FOR UPDATE")
+        assert await asyncio.wait_for(made(own, clock), 5) == 1
+        assert sql_rows(postgresql) == [("free",)]
+    assert await made(own, clock) == 1
+    assert [s for (s,) in sql("SELECT schedule FROM tasks ORDER BY schedule")] == ["free", "held"]
+
+
+def sql_rows(conn: Any) -> list[tuple[Any, ...]]:
+    return list(conn.execute("SELECT schedule FROM tasks").fetchall())
