@@ -176,6 +176,11 @@ class Completer:
     def clear(self) -> None:
         self._pending.clear()
 
+    def drop(self, ids: set[int]) -> None:
+        """Write none of the results of `ids` not yet being written (their tasks were
+        cancelled; a write under way is fenced, and misses them)."""
+        self._pending = [r for r in self._pending if r.id not in ids]
+
     async def _write(self, batch: list[Result]) -> None:
         """Record one batch of results, each fenced (see queries.FINISH_MANY)."""
         # A run's line is out before its result is added here (output.Printer): a crash in
@@ -198,7 +203,8 @@ class Completer:
                 summary.lost += 1
                 logger.warning(
                     "action=finish task_id=%s attempt=%s worker=%s: no longer held by this"
-                    " worker (its lease ran out and the task was rescued): result dropped",
+                    " worker (cancelled, or its lease ran out and the task was rescued):"
+                    " result dropped",
                     result.id, result.attempt, state.worker_id,
                 )  # fmt: skip
             elif result.state is TaskState.SUCCEEDED:

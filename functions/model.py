@@ -139,6 +139,15 @@ MAX_CATCH_UP = 1_000
 
 
 @dataclass(frozen=True)
+class TaskFilter:
+    """Which tasks a listing, a bulk cancel or a bulk retry is about: those in `state` and
+    of `kind` (None: any)."""
+
+    state: TaskState | None = None
+    kind: str | None = None
+
+
+@dataclass(frozen=True)
 class Page:
     items: list[Task]
     next_cursor: str | None
@@ -161,6 +170,9 @@ MAX_ATTEMPTS_AT_CREATE = 1_000
 MIN_PRIORITY, MAX_PRIORITY = 0, 9
 # The most tasks one batch creates; the largest task id (PostgreSQL's bigint).
 MAX_BATCH = 10_000
+# The most tasks one bulk cancel or retry acts on, and how many when not told.
+MAX_BULK = 10_000
+DEFAULT_BULK = 1_000
 BIGINT_MAX = 2**63 - 1
 # 1 to 255 printable ASCII characters, no space: what fits a header value unchanged (a
 # header's surrounding spaces are trimmed in transit, so a key with spaces could arrive as

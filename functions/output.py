@@ -88,6 +88,12 @@ class LineWriter:
             self._queue.append((key, line))
             self._lock.notify()
 
+    def drop(self, keys: set[int]) -> None:
+        """Write none of the queued lines of `keys` (one being written is finished: it is
+        out, or will be, and reported so)."""
+        with self._lock:
+            self._queue = deque(entry for entry in self._queue if entry[0] not in keys)
+
     def take_out(self) -> list[int]:
         """The keys of the lines out since the last call."""
         with self._lock:
@@ -260,10 +266,23 @@ class Printer(Generic[T]):
         self._waiting[key] = payload
         self._writer.put(key, line)
 
+    def drop(self, keys: set[int]) -> None:
+        """Print none of the lines of `keys` not yet out (their tasks were cancelled): their
+        payloads never go to `on_out`, even for a line the writer gets out meanwhile."""
+        if self._writer is not None:
+            self._writer.drop(keys)
+        for key in keys:
+            self._waiting.pop(key, None)
+
     @property
     def waiting(self) -> bool:
         """Some lines are with the writer, not out yet."""
         return bool(self._waiting)
+
+    @property
+    def waiting_keys(self) -> list[int]:
+        """The keys of the lines with the writer, not out yet."""
+        return list(self._waiting)
 
     @property
     def may_print(self) -> bool:

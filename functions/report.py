@@ -79,6 +79,7 @@ class Minute:
     started: int
     succeeded: int
     failed: int
+    cancelled: int
     lateness_p99_ms: float
 
 
@@ -106,7 +107,9 @@ class Stats:
     unserved: dict[str, int]
 
 
-_FINISHED = frozenset({TaskState.SUCCEEDED.value, TaskState.FAILED.value})
+_FINISHED = frozenset(
+    {TaskState.SUCCEEDED.value, TaskState.FAILED.value, TaskState.CANCELLED.value}
+)
 
 
 def _finished_scale(rows: StatsRows) -> float:
@@ -145,24 +148,26 @@ def stats_from(rows: StatsRows) -> Stats:
         by_kind[kind] = by_kind.get(kind, 0) + (round(n * scale) if state in _FINISHED else n)
 
     now_s = rows.now_s
-    last_minute = {"succeeded": 0, "failed": 0, "retried": 0}
+    last_minute = {"succeeded": 0, "failed": 0, "retried": 0, "cancelled": 0}
     recent: list[Sequence[int]] = []
     recent_max_ms = 0.0
     minutes: dict[int, list[Any]] = {}
-    for bucket, started, succeeded, failed, retried, lateness, max_ms in rows.activity:
+    for bucket, started, succeeded, failed, retried, lateness, max_ms, cancelled in rows.activity:
         if bucket >= now_s - 60:
             last_minute["succeeded"] += succeeded
             last_minute["failed"] += failed
             last_minute["retried"] += retried
+            last_minute["cancelled"] += cancelled
         if bucket >= now_s - 300:
             recent.append(lateness)
             recent_max_ms = max(recent_max_ms, max_ms)
-        minute = minutes.setdefault(bucket // 60 * 60, [0, 0, 0, [], 0.0])
+        minute = minutes.setdefault(bucket // 60 * 60, [0, 0, 0, [], 0.0, 0])
         minute[0] += started
         minute[1] += succeeded
         minute[2] += failed
         minute[3].append(lateness)
         minute[4] = max(minute[4], max_ms)
+        minute[5] += cancelled
 
     histogram = merge(recent)
     lateness_ms = {f"p{q}": percentile_ms(histogram, q / 100, recent_max_ms) for q in (50, 95, 99)}
@@ -170,13 +175,16 @@ def stats_from(rows: StatsRows) -> Stats:
     this_minute = int(now_s // 60 * 60)
     series = []
     for start in range(this_minute - 59 * 60, this_minute + 60, 60):
-        started, succeeded, failed, histograms, max_ms = minutes.get(start, [0, 0, 0, [], 0.0])
+        started, succeeded, failed, histograms, max_ms, cancelled = minutes.get(
+            start, [0, 0, 0, [], 0.0, 0]
+        )
         series.append(
             Minute(
                 start=datetime.fromtimestamp(start, UTC),
                 started=started,
                 succeeded=succeeded,
                 failed=failed,
+                cancelled=cancelled,
                 # Bounded by this minute's own maximum, as the 5-minute figures are by theirs.
                 lateness_p99_ms=percentile_ms(merge(histograms), 0.99, max_ms),
             )

@@ -39,6 +39,8 @@ class TickSummary:
     pruned: int = 0
     # Results not written because the worker no longer held the task (its lease ran out).
     lost: int = 0
+    # Tasks this worker held that were cancelled: stopped, nothing recorded.
+    cancelled: int = 0
     # Due tasks left because their kind could not finish before the deadline, by kind.
     left_for_time: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -142,6 +144,8 @@ class RunState:
     claim_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Set when the last claim failed with its connection: it may have committed.
     unsure_of_holdings: bool = False
+    # Set when a cancel of some of this worker's tasks was heard: look which at once.
+    cancel_heard: asyncio.Event = field(default_factory=asyncio.Event)
     # Why this run stops early: a failure (the process must exit non-zero), or a lost
     # lease (the caller starts again as a new worker).
     halt: asyncio.Event = field(default_factory=asyncio.Event)

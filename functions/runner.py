@@ -123,6 +123,12 @@ class Runner:
         """Wake the runner: a task due at `due_s` (None: unknown) was created."""
         self.wakeup.notify(due_s)
 
+    def heard_cancel(self, worker: str | None) -> None:
+        """Tasks `worker` was running were cancelled (None: maybe, notifications were
+        missed): if this worker's, look at once which to stop."""
+        if worker is None or worker == self.worker_id:
+            self.state.cancel_heard.set()
+
     # --- the run -----------------------------------------------------------------------------
 
     async def run(
@@ -165,6 +171,9 @@ class Runner:
             asyncio.create_task(state.guard(self.upkeep.heartbeat_loop(), "heartbeat")),
             asyncio.create_task(state.guard(self.upkeep.activity_loop(), "activity")),
             asyncio.create_task(state.guard(self.upkeep.schedules_loop(), "schedules")),
+            asyncio.create_task(
+                state.guard(self.upkeep.cancel_loop(self._stoppable, self._stop), "cancel")
+            ),
         ]
         try:
             try:
@@ -375,6 +384,43 @@ class Runner:
         queue = self.slots.queued[kind_name]
         while queue and not self.state.halt.is_set() and not self.slots.full(kind_name):
             self._launch(KINDS[kind_name], queue.popleft())
+
+    # --- cancel ------------------------------------------------------------------------------
+
+    def _stoppable(self) -> list[Claimed]:
+        """What this worker holds that a cancel can still stop: running, waiting for a slot,
+        or waiting for its line to be printed (a result already handed to the completer ran
+        and printed: its write, fenced, misses a cancelled task)."""
+        held = self.state.held
+        ids = {*self._running, *self.printer.waiting_keys}
+        for queue in self.slots.queued.values():
+            ids.update(claimed.id for claimed in queue)
+        return [held[task_id] for task_id in sorted(ids) if task_id in held]
+
+    def _stop(self, ids: set[int]) -> None:
+        """Stop held tasks that were cancelled: cancel their coroutines, drop them from their
+        slots' queues, and print and record nothing of them (a line already out stays)."""
+        state = self.state
+        stopped = [state.held.pop(task_id) for task_id in sorted(ids) if task_id in state.held]
+        if not stopped:
+            return
+        for claimed in stopped:
+            task = self._running.get(claimed.id)
+            if task is not None:
+                task.cancel()  # (_on_done records nothing of a task cancelled but timed out)
+                continue
+            queue = self.slots.queued[claimed.kind]
+            if claimed in queue:
+                queue.remove(claimed)
+        self.printer.drop(ids)
+        self.completer.drop(ids)
+        state.summary.cancelled += len(stopped)
+        logger.info(
+            "action=cancel worker=%s count=%d: cancelled while this worker held them; stopped,"
+            " nothing printed or recorded for them",
+            self.worker_id, len(stopped),
+        )  # fmt: skip
+        state.wake.set()  # room is free again
 
     # --- record ------------------------------------------------------------------------------
 

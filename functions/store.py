@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import operator
@@ -84,8 +85,8 @@ class StatsRows:
     workers_alive: int
     now_s: float
     # (bucket start in Unix seconds, started, succeeded, failed, retried, lateness histogram,
-    #  lateness max ms), oldest first.
-    activity: list[tuple[int, int, int, int, int, list[int], float]]
+    #  lateness max ms, cancelled), oldest first.
+    activity: list[tuple[int, int, int, int, int, list[int], float, int]]
     # (kind, due tasks) of the kinds nothing ran in the last 5 minutes (queries.STATS_UNSERVED).
     unserved: list[tuple[str, int]] = field(default_factory=list)
 
@@ -258,6 +259,26 @@ def _outcome_of(rows: list[Any]) -> tuple[TaskState | None, Task | None]:
         return None, None
     row = rows[0]
     return TaskState(row.found_state), None if row.id is None else _task(row)
+
+
+class Cancelled(NamedTuple):
+    """What a cancel did: the ids cancelled, ascending, and the workers that were running
+    some of them (each once)."""
+
+    ids: list[int]
+    holders: list[str]
+
+
+def _holders(held_by: Iterable[str | None]) -> list[str]:
+    return sorted({worker for worker in held_by if worker is not None})
+
+
+def _filter(kind: str | None) -> tuple[str, dict[str, Any]]:
+    """The SQL condition of a filter on tasks other than their state (GET /tasks, the bulk
+    cancel and retry), and its parameters: `true` and none when it has none."""
+    if kind is None:
+        return "true", {}
+    return "kind = %(kind)s", {"kind": kind}
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -545,11 +566,75 @@ class Store:
             # a state in a prepared statement's generic plan. Each is a TaskState.
             literals = ", ".join(f"'{TaskState(s).value}'" for s in states)
             sql += f" AND state IN ({literals})"
-        if kind is not None:
-            sql += " AND kind = %(kind)s"
-            params["kind"] = kind
+        condition, more = _filter(kind)
+        if more:
+            sql += f" AND {condition}"
+            params.update(more)
         rows = await self._all(sql + " ORDER BY id LIMIT %(limit)s", **params)
         return [_task(row) for row in rows]
+
+    async def cancel_task(self, task_id: int) -> Task | None:
+        """Cancel the task if it is scheduled or running; return it cancelled (None: it was
+        not cancelled now: missing, or finished, cancelled before included)."""
+        rows = await self._all(queries.CANCEL_TASK, id=task_id, limit=1)
+        if not rows:
+            return None
+        await self.announce(Cancelled([task_id], _holders([rows[0].held_by])))
+        return _task(rows[0])
+
+    async def cancel_matching(
+        self, *, states: Sequence[TaskState], kind: str | None, limit: int
+    ) -> int:
+        """Cancel up to `limit` tasks in `states` (of the cancellable ones; all of those
+        when empty) of `kind` (any: None), lowest ids first; return how many."""
+        return await self._in_batches(
+            queries.cancel_tasks, queries.CANCELLABLE, states, kind, limit, {}, announce=True
+        )
+
+    async def retry_matching(
+        self, *, states: Sequence[TaskState], kind: str | None, limit: int, max_attempts: int
+    ) -> int:
+        """Schedule again, due now with `max_attempts` more runs, up to `limit` failed or
+        cancelled tasks in `states` (all of those when empty) of `kind` (any: None), lowest
+        ids first; return how many."""
+        return await self._in_batches(
+            queries.retry_tasks,
+            queries.RETRYABLE,
+            states,
+            kind,
+            limit,
+            {"max_attempts": max_attempts},
+        )
+
+    async def _in_batches(
+        self,
+        statement_for: Callable[[str, tuple[str, ...]], str],
+        allowed: tuple[str, ...],
+        states: Sequence[TaskState],
+        kind: str | None,
+        limit: int,
+        params: dict[str, Any],
+        *,
+        announce: bool = False,
+    ) -> int:
+        """Run `statement_for(condition, states)` over the tasks of `states` (within
+        `allowed`) and `kind`, WRITE_BATCH at most a statement, until `limit` are done or
+        none is left; return how many were. With `announce`, each batch is a cancel's."""
+        wanted = tuple(s for s in allowed if not states or s in states)
+        if not wanted:
+            return 0
+        condition, more = _filter(kind)
+        statement = statement_for(condition, wanted)
+        done = 0
+        while done < limit:
+            batch = min(limit - done, self.WRITE_BATCH)
+            rows = await self._all(statement, tuple_row, **params, **more, limit=batch)
+            done += len(rows)
+            if not rows:
+                break
+            if announce:
+                await self.announce(Cancelled([r[0] for r in rows], _holders(r[-1] for r in rows)))
+        return done
 
     async def delete_task(self, task_id: int) -> TaskState | None:
         """Delete the task unless it is running; return the state it had, None if missing."""
@@ -627,10 +712,17 @@ class Store:
         or disabled by it has its occurrences that have not started cancelled, in the same
         transaction. Returns the schedule as written and as it was."""
         for _ in range(_KEY_TRIES):
+            cancelled: list[Cancelled] = []
             try:
-                return await self._transaction(lambda conn: self._change(conn, name, change))
+                result = await self._transaction(
+                    functools.partial(self._change, name=name, change=change, cancelled=cancelled)
+                )
             except _KeyVanished:  # created meanwhile by another request: try again
                 continue
+            # Only once the change has committed (queries.ANNOUNCE_CANCELS says why).
+            for done in cancelled:
+                await self.announce(done)
+            return result
         raise DatabaseUnavailable("the schedule kept changing under this request; try again")
 
     async def _change(
@@ -638,6 +730,7 @@ class Store:
         conn: AsyncConnection[Any],
         name: str,
         change: Callable[[Schedule | None, datetime], Schedule | None],
+        cancelled: list[Cancelled],
     ) -> tuple[Schedule | None, Schedule | None]:
         cursor = conn.cursor(row_factory=namedtuple_row)
         await cursor.execute(queries.NOW_UTC, {"now": self.clock()})
@@ -657,13 +750,14 @@ class Store:
                 raise _KeyVanished
         if after is not before and (after is None or not after.enabled):
             while True:
-                cancelled = await self.cancel_tasks(
+                done = await self.cancel_tasks(
                     queries.CANCEL_UNSTARTED_OCCURRENCES,
                     limit=self.WRITE_BATCH,
                     conn=conn,
                     name=name,
                 )
-                if len(cancelled) < self.WRITE_BATCH:
+                cancelled.append(done)
+                if len(done.ids) < self.WRITE_BATCH:
                     break
         if after is not None:  # as shown, with its last task (cancelled by now, maybe)
             await cursor.execute(queries.GET_SCHEDULE, {"name": name})
@@ -741,16 +835,34 @@ class Store:
         limit: int,
         conn: AsyncConnection[Any] | None = None,
         **params: Any,
-    ) -> list[int]:
+    ) -> Cancelled:
         """Run a cancel made by `queries.cancel_tasks` (its condition's `params` given) on at
-        most `limit` tasks; return the ids cancelled, ascending. On `conn` when given (in
-        the caller's transaction: its commit is the cancel's), else a statement of its own."""
+        most `limit` tasks; return the ids cancelled, ascending, and who held them.
+
+        On `conn` when given, in the caller's transaction: the caller then calls `announce`
+        once that has committed. Else in a statement of its own, announced at once."""
         params = {**params, "limit": limit}
         if conn is not None:
             cursor = conn.cursor(row_factory=tuple_row)
             await cursor.execute(statement, params)
-            return [task_id for (task_id,) in await cursor.fetchall()]
-        return [task_id for (task_id,) in await self._all(statement, tuple_row, **params)]
+            rows = await cursor.fetchall()
+        else:
+            rows = await self._all(statement, tuple_row, **params)
+        cancelled = Cancelled([task_id for task_id, _ in rows], _holders(r[-1] for r in rows))
+        if conn is None:
+            await self.announce(cancelled)
+        return cancelled
+
+    async def announce(self, cancelled: Cancelled) -> None:
+        """Tell the workers that held cancelled tasks, and count the cancels (/stats): once
+        the cancel has committed (queries.ANNOUNCE_CANCELS says why apart)."""
+        if cancelled.ids:
+            await self._all(
+                queries.ANNOUNCE_CANCELS,
+                tuple_row,
+                count=len(cancelled.ids),
+                workers=cancelled.holders,
+            )
 
     # --- workers ---------------------------------------------------------------------------
 
@@ -852,6 +964,15 @@ class Store:
             [rows] = await self._pinned((queries.RECORDED, {"results": _results_json(chunk)}))
             found.update(task_id for (task_id,) in rows)
         return found
+
+    async def no_longer_held(self, held: Sequence[Claimed]) -> set[int]:
+        """Of the tasks a worker holds, those it should stop (queries.NO_LONGER_HELD)."""
+        gone: set[int] = set()
+        for chunk in _chunks(held, self.WRITE_BATCH):
+            sent = json.dumps([{"id": c.id, "attempt": c.attempt} for c in chunk])
+            [rows] = await self._pinned((queries.NO_LONGER_HELD, {"held": sent}))
+            gone.update(task_id for (task_id,) in rows)
+        return gone
 
     async def held_by(self, *, worker: str) -> set[int]:
         [rows] = await self._pinned((queries.HELD_BY, {"worker": worker}))
@@ -963,14 +1084,20 @@ class Store:
         return rescued
 
 
-async def listen(settings: Settings, on_created: Callable[[float | None], None]) -> None:
-    """Call `on_created(due_s)` for each batch of tasks created, until cancelled.
+async def listen(
+    settings: Settings,
+    on_created: Callable[[float | None], None],
+    on_cancelled: Callable[[str | None], None] | None = None,
+) -> None:
+    """Call `on_created(due_s)` for each batch of tasks created, and `on_cancelled(worker)`
+    for each cancel of tasks `worker` was running, until cancelled.
 
     LISTEN needs a session of its own for as long as it listens, so it gets a connection of
     its own outside the pool (which may hold a single connection), and it cannot work through
-    a transaction pooler. Reconnects after an outage, then calls `on_created(None)`: it may
-    have missed notifications meanwhile. Returns at once behind a transaction pooler, set or
-    found by connecting (conninfo.connect): the worker polls instead.
+    a transaction pooler. Reconnects after an outage, then calls `on_created(None)` and
+    `on_cancelled(None)`: it may have missed notifications meanwhile. Returns at once behind
+    a transaction pooler, set or found by connecting (conninfo.connect): the worker polls
+    instead.
     """
     retry_s = 0.1
     while not behind_pooler(settings):
@@ -980,9 +1107,16 @@ async def listen(settings: Settings, on_created: Callable[[float | None], None])
                 if behind_pooler(settings):
                     return
                 await conn.execute(f"LISTEN {queries.CHANNEL}")
+                if on_cancelled is not None:
+                    await conn.execute(f"LISTEN {queries.CANCEL_CHANNEL}")
+                    on_cancelled(None)
                 on_created(None)
                 retry_s = 0.1
                 async for note in conn.notifies():
+                    if note.channel == queries.CANCEL_CHANNEL:
+                        if on_cancelled is not None:
+                            on_cancelled(note.payload)
+                        continue
                     try:
                         on_created(float(note.payload))
                     except ValueError:

@@ -22,7 +22,7 @@ from functions.errors import (
     WrongState,
 )
 from functions.kinds import KINDS
-from functions.model import NewTask, Page, Task, TaskState
+from functions.model import NewTask, Page, Task, TaskFilter, TaskState
 from functions.parsing import (
     decode_cursor,
     encode_cursor,
@@ -193,18 +193,13 @@ async def get_task(store: Store, task_id: int) -> Task:
     return task
 
 
-async def list_tasks(
-    store: Store,
-    *,
-    state: TaskState | None,
-    kind: str | None,
-    limit: int,
-    cursor: str | None,
-) -> Page:
-    """List tasks by ascending id; `next_cursor` is None on the last page."""
+async def list_tasks(store: Store, matching: TaskFilter, *, limit: int, cursor: str | None) -> Page:
+    """List the tasks `matching` by ascending id; `next_cursor` is None on the last page."""
     after_id = decode_cursor(cursor) if cursor else 0
-    states = () if state is None else (state,)
-    rows = await store.list_tasks(states=states, kind=kind, after_id=after_id, limit=limit + 1)
+    states = () if matching.state is None else (matching.state,)
+    rows = await store.list_tasks(
+        states=states, kind=matching.kind, after_id=after_id, limit=limit + 1
+    )
     items = rows[:limit]
     next_cursor = encode_cursor(items[-1].id) if len(rows) > limit else None
     return Page(items=items, next_cursor=next_cursor)
@@ -241,26 +236,65 @@ def _task_or_refusal(
     task_id: int,
     outcome: tuple[TaskState | None, Task | None],
     action: str,
-    allowed: TaskState,
+    allowed: str,
 ) -> Task:
     found, task = outcome
     if found is None:
         raise TaskNotFound(task_id)
     if task is None:
-        raise WrongState(task_id, found.value, action, allowed.value)
+        raise WrongState(task_id, found.value, action, allowed)
     return task
 
 
 async def run_task(store: Store, task_id: int) -> Task:
     """Make a scheduled task due now; its execute_at stays the time the user asked for."""
-    return _task_or_refusal(task_id, await store.run_task(task_id), "run now", TaskState.SCHEDULED)
+    return _task_or_refusal(task_id, await store.run_task(task_id), "run now", "scheduled")
 
 
 async def retry_task(store: Store, task_id: int, max_attempts: int) -> Task:
-    """Schedule a failed task again, due now, with `max_attempts` more runs; its attempts
-    so far and last error stay."""
+    """Schedule a failed or cancelled task again, due now, with `max_attempts` more runs;
+    its attempts so far and last error stay."""
     outcome = await store.retry_task(task_id, max_attempts)
-    return _task_or_refusal(task_id, outcome, "retried", TaskState.FAILED)
+    return _task_or_refusal(task_id, outcome, "retried", "failed or cancelled")
+
+
+# A cancel that finds the task neither cancellable nor cancelled (retried between the cancel
+# and the read of what it found) tries again, this many times in all.
+_CANCEL_TRIES = 3
+
+
+async def cancel_task(store: Store, task_id: int) -> Task:
+    """Cancel a scheduled or running task at once: nothing more runs for it, and no result
+    is written over it. A task cancelled before comes back as it is; a task that succeeded
+    or failed raises WrongState."""
+    for tries_left in reversed(range(_CANCEL_TRIES)):
+        task = await store.cancel_task(task_id)
+        if task is not None:
+            return task
+        found = await store.get_task(task_id)
+        if found is None:
+            raise TaskNotFound(task_id)
+        if found.state is TaskState.CANCELLED:
+            return found
+        if found.state in (TaskState.SUCCEEDED, TaskState.FAILED) or not tries_left:
+            raise WrongState(task_id, found.state.value, "cancelled", "scheduled or running")
+    raise AssertionError("unreachable: the last try returns or raises")
+
+
+async def cancel_tasks(store: Store, matching: TaskFilter, limit: int) -> int:
+    """Cancel up to `limit` scheduled or running tasks `matching`, lowest ids first; return
+    how many. A task outside the filter is never touched."""
+    states = () if matching.state is None else (matching.state,)
+    return await store.cancel_matching(states=states, kind=matching.kind, limit=limit)
+
+
+async def retry_tasks(store: Store, matching: TaskFilter, limit: int, max_attempts: int) -> int:
+    """Schedule again, as `retry_task` does, up to `limit` failed or cancelled tasks
+    `matching`, lowest ids first; return how many."""
+    states = () if matching.state is None else (matching.state,)
+    return await store.retry_matching(
+        states=states, kind=matching.kind, limit=limit, max_attempts=max_attempts
+    )
 
 
 async def reschedule_task(

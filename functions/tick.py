@@ -56,9 +56,10 @@ async def tick(
         runner = Runner(Store(database, clock=clock), settings, out=out, prune_clock=prune_clock)
         listener = None
         if keep_polling and not behind_pooler(settings):
-            # Wake on new tasks instead of waiting for the next poll (`listen` returns if
-            # its connection finds a transaction pooler, where LISTEN cannot work).
-            listener = asyncio.create_task(listen(settings, runner.notify))
+            # Wake on new tasks instead of waiting for the next poll, and hear of cancels of
+            # running tasks at once (`listen` returns if its connection finds a transaction
+            # pooler, where LISTEN cannot work).
+            listener = asyncio.create_task(listen(settings, runner.notify, runner.heard_cancel))
         try:
             return await runner.run(deadline=deadline, keep_polling=keep_polling, stop=stop)
         finally:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from functions import schedules, tasks
@@ -28,6 +29,7 @@ from functions.kinds import KINDS
 from functions.model import TaskState
 from functions.output import Printer
 from functions.run_state import RunState
+from functions.store import Claimed
 
 # The worker's lines keep one logger name, whichever of its parts writes them (filters use it).
 logger = logging.getLogger("functions.runner")
@@ -268,6 +270,34 @@ class Upkeep:
                 " give the tick a longer timeout",
                 state.worker_id, needs,
             )  # fmt: skip
+
+    # --- cancels -----------------------------------------------------------------------------
+
+    async def cancel_loop(
+        self,
+        stoppable: Callable[[], list[Claimed]],
+        stop: Callable[[set[int]], None],
+    ) -> None:
+        """Stop the held tasks that were cancelled: looked for as soon as a cancel of this
+        worker's tasks is heard (LISTEN), and every poll interval while something it holds
+        can still be stopped (`stoppable`: running, waiting for a slot or for its line to be
+        printed), which is how it learns behind a transaction pooler, in a tick that does
+        not listen, and after a notification missed while reconnecting."""
+        state = self.state
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.cancel_heard.wait(), state.settings.poll_interval_s)
+            state.cancel_heard.clear()
+            held = stoppable()
+            if not held:
+                continue
+            try:
+                gone = await state.store.no_longer_held(held)
+            except DatabaseUnavailable:
+                continue  # looked for again at the next poll
+            gone &= state.held.keys()
+            if gone:
+                stop(gone)
 
     # --- activity ----------------------------------------------------------------------------
 

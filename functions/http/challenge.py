@@ -42,7 +42,7 @@ class OriginalState(StrEnum):
 STATES: dict[OriginalState, tuple[TaskState, ...]] = {
     OriginalState.NOTSTARTED: (TaskState.SCHEDULED,),
     OriginalState.STARTED: (TaskState.RUNNING,),
-    OriginalState.COMPLETE: (TaskState.SUCCEEDED, TaskState.FAILED),
+    OriginalState.COMPLETE: (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED),
 }
 
 
@@ -62,7 +62,8 @@ def parse_state(value: object) -> OriginalState:
 
 
 STATE_DESCRIPTION = (
-    "NOTSTARTED (scheduled), STARTED (running) or COMPLETE (succeeded or failed), any case"
+    "NOTSTARTED (scheduled), STARTED (running) or COMPLETE (succeeded, failed or cancelled),"
+    " any case"
 )
 StateName = Annotated[
     OriginalState,

@@ -19,6 +19,7 @@ class MinuteOut(BaseModel):
     started: int
     succeeded: int
     failed: int
+    cancelled: int
     lateness_p99_ms: float
 
 
@@ -38,8 +39,8 @@ class StatsOut(BaseModel):
     workers: int = Field(description="Distinct workers holding running tasks now.")
     workers_alive: int = Field(description="Workers alive now, busy or idle.")
     last_minute: dict[str, int] = Field(
-        description="Tasks that finished in the last 60 s: succeeded, failed, and retried "
-        "(an attempt failed, another is due)."
+        description="Tasks that finished in the last 60 s: succeeded, failed, retried "
+        "(an attempt failed, another is due) and cancelled."
     )
     lateness_ms: dict[str, float] = Field(
         description="p50, p95, p99 and max of the start lateness of first attempts started "
@@ -72,6 +73,7 @@ class StatsOut(BaseModel):
                     started=m.started,
                     succeeded=m.succeeded,
                     failed=m.failed,
+                    cancelled=m.cancelled,
                     lateness_p99_ms=round(m.lateness_p99_ms, 3),
                 )
                 for m in stats.series
@@ -103,7 +105,8 @@ def metric_families(stats: Stats) -> list[Any]:
         lateness.add_metric([quantile], stats.lateness_ms[key] / 1000)
     finished = GaugeMetricFamily(
         "taskrunner_finished_last_minute",
-        "Tasks that finished in the last 60 s, by outcome (retried: another attempt is due).",
+        "Tasks that finished in the last 60 s, by outcome (retried: another attempt is due;"
+        " cancelled: by a request).",
         labels=["state"],
     )
     for state, n in stats.last_minute.items():

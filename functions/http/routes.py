@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic_core import to_json
@@ -18,6 +18,7 @@ from functions.http.responses import page_json, task_json
 from functions.http.rules import require_json
 from functions.http.schemas import (
     BatchIn,
+    CountOut,
     Cursor,
     IdempotencyKey,
     IdsOut,
@@ -38,7 +39,15 @@ from functions.http.schemas import (
     links,
     schedule_fields,
 )
-from functions.model import BIGINT_MAX, Schedule, Task, TaskState
+from functions.model import (
+    BIGINT_MAX,
+    DEFAULT_BULK,
+    MAX_BULK,
+    Schedule,
+    Task,
+    TaskFilter,
+    TaskState,
+)
 from functions.settings import Settings
 from functions.store import Store
 
@@ -88,6 +97,23 @@ class Route(APIRoute):
                 if name in params and not _DIGITS.fullmatch(str(params[name])):
                     return Match.NONE, {}
         return match, child
+
+
+def task_filter(
+    state: Annotated[
+        TaskState | None,
+        Query(description="scheduled, running, succeeded, failed or cancelled"),
+    ] = None,
+    type: Annotated[KindName | None, Query(description=kind_schema()["description"])] = None,
+) -> TaskFilter:
+    """The filters of `GET /tasks`, read the same way by the bulk cancel and retry."""
+    return TaskFilter(state=state, kind=type)
+
+
+Filters = Annotated[TaskFilter, Depends(task_filter)]
+BulkLimit = Annotated[
+    int, Query(ge=1, le=MAX_BULK, description="the most tasks acted on, lowest ids first")
+]
 
 
 def answer(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -186,10 +212,7 @@ def add_routes(
 
     @app.get("/tasks", response_model=PageOut, dependencies=token_check, responses=fails(400, 422))
     async def list_tasks(
-        state: Annotated[
-            TaskState | None, Query(description="scheduled, running, succeeded or failed")
-        ] = None,
-        type: Annotated[KindName | None, Query(description=kind_schema()["description"])] = None,
+        matching: Filters,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         cursor: Annotated[
             Cursor | None, Query(description="`next_cursor` of the previous page")
@@ -199,8 +222,28 @@ def add_routes(
 
         An answer holds at most 5 MB (Lambda's limit is 6 MB): a page of large payloads has
         fewer than `limit` items, and its `next_cursor` goes on from the last one."""
-        page = await tasks.list_tasks(store, state=state, kind=type, limit=limit, cursor=cursor)
+        page = await tasks.list_tasks(store, matching, limit=limit, cursor=cursor)
         return Response(page_json(page), media_type="application/json")
+
+    # Before `/tasks/{task_id}`'s routes (which match digits only, so would not take these).
+    @app.post(
+        "/tasks/cancel", response_model=CountOut, dependencies=token_check, responses=fails(422)
+    )
+    async def cancel_tasks(matching: Filters, limit: BulkLimit = DEFAULT_BULK) -> Response:
+        """Cancel the scheduled and running tasks that match the filters of `GET /tasks`,
+        at most `limit`, lowest ids first; answer how many. A task outside the filters is
+        never touched; a repeat acts only on tasks that still match."""
+        return answer({"count": await tasks.cancel_tasks(store, matching, limit)})
+
+    @app.post(
+        "/tasks/retry", response_model=CountOut, dependencies=token_check, responses=fails(422)
+    )
+    async def retry_tasks(matching: Filters, limit: BulkLimit = DEFAULT_BULK) -> Response:
+        """Retry, as `POST /tasks/{task_id}/retry` does, the failed and cancelled tasks that
+        match the filters of `GET /tasks`, at most `limit`, lowest ids first; answer how
+        many."""
+        count = await tasks.retry_tasks(store, matching, limit, settings.max_attempts)
+        return answer({"count": count})
 
     @app.get(
         "/tasks/{task_id}",
@@ -229,12 +272,26 @@ def add_routes(
         responses=fails(404, 409, 422),
     )
     async def retry_task(task_id: TaskId) -> Response:
-        """Schedule a failed task again, due now, with a fresh budget of attempts.
+        """Schedule a failed or cancelled task again, due now, with a fresh budget of
+        attempts.
 
         `attempts` counts on and the last `error` stays until the next attempt ends.
-        409 unless the task failed.
+        409 unless the task failed or was cancelled.
         """
         return task_answer(await tasks.retry_task(store, task_id, settings.max_attempts))
+
+    @app.post(
+        "/tasks/{task_id}/cancel",
+        response_model=TaskOut,
+        dependencies=token_check,
+        responses=fails(404, 409, 422),
+    )
+    async def cancel_task(task_id: TaskId) -> Response:
+        """Cancel a scheduled or running task at once: nothing more runs for it, and no
+        result is written over it; the worker running it stops it within a second (within
+        `TASKRUNNER_POLL_INTERVAL_S` behind a transaction pooler) and prints nothing more
+        for it. A task cancelled before: 200, as it is. 409 once it succeeded or failed."""
+        return task_answer(await tasks.cancel_task(store, task_id))
 
     @app.patch(
         "/tasks/{task_id}",

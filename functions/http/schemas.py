@@ -519,6 +519,10 @@ class SchedulePageOut(BaseModel):
     next_cursor: str | None
 
 
+class CountOut(BaseModel):
+    count: int = Field(description="How many tasks were acted on.")
+
+
 class ErrorOut(BaseModel):
     """Every error but 422: what is wrong, in words."""
 

@@ -493,3 +493,39 @@ def test_screenshot(
     path = Path(SCREENSHOT)
     path.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(path), full_page=True)
+
+
+def test_a_running_task_is_cancelled_from_its_page_then_found_by_state_and_retried(
+    taskrunner: Callable[..., str], page: Page, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    api = taskrunner(worker=True, env={"TASKRUNNER_FOO_DELAY_S": "60"})
+    waiting = task_factory("baz", due_in_s=3600.0)
+    task_id = task_factory("foo", due_in_s=-1.0)
+    deadline = time.monotonic() + 30
+    while sql("SELECT state FROM tasks WHERE id = %s", task_id) != [("running",)]:
+        assert time.monotonic() < deadline, "the worker never took it"
+        time.sleep(0.1)
+
+    page.goto(f"{api}/#/tasks/{task_id}")
+    expect(page.locator('dd[data-field="state"]')).to_have_text("running")
+    expect(page.get_by_role("button", name="Retry")).to_be_disabled()
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator('dd[data-field="state"]')).to_have_text("cancelled")
+    expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
+    expect(page.get_by_role("button", name="Run now")).to_be_disabled()
+    assert sql("SELECT state, claimed_by FROM tasks WHERE id = %s", task_id) == [
+        ("cancelled", None)
+    ]
+
+    page.goto(f"{api}/#/tasks")
+    rows = page.locator("#tasks tbody tr")
+    expect(rows).to_have_count(2)
+    page.get_by_role("form", name="Filter tasks").get_by_label("State").select_option("cancelled")
+    expect(rows).to_have_count(1)
+    page.get_by_role("link", name=f"#{task_id}").click()
+    page.get_by_role("button", name="Retry").click()
+    expect(page.locator('dd[data-field="state"]')).to_have_text("running")
+    # A scheduled task can be cancelled too.
+    page.goto(f"{api}/#/tasks/{waiting}")
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator('dd[data-field="state"]')).to_have_text("cancelled")

@@ -139,7 +139,10 @@ async def test_retry_of_a_task_that_did_not_fail_is_409(
     set_state(sql, task_id, state)
     response = await client.post(f"/tasks/{task_id}/retry")
     assert response.status_code == 409, response.text
-    assert f"in state {state}: only a failed task can be retried" in response.json()["detail"]
+    assert (
+        f"in state {state}: only a failed or cancelled task can be retried"
+        in response.json()["detail"]
+    )
     assert (await client.get(f"/tasks/{task_id}")).json()["state"] == state
 
 

@@ -1,14 +1,24 @@
 """Cancelling: one task, by filter, a schedule's unstarted ones; running ones included."""
 
+import asyncio
+import dataclasses
+import io
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import psycopg
+import pytest
 
 from functions import queries
+from functions.settings import Settings
 from functions.store import Store
+from functions.tick import tick
 
 Sql = Callable[..., list[tuple[Any, ...]]]
+FUTURE = "2030-01-01T12:00:00Z"
 
 
 def states(sql: Sql) -> dict[int, tuple[str, str | None, bool]]:
@@ -27,13 +37,168 @@ async def test_a_cancel_by_condition_takes_the_lowest_ids_and_only_what_matches(
     everything = queries.cancel_tasks("kind = %(kind)s")
     with psycopg.connect(database_url, autocommit=True) as listener:
         listener.execute(f"LISTEN {queries.CANCEL_CHANNEL}")
-        assert await store.cancel_tasks(unstarted, limit=1, kind="foo") == [foo[0]]
-        assert await store.cancel_tasks(unstarted, limit=10, kind="foo") == [foo[3]]
+        assert await store.cancel_tasks(unstarted, limit=1, kind="foo") == ([foo[0]], [])
+        assert await store.cancel_tasks(unstarted, limit=10, kind="foo") == ([foo[3]], [])
         assert [n.payload for n in listener.notifies(timeout=0.2)] == []
-        assert await store.cancel_tasks(everything, limit=10, kind="foo") == [foo[1]]
+        assert await store.cancel_tasks(everything, limit=10, kind="foo") == ([foo[1]], ["w1"])
         assert [n.payload for n in listener.notifies(timeout=1, stop_after=1)] == ["w1"]
-        assert await store.cancel_tasks(everything, limit=10, kind="foo") == []
+        assert await store.cancel_tasks(everything, limit=10, kind="foo") == ([], [])
     found = states(sql)
     assert found[foo[0]] == found[foo[1]] == found[foo[3]] == ("cancelled", None, True)
     assert found[foo[2]] == ("succeeded", None, True)
     assert found[baz] == ("scheduled", None, False)
+
+
+async def created(client: httpx.AsyncClient, kind: str = "foo", at: Any = 0) -> int:
+    response = await client.post("/tasks", json={"type": kind, "execute_at": at})
+    assert response.status_code == 201, response.text
+    return int(response.json()["id"])
+
+
+async def until(condition: Callable[[], Any], timeout_s: float = 30.0) -> None:
+    """Wait until `condition()` holds; generous bounds (a starved CI machine), no tight
+    timing: the time taken is not what is tested."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_cancel_answers_the_task_cancelled_then_the_same_and_refuses_a_finished_one(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    task_id = await created(client, at=FUTURE)
+    response = await client.post(f"/tasks/{task_id}/cancel")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["state"] == "cancelled"
+    assert body["finished_at"] is not None
+    assert body["next_attempt_at"] is None
+    again = await client.post(f"/tasks/{task_id}/cancel")
+    assert again.status_code == 200
+    assert again.json() == body
+    for state in ("succeeded", "failed"):
+        other = await created(client, at=FUTURE)
+        sql(
+            "UPDATE tasks SET state = %s, attempts = 1, finished_at = now() WHERE id = %s",
+            state,
+            other,
+        )
+        refused = await client.post(f"/tasks/{other}/cancel")
+        assert refused.status_code == 409
+        assert refused.json()["detail"] == (
+            f"task {other} is in state {state}: only a scheduled or running task can be cancelled"
+        )
+    assert (await client.post("/tasks/999999/cancel")).status_code == 404
+    assert (await client.post("/tasks/0/cancel")).status_code == 422
+    assert (await client.get("/tasks/cancel")).status_code == 405
+
+
+async def test_a_cancelled_task_is_retried_and_runs(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    task_id = await created(client, "baz", at=FUTURE)
+    await client.post(f"/tasks/{task_id}/cancel")
+    response = await client.post(f"/tasks/{task_id}/retry")
+    assert response.status_code == 200, response.text
+    assert response.json()["state"] == "scheduled"
+    assert response.json()["finished_at"] is None
+    out = io.StringIO()
+    assert (await tick(settings, out=out)).succeeded == 1
+    assert out.getvalue().count("\n") == 1
+    refused = await client.post(f"/tasks/{task_id}/retry")
+    assert refused.status_code == 409
+    assert "only a failed or cancelled task can be retried" in refused.json()["detail"]
+
+
+async def worker_running(settings: Settings, out: io.StringIO) -> tuple[Any, asyncio.Event]:
+    stop = asyncio.Event()
+    run = asyncio.create_task(tick(settings, keep_polling=True, stop=stop, out=out))
+    return run, stop
+
+
+async def test_a_running_task_is_cancelled_its_worker_hears_it_and_prints_nothing(
+    client: httpx.AsyncClient, settings: Settings, sql: Sql, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Polling every 60 s: only the notification can tell the worker in time.
+    settings = dataclasses.replace(
+        settings, foo_delay_s=30.0, poll_interval_s=60.0, shutdown_grace_s=0.0
+    )
+    ids = [await created(client) for _ in range(3)]
+    out = io.StringIO()
+    run, stop = await worker_running(settings, out)
+    try:
+        await until(lambda: sql("SELECT count(*) FROM tasks WHERE state = 'running'")[0][0] == 3)
+        response = await client.post(f"/tasks/{ids[0]}/cancel")
+        assert response.json()["state"] == "cancelled"
+        assert response.json()["attempts"] == 1
+        # The worker stops it long before foo would end (30 s) or it would poll (60 s).
+        caplog.set_level(logging.INFO, "functions.runner")
+        await until(lambda: run.done() or "action=cancel worker" in caplog.text, 20.0)
+    finally:
+        stop.set()
+        summary = await run
+    assert summary.cancelled == 1
+    assert "Foo" not in out.getvalue()
+    assert sql("SELECT state, claimed_by FROM tasks WHERE id = %s", ids[0]) == [("cancelled", None)]
+    # The two others were handed back at shutdown, as ever.
+    assert sql("SELECT count(*) FROM tasks WHERE state = 'scheduled'") == [(2,)]
+
+
+async def test_bulk_cancel_and_retry_act_on_the_filter_lowest_ids_first(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    foo = [await created(client, "foo", at=FUTURE) for _ in range(5)]
+    bar = await created(client, "bar", at=FUTURE)
+    response = await client.post("/tasks/cancel", params={"type": "foo", "limit": 3})
+    assert response.json() == {"count": 3}
+    assert [s for (s,) in sql("SELECT state FROM tasks ORDER BY id")] == [
+        *["cancelled"] * 3,
+        *["scheduled"] * 3,
+    ]
+    response = await client.post("/tasks/retry", params={"type": "foo", "limit": 2})
+    assert response.json() == {"count": 2}
+    response = await client.post("/tasks/retry", params={"state": "failed"})
+    assert response.json() == {"count": 0}
+    response = await client.post("/tasks/cancel", params={"state": "succeeded"})
+    assert response.json() == {"count": 0}
+    assert [s for (s,) in sql("SELECT state FROM tasks ORDER BY id")] == [
+        "scheduled",
+        "scheduled",
+        "cancelled",
+        *["scheduled"] * 3,
+    ]
+    assert len(foo) == 5 and bar == foo[-1] + 1
+
+
+async def test_a_tick_stops_its_task_cancelled_while_it_runs(
+    client: httpx.AsyncClient, settings: Settings, sql: Sql
+) -> None:
+    """A tick does not listen: it looks at its poll interval (0.05 s here), and returns
+    without waiting for foo's 30 s."""
+    settings = dataclasses.replace(settings, foo_delay_s=30.0)
+    task_id = await created(client)
+    out = io.StringIO()
+    run = asyncio.create_task(tick(settings, out=out))
+    await until(lambda: sql("SELECT state FROM tasks") == [("running",)])
+    assert (await client.post(f"/tasks/{task_id}/cancel")).status_code == 200
+    summary = await asyncio.wait_for(run, 20.0)
+    assert (summary.claimed, summary.cancelled, summary.succeeded) == (1, 1, 0)
+    assert out.getvalue() == ""
+    assert sql("SELECT state, attempts, claimed_by FROM tasks") == [("cancelled", 1, None)]
+
+
+async def test_cancelled_is_a_state_the_filters_the_original_listing_and_retention_know(
+    client: httpx.AsyncClient, settings: Settings, sql: Sql
+) -> None:
+    cancelled = await created(client, at=FUTURE)
+    await client.post(f"/tasks/{cancelled}/cancel")
+    other = await created(client, at=FUTURE)
+    listed = (await client.get("/tasks", params={"state": "cancelled"})).json()["items"]
+    assert [t["id"] for t in listed] == [cancelled]
+    complete = (await client.get("/taskstate/COMPLETE")).json()
+    assert [t["id"] for t in complete] == [cancelled]
+    # Pruned as finished tasks are, once past the retention.
+    sql("UPDATE tasks SET finished_at = now() - interval '8 days' WHERE id = %s", cancelled)
+    assert (await tick(settings, out=io.StringIO())).pruned == 1
+    assert sql("SELECT id FROM tasks") == [(other,)]

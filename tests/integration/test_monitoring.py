@@ -30,7 +30,8 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 def counts_in_database(sql: Sql) -> dict[str, dict[str, int]]:
     found: dict[str, dict[str, int]] = {
-        s: {"bar": 0, "baz": 0, "foo": 0} for s in ("scheduled", "running", "succeeded", "failed")
+        s: {"bar": 0, "baz": 0, "foo": 0}
+        for s in ("scheduled", "running", "succeeded", "failed", "cancelled")
     }
     for state, kind, n in sql("SELECT state, kind, count(*) FROM tasks GROUP BY 1, 2"):
         found[state][kind] = n
@@ -58,6 +59,14 @@ async def test_stats_match_the_database(
     held = task_factory("foo", due_in_s=-1.0)
     sql("INSERT INTO workers (id, lease_expires_at) VALUES ('w', now() + interval '1 minute')")
     sql("UPDATE tasks SET state = 'running', attempts = 1, claimed_by = 'w' WHERE id = %s", held)
+    # And 2 cancelled: one before it ran, one while it ran (the worker above).
+    cancelled = [task_factory("bar", due_in_s=3600.0), task_factory("foo", due_in_s=-1.0)]
+    sql(
+        "UPDATE tasks SET state = 'running', attempts = 1, claimed_by = 'w' WHERE id = %s",
+        cancelled[1],
+    )
+    for task_id in cancelled:
+        assert (await client.post(f"/tasks/{task_id}/cancel")).status_code == 200
 
     response = await client.get("/stats")
     assert response.status_code == 200, response.text
@@ -67,7 +76,8 @@ async def test_stats_match_the_database(
     assert got["due"] == 3
     assert 119 < got["oldest_due_age_s"] < 130
     assert (got["workers"], got["workers_alive"]) == (1, 1)
-    assert got["last_minute"] == {"succeeded": 35, "failed": 2, "retried": 0}
+    assert got["counts"]["cancelled"] == {"bar": 1, "baz": 0, "foo": 1}
+    assert got["last_minute"] == {"succeeded": 35, "failed": 2, "retried": 0, "cancelled": 2}
     lateness = got["lateness_ms"]
     # Started about a second after their time (task_factory's -1 s), within a bucket (12%).
     assert 800 < lateness["p50"] <= lateness["p95"] <= lateness["p99"] <= lateness["max"] < 5000
@@ -75,6 +85,7 @@ async def test_stats_match_the_database(
     assert len(series) == 60
     assert sum(m["started"] for m in series) == 37
     assert (sum(m["succeeded"] for m in series), sum(m["failed"] for m in series)) == (35, 2)
+    assert sum(m["cancelled"] for m in series) == 2
     assert series[-1]["minute"] > series[0]["minute"]
 
 
@@ -188,6 +199,8 @@ async def test_metrics_say_the_same_in_prometheus_text(
         task_factory("baz")
     await tick(settings, out=io.StringIO())
     task_factory("foo", due_in_s=-2.0)
+    cancelled = task_factory("bar", due_in_s=60.0)
+    assert (await client.post(f"/tasks/{cancelled}/cancel")).status_code == 200
 
     response = await client.get("/metrics")
     assert response.status_code == 200
@@ -203,6 +216,8 @@ async def test_metrics_say_the_same_in_prometheus_text(
     assert samples[("taskrunner_oldest_due_age_seconds", ())] >= 2
     assert samples[("taskrunner_workers", ())] == 0
     assert samples[("taskrunner_finished_last_minute", (("state", "succeeded"),))] == 4
+    assert samples[("taskrunner_tasks", (("state", "cancelled"), ("type", "bar")))] == 1
+    assert samples[("taskrunner_finished_last_minute", (("state", "cancelled"),))] == 1
     quantiles = {
         dict(labels)["quantile"]: value
         for (name, labels), value in samples.items()
@@ -230,7 +245,7 @@ async def test_large_tables_are_counted_from_a_sample(
     monkeypatch.setattr(report, "EXACT_UP_TO", 1_000)
     monkeypatch.setattr(report, "SAMPLE_ROWS", 20_000)
     got = (await client.get("/stats")).json()
-    assert got["estimated"] == ["failed", "succeeded"]
+    assert got["estimated"] == ["cancelled", "failed", "succeeded"]
     assert 20_000 < got["counts"]["succeeded"]["baz"] < 40_000  # 30,000, from about half
     assert 5_000 < got["counts"]["succeeded"]["foo"] < 15_000  # 10,000
 
@@ -265,7 +280,7 @@ async def test_a_drained_table_is_estimated_from_its_live_rows(
     monkeypatch.setattr(report, "SAMPLE_ROWS", 2_000)  # ~20 of the table's pages
     for _ in range(20):
         got = (await client.get("/stats")).json()
-        assert got["estimated"] == ["failed", "succeeded"]
+        assert got["estimated"] == ["cancelled", "failed", "succeeded"]
         assert got["counts"]["scheduled"] == {"bar": 0, "baz": left * 3 // 4, "foo": left // 4}
         succeeded = got["counts"]["succeeded"]
         assert abs(sum(succeeded.values()) - n) <= 2, succeeded  # (rounded per kind)
@@ -299,7 +314,7 @@ async def test_a_sample_that_misses_every_finished_row_is_taken_again_wider(
     got = (await client.get("/stats")).json()
     succeeded = sum(got["counts"]["succeeded"].values())
     if found:
-        assert got["estimated"] == ["failed", "succeeded"]
+        assert got["estimated"] == ["cancelled", "failed", "succeeded"]
         assert abs(succeeded - n) <= 2, got["counts"]
     else:
         assert succeeded == 0, got["counts"]

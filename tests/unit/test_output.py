@@ -3,13 +3,14 @@ reported, and a full pipe holds up nothing but the writer's thread."""
 
 import asyncio
 import fcntl
+import io
 import os
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from functions.output import LineWriter, lease_margin_s
+from functions.output import LineWriter, Printer, lease_margin_s
 
 
 def test_the_margin_is_a_second_or_a_tenth_of_the_lease() -> None:
@@ -82,3 +83,22 @@ async def test_a_full_pipe_stops_only_the_writer_and_close_drops_what_waits(
     got += read(read_fd)
     reported.extend(writer.take_out())
     assert got.decode().splitlines() == [f"Baz {i:05}" for i in sorted(reported)]
+
+
+async def test_a_dropped_line_is_never_printed_nor_handed_on() -> None:
+    """A cancelled task's line still waiting (here: no lease yet) is dropped; the others go."""
+    out = io.StringIO()
+    handed: list[str] = []
+    printer: Printer[str] = Printer(out, 30.0, 1.0, handed.extend, lambda _: None)
+    printer.start(time.monotonic() - 3600.0)  # a lease that ran out: lines wait
+    for key in (1, 2, 3):
+        printer.print(key, f"Foo {key}", f"result {key}")
+    printer.drop({2})
+    assert printer.waiting_keys == [1, 3]
+    printer.renewed(time.monotonic())
+    deadline = time.monotonic() + 10
+    while printer.waiting and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await printer.close()
+    assert out.getvalue() == "Foo 1\nFoo 3\n"
+    assert handed == ["result 1", "result 3"]

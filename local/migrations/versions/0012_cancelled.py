@@ -5,8 +5,10 @@
   running task has `claimed_by`) and waits for no retry (`retry_only_when_scheduled`), so a
   worker's fenced writes (`claimed_by = me`) can never land on it.
 - `tasks_finished` (retention: the prune's order) holds cancelled tasks too.
-- `tasks_cancelled_id` serves `GET /tasks?state=cancelled`, as `tasks_failed_id` serves
-  failed ones: partial, so a claim or a finish adds nothing to it.
+- `tasks_cancelled_id` serves `GET /tasks?state=cancelled` and the retry of cancelled tasks,
+  as `tasks_failed_id` serves failed ones: partial, so a claim or a finish adds nothing to it.
+- `task_activity.cancelled`: tasks cancelled in each 10-second bucket, counted by the cancel
+  itself (/stats). A constant default: added without rewriting the table.
 
 Cost: the two constraints are replaced and validated, and the index rebuilt, in the
 migration's transaction, which holds writes to `tasks` (ACCESS EXCLUSIVE) for a scan of the
@@ -37,6 +39,7 @@ def upgrade() -> None:
         CREATE INDEX tasks_finished ON tasks (finished_at)
             WHERE state IN ('succeeded', 'failed', 'cancelled');
         CREATE INDEX tasks_cancelled_id ON tasks (id) WHERE state = 'cancelled';
+        ALTER TABLE task_activity ADD COLUMN cancelled bigint NOT NULL DEFAULT 0;
         """
     )
 
@@ -45,6 +48,7 @@ def downgrade() -> None:
     # Cancelled tasks have no place in the older schema: they go, as pruned ones do.
     op.execute(
         """
+        ALTER TABLE task_activity DROP COLUMN cancelled;
         DELETE FROM tasks WHERE state = 'cancelled';
         DROP INDEX tasks_cancelled_id;
         DROP INDEX tasks_finished;

@@ -6,7 +6,7 @@
 
 const BASE = document.documentElement.dataset.base || "";
 const KINDS = (document.documentElement.dataset.kinds || "").split(" ").filter(Boolean);
-const STATES = ["scheduled", "running", "succeeded", "failed"];
+const STATES = ["scheduled", "running", "succeeded", "failed", "cancelled"];
 const REFRESH_MS = 3000;
 // A task shown while it is due or running is looked at more often: its result is near.
 const WATCH_MS = 1000;
@@ -346,6 +346,7 @@ async function refreshOverview() {
   setText("workers-alive", fmtNumber(stats.workers_alive));
   setText("last-succeeded", fmtNumber(stats.last_minute.succeeded || 0));
   setText("last-failed", fmtNumber(stats.last_minute.failed || 0));
+  setText("last-cancelled", fmtNumber(stats.last_minute.cancelled || 0));
   setText("last-retried", fmtNumber(stats.last_minute.retried || 0));
   setText("lateness-p99", fmtMs(stats.lateness_ms.p99));
   setText("lateness-p50", fmtMs(stats.lateness_ms.p50));
@@ -488,13 +489,16 @@ function drawTask(task) {
   $("action-run").disabled = !scheduled;
   $("action-reschedule").disabled = !scheduled;
   $("reschedule-at").disabled = !scheduled;
-  $("action-retry").disabled = task.state !== "failed";
+  $("action-cancel").disabled = !scheduled && task.state !== "running";
+  $("action-retry").disabled = task.state !== "failed" && task.state !== "cancelled";
   $("action-delete").disabled = task.state === "running";
   setText("actions-note", {
-    scheduled: "Run now makes it due at once; Reschedule moves its time.",
-    running: "A running task cannot be changed or deleted until it finishes.",
+    scheduled: "Run now makes it due at once; Reschedule moves its time; Cancel stops it for good.",
+    running: "Cancel stops it at once (a line it printed already stays); otherwise it cannot be"
+      + " changed or deleted until it finishes.",
     succeeded: "A finished task can only be deleted.",
     failed: "Retry schedules it again, due now, with a fresh budget of attempts.",
+    cancelled: "Retry schedules it again, due now, with a fresh budget of attempts.",
   }[task.state]);
 }
 
@@ -507,7 +511,8 @@ async function refreshTask(id) {
       setText("task-title", `Task #${id}`);
       $("task-fields").replaceChildren();
       show($("task-error"), "There is no such task (it was deleted, or pruned once finished).");
-      for (const b of ["action-run", "action-retry", "action-delete", "action-reschedule"]) {
+      for (const b of ["action-run", "action-cancel", "action-retry", "action-delete",
+        "action-reschedule"]) {
         $(b).disabled = true;
       }
       return;
@@ -543,6 +548,7 @@ let tasksFlash = "";
 let lastList = "#/tasks";
 
 $("action-run").addEventListener("click", () => act("Run now", "POST", "/run"));
+$("action-cancel").addEventListener("click", () => act("Cancel", "POST", "/cancel"));
 $("action-retry").addEventListener("click", () => act("Retry", "POST", "/retry"));
 $("action-delete").addEventListener("click", () => {
   $("confirm-delete").returnValue = "";
