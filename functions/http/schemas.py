@@ -14,6 +14,7 @@ from pydantic import (
     GetJsonSchemaHandler,
     ModelWrapValidatorHandler,
     PlainValidator,
+    StrictBool,
     TypeAdapter,
     WithJsonSchema,
     model_validator,
@@ -373,7 +374,13 @@ TimeZone = Annotated[
 ScheduleCursor = Annotated[
     str,
     PlainValidator(schedules.parse_name_cursor),
-    WithJsonSchema({"type": "string", "description": "`next_cursor` of the previous page"}),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": model.SCHEDULE_NAME_PATTERN,
+            "description": "`next_cursor` of the previous page",
+        }
+    ),
 ]
 _CATCH_UP = (
     "After everything was stopped across occurrences: `latest` makes one task, for the most"
@@ -394,7 +401,8 @@ class _ScheduleFields(BaseModel):
     timeout_s: TimeoutS = None
     priority: Priority | None = None
     catch_up: CatchUp = Field(CatchUp.LATEST, description=_CATCH_UP)
-    enabled: bool = True
+    # Strict: `0` or `"yes"` is refused, not read as false or true.
+    enabled: StrictBool = True
 
     def to_domain(self) -> schedules.ScheduleIn:
         return schedules.ScheduleIn(
@@ -438,7 +446,7 @@ class SchedulePatchIn(BaseModel):
     timeout_s: TimeoutS | None = None
     priority: Priority | None = None
     catch_up: CatchUp = Field(default=None)  # type: ignore[assignment]
-    enabled: bool = Field(default=None)  # type: ignore[assignment]
+    enabled: StrictBool = Field(default=None)  # type: ignore[assignment]
 
     @model_validator(mode="after")
     def _something(self) -> Self:
