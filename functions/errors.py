@@ -29,6 +29,21 @@ class WrongState(TaskrunnerError):
         self.state = state
 
 
+class ScheduleNotFound(TaskrunnerError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"schedule {name!r} does not exist")
+        self.name = name
+
+
+class ScheduleExists(TaskrunnerError):
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"schedule {name!r} exists already: PUT /schedules/{name} replaces it, PATCH"
+            " changes some of its fields"
+        )
+        self.name = name
+
+
 class IdempotencyKeyReused(TaskrunnerError):
     """An idempotency key sent again with a different type or execute_at."""
 

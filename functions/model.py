@@ -51,6 +51,9 @@ class Task:
     idempotency_key: str | None = None
     # Any JSON value, given to the kind as `ctx.payload`; None when there is none (JSON null).
     payload: Any = None
+    # The schedule that made this task, and the occurrence it is (None for any other task).
+    schedule: str | None = None
+    scheduled_for: datetime | None = None
     # 0 (the default) to 9: among tasks that are due, a lower number runs first.
     priority: int = 0
     # A run still going after this long is stopped; None: the kind's own limit.
@@ -80,6 +83,59 @@ class NewTask:
         idempotency key stands for besides the kind, the time and the payload."""
         max_attempts = default_max_attempts if self.max_attempts is None else self.max_attempts
         return max_attempts, self.timeout_s, self.priority
+
+
+class CatchUp(StrEnum):
+    """What a schedule creates for the occurrences it missed (everything was stopped)."""
+
+    # One task, for the most recent occurrence missed.
+    LATEST = "latest"
+    # One task per occurrence missed, the most recent MAX_CATCH_UP of them.
+    ALL = "all"
+    # None: only occurrences still to come (and those due less than a minute ago).
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A task that recurs: each occurrence of `cron` in `timezone` becomes one task."""
+
+    name: str
+    kind: str
+    # Five fields, or @hourly, @daily, @weekly, @monthly, @yearly.
+    cron: str
+    # An IANA name, read with zoneinfo.
+    timezone: str
+    payload: Any = None
+    # The options each of its tasks gets; None: the deployment's defaults.
+    max_attempts: int | None = None
+    timeout_s: float | None = None
+    priority: int | None = None
+    catch_up: CatchUp = CatchUp.LATEST
+    enabled: bool = True
+    # The last occurrence it created a task for (None: none yet).
+    last_occurrence_at: datetime | None = None
+    # The first occurrence it has not created yet; None while disabled.
+    next_run_at: datetime | None = None
+    # Occurrences missed while everything was stopped that catch_up did not create.
+    skipped_occurrences: int = 0
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    # The task of the last occurrence made, and its state (None: none, or it was deleted).
+    last_task_id: int | None = None
+    last_task_state: TaskState | None = None
+
+
+@dataclass(frozen=True)
+class SchedulePage:
+    items: list[Schedule]
+    next_cursor: str | None
+
+
+# A schedule's name: what a URL path segment holds as it is.
+SCHEDULE_NAME_PATTERN = "^[a-z0-9][a-z0-9_.-]{0,127}$"
+# The most occurrences one schedule catches up with `catch_up: all` after downtime.
+MAX_CATCH_UP = 1_000
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,8 @@ TASK_COLUMNS = f"""
     created_at AT TIME ZONE 'UTC' AS created_at,
     started_at AT TIME ZONE 'UTC' AS started_at,
     finished_at AT TIME ZONE 'UTC' AS finished_at,
-    attempts, max_attempts, output, error, idempotency_key, payload, priority, timeout_s
+    attempts, max_attempts, output, error, idempotency_key, payload, priority, timeout_s,
+    schedule, scheduled_for AT TIME ZONE 'UTC' AS scheduled_for
 """
 
 # Creating a task due within NOTIFY_HORIZON wakes listening workers (in the same
@@ -402,6 +403,128 @@ RESCHEDULE_TASK = _act(
         END""",
 )
 
+# --- schedules (migration 0011; functions/schedules.py) ------------------------------------
+
+SCHEDULE_COLUMNS = """
+    name, kind, cron, timezone, payload, max_attempts, timeout_s, priority, catch_up, enabled,
+    last_occurrence_at AT TIME ZONE 'UTC' AS last_occurrence_at,
+    next_run_at AT TIME ZONE 'UTC' AS next_run_at,
+    skipped_occurrences,
+    created_at AT TIME ZONE 'UTC' AS created_at,
+    updated_at AT TIME ZONE 'UTC' AS updated_at
+"""
+
+# The time a change of a schedule is made at: the database's (or a test's, queries.NOW).
+NOW_UTC = f"SELECT {NOW} AT TIME ZONE 'UTC'"
+
+# A schedule as shown: with the task of the last occurrence made, and its state (the
+# `tasks_occurrence` index, read backwards: one row).
+_SHOWN_SCHEDULE = f"""
+SELECT {SCHEDULE_COLUMNS}, last.id AS last_task_id, last.state AS last_task_state
+FROM schedules
+LEFT JOIN LATERAL (
+    SELECT id, state FROM tasks
+    WHERE tasks.schedule = schedules.name
+    ORDER BY scheduled_for DESC
+    LIMIT 1
+) AS last ON true"""
+
+GET_SCHEDULE = f"{_SHOWN_SCHEDULE}\nWHERE name = %(name)s"
+
+# A change (create, replace, PATCH, DELETE) locks the schedule first: it waits for a creator
+# of occurrences that holds it, and then reads the occurrences that creator made, so the new
+# next occurrence is worked out from the last one made, never from one before it.
+LOCK_SCHEDULE = f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE name = %(name)s FOR UPDATE"
+
+LIST_SCHEDULES = f"""{_SHOWN_SCHEDULE}
+WHERE name > %(after)s COLLATE "C"
+ORDER BY name COLLATE "C"
+LIMIT %(limit)s
+"""
+
+_SCHEDULE_VALUES = """
+    %(kind)s, %(cron)s, %(timezone)s, CAST(%(payload)s AS jsonb), %(max_attempts)s,
+    %(timeout_s)s, %(priority)s, %(catch_up)s, %(enabled)s, %(last_occurrence_at)s,
+    %(next_run_at)s, %(skipped_occurrences)s"""
+
+# Nothing when the name was taken meanwhile (a concurrent create): the change is tried again.
+INSERT_SCHEDULE = f"""
+INSERT INTO schedules (name, kind, cron, timezone, payload, max_attempts, timeout_s,
+    priority, catch_up, enabled, last_occurrence_at, next_run_at, skipped_occurrences)
+VALUES (%(name)s, {_SCHEDULE_VALUES})
+ON CONFLICT (name) DO NOTHING
+RETURNING {SCHEDULE_COLUMNS}
+"""
+
+UPDATE_SCHEDULE = f"""
+UPDATE schedules
+SET (kind, cron, timezone, payload, max_attempts, timeout_s, priority, catch_up, enabled,
+    last_occurrence_at, next_run_at, skipped_occurrences) = ({_SCHEDULE_VALUES}),
+    updated_at = now()
+WHERE name = %(name)s
+RETURNING {SCHEDULE_COLUMNS}
+"""
+
+DELETE_SCHEDULE = "DELETE FROM schedules WHERE name = %(name)s"
+
+# The creator of occurrences, first half: the enabled schedules whose next occurrence is due
+# within `ahead_s`, locked until the transaction that creates their tasks commits. Through
+# the `schedules_next_run` index, in its order, at most `limit`: its cost is that of the due
+# schedules, whatever the number of others. SKIP LOCKED: creators running at once split the
+# due schedules, and none waits for a PATCH. With `now`, the time the occurrences are
+# worked out at (functions/schedules.py).
+PICK_DUE_SCHEDULES = f"""
+SELECT {SCHEDULE_COLUMNS}, {NOW} AT TIME ZONE 'UTC' AS now
+FROM schedules
+WHERE enabled
+  AND next_run_at <= {NOW} + make_interval(secs => CAST(%(ahead_s)s AS float8))
+-- The column, not the output's `next_run_at` (in UTC), which ORDER BY would read first: the
+-- index's order, no sort.
+ORDER BY schedules.next_run_at
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
+"""
+
+# Second half, in the same transaction: the occurrences' tasks, and each schedule moved past
+# them (its next occurrence; its last one made; the missed ones it skipped). Times travel as
+# whole microseconds (_AT_FROM_US). ON CONFLICT: an occurrence made already is not made again
+# (the second guard; the locked row is the first). The tasks wake listening workers as any
+# new task does.
+CREATE_OCCURRENCES = f"""
+WITH new AS (
+    SELECT schedule, kind, max_attempts, payload, timeout_s, priority, {_AT_FROM_US} AS at
+    FROM json_to_recordset(CAST(%(tasks)s AS json)) AS (schedule text, kind text,
+        at_us bigint, max_attempts int, payload jsonb, timeout_s float8, priority smallint)
+), inserted AS (
+    INSERT INTO tasks (kind, execute_at, max_attempts, payload, timeout_s, priority, schedule,
+        scheduled_for)
+    SELECT kind, at, max_attempts, payload, timeout_s, priority, schedule, at FROM new
+    ORDER BY schedule, at
+    ON CONFLICT (schedule, scheduled_for) WHERE schedule IS NOT NULL DO NOTHING
+    RETURNING execute_at
+), moved AS (
+    UPDATE schedules AS s
+    SET next_run_at = timestamptz 'epoch' + make_interval(secs => m.next_us / 1e6),
+        last_occurrence_at = coalesce(
+            timestamptz 'epoch' + make_interval(secs => m.last_us / 1e6), s.last_occurrence_at
+        ),
+        skipped_occurrences = s.skipped_occurrences + m.skipped
+    FROM json_to_recordset(CAST(%(schedules)s AS json))
+        AS m(name text, next_us bigint, last_us bigint, skipped bigint)
+    WHERE s.name = m.name
+    RETURNING 1
+), notified AS (
+    SELECT {_NOTIFY_IF_SOON} FROM inserted
+)
+SELECT (SELECT count(*) FROM inserted) AS created, (SELECT count(*) FROM moved) AS moved
+FROM notified
+"""
+
+# --- cancelling (migration 0012) ------------------------------------------------------------
+# Workers LISTEN here too: a cancel of running tasks NOTIFYs, once per worker that held one,
+# with that worker's id; the worker then reads which of its tasks it no longer holds
+# (NO_LONGER_HELD) and stops them. (Behind a transaction pooler, which has no LISTEN, a
+# worker reads that every poll interval instead.)
 # --- cancelling, and retrying many (migration 0012) -------------------------------------------
 # Workers LISTEN here too: a cancel of running tasks NOTIFYs (ANNOUNCE_CANCELS), once per
 # worker that held one, with that worker's id; the worker then reads which of its tasks it
@@ -535,6 +658,13 @@ FROM json_to_recordset(CAST(%(held)s AS json)) AS h(id bigint, attempt integer)
 LEFT JOIN tasks AS t ON t.id = h.id
 WHERE t.id IS NULL OR t.state = 'cancelled' OR t.attempts <> h.attempt
 """
+
+
+# A schedule disabled or deleted: its occurrences that have not started are cancelled (a
+# retry waiting after a first attempt has started: it stays, as a running one does).
+CANCEL_UNSTARTED_OCCURRENCES = cancel_tasks(
+    "schedule = %(name)s AND started_at IS NULL", ("scheduled",)
+)
 
 
 # --- workers ------------------------------------------------------------------------------

@@ -170,6 +170,7 @@ class Runner:
             asyncio.create_task(state.guard(self.completer.run(), "write")),
             asyncio.create_task(state.guard(self.upkeep.heartbeat_loop(), "heartbeat")),
             asyncio.create_task(state.guard(self.upkeep.activity_loop(), "activity")),
+            asyncio.create_task(state.guard(self.upkeep.schedules_loop(), "schedules")),
             asyncio.create_task(
                 state.guard(self.upkeep.cancel_loop(self._stoppable, self._stop), "cancel")
             ),
@@ -177,6 +178,7 @@ class Runner:
         try:
             try:
                 await self.upkeep.rescue()
+                await self.upkeep.create_occurrences()
                 await self.upkeep.prune_if_due(deadline)
                 await self.upkeep.warn_unserved_if_due()
             except DatabaseUnavailable as exc:

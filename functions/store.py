@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import operator
@@ -25,7 +26,7 @@ from functions.conninfo import behind_pooler, connect
 from functions.counters import Activity
 from functions.db import Coalescer, Database, first_line
 from functions.errors import DatabaseUnavailable, IdempotencyKeyReused, SchemaOutdated
-from functions.model import NewTask, Task, TaskState
+from functions.model import CatchUp, NewTask, Schedule, Task, TaskState
 from functions.parsing import excerpt
 from functions.settings import Settings
 
@@ -121,9 +122,87 @@ def _task(row: Any) -> Task:
         error=row.error,
         idempotency_key=row.idempotency_key,
         payload=row.payload,
+        schedule=row.schedule,
+        scheduled_for=_utc(row.scheduled_for),
         priority=row.priority,
         timeout_s=row.timeout_s,
     )
+
+
+def _schedule(row: Any) -> Schedule:
+    return Schedule(
+        name=row.name,
+        kind=row.kind,
+        cron=row.cron,
+        timezone=row.timezone,
+        payload=row.payload,
+        max_attempts=row.max_attempts,
+        timeout_s=row.timeout_s,
+        priority=row.priority,
+        catch_up=CatchUp(row.catch_up),
+        enabled=row.enabled,
+        last_occurrence_at=_utc(row.last_occurrence_at),
+        next_run_at=_utc(row.next_run_at),
+        skipped_occurrences=row.skipped_occurrences,
+        created_at=_utc(row.created_at),
+        updated_at=_utc(row.updated_at),
+        last_task_id=getattr(row, "last_task_id", None),
+        last_task_state=None
+        if getattr(row, "last_task_state", None) is None
+        else TaskState(row.last_task_state),
+    )
+
+
+def _schedule_params(schedule: Schedule) -> dict[str, Any]:
+    return {
+        "name": schedule.name,
+        "kind": schedule.kind,
+        "cron": schedule.cron,
+        "timezone": schedule.timezone,
+        "payload": _payload_param(schedule.payload),
+        "max_attempts": schedule.max_attempts,
+        "timeout_s": schedule.timeout_s,
+        "priority": schedule.priority,
+        "catch_up": schedule.catch_up.value,
+        "enabled": schedule.enabled,
+        "last_occurrence_at": schedule.last_occurrence_at,
+        "next_run_at": schedule.next_run_at,
+        "skipped_occurrences": schedule.skipped_occurrences,
+    }
+
+
+def _us(when: datetime | None) -> int | None:
+    return None if when is None else (when - _EPOCH) // _MICROSECOND
+
+
+class Occurrence(NamedTuple):
+    """The task one occurrence of a schedule becomes."""
+
+    schedule: str
+    kind: str
+    at: datetime
+    max_attempts: int
+    payload: Any = None
+    timeout_s: float | None = None
+    priority: int = 0
+
+
+class ScheduleAdvance(NamedTuple):
+    """How a schedule moves on once its due occurrences are made."""
+
+    name: str
+    next_run_at: datetime
+    # The last occurrence made now (None: none was).
+    last_occurrence_at: datetime | None
+    # Missed occurrences its catch_up left out.
+    skipped: int
+
+
+# Given the schedules found due (each with the database's time then), the tasks to make and
+# how each schedule moves on (functions/schedules.py).
+PlanOccurrences = Callable[
+    [list[tuple[Schedule, datetime]]], tuple[list[Occurrence], list[ScheduleAdvance]]
+]
 
 
 # A payload as the statements take it: its compact JSON (checked before, by
@@ -290,8 +369,11 @@ class Store:
     COALESCE_INFLIGHT = 2
     COALESCE_MAX = 100
 
-    def __init__(self, database: Database) -> None:
+    def __init__(
+        self, database: Database, *, clock: Callable[[], datetime | None] | None = None
+    ) -> None:
         self.database = database
+        self._clock = clock
         # A call waits for its statement at most as long as for a pooled connection.
         bounds: dict[str, Any] = {
             "max_inflight": self.COALESCE_INFLIGHT,
@@ -668,6 +750,150 @@ class Store:
         )
         return _outcome_of(rows)
 
+    # --- schedules ---------------------------------------------------------------------------
+
+    # The most schedules one transaction of the creator locks and makes occurrences for.
+    SCHEDULE_BATCH = 1_000
+
+    def clock(self) -> datetime | None:
+        """A test's time for the schedules and the claim (queries.NOW), given as `clock`
+        (River's injectable now); None, always in production: the database's."""
+        return None if self._clock is None else self._clock()
+
+    async def get_schedule(self, name: str) -> Schedule | None:
+        rows = await self._all(queries.GET_SCHEDULE, name=name)
+        return _schedule(rows[0]) if rows else None
+
+    async def list_schedules(self, *, after: str, limit: int) -> list[Schedule]:
+        """Schedules named after `after` (byte order), at most `limit`."""
+        rows = await self._all(queries.LIST_SCHEDULES, after=after, limit=limit)
+        return [_schedule(row) for row in rows]
+
+    async def change_schedule(
+        self, name: str, change: Callable[[Schedule | None, datetime], Schedule | None]
+    ) -> tuple[Schedule | None, Schedule | None]:
+        """Apply `change` to the schedule `name` in one transaction, the row locked: it gets
+        the schedule (None: there is none) and the time now, and returns the schedule to
+        write (None: delete it); an exception out of it changes nothing. A schedule deleted
+        or disabled by it has its occurrences that have not started cancelled, in the same
+        transaction. Returns the schedule as written and as it was."""
+        for _ in range(_KEY_TRIES):
+            cancelled: list[Cancelled] = []
+            try:
+                result = await self._transaction(
+                    functools.partial(self._change, name=name, change=change, cancelled=cancelled)
+                )
+            except _KeyVanished:  # created meanwhile by another request: try again
+                continue
+            # Only once the change has committed (queries.ANNOUNCE_CANCELS says why).
+            for done in cancelled:
+                await self.announce(done)
+            return result
+        raise DatabaseUnavailable("the schedule kept changing under this request; try again")
+
+    async def _change(
+        self,
+        conn: AsyncConnection[Any],
+        name: str,
+        change: Callable[[Schedule | None, datetime], Schedule | None],
+        cancelled: list[Cancelled],
+    ) -> tuple[Schedule | None, Schedule | None]:
+        cursor = conn.cursor(row_factory=namedtuple_row)
+        await cursor.execute(queries.NOW_UTC, {"now": self.clock()})
+        [(now,)] = await cursor.fetchall()
+        await cursor.execute(queries.LOCK_SCHEDULE, {"name": name})
+        rows = await cursor.fetchall()
+        before = _schedule(rows[0]) if rows else None
+        after = change(before, now.replace(tzinfo=UTC))
+        if after is before:  # nothing to write
+            pass
+        elif after is None:
+            await cursor.execute(queries.DELETE_SCHEDULE, {"name": name})
+        else:
+            sql = queries.INSERT_SCHEDULE if before is None else queries.UPDATE_SCHEDULE
+            await cursor.execute(sql, _schedule_params(after))
+            if not await cursor.fetchall():
+                raise _KeyVanished
+        if after is not before and (after is None or not after.enabled):
+            while True:
+                done = await self.cancel_tasks(
+                    queries.CANCEL_UNSTARTED_OCCURRENCES,
+                    limit=self.WRITE_BATCH,
+                    conn=conn,
+                    name=name,
+                )
+                cancelled.append(done)
+                if len(done.ids) < self.WRITE_BATCH:
+                    break
+        if after is not None:  # as shown, with its last task (cancelled by now, maybe)
+            await cursor.execute(queries.GET_SCHEDULE, {"name": name})
+            after = _schedule((await cursor.fetchall())[0])
+        return after, before
+
+    async def create_occurrences(self, plan: PlanOccurrences, *, ahead_s: float) -> int:
+        """Make the tasks of the occurrences due within `ahead_s`: lock the schedules due
+        (queries.PICK_DUE_SCHEDULES), `plan` their tasks, write them and move the schedules
+        on, one transaction per SCHEDULE_BATCH schedules; return how many tasks were made."""
+        made = 0
+        while True:
+            picked, created = await self._transaction(
+                lambda conn: self._create_occurrences(conn, plan, ahead_s)
+            )
+            made += created
+            if picked < self.SCHEDULE_BATCH:
+                return made
+
+    async def _create_occurrences(
+        self, conn: AsyncConnection[Any], plan: PlanOccurrences, ahead_s: float
+    ) -> tuple[int, int]:
+        # The index, whatever the statistics say (a fresh table has none): see PINNED_PLAN.
+        await conn.execute(queries.PINNED_PLAN)
+        cursor = conn.cursor(row_factory=namedtuple_row)
+        await cursor.execute(
+            queries.PICK_DUE_SCHEDULES,
+            {
+                "now": self.clock(),
+                "ahead_s": ahead_s,
+                "limit": self.SCHEDULE_BATCH,
+            },
+        )
+        rows: list[Any] = await cursor.fetchall()
+        if not rows:
+            return 0, 0
+        tasks, moved = plan([(_schedule(row), row.now.replace(tzinfo=UTC)) for row in rows])
+        await cursor.execute(
+            queries.CREATE_OCCURRENCES,
+            {
+                "tasks": _dump_payload(
+                    [
+                        {
+                            "schedule": t.schedule,
+                            "kind": t.kind,
+                            "at_us": _us(t.at),
+                            "max_attempts": t.max_attempts,
+                            "payload": t.payload,
+                            "timeout_s": t.timeout_s,
+                            "priority": t.priority,
+                        }
+                        for t in tasks
+                    ]
+                ),
+                "schedules": _dump_payload(
+                    [
+                        {
+                            "name": m.name,
+                            "next_us": _us(m.next_run_at),
+                            "last_us": _us(m.last_occurrence_at),
+                            "skipped": m.skipped,
+                        }
+                        for m in moved
+                    ]
+                ),
+            },
+        )
+        [(created, _)] = await cursor.fetchall()
+        return len(rows), int(created)
+
     async def cancel_tasks(
         self,
         statement: str,
@@ -763,7 +989,9 @@ class Store:
         left is due. Returned in the order to start them: by priority, then by id.
 
         One transaction (NEXT_DUE sees the claim's own rows as taken), one round trip.
-        `now`: a test's clock (queries.NOW)."""
+        `now`: a test's clock (queries.NOW; by default `clock()`'s)."""
+        if now is None:
+            now = self.clock()
         params = {
             "worker": worker,
             "kinds": list(kinds),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any, TextIO
 
 from functions.conninfo import behind_pooler
@@ -36,12 +38,14 @@ async def tick(
     stop: asyncio.Event | None = None,
     out: TextIO | None = None,
     prune_clock: PruneClock | None = None,
+    clock: Callable[[], datetime | None] | None = None,
 ) -> TickSummary:
     """Run due tasks until none is left (or, with `keep_polling`, until `stop` or `deadline`).
 
     `deadline` is a `time.monotonic()` value; no task is claimed that could end after it.
     A caller that ticks again and again passes the same `prune_clock` to each tick, so the
     process prunes at most once a minute (without one, this tick prunes if retention is on).
+    `clock`: a test's time for the claim and the schedules (`Store.clock`).
     Raises DatabaseUnavailable when the database cannot be reached at the start.
     """
     # Every wait on the database ends a second before the deadline (then each gets
@@ -49,7 +53,7 @@ async def tick(
     # it writes its results.
     database = Database(settings, deadline=None if deadline is None else deadline - 1.0)
     try:
-        runner = Runner(Store(database), settings, out=out, prune_clock=prune_clock)
+        runner = Runner(Store(database, clock=clock), settings, out=out, prune_clock=prune_clock)
         listener = None
         if keep_polling and not behind_pooler(settings):
             # Wake on new tasks instead of waiting for the next poll, and hear of cancels of

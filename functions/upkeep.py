@@ -6,6 +6,8 @@
 - With each renewal it rescues the tasks of workers whose lease ran out, hands back tasks
   the database says this worker holds that it never heard of (a claim whose answer was lost
   with its connection), and prunes finished tasks past the retention when due.
+- Every SCHEDULES_EVERY_S it makes the tasks of schedules' occurrences due within a minute
+  (functions/schedules.py); a tick does at its start.
 - Activity counts (for /stats) are written every couple of seconds.
 - At the end of a run it hands back what is still held, signs the worker off, and counts
   what a tick left for lack of time.
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from functions import tasks
+from functions import schedules, tasks
 from functions.counters import merge_activity
 from functions.errors import DatabaseError, DatabaseUnavailable
 from functions.kinds import KINDS
@@ -41,6 +43,9 @@ _ACTIVITY_EVERY_S = 2.0
 # it last did (time.monotonic(), one per process).
 UNSERVED_WARN_EVERY_S = 60.0
 _unserved_warned: list[float | None] = [None]
+# How often a worker makes the tasks of schedules' occurrences: well within the minute ahead
+# they are made (schedules.CREATE_AHEAD_S), so each is made 45 to 60 s before it is due.
+SCHEDULES_EVERY_S = 15.0
 # Rescued tasks are logged one line each up to this many per rescue, then summarised.
 _LOG_EACH_UP_TO = 20
 
@@ -126,6 +131,27 @@ class Upkeep:
                 len(rescued), len(rescued) - _LOG_EACH_UP_TO,
             )  # fmt: skip
         if rescued:
+            state.wake.set()
+
+    async def schedules_loop(self) -> None:
+        """Make the tasks of schedules' occurrences every SCHEDULES_EVERY_S."""
+        while True:
+            await asyncio.sleep(SCHEDULES_EVERY_S)
+            try:
+                await self.create_occurrences()
+            except (DatabaseUnavailable, DatabaseError) as exc:
+                logger.warning("action=schedule worker=%s: %s", self.state.worker_id, exc)
+                self.state.summary.note_error(str(exc))
+
+    async def create_occurrences(self) -> None:
+        """Make the tasks of schedules' occurrences due within a minute."""
+        state = self.state
+        made = await schedules.create_occurrences(state.store, state.settings.max_attempts)
+        if made:
+            logger.info(
+                "action=schedule worker=%s count=%d: tasks made for schedules' occurrences",
+                state.worker_id, made,
+            )  # fmt: skip
             state.wake.set()
 
     async def reconcile(self) -> None:

@@ -147,6 +147,44 @@ def cmd_prune(args: argparse.Namespace) -> None:
     print(f"pruned {pruned} finished tasks older than {older_than_s:g} s", file=sys.stderr)
 
 
+def cmd_schedules(args: argparse.Namespace) -> None:
+    from functions import schedules
+    from functions.db import Database
+    from functions.store import Store
+
+    settings = _settings(migrate=False)
+
+    async def read() -> list[list[str]]:
+        database = Database(settings)
+        rows: list[list[str]] = []
+        try:
+            cursor: str | None = None
+            while True:
+                page = await schedules.list_schedules(Store(database), limit=1000, cursor=cursor)
+                for s in page.items:
+                    next_run = "disabled" if s.next_run_at is None else s.next_run_at.isoformat()
+                    rows.append(
+                        [s.name, s.cron, s.timezone, s.kind, next_run.replace("+00:00", "Z")]
+                    )
+                cursor = page.next_cursor
+                if cursor is None:
+                    return rows
+        finally:
+            await database.dispose()
+
+    rows = asyncio.run(read())
+    if args.json:
+        keys = ("name", "cron", "timezone", "type", "next_run_at")
+        print(json.dumps([dict(zip(keys, row, strict=True)) for row in rows]))
+        return
+    table = [["NAME", "CRON", "TIMEZONE", "TYPE", "NEXT RUN (UTC)"], *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    for row in table:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -277,6 +315,14 @@ def _parser() -> argparse.ArgumentParser:
         help="instead of TASKRUNNER_RETENTION_S (0: every finished task)",
     )  # fmt: skip
     prune.set_defaults(func=cmd_prune)
+
+    schedules = commands.add_parser(
+        "schedules", help="list the schedules and their next run",
+        description="List every schedule by name: its cron, time zone, type and next run (UTC; "
+        "`disabled` when it is). Create and change them through the API (/schedules).",
+    )  # fmt: skip
+    schedules.add_argument("--json", action="store_true", help="print them as a JSON array")
+    schedules.set_defaults(func=cmd_schedules)
 
     bench = commands.add_parser(
         "bench", help="measure throughput and lateness",

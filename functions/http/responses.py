@@ -22,6 +22,8 @@ from functions.errors import (
     InvalidInput,
     InvalidValue,
     NotJson,
+    ScheduleExists,
+    ScheduleNotFound,
     SchemaOutdated,
     TaskNotFound,
     TaskrunnerError,
@@ -73,6 +75,8 @@ def _fields(task: Task) -> dict[str, Any]:
         "output": task.output,
         "error": task.error,
         "idempotency_key": task.idempotency_key,
+        "schedule": task.schedule,
+        "scheduled_for": task.scheduled_for,
         "priority": task.priority,
     }
 
@@ -139,7 +143,9 @@ def list_json(items: list[Task]) -> bytes:
     return b"".join((b"[", b",".join(_fitting(items)), b"]"))
 
 
-_TIMES = ("execute_at", "next_attempt_at", "created_at", "started_at", "finished_at")
+_TIMES = (
+    "execute_at", "next_attempt_at", "created_at", "started_at", "finished_at", "scheduled_for",
+)  # fmt: skip
 # Compact, and characters as they are (UTF-8): what pydantic-core writes.
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -173,9 +179,9 @@ def status_of(exc: TaskrunnerError, path: str) -> tuple[int, Detail, dict[str, s
     """The status, `detail` and headers the API answers `exc` with (raised serving `path`)."""
     if isinstance(exc, InvalidValue):
         return 422, exc.issues, {}
-    if isinstance(exc, TaskNotFound):
+    if isinstance(exc, TaskNotFound | ScheduleNotFound):
         return 404, str(exc), {}
-    if isinstance(exc, TaskRunning | WrongState | IdempotencyKeyReused):
+    if isinstance(exc, TaskRunning | WrongState | IdempotencyKeyReused | ScheduleExists):
         return 409, str(exc), {}
     if isinstance(exc, InvalidInput):
         return 400, str(exc), {}

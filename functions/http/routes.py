@@ -13,7 +13,7 @@ from pydantic_core import to_json
 from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
-from functions import model, parsing, tasks
+from functions import model, parsing, schedules, tasks
 from functions.http.responses import page_json, task_json
 from functions.http.rules import require_json
 from functions.http.schemas import (
@@ -25,16 +25,25 @@ from functions.http.schemas import (
     KindName,
     PageOut,
     RescheduleIn,
+    ScheduleCursor,
+    ScheduleIn,
+    ScheduleName,
+    ScheduleOut,
+    SchedulePageOut,
+    SchedulePatchIn,
+    SchedulePutIn,
     TaskIn,
     TaskOut,
     errors,
     kind_schema,
     links,
+    schedule_fields,
 )
 from functions.model import (
     BIGINT_MAX,
     DEFAULT_BULK,
     MAX_BULK,
+    Schedule,
     Task,
     TaskFilter,
     TaskState,
@@ -313,4 +322,115 @@ def add_routes(
     async def delete_task(task_id: TaskId) -> Response:
         """Delete a task; a running one cannot be deleted (409)."""
         await tasks.delete_task(store, task_id)
+        return Response(status_code=204)
+
+    add_schedule_routes(app, settings, store, token_check, fails)
+
+
+def schedule_answer(schedule: Schedule, status_code: int = 200) -> Response:
+    return answer(schedule_fields(schedule), status_code)
+
+
+ScheduleKey = Annotated[ScheduleName, Path(description="The schedule's name.")]
+
+
+def add_schedule_routes(
+    app: FastAPI,
+    settings: Settings,
+    store: Store,
+    token_check: Sequence[Any],
+    fails: Callable[..., dict[int | str, dict[str, Any]]],
+) -> None:
+    """The schedules' routes (functions/schedules.py): as `add_routes`."""
+    token_check = list(token_check)
+
+    def checked(given: schedules.ScheduleIn) -> schedules.ScheduleIn:
+        """The rules a task's fields are held to beyond the schema's, as create holds them."""
+        tasks.check_payload(
+            given.kind, given.payload, settings.max_payload_bytes, ("body", "payload")
+        )
+        tasks.check_timeout(given.kind, given.timeout_s, settings, ("body", "timeout_s"))
+        return given
+
+    @app.post(
+        "/schedules",
+        status_code=201,
+        response_model=ScheduleOut,
+        dependencies=token_check,
+        responses=fails(*BODY_ERRORS, 409),
+    )
+    async def create_schedule(body: ScheduleIn, request: Request) -> Response:
+        """Create a schedule: each occurrence of its cron becomes one task. 409 if one has
+        that name (PUT replaces)."""
+        schedule = await schedules.create_schedule(store, body.name, checked(body.to_domain()))
+        location = f"{request.scope.get('root_path', '')}/schedules/{schedule.name}"
+        return answer(schedule_fields(schedule), 201, {"Location": location})
+
+    @app.put(
+        "/schedules/{name}",
+        response_model=ScheduleOut,
+        dependencies=token_check,
+        responses={201: {"model": ScheduleOut, "description": "Created."}, **fails(*BODY_ERRORS)},
+    )
+    async def put_schedule(name: ScheduleKey, body: SchedulePutIn) -> Response:
+        """Create a schedule, or replace it whole (for deploy scripts): 201 when created, 200
+        when replaced. A replaced schedule keeps the occurrences it made; the new cron takes
+        effect from the next one not yet made. The same schedule sent again changes nothing."""
+        if body.name is not None and body.name != name:
+            issue = {"loc": ("body", "name"), "msg": f"name must be the path's, {name!r}",
+                     "type": "value_error"}  # fmt: skip
+            raise RequestValidationError([issue])
+        schedule, created = await schedules.put_schedule(store, name, checked(body.to_domain()))
+        return schedule_answer(schedule, 201 if created else 200)
+
+    @app.get(
+        "/schedules",
+        response_model=SchedulePageOut,
+        dependencies=token_check,
+        responses=fails(400, 422),
+    )
+    async def list_schedules(
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        cursor: Annotated[ScheduleCursor | None, Query()] = None,
+    ) -> Response:
+        """List schedules by name."""
+        page = await schedules.list_schedules(store, limit=limit, cursor=cursor)
+        return answer(
+            {"items": [schedule_fields(s) for s in page.items], "next_cursor": page.next_cursor}
+        )
+
+    @app.get(
+        "/schedules/{name}",
+        response_model=ScheduleOut,
+        dependencies=token_check,
+        responses=fails(404, 422),
+    )
+    async def get_schedule(name: ScheduleKey) -> Response:
+        """Show one schedule, with its next occurrence."""
+        return schedule_answer(await schedules.get_schedule(store, name))
+
+    @app.patch(
+        "/schedules/{name}",
+        response_model=ScheduleOut,
+        dependencies=token_check,
+        responses=fails(*BODY_ERRORS, 404),
+    )
+    async def patch_schedule(name: ScheduleKey, body: SchedulePatchIn) -> Response:
+        """Change some of a schedule's fields; what is absent stays. A new cron, zone or
+        payload takes effect from the next occurrence not yet made; `enabled: false` makes
+        nothing more and cancels the occurrences made that have not started."""
+        schedule = await schedules.patch_schedule(store, name, body.changes(), checked)
+        return schedule_answer(schedule)
+
+    @app.delete(
+        "/schedules/{name}",
+        status_code=204,
+        response_class=Response,
+        dependencies=token_check,
+        responses=fails(404, 422),
+    )
+    async def delete_schedule(name: ScheduleKey) -> Response:
+        """Delete a schedule and cancel its occurrences that have not started; its other
+        tasks stay as they are."""
+        await schedules.delete_schedule(store, name)
         return Response(status_code=204)

@@ -15,6 +15,7 @@ from pydantic import (
     ModelWrapValidatorHandler,
     PlainValidator,
     PrivateAttr,
+    StrictBool,
     TypeAdapter,
     WithJsonSchema,
     model_validator,
@@ -23,10 +24,10 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 from typing_extensions import TypeAliasType
 
-from functions import model, parsing
+from functions import model, parsing, schedules
 from functions.http.rules import batch_items, read_keyed_batch, read_task
 from functions.kinds import KINDS
-from functions.model import MAX_BATCH, NewTask, Task, TaskState
+from functions.model import MAX_BATCH, CatchUp, NewTask, Schedule, Task, TaskState
 from functions.parsing import ITEM_KEYS
 
 
@@ -346,6 +347,10 @@ class TaskOut(BaseModel):
     output: str | None
     error: str | None
     idempotency_key: str | None
+    schedule: str | None = Field(description="The schedule that made this task; null for others.")
+    scheduled_for: datetime | None = Field(
+        description="The occurrence of its schedule this task is (UTC); null for others."
+    )
     priority: int = Field(description="0 to 9: among due tasks, a lower number runs first")
     timeout_s: float | None = Field(
         description="Seconds a run may take before it is stopped; null: the kind's own"
@@ -364,6 +369,203 @@ class PageOut(BaseModel):
 
 class IdsOut(BaseModel):
     ids: list[int]
+
+
+# --- schedules -------------------------------------------------------------------------------
+
+ScheduleName = Annotated[
+    str,
+    PlainValidator(schedules.parse_name),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": model.SCHEDULE_NAME_PATTERN,
+            "description": "The schedule's key: 1 to 128 characters of a-z, 0-9, `_`, `.` and"
+            " `-`, starting with a letter or digit.",
+            "examples": ["nightly-report"],
+        }
+    ),
+]
+Cron = Annotated[
+    str,
+    PlainValidator(schedules.parse_cron),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "description": "Standard five-field cron (minute, hour, day of month, month, day of"
+            " week; `*`, `,`, `-`, `/`, names of months and days), or @hourly, @daily, @weekly,"
+            " @monthly, @yearly; read in `timezone`.",
+            "examples": ["30 2 * * *", "*/5 * * * *", "@daily"],
+        }
+    ),
+]
+TimeZone = Annotated[
+    str,
+    PlainValidator(schedules.parse_timezone),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "description": "An IANA time zone the cron is read in. A local time the clocks skip"
+            " runs at the first instant after the gap; one they pass twice runs once, at the"
+            " first.",
+            "examples": ["UTC", "Europe/Paris"],
+        }
+    ),
+]
+ScheduleCursor = Annotated[
+    str,
+    PlainValidator(schedules.parse_name_cursor),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": model.SCHEDULE_NAME_PATTERN,
+            "description": "`next_cursor` of the previous page",
+        }
+    ),
+]
+_CATCH_UP = (
+    "After everything was stopped across occurrences: `latest` makes one task, for the most"
+    " recent missed; `all` one per missed occurrence (the most recent 1,000); `none` only"
+    " those still to come."
+)
+
+
+class _ScheduleFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: KindName
+    cron: Cron
+    timezone: TimeZone = "UTC"
+    payload: Payload = None
+    # Each task's options, read as a task's are (null: the defaults).
+    max_attempts: MaxAttempts | None = None
+    timeout_s: TimeoutS = None
+    priority: Priority | None = None
+    catch_up: CatchUp = Field(CatchUp.LATEST, description=_CATCH_UP)
+    # Strict: `0` or `"yes"` is refused, not read as false or true.
+    enabled: StrictBool = True
+
+    def to_domain(self) -> schedules.ScheduleIn:
+        return schedules.ScheduleIn(
+            kind=self.type,
+            cron=self.cron,
+            timezone=self.timezone,
+            payload=self.payload,
+            max_attempts=self.max_attempts,
+            timeout_s=self.timeout_s,
+            priority=self.priority,
+            catch_up=self.catch_up,
+            enabled=self.enabled,
+        )
+
+
+class ScheduleIn(_ScheduleFields):
+    """A new schedule: each occurrence of `cron` in `timezone` becomes one task of `type`."""
+
+    name: ScheduleName
+
+
+class SchedulePutIn(_ScheduleFields):
+    """A schedule as it should be: created, or replaced whole (what is absent takes its
+    default). `name`, if sent, is the path's."""
+
+    name: ScheduleName | None = None
+
+
+class SchedulePatchIn(BaseModel):
+    """Some fields of a schedule; what is absent stays. A new cron or zone takes effect from
+    the next occurrence not yet made; `enabled: false` makes nothing more, and cancels the
+    occurrences made that have not started."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
+
+    type: KindName = Field(default=None)  # type: ignore[assignment]
+    cron: Cron = Field(default=None)  # type: ignore[assignment]
+    timezone: TimeZone = Field(default=None)  # type: ignore[assignment]
+    payload: Payload = None
+    max_attempts: MaxAttempts | None = None
+    timeout_s: TimeoutS | None = None
+    priority: Priority | None = None
+    catch_up: CatchUp = Field(default=None)  # type: ignore[assignment]
+    enabled: StrictBool = Field(default=None)  # type: ignore[assignment]
+
+    @model_validator(mode="after")
+    def _something(self) -> Self:
+        if not self.model_fields_set:
+            raise ValueError("nothing to change: send at least one of the schedule's fields")
+        for name in ("type", "cron", "timezone", "catch_up", "enabled"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        """The fields sent, by their names in `schedules.ScheduleIn`."""
+        return {
+            ("kind" if name == "type" else name): getattr(self, name)
+            for name in self.model_fields_set
+        }
+
+
+class LastTaskOut(BaseModel):
+    id: int
+    state: TaskState
+
+
+class ScheduleOut(BaseModel):
+    name: str
+    type: str
+    cron: str
+    timezone: str
+    payload: Payload
+    max_attempts: int | None
+    timeout_s: float | None
+    priority: int | None
+    catch_up: CatchUp
+    enabled: bool
+    next_run_at: datetime | None = Field(
+        description="Its next occurrence not yet made into a task, in UTC; null while disabled."
+    )
+    last_occurrence_at: datetime | None = Field(
+        description="The last occurrence made into a task, in UTC."
+    )
+    skipped_occurrences: int = Field(
+        description="Occurrences missed while everything was stopped that `catch_up` left out."
+    )
+    created_at: datetime
+    updated_at: datetime
+    last_task: LastTaskOut | None = Field(
+        description="The task of the last occurrence made, and its state; null when none is"
+        " (or it was deleted)."
+    )
+
+
+def schedule_fields(schedule: Schedule) -> dict[str, Any]:
+    """A schedule as ScheduleOut shows it."""
+    return {
+        "name": schedule.name,
+        "type": schedule.kind,
+        "cron": schedule.cron,
+        "timezone": schedule.timezone,
+        "payload": schedule.payload,
+        "max_attempts": schedule.max_attempts,
+        "timeout_s": schedule.timeout_s,
+        "priority": schedule.priority,
+        "catch_up": schedule.catch_up.value,
+        "enabled": schedule.enabled,
+        "next_run_at": schedule.next_run_at,
+        "last_occurrence_at": schedule.last_occurrence_at,
+        "skipped_occurrences": schedule.skipped_occurrences,
+        "created_at": schedule.created_at,
+        "updated_at": schedule.updated_at,
+        "last_task": None
+        if schedule.last_task_id is None or schedule.last_task_state is None
+        else {"id": schedule.last_task_id, "state": schedule.last_task_state.value},
+    }
+
+
+class SchedulePageOut(BaseModel):
+    items: list[ScheduleOut]
+    next_cursor: str | None
 
 
 class CountOut(BaseModel):
@@ -395,10 +597,10 @@ _WHY = {
     " or a header is malformed.",
     401: "Missing or wrong `Authorization: Bearer <token>`.",
     403: "Not allowed by this deployment's settings.",
-    404: "No such task.",
+    404: "No such task (or schedule).",
     408: "The body did not arrive in time.",
-    409: "The task's state does not allow this, or the idempotency key was used for another"
-    " request.",
+    409: "The task's state does not allow this, the idempotency key was used for another"
+    " request, or a schedule of that name exists.",
     413: "The body is over TASKRUNNER_MAX_BODY_BYTES.",
     415: "The body is not sent as JSON.",
     422: "The request does not match the schema.",

@@ -49,16 +49,33 @@ class Sizes:
     cold_starts: int
     # Warm burst: the burst created after a worker ran a few single tasks on a small table.
     warm_burst_tasks: int
+    # Schedules: `* * * * *` schedules whose occurrences fall at one minute (and as many
+    # ordinary tasks due at one instant, beside them).
+    schedules: int
 
     @classmethod
     def choose(cls, *, quick: bool, tasks: int | None) -> Sizes:
         if quick:
             return cls(
-                tasks or 2_000, (2_000, 500), 200, 40, 300, 1, 1, 5_000, 8, 4, 2, 200, 2, 20_000
+                tasks or 2_000,
+                (2_000, 500),
+                200,
+                40,
+                300,
+                1,
+                1,
+                5_000,
+                8,
+                4,
+                2,
+                200,
+                2,
+                20_000,
+                500,
             )
         return cls(
             tasks or 200_000, (50_000, 10_000), 10_000, 400, 20_000, 10,
-            10, 1_000_000, 330, 120, 30, 1_000, 11, 100_000,
+            10, 1_000_000, 330, 120, 30, 1_000, 11, 100_000, 5_000,
         )  # fmt: skip
 
 

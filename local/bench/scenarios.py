@@ -204,6 +204,50 @@ class Bench(Harness):
                 raise TimeoutError(f"wake-up: task {task_id} did not start within 10 s")
             time.sleep(0.002)
 
+    def schedule_lateness(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """p50 and p99 of start lateness (ms) of the occurrences of N `* * * * *` schedules at
+        one minute, made by a worker's creator of occurrences, and of N ordinary tasks due at
+        one instant, created 5 s ahead, with the same worker."""
+        n = self.sizes.schedules
+        with self.scenario("schedules"):
+            # The first minute at least 25 s away: the worker makes its occurrences ahead.
+            [(first,)] = self.sql(
+                "SELECT date_trunc('minute', now() + interval '25 seconds') + interval '1 minute'"
+            )
+            rows = [
+                {"name": f"bench-{i}", "kind": "baz", "cron": "* * * * *", "timezone": "UTC",
+                 "payload": None, "max_attempts": None, "timeout_s": None, "priority": None,
+                 "catch_up": "latest", "enabled": True, "last_occurrence_at": None,
+                 "next_run_at": first, "skipped_occurrences": 0}
+                for i in range(n)
+            ]  # fmt: skip
+            with self.conn.cursor() as cur:  # the statement POST /schedules runs
+                cur.executemany(queries.INSERT_SCHEDULE, rows)
+            self.worker()
+
+            def ran(where: str, *params: object) -> int:
+                [(count,)] = self.sql(
+                    f"SELECT count(*) FROM tasks WHERE state = 'succeeded' AND {where}", *params
+                )
+                return int(count)
+
+            wait_until(lambda: ran("scheduled_for = %s", first), n, "schedule occurrences", 180)
+            occurrences = self._lateness_of("scheduled_for = %s", first)
+            self.insert_due("baz", n, in_s=5.0)
+            wait_until(lambda: ran("schedule IS NULL"), n, "ordinary tasks", 60)
+            ordinary = self._lateness_of("schedule IS NULL")
+        return occurrences, ordinary
+
+    def _lateness_of(self, where: str, *params: object) -> tuple[float, float]:
+        """p50 and p99 of start lateness (ms) of the tasks `where` says (queries.BECAME_DUE)."""
+        rows = self.sql(
+            f"SELECT extract(epoch FROM started_at - {queries.BECAME_DUE}) * 1000 FROM tasks"
+            f" WHERE {where}",
+            *params,
+        )
+        values = [float(v) for (v,) in rows]
+        return percentile(values, 50), percentile(values, 99)
+
     def raw_notify_ms(self) -> float:
         """p99 of a NOTIFY's trip from one session to another LISTENing one (ms)."""
         with self.scenario("rawnotify"):

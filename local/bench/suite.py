@@ -14,7 +14,8 @@ from local.bench.scenarios import Bench
 
 # The scenarios `taskrunner bench --only` can pick, in the order they run.
 SCENARIOS = ("drain", "payload-drain", "burst", "warm-burst", "fanout", "lateness", "wake",
-             "create", "payload-create", "api", "stats", "soak", "cold-start")  # fmt: skip
+             "schedules", "create", "payload-create", "api", "stats", "soak",
+             "cold-start")  # fmt: skip
 # The payload scenarios' payload: a user's typical task data.
 PAYLOAD_BYTES = 1024
 
@@ -115,6 +116,16 @@ def run(
             figures.append(
                 Figure("wake-up, enqueue + commit to start, worker asleep, p99", p99, "ms",
                        "<= 100 ms", p99 <= 100, notify, f"p50 {p50:.1f} ms; raw: NOTIFY trip p99")
+            )  # fmt: skip
+
+        if want("schedules"):
+            (p50, p99), (raw_p50, raw_p99) = bench.schedule_lateness()
+            n = sizes.schedules
+            figures.append(
+                Figure(f"lateness, {n:,} `* * * * *` schedules' occurrences at one minute, p99",
+                       p99, "ms", "<= ordinary tasks' + 10 ms", p99 <= raw_p99 + 10, raw_p99,
+                       f"p50 {p50:.1f} ms; raw: {n:,} ordinary tasks due at one instant (p50"
+                       f" {raw_p50:.1f} ms)")
             )  # fmt: skip
 
         if want("create"):

@@ -373,3 +373,32 @@ def test_worker_and_prune_print_no_alembic_noise(
     for noise in ALEMBIC_NOISE:
         assert noise not in pruned.stderr, pruned.stderr
         assert noise not in worker.stderr(), worker.stderr()
+
+
+@pytest.mark.one_server
+def test_schedules_lists_each_with_its_next_run(
+    database_url: str, sql: Callable[..., list[tuple[Any, ...]]], tmp_path: Path
+) -> None:
+    sql(
+        "INSERT INTO schedules (name, kind, cron, timezone, next_run_at, enabled) VALUES"
+        " ('nightly', 'foo', '30 2 * * *', 'Europe/Paris', '2030-01-02T01:30:00Z', true),"
+        " ('off', 'baz', '@hourly', 'UTC', NULL, false)"
+    )
+    env = {**os.environ, "TASKRUNNER_DATABASE_URL": database_url}
+    listed = subprocess.run(
+        [TASKRUNNER, "schedules"], env=env, capture_output=True, text=True, check=True,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert listed.stdout.splitlines() == [
+        "NAME     CRON        TIMEZONE      TYPE  NEXT RUN (UTC)",
+        "nightly  30 2 * * *  Europe/Paris  foo   2030-01-02T01:30:00Z",
+        "off      @hourly     UTC           baz   disabled",
+    ]
+    as_json = subprocess.run(
+        [TASKRUNNER, "schedules", "--json"], env=env, capture_output=True, text=True,
+        check=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert json.loads(as_json.stdout)[0] == {
+        "name": "nightly", "cron": "30 2 * * *", "timezone": "Europe/Paris", "type": "foo",
+        "next_run_at": "2030-01-02T01:30:00Z",
+    }  # fmt: skip

@@ -329,6 +329,45 @@ def test_tasks_page_by_cursor_filter_by_type_and_delete(
     assert sql("SELECT count(*) FROM tasks WHERE id = %s", victim) == [(0,)]
 
 
+def test_schedules_page_lists_next_runs_last_tasks_and_toggles_them(
+    taskrunner: Callable[..., str], page: Page, sql: Sql
+) -> None:
+    """Each schedule with its next run and its last task's state; Disable and Enable change
+    it in the database; a name or cron shown is text, never markup."""
+    sql(
+        "INSERT INTO schedules (name, kind, cron, timezone, next_run_at) VALUES"
+        " ('nightly', 'foo', '30 2 * * *', 'Europe/Paris', '2030-01-02T01:30:00Z'),"
+        " ('x.y', 'baz', '@hourly', 'UTC', '2030-01-01T13:00:00Z')"
+    )
+    [(task,)] = sql(
+        "INSERT INTO tasks (kind, execute_at, schedule, scheduled_for, state, attempts,"
+        " started_at, finished_at, output) VALUES ('foo', '2029-12-31T01:30:00Z', 'nightly',"
+        " '2029-12-31T01:30:00Z', 'succeeded', 1, now(), now(), '<b>Foo</b>') RETURNING id"
+    )
+    api = taskrunner()
+    page.goto(f"{api}/#/schedules")
+    rows = page.locator("#schedules tbody tr")
+    expect(rows).to_have_count(2)
+    nightly = rows.nth(0)
+    expect(nightly).to_have_attribute("data-name", "nightly")
+    expect(nightly.locator("td").nth(2)).to_have_text("30 2 * * * (Europe/Paris)")
+    expect(nightly.locator(".next-run time")).to_have_attribute("datetime", "2030-01-02T01:30:00Z")
+    expect(nightly.locator(".last-task")).to_have_text(f"#{task} succeeded")
+    expect(rows.nth(1).locator(".last-task")).to_have_text("\u2013")  # none yet
+
+    nightly.get_by_role("button", name="Disable").click()
+    expect(page.get_by_role("status")).to_have_text("nightly disabled.")
+    expect(nightly.locator(".next-run")).to_have_text("disabled")
+    assert sql("SELECT enabled, next_run_at FROM schedules WHERE name = 'nightly'") == [
+        (False, None)
+    ]
+    nightly.get_by_role("button", name="Enable").click()
+    expect(nightly.get_by_role("button", name="Disable")).to_be_visible()
+    assert sql("SELECT enabled FROM schedules WHERE name = 'nightly'") == [(True,)]
+    page.get_by_role("link", name=f"#{task}", exact=True).click()
+    expect(page.locator("#task-output")).to_have_text("<b>Foo</b>")
+
+
 def test_an_action_the_api_refuses_shows_its_reason(
     taskrunner: Callable[..., str],
     page: Page,

@@ -255,20 +255,26 @@ async def test_every_route_with_a_body_reads_json_without_a_content_type(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:
     routes = body_routes(build_app(settings))
-    assert {r.path for r in routes} == {"/tasks", "/tasks/batch", "/tasks/{task_id}"}
+    assert {r.path for r in routes} == {
+        "/tasks", "/tasks/batch", "/tasks/{task_id}", "/schedules", "/schedules/{name}"
+    }  # fmt: skip
     one = {"type": "baz", "execute_at": 1893499200}
+    schedule = {"type": "baz", "cron": "@daily"}
     bodies = {
-        "/tasks": one,
-        "/tasks/batch": {"tasks": [one]},
-        "/tasks/{task_id}": {"execute_at": 1893499200},
+        ("/tasks", "POST"): one,
+        ("/tasks/batch", "POST"): {"tasks": [one]},
+        ("/tasks/{task_id}", "PATCH"): {"execute_at": 1893499200},
+        ("/schedules", "POST"): {"name": "first", **schedule},
+        ("/schedules/{name}", "PUT"): schedule,
+        ("/schedules/{name}", "PATCH"): {"enabled": False},
     }
     task_id = (await client.post("/tasks", json=one)).json()["id"]
     for route in routes:
         for method in route.methods or ():
             response = await client.request(
                 method,
-                route.path.format(task_id=task_id),
-                content=json.dumps(bodies[route.path]).encode(),
+                route.path.format(task_id=task_id, name="nightly"),
+                content=json.dumps(bodies[route.path, method]).encode(),
             )
             assert "content-type" not in response.request.headers
             assert response.status_code in (200, 201), response.text
@@ -284,7 +290,7 @@ async def test_every_route_with_a_body_refuses_other_types_with_415(
         for method in route.methods or ():
             response = await client.request(
                 method,
-                route.path.format(task_id=1),
+                route.path.format(task_id=1, name="nightly"),
                 content=b"{}",
                 headers={"content-type": content_type},
             )

@@ -83,7 +83,16 @@ def test_schemathesis_finds_nothing(settings: Settings, sql: Sql) -> None:
                             ]
                         }
                     },
-                }
+                },
+                # What a schedule's cron means (a range run backwards, `5-1`; a day no month has,
+                # `0 0 30 2 *`) and which time zones exist are more than a schema says: the server
+                # refuses those with a 422 that says what is wrong, which this check would take for
+                # a valid request refused. Every other check runs on these operations too.
+                {
+                    "include-path-regex": "^/schedules",
+                    "include-method": ["POST", "PUT", "PATCH"],
+                    "checks": {"positive_data_acceptance": {"enabled": False}},
+                },
             ],
             "phases": {
                 "examples": {"enabled": True},

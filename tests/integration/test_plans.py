@@ -162,6 +162,31 @@ def test_the_claim_walks_the_due_index_in_order(
             assert {n["Relation Name"] for n in updated} == {"tasks", "workers"}
 
 
+@pytest.mark.parametrize("generic", [False, True], ids=["custom plan", "generic plan"])
+def test_the_schedules_picker_reads_only_the_due_ones_through_their_index(
+    postgresql: psycopg.Connection[Any], sql: Sql, generic: bool
+) -> None:
+    """50,000 schedules, 10 of them due within the minute: the creator of occurrences reads
+    those through `schedules_next_run`, in its order, and no other row; its work does not
+    grow with the schedules not due."""
+    sql(
+        "INSERT INTO schedules (name, kind, cron, timezone, next_run_at)"
+        " SELECT 's' || i, 'baz', '* * * * *', 'UTC',"
+        "   now() + CASE WHEN i <= 10 THEN interval '30 seconds' ELSE interval '1 day' END"
+        " FROM generate_series(1, %s) AS i",
+        N,
+    )
+    postgresql.autocommit = False
+    params = {"now": None, "ahead_s": 60.0, "limit": 1000}
+    # As Store.create_occurrences runs it: in a transaction with the pinned plan settings.
+    plan = explain(postgresql, queries.PICK_DUE_SCHEDULES, params, generic, queries.PINNED_PLAN)
+    scans = [n for n in nodes(plan) if n.get("Relation Name") == "schedules"]
+    assert [n.get("Index Name") for n in scans] == ["schedules_next_run"], scans
+    assert scans[0]["Actual Rows"] == 10, "only the due schedules are read"
+    shape = [(n["Node Type"], n.get("Index Name"), n.get("Sort Key")) for n in nodes(plan)]
+    assert not any(n["Node Type"] == "Sort" for n in nodes(plan)), shape
+
+
 def test_no_pinned_statement_is_compiled_with_jit(
     postgresql: psycopg.Connection[Any], sql: Sql, loaded: str
 ) -> None:

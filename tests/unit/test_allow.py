@@ -12,7 +12,14 @@ from functions.settings import Settings
 
 # Answered before the database is asked: nothing listens here.
 NOWHERE = Settings(database_url="postgresql://taskrunner@127.0.0.1:9/none")
-EXAMPLES = {"task_id": "1", "id": "1", "type": "foo", "unix_seconds": "1", "state": "STARTED"}
+EXAMPLES = {
+    "name": "nightly",
+    "task_id": "1",
+    "id": "1",
+    "type": "foo",
+    "unix_seconds": "1",
+    "state": "STARTED",
+}
 
 
 async def test_every_405_allows_exactly_what_the_document_lists() -> None:

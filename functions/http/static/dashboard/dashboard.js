@@ -569,6 +569,72 @@ $("reschedule-form").addEventListener("submit", (event) => {
   act("Reschedule", "PATCH", "", { execute_at: executeAt });
 });
 
+// --- Schedules ----------------------------------------------------------------------------
+
+const schedulePaging = { cursors: [null], next: null };
+
+function scheduleRow(schedule) {
+  const last = schedule.last_task;
+  const toggle = h("button", {
+    type: "button",
+    class: "toggle",
+    "data-name": schedule.name,
+    "aria-pressed": schedule.enabled ? "true" : "false",
+  }, schedule.enabled ? "Disable" : "Enable");
+  toggle.addEventListener("click", () => toggleSchedule(schedule.name, !schedule.enabled));
+  const zone = schedule.timezone === "UTC" ? "" : ` (${schedule.timezone})`;
+  return h("tr", { "data-name": schedule.name },
+    h("td", {}, schedule.name),
+    h("td", {}, schedule.type),
+    h("td", {}, h("code", {}, schedule.cron), zone),
+    h("td", { class: "next-run" }, schedule.enabled ? fmtTime(schedule.next_run_at) : "disabled"),
+    h("td", { class: "last-task" }, last
+      ? [h("a", { href: `#/tasks/${last.id}` }, `#${last.id}`), " ", badge(last.state)]
+      : h("span", { class: "muted" }, "–")),
+    h("td", {}, toggle));
+}
+
+async function refreshSchedules() {
+  const query = new URLSearchParams({ limit: String(PAGE_SIZE) });
+  const cursor = schedulePaging.cursors[schedulePaging.cursors.length - 1];
+  if (cursor) query.set("cursor", cursor);
+  let page;
+  try {
+    page = await api("GET", `/schedules?${query}`);
+  } catch (error) {
+    if (error instanceof ApiError) show($("schedules-error"), error.message);
+    throw error;
+  }
+  show($("schedules-error"), "");
+  schedulePaging.next = page.next_cursor;
+  $("schedules").tBodies[0].replaceChildren(...page.items.map(scheduleRow));
+  $("schedules-empty").hidden = page.items.length > 0;
+  $("schedules-prev").disabled = schedulePaging.cursors.length === 1;
+  $("schedules-next").disabled = !schedulePaging.next;
+}
+
+async function toggleSchedule(name, enabled) {
+  show($("schedules-error"), "");
+  try {
+    await api("PATCH", `/schedules/${encodeURIComponent(name)}`, { enabled });
+    show($("schedules-flash"), `${name} ${enabled ? "enabled" : "disabled"}.`);
+  } catch (error) {
+    if (error instanceof ApiError) show($("schedules-error"), error.message);
+    else if (!(error instanceof NeedToken)) throw error;
+  }
+  await refreshNow();
+}
+
+$("schedules-next").addEventListener("click", () => {
+  if (!schedulePaging.next) return;
+  schedulePaging.cursors.push(schedulePaging.next);
+  refreshNow();
+});
+$("schedules-prev").addEventListener("click", () => {
+  if (schedulePaging.cursors.length > 1) schedulePaging.cursors.pop();
+  refreshNow();
+});
+
 // --- Views and refreshing -----------------------------------------------------------------
 
 function view() {
@@ -576,6 +642,7 @@ function view() {
   const match = path.match(/^\/tasks\/(\d+)$/);
   if (match) return { name: "task", id: match[1] };
   if (path === "/tasks") return { name: "tasks" };
+  if (path === "/schedules") return { name: "schedules" };
   return { name: "overview" };
 }
 
@@ -588,6 +655,7 @@ async function refresh() {
   try {
     if (v.name === "overview") await refreshOverview();
     else if (v.name === "tasks") await refreshTasks();
+    else if (v.name === "schedules") await refreshSchedules();
     else await refreshTask(v.id);
     show($("banner"), "");
     setText("updated", `Updated ${new Date().toLocaleTimeString()}`);
@@ -621,6 +689,7 @@ function route() {
   const v = view();
   $("overview-view").hidden = v.name !== "overview";
   $("tasks-view").hidden = v.name !== "tasks";
+  $("schedules-view").hidden = v.name !== "schedules";
   $("task-view").hidden = v.name !== "task";
   $("forget-token").hidden = !token();
   for (const link of document.querySelectorAll("nav a[data-view]")) {
