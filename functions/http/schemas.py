@@ -27,6 +27,7 @@ from functions.http.rules import read_task
 from functions.kinds import KINDS
 from functions.model import MAX_BATCH, NewTask, Task, TaskState
 from functions.parsing import ITEM_KEYS
+from functions.settings import Settings
 
 
 def kind_schema() -> dict[str, Any]:
@@ -158,9 +159,8 @@ MaxAttempts = Annotated[
             "minimum": 1,
             "maximum": model.MAX_ATTEMPTS_AT_CREATE,
             "description": "How many runs the task may start (a failed run is retried while"
-            " runs are left); default TASKRUNNER_MAX_ATTEMPTS. Written without a fraction:"
-            " `3.0` is refused. A retry (`POST /tasks/{task_id}/retry`) adds"
-            " TASKRUNNER_MAX_ATTEMPTS more.",
+            " runs are left); default TASKRUNNER_MAX_ATTEMPTS. A retry"
+            " (`POST /tasks/{task_id}/retry`) adds TASKRUNNER_MAX_ATTEMPTS more.",
         }
     ),
 ]
@@ -190,6 +190,41 @@ Priority = Annotated[
         }
     ),
 ]
+
+
+def with_timeout_limits(document: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """`document` (the OpenAPI document) with each kind's ceiling on `timeout_s` stated in
+    the schemas of a task's body: JSON Schema's `if`/`then`, a `type` naming the kind bounds
+    `timeout_s` by the kind's own (`Kind.max_seconds`, a setting's), the rule
+    `tasks.check_timeout` applies."""
+    limits = [
+        {
+            "if": {
+                "properties": {"type": {"pattern": parsing.any_case([name], "[ \\t\\n\\r]*")}},
+                "required": ["type"],
+            },
+            "then": {
+                "properties": {
+                    "timeout_s": {
+                        "anyOf": [
+                            {
+                                "type": "number",
+                                "exclusiveMinimum": 0,
+                                "maximum": kind.max_seconds(settings),
+                            },
+                            {"type": "null"},
+                        ]
+                    }
+                }
+            },
+        }
+        for name, kind in sorted(KINDS.items())
+    ]
+    for name in ("TaskIn", "BatchItemIn"):
+        schema = document.get("components", {}).get("schemas", {}).get(name)
+        if schema is not None:
+            schema["allOf"] = limits
+    return document
 
 
 class TaskIn(BaseModel):
