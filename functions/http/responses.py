@@ -48,12 +48,17 @@ def task_fields(task: Task) -> dict[str, Any]:
 
 
 def shown_payload(task: Task) -> Any:
-    """The payload as answers show it: as its kind's `show` has it (the `http` kind's
-    header values masked), or as stored."""
-    declared = KINDS.get(task.kind)
-    if declared is None or declared.show is None or task.payload is None:
-        return task.payload
-    return declared.show(task.payload)
+    """The task's payload as answers show it (`shown`)."""
+    return shown(task.kind, task.payload)
+
+
+def shown(kind: str, payload: Any) -> Any:
+    """A payload of `kind` (a task's, a schedule's) as answers show it: as its kind's `show`
+    has it (the `http` kind's header values masked), or as stored."""
+    declared = KINDS.get(kind)
+    if declared is None or declared.show is None or payload is None:
+        return payload
+    return declared.show(payload)
 
 
 def _fields(task: Task) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from pydantic_core import CoreSchema
 from typing_extensions import TypeAliasType
 
 from functions import model, parsing, schedules
+from functions.http.responses import shown
 from functions.http.rules import batch_items, read_keyed_batch, read_task
 from functions.kinds import KINDS
 from functions.model import MAX_BATCH, CatchUp, NewTask, Schedule, Task, TaskState
@@ -581,7 +582,7 @@ def schedule_fields(schedule: Schedule) -> dict[str, Any]:
         "type": schedule.kind,
         "cron": schedule.cron,
         "timezone": schedule.timezone,
-        "payload": schedule.payload,
+        "payload": shown(schedule.kind, schedule.payload),
         "max_attempts": schedule.max_attempts,
         "timeout_s": schedule.timeout_s,
         "priority": schedule.priority,

@@ -290,11 +290,17 @@ async def test_header_values_are_masked_in_every_answer_and_never_logged(
         "/tasks/batch", json={"tasks": [{"type": "http", "execute_at": 0, "payload": payload}]}
     )
     patched = await client.patch(f"/tasks/{keyed.json()['id']}", json={"payload": payload})
+    schedule = {"type": "http", "cron": "0 0 1 1 *", "payload": payload}
     answers = [
         keyed,
         batch,
         patched,
-        await client.get(f"/tasks/{task_id}"),
+        await client.post("/schedules", json={"name": "hook", **schedule}),
+        await client.put("/schedules/hook2", json=schedule),
+        await client.patch("/schedules/hook", json={"payload": payload}),
+        await client.get("/schedules/hook"),
+        await client.get("/schedules"),
+        await client.get(f"/tasks/{task_id}"),  # (answers[8])
         await client.get("/tasks"),
         await client.get("/tasks?type=http"),
         await client.get("/taskstate/notstarted"),
@@ -303,7 +309,7 @@ async def test_header_values_are_masked_in_every_answer_and_never_logged(
     for answer in answers:
         assert answer.status_code < 300, answer.text
         assert SECRET not in answer.text
-    shown = answers[3].json()["payload"]
+    shown = answers[8].json()["payload"]
     assert shown == {**payload, "headers": {"Authorization": "***"}}
     await drain(store, dataclasses.replace(settings, http_allowed_hosts="127.0.0.1"))
     assert sql("SELECT payload->'headers'->>'Authorization' FROM tasks WHERE id = %s", task_id) == [
