@@ -500,7 +500,8 @@ WITH new AS (
         scheduled_for)
     SELECT kind, at, max_attempts, payload, timeout_s, priority, schedule, at FROM new
     ORDER BY schedule, at
-    ON CONFLICT (schedule, scheduled_for) WHERE schedule IS NOT NULL DO NOTHING
+    ON CONFLICT (schedule, scheduled_for) WHERE schedule IS NOT NULL AND state <> 'cancelled'
+    DO NOTHING
     RETURNING execute_at
 ), moved AS (
     UPDATE schedules AS s

@@ -348,7 +348,10 @@ async def patch_schedule(
         if not given.enabled:
             return replace(new, next_run_at=None)
         if moved:
-            made = _made(name, given, now, current.last_occurrence_at)
+            # Enabled again: from the next occurrence after now. Those made before it was
+            # disabled and not started were cancelled then, and are made anew.
+            last = current.last_occurrence_at if current.enabled else None
+            made = _made(name, given, now, last)
             return replace(new, next_run_at=made.next_run_at)
         return new
 

@@ -462,3 +462,35 @@ async def test_a_creator_skips_schedules_another_holds_and_never_waits(
 
 def sql_rows(conn: Any) -> list[tuple[Any, ...]]:
     return list(conn.execute("SELECT schedule FROM tasks").fetchall())
+
+
+@pytest.mark.one_server
+async def test_an_occurrence_cancelled_by_a_disable_or_delete_is_made_anew_after(
+    store: Store, sql: Sql
+) -> None:
+    """Disabled and enabled again, or deleted and made again under its name, within the
+    minute before an occurrence that was made and cancelled: the occurrence still runs."""
+    t0 = next_minute(sql).replace(second=0) + MINUTE
+    clock = Clock(t0 - timedelta(seconds=50))
+    own = Store(store.database, clock=clock)
+    async with api(store.database.settings, clock) as client:
+        for name in ("toggled", "remade"):
+            assert (await client.post("/schedules", json=schedule_body(name))).status_code == 201
+        assert await made(own, clock) == 2
+        assert (
+            await client.patch("/schedules/toggled", json={"enabled": False})
+        ).status_code == 200
+        assert (await client.delete("/schedules/remade")).status_code == 204
+        enabled = await client.patch("/schedules/toggled", json={"enabled": True})
+        assert enabled.json()["next_run_at"] == t0.isoformat().replace("+00:00", "Z")
+        assert (
+            await client.put("/schedules/remade", json=schedule_body("remade"))
+        ).status_code == 201
+        assert await made(own, clock) == 2
+        rows = sql("SELECT schedule, scheduled_for, state FROM tasks ORDER BY schedule, id")
+        assert [(s, at.astimezone(UTC), state) for s, at, state in rows] == [
+            ("remade", t0, "cancelled"),
+            ("remade", t0, "scheduled"),
+            ("toggled", t0, "cancelled"),
+            ("toggled", t0, "scheduled"),
+        ]

@@ -45,8 +45,10 @@ def upgrade() -> None:
         );
         CREATE INDEX schedules_next_run ON schedules (next_run_at) WHERE enabled;
         ALTER TABLE tasks ADD COLUMN schedule text, ADD COLUMN scheduled_for timestamptz;
+        -- A cancelled occurrence (its schedule disabled or deleted before it started) holds
+        -- no place: the schedule enabled again, or made again under its name, makes it anew.
         CREATE UNIQUE INDEX tasks_occurrence ON tasks (schedule, scheduled_for)
-            WHERE schedule IS NOT NULL;
+            WHERE schedule IS NOT NULL AND state <> 'cancelled';
         """
     )
 
