@@ -108,6 +108,9 @@ class Runner:
         self._running: dict[int, asyncio.Future[Any]] = {}
         self.slots = Slots(self.settings)
         self._timed_out: set[int] = set()
+        # Runs this worker cancelled itself (a cancel of their task, a shutdown): handed back
+        # or dropped, never recorded. A run cancelled otherwise raised CancelledError itself.
+        self._stopping: set[int] = set()
         self._http: HttpClients | None = None
 
     @property
@@ -370,14 +373,27 @@ class Runner:
         self._running.pop(claimed.id, None)
         self.slots.active[claimed.kind] -= 1
         self._start_queued(claimed.kind)
-        if task.cancelled():
-            if claimed.id in self._timed_out:
-                self._timed_out.discard(claimed.id)
-                limit_s = time_limit_s(KINDS[claimed.kind], self.settings, claimed.timeout_s)
-                whose = "its kind's limit" if claimed.timeout_s is None else "its timeout_s"
-                error = TimeoutError(f"ran longer than {whose} of {limit_s:g} s")
-                self._record(claimed, None, error)
-            return  # shutting down or lease lost: handed back, never recorded
+        if claimed.id in self._timed_out:
+            # Stopped at its time limit: it fails its attempt, whatever it did once told to
+            # stop (a kind that swallows the cancel and returns later did not run on time).
+            self._timed_out.discard(claimed.id)
+            self._stopping.discard(claimed.id)
+            limit_s = time_limit_s(KINDS[claimed.kind], self.settings, claimed.timeout_s)
+            whose = "its kind's limit" if claimed.timeout_s is None else "its timeout_s"
+            error = TimeoutError(f"ran longer than {whose} of {limit_s:g} s")
+            self._record(claimed, None, error)
+            return
+        if claimed.id in self._stopping:
+            self._stopping.discard(claimed.id)
+            if task.cancelled():
+                return  # cancelled, or shutting down, or lease lost: never recorded here
+        elif task.cancelled():
+            # Not a cancel of this worker's: the kind raised CancelledError itself (awaited
+            # something that other code cancelled). Left alone, its task would stay running
+            # for as long as the worker lives: it fails the attempt, as any error does.
+            raised = RuntimeError("the run raised CancelledError (not a cancel of the task)")
+            self._record(claimed, None, raised)
+            return
         exc = task.exception()
         if exc is None:
             self._record(claimed, task.result(), None)
@@ -411,7 +427,8 @@ class Runner:
         for claimed in stopped:
             task = self._running.get(claimed.id)
             if task is not None:
-                task.cancel()  # (_on_done records nothing of a task cancelled but timed out)
+                self._stopping.add(claimed.id)
+                task.cancel()  # (_on_done records nothing of it: it is no longer held)
                 continue
             queue = self.slots.queued[claimed.kind]
             if claimed in queue:
@@ -477,6 +494,7 @@ class Runner:
             except (DatabaseUnavailable, DatabaseError) as exc:
                 summary.note_error(str(exc))
         cancelled = [task for task in self._running.values() if not task.done()]
+        self._stopping.update(task_id for task_id, task in self._running.items() if not task.done())
         for task in cancelled:
             task.cancel()
         await asyncio.gather(*cancelled, return_exceptions=True)

@@ -88,6 +88,37 @@ async def test_one_bad_task_fails_alone_and_the_worker_goes_on(
     assert summary.lost == 0 and summary.failed == 3
 
 
+async def test_a_kind_raising_cancelled_error_itself_fails_its_attempts(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    extra_kinds: Callable[[Kind], None],
+) -> None:
+    """A CancelledError the kind raised (it awaited a future other code cancelled) is no
+    cancel of this worker's: the attempt fails and is retried while attempts remain; it
+    never stays running."""
+
+    async def awaits_a_cancelled_future(ctx: Context) -> str:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        future.cancel()
+        return await future
+
+    extra_kinds(Kind("selfcancel", awaits_a_cancelled_future, lambda s: 5.0))
+    task_factory("selfcancel", max_attempts=2)
+    task_factory("baz")
+
+    async with asyncio.timeout(30):  # (it never ended: the task stayed held, running)
+        summary = await Runner(store, settings, out=io.StringIO()).run()
+
+    got = states(sql)
+    # Retried (the run may end before the retry is due, or run it too) and never running.
+    assert got["selfcancel"][:2] in {("scheduled", 1), ("failed", 2)}
+    assert "raised CancelledError" in got["selfcancel"][3]
+    assert got["baz"][0] == "succeeded"
+    assert summary.retried == 1
+
+
 async def test_a_broken_write_loop_stops_the_run_loudly(
     store: Store,
     settings: Settings,
