@@ -119,6 +119,33 @@ async def test_a_kind_raising_cancelled_error_itself_fails_its_attempts(
     assert summary.retried == 1
 
 
+async def test_a_kind_that_swallows_its_time_limits_cancel_still_fails_the_attempt(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    extra_kinds: Callable[[Kind], None],
+) -> None:
+    """Stopped at its time limit, a run that catches the cancel and returns later did not
+    run on time: it fails its attempt whatever it returns."""
+
+    async def swallows(ctx: Context) -> str:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.2)
+        return "survived"
+
+    extra_kinds(Kind("swallows", swallows, lambda s: 5.0, limit_s=lambda s: 0.1))
+    task_factory("swallows", max_attempts=1)
+
+    await Runner(store, settings, out=io.StringIO()).run()
+
+    state, attempts, output, error = states(sql)["swallows"]
+    assert (state, attempts, output) == ("failed", 1, None)
+    assert "ran longer than its kind's limit of 0.1 s" in error
+
+
 async def test_a_broken_write_loop_stops_the_run_loudly(
     store: Store,
     settings: Settings,
