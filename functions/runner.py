@@ -25,13 +25,14 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Awaitable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TextIO
 
 from functions import conninfo
 from functions.completer import DB_RETRY_FIRST_S, DB_RETRY_MAX_S, SLOW_WRITE_S, Completer, result_of
 from functions.errors import DatabaseError, DatabaseUnavailable, WorkerFailed
-from functions.kinds import KINDS, Context, HttpClients, Kind
+from functions.kinds import BUILT_IN, BUILT_IN_MODULES, KINDS, Context, HttpClients, Kind
 from functions.output import Printer
 from functions.run_state import RunState, Slots, TickSummary, Wakeup
 from functions.settings import Settings
@@ -68,6 +69,27 @@ def time_limit_s(kind: Kind, settings: Settings, timeout_s: float | None = None)
     if kind.limit_s is not None:
         return kind.limit_s(settings)
     return 2 * kind.max_seconds(settings) + 10.0
+
+
+class _Escaped(Exception):
+    """A BaseException a kind raised (SystemExit, KeyboardInterrupt...), carried as an
+    Exception: asyncio re-raises those out of the event loop, killing the worker."""
+
+    def __init__(self, escaped: BaseException) -> None:
+        super().__init__(str(escaped))
+        self.escaped = escaped
+
+
+async def _contained(run: Awaitable[Any]) -> Any:
+    """A user's kind's run, whose SystemExit or KeyboardInterrupt (a `sys.exit()` deep in a
+    library) fails its attempt rather than stopping the worker. (Signals reach the worker
+    through the event loop's handlers, never as an exception in a run.)"""
+    try:
+        return await run
+    except (Exception, asyncio.CancelledError):
+        raise
+    except BaseException as exc:
+        raise _Escaped(exc) from exc
 
 
 class Runner:
@@ -334,7 +356,7 @@ class Runner:
             )
             try:
                 line = kind.run(ctx)
-            except Exception as exc:
+            except BaseException as exc:  # SystemExit included: it fails this attempt only
                 self._record(claimed, None, exc)
             else:
                 self._record(claimed, line, None)
@@ -351,7 +373,10 @@ class Runner:
         self.slots.active[kind.name] += 1
         # The kind's own coroutine is the task, recorded by a done-callback: no wrapping
         # coroutine per task, whose frames cost time when 10,000 foo tasks start at once.
-        task = asyncio.ensure_future(kind.run(ctx))  # type: ignore[arg-type]
+        run: Awaitable[Any] = kind.run(ctx)  # type: ignore[assignment]
+        if kind.name not in BUILT_IN and kind.module not in BUILT_IN_MODULES:
+            run = _contained(run)  # (not around the built-ins: a frame per foo costs)
+        task = asyncio.ensure_future(run)
         # A run far longer than its kind declares is stopped and fails its attempt: nothing a
         # worker holds waits forever (its lease would keep it from everyone else).
         timer = asyncio.get_running_loop().call_later(
@@ -395,6 +420,8 @@ class Runner:
             self._record(claimed, None, raised)
             return
         exc = task.exception()
+        if isinstance(exc, _Escaped):
+            exc = exc.escaped
         if exc is None:
             self._record(claimed, task.result(), None)
         else:

@@ -146,6 +146,44 @@ async def test_a_kind_that_swallows_its_time_limits_cancel_still_fails_the_attem
     assert "ran longer than its kind's limit of 0.1 s" in error
 
 
+async def test_a_kind_raising_system_exit_or_keyboard_interrupt_fails_only_its_attempt(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    extra_kinds: Callable[[Kind], None],
+) -> None:
+    """A `sys.exit()` (or a KeyboardInterrupt) deep in a library a kind calls costs that
+    attempt, named in its error, never the worker: a plain function's included (it was
+    handed back unrecorded, and killed every worker that took it)."""
+
+    def exits(ctx: Context) -> str:
+        raise SystemExit(3)
+
+    async def exits_later(ctx: Context) -> str:
+        await asyncio.sleep(0)
+        raise SystemExit(4)
+
+    async def interrupted(ctx: Context) -> str:
+        raise KeyboardInterrupt
+
+    extra_kinds(Kind("exits", exits, lambda s: 1.0))
+    extra_kinds(Kind("exits_later", exits_later, lambda s: 1.0))
+    extra_kinds(Kind("interrupted", interrupted, lambda s: 1.0))
+    for name in ("exits", "exits_later", "interrupted"):
+        task_factory(name, max_attempts=1)
+    task_factory("baz")
+
+    summary = await Runner(store, settings, out=io.StringIO()).run()
+
+    got = states(sql)
+    assert got["exits"][::3] == ("failed", "SystemExit: 3")
+    assert got["exits_later"][::3] == ("failed", "SystemExit: 4")
+    assert got["interrupted"][::3] == ("failed", "KeyboardInterrupt")
+    assert got["baz"][0] == "succeeded"
+    assert summary.failed == 3
+
+
 async def test_a_broken_write_loop_stops_the_run_loudly(
     store: Store,
     settings: Settings,
