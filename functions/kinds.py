@@ -22,6 +22,7 @@ import math
 import random
 import re
 import ssl
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -193,11 +194,37 @@ class Kind:
     # The JSON Schema of the payloads `check` takes, stated by the API's OpenAPI document for
     # a task of this kind (None: any payload).
     payload_schema: dict[str, Any] | None = None
+    # The modules being imported when it was declared (a factory's or a decorator's kind
+    # belongs to the module whose import called them): `load` takes it for any of them.
+    importers: tuple[str, ...] = ()
     # A plain function, not a coroutine function: it must return without waiting.
     instant: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "instant", not inspect.iscoroutinefunction(self.run))
+        object.__setattr__(self, "instant", not waits(self.run))
+
+
+def waits(run: object) -> bool:
+    """A coroutine function: `async def`, a partial of one, or an object whose `__call__`
+    is one."""
+    return inspect.iscoroutinefunction(run) or inspect.iscoroutinefunction(
+        inspect.getattr_static(run, "__call__", None)
+    )
+
+
+def _importers() -> tuple[str, ...]:
+    """The modules whose import is running now (innermost first): the frames of their
+    bodies on the stack, of modules importlib marks as initializing (not a script's)."""
+    found = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "<module>":
+            name = frame.f_globals.get("__name__")
+            spec = frame.f_globals.get("__spec__")
+            if isinstance(name, str) and getattr(spec, "_initializing", False):
+                found.append(name)
+        frame = frame.f_back  # type: ignore[assignment]
+    return tuple(found)
 
 
 # Every kind `@kind` declared, in the order declared; `load` takes those of its modules.
@@ -245,8 +272,9 @@ def kind(
         raise ValueError(f"kind {name!r}: concurrency must be a whole number from 1, or None")
 
     def declare(run: F) -> F:
-        default = DEFAULT_TIMEOUT_S if inspect.iscoroutinefunction(run) else DEFAULT_INSTANT_S
+        default = DEFAULT_TIMEOUT_S if waits(run) else DEFAULT_INSTANT_S
         limit = _per_settings(default if timeout_s is None else timeout_s)
+        importers = _importers()
         _DECLARED.append(
             Kind(
                 name,
@@ -254,10 +282,13 @@ def kind(
                 max_seconds=limit,  # type: ignore[arg-type]
                 concurrency=_per_settings(concurrency),  # type: ignore[arg-type]
                 limit_s=limit,  # type: ignore[arg-type]
-                module=getattr(run, "__module__", None) or "?",
+                # The module whose import declared it (a factory's or a decorator's kind is
+                # its caller's), else the function's.
+                module=(importers or (getattr(run, "__module__", None) or "?",))[0],
                 check=check,
                 show=show,
                 payload_schema=payload_schema,
+                importers=importers,
             )
         )
         return run
@@ -372,8 +403,13 @@ def load(setting: str | None) -> dict[str, Kind]:
 
 
 def _declared_in(module: str) -> list[Kind]:
-    """The kinds declared by `module` and its submodules."""
-    return [k for k in _DECLARED if k.module == module or k.module.startswith(f"{module}.")]
+    """The kinds declared by `module` and its submodules, or while either was imported
+    (by a factory or decorator of another module that it called)."""
+
+    def within(name: str) -> bool:
+        return name == module or name.startswith(f"{module}.")
+
+    return [k for k in _DECLARED if within(k.module) or any(map(within, k.importers))]
 
 
 def _check(declared: Kind, module: str, found: dict[str, Kind]) -> None:

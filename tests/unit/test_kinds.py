@@ -213,3 +213,49 @@ def test_a_payload_is_read_from_its_json_on_first_use_only() -> None:
     assert context(None).payload is None
     assert context("null").payload is None
     assert context('"text"').payload == "text"
+
+
+def test_kinds_made_by_a_helper_module_are_loaded_with_the_module_that_made_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A factory's kinds, a decorator's without functools.wraps, a partial and a callable
+    object: each declared while the named module is imported belongs to it (they were
+    dropped silently, the function's __module__ being the helper's or none)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "user_helpers_made.py").write_text(
+        "from functions.kinds import kind\n"
+        "def notifier(name):\n"
+        "    @kind(name)\n"
+        "    async def run(ctx):\n"
+        "        return name\n"
+        "    return run\n"
+        "def timed(fn):\n"
+        "    async def wrapper(ctx):\n"
+        "        return await fn(ctx)\n"
+        "    return wrapper\n"
+    )
+    (tmp_path / "user_kinds_made.py").write_text(
+        "import functools\n"
+        "from functions.kinds import kind\n"
+        "from user_helpers_made import notifier, timed\n"
+        "notifier('notify_slack')\n"
+        "notifier('notify_teams')\n"
+        "async def _send(ctx, channel):\n"
+        "    return channel\n"
+        "kind('via_partial')(functools.partial(_send, channel='sms'))\n"
+        "@kind('timed_job')\n"
+        "@timed\n"
+        "async def timed_job(ctx):\n"
+        "    return None\n"
+        "class Caller:\n"
+        "    async def __call__(self, ctx):\n"
+        "        return None\n"
+        "kind('via_callable', timeout_s=5)(Caller())\n"
+    )
+    kinds.load("user_kinds_made")
+    made = ["notify_slack", "notify_teams", "timed_job", "via_callable", "via_partial"]
+    assert sorted(KINDS) == sorted(["bar", "baz", "foo", "http", *made])
+    for name in made:
+        assert KINDS[name].module == "user_kinds_made"
+        assert not KINDS[name].instant  # each is run as a coroutine, with its time limit
+    assert time_limit_s(KINDS["via_partial"], Settings()) == kinds.DEFAULT_TIMEOUT_S
