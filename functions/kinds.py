@@ -386,7 +386,9 @@ def load(setting: str | None) -> dict[str, Kind]:
     for module, named_by in sources:
         try:
             importlib.import_module(module)
-        except Exception as exc:  # whatever the module raised: it cannot be used
+        # Whatever the module raised, a sys.exit() included (a supervisor would take the
+        # exit 0 it gave for a clean stop): it cannot be used. (Not KeyboardInterrupt: ^C.)
+        except (Exception, SystemExit) as exc:
             reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
             raise KindError(
                 f"kind module {module} ({named_by}) cannot be imported: {reason}"

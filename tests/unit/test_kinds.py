@@ -259,3 +259,15 @@ def test_kinds_made_by_a_helper_module_are_loaded_with_the_module_that_made_them
         assert KINDS[name].module == "user_kinds_made"
         assert not KINDS[name].instant  # each is run as a coroutine, with its time limit
     assert time_limit_s(KINDS["via_partial"], Settings()) == kinds.DEFAULT_TIMEOUT_S
+
+
+@pytest.mark.parametrize("code", ["0", "3", "'bye'"])
+def test_a_module_calling_sys_exit_at_import_is_named_with_it(
+    module: Callable[..., str], code: str
+) -> None:
+    source = module("mail", body=f"    return None\nimport sys\nsys.exit({code})")
+    with pytest.raises(KindError) as refused:
+        kinds.load(source)
+    assert str(refused.value).startswith(
+        f"kind module {source} (TASKRUNNER_KINDS) cannot be imported: SystemExit"
+    )
