@@ -44,7 +44,7 @@ NAME_PATTERN = "^[a-z][a-z0-9_]{0,62}$"
 _NAME = re.compile(NAME_PATTERN)
 # The API's own first path segments: a kind named so would shadow them in `POST /{type}/{ts}`.
 RESERVED_NAMES = frozenset(
-    "tasks id taskstate schedules stats metrics healthz docs redoc workers errors".split()
+    "tasks id taskstate schedules stats metrics healthz docs redoc static workers errors".split()
 )
 # A run of a coroutine kind that declares no `timeout_s` is stopped after this long. A plain
 # function runs inline and cannot be stopped: without a `timeout_s` it is taken to need a
@@ -433,6 +433,18 @@ def _check(declared: Kind, module: str, found: dict[str, Kind]) -> None:
         first, second = found[name].module, declared.module
         twice = f"in {first}" if first == second else f"({first} and {second})"
         raise KindError(f"{where}: the kind {name!r} is declared twice {twice}")
+
+
+def check_base_path(base_path: str) -> None:
+    """Raise KindError if a kind loaded is named as TASKRUNNER_BASE_PATH's first segment
+    (`/prod`: `POST /prod/{ts}` would be read as the base path and `/{ts}`, a 404)."""
+    first = base_path.strip("/").split("/")[0]
+    if first in KINDS:
+        raise KindError(
+            f"kind module {KINDS[first].module}: the kind name {first!r} is the first"
+            f" segment of TASKRUNNER_BASE_PATH ({base_path}): POST /{first}/... would be"
+            " taken for the base path; rename the kind or the base path"
+        )
 
 
 def names() -> Sequence[str]:
