@@ -178,9 +178,10 @@ class Runner:
         self._reset()
         state, summary = self.state, self.state.summary
         kinds_at_start, _ = self._kinds_that_fit(deadline)
+        state.served_kinds = kinds_at_start
         sent_at = time.monotonic()
         await self.store.register_worker(
-            worker=self.worker_id, lease_s=self.settings.lease_seconds, kinds=list(KINDS)
+            worker=self.worker_id, lease_s=self.settings.lease_seconds, kinds=kinds_at_start
         )
         # From here on this worker holds a lease: every way out goes through _shut_down.
         self.printer.start(sent_at)

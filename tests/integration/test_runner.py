@@ -216,7 +216,8 @@ async def test_a_tick_counts_and_names_what_it_had_no_time_for(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A 10 s tick cannot fit bar (10 s timeout + 1 s + the 2 s margin): it says so, every
-    time, and its summary counts the bar it left."""
+    time, and its summary counts the bar it left; nor does it record bar as served, so its
+    tasks show as unserved."""
     settings = dataclasses.replace(
         settings, bar_timeout_s=10.0, foo_delay_s=0.1, deadline_margin_s=2.0
     )
@@ -233,6 +234,9 @@ async def test_a_tick_counts_and_names_what_it_had_no_time_for(
         ("bar", "scheduled"),
         ("foo", "succeeded"),
     ]
+    served = {kind for (kind,) in sql("SELECT kind FROM kinds_served")}
+    assert "foo" in served and "bar" not in served
+    assert await store.count_unserved() == {"bar": 1}
 
 
 async def test_a_worker_whose_lease_ran_out_stops_and_hands_back(
