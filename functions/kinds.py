@@ -146,9 +146,19 @@ class HttpClients:
         return client
 
     @asynccontextmanager
-    async def lend(self, *, guarded: bool = False) -> AsyncIterator[httpx.AsyncClient]:
+    async def lend(
+        self, *, guarded: bool = False, timeout_s: float | None = None
+    ) -> AsyncIterator[httpx.AsyncClient]:
+        """Lend a client; a plain one's time limit is `timeout_s` (a user's kind's run
+        lends with its own time limit), else TASKRUNNER_BAR_TIMEOUT_S (`bar`'s)."""
         free = self._free[guarded]
         client = free.pop() if free else self._new(guarded)
+        if not guarded:
+            import httpx
+
+            client.timeout = httpx.Timeout(
+                self.settings.bar_timeout_s if timeout_s is None else timeout_s
+            )
         try:
             yield client
         finally:

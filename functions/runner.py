@@ -341,11 +341,11 @@ class Runner:
     # --- start -------------------------------------------------------------------------------
 
     def _lend_http(
-        self, *, guarded: bool = False
+        self, *, guarded: bool = False, timeout_s: float | None = None
     ) -> AbstractAsyncContextManager[httpx.AsyncClient]:
         if self._http is None:
             self._http = HttpClients(self.settings)
-        return self._http.lend(guarded=guarded)
+        return self._http.lend(guarded=guarded, timeout_s=timeout_s)
 
     def _start(self, claimed: Claimed) -> None:
         kind = KINDS[claimed.kind]
@@ -368,21 +368,23 @@ class Runner:
         self._launch(kind, claimed)
 
     def _launch(self, kind: Kind, claimed: Claimed) -> None:
-        ctx = Context(
-            claimed.id, claimed.attempt, self.settings, self._lend_http, claimed.payload_json
+        limit_s = time_limit_s(kind, self.settings, claimed.timeout_s)
+        built_in = kind.name in BUILT_IN or kind.module in BUILT_IN_MODULES
+        # A user's kind's requests are bounded by its run's time limit, not by bar's.
+        lend = (
+            self._lend_http if built_in else functools.partial(self._lend_http, timeout_s=limit_s)
         )
+        ctx = Context(claimed.id, claimed.attempt, self.settings, lend, claimed.payload_json)
         self.slots.active[kind.name] += 1
         # The kind's own coroutine is the task, recorded by a done-callback: no wrapping
         # coroutine per task, whose frames cost time when 10,000 foo tasks start at once.
         run: Awaitable[Any] = kind.run(ctx)  # type: ignore[assignment]
-        if kind.name not in BUILT_IN and kind.module not in BUILT_IN_MODULES:
+        if not built_in:
             run = _contained(run)  # (not around the built-ins: a frame per foo costs)
         task = asyncio.ensure_future(run)
         # A run far longer than its kind declares is stopped and fails its attempt: nothing a
         # worker holds waits forever (its lease would keep it from everyone else).
-        timer = asyncio.get_running_loop().call_later(
-            time_limit_s(kind, self.settings, claimed.timeout_s), self._time_out, claimed.id
-        )
+        timer = asyncio.get_running_loop().call_later(limit_s, self._time_out, claimed.id)
         task.add_done_callback(functools.partial(self._on_done, claimed, timer))
         self._running[claimed.id] = task
 

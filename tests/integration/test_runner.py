@@ -184,6 +184,29 @@ async def test_a_kind_raising_system_exit_or_keyboard_interrupt_fails_only_its_a
     assert summary.failed == 3
 
 
+async def test_a_kinds_http_client_is_bounded_by_its_runs_time_limit(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    extra_kinds: Callable[[Kind], None],
+) -> None:
+    """`ctx.http()` lends a client whose time limit is the run's (the kind's timeout_s, or
+    the task's own), not TASKRUNNER_BAR_TIMEOUT_S (2 s here): a 30 s kind waiting 12 s for
+    an answer failed with a ReadTimeout after bar's 10 s."""
+
+    async def looks(ctx: Context) -> str:
+        async with ctx.http() as client:
+            return f"{client.timeout.read:g} {client.timeout.connect:g}"
+
+    extra_kinds(Kind("looks", looks, lambda s: 30.0, limit_s=lambda s: 30.0))
+    task_factory("looks")
+
+    await Runner(store, settings, out=io.StringIO()).run()
+
+    assert states(sql)["looks"][:3] == ("succeeded", 1, "30 30")
+
+
 async def test_a_broken_write_loop_stops_the_run_loudly(
     store: Store,
     settings: Settings,
