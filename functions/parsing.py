@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Any, TypeGuard
+from typing import Any
 
 from functions.errors import InvalidInput
 from functions.kinds import KINDS
@@ -100,30 +100,40 @@ _IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
 
 def parse_max_attempts(value: object) -> int:
-    """Return `value` if it is a task's max_attempts at create: a whole number (written
-    without a fraction: `3.0` is refused, as `true` is) from 1 to MAX_ATTEMPTS_AT_CREATE."""
-    if not _whole(value) or not 1 <= value <= MAX_ATTEMPTS_AT_CREATE:
+    """Return `value` if it is a task's max_attempts at create: a whole number (`3.0` is 3,
+    as JSON Schema's `integer` says; `2.5` and `true` are refused) from 1 to
+    MAX_ATTEMPTS_AT_CREATE."""
+    whole = _whole(value)
+    if whole is None or not 1 <= whole <= MAX_ATTEMPTS_AT_CREATE:
         raise ValueError(
             f"max_attempts {excerpt(value)} is not a whole number from 1 to"
             f" {MAX_ATTEMPTS_AT_CREATE:,}"
         )
-    return value
+    return whole
 
 
 def parse_priority(value: object) -> int:
-    """Return `value` if it is a priority: a whole number from MIN_PRIORITY (runs first) to
-    MAX_PRIORITY (written without a fraction; no bool)."""
-    if not _whole(value) or not MIN_PRIORITY <= value <= MAX_PRIORITY:
+    """Return `value` if it is a priority: a whole number (as `parse_max_attempts` reads
+    one) from MIN_PRIORITY (runs first) to MAX_PRIORITY."""
+    whole = _whole(value)
+    if whole is None or not MIN_PRIORITY <= whole <= MAX_PRIORITY:
         raise ValueError(
             f"priority {excerpt(value)} is not a whole number from {MIN_PRIORITY} (runs first)"
             f" to {MAX_PRIORITY}"
         )
-    return value
+    return whole
 
 
-def _whole(value: object) -> TypeGuard[int]:
-    """An integer as JSON readers make one (`3`, not `3.0`), not a bool."""
-    return value.__class__ is int
+def _whole(value: object) -> int | None:
+    """`value` as an int if it is a whole number as JSON Schema's `integer` has it (`3`, or
+    `3.0`: the same number), not a bool; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
 
 
 def parse_timeout_s(value: object) -> float | None:

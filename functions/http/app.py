@@ -26,7 +26,7 @@ from functions.http.docs import add_docs
 from functions.http.middleware import layers
 from functions.http.responses import Detail, status_of
 from functions.http.routes import Route
-from functions.http.schemas import errors
+from functions.http.schemas import errors, with_timeout_limits
 from functions.settings import Settings
 from functions.store import Store
 
@@ -116,6 +116,15 @@ def build_app(
         generate_unique_id_function=lambda route: route.name,
     )
     app.router.route_class = Route
+    make_document = app.openapi
+
+    def document() -> dict[str, Any]:
+        """FastAPI's document, with what it cannot say of a task's body (made once)."""
+        if app.openapi_schema is None:
+            app.openapi_schema = with_timeout_limits(make_document(), settings)
+        return app.openapi_schema
+
+    app.openapi = document  # type: ignore[method-assign]
     add_docs(app)
     # GET /: the dashboard's page (functions/http/dashboard.py); HEAD by `Route`.
     add_dashboard(app)

@@ -29,6 +29,7 @@ from functions.http.rules import batch_items, read_keyed_batch, read_task
 from functions.kinds import KINDS
 from functions.model import MAX_BATCH, CatchUp, NewTask, Schedule, Task, TaskState
 from functions.parsing import ITEM_KEYS
+from functions.settings import Settings
 
 
 def kind_schema() -> dict[str, Any]:
@@ -160,9 +161,8 @@ MaxAttempts = Annotated[
             "minimum": 1,
             "maximum": model.MAX_ATTEMPTS_AT_CREATE,
             "description": "How many runs the task may start (a failed run is retried while"
-            " runs are left); default TASKRUNNER_MAX_ATTEMPTS. Written without a fraction:"
-            " `3.0` is refused. A retry (`POST /tasks/{task_id}/retry`) adds"
-            " TASKRUNNER_MAX_ATTEMPTS more.",
+            " runs are left); default TASKRUNNER_MAX_ATTEMPTS. A retry"
+            " (`POST /tasks/{task_id}/retry`) adds TASKRUNNER_MAX_ATTEMPTS more.",
         }
     ),
 ]
@@ -211,7 +211,42 @@ def _kind_payloads(schema: dict[str, Any]) -> None:
         if declared.payload_schema is not None
     ]
     if rules:
-        schema["allOf"] = rules
+        schema["allOf"] = [*schema.get("allOf", ()), *rules]
+
+
+def with_timeout_limits(document: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """`document` (the OpenAPI document) with each kind's ceiling on `timeout_s` stated in
+    the schemas of a task's body: JSON Schema's `if`/`then`, a `type` naming the kind bounds
+    `timeout_s` by the kind's own (`Kind.max_seconds`, a setting's), the rule
+    `tasks.check_timeout` applies."""
+    limits = [
+        {
+            "if": {
+                "properties": {"type": {"pattern": parsing.any_case([name], "[ \\t\\n\\r]*")}},
+                "required": ["type"],
+            },
+            "then": {
+                "properties": {
+                    "timeout_s": {
+                        "anyOf": [
+                            {
+                                "type": "number",
+                                "exclusiveMinimum": 0,
+                                "maximum": kind.max_seconds(settings),
+                            },
+                            {"type": "null"},
+                        ]
+                    }
+                }
+            },
+        }
+        for name, kind in sorted(KINDS.items())
+    ]
+    for name in ("TaskIn", "BatchItemIn"):
+        schema = document.get("components", {}).get("schemas", {}).get(name)
+        if schema is not None:
+            schema["allOf"] = [*schema.get("allOf", ()), *limits]
+    return document
 
 
 class TaskIn(BaseModel):

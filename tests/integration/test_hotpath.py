@@ -613,6 +613,7 @@ OPTIONS = [
     ({"max_attempts": 1000, "priority": 9, "timeout_s": 1.05}, (1000, 9, 1.05)),
     ({"timeout_s": 1}, (3, 0, 1.0)),
     ({"timeout_s": 1e-07, "priority": 5}, (3, 5, 1e-07)),
+    ({"max_attempts": 1000.0, "priority": 9.0}, (1000, 9, None)),  # (JSON Schema's integers)
 ]
 
 
@@ -646,14 +647,15 @@ REFUSED_OPTIONS = [
     ("max_attempts", 1001, "1 to 1,000"),
     ("max_attempts", -1, "1 to 1,000"),
     ("max_attempts", True, "1 to 1,000"),
-    ("max_attempts", 3.0, "1 to 1,000"),
+    ("max_attempts", 2.5, "1 to 1,000"),
+    ("max_attempts", 1000.5, "1 to 1,000"),
     ("max_attempts", "3", "1 to 1,000"),
     ("max_attempts", None, "1 to 1,000"),
     ("max_attempts", 10**400, "1 to 1,000"),
     ("priority", 10, "0 (runs first) to 9"),
     ("priority", -1, "0 (runs first) to 9"),
     ("priority", False, "0 (runs first) to 9"),
-    ("priority", 1.0, "0 (runs first) to 9"),
+    ("priority", 0.5, "0 (runs first) to 9"),
     ("priority", None, "0 (runs first) to 9"),
     ("timeout_s", 0, "above 0"),
     ("timeout_s", -0.5, "above 0"),
