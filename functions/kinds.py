@@ -22,6 +22,7 @@ import math
 import random
 import re
 import ssl
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ NAME_PATTERN = "^[a-z][a-z0-9_]{0,62}$"
 _NAME = re.compile(NAME_PATTERN)
 # The API's own first path segments: a kind named so would shadow them in `POST /{type}/{ts}`.
 RESERVED_NAMES = frozenset(
-    "tasks id taskstate schedules stats metrics healthz docs redoc workers errors".split()
+    "tasks id taskstate schedules stats metrics healthz docs redoc static workers errors".split()
 )
 # A run of a coroutine kind that declares no `timeout_s` is stopped after this long. A plain
 # function runs inline and cannot be stopped: without a `timeout_s` it is taken to need a
@@ -145,9 +146,19 @@ class HttpClients:
         return client
 
     @asynccontextmanager
-    async def lend(self, *, guarded: bool = False) -> AsyncIterator[httpx.AsyncClient]:
+    async def lend(
+        self, *, guarded: bool = False, timeout_s: float | None = None
+    ) -> AsyncIterator[httpx.AsyncClient]:
+        """Lend a client; a plain one's time limit is `timeout_s` (a user's kind's run
+        lends with its own time limit), else TASKRUNNER_BAR_TIMEOUT_S (`bar`'s)."""
         free = self._free[guarded]
         client = free.pop() if free else self._new(guarded)
+        if not guarded:
+            import httpx
+
+            client.timeout = httpx.Timeout(
+                self.settings.bar_timeout_s if timeout_s is None else timeout_s
+            )
         try:
             yield client
         finally:
@@ -193,11 +204,37 @@ class Kind:
     # The JSON Schema of the payloads `check` takes, stated by the API's OpenAPI document for
     # a task of this kind (None: any payload).
     payload_schema: dict[str, Any] | None = None
+    # The modules being imported when it was declared (a factory's or a decorator's kind
+    # belongs to the module whose import called them): `load` takes it for any of them.
+    importers: tuple[str, ...] = ()
     # A plain function, not a coroutine function: it must return without waiting.
     instant: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "instant", not inspect.iscoroutinefunction(self.run))
+        object.__setattr__(self, "instant", not waits(self.run))
+
+
+def waits(run: object) -> bool:
+    """A coroutine function: `async def`, a partial of one, or an object whose `__call__`
+    is one."""
+    return inspect.iscoroutinefunction(run) or inspect.iscoroutinefunction(
+        inspect.getattr_static(run, "__call__", None)
+    )
+
+
+def _importers() -> tuple[str, ...]:
+    """The modules whose import is running now (innermost first): the frames of their
+    bodies on the stack, of modules importlib marks as initializing (not a script's)."""
+    found = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "<module>":
+            name = frame.f_globals.get("__name__")
+            spec = frame.f_globals.get("__spec__")
+            if isinstance(name, str) and getattr(spec, "_initializing", False):
+                found.append(name)
+        frame = frame.f_back  # type: ignore[assignment]
+    return tuple(found)
 
 
 # Every kind `@kind` declared, in the order declared; `load` takes those of its modules.
@@ -245,8 +282,9 @@ def kind(
         raise ValueError(f"kind {name!r}: concurrency must be a whole number from 1, or None")
 
     def declare(run: F) -> F:
-        default = DEFAULT_TIMEOUT_S if inspect.iscoroutinefunction(run) else DEFAULT_INSTANT_S
+        default = DEFAULT_TIMEOUT_S if waits(run) else DEFAULT_INSTANT_S
         limit = _per_settings(default if timeout_s is None else timeout_s)
+        importers = _importers()
         _DECLARED.append(
             Kind(
                 name,
@@ -254,10 +292,13 @@ def kind(
                 max_seconds=limit,  # type: ignore[arg-type]
                 concurrency=_per_settings(concurrency),  # type: ignore[arg-type]
                 limit_s=limit,  # type: ignore[arg-type]
-                module=getattr(run, "__module__", None) or "?",
+                # The module whose import declared it (a factory's or a decorator's kind is
+                # its caller's), else the function's.
+                module=(importers or (getattr(run, "__module__", None) or "?",))[0],
                 check=check,
                 show=show,
                 payload_schema=payload_schema,
+                importers=importers,
             )
         )
         return run
@@ -355,7 +396,9 @@ def load(setting: str | None) -> dict[str, Kind]:
     for module, named_by in sources:
         try:
             importlib.import_module(module)
-        except Exception as exc:  # whatever the module raised: it cannot be used
+        # Whatever the module raised, a sys.exit() included (a supervisor would take the
+        # exit 0 it gave for a clean stop): it cannot be used. (Not KeyboardInterrupt: ^C.)
+        except (Exception, SystemExit) as exc:
             reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
             raise KindError(
                 f"kind module {module} ({named_by}) cannot be imported: {reason}"
@@ -372,8 +415,13 @@ def load(setting: str | None) -> dict[str, Kind]:
 
 
 def _declared_in(module: str) -> list[Kind]:
-    """The kinds declared by `module` and its submodules."""
-    return [k for k in _DECLARED if k.module == module or k.module.startswith(f"{module}.")]
+    """The kinds declared by `module` and its submodules, or while either was imported
+    (by a factory or decorator of another module that it called)."""
+
+    def within(name: str) -> bool:
+        return name == module or name.startswith(f"{module}.")
+
+    return [k for k in _DECLARED if within(k.module) or any(map(within, k.importers))]
 
 
 def _check(declared: Kind, module: str, found: dict[str, Kind]) -> None:
@@ -395,6 +443,18 @@ def _check(declared: Kind, module: str, found: dict[str, Kind]) -> None:
         first, second = found[name].module, declared.module
         twice = f"in {first}" if first == second else f"({first} and {second})"
         raise KindError(f"{where}: the kind {name!r} is declared twice {twice}")
+
+
+def check_base_path(base_path: str) -> None:
+    """Raise KindError if a kind loaded is named as TASKRUNNER_BASE_PATH's first segment
+    (`/prod`: `POST /prod/{ts}` would be read as the base path and `/{ts}`, a 404)."""
+    first = base_path.strip("/").split("/")[0]
+    if first in KINDS:
+        raise KindError(
+            f"kind module {KINDS[first].module}: the kind name {first!r} is the first"
+            f" segment of TASKRUNNER_BASE_PATH ({base_path}): POST /{first}/... would be"
+            " taken for the base path; rename the kind or the base path"
+        )
 
 
 def names() -> Sequence[str]:

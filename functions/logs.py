@@ -138,11 +138,12 @@ def handler_kinds(action: str) -> None:
     A module that cannot be loaded is logged, then raised: the init fails, and with it every
     event, rather than the API taking types no tick runs (or the reverse).
     """
-    from functions.kinds import KindError, load
-    from functions.settings import kinds_from_environment
+    from functions.kinds import KindError, check_base_path, load
+    from functions.settings import Settings, kinds_from_environment
 
     try:
         load(kinds_from_environment())
+        check_base_path(Settings().base_path)
     except (KindError, SettingsError) as exc:
         setup_logging(None)
         logging.getLogger(__name__).error("action=%s: kinds not loaded: %s", action, exc)

@@ -155,6 +155,10 @@ class RunState:
     # database's clock less this process's (from each claim's answer).
     activity: dict[int, Activity] = field(default_factory=dict)
     db_offset_s: float = 0.0
+    # The kinds this run records as served (`kinds_served`): those whose every run fits its
+    # deadline when it starts. A tick that can never fit a kind leaves it unserved, and its
+    # due tasks show as such, rather than waiting unseen.
+    served_kinds: list[str] = field(default_factory=lambda: list(KINDS))
 
     def fail(self, reason: str) -> None:
         """Stop the run for a failure: the process exits non-zero once it has shut down."""

@@ -25,13 +25,14 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Awaitable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TextIO
 
 from functions import conninfo
 from functions.completer import DB_RETRY_FIRST_S, DB_RETRY_MAX_S, SLOW_WRITE_S, Completer, result_of
 from functions.errors import DatabaseError, DatabaseUnavailable, WorkerFailed
-from functions.kinds import KINDS, Context, HttpClients, Kind
+from functions.kinds import BUILT_IN, BUILT_IN_MODULES, KINDS, Context, HttpClients, Kind
 from functions.output import Printer
 from functions.run_state import RunState, Slots, TickSummary, Wakeup
 from functions.settings import Settings
@@ -68,6 +69,27 @@ def time_limit_s(kind: Kind, settings: Settings, timeout_s: float | None = None)
     if kind.limit_s is not None:
         return kind.limit_s(settings)
     return 2 * kind.max_seconds(settings) + 10.0
+
+
+class _Escaped(Exception):
+    """A BaseException a kind raised (SystemExit, KeyboardInterrupt...), carried as an
+    Exception: asyncio re-raises those out of the event loop, killing the worker."""
+
+    def __init__(self, escaped: BaseException) -> None:
+        super().__init__(str(escaped))
+        self.escaped = escaped
+
+
+async def _contained(run: Awaitable[Any]) -> Any:
+    """A user's kind's run, whose SystemExit or KeyboardInterrupt (a `sys.exit()` deep in a
+    library) fails its attempt rather than stopping the worker. (Signals reach the worker
+    through the event loop's handlers, never as an exception in a run.)"""
+    try:
+        return await run
+    except (Exception, asyncio.CancelledError):
+        raise
+    except BaseException as exc:
+        raise _Escaped(exc) from exc
 
 
 class Runner:
@@ -108,6 +130,9 @@ class Runner:
         self._running: dict[int, asyncio.Future[Any]] = {}
         self.slots = Slots(self.settings)
         self._timed_out: set[int] = set()
+        # Runs this worker cancelled itself (a cancel of their task, a shutdown): handed back
+        # or dropped, never recorded. A run cancelled otherwise raised CancelledError itself.
+        self._stopping: set[int] = set()
         self._http: HttpClients | None = None
 
     @property
@@ -153,9 +178,10 @@ class Runner:
         self._reset()
         state, summary = self.state, self.state.summary
         kinds_at_start, _ = self._kinds_that_fit(deadline)
+        state.served_kinds = kinds_at_start
         sent_at = time.monotonic()
         await self.store.register_worker(
-            worker=self.worker_id, lease_s=self.settings.lease_seconds, kinds=list(KINDS)
+            worker=self.worker_id, lease_s=self.settings.lease_seconds, kinds=kinds_at_start
         )
         # From here on this worker holds a lease: every way out goes through _shut_down.
         self.printer.start(sent_at)
@@ -315,11 +341,11 @@ class Runner:
     # --- start -------------------------------------------------------------------------------
 
     def _lend_http(
-        self, *, guarded: bool = False
+        self, *, guarded: bool = False, timeout_s: float | None = None
     ) -> AbstractAsyncContextManager[httpx.AsyncClient]:
         if self._http is None:
             self._http = HttpClients(self.settings)
-        return self._http.lend(guarded=guarded)
+        return self._http.lend(guarded=guarded, timeout_s=timeout_s)
 
     def _start(self, claimed: Claimed) -> None:
         kind = KINDS[claimed.kind]
@@ -331,7 +357,7 @@ class Runner:
             )
             try:
                 line = kind.run(ctx)
-            except Exception as exc:
+            except BaseException as exc:  # SystemExit included: it fails this attempt only
                 self._record(claimed, None, exc)
             else:
                 self._record(claimed, line, None)
@@ -342,18 +368,23 @@ class Runner:
         self._launch(kind, claimed)
 
     def _launch(self, kind: Kind, claimed: Claimed) -> None:
-        ctx = Context(
-            claimed.id, claimed.attempt, self.settings, self._lend_http, claimed.payload_json
+        limit_s = time_limit_s(kind, self.settings, claimed.timeout_s)
+        built_in = kind.name in BUILT_IN or kind.module in BUILT_IN_MODULES
+        # A user's kind's requests are bounded by its run's time limit, not by bar's.
+        lend = (
+            self._lend_http if built_in else functools.partial(self._lend_http, timeout_s=limit_s)
         )
+        ctx = Context(claimed.id, claimed.attempt, self.settings, lend, claimed.payload_json)
         self.slots.active[kind.name] += 1
         # The kind's own coroutine is the task, recorded by a done-callback: no wrapping
         # coroutine per task, whose frames cost time when 10,000 foo tasks start at once.
-        task = asyncio.ensure_future(kind.run(ctx))  # type: ignore[arg-type]
+        run: Awaitable[Any] = kind.run(ctx)  # type: ignore[assignment]
+        if not built_in:
+            run = _contained(run)  # (not around the built-ins: a frame per foo costs)
+        task = asyncio.ensure_future(run)
         # A run far longer than its kind declares is stopped and fails its attempt: nothing a
         # worker holds waits forever (its lease would keep it from everyone else).
-        timer = asyncio.get_running_loop().call_later(
-            time_limit_s(kind, self.settings, claimed.timeout_s), self._time_out, claimed.id
-        )
+        timer = asyncio.get_running_loop().call_later(limit_s, self._time_out, claimed.id)
         task.add_done_callback(functools.partial(self._on_done, claimed, timer))
         self._running[claimed.id] = task
 
@@ -370,15 +401,30 @@ class Runner:
         self._running.pop(claimed.id, None)
         self.slots.active[claimed.kind] -= 1
         self._start_queued(claimed.kind)
-        if task.cancelled():
-            if claimed.id in self._timed_out:
-                self._timed_out.discard(claimed.id)
-                limit_s = time_limit_s(KINDS[claimed.kind], self.settings, claimed.timeout_s)
-                whose = "its kind's limit" if claimed.timeout_s is None else "its timeout_s"
-                error = TimeoutError(f"ran longer than {whose} of {limit_s:g} s")
-                self._record(claimed, None, error)
-            return  # shutting down or lease lost: handed back, never recorded
+        if claimed.id in self._timed_out:
+            # Stopped at its time limit: it fails its attempt, whatever it did once told to
+            # stop (a kind that swallows the cancel and returns later did not run on time).
+            self._timed_out.discard(claimed.id)
+            self._stopping.discard(claimed.id)
+            limit_s = time_limit_s(KINDS[claimed.kind], self.settings, claimed.timeout_s)
+            whose = "its kind's limit" if claimed.timeout_s is None else "its timeout_s"
+            error = TimeoutError(f"ran longer than {whose} of {limit_s:g} s")
+            self._record(claimed, None, error)
+            return
+        if claimed.id in self._stopping:
+            self._stopping.discard(claimed.id)
+            if task.cancelled():
+                return  # cancelled, or shutting down, or lease lost: never recorded here
+        elif task.cancelled():
+            # Not a cancel of this worker's: the kind raised CancelledError itself (awaited
+            # something that other code cancelled). Left alone, its task would stay running
+            # for as long as the worker lives: it fails the attempt, as any error does.
+            raised = RuntimeError("the run raised CancelledError (not a cancel of the task)")
+            self._record(claimed, None, raised)
+            return
         exc = task.exception()
+        if isinstance(exc, _Escaped):
+            exc = exc.escaped
         if exc is None:
             self._record(claimed, task.result(), None)
         else:
@@ -411,7 +457,8 @@ class Runner:
         for claimed in stopped:
             task = self._running.get(claimed.id)
             if task is not None:
-                task.cancel()  # (_on_done records nothing of a task cancelled but timed out)
+                self._stopping.add(claimed.id)
+                task.cancel()  # (_on_done records nothing of it: it is no longer held)
                 continue
             queue = self.slots.queued[claimed.kind]
             if claimed in queue:
@@ -477,6 +524,7 @@ class Runner:
             except (DatabaseUnavailable, DatabaseError) as exc:
                 summary.note_error(str(exc))
         cancelled = [task for task in self._running.values() if not task.done()]
+        self._stopping.update(task_id for task_id, task in self._running.items() if not task.done())
         for task in cancelled:
             task.cancel()
         await asyncio.gather(*cancelled, return_exceptions=True)

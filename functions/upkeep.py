@@ -85,7 +85,7 @@ class Upkeep:
                     worker=state.worker_id,
                     lease_s=state.settings.lease_seconds,
                     timeout_s=interval_s,
-                    kinds=list(KINDS),
+                    kinds=state.served_kinds,
                 )
                 if not alive:
                     self._lose_lease()

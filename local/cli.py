@@ -366,9 +366,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if getattr(args, "kinds", False):
             # Before anything is served or run: a kind module that cannot be loaded stops
             # the command here (exit 2), naming the module and why.
-            from functions.kinds import load
+            from functions.kinds import check_base_path, load
 
-            load(Settings().kinds)
+            settings = Settings()
+            load(settings.kinds)
+            check_base_path(settings.base_path)
         args.func(args)
     except KindError as exc:
         logger.error("%s", exc)

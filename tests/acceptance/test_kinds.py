@@ -107,9 +107,9 @@ def test_a_users_kinds_run_once_each(
     assert "send_email" in json.dumps(document["components"]["schemas"]["TaskIn"])
     unknown = httpx.post(f"{api.url}/tasks", json={"type": "nope", "execute_at": 0})
     assert unknown.status_code == 422
-    assert "bar, baz, flaky, foo, give_up, quiet, send_email" in unknown.text
+    assert "bar, baz, flaky, foo, give_up, http, quiet, send_email" in unknown.text
     page = httpx.get(f"{api.url}/").text
-    assert 'data-kinds="bar baz flaky foo give_up quiet send_email"' in page
+    assert 'data-kinds="bar baz flaky foo give_up http quiet send_email"' in page
 
     now = time.time()
     ids = {}

@@ -88,6 +88,125 @@ async def test_one_bad_task_fails_alone_and_the_worker_goes_on(
     assert summary.lost == 0 and summary.failed == 3
 
 
+async def test_a_kind_raising_cancelled_error_itself_fails_its_attempts(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    extra_kinds: Callable[[Kind], None],
+) -> None:
+    """A CancelledError the kind raised (it awaited a future other code cancelled) is no
+    cancel of this worker's: the attempt fails and is retried while attempts remain; it
+    never stays running."""
+
+    async def awaits_a_cancelled_future(ctx: Context) -> str:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        future.cancel()
+        return await future
+
+    extra_kinds(Kind("selfcancel", awaits_a_cancelled_future, lambda s: 5.0))
+    task_factory("selfcancel", max_attempts=2)
+    task_factory("baz")
+
+    async with asyncio.timeout(30):  # (it never ended: the task stayed held, running)
+        summary = await Runner(store, settings, out=io.StringIO()).run()
+
+    got = states(sql)
+    # Retried (the run may end before the retry is due, or run it too) and never running.
+    assert got["selfcancel"][:2] in {("scheduled", 1), ("failed", 2)}
+    assert "raised CancelledError" in got["selfcancel"][3]
+    assert got["baz"][0] == "succeeded"
+    assert summary.retried == 1
+
+
+async def test_a_kind_that_swallows_its_time_limits_cancel_still_fails_the_attempt(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    extra_kinds: Callable[[Kind], None],
+) -> None:
+    """Stopped at its time limit, a run that catches the cancel and returns later did not
+    run on time: it fails its attempt whatever it returns."""
+
+    async def swallows(ctx: Context) -> str:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.2)
+        return "survived"
+
+    extra_kinds(Kind("swallows", swallows, lambda s: 5.0, limit_s=lambda s: 0.1))
+    task_factory("swallows", max_attempts=1)
+
+    await Runner(store, settings, out=io.StringIO()).run()
+
+    state, attempts, output, error = states(sql)["swallows"]
+    assert (state, attempts, output) == ("failed", 1, None)
+    assert "ran longer than its kind's limit of 0.1 s" in error
+
+
+async def test_a_kind_raising_system_exit_or_keyboard_interrupt_fails_only_its_attempt(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    extra_kinds: Callable[[Kind], None],
+) -> None:
+    """A `sys.exit()` (or a KeyboardInterrupt) deep in a library a kind calls costs that
+    attempt, named in its error, never the worker: a plain function's included (it was
+    handed back unrecorded, and killed every worker that took it)."""
+
+    def exits(ctx: Context) -> str:
+        raise SystemExit(3)
+
+    async def exits_later(ctx: Context) -> str:
+        await asyncio.sleep(0)
+        raise SystemExit(4)
+
+    async def interrupted(ctx: Context) -> str:
+        raise KeyboardInterrupt
+
+    extra_kinds(Kind("exits", exits, lambda s: 1.0))
+    extra_kinds(Kind("exits_later", exits_later, lambda s: 1.0))
+    extra_kinds(Kind("interrupted", interrupted, lambda s: 1.0))
+    for name in ("exits", "exits_later", "interrupted"):
+        task_factory(name, max_attempts=1)
+    task_factory("baz")
+
+    summary = await Runner(store, settings, out=io.StringIO()).run()
+
+    got = states(sql)
+    assert got["exits"][::3] == ("failed", "SystemExit: 3")
+    assert got["exits_later"][::3] == ("failed", "SystemExit: 4")
+    assert got["interrupted"][::3] == ("failed", "KeyboardInterrupt")
+    assert got["baz"][0] == "succeeded"
+    assert summary.failed == 3
+
+
+async def test_a_kinds_http_client_is_bounded_by_its_runs_time_limit(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    extra_kinds: Callable[[Kind], None],
+) -> None:
+    """`ctx.http()` lends a client whose time limit is the run's (the kind's timeout_s, or
+    the task's own), not TASKRUNNER_BAR_TIMEOUT_S (2 s here): a 30 s kind waiting 12 s for
+    an answer failed with a ReadTimeout after bar's 10 s."""
+
+    async def looks(ctx: Context) -> str:
+        async with ctx.http() as client:
+            return f"{client.timeout.read:g} {client.timeout.connect:g}"
+
+    extra_kinds(Kind("looks", looks, lambda s: 30.0, limit_s=lambda s: 30.0))
+    task_factory("looks")
+
+    await Runner(store, settings, out=io.StringIO()).run()
+
+    assert states(sql)["looks"][:3] == ("succeeded", 1, "30 30")
+
+
 async def test_a_broken_write_loop_stops_the_run_loudly(
     store: Store,
     settings: Settings,
@@ -120,7 +239,8 @@ async def test_a_tick_counts_and_names_what_it_had_no_time_for(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A 10 s tick cannot fit bar (10 s timeout + 1 s + the 2 s margin): it says so, every
-    time, and its summary counts the bar it left."""
+    time, and its summary counts the bar it left; nor does it record bar as served, so its
+    tasks show as unserved."""
     settings = dataclasses.replace(
         settings, bar_timeout_s=10.0, foo_delay_s=0.1, deadline_margin_s=2.0
     )
@@ -137,6 +257,9 @@ async def test_a_tick_counts_and_names_what_it_had_no_time_for(
         ("bar", "scheduled"),
         ("foo", "succeeded"),
     ]
+    served = {kind for (kind,) in sql("SELECT kind FROM kinds_served")}
+    assert "foo" in served and "bar" not in served
+    assert await store.count_unserved() == {"bar": 1}
 
 
 async def test_a_worker_whose_lease_ran_out_stops_and_hands_back(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import logging
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +21,9 @@ from functions.store import Claimed
 
 _names = itertools.count()
 # The API's paths, as the issue lists them: none may be a kind's name.
-API_PATHS = "tasks id taskstate schedules stats metrics healthz docs redoc workers errors".split()
+API_PATHS = (
+    "tasks id taskstate schedules stats metrics healthz docs redoc static workers errors".split()
+)
 
 
 @pytest.fixture(autouse=True)
@@ -213,3 +218,106 @@ def test_a_payload_is_read_from_its_json_on_first_use_only() -> None:
     assert context(None).payload is None
     assert context("null").payload is None
     assert context('"text"').payload == "text"
+
+
+def test_kinds_made_by_a_helper_module_are_loaded_with_the_module_that_made_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A factory's kinds, a decorator's without functools.wraps, a partial and a callable
+    object: each declared while the named module is imported belongs to it (they were
+    dropped silently, the function's __module__ being the helper's or none)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "user_helpers_made.py").write_text(
+        "from functions.kinds import kind\n"
+        "def notifier(name):\n"
+        "    @kind(name)\n"
+        "    async def run(ctx):\n"
+        "        return name\n"
+        "    return run\n"
+        "def timed(fn):\n"
+        "    async def wrapper(ctx):\n"
+        "        return await fn(ctx)\n"
+        "    return wrapper\n"
+    )
+    (tmp_path / "user_kinds_made.py").write_text(
+        "import functools\n"
+        "from functions.kinds import kind\n"
+        "from user_helpers_made import notifier, timed\n"
+        "notifier('notify_slack')\n"
+        "notifier('notify_teams')\n"
+        "async def _send(ctx, channel):\n"
+        "    return channel\n"
+        "kind('via_partial')(functools.partial(_send, channel='sms'))\n"
+        "@kind('timed_job')\n"
+        "@timed\n"
+        "async def timed_job(ctx):\n"
+        "    return None\n"
+        "class Caller:\n"
+        "    async def __call__(self, ctx):\n"
+        "        return None\n"
+        "kind('via_callable', timeout_s=5)(Caller())\n"
+    )
+    kinds.load("user_kinds_made")
+    made = ["notify_slack", "notify_teams", "timed_job", "via_callable", "via_partial"]
+    assert sorted(KINDS) == sorted(["bar", "baz", "foo", "http", *made])
+    for name in made:
+        assert KINDS[name].module == "user_kinds_made"
+        assert not KINDS[name].instant  # each is run as a coroutine, with its time limit
+    assert time_limit_s(KINDS["via_partial"], Settings()) == kinds.DEFAULT_TIMEOUT_S
+
+
+@pytest.mark.parametrize("code", ["0", "3", "'bye'"])
+def test_a_module_calling_sys_exit_at_import_is_named_with_it(
+    module: Callable[..., str], code: str
+) -> None:
+    source = module("mail", body=f"    return None\nimport sys\nsys.exit({code})")
+    with pytest.raises(KindError) as refused:
+        kinds.load(source)
+    assert str(refused.value).startswith(
+        f"kind module {source} (TASKRUNNER_KINDS) cannot be imported: SystemExit"
+    )
+
+
+def _first_segments(routes: list[Any]) -> set[str]:
+    found = set()
+    for route in routes:
+        path = getattr(route, "path", "")
+        found.add(path.strip("/").split("/")[0])
+        inner = getattr(route, "original_router", None) or getattr(route, "router", None)
+        found |= _first_segments(list(getattr(inner, "routes", [])))
+    return found
+
+
+def test_every_first_path_segment_the_api_serves_is_reserved() -> None:
+    """`POST /static/0` met the static files' mount (a 405): every path the app answers
+    whose first segment could be a kind's name is refused as one."""
+    from functions.http.app import build_app
+
+    app = build_app(Settings(database_url="postgresql://taskrunner@127.0.0.1:9/none"))
+    segments = _first_segments(app.routes) | {
+        p.strip("/").split("/")[0] for p in app.openapi()["paths"]
+    }
+    assert {"static", "docs", "tasks", "stats", "schedules", "id"} <= segments
+    names = {s for s in segments if re.fullmatch(kinds.NAME_PATTERN, s)}
+    assert names <= kinds.RESERVED_NAMES
+
+
+def test_a_kind_named_as_the_base_paths_first_segment_is_refused_at_start(
+    module: Callable[..., str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = module("prod")
+    kinds.load(source)
+    kinds.check_base_path("")
+    kinds.check_base_path("/prod2")
+    kinds.check_base_path("/stage/prod")
+    with pytest.raises(KindError, match="'prod' is the first segment of TASKRUNNER_BASE_PATH"):
+        kinds.check_base_path("/prod/v1")
+    from local import cli
+
+    monkeypatch.setenv("TASKRUNNER_KINDS", source)
+    monkeypatch.setenv("TASKRUNNER_BASE_PATH", "/prod")
+    monkeypatch.setenv("TASKRUNNER_DATABASE_URL", "postgresql://taskrunner@127.0.0.1:9/none")
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stopped:
+        cli.main(["worker"])
+    assert stopped.value.code == 2
+    assert "'prod' is the first segment of TASKRUNNER_BASE_PATH (/prod)" in caplog.text
