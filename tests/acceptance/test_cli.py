@@ -64,7 +64,9 @@ def test_dev_with_the_embedded_database_end_to_end(tmp_path: Path, bar_server: A
             assert response.status_code == 201, response.text
             created[kind] = response.json()["id"]
         later = httpx.post(f"{base}/tasks", json={"type": "baz", "execute_at": now + 3}).json()
-        assert httpx.get(f"{base}/tasks/{later['id']}").json()["state"] == "scheduled"
+        state = httpx.get(f"{base}/tasks/{later['id']}").json()["state"]
+        if time.time() < now + 3:  # (a loaded machine may take longer to get here)
+            assert state == "scheduled"
 
         def all_succeeded() -> list[dict[str, Any]] | None:
             items: list[dict[str, Any]] = httpx.get(f"{base}/tasks").json()["items"]
