@@ -228,5 +228,5 @@ def test_a_worker_says_what_it_is_when_it_starts(
     assert worker.terminate() == 0
     [line] = [line for line in worker.stderr().splitlines() if "action=start" in line]
     assert f"worker={worker.pid}" not in line and f":{worker.pid}:" in line
-    assert "kinds=foo,bar,baz concurrency=7 lease_s=" in line
+    assert "kinds=foo,bar,baz,http concurrency=7 lease_s=" in line
     assert "database=postgresql://postgres:***@" in line and "s3cret" not in line
