@@ -20,7 +20,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, TypeGuard
 
 from functions.errors import InvalidInput
-from functions.kinds import KINDS
+from functions.kinds import KINDS, NAME_PATTERN
 from functions.model import (
     END_UNIX_S,
     IDEMPOTENCY_KEY_PATTERN,
@@ -82,6 +82,24 @@ def parse_kind(value: object) -> str:
     if name not in KINDS:
         raise ValueError(
             f"unknown type {excerpt(value)}; expected one of {', '.join(sorted(KINDS))}"
+        )
+    return name
+
+
+_KIND_NAME = re.compile(NAME_PATTERN)
+
+
+def parse_kind_filter(value: object) -> str:
+    """Return the kind a filter names, matched case-insensitively: any well-formed kind name
+    (NAME_PATTERN), loaded or not, so the tasks of a kind removed from the deployment (which
+    /stats shows as unserved) can still be listed, cancelled and retried."""
+    if not isinstance(value, str):
+        raise ValueError("type must be a string")
+    name = value.strip(_BLANKS).lower()
+    if not _KIND_NAME.fullmatch(name):
+        raise ValueError(
+            f"type {excerpt(value)} is not a kind's name: 1 to 63 letters, digits and"
+            " underscores, starting with a letter"
         )
     return name
 

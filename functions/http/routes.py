@@ -22,7 +22,7 @@ from functions.http.schemas import (
     Cursor,
     IdempotencyKey,
     IdsOut,
-    KindName,
+    KindFilter,
     PageOut,
     RescheduleIn,
     ScheduleCursor,
@@ -35,7 +35,6 @@ from functions.http.schemas import (
     TaskIn,
     TaskOut,
     errors,
-    kind_schema,
     links,
     schedule_fields,
 )
@@ -104,7 +103,10 @@ def task_filter(
         TaskState | None,
         Query(description="scheduled, running, succeeded, failed or cancelled"),
     ] = None,
-    type: Annotated[KindName | None, Query(description=kind_schema()["description"])] = None,
+    type: Annotated[
+        KindFilter | None,
+        Query(description="A kind's name, in any case: a loaded kind or a removed one's."),
+    ] = None,
 ) -> TaskFilter:
     """The filters of `GET /tasks`, read the same way by the bulk cancel and retry."""
     return TaskFilter(state=state, kind=type)

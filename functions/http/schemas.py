@@ -57,6 +57,22 @@ class _KindJsonSchema:
 # function whose error says in words what is wrong and what is accepted (a pydantic pattern's
 # error would quote the pattern, hundreds of characters of it).
 KindName = Annotated[str, PlainValidator(parsing.parse_kind), _KindJsonSchema()]
+# A list's, a bulk cancel's or retry's `type`: any kind's name, loaded or not (a kind
+# removed from the deployment still has its tasks).
+KIND_FILTER_PATTERN = "^[ \\t\\n\\r]*[A-Za-z][A-Za-z0-9_]{0,62}[ \\t\\n\\r]*$"
+KindFilter = Annotated[
+    str,
+    PlainValidator(parsing.parse_kind_filter),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": KIND_FILTER_PATTERN,
+            "description": "A kind's name, in any case: a loaded kind or one whose tasks"
+            " remain after it was removed.",
+            "examples": ["foo"],
+        }
+    ),
+]
 Cursor = Annotated[
     str,
     PlainValidator(parsing.parse_cursor),
