@@ -183,7 +183,8 @@ IDEMPOTENCY_KEY_PATTERN = "^[!-~]{1,255}$"
 # them, in any stack.
 MAX_PAYLOAD_DEPTH = 100
 # The most bytes one answer listing tasks holds (`GET /tasks`, `GET /taskstate/{state}`):
-# under Lambda's 6 MB response limit with room to spare; a page of large payloads is shorter.
+# under Lambda's 6 MB response limit with room to spare, counted as Lambda's envelope holds
+# the body (`responses.enveloped_size`); a page of large payloads is shorter.
 MAX_PAGE_BYTES = 5_000_000
 # The most bytes a payload may have (TASKRUNNER_MAX_PAYLOAD_BYTES at most): a task with one
 # is an answer of its own well under MAX_PAGE_BYTES.
