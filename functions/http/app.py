@@ -116,6 +116,8 @@ def build_app(
         generate_unique_id_function=lambda route: route.name,
     )
     app.router.route_class = Route
+    # What `Route` counts a body's values against (`model.max_values`).
+    app.state.max_body_bytes = settings.max_body_bytes
     add_docs(app)
     # GET /: the dashboard's page (functions/http/dashboard.py); HEAD by `Route`.
     add_dashboard(app)

@@ -73,16 +73,18 @@ class Route(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         """FastAPI's handler, behind the checks of a body before it is parsed: its
         content-type (415), and how many values it holds (`parsing.count_values`: 422 past
-        MAX_VALUES, before json.loads builds them all)."""
+        `model.max_values` of the body limit, before json.loads builds them all)."""
         handler = super().get_route_handler()
         if self.body_field is None:
             return handler
 
         async def read_body_first(request: Request) -> Response:
             require_json(request.headers.get("content-type", ""))
-            if parsing.count_values(await request.body()) > model.MAX_VALUES:
-                issue = {"loc": ("body",), "msg": model.TOO_MANY_VALUES, "type": "too_long"}
-                raise RequestValidationError([issue])
+            limit = request.app.state.max_body_bytes
+            bound = model.max_values(limit)
+            if parsing.count_values(await request.body(), bound) > bound:
+                msg = model.too_many_values(limit)
+                raise RequestValidationError([{"loc": ("body",), "msg": msg, "type": "too_long"}])
             # (FastAPI's handler reads the body this request has kept.)
             return await handler(request)
 

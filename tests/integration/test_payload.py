@@ -5,6 +5,7 @@ The two paths' answers are compared in test_hotpath.py; here each path creates t
 worker then runs.
 """
 
+import dataclasses
 import io
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,6 +23,7 @@ from functions.model import MAX_PAGE_BYTES
 from functions.runner import Runner
 from functions.settings import Settings
 from functions.store import Store
+from tests.conftest import serve
 from tests.integration.test_hotpath import LIMIT, PAYLOADS, nested, sized
 
 Sql = Callable[..., list[tuple[Any, ...]]]
@@ -233,3 +235,43 @@ async def test_a_keyed_task_stores_its_payload_once_until_a_patch_changes_it(
     plain = (await client.post("/tasks", json={"type": "baz", "execute_at": 0})).json()["id"]
     await patch(plain, {"v": 4})
     assert kept(plain) is None
+
+
+async def test_a_batch_of_tasks_each_acceptable_is_accepted_up_to_the_body_limit(
+    settings: Settings, sql: Sql
+) -> None:
+    """The values a body may hold follow TASKRUNNER_MAX_BODY_BYTES (`model.max_values`): a
+    batch whose tasks are each accepted alone, within the body limit, is accepted; past the
+    limit, the answer says so (413), not that the batch holds too many tasks."""
+    # 10 tasks of a 57 KB payload each, 96,000 values in all (a fixed cap of 200,000 values
+    # refused 10 of these: 10,000 values of each item's own fields).
+    recipients = [
+        {"name": f"user{i}", "email": f"u{i}@ex.io", "tags": ["a", "b"]} for i in range(1000)
+    ]
+    people = {"s": 0, "recipients": recipients}
+    async with serve(settings) as client:
+        one = await client.post("/tasks", json={"type": "baz", "execute_at": 0, "payload": people})
+        assert one.status_code == 201, one.text
+        batch = [{"type": "baz", "execute_at": 0, "payload": people}] * 10
+        created = await client.post("/tasks/batch", json={"tasks": batch})
+        assert created.status_code == 201, created.text
+    # The densest payloads of exactly TASKRUNNER_MAX_PAYLOAD_BYTES, as many as fit in the
+    # body limit: 15 of them in 1 MiB, 655,000 values.
+    limit = 1024 * 1024
+    densest: list[list[int]] = [[]] * ((LIMIT - 1) // 3)
+    assert len(json.dumps(densest, separators=(",", ":"))) == LIMIT
+    item = {"type": "baz", "execute_at": 0, "payload": densest}
+
+    def body(count: int) -> bytes:
+        return json.dumps({"tasks": [item] * count}, separators=(",", ":")).encode()
+
+    assert len(body(15)) <= limit < len(body(16))
+    async with serve(dataclasses.replace(settings, max_body_bytes=limit)) as client:
+        created = await client.post("/tasks/batch", content=body(15))
+        assert created.status_code == 201, created.text[:300]
+        [(stored,)] = sql(
+            "SELECT count(*) FROM tasks WHERE payload = %s::jsonb", json.dumps(densest)
+        )
+        assert stored == 15
+        over = await client.post("/tasks/batch", content=body(16))
+        assert over.status_code == 413, over.text[:300]
