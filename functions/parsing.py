@@ -138,6 +138,17 @@ def parse_priority(value: object) -> int:
     return value
 
 
+def parse_max_attempts_or_default(value: object) -> int | None:
+    """parse_max_attempts, with null as absent: TASKRUNNER_MAX_ATTEMPTS (None here). Null
+    means the default for each of a task's options alike (timeout_s: the kind's own)."""
+    return None if value is None else parse_max_attempts(value)
+
+
+def parse_priority_or_default(value: object) -> int:
+    """parse_priority, with null as absent: 0."""
+    return 0 if value is None else parse_priority(value)
+
+
 def _whole(value: object) -> TypeGuard[int]:
     """An integer as JSON readers make one (`3`, not `3.0`), not a bool."""
     return value.__class__ is int
@@ -507,14 +518,13 @@ def read_batch(items: list[Any]) -> list[dict[str, Any]] | None:
 
 # What a task's body (and a batch's item, but for its idempotency key) may hold.
 ITEM_KEYS = frozenset({"type", "execute_at", "payload", "max_attempts", "timeout_s", "priority"})
-# How each of the rest is read; None: as if absent (a null payload or timeout_s: a task's
-# answer shows them null; a null max_attempts or priority is refused, as the answer never
-# shows one).
+# How each of the rest is read; None: as if absent (null is the default of each: no payload,
+# TASKRUNNER_MAX_ATTEMPTS, the kind's own timeout, priority 0).
 _READ_OPTION: dict[str, Any] = {
     "payload": lambda value: value,
-    "max_attempts": parse_max_attempts,
+    "max_attempts": parse_max_attempts_or_default,
     "timeout_s": parse_timeout_s,
-    "priority": parse_priority,
+    "priority": lambda value: None if value is None else parse_priority(value),
 }
 
 

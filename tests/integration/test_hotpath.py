@@ -614,6 +614,9 @@ async def test_a_batch_repeat_is_compared_with_each_items_payload(pair: Pair) ->
 OPTIONS = [
     ({}, (3, 0, None)),
     ({"max_attempts": 1, "priority": 0, "timeout_s": None}, (1, 0, None)),
+    # Null is the default of each option, as absent.
+    ({"max_attempts": None, "priority": None, "timeout_s": None}, (3, 0, None)),
+    ({"max_attempts": None, "priority": 9}, (3, 9, None)),
     ({"max_attempts": 1000, "priority": 9, "timeout_s": 1.05}, (1000, 9, 1.05)),
     ({"timeout_s": 1}, (3, 0, 1.0)),
     ({"timeout_s": 1e-07, "priority": 5}, (3, 5, 1e-07)),
@@ -652,13 +655,11 @@ REFUSED_OPTIONS = [
     ("max_attempts", True, "1 to 1,000"),
     ("max_attempts", 3.0, "1 to 1,000"),
     ("max_attempts", "3", "1 to 1,000"),
-    ("max_attempts", None, "1 to 1,000"),
     ("max_attempts", 10**400, "1 to 1,000"),
     ("priority", 10, "0 (runs first) to 9"),
     ("priority", -1, "0 (runs first) to 9"),
     ("priority", False, "0 (runs first) to 9"),
     ("priority", 1.0, "0 (runs first) to 9"),
-    ("priority", None, "0 (runs first) to 9"),
     ("timeout_s", 0, "above 0"),
     ("timeout_s", -0.5, "above 0"),
     ("timeout_s", True, "above 0"),
