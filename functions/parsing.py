@@ -365,6 +365,39 @@ def count_values(body: bytes, bound: int) -> int:
     return count(b"".join(plain.split(b'"')[::2])) + strings
 
 
+# What a number too small for a double needs: an exponent of -100 or below, or a fraction
+# starting with 100 zeros. Only a body with one is read again to find it (strings and
+# numbers that read exactly never get past this).
+_MAYBE_TINY = re.compile(rb"[eE]-[0-9]{3}|\.0{100}")
+_NONZERO = re.compile(r"[1-9]")
+
+
+class _Underflow(ValueError):
+    pass
+
+
+def _exact_float(text: str) -> float:
+    value = float(text)
+    if value == 0 and _NONZERO.search(text.partition("e")[0].partition("E")[0]):
+        raise _Underflow(text)
+    return value
+
+
+def tiny_number(body: bytes) -> str | None:
+    """The first number in the JSON `body` too small for a double, which json.loads and
+    pydantic-core read as 0 (`1e-400`); None if there is none, or the body is not JSON (its
+    reader says why). A body with one is refused as one with `1e400` is, not stored as 0."""
+    if not _MAYBE_TINY.search(body):
+        return None
+    try:
+        json.loads(body, parse_float=_exact_float)
+    except _Underflow as exc:
+        return str(exc)
+    except (ValueError, RecursionError):
+        return None
+    return None
+
+
 # The one way a payload is written: compact, characters as they are (UTF-8). Its size is
 # the length of this in UTF-8; NaN and Infinity are refused (JSON has no such numbers).
 _dump_payload = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode

@@ -109,7 +109,7 @@ class HotPath:
         holds more values than any request takes is not read here (`parsing.count_values`),
         and what was read is let go before the FastAPI app reads the body again."""
         bound = model.max_values(self.settings.max_body_bytes)
-        if parsing.count_values(body, bound) > bound:
+        if parsing.count_values(body, bound) > bound or parsing.tiny_number(body) is not None:
             return None  # (refused before it is read, in the FastAPI app's words)
         try:
             if batch:

@@ -85,6 +85,12 @@ class Route(APIRoute):
             if parsing.count_values(await request.body(), bound) > bound:
                 msg = model.too_many_values(limit)
                 raise RequestValidationError([{"loc": ("body",), "msg": msg, "type": "too_long"}])
+            tiny = parsing.tiny_number(await request.body())
+            if tiny is not None:
+                msg = f"the number {parsing.excerpt(tiny)} is too small for a double: it reads as 0"
+                raise RequestValidationError(
+                    [{"loc": ("body",), "msg": msg, "type": "value_error"}]
+                )
             # (FastAPI's handler reads the body this request has kept.)
             return await handler(request)
 

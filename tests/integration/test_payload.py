@@ -275,3 +275,38 @@ async def test_a_batch_of_tasks_each_acceptable_is_accepted_up_to_the_body_limit
         assert stored == 15
         over = await client.post("/tasks/batch", content=body(16))
         assert over.status_code == 413, over.text[:300]
+
+
+@pytest.mark.parametrize(
+    "number", [b"1e-400", b"-1E-400", b"2e-324", b"0." + b"0" * 400 + b"1", b"0.2e-323"]
+)
+async def test_a_number_too_small_for_a_double_is_refused_as_one_too_large_is(
+    client: httpx.AsyncClient, sql: Sql, number: bytes
+) -> None:
+    """json.loads and pydantic-core read it as 0: stored, it would be 0.0, silently."""
+    said = f"the number '{number.decode()[:20]}"
+
+    def refused(response: httpx.Response) -> None:
+        assert response.status_code == 422, response.text
+        [issue] = response.json()["detail"]
+        assert issue["loc"] == ["body"] and issue["msg"].startswith(said), issue
+        assert "too small for a double" in issue["msg"], issue
+
+    one = b'{"type": "baz", "execute_at": 0, "payload": {"x": [' + number + b"]}}"
+    refused(await client.post("/tasks", content=one))
+    batch = b'{"tasks": [{"type": "baz", "execute_at": 0}, ' + one + b"]}"
+    refused(await client.post("/tasks/batch", content=batch))
+    assert sql("SELECT count(*) FROM tasks") == [(0,)]
+    task_id = (await client.post("/tasks", json={"type": "baz", "execute_at": 0})).json()["id"]
+    refused(await client.patch(f"/tasks/{task_id}", content=b'{"payload": ' + number + b"}"))
+    assert sql("SELECT payload FROM tasks") == [(None,)]
+
+
+async def test_numbers_a_double_holds_and_strings_that_look_tiny_are_kept(
+    client: httpx.AsyncClient,
+) -> None:
+    # The smallest double, 0 written with an exponent, and text that only looks like a number.
+    body = b'{"type": "baz", "execute_at": 0, "payload": [5e-324, 0e-999, 0.0e-400, "1e-400"]}'
+    created = await client.post("/tasks", content=body)
+    assert created.status_code == 201, created.text
+    assert created.json()["payload"] == [5e-324, 0.0, 0.0, "1e-400"]
