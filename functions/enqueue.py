@@ -63,7 +63,7 @@ def enqueue(
     payload: Any = None,
     max_attempts: int | None = None,
     timeout_s: float | None = None,
-    priority: int = 0,
+    priority: int | None = 0,
     idempotency_key: str | None = None,
 ) -> int:
     """Schedule a task on `conn` (psycopg `Connection`, SQLAlchemy `Connection` or
@@ -96,7 +96,7 @@ async def enqueue_async(
     payload: Any = None,
     max_attempts: int | None = None,
     timeout_s: float | None = None,
-    priority: int = 0,
+    priority: int | None = 0,
     idempotency_key: str | None = None,
 ) -> int:
     """`enqueue` for a psycopg `AsyncConnection`, or SQLAlchemy's `AsyncConnection` or
@@ -138,7 +138,7 @@ def _steps(
         if max_attempts is None
         else _read("max_attempts", parse_max_attempts, max_attempts),
         timeout_s=_read("timeout_s", parse_timeout_s, timeout_s),
-        priority=_read("priority", parse_priority, priority),
+        priority=0 if priority is None else _read("priority", parse_priority, priority),
     )
     try:
         check_timeout(new.kind, new.timeout_s, settings, ("timeout_s",))

@@ -183,20 +183,30 @@ IDEMPOTENCY_KEY_PATTERN = "^[!-~]{1,255}$"
 # them, in any stack.
 MAX_PAYLOAD_DEPTH = 100
 # The most bytes one answer listing tasks holds (`GET /tasks`, `GET /taskstate/{state}`):
-# under Lambda's 6 MB response limit with room to spare; a page of large payloads is shorter.
+# under Lambda's 6 MB response limit with room to spare, counted as Lambda's envelope holds
+# the body (`responses.enveloped_size`); a page of large payloads is shorter.
 MAX_PAGE_BYTES = 5_000_000
 # The most bytes a payload may have (TASKRUNNER_MAX_PAYLOAD_BYTES at most): a task with one
 # is an answer of its own well under MAX_PAGE_BYTES.
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 
-# The most JSON values a request body may hold (`parsing.count_values`): room for a full
-# batch whose items each carry an idempotency key and a payload of a few values (an `http`
-# task's `{"url": ..., "method": ...}`: 180,002; at 12 per item, a full batch of one-key
-# payloads, 120,002, was refused), and few enough that reading them costs little: 7 MB for
-# json.loads of that batch (measured). Without it, 8 MiB of `{},` is 2.8 million dicts when
-# read: ~200 MB for json.loads, as much again for pydantic-core, all before a 422.
-MAX_VALUES = 20 * MAX_BATCH
-TOO_MANY_VALUES = (
-    f"the body holds more than {MAX_VALUES:,} JSON values (objects, arrays, strings and"
-    f" items), more than a request of this API needs: a batch holds at most {MAX_BATCH:,} tasks"
-)
+
+def max_values(max_body_bytes: int) -> int:
+    """The most JSON values (`parsing.count_values`) a body of `max_body_bytes` holds when it
+    is JSON: two in three bytes, as `[],` `{},` and `"",` do, and no JSON denser. A body with
+    more is refused before it is read (json.loads would build them all first). Every body
+    within TASKRUNNER_MAX_BODY_BYTES whose tasks are each acceptable passes: a batch of 128
+    payloads of 64 KiB of `[[],[],...]` holds 5.6 million (a fixed cap of 200,000 refused 10
+    tasks of 57 KB payloads each accepted alone). What reading a body costs thus follows the
+    body limit: 212 MB for json.loads of 8 MiB of `{},` at worst (measured), the most any
+    request of that size costs; lower TASKRUNNER_MAX_BODY_BYTES where memory is tight."""
+    return max_body_bytes * 2 // 3 + 2
+
+
+def too_many_values(max_body_bytes: int) -> str:
+    """Why a body over `max_values` is refused: it is not JSON (JSON is never denser)."""
+    return (
+        f"the body is not JSON this API reads: it holds more than {max_values(max_body_bytes):,}"
+        f" JSON values (objects, arrays, strings and items), more than"
+        f" TASKRUNNER_MAX_BODY_BYTES ({max_body_bytes:,}) bytes of JSON can"
+    )

@@ -20,7 +20,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from functions.errors import InvalidInput
-from functions.kinds import KINDS
+from functions.kinds import KINDS, NAME_PATTERN
 from functions.model import (
     END_UNIX_S,
     IDEMPOTENCY_KEY_PATTERN,
@@ -28,7 +28,6 @@ from functions.model import (
     MAX_EXECUTE_AT,
     MAX_PAYLOAD_DEPTH,
     MAX_PRIORITY,
-    MAX_VALUES,
     MIN_EXECUTE_AT,
     MIN_PRIORITY,
     NewTask,
@@ -86,6 +85,24 @@ def parse_kind(value: object) -> str:
     return name
 
 
+_KIND_NAME = re.compile(NAME_PATTERN)
+
+
+def parse_kind_filter(value: object) -> str:
+    """Return the kind a filter names, matched case-insensitively: any well-formed kind name
+    (NAME_PATTERN), loaded or not, so the tasks of a kind removed from the deployment (which
+    /stats shows as unserved) can still be listed, cancelled and retried."""
+    if not isinstance(value, str):
+        raise ValueError("type must be a string")
+    name = value.strip(_BLANKS).lower()
+    if not _KIND_NAME.fullmatch(name):
+        raise ValueError(
+            f"type {excerpt(value)} is not a kind's name: 1 to 63 letters, digits and"
+            " underscores, starting with a letter"
+        )
+    return name
+
+
 def parse_idempotency_key(value: object) -> str:
     """Return `value` if it is an idempotency key this API takes (IDEMPOTENCY_KEY_PATTERN)."""
     if not isinstance(value, str) or not _IDEMPOTENCY_KEY.fullmatch(value):
@@ -122,6 +139,17 @@ def parse_priority(value: object) -> int:
             f" to {MAX_PRIORITY}"
         )
     return whole
+
+
+def parse_max_attempts_or_default(value: object) -> int | None:
+    """parse_max_attempts, with null as absent: TASKRUNNER_MAX_ATTEMPTS (None here). Null
+    means the default for each of a task's options alike (timeout_s: the kind's own)."""
+    return None if value is None else parse_max_attempts(value)
+
+
+def parse_priority_or_default(value: object) -> int:
+    """parse_priority, with null as absent: 0."""
+    return 0 if value is None else parse_priority(value)
 
 
 def _whole(value: object) -> int | None:
@@ -319,13 +347,13 @@ def decode_cursor(cursor: str) -> int:
         raise InvalidInput(_NOT_A_CURSOR.format(excerpt(cursor))) from None
 
 
-def count_values(body: bytes) -> int:
+def count_values(body: bytes, bound: int) -> int:
     """How many values a JSON body holds, without reading it: its strings, and its commas,
     `{` and `[` outside strings; a number no lower (a bracket or comma inside a string may
-    count), and over MAX_VALUES only when the body holds more than MAX_VALUES.
+    count), and over `bound` (`model.max_values`) only when the body holds more than it.
 
     A few passes over the body in C (~0.1 s at most for 8 MiB): strings are told apart only
-    when the bound counted with them is over MAX_VALUES.
+    when the bound counted with them is over `bound`.
     """
 
     def count(text: bytes) -> int:
@@ -333,7 +361,7 @@ def count_values(body: bytes) -> int:
 
     quotes = body.count(b'"')
     found = count(body) + quotes // 2
-    if found <= MAX_VALUES or not quotes:
+    if found <= bound or not quotes:
         return found
     # Without its escaped backslashes and quotes, every quote left in a body opens or closes
     # a string. (A backslash is JSON only inside a string: where there is one outside, the
@@ -342,9 +370,42 @@ def count_values(body: bytes) -> int:
     if b"\\" in body:
         plain = body.replace(b"\\\\", b"").replace(b'\\"', b"")
     strings = (plain.count(b'"') + 1) // 2
-    if strings > MAX_VALUES:
+    if strings > bound:
         return strings
     return count(b"".join(plain.split(b'"')[::2])) + strings
+
+
+# What a number too small for a double needs: an exponent of -100 or below, or a fraction
+# starting with 100 zeros. Only a body with one is read again to find it (strings and
+# numbers that read exactly never get past this).
+_MAYBE_TINY = re.compile(rb"[eE]-[0-9]{3}|\.0{100}")
+_NONZERO = re.compile(r"[1-9]")
+
+
+class _Underflow(ValueError):
+    pass
+
+
+def _exact_float(text: str) -> float:
+    value = float(text)
+    if value == 0 and _NONZERO.search(text.partition("e")[0].partition("E")[0]):
+        raise _Underflow(text)
+    return value
+
+
+def tiny_number(body: bytes) -> str | None:
+    """The first number in the JSON `body` too small for a double, which json.loads and
+    pydantic-core read as 0 (`1e-400`); None if there is none, or the body is not JSON (its
+    reader says why). A body with one is refused as one with `1e400` is, not stored as 0."""
+    if not _MAYBE_TINY.search(body):
+        return None
+    try:
+        json.loads(body, parse_float=_exact_float)
+    except _Underflow as exc:
+        return str(exc)
+    except (ValueError, RecursionError):
+        return None
+    return None
 
 
 # The one way a payload is written: compact, characters as they are (UTF-8). Its size is
@@ -500,14 +561,13 @@ def read_batch(items: list[Any]) -> list[dict[str, Any]] | None:
 
 # What a task's body (and a batch's item, but for its idempotency key) may hold.
 ITEM_KEYS = frozenset({"type", "execute_at", "payload", "max_attempts", "timeout_s", "priority"})
-# How each of the rest is read; None: as if absent (a null payload or timeout_s: a task's
-# answer shows them null; a null max_attempts or priority is refused, as the answer never
-# shows one).
+# How each of the rest is read; None: as if absent (null is the default of each: no payload,
+# TASKRUNNER_MAX_ATTEMPTS, the kind's own timeout, priority 0).
 _READ_OPTION: dict[str, Any] = {
     "payload": lambda value: value,
-    "max_attempts": parse_max_attempts,
+    "max_attempts": parse_max_attempts_or_default,
     "timeout_s": parse_timeout_s,
-    "priority": parse_priority,
+    "priority": lambda value: None if value is None else parse_priority(value),
 }
 
 

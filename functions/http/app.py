@@ -125,6 +125,8 @@ def build_app(
         return app.openapi_schema
 
     app.openapi = document  # type: ignore[method-assign]
+    # What `Route` counts a body's values against (`model.max_values`).
+    app.state.max_body_bytes = settings.max_body_bytes
     add_docs(app)
     # GET /: the dashboard's page (functions/http/dashboard.py); HEAD by `Route`.
     add_dashboard(app)

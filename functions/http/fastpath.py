@@ -108,7 +108,8 @@ class HotPath:
         """The work a body asks for, or None for the FastAPI app to answer. A body that
         holds more values than any request takes is not read here (`parsing.count_values`),
         and what was read is let go before the FastAPI app reads the body again."""
-        if parsing.count_values(body) > model.MAX_VALUES:
+        bound = model.max_values(self.settings.max_body_bytes)
+        if parsing.count_values(body, bound) > bound or parsing.tiny_number(body) is not None:
             return None  # (refused before it is read, in the FastAPI app's words)
         try:
             if batch:

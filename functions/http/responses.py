@@ -113,18 +113,31 @@ def plain_task_json(task: Task) -> bytes:
 
 
 # What a page's JSON holds besides its items: `{"items":[`, `],"next_cursor":`, a cursor
-# (at most 36 characters, quoted) and `}`, rounded up.
+# (at most 36 characters, quoted) and `}`, rounded up, escaped as Lambda's envelope has it.
 _PAGE_ROOM = 100
+
+
+def enveloped_size(text: bytes) -> int:
+    """How many bytes the JSON `text` takes once it is the `body` string of a Lambda
+    response, as the runtime sends it: JSON-escaped, `"` and `\\` as two bytes each, and every
+    other character beyond ASCII as `\\uXXXX` (awslambdaric writes the response with
+    `ensure_ascii`, as python3.11 does): a character of 2 or 3 bytes in UTF-8 takes 6, one of
+    4 takes 12. Never less than `len(text)`, so a page measured by it is as short as ever
+    served from a server. (`text` holds no raw control character: JSON escapes them.)"""
+    if text.isascii():
+        return len(text) + text.count(b'"') + text.count(b"\\")
+    return len(json.dumps(text.decode())) - 2
 
 
 def _fitting(items: list[Task]) -> list[bytes]:
     """The JSON of `items`, from the first, while they fit in one answer of MAX_PAGE_BYTES
-    (always the first)."""
+    measured as Lambda's response envelope holds them (`enveloped_size`: a page of 5 MB of
+    `"é"` payloads was 14.9 MB there, over Lambda's 6 MB limit); always the first."""
     out: list[bytes] = []
     size = _PAGE_ROOM
     for task in items:
         one = task_json(task)
-        size += len(one) + 1
+        size += enveloped_size(one) + 1
         if out and size > MAX_PAGE_BYTES:
             break
         out.append(one)

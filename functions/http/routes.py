@@ -22,7 +22,7 @@ from functions.http.schemas import (
     Cursor,
     IdempotencyKey,
     IdsOut,
-    KindName,
+    KindFilter,
     PageOut,
     RescheduleIn,
     ScheduleCursor,
@@ -35,7 +35,6 @@ from functions.http.schemas import (
     TaskIn,
     TaskOut,
     errors,
-    kind_schema,
     links,
     schedule_fields,
 )
@@ -74,16 +73,24 @@ class Route(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         """FastAPI's handler, behind the checks of a body before it is parsed: its
         content-type (415), and how many values it holds (`parsing.count_values`: 422 past
-        MAX_VALUES, before json.loads builds them all)."""
+        `model.max_values` of the body limit, before json.loads builds them all)."""
         handler = super().get_route_handler()
         if self.body_field is None:
             return handler
 
         async def read_body_first(request: Request) -> Response:
             require_json(request.headers.get("content-type", ""))
-            if parsing.count_values(await request.body()) > model.MAX_VALUES:
-                issue = {"loc": ("body",), "msg": model.TOO_MANY_VALUES, "type": "too_long"}
-                raise RequestValidationError([issue])
+            limit = request.app.state.max_body_bytes
+            bound = model.max_values(limit)
+            if parsing.count_values(await request.body(), bound) > bound:
+                msg = model.too_many_values(limit)
+                raise RequestValidationError([{"loc": ("body",), "msg": msg, "type": "too_long"}])
+            tiny = parsing.tiny_number(await request.body())
+            if tiny is not None:
+                msg = f"the number {parsing.excerpt(tiny)} is too small for a double: it reads as 0"
+                raise RequestValidationError(
+                    [{"loc": ("body",), "msg": msg, "type": "value_error"}]
+                )
             # (FastAPI's handler reads the body this request has kept.)
             return await handler(request)
 
@@ -104,7 +111,10 @@ def task_filter(
         TaskState | None,
         Query(description="scheduled, running, succeeded, failed or cancelled"),
     ] = None,
-    type: Annotated[KindName | None, Query(description=kind_schema()["description"])] = None,
+    type: Annotated[
+        KindFilter | None,
+        Query(description="A kind's name, in any case: a loaded kind or a removed one's."),
+    ] = None,
 ) -> TaskFilter:
     """The filters of `GET /tasks`, read the same way by the bulk cancel and retry."""
     return TaskFilter(state=state, kind=type)

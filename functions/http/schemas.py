@@ -59,6 +59,22 @@ class _KindJsonSchema:
 # function whose error says in words what is wrong and what is accepted (a pydantic pattern's
 # error would quote the pattern, hundreds of characters of it).
 KindName = Annotated[str, PlainValidator(parsing.parse_kind), _KindJsonSchema()]
+# A list's, a bulk cancel's or retry's `type`: any kind's name, loaded or not (a kind
+# removed from the deployment still has its tasks).
+KIND_FILTER_PATTERN = "^[ \\t\\n\\r]*[A-Za-z][A-Za-z0-9_]{0,62}[ \\t\\n\\r]*$"
+KindFilter = Annotated[
+    str,
+    PlainValidator(parsing.parse_kind_filter),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": KIND_FILTER_PATTERN,
+            "description": "A kind's name, in any case: a loaded kind or one whose tasks"
+            " remain after it was removed.",
+            "examples": ["foo"],
+        }
+    ),
+]
 Cursor = Annotated[
     str,
     PlainValidator(parsing.parse_cursor),
@@ -167,6 +183,37 @@ MaxAttempts = Annotated[
         }
     ),
 ]
+# A task's options at create: null is the default, as absent, for each of the three.
+MaxAttemptsOrDefault = Annotated[
+    int | None,
+    PlainValidator(parsing.parse_max_attempts_or_default),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 1, "maximum": model.MAX_ATTEMPTS_AT_CREATE},
+                {"type": "null"},
+            ],
+            "description": "How many runs the task may start (a failed run is retried while"
+            " runs are left); null or absent: TASKRUNNER_MAX_ATTEMPTS. Written without a"
+            " fraction: `3.0` is refused. A retry (`POST /tasks/{task_id}/retry`) adds"
+            " TASKRUNNER_MAX_ATTEMPTS more.",
+        }
+    ),
+]
+PriorityOrDefault = Annotated[
+    int,
+    PlainValidator(parsing.parse_priority_or_default),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": model.MIN_PRIORITY, "maximum": model.MAX_PRIORITY},
+                {"type": "null"},
+            ],
+            "description": "Among tasks that are due, a lower number runs first (0 first; then"
+            " by due time); null or absent: 0.",
+        }
+    ),
+]
 TimeoutS = Annotated[
     float | None,
     PlainValidator(parsing.parse_timeout_s),
@@ -256,10 +303,10 @@ class TaskIn(BaseModel):
     type: KindName
     execute_at: ExecuteAt
     payload: Payload = None
-    # Not `| None` in the schema: a null is refused, as the schema says; absent, the default.
-    max_attempts: MaxAttempts = Field(default=None)  # type: ignore[assignment]
+    # Null or absent: the default, for each option alike.
+    max_attempts: MaxAttemptsOrDefault = None
     timeout_s: TimeoutS = None
-    priority: Priority = 0
+    priority: PriorityOrDefault = 0
 
     @model_validator(mode="wrap")
     @classmethod

@@ -17,7 +17,7 @@ import pytest
 
 from functions.http.app import build_app
 from functions.http.middleware import BodyLimit
-from functions.model import MAX_VALUES, TOO_MANY_VALUES
+from functions.model import max_values, too_many_values
 from functions.settings import Settings
 from tests.conftest import serve
 
@@ -425,12 +425,13 @@ async def test_a_number_too_long_to_read_is_named_as_such(settings: Settings) ->
 
 
 async def test_a_body_with_too_many_values_is_refused_before_it_is_parsed(
-    client: httpx.AsyncClient, sql: Sql
+    client: httpx.AsyncClient, sql: Sql, settings: Settings
 ) -> None:
     [(task_id,)] = sql("INSERT INTO tasks (kind, execute_at) VALUES ('foo', now()) RETURNING id")
-    body = b"[" + b"[]," * (MAX_VALUES + 1) + b"[]]"
+    limit = settings.max_body_bytes
+    body = b"[" * (max_values(limit) + 1)
     patched = await client.patch(f"/tasks/{task_id}", content=body)
     refused(patched, 422)
-    assert patched.json()["detail"][0]["msg"] == TOO_MANY_VALUES
+    assert patched.json()["detail"][0]["msg"] == too_many_values(limit)
     # The content-type is checked first: a body that is not JSON is not counted.
     refused(await client.post("/tasks", content=body, headers={"content-type": "text/csv"}), 415)

@@ -249,7 +249,6 @@ REFUSED: list[tuple[str, Call]] = [
     ("timeout_s", (("foo", 0), {"timeout_s": 4.5})),  # over foo's 3 s + 1
     ("priority", (("foo", 0), {"priority": -1})),
     ("priority", (("foo", 0), {"priority": 10})),
-    ("priority", (("foo", 0), {"priority": None})),
     ("priority", (("foo", 0), {"priority": 1.0})),
     ("priority", (("foo", 0), {"priority": False})),
     ("idempotency_key", (("foo", 0), {"idempotency_key": ""})),

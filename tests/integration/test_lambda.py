@@ -441,3 +441,54 @@ def test_a_time_no_float_can_hold_is_a_422_in_json(lambda_env: None, version: st
     assert response["statusCode"] == 422, response
     assert header(response, "content-type") == "application/json"
     assert "not a Unix time" in body(response)["detail"][0]["msg"]
+
+
+# Lambda's limit on a response, as its runtime sends it (awslambdaric's JSON of the dict).
+LAMBDA_RESPONSE_LIMIT = 6 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        # 64,002 bytes: 192,000 once each é is a \u00e9 (a 5.0 MB page was 14.9 MB).
+        "to_jsonb(repeat('é', 32000))",
+        # 64 KB of one-letter strings, 32,000 quotes, each escaped: a 5 MB page was 7.4 MB.
+        "(SELECT jsonb_agg(chr(97 + n % 26)) FROM generate_series(1, 16000) n)",
+    ],
+    ids=["non-ascii", "quotes"],
+)
+def test_a_page_fits_lambdas_response_once_escaped_and_the_cursor_goes_on(
+    lambda_env: None, sql: Sql, payload: str
+) -> None:
+    ids = [
+        task_id
+        for (task_id,) in sql(
+            f"INSERT INTO tasks (kind, execute_at, payload) SELECT 'foo', now() + interval '1 day',"
+            f" {payload} FROM generate_series(1, 100) RETURNING id"
+        )
+    ]
+    event = api_event("v2", "list")
+
+    def answered(path: str, query: str = "") -> tuple[Any, int]:
+        response = functions.api.handler(retarget(event, "GET", path, query), FakeContext())
+        assert response["statusCode"] == 200
+        # What the runtime sends: the whole dict, as JSON, with non-ASCII escaped.
+        size = len(json.dumps(response, ensure_ascii=True))
+        assert size < LAMBDA_RESPONSE_LIMIT, size
+        return body(response), size
+
+    seen: list[int] = []
+    sizes: list[int] = []
+    query = "type=foo&limit=1000"
+    while True:
+        page, size = answered("/tasks", query)
+        seen += [t["id"] for t in page["items"]]
+        sizes.append(size)
+        if page["next_cursor"] is None:
+            break
+        query = f"type=foo&limit=1000&cursor={page['next_cursor']}"
+    assert seen == ids
+    # Each page but the last is full: the envelope's 5 MB, not far below it.
+    assert all(4_500_000 < size for size in sizes[:-1]), sizes
+    listed, _ = answered("/taskstate/notstarted")
+    assert [t["id"] for t in listed] == ids[: len(listed)] and len(listed) > 1

@@ -141,3 +141,30 @@ async def test_the_dashboard_warns_of_an_unserved_kind(settings: Settings) -> No
         script = (await client.get("/static/dashboard/dashboard.js")).text
     assert 'id="unserved"' in page
     assert "stats.unserved" in script and "Nothing runs" in script
+
+
+async def test_the_tasks_of_a_removed_kind_are_listed_cancelled_and_retried(
+    settings: Settings, task_factory: Callable[..., int]
+) -> None:
+    """/stats names a kind no process loads; its tasks are found by the same filter as any
+    kind's (the dashboard links to `#/tasks?type=...`), and cancelled or retried by it."""
+    ghosts = [task_factory("ghost") for _ in range(2)]
+    task_factory("baz")
+    async with serve(settings) as client:
+        assert (await client.get("/stats")).json()["unserved"]["ghost"] == 2
+        for query in ("type=ghost", "type=GHOST", "type=%20ghost", "state=scheduled&type=ghost"):
+            page = (await client.get(f"/tasks?{query}")).json()
+            assert [t["id"] for t in page["items"]] == ghosts, query
+        # A name no kind can have (NAME_PATTERN) is refused, saying what a name is.
+        for bad in ("9ghost", "gh-ost", "g" * 64, "", "ghost%00"):
+            refused = await client.get(f"/tasks?type={bad}")
+            assert refused.status_code == 422, bad
+            assert "is not a kind's name" in refused.json()["detail"][0]["msg"]
+        assert (await client.get(f"/tasks?type={'g' * 63}")).json()["items"] == []
+        assert (await client.post("/tasks/cancel?type=ghost")).json() == {"count": 2}
+        assert (await client.post("/tasks/retry?type=ghost")).json() == {"count": 2}
+        page = (await client.get("/tasks?type=ghost&state=scheduled")).json()
+        assert [t["id"] for t in page["items"]] == ghosts
+        # Creating one is still refused: nothing would run it.
+        created = await client.post("/tasks", json={"type": "ghost", "execute_at": 0})
+        assert created.status_code == 422

@@ -4,7 +4,6 @@ import re
 import struct
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
-from unittest.mock import patch
 
 import pytest
 from hypothesis import given, settings
@@ -13,7 +12,7 @@ from hypothesis import strategies as st
 from functions import parsing
 from functions.completer import retry_delay_s
 from functions.errors import InvalidInput
-from functions.model import MAX_BATCH, MAX_VALUES
+from functions.model import max_values
 from functions.parsing import (
     _quick_us,
     _unix_us,
@@ -228,34 +227,41 @@ def test_a_body_is_over_the_bound_exactly_when_it_holds_more(
 ) -> None:
     body = json.dumps(value, ensure_ascii=ascii_only, indent=1 if indented else None).encode()
     held = structure(value)
-    assert count_values(body) >= held
+    assert count_values(body, held) >= held
     # Over the bound exactly when the body holds more than it, whatever its strings hold.
     for bound in (held - 1, held, held + 1):
-        with patch.object(parsing, "MAX_VALUES", bound):
-            assert (count_values(body) > bound) == (held > bound), bound
+        assert (count_values(body, bound) > bound) == (held > bound), bound
+    # No JSON is over the bound of its own length: a body within the body limit never is.
+    assert count_values(body, max_values(len(body))) <= max_values(len(body))
 
 
-def test_the_largest_body_the_api_takes_is_under_the_bound() -> None:
-    # (Every item with a key of 255 characters that look like JSON's structure.)
-    key = '",{[\\' * 51
-    items = [{"type": "foo", "execute_at": "2030-01-01T00:00:00Z", "idempotency_key": key}]
-    body = json.dumps({"tasks": items * MAX_BATCH}).encode()
-    assert structure({"tasks": items * MAX_BATCH}) == count_values(body) <= MAX_VALUES
+@pytest.mark.parametrize("unit", [b"[],", b"{},", b'"",', b"0,", b'{"":[]},'])
+def test_the_densest_json_is_at_the_bound_of_its_length(unit: bytes) -> None:
+    """Payloads of 64 KiB of the densest JSON, as many as fit in 8 MiB: every task is
+    acceptable alone, so the batch is too."""
+    payload = b"[" + unit * ((65_536 - 2) // len(unit)) + unit.rstrip(b",") + b"]"
+    item = b'{"type":"baz","execute_at":0,"idempotency_key":"k","payload":' + payload + b"}"
+    count = (8 * 1024 * 1024 - 12) // (len(item) + 1)
+    body = b'{"tasks":[' + b",".join([item] * count) + b"]}"
+    json.loads(body)
+    assert len(body) <= 8 * 1024 * 1024
+    assert count_values(body, max_values(len(body))) <= max_values(len(body))
 
 
 @pytest.mark.parametrize(
     "body",
     [
-        b'{"tasks": [' + b"{}," * 2_000_000 + b"{}]}",
-        b"[" + b'"",' * 2_000_000 + b'""]',
-        b"[" + b"0," * 2_000_000 + b"0]",
-        # An unterminated string of escaped quotes, then objects.
-        b'["' + b'\\"' * 1_000_000 + b'", ' + b"{}," * 1_000_000 + b"{}]",
+        b'{"tasks": [' + b"{" * 3_000_000,
+        b"[" * 3_000_000,
+        b"[" + b"," * 3_000_000 + b"]",
+        # A string of escaped quotes, then arrays opened.
+        b'["' + b'\\"' * 1_000_000 + b'", ' + b"[" * 6_000_000,
     ],
-    ids=["objects", "strings", "numbers", "escapes"],
+    ids=["objects", "arrays", "commas", "escapes"],
 )
-def test_millions_of_values_are_over_the_bound(body: bytes) -> None:
-    assert count_values(body) > MAX_VALUES
+def test_a_body_denser_than_json_is_over_the_bound(body: bytes) -> None:
+    bound = max_values(len(body))
+    assert count_values(body, bound) > bound
 
 
 def _size(value: Any) -> int:
