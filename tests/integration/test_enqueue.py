@@ -238,7 +238,7 @@ REFUSED: list[tuple[str, Call]] = [
     ("max_attempts", (("foo", 0), {"max_attempts": 0})),
     ("max_attempts", (("foo", 0), {"max_attempts": 1001})),
     ("max_attempts", (("foo", 0), {"max_attempts": True})),
-    ("max_attempts", (("foo", 0), {"max_attempts": 2.0})),
+    ("max_attempts", (("foo", 0), {"max_attempts": 2.5})),
     ("max_attempts", (("foo", 0), {"max_attempts": "3"})),
     ("timeout_s", (("foo", 0), {"timeout_s": 0})),
     ("timeout_s", (("foo", 0), {"timeout_s": -1.5})),
@@ -249,7 +249,7 @@ REFUSED: list[tuple[str, Call]] = [
     ("timeout_s", (("foo", 0), {"timeout_s": 4.5})),  # over foo's 3 s + 1
     ("priority", (("foo", 0), {"priority": -1})),
     ("priority", (("foo", 0), {"priority": 10})),
-    ("priority", (("foo", 0), {"priority": 1.0})),
+    ("priority", (("foo", 0), {"priority": 1.5})),
     ("priority", (("foo", 0), {"priority": False})),
     ("idempotency_key", (("foo", 0), {"idempotency_key": ""})),
     ("idempotency_key", (("foo", 0), {"idempotency_key": "a b"})),
