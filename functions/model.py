@@ -191,22 +191,32 @@ MAX_PAGE_BYTES = 5_000_000
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 
 
+# The most JSON values any body may hold, whatever TASKRUNNER_MAX_BODY_BYTES allows: json.loads
+# builds every one before a rule can look at them, ~75 bytes each at worst (212 MB for the 2.8
+# million of 8 MiB of `{},`, measured), so a body is refused unread past this: ~53 MB at most.
+# It is above what any request of this API holds: 10,000 tasks and 15 payloads of 64 KiB of the
+# densest JSON (`[],` ... : 655,000 values) fit.
+MAX_VALUES_READ = 700_000
+
+
 def max_values(max_body_bytes: int) -> int:
-    """The most JSON values (`parsing.count_values`) a body of `max_body_bytes` holds when it
-    is JSON: two in three bytes, as `[],` `{},` and `"",` do, and no JSON denser. A body with
-    more is refused before it is read (json.loads would build them all first). Every body
-    within TASKRUNNER_MAX_BODY_BYTES whose tasks are each acceptable passes: a batch of 128
-    payloads of 64 KiB of `[[],[],...]` holds 5.6 million (a fixed cap of 200,000 refused 10
-    tasks of 57 KB payloads each accepted alone). What reading a body costs thus follows the
-    body limit: 212 MB for json.loads of 8 MiB of `{},` at worst (measured), the most any
-    request of that size costs; lower TASKRUNNER_MAX_BODY_BYTES where memory is tight."""
-    return max_body_bytes * 2 // 3 + 2
+    """The most JSON values (`parsing.count_values`) a body may hold: two in three bytes, as
+    `[],` `{},` and `"",` do (no JSON is denser), up to MAX_VALUES_READ. A body with more is
+    refused before it is read (json.loads would build them all first)."""
+    return min(max_body_bytes * 2 // 3 + 2, MAX_VALUES_READ)
 
 
 def too_many_values(max_body_bytes: int) -> str:
-    """Why a body over `max_values` is refused: it is not JSON (JSON is never denser)."""
+    """Why a body over `max_values` is refused."""
+    most = max_values(max_body_bytes)
+    if most == MAX_VALUES_READ:
+        return (
+            f"the body holds more than {most:,} JSON values (objects, arrays, strings and"
+            " items), more than any request takes: at most 10,000 tasks, each payload at most"
+            " TASKRUNNER_MAX_PAYLOAD_BYTES"
+        )
     return (
-        f"the body is not JSON this API reads: it holds more than {max_values(max_body_bytes):,}"
+        f"the body is not JSON this API reads: it holds more than {most:,}"
         f" JSON values (objects, arrays, strings and items), more than"
         f" TASKRUNNER_MAX_BODY_BYTES ({max_body_bytes:,}) bytes of JSON can"
     )

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from functions import parsing
 from functions.completer import retry_delay_s
 from functions.errors import InvalidInput
-from functions.model import max_values
+from functions.model import MAX_VALUES_READ, max_values
 from functions.parsing import (
     _quick_us,
     _unix_us,
@@ -237,15 +237,18 @@ def test_a_body_is_over_the_bound_exactly_when_it_holds_more(
 
 @pytest.mark.parametrize("unit", [b"[],", b"{},", b'"",', b"0,", b'{"":[]},'])
 def test_the_densest_json_is_at_the_bound_of_its_length(unit: bytes) -> None:
-    """Payloads of 64 KiB of the densest JSON, as many as fit in 8 MiB: every task is
-    acceptable alone, so the batch is too."""
+    """Payloads of 64 KiB of the densest JSON, as many as fit in 1 MiB (a body limit where
+    two values in three bytes stay under MAX_VALUES_READ): every task is acceptable alone, so
+    the batch is too. Past it, a body is held to MAX_VALUES_READ whatever its length."""
     payload = b"[" + unit * ((65_536 - 2) // len(unit)) + unit.rstrip(b",") + b"]"
     item = b'{"type":"baz","execute_at":0,"idempotency_key":"k","payload":' + payload + b"}"
-    count = (8 * 1024 * 1024 - 12) // (len(item) + 1)
+    count = (1024 * 1024 - 12) // (len(item) + 1)
     body = b'{"tasks":[' + b",".join([item] * count) + b"]}"
     json.loads(body)
-    assert len(body) <= 8 * 1024 * 1024
+    assert len(body) <= 1024 * 1024
     assert count_values(body, max_values(len(body))) <= max_values(len(body))
+    big = b'{"tasks":[' + b",".join([item] * (count * 8)) + b"]}"
+    assert max_values(len(big)) == MAX_VALUES_READ < count_values(big, MAX_VALUES_READ)
 
 
 @pytest.mark.parametrize(
