@@ -306,7 +306,7 @@ def _parser() -> argparse.ArgumentParser:
 
     prune = commands.add_parser(
         "prune", help="delete finished tasks past their retention",
-        description="Delete succeeded and failed tasks that finished longer ago than "
+        description="Delete succeeded, failed and cancelled tasks that finished longer ago than "
         "TASKRUNNER_RETENTION_S (or --older-than), in batches; say how many. Workers and ticks "
         "do the same about once a minute.",
     )  # fmt: skip
