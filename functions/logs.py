@@ -143,7 +143,11 @@ def handler_kinds(action: str) -> None:
 
     try:
         load(kinds_from_environment())
-        check_base_path(Settings().base_path)
+        try:
+            base_path = Settings().base_path
+        except SettingsError:
+            base_path = ""  # (the handler says what is wrong when it reads its settings)
+        check_base_path(base_path)
     except (KindError, SettingsError) as exc:
         setup_logging(None)
         logging.getLogger(__name__).error("action=%s: kinds not loaded: %s", action, exc)
