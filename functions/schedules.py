@@ -303,13 +303,7 @@ async def put_schedule(store: Store, name: str, given: ScheduleIn) -> tuple[Sche
 
 
 def _same(current: Schedule, given: ScheduleIn) -> bool:
-    return (
-        current.kind, current.cron, current.timezone, current.payload, current.max_attempts,
-        current.timeout_s, current.priority, current.catch_up, current.enabled,
-    ) == (
-        given.kind, given.cron, given.timezone, given.payload, given.max_attempts,
-        given.timeout_s, given.priority, given.catch_up, given.enabled,
-    )  # fmt: skip
+    return all(getattr(current, field) == getattr(given, field) for field in _FIELDS_OF_IN)
 
 
 async def patch_schedule(
