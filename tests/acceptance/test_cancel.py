@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from functions.queries import CHANNEL
 from tests.pgbouncer import pgbouncer_url
 from tests.procs import Proc, spawn, wait_for
 
@@ -37,12 +38,15 @@ def stopped_by(*workers: Proc) -> int:
 
 
 def insert_foo(sql: Sql, n: int, due: str = "now()", kind: str = "foo") -> list[int]:
+    """Insert `n` tasks and wake the workers, as every way the product creates tasks does (a
+    worker that polls once a minute would otherwise find them only at its next poll)."""
     rows = sql(
         f"INSERT INTO tasks (kind, execute_at) SELECT %s, {due} FROM generate_series(1, %s)"
         " RETURNING id",
         kind,
         n,
     )
+    sql("SELECT pg_notify(%s, CAST(extract(epoch FROM now()) AS text))", CHANNEL)
     return sorted(task_id for (task_id,) in rows)
 
 
