@@ -31,6 +31,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 # which croniter does not promise (pyproject.toml).
 from cronsim import CronSim, CronSimError
 
+from functions import tasks
 from functions.errors import ScheduleExists, ScheduleNotFound
 from functions.model import (
     MAX_CATCH_UP,
@@ -40,6 +41,7 @@ from functions.model import (
     SchedulePage,
 )
 from functions.parsing import excerpt
+from functions.settings import Settings
 from functions.store import Occurrence, ScheduleAdvance, Store
 
 # Occurrences are created at most this long before they are due (and workers, which sleep
@@ -249,6 +251,16 @@ class ScheduleIn:
     enabled: bool = True
 
 
+def check_schedule(given: ScheduleIn, settings: Settings) -> ScheduleIn:
+    """Return `given` if each of its tasks could be created: its payload and timeout held to
+    the rules a task's are (`tasks.check_payload`, `tasks.check_timeout`: a 422 at `loc`
+    ("body", field)). Every create, replace and change of a schedule passes here, whoever
+    asks (the API, the Lambda handler), before anything is written."""
+    tasks.check_payload(given.kind, given.payload, settings.max_payload_bytes, ("body", "payload"))
+    tasks.check_timeout(given.kind, given.timeout_s, settings, ("body", "timeout_s"))
+    return given
+
+
 def _made(name: str, given: ScheduleIn, now: datetime, last: datetime | None) -> Schedule:
     """The schedule `given` describes at `now`: its next occurrence is the first after both
     now and the last one made (`last`, kept across a replace: none is made twice)."""
@@ -269,8 +281,11 @@ def _made(name: str, given: ScheduleIn, now: datetime, last: datetime | None) ->
     )
 
 
-async def create_schedule(store: Store, name: str, given: ScheduleIn) -> Schedule:
-    """Create a schedule; ScheduleExists if one has that name."""
+async def create_schedule(
+    store: Store, name: str, given: ScheduleIn, settings: Settings
+) -> Schedule:
+    """Create a schedule; ScheduleExists if one has that name (`check_schedule` first)."""
+    check_schedule(given, settings)
 
     def change(current: Schedule | None, now: datetime) -> Schedule | None:
         if current is not None:
@@ -282,9 +297,13 @@ async def create_schedule(store: Store, name: str, given: ScheduleIn) -> Schedul
     return schedule
 
 
-async def put_schedule(store: Store, name: str, given: ScheduleIn) -> tuple[Schedule, bool]:
+async def put_schedule(
+    store: Store, name: str, given: ScheduleIn, settings: Settings
+) -> tuple[Schedule, bool]:
     """Create or replace a schedule; return it and whether it is new. A replaced one keeps
-    the occurrences it made: the new cron takes effect from the next one not yet made."""
+    the occurrences it made: the new cron takes effect from the next one not yet made
+    (`check_schedule` first)."""
+    check_schedule(given, settings)
 
     def change(current: Schedule | None, now: datetime) -> Schedule | None:
         if current is None:
@@ -307,15 +326,13 @@ def _same(current: Schedule, given: ScheduleIn) -> bool:
 
 
 async def patch_schedule(
-    store: Store,
-    name: str,
-    changes: dict[str, Any],
-    check: Callable[[ScheduleIn], ScheduleIn] = lambda given: given,
+    store: Store, name: str, changes: dict[str, Any], settings: Settings
 ) -> Schedule:
     """Change some fields of a schedule (`changes`: ScheduleIn's field names). A new cron or
     zone takes effect from the next occurrence not yet made; enabling one starts from its
     next occurrence after now (a disabled schedule made nothing, and catches nothing up).
-    `check` holds the schedule as changed to the rules of its tasks (it raises)."""
+    The schedule as changed passes `check_schedule` (a new type holds the payload it keeps
+    to that type's rules)."""
 
     def change(current: Schedule | None, now: datetime) -> Schedule | None:
         if current is None:
@@ -331,7 +348,7 @@ async def patch_schedule(
             catch_up=current.catch_up,
             enabled=current.enabled,
         )
-        given = check(replace(given, **changes))
+        given = check_schedule(replace(given, **changes), settings)
         moved = (given.cron, given.timezone, given.enabled) != (
             current.cron, current.timezone, current.enabled,
         )  # fmt: skip

@@ -354,14 +354,6 @@ def add_schedule_routes(
     """The schedules' routes (functions/schedules.py): as `add_routes`."""
     token_check = list(token_check)
 
-    def checked(given: schedules.ScheduleIn) -> schedules.ScheduleIn:
-        """The rules a task's fields are held to beyond the schema's, as create holds them."""
-        tasks.check_payload(
-            given.kind, given.payload, settings.max_payload_bytes, ("body", "payload")
-        )
-        tasks.check_timeout(given.kind, given.timeout_s, settings, ("body", "timeout_s"))
-        return given
-
     @app.post(
         "/schedules",
         status_code=201,
@@ -372,7 +364,7 @@ def add_schedule_routes(
     async def create_schedule(body: ScheduleIn, request: Request) -> Response:
         """Create a schedule: each occurrence of its cron becomes one task. 409 if one has
         that name (PUT replaces)."""
-        schedule = await schedules.create_schedule(store, body.name, checked(body.to_domain()))
+        schedule = await schedules.create_schedule(store, body.name, body.to_domain(), settings)
         location = f"{request.scope.get('root_path', '')}/schedules/{schedule.name}"
         return answer(schedule_fields(schedule), 201, {"Location": location})
 
@@ -390,7 +382,7 @@ def add_schedule_routes(
             issue = {"loc": ("body", "name"), "msg": f"name must be the path's, {name!r}",
                      "type": "value_error"}  # fmt: skip
             raise RequestValidationError([issue])
-        schedule, created = await schedules.put_schedule(store, name, checked(body.to_domain()))
+        schedule, created = await schedules.put_schedule(store, name, body.to_domain(), settings)
         return schedule_answer(schedule, 201 if created else 200)
 
     @app.get(
@@ -429,7 +421,7 @@ def add_schedule_routes(
         """Change some of a schedule's fields; what is absent stays. A new cron, zone or
         payload takes effect from the next occurrence not yet made; `enabled: false` makes
         nothing more and cancels the occurrences made that have not started."""
-        schedule = await schedules.patch_schedule(store, name, body.changes(), checked)
+        schedule = await schedules.patch_schedule(store, name, body.changes(), settings)
         return schedule_answer(schedule)
 
     @app.delete(

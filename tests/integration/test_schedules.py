@@ -6,7 +6,7 @@ pass without anyone waiting for them (`faketime` would not move PostgreSQL's `no
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,6 +16,7 @@ import pytest
 
 from functions import schedules, upkeep
 from functions.db import Database
+from functions.errors import InvalidValue
 from functions.http.app import build_app
 from functions.model import CatchUp, Schedule
 from functions.runner import Runner
@@ -336,6 +337,43 @@ async def test_each_occurrence_is_a_task_with_the_schedules_options(store: Store
         assert refused.status_code == 422 and "timeout_s" in refused.text
         shown = (await client.get("/schedules/every-minute")).json()
         assert shown["last_task"] == {"id": task["id"], "state": "scheduled"}
+
+
+@pytest.mark.one_server
+async def test_the_domain_holds_every_write_of_a_schedule_to_its_tasks_rules(
+    store: Store, settings: Settings, sql: Sql
+) -> None:
+    """Create, replace and change refuse a payload or timeout a task would be refused, in
+    functions/schedules.py itself: whoever calls it (not only the API's routes), before
+    anything is written."""
+    ftp = {"url": "ftp://example.com/"}
+    good = schedules.ScheduleIn(kind="baz", cron="* * * * *")
+    writes: list[Callable[[], Awaitable[object]]] = [
+        lambda: schedules.create_schedule(
+            store, "a", dataclasses.replace(good, kind="http", payload=ftp), settings
+        ),
+        lambda: schedules.put_schedule(
+            store, "a", dataclasses.replace(good, timeout_s=1e9), settings
+        ),
+        lambda: schedules.patch_schedule(store, "kept", {"kind": "http"}, settings),
+        lambda: schedules.patch_schedule(store, "kept", {"timeout_s": 1e9}, settings),
+        lambda: schedules.patch_schedule(store, "kept", {"payload": "\u0000"}, settings),
+    ]
+    kept = await schedules.create_schedule(store, "kept", good, settings)
+    refused = []
+    for write in writes:
+        with pytest.raises(InvalidValue) as caught:
+            await write()
+        refused.append((type(caught.value).__name__, caught.value.issues[0]["loc"]))
+    assert refused == [
+        ("InvalidPayload", ["body", "payload"]),
+        ("InvalidTimeout", ["body", "timeout_s"]),
+        ("InvalidPayload", ["body", "payload"]),
+        ("InvalidTimeout", ["body", "timeout_s"]),
+        ("InvalidPayload", ["body", "payload"]),
+    ]
+    assert await schedules.get_schedule(store, "kept") == kept
+    assert sql("SELECT name FROM schedules") == [("kept",)]
 
 
 @pytest.mark.one_server
