@@ -23,8 +23,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, available_timezones
 
 # cronsim, not croniter: Production/Stable, no dependencies, kept by healthchecks.io (whose
 # checks are read with it), and it follows Debian's cron on DST (see the module docstring),
@@ -67,7 +68,15 @@ ALIASES = {
 }
 _NAME = re.compile(SCHEDULE_NAME_PATTERN)
 _FIELDS = ("minute", "hour", "day of month", "month", "day of week")
-_RANGES = ("0-59", "0-23", "1-31", "1-12 or JAN-DEC", "0-7 or SUN-SAT")
+_RANGES = (
+    "0-59",
+    "0-23",
+    "1-31; L for the month's last day, LW for its last weekday",
+    "1-12 or JAN-DEC",
+    "0-7 or SUN-SAT, where 0 and 7 are Sunday; 5L for the month's last Friday, 5#2 for its second",
+)
+# A day-of-week range that ends on Sunday written as 0 (SUN is 0): `mon-sun` runs backwards.
+_ENDS_ON_SUNDAY_0 = re.compile(r"-(?:sun|0+)(?![0-9a-z])", re.IGNORECASE)
 
 
 # --- reading a schedule ------------------------------------------------------------------------
@@ -85,7 +94,9 @@ def parse_name(value: object) -> str:
 
 def parse_cron(value: object) -> str:
     """Return `value` if it is a standard five-field cron expression or an alias of one
-    (@hourly, @daily, @weekly, @monthly, @yearly), with its blanks made single spaces."""
+    (@hourly, @daily, @weekly, @monthly, @yearly), with its blanks made single spaces.
+    cronsim's extensions are taken too (L and LW in the day of month, 5L and 5#2 in the day
+    of week); a date no month has (`0 0 30 2 *`) is refused: it would never run."""
     if not isinstance(value, str):
         raise ValueError("cron must be a string")
     text = value.strip()
@@ -105,28 +116,75 @@ def parse_cron(value: object) -> str:
 
 
 def _cron_error(value: object, fields: list[str], exc: CronSimError) -> str:
-    """What is wrong with a cron expression, in words: the field cronsim refused and its range."""
+    """What is wrong with a cron expression, in words: the field cronsim refused and what it
+    takes, or that the date it names never occurs."""
     said = str(exc)  # "Bad minute", "Bad day-of-month", ...
     for i, name in enumerate(_FIELDS):
-        if said.lower().replace("-", " ").endswith(name):
+        if not said.lower().replace("-", " ").endswith(name):
+            continue
+        if name == "day of month" and _parses([*fields[:3], "*", fields[4]]):
+            # cronsim takes the field on its own, and refuses a day no month named has.
             return (
-                f"cron {excerpt(value)}: its {name} field {excerpt(fields[i])} is not one it"
-                f" takes ({_RANGES[i]}, with `*`, `,`, `-` and `/`)"
+                f"cron {excerpt(value)} never runs: no month in its month field"
+                f" {excerpt(fields[3])} has a day {excerpt(fields[2])}"
             )
+        if name == "day of week" and _ENDS_ON_SUNDAY_0.search(fields[4]):
+            return (
+                f"cron {excerpt(value)}: its day of week field {excerpt(fields[4])} has a range"
+                " that runs backwards, as SUN is 0: end it with 7, which is Sunday too (MON-7"
+                " is every day), or write *"
+            )
+        return (
+            f"cron {excerpt(value)}: its {name} field {excerpt(fields[i])} is not one it"
+            f" takes ({_RANGES[i]}; with `*`, `,`, `-` and `/`)"
+        )
     return f"cron {excerpt(value)}: {said.lower()}"
 
 
+def _parses(fields: list[str]) -> bool:
+    try:
+        CronSim(" ".join(fields), datetime(2000, 1, 1))
+    except CronSimError:
+        return False
+    return True
+
+
 def parse_timezone(value: object) -> str:
-    """Return `value` if zoneinfo knows it as an IANA time zone ("Europe/Paris", "UTC")."""
+    """Return the IANA time zone `value` names ("Europe/Paris", "UTC"), spelled as IANA does:
+    a name is matched whatever its case ("utc" is "UTC"), as a case-insensitive file
+    system would match it on one host and not on another."""
     if not isinstance(value, str):
         raise ValueError("timezone must be a string")
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
+    found = _zone_names().get(value.lower())
+    if found is not None:
+        return found
+    if value.lower() in _OF_THE_HOST:
         raise ValueError(
-            f"unknown timezone {excerpt(value)}: give an IANA name, such as UTC or Europe/Paris"
-        ) from None
-    return value
+            f"timezone {excerpt(value)} is whatever the machine reading it is set to (a"
+            " laptop's, not Lambda's): give an IANA name, such as UTC or Europe/Paris"
+        )
+    raise ValueError(
+        f"unknown timezone {excerpt(value)}: give an IANA name, such as UTC or Europe/Paris"
+    )
+
+
+# Zone files a host may have that are no IANA zone of a place: `localtime` is the host's own
+# setting, `posixrules` the rules of a POSIX TZ string, `Factory` a placeholder, and `right/`
+# and `posix/` copies of every zone (right/ counting leap seconds, which nothing else does).
+_OF_THE_HOST = frozenset({"localtime", "posixrules"})
+_NOT_PLACES = _OF_THE_HOST | {"factory"}
+
+
+@cache
+def _zone_names() -> dict[str, str]:
+    """The zones a schedule takes, by their names in lowercase: zoneinfo's list (the tzdata
+    package's, a dependency, and the host's) less _NOT_PLACES. Listed once per process
+    (12-36 ms measured: zoneinfo opens each file of the host's)."""
+    return {
+        name.lower(): name
+        for name in available_timezones()
+        if name.lower() not in _NOT_PLACES and not name.startswith(("right/", "posix/"))
+    }
 
 
 def _zone(name: str) -> ZoneInfo | Any:

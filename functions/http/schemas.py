@@ -476,8 +476,9 @@ Cron = Annotated[
         {
             "type": "string",
             "description": "Standard five-field cron (minute, hour, day of month, month, day of"
-            " week; `*`, `,`, `-`, `/`, names of months and days), or @hourly, @daily, @weekly,"
-            " @monthly, @yearly; read in `timezone`.",
+            " week; `*`, `,`, `-`, `/`, names of months and days; `L` and `LW`, the month's last"
+            " day and weekday; `5L` and `5#2`, its last and second Friday), or @hourly, @daily,"
+            " @weekly, @monthly, @yearly; read in `timezone`.",
             "examples": ["30 2 * * *", "*/5 * * * *", "@daily"],
         }
     ),
@@ -488,9 +489,10 @@ TimeZone = Annotated[
     WithJsonSchema(
         {
             "type": "string",
-            "description": "An IANA time zone the cron is read in. A local time the clocks skip"
-            " runs at the first instant after the gap; one they pass twice runs once, at the"
-            " first.",
+            "description": "An IANA time zone the cron is read in, in any case (kept as IANA"
+            " spells it); not `localtime` or `posixrules`, which depend on the host. A local time"
+            " the clocks skip runs at the first instant after the gap; one they pass twice runs"
+            " once, at the first.",
             "examples": ["UTC", "Europe/Paris"],
         }
     ),

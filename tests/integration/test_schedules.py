@@ -137,7 +137,8 @@ async def test_create_show_list_replace_patch_delete(settings: Settings, sql: Sq
         ({"timezone": "Mars/Olympus"}, "unknown timezone 'Mars/Olympus'"),
         ({"cron": "61 * * * *"}, "minute field '61'"),
         ({"cron": "* 24 * * *"}, "hour field '24'"),
-        ({"cron": "0 0 31 2 *"}, "day of month field '31'"),
+        ({"cron": "0 0 31 2 *"}, "never runs: no month in its month field '2' has a day '31'"),
+        ({"timezone": "localtime"}, "timezone 'localtime' is whatever the machine"),
         ({"cron": "* * * *"}, "has 4 fields"),
         ({"cron": "0 * * * * *"}, "has 6 fields"),
         ({"cron": "@minutely"}, "has 1 fields"),
@@ -167,10 +168,14 @@ async def test_names_and_crons_at_the_ends_of_their_ranges(client: httpx.AsyncCl
         ("0", "0 0 1 1 0"),
         ("a.b_c-d", "*/15 1-5,7 * JAN-MAR mon-fri"),
         ("yearly", "@YEARLY"),
+        ("last-day", "0 0 L * *"),
     ]:
         response = await client.post("/schedules", json=schedule_body(name, cron=cron))
         assert response.status_code == 201, response.text
     assert (await client.get("/schedules/yearly")).json()["cron"] == "@yearly"
+    # A zone in any case, kept as IANA spells it.
+    response = await client.post("/schedules", json=schedule_body("utc", timezone="utc"))
+    assert response.status_code == 201 and response.json()["timezone"] == "UTC", response.text
 
 
 # --- occurrences ---------------------------------------------------------------------------
