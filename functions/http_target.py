@@ -10,7 +10,8 @@ task is created (422), on every path. A run:
 - is retried on a 429, a 5xx, a timeout or a connection error: after the `Retry-After` the
   answer gives (seconds or an HTTP date; `kinds.Retry`), else after the usual backoff;
 - fails for good (`kinds.Fail`) on any other status, without using its other attempts;
-- follows up to MAX_REDIRECTS redirects, each new address checked as the first was;
+- follows up to MAX_REDIRECTS redirects, each new address checked as the first was (a
+  redirect to a URL with a user name or password fails it: they are never sent);
 - reads at most MAX_BODY_READ bytes of any answer's body (the rest is never read);
 - connects only where functions/egress.py allows (no loopback, private, link-local...
   unless TASKRUNNER_HTTP_ALLOWED_HOSTS says so): a refusal fails the task for good, saying why.
@@ -273,6 +274,13 @@ async def http(ctx: Context) -> str:
                     raise Fail(f"{answered} to a Location that is no URL: {exc}") from None
                 if target.scheme not in ("http", "https"):
                     raise Fail(f"{answered} to a {target.scheme or 'relative'} URL, not http(s)")
+                if target.userinfo:
+                    # httpx would send them as Basic auth: credentials go in `headers` only
+                    # (as a payload's URL takes none), and the error never quotes them.
+                    raise Fail(
+                        f"{answered} to a URL with a user name or password, which is not"
+                        " followed (credentials go in the payload's `headers`)"
+                    )
                 # As browsers and httpx do: 303 asks for a GET; 301 and 302 turn a POST into one.
                 if (status == 303 and method != "HEAD") or (
                     status in (301, 302) and method == "POST"

@@ -228,6 +228,24 @@ async def test_a_redirect_is_checked_as_the_first_address_was(
     assert [s.path for s in target.seen] == ["/to"]  # the first hop only
 
 
+async def test_a_redirect_to_a_url_with_a_user_name_and_password_is_not_followed(
+    client: httpx.AsyncClient, store: Store, allowed: Settings, sql: Sql, target: Target
+) -> None:
+    """Followed, httpx would send them as `Authorization: Basic ...`: the task fails for good
+    at that hop, and the error does not quote them."""
+    task_id = await create(
+        client, {"url": f"{target.url}/to?http://user:{SECRET}@127.0.0.1:{target.port}/creds"}
+    )
+    await drain(store, allowed)
+    state, attempts, _, error = task_row(sql, task_id)
+    assert (state, attempts) == ("failed", 1)
+    assert error == (
+        f"Fail: POST {target.url}/to answered 307 Temporary Redirect to a URL with a user name"
+        " or password, which is not followed (credentials go in the payload's `headers`)"
+    )
+    assert [s.path for s in target.seen] == ["/to"]
+
+
 @pytest.mark.parametrize(
     ("allow", "host", "refused"),
     [
