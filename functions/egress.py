@@ -93,7 +93,7 @@ def why_refused(address: Address) -> str | None:
         ("private", address.is_private),
     ):
         if test:
-            return f"a {what} address"
+            return f"{'an' if what[0] in 'aeiou' else 'a'} {what} address"
     if not address.is_global:
         return "an address that is not globally reachable"
     return None

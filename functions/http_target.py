@@ -65,10 +65,19 @@ URL_PATTERN = (
     "(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?"
     "(?:[/?#][!#-;=?-\\[\\]_a-z~]*)?$"
 )
+# A host of digits and dots alone is an IPv4 address written as four decimal numbers 0-255
+# without leading zeros: parsers read `0177.0.0.1` (octal to some), `127.1` and `2130706433`
+# differently (httpx refuses the first; the resolver takes the others as 127.0.0.1). A second
+# pattern on the URL, without lookahead, so every regex engine reads it alike.
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+HOST_PATTERN = (
+    f"^[Hh][Tt][Tt][Pp][Ss]?://(?:(?:{_OCTET}\\.){{3}}{_OCTET}(?:[:/?#]|$)|[0-9.]*[A-Za-z_-])"
+)
 # RFC 9110: a header's name is a token; its value visible ASCII, with spaces and tabs inside.
 HEADER_NAME_PATTERN = "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
 HEADER_VALUE_PATTERN = "^(?:[!-~](?:[ -~\\t]*[!-~])?)?$"
 _URL = re.compile(URL_PATTERN)
+_HOST = re.compile(HOST_PATTERN)
 _NAME = re.compile(HEADER_NAME_PATTERN)
 _VALUE = re.compile(HEADER_VALUE_PATTERN)
 _FIELDS = ("url", "method", "headers", "body")
@@ -81,7 +90,11 @@ PAYLOAD_SCHEMA: dict[str, Any] = {
     "required": ["url"],
     "additionalProperties": False,
     "properties": {
-        "url": {"type": "string", "maxLength": MAX_URL_CHARS, "pattern": URL_PATTERN},
+        "url": {
+            "type": "string",
+            "maxLength": MAX_URL_CHARS,
+            "allOf": [{"pattern": URL_PATTERN}, {"pattern": HOST_PATTERN}],
+        },
         "method": {"enum": list(METHODS), "default": "POST"},
         "headers": {
             "anyOf": [
@@ -89,7 +102,11 @@ PAYLOAD_SCHEMA: dict[str, Any] = {
                 {
                     "type": "object",
                     "propertyNames": {"pattern": HEADER_NAME_PATTERN},
-                    "additionalProperties": {"type": "string", "pattern": HEADER_VALUE_PATTERN},
+                    "additionalProperties": {
+                        "type": "string",
+                        "pattern": HEADER_VALUE_PATTERN,
+                        "not": {"const": MASK},
+                    },
                 },
             ]
         },
@@ -133,10 +150,21 @@ def check_payload(payload: Any) -> None:
     if len(url) > MAX_URL_CHARS:
         _refuse(f"`url` is {len(url):,} characters, over the limit of {MAX_URL_CHARS:,}")
     if not _URL.fullmatch(url):
+        if url.partition("://")[2].startswith("["):
+            _refuse(
+                f"`url` {url!r:.80} has an IPv6 address for its host, which it cannot: use a"
+                " name that resolves to it (the address connected to is checked, IPv4 or IPv6)"
+            )
         _refuse(
             f"`url` {url!r:.80} is not an http:// or https:// URL with a host (a name or an"
             " IPv4 address), perhaps a port, and printable ASCII after it (no spaces, no user"
             " name or password: send credentials in `headers`, whose values are masked)"
+        )
+    if not _HOST.search(url):
+        host = re.split("[:/?#]", url.partition("://")[2], maxsplit=1)[0]
+        _refuse(
+            f"`url` host {host!r:.40} is not an IPv4 address as written: four numbers 0 to"
+            " 255 without leading zeros (0177 is octal to some readers), or use a name"
         )
     method = payload.get("method", "POST")
     if method not in METHODS:
@@ -156,6 +184,12 @@ def check_payload(payload: Any) -> None:
                 _refuse(
                     f"`headers` value of {name} must be printable ASCII (spaces and tabs"
                     " inside it only)"
+                )
+            if value == MASK:
+                # An answer sent back as it came would store the mask in place of the secret.
+                _refuse(
+                    f"`headers` value of {name} is {MASK}, what answers show in place of a"
+                    " value: send the value itself"
                 )
     if payload.get("body") is not None and method in _NO_BODY:
         _refuse(f"has a `body`, which a {method} request cannot carry")
@@ -295,10 +329,20 @@ async def http(ctx: Context) -> str:
             if status == 429 or status >= 500:
                 after_s = retry_after_s(response.headers.get("retry-after"))
                 if after_s is not None:
-                    raise Retry(after_s, f"{answered}; Retry-After {after_s:g} s")
+                    # The message says the wait the task gets, as the completer caps it.
+                    wait_s = min(after_s, ctx.settings.retry_max_s)
+                    said = f"{answered}; Retry-After {_seconds(after_s)} s"
+                    if wait_s < after_s:
+                        said += f", capped at {_seconds(wait_s)} s (TASKRUNNER_RETRY_MAX_S)"
+                    raise Retry(wait_s, said)
                 raise HttpError(answered)
             raise Fail(answered)
     raise AssertionError("unreachable")  # (the loop returns or raises)
+
+
+def _seconds(value: float) -> str:
+    """Seconds as people write them: `20`, `2.5`, `1,000,000,000` (never `1e+09`)."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}".removesuffix(".0")
 
 
 def _headers(given: dict[str, str], content_type: str | None) -> dict[str, str]:

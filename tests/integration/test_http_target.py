@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -146,6 +147,10 @@ async def test_a_retry_after_date_and_a_cap_at_retry_max_s(
     )[0]
     assert 0 < float(wait[0]) <= 7.0  # capped at TASKRUNNER_RETRY_MAX_S
     assert wait[1].startswith(f"Retry: POST {target.url}/script/later answered 503")
+    # The wait it asked (in plain digits), and the wait it got.
+    assert re.search(
+        r"; Retry-After [1-9][0-9,]+ s, capped at 7 s \(TASKRUNNER_RETRY_MAX_S\)$", wait[1]
+    )
 
 
 async def test_a_request_that_hangs_is_stopped_at_the_time_limit_and_retried(
@@ -425,7 +430,15 @@ async def test_a_patch_of_an_http_tasks_payload_is_checked(
         refused = await client.patch(f"/tasks/{task_id}", json={"payload": payload})
         assert refused.status_code == 422, refused.text
         assert message in refused.json()["detail"][0]["msg"]
-    assert sql("SELECT payload->>'url' FROM tasks") == [("https://example.com/",)]
+    # The task as an answer shows it, sent back: its masked header value is refused, not
+    # stored in place of the secret.
+    shown = (await client.get(f"/tasks/{task_id}")).json()["payload"]
+    refused = await client.patch(f"/tasks/{task_id}", json={"payload": shown})
+    assert refused.status_code == 422, refused.text
+    assert "value of A is ***, what answers show" in refused.json()["detail"][0]["msg"]
+    assert sql("SELECT payload FROM tasks") == [
+        ({"url": "https://example.com/", "headers": {"A": SECRET}},)
+    ]
     moved = await client.patch(f"/tasks/{task_id}", json={"payload": {"url": "https://a.b/"}})
     assert moved.status_code == 200 and moved.json()["payload"] == {"url": "https://a.b/"}
     missing = await client.patch("/tasks/999", json={"payload": None})

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from functions.queries import PRUNE_FINISHED
 from functions.settings import Settings
 from tests.examples import BASE_URL, examples, mismatch, pages, parse_body
 
@@ -26,6 +27,17 @@ def test_every_setting_is_in_the_configuration_table() -> None:
         if f"`TASKRUNNER_{name.upper()}`" not in table
     ]
     assert missing == []
+
+
+def test_retention_names_every_state_prune_deletes() -> None:
+    """The states are read from the statement that deletes them (queries.PRUNE_FINISHED)."""
+    [states] = re.findall(r"state IN \(([^)]*)\)", PRUNE_FINISHED)
+    deleted = re.findall(r"'([a-z]+)'", states)
+    start = OPERATIONS.index("## Retention")
+    section = OPERATIONS[start : OPERATIONS.index("\n## ", start)]
+    named = re.search(r"Finished tasks \(([^)]*)\) are deleted", section)
+    assert named is not None
+    assert re.findall(r"`([a-z]+)`", named.group(1)) == deleted
 
 
 def test_every_curl_example_shows_its_answer_and_asks_only_the_local_server() -> None:

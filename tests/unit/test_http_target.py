@@ -20,11 +20,11 @@ from functions.store import Claimed
 @pytest.mark.parametrize(
     ("address", "why"),
     [
-        ("127.0.0.1", "loopback"),
+        ("127.0.0.1", "a loopback address"),
         ("127.255.0.9", "loopback"),
         ("::1", "loopback"),
-        ("0.0.0.0", "unspecified"),
-        ("::", "unspecified"),
+        ("0.0.0.0", "an unspecified address"),
+        ("::", "an unspecified address"),
         ("10.1.2.3", "private"),
         ("172.16.0.1", "private"),
         ("172.31.255.255", "private"),
@@ -133,6 +133,40 @@ def test_a_refused_header_value_is_never_quoted() -> None:
         assert "secret" not in str(refused.value) and "X-Key" in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("http://0177.0.0.1/", "host '0177.0.0.1' is not an IPv4 address as written"),
+        ("http://127.1:80/", "host '127.1' is not an IPv4 address as written"),
+        ("https://2130706433", "host '2130706433' is not an IPv4 address"),
+        ("http://256.1.1.1/", "four numbers 0 to 255 without leading zeros (0177 is octal"),
+        ("http://[::1]:8080/", "has an IPv6 address for its host, which it cannot: use a name"),
+        ("http://[2001:db8::1]/", "use a name that resolves to it"),
+        ("http://[::ffff:127.0.0.1]/", "has an IPv6 address for its host"),
+    ],
+)
+def test_a_url_whose_host_readers_read_differently_is_refused_saying_why(
+    url: str, said: str
+) -> None:
+    with pytest.raises(ValueError) as refused:
+        http_target.check_payload({"url": url})
+    assert said in str(refused.value)
+
+
+@pytest.mark.parametrize("host", ["1.2.3.4", "0.0.0.0", "255.255.255.255", "10.0.0.1", "1.2.3.4a"])
+def test_an_ipv4_address_written_a_b_c_d_is_taken(host: str) -> None:
+    http_target.check_payload({"url": f"http://{host}:8080/x"})
+
+
+def test_the_mask_sent_back_as_a_header_value_is_refused() -> None:
+    """A task's answer sent back as it came (a PATCH of its payload) would store `***` in
+    place of the secret: refused, naming the header."""
+    shown = http_target.masked({"url": "https://a.b/", "headers": {"Authorization": "Bearer x"}})
+    with pytest.raises(ValueError, match=r"value of Authorization is \*\*\*, what answers show"):
+        http_target.check_payload(shown)
+    http_target.check_payload({"url": "https://a.b/", "headers": {"A": "****"}})
+
+
 CASES: list[Any] = [
     None, [], "https://a.b/", {}, {"url": 5}, {"url": "https://a.b/", "x": 1},
     {"url": "https://a.b/"}, {"url": "HTTP://A.B:0/"}, {"url": "http://a.b:65535/"},
@@ -148,6 +182,13 @@ CASES: list[Any] = [
     {"url": "http://a.b", "headers": {"A": ""}}, {"url": "http://a.b", "headers": {"A": " x"}},
     {"url": "http://a.b", "headers": {"A": "x\ty"}}, {"url": "http://a.b", "headers": {"A": "x\t"}},
     {"url": "http://a.b", "headers": {"A": "é"}}, {"url": "http://a.b", "headers": {"Host": "h"}},
+    {"url": "http://a.b", "headers": {"A": "***"}}, {"url": "http://a.b", "headers": {"A": "****"}},
+    {"url": "http://a.b", "headers": {"A": "** *"}},
+    {"url": "http://0177.0.0.1/"}, {"url": "http://127.1/"}, {"url": "http://2130706433"},
+    {"url": "http://1.2.3.4.5/"}, {"url": "http://256.0.0.1/"}, {"url": "http://255.255.255.255"},
+    {"url": "http://0.0.0.0:80/"}, {"url": "http://10.0.0.1?q"}, {"url": "http://1.2.3.4#f"},
+    {"url": "http://01.2.3.4/"}, {"url": "http://1.2.3.04/"}, {"url": "http://1.2.3.4a/"},
+    {"url": "http://123abc.example/"}, {"url": "http://0x7f000001/"}, {"url": "http://1_2.3/"},
 ]  # fmt: skip
 
 
