@@ -187,17 +187,22 @@ def empty_database_url(pg_server: ServerInfo) -> Iterator[str]:
 
 
 @pytest.fixture
-def own_server(pg_server: ServerInfo, tmp_path: Path) -> Iterator[Server]:
+def own_server(pg_server: ServerInfo) -> Iterator[Server]:
     """A migrated server of the session's PostgreSQL version, the test's own to stop,
     restart or freeze."""
     if pg_server.version == "url":
         pytest.skip("needs a server of its own (TASKRUNNER_TEST_DATABASE_URL is set)")
-    server = start_server(pg_server.version, tmp_path / "own-server")
+    # Outside pytest's temporary directory, as the session's servers are: the embedded server
+    # runs as a user of its own, and another pytest session starting on the machine sets
+    # pytest's directory back to owner-only, which that user then cannot traverse.
+    root = Path(tempfile.mkdtemp(prefix="taskrunner-own-"))
+    server = start_server(pg_server.version, root)
     try:
         migrate(server.url)
         yield server
     finally:
         server.destroy()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
