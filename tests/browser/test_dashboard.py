@@ -306,10 +306,11 @@ def test_tasks_page_by_cursor_filter_by_type_and_delete(
     page.goto(f"{api}/#/tasks")
     rows = page.locator("#tasks tbody tr")
     expect(rows).to_have_count(25)
-    expect(rows.first).to_have_attribute("data-id", str(ids[0]))
+    # Newest first.
+    expect(rows.first).to_have_attribute("data-id", str(ids[-1]))
     page.get_by_role("button", name="Next").click()
     expect(rows).to_have_count(7)
-    expect(rows.last).to_have_attribute("data-id", str(ids[-1]))
+    expect(rows.last).to_have_attribute("data-id", str(ids[0]))
     expect(page.get_by_role("button", name="Next")).to_be_disabled()
     page.get_by_role("button", name="Previous").click()
     expect(rows).to_have_count(25)
