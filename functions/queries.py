@@ -390,9 +390,11 @@ class Listing:
 
     @property
     def order_by(self) -> str:
+        # The table's columns, named so: a bare `execute_at` would be the output column of
+        # TASK_COLUMNS (`execute_at AT TIME ZONE 'UTC'`), which no index is on (a sort).
         way = " DESC" if self.order.descending else ""
         key = _KEY_COLUMN.get(self.order.key)
-        return f"{key}{way}, id{way}" if key else f"id{way}"
+        return f"tasks.{key}{way}, tasks.id{way}" if key else f"tasks.id{way}"
 
     def _keyset(self, name: str, *, inclusive: bool = False, after: bool = True) -> str:
         """The condition of the rows past (`after`) or up to (not `after`) the position
