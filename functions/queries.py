@@ -411,8 +411,10 @@ class Listing:
         `%(after_*)s` when `after`): a page's bounded scan stops there. No row: the rest of
         the order is shorter."""
         key = _KEY_COLUMN.get(self.order.key, "id")
+        where = [self.served, self._keyset("after") if after else "true"]
+        conditions = " AND ".join(w for w in where if w != "true") or "true"
         return f"""SELECT {key}, id FROM tasks
-WHERE {self.served}{" AND " + self._keyset("after") if after else ""}
+WHERE {conditions}
 ORDER BY {self.order_by} OFFSET {SCAN_ROWS - 1} LIMIT 1"""
 
     def page(self, *, after: bool, bounded: bool) -> str:
