@@ -7,7 +7,7 @@ these from input is `parsing`'s; doing something with them is `tasks`'s (through
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -140,17 +140,94 @@ MAX_CATCH_UP = 1_000
 
 @dataclass(frozen=True)
 class TaskFilter:
-    """Which tasks a listing, a bulk cancel or a bulk retry is about: those in `state` and
-    of `kind` (None: any)."""
+    """Which tasks a listing, a bulk cancel or a bulk retry is about: every condition given
+    holds (an empty tuple or None: no condition). Times bound a range: `_after` exclusive,
+    `_before` exclusive."""
 
-    state: TaskState | None = None
-    kind: str | None = None
+    # In any of these states, of any of these kinds.
+    states: tuple[TaskState, ...] = ()
+    kinds: tuple[str, ...] = ()
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    execute_after: datetime | None = None
+    execute_before: datetime | None = None
+    finished_after: datetime | None = None
+    finished_before: datetime | None = None
+    # A substring of the task's last error, in any case (tasks that never failed have none).
+    error: str | None = None
+    # Made by this schedule.
+    schedule: str | None = None
+    # The payload contains this JSON (jsonb's `@>`), given as compact JSON text; "null": the
+    # task has no payload.
+    payload: str | None = None
+
+
+class SortKey(StrEnum):
+    ID = "id"
+    EXECUTE_AT = "execute_at"
+    # Only finished tasks (succeeded, failed, cancelled) have a finished_at: a listing in
+    # this order holds those alone.
+    FINISHED_AT = "finished_at"
+
+
+@dataclass(frozen=True)
+class TaskOrder:
+    """The order a listing is in: by `key`, then by id, both ascending or both descending."""
+
+    key: SortKey = SortKey.ID
+    descending: bool = True
+
+    @property
+    def name(self) -> str:
+        """As the `sort` parameter spells it: `-id`, `execute_at`, ..."""
+        return ("-" if self.descending else "") + self.key.value
+
+
+# The order of a listing when none is asked for: newest first.
+DEFAULT_ORDER = TaskOrder()
+# The `sort` values a listing takes.
+SORTS = tuple(f"{sign}{key.value}" for key in SortKey for sign in ("", "-"))
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a page ended in its order: the last task's sort key (a time in microseconds
+    since the epoch, for the time keys; its id for `id`) and id. A cursor holds it."""
+
+    order: TaskOrder
+    key: int
+    id: int
 
 
 @dataclass(frozen=True)
 class Page:
     items: list[Task]
     next_cursor: str | None
+    # The order the items are in: a cursor made from one of them goes on in it.
+    order: TaskOrder = DEFAULT_ORDER
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def microseconds(when: datetime) -> int:
+    """`when` as whole microseconds since the Unix epoch (negative before 1970)."""
+    return (when - _EPOCH) // timedelta(microseconds=1)
+
+
+def from_microseconds(us: int) -> datetime:
+    """The time `us` microseconds after the epoch, held within MIN/MAX_EXECUTE_AT."""
+    first, last = microseconds(MIN_EXECUTE_AT), microseconds(MAX_EXECUTE_AT)
+    return _EPOCH + timedelta(microseconds=min(max(us, first), last))
+
+
+def position_of(task: Task, order: TaskOrder) -> Position:
+    """Where `task` stands in `order` (a page that ends with it goes on from there)."""
+    if order.key is SortKey.ID:
+        return Position(order, task.id, task.id)
+    when = task.execute_at if order.key is SortKey.EXECUTE_AT else task.finished_at
+    assert when is not None, "a listing by finished_at holds finished tasks only"
+    return Position(order, microseconds(when), task.id)
 
 
 # The range of times a task may have: what Python's datetime holds, in UTC. The table
@@ -170,6 +247,15 @@ MAX_ATTEMPTS_AT_CREATE = 1_000
 MIN_PRIORITY, MAX_PRIORITY = 0, 9
 # The most tasks one batch creates; the largest task id (PostgreSQL's bigint).
 MAX_BATCH = 10_000
+# How many tasks a page reads at most, in its order, to find those a filter that its index
+# does not serve (a time range, `error`, `payload`) selects: a page may then hold fewer than
+# its limit, even none, with a `next_cursor` that goes on from the last task read. So the
+# first page of any filter answers in about the same time, however rare its matches.
+SCAN_ROWS = 5_000
+# The longest `error` a listing searches for, in characters.
+MAX_ERROR_SEARCH = 200
+# The most bytes of the JSON a `payload` filter holds.
+MAX_PAYLOAD_FILTER_BYTES = 4096
 # The most tasks one bulk cancel or retry acts on, and how many when not told.
 MAX_BULK = 10_000
 DEFAULT_BULK = 1_000

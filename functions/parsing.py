@@ -22,15 +22,22 @@ from typing import Any
 from functions.errors import InvalidInput
 from functions.kinds import KINDS, NAME_PATTERN
 from functions.model import (
+    BIGINT_MAX,
     END_UNIX_S,
     IDEMPOTENCY_KEY_PATTERN,
     MAX_ATTEMPTS_AT_CREATE,
+    MAX_ERROR_SEARCH,
     MAX_EXECUTE_AT,
     MAX_PAYLOAD_DEPTH,
+    MAX_PAYLOAD_FILTER_BYTES,
     MAX_PRIORITY,
     MIN_EXECUTE_AT,
     MIN_PRIORITY,
+    SORTS,
     NewTask,
+    Position,
+    SortKey,
+    TaskOrder,
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -58,18 +65,26 @@ def kind_pattern() -> str:
     return any_case(sorted(KINDS), around="[ \\t\\n\\r]*")
 
 
-# The cursors `encode_cursor` makes, and only those: base64url (no padding) of "after:" and
-# 1 to 19 ASCII digits. "after:" is "YWZ0ZXI6". Three digits (0011abcd 0011efgh 0011ijkl)
-# make four characters: 0011ab (M, N, O: a digit is at most 1001), cd0011 (D, T, j, z; only
-# D, T after O), efgh00 and 11ijkl; one or two digits left over make two or three.
+# The cursors `encode_cursor` makes, and only those. A cursor names the order it was made in
+# and the position of the last task read there: `-id.42` (the default order, newest first),
+# `execute_at.1893499200000000.42` (the key, in microseconds since the epoch, then the id).
+# Readable on purpose: nothing in it is secret, and a client only sends it back.
+_ID_DIGITS = "[0-9]{1,19}"
+_CURSOR_NOW = f"-?id[.]{_ID_DIGITS}|-?(?:execute_at|finished_at)[.]-?[0-9]{{1,18}}[.]{_ID_DIGITS}"
+# Those made before orders other than ascending ids, still read (as `id` order): base64url
+# (no padding) of "after:" and 1 to 19 ASCII digits. "after:" is "YWZ0ZXI6". Three digits
+# (0011abcd 0011efgh 0011ijkl) make four characters: 0011ab (M, N, O: a digit is at most
+# 1001), cd0011 (D, T, j, z; only D, T after O), efgh00 and 11ijkl; one or two digits left
+# over make two or three.
 _PAIR = "(?:[MN][DTjz]|O[DT])"
 _THREE = f"{_PAIR}[AEIMQUYcgk][w-z0-5]"
 _ONE = "(?:[MN][AQgw]|O[AQ])"
 _TWO = f"{_PAIR}[AEIMQUYcgk]"
 # 1 to 18 digits: up to five threes and a last group; 19: six threes and one.
-CURSOR_PATTERN = (
-    f"^YWZ0ZXI6(?:(?:{_THREE}){{0,5}}(?:{_THREE}|{_ONE}|{_TWO})|(?:{_THREE}){{6}}{_ONE})$"
+_CURSOR_BEFORE = (
+    f"YWZ0ZXI6(?:(?:{_THREE}){{0,5}}(?:{_THREE}|{_ONE}|{_TWO})|(?:{_THREE}){{6}}{_ONE})"
 )
+CURSOR_PATTERN = f"^(?:{_CURSOR_NOW}|{_CURSOR_BEFORE})$"
 _CURSOR = re.compile(CURSOR_PATTERN)
 
 
@@ -331,20 +346,93 @@ def _quick_us(value: float) -> int | None:
     return None
 
 
-def encode_cursor(last_id: int) -> str:
-    return base64.urlsafe_b64encode(f"after:{last_id}".encode()).decode().rstrip("=")
+def encode_cursor(at: Position) -> str:
+    """The cursor of a page that goes on after `at`, in `at.order`."""
+    if at.order.key is SortKey.ID:
+        return f"{at.order.name}.{at.id}"
+    return f"{at.order.name}.{at.key}.{at.id}"
 
 
-def decode_cursor(cursor: str) -> int:
+# The order of the cursors made before there was any other: ascending ids.
+_ORDER_BEFORE = TaskOrder(SortKey.ID, descending=False)
+
+
+def decode_cursor(cursor: str) -> Position:
+    """The position a cursor of `encode_cursor`'s (or an earlier version's) names; an id past
+    the largest is the largest, a time past the range its end (nothing is after either)."""
     try:
         parse_cursor(cursor)
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        prefix, _, last_id = raw.partition(":")
-        if prefix != "after":
-            raise ValueError(raw)
-        return int(last_id)
+        if cursor.startswith("YWZ0ZXI6"):
+            raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+            last_id = min(int(raw.removeprefix("after:")), BIGINT_MAX)
+            return Position(_ORDER_BEFORE, last_id, last_id)
+        sort, _, rest = cursor.partition(".")
+        order = parse_sort(sort)
+        *key, last_id = (int(part) for part in rest.split("."))
+        last_id = min(last_id, BIGINT_MAX)
+        return Position(order, key[0] if key else last_id, last_id)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidInput(_NOT_A_CURSOR.format(excerpt(cursor))) from None
+
+
+def parse_sort(value: object) -> TaskOrder:
+    """The order a `sort` parameter names: `id`, `execute_at` or `finished_at`, ascending,
+    or descending with a leading `-`."""
+    if isinstance(value, str) and value in SORTS:
+        return TaskOrder(SortKey(value.removeprefix("-")), descending=value.startswith("-"))
+    raise ValueError(
+        f"sort {excerpt(value)} is not one of {', '.join(SORTS)} (a leading `-`: descending)"
+    )
+
+
+# A JSON number, as a query string carries one.
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:[.][0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def parse_time_bound(value: object, name: str) -> datetime:
+    """A time a listing is bounded by (`created_after`, ...), read from a query string as
+    `execute_at` is read from a body: RFC 3339 with an offset, or Unix seconds (a number)."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value):
+        if "e" in value.lower():
+            value = float(value)  # (an exponent past a double's range is infinite: refused)
+        else:
+            exact = Decimal(value)
+            value = int(exact) if exact == exact.to_integral_value() else float(value)
+    try:
+        return parse_execute_at(value)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("execute_at", name, 1)) from None
+
+
+def parse_error_search(value: object) -> str:
+    """The text an `error` filter looks for: 1 to MAX_ERROR_SEARCH characters, not all
+    blank (a search for nothing would select every task that failed)."""
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_ERROR_SEARCH:
+        raise ValueError(
+            f"error {excerpt(value)} is not 1 to {MAX_ERROR_SEARCH} characters to search"
+            " for (not only blanks)"
+        )
+    return value
+
+
+def parse_payload_filter(value: object) -> str:
+    """The JSON a `payload` filter holds, as compact JSON text (`null`: no payload): any
+    JSON value of at most MAX_PAYLOAD_FILTER_BYTES, nested at most MAX_PAYLOAD_DEPTH."""
+    if not isinstance(value, str):
+        raise ValueError('payload must be JSON text, e.g. {"to":"x@y"}')
+    size = len(value.encode(errors="surrogatepass"))
+    if size > MAX_PAYLOAD_FILTER_BYTES:
+        raise ValueError(
+            f"payload is {size:,} bytes, over the limit of {MAX_PAYLOAD_FILTER_BYTES:,} for a"
+            " filter"
+        )
+    try:
+        sent = json.loads(value)
+    except (ValueError, RecursionError):
+        raise ValueError(f'payload {excerpt(value)} is not JSON, e.g. {{"to":"x@y"}}') from None
+    # (Its size is the text's, checked above: as compact JSON a number may grow, 1e5 to
+    # 100000.0, and is not held to it again.)
+    return payload_json(sent, 4 * MAX_PAYLOAD_FILTER_BYTES)
 
 
 def count_values(body: bytes, bound: int) -> int:

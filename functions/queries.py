@@ -18,7 +18,19 @@ to write 40,000 results. `tests/integration/test_plans.py` checks these plans on
 loaded, never-analyzed table.
 """
 
-from functions.model import MAX_PRIORITY, MIN_PRIORITY
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from functions.model import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    SCAN_ROWS,
+    SortKey,
+    TaskFilter,
+    TaskOrder,
+    TaskState,
+)
 
 # "Now" of the claim, the lease and the rescue: the database's, or a test's (River's
 # `coalesce(sqlc.narg('now'), now())`); the store passes NULL in production. A NULL folds
@@ -284,16 +296,183 @@ GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = %(id)s"
 # Reads of one task each, made at once by concurrent requests (Store.get_task).
 GET_TASK_MANY = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY(%(ids)s)"
 
-# `list_tasks` appends `AND state = '...'` / `AND kind = %(kind)s` as asked: a fixed
-# "(%(state)s IS NULL OR ...)" form would get one generic plan for every filter.
-# Each row with what it holds of text that can be large, as stored (`stored_bytes`): the
-# store stops reading a page once its rows hold an answer's limit (Store.list_tasks).
-# jsonb's text has a space after each `,` and `:`: at least the compact JSON an answer
-# writes, but for a few numbers (jsonb writes 1e-7 as 0.0000001).
+# --- finding tasks: GET /tasks, and the filters the bulk cancel and retry share ---------------
+# Each row listed comes with what it holds of text that can be large, as stored
+# (`stored_bytes`): the store stops reading a page once its rows hold an answer's limit
+# (Store.list_tasks). jsonb's text has a space after each `,` and `:`: at least the compact
+# JSON an answer writes, but for a few numbers (jsonb writes 1e-7 as 0.0000001).
 STORED_BYTES = """coalesce(octet_length(CAST(payload AS text)), 0)
     + coalesce(octet_length(output), 0) + coalesce(octet_length(error), 0)"""
-LIST_TASKS = f"""SELECT {TASK_COLUMNS}, {STORED_BYTES} AS stored_bytes
-FROM tasks WHERE id > %(after_id)s"""
+
+FINISHED = ("succeeded", "failed", "cancelled")
+# The states whose partial index on id (tasks_scheduled_id, tasks_failed_id,
+# tasks_cancelled_id) serves a listing of that state alone by id.
+_STATES_BY_ID = ("scheduled", "failed", "cancelled")
+# A listing's order key, as a column; the indexes on it and id (migration 0014:
+# tasks_execute_at, tasks_finished) serve it with keyset paging.
+_KEY_COLUMN = {SortKey.EXECUTE_AT: "execute_at", SortKey.FINISHED_AT: "finished_at"}
+
+
+def states_condition(states: Sequence[str]) -> str:
+    """`state IN (...)` of literals: only then can the planner use a state's partial index
+    in a generic plan. Each is a TaskState's value (never a client's text)."""
+    return f"state IN ({', '.join(repr(TaskState(s).value) for s in states)})"
+
+
+def filter_conditions(matching: TaskFilter) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The SQL condition of each filter of `matching` but its states, by filter name, with
+    its parameters (the filter's name is the parameter's). Each is written once here, for
+    the listing and the bulk cancel and retry alike."""
+    found: dict[str, tuple[str, dict[str, Any]]] = {}
+    if len(matching.kinds) == 1:
+        found["kinds"] = ("kind = %(kind)s", {"kind": matching.kinds[0]})
+    elif matching.kinds:
+        found["kinds"] = ("kind = ANY(%(kinds)s)", {"kinds": list(matching.kinds)})
+    for name, column, sign in _TIME_FILTERS:
+        when = getattr(matching, name)
+        if when is not None:
+            found[name] = (f"{column} {sign} %({name})s", {name: when})
+    if matching.error is not None:
+        # strpos, not ILIKE: the text is searched for as it is, `%` and `_` included.
+        # `error IS NOT NULL` is the predicate of `tasks_error_id` (migration 0014): tasks
+        # that never failed hold no place in it.
+        found["error"] = (
+            "error IS NOT NULL AND strpos(lower(error), lower(%(error)s)) > 0",
+            {"error": matching.error},
+        )
+    if matching.schedule is not None:
+        found["schedule"] = ("schedule = %(schedule)s", {"schedule": matching.schedule})
+    if matching.payload == "null":
+        found["payload"] = ("payload IS NULL", {})
+    elif matching.payload is not None:
+        found["payload"] = ("payload @> CAST(%(payload)s AS jsonb)", {"payload": matching.payload})
+    return found
+
+
+_TIME_FILTERS = tuple(
+    (f"{field}_{side}", column, ">" if side == "after" else "<")
+    for field, column in (
+        ("created", "created_at"), ("execute", "execute_at"), ("finished", "finished_at")
+    )
+    for side in ("after", "before")
+)  # fmt: skip
+
+
+def filter_condition(matching: TaskFilter) -> tuple[str, dict[str, Any]]:
+    """All the filters of `matching` but its states, as one condition (`true`: none)."""
+    found = filter_conditions(matching)
+    params: dict[str, Any] = {}
+    for _, more in found.values():
+        params.update(more)
+    return " AND ".join(f"({sql})" for sql, _ in found.values()) or "true", params
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The statements of a listing (GET /tasks) of the tasks `matching` in `order`.
+
+    Its conditions are split in two. `served`: those the index read for the order also
+    reads as a range (the order's key and id; a kind, a schedule, a state with an index on
+    id, failed tasks for `error`, when the order is by id), so a page costs what it holds.
+    `rest`: those checked on each row that index gives. With any of those, a page first
+    finds how far SCAN_ROWS rows of the index go (`bound`) and reads no further: a filter
+    that is rare in its order costs a bounded scan a page, and the page may hold fewer
+    tasks than its limit, with a cursor that goes on from the last row read.
+
+    Paging is by keyset, (key, id) after the last task read, never an offset: a task
+    created or finished meanwhile takes its place in the order without moving any other
+    from one page to the next."""
+
+    order: TaskOrder
+    served: str
+    rest: str
+    params: dict[str, Any]
+
+    @property
+    def order_by(self) -> str:
+        # The table's columns, named so: a bare `execute_at` would be the output column of
+        # TASK_COLUMNS (`execute_at AT TIME ZONE 'UTC'`), which no index is on (a sort).
+        way = " DESC" if self.order.descending else ""
+        key = _KEY_COLUMN.get(self.order.key)
+        return f"tasks.{key}{way}, tasks.id{way}" if key else f"tasks.id{way}"
+
+    def _keyset(self, name: str, *, inclusive: bool = False, after: bool = True) -> str:
+        """The condition of the rows past (`after`) or up to (not `after`) the position
+        `%(name_key)s, %(name_id)s` in the order."""
+        greater = self.order.descending != after
+        sign = (">" if greater else "<") + ("=" if inclusive else "")
+        key = _KEY_COLUMN.get(self.order.key)
+        if key is None:
+            return f"id {sign} %({name}_id)s"
+        return f"({key}, id) {sign} (%({name}_key)s, %({name}_id)s)"
+
+    def bound(self, *, after: bool) -> str:
+        """The position of the SCAN_ROWS-th row the order's index gives (past
+        `%(after_*)s` when `after`): a page's bounded scan stops there. No row: the rest of
+        the order is shorter."""
+        key = _KEY_COLUMN.get(self.order.key, "id")
+        where = [self.served, self._keyset("after") if after else "true"]
+        conditions = " AND ".join(w for w in where if w != "true") or "true"
+        return f"""SELECT {key}, id FROM tasks
+WHERE {conditions}
+ORDER BY {self.order_by} OFFSET {SCAN_ROWS - 1} LIMIT 1"""
+
+    def page(self, *, after: bool, bounded: bool) -> str:
+        """Up to `%(limit)s` tasks matching, in order (past `%(after_*)s` when `after`, and
+        up to `%(bound_*)s` when `bounded`)."""
+        where = [self.served]
+        if after:
+            where.append(self._keyset("after"))
+        if bounded:
+            where.append(self._keyset("bound", inclusive=True, after=False))
+        where.append(self.rest)
+        conditions = " AND ".join(w for w in where if w != "true") or "true"
+        return f"""SELECT {TASK_COLUMNS}, {STORED_BYTES} AS stored_bytes
+FROM tasks
+WHERE {conditions}
+ORDER BY {self.order_by} LIMIT %(limit)s"""
+
+
+def listing(matching: TaskFilter, order: TaskOrder) -> Listing:
+    """The statements of a listing of the tasks `matching` in `order` (see Listing)."""
+    found = filter_conditions(matching)
+    states = [s.value for s in matching.states]
+    served: list[str] = []
+    key = _KEY_COLUMN.get(order.key)
+    if key is not None:
+        # The order's key as a range of its index; `finished_at` is the index of finished
+        # tasks (its predicate: their states).
+        for name in (f"{order.key.value.removesuffix('_at')}_after",
+                     f"{order.key.value.removesuffix('_at')}_before"):  # fmt: skip
+            if name in found:
+                served.append(found.pop(name)[0])
+        if order.key is SortKey.FINISHED_AT:
+            # (Only finished tasks have a place in this order.)
+            wanted = [s for s in states or FINISHED if s in FINISHED]
+            served.append(states_condition(FINISHED) if wanted else "false")
+            states = [] if len(wanted) in (0, len(FINISHED)) else wanted
+    elif len(matching.kinds) == 1:
+        served.append(found.pop("kinds")[0])
+    elif "schedule" in found:
+        served.append(found.pop("schedule")[0])
+    elif len(states) == 1 and states[0] in _STATES_BY_ID:
+        served.append(states_condition(states))
+        states = []
+    elif "error" in found:
+        served.append("error IS NOT NULL")
+    rest = [sql for sql, _ in found.values()]
+    if states:
+        rest.insert(0, states_condition(states))
+    params: dict[str, Any] = {}
+    for _, more in filter_conditions(matching).values():
+        params.update(more)
+    return Listing(
+        order=order,
+        served=" AND ".join(served) or "true",
+        rest=" AND ".join(f"({sql})" for sql in rest) or "true",
+        params=params,
+    )
+
 
 # The row lock waits for a claim that is starting this task, so a task is either deleted
 # before any worker takes it, or reported running; never deleted under a worker.
@@ -1044,5 +1223,5 @@ PING = "SELECT 1"
 
 # The schema revision these statements are written for (local/migrations/versions/); a
 # unit test keeps it equal to the newest migration.
-SCHEMA_REVISION = "0012"
+SCHEMA_REVISION = "0014"
 SCHEMA_REVISION_IN_DATABASE = "SELECT version_num FROM alembic_version"

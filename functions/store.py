@@ -26,7 +26,16 @@ from functions.conninfo import behind_pooler, connect
 from functions.counters import Activity
 from functions.db import Coalescer, Database, first_line
 from functions.errors import DatabaseUnavailable, IdempotencyKeyReused, SchemaOutdated
-from functions.model import CatchUp, NewTask, Schedule, Task, TaskState
+from functions.model import (
+    CatchUp,
+    NewTask,
+    Schedule,
+    SortKey,
+    Task,
+    TaskFilter,
+    TaskOrder,
+    TaskState,
+)
 from functions.parsing import excerpt
 from functions.settings import Settings
 
@@ -274,12 +283,12 @@ def _holders(held_by: Iterable[str | None]) -> list[str]:
     return sorted({worker for worker in held_by if worker is not None})
 
 
-def _filter(kind: str | None) -> tuple[str, dict[str, Any]]:
-    """The SQL condition of a filter on tasks other than their state (GET /tasks, the bulk
-    cancel and retry), and its parameters: `true` and none when it has none."""
-    if kind is None:
-        return "true", {}
-    return "kind = %(kind)s", {"kind": kind}
+# The key of a task in each order, as the store reads it (a datetime, or its id).
+_ORDER_KEYS: dict[SortKey, Callable[[Task], Any]] = {
+    SortKey.ID: lambda task: task.id,
+    SortKey.EXECUTE_AT: lambda task: task.execute_at,
+    SortKey.FINISHED_AT: lambda task: task.finished_at,
+}
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -594,42 +603,51 @@ class Store:
 
     async def list_tasks(
         self,
+        matching: TaskFilter,
+        order: TaskOrder,
         *,
-        states: Sequence[TaskState],
-        kind: str | None,
-        after_id: int,
+        after: tuple[Any, int] | None,
         limit: int,
         max_bytes: int,
-    ) -> tuple[list[Task], bool]:
-        """Tasks after `after_id` by ascending id, in one of `states` (any when empty), and
-        whether the reading stopped short of `limit` because the rows read held `max_bytes`
-        (their payloads, outputs and errors as stored text, queries.STORED_BYTES): a page of
-        large payloads is cut under its limit anyway (responses.page_json), and is not read
-        whole first. Each chunk goes on from the last id read, as the next page would."""
-        sql = queries.LIST_TASKS
-        params: dict[str, Any] = {}
-        if states:
-            # Literals, not a parameter: only then can the planner use the partial index for
-            # a state in a prepared statement's generic plan. Each is a TaskState.
-            literals = ", ".join(f"'{TaskState(s).value}'" for s in states)
-            sql += f" AND state IN ({literals})"
-        condition, more = _filter(kind)
-        if more:
-            sql += f" AND {condition}"
-            params.update(more)
-        sql += " ORDER BY id LIMIT %(limit)s"
+        bounded: bool = True,
+    ) -> tuple[list[Task], bool, tuple[Any, int] | None]:
+        """Tasks `matching` in `order` (queries.listing), past `after` (the key, a datetime
+        or an id, and the id of the last task read before; None: from the start); whether
+        the reading stopped short of `limit` because the rows read held `max_bytes` (their
+        payloads, outputs and errors as stored text, queries.STORED_BYTES): a page of large
+        payloads is cut under its limit anyway (responses.page_json), and is not read whole
+        first. Each chunk goes on from the last task read, as the next page would. And where
+        a bounded scan stopped (queries.Listing): the position to go on from when the page is
+        short, None if it read to the end of the order. Not `bounded`: read on until `limit` (the
+        original routes', whose answer has no cursor to go on with)."""
+        listing = queries.listing(matching, order)
+        params: dict[str, Any] = dict(listing.params)
+        bound: tuple[Any, int] | None = None
+        if bounded and listing.rest != "true":
+            if after is not None:
+                params.update(after_key=after[0], after_id=after[1])
+            [found] = await self._pinned((listing.bound(after=after is not None), params))
+            if found:
+                bound = (found[0][0], found[0][1])
+                params.update(bound_key=bound[0], bound_id=bound[1])
+        key = _ORDER_KEYS[listing.order.key]
         rows: list[Task] = []
         held = 0
         chunk = min(limit, self.PAGE_CHUNK)
         while True:
-            fetched = await self._all(sql, after_id=after_id, limit=chunk, **params)
+            if after is not None:
+                params.update(after_key=after[0], after_id=after[1])
+            sql = listing.page(after=after is not None, bounded=bound is not None)
+            [fetched] = await self._pinned(
+                (sql, {**params, "limit": chunk}), row_factory=namedtuple_row
+            )
             rows += map(_task, fetched)
             held += sum(row.stored_bytes for row in fetched)
             if len(fetched) < chunk or len(rows) >= limit:
-                return rows, False
+                return rows, False, bound
             if held >= max_bytes:
-                return rows, True
-            after_id = rows[-1].id
+                return rows, True, bound
+            after = (key(rows[-1]), rows[-1].id)
             per_row = max(1, held // len(rows))
             chunk = max(1, min(limit - len(rows), (max_bytes - held) // per_row + 1))
 
@@ -645,26 +663,21 @@ class Store:
         await self.announce(Cancelled([task_id], _holders([rows[0].held_by])))
         return _task(rows[0])
 
-    async def cancel_matching(
-        self, *, states: Sequence[TaskState], kind: str | None, limit: int
-    ) -> int:
-        """Cancel up to `limit` tasks in `states` (of the cancellable ones; all of those
-        when empty) of `kind` (any: None), lowest ids first; return how many."""
+    async def cancel_matching(self, matching: TaskFilter, *, limit: int) -> int:
+        """Cancel up to `limit` tasks `matching` (of the cancellable ones; all of those when
+        it names no state), lowest ids first; return how many."""
         return await self._in_batches(
-            queries.cancel_tasks, queries.CANCELLABLE, states, kind, limit, {}, announce=True
+            queries.cancel_tasks, queries.CANCELLABLE, matching, limit, {}, announce=True
         )
 
-    async def retry_matching(
-        self, *, states: Sequence[TaskState], kind: str | None, limit: int, max_attempts: int
-    ) -> int:
+    async def retry_matching(self, matching: TaskFilter, *, limit: int, max_attempts: int) -> int:
         """Schedule again, due now with `max_attempts` more runs, up to `limit` failed or
-        cancelled tasks in `states` (all of those when empty) of `kind` (any: None), lowest
-        ids first; return how many."""
+        cancelled tasks `matching` (all of those when it names no state), lowest ids first;
+        return how many."""
         return await self._in_batches(
             queries.retry_tasks,
             queries.RETRYABLE,
-            states,
-            kind,
+            matching,
             limit,
             {"max_attempts": max_attempts},
         )
@@ -673,20 +686,19 @@ class Store:
         self,
         statement_for: Callable[[str, tuple[str, ...]], str],
         allowed: tuple[str, ...],
-        states: Sequence[TaskState],
-        kind: str | None,
+        matching: TaskFilter,
         limit: int,
         params: dict[str, Any],
         *,
         announce: bool = False,
     ) -> int:
-        """Run `statement_for(condition, states)` over the tasks of `states` (within
-        `allowed`) and `kind`, WRITE_BATCH at most a statement, until `limit` are done or
-        none is left; return how many were. With `announce`, each batch is a cancel's."""
-        wanted = tuple(s for s in allowed if not states or s in states)
+        """Run `statement_for(condition, states)` over the tasks `matching` (of its states
+        within `allowed`), WRITE_BATCH at most a statement, until `limit` are done or none
+        is left; return how many were. With `announce`, each batch is a cancel's."""
+        wanted = tuple(s for s in allowed if not matching.states or s in matching.states)
         if not wanted:
             return 0
-        condition, more = _filter(kind)
+        condition, more = queries.filter_condition(matching)
         statement = statement_for(condition, wanted)
         done = 0
         while done < limit:

@@ -16,13 +16,28 @@ from functions.errors import (
     IdempotencyKeyReused,
     InvalidPayload,
     InvalidTimeout,
+    InvalidValue,
     SchemaOutdated,
     TaskNotFound,
     TaskRunning,
     WrongState,
 )
 from functions.kinds import KINDS
-from functions.model import MAX_PAGE_BYTES, NewTask, Page, Task, TaskFilter, TaskState
+from functions.model import (
+    DEFAULT_ORDER,
+    MAX_PAGE_BYTES,
+    NewTask,
+    Page,
+    Position,
+    SortKey,
+    Task,
+    TaskFilter,
+    TaskOrder,
+    TaskState,
+    from_microseconds,
+    microseconds,
+    position_of,
+)
 from functions.parsing import (
     decode_cursor,
     encode_cursor,
@@ -204,28 +219,57 @@ async def get_task(store: Store, task_id: int) -> Task:
     return task
 
 
-async def list_tasks(store: Store, matching: TaskFilter, *, limit: int, cursor: str | None) -> Page:
-    """List the tasks `matching` by ascending id; `next_cursor` is None on the last page."""
-    after_id = decode_cursor(cursor) if cursor else 0
-    states = () if matching.state is None else (matching.state,)
-    rows, cut = await store.list_tasks(
-        states=states,
-        kind=matching.kind,
-        after_id=after_id,
-        limit=limit + 1,
-        max_bytes=MAX_PAGE_BYTES,
+async def list_tasks(
+    store: Store,
+    matching: TaskFilter,
+    *,
+    limit: int,
+    cursor: str | None,
+    order: TaskOrder | None = None,
+) -> Page:
+    """List the tasks `matching` in `order` (None: the cursor's, else DEFAULT_ORDER);
+    `next_cursor` is None on the last page. A page may hold fewer than `limit` tasks and
+    still have a `next_cursor` (a filter its order's index does not serve reads SCAN_ROWS
+    rows a page at most: queries.Listing)."""
+    after = decode_cursor(cursor) if cursor else None
+    if after is not None and order is not None and after.order != order:
+        raise InvalidValue(
+            ("query", "sort"),
+            f"the cursor goes on in the order sort={after.order.name} it was made in, not"
+            f" sort={order.name}: send that sort with it, or none",
+        )
+    order = after.order if after is not None else order or DEFAULT_ORDER
+    at = None
+    if after is not None:
+        at = (from_microseconds(after.key) if order.key is not SortKey.ID else after.key, after.id)
+    rows, cut, stopped = await store.list_tasks(
+        matching, order, after=at, limit=limit + 1, max_bytes=MAX_PAGE_BYTES
     )
     items = rows[:limit]
-    next_cursor = encode_cursor(items[-1].id) if len(rows) > limit or cut else None
-    return Page(items=items, next_cursor=next_cursor)
+    if len(rows) > limit or cut:
+        next_cursor: str | None = encode_cursor(position_of(items[-1], order))
+    elif stopped is not None:
+        key = stopped[0] if order.key is SortKey.ID else microseconds(stopped[0])
+        next_cursor = encode_cursor(Position(order, key, stopped[1]))
+    else:
+        next_cursor = None
+    return Page(items=items, next_cursor=next_cursor, order=order)
 
 
 async def list_in_states(store: Store, states: Sequence[TaskState], limit: int) -> list[Task]:
     """The first `limit` tasks in any of `states`, oldest first."""
-    found, _ = await store.list_tasks(
-        states=states, kind=None, after_id=0, limit=limit, max_bytes=MAX_PAGE_BYTES
+    found, _, _ = await store.list_tasks(
+        TaskFilter(states=tuple(states)),
+        _OLDEST_FIRST,
+        after=None,
+        limit=limit,
+        max_bytes=MAX_PAGE_BYTES,
+        bounded=False,
     )
     return found
+
+
+_OLDEST_FIRST = TaskOrder(SortKey.ID, descending=False)
 
 
 async def delete_all(store: Store, *, allowed: bool) -> int:
@@ -302,17 +346,13 @@ async def cancel_task(store: Store, task_id: int) -> Task:
 async def cancel_tasks(store: Store, matching: TaskFilter, limit: int) -> int:
     """Cancel up to `limit` scheduled or running tasks `matching`, lowest ids first; return
     how many. A task outside the filter is never touched."""
-    states = () if matching.state is None else (matching.state,)
-    return await store.cancel_matching(states=states, kind=matching.kind, limit=limit)
+    return await store.cancel_matching(matching, limit=limit)
 
 
 async def retry_tasks(store: Store, matching: TaskFilter, limit: int, max_attempts: int) -> int:
     """Schedule again, as `retry_task` does, up to `limit` failed or cancelled tasks
     `matching`, lowest ids first; return how many."""
-    states = () if matching.state is None else (matching.state,)
-    return await store.retry_matching(
-        states=states, kind=matching.kind, limit=limit, max_attempts=max_attempts
-    )
+    return await store.retry_matching(matching, limit=limit, max_attempts=max_attempts)
 
 
 async def reschedule_task(

@@ -62,9 +62,13 @@ def retarget(event: Any, method: str, path: str, query: str = "") -> Any:
         event["path"] = event["requestContext"]["path"] = path
         event["httpMethod"] = event["requestContext"]["httpMethod"] = method
         event["pathParameters"] = {"proxy": path.lstrip("/")}
-        params = dict(pair.split("=", 1) for pair in query.split("&") if pair)
-        event["queryStringParameters"] = params or None
-        event["multiValueQueryStringParameters"] = {k: [v] for k, v in params.items()} or None
+        pairs = [pair.split("=", 1) for pair in query.split("&") if pair]
+        # (A repeated parameter: its last value here, every one in the multi-value map.)
+        event["queryStringParameters"] = dict(pairs) or None
+        multi: dict[str, list[str]] = {}
+        for name, value in pairs:
+            multi.setdefault(name, []).append(value)
+        event["multiValueQueryStringParameters"] = multi or None
     return event
 
 

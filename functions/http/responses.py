@@ -32,7 +32,7 @@ from functions.errors import (
     WrongState,
 )
 from functions.kinds import KINDS
-from functions.model import MAX_PAGE_BYTES
+from functions.model import MAX_PAGE_BYTES, position_of
 from functions.parsing import encode_cursor
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ def page_json(page: Page) -> bytes:
     out = _fitting(page.items)
     cursor = page.next_cursor
     if len(out) < len(page.items):
-        cursor = encode_cursor(page.items[len(out) - 1].id)
+        cursor = encode_cursor(position_of(page.items[len(out) - 1], page.order))
     return b"".join(
         (b'{"items":[', b",".join(out), b'],"next_cursor":', _dumps(cursor).encode(), b"}")
     )

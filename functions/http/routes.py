@@ -19,11 +19,19 @@ from functions.http.rules import require_json
 from functions.http.schemas import (
     BatchIn,
     CountOut,
+    CreatedAfter,
+    CreatedBefore,
     Cursor,
+    ErrorSearch,
+    ExecuteAfter,
+    ExecuteBefore,
+    FinishedAfter,
+    FinishedBefore,
     IdempotencyKey,
     IdsOut,
     KindFilter,
     PageOut,
+    PayloadFilter,
     RescheduleIn,
     ScheduleCursor,
     ScheduleIn,
@@ -32,6 +40,7 @@ from functions.http.schemas import (
     SchedulePageOut,
     SchedulePatchIn,
     SchedulePutIn,
+    Sort,
     TaskIn,
     TaskOut,
     errors,
@@ -108,16 +117,59 @@ class Route(APIRoute):
 
 def task_filter(
     state: Annotated[
-        TaskState | None,
-        Query(description="scheduled, running, succeeded, failed or cancelled"),
+        list[TaskState] | None,
+        Query(
+            description="scheduled, running, succeeded, failed or cancelled; repeated: any of"
+            " them (`state=failed&state=cancelled`)"
+        ),
     ] = None,
     type: Annotated[
-        KindFilter | None,
-        Query(description="A kind's name, in any case: a loaded kind or a removed one's."),
+        list[KindFilter] | None,
+        Query(
+            description="A kind's name, in any case: a loaded kind or a removed one's;"
+            " repeated: any of them."
+        ),
     ] = None,
+    created_after: Annotated[
+        CreatedAfter | None,
+        Query(description="Tasks created after this time (RFC 3339, or Unix seconds)."),
+    ] = None,
+    created_before: Annotated[
+        CreatedBefore | None, Query(description="Tasks created before this time.")
+    ] = None,
+    execute_after: Annotated[
+        ExecuteAfter | None, Query(description="Tasks whose `execute_at` is after this time.")
+    ] = None,
+    execute_before: Annotated[
+        ExecuteBefore | None, Query(description="Tasks whose `execute_at` is before this time.")
+    ] = None,
+    finished_after: Annotated[
+        FinishedAfter | None, Query(description="Tasks that finished after this time.")
+    ] = None,
+    finished_before: Annotated[
+        FinishedBefore | None, Query(description="Tasks that finished before this time.")
+    ] = None,
+    error: Annotated[ErrorSearch | None, Query()] = None,
+    schedule: Annotated[
+        ScheduleName | None, Query(description="Tasks made by this schedule.")
+    ] = None,
+    payload: Annotated[PayloadFilter | None, Query()] = None,
 ) -> TaskFilter:
-    """The filters of `GET /tasks`, read the same way by the bulk cancel and retry."""
-    return TaskFilter(state=state, kind=type)
+    """The filters of `GET /tasks`, read the same way by the bulk cancel and retry: a task
+    matches when it meets every one given (a repeated one: any of its values)."""
+    return TaskFilter(
+        states=tuple(dict.fromkeys(state or ())),
+        kinds=tuple(dict.fromkeys(type or ())),
+        created_after=created_after,
+        created_before=created_before,
+        execute_after=execute_after,
+        execute_before=execute_before,
+        finished_after=finished_after,
+        finished_before=finished_before,
+        error=error,
+        schedule=schedule,
+        payload=payload,
+    )
 
 
 Filters = Annotated[TaskFilter, Depends(task_filter)]
@@ -227,12 +279,21 @@ def add_routes(
         cursor: Annotated[
             Cursor | None, Query(description="`next_cursor` of the previous page")
         ] = None,
+        sort: Annotated[Sort | None, Query()] = None,
     ) -> Response:
-        """List tasks by ascending id, optionally filtered by state and type.
+        """List tasks, newest first unless `sort` says otherwise, filtered as asked.
+
+        A page ends with `next_cursor`, which goes on in the same order and filters (send
+        the filters again with it), or null when nothing is left: tasks created meanwhile
+        take their place in the order without shifting the pages. A filter the order's
+        index does not serve (a time range but the order's own, `error`, `payload`, a state
+        or kind among others) is checked on at most 5,000 tasks a page, in order: a page may
+        then hold fewer than `limit` tasks, even none, and still have a `next_cursor`.
 
         An answer holds at most 5 MB (Lambda's limit is 6 MB): a page of large payloads has
         fewer than `limit` items, and its `next_cursor` goes on from the last one."""
-        page = await tasks.list_tasks(store, matching, limit=limit, cursor=cursor)
+        order = None if sort is None else parsing.parse_sort(sort)
+        page = await tasks.list_tasks(store, matching, limit=limit, cursor=cursor, order=order)
         return Response(page_json(page), media_type="application/json")
 
     # Before `/tasks/{task_id}`'s routes (which match digits only, so would not take these).

@@ -115,6 +115,73 @@ ExecuteAt = Annotated[
 ]
 
 
+# --- a listing's filters and order (GET /tasks, and the bulk cancel and retry) ------------
+
+
+def _time_bound(name: str) -> PlainValidator:
+    return PlainValidator(lambda value: parsing.parse_time_bound(value, name))
+
+
+# The query parameters bounding a listing by a time (`created_after`, ...), each read as
+# `execute_at` is (a date-time with an offset, or Unix seconds), its errors in its own name.
+_TIME_BOUND = WithJsonSchema(
+    {
+        "anyOf": ExecuteAt.__metadata__[1].json_schema["anyOf"],  # type: ignore[attr-defined]
+        "examples": ["2030-01-01T12:00:00Z"],
+    }
+)
+CreatedAfter = Annotated[datetime, _time_bound("created_after"), _TIME_BOUND]
+CreatedBefore = Annotated[datetime, _time_bound("created_before"), _TIME_BOUND]
+ExecuteAfter = Annotated[datetime, _time_bound("execute_after"), _TIME_BOUND]
+ExecuteBefore = Annotated[datetime, _time_bound("execute_before"), _TIME_BOUND]
+FinishedAfter = Annotated[datetime, _time_bound("finished_after"), _TIME_BOUND]
+FinishedBefore = Annotated[datetime, _time_bound("finished_before"), _TIME_BOUND]
+
+
+# (Read as its text, a type FastAPI takes in a query; `parsing.parse_sort` makes the order.)
+Sort = Annotated[
+    str,
+    PlainValidator(lambda value: parsing.parse_sort(value).name),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "enum": list(model.SORTS),
+            "description": "The order: by id, `execute_at` or `finished_at` (finished tasks"
+            " alone), then by id; a leading `-` for descending. Default `-id`: newest first.",
+            "examples": ["-id", "execute_at"],
+        }
+    ),
+]
+ErrorSearch = Annotated[
+    str,
+    PlainValidator(parsing.parse_error_search),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": model.MAX_ERROR_SEARCH,
+            "pattern": "[^ \\t\\n\\r\\f\\v]",
+            "description": "Tasks whose last error holds this text, in any case (those that"
+            " failed, or failed an attempt and wait to retry).",
+            "examples": ["timeout"],
+        }
+    ),
+]
+PayloadFilter = Annotated[
+    str,
+    PlainValidator(parsing.parse_payload_filter),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "description": "Tasks whose payload contains this JSON (PostgreSQL's jsonb"
+            ' `@>`: `{"to":"x@y"}` matches any object with that key and value); `null`:'
+            f" tasks with no payload. At most {model.MAX_PAYLOAD_FILTER_BYTES:,} bytes.",
+            "examples": ['{"to":"x@y"}'],
+        }
+    ),
+]
+
+
 PAYLOAD_DESCRIPTION = (
     "Any JSON value, given to the task's kind as `ctx.payload`; null when absent. At most"
     " TASKRUNNER_MAX_PAYLOAD_BYTES (65,536 by default) as compact JSON in UTF-8, nested at"

@@ -52,6 +52,8 @@ class Sizes:
     # Schedules: `* * * * *` schedules whose occurrences fall at one minute (and as many
     # ordinary tasks due at one instant, beside them).
     schedules: int
+    # Tasks in the table whose listings `find` times (loaded through POST /tasks/batch).
+    find_tasks: int
 
     @classmethod
     def choose(cls, *, quick: bool, tasks: int | None) -> Sizes:
@@ -72,10 +74,11 @@ class Sizes:
                 2,
                 20_000,
                 500,
+                20_000,
             )
         return cls(
             tasks or 200_000, (50_000, 10_000), 10_000, 400, 20_000, 10,
-            10, 1_000_000, 330, 120, 30, 1_000, 11, 100_000, 5_000,
+            10, 1_000_000, 330, 120, 30, 1_000, 11, 100_000, 5_000, 1_000_000,
         )  # fmt: skip
 
 
@@ -107,10 +110,12 @@ class Processes:
     def __init__(self) -> None:
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def start(self, database_url: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
-        """`taskrunner *args` on `database_url`."""
+    def start(
+        self, database_url: str, *args: str, log_level: str = "WARNING", **env: str
+    ) -> subprocess.Popen[bytes]:
+        """`taskrunner *args` on `database_url`, logging from `log_level` up."""
         return self.run(
-            [sys.executable, "-m", "local", "--log-level", "WARNING", *args],
+            [sys.executable, "-m", "local", "--log-level", log_level, *args],
             TASKRUNNER_DATABASE_URL=database_url,
             **env,
         )

@@ -17,7 +17,7 @@ import psycopg
 
 from functions import queries
 from functions.db import Database
-from functions.model import TaskState
+from functions.model import DEFAULT_ORDER, TaskFilter, TaskState
 from functions.settings import Settings
 from functions.store import Claimed, Result, Store
 from local.bench.harness import percentile
@@ -135,6 +135,8 @@ def raw_get(lo: int, hi: int) -> str:
     return f"\\set id random({lo}, {hi})\n" + as_pgbench(queries.GET_TASK, {"id": ":id"})
 
 
+# The first page of `GET /tasks` (newest first, no filter).
 RAW_PAGE = as_pgbench(
-    queries.LIST_TASKS + " ORDER BY id LIMIT %(limit)s", {"after_id": "0", "limit": "101"}
+    queries.listing(TaskFilter(), DEFAULT_ORDER).page(after=False, bounded=False),
+    {"limit": "101"},
 )

@@ -18,6 +18,8 @@ import urllib.request
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import psycopg
 from pydantic_core import to_json
@@ -368,6 +370,80 @@ class Bench(Harness):
                 raise RuntimeError(f"/stats counted {finished} succeeded of {n}")
         return percentile(times, 50), percentile(times, 99)
 
+    def find(self) -> tuple[list[tuple[str, float]], int]:
+        """p99 (ms) of the first page (100) of GET /tasks under each filter and order, on a
+        table loaded as users load one: batches of 10,000 through POST /tasks/batch, run by
+        a worker (`bar` against a closed port fails, its one attempt), those due later
+        partly cancelled through POST /tasks/cancel; nothing analyzed by hand. Also how many
+        tasks the table holds."""
+        n = self.sizes.find_tasks
+        with self.scenario("find"):
+            api_url, _ = self.api()
+            now = time.time()
+            due = later = 0
+            for start in range(0, n, 10_000):
+                items = []
+                for i in range(start, min(n, start + 10_000)):
+                    item: dict[str, object] = {"payload": {"to": f"user{i % 1000}@example.com"}}
+                    if i % 10 < 7:  # run now, and succeed
+                        item |= {"type": "baz", "execute_at": now - i % 3600}
+                    elif i % 10 == 7:  # run now, and fail
+                        item |= {"type": "bar", "execute_at": now - i % 3600, "max_attempts": 1}
+                    else:  # due later
+                        item |= {"type": "baz", "execute_at": now + 86_400 + i}
+                    due += i % 10 < 8
+                    later += i % 10 >= 8
+                    items.append(item)
+                _post(f"{api_url}/tasks/batch", {"tasks": items})
+            closed = f"http://127.0.0.1:{free_port()}/"
+            # (Quiet: each failure is an error logged, by design, one line a task.)
+            self.procs.start(self.url, "worker", log_level="CRITICAL", TASKRUNNER_BAR_URL=closed)
+            wait_until(lambda: n - later - self._due_left(), n - later, "find, running", 900)
+            # A quarter of those due later cancelled, by filter, as an operator would.
+            half_day = datetime.fromtimestamp(now + 86_400 + n * 0.75, UTC).isoformat()
+            while _post(f"{api_url}/tasks/cancel?execute_after={quote(half_day)}&limit=10000",
+                        None)["count"]:  # fmt: skip
+                pass
+            [(error,)] = self.sql("SELECT error FROM tasks WHERE state = 'failed' LIMIT 1")
+            middle = datetime.fromtimestamp(now, UTC).isoformat()
+            cases = {
+                "newest first": "", "type": "type=bar", "2 types": "type=bar&type=foo",
+                "state failed": "state=failed", "state succeeded": "state=succeeded",
+                "state scheduled": "state=scheduled", "state cancelled": "state=cancelled",
+                "2 states": "state=failed&state=cancelled",
+                "state running (none)": "state=running",
+                "created_after": f"created_after={quote(middle)}",
+                "created_before": f"created_before={quote(middle)}",
+                "execute_after": f"execute_after={quote(middle)}",
+                "execute_before": f"execute_before={quote(middle)}",
+                "finished_after": f"finished_after={quote(middle)}",
+                "finished_before": f"finished_before={quote(middle)}",
+                "error": f"error={quote(str(error)[:12].lower())}",
+                "error (none)": "error=no%20such%20error",
+                "schedule (none)": "schedule=nightly",
+                "payload": "payload=" + quote('{"to":"user7@example.com"}'),
+                **{f"sort={s}": f"sort={s}" for s in
+                   ("id", "execute_at", "-execute_at", "finished_at", "-finished_at")},
+            }  # fmt: skip
+            found = []
+            for name, query in cases.items():
+                url = f"{api_url}/tasks?limit=100&{query}"
+                times = []
+                for _ in range(1 + int(self.sizes.load_s * 20)):  # (the first connects)
+                    started = time.perf_counter()
+                    with urllib.request.urlopen(url, timeout=30) as response:
+                        response.read()
+                    times.append((time.perf_counter() - started) * 1000)
+                found.append((name, percentile(times[1:], 99)))
+        return found, n
+
+    def _due_left(self) -> int:
+        [(left,)] = self.sql(
+            "SELECT (SELECT count(*) FROM tasks WHERE state = 'scheduled'"
+            " AND execute_at <= now()) + (SELECT count(*) FROM tasks WHERE state = 'running')"
+        )
+        return int(left)
+
     def soak(self) -> tuple[float, float, float]:
         """Tasks created and run at a steady rate with a short retention: the peak size of
         the tasks table with its indexes (MB) in the minute and a half after warm-up and in
@@ -432,6 +508,15 @@ class Bench(Harness):
                     totals.append(json.loads(out.stdout.splitlines()[-1])["total_ms"])
                 medians.append(statistics.median(totals))
         return medians[0], medians[1], medians[2], where
+
+
+def _post(url: str, body: object) -> Any:
+    """POST `body` as JSON (none: no body) and answer what the API answered, read."""
+    data = None if body is None else to_json(body)
+    request = urllib.request.Request(url, data=data, method="POST",
+                                     headers={"content-type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
 
 
 def _lambda_bundle(target: Path) -> Path | None:

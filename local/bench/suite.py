@@ -3,6 +3,7 @@ yields with its goal."""
 
 from __future__ import annotations
 
+import statistics
 import sys
 from collections.abc import Collection
 
@@ -14,7 +15,7 @@ from local.bench.scenarios import Bench
 
 # The scenarios `taskrunner bench --only` can pick, in the order they run.
 SCENARIOS = ("drain", "payload-drain", "burst", "warm-burst", "fanout", "lateness", "wake",
-             "schedules", "create", "payload-create", "api", "stats", "soak",
+             "schedules", "create", "payload-create", "api", "stats", "find", "soak",
              "cold-start")  # fmt: skip
 # The payload scenarios' payload: a user's typical task data.
 PAYLOAD_BYTES = 1024
@@ -168,6 +169,17 @@ def run(
             figures.append(
                 Figure(f"GET /stats, {sizes.stats_tasks:,} finished tasks, p99", p99, "ms",
                        "<= 50 ms", p99 <= 50, None, f"p50 {p50:.1f} ms")
+            )  # fmt: skip
+
+        if want("find"):
+            pages, held = bench.find()
+            worst = max(ms for _, ms in pages)
+            slowest = sorted(pages, key=lambda page: -page[1])[:3]
+            figures.append(
+                Figure(f"GET /tasks, first page of each of {len(pages)} filters and orders,"
+                       f" {held:,} tasks, worst p99", worst, "ms", "<= 100 ms", worst <= 100,
+                       None, "slowest: " + ", ".join(f"{name} {ms:.1f}" for name, ms in slowest)
+                       + f" ms; median of all {statistics.median(ms for _, ms in pages):.1f} ms")
             )  # fmt: skip
 
         if want("soak"):

@@ -306,10 +306,11 @@ def test_tasks_page_by_cursor_filter_by_type_and_delete(
     page.goto(f"{api}/#/tasks")
     rows = page.locator("#tasks tbody tr")
     expect(rows).to_have_count(25)
-    expect(rows.first).to_have_attribute("data-id", str(ids[0]))
+    # Newest first.
+    expect(rows.first).to_have_attribute("data-id", str(ids[-1]))
     page.get_by_role("button", name="Next").click()
     expect(rows).to_have_count(7)
-    expect(rows.last).to_have_attribute("data-id", str(ids[-1]))
+    expect(rows.last).to_have_attribute("data-id", str(ids[0]))
     expect(page.get_by_role("button", name="Next")).to_be_disabled()
     page.get_by_role("button", name="Previous").click()
     expect(rows).to_have_count(25)
@@ -327,6 +328,43 @@ def test_tasks_page_by_cursor_filter_by_type_and_delete(
     expect(page.get_by_role("status")).to_have_text(f"Task #{victim} deleted.")
     expect(rows).to_have_count(len(foo) - 1)
     assert sql("SELECT count(*) FROM tasks WHERE id = %s", victim) == [(0,)]
+
+
+def test_tasks_page_sorts_searches_errors_and_opens_a_task_by_its_id(
+    taskrunner: Callable[..., str],
+    page: Page,
+    sql: Sql,
+    task_factory: Callable[..., int],
+) -> None:
+    ids = [task_factory("baz", due_in_s=3600.0 * (3 - i)) for i in range(3)]
+    sql(
+        "UPDATE tasks SET state = 'failed', finished_at = now(), attempts = 1,"
+        " error = 'TimeoutError: <b>GET</b> took 30 s' WHERE id = %s",
+        ids[1],
+    )
+    api = taskrunner()
+    page.goto(f"{api}/#/tasks")
+    rows = page.locator("#tasks tbody tr")
+    expect(rows).to_have_count(3)
+    expect(rows.first).to_have_attribute("data-id", str(ids[-1]))
+    expect(page.locator("#page-label")).to_have_text("1\u20133, newest first")
+    form = page.get_by_role("form", name="Filter tasks")
+    form.get_by_label("Order").select_option(label="earliest execute at first")
+    expect(page.locator("#page-label")).to_have_text("1\u20133, earliest execute at first")
+    expect(rows.first).to_have_attribute("data-id", str(ids[-1]))  # due soonest
+    expect(rows.last).to_have_attribute("data-id", str(ids[0]))
+    # Text searches the errors, in any case; the error is shown as text, never markup.
+    form.get_by_label("Search").fill("<B>get")
+    form.get_by_label("Search").press("Enter")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_have_attribute("data-id", str(ids[1]))
+    expect(rows.first.locator(".error-text")).to_have_text("TimeoutError: <b>GET</b> took 30 s")
+    assert "error=%3CB%3Eget" in page.url and "sort=execute_at" in page.url
+    # A task's id opens it.
+    form.get_by_label("Search").fill(f"#{ids[0]}")
+    form.get_by_label("Search").press("Enter")
+    expect(page).to_have_url(f"{api}/#/tasks/{ids[0]}")
+    expect(page.locator('dd[data-field="state"]')).to_have_text("scheduled")
 
 
 def test_schedules_page_lists_next_runs_last_tasks_and_toggles_them(

@@ -72,9 +72,10 @@ async def test_list_filters_by_state_and_type_and_pages(
         assert response.status_code == 200, response.text
         return [t["id"] for t in response.json()["items"]]
 
-    assert await listed("") == sorted(chain.from_iterable(ids.values()))
-    assert await listed("type=foo") == ids["foo"]
-    assert await listed("type=FOO") == ids["foo"]
+    # Newest first.
+    assert await listed("") == sorted(chain.from_iterable(ids.values()), reverse=True)
+    assert await listed("type=foo") == ids["foo"][::-1]
+    assert await listed("type=FOO") == ids["foo"][::-1]
     assert await listed("state=succeeded") == [ids["foo"][0]]
     assert await listed("state=scheduled&type=foo") == [ids["foo"][1]]
     assert await listed("state=failed") == []
@@ -89,7 +90,7 @@ async def test_list_filters_by_state_and_type_and_pages(
         cursor = page["next_cursor"]
         if cursor is None:
             break
-    assert seen == sorted(chain.from_iterable(ids.values()))
+    assert seen == sorted(chain.from_iterable(ids.values()), reverse=True)
 
 
 async def test_delete_then_404(client: httpx.AsyncClient) -> None:

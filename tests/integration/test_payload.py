@@ -172,7 +172,9 @@ async def test_a_list_of_large_payloads_stays_under_5_mb_and_its_cursor_goes_on(
     cursor: str | None = None
     pages = 0
     while True:
-        params: dict[str, Any] = {"limit": 1000, **({"cursor": cursor} if cursor else {})}
+        params: dict[str, Any] = {"limit": 1000, "sort": "id"}
+        if cursor:
+            params["cursor"] = cursor
         read_rows.append(0)
         page = await client.get("/tasks", params=params)
         assert page.status_code == 200

@@ -17,6 +17,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -25,6 +26,14 @@ from psycopg import sql as pgsql
 
 from functions import queries
 from functions.db import Database
+from functions.model import (
+    DEFAULT_ORDER,
+    SCAN_ROWS,
+    SortKey,
+    TaskFilter,
+    TaskOrder,
+    TaskState,
+)
 from functions.runner import Runner
 from functions.settings import Settings
 from functions.store import Store
@@ -471,3 +480,140 @@ def test_a_cancel_or_retry_by_filter_reads_the_indexes_of_its_states(
                 read += node["Actual Rows"] * node["Actual Loops"]
                 read += node.get("Rows Removed by Filter", 0)
         assert read <= N // 2 + 5 * BATCH, f"{name} ({loaded}) read {read} rows"
+
+
+MILLION = 1_000_000
+
+
+def load_a_million(sql: Sql) -> None:
+    """A million tasks as a drain leaves them (never analyzed): 75% succeeded, 5% failed,
+    5% cancelled, 15% scheduled (a fifth of those waiting to retry with an error), of three
+    kinds, every 50th made by a schedule, each with a payload; ids in the order created,
+    `execute_at` in no order of id."""
+    sql(
+        """
+        INSERT INTO tasks (kind, state, execute_at, created_at, started_at, finished_at,
+            attempts, max_attempts, error, payload, schedule, scheduled_for)
+        SELECT (ARRAY['foo', 'bar', 'baz'])[n % 3 + 1], state, due,
+            now() - (%(n)s - n) * interval '1 ms',
+            CASE WHEN done THEN due END, CASE WHEN done THEN due + interval '1 s' END,
+            CASE WHEN done OR n % 20 = 2 THEN 1 ELSE 0 END, 3,
+            CASE WHEN state = 'failed' OR n % 20 = 2
+                THEN 'TimeoutError: GET http://example.com/' || n % 100 END,
+            jsonb_build_object('to', 'user' || n % 1000 || '@example.com'),
+            CASE WHEN n % 50 = 7 THEN 'nightly' END, CASE WHEN n % 50 = 7 THEN due END
+        FROM generate_series(1, %(n)s) AS n,
+            LATERAL (SELECT CASE WHEN n % 20 = 0 THEN 'failed' WHEN n % 20 = 1 THEN 'cancelled'
+                WHEN n % 20 IN (2, 3, 4) THEN 'scheduled' ELSE 'succeeded' END AS state,
+                timestamptz '2030-01-01' + (n::bigint * 7919 % %(n)s) * interval '1 s' AS due) AS s,
+            LATERAL (SELECT state IN ('succeeded', 'failed', 'cancelled') AS done) AS d
+        """.replace("%(n)s", str(MILLION))
+    )
+
+
+def _first_page(
+    postgresql: psycopg.Connection[Any], matching: TaskFilter, order: TaskOrder
+) -> list[tuple[str, dict[str, Any]]]:
+    """The plans of the statements Store.list_tasks runs for a first page of 100."""
+    listing = queries.listing(matching, order)
+    params = dict(listing.params)
+    plans = []
+    bounded = False
+    if listing.rest != "true":
+        statement = listing.bound(after=False)
+        plans.append(("bound", explain(postgresql, statement, params, False, queries.PINNED_PLAN)))
+        with postgresql.transaction(force_rollback=True), postgresql.cursor() as cur:
+            cur.execute(queries.PINNED_PLAN)
+            cur.execute(re.sub(r"%\((\w+)\)s", r"%(\1)s", statement), params)
+            found = cur.fetchall()
+        if found:
+            bounded = True
+            params.update(bound_key=found[0][0], bound_id=found[0][1])
+    statement = listing.page(after=False, bounded=bounded)
+    params["limit"] = Store.PAGE_CHUNK
+    plans.append(("page", explain(postgresql, statement, params, False, queries.PINNED_PLAN)))
+    return plans
+
+
+_T = datetime(2030, 1, 6, tzinfo=UTC)
+FIRST_PAGES: dict[str, tuple[TaskFilter, TaskOrder, str | None]] = {
+    # name: (filter, order, the index that must serve it)
+    "no filter": (TaskFilter(), DEFAULT_ORDER, "tasks_pkey"),
+    "type": (TaskFilter(kinds=("bar",)), DEFAULT_ORDER, "tasks_kind_id"),
+    "types": (TaskFilter(kinds=("bar", "baz")), DEFAULT_ORDER, "tasks_pkey"),
+    "state failed": (TaskFilter(states=(TaskState.FAILED,)), DEFAULT_ORDER, "tasks_failed_id"),
+    "state scheduled": (
+        TaskFilter(states=(TaskState.SCHEDULED,)),
+        DEFAULT_ORDER,
+        "tasks_scheduled_id",
+    ),
+    "state cancelled": (
+        TaskFilter(states=(TaskState.CANCELLED,)),
+        DEFAULT_ORDER,
+        "tasks_cancelled_id",
+    ),
+    "state succeeded": (TaskFilter(states=(TaskState.SUCCEEDED,)), DEFAULT_ORDER, "tasks_pkey"),
+    "state running (none)": (TaskFilter(states=(TaskState.RUNNING,)), DEFAULT_ORDER, None),
+    "states": (
+        TaskFilter(states=(TaskState.FAILED, TaskState.CANCELLED)),
+        DEFAULT_ORDER,
+        "tasks_pkey",
+    ),
+    "created_after": (TaskFilter(created_after=_T - timedelta(days=3650)), DEFAULT_ORDER, None),
+    "created_before": (TaskFilter(created_before=_T - timedelta(days=3650)), DEFAULT_ORDER, None),
+    "execute_after": (TaskFilter(execute_after=_T), DEFAULT_ORDER, None),
+    "execute_before": (TaskFilter(execute_before=_T), DEFAULT_ORDER, None),
+    "finished_after": (TaskFilter(finished_after=_T), DEFAULT_ORDER, None),
+    "finished_before": (TaskFilter(finished_before=_T), DEFAULT_ORDER, None),
+    "error": (TaskFilter(error="example.com/42"), DEFAULT_ORDER, "tasks_error_id"),
+    "error (none)": (TaskFilter(error="no such error"), DEFAULT_ORDER, "tasks_error_id"),
+    "schedule": (TaskFilter(schedule="nightly"), DEFAULT_ORDER, "tasks_schedule_id"),
+    "payload": (TaskFilter(payload='{"to": "user7@example.com"}'), DEFAULT_ORDER, None),
+    **{
+        f"sort={order.name}": (TaskFilter(), order, index)
+        for order, index in [
+            (TaskOrder(SortKey.ID, descending=False), "tasks_pkey"),
+            (TaskOrder(SortKey.EXECUTE_AT, descending=False), "tasks_execute_at"),
+            (TaskOrder(SortKey.EXECUTE_AT, descending=True), "tasks_execute_at"),
+            (TaskOrder(SortKey.FINISHED_AT, descending=False), "tasks_finished"),
+            (TaskOrder(SortKey.FINISHED_AT, descending=True), "tasks_finished"),
+        ]
+    },
+    "sort=execute_at, execute range": (
+        TaskFilter(execute_after=_T, execute_before=_T + timedelta(days=1)),
+        TaskOrder(SortKey.EXECUTE_AT, descending=False),
+        "tasks_execute_at",
+    ),
+    "sort=-finished_at, failed of bar": (
+        TaskFilter(states=(TaskState.FAILED,), kinds=("bar",)),
+        TaskOrder(SortKey.FINISHED_AT, descending=True),
+        "tasks_finished",
+    ),
+}
+
+
+def test_the_first_page_of_every_filter_and_order_reads_an_index_a_bounded_run(
+    postgresql: psycopg.Connection[Any], sql: Sql
+) -> None:
+    """Of a million tasks never analyzed, the first page of each filter and each order reads
+    an index in the order asked for: no scan of the table, no sort, and at most a bounded
+    run of rows (a page, or SCAN_ROWS for a filter the order's index does not serve)."""
+    load_a_million(sql)
+    postgresql.autocommit = False
+    for name, (matching, order, index) in FIRST_PAGES.items():
+        read = 0
+        used: set[str] = set()
+        for part, plan in _first_page(postgresql, matching, order):
+            for node in nodes(plan):
+                kind = node["Node Type"]
+                assert kind not in ("Seq Scan", "Sort", "Bitmap Heap Scan"), (name, part, kind)
+                if "Index" in kind:
+                    used.add(node["Index Name"])
+                if "Scan" in kind:
+                    read += node["Actual Rows"] * node["Actual Loops"]
+                    read += node.get("Rows Removed by Filter", 0)
+        assert used, f"{name}: no index"
+        if index is not None:
+            assert index in used, f"{name}: {used}"
+        # The bound's run, then the page's within it (or a page and one more row).
+        assert read <= 2 * SCAN_ROWS + Store.PAGE_CHUNK, f"{name} read {read} rows"

@@ -12,7 +12,17 @@ from hypothesis import strategies as st
 from functions import parsing
 from functions.completer import retry_delay_s
 from functions.errors import InvalidInput
-from functions.model import MAX_VALUES_READ, max_values
+from functions.model import (
+    MAX_EXECUTE_AT,
+    MAX_VALUES_READ,
+    MIN_EXECUTE_AT,
+    SORTS,
+    Position,
+    SortKey,
+    TaskOrder,
+    max_values,
+    microseconds,
+)
 from functions.parsing import (
     _quick_us,
     _unix_us,
@@ -21,6 +31,7 @@ from functions.parsing import (
     encode_cursor,
     parse_execute_at,
     parse_kind,
+    parse_sort,
 )
 from functions.settings import Settings
 
@@ -129,11 +140,32 @@ def test_aware_non_utc_is_normalised_to_utc() -> None:
 
 
 @pytest.mark.parametrize("last_id", [1, 17, 2**63 - 1])
-def test_cursor_round_trip(last_id: int) -> None:
-    assert decode_cursor(encode_cursor(last_id)) == last_id
+@pytest.mark.parametrize("sort", SORTS)
+def test_cursor_round_trip(last_id: int, sort: str) -> None:
+    order = parse_sort(sort)
+    for key in (
+        [last_id]
+        if order.key is SortKey.ID
+        else [microseconds(MIN_EXECUTE_AT), -1, 0, microseconds(MAX_EXECUTE_AT)]
+    ):
+        at = Position(order, key, last_id)
+        assert decode_cursor(encode_cursor(at)) == at
 
 
-@pytest.mark.parametrize("cursor", ["zz", "!!", "YWJj", encode_cursor(5)[:-2] + "xx"])
+# What the version before `sort` issued: "after:<id>" in base64url, by ascending id.
+BEFORE = "YWZ0ZXI6NQ"  # after:5
+
+
+def test_a_cursor_from_before_goes_on_by_ascending_id() -> None:
+    assert decode_cursor(BEFORE) == Position(TaskOrder(SortKey.ID, descending=False), 5, 5)
+    assert decode_cursor("YWZ0ZXI6OTk5OTk5OTk5OTk5OTk5OTk5OQ").id == 2**63 - 1  # 19 nines
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    ["zz", "!!", "YWJj", BEFORE[:-2] + "xx", "id", "id.", "-id.1.2", "execute_at.5",
+     "execute_at.1234567890123456789.1", "+id.5", "id.-5", "created_at.1.1", "id.5 "],
+)  # fmt: skip
 def test_foreign_cursor_is_invalid_input(cursor: str) -> None:
     with pytest.raises(InvalidInput):
         decode_cursor(cursor)

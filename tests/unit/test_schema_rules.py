@@ -6,6 +6,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from functions.errors import InvalidInput
+from functions.model import MAX_EXECUTE_AT, MIN_EXECUTE_AT, SORTS, Position, SortKey, microseconds
 from functions.parsing import (
     CURSOR_PATTERN,
     DATE_TIME_PATTERN,
@@ -14,6 +15,7 @@ from functions.parsing import (
     kind_pattern,
     parse_execute_at,
     parse_kind,
+    parse_sort,
 )
 
 KIND_PATTERN = kind_pattern()
@@ -66,9 +68,15 @@ def test_the_date_time_pattern_is_what_the_parser_accepts(value: str) -> None:
     assert bool(re.search(DATE_TIME_PATTERN, value)) == accepts(parse_execute_at, value)
 
 
-@given(st.integers(0, 2**63 - 1))
-def test_every_cursor_the_api_makes_matches_its_pattern(last_id: int) -> None:
-    assert re.fullmatch(CURSOR_PATTERN, encode_cursor(last_id))
+@given(
+    st.sampled_from(SORTS),
+    st.integers(microseconds(MIN_EXECUTE_AT), microseconds(MAX_EXECUTE_AT)),
+    st.integers(1, 2**63 - 1),
+)
+def test_every_cursor_the_api_makes_matches_its_pattern(sort: str, key: int, last_id: int) -> None:
+    order = parse_sort(sort)
+    at = Position(order, last_id if order.key is SortKey.ID else key, last_id)
+    assert re.fullmatch(CURSOR_PATTERN, encode_cursor(at))
 
 
 @settings(max_examples=1000)
@@ -77,6 +85,8 @@ def test_every_cursor_the_api_makes_matches_its_pattern(last_id: int) -> None:
         st.from_regex(CURSOR_PATTERN, fullmatch=True),
         st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=", max_size=40),
         st.text("YWZ0ZXI6MNODTjzAEIMQUYcgkwxyz012345", max_size=36),
+        st.text("-._0123456789idexcutfnsha", max_size=50),
+        st.from_regex("^-?(id|execute_at|finished_at)[.][0-9.-]{0,45}$", fullmatch=True),
     )
 )
 def test_the_cursor_pattern_is_what_the_decoder_accepts(cursor: str) -> None:

@@ -300,10 +300,11 @@ function drawCharts(series) {
 
 // --- Overview -----------------------------------------------------------------------------
 
-function tasksLink(state, kind) {
+function tasksLink(state, kind, more = {}) {
   const query = new URLSearchParams();
   if (state) query.set("state", state);
   if (kind) query.set("type", kind);
+  for (const [name, value] of Object.entries(more)) if (value) query.set(name, value);
   const text = query.toString();
   return `#/tasks${text ? `?${text}` : ""}`;
 }
@@ -369,9 +370,18 @@ async function refreshOverview() {
 // The pages seen so far under the current filters: the cursor of each (null: the first).
 const paging = { key: "", cursors: [null], next: null };
 
+// What each order is called on the page (GET /tasks's `sort`; "" is its default, -id).
+const ORDERS = {
+  "": "newest first", id: "oldest first", "-execute_at": "latest execute at first",
+  execute_at: "earliest execute at first", "-finished_at": "finished, latest first",
+  finished_at: "finished, earliest first",
+};
+
 function filters() {
   const query = new URLSearchParams(location.hash.split("?")[1] || "");
-  return { state: query.get("state") || "", type: query.get("type") || "" };
+  const sort = query.get("sort") || "";
+  return { state: query.get("state") || "", type: query.get("type") || "",
+           sort: sort in ORDERS ? sort : "", error: query.get("error") || "" };
 }
 
 function excerpt(text, length = 80) {
@@ -393,14 +403,18 @@ function taskRow(task) {
 }
 
 async function refreshTasks() {
-  const { state, type } = filters();
-  const key = `${state}|${type}`;
+  const { state, type, sort, error } = filters();
+  const key = JSON.stringify([state, type, sort, error]);
   if (paging.key !== key) Object.assign(paging, { key, cursors: [null], next: null });
   $("filter-state").value = state;
   $("filter-type").value = type;
+  $("filter-sort").value = sort;
+  if (document.activeElement !== $("filter-search")) $("filter-search").value = error;
   const query = new URLSearchParams({ limit: String(PAGE_SIZE) });
   if (state) query.set("state", state);
   if (type) query.set("type", type);
+  if (sort) query.set("sort", sort);
+  if (error) query.set("error", error);
   const cursor = paging.cursors[paging.cursors.length - 1];
   if (cursor) query.set("cursor", cursor);
   let page;
@@ -413,21 +427,39 @@ async function refreshTasks() {
   show($("tasks-error"), "");
   paging.next = page.next_cursor;
   $("tasks").tBodies[0].replaceChildren(...page.items.map(taskRow));
-  $("tasks-empty").hidden = page.items.length > 0;
+  // (A filter its order's index does not serve reads a bounded run a page: a page may be
+  // empty and still have a next one.)
+  $("tasks-empty").hidden = page.items.length > 0 || Boolean(paging.next);
+  $("tasks-more").hidden = page.items.length > 0 || !paging.next;
   $("page-prev").disabled = paging.cursors.length === 1;
   $("page-next").disabled = !paging.next;
   const first = (paging.cursors.length - 1) * PAGE_SIZE;
   setText("page-label", page.items.length
-    ? `${first + 1}–${first + page.items.length}, oldest first`
+    ? `${first + 1}–${first + page.items.length}, ${ORDERS[sort]}`
     : "");
 }
 
 function setFilters() {
-  location.hash = tasksLink($("filter-state").value, $("filter-type").value);
+  const search = $("filter-search").value.trim();
+  // A task id (`42` or `#42`) opens that task; any other text searches the tasks' errors.
+  const id = search.match(/^#?([0-9]{1,19})$/);
+  if (id) {
+    $("filter-search").value = "";
+    location.hash = `#/tasks/${id[1]}`;
+    return;
+  }
+  location.hash = tasksLink($("filter-state").value, $("filter-type").value,
+    { sort: $("filter-sort").value, error: search });
 }
 
 $("filter-state").addEventListener("change", setFilters);
 $("filter-type").addEventListener("change", setFilters);
+$("filter-sort").addEventListener("change", setFilters);
+// Enter in the search box (the form's one text field) submits it.
+$("filters").addEventListener("submit", (event) => {
+  event.preventDefault();
+  setFilters();
+});
 $("page-next").addEventListener("click", () => {
   if (!paging.next) return;
   paging.cursors.push(paging.next);
