@@ -776,7 +776,7 @@ _CLAIMABLE = """(kind = ANY(CAST(%(kinds)s AS text[]))
 #   a worker whose lease ran out claims nothing (`me` is empty).
 # - SKIP LOCKED lets any number of workers claim at once without waiting or sharing a row.
 # - `id = ANY(ARRAY(...))` rather than `id IN (SELECT ...)`: measured about twice as fast
-#   (the IN form's plan scans the table); the sub-select is served by the `tasks_due` index.
+#   (the IN form's plan scans the table); `picked` is served by the `tasks_due` index.
 # - The attempt is counted here, so a worker that dies mid-task still uses one up.
 #   `started_at` is when the first attempt started; retries keep it.
 # - `kinds` holds only the kinds this worker can finish before its deadline; of the others,
@@ -786,6 +786,14 @@ _CLAIMABLE = """(kind = ANY(CAST(%(kinds)s AS text[]))
 #   due is read and nothing is sorted. A claim of due tasks of priority 0 alone reads
 #   exactly what it did before priorities (the first range fills the LIMIT); one that runs
 #   out of due tasks probes the nine other ranges, a page each.
+# - `caps` (JSON, `{"bar": 11}`): no more of a kind than the worker has slots free for
+#   (run_state.Slots.caps), the first in claim order; what is left of it stays due for other
+#   workers (a worker that took every due `bar` held them while it ran 100 at a time). Only
+#   the claim's own rows are sorted, to rank each kind's; the rows past a cap were locked
+#   for the claim's moment (SKIP LOCKED: another worker's claim meanwhile passes them by, and
+#   its NEXT_DUE, which does not skip, says they are due, so it looks again at once). The
+#   runner leaves a kind at its cap out of `kinds`, and claims no more than the caps' sum
+#   when every kind it asks for has one. (A CTE: FOR UPDATE is not allowed beside a window.)
 CLAIM_DUE = f"""
 WITH me AS (
     UPDATE workers
@@ -793,15 +801,8 @@ WITH me AS (
         lease_expires_at = {NOW} + make_interval(secs => CAST(%(lease_s)s AS float8))
     WHERE id = %(worker)s AND lease_expires_at >= {NOW}
     RETURNING id
-)
-UPDATE tasks
-SET state = 'running',
-    attempts = attempts + 1,
-    started_at = coalesce(started_at, {NOW}),
-    next_attempt_at = NULL,
-    claimed_by = %(worker)s
-WHERE id = ANY(ARRAY(
-    SELECT id FROM tasks
+), picked AS MATERIALIZED (
+    SELECT id, kind, priority, {DUE_AT} AS due FROM tasks
     WHERE state = 'scheduled'
       AND priority = ANY({PRIORITIES})
       AND {DUE_AT} <= {NOW}
@@ -810,7 +811,21 @@ WHERE id = ANY(ARRAY(
     ORDER BY priority, {DUE_AT}, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
-))
+), taken AS (
+    SELECT id FROM (
+        SELECT id, kind,
+            row_number() OVER (PARTITION BY kind ORDER BY priority, due, id) AS n
+        FROM picked
+    ) AS ranked
+    WHERE n <= coalesce(CAST(CAST(%(caps)s AS jsonb) ->> kind AS int), n)
+)
+UPDATE tasks
+SET state = 'running',
+    attempts = attempts + 1,
+    started_at = coalesce(started_at, {NOW}),
+    next_attempt_at = NULL,
+    claimed_by = %(worker)s
+WHERE id = ANY(ARRAY(SELECT id FROM taken))
 RETURNING id, kind, attempts, max_attempts,
     -- The start lateness of a first attempt, for the activity figures (functions/counters.py):
     -- from BECAME_DUE, which this UPDATE leaves as it was (it clears next_attempt_at).

@@ -265,12 +265,15 @@ class Runner:
                 if state.unsure_of_holdings:
                     await self.upkeep.reconcile()
                 room = self._room()
-                if deadline is not None:
-                    with_slots, room = self.slots.within(kinds + short_kinds, room)
-                    kinds = [name for name in kinds if name in with_slots]
-                    short_kinds = [name for name in short_kinds if name in with_slots]
+                caps = self.slots.caps(kinds + short_kinds, prefetch=deadline is None)
+                # A kind with no room left is left out of the claim (and of NEXT_DUE: its due
+                # tasks wake no one); a freed slot wakes the loop.
+                kinds = [name for name in kinds if caps.get(name) != 0]
+                short_kinds = [name for name in short_kinds if caps.get(name) != 0]
+                if all(name in caps for name in kinds + short_kinds):
+                    room = min(room, sum(caps.values()))  # locks no more rows than it takes
                 if room > 0:
-                    claimed, due = await self._claim(kinds, room, short_kinds, fit_s)
+                    claimed, due = await self._claim(kinds, room, short_kinds, fit_s, caps)
                     state.summary.claimed += len(claimed)
                     for task in claimed:
                         self._start(task)
@@ -302,9 +305,11 @@ class Runner:
         limit: int,
         short_kinds: list[str] | None = None,
         fit_s: float | None = None,
+        caps: dict[str, int] | None = None,
     ) -> tuple[list[Claimed], NextDue]:
         """Claim up to `limit` due tasks of `kinds`, and of `short_kinds` those whose own
-        timeout_s is at most `fit_s`; each is held from here on."""
+        timeout_s is at most `fit_s`, no more of a kind than `caps` says; each is held from
+        here on."""
         state = self.state
         async with state.claim_lock:
             sent_at = time.monotonic()
@@ -316,6 +321,7 @@ class Runner:
                     lease_s=self.settings.lease_seconds,
                     short_kinds=short_kinds or (),
                     fit_s=fit_s,
+                    caps=caps,
                 )
             except DatabaseUnavailable:
                 # The claim may have committed before its answer was lost: hand back what

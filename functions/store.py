@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 import operator
-from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
@@ -982,11 +982,13 @@ class Store:
         lease_s: float,
         short_kinds: Sequence[str] = (),
         fit_s: float | None = None,
+        caps: Mapping[str, int] | None = None,
         now: datetime | None = None,
     ) -> tuple[list[Claimed], NextDue]:
         """Claim up to `limit` due tasks of `kinds`, and of `short_kinds` those whose own
-        timeout is at most `fit_s`, the lowest priority first; also say when the next one
-        left is due. Returned in the order to start them: by priority, then by id.
+        timeout is at most `fit_s`, the lowest priority first, and no more of a kind in
+        `caps` than its cap there; also say when the next one left is due. Returned in the
+        order to start them: by priority, then by id.
 
         One transaction (NEXT_DUE sees the claim's own rows as taken), one round trip.
         `now`: a test's clock (queries.NOW; by default `clock()`'s)."""
@@ -997,6 +999,7 @@ class Store:
             "kinds": list(kinds),
             "short_kinds": list(short_kinds),
             "fit_s": fit_s,
+            "caps": json.dumps(caps or {}),
             "limit": min(limit, self.WRITE_BATCH),
             "lease_s": lease_s,
             "now": now,

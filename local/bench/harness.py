@@ -10,11 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,8 @@ class Sizes:
     # Schedules: `* * * * *` schedules whose occurrences fall at one minute (and as many
     # ordinary tasks due at one instant, beside them).
     schedules: int
+    # Share: `bar` tasks (a second each) for two workers of 100 slots.
+    share_tasks: int
 
     @classmethod
     def choose(cls, *, quick: bool, tasks: int | None) -> Sizes:
@@ -72,10 +76,11 @@ class Sizes:
                 2,
                 20_000,
                 500,
+                400,
             )
         return cls(
             tasks or 200_000, (50_000, 10_000), 10_000, 400, 20_000, 10,
-            10, 1_000_000, 330, 120, 30, 1_000, 11, 100_000, 5_000,
+            10, 1_000_000, 330, 120, 30, 1_000, 11, 100_000, 5_000, 1_000,
         )  # fmt: skip
 
 
@@ -109,18 +114,28 @@ class Processes:
 
     def start(self, database_url: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
         """`taskrunner *args` on `database_url`."""
-        return self.run(
+        return self.start_to(None, database_url, *args, **env)
+
+    def start_to(
+        self, stdout: Path | None, database_url: str, *args: str, **env: str
+    ) -> subprocess.Popen[bytes]:
+        """`taskrunner *args` on `database_url`, its task lines to `stdout` (None: nobody)."""
+        return self.run_to(
+            stdout,
             [sys.executable, "-m", "local", "--log-level", "WARNING", *args],
             TASKRUNNER_DATABASE_URL=database_url,
             **env,
         )
 
     def run(self, command: list[str], **env: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            command,
-            env={**os.environ, **env},
-            stdout=subprocess.DEVNULL,  # the task lines are printed, to nobody
-        )
+        return self.run_to(None, command, **env)
+
+    def run_to(
+        self, stdout: Path | None, command: list[str], **env: str
+    ) -> subprocess.Popen[bytes]:
+        # The task lines are printed to nobody, unless a scenario reads them.
+        with open(stdout or os.devnull, "wb") as out:
+            proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=out)
         self.started.append(proc)
         return proc
 
@@ -136,6 +151,38 @@ class Processes:
     def stop_all(self) -> None:
         for proc in self.started:
             self.stop(proc)
+
+
+@contextmanager
+def slow_http_server(delay_s: float) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 that answers every GET `delay_s` after it came (a thread
+    per connection: a few hundred at once); yield its URL."""
+
+    class Slow(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as bar's client uses it
+
+        def do_GET(self) -> None:
+            time.sleep(delay_s)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 1024  # the listen backlog: every worker's connections at once
+
+    server = Server(("127.0.0.1", 0), Slow)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -204,8 +251,8 @@ class Harness:
         assert self._conn is not None, "inside a scenario"
         return self._conn
 
-    def worker(self, **env: str) -> subprocess.Popen[bytes]:
-        return self.procs.start(self.url, "worker", **env)
+    def worker(self, stdout: Path | None = None, **env: str) -> subprocess.Popen[bytes]:
+        return self.procs.start_to(stdout, self.url, "worker", **env)
 
     def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
         cur = self.conn.execute(query.encode(), params or None)

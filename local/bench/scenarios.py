@@ -27,7 +27,15 @@ from functions import queries
 from functions.enqueue import enqueue
 from local.bench import load, references
 from local.bench.figures import Figure
-from local.bench.harness import Harness, free_port, peak_rss_mb, percentile, wait_http, wait_until
+from local.bench.harness import (
+    Harness,
+    free_port,
+    peak_rss_mb,
+    percentile,
+    slow_http_server,
+    wait_http,
+    wait_until,
+)
 
 
 class Bench(Harness):
@@ -126,6 +134,31 @@ class Bench(Harness):
                 "SELECT extract(epoch FROM max(finished_at) - min(execute_at)) FROM tasks"
             )
         return float(seconds), peak
+
+    def share(self) -> tuple[float, list[int]]:
+        """2 workers of 100 `bar` slots each, N `bar` due at once against a server that
+        answers after a second: seconds from the due time to the last finish, and how many
+        each worker ran (from their printed lines)."""
+        n = self.sizes.share_tasks
+        with (
+            self.scenario("share"),
+            slow_http_server(1.0) as url,
+            tempfile.TemporaryDirectory() as tmp,
+        ):
+            outs = [Path(tmp) / f"worker{i}.out" for i in range(2)]
+            env = {"TASKRUNNER_BAR_URL": url, "TASKRUNNER_BAR_CONCURRENCY": "100"}
+            for out in outs:
+                self.worker(stdout=out, **env)
+            self.wait_for_listener(2)
+            self.insert_due("bar", n, in_s=1.0)
+            wait_until(lambda: self.done(n), n, "share", 300)
+            self.check_all_succeeded(n)
+            [(seconds,)] = self.sql(
+                "SELECT extract(epoch FROM max(finished_at) - min(execute_at)) FROM tasks"
+            )
+            self.procs.stop_all()
+            ran = [out.read_text().count("200\n") for out in outs]
+        return float(seconds), ran
 
     def lateness_future(self) -> tuple[float, float]:
         """p50 and p99 of start lateness (ms) for tasks created ahead of their time."""

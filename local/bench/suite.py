@@ -13,7 +13,7 @@ from local.bench.harness import Sizes
 from local.bench.scenarios import Bench
 
 # The scenarios `taskrunner bench --only` can pick, in the order they run.
-SCENARIOS = ("drain", "payload-drain", "burst", "warm-burst", "fanout", "lateness", "wake",
+SCENARIOS = ("drain", "payload-drain", "burst", "warm-burst", "fanout", "share", "lateness", "wake",
              "schedules", "create", "payload-create", "api", "stats", "soak",
              "cold-start")  # fmt: skip
 # The payload scenarios' payload: a user's typical task data.
@@ -96,6 +96,19 @@ def run(
             figures.append(
                 Figure("fan-out, peak worker memory", peak, "MB", "< 150 MB", peak < 150, None, "")
             )
+
+        if want("share"):
+            seconds, ran = bench.share()
+            n = sizes.share_tasks
+            even = all(0.4 * n <= each <= 0.6 * n for each in ran)
+            # Each worker runs 100 at a time, a second each: the floor of two, and of one
+            # worker alone (which a worker that claimed them all was held to).
+            floor, alone = n / 200, n / 100
+            figures.append(
+                Figure(f"share, {n:,} x 1 s bar, 2 workers of 100 slots", seconds, "s",
+                       f"each 40-60%; < {alone:g} s", even and seconds < alone, floor,
+                       f"ran {ran[0]:,} and {ran[1]:,}; raw: the floor")
+            )  # fmt: skip
 
         if want("lateness"):
             p50, p99 = bench.lateness_future()
