@@ -80,6 +80,16 @@ def _due_tasks(where: str = "true") -> str:
 # it to /stats, /metrics and the dashboard, and `taskrunner bench` reads it from the table.
 BECAME_DUE = "coalesce(made_due_at, greatest(execute_at, created_at))"
 
+# A running task's worker, when its attempt was claimed, and the worker's lease (which
+# covers it): NULL for a task not running (`claimed_by` is set only while it runs). A
+# CASE, so that the lease is looked up (by the primary key of `workers`) for running
+# tasks only.
+_WHILE_RUNNING = """claimed_by AS worker,
+    CASE WHEN claimed_by IS NOT NULL THEN claimed_at END AT TIME ZONE 'UTC' AS running_since,
+    CASE WHEN claimed_by IS NOT NULL THEN
+        (SELECT lease_expires_at FROM workers WHERE workers.id = claimed_by)
+    END AT TIME ZONE 'UTC' AS lease_expires_at"""
+
 # Timestamps are read as UTC `timestamp`s (`AT TIME ZONE 'UTC'`), so the session's time
 # zone cannot change a value, nor push 9999-12-31 UTC past what Python can hold.
 TASK_COLUMNS = f"""
@@ -90,7 +100,8 @@ TASK_COLUMNS = f"""
     started_at AT TIME ZONE 'UTC' AS started_at,
     finished_at AT TIME ZONE 'UTC' AS finished_at,
     attempts, max_attempts, output, error, idempotency_key, payload, priority, timeout_s,
-    schedule, scheduled_for AT TIME ZONE 'UTC' AS scheduled_for
+    schedule, scheduled_for AT TIME ZONE 'UTC' AS scheduled_for,
+    {_WHILE_RUNNING}
 """
 
 # Creating a task due within NOTIFY_HORIZON wakes listening workers (in the same
@@ -691,10 +702,12 @@ served AS (
     ON CONFLICT (kind) DO UPDATE SET last_run_at = greatest(s.last_run_at, excluded.last_run_at)
 )"""
 
+# Registering also says who the worker is, for GET /workers (migration 0015).
 REGISTER_WORKER = f"""
 WITH {_RECORD_KINDS}
-INSERT INTO workers (id, lease_expires_at)
-VALUES (%(worker)s, now() + make_interval(secs => CAST(%(lease_s)s AS float8)))
+INSERT INTO workers (id, lease_expires_at, host, pid, kinds, version, tick)
+VALUES (%(worker)s, now() + make_interval(secs => CAST(%(lease_s)s AS float8)), %(host)s,
+    %(pid)s, CAST(%(kinds)s AS text[]), %(version)s, %(tick)s)
 """
 
 HEARTBEAT = f"""
@@ -706,12 +719,43 @@ WHERE id = %(worker)s AND lease_expires_at >= {NOW}
 RETURNING id
 """
 
-# A worker that stops goes away once it holds nothing; if it still does (it could not hand
-# everything back), its row stays until its lease runs out and its tasks are rescued.
-DEREGISTER_WORKER = """
-DELETE FROM workers
-WHERE id = %(worker)s
-  AND NOT EXISTS (SELECT 1 FROM tasks WHERE state = 'running' AND claimed_by = %(worker)s)
+# The columns a worker's row and its record once it ended share (migration 0015).
+_WHO = "id, host, pid, started_at, kinds, version, tick, heartbeat_at, rescued"
+
+# A worker that stops goes away once it holds nothing, and is recorded as `left` for an hour
+# (GET /workers); a tick that ends is not (one a minute would crowd the list). If it still
+# holds tasks (it could not hand everything back), its row stays until its lease runs out
+# and its tasks are rescued; it is then recorded as `dead` (FORGET_DEAD_WORKERS).
+DEREGISTER_WORKER = f"""
+WITH gone AS (
+    DELETE FROM workers
+    WHERE id = %(worker)s
+      AND NOT EXISTS (SELECT 1 FROM tasks WHERE state = 'running' AND claimed_by = %(worker)s)
+    RETURNING {_WHO}
+)
+INSERT INTO workers_ended ({_WHO}, ended_at, state)
+SELECT {_WHO}, now(), 'left' FROM gone WHERE NOT tick
+ON CONFLICT (id) DO NOTHING
+"""
+
+# GET /workers: live workers (and dead ones whose tasks are being rescued), then those that
+# left or died in the last hour. `running`: its running tasks, counted on the `tasks_running`
+# index. Few rows: a row per live worker, and an hour of ended ones.
+LIST_WORKERS = """
+SELECT id, host, pid, started_at AT TIME ZONE 'UTC' AS started_at, kinds,
+    (SELECT count(*) FROM tasks WHERE state = 'running' AND claimed_by = w.id) AS running,
+    heartbeat_at AT TIME ZONE 'UTC' AS last_heartbeat_at, version, tick,
+    CASE WHEN lease_expires_at < now() THEN 'dead' ELSE 'live' END AS state,
+    lease_expires_at AT TIME ZONE 'UTC' AS lease_expires_at, rescued
+FROM workers AS w
+UNION ALL
+SELECT id, host, pid, started_at AT TIME ZONE 'UTC', kinds, 0, heartbeat_at AT TIME ZONE 'UTC',
+    version, tick, state, ended_at AT TIME ZONE 'UTC', rescued
+FROM workers_ended
+WHERE ended_at >= now() - interval '1 hour'
+  AND id NOT IN (SELECT id FROM workers)
+ORDER BY started_at DESC, id
+LIMIT %(limit)s
 """
 
 # --- claim -> run -> record ----------------------------------------------------------------
@@ -823,6 +867,7 @@ UPDATE tasks
 SET state = 'running',
     attempts = attempts + 1,
     started_at = coalesce(started_at, {NOW}),
+    claimed_at = {NOW},
     next_attempt_at = NULL,
     claimed_by = %(worker)s
 WHERE id = ANY(ARRAY(SELECT id FROM taken))
@@ -921,6 +966,16 @@ WITH dead AS (
     SELECT id FROM workers
     WHERE lease_expires_at < {NOW}
     FOR UPDATE SKIP LOCKED
+), picked AS MATERIALIZED (
+    SELECT id, claimed_by FROM tasks
+    WHERE state = 'running' AND claimed_by IN (SELECT id FROM dead)
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), counted AS (
+    -- What was rescued from each, for GET /workers (the rows `dead` locked).
+    UPDATE workers AS w SET rescued = w.rescued + p.n
+    FROM (SELECT claimed_by, count(*) AS n FROM picked GROUP BY claimed_by) AS p
+    WHERE w.id = p.claimed_by
 )
 UPDATE tasks
 SET state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'scheduled' END,
@@ -929,20 +984,24 @@ SET state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'scheduled' EN
     error = 'lease expired: worker ' || claimed_by || ' stopped during attempt '
         || attempts || ' of ' || max_attempts,
     claimed_by = NULL
-WHERE id = ANY(ARRAY(
-    SELECT id FROM tasks
-    WHERE state = 'running' AND claimed_by IN (SELECT id FROM dead)
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-))
+WHERE id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING id, state
 """
 
-# Dead workers that hold nothing any more are forgotten.
-FORGET_DEAD_WORKERS = """
-DELETE FROM workers AS w
-WHERE w.lease_expires_at < now()
-  AND NOT EXISTS (SELECT 1 FROM tasks WHERE state = 'running' AND claimed_by = w.id)
+# Dead workers that hold nothing any more are forgotten, recorded as `dead` for an hour
+# (GET /workers; a dead tick too), and ended workers' records past the hour deleted.
+FORGET_DEAD_WORKERS = f"""
+WITH gone AS (
+    DELETE FROM workers AS w
+    WHERE w.lease_expires_at < now()
+      AND NOT EXISTS (SELECT 1 FROM tasks WHERE state = 'running' AND claimed_by = w.id)
+    RETURNING {_WHO}, lease_expires_at
+), recorded AS (
+    INSERT INTO workers_ended ({_WHO}, ended_at, state)
+    SELECT {_WHO}, lease_expires_at, 'dead' FROM gone
+    ON CONFLICT (id) DO NOTHING
+)
+DELETE FROM workers_ended WHERE ended_at < now() - interval '1 hour'
 """
 
 # --- retention ---------------------------------------------------------------------------
@@ -1059,5 +1118,5 @@ PING = "SELECT 1"
 
 # The schema revision these statements are written for (local/migrations/versions/); a
 # unit test keeps it equal to the newest migration.
-SCHEMA_REVISION = "0012"
+SCHEMA_REVISION = "0015"
 SCHEMA_REVISION_IN_DATABASE = "SELECT version_num FROM alembic_version"

@@ -58,6 +58,18 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
 
 
+@functools.cache
+def version() -> str | None:
+    """taskrunner's version, as installed (None where it is not: a Lambda bundle)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("taskrunner")
+    except PackageNotFoundError:
+        return None
+
+
 def time_limit_s(kind: Kind, settings: Settings, timeout_s: float | None = None) -> float:
     """How long a run may take before it is stopped: the task's own `timeout_s` if it has
     one; else a declared kind's `timeout_s`; for a built-in, twice what it declares and 10 s
@@ -181,7 +193,13 @@ class Runner:
         state.served_kinds = kinds_at_start
         sent_at = time.monotonic()
         await self.store.register_worker(
-            worker=self.worker_id, lease_s=self.settings.lease_seconds, kinds=kinds_at_start
+            worker=self.worker_id,
+            lease_s=self.settings.lease_seconds,
+            kinds=kinds_at_start,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=version(),
+            tick=deadline is not None,
         )
         # From here on this worker holds a lease: every way out goes through _shut_down.
         self.printer.start(sent_at)

@@ -26,7 +26,7 @@ from functions.conninfo import behind_pooler, connect
 from functions.counters import Activity
 from functions.db import Coalescer, Database, first_line
 from functions.errors import DatabaseUnavailable, IdempotencyKeyReused, SchemaOutdated
-from functions.model import CatchUp, NewTask, Schedule, Task, TaskState
+from functions.model import CatchUp, NewTask, Schedule, Task, TaskState, Worker
 from functions.parsing import excerpt
 from functions.settings import Settings
 
@@ -126,6 +126,9 @@ def _task(row: Any) -> Task:
         scheduled_for=_utc(row.scheduled_for),
         priority=row.priority,
         timeout_s=row.timeout_s,
+        worker=row.worker,
+        running_since=_utc(row.running_since),
+        lease_expires_at=_utc(row.lease_expires_at),
     )
 
 
@@ -933,12 +936,49 @@ class Store:
     # --- workers ---------------------------------------------------------------------------
 
     async def register_worker(
-        self, *, worker: str, lease_s: float, kinds: Sequence[str] = ()
+        self,
+        *,
+        worker: str,
+        lease_s: float,
+        kinds: Sequence[str] = (),
+        host: str | None = None,
+        pid: int | None = None,
+        version: str | None = None,
+        tick: bool = False,
     ) -> None:
-        """Register the worker with its lease, and record that it runs `kinds`."""
+        """Register the worker with its lease and who it is, and record that it runs `kinds`."""
         await self._all(
-            queries.REGISTER_WORKER, worker=worker, lease_s=lease_s, kinds=sorted(kinds), now=None
+            queries.REGISTER_WORKER,
+            worker=worker,
+            lease_s=lease_s,
+            kinds=sorted(kinds),
+            host=host,
+            pid=pid,
+            version=version,
+            tick=tick,
+            now=None,
         )
+
+    async def list_workers(self, *, limit: int) -> list[Worker]:
+        """Live workers, and those that left or died in the last hour, the newest first."""
+        rows = await self._all(queries.LIST_WORKERS, limit=limit)
+        return [
+            Worker(
+                id=row.id,
+                host=row.host,
+                pid=row.pid,
+                started_at=row.started_at.replace(tzinfo=UTC),
+                kinds=row.kinds,
+                running=row.running,
+                last_heartbeat_at=row.last_heartbeat_at.replace(tzinfo=UTC),
+                version=row.version,
+                tick=row.tick,
+                state=row.state,
+                lease_expires_at=row.lease_expires_at.replace(tzinfo=UTC),
+                rescued=row.rescued,
+            )
+            for row in rows
+        ]
 
     async def heartbeat(
         self,
