@@ -508,6 +508,11 @@ def test_a_running_task_is_cancelled_from_its_page_then_found_by_state_and_retri
 
     page.goto(f"{api}/#/tasks/{task_id}")
     expect(page.locator('dd[data-field="state"]')).to_have_text("running")
+    # Who runs it, since when, and until when its lease lasts.
+    [(worker,)] = sql("SELECT claimed_by FROM tasks WHERE id = %s", task_id)
+    expect(page.locator('dd[data-field="worker"]')).to_have_text(worker)
+    expect(page.locator('dd[data-field="running_since"] time')).to_have_count(1)
+    expect(page.locator('dd[data-field="lease_expires_at"] time')).to_have_count(1)
     expect(page.get_by_role("button", name="Retry")).to_be_disabled()
     page.get_by_role("button", name="Cancel").click()
     expect(page.locator('dd[data-field="state"]')).to_have_text("cancelled")

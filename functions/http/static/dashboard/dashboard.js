@@ -469,14 +469,19 @@ const FIELDS = [
   ["started_at", "started at"], ["finished_at", "finished at"], ["attempts", "attempts"],
   ["max_attempts", "max attempts"], ["idempotency_key", "idempotency key"],
 ];
+// Shown while it runs: who holds it, since when this attempt runs, until when its lease lasts.
+const RUNNING_FIELDS = [
+  ["worker", "worker"], ["running_since", "running since"], ["lease_expires_at", "lease until"],
+];
 
 function drawTask(task) {
   current = task;
   setText("task-title", `Task #${task.id} · ${task.type}`);
-  const rows = FIELDS.map(([key, label]) => {
+  const fields = task.state === "running" ? [...FIELDS, ...RUNNING_FIELDS] : FIELDS;
+  const rows = fields.map(([key, label]) => {
     let value = task[key];
     if (key === "state") value = badge(value);
-    else if (key.endsWith("_at")) value = fmtTime(value);
+    else if (key.endsWith("_at") || key === "running_since") value = fmtTime(value);
     else if (value === null) value = h("span", { class: "muted" }, "–");
     return [h("dt", {}, label), h("dd", { "data-field": key }, value)];
   });
