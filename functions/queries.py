@@ -833,7 +833,9 @@ _CLAIMABLE = """(kind = ANY(CAST(%(kinds)s AS text[]))
 # - `caps` (JSON, `{"bar": 11}`): no more of a kind than the worker has slots free for
 #   (run_state.Slots.caps), the first in claim order; what is left of it stays due for other
 #   workers (a worker that took every due `bar` held them while it ran 100 at a time). Only
-#   the claim's own rows are sorted, to rank each kind's; the rows past a cap were locked
+#   the claim's own rows of capped kinds are sorted, to rank each kind's (ranking every row
+#   made a claim of 1,000 baz 4 ms slower, 24 against 28 ms at the median on a loaded
+#   machine; so ranked, the same as before the caps). The rows past a cap were locked
 #   for the claim's moment (SKIP LOCKED: another worker's claim meanwhile passes them by, and
 #   its NEXT_DUE, which does not skip, says they are due, so it looks again at once). The
 #   runner leaves a kind at its cap out of `kinds`, and claims no more than the caps' sum
@@ -856,12 +858,15 @@ WITH me AS (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), taken AS (
+    SELECT id FROM picked WHERE NOT CAST(%(caps)s AS jsonb) ? kind
+    UNION ALL
     SELECT id FROM (
         SELECT id, kind,
             row_number() OVER (PARTITION BY kind ORDER BY priority, due, id) AS n
         FROM picked
+        WHERE CAST(%(caps)s AS jsonb) ? kind
     ) AS ranked
-    WHERE n <= coalesce(CAST(CAST(%(caps)s AS jsonb) ->> kind AS int), n)
+    WHERE n <= CAST(CAST(%(caps)s AS jsonb) ->> kind AS int)
 )
 UPDATE tasks
 SET state = 'running',
