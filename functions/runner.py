@@ -148,11 +148,12 @@ class Runner:
         """Wake the runner: a task due at `due_s` (None: unknown) was created."""
         self.wakeup.notify(due_s)
 
-    def heard_cancel(self, worker: str | None) -> None:
-        """Tasks `worker` was running were cancelled (None: maybe, notifications were
-        missed): if this worker's, look at once which to stop."""
+    def heard_cancel(self, worker: str | None, tasks: list[tuple[int, int]] | None) -> None:
+        """`tasks` (id, attempt) `worker` was running were cancelled (None: some, unnamed;
+        a None worker: maybe, notifications were missed): if this worker's, stop them at
+        once (the tasks unnamed: ask the database which)."""
         if worker is None or worker == self.worker_id:
-            self.state.cancel_heard.set()
+            self.state.heard_cancel(tasks)
 
     # --- the run -----------------------------------------------------------------------------
 
@@ -451,6 +452,7 @@ class Runner:
         """Stop held tasks that were cancelled: cancel their coroutines, drop them from their
         slots' queues, and print and record nothing of them (a line already out stays)."""
         state = self.state
+        full = self._room() == 0
         stopped = [state.held.pop(task_id) for task_id in sorted(ids) if task_id in state.held]
         if not stopped:
             return
@@ -471,7 +473,10 @@ class Runner:
             " nothing printed or recorded for them",
             self.worker_id, len(stopped),
         )  # fmt: skip
-        state.wake.set()  # room is free again
+        if full or not state.held:
+            # Room is free again (a worker that had room already claimed what was due), or
+            # a tick that waited for its own tasks has none left.
+            state.wake.set()
 
     # --- record ------------------------------------------------------------------------------
 

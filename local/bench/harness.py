@@ -3,6 +3,7 @@ processes under test, and the SQL that watches them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -52,6 +53,8 @@ class Sizes:
     # Schedules: `* * * * *` schedules whose occurrences fall at one minute (and as many
     # ordinary tasks due at one instant, beside them).
     schedules: int
+    # Cancel: running foo, spread over the workers, each cancelled by its own request.
+    cancel_tasks: int
 
     @classmethod
     def choose(cls, *, quick: bool, tasks: int | None) -> Sizes:
@@ -72,10 +75,11 @@ class Sizes:
                 2,
                 20_000,
                 500,
+                200,
             )
         return cls(
             tasks or 200_000, (50_000, 10_000), 10_000, 400, 20_000, 10,
-            10, 1_000_000, 330, 120, 30, 1_000, 11, 100_000, 5_000,
+            10, 1_000_000, 330, 120, 30, 1_000, 11, 100_000, 5_000, 1_000,
         )  # fmt: skip
 
 
@@ -109,18 +113,32 @@ class Processes:
 
     def start(self, database_url: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
         """`taskrunner *args` on `database_url`."""
+        return self.logged(database_url, None, *args, **env)
+
+    def logged(
+        self, database_url: str, log: Path | None, *args: str, **env: str
+    ) -> subprocess.Popen[bytes]:
+        """`taskrunner *args` on `database_url`, its log at INFO to the file `log` (None:
+        warnings only, to the bench's stderr)."""
+        level = "WARNING" if log is None else "INFO"
         return self.run(
-            [sys.executable, "-m", "local", "--log-level", "WARNING", *args],
+            [sys.executable, "-m", "local", "--log-level", level, *args],
+            log=log,
             TASKRUNNER_DATABASE_URL=database_url,
             **env,
         )
 
-    def run(self, command: list[str], **env: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            command,
-            env={**os.environ, **env},
-            stdout=subprocess.DEVNULL,  # the task lines are printed, to nobody
-        )
+    def run(
+        self, command: list[str], log: Path | None = None, **env: str
+    ) -> subprocess.Popen[bytes]:
+        with contextlib.ExitStack() as files:
+            stderr = None if log is None else files.enter_context(log.open("wb"))
+            proc = subprocess.Popen(
+                command,
+                env={**os.environ, **env},
+                stdout=subprocess.DEVNULL,  # the task lines are printed, to nobody
+                stderr=stderr,
+            )
         self.started.append(proc)
         return proc
 
