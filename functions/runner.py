@@ -3,10 +3,10 @@
 One `Runner.run` is one worker: it registers itself (a row in `workers`, with a lease), claims
 due tasks in batches that fit its free room, starts each (inline for kinds that return at
 once, an asyncio task otherwise, within its kind's slots and time limit) and records each
-run's end. Its parts hold one `RunState` (functions/run_state.py): the printer
-(functions/output.py) prints a run's line from a thread of its own and hands its result on
-once the line is out; the completer (functions/completer.py) writes results in bounded,
-fenced batches; the upkeep (functions/upkeep.py) renews the lease, rescues, reconciles,
+run's end. Its parts hold one `RunState` (functions/run_state.py): the completer
+(functions/completer.py) writes results in bounded, fenced batches, and prints each batch's
+lines between its write and its commit, through the printer (functions/output.py, a thread
+of its own); the upkeep (functions/upkeep.py) renews the lease, rescues, reconciles,
 prunes and writes activity counts.
 
 Everything a worker holds (running, queued for a slot, waiting to be recorded) is in
@@ -120,11 +120,11 @@ class Runner:
         self.state = RunState(
             self.store, self.settings, self.worker_id, self.wakeup, TickSummary(self.worker_id)
         )
-        self.completer = Completer(self.state)
         lease_s = self.settings.lease_seconds
         self.printer: Printer[Result] = Printer(
             self.out, lease_s, SLOW_WRITE_S, self._lines_out, self._printing_failed
         )
+        self.completer = Completer(self.state, self.printer)
         self.upkeep = Upkeep(self.state, self.printer, self.prune_clock)
         # Tasks of kinds that wait, while they run; and each kind's slots.
         self._running: dict[int, asyncio.Future[Any]] = {}
@@ -325,6 +325,9 @@ class Runner:
                 raise
             for task in claimed:
                 state.held[task.id] = task
+            if state.cancels_named & {(task.id, task.attempt) for task in claimed}:
+                # Cancelled, and heard of, before this claim's answer came: stopped at once.
+                state.cancel_heard.set()
         if claimed:  # (none: nothing was due, or the lease had run out)
             self.printer.renewed(sent_at)
         state.db_offset_s = due.now_s - time.time()
@@ -440,10 +443,10 @@ class Runner:
 
     def _stoppable(self) -> list[Claimed]:
         """What this worker holds that a cancel can still stop: running, waiting for a slot,
-        or waiting for its line to be printed (a result already handed to the completer ran
-        and printed: its write, fenced, misses a cancelled task)."""
+        or with its result waiting to be written and its line not out (a cancel that comes
+        while its batch prints it waits for that batch to commit, and finds it finished)."""
         held = self.state.held
-        ids = {*self._running, *self.printer.waiting_keys}
+        ids = {*self._running, *self.completer.unprinted()}
         for queue in self.slots.queued.values():
             ids.update(claimed.id for claimed in queue)
         return [held[task_id] for task_id in sorted(ids) if task_id in held]
@@ -481,24 +484,16 @@ class Runner:
     # --- record ------------------------------------------------------------------------------
 
     def _record(self, claimed: Claimed, line: object, exc: BaseException | None) -> None:
-        """Print a succeeded run's line (recorded once it is out), or record its failure."""
+        """Hand a run's result to the completer, which prints its line, if it has one, as it
+        records it. What is stored is what is printed; not printed (stdout failed): handed
+        back at shutdown, for a worker that can print."""
         if claimed.id not in self.state.held:
             return  # no longer this worker's (handed back while it ran)
-        result = result_of(claimed, line, exc, self.settings)
-        if result.output is not None:
-            # What is stored is what is printed; not printed (stdout failed): handed back at
-            # shutdown, for a worker that can print.
-            self.printer.print(claimed.id, result.output, result)
-        else:
-            self.completer.add(result)
+        self.completer.add(result_of(claimed, line, exc, self.settings))
 
     def _lines_out(self, results: list[Result]) -> None:
-        """Hand the results of runs whose lines are out to the completer (on the loop)."""
-        for result in results:
-            if result.id in self.state.held:
-                self.completer.add(result)
-        if not self.printer.waiting:
-            self.wakeup.set()  # room is free again
+        """Lines are out (on the loop): the completer, which waits for them, is told by the
+        printer itself."""
 
     def _printing_failed(self, error: str) -> None:
         self.state.fail(
@@ -542,8 +537,8 @@ class Runner:
         # deadline): normally they are out within a millisecond, and a run whose line is out
         # is recorded rather than run again.
         lines_until = max(until, time.monotonic() + _LINES_AT_SHUTDOWN_S)
-        while (self.completer.busy and time.monotonic() < until) or (
-            self.printer.waiting and self.printer.may_print and time.monotonic() < lines_until
+        while self.completer.busy and time.monotonic() < (
+            lines_until if self.printer.may_print else until
         ):
             if write_loop.done():
                 break  # it broke: nothing more will be written

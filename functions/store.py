@@ -1077,14 +1077,46 @@ class Store:
 
     async def finish_many(self, *, worker: str, results: Sequence[Result]) -> set[int]:
         """Record results; return the ids written (the others were no longer held)."""
+        [rows] = await self._pinned((queries.FINISH_MANY, self._finish_params(worker, results)))
+        return {task_id for (task_id,) in rows}
+
+    async def finish_many_after(
+        self,
+        *,
+        worker: str,
+        results: Sequence[Result],
+        before_commit: Callable[[set[int]], Awaitable[bool]],
+    ) -> set[int] | None:
+        """Record results as `finish_many` does, but commit only once `before_commit` (given
+        the ids written) returns True: meanwhile their rows stay locked, and a cancel of one
+        waits, then finds it finished. False rolls back: None, nothing written."""
+        async with self.database.connection() as conn:
+            cursor = conn.cursor(row_factory=tuple_row)
+            committed = False
+
+            async def work() -> set[int]:
+                nonlocal committed
+                async with conn.transaction():
+                    async with conn.pipeline():
+                        await conn.execute(queries.PINNED_PLAN)
+                        await cursor.execute(
+                            queries.FINISH_MANY, self._finish_params(worker, results)
+                        )
+                    written = {task_id for (task_id,) in await cursor.fetchall()}
+                    if not await before_commit(written):
+                        raise psycopg.Rollback
+                    committed = True
+                return written
+
+            written = await self.database.bounded(conn, work())
+            return written if committed else None
+
+    def _finish_params(self, worker: str, results: Sequence[Result]) -> dict[str, Any]:
         assert len(results) <= self.WRITE_BATCH, "the caller bounds its batches"
         # In id order, the order a cancel of many tasks locks them in: two statements that
         # lock rows in one order never deadlock (queries.cancel_tasks).
         ordered = sorted(results, key=lambda r: r.id)
-        [rows] = await self._pinned(
-            (queries.FINISH_MANY, {"worker": worker, "results": _results_json(ordered)})
-        )
-        return {task_id for (task_id,) in rows}
+        return {"worker": worker, "results": _results_json(ordered)}
 
     async def recorded(self, results: Sequence[Result]) -> set[int]:
         """Of `results`, the ids whose result is in the table now exactly as given."""

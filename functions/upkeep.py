@@ -292,15 +292,20 @@ class Upkeep:
                 wait_s = max(0.0, next_poll - time.monotonic())
                 await asyncio.wait_for(state.cancel_heard.wait(), wait_s)
             state.cancel_heard.clear()
-            named, state.cancels_named = state.cancels_named, set()
             ask = state.cancels_unnamed or time.monotonic() >= next_poll
             state.cancels_unnamed = False
+            held = stoppable()
+            named = {(c.id, c.attempt) for c in held} & state.cancels_named
             if ask:
                 next_poll = time.monotonic() + poll_s
-            held = stoppable()
+                # (What it names that is not held, of a claim whose answer is still on its
+                # way, is looked for by the claim; the rest is this poll's to find.)
+                state.cancels_named = set()
+            else:
+                state.cancels_named -= named
             if not held:
                 continue
-            gone = {claimed.id for claimed in held if (claimed.id, claimed.attempt) in named}
+            gone = {task_id for task_id, _ in named}
             if ask:
                 try:
                     gone |= await state.store.no_longer_held(held)

@@ -5,6 +5,7 @@ import dataclasses
 import io
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -272,6 +273,34 @@ async def test_a_tick_stops_its_task_cancelled_while_it_runs(
     assert (summary.claimed, summary.cancelled, summary.succeeded) == (1, 1, 0)
     assert out.getvalue() == ""
     assert sql("SELECT state, attempts, claimed_by FROM tasks") == [("cancelled", 1, None)]
+
+
+async def test_cancels_racing_a_ticks_runs_end_cancelled_without_a_line_or_succeeded_with_one(
+    store: Store, settings: Settings, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    """A tick prints a line only while its finish holds the task's row, as a worker does: a
+    cancel that lands first stops the line, one that comes while it prints waits and finds
+    the task succeeded (409)."""
+    settings = dataclasses.replace(settings, foo_delay_s=0.02)
+    ids = [task_factory("foo") for _ in range(300)]
+    out = io.StringIO()
+    run = asyncio.create_task(tick(settings, out=out))
+    await until(lambda: sql("SELECT count(*) FROM tasks WHERE state <> 'scheduled'")[0][0] > 0)
+    answers = await asyncio.gather(
+        *(tasks.cancel_task(store, task_id) for task_id in ids), return_exceptions=True
+    )
+    await asyncio.wait_for(run, 60.0)
+    printed = Counter(int(line.split()[1]) for line in out.getvalue().splitlines())
+    found: dict[int, str] = dict(sql("SELECT id, state FROM tasks"))
+    outcomes: Counter[str] = Counter()
+    for task_id, answer in zip(ids, answers, strict=True):
+        if isinstance(answer, Task):
+            assert (found[task_id], printed[task_id]) == ("cancelled", 0), task_id
+        else:
+            assert isinstance(answer, WrongState), answer
+            assert (found[task_id], printed[task_id]) == ("succeeded", 1), task_id
+        outcomes[found[task_id]] += 1
+    assert sum(outcomes.values()) == 300
 
 
 async def test_cancelled_is_a_state_the_filters_the_original_listing_and_retention_know(
