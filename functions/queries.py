@@ -532,17 +532,12 @@ SELECT (SELECT count(*) FROM inserted) AS created, (SELECT count(*) FROM moved) 
 FROM notified
 """
 
-# --- cancelling (migration 0012) ------------------------------------------------------------
-# Workers LISTEN here too: a cancel of running tasks NOTIFYs, once per worker that held one,
-# with that worker's id; the worker then reads which of its tasks it no longer holds
-# (NO_LONGER_HELD) and stops them. (Behind a transaction pooler, which has no LISTEN, a
-# worker reads that every poll interval instead.)
 # --- cancelling, and retrying many (migration 0012) -------------------------------------------
-# Workers LISTEN here too: a cancel of running tasks NOTIFYs (ANNOUNCE_CANCELS), once per
-# worker that held one, with that worker's id; the worker then reads which of its tasks it
-# no longer holds (NO_LONGER_HELD) and stops them. (It also reads that every poll interval
-# while it runs tasks: behind a transaction pooler, which has no LISTEN, and in a tick that
-# does not listen, that is how it learns.)
+# Workers LISTEN here too: a cancel of running tasks NOTIFYs (ANNOUNCE_CANCELS) each worker
+# that held some, naming it and the tasks with their attempts (store.cancel_notes), so the
+# worker stops them without a query of its own. (It also reads which of its tasks it no
+# longer holds, NO_LONGER_HELD, every poll interval while it runs tasks: behind a transaction
+# pooler, which has no LISTEN, and in a tick that does not listen, that is how it learns.)
 CANCEL_CHANNEL = "taskrunner_cancelled"
 
 # States a task can be cancelled from (it has not finished), and retried from.
@@ -584,8 +579,8 @@ def cancel_tasks(
 ) -> str:
     """Cancel up to `%(limit)s` tasks in `states` (CANCELLABLE or a part of it) matching
     `condition` (SQL over the columns of `tasks`, with its own parameters), lowest ids first
-    (`_locked_in_id_order`); return `columns` of each, and `held_by`, the worker that was
-    running it (NULL: none), by ascending id.
+    (`_locked_in_id_order`); return `columns` of each, then `held_attempt` and `held_by`:
+    the worker that was running it (NULL: none) and the attempt it ran, by ascending id.
 
     A task claimed while the cancel waited for its lock is cancelled running; one finished
     meanwhile is left as it finished. A cancelled task is finished, holds no lease and waits
@@ -606,13 +601,13 @@ WITH target AS (
     WHERE t.id = target.id
     RETURNING t.*, target.claimed_by AS held_by
 )
-SELECT {columns}, held_by FROM cancelled
+SELECT {columns}, attempts AS held_attempt, held_by FROM cancelled
 ORDER BY id
 """
 
 
-# After a cancel committed: wake the workers that were running the tasks (`workers`, each
-# once: the payload is its id), and count the cancels (`count`) in the activity of the
+# After a cancel committed: wake the workers that were running the tasks (`notes`, the
+# payloads: store.cancel_notes), and count the cancels (`count`) in the activity of the
 # moment (/stats; the 10-second bucket of functions/counters.py, an empty histogram that
 # ADD_ACTIVITY pads). A transaction of its own, committed without waiting for the disk:
 # NOTIFY serialises the commits of every session that notifies (a lock on the database held
@@ -631,13 +626,15 @@ WITH quick AS (
     WHERE %(count)s > 0
     ON CONFLICT (bucket) DO UPDATE SET cancelled = a.cancelled + EXCLUDED.cancelled
 )
-SELECT count(pg_notify('{CANCEL_CHANNEL}', w))
-FROM quick, unnest(CAST(%(workers)s AS text[])) AS w
+SELECT count(pg_notify('{CANCEL_CHANNEL}', note))
+FROM quick, unnest(CAST(%(notes)s AS text[])) AS note
 """
 
 
-# POST /tasks/{id}/cancel: one task, scheduled or running (nothing when it has finished).
-CANCEL_TASK = cancel_tasks("id = %(id)s", columns=TASK_COLUMNS)
+# POST /tasks/{id}/cancel: the tasks of `ids` (the cancels of one task each that came at
+# the same moment share it: Store.cancel_task), scheduled or running; nothing of a task that
+# has finished.
+CANCEL_TASK = cancel_tasks("id = ANY(CAST(%(ids)s AS bigint[]))", columns=TASK_COLUMNS)
 
 
 def retry_tasks(condition: str = "true", states: tuple[str, ...] = RETRYABLE) -> str:

@@ -149,8 +149,11 @@ class RunState:
     claim_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Set when the last claim failed with its connection: it may have committed.
     unsure_of_holdings: bool = False
-    # Set when a cancel of some of this worker's tasks was heard: look which at once.
+    # Set when a cancel of some of this worker's tasks was heard: stop them at once. The
+    # tasks it named (id, attempt), and whether one named none (then the database is asked).
     cancel_heard: asyncio.Event = field(default_factory=asyncio.Event)
+    cancels_named: set[tuple[int, int]] = field(default_factory=set)
+    cancels_unnamed: bool = False
     # Why this run stops early: a failure (the process must exit non-zero), or a lost
     # lease (the caller starts again as a new worker).
     halt: asyncio.Event = field(default_factory=asyncio.Event)
@@ -164,6 +167,15 @@ class RunState:
     # deadline when it starts. A tick that can never fit a kind leaves it unserved, and its
     # due tasks show as such, rather than waiting unseen.
     served_kinds: list[str] = field(default_factory=lambda: list(KINDS))
+
+    def heard_cancel(self, tasks: list[tuple[int, int]] | None) -> None:
+        """Some of this worker's tasks were cancelled: `tasks` (id, attempt), or None when
+        the notification did not say which."""
+        if tasks is None:
+            self.cancels_unnamed = True
+        else:
+            self.cancels_named.update(tasks)
+        self.cancel_heard.set()
 
     def fail(self, reason: str) -> None:
         """Stop the run for a failure: the process exits non-zero once it has shut down."""

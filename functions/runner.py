@@ -3,10 +3,10 @@
 One `Runner.run` is one worker: it registers itself (a row in `workers`, with a lease), claims
 due tasks in batches that fit its free room, starts each (inline for kinds that return at
 once, an asyncio task otherwise, within its kind's slots and time limit) and records each
-run's end. Its parts hold one `RunState` (functions/run_state.py): the printer
-(functions/output.py) prints a run's line from a thread of its own and hands its result on
-once the line is out; the completer (functions/completer.py) writes results in bounded,
-fenced batches; the upkeep (functions/upkeep.py) renews the lease, rescues, reconciles,
+run's end. Its parts hold one `RunState` (functions/run_state.py): the completer
+(functions/completer.py) writes results in bounded, fenced batches, and prints each batch's
+lines between its write and its commit, through the printer (functions/output.py, a thread
+of its own); the upkeep (functions/upkeep.py) renews the lease, rescues, reconciles,
 prunes and writes activity counts.
 
 Everything a worker holds (running, queued for a slot, waiting to be recorded) is in
@@ -132,11 +132,11 @@ class Runner:
         self.state = RunState(
             self.store, self.settings, self.worker_id, self.wakeup, TickSummary(self.worker_id)
         )
-        self.completer = Completer(self.state)
         lease_s = self.settings.lease_seconds
         self.printer: Printer[Result] = Printer(
             self.out, lease_s, SLOW_WRITE_S, self._lines_out, self._printing_failed
         )
+        self.completer = Completer(self.state, self.printer)
         self.upkeep = Upkeep(self.state, self.printer, self.prune_clock)
         # Tasks of kinds that wait, while they run; and each kind's slots.
         self._running: dict[int, asyncio.Future[Any]] = {}
@@ -160,11 +160,12 @@ class Runner:
         """Wake the runner: a task due at `due_s` (None: unknown) was created."""
         self.wakeup.notify(due_s)
 
-    def heard_cancel(self, worker: str | None) -> None:
-        """Tasks `worker` was running were cancelled (None: maybe, notifications were
-        missed): if this worker's, look at once which to stop."""
+    def heard_cancel(self, worker: str | None, tasks: list[tuple[int, int]] | None) -> None:
+        """`tasks` (id, attempt) `worker` was running were cancelled (None: some, unnamed;
+        a None worker: maybe, notifications were missed): if this worker's, stop them at
+        once (the tasks unnamed: ask the database which)."""
         if worker is None or worker == self.worker_id:
-            self.state.cancel_heard.set()
+            self.state.heard_cancel(tasks)
 
     # --- the run -----------------------------------------------------------------------------
 
@@ -348,6 +349,9 @@ class Runner:
                 raise
             for task in claimed:
                 state.held[task.id] = task
+            if state.cancels_named & {(task.id, task.attempt) for task in claimed}:
+                # Cancelled, and heard of, before this claim's answer came: stopped at once.
+                state.cancel_heard.set()
         if claimed:  # (none: nothing was due, or the lease had run out)
             self.printer.renewed(sent_at)
         state.db_offset_s = due.now_s - time.time()
@@ -463,10 +467,10 @@ class Runner:
 
     def _stoppable(self) -> list[Claimed]:
         """What this worker holds that a cancel can still stop: running, waiting for a slot,
-        or waiting for its line to be printed (a result already handed to the completer ran
-        and printed: its write, fenced, misses a cancelled task)."""
+        or with its result waiting to be written and its line not out (a cancel that comes
+        while its batch prints it waits for that batch to commit, and finds it finished)."""
         held = self.state.held
-        ids = {*self._running, *self.printer.waiting_keys}
+        ids = {*self._running, *self.completer.unprinted()}
         for queue in self.slots.queued.values():
             ids.update(claimed.id for claimed in queue)
         return [held[task_id] for task_id in sorted(ids) if task_id in held]
@@ -475,6 +479,7 @@ class Runner:
         """Stop held tasks that were cancelled: cancel their coroutines, drop them from their
         slots' queues, and print and record nothing of them (a line already out stays)."""
         state = self.state
+        full = self._room() == 0
         stopped = [state.held.pop(task_id) for task_id in sorted(ids) if task_id in state.held]
         if not stopped:
             return
@@ -495,29 +500,24 @@ class Runner:
             " nothing printed or recorded for them",
             self.worker_id, len(stopped),
         )  # fmt: skip
-        state.wake.set()  # room is free again
+        if full or not state.held:
+            # Room is free again (a worker that had room already claimed what was due), or
+            # a tick that waited for its own tasks has none left.
+            state.wake.set()
 
     # --- record ------------------------------------------------------------------------------
 
     def _record(self, claimed: Claimed, line: object, exc: BaseException | None) -> None:
-        """Print a succeeded run's line (recorded once it is out), or record its failure."""
+        """Hand a run's result to the completer, which prints its line, if it has one, as it
+        records it. What is stored is what is printed; not printed (stdout failed): handed
+        back at shutdown, for a worker that can print."""
         if claimed.id not in self.state.held:
             return  # no longer this worker's (handed back while it ran)
-        result = result_of(claimed, line, exc, self.settings)
-        if result.output is not None:
-            # What is stored is what is printed; not printed (stdout failed): handed back at
-            # shutdown, for a worker that can print.
-            self.printer.print(claimed.id, result.output, result)
-        else:
-            self.completer.add(result)
+        self.completer.add(result_of(claimed, line, exc, self.settings))
 
     def _lines_out(self, results: list[Result]) -> None:
-        """Hand the results of runs whose lines are out to the completer (on the loop)."""
-        for result in results:
-            if result.id in self.state.held:
-                self.completer.add(result)
-        if not self.printer.waiting:
-            self.wakeup.set()  # room is free again
+        """Lines are out (on the loop): the completer, which waits for them, is told by the
+        printer itself."""
 
     def _printing_failed(self, error: str) -> None:
         self.state.fail(
@@ -561,8 +561,8 @@ class Runner:
         # deadline): normally they are out within a millisecond, and a run whose line is out
         # is recorded rather than run again.
         lines_until = max(until, time.monotonic() + _LINES_AT_SHUTDOWN_S)
-        while (self.completer.busy and time.monotonic() < until) or (
-            self.printer.waiting and self.printer.may_print and time.monotonic() < lines_until
+        while self.completer.busy and time.monotonic() < (
+            lines_until if self.printer.may_print else until
         ):
             if write_loop.done():
                 break  # it broke: nothing more will be written

@@ -3,6 +3,7 @@ processes under test, and the SQL that watches them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -56,6 +57,8 @@ class Sizes:
     schedules: int
     # Share: `bar` tasks (a second each) for two workers of 100 slots.
     share_tasks: int
+    # Cancel: running foo, spread over the workers, each cancelled by its own request.
+    cancel_tasks: int
 
     @classmethod
     def choose(cls, *, quick: bool, tasks: int | None) -> Sizes:
@@ -77,10 +80,11 @@ class Sizes:
                 20_000,
                 500,
                 400,
+                200,
             )
         return cls(
             tasks or 200_000, (50_000, 10_000), 10_000, 400, 20_000, 10,
-            10, 1_000_000, 330, 120, 30, 1_000, 11, 100_000, 5_000, 1_000,
+            10, 1_000_000, 330, 120, 30, 1_000, 11, 100_000, 5_000, 1_000, 1_000,
         )  # fmt: skip
 
 
@@ -114,28 +118,42 @@ class Processes:
 
     def start(self, database_url: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
         """`taskrunner *args` on `database_url`."""
-        return self.start_to(None, database_url, *args, **env)
+        return self.logged(database_url, None, *args, **env)
 
     def start_to(
         self, stdout: Path | None, database_url: str, *args: str, **env: str
     ) -> subprocess.Popen[bytes]:
         """`taskrunner *args` on `database_url`, its task lines to `stdout` (None: nobody)."""
-        return self.run_to(
-            stdout,
+        return self.run(
             [sys.executable, "-m", "local", "--log-level", "WARNING", *args],
+            log=None,
+            stdout=stdout,
             TASKRUNNER_DATABASE_URL=database_url,
             **env,
         )
 
-    def run(self, command: list[str], **env: str) -> subprocess.Popen[bytes]:
-        return self.run_to(None, command, **env)
-
-    def run_to(
-        self, stdout: Path | None, command: list[str], **env: str
+    def logged(
+        self, database_url: str, log: Path | None, *args: str, **env: str
     ) -> subprocess.Popen[bytes]:
-        # The task lines are printed to nobody, unless a scenario reads them.
-        with open(stdout or os.devnull, "wb") as out:
-            proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=out)
+        """`taskrunner *args` on `database_url`, its log at INFO to the file `log` (None:
+        warnings only, to the bench's stderr)."""
+        level = "WARNING" if log is None else "INFO"
+        return self.run(
+            [sys.executable, "-m", "local", "--log-level", level, *args],
+            log=log,
+            stdout=None,
+            TASKRUNNER_DATABASE_URL=database_url,
+            **env,
+        )
+
+    def run(
+        self, command: list[str], log: Path | None = None, stdout: Path | None = None, **env: str
+    ) -> subprocess.Popen[bytes]:
+        with contextlib.ExitStack() as files:
+            stderr = None if log is None else files.enter_context(log.open("wb"))
+            # The task lines are printed to nobody, unless a scenario reads them.
+            out = files.enter_context(open(stdout or os.devnull, "wb"))
+            proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=out, stderr=stderr)
         self.started.append(proc)
         return proc
 

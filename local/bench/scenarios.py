@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -281,6 +282,40 @@ class Bench(Harness):
         values = [float(v) for (v,) in rows]
         return percentile(values, 50), percentile(values, 99)
 
+    def cancel_running(self) -> tuple[float, float]:
+        """N foo running on the workers (a minute's sleep each, and the workers poll once a
+        minute: only the cancels' notifications tell them), each cancelled by a `POST
+        /tasks/{id}/cancel` of its own from 32 clients: seconds from the first request until
+        the last answer (each 200, cancelled), and until the workers had stopped every task
+        (their `action=cancel` log lines count them)."""
+        n = self.sizes.cancel_tasks
+        with self.scenario("cancel"), tempfile.TemporaryDirectory() as tmp:
+            api_url, _ = self.api()
+            logs = [Path(tmp) / f"worker{i}.log" for i in range(self.workers)]
+            for log in logs:
+                self.procs.logged(
+                    self.url, log, "worker", TASKRUNNER_FOO_DELAY_S="60",
+                    TASKRUNNER_POLL_INTERVAL_S="60",
+                    TASKRUNNER_CONCURRENCY=str(math.ceil(n / self.workers)),
+                )  # fmt: skip
+            self.wait_for_listener(self.workers)
+            self.insert_due("foo", n)
+
+            def running() -> int:
+                [(count,)] = self.sql("SELECT count(*) FROM tasks WHERE state = 'running'")
+                return int(count)
+
+            wait_until(running, n, "cancel, foo starting", 60)
+            ids = [task_id for (task_id,) in self.sql("SELECT id FROM tasks ORDER BY id")]
+            return asyncio.run(_cancel_each(api_url, ids, logs))
+
+    def raw_cancel(self) -> float:
+        """Seconds for the store's own cancels of N running tasks from 32 sessions."""
+        n = self.sizes.cancel_tasks
+        with self.scenario("rawcancel"):
+            self.insert_due("foo", n)
+            return asyncio.run(references.raw_cancel(self.url, n, 32))
+
     def raw_notify_ms(self) -> float:
         """p99 of a NOTIFY's trip from one session to another LISTENing one (ms)."""
         with self.scenario("rawnotify"):
@@ -465,6 +500,42 @@ class Bench(Harness):
                     totals.append(json.loads(out.stdout.splitlines()[-1])["total_ms"])
                 medians.append(statistics.median(totals))
         return medians[0], medians[1], medians[2], where
+
+
+def _stopped(logs: list[Path]) -> int:
+    """How many tasks the workers logging to `logs` stopped because they were cancelled."""
+    return sum(
+        int(found.group(1))
+        for log in logs
+        for found in re.finditer(r"action=cancel worker=\S+ count=(\d+)", log.read_text())
+    )
+
+
+async def _cancel_each(api_url: str, ids: list[int], logs: list[Path]) -> tuple[float, float]:
+    """Cancel each of `ids` by a request of its own, 32 clients: seconds from the first
+    request until the last answer, and until the workers logging to `logs` stopped them all."""
+    started = time.perf_counter()
+    stopped_s: list[float] = []
+
+    async def watch() -> None:
+        while _stopped(logs) < len(ids):
+            await asyncio.sleep(0.01)
+        stopped_s.append(time.perf_counter() - started)
+
+    watcher = asyncio.create_task(watch())
+    answers = await load.post_each(api_url, [f"/tasks/{i}/cancel" for i in ids], clients=32)
+    answered_s = time.perf_counter() - started
+    refused = [(status, body[:200]) for status, body in answers if status != 200]
+    if refused or any(json.loads(body)["state"] != "cancelled" for _, body in answers):
+        watcher.cancel()
+        raise RuntimeError(f"cancel: {len(refused)} refused, the first: {refused[:1]}")
+    try:
+        await asyncio.wait_for(watcher, 60)
+    except TimeoutError:
+        raise RuntimeError(
+            f"cancel: the workers stopped {_stopped(logs)} of {len(ids)} within 60 s"
+        ) from None
+    return answered_s, stopped_s[0]
 
 
 def _lambda_bundle(target: Path) -> Path | None:

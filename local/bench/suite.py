@@ -14,7 +14,7 @@ from local.bench.scenarios import Bench
 
 # The scenarios `taskrunner bench --only` can pick, in the order they run.
 SCENARIOS = ("drain", "payload-drain", "burst", "warm-burst", "fanout", "share", "lateness", "wake",
-             "schedules", "create", "payload-create", "api", "stats", "soak",
+             "schedules", "cancel", "create", "payload-create", "api", "stats", "soak",
              "cold-start")  # fmt: skip
 # The payload scenarios' payload: a user's typical task data.
 PAYLOAD_BYTES = 1024
@@ -139,6 +139,17 @@ def run(
                        p99, "ms", "<= ordinary tasks' + 10 ms", p99 <= raw_p99 + 10, raw_p99,
                        f"p50 {p50:.1f} ms; raw: {n:,} ordinary tasks due at one instant (p50"
                        f" {raw_p50:.1f} ms)")
+            )  # fmt: skip
+
+        if want("cancel"):
+            answered, stopped = bench.cancel_running()
+            raw = bench.raw_cancel()
+            n, seconds = sizes.cancel_tasks, max(answered, stopped)
+            figures.append(
+                Figure(f"cancel {n:,} running foo on {workers} workers, 32 clients", seconds,
+                       "s", "all cancelled and stopped <= 2 s", seconds <= 2, raw,
+                       f"answered in {answered:.2f} s, stopped in {stopped:.2f} s; raw: the"
+                       " store's cancels alone, 32 sessions")
             )  # fmt: skip
 
         if want("create"):

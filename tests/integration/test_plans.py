@@ -470,7 +470,7 @@ def test_a_cancel_or_retry_by_filter_reads_the_indexes_of_its_states(
     }
     postgresql.autocommit = False
     for name, statement in cases.items():
-        params = {"kind": "baz", "limit": BATCH, "max_attempts": 3, "id": N}
+        params = {"kind": "baz", "limit": BATCH, "max_attempts": 3, "ids": [N]}
         # As Store runs them: with the pinned plan settings.
         plan = explain(postgresql, statement, params, generic, queries.PINNED_PLAN)
         read = 0
