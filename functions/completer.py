@@ -1,10 +1,17 @@
 """The result writer: a run's results recorded in bounded batches, each write fenced.
 
-The runner hands each result over (`add`) once its line is out, or at once for one that
-prints none; the write loop (`run`) writes them a batch at a time (queries.FINISH_MANY:
-zero rows for a task means this worker no longer held it, and its result is dropped). A
-batch whose write fails with its connection is kept and tried again, and may have
-committed: what is not written the second time is looked up before it is counted lost.
+The runner hands each result over (`add`) as its run ends; the write loop (`run`) writes
+them a batch at a time (queries.FINISH_MANY: zero rows for a task means this worker no
+longer held it, and its result is dropped). A batch with lines to print prints them between
+its write and its commit (`Store.finish_many_after`): only the lines of the rows written,
+that is still running and this worker's, and it commits once they are out. Meanwhile those
+rows stay locked, so a cancel either came first (nothing printed) or waits and finds the
+task finished: never a cancelled task with its line printed. The wait for the lines is
+bounded (PRINT_WAIT_S, a stdout that is not read): what is not out by then is withdrawn,
+never printed, the batch is rolled back, and written again later (what did get out is not
+printed again). A batch whose write fails with its connection is kept and tried again, and
+may have committed: what is not written the second time is looked up before it is counted
+lost.
 
 Backpressure, as River's completer has it: while a full batch waits, or results have
 waited on a write that is slow, the runner claims nothing more (`should_wait`). It claims
@@ -21,6 +28,7 @@ import time
 from functions.errors import DatabaseError, DatabaseUnavailable
 from functions.kinds import Fail, Retry
 from functions.model import TaskState
+from functions.output import Printer
 from functions.run_state import RunState
 from functions.settings import Settings
 from functions.store import Claimed, Result
@@ -36,6 +44,10 @@ DB_RETRY_MAX_S = 5.0
 SLOW_WRITE_S = 1.0
 # A task's output and error are stored up to this many characters.
 _MAX_TEXT = 16_384
+# How long a batch's rows stay locked, uncommitted, waiting for its lines to be out: well
+# within the statement bound, which is also the server's idle-in-transaction timeout. A
+# normal stdout takes a millisecond for a batch; one not read makes the batch roll back.
+PRINT_WAIT_S = 1.0
 
 
 def clean_text(text: str) -> str:
@@ -94,8 +106,12 @@ def result_of(
 class Completer:
     """Writes one run's results; `run` is its loop, `write_rest` what shutdown writes."""
 
-    def __init__(self, state: RunState) -> None:
+    def __init__(self, state: RunState, printer: Printer[Result]) -> None:
         self.state = state
+        self.printer = printer
+        # Results whose lines are out, not yet recorded (their batch rolled back, or its
+        # commit's answer was lost): recorded without printing again.
+        self._printed: set[int] = set()
         # Results to be written; the batch in flight.
         self._pending: list[Result] = []
         self._writing: list[Result] = []
@@ -111,6 +127,15 @@ class Completer:
             self._backlog_since = time.monotonic()
         self._pending.append(result)
         self._ready.set()
+
+    def unprinted(self) -> list[int]:
+        """The results waiting to be written whose lines are not out: a cancel can still
+        stop them."""
+        return [
+            r.id
+            for r in (*self._pending, *self._writing)
+            if r.output is not None and r.id not in self._printed
+        ]
 
     @property
     def busy(self) -> bool:
@@ -149,7 +174,11 @@ class Completer:
             del self._pending[: len(batch)]
             self._writing = batch
             try:
-                await self._write(batch)
+                if not await self._write(batch):
+                    # Its lines did not get out in time: rolled back, written again (the
+                    # lines that did get out are not printed again).
+                    self._pending[:0] = batch
+                    continue
             except (DatabaseUnavailable, asyncio.CancelledError) as exc:
                 # Kept, and maybe written already: tried again here, or (stopped mid-write at
                 # shutdown) written there or handed back.
@@ -173,7 +202,9 @@ class Completer:
 
     async def write_rest(self) -> None:
         """Write what the loop did not get to (it was backing off, or had no time): a run
-        that happened is recorded rather than run again. Stops at the first error."""
+        that happened is recorded rather than run again, but one whose line is not out (the
+        printer is closed by now) is left to be handed back. Stops at the first error."""
+        self._pending = [r for r in self._pending if r.output is None or r.id in self._printed]
         while self._pending:
             batch = self._pending[: self.state.store.WRITE_BATCH]
             del self._pending[: len(batch)]
@@ -185,29 +216,60 @@ class Completer:
 
     def clear(self) -> None:
         self._pending.clear()
+        self._printed.clear()
 
     def drop(self, ids: set[int]) -> None:
         """Write none of the results of `ids` not yet being written (their tasks were
         cancelled; a write under way is fenced, and misses them)."""
         self._pending = [r for r in self._pending if r.id not in ids]
+        self._printed -= ids
 
-    async def _write(self, batch: list[Result]) -> None:
-        """Record one batch of results, each fenced (see queries.FINISH_MANY)."""
-        # A run's line is out before its result is added here (output.Printer): a crash in
-        # between can print a line again on the retry, but a run whose line was not printed
-        # is never recorded.
+    async def _finish(self, batch: list[Result]) -> set[int] | None:
+        """Write `batch`, each fenced, printing the lines of the rows written before the
+        commit; the ids written, or None: rolled back, its lines not all out in time."""
+        state = self.state
+        if all(r.output is None or r.id in self._printed for r in batch):
+            return await state.store.finish_many(worker=state.worker_id, results=batch)
+
+        async def print_lines(written: set[int]) -> bool:
+            lines = [
+                (r.id, r.output, r)
+                for r in batch
+                if r.output is not None and r.id in written and r.id not in self._printed
+            ]
+            out = await self.printer.print_now(lines, PRINT_WAIT_S)
+            self._printed |= out
+            return len(out) == len(lines)
+
+        return await state.store.finish_many_after(
+            worker=state.worker_id, results=batch, before_commit=print_lines
+        )
+
+    async def _write(self, batch: list[Result]) -> bool:
+        """Record one batch of results, each fenced (see queries.FINISH_MANY); False when
+        it was rolled back, its lines not all out in time (nothing of it is counted)."""
+        # A run's line is out before its result commits: a crash in between can print a
+        # line again on the retry, but a run whose line was not printed is never recorded.
         state = self.state
         summary = state.summary
+        if not self.printer.may_print:
+            # Printing has stopped for good (stdout failed, the lease ran out): a run whose
+            # line is not out is never recorded; it stays held and is handed back.
+            batch = [r for r in batch if r.output is None or r.id in self._printed]
         try:
-            written = await state.store.finish_many(worker=state.worker_id, results=batch)
+            finished = await self._finish(batch)
         except DatabaseError:
-            written, batch = await self._write_one_by_one(batch)
+            finished, batch = await self._write_one_by_one(batch)
+        if finished is None:
+            return False
+        written = finished
         unsure = [r for r in batch if r.id not in written and r.id in self._maybe_written]
         if unsure:
             written |= await state.store.recorded(unsure)
         activity = state.activity_now()
         for result in batch:
             self._maybe_written.discard(result.id)
+            self._printed.discard(result.id)
             state.held.pop(result.id, None)
             if result.id not in written:
                 summary.lost += 1
@@ -226,6 +288,7 @@ class Completer:
             else:
                 summary.retried += 1
                 activity.retried += 1
+        return True
 
     async def _write_one_by_one(self, batch: list[Result]) -> tuple[set[int], list[Result]]:
         """The database refused a batch: write each result alone, and record the run of any
@@ -236,7 +299,7 @@ class Completer:
         results: list[Result] = []
         for result in batch:
             try:
-                written |= await store.finish_many(worker=worker, results=[result])
+                written |= await self._finish([result]) or set()
             except DatabaseError as exc:
                 logger.error(
                     "action=finish task_id=%s worker=%s: the database refused its result: %s",

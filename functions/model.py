@@ -58,6 +58,35 @@ class Task:
     priority: int = 0
     # A run still going after this long is stopped; None: the kind's own limit.
     timeout_s: float | None = None
+    # While it runs: the worker that holds it, when this attempt was claimed, and until when
+    # the worker's lease covers it (renewed by its heartbeat); None otherwise.
+    worker: str | None = None
+    running_since: datetime | None = None
+    lease_expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A worker or tick, as GET /workers lists it."""
+
+    id: str
+    # Who it is (None for one registered by a version before these were kept).
+    host: str | None
+    pid: int | None
+    started_at: datetime
+    kinds: list[str] | None
+    # Its running tasks now.
+    running: int
+    last_heartbeat_at: datetime
+    version: str | None
+    # A tick (Lambda, `taskrunner tick`) rather than a long-lived worker.
+    tick: bool
+    # live; left (it signed off); dead (its lease ran out: its tasks were rescued).
+    state: str
+    # Until when its lease covers what it holds; when it left or died, for the others.
+    lease_expires_at: datetime
+    # How many of its tasks were rescued once its lease ran out.
+    rescued: int
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,9 @@ written line by line and flushed.
 
 `Printer` is a run's accounting around its `LineWriter`: what waits for its line to be out
 (handed on once it is), since when, and whether stdout has become too slow to claim more.
+`Printer.print_now` prints a batch's lines and waits for them, a bounded time (the completer
+holds the batch's rows meanwhile); those not out by then are withdrawn
+(`LineWriter.withdraw`): a line whose write has not begun is never written after that.
 """
 
 from __future__ import annotations
@@ -65,6 +68,11 @@ class LineWriter:
         self._lock = threading.Condition()
         self._queue: deque[tuple[int, str]] = deque()
         self._done: list[int] = []
+        # The batch the thread has taken, those of it withdrawn before their write began,
+        # and whether its write has begun (from then on it is out, or stdout failed).
+        self._current: list[tuple[int, str]] = []
+        self._withdrawn: set[int] = set()
+        self._in_write = False
         self._signalled = False
         self._closing = False
         # time.monotonic() past which no line is written (the lease less its margin).
@@ -93,6 +101,17 @@ class LineWriter:
         out, or will be, and reported so)."""
         with self._lock:
             self._queue = deque(entry for entry in self._queue if entry[0] not in keys)
+
+    def withdraw(self, keys: set[int]) -> set[int]:
+        """Write none of the lines of `keys` whose write has not begun; return the keys of
+        those whose write has begun: they are reported out once it ends (or stdout failed)."""
+        with self._lock:
+            self._queue = deque(entry for entry in self._queue if entry[0] not in keys)
+            taken = {key for key, _ in self._current} & keys
+            if self._in_write:
+                return taken
+            self._withdrawn |= taken
+            return set()
 
     def take_out(self) -> list[int]:
         """The keys of the lines out since the last call."""
@@ -129,7 +148,7 @@ class LineWriter:
                     self._lock.wait()
                 if self._closing:
                     return
-                batch = self._next_batch()
+                batch = self._current = self._next_batch()
             try:
                 written = self._write(batch)
             except Exception as exc:  # (any: a thread that died silently would stall the worker)
@@ -139,15 +158,14 @@ class LineWriter:
                 with self._lock:
                     self._closing = True
                     self._queue.clear()
+                    self._current, self._in_write = [], False
                 self._signal()
                 return
-            if self._fd is not None:
-                self._out_now(batch)
-
-    def _out_now(self, lines: list[tuple[int, str]]) -> None:
-        with self._lock:
-            self._done.extend(key for key, _ in lines)
-        self._signal()
+            with self._lock:
+                if self._fd is not None:
+                    self._done.extend(key for key, _ in self._current)
+                self._current, self._withdrawn, self._in_write = [], set(), False
+            self._signal()
 
     def _next_batch(self) -> list[tuple[int, str]]:
         """Lines from the queue that fit one atomic write (one line at least)."""
@@ -175,13 +193,24 @@ class LineWriter:
                 self._lock.wait(_POLL_S)
             return not self._closing
 
+    def _begin(self) -> list[tuple[int, str]]:
+        """The lines of the batch taken that were not withdrawn; from here on they are being
+        written (withdraw leaves them, and they are reported out)."""
+        with self._lock:
+            if self._withdrawn:
+                self._current = [e for e in self._current if e[0] not in self._withdrawn]
+                self._withdrawn = set()
+            self._in_write = bool(self._current)
+            return self._current
+
     def _write(self, batch: list[tuple[int, str]]) -> bool:
-        """Write a batch; True once all of it is out, False if closing stopped it first."""
+        """Write a batch (but the lines withdrawn before their write began); True once all
+        of it is out, False if closing stopped it first."""
         if self._fd is None:
             return self._write_stream(batch)
-        data = "".join(f"{line}\n" for _, line in batch).encode(self._encoding, "backslashreplace")
         poller = select.poll()
         poller.register(self._fd, select.POLLOUT)
+        data = b""
         view = memoryview(data)
         while len(view) == len(data):  # nothing of it out yet
             if not self._may_write():
@@ -191,8 +220,18 @@ class LineWriter:
             # Right before the bytes go: a pause of the process up to here is caught.
             if time.monotonic() >= self._writable_until:
                 continue
-            with contextlib.suppress(BlockingIOError):  # (a non-blocking descriptor)
+            batch = self._begin()
+            if not batch:
+                return True  # all withdrawn: nothing to write
+            data = "".join(f"{line}\n" for _, line in batch).encode(
+                self._encoding, "backslashreplace"
+            )
+            view = memoryview(data)
+            try:
                 view = view[os.write(self._fd, view) :]
+            except BlockingIOError:  # (a non-blocking descriptor): nothing went
+                with self._lock:
+                    self._in_write = False
         while view:  # the rest of a write that went out in part (not a pipe)
             if self._closing:
                 return False
@@ -208,6 +247,10 @@ class LineWriter:
             line = entry[1]
             if not self._may_write():
                 return False
+            with self._lock:
+                if entry[0] in self._withdrawn:
+                    continue
+                self._in_write = True
             try:
                 self._out.write(line + "\n")
             except UnicodeEncodeError:
@@ -215,7 +258,10 @@ class LineWriter:
                 escaped = line.encode(self._encoding, "backslashreplace").decode(self._encoding)
                 self._out.write(escaped + "\n")
             self._out.flush()
-            self._out_now([entry])
+            with self._lock:
+                self._done.append(entry[0])
+                self._in_write = False
+            self._signal()
         return True
 
 
@@ -240,6 +286,9 @@ class Printer(Generic[T]):
         # Payloads whose line is with the writer, not out yet, and since when lines have
         # waited for it (time.monotonic()).
         self._waiting: dict[int, T] = {}
+        # Keys of lines out that `print_now` has not handed back yet; set as lines come out.
+        self._seen: set[int] = set()
+        self._progress = asyncio.Event()
         self._waiting_since = 0.0
         self._last_out = 0.0
         # Why printing stopped for good (stdout closed), once it has.
@@ -265,6 +314,35 @@ class Printer(Generic[T]):
             self._waiting_since = time.monotonic()
         self._waiting[key] = payload
         self._writer.put(key, line)
+
+    async def print_now(self, lines: list[tuple[int, str, T]], wait_s: float) -> set[int]:
+        """Print `lines` (key, line, payload) and wait for them, `wait_s` at most; return the
+        keys of those out. The others are withdrawn, never printed (one whose write had
+        begun is waited for, a second at most). A key already reported out is not printed
+        again. Nothing is printed once printing has stopped (`may_print`)."""
+        loop = asyncio.get_running_loop()
+        keys = {key for key, _, _ in lines}
+        for key, line, payload in lines:
+            if key not in self._seen:
+                self.print(key, line, payload)
+        if self._writer is None or not self.may_print:
+            self.drop(keys - self._seen)
+        else:
+            await self._wait_out(keys, loop.time() + wait_s)
+            begun = self._writer.withdraw(keys - self._seen)
+            await self._wait_out(begun, loop.time() + 1.0)
+            for key in keys - self._seen:
+                self._waiting.pop(key, None)
+        out = keys & self._seen
+        self._seen -= out
+        return out
+
+    async def _wait_out(self, keys: set[int], until: float) -> None:
+        loop = asyncio.get_running_loop()
+        while not keys <= self._seen and self.may_print and loop.time() < until:
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), until - loop.time())
 
     def drop(self, keys: set[int]) -> None:
         """Print none of the lines of `keys` not yet out (their tasks were cancelled): their
@@ -300,6 +378,7 @@ class Printer(Generic[T]):
         """Print nothing more (the lease is lost: those tasks may be running elsewhere)."""
         if self._writer is not None:
             self._writer.close()
+        self._progress.set()
 
     async def close(self) -> None:
         """Stop the writer, hand on what got out, forget the rest (never out now)."""
@@ -315,9 +394,12 @@ class Printer(Generic[T]):
             return
         out = self._writer.take_out()
         if out:
+            self._seen.update(out)
+            self._progress.set()
             self._last_out = time.monotonic()
             payloads = [self._waiting.pop(key) for key in out if key in self._waiting]
             self._on_out(payloads)
         if self._writer.error is not None and self.error is None:
             self.error = self._writer.error
+            self._progress.set()
             self._on_error(self.error)

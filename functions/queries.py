@@ -92,6 +92,16 @@ def _due_tasks(where: str = "true") -> str:
 # it to /stats, /metrics and the dashboard, and `taskrunner bench` reads it from the table.
 BECAME_DUE = "coalesce(made_due_at, greatest(execute_at, created_at))"
 
+# A running task's worker, when its attempt was claimed, and the worker's lease (which
+# covers it): NULL for a task not running (`claimed_by` is set only while it runs). A
+# CASE, so that the lease is looked up (by the primary key of `workers`) for running
+# tasks only.
+_WHILE_RUNNING = """claimed_by AS worker,
+    CASE WHEN claimed_by IS NOT NULL THEN claimed_at END AT TIME ZONE 'UTC' AS running_since,
+    CASE WHEN claimed_by IS NOT NULL THEN
+        (SELECT lease_expires_at FROM workers WHERE workers.id = claimed_by)
+    END AT TIME ZONE 'UTC' AS lease_expires_at"""
+
 # Timestamps are read as UTC `timestamp`s (`AT TIME ZONE 'UTC'`), so the session's time
 # zone cannot change a value, nor push 9999-12-31 UTC past what Python can hold.
 TASK_COLUMNS = f"""
@@ -102,7 +112,8 @@ TASK_COLUMNS = f"""
     started_at AT TIME ZONE 'UTC' AS started_at,
     finished_at AT TIME ZONE 'UTC' AS finished_at,
     attempts, max_attempts, output, error, idempotency_key, payload, priority, timeout_s,
-    schedule, scheduled_for AT TIME ZONE 'UTC' AS scheduled_for
+    schedule, scheduled_for AT TIME ZONE 'UTC' AS scheduled_for,
+    {_WHILE_RUNNING}
 """
 
 # Creating a task due within NOTIFY_HORIZON wakes listening workers (in the same
@@ -700,17 +711,12 @@ SELECT (SELECT count(*) FROM inserted) AS created, (SELECT count(*) FROM moved) 
 FROM notified
 """
 
-# --- cancelling (migration 0012) ------------------------------------------------------------
-# Workers LISTEN here too: a cancel of running tasks NOTIFYs, once per worker that held one,
-# with that worker's id; the worker then reads which of its tasks it no longer holds
-# (NO_LONGER_HELD) and stops them. (Behind a transaction pooler, which has no LISTEN, a
-# worker reads that every poll interval instead.)
 # --- cancelling, and retrying many (migration 0012) -------------------------------------------
-# Workers LISTEN here too: a cancel of running tasks NOTIFYs (ANNOUNCE_CANCELS), once per
-# worker that held one, with that worker's id; the worker then reads which of its tasks it
-# no longer holds (NO_LONGER_HELD) and stops them. (It also reads that every poll interval
-# while it runs tasks: behind a transaction pooler, which has no LISTEN, and in a tick that
-# does not listen, that is how it learns.)
+# Workers LISTEN here too: a cancel of running tasks NOTIFYs (ANNOUNCE_CANCELS) each worker
+# that held some, naming it and the tasks with their attempts (store.cancel_notes), so the
+# worker stops them without a query of its own. (It also reads which of its tasks it no
+# longer holds, NO_LONGER_HELD, every poll interval while it runs tasks: behind a transaction
+# pooler, which has no LISTEN, and in a tick that does not listen, that is how it learns.)
 CANCEL_CHANNEL = "taskrunner_cancelled"
 
 # States a task can be cancelled from (it has not finished), and retried from.
@@ -752,8 +758,8 @@ def cancel_tasks(
 ) -> str:
     """Cancel up to `%(limit)s` tasks in `states` (CANCELLABLE or a part of it) matching
     `condition` (SQL over the columns of `tasks`, with its own parameters), lowest ids first
-    (`_locked_in_id_order`); return `columns` of each, and `held_by`, the worker that was
-    running it (NULL: none), by ascending id.
+    (`_locked_in_id_order`); return `columns` of each, then `held_attempt` and `held_by`:
+    the worker that was running it (NULL: none) and the attempt it ran, by ascending id.
 
     A task claimed while the cancel waited for its lock is cancelled running; one finished
     meanwhile is left as it finished. A cancelled task is finished, holds no lease and waits
@@ -774,13 +780,13 @@ WITH target AS (
     WHERE t.id = target.id
     RETURNING t.*, target.claimed_by AS held_by
 )
-SELECT {columns}, held_by FROM cancelled
+SELECT {columns}, attempts AS held_attempt, held_by FROM cancelled
 ORDER BY id
 """
 
 
-# After a cancel committed: wake the workers that were running the tasks (`workers`, each
-# once: the payload is its id), and count the cancels (`count`) in the activity of the
+# After a cancel committed: wake the workers that were running the tasks (`notes`, the
+# payloads: store.cancel_notes), and count the cancels (`count`) in the activity of the
 # moment (/stats; the 10-second bucket of functions/counters.py, an empty histogram that
 # ADD_ACTIVITY pads). A transaction of its own, committed without waiting for the disk:
 # NOTIFY serialises the commits of every session that notifies (a lock on the database held
@@ -799,13 +805,15 @@ WITH quick AS (
     WHERE %(count)s > 0
     ON CONFLICT (bucket) DO UPDATE SET cancelled = a.cancelled + EXCLUDED.cancelled
 )
-SELECT count(pg_notify('{CANCEL_CHANNEL}', w))
-FROM quick, unnest(CAST(%(workers)s AS text[])) AS w
+SELECT count(pg_notify('{CANCEL_CHANNEL}', note))
+FROM quick, unnest(CAST(%(notes)s AS text[])) AS note
 """
 
 
-# POST /tasks/{id}/cancel: one task, scheduled or running (nothing when it has finished).
-CANCEL_TASK = cancel_tasks("id = %(id)s", columns=TASK_COLUMNS)
+# POST /tasks/{id}/cancel: the tasks of `ids` (the cancels of one task each that came at
+# the same moment share it: Store.cancel_task), scheduled or running; nothing of a task that
+# has finished.
+CANCEL_TASK = cancel_tasks("id = ANY(CAST(%(ids)s AS bigint[]))", columns=TASK_COLUMNS)
 
 
 def retry_tasks(condition: str = "true", states: tuple[str, ...] = RETRYABLE) -> str:
@@ -870,10 +878,12 @@ served AS (
     ON CONFLICT (kind) DO UPDATE SET last_run_at = greatest(s.last_run_at, excluded.last_run_at)
 )"""
 
+# Registering also says who the worker is, for GET /workers (migration 0015).
 REGISTER_WORKER = f"""
 WITH {_RECORD_KINDS}
-INSERT INTO workers (id, lease_expires_at)
-VALUES (%(worker)s, now() + make_interval(secs => CAST(%(lease_s)s AS float8)))
+INSERT INTO workers (id, lease_expires_at, host, pid, kinds, version, tick)
+VALUES (%(worker)s, now() + make_interval(secs => CAST(%(lease_s)s AS float8)), %(host)s,
+    %(pid)s, CAST(%(kinds)s AS text[]), %(version)s, %(tick)s)
 """
 
 HEARTBEAT = f"""
@@ -885,12 +895,43 @@ WHERE id = %(worker)s AND lease_expires_at >= {NOW}
 RETURNING id
 """
 
-# A worker that stops goes away once it holds nothing; if it still does (it could not hand
-# everything back), its row stays until its lease runs out and its tasks are rescued.
-DEREGISTER_WORKER = """
-DELETE FROM workers
-WHERE id = %(worker)s
-  AND NOT EXISTS (SELECT 1 FROM tasks WHERE state = 'running' AND claimed_by = %(worker)s)
+# The columns a worker's row and its record once it ended share (migration 0015).
+_WHO = "id, host, pid, started_at, kinds, version, tick, heartbeat_at, rescued"
+
+# A worker that stops goes away once it holds nothing, and is recorded as `left` for an hour
+# (GET /workers); a tick that ends is not (one a minute would crowd the list). If it still
+# holds tasks (it could not hand everything back), its row stays until its lease runs out
+# and its tasks are rescued; it is then recorded as `dead` (FORGET_DEAD_WORKERS).
+DEREGISTER_WORKER = f"""
+WITH gone AS (
+    DELETE FROM workers
+    WHERE id = %(worker)s
+      AND NOT EXISTS (SELECT 1 FROM tasks WHERE state = 'running' AND claimed_by = %(worker)s)
+    RETURNING {_WHO}
+)
+INSERT INTO workers_ended ({_WHO}, ended_at, state)
+SELECT {_WHO}, now(), 'left' FROM gone WHERE NOT tick
+ON CONFLICT (id) DO NOTHING
+"""
+
+# GET /workers: live workers (and dead ones whose tasks are being rescued), then those that
+# left or died in the last hour. `running`: its running tasks, counted on the `tasks_running`
+# index. Few rows: a row per live worker, and an hour of ended ones.
+LIST_WORKERS = """
+SELECT id, host, pid, started_at AT TIME ZONE 'UTC' AS started_at, kinds,
+    (SELECT count(*) FROM tasks WHERE state = 'running' AND claimed_by = w.id) AS running,
+    heartbeat_at AT TIME ZONE 'UTC' AS last_heartbeat_at, version, tick,
+    CASE WHEN lease_expires_at < now() THEN 'dead' ELSE 'live' END AS state,
+    lease_expires_at AT TIME ZONE 'UTC' AS lease_expires_at, rescued
+FROM workers AS w
+UNION ALL
+SELECT id, host, pid, started_at AT TIME ZONE 'UTC', kinds, 0, heartbeat_at AT TIME ZONE 'UTC',
+    version, tick, state, ended_at AT TIME ZONE 'UTC', rescued
+FROM workers_ended
+WHERE ended_at >= now() - interval '1 hour'
+  AND id NOT IN (SELECT id FROM workers)
+ORDER BY started_at DESC, id
+LIMIT %(limit)s
 """
 
 # --- claim -> run -> record ----------------------------------------------------------------
@@ -955,7 +996,7 @@ _CLAIMABLE = """(kind = ANY(CAST(%(kinds)s AS text[]))
 #   a worker whose lease ran out claims nothing (`me` is empty).
 # - SKIP LOCKED lets any number of workers claim at once without waiting or sharing a row.
 # - `id = ANY(ARRAY(...))` rather than `id IN (SELECT ...)`: measured about twice as fast
-#   (the IN form's plan scans the table); the sub-select is served by the `tasks_due` index.
+#   (the IN form's plan scans the table); `picked` is served by the `tasks_due` index.
 # - The attempt is counted here, so a worker that dies mid-task still uses one up.
 #   `started_at` is when the first attempt started; retries keep it.
 # - `kinds` holds only the kinds this worker can finish before its deadline; of the others,
@@ -965,6 +1006,16 @@ _CLAIMABLE = """(kind = ANY(CAST(%(kinds)s AS text[]))
 #   due is read and nothing is sorted. A claim of due tasks of priority 0 alone reads
 #   exactly what it did before priorities (the first range fills the LIMIT); one that runs
 #   out of due tasks probes the nine other ranges, a page each.
+# - `caps` (JSON, `{"bar": 11}`): no more of a kind than the worker has slots free for
+#   (run_state.Slots.caps), the first in claim order; what is left of it stays due for other
+#   workers (a worker that took every due `bar` held them while it ran 100 at a time). Only
+#   the claim's own rows of capped kinds are sorted, to rank each kind's (ranking every row
+#   made a claim of 1,000 baz 4 ms slower, 24 against 28 ms at the median on a loaded
+#   machine; so ranked, the same as before the caps). The rows past a cap were locked
+#   for the claim's moment (SKIP LOCKED: another worker's claim meanwhile passes them by, and
+#   its NEXT_DUE, which does not skip, says they are due, so it looks again at once). The
+#   runner leaves a kind at its cap out of `kinds`, and claims no more than the caps' sum
+#   when every kind it asks for has one. (A CTE: FOR UPDATE is not allowed beside a window.)
 CLAIM_DUE = f"""
 WITH me AS (
     UPDATE workers
@@ -972,15 +1023,8 @@ WITH me AS (
         lease_expires_at = {NOW} + make_interval(secs => CAST(%(lease_s)s AS float8))
     WHERE id = %(worker)s AND lease_expires_at >= {NOW}
     RETURNING id
-)
-UPDATE tasks
-SET state = 'running',
-    attempts = attempts + 1,
-    started_at = coalesce(started_at, {NOW}),
-    next_attempt_at = NULL,
-    claimed_by = %(worker)s
-WHERE id = ANY(ARRAY(
-    SELECT id FROM tasks
+), picked AS MATERIALIZED (
+    SELECT id, kind, priority, {DUE_AT} AS due FROM tasks
     WHERE state = 'scheduled'
       AND priority = ANY({PRIORITIES})
       AND {DUE_AT} <= {NOW}
@@ -989,7 +1033,25 @@ WHERE id = ANY(ARRAY(
     ORDER BY priority, {DUE_AT}, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
-))
+), taken AS (
+    SELECT id FROM picked WHERE NOT CAST(%(caps)s AS jsonb) ? kind
+    UNION ALL
+    SELECT id FROM (
+        SELECT id, kind,
+            row_number() OVER (PARTITION BY kind ORDER BY priority, due, id) AS n
+        FROM picked
+        WHERE CAST(%(caps)s AS jsonb) ? kind
+    ) AS ranked
+    WHERE n <= CAST(CAST(%(caps)s AS jsonb) ->> kind AS int)
+)
+UPDATE tasks
+SET state = 'running',
+    attempts = attempts + 1,
+    started_at = coalesce(started_at, {NOW}),
+    claimed_at = {NOW},
+    next_attempt_at = NULL,
+    claimed_by = %(worker)s
+WHERE id = ANY(ARRAY(SELECT id FROM taken))
 RETURNING id, kind, attempts, max_attempts,
     -- The start lateness of a first attempt, for the activity figures (functions/counters.py):
     -- from BECAME_DUE, which this UPDATE leaves as it was (it clears next_attempt_at).
@@ -1085,6 +1147,16 @@ WITH dead AS (
     SELECT id FROM workers
     WHERE lease_expires_at < {NOW}
     FOR UPDATE SKIP LOCKED
+), picked AS MATERIALIZED (
+    SELECT id, claimed_by FROM tasks
+    WHERE state = 'running' AND claimed_by IN (SELECT id FROM dead)
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), counted AS (
+    -- What was rescued from each, for GET /workers (the rows `dead` locked).
+    UPDATE workers AS w SET rescued = w.rescued + p.n
+    FROM (SELECT claimed_by, count(*) AS n FROM picked GROUP BY claimed_by) AS p
+    WHERE w.id = p.claimed_by
 )
 UPDATE tasks
 SET state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'scheduled' END,
@@ -1093,20 +1165,24 @@ SET state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'scheduled' EN
     error = 'lease expired: worker ' || claimed_by || ' stopped during attempt '
         || attempts || ' of ' || max_attempts,
     claimed_by = NULL
-WHERE id = ANY(ARRAY(
-    SELECT id FROM tasks
-    WHERE state = 'running' AND claimed_by IN (SELECT id FROM dead)
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-))
+WHERE id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING id, state
 """
 
-# Dead workers that hold nothing any more are forgotten.
-FORGET_DEAD_WORKERS = """
-DELETE FROM workers AS w
-WHERE w.lease_expires_at < now()
-  AND NOT EXISTS (SELECT 1 FROM tasks WHERE state = 'running' AND claimed_by = w.id)
+# Dead workers that hold nothing any more are forgotten, recorded as `dead` for an hour
+# (GET /workers; a dead tick too), and ended workers' records past the hour deleted.
+FORGET_DEAD_WORKERS = f"""
+WITH gone AS (
+    DELETE FROM workers AS w
+    WHERE w.lease_expires_at < now()
+      AND NOT EXISTS (SELECT 1 FROM tasks WHERE state = 'running' AND claimed_by = w.id)
+    RETURNING {_WHO}, lease_expires_at
+), recorded AS (
+    INSERT INTO workers_ended ({_WHO}, ended_at, state)
+    SELECT {_WHO}, lease_expires_at, 'dead' FROM gone
+    ON CONFLICT (id) DO NOTHING
+)
+DELETE FROM workers_ended WHERE ended_at < now() - interval '1 hour'
 """
 
 # --- retention ---------------------------------------------------------------------------
@@ -1223,5 +1299,5 @@ PING = "SELECT 1"
 
 # The schema revision these statements are written for (local/migrations/versions/); a
 # unit test keeps it equal to the newest migration.
-SCHEMA_REVISION = "0014"
+SCHEMA_REVISION = "0015"
 SCHEMA_REVISION_IN_DATABASE = "SELECT version_num FROM alembic_version"

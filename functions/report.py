@@ -1,4 +1,5 @@
-"""What `/stats` and `/metrics` report, read from the database: the same on every instance.
+"""What `/stats`, `/metrics` and `/workers` report, read from the database: the same on every
+instance.
 
 - Counts by state and kind come from the tasks table: exact where an index holds them
   (scheduled, running, due), and for the finished states exact while the table is small,
@@ -26,7 +27,7 @@ from typing import Any
 
 from functions.counters import LATENESS_BOUNDS_MS
 from functions.kinds import KINDS
-from functions.model import TaskState
+from functions.model import TaskState, Worker
 from functions.store import StatsRows, Store
 
 # Finished tasks are counted exactly up to this many rows of the table, estimated beyond
@@ -129,6 +130,16 @@ def _finished_scale(rows: StatsRows) -> float:
         return (rows.live_rows - active) / sampled
     assert rows.sampled_percent
     return 100.0 / rows.sampled_percent
+
+
+# GET /workers lists at most this many (the table keeps an hour of workers: a fleet of
+# hundreds restarting every few minutes).
+WORKERS_LIMIT = 1_000
+
+
+async def read_workers(store: Store) -> list[Worker]:
+    """Live workers and ticks, and those that left or died in the last hour, newest first."""
+    return await store.list_workers(limit=WORKERS_LIMIT)
 
 
 async def read_stats(store: Store) -> Stats:

@@ -3,10 +3,10 @@
 One `Runner.run` is one worker: it registers itself (a row in `workers`, with a lease), claims
 due tasks in batches that fit its free room, starts each (inline for kinds that return at
 once, an asyncio task otherwise, within its kind's slots and time limit) and records each
-run's end. Its parts hold one `RunState` (functions/run_state.py): the printer
-(functions/output.py) prints a run's line from a thread of its own and hands its result on
-once the line is out; the completer (functions/completer.py) writes results in bounded,
-fenced batches; the upkeep (functions/upkeep.py) renews the lease, rescues, reconciles,
+run's end. Its parts hold one `RunState` (functions/run_state.py): the completer
+(functions/completer.py) writes results in bounded, fenced batches, and prints each batch's
+lines between its write and its commit, through the printer (functions/output.py, a thread
+of its own); the upkeep (functions/upkeep.py) renews the lease, rescues, reconciles,
 prunes and writes activity counts.
 
 Everything a worker holds (running, queued for a slot, waiting to be recorded) is in
@@ -56,6 +56,18 @@ _LINES_AT_SHUTDOWN_S = 0.25
 def new_worker_id() -> str:
     """Name a worker in `claimed_by`: host, pid and a random part, unique per run."""
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+@functools.cache
+def version() -> str | None:
+    """taskrunner's version, as installed (None where it is not: a Lambda bundle)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("taskrunner")
+    except PackageNotFoundError:
+        return None
 
 
 def time_limit_s(kind: Kind, settings: Settings, timeout_s: float | None = None) -> float:
@@ -120,11 +132,11 @@ class Runner:
         self.state = RunState(
             self.store, self.settings, self.worker_id, self.wakeup, TickSummary(self.worker_id)
         )
-        self.completer = Completer(self.state)
         lease_s = self.settings.lease_seconds
         self.printer: Printer[Result] = Printer(
             self.out, lease_s, SLOW_WRITE_S, self._lines_out, self._printing_failed
         )
+        self.completer = Completer(self.state, self.printer)
         self.upkeep = Upkeep(self.state, self.printer, self.prune_clock)
         # Tasks of kinds that wait, while they run; and each kind's slots.
         self._running: dict[int, asyncio.Future[Any]] = {}
@@ -148,11 +160,12 @@ class Runner:
         """Wake the runner: a task due at `due_s` (None: unknown) was created."""
         self.wakeup.notify(due_s)
 
-    def heard_cancel(self, worker: str | None) -> None:
-        """Tasks `worker` was running were cancelled (None: maybe, notifications were
-        missed): if this worker's, look at once which to stop."""
+    def heard_cancel(self, worker: str | None, tasks: list[tuple[int, int]] | None) -> None:
+        """`tasks` (id, attempt) `worker` was running were cancelled (None: some, unnamed;
+        a None worker: maybe, notifications were missed): if this worker's, stop them at
+        once (the tasks unnamed: ask the database which)."""
         if worker is None or worker == self.worker_id:
-            self.state.cancel_heard.set()
+            self.state.heard_cancel(tasks)
 
     # --- the run -----------------------------------------------------------------------------
 
@@ -181,7 +194,13 @@ class Runner:
         state.served_kinds = kinds_at_start
         sent_at = time.monotonic()
         await self.store.register_worker(
-            worker=self.worker_id, lease_s=self.settings.lease_seconds, kinds=kinds_at_start
+            worker=self.worker_id,
+            lease_s=self.settings.lease_seconds,
+            kinds=kinds_at_start,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=version(),
+            tick=deadline is not None,
         )
         # From here on this worker holds a lease: every way out goes through _shut_down.
         self.printer.start(sent_at)
@@ -265,12 +284,15 @@ class Runner:
                 if state.unsure_of_holdings:
                     await self.upkeep.reconcile()
                 room = self._room()
-                if deadline is not None:
-                    with_slots, room = self.slots.within(kinds + short_kinds, room)
-                    kinds = [name for name in kinds if name in with_slots]
-                    short_kinds = [name for name in short_kinds if name in with_slots]
+                caps = self.slots.caps(kinds + short_kinds, prefetch=deadline is None)
+                # A kind with no room left is left out of the claim (and of NEXT_DUE: its due
+                # tasks wake no one); a freed slot wakes the loop.
+                kinds = [name for name in kinds if caps.get(name) != 0]
+                short_kinds = [name for name in short_kinds if caps.get(name) != 0]
+                if all(name in caps for name in kinds + short_kinds):
+                    room = min(room, sum(caps.values()))  # locks no more rows than it takes
                 if room > 0:
-                    claimed, due = await self._claim(kinds, room, short_kinds, fit_s)
+                    claimed, due = await self._claim(kinds, room, short_kinds, fit_s, caps)
                     state.summary.claimed += len(claimed)
                     for task in claimed:
                         self._start(task)
@@ -302,9 +324,11 @@ class Runner:
         limit: int,
         short_kinds: list[str] | None = None,
         fit_s: float | None = None,
+        caps: dict[str, int] | None = None,
     ) -> tuple[list[Claimed], NextDue]:
         """Claim up to `limit` due tasks of `kinds`, and of `short_kinds` those whose own
-        timeout_s is at most `fit_s`; each is held from here on."""
+        timeout_s is at most `fit_s`, no more of a kind than `caps` says; each is held from
+        here on."""
         state = self.state
         async with state.claim_lock:
             sent_at = time.monotonic()
@@ -316,6 +340,7 @@ class Runner:
                     lease_s=self.settings.lease_seconds,
                     short_kinds=short_kinds or (),
                     fit_s=fit_s,
+                    caps=caps,
                 )
             except DatabaseUnavailable:
                 # The claim may have committed before its answer was lost: hand back what
@@ -324,6 +349,9 @@ class Runner:
                 raise
             for task in claimed:
                 state.held[task.id] = task
+            if state.cancels_named & {(task.id, task.attempt) for task in claimed}:
+                # Cancelled, and heard of, before this claim's answer came: stopped at once.
+                state.cancel_heard.set()
         if claimed:  # (none: nothing was due, or the lease had run out)
             self.printer.renewed(sent_at)
         state.db_offset_s = due.now_s - time.time()
@@ -439,10 +467,10 @@ class Runner:
 
     def _stoppable(self) -> list[Claimed]:
         """What this worker holds that a cancel can still stop: running, waiting for a slot,
-        or waiting for its line to be printed (a result already handed to the completer ran
-        and printed: its write, fenced, misses a cancelled task)."""
+        or with its result waiting to be written and its line not out (a cancel that comes
+        while its batch prints it waits for that batch to commit, and finds it finished)."""
         held = self.state.held
-        ids = {*self._running, *self.printer.waiting_keys}
+        ids = {*self._running, *self.completer.unprinted()}
         for queue in self.slots.queued.values():
             ids.update(claimed.id for claimed in queue)
         return [held[task_id] for task_id in sorted(ids) if task_id in held]
@@ -451,6 +479,7 @@ class Runner:
         """Stop held tasks that were cancelled: cancel their coroutines, drop them from their
         slots' queues, and print and record nothing of them (a line already out stays)."""
         state = self.state
+        full = self._room() == 0
         stopped = [state.held.pop(task_id) for task_id in sorted(ids) if task_id in state.held]
         if not stopped:
             return
@@ -471,29 +500,24 @@ class Runner:
             " nothing printed or recorded for them",
             self.worker_id, len(stopped),
         )  # fmt: skip
-        state.wake.set()  # room is free again
+        if full or not state.held:
+            # Room is free again (a worker that had room already claimed what was due), or
+            # a tick that waited for its own tasks has none left.
+            state.wake.set()
 
     # --- record ------------------------------------------------------------------------------
 
     def _record(self, claimed: Claimed, line: object, exc: BaseException | None) -> None:
-        """Print a succeeded run's line (recorded once it is out), or record its failure."""
+        """Hand a run's result to the completer, which prints its line, if it has one, as it
+        records it. What is stored is what is printed; not printed (stdout failed): handed
+        back at shutdown, for a worker that can print."""
         if claimed.id not in self.state.held:
             return  # no longer this worker's (handed back while it ran)
-        result = result_of(claimed, line, exc, self.settings)
-        if result.output is not None:
-            # What is stored is what is printed; not printed (stdout failed): handed back at
-            # shutdown, for a worker that can print.
-            self.printer.print(claimed.id, result.output, result)
-        else:
-            self.completer.add(result)
+        self.completer.add(result_of(claimed, line, exc, self.settings))
 
     def _lines_out(self, results: list[Result]) -> None:
-        """Hand the results of runs whose lines are out to the completer (on the loop)."""
-        for result in results:
-            if result.id in self.state.held:
-                self.completer.add(result)
-        if not self.printer.waiting:
-            self.wakeup.set()  # room is free again
+        """Lines are out (on the loop): the completer, which waits for them, is told by the
+        printer itself."""
 
     def _printing_failed(self, error: str) -> None:
         self.state.fail(
@@ -537,8 +561,8 @@ class Runner:
         # deadline): normally they are out within a millisecond, and a run whose line is out
         # is recorded rather than run again.
         lines_until = max(until, time.monotonic() + _LINES_AT_SHUTDOWN_S)
-        while (self.completer.busy and time.monotonic() < until) or (
-            self.printer.waiting and self.printer.may_print and time.monotonic() < lines_until
+        while self.completer.busy and time.monotonic() < (
+            lines_until if self.printer.may_print else until
         ):
             if write_loop.done():
                 break  # it broke: nothing more will be written

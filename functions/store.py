@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 import operator
-from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
@@ -35,6 +35,7 @@ from functions.model import (
     TaskFilter,
     TaskOrder,
     TaskState,
+    Worker,
 )
 from functions.parsing import excerpt
 from functions.settings import Settings
@@ -135,6 +136,9 @@ def _task(row: Any) -> Task:
         scheduled_for=_utc(row.scheduled_for),
         priority=row.priority,
         timeout_s=row.timeout_s,
+        worker=row.worker,
+        running_since=_utc(row.running_since),
+        lease_expires_at=_utc(row.lease_expires_at),
     )
 
 
@@ -272,15 +276,62 @@ def _outcome_of(rows: list[Any]) -> tuple[TaskState | None, Task | None]:
 
 
 class Cancelled(NamedTuple):
-    """What a cancel did: the ids cancelled, ascending, and the workers that were running
-    some of them (each once)."""
+    """What a cancel did: the ids cancelled, ascending, and of those that were running,
+    `(id, attempt)` by the worker that was running them."""
 
     ids: list[int]
-    holders: list[str]
+    held: dict[str, list[tuple[int, int]]]
 
 
-def _holders(held_by: Iterable[str | None]) -> list[str]:
-    return sorted({worker for worker in held_by if worker is not None})
+def _cancelled(rows: Iterable[Any]) -> Cancelled:
+    """A cancel's rows (queries.cancel_tasks: the id first, `held_attempt` and `held_by`
+    last) as what it did."""
+    ids: list[int] = []
+    held: dict[str, list[tuple[int, int]]] = {}
+    for row in rows:
+        ids.append(row[0])
+        if row[-1] is not None:
+            held.setdefault(row[-1], []).append((row[0], row[-2]))
+    return Cancelled(ids, held)
+
+
+# A notification's payload must be shorter than 8,000 bytes (PostgreSQL's limit).
+_NOTE_BYTES = 7_999
+
+
+def cancel_notes(held: dict[str, list[tuple[int, int]]]) -> list[str]:
+    """The payloads that tell each worker of `held` which of its tasks (id, attempt) were
+    cancelled: `[worker, [id, attempt, id, attempt, ...]]` in compact JSON (ASCII: a byte a
+    character), as few as fit in PostgreSQL's limit."""
+    notes = []
+    for worker, tasks in sorted(held.items()):
+        empty = json.dumps([worker, []], separators=(",", ":"))
+        flat: list[int] = []
+        size = len(empty)
+        for task_id, attempt in tasks:
+            added = len(f",{task_id},{attempt}") - (0 if flat else 1)
+            if flat and size + added > _NOTE_BYTES:
+                notes.append(json.dumps([worker, flat], separators=(",", ":")))
+                flat, size, added = [], len(empty), added - 1
+            flat += (task_id, attempt)
+            size += added
+        notes.append(json.dumps([worker, flat], separators=(",", ":")))
+    return notes
+
+
+def heard_cancel(payload: str) -> tuple[str, list[tuple[int, int]] | None]:
+    """The worker a cancel's notification is for, and its tasks cancelled (id, attempt);
+    None for the tasks when it does not name them (an older API's: the worker's id alone)."""
+    try:
+        worker, flat = json.loads(payload)
+        tasks = list(zip(flat[::2], flat[1::2], strict=True))
+    except (ValueError, TypeError):
+        return payload, None
+    if not isinstance(worker, str) or not all(
+        type(task_id) is int and type(attempt) is int for task_id, attempt in tasks
+    ):
+        return payload, None
+    return worker, tasks
 
 
 # The key of a task in each order, as the store reads it (a datetime, or its id).
@@ -370,11 +421,11 @@ class Store:
     # so it never runs into the statement timeout however many tasks there are.
     DELETE_BATCH = 10_000
 
-    # Creates and reads of one task, the API's busiest statements: at most this many run
-    # at once, and calls made meanwhile share the next statement, at most COALESCE_MAX in
-    # one (db.Coalescer). Measured with 32 clients on one process: 2 in flight served
-    # 2,600-3,400 creates/s, p99 16-19 ms; 10 (one per pooled connection) 1,700-2,300/s,
-    # p99 40 ms; none shared (before) ~1,100/s.
+    # Creates, reads and cancels of one task, the API's busiest statements: at most this
+    # many run at once, and calls made meanwhile share the next statement, at most
+    # COALESCE_MAX in one (db.Coalescer). Measured with 32 clients on one process: 2 in
+    # flight served 2,600-3,400 creates/s, p99 16-19 ms; 10 (one per pooled connection)
+    # 1,700-2,300/s, p99 40 ms; none shared (before) ~1,100/s.
     COALESCE_INFLIGHT = 2
     COALESCE_MAX = 100
 
@@ -391,6 +442,7 @@ class Store:
         }
         self._creates = Coalescer(self._insert_task_many, **bounds)
         self._reads = Coalescer(self._get_task_many, **bounds)
+        self._cancels = Coalescer(self._cancel_task_many, **bounds)
 
     async def _all(
         self,
@@ -418,11 +470,14 @@ class Store:
             return await self.database.bounded(conn, run())
 
     async def _pinned(
-        self, *statements: tuple[str, dict[str, Any]], row_factory: RowFactory[Any] = tuple_row
+        self,
+        *statements: tuple[str, dict[str, Any]],
+        row_factory: RowFactory[Any] = tuple_row,
+        wait_s: float | None = None,
     ) -> list[list[Any]]:
         """Run `statements` in one transaction under queries.PINNED_PLAN, sent as one
         pipeline (one round trip); return each one's rows (as tuples, or `row_factory`'s)."""
-        async with self.database.connection() as conn:
+        async with self.database.connection(wait_s) as conn:
             cursors = [conn.cursor(row_factory=row_factory) for _ in statements]
 
             async def work() -> None:
@@ -653,15 +708,25 @@ class Store:
 
     async def cancel_task(self, task_id: int) -> Task | None:
         """Cancel the task if it is scheduled or running; return it cancelled (None: it was
-        not cancelled now: missing, or finished, cancelled before included)."""
+        not cancelled now: missing, or finished, cancelled before included).
+
+        Cancels made at the same moment share a statement and its notification, as creates
+        do (db.Coalescer): one by one, each cancel's commit and NOTIFY cost a round trip and
+        a flush, and 1,000 cancels from 32 clients took 4.7 s in the store alone."""
+        return await self._cancels(task_id)
+
+    async def _cancel_task_many(self, ids: list[int], wait_s: float | None) -> list[Task | None]:
+        wanted = sorted(set(ids))
         # Pinned, as the cancels by filter are: a plan for the values at hand, by key.
         [rows] = await self._pinned(
-            (queries.CANCEL_TASK, {"id": task_id, "limit": 1}), row_factory=namedtuple_row
+            (queries.CANCEL_TASK, {"ids": wanted, "limit": len(wanted)}),
+            row_factory=namedtuple_row,
+            wait_s=wait_s,
         )
-        if not rows:
-            return None
-        await self.announce(Cancelled([task_id], _holders([rows[0].held_by])))
-        return _task(rows[0])
+        if rows:
+            await self.announce(_cancelled(rows))
+        found = {row.id: _task(row) for row in rows}
+        return [found.get(task_id) for task_id in ids]
 
     async def cancel_matching(self, matching: TaskFilter, *, limit: int) -> int:
         """Cancel up to `limit` tasks `matching` (of the cancellable ones; all of those when
@@ -711,7 +776,7 @@ class Store:
             if not rows:
                 break
             if announce:
-                await self.announce(Cancelled([r[0] for r in rows], _holders(r[-1] for r in rows)))
+                await self.announce(_cancelled(rows))
         return done
 
     async def delete_task(self, task_id: int) -> TaskState | None:
@@ -926,7 +991,7 @@ class Store:
             rows = await cursor.fetchall()
         else:
             [rows] = await self._pinned((statement, params))
-        cancelled = Cancelled([task_id for task_id, _ in rows], _holders(r[-1] for r in rows))
+        cancelled = _cancelled(rows)
         if conn is None:
             await self.announce(cancelled)
         return cancelled
@@ -939,18 +1004,55 @@ class Store:
                 queries.ANNOUNCE_CANCELS,
                 tuple_row,
                 count=len(cancelled.ids),
-                workers=cancelled.holders,
+                notes=cancel_notes(cancelled.held),
             )
 
     # --- workers ---------------------------------------------------------------------------
 
     async def register_worker(
-        self, *, worker: str, lease_s: float, kinds: Sequence[str] = ()
+        self,
+        *,
+        worker: str,
+        lease_s: float,
+        kinds: Sequence[str] = (),
+        host: str | None = None,
+        pid: int | None = None,
+        version: str | None = None,
+        tick: bool = False,
     ) -> None:
-        """Register the worker with its lease, and record that it runs `kinds`."""
+        """Register the worker with its lease and who it is, and record that it runs `kinds`."""
         await self._all(
-            queries.REGISTER_WORKER, worker=worker, lease_s=lease_s, kinds=sorted(kinds), now=None
+            queries.REGISTER_WORKER,
+            worker=worker,
+            lease_s=lease_s,
+            kinds=sorted(kinds),
+            host=host,
+            pid=pid,
+            version=version,
+            tick=tick,
+            now=None,
         )
+
+    async def list_workers(self, *, limit: int) -> list[Worker]:
+        """Live workers, and those that left or died in the last hour, the newest first."""
+        rows = await self._all(queries.LIST_WORKERS, limit=limit)
+        return [
+            Worker(
+                id=row.id,
+                host=row.host,
+                pid=row.pid,
+                started_at=row.started_at.replace(tzinfo=UTC),
+                kinds=row.kinds,
+                running=row.running,
+                last_heartbeat_at=row.last_heartbeat_at.replace(tzinfo=UTC),
+                version=row.version,
+                tick=row.tick,
+                state=row.state,
+                lease_expires_at=row.lease_expires_at.replace(tzinfo=UTC),
+                rescued=row.rescued,
+            )
+            for row in rows
+        ]
 
     async def heartbeat(
         self,
@@ -994,11 +1096,13 @@ class Store:
         lease_s: float,
         short_kinds: Sequence[str] = (),
         fit_s: float | None = None,
+        caps: Mapping[str, int] | None = None,
         now: datetime | None = None,
     ) -> tuple[list[Claimed], NextDue]:
         """Claim up to `limit` due tasks of `kinds`, and of `short_kinds` those whose own
-        timeout is at most `fit_s`, the lowest priority first; also say when the next one
-        left is due. Returned in the order to start them: by priority, then by id.
+        timeout is at most `fit_s`, the lowest priority first, and no more of a kind in
+        `caps` than its cap there; also say when the next one left is due. Returned in the
+        order to start them: by priority, then by id.
 
         One transaction (NEXT_DUE sees the claim's own rows as taken), one round trip.
         `now`: a test's clock (queries.NOW; by default `clock()`'s)."""
@@ -1009,6 +1113,7 @@ class Store:
             "kinds": list(kinds),
             "short_kinds": list(short_kinds),
             "fit_s": fit_s,
+            "caps": json.dumps(caps or {}),
             "limit": min(limit, self.WRITE_BATCH),
             "lease_s": lease_s,
             "now": now,
@@ -1028,14 +1133,46 @@ class Store:
 
     async def finish_many(self, *, worker: str, results: Sequence[Result]) -> set[int]:
         """Record results; return the ids written (the others were no longer held)."""
+        [rows] = await self._pinned((queries.FINISH_MANY, self._finish_params(worker, results)))
+        return {task_id for (task_id,) in rows}
+
+    async def finish_many_after(
+        self,
+        *,
+        worker: str,
+        results: Sequence[Result],
+        before_commit: Callable[[set[int]], Awaitable[bool]],
+    ) -> set[int] | None:
+        """Record results as `finish_many` does, but commit only once `before_commit` (given
+        the ids written) returns True: meanwhile their rows stay locked, and a cancel of one
+        waits, then finds it finished. False rolls back: None, nothing written."""
+        async with self.database.connection() as conn:
+            cursor = conn.cursor(row_factory=tuple_row)
+            committed = False
+
+            async def work() -> set[int]:
+                nonlocal committed
+                async with conn.transaction():
+                    async with conn.pipeline():
+                        await conn.execute(queries.PINNED_PLAN)
+                        await cursor.execute(
+                            queries.FINISH_MANY, self._finish_params(worker, results)
+                        )
+                    written = {task_id for (task_id,) in await cursor.fetchall()}
+                    if not await before_commit(written):
+                        raise psycopg.Rollback
+                    committed = True
+                return written
+
+            written = await self.database.bounded(conn, work())
+            return written if committed else None
+
+    def _finish_params(self, worker: str, results: Sequence[Result]) -> dict[str, Any]:
         assert len(results) <= self.WRITE_BATCH, "the caller bounds its batches"
         # In id order, the order a cancel of many tasks locks them in: two statements that
         # lock rows in one order never deadlock (queries.cancel_tasks).
         ordered = sorted(results, key=lambda r: r.id)
-        [rows] = await self._pinned(
-            (queries.FINISH_MANY, {"worker": worker, "results": _results_json(ordered)})
-        )
-        return {task_id for (task_id,) in rows}
+        return {"worker": worker, "results": _results_json(ordered)}
 
     async def recorded(self, results: Sequence[Result]) -> set[int]:
         """Of `results`, the ids whose result is in the table now exactly as given."""
@@ -1167,17 +1304,17 @@ class Store:
 async def listen(
     settings: Settings,
     on_created: Callable[[float | None], None],
-    on_cancelled: Callable[[str | None], None] | None = None,
+    on_cancelled: Callable[[str | None, list[tuple[int, int]] | None], None] | None = None,
 ) -> None:
-    """Call `on_created(due_s)` for each batch of tasks created, and `on_cancelled(worker)`
-    for each cancel of tasks `worker` was running, until cancelled.
+    """Call `on_created(due_s)` for each batch of tasks created, and `on_cancelled(worker,
+    tasks)` for each cancel of `tasks` (id, attempt) `worker` was running, until cancelled.
 
     LISTEN needs a session of its own for as long as it listens, so it gets a connection of
     its own outside the pool (which may hold a single connection), and it cannot work through
     a transaction pooler. Reconnects after an outage, then calls `on_created(None)` and
-    `on_cancelled(None)`: it may have missed notifications meanwhile. Returns at once behind
-    a transaction pooler, set or found by connecting (conninfo.connect): the worker polls
-    instead.
+    `on_cancelled(None, None)`: it may have missed notifications meanwhile. Returns at once
+    behind a transaction pooler, set or found by connecting (conninfo.connect): the worker
+    polls instead.
     """
     retry_s = 0.1
     while not behind_pooler(settings):
@@ -1189,13 +1326,13 @@ async def listen(
                 await conn.execute(f"LISTEN {queries.CHANNEL}")
                 if on_cancelled is not None:
                     await conn.execute(f"LISTEN {queries.CANCEL_CHANNEL}")
-                    on_cancelled(None)
+                    on_cancelled(None, None)
                 on_created(None)
                 retry_s = 0.1
                 async for note in conn.notifies():
                     if note.channel == queries.CANCEL_CHANNEL:
                         if on_cancelled is not None:
-                            on_cancelled(note.payload)
+                            on_cancelled(*heard_cancel(note.payload))
                         continue
                     try:
                         on_created(float(note.payload))

@@ -278,23 +278,39 @@ class Upkeep:
         stoppable: Callable[[], list[Claimed]],
         stop: Callable[[set[int]], None],
     ) -> None:
-        """Stop the held tasks that were cancelled: looked for as soon as a cancel of this
-        worker's tasks is heard (LISTEN), and every poll interval while something it holds
-        can still be stopped (`stoppable`: running, waiting for a slot or for its line to be
-        printed), which is how it learns behind a transaction pooler, in a tick that does
-        not listen, and after a notification missed while reconnecting."""
+        """Stop the held tasks that were cancelled: those a cancel's notification names
+        (LISTEN), at once, with no query; and those the database says this worker no longer
+        holds, looked for every poll interval while something it holds can still be stopped
+        (`stoppable`: running, waiting for a slot or for its line to be printed), which is
+        how it learns behind a transaction pooler, in a tick that does not listen, and after
+        notifications missed while reconnecting (then at once)."""
         state = self.state
+        poll_s = state.settings.poll_interval_s
+        next_poll = time.monotonic() + poll_s
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(state.cancel_heard.wait(), state.settings.poll_interval_s)
+                wait_s = max(0.0, next_poll - time.monotonic())
+                await asyncio.wait_for(state.cancel_heard.wait(), wait_s)
             state.cancel_heard.clear()
+            ask = state.cancels_unnamed or time.monotonic() >= next_poll
+            state.cancels_unnamed = False
             held = stoppable()
+            named = {(c.id, c.attempt) for c in held} & state.cancels_named
+            if ask:
+                next_poll = time.monotonic() + poll_s
+                # (What it names that is not held, of a claim whose answer is still on its
+                # way, is looked for by the claim; the rest is this poll's to find.)
+                state.cancels_named = set()
+            else:
+                state.cancels_named -= named
             if not held:
                 continue
-            try:
-                gone = await state.store.no_longer_held(held)
-            except DatabaseUnavailable:
-                continue  # looked for again at the next poll
+            gone = {task_id for task_id, _ in named}
+            if ask:
+                try:
+                    gone |= await state.store.no_longer_held(held)
+                except DatabaseUnavailable:
+                    pass  # looked for again at the next poll
             gone &= state.held.keys()
             if gone:
                 stop(gone)

@@ -17,9 +17,9 @@ class Served:
 
 
 @contextmanager
-def http_server(status: int = 200, body_bytes: int = 2) -> Iterator[Served]:
-    """An HTTP/1.1 keep-alive server answering every GET with `status` and a body of
-    `body_bytes` zeros, streamed (an 800 MB body costs it no memory)."""
+def http_server(status: int = 200, body_bytes: int = 2, delay_s: float = 0.0) -> Iterator[Served]:
+    """An HTTP/1.1 keep-alive server answering every GET, `delay_s` after it came, with
+    `status` and a body of `body_bytes` zeros, streamed (an 800 MB body costs it no memory)."""
     served = Served(url="")
     loop = asyncio.new_event_loop()
     chunk = b"0" * 65536
@@ -32,6 +32,8 @@ def http_server(status: int = 200, body_bytes: int = 2) -> Iterator[Served]:
                 if not head:
                     return
                 served.requests += 1
+                if delay_s:
+                    await asyncio.sleep(delay_s)
                 writer.write(
                     f"HTTP/1.1 {status} X\r\nContent-Length: {body_bytes}\r\n\r\n".encode()
                 )

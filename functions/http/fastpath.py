@@ -1,5 +1,5 @@
-"""The API's busiest requests, creating tasks and reading one, served without FastAPI's
-routing and dependency machinery.
+"""The API's busiest requests, creating tasks, reading one and cancelling one, served
+without FastAPI's routing and dependency machinery.
 
 Under load (wrk, 32 connections, one process) FastAPI's routing, dependency solving, and
 its exception and exit-stack middleware were ~40% of the CPU of a `POST /tasks` or a
@@ -38,6 +38,7 @@ logger = logging.getLogger("functions.app")  # the API logs as one, on either pa
 
 
 _TASK_PREFIX = "/tasks/"
+_CANCEL = "/cancel"
 # A status, a JSON body, headers.
 Answer = tuple[int, bytes, dict[str, str]]
 _MAX_ID_DIGITS = len(str(BIGINT_MAX))
@@ -46,8 +47,9 @@ _MAX_BRACKETS = 100
 
 
 class HotPath:
-    """ASGI middleware: serve `POST /tasks`, `POST /tasks/batch` and `GET`/`HEAD
-    /tasks/{id}` when they are plainly well formed; pass everything else to `app`.
+    """ASGI middleware: serve `POST /tasks`, `POST /tasks/batch`, `GET`/`HEAD /tasks/{id}`
+    and `POST /tasks/{id}/cancel` when they are plainly well formed; pass everything else
+    to `app`.
 
     Inside `middleware.Authorize` (`middleware.layers`): a request without the token never
     gets here."""
@@ -65,14 +67,15 @@ class HotPath:
                 await self._serve_create(scope, receive, send, batch=path == "/tasks/batch")
                 return
             if method in ("GET", "HEAD") and path.startswith(_TASK_PREFIX):
-                digits = path[len(_TASK_PREFIX) :]
-                if (
-                    0 < len(digits) <= _MAX_ID_DIGITS
-                    and digits.isascii()
-                    and digits.isdigit()
-                    and 1 <= int(digits) <= BIGINT_MAX
-                ):
-                    await self._send_answer(scope, send, self._get_task(int(digits)))
+                task_id = _task_id(path[len(_TASK_PREFIX) :])
+                if task_id is not None:
+                    await self._send_answer(scope, send, self._get_task(task_id))
+                    return
+            if method == "POST" and path.startswith(_TASK_PREFIX) and path.endswith(_CANCEL):
+                # A body, if any, is not read: the FastAPI route reads none either.
+                task_id = _task_id(path[len(_TASK_PREFIX) : -len(_CANCEL)])
+                if task_id is not None:
+                    await self._send_answer(scope, send, self._cancel_task(task_id))
                     return
         await self.app(scope, receive, send)
 
@@ -155,6 +158,9 @@ class HotPath:
     async def _get_task(self, task_id: int) -> Answer:
         return 200, task_json(await tasks.get_task(self.store, task_id)), {}
 
+    async def _cancel_task(self, task_id: int) -> Answer:
+        return 200, task_json(await tasks.cancel_task(self.store, task_id)), {}
+
     async def _send_answer(self, scope: Scope, send: Send, work: Awaitable[Answer | None]) -> bool:
         """Send what `work` answers; False, with nothing sent, if it refuses the request
         (a batch with an item `parsing.read_batch` refuses: nothing was written)."""
@@ -174,6 +180,19 @@ class HotPath:
         for message in messages:
             await send(message)
         return True
+
+
+def _task_id(digits: str) -> int | None:
+    """The task id `digits` spell, as the FastAPI routes read `{task_id}`; None if they
+    do not (the FastAPI app answers: a 404, or a 422 for an id out of range)."""
+    if (
+        0 < len(digits) <= _MAX_ID_DIGITS
+        and digits.isascii()
+        and digits.isdigit()
+        and 1 <= int(digits) <= BIGINT_MAX
+    ):
+        return int(digits)
+    return None
 
 
 async def read_body(receive: Receive) -> bytes | None:

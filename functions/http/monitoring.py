@@ -10,7 +10,8 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
 from functions.http.routes import Route
-from functions.report import Stats, read_stats
+from functions.model import Worker
+from functions.report import Stats, read_stats, read_workers
 from functions.store import Store
 
 
@@ -80,6 +81,41 @@ class StatsOut(BaseModel):
             ],
             unserved=stats.unserved,
         )
+
+
+class WorkerOut(BaseModel):
+    id: str = Field(description="As a running task's `worker` names it: host:pid:random.")
+    host: str | None = Field(description="Its host name (null: a worker of an older version).")
+    pid: int | None = Field(description="Its process id on that host.")
+    started_at: datetime
+    kinds: list[str] | None = Field(description="The task types it runs.")
+    running: int = Field(description="Its running tasks now (claimed, held by its lease).")
+    last_heartbeat_at: datetime = Field(
+        description="When it last renewed its lease (every third of TASKRUNNER_LEASE_SECONDS)."
+    )
+    version: str | None = Field(description="taskrunner's version (null where not installed).")
+    tick: bool = Field(
+        description="A tick (Lambda, `taskrunner tick`): listed while it runs and, if it "
+        "died, an hour after; one that ended normally is not listed."
+    )
+    state: str = Field(
+        description="`live`; `left` (it stopped, holding nothing); `dead` (its lease ran out: "
+        "killed, or stalled; its running tasks are rescued). Those that left or died are "
+        "listed an hour."
+    )
+    lease_expires_at: datetime = Field(
+        description="Live: until when its lease covers its tasks. Left or dead: when it left, "
+        "or its lease ran out."
+    )
+    rescued: int = Field(description="Its tasks rescued (run again, or failed) once it died.")
+
+    @classmethod
+    def of(cls, worker: Worker) -> "WorkerOut":
+        return cls.model_validate(worker, from_attributes=True)
+
+
+class WorkersOut(BaseModel):
+    workers: list[WorkerOut] = Field(description="The newest first.")
 
 
 def metric_families(stats: Stats) -> list[Any]:
@@ -161,6 +197,11 @@ def build_router(
     async def stats() -> StatsOut:
         """Counts, due tasks, workers, the last minute, start lateness and the last hour."""
         return StatsOut.of(await read_stats(store))
+
+    @router.get("/workers", response_model=WorkersOut, responses=fails())
+    async def workers() -> WorkersOut:
+        """Live workers and ticks, and those that left or died in the last hour."""
+        return WorkersOut(workers=[WorkerOut.of(w) for w in await read_workers(store)])
 
     @router.get(
         "/metrics",

@@ -83,6 +83,9 @@ def _fields(task: Task) -> dict[str, Any]:
         "schedule": task.schedule,
         "scheduled_for": task.scheduled_for,
         "priority": task.priority,
+        "worker": task.worker,
+        "running_since": task.running_since,
+        "lease_expires_at": task.lease_expires_at,
     }
 
 
@@ -163,6 +166,7 @@ def list_json(items: list[Task]) -> bytes:
 
 _TIMES = (
     "execute_at", "next_attempt_at", "created_at", "started_at", "finished_at", "scheduled_for",
+    "running_since", "lease_expires_at",
 )  # fmt: skip
 # Compact, and characters as they are (UTF-8): what pydantic-core writes.
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode

@@ -502,6 +502,17 @@ class TaskOut(BaseModel):
         description="The occurrence of its schedule this task is (UTC); null for others."
     )
     priority: int = Field(description="0 to 9: among due tasks, a lower number runs first")
+    worker: str | None = Field(
+        description="While it runs: the worker that holds it (as GET /workers names it)."
+    )
+    running_since: datetime | None = Field(
+        description="While it runs: when this attempt was claimed (UTC); `started_at` is the "
+        "first attempt's."
+    )
+    lease_expires_at: datetime | None = Field(
+        description="While it runs: until when its worker's lease covers it (UTC), renewed "
+        "every third of TASKRUNNER_LEASE_SECONDS; past it, the task is rescued."
+    )
     timeout_s: float | None = Field(
         description="Seconds a run may take before it is stopped; null: the kind's own"
     )

@@ -3,6 +3,7 @@ processes under test, and the SQL that watches them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -10,11 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +57,10 @@ class Sizes:
     schedules: int
     # Tasks in the table whose listings `find` times (loaded through POST /tasks/batch).
     find_tasks: int
+    # Share: `bar` tasks (a second each) for two workers of 100 slots.
+    share_tasks: int
+    # Cancel: running foo, spread over the workers, each cancelled by its own request.
+    cancel_tasks: int
 
     @classmethod
     def choose(cls, *, quick: bool, tasks: int | None) -> Sizes:
@@ -75,10 +82,12 @@ class Sizes:
                 20_000,
                 500,
                 20_000,
+                400,
+                200,
             )
         return cls(
             tasks or 200_000, (50_000, 10_000), 10_000, 400, 20_000, 10,
-            10, 1_000_000, 330, 120, 30, 1_000, 11, 100_000, 5_000, 1_000_000,
+            10, 1_000_000, 330, 120, 30, 1_000, 11, 100_000, 5_000, 1_000_000, 1_000, 1_000,
         )  # fmt: skip
 
 
@@ -116,16 +125,46 @@ class Processes:
         """`taskrunner *args` on `database_url`, logging from `log_level` up."""
         return self.run(
             [sys.executable, "-m", "local", "--log-level", log_level, *args],
+            log=None,
+            stdout=None,
             TASKRUNNER_DATABASE_URL=database_url,
             **env,
         )
 
-    def run(self, command: list[str], **env: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            command,
-            env={**os.environ, **env},
-            stdout=subprocess.DEVNULL,  # the task lines are printed, to nobody
+    def start_to(
+        self, stdout: Path | None, database_url: str, *args: str, **env: str
+    ) -> subprocess.Popen[bytes]:
+        """`taskrunner *args` on `database_url`, its task lines to `stdout` (None: nobody)."""
+        return self.run(
+            [sys.executable, "-m", "local", "--log-level", "WARNING", *args],
+            log=None,
+            stdout=stdout,
+            TASKRUNNER_DATABASE_URL=database_url,
+            **env,
         )
+
+    def logged(
+        self, database_url: str, log: Path | None, *args: str, **env: str
+    ) -> subprocess.Popen[bytes]:
+        """`taskrunner *args` on `database_url`, its log at INFO to the file `log` (None:
+        warnings only, to the bench's stderr)."""
+        level = "WARNING" if log is None else "INFO"
+        return self.run(
+            [sys.executable, "-m", "local", "--log-level", level, *args],
+            log=log,
+            stdout=None,
+            TASKRUNNER_DATABASE_URL=database_url,
+            **env,
+        )
+
+    def run(
+        self, command: list[str], log: Path | None = None, stdout: Path | None = None, **env: str
+    ) -> subprocess.Popen[bytes]:
+        with contextlib.ExitStack() as files:
+            stderr = None if log is None else files.enter_context(log.open("wb"))
+            # The task lines are printed to nobody, unless a scenario reads them.
+            out = files.enter_context(open(stdout or os.devnull, "wb"))
+            proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=out, stderr=stderr)
         self.started.append(proc)
         return proc
 
@@ -141,6 +180,38 @@ class Processes:
     def stop_all(self) -> None:
         for proc in self.started:
             self.stop(proc)
+
+
+@contextmanager
+def slow_http_server(delay_s: float) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 that answers every GET `delay_s` after it came (a thread
+    per connection: a few hundred at once); yield its URL."""
+
+    class Slow(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as bar's client uses it
+
+        def do_GET(self) -> None:
+            time.sleep(delay_s)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 1024  # the listen backlog: every worker's connections at once
+
+    server = Server(("127.0.0.1", 0), Slow)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -209,8 +280,8 @@ class Harness:
         assert self._conn is not None, "inside a scenario"
         return self._conn
 
-    def worker(self, **env: str) -> subprocess.Popen[bytes]:
-        return self.procs.start(self.url, "worker", **env)
+    def worker(self, stdout: Path | None = None, **env: str) -> subprocess.Popen[bytes]:
+        return self.procs.start_to(stdout, self.url, "worker", **env)
 
     def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
         cur = self.conn.execute(query.encode(), params or None)

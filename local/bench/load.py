@@ -229,3 +229,19 @@ async def post_batches(
         if status != 201:
             raise RuntimeError(f"POST /tasks/batch answered {status}: {text[:200]!r}")
     conn.close()
+
+
+async def post_each(api_url: str, paths: list[str], clients: int) -> list[tuple[int, bytes]]:
+    """POST each of `paths` (no body) once, from `clients` connections taking the next path
+    as they are free; the answers in the order of `paths`."""
+    answers: list[tuple[int, bytes]] = [(0, b"")] * len(paths)
+    next_path = iter(range(len(paths)))
+
+    async def client() -> None:
+        conn = await HttpConnection.open(api_url)
+        for i in next_path:
+            answers[i] = await conn.post(paths[i], b"")
+        conn.close()
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return answers

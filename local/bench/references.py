@@ -63,6 +63,35 @@ async def raw_drain(url: str, n: int, pipelines: int = 2) -> float:
         await database.dispose()
 
 
+async def raw_cancel(url: str, n: int, connections: int) -> float:
+    """Seconds for the store's own cancels (`Store.cancel_task`: the cancel, then its
+    notification) of `n` running tasks, one call each from `connections` sessions at once:
+    the cancel scenario without the API or any worker. The tasks are claimed by the
+    store's own claim first, so they are running."""
+    settings = Settings(database_url=url, db_pool_size=connections)
+    database = Database(settings)
+    store = Store(database)
+    try:
+        await store.register_worker(worker="raw", lease_s=60.0)
+        ids: list[int] = []
+        while len(ids) < n:
+            claimed, _ = await store.claim_due(
+                worker="raw", kinds=["foo"], limit=n - len(ids), lease_s=60.0
+            )
+            ids += [c.id for c in claimed]
+        todo = iter(ids)
+
+        async def client() -> None:
+            for task_id in todo:
+                await store.cancel_task(task_id)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(connections)))
+        return time.perf_counter() - started
+    finally:
+        await database.dispose()
+
+
 async def raw_notify_p99(url: str, n: int) -> float:
     """p99 (ms) of `n` NOTIFYs' trips from one session to another LISTENing one."""
     listener = await psycopg.AsyncConnection.connect(url, autocommit=True)

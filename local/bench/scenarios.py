@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,15 @@ from functions import queries
 from functions.enqueue import enqueue
 from local.bench import load, references
 from local.bench.figures import Figure
-from local.bench.harness import Harness, free_port, peak_rss_mb, percentile, wait_http, wait_until
+from local.bench.harness import (
+    Harness,
+    free_port,
+    peak_rss_mb,
+    percentile,
+    slow_http_server,
+    wait_http,
+    wait_until,
+)
 
 
 class Bench(Harness):
@@ -128,6 +137,31 @@ class Bench(Harness):
                 "SELECT extract(epoch FROM max(finished_at) - min(execute_at)) FROM tasks"
             )
         return float(seconds), peak
+
+    def share(self) -> tuple[float, list[int]]:
+        """2 workers of 100 `bar` slots each, N `bar` due at once against a server that
+        answers after a second: seconds from the due time to the last finish, and how many
+        each worker ran (from their printed lines)."""
+        n = self.sizes.share_tasks
+        with (
+            self.scenario("share"),
+            slow_http_server(1.0) as url,
+            tempfile.TemporaryDirectory() as tmp,
+        ):
+            outs = [Path(tmp) / f"worker{i}.out" for i in range(2)]
+            env = {"TASKRUNNER_BAR_URL": url, "TASKRUNNER_BAR_CONCURRENCY": "100"}
+            for out in outs:
+                self.worker(stdout=out, **env)
+            self.wait_for_listener(2)
+            self.insert_due("bar", n, in_s=1.0)
+            wait_until(lambda: self.done(n), n, "share", 300)
+            self.check_all_succeeded(n)
+            [(seconds,)] = self.sql(
+                "SELECT extract(epoch FROM max(finished_at) - min(execute_at)) FROM tasks"
+            )
+            self.procs.stop_all()
+            ran = [out.read_text().count("200\n") for out in outs]
+        return float(seconds), ran
 
     def lateness_future(self) -> tuple[float, float]:
         """p50 and p99 of start lateness (ms) for tasks created ahead of their time."""
@@ -249,6 +283,40 @@ class Bench(Harness):
         )
         values = [float(v) for (v,) in rows]
         return percentile(values, 50), percentile(values, 99)
+
+    def cancel_running(self) -> tuple[float, float]:
+        """N foo running on the workers (a minute's sleep each, and the workers poll once a
+        minute: only the cancels' notifications tell them), each cancelled by a `POST
+        /tasks/{id}/cancel` of its own from 32 clients: seconds from the first request until
+        the last answer (each 200, cancelled), and until the workers had stopped every task
+        (their `action=cancel` log lines count them)."""
+        n = self.sizes.cancel_tasks
+        with self.scenario("cancel"), tempfile.TemporaryDirectory() as tmp:
+            api_url, _ = self.api()
+            logs = [Path(tmp) / f"worker{i}.log" for i in range(self.workers)]
+            for log in logs:
+                self.procs.logged(
+                    self.url, log, "worker", TASKRUNNER_FOO_DELAY_S="60",
+                    TASKRUNNER_POLL_INTERVAL_S="60",
+                    TASKRUNNER_CONCURRENCY=str(math.ceil(n / self.workers)),
+                )  # fmt: skip
+            self.wait_for_listener(self.workers)
+            self.insert_due("foo", n)
+
+            def running() -> int:
+                [(count,)] = self.sql("SELECT count(*) FROM tasks WHERE state = 'running'")
+                return int(count)
+
+            wait_until(running, n, "cancel, foo starting", 60)
+            ids = [task_id for (task_id,) in self.sql("SELECT id FROM tasks ORDER BY id")]
+            return asyncio.run(_cancel_each(api_url, ids, logs))
+
+    def raw_cancel(self) -> float:
+        """Seconds for the store's own cancels of N running tasks from 32 sessions."""
+        n = self.sizes.cancel_tasks
+        with self.scenario("rawcancel"):
+            self.insert_due("foo", n)
+            return asyncio.run(references.raw_cancel(self.url, n, 32))
 
     def raw_notify_ms(self) -> float:
         """p99 of a NOTIFY's trip from one session to another LISTENing one (ms)."""
@@ -517,6 +585,42 @@ def _post(url: str, body: object) -> Any:
                                      headers={"content-type": "application/json"})  # fmt: skip
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.loads(response.read())
+
+
+def _stopped(logs: list[Path]) -> int:
+    """How many tasks the workers logging to `logs` stopped because they were cancelled."""
+    return sum(
+        int(found.group(1))
+        for log in logs
+        for found in re.finditer(r"action=cancel worker=\S+ count=(\d+)", log.read_text())
+    )
+
+
+async def _cancel_each(api_url: str, ids: list[int], logs: list[Path]) -> tuple[float, float]:
+    """Cancel each of `ids` by a request of its own, 32 clients: seconds from the first
+    request until the last answer, and until the workers logging to `logs` stopped them all."""
+    started = time.perf_counter()
+    stopped_s: list[float] = []
+
+    async def watch() -> None:
+        while _stopped(logs) < len(ids):
+            await asyncio.sleep(0.01)
+        stopped_s.append(time.perf_counter() - started)
+
+    watcher = asyncio.create_task(watch())
+    answers = await load.post_each(api_url, [f"/tasks/{i}/cancel" for i in ids], clients=32)
+    answered_s = time.perf_counter() - started
+    refused = [(status, body[:200]) for status, body in answers if status != 200]
+    if refused or any(json.loads(body)["state"] != "cancelled" for _, body in answers):
+        watcher.cancel()
+        raise RuntimeError(f"cancel: {len(refused)} refused, the first: {refused[:1]}")
+    try:
+        await asyncio.wait_for(watcher, 60)
+    except TimeoutError:
+        raise RuntimeError(
+            f"cancel: the workers stopped {_stopped(logs)} of {len(ids)} within 60 s"
+        ) from None
+    return answered_s, stopped_s[0]
 
 
 def _lambda_bundle(target: Path) -> Path | None:

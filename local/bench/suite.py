@@ -14,8 +14,8 @@ from local.bench.harness import Sizes
 from local.bench.scenarios import Bench
 
 # The scenarios `taskrunner bench --only` can pick, in the order they run.
-SCENARIOS = ("drain", "payload-drain", "burst", "warm-burst", "fanout", "lateness", "wake",
-             "schedules", "create", "payload-create", "api", "stats", "find", "soak",
+SCENARIOS = ("drain", "payload-drain", "burst", "warm-burst", "fanout", "share", "lateness", "wake",
+             "schedules", "cancel", "create", "payload-create", "api", "stats", "find", "soak",
              "cold-start")  # fmt: skip
 # The payload scenarios' payload: a user's typical task data.
 PAYLOAD_BYTES = 1024
@@ -98,6 +98,19 @@ def run(
                 Figure("fan-out, peak worker memory", peak, "MB", "< 150 MB", peak < 150, None, "")
             )
 
+        if want("share"):
+            seconds, ran = bench.share()
+            n = sizes.share_tasks
+            even = all(0.4 * n <= each <= 0.6 * n for each in ran)
+            # Each worker runs 100 at a time, a second each: the floor of two, and of one
+            # worker alone (which a worker that claimed them all was held to).
+            floor, alone = n / 200, n / 100
+            figures.append(
+                Figure(f"share, {n:,} x 1 s bar, 2 workers of 100 slots", seconds, "s",
+                       f"each 40-60%; < {alone:g} s", even and seconds < alone, floor,
+                       f"ran {ran[0]:,} and {ran[1]:,}; raw: the floor")
+            )  # fmt: skip
+
         if want("lateness"):
             p50, p99 = bench.lateness_future()
             figures.append(
@@ -127,6 +140,17 @@ def run(
                        p99, "ms", "<= ordinary tasks' + 10 ms", p99 <= raw_p99 + 10, raw_p99,
                        f"p50 {p50:.1f} ms; raw: {n:,} ordinary tasks due at one instant (p50"
                        f" {raw_p50:.1f} ms)")
+            )  # fmt: skip
+
+        if want("cancel"):
+            answered, stopped = bench.cancel_running()
+            raw = bench.raw_cancel()
+            n, seconds = sizes.cancel_tasks, max(answered, stopped)
+            figures.append(
+                Figure(f"cancel {n:,} running foo on {workers} workers, 32 clients", seconds,
+                       "s", "all cancelled and stopped <= 2 s", seconds <= 2, raw,
+                       f"answered in {answered:.2f} s, stopped in {stopped:.2f} s; raw: the"
+                       " store's cancels alone, 32 sessions")
             )  # fmt: skip
 
         if want("create"):

@@ -50,7 +50,8 @@ def test_bench_quick_reports_every_scenario(
               "POST /tasks,", "POST /tasks/batch", "GET /stats", "soak", "cold start, API",
               "cold start, tick", "drain, 1 worker, a 1 KiB payload each",
               "POST /tasks with a 1 KiB payload", "wake-up, enqueue + commit",
-              "schedules' occurrences at one minute", "GET /tasks, first page of each")  # fmt: skip
+              "schedules' occurrences at one minute", "GET /tasks, first page of each",
+              "cancel 200 running foo", "share, 400 x 1 s bar")  # fmt: skip
     for expected in (*api, *others):
         assert any(expected in s for s in scenarios), f"no {expected!r} in {scenarios}"
     for figure in figures:

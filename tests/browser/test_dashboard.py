@@ -406,6 +406,33 @@ def test_schedules_page_lists_next_runs_last_tasks_and_toggles_them(
     expect(page.locator("#task-output")).to_have_text("<b>Foo</b>")
 
 
+def test_workers_page_lists_a_live_worker_and_one_that_died(
+    taskrunner: Callable[..., str], page: Page, sql: Sql
+) -> None:
+    """The live worker with its host, pid and types; one that died 10 minutes ago with what
+    was rescued from it; a host shown is text, never markup."""
+    sql(
+        "INSERT INTO workers_ended (id, host, pid, started_at, kinds, version, tick,"
+        " heartbeat_at, rescued, ended_at, state) VALUES ('<b>x</b>:1:a', '<b>x</b>', 1,"
+        " now() - interval '1 day', '{foo}', '0.1.0', false, now() - interval '11 minutes', 3,"
+        " now() - interval '10 minutes', 'dead')"
+    )
+    api = taskrunner(worker=True)
+    page.goto(f"{api}/#/workers")
+    rows = page.locator("#workers-table tbody tr")
+    expect(rows).to_have_count(2)  # the live one, once it has registered
+    live, dead = rows.nth(0), rows.nth(1)
+    expect(live.locator(".state")).to_have_text("live")
+    [(worker, pid)] = sql("SELECT id, pid FROM workers")
+    expect(live).to_have_attribute("data-id", worker)
+    expect(live.locator("td").nth(0)).to_contain_text(f"pid {pid}")
+    expect(live.locator("td").nth(3)).to_contain_text("foo")
+    expect(dead.locator(".state")).to_have_text("dead")
+    expect(dead.locator(".rescued")).to_have_text("3")
+    expect(dead.locator("td").nth(0)).to_have_text("<b>x</b> · pid 1")
+    expect(page.locator('nav a[data-view="workers"]')).to_have_attribute("aria-current", "page")
+
+
 def test_an_action_the_api_refuses_shows_its_reason(
     taskrunner: Callable[..., str],
     page: Page,
@@ -546,6 +573,11 @@ def test_a_running_task_is_cancelled_from_its_page_then_found_by_state_and_retri
 
     page.goto(f"{api}/#/tasks/{task_id}")
     expect(page.locator('dd[data-field="state"]')).to_have_text("running")
+    # Who runs it, since when, and until when its lease lasts.
+    [(worker,)] = sql("SELECT claimed_by FROM tasks WHERE id = %s", task_id)
+    expect(page.locator('dd[data-field="worker"]')).to_have_text(worker)
+    expect(page.locator('dd[data-field="running_since"] time')).to_have_count(1)
+    expect(page.locator('dd[data-field="lease_expires_at"] time')).to_have_count(1)
     expect(page.get_by_role("button", name="Retry")).to_be_disabled()
     page.get_by_role("button", name="Cancel").click()
     expect(page.locator('dd[data-field="state"]')).to_have_text("cancelled")

@@ -5,6 +5,7 @@ import dataclasses
 import io
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,9 @@ import httpx
 import psycopg
 import pytest
 
-from functions import queries
+from functions import queries, tasks
+from functions.errors import TaskNotFound, WrongState
+from functions.model import Task
 from functions.settings import Settings
 from functions.store import Store
 from functions.tick import tick
@@ -37,16 +40,100 @@ async def test_a_cancel_by_condition_takes_the_lowest_ids_and_only_what_matches(
     everything = queries.cancel_tasks("kind = %(kind)s")
     with psycopg.connect(database_url, autocommit=True) as listener:
         listener.execute(f"LISTEN {queries.CANCEL_CHANNEL}")
-        assert await store.cancel_tasks(unstarted, limit=1, kind="foo") == ([foo[0]], [])
-        assert await store.cancel_tasks(unstarted, limit=10, kind="foo") == ([foo[3]], [])
+        assert await store.cancel_tasks(unstarted, limit=1, kind="foo") == ([foo[0]], {})
+        assert await store.cancel_tasks(unstarted, limit=10, kind="foo") == ([foo[3]], {})
         assert [n.payload for n in listener.notifies(timeout=0.2)] == []
-        assert await store.cancel_tasks(everything, limit=10, kind="foo") == ([foo[1]], ["w1"])
-        assert [n.payload for n in listener.notifies(timeout=1, stop_after=1)] == ["w1"]
-        assert await store.cancel_tasks(everything, limit=10, kind="foo") == ([], [])
+        held = {"w1": [(foo[1], 1)]}
+        assert await store.cancel_tasks(everything, limit=10, kind="foo") == ([foo[1]], held)
+        assert [n.payload for n in listener.notifies(timeout=1, stop_after=1)] == [
+            f'["w1",[{foo[1]},1]]'
+        ]
+        assert await store.cancel_tasks(everything, limit=10, kind="foo") == ([], {})
     found = states(sql)
     assert found[foo[0]] == found[foo[1]] == found[foo[3]] == ("cancelled", None, True)
     assert found[foo[2]] == ("succeeded", None, True)
     assert found[baz] == ("scheduled", None, False)
+
+
+async def test_cancels_made_at_once_share_statements_and_each_gets_its_own_answer(
+    store: Store, sql: Sql, task_factory: Callable[..., int], database_url: str
+) -> None:
+    ids = [task_factory("foo", due_in_s=60) for _ in range(60)]
+    sql(
+        "UPDATE tasks SET state = 'running', attempts = 2, claimed_by = 'w1' WHERE id = ANY(%s)",
+        ids[10:12],
+    )
+    sql("UPDATE tasks SET state = 'succeeded', finished_at = now() WHERE id = %s", ids[20])
+    statements = 0
+    pinned = store._pinned
+
+    async def counted(*args: Any, **kwargs: Any) -> list[list[Any]]:
+        nonlocal statements
+        statements += 1
+        return await pinned(*args, **kwargs)
+
+    store._pinned = counted  # type: ignore[method-assign]
+    asked = [*ids, ids[0], ids[-1] + 1000]  # one asked twice at once, one that is missing
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {queries.CANCEL_CHANNEL}")
+        answers = await asyncio.gather(
+            *(tasks.cancel_task(store, task_id) for task_id in asked), return_exceptions=True
+        )
+        notes = [n.payload for n in listener.notifies(timeout=1, stop_after=1)]
+    assert statements < 30, "they shared statements"
+    for task_id, answer in zip(asked, answers, strict=True):
+        if task_id == ids[20]:
+            assert isinstance(answer, WrongState), answer
+        elif task_id == ids[-1] + 1000:
+            assert isinstance(answer, TaskNotFound), answer
+        else:
+            assert isinstance(answer, Task), answer
+            assert (answer.id, answer.state.value) == (task_id, "cancelled")
+    # The worker that ran two of them is told which, with their attempts.
+    assert notes == [f'["w1",[{ids[10]},2,{ids[11]},2]]']
+    assert sql("SELECT count(*) FROM tasks WHERE state = 'cancelled'") == [(59,)]
+
+
+async def test_a_worker_stops_the_tasks_a_notification_names_without_asking_the_database(
+    client: httpx.AsyncClient,
+    settings: Settings,
+    sql: Sql,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = dataclasses.replace(
+        settings, foo_delay_s=30.0, poll_interval_s=60.0, shutdown_grace_s=0.0
+    )
+    ids = [await created(client) for _ in range(2)]
+    asked: list[int] = []
+    no_longer_held = Store.no_longer_held
+
+    async def counted(self: Store, held: Any) -> set[int]:
+        asked.append(len(held))
+        return await no_longer_held(self, held)
+
+    monkeypatch.setattr(Store, "no_longer_held", counted)
+    caplog.set_level(logging.INFO, "functions.runner")
+    out = io.StringIO()
+    run, stop = await worker_running(settings, out)
+    try:
+        await until(lambda: sql("SELECT count(*) FROM tasks WHERE state = 'running'")[0][0] == 2)
+        [(worker,)] = sql("SELECT DISTINCT claimed_by FROM tasks")
+        before = len(asked)  # (one at most: a listener that connected after the claim asks)
+        # A notification that names the other task on another attempt stops nothing.
+        sql("SELECT pg_notify(%s, %s)", queries.CANCEL_CHANNEL, f'["{worker}",[{ids[1]},2]]')
+        assert (await client.post(f"/tasks/{ids[0]}/cancel")).status_code == 200
+        await until(lambda: run.done() or "action=cancel worker" in caplog.text, 20.0)
+        assert len(asked) == before, "stopped without a query"
+    finally:
+        stop.set()
+        summary = await run
+    assert summary.cancelled == 1
+    assert out.getvalue() == ""
+    assert sql("SELECT id, state FROM tasks ORDER BY id") == [
+        (ids[0], "cancelled"),
+        (ids[1], "scheduled"),  # handed back at shutdown: it was never stopped
+    ]
 
 
 async def created(client: httpx.AsyncClient, kind: str = "foo", at: Any = 0) -> int:
@@ -186,6 +273,34 @@ async def test_a_tick_stops_its_task_cancelled_while_it_runs(
     assert (summary.claimed, summary.cancelled, summary.succeeded) == (1, 1, 0)
     assert out.getvalue() == ""
     assert sql("SELECT state, attempts, claimed_by FROM tasks") == [("cancelled", 1, None)]
+
+
+async def test_cancels_racing_a_ticks_runs_end_cancelled_without_a_line_or_succeeded_with_one(
+    store: Store, settings: Settings, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    """A tick prints a line only while its finish holds the task's row, as a worker does: a
+    cancel that lands first stops the line, one that comes while it prints waits and finds
+    the task succeeded (409)."""
+    settings = dataclasses.replace(settings, foo_delay_s=0.02)
+    ids = [task_factory("foo") for _ in range(300)]
+    out = io.StringIO()
+    run = asyncio.create_task(tick(settings, out=out))
+    await until(lambda: sql("SELECT count(*) FROM tasks WHERE state <> 'scheduled'")[0][0] > 0)
+    answers = await asyncio.gather(
+        *(tasks.cancel_task(store, task_id) for task_id in ids), return_exceptions=True
+    )
+    await asyncio.wait_for(run, 60.0)
+    printed = Counter(int(line.split()[1]) for line in out.getvalue().splitlines())
+    found: dict[int, str] = dict(sql("SELECT id, state FROM tasks"))
+    outcomes: Counter[str] = Counter()
+    for task_id, answer in zip(ids, answers, strict=True):
+        if isinstance(answer, Task):
+            assert (found[task_id], printed[task_id]) == ("cancelled", 0), task_id
+        else:
+            assert isinstance(answer, WrongState), answer
+            assert (found[task_id], printed[task_id]) == ("succeeded", 1), task_id
+        outcomes[found[task_id]] += 1
+    assert sum(outcomes.values()) == 300
 
 
 async def test_cancelled_is_a_state_the_filters_the_original_listing_and_retention_know(

@@ -96,6 +96,42 @@ async def test_claim_respects_the_kinds_asked_for(
     assert [c.id for c in claimed] == [baz]
 
 
+async def test_a_claim_takes_no_more_of_a_kind_than_its_cap(
+    stores: list[Store], task_factory: Callable[..., int]
+) -> None:
+    """Of 4 bar due first and 3 baz, a claim capped at 2 bar takes the first 2 bar (in due
+    order) and every baz; the bar it left are another worker's to take at once; a cap of
+    exactly what is due takes them all."""
+    await register(stores[0], "A", "B")
+    bar = [task_factory("bar", due_in_s=-10 + i) for i in range(4)]
+    baz = [task_factory("baz") for _ in range(3)]
+    claimed, _ = await stores[0].claim_due(
+        worker="A", kinds=ALL, limit=100, lease_s=60, caps={"bar": 2}
+    )
+    assert sorted(c.id for c in claimed) == bar[:2] + baz
+    claimed, _ = await stores[1].claim_due(
+        worker="B", kinds=ALL, limit=100, lease_s=60, caps={"bar": 2}
+    )
+    assert sorted(c.id for c in claimed) == bar[2:]
+
+
+async def test_a_claim_capped_at_what_is_due_or_one_less(
+    stores: list[Store], task_factory: Callable[..., int]
+) -> None:
+    await register(stores[0], "A")
+    bar = [task_factory("bar") for _ in range(3)]
+    claimed, due = await stores[0].claim_due(
+        worker="A", kinds=["bar"], limit=100, lease_s=60, caps={"bar": 2}
+    )
+    assert sorted(c.id for c in claimed) == bar[:2]
+    assert due.wait_s is not None and due.wait_s <= 0, "the one left is due"
+    claimed, due = await stores[0].claim_due(
+        worker="A", kinds=["bar"], limit=100, lease_s=60, caps={"bar": 1}
+    )
+    assert [c.id for c in claimed] == bar[2:]
+    assert due.wait_s is None
+
+
 async def test_a_worker_that_is_not_registered_or_whose_lease_ran_out_claims_nothing(
     stores: list[Store], task_factory: Callable[..., int], sql: Sql
 ) -> None:

@@ -212,6 +212,30 @@ async def test_reading_a_task_answers_alike(pair: Pair) -> None:
     assert shown.json()["id"] == task_id
 
 
+async def test_cancelling_a_task_answers_alike(pair: Pair, sql: Any) -> None:
+    ids = []
+    for _ in range(3):
+        body = {"type": "foo", "execute_at": 1893499200}
+        ids.append((await pair.served.post("/tasks", json=body, headers=AUTH)).json()["id"])
+    sql("UPDATE tasks SET state = 'succeeded', attempts = 1, finished_at = now() WHERE id = %s",
+        ids[2])  # fmt: skip
+    # The first of each pair cancels; the second finds it cancelled: the same task.
+    cancelled = await pair.both("POST", f"/tasks/{ids[0]}/cancel", headers=AUTH)
+    assert (cancelled.status_code, cancelled.json()["state"]) == (200, "cancelled")
+    # Any body, and any content type, alike: the route reads none.
+    sent = {"content": b"\xff{", "headers": {**AUTH, "content-type": "text/plain"}}
+    assert (await pair.both("POST", f"/tasks/{ids[1]}/cancel", **sent)).status_code == 200
+    assert (await pair.both("POST", f"/tasks/{ids[2]}/cancel", headers=AUTH)).status_code == 409
+    for path in ("/tasks/999999999999/cancel", f"/tasks/{ids[0]:020d}/cancel"):
+        assert (await pair.both("POST", path, headers=AUTH)).status_code in (200, 404)
+    for path in ("/tasks/0/cancel", f"/tasks/{2**63}/cancel", "/tasks/\uff11/cancel",
+                 "/tasks//cancel", "/tasks/1" + "0" * 30 + "/cancel", "/tasks/x/cancel",
+                 "/tasks/cancel/cancel"):  # fmt: skip
+        assert (await pair.both("POST", path, headers=AUTH)).status_code in (404, 405, 422)
+    assert (await pair.both("POST", f"/tasks/{ids[0]}/cancel")).status_code == 401
+    assert (await pair.both("GET", f"/tasks/{ids[0]}/cancel", headers=AUTH)).status_code == 405
+
+
 async def test_a_database_that_is_down_answers_alike(settings: Settings) -> None:
     down = dataclasses.replace(
         settings, database_url="postgresql://nobody@127.0.0.1:1/none", db_pool_size=0
@@ -252,6 +276,8 @@ async def test_the_hot_path_does_not_build_the_fastapi_app(settings: Settings) -
             ]
             batch = await client.post("/tasks/batch", json={"tasks": items})
             assert batch.status_code == 201
+            cancelled = await client.post(f"{created.headers['location']}/cancel")
+            assert cancelled.json() == {**shown.json(), **cancelled.json(), "state": "cancelled"}
             assert built == []
             assert (await client.get("/tasks")).status_code == 200
             assert built == [True]

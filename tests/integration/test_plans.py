@@ -107,6 +107,15 @@ def explain(
     return plan
 
 
+def check_no_sort_of_due_tasks(plan: dict[str, Any], name: str) -> None:
+    """The due tasks are read in the index's order, never sorted; only a claim's own rows
+    (at most its limit) may be, to cap each kind (queries.CLAIM_DUE)."""
+    for sort in (n for n in nodes(plan) if n["Node Type"] == "Sort"):
+        below = {n.get("Index Name") for n in nodes(sort)}
+        assert "tasks_due" not in below, f"{name} sorts the due tasks"
+        assert sort["Actual Rows"] <= BATCH, f"{name} sorts more than it claims"
+
+
 def results_json(ids: list[int]) -> str:
     return json.dumps(
         [
@@ -158,14 +167,14 @@ def test_the_claim_walks_the_due_index_in_order(
     postgresql.autocommit = False
     params = {
         "worker": "w", "kinds": ["foo", "bar", "baz"], "limit": BATCH, "lease_s": 60.0, "now": None,
-        "short_kinds": [], "fit_s": None,
+        "short_kinds": [], "fit_s": None, "caps": '{"bar": 110}',
     }  # fmt: skip
     for name, statement in (("CLAIM_DUE", queries.CLAIM_DUE), ("NEXT_DUE", queries.NEXT_DUE)):
         # As Store.claim_due runs them: in one transaction with the claim's settings.
         plan = explain(postgresql, statement, params, generic, queries.PINNED_PLAN)
         used = {n.get("Index Name") for n in nodes(plan)}
         assert "tasks_due" in used, f"{name} ({loaded}) does not use tasks_due: {used}"
-        assert not any(n["Node Type"] == "Sort" for n in nodes(plan)), f"{name} sorts"
+        check_no_sort_of_due_tasks(plan, name)
         if name == "CLAIM_DUE":
             updated = [n for n in nodes(plan) if n["Node Type"] == "ModifyTable"]
             assert {n["Relation Name"] for n in updated} == {"tasks", "workers"}
@@ -208,7 +217,7 @@ def test_no_pinned_statement_is_compiled_with_jit(
     cases: dict[str, tuple[str, dict[str, Any]]] = {
         "CLAIM_DUE": (queries.CLAIM_DUE, {"worker": "w", "kinds": ["foo", "bar", "baz"],
                                           "limit": BATCH, "lease_s": 60.0, "now": None,
-                                          "short_kinds": [], "fit_s": None}),
+                                          "short_kinds": [], "fit_s": None, "caps": "{}"}),
         "NEXT_DUE": (queries.NEXT_DUE, {"kinds": ["foo", "bar", "baz"], "now": None,
                                         "short_kinds": [], "fit_s": None}),
         "FINISH_MANY": (queries.FINISH_MANY, {"worker": "w", "results": results_json(batch)}),
@@ -310,7 +319,7 @@ async def test_a_worker_warmed_on_a_small_table_keeps_the_burst_plans(
             2 * BATCH)  # fmt: skip
         await store.register_worker(worker="w", lease_s=60)
         params = {"lease_s": 60.0, "worker": "w", "kinds": ["baz"], "limit": BATCH, "now": None,
-                  "short_kinds": [], "fit_s": None}  # fmt: skip
+                  "short_kinds": [], "fit_s": None, "caps": "{}"}  # fmt: skip
         [ids] = await store._pinned((queries.CLAIM_DUE, params))
         assert len(ids) == BATCH
 
@@ -345,7 +354,7 @@ async def test_a_worker_warmed_on_a_small_table_keeps_the_burst_plans(
                 names = dict.fromkeys(re.findall(r"%\((\w+)\)s", queries.CLAIM_DUE))
                 plan = await explain(prepared[claim][0], *(params[n] for n in names))
                 assert "tasks_due" in {n.get("Index Name") for n in nodes(plan)}
-                assert not any(n["Node Type"] == "Sort" for n in nodes(plan)), "the claim sorts"
+                check_no_sort_of_due_tasks(plan, "the claim")
 
                 results = results_json([i for i, *_ in ids])
                 plan = await explain(prepared[finish][0], results, "w")
@@ -409,7 +418,7 @@ def test_reads_of_due_tasks_read_no_future_ones_whatever_their_priorities(
         "SELECT pg_relation_size('tasks_due') / current_setting('block_size')::int"
     ).fetchall()
     claim = {"worker": "w", "kinds": ["foo", "baz"], "limit": BATCH, "lease_s": 60.0,
-             "now": None, "short_kinds": [], "fit_s": None}  # fmt: skip
+             "now": None, "short_kinds": [], "fit_s": None, "caps": "{}"}  # fmt: skip
     cases: dict[str, tuple[str, dict[str, Any], int]] = {
         # (statement, parameters, the rows of tasks it reads)
         "CLAIM_DUE": (queries.CLAIM_DUE, claim, due),
@@ -437,7 +446,7 @@ def test_reads_of_due_tasks_read_no_future_ones_whatever_their_priorities(
         assert {n.get("Index Name") for n in scans} == {"tasks_due"}, f"{which}: {scans}"
         if name in ("CLAIM_DUE", "NEXT_DUE"):
             # In the index's order: a sort would lock every due task to keep a few.
-            assert not any(n["Node Type"] == "Sort" for n in nodes(plan)), f"{which} sorts"
+            check_no_sort_of_due_tasks(plan, which)
         read = sum(
             (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"]
             for n in scans
@@ -470,7 +479,7 @@ def test_a_cancel_or_retry_by_filter_reads_the_indexes_of_its_states(
     }
     postgresql.autocommit = False
     for name, statement in cases.items():
-        params = {"kind": "baz", "limit": BATCH, "max_attempts": 3, "id": N}
+        params = {"kind": "baz", "limit": BATCH, "max_attempts": 3, "ids": [N]}
         # As Store runs them: with the pinned plan settings.
         plan = explain(postgresql, statement, params, generic, queries.PINNED_PLAN)
         read = 0

@@ -224,6 +224,7 @@ async def test_a_broken_write_loop_stops_the_run_loudly(
         raise RuntimeError("a bug in the write path")
 
     monkeypatch.setattr(store, "finish_many", broken)
+    monkeypatch.setattr(store, "finish_many_after", broken)
     with caplog.at_level(logging.ERROR), pytest.raises(WorkerFailed, match="write loop failed"):
         await Runner(store, settings, out=io.StringIO()).run()
     assert "a bug in the write path" in caplog.text
@@ -379,21 +380,28 @@ async def test_a_worker_that_lost_its_lease_records_the_runs_it_has_not_written_
     task_factory: Callable[..., int],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Its results wait while the database cannot take them; then it finds its lease ran out.
-    Nobody rescued those tasks yet: it records what ran (fenced), not hands them back to run
-    again with their attempt refunded (before: every line printed twice, attempts 1)."""
+    """Its lines are out and their batch committed, but the commit's answer was lost, and
+    its writes fail while the database cannot take them; then it finds its lease ran out.
+    Nobody rescued those tasks yet: it records what ran (fenced, found written), not hands
+    them back to run again with their attempt refunded (before: every line printed twice,
+    attempts 1)."""
     settings = dataclasses.replace(settings, lease_seconds=3.0)
     ids = [task_factory("baz") for _ in range(5)]
     out = io.StringIO()
     runner = Runner(store, settings, out=out)
-    finish_many = store.finish_many
+    finish_many, finish_many_after = store.finish_many, store.finish_many_after
 
     async def refused_until_the_lease_is_lost(**kwargs: Any) -> set[int]:
         if not runner.lease_lost:
             raise DatabaseUnavailable("database unavailable: (test) writes refused")
         return await finish_many(**kwargs)
 
+    async def answer_lost(**kwargs: Any) -> set[int] | None:
+        await finish_many_after(**kwargs)
+        raise DatabaseUnavailable("database unavailable: (test) the commit's answer lost")
+
     monkeypatch.setattr(store, "finish_many", refused_until_the_lease_is_lost)
+    monkeypatch.setattr(store, "finish_many_after", answer_lost)
     run = asyncio.create_task(runner.run(keep_polling=True))
     # Long enough for the write loop's retries to back off to seconds between tries.
     await asyncio.sleep(3.5)

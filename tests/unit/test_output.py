@@ -102,3 +102,35 @@ async def test_a_dropped_line_is_never_printed_nor_handed_on() -> None:
     await printer.close()
     assert out.getvalue() == "Foo 1\nFoo 3\n"
     assert handed == ["result 1", "result 3"]
+
+
+async def test_lines_not_out_in_time_are_withdrawn_and_never_written_later(
+    pipe: tuple[int, int],
+) -> None:
+    """`print_now` on a full pipe: nothing out within its wait, so nothing may get out after
+    it (the batch's rows are rolled back meanwhile), not even the lines the writer's thread
+    had taken and was waiting to write. Printed again once the pipe drains, each line goes
+    out once."""
+    read_fd, write_fd = pipe
+    out = os.fdopen(write_fd, "w", closefd=False)
+    os.set_blocking(write_fd, False)
+    with pytest.raises(BlockingIOError):
+        while True:
+            os.write(write_fd, b"x" * 512)  # a reader that does not keep up: the pipe is full
+    os.set_blocking(write_fd, True)
+    printer: Printer[None] = Printer(out, 60.0, 1.0, lambda _: None, lambda _: None)
+    printer.start(time.monotonic())
+    lines = [(key, f"Foo {key}", None) for key in range(1, 4)]
+    assert await printer.print_now(lines, 0.3) == set()
+    assert not printer.waiting
+    filler = read(read_fd)  # the reader catches up
+    assert set(filler) == {ord("x")}
+    await asyncio.sleep(0.3)  # three of the writer's looks at the pipe
+    assert read(read_fd) == b"", "a withdrawn line was written"
+    assert await printer.print_now(lines, 10.0) == {1, 2, 3}
+    # (The pipe of 4 KiB takes the next write once it is read: PIPE_BUF must be free.)
+    assert read(read_fd) == b"Foo 1\nFoo 2\nFoo 3\n"
+    # A key handed back is the caller's: asked again, it is printed again.
+    assert await printer.print_now([lines[0], (4, "Foo 4", None)], 10.0) == {1, 4}
+    await printer.close()
+    assert read(read_fd) == b"Foo 1\nFoo 4\n"

@@ -1,10 +1,15 @@
-"""A worker hears of every task created while it is awake: none waits for the next poll."""
+"""A worker hears of every task created while it is awake: none waits for the next poll;
+and a cancel wakes its claim loop only when that can claim something new."""
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from functions.runner import Runner
 from functions.settings import Settings
+from functions.store import Claimed
 
 
 def _runner() -> Runner:
@@ -32,3 +37,35 @@ async def test_while_asleep_only_a_task_due_sooner_wakes_it() -> None:
     assert not sleeping.done()
     runner.notify(99.0)
     await asyncio.wait_for(sleeping, 1.0)
+
+
+def _holding(count: int, concurrency: int) -> Runner:
+    store: Any = SimpleNamespace(WRITE_BATCH=1_000)  # what the room to claim reads of it
+    runner = Runner(
+        store, Settings(database_url="postgresql://localhost/none", concurrency=concurrency)
+    )
+    for task_id in range(1, count + 1):
+        claimed = Claimed(task_id, "foo", 1, 3)
+        runner.state.held[task_id] = claimed
+        runner.slots.queued["foo"].append(claimed)
+    return runner
+
+
+@pytest.mark.parametrize(
+    ("held", "concurrency", "stopped", "wakes"),
+    [
+        (3, 10, {1}, False),  # it had room, and claimed what was due then: nothing new
+        (9, 10, {1, 2}, False),
+        (10, 10, {1}, True),  # it was full: room again
+        (10, 10, set(range(1, 11)), True),
+        (1, 10, {1}, True),  # nothing held any more: a tick waiting for its own returns
+    ],
+)
+async def test_a_cancel_wakes_the_claim_loop_only_when_it_frees_room_it_lacked(
+    held: int, concurrency: int, stopped: set[int], wakes: bool
+) -> None:
+    runner = _holding(held, concurrency)
+    runner._stop(stopped)
+    assert runner.wakeup.is_set() is wakes
+    assert sorted(runner.state.held) == sorted(set(range(1, held + 1)) - stopped)
+    assert runner.state.summary.cancelled == len(stopped)

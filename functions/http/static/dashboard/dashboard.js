@@ -501,14 +501,19 @@ const FIELDS = [
   ["started_at", "started at"], ["finished_at", "finished at"], ["attempts", "attempts"],
   ["max_attempts", "max attempts"], ["idempotency_key", "idempotency key"],
 ];
+// Shown while it runs: who holds it, since when this attempt runs, until when its lease lasts.
+const RUNNING_FIELDS = [
+  ["worker", "worker"], ["running_since", "running since"], ["lease_expires_at", "lease until"],
+];
 
 function drawTask(task) {
   current = task;
   setText("task-title", `Task #${task.id} · ${task.type}`);
-  const rows = FIELDS.map(([key, label]) => {
+  const fields = task.state === "running" ? [...FIELDS, ...RUNNING_FIELDS] : FIELDS;
+  const rows = fields.map(([key, label]) => {
     let value = task[key];
     if (key === "state") value = badge(value);
-    else if (key.endsWith("_at")) value = fmtTime(value);
+    else if (key.endsWith("_at") || key === "running_since") value = fmtTime(value);
     else if (value === null) value = h("span", { class: "muted" }, "–");
     return [h("dt", {}, label), h("dd", { "data-field": key }, value)];
   });
@@ -667,6 +672,35 @@ $("schedules-prev").addEventListener("click", () => {
   refreshNow();
 });
 
+// --- Workers ------------------------------------------------------------------------------
+
+function workerRow(worker) {
+  const who = worker.host === null ? worker.id : `${worker.host} · pid ${worker.pid}`;
+  return h("tr", { "data-id": worker.id },
+    h("td", { title: worker.id }, who, worker.tick ? " (tick)" : ""),
+    h("td", { class: "state" }, worker.state),
+    h("td", { class: "running" }, fmtNumber(worker.running)),
+    h("td", {}, (worker.kinds ?? []).join(", ")),
+    h("td", {}, fmtTime(worker.started_at)),
+    h("td", {}, fmtTime(worker.last_heartbeat_at)),
+    h("td", {}, fmtTime(worker.lease_expires_at)),
+    h("td", { class: "rescued" }, fmtNumber(worker.rescued)),
+    h("td", {}, worker.version ?? "–"));
+}
+
+async function refreshWorkers() {
+  let answer;
+  try {
+    answer = await api("GET", "/workers");
+  } catch (error) {
+    if (error instanceof ApiError) show($("workers-error"), error.message);
+    throw error;
+  }
+  show($("workers-error"), "");
+  $("workers-table").tBodies[0].replaceChildren(...answer.workers.map(workerRow));
+  $("workers-empty").hidden = answer.workers.length > 0;
+}
+
 // --- Views and refreshing -----------------------------------------------------------------
 
 function view() {
@@ -675,6 +709,7 @@ function view() {
   if (match) return { name: "task", id: match[1] };
   if (path === "/tasks") return { name: "tasks" };
   if (path === "/schedules") return { name: "schedules" };
+  if (path === "/workers") return { name: "workers" };
   return { name: "overview" };
 }
 
@@ -688,6 +723,7 @@ async function refresh() {
     if (v.name === "overview") await refreshOverview();
     else if (v.name === "tasks") await refreshTasks();
     else if (v.name === "schedules") await refreshSchedules();
+    else if (v.name === "workers") await refreshWorkers();
     else await refreshTask(v.id);
     show($("banner"), "");
     setText("updated", `Updated ${new Date().toLocaleTimeString()}`);
@@ -722,6 +758,7 @@ function route() {
   $("overview-view").hidden = v.name !== "overview";
   $("tasks-view").hidden = v.name !== "tasks";
   $("schedules-view").hidden = v.name !== "schedules";
+  $("workers-view").hidden = v.name !== "workers";
   $("task-view").hidden = v.name !== "task";
   $("forget-token").hidden = !token();
   for (const link of document.querySelectorAll("nav a[data-view]")) {
