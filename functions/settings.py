@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from functions.model import MAX_PAYLOAD_BYTES
 from functions.values import ASCII_SPACE, Invalid, read_value, shown
 
 DEFAULT_BAR_URL = "https://www.whattimeisitrightnow.com/"
@@ -302,9 +303,10 @@ class Settings:
     # bodies over 10 MB and 6 MB before they get here.
     max_body_bytes: int = _setting(8 * 1024 * 1024, ge=1024)
     # The largest payload a task may carry, as compact JSON in UTF-8; a larger one gets 422.
-    # At most 4 MiB, so that one task's answer stays under the 5 MB of a page. Set to other
-    # than its default, it must be below max_body_bytes: such a body would get 413 first.
-    max_payload_bytes: int = _setting(_PAYLOAD_DEFAULT, ge=16, le=4 * 1024 * 1024)
+    # At most 1.5 MiB (model.MAX_PAYLOAD_BYTES), so that one task's answer stays under the 5 MB
+    # of a page as Lambda carries it. Set to other than its default, it must be below
+    # max_body_bytes: such a body would get 413 first.
+    max_payload_bytes: int = _setting(_PAYLOAD_DEFAULT, ge=16, le=MAX_PAYLOAD_BYTES)
     # Open connections one `taskrunner api` or `dev` process holds; one more is answered 503
     # and closed at once, so that clients that never finish cannot use up its descriptors.
     max_connections: int = _setting(1_000, ge=1)

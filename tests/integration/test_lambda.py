@@ -15,6 +15,7 @@ import pytest
 import functions.api
 from functions import tick
 from functions.errors import DatabaseUnavailable, SchemaOutdated
+from functions.model import MAX_PAGE_BYTES, MAX_PAYLOAD_BYTES
 from functions.queries import SCHEMA_REVISION
 from tests.lambda_harness import FakeContext, api_event, body, header, retarget, scheduled_event
 from tests.pages import is_local, page_urls
@@ -515,3 +516,48 @@ def test_a_repeated_filter_reaches_the_app_whole_through_api_gateway(
     response = functions.api.handler(event, FakeContext())
     assert response["statusCode"] == 200, response
     assert [t["id"] for t in body(response)["items"]] == ids[2::-1]
+
+
+@pytest.mark.parametrize(
+    "character",
+    ["é", "😀"],  # 2 bytes in UTF-8, `\u00e9` (6) in the envelope; 4 bytes, 12
+    ids=["2-byte", "4-byte"],
+)
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_task_with_the_largest_payload_fits_lambdas_response(
+    lambda_env: None, monkeypatch: pytest.MonkeyPatch, version: str, character: str
+) -> None:
+    """TASKRUNNER_MAX_PAYLOAD_BYTES at its ceiling, the payload a string of characters each
+    written as `\\uXXXX` in Lambda's response (three times its bytes): its create, its read
+    and a page holding it each stay under the page's 5 MB as Lambda carries them, under
+    Lambda's 6 MB. One byte more is refused."""
+    monkeypatch.setenv("TASKRUNNER_MAX_PAYLOAD_BYTES", str(MAX_PAYLOAD_BYTES))
+    width = len(character.encode())
+    count, rest = divmod(MAX_PAYLOAD_BYTES - 2, width)  # (2: the string's quotes)
+    payload = "a" * rest + character * count
+    assert len(json.dumps(payload, ensure_ascii=False).encode()) == MAX_PAYLOAD_BYTES
+    event = api_event(version, "create")
+
+    def sent(response: dict[str, Any], status: int) -> Any:
+        assert response["statusCode"] == status, str(response)[:300]
+        # What the runtime sends: the whole dict, as JSON, with non-ASCII escaped.
+        size = len(json.dumps(response, ensure_ascii=True))
+        assert size < MAX_PAGE_BYTES < LAMBDA_RESPONSE_LIMIT, size
+        return body(response)
+
+    def create(value: str) -> dict[str, Any]:
+        event["body"] = json.dumps(
+            {"type": "foo", "execute_at": "2999-01-01T00:00:00Z", "payload": value},
+            ensure_ascii=False,
+        )
+        answer: dict[str, Any] = functions.api.handler(event, FakeContext())
+        return answer
+
+    created = sent(create(payload), 201)
+    assert created["payload"] == payload
+    read = functions.api.handler(retarget(event, "GET", f"/tasks/{created['id']}"), FakeContext())
+    assert sent(read, 200)["payload"] == payload
+    page = functions.api.handler(retarget(event, "GET", "/tasks", "type=foo"), FakeContext())
+    assert [t["id"] for t in sent(page, 200)["items"]] == [created["id"]]
+    over = create(payload + "a")
+    assert over["statusCode"] == 422 and f"{MAX_PAYLOAD_BYTES + 1:,} bytes" in over["body"]
