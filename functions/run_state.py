@@ -150,9 +150,11 @@ class RunState:
     # Set when the last claim failed with its connection: it may have committed.
     unsure_of_holdings: bool = False
     # Set when a cancel of some of this worker's tasks was heard: stop them at once. The
-    # tasks it named (id, attempt), and whether one named none (then the database is asked).
+    # tasks it named (id, attempt), each with when it was heard (time.monotonic(): one not
+    # held yet may be of a claim whose answer is still on its way, which looks for it), and
+    # whether one named none (then the database is asked).
     cancel_heard: asyncio.Event = field(default_factory=asyncio.Event)
-    cancels_named: set[tuple[int, int]] = field(default_factory=set)
+    cancels_named: dict[tuple[int, int], float] = field(default_factory=dict)
     cancels_unnamed: bool = False
     # Why this run stops early: a failure (the process must exit non-zero), or a lost
     # lease (the caller starts again as a new worker).
@@ -174,7 +176,8 @@ class RunState:
         if tasks is None:
             self.cancels_unnamed = True
         else:
-            self.cancels_named.update(tasks)
+            heard_s = time.monotonic()
+            self.cancels_named.update((task, heard_s) for task in tasks)
         self.cancel_heard.set()
 
     def fail(self, reason: str) -> None:

@@ -349,7 +349,7 @@ class Runner:
                 raise
             for task in claimed:
                 state.held[task.id] = task
-            if state.cancels_named & {(task.id, task.attempt) for task in claimed}:
+            if state.cancels_named.keys() & {(task.id, task.attempt) for task in claimed}:
                 # Cancelled, and heard of, before this claim's answer came: stopped at once.
                 state.cancel_heard.set()
         if claimed:  # (none: nothing was due, or the lease had run out)

@@ -39,6 +39,9 @@ PRUNE_EVERY_S = 60.0
 _PRUNE_BUDGET_S = 5.0
 # Activity counts (for /stats) are written this often.
 _ACTIVITY_EVERY_S = 2.0
+# The least time a cancel's notification naming a task this worker does not hold yet is kept
+# for the claim whose answer may still be on its way.
+_NAMED_KEPT_S = 60.0
 # A worker warns of due tasks nothing runs (kinds it does not load) at most this often; when
 # it last did (time.monotonic(), one per process).
 UNSERVED_WARN_EVERY_S = 60.0
@@ -286,6 +289,8 @@ class Upkeep:
         notifications missed while reconnecting (then at once)."""
         state = self.state
         poll_s = state.settings.poll_interval_s
+        # (A claim's answer comes within its statement's timeout, or the claim has failed.)
+        kept_s = max(_NAMED_KEPT_S, 2 * state.settings.db_statement_timeout_s)
         next_poll = time.monotonic() + poll_s
         while True:
             with contextlib.suppress(TimeoutError):
@@ -295,14 +300,20 @@ class Upkeep:
             ask = state.cancels_unnamed or time.monotonic() >= next_poll
             state.cancels_unnamed = False
             held = stoppable()
-            named = {(c.id, c.attempt) for c in held} & state.cancels_named
+            named = {(c.id, c.attempt) for c in held} & state.cancels_named.keys()
+            for task in named:
+                del state.cancels_named[task]
             if ask:
-                next_poll = time.monotonic() + poll_s
-                # (What it names that is not held, of a claim whose answer is still on its
-                # way, is looked for by the claim; the rest is this poll's to find.)
-                state.cancels_named = set()
-            else:
-                state.cancels_named -= named
+                now_s = time.monotonic()
+                next_poll = now_s + poll_s
+                # What it names that is not held may be of a claim whose answer is still on
+                # its way (the claim looks for it, and this poll cannot see it): kept until
+                # no claim's answer can be that late, then forgotten.
+                state.cancels_named = {
+                    task: heard_s
+                    for task, heard_s in state.cancels_named.items()
+                    if now_s - heard_s < kept_s
+                }
             if not held:
                 continue
             gone = {task_id for task_id, _ in named}
