@@ -29,7 +29,7 @@ import pytest
 from pytest_postgresql.janitor import DatabaseJanitor
 from sqlalchemy.engine import URL, make_url
 
-from functions import kinds
+from functions import conninfo, kinds
 from functions.db import Database
 from functions.http.app import build_app
 from functions.settings import Settings
@@ -206,11 +206,16 @@ def own_server(pg_server: ServerInfo) -> Iterator[Server]:
 
 
 @pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test sees the developer's TASKRUNNER_* settings."""
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No test sees the developer's TASKRUNNER_* settings, nor what an earlier test's
+    connections found (a transaction pooler: a worker would then poll instead of listening),
+    as a new process would not."""
     for name in list(os.environ):
         if name.startswith("TASKRUNNER_"):
             monkeypatch.delenv(name)
+    conninfo.forget_found()
+    yield
+    conninfo.forget_found()
 
 
 @pytest.fixture
