@@ -406,12 +406,15 @@ def parse_time_bound(value: object, name: str) -> datetime:
 
 def parse_error_search(value: object) -> str:
     """The text an `error` filter looks for: 1 to MAX_ERROR_SEARCH characters, not all
-    blank (a search for nothing would select every task that failed)."""
+    blank (a search for nothing would select every task that failed), without U+0000."""
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_ERROR_SEARCH:
         raise ValueError(
             f"error {excerpt(value)} is not 1 to {MAX_ERROR_SEARCH} characters to search"
             " for (not only blanks)"
         )
+    if "\x00" in value:
+        # PostgreSQL's text cannot hold U+0000, so no error holds it either.
+        raise ValueError(f"error {excerpt(value)} holds the character U+0000, which no error can")
     return value
 
 

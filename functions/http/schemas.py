@@ -160,9 +160,9 @@ ErrorSearch = Annotated[
             "type": "string",
             "minLength": 1,
             "maxLength": model.MAX_ERROR_SEARCH,
-            "pattern": "[^ \\t\\n\\r\\f\\v]",
+            "pattern": "^[^\\x00]*[^ \\t\\n\\r\\f\\v\\x00][^\\x00]*$",
             "description": "Tasks whose last error holds this text, in any case (those that"
-            " failed, or failed an attempt and wait to retry).",
+            " failed, or failed an attempt and wait to retry); without U+0000.",
             "examples": ["timeout"],
         }
     ),

@@ -262,6 +262,7 @@ async def test_the_bulk_cancel_and_retry_take_every_filter(
         ("finished_before", "1e999", "finished_before inf is not a Unix time"),
         ("error", "  ", "is not 1 to 200 characters"),
         ("error", "e" * 201, "is not 1 to 200 characters"),
+        ("error", "time\x00out", "holds the character U+0000"),
         ("payload", "{to: 1}", "is not JSON"),
         ("payload", '"\\u0000"', "U+0000"),
         ("payload", "[" * 101 + "]" * 101, "nests deeper than 100"),
@@ -272,11 +273,18 @@ async def test_the_bulk_cancel_and_retry_take_every_filter(
 async def test_a_filter_or_order_that_cannot_be_read_is_a_422_that_says_why(
     client: httpx.AsyncClient, name: str, value: str, said: str
 ) -> None:
-    response = await client.get("/tasks", params={name: value})
-    assert response.status_code == 422, response.text
-    [issue] = response.json()["detail"]
-    assert issue["loc"] == ["query", name]
-    assert said in issue["msg"]
+    for response in [
+        await client.get("/tasks", params={name: value}),
+        *[
+            await client.post(path, params={name: value})
+            for path in ["/tasks/cancel", "/tasks/retry"]
+            if name != "sort"
+        ],
+    ]:
+        assert response.status_code == 422, response.text
+        [issue] = response.json()["detail"]
+        assert issue["loc"] == ["query", name]
+        assert said in issue["msg"]
 
 
 async def test_the_ends_of_each_range_are_taken(client: httpx.AsyncClient) -> None:
