@@ -117,6 +117,17 @@ async def test_a_first_attempt_that_succeeds_writes_no_row_and_shows_the_tasks_f
     await drain(store, settings, sql)
 
     assert sql("SELECT count(*) FROM attempts") == [(0,)]
+    # Nor in a batch beside others that do keep a row.
+    more = await create(client, *({"type": "baz", "execute_at": 0} for _ in range(2)))
+    await store.register_worker(worker="A", lease_s=60)
+    claimed, _ = await store.claim_due(worker="A", kinds=["baz"], limit=10, lease_s=60)
+    assert sorted(c.id for c in claimed) == more
+    results = [
+        Result(more[0], 1, TaskState.SUCCEEDED, "Baz 1"),
+        Result(more[1], 1, TaskState.SCHEDULED, None, "E", 60.0, error_group="E"),
+    ]
+    assert await store.finish_many(worker="A", results=results) == set(more)
+    assert sql("SELECT task_id, attempt, outcome FROM attempts") == [(more[1], 1, "retried")]
     task = (await client.get(f"/tasks/{ids[0]}")).json()
     [item] = (await attempts(client, ids[0]))["items"]
     assert item == {

@@ -3,15 +3,23 @@ text that finds its tasks), its traceback bounded to its last 8 KiB; and what `b
 when its request fails."""
 
 import asyncio
+import json
 import socket
 from datetime import UTC, datetime
 
 import pytest
 
-from functions import kinds
+from functions import kinds, queries
 from functions.completer import traceback_of
-from functions.model import MAX_ERROR_GROUP, MAX_TRACEBACK_BYTES, ErrorGroup, normalise_error
+from functions.model import (
+    MAX_ERROR_GROUP,
+    MAX_TRACEBACK_BYTES,
+    ErrorGroup,
+    TaskState,
+    normalise_error,
+)
 from functions.settings import Settings
+from functions.store import Result, finish_statement
 
 
 @pytest.mark.parametrize(
@@ -111,3 +119,24 @@ async def test_bar_says_which_url_refused_it_why_and_after_how_long() -> None:
     message = str(exc)
     assert message.startswith(f"GET {url}: ConnectError: ")
     assert message.endswith(" s)") and " (after " in message
+
+
+def test_a_batch_of_first_attempts_that_succeeded_is_written_as_before_attempts_were_kept() -> None:
+    """A drain's batches run FINISH_MANY with the parameters of before (nothing more to
+    write, nothing more to send); a batch with any other result runs the statement that
+    keeps attempts."""
+    firsts = [Result(i, 1, TaskState.SUCCEEDED, f"Baz {i}") for i in (3, 1, 2)]
+    sql, params = finish_statement("w", firsts)
+    assert sql is queries.FINISH_MANY
+    assert json.loads(params["results"])[0] == {
+        "id": 1, "attempt": 1, "state": "succeeded", "output": "Baz 1", "error": None,
+        "retry_in_s": None,
+    }  # fmt: skip
+    for other in (
+        Result(4, 2, TaskState.SUCCEEDED, "Baz 4"),  # a later attempt's success
+        Result(4, 1, TaskState.SCHEDULED, None, "E", 0.1),
+        Result(4, 1, TaskState.FAILED, None, "E", timed_out=True),
+    ):
+        sql, params = finish_statement("w", [*firsts, other])
+        assert sql is queries.FINISH_MANY_RECORDING
+        assert [r["id"] for r in json.loads(params["results"])] == [1, 2, 3, 4]
