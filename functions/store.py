@@ -825,7 +825,12 @@ class Store:
 
     async def delete_task(self, task_id: int) -> TaskState | None:
         """Delete the task unless it is running; return the state it had, None if missing."""
-        rows = await self._all(queries.DELETE_TASK, id=task_id)
+        # One transaction; the attempts' delete a statement of its own (its comment).
+        rows, _ = await self._pinned(
+            (queries.DELETE_TASK, {"id": task_id}),
+            (queries.DELETE_ATTEMPTS_OF_GONE, {"ids": [task_id]}),
+            row_factory=namedtuple_row,
+        )
         return TaskState(rows[0].state) if rows else None
 
     async def delete_all(self) -> int:

@@ -306,7 +306,11 @@ async def test_deleting_or_pruning_a_task_deletes_its_attempts(
 
     assert (await client.delete(f"/tasks/{ids[0]}")).status_code == 204
     assert sql("SELECT DISTINCT task_id FROM attempts ORDER BY 1") == [(ids[1],), (ids[2],)]
-    assert await tasks.prune(store, older_than_s=0) == 2
+    # Past the retention (a day): its time moved back, as two days passing would.
+    sql("UPDATE tasks SET finished_at = finished_at - interval '2 days' WHERE id = %s", ids[1])
+    assert await tasks.prune(store, older_than_s=86_400) == 1
+    assert sql("SELECT DISTINCT task_id FROM attempts") == [(ids[2],)]
+    assert await store.delete_all() == 1  # DELETE /, the original challenge's
     assert sql("SELECT count(*) FROM attempts") == [(0,)]
 
 

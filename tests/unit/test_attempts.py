@@ -140,3 +140,14 @@ def test_a_batch_of_first_attempts_that_succeeded_is_written_as_before_attempts_
         sql, params = finish_statement("w", [*firsts, other])
         assert sql is queries.FINISH_MANY_RECORDING
         assert [r["id"] for r in json.loads(params["results"])] == [1, 2, 3, 4]
+
+
+def test_every_statement_that_deletes_tasks_deletes_their_attempts() -> None:
+    """No foreign key deletes them (migration 0016): each statement does, or (DELETE_TASK)
+    the store runs DELETE_ATTEMPTS_OF_GONE after it in its transaction (tested in
+    tests/integration/test_attempts.py)."""
+    statements = {name: value for name, value in vars(queries).items() if isinstance(value, str)}
+    deleting = {name for name, sql in statements.items() if "DELETE FROM tasks" in sql}
+    assert {"DELETE_TASK", "DELETE_NOT_RUNNING", "PRUNE_FINISHED"} <= deleting
+    for name in deleting - {"DELETE_TASK"}:
+        assert "DELETE FROM attempts" in statements[name], name
