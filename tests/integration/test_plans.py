@@ -660,4 +660,6 @@ def test_errors_read_only_their_window_through_the_index_of_failures(
         plan = explain(postgresql, queries.LIST_ERRORS, params, generic, queries.PINNED_PLAN)
         scans = [n for n in nodes(plan) if n.get("Relation Name") == "attempts"]
         assert [n.get("Index Name") for n in scans] == ["attempts_failures"], scans
+        assert "finished_at" in scans[0].get("Index Cond", ""), scans
         assert scans[0]["Actual Rows"] == 10, "only the window's attempts are read"
+        assert scans[0].get("Rows Removed by Filter", 0) == 0, "only the window's attempts are read"
