@@ -341,6 +341,13 @@ async def test_header_values_are_masked_in_every_answer_and_never_logged(
     assert all(s.headers["Authorization"] == SECRET for s in target.seen)
     assert caplog.records and SECRET not in caplog.text
     assert SECRET not in " ".join(str(r[0]) for r in sql("SELECT error FROM tasks"))
+    # Nor in the attempts' history: their errors and tracebacks (the http kind raises its
+    # errors without the exception they came from).
+    traced = sql("SELECT error, traceback FROM attempts WHERE traceback IS NOT NULL")
+    assert traced and SECRET not in str(traced)
+    for path in (f"/tasks/{task_id}/attempts", "/errors"):
+        shown_history = await client.get(path)
+        assert shown_history.status_code == 200 and SECRET not in shown_history.text
 
 
 @pytest.fixture
