@@ -130,15 +130,16 @@ def result_of(
         )  # fmt: skip
         return Result(
             claimed.id, claimed.attempt, TaskState.SCHEDULED, None, error, delay_s,
-            timed_out, trace, group,
+            timed_out=timed_out, traceback=trace, error_group=group,
         )  # fmt: skip
     logger.error(
         "action=fail task_id=%s attempt=%s/%s: %s",
         claimed.id, claimed.attempt, claimed.max_attempts, error,
     )  # fmt: skip
     return Result(
-        claimed.id, claimed.attempt, TaskState.FAILED, None, error, None, timed_out, trace, group
-    )
+        claimed.id, claimed.attempt, TaskState.FAILED, error=error,
+        timed_out=timed_out, traceback=trace, error_group=group,
+    )  # fmt: skip
 
 
 class Completer:
