@@ -663,3 +663,28 @@ def test_errors_read_only_their_window_through_the_index_of_failures(
         assert "finished_at" in scans[0].get("Index Cond", ""), scans
         assert scans[0]["Actual Rows"] == 10, "only the window's attempts are read"
         assert scans[0].get("Rows Removed by Filter", 0) == 0, "only the window's attempts are read"
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["custom plan", "generic plan"])
+def test_a_batch_that_keeps_its_attempts_reads_it_once_and_finds_rows_by_key(
+    postgresql: psycopg.Connection[Any], sql: Sql, loaded: str, generic: bool
+) -> None:
+    """FINISH_MANY_RECORDING (a batch of retries): as FINISH_MANY, and each attempt kept."""
+    running = [i for (i,) in sql("SELECT id FROM tasks WHERE claimed_by = 'w' ORDER BY id")]
+    batch = running[-BATCH:]
+    results = json.dumps(
+        [{"id": i, "attempt": 1, "state": "scheduled", "output": None, "error": "E 1",
+          "retry_in_s": 1.0, "timed_out": False, "traceback": "T", "error_group": "E <n>"}
+         for i in batch]
+    )  # fmt: skip
+    postgresql.autocommit = False
+    params = {"worker": "w", "results": results}
+    plan = explain(postgresql, queries.FINISH_MANY_RECORDING, params, generic, queries.PINNED_PLAN)
+    for node in nodes(plan):
+        if node["Node Type"] == "Function Scan":
+            assert node["Actual Loops"] == 1, "the batch is re-scanned per row"
+        assert node.get("Index Name") not in ("tasks_running", "tasks_due"), node
+        assert node["Node Type"] != "Seq Scan", f"({loaded}) scans the whole table"
+    written = {n["Relation Name"]: n["Actual Rows"] for n in nodes(plan)
+               if n["Node Type"] == "ModifyTable"}  # fmt: skip
+    assert written == {"tasks": len(batch), "attempts": 0}  # (an INSERT returns no rows)
