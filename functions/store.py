@@ -27,6 +27,7 @@ from functions.counters import Activity
 from functions.db import Coalescer, Database, first_line
 from functions.errors import DatabaseUnavailable, IdempotencyKeyReused, SchemaOutdated
 from functions.model import (
+    BulkAction,
     CatchUp,
     NewTask,
     Schedule,
@@ -252,6 +253,13 @@ def _row(new: NewTask, default_max_attempts: int | None = None) -> dict[str, Any
 # insert that found the key taken and the read of that task (deleted, or its creator rolled
 # back): each try is a new race, lost only to another delete of the same key.
 _KEY_TRIES = 3
+
+# The states each bulk action takes its tasks from.
+_BULK_STATES = {
+    BulkAction.CANCEL: queries.CANCELLABLE,
+    BulkAction.RETRY: queries.RETRYABLE,
+    BulkAction.DELETE: queries.DELETABLE,
+}
 
 
 class _KeyVanished(Exception):
@@ -746,6 +754,24 @@ class Store:
             limit,
             {"max_attempts": max_attempts},
         )
+
+    async def delete_matching(self, matching: TaskFilter, *, limit: int) -> int:
+        """Delete up to `limit` tasks `matching` that are not running (of those, all when it
+        names no state), lowest ids first, with all that is kept of each; return how many."""
+        return await self._in_batches(queries.delete_tasks, queries.DELETABLE, matching, limit, {})
+
+    async def count_matching(self, action: BulkAction, matching: TaskFilter, *, limit: int) -> int:
+        """How many tasks `matching` the bulk `action` would take now, at most `limit`: the
+        tasks `_in_batches` would pick for it, counted, untouched."""
+        allowed = _BULK_STATES[action]
+        wanted = tuple(s for s in allowed if not matching.states or s in matching.states)
+        if not wanted:
+            return 0
+        condition, more = queries.filter_condition(matching)
+        [[(count,)]] = await self._pinned(
+            (queries.count_tasks(condition, wanted), {**more, "limit": limit})
+        )
+        return int(count)
 
     async def _in_batches(
         self,

@@ -51,6 +51,7 @@ from functions.model import (
     BIGINT_MAX,
     DEFAULT_BULK,
     MAX_BULK,
+    BulkAction,
     Schedule,
     Task,
     TaskFilter,
@@ -178,6 +179,15 @@ BulkLimit = Annotated[
 ]
 
 
+DryRun = Annotated[
+    bool,
+    Query(
+        description="true: change nothing, and answer how many tasks this would act on now"
+        " (at most `limit`) and whether more match (`more`): the count a confirmation shows."
+    ),
+]
+
+
 def answer(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A JSON response, serialized once by pydantic-core (datetimes as pydantic writes them).
 
@@ -296,25 +306,50 @@ def add_routes(
         page = await tasks.list_tasks(store, matching, limit=limit, cursor=cursor, order=order)
         return Response(page_json(page), media_type="application/json")
 
+    async def dry_run_answer(action: BulkAction, matching: TaskFilter, limit: int) -> Response:
+        count, more = await tasks.count_bulk(store, action, matching, limit)
+        return answer({"count": count, "more": more})
+
     # Before `/tasks/{task_id}`'s routes (which match digits only, so would not take these).
     @app.post(
         "/tasks/cancel", response_model=CountOut, dependencies=token_check, responses=fails(422)
     )
-    async def cancel_tasks(matching: Filters, limit: BulkLimit = DEFAULT_BULK) -> Response:
+    async def cancel_tasks(
+        matching: Filters, limit: BulkLimit = DEFAULT_BULK, dry_run: DryRun = False
+    ) -> Response:
         """Cancel the scheduled and running tasks that match the filters of `GET /tasks`,
         at most `limit`, lowest ids first; answer how many. A task outside the filters is
         never touched; a repeat acts only on tasks that still match."""
+        if dry_run:
+            return await dry_run_answer(BulkAction.CANCEL, matching, limit)
         return answer({"count": await tasks.cancel_tasks(store, matching, limit)})
 
     @app.post(
         "/tasks/retry", response_model=CountOut, dependencies=token_check, responses=fails(422)
     )
-    async def retry_tasks(matching: Filters, limit: BulkLimit = DEFAULT_BULK) -> Response:
+    async def retry_tasks(
+        matching: Filters, limit: BulkLimit = DEFAULT_BULK, dry_run: DryRun = False
+    ) -> Response:
         """Retry, as `POST /tasks/{task_id}/retry` does, the failed and cancelled tasks that
         match the filters of `GET /tasks`, at most `limit`, lowest ids first; answer how
         many."""
+        if dry_run:
+            return await dry_run_answer(BulkAction.RETRY, matching, limit)
         count = await tasks.retry_tasks(store, matching, limit, settings.max_attempts)
         return answer({"count": count})
+
+    @app.post(
+        "/tasks/delete", response_model=CountOut, dependencies=token_check, responses=fails(422)
+    )
+    async def delete_tasks(
+        matching: Filters, limit: BulkLimit = DEFAULT_BULK, dry_run: DryRun = False
+    ) -> Response:
+        """Delete, as `DELETE /tasks/{task_id}` does, the tasks that match the filters of
+        `GET /tasks` and are not running (a running task is never deleted), at most
+        `limit`, lowest ids first; answer how many."""
+        if dry_run:
+            return await dry_run_answer(BulkAction.DELETE, matching, limit)
+        return answer({"count": await tasks.delete_tasks(store, matching, limit)})
 
     @app.get(
         "/tasks/{task_id}",

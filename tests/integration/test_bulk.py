@@ -1,0 +1,115 @@
+"""POST /tasks/delete, and the `dry_run` of the three bulk routes that the dashboard's
+confirmation counts with (issue 24, item 3)."""
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from functions.model import MAX_BULK
+from tests.integration.test_find import FILTERED, make_five
+
+Sql = Callable[..., list[tuple[Any, ...]]]
+
+
+def hold_running(sql: Sql, task_id: int) -> None:
+    """Make `task_id` running, held by a live worker (as a claim would)."""
+    sql(
+        "INSERT INTO workers (id, lease_expires_at) VALUES ('w', now() + interval '10 min')"
+        " ON CONFLICT DO NOTHING"
+    )
+    sql(
+        "UPDATE tasks SET state = 'running', attempts = 1, claimed_by = 'w', finished_at = NULL"
+        " WHERE id = %s",
+        task_id,
+    )
+
+
+async def test_the_delete_takes_every_filter_and_its_dry_run_counts_the_same_tasks(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    """For each filter of GET /tasks, on five tasks made anew: the dry run counts the tasks
+    it selects and deletes none; the delete deletes those and no other."""
+    for filters, expected in FILTERED:
+        query: list[tuple[str, Any]] = list(filters)
+        ids = await make_five(client, sql)
+        chosen = {ids[n - 1] for n in expected}
+        dry = await client.post("/tasks/delete", params=[*query, ("dry_run", "true")])
+        assert dry.json() == {"count": len(chosen), "more": False}, query
+        assert {i for (i,) in sql("SELECT id FROM tasks")} == set(ids), query
+        done = await client.post("/tasks/delete", params=query)
+        assert done.status_code == 200, done.text
+        assert done.json() == {"count": len(chosen)}, query
+        assert {i for (i,) in sql("SELECT id FROM tasks")} == set(ids) - chosen, query
+        sql("DELETE FROM tasks")
+
+
+async def test_a_running_task_is_never_deleted_and_the_limit_takes_the_lowest_ids(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    ids = await make_five(client, sql)
+    hold_running(sql, ids[0])  # succeeded once; running again (a retry claimed)
+    for params, count in [({}, 4), ({"state": "running"}, 0), ({"type": "foo"}, 1)]:
+        dry = await client.post("/tasks/delete", params={**params, "dry_run": "true"})
+        assert dry.json() == {"count": count, "more": False}, params
+    assert (await client.post("/tasks/delete", params={"state": "running"})).json() == {"count": 0}
+    # The limit: exactly it, lowest ids first; a dry run says more are left.
+    dry = await client.post("/tasks/delete", params={"limit": 2, "dry_run": "true"})
+    assert dry.json() == {"count": 2, "more": True}
+    assert (await client.post("/tasks/delete", params={"limit": 2})).json() == {"count": 2}
+    assert [i for (i,) in sql("SELECT id FROM tasks ORDER BY id")] == [ids[0], *ids[3:]]
+    # As many as are left: no more.
+    dry = await client.post("/tasks/delete", params={"limit": 2, "dry_run": "true"})
+    assert dry.json() == {"count": 2, "more": False}
+    response = await client.post("/tasks/delete", params={"limit": MAX_BULK})
+    assert response.json() == {"count": 2}
+    assert sql("SELECT id, state FROM tasks") == [(ids[0], "running")]
+
+
+async def test_a_dry_run_of_the_cancel_and_the_retry_counts_their_tasks_and_changes_none(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    ids = await make_five(client, sql)  # scheduled 3, 5; failed 2; cancelled 4
+    hold_running(sql, ids[0])
+    before = sql("SELECT * FROM tasks ORDER BY id")
+    cases: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+        ("/tasks/cancel", {}, {"count": 3, "more": False}),
+        ("/tasks/cancel", {"limit": 2}, {"count": 2, "more": True}),
+        ("/tasks/cancel", {"limit": 3}, {"count": 3, "more": False}),
+        ("/tasks/cancel", {"state": "running"}, {"count": 1, "more": False}),
+        ("/tasks/cancel", {"state": "failed"}, {"count": 0, "more": False}),
+        ("/tasks/retry", {}, {"count": 2, "more": False}),
+        ("/tasks/retry", {"error": "TIMEOUT"}, {"count": 1, "more": False}),
+        ("/tasks/retry", {"limit": 1}, {"count": 1, "more": True}),
+        ("/tasks/delete", {"type": "baz", "limit": 1}, {"count": 1, "more": True}),
+    ]
+    for path, params, expected in cases:
+        response = await client.post(path, params={**params, "dry_run": "true"})
+        assert response.json() == expected, (path, params)
+    assert sql("SELECT * FROM tasks ORDER BY id") == before
+    # dry_run=false is the action itself.
+    response = await client.post("/tasks/retry", params={"dry_run": "false"})
+    assert response.json() == {"count": 2}
+
+
+@pytest.mark.parametrize(
+    ("params", "said"),
+    [
+        ({"limit": 0}, "greater than or equal to 1"),
+        ({"limit": MAX_BULK + 1}, "less than or equal to 10000"),
+        ({"dry_run": "maybe"}, "valid boolean"),
+        ({"state": "lost"}, "scheduled"),
+        ({"type": "no such kind!"}, "type"),
+    ],
+)
+async def test_a_delete_that_cannot_be_read_is_a_422_and_deletes_nothing(
+    client: httpx.AsyncClient, sql: Sql, params: dict[str, Any], said: str
+) -> None:
+    await make_five(client, sql)
+    response = await client.post("/tasks/delete", params=params)
+    assert response.status_code == 422, response.text
+    [issue] = response.json()["detail"]
+    assert issue["loc"][:2] == ["query", next(iter(params))]
+    assert said in issue["msg"], issue
+    assert sql("SELECT count(*) FROM tasks") == [(5,)]
