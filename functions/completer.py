@@ -24,10 +24,11 @@ import asyncio
 import logging
 import math
 import time
+import traceback
 
 from functions.errors import DatabaseError, DatabaseUnavailable
 from functions.kinds import Fail, Retry
-from functions.model import TaskState
+from functions.model import MAX_TRACEBACK_BYTES, TaskState, normalise_error
 from functions.output import Printer
 from functions.run_state import RunState
 from functions.settings import Settings
@@ -55,14 +56,35 @@ _IN_FLIGHT = 2
 
 def clean_text(text: str) -> str:
     """`text` as PostgreSQL can store it (no NUL, no lone surrogate), cut to _MAX_TEXT."""
+    text = clean_text_unbounded(text)
+    if len(text) > _MAX_TEXT:
+        text = f"{text[: _MAX_TEXT - 40]}... ({len(text):,} characters in all)"
+    return text
+
+
+def traceback_of(exc: BaseException) -> str | None:
+    """`exc` formatted as Python prints it, its chain included, as PostgreSQL can store it;
+    its last MAX_TRACEBACK_BYTES (UTF-8) when longer: the end holds the error. None for an
+    error never raised (a time limit's)."""
+    if exc.__traceback__ is None:
+        return None
+    text = clean_text_unbounded("".join(traceback.format_exception(exc)))
+    data = text.encode()
+    if len(data) <= MAX_TRACEBACK_BYTES:
+        return text
+    head = f"... ({len(data):,} bytes in all; the last of them:)\n"
+    tail = data[len(data) - (MAX_TRACEBACK_BYTES - len(head.encode())) :]
+    return head + tail.decode(errors="ignore")
+
+
+def clean_text_unbounded(text: str) -> str:
+    """`text` as PostgreSQL can store it: no NUL, no lone surrogate."""
     if "\x00" in text:
         text = text.replace("\x00", "\\x00")
     try:
         text.encode()
     except UnicodeEncodeError:
         text = text.encode("utf-8", "backslashreplace").decode()
-    if len(text) > _MAX_TEXT:
-        text = f"{text[: _MAX_TEXT - 40]}... ({len(text):,} characters in all)"
     return text
 
 
@@ -78,17 +100,25 @@ def _number(value: object) -> bool:
 
 
 def result_of(
-    claimed: Claimed, line: object, exc: BaseException | None, settings: Settings
+    claimed: Claimed,
+    line: object,
+    exc: BaseException | None,
+    settings: Settings,
+    *,
+    timed_out: bool = False,
 ) -> Result:
     """A run's result: succeeded with its line (or none), or the retry or failure its error
     earns: `Fail` fails the task at once, whatever attempts it has left; `Retry` sets when
-    the next attempt is due (at most retry_max_s), in place of the backoff."""
+    the next attempt is due (at most retry_max_s), in place of the backoff. A failure
+    carries its traceback and its normalised error, for the attempt's row; `timed_out`: it
+    was stopped at its time limit."""
     if exc is None:
         if line is None or isinstance(line, str):
             output = None if line is None else clean_text(line)
             return Result(claimed.id, claimed.attempt, TaskState.SUCCEEDED, output)
         exc = TypeError(f"kind {claimed.kind} returned {type(line).__name__}, not a str or None")
     error = clean_text(f"{type(exc).__name__}: {exc}".rstrip(": "))
+    trace, group = traceback_of(exc), normalise_error(error)
     if claimed.attempt < claimed.max_attempts and not isinstance(exc, Fail):
         if isinstance(exc, Retry) and _number(exc.after_s):
             delay_s = min(max(0.0, float(exc.after_s)), settings.retry_max_s)
@@ -98,12 +128,17 @@ def result_of(
             "action=retry task_id=%s attempt=%s/%s in=%.1fs: %s",
             claimed.id, claimed.attempt, claimed.max_attempts, delay_s, error,
         )  # fmt: skip
-        return Result(claimed.id, claimed.attempt, TaskState.SCHEDULED, None, error, delay_s)
+        return Result(
+            claimed.id, claimed.attempt, TaskState.SCHEDULED, None, error, delay_s,
+            timed_out, trace, group,
+        )  # fmt: skip
     logger.error(
         "action=fail task_id=%s attempt=%s/%s: %s",
         claimed.id, claimed.attempt, claimed.max_attempts, error,
     )  # fmt: skip
-    return Result(claimed.id, claimed.attempt, TaskState.FAILED, error=error)
+    return Result(
+        claimed.id, claimed.attempt, TaskState.FAILED, None, error, None, timed_out, trace, group
+    )
 
 
 class Completer:
@@ -341,11 +376,13 @@ class Completer:
                     "action=finish task_id=%s worker=%s: the database refused its result: %s",
                     result.id, worker, exc,
                 )  # fmt: skip
+                error = clean_text(f"its result could not be recorded: {exc}")
                 result = Result(
                     result.id,
                     result.attempt,
                     TaskState.FAILED,
-                    error=clean_text(f"its result could not be recorded: {exc}"),
+                    error=error,
+                    error_group=normalise_error(error),
                 )
                 written |= await store.finish_many(worker=worker, results=[result])
             results.append(result)

@@ -23,6 +23,7 @@ import random
 import re
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -314,18 +315,35 @@ async def foo(ctx: Context) -> str:
 _SMALL_BODY_BYTES = 64 * 1024
 
 
+class RequestFailed(Exception):
+    """`bar`'s request got no answer: its error says which URL, after how long, and why."""
+
+
 async def bar(ctx: Context) -> str:
-    # httpx's timeout bounds each phase (connect, read...); this bounds the whole request.
-    async with asyncio.timeout(ctx.settings.bar_timeout_s):
-        # Streamed: only the status line and headers are read, however large the body (an
-        # 800 MB body once took a worker to 1.9 GB). A small body is read to its end, which
-        # is what lets the connection (and its TLS session) serve the next request.
-        async with ctx.http() as client, client.stream("GET", ctx.settings.bar_url) as response:
-            length = response.headers.get("content-length", "")
-            if length.isdigit() and int(length) <= _SMALL_BODY_BYTES:
-                await response.aread()
-            # Any response, 5xx included, is a success: the task is to report the status code.
-            return str(response.status_code)
+    url = ctx.settings.bar_url
+    timeout_s = ctx.settings.bar_timeout_s
+    started = time.monotonic()
+    try:
+        # httpx's timeout bounds each phase (connect, read...); this bounds the whole request.
+        async with asyncio.timeout(timeout_s):
+            # Streamed: only the status line and headers are read, however large the body (an
+            # 800 MB body once took a worker to 1.9 GB). A small body is read to its end, which
+            # is what lets the connection (and its TLS session) serve the next request.
+            async with ctx.http() as client, client.stream("GET", url) as response:
+                length = response.headers.get("content-length", "")
+                if length.isdigit() and int(length) <= _SMALL_BODY_BYTES:
+                    await response.aread()
+                # Any response, 5xx included, is a success: the task reports its status code.
+                return str(response.status_code)
+    except TimeoutError:
+        # (asyncio.timeout's own carries no message: this says what the wait was for.)
+        raise TimeoutError(
+            f"GET {url}: no answer within {timeout_s:g} s (TASKRUNNER_BAR_TIMEOUT_S)"
+        ) from None
+    except Exception as exc:
+        waited_s = time.monotonic() - started
+        why = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        raise RequestFailed(f"GET {url}: {why} (after {waited_s:.3f} s)") from exc
 
 
 def baz(ctx: Context) -> str:

@@ -6,6 +6,7 @@ these from input is `parsing`'s; doing something with them is `tasks`'s (through
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -353,3 +354,89 @@ def too_many_values(max_body_bytes: int) -> str:
         f" JSON values (objects, arrays, strings and items), more than"
         f" TASKRUNNER_MAX_BODY_BYTES ({max_body_bytes:,}) bytes of JSON can"
     )
+
+
+# --- attempts (migration 0016) -------------------------------------------------------------
+
+
+class Outcome(StrEnum):
+    """How an attempt ended (None in an answer: it is still running)."""
+
+    SUCCEEDED = "succeeded"  # its worker: the run returned (a first attempt's is the task's)
+    FAILED = "failed"  # its worker: the run raised, and no attempt is left (or `Fail`)
+    RETRIED = "retried"  # its worker: the run raised, and the task is due again later
+    TIMED_OUT = "timed_out"  # its worker: stopped at its time limit (retried or failed after)
+    CANCELLED = "cancelled"  # a cancel of the task while it ran
+    LOST = "lost"  # the rescue: its worker's lease ran out while it ran
+
+
+# The outcomes GET /errors groups: the attempts that ended in an error.
+ERROR_OUTCOMES = (Outcome.FAILED, Outcome.RETRIED, Outcome.TIMED_OUT, Outcome.LOST)
+# A traceback is kept up to this many bytes (UTF-8): its end, where the error is.
+MAX_TRACEBACK_BYTES = 8192
+# An attempt's normalised error is kept up to this many characters.
+MAX_ERROR_GROUP = 1000
+# GET /errors answers at most this many groups, the most frequent first.
+MAX_ERROR_GROUPS = 200
+# GET /tasks/{id}/attempts: a page's default and largest sizes (an attempt holds up to
+# 16 KiB of error and 8 KiB of traceback).
+DEFAULT_ATTEMPTS_PAGE = 20
+MAX_ATTEMPTS_PAGE = 50
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of a task, as GET /tasks/{id}/attempts shows it."""
+
+    attempt: int
+    started_at: datetime | None
+    finished_at: datetime | None
+    worker: str | None
+    outcome: Outcome | None
+    error: str | None
+    traceback: str | None
+
+
+@dataclass(frozen=True)
+class AttemptPage:
+    items: list[Attempt]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class ErrorGroup:
+    """Attempts of one kind that ended with one normalised error, in a window (GET /errors)."""
+
+    kind: str
+    error: str
+    count: int
+    first_seen: datetime
+    last_seen: datetime
+    sample_task: int
+
+    @property
+    def search(self) -> str:
+        """Text to find this group's tasks with GET /tasks?error=: the longest part of the
+        normalised error that no placeholder cut (stripped)."""
+        parts = _PLACEHOLDER.split(self.error)
+        return max((p.strip() for p in parts), key=len, default="")
+
+
+# The rule that folds an error's variable parts, in this order: UUIDs; hex ids (`0x...`, or
+# a word of 6 or more hex digits holding a digit and a letter: a worker's random part, a
+# digest); numbers (digits, with the `.`- or `,`-separated groups and the exponent that
+# follow: `5.5`, `1,000`, `127.0.0.1` are one each) that do not end a word (`http2`, `sha256`
+# stay). Each becomes a placeholder below.
+_UUID = re.compile(r"\b[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}\b")
+_HEX = re.compile(
+    r"\b(?:0[xX][0-9a-fA-F]+|(?=[0-9a-fA-F]*[0-9])(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{6,})\b"
+)
+_NUMBER = re.compile(r"(?<![A-Za-z0-9_])[0-9]+(?:[.,][0-9]+)*(?:[eE][-+]?[0-9]+)?")
+_PLACEHOLDER = re.compile(r"<(?:uuid|hex|n)>")
+
+
+def normalise_error(error: str) -> str:
+    """`error` with UUIDs, hex ids and numbers folded (`<uuid>`, `<hex>`, `<n>`), cut to
+    MAX_ERROR_GROUP characters: the attempts GET /errors groups together."""
+    folded = _NUMBER.sub("<n>", _HEX.sub("<hex>", _UUID.sub("<uuid>", error)))
+    return folded[:MAX_ERROR_GROUP]

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from functions.model import (
+    ERROR_OUTCOMES,
+    MAX_ERROR_GROUPS,
     MAX_PRIORITY,
     MIN_PRIORITY,
     SCAN_ROWS,
@@ -792,6 +794,12 @@ WITH target AS (
     FROM target
     WHERE t.id = target.id
     RETURNING t.*, target.claimed_by AS held_by
+), recorded AS (
+    -- A running attempt ends here (its worker's write is fenced out from now on).
+    INSERT INTO attempts (task_id, attempt, kind, started_at, finished_at, worker, outcome)
+    SELECT id, attempts, kind, claimed_at, now(), held_by, 'cancelled'
+    FROM cancelled WHERE held_by IS NOT NULL
+    ON CONFLICT (task_id, attempt) DO NOTHING
 )
 SELECT {columns}, attempts AS held_attempt, held_by FROM cancelled
 ORDER BY id
@@ -1158,6 +1166,46 @@ WHERE t.id = r.id
 RETURNING t.id
 """
 
+# FINISH_MANY for a batch holding any result but a first attempt's success: each attempt
+# written is kept in `attempts` too (migration 0016), in the same statement, from the rows
+# the fenced UPDATE wrote (a result fenced out writes no attempt: the cancel or the rescue
+# that took the task wrote its row). A first attempt that succeeded writes none: its fields
+# are the task's. A batch of first successes alone (a drain) runs FINISH_MANY itself, the
+# statement it ran before attempts were kept (Store.finish_many).
+FINISH_MANY_RECORDING = """
+WITH finished AS (
+    UPDATE tasks AS t
+    SET state = r.state,
+        output = r.output,
+        error = r.error,
+        finished_at = CASE WHEN r.state IN ('succeeded', 'failed') THEN now() END,
+        next_attempt_at = CASE
+            WHEN r.state = 'scheduled' THEN now() + make_interval(secs => r.retry_in_s)
+        END,
+        claimed_by = NULL
+    FROM json_to_recordset(CAST(%(results)s AS json))
+        AS r(id bigint, attempt integer, state text, output text, error text, retry_in_s float8,
+             timed_out boolean, traceback text, error_group text)
+    WHERE t.id = r.id
+      AND t.claimed_by = %(worker)s
+      AND t.attempts = r.attempt
+    RETURNING t.id, t.kind, t.claimed_at, r.attempt, r.state, r.error, r.timed_out,
+        r.traceback, r.error_group
+), recorded AS (
+    INSERT INTO attempts AS a
+        (task_id, attempt, kind, started_at, finished_at, worker, outcome, error, error_group,
+         traceback)
+    SELECT id, attempt, kind, claimed_at, now(), %(worker)s,
+        CASE WHEN timed_out THEN 'timed_out' WHEN state = 'scheduled' THEN 'retried'
+            ELSE state END,
+        error, error_group, traceback
+    FROM finished
+    WHERE NOT (state = 'succeeded' AND attempt = 1)
+    ON CONFLICT (task_id, attempt) DO NOTHING
+)
+SELECT id FROM finished
+"""
+
 # Of results whose write may have committed before its connection was lost, those that are
 # in the table now as written (the retry's fence then refuses them: they are no longer held).
 RECORDED = """
@@ -1202,10 +1250,20 @@ WITH dead AS (
     WHERE lease_expires_at < {NOW}
     FOR UPDATE SKIP LOCKED
 ), picked AS MATERIALIZED (
-    SELECT id, claimed_by FROM tasks
+    SELECT id, claimed_by, kind, attempts, max_attempts, claimed_at FROM tasks
     WHERE state = 'running' AND claimed_by IN (SELECT id FROM dead)
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+), recorded AS (
+    -- Each attempt rescued ends `lost` (the rows are locked above: as they are updated below).
+    INSERT INTO attempts
+        (task_id, attempt, kind, started_at, finished_at, worker, outcome, error, error_group)
+    SELECT id, attempts, kind, claimed_at, {NOW}, claimed_by, 'lost',
+        'lease expired: worker ' || claimed_by || ' stopped during attempt '
+            || attempts || ' of ' || max_attempts,
+        'lease expired: worker <worker> stopped during attempt <n> of <n>'
+    FROM picked
+    ON CONFLICT (task_id, attempt) DO NOTHING
 ), counted AS (
     -- What was rescued from each, for GET /workers (the rows `dead` locked).
     UPDATE workers AS w SET rescued = w.rescued + p.n
@@ -1349,9 +1407,53 @@ WHERE bucket >= now() - interval '1 hour'
 ORDER BY bucket
 """
 
+# --- attempts (migration 0016) -------------------------------------------------------------
+
+# GET /tasks/{id}/attempts: the attempts kept, past `after`, oldest first; and the task's
+# fields, for the attempt that has no row (a first that succeeded, one running now, the
+# last of a task finished before attempts were kept). Both by key.
+LIST_ATTEMPTS = """
+SELECT attempt, started_at AT TIME ZONE 'UTC' AS started_at,
+    finished_at AT TIME ZONE 'UTC' AS finished_at, worker, outcome, error, traceback
+FROM attempts
+WHERE task_id = %(id)s AND attempt > %(after)s
+ORDER BY task_id, attempt
+LIMIT %(limit)s
+"""
+ATTEMPTS_TASK = """
+SELECT state, attempts,
+    coalesce(claimed_at, started_at) AT TIME ZONE 'UTC' AS started_at,
+    finished_at AT TIME ZONE 'UTC' AS finished_at, claimed_by AS worker, error,
+    EXISTS (SELECT FROM attempts AS a WHERE a.task_id = t.id AND a.attempt = t.attempts)
+        AS recorded
+FROM tasks AS t WHERE id = %(id)s
+"""
+
+# GET /errors: the attempts that ended in an error in [since, until), of one kind or all,
+# grouped by kind and normalised error, the most frequent first. The window is one range of
+# `attempts_failures` (its predicate: these outcomes), however many rows lie outside it; a
+# NULL `since` is the last 24 hours, a NULL `until` now. The window's start comes back too.
+_FAILURES = ", ".join(f"'{outcome}'" for outcome in ERROR_OUTCOMES)
+_SINCE = "coalesce(CAST(%(since)s AS timestamptz), now() - interval '24 hours')"
+LIST_ERRORS = f"""
+SELECT kind, error_group, count(*) AS count,
+    min(finished_at) AT TIME ZONE 'UTC' AS first_seen,
+    max(finished_at) AT TIME ZONE 'UTC' AS last_seen,
+    max(task_id) AS sample_task
+FROM attempts
+WHERE outcome IN ({_FAILURES})
+  AND finished_at >= {_SINCE}
+  AND finished_at < coalesce(CAST(%(until)s AS timestamptz), 'infinity')
+  AND (CAST(%(kind)s AS text) IS NULL OR kind = %(kind)s)
+GROUP BY kind, error_group
+ORDER BY count(*) DESC, max(finished_at) DESC, kind, error_group
+LIMIT {MAX_ERROR_GROUPS}
+"""
+ERRORS_SINCE = f"SELECT {_SINCE} AT TIME ZONE 'UTC'"
+
 PING = "SELECT 1"
 
 # The schema revision these statements are written for (local/migrations/versions/); a
 # unit test keeps it equal to the newest migration.
-SCHEMA_REVISION = "0015"
+SCHEMA_REVISION = "0016"
 SCHEMA_REVISION_IN_DATABASE = "SELECT version_num FROM alembic_version"

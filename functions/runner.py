@@ -437,7 +437,7 @@ class Runner:
             limit_s = time_limit_s(KINDS[claimed.kind], self.settings, claimed.timeout_s)
             whose = "its kind's limit" if claimed.timeout_s is None else "its timeout_s"
             error = TimeoutError(f"ran longer than {whose} of {limit_s:g} s")
-            self._record(claimed, None, error)
+            self._record(claimed, None, error, timed_out=True)
             return
         if claimed.id in self._stopping:
             self._stopping.discard(claimed.id)
@@ -507,13 +507,20 @@ class Runner:
 
     # --- record ------------------------------------------------------------------------------
 
-    def _record(self, claimed: Claimed, line: object, exc: BaseException | None) -> None:
+    def _record(
+        self,
+        claimed: Claimed,
+        line: object,
+        exc: BaseException | None,
+        *,
+        timed_out: bool = False,
+    ) -> None:
         """Hand a run's result to the completer, which prints its line, if it has one, as it
         records it. What is stored is what is printed; not printed (stdout failed): handed
         back at shutdown, for a worker that can print."""
         if claimed.id not in self.state.held:
             return  # no longer this worker's (handed back while it ran)
-        self.completer.add(result_of(claimed, line, exc, self.settings))
+        self.completer.add(result_of(claimed, line, exc, self.settings, timed_out=timed_out))
 
     def _lines_out(self, results: list[Result]) -> None:
         """Lines are out (on the loop): the completer, which waits for them, is told by the

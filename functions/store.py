@@ -27,9 +27,12 @@ from functions.counters import Activity
 from functions.db import Coalescer, Database, first_line
 from functions.errors import DatabaseUnavailable, IdempotencyKeyReused, SchemaOutdated
 from functions.model import (
+    Attempt,
     BulkAction,
     CatchUp,
+    ErrorGroup,
     NewTask,
+    Outcome,
     Schedule,
     SortKey,
     Task,
@@ -80,6 +83,16 @@ class Result(NamedTuple):
     output: str | None = None
     error: str | None = None
     retry_in_s: float | None = None
+    # Of an attempt that failed: stopped at its time limit; its traceback (bounded); its
+    # error normalised (model.normalise_error), for GET /errors.
+    timed_out: bool = False
+    traceback: str | None = None
+    error_group: str | None = None
+
+    @property
+    def kept(self) -> bool:
+        """Its attempt gets a row in `attempts`: all but a first attempt that succeeded."""
+        return self.attempt != 1 or self.state is not TaskState.SUCCEEDED
 
 
 @dataclass(frozen=True)
@@ -355,7 +368,25 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def _results_json(results: Iterable[Result]) -> str:
+def _results_json(results: Iterable[Result], *, kept: bool = False) -> str:
+    """The results as the statements read them; `kept`: with what `attempts` keeps too."""
+    if kept:
+        return json.dumps(
+            [
+                {
+                    "id": r.id,
+                    "attempt": r.attempt,
+                    "state": r.state.value,
+                    "output": r.output,
+                    "error": r.error,
+                    "retry_in_s": r.retry_in_s,
+                    "timed_out": r.timed_out,
+                    "traceback": r.traceback,
+                    "error_group": r.error_group,
+                }
+                for r in results
+            ]
+        )
     return json.dumps(
         [
             {
@@ -1159,7 +1190,7 @@ class Store:
 
     async def finish_many(self, *, worker: str, results: Sequence[Result]) -> set[int]:
         """Record results; return the ids written (the others were no longer held)."""
-        [rows] = await self._pinned((queries.FINISH_MANY, self._finish_params(worker, results)))
+        [rows] = await self._pinned(self._finish_statement(worker, results))
         return {task_id for (task_id,) in rows}
 
     async def finish_many_after(
@@ -1181,9 +1212,7 @@ class Store:
                 async with conn.transaction():
                     async with conn.pipeline():
                         await conn.execute(queries.PINNED_PLAN)
-                        await cursor.execute(
-                            queries.FINISH_MANY, self._finish_params(worker, results)
-                        )
+                        await cursor.execute(*self._finish_statement(worker, results))
                     written = {task_id for (task_id,) in await cursor.fetchall()}
                     if not await before_commit(written):
                         raise psycopg.Rollback
@@ -1193,12 +1222,19 @@ class Store:
             written = await self.database.bounded(conn, work())
             return written if committed else None
 
-    def _finish_params(self, worker: str, results: Sequence[Result]) -> dict[str, Any]:
+    def _finish_statement(
+        self, worker: str, results: Sequence[Result]
+    ) -> tuple[str, dict[str, Any]]:
+        """FINISH_MANY for a batch of first attempts that succeeded (a drain: the statement
+        and parameters of before attempts were kept), else FINISH_MANY_RECORDING."""
         assert len(results) <= self.WRITE_BATCH, "the caller bounds its batches"
         # In id order, the order a cancel of many tasks locks them in: two statements that
         # lock rows in one order never deadlock (queries.cancel_tasks).
         ordered = sorted(results, key=lambda r: r.id)
-        return {"worker": worker, "results": _results_json(ordered)}
+        if any(r.kept for r in ordered):
+            params = {"worker": worker, "results": _results_json(ordered, kept=True)}
+            return queries.FINISH_MANY_RECORDING, params
+        return queries.FINISH_MANY, {"worker": worker, "results": _results_json(ordered)}
 
     async def recorded(self, results: Sequence[Result]) -> set[int]:
         """Of `results`, the ids whose result is in the table now exactly as given."""
@@ -1325,6 +1361,81 @@ class Store:
                 break
         await self._pinned((queries.FORGET_DEAD_WORKERS, {}))
         return rescued
+
+    async def list_attempts(
+        self, task_id: int, *, after: int, limit: int
+    ) -> tuple[list[Attempt], bool] | None:
+        """The attempts of a task past attempt `after`, oldest first, at most `limit`, and
+        whether more follow; None: no such task. Its last attempt, when it has no row (a first
+        that succeeded, one running, one that ended before attempts were kept), is made of the
+        task's fields."""
+        rows, task = await self._pinned(
+            (queries.LIST_ATTEMPTS, {"id": task_id, "after": after, "limit": limit + 1}),
+            (queries.ATTEMPTS_TASK, {"id": task_id}),
+            row_factory=namedtuple_row,
+        )
+        if not task:
+            return None
+        items = [_attempt(row) for row in rows]
+        [t] = task
+        state = TaskState(t.state)
+        if t.attempts > after and not t.recorded and len(items) <= limit:
+            finished = state in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
+            items.append(
+                Attempt(
+                    attempt=t.attempts,
+                    started_at=_utc(t.started_at),
+                    finished_at=_utc(t.finished_at) if finished else None,
+                    worker=t.worker,
+                    outcome=_OUTCOME_OF_STATE[state],
+                    error=None if state is TaskState.SUCCEEDED else t.error,
+                    traceback=None,
+                )
+            )
+        return items[:limit], len(items) > limit
+
+    async def list_errors(
+        self, *, since: datetime | None, until: datetime | None, kind: str | None
+    ) -> tuple[datetime, list[ErrorGroup]]:
+        """The window's start (None `since`: 24 hours ago, by the database's clock) and the
+        groups of attempts that ended in an error in it (queries.LIST_ERRORS)."""
+        params = {"since": since, "until": until, "kind": kind}
+        [(start,)], rows = await self._pinned(
+            (queries.ERRORS_SINCE, params), (queries.LIST_ERRORS, params)
+        )
+        return start.replace(tzinfo=UTC), [
+            ErrorGroup(
+                kind=kind,
+                error=error or "",
+                count=count,
+                first_seen=first.replace(tzinfo=UTC),
+                last_seen=last.replace(tzinfo=UTC),
+                sample_task=sample,
+            )
+            for kind, error, count, first, last, sample in rows
+        ]
+
+
+def _attempt(row: Any) -> Attempt:
+    return Attempt(
+        attempt=row.attempt,
+        started_at=_utc(row.started_at),
+        finished_at=_utc(row.finished_at),
+        worker=row.worker,
+        outcome=None if row.outcome is None else Outcome(row.outcome),
+        error=row.error,
+        traceback=row.traceback,
+    )
+
+
+# The outcome of a task's last attempt when it has no row of its own, by the task's state.
+_OUTCOME_OF_STATE = {
+    TaskState.RUNNING: None,
+    TaskState.SUCCEEDED: Outcome.SUCCEEDED,
+    TaskState.FAILED: Outcome.FAILED,
+    TaskState.CANCELLED: Outcome.CANCELLED,
+    TaskState.SCHEDULED: Outcome.RETRIED,
+}
 
 
 async def listen(

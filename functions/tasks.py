@@ -26,7 +26,9 @@ from functions.kinds import KINDS
 from functions.model import (
     DEFAULT_ORDER,
     MAX_PAGE_BYTES,
+    AttemptPage,
     BulkAction,
+    ErrorGroup,
     NewTask,
     Page,
     Position,
@@ -218,6 +220,27 @@ async def get_task(store: Store, task_id: int) -> Task:
     if task is None:
         raise TaskNotFound(task_id)
     return task
+
+
+async def list_attempts(
+    store: Store, task_id: int, *, limit: int, cursor: str | None
+) -> AttemptPage:
+    """A task's attempts, oldest first, a page of `limit` past `cursor` (the last attempt
+    number of the page before: `next_cursor`)."""
+    after = 0 if cursor is None else int(cursor)
+    found = await store.list_attempts(task_id, after=after, limit=limit)
+    if found is None:
+        raise TaskNotFound(task_id)
+    items, more = found
+    return AttemptPage(items, str(items[-1].attempt) if more and items else None)
+
+
+async def list_errors(
+    store: Store, *, since: datetime | None, until: datetime | None, kind: str | None
+) -> tuple[datetime, list[ErrorGroup]]:
+    """The attempts that ended in an error in [since, until) (since: 24 hours ago by
+    default; until: now), grouped by kind and normalised error, the most frequent first."""
+    return await store.list_errors(since=since, until=until, kind=kind)
 
 
 async def list_tasks(

@@ -17,12 +17,16 @@ from functions import model, parsing, schedules, tasks
 from functions.http.responses import page_json, task_json
 from functions.http.rules import require_json
 from functions.http.schemas import (
+    AttemptPageOut,
     BatchIn,
     CountOut,
     CreatedAfter,
     CreatedBefore,
     Cursor,
     ErrorSearch,
+    ErrorsOut,
+    ErrorsSince,
+    ErrorsUntil,
     ExecuteAfter,
     ExecuteBefore,
     FinishedAfter,
@@ -43,13 +47,17 @@ from functions.http.schemas import (
     Sort,
     TaskIn,
     TaskOut,
+    attempt_fields,
+    error_group_fields,
     errors,
     links,
     schedule_fields,
 )
 from functions.model import (
     BIGINT_MAX,
+    DEFAULT_ATTEMPTS_PAGE,
     DEFAULT_BULK,
+    MAX_ATTEMPTS_PAGE,
     MAX_BULK,
     BulkAction,
     Schedule,
@@ -361,6 +369,28 @@ def add_routes(
         """Show one task."""
         return task_answer(await tasks.get_task(store, task_id))
 
+    @app.get(
+        "/tasks/{task_id}/attempts",
+        response_model=AttemptPageOut,
+        dependencies=token_check,
+        responses=fails(404, 422),
+    )
+    async def list_attempts(
+        task_id: TaskId,
+        limit: Annotated[int, Query(ge=1, le=MAX_ATTEMPTS_PAGE)] = DEFAULT_ATTEMPTS_PAGE,
+        cursor: Annotated[
+            str | None,
+            Query(pattern="^[0-9]{1,9}$", description="`next_cursor` of the previous page"),
+        ] = None,
+    ) -> Response:
+        """A task's attempts, oldest first: when each started and ended, its worker, how it
+        ended (`outcome`: succeeded, failed, retried, timed_out, cancelled, lost; null while
+        it runs), its error and traceback. A task not started yet has none."""
+        page = await tasks.list_attempts(store, task_id, limit=limit, cursor=cursor)
+        return answer(
+            {"items": [attempt_fields(a) for a in page.items], "next_cursor": page.next_cursor}
+        )
+
     @app.post(
         "/tasks/{task_id}/run",
         response_model=TaskOut,
@@ -429,6 +459,26 @@ def add_routes(
         """Delete a task; a running one cannot be deleted (409)."""
         await tasks.delete_task(store, task_id)
         return Response(status_code=204)
+
+    @app.get("/errors", response_model=ErrorsOut, dependencies=token_check, responses=fails(422))
+    async def list_errors(
+        since: Annotated[
+            ErrorsSince | None,
+            Query(
+                description="Attempts that ended at or after this time (RFC 3339, or Unix"
+                " seconds); by default 24 hours ago."
+            ),
+        ] = None,
+        until: Annotated[
+            ErrorsUntil | None, Query(description="Attempts that ended before this time.")
+        ] = None,
+        type: Annotated[KindFilter | None, Query(description="One kind's attempts.")] = None,
+    ) -> Response:
+        """The attempts that ended in an error (failed, retried, timed_out, lost) in the
+        window, grouped by type and error with its numbers and ids folded, the most frequent
+        first, at most 200 groups."""
+        start, groups = await tasks.list_errors(store, since=since, until=until, kind=type)
+        return answer({"since": start, "items": [error_group_fields(g) for g in groups]})
 
     add_schedule_routes(app, settings, store, token_check, fails)
 

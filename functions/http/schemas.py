@@ -28,7 +28,17 @@ from functions import model, parsing, schedules
 from functions.http.responses import shown
 from functions.http.rules import batch_items, read_keyed_batch, read_task
 from functions.kinds import KINDS
-from functions.model import MAX_BATCH, CatchUp, NewTask, Schedule, Task, TaskState
+from functions.model import (
+    MAX_BATCH,
+    Attempt,
+    CatchUp,
+    ErrorGroup,
+    NewTask,
+    Outcome,
+    Schedule,
+    Task,
+    TaskState,
+)
 from functions.parsing import ITEM_KEYS
 from functions.settings import Settings
 
@@ -136,6 +146,8 @@ ExecuteAfter = Annotated[datetime, _time_bound("execute_after"), _TIME_BOUND]
 ExecuteBefore = Annotated[datetime, _time_bound("execute_before"), _TIME_BOUND]
 FinishedAfter = Annotated[datetime, _time_bound("finished_after"), _TIME_BOUND]
 FinishedBefore = Annotated[datetime, _time_bound("finished_before"), _TIME_BOUND]
+ErrorsSince = Annotated[datetime, _time_bound("since"), _TIME_BOUND]
+ErrorsUntil = Annotated[datetime, _time_bound("until"), _TIME_BOUND]
 
 
 # (Read as its text, a type FastAPI takes in a query; `parsing.parse_sort` makes the order.)
@@ -729,6 +741,71 @@ def schedule_fields(schedule: Schedule) -> dict[str, Any]:
 class SchedulePageOut(BaseModel):
     items: list[ScheduleOut]
     next_cursor: str | None
+
+
+class AttemptOut(BaseModel):
+    attempt: int = Field(description="1 for the first, and so on.")
+    started_at: datetime | None = Field(description="When its worker claimed it.")
+    finished_at: datetime | None = Field(
+        description="When it ended; null while it runs (and for the last attempt of a task"
+        " from before attempts were kept that waits for a retry)."
+    )
+    worker: str | None = Field(
+        description="The worker that ran it (as GET /workers names it); null for a first"
+        " attempt that succeeded (the task keeps no worker once finished)."
+    )
+    outcome: Outcome | None = Field(description="How it ended; null while it runs.")
+    error: str | None
+    traceback: str | None = Field(
+        description="The kind's exception as Python prints it, at most its last 8 KiB."
+    )
+
+
+class AttemptPageOut(BaseModel):
+    items: list[AttemptOut]
+    next_cursor: str | None
+
+
+def attempt_fields(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "attempt": attempt.attempt,
+        "started_at": attempt.started_at,
+        "finished_at": attempt.finished_at,
+        "worker": attempt.worker,
+        "outcome": attempt.outcome,
+        "error": attempt.error,
+        "traceback": attempt.traceback,
+    }
+
+
+class ErrorGroupOut(BaseModel):
+    type: str
+    error: str = Field(description="The error, its numbers and ids folded (docs/api.md).")
+    search: str = Field(
+        description="Text of the error that GET /tasks?error= finds its tasks with (those"
+        " whose last error it is)."
+    )
+    count: int
+    first_seen: datetime
+    last_seen: datetime
+    sample_task: int = Field(description="The id of one of its tasks (the highest).")
+
+
+class ErrorsOut(BaseModel):
+    since: datetime
+    items: list[ErrorGroupOut]
+
+
+def error_group_fields(group: ErrorGroup) -> dict[str, Any]:
+    return {
+        "type": group.kind,
+        "error": group.error,
+        "search": group.search,
+        "count": group.count,
+        "first_seen": group.first_seen,
+        "last_seen": group.last_seen,
+        "sample_task": group.sample_task,
+    }
 
 
 class CountOut(BaseModel):
