@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from functions.model import normalise_error
 from tests.browser.conftest import SERVER, BrowserLog
 from tests.browser.test_dashboard import add_activity
 
@@ -215,6 +216,119 @@ def test_the_overview_without_by_type_hides_the_table(
     page.goto(f"{api}/")
     expect(page.locator("#by-type-empty")).to_be_visible()
     expect(page.locator("#by-type tbody tr")).to_have_count(0)
+
+
+def record_attempts(sql: Sql, task_id: int, kind: str, *attempts: tuple[str, str | None]) -> None:
+    """A task's attempts (`(outcome, error)` each, a minute apart, the last ending 5 minutes
+    ago), as its workers record them."""
+    n = len(attempts)
+    for i, (outcome, error) in enumerate(attempts, start=1):
+        sql(
+            "INSERT INTO attempts (task_id, attempt, kind, started_at, finished_at, worker,"
+            " outcome, error, error_group, traceback) VALUES (%s, %s, %s,"
+            " now() - make_interval(mins => 5 + %s) - interval '2.5 s',"
+            " now() - make_interval(mins => 5 + %s), %s, %s, %s, %s, %s)",
+            task_id,
+            i,
+            kind,
+            n - i,
+            n - i,
+            f"host-{i}:1:abc",
+            outcome,
+            error,
+            None if error is None else normalise_error(error),
+            None if error is None else f'Traceback:\n  File "<img src=x>", line {i}\n{error}',
+        )
+
+
+def test_the_failures_page_groups_errors_and_links_each_group_to_its_tasks(
+    taskrunner: Callable[..., str], page: Page, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    """GET /errors as a table, most frequent first; a group's link lists its tasks on the
+    Tasks page (by type and error); an error is text, never markup."""
+    timeouts = []
+    for n in range(3):
+        task_id = task_factory("bar", due_in_s=-600.0)
+        error = f"TimeoutError: GET http://h:{8000 + n}/ gave no answer in {30 + n} s"
+        sql(
+            "UPDATE tasks SET state = 'failed', attempts = 1, finished_at = now(), error = %s"
+            " WHERE id = %s",
+            error,
+            task_id,
+        )
+        record_attempts(sql, task_id, "bar", ("failed", error))
+        timeouts.append(task_id)
+    markup = task_factory("baz", due_in_s=-600.0)
+    sql(
+        "UPDATE tasks SET state = 'failed', attempts = 1, finished_at = now(),"
+        " error = '<b>bad</b> input' WHERE id = %s",
+        markup,
+    )
+    record_attempts(sql, markup, "baz", ("failed", "<b>bad</b> input"))
+    api = taskrunner()
+    page.goto(f"{api}/")
+    page.get_by_role("link", name="Failures").click()
+    rows = page.locator("#failures tbody tr")
+    expect(rows).to_have_count(2)
+    first, second = rows.nth(0), rows.nth(1)
+    expect(first.locator("td").nth(0)).to_have_text("bar")
+    expect(first.locator("td").nth(1)).to_have_text(
+        "TimeoutError: GET http://h:<n>/ gave no answer in <n> s"
+    )
+    expect(first.locator("td").nth(2)).to_have_text("3")
+    expect(second.locator("td").nth(1)).to_have_text("<b>bad</b> input")
+    # Of one type.
+    page.get_by_role("form", name="Filter failures").get_by_label("Type").select_option("baz")
+    expect(rows).to_have_count(1)
+    page.get_by_role("form", name="Filter failures").get_by_label("Type").select_option("")
+    expect(rows).to_have_count(2)
+    # The group's tasks, on the Tasks page.
+    first.get_by_role("link", name="its tasks").click()
+    expect(page).to_have_url(re.compile(r"#/tasks\?type=bar&error="))
+    tasks = page.locator("#tasks tbody tr")
+    expect(tasks).to_have_count(3)
+    assert sorted(int(tasks.nth(i).get_attribute("data-id") or 0) for i in range(3)) == timeouts
+
+
+def test_a_tasks_page_shows_its_attempts_oldest_first_with_their_tracebacks_as_text(
+    taskrunner: Callable[..., str], page: Page, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    task_id = task_factory("bar", due_in_s=-600.0)
+    sql(
+        "UPDATE tasks SET state = 'failed', attempts = 3, finished_at = now(), started_at ="
+        " now() - interval '1 hour', error = 'HTTP 503 <i>again</i>' WHERE id = %s",
+        task_id,
+    )
+    record_attempts(
+        sql,
+        task_id,
+        "bar",
+        ("retried", "ConnectionRefusedError: 127.0.0.1:9"),
+        ("timed_out", "TimeoutError: GET http://h/ gave no answer in 30 s"),
+        ("failed", "HTTP 503 <i>again</i>"),
+    )
+    api = taskrunner()
+    page.clock.install()
+    page.clock.pause_at(datetime.now(UTC) + timedelta(seconds=1))
+    page.goto(f"{api}/#/tasks/{task_id}")
+    rows = page.locator("#attempts tbody tr")
+    expect(rows).to_have_count(3)
+    expect(rows.locator(".outcome")).to_have_text(["retried", "timed out", "failed"])
+    expect(rows.nth(0).locator("td").nth(4)).to_have_text("host-1:1:abc")
+    expect(rows.nth(1).locator(".took")).to_have_text("2.5 s")
+    last = rows.nth(2)
+    expect(last.locator(".error-text")).to_have_text("HTTP 503 <i>again</i>")
+    last.locator("summary").click()
+    expect(last.locator("pre")).to_be_visible()
+    expect(last.locator("pre")).to_contain_text('File "<img src=x>", line 3')
+    # Still open after the next refresh (every 3 s for a finished task).
+    with page.expect_response(lambda r: "/attempts" in r.url):
+        page.clock.run_for(3_000)
+    expect(last.locator("pre")).to_be_visible()
+    expect(page.locator("#attempts img")).to_have_count(0)
+    # A task that has not started has none.
+    page.goto(f"{api}/#/tasks/{task_factory('foo', due_in_s=3600.0)}")
+    expect(page.get_by_text("It has not started yet.")).to_be_visible()
 
 
 @pytest.mark.skipif(not SCREENSHOTS, reason="writes docs/dashboard-*.png: set "

@@ -752,7 +752,7 @@ function drawTask(task) {
 }
 
 // The attempts shown: of which task, how many pages the viewer asked for.
-const attemptsShown = { id: null, pages: 1 };
+const attemptsShown = { id: null, pages: 1, drawn: "" };
 
 function outcomeBadge(outcome) {
   return outcome ? h("span", { class: `badge ${outcome}` }, outcome.replace("_", " "))
@@ -797,6 +797,10 @@ async function refreshAttempts(id) {
     return;
   }
   show($("attempts-error"), "");
+  // Drawn again only when they changed: a traceback opened stays open across refreshes.
+  const drawn = JSON.stringify([id, items, next]);
+  if (attemptsShown.drawn === drawn) return;
+  attemptsShown.drawn = drawn;
   $("attempts").tBodies[0].replaceChildren(...items.map(attemptRow));
   $("attempts-empty").hidden = items.length > 0;
   $("attempts-more").hidden = !next;
@@ -962,7 +966,7 @@ function failureRow(group) {
     h("td", {}, group.sample_task
       ? h("a", { href: `#/tasks/${group.sample_task}` }, `#${group.sample_task}`) : "–"),
     h("td", {}, h("a", { class: "group-tasks", href: tasksLink(null, group.type,
-      { error: excerpt(search || "", 200) }) }, "its tasks →")));
+      { error: (search || "").slice(0, 200) }) }, "its tasks →")));
 }
 
 async function refreshFailures() {
@@ -1094,6 +1098,7 @@ function route() {
       $("task-fields").replaceChildren();
       $("attempts").tBodies[0].replaceChildren();
       $("attempts-more").hidden = true;
+      attemptsShown.drawn = "";
       $("reschedule-at").value = localValue(new Date(Date.now() + 3600_000));
     }
     show($("task-error"), "");
