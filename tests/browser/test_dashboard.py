@@ -543,6 +543,8 @@ def test_screenshot(
             task_factory(kind, due_in_s=-0.5 if i < 2 else 600.0 + i)
         insert_finished(sql, kind, "succeeded", n * 5, f"{kind.title()} 1")
     insert_finished(sql, "bar", "failed", 3, "HTTP 503 from https://example.com/")
+    sql("INSERT INTO kinds_served (kind, last_run_at) SELECT k, now() FROM"
+        " unnest(ARRAY['foo', 'bar', 'baz']) AS k")  # fmt: skip
     for worker in ("a", "b"):
         sql("INSERT INTO workers (id, lease_expires_at) VALUES (%s, now() + interval '1 min')",
             worker)  # fmt: skip

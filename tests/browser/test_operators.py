@@ -218,7 +218,13 @@ def test_the_overview_without_by_type_hides_the_table(
     expect(page.locator("#by-type tbody tr")).to_have_count(0)
 
 
-def record_attempts(sql: Sql, task_id: int, kind: str, *attempts: tuple[str, str | None]) -> None:
+def record_attempts(
+    sql: Sql,
+    task_id: int,
+    kind: str,
+    *attempts: tuple[str, str | None],
+    source: str = "<img src=x>",
+) -> None:
     """A task's attempts (`(outcome, error)` each, a minute apart, the last ending 5 minutes
     ago), as its workers record them."""
     n = len(attempts)
@@ -237,7 +243,7 @@ def record_attempts(sql: Sql, task_id: int, kind: str, *attempts: tuple[str, str
             outcome,
             error,
             None if error is None else normalise_error(error),
-            None if error is None else f'Traceback:\n  File "<img src=x>", line {i}\n{error}',
+            None if error is None else f'Traceback:\n  File "{source}", line {i}\n{error}',
         )
 
 
@@ -337,7 +343,8 @@ def test_screenshots_of_each_page(
     taskrunner: Callable[..., str], page: Page, sql: Sql, task_factory: Callable[..., int]
 ) -> None:
     """The pictures in docs/operations.md: the Tasks page (with a bulk confirmation), the
-    Failures page, a task's page with its attempts, the Workers and Schedules pages."""
+    Failures page, a task's page with its attempts, the Workers and Schedules pages (the
+    overview's: test_dashboard.py's test_screenshot)."""
     insert_failed(sql, "bar", 1000, "HTTP 503 from https://example.com/")
     for kind in ("foo", "baz"):
         for i in range(8):
@@ -363,6 +370,32 @@ def test_screenshots_of_each_page(
     expect(page.get_by_role("dialog").get_by_role("heading")).to_have_text("Retry 1,000 tasks?")
     shoot("tasks")
     page.get_by_role("dialog").get_by_role("button", name="Not now").click()
+    sample = int(sql("SELECT min(id) FROM tasks WHERE state = 'failed'")[0][0])
+    sql("UPDATE tasks SET attempts = 3 WHERE id = %s", sample)
+    record_attempts(
+        sql,
+        sample,
+        "bar",
+        ("retried", "ConnectionRefusedError: [Errno 111] connecting to example.com:443"),
+        ("timed_out", "TimeoutError: GET https://example.com/ gave no answer in 30 s"),
+        ("failed", "HTTP 503 from https://example.com/"),
+        source="app/hooks.py",
+    )
+    for (task_id,) in sql(
+        "SELECT id FROM tasks WHERE state = 'failed' AND id > %s LIMIT 40", sample
+    ):
+        record_attempts(sql, task_id, "bar", ("failed", "HTTP 503 from https://example.com/"))
+    for n in range(6):
+        task_id = task_factory("baz", due_in_s=-900.0)
+        record_attempts(sql, task_id, "baz", ("retried", f"KeyError: 'order-{n}'"))
+    page.goto(f"{api}/#/failures")
+    expect(page.locator("#failures tbody tr")).to_have_count(4)
+    shoot("failures")
+    page.goto(f"{api}/#/tasks/{sample}")
+    expect(page.locator("#attempts tbody tr")).to_have_count(3)
+    page.locator("#attempts tbody tr").nth(1).locator("summary").click()
+    page.locator("#attempts").scroll_into_view_if_needed()
+    shoot("task")
     page.goto(f"{api}/#/workers")
     expect(page.locator("#workers-table tbody tr")).to_have_count(1)
     shoot("workers")
