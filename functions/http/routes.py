@@ -124,7 +124,16 @@ class Route(APIRoute):
         return match, child
 
 
+# The query parameters of GET /tasks and the bulk routes that take one value: FastAPI would
+# read the last of several, so `payload=a&payload=b` would filter by `b` alone, unsaid.
+_SINGLE_VALUED = (
+    "created_after", "created_before", "execute_after", "execute_before", "finished_after",
+    "finished_before", "error", "schedule", "payload", "limit", "cursor", "sort", "dry_run",
+)  # fmt: skip
+
+
 def task_filter(
+    request: Request,
     state: Annotated[
         list[TaskState] | None,
         Query(
@@ -164,8 +173,14 @@ def task_filter(
     ] = None,
     payload: Annotated[PayloadFilter | None, Query()] = None,
 ) -> TaskFilter:
-    """The filters of `GET /tasks`, read the same way by the bulk cancel and retry: a task
-    matches when it meets every one given (a repeated one: any of its values)."""
+    """The filters of `GET /tasks`, read the same way by the bulk cancel, retry and delete: a
+    task matches when it meets every one given (a repeated one: any of its values). One that
+    takes a single value, given twice, is a 422."""
+    for name in _SINGLE_VALUED:
+        if len(request.query_params.getlist(name)) > 1:
+            msg = f"{name} is given more than once: it takes one value"
+            issue = {"loc": ("query", name), "msg": msg, "type": "value_error"}
+            raise RequestValidationError([issue])
     return TaskFilter(
         states=tuple(dict.fromkeys(state or ())),
         kinds=tuple(dict.fromkeys(type or ())),
