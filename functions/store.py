@@ -402,6 +402,19 @@ def _results_json(results: Iterable[Result], *, kept: bool = False) -> str:
     )
 
 
+def finish_statement(worker: str, results: Sequence[Result]) -> tuple[str, dict[str, Any]]:
+    """The statement that records `results`: FINISH_MANY for a batch of first attempts that
+    succeeded (a drain: the statement and parameters of before attempts were kept), else
+    FINISH_MANY_RECORDING."""
+    # In id order, the order a cancel of many tasks locks them in: two statements that
+    # lock rows in one order never deadlock (queries.cancel_tasks).
+    ordered = sorted(results, key=lambda r: r.id)
+    if any(r.kept for r in ordered):
+        params = {"worker": worker, "results": _results_json(ordered, kept=True)}
+        return queries.FINISH_MANY_RECORDING, params
+    return queries.FINISH_MANY, {"worker": worker, "results": _results_json(ordered)}
+
+
 def insert_task_steps(
     new: NewTask, default_max_attempts: int
 ) -> Generator[tuple[str, dict[str, Any]], list[Any], tuple[Any, bool]]:
@@ -838,7 +851,12 @@ class Store:
 
     async def delete_task(self, task_id: int) -> TaskState | None:
         """Delete the task unless it is running; return the state it had, None if missing."""
-        rows = await self._all(queries.DELETE_TASK, id=task_id)
+        # One transaction; the attempts' delete a statement of its own (its comment).
+        rows, _ = await self._pinned(
+            (queries.DELETE_TASK, {"id": task_id}),
+            (queries.DELETE_ATTEMPTS_OF_GONE, {"ids": [task_id]}),
+            row_factory=namedtuple_row,
+        )
         return TaskState(rows[0].state) if rows else None
 
     async def delete_all(self) -> int:
@@ -1225,16 +1243,8 @@ class Store:
     def _finish_statement(
         self, worker: str, results: Sequence[Result]
     ) -> tuple[str, dict[str, Any]]:
-        """FINISH_MANY for a batch of first attempts that succeeded (a drain: the statement
-        and parameters of before attempts were kept), else FINISH_MANY_RECORDING."""
         assert len(results) <= self.WRITE_BATCH, "the caller bounds its batches"
-        # In id order, the order a cancel of many tasks locks them in: two statements that
-        # lock rows in one order never deadlock (queries.cancel_tasks).
-        ordered = sorted(results, key=lambda r: r.id)
-        if any(r.kept for r in ordered):
-            params = {"worker": worker, "results": _results_json(ordered, kept=True)}
-            return queries.FINISH_MANY_RECORDING, params
-        return queries.FINISH_MANY, {"worker": worker, "results": _results_json(ordered)}
+        return finish_statement(worker, results)
 
     async def recorded(self, results: Sequence[Result]) -> set[int]:
         """Of `results`, the ids whose result is in the table now exactly as given."""

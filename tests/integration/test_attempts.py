@@ -117,6 +117,17 @@ async def test_a_first_attempt_that_succeeds_writes_no_row_and_shows_the_tasks_f
     await drain(store, settings, sql)
 
     assert sql("SELECT count(*) FROM attempts") == [(0,)]
+    # Nor in a batch beside others that do keep a row.
+    more = await create(client, *({"type": "baz", "execute_at": 0} for _ in range(2)))
+    await store.register_worker(worker="A", lease_s=60)
+    claimed, _ = await store.claim_due(worker="A", kinds=["baz"], limit=10, lease_s=60)
+    assert sorted(c.id for c in claimed) == more
+    results = [
+        Result(more[0], 1, TaskState.SUCCEEDED, "Baz 1"),
+        Result(more[1], 1, TaskState.SCHEDULED, None, "E", 60.0, error_group="E"),
+    ]
+    assert await store.finish_many(worker="A", results=results) == set(more)
+    assert sql("SELECT task_id, attempt, outcome FROM attempts") == [(more[1], 1, "retried")]
     task = (await client.get(f"/tasks/{ids[0]}")).json()
     [item] = (await attempts(client, ids[0]))["items"]
     assert item == {
@@ -295,7 +306,11 @@ async def test_deleting_or_pruning_a_task_deletes_its_attempts(
 
     assert (await client.delete(f"/tasks/{ids[0]}")).status_code == 204
     assert sql("SELECT DISTINCT task_id FROM attempts ORDER BY 1") == [(ids[1],), (ids[2],)]
-    assert await tasks.prune(store, older_than_s=0) == 2
+    # Past the retention (a day): its time moved back, as two days passing would.
+    sql("UPDATE tasks SET finished_at = finished_at - interval '2 days' WHERE id = %s", ids[1])
+    assert await tasks.prune(store, older_than_s=86_400) == 1
+    assert sql("SELECT DISTINCT task_id FROM attempts") == [(ids[2],)]
+    assert await store.delete_all() == 1  # DELETE /, the original challenge's
     assert sql("SELECT count(*) FROM attempts") == [(0,)]
 
 

@@ -1,0 +1,153 @@
+"""What an attempt's row keeps of its error: the error normalised for GET /errors (and the
+text that finds its tasks), its traceback bounded to its last 8 KiB; and what `bar` says
+when its request fails."""
+
+import asyncio
+import json
+import socket
+from datetime import UTC, datetime
+
+import pytest
+
+from functions import kinds, queries
+from functions.completer import traceback_of
+from functions.model import (
+    MAX_ERROR_GROUP,
+    MAX_TRACEBACK_BYTES,
+    ErrorGroup,
+    TaskState,
+    normalise_error,
+)
+from functions.settings import Settings
+from functions.store import Result, finish_statement
+
+
+@pytest.mark.parametrize(
+    ("error", "normalised"),
+    [
+        ("ValueError: order 1234 not found", "ValueError: order <n> not found"),
+        ("waited 5.5 s, then -3 and 1,000 and 1e-07", "waited <n> s, then -<n> and <n> and <n>"),
+        ("GET http://127.0.0.1:8080/a", "GET http://<n>:<n>/a"),
+        ("at 0x7f3a12 and 0XFF", "at <hex> and <hex>"),
+        ("commit deadbeef12 of a1b2c3", "commit <hex> of <hex>"),
+        ("KeyError: 3f2a9c1b-0000-4d6e-8a1b-1234567890AB", "KeyError: <uuid>"),
+        # Words ending in digits stay; a word of hex letters alone, or under 6, stays.
+        ("http2 sha256 utf8 facade abc12", "http2 sha256 utf8 facade abc12"),
+        ("ünïcode 42 ✓", "ünïcode <n> ✓"),
+        ("", ""),
+    ],
+)
+def test_numbers_hex_ids_and_uuids_are_folded(error: str, normalised: str) -> None:
+    assert normalise_error(error) == normalised
+
+
+def test_a_normalised_error_is_cut_to_its_bound() -> None:
+    assert normalise_error("x" * MAX_ERROR_GROUP) == "x" * MAX_ERROR_GROUP
+    assert normalise_error("x" * (MAX_ERROR_GROUP + 1)) == "x" * MAX_ERROR_GROUP
+
+
+def test_a_groups_search_is_its_longest_part_that_no_placeholder_cut() -> None:
+    now = datetime.now(UTC)
+
+    def search(error: str) -> str:
+        return ErrorGroup("bar", error, 1, now, now, 1).search
+
+    assert search("TimeoutError: GET http://<n>:<n>/x: no answer within <n> s") == (
+        "TimeoutError: GET http://"
+    )
+    assert search("RuntimeError: disk full") == "RuntimeError: disk full"
+    assert search("<n>") == ""
+
+
+def raised(message: str) -> BaseException:
+    try:
+        raise RuntimeError(message)
+    except RuntimeError as exc:
+        return exc
+
+
+def test_a_traceback_is_kept_whole_up_to_8_kib_and_its_end_beyond() -> None:
+    assert traceback_of(RuntimeError("never raised")) is None
+    short = traceback_of(raised("short"))
+    assert short is not None and short.startswith("Traceback (most recent call last):")
+    assert short.endswith("RuntimeError: short\n")
+    # The message that makes the traceback exactly the bound, then one byte more.
+    room = MAX_TRACEBACK_BYTES - (len(short.encode()) - len("short"))
+    fill = "é" * (room // 2) + "x" * (room % 2)
+    exact = traceback_of(raised(fill))
+    assert exact is not None and len(exact.encode()) == MAX_TRACEBACK_BYTES
+    assert exact.startswith("Traceback")
+    over = traceback_of(raised(fill + "y"))
+    assert over is not None
+    assert MAX_TRACEBACK_BYTES - 2 <= len(over.encode()) <= MAX_TRACEBACK_BYTES
+    assert over.startswith(f"... ({MAX_TRACEBACK_BYTES + 1:,} bytes in all")
+    assert over.endswith("y\n")
+    # A NUL or a lone surrogate cannot be stored: written as escapes.
+    odd = traceback_of(raised("a\x00b\udc80"))
+    assert odd is not None and odd.endswith("a\\x00b\\udc80\n")
+
+
+async def run_bar(url: str, timeout_s: float) -> BaseException:
+    settings = Settings(bar_url=url, bar_timeout_s=timeout_s)
+    clients = kinds.HttpClients(settings)
+    try:
+        await kinds.bar(kinds.Context(1, 1, settings, clients.lend))
+    except Exception as exc:
+        return exc
+    finally:
+        await clients.aclose()
+    raise AssertionError("bar succeeded")
+
+
+async def test_bar_says_which_url_it_got_no_answer_from_and_how_long_it_waited() -> None:
+    with socket.socket() as listening:
+        # Accepts connections (the backlog) and never answers.
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(8)
+        url = f"http://127.0.0.1:{listening.getsockname()[1]}/slow"
+        exc = await run_bar(url, 0.2)
+    assert isinstance(exc, TimeoutError)
+    assert str(exc) == f"GET {url}: no answer within 0.2 s (TASKRUNNER_BAR_TIMEOUT_S)"
+
+
+async def test_bar_says_which_url_refused_it_why_and_after_how_long() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/"
+    exc = await asyncio.wait_for(run_bar(url, 5.0), 30)
+    assert isinstance(exc, kinds.RequestFailed)
+    message = str(exc)
+    assert message.startswith(f"GET {url}: ConnectError: ")
+    assert message.endswith(" s)") and " (after " in message
+
+
+def test_a_batch_of_first_attempts_that_succeeded_is_written_as_before_attempts_were_kept() -> None:
+    """A drain's batches run FINISH_MANY with the parameters of before (nothing more to
+    write, nothing more to send); a batch with any other result runs the statement that
+    keeps attempts."""
+    firsts = [Result(i, 1, TaskState.SUCCEEDED, f"Baz {i}") for i in (3, 1, 2)]
+    sql, params = finish_statement("w", firsts)
+    assert sql is queries.FINISH_MANY
+    assert json.loads(params["results"])[0] == {
+        "id": 1, "attempt": 1, "state": "succeeded", "output": "Baz 1", "error": None,
+        "retry_in_s": None,
+    }  # fmt: skip
+    for other in (
+        Result(4, 2, TaskState.SUCCEEDED, "Baz 4"),  # a later attempt's success
+        Result(4, 1, TaskState.SCHEDULED, None, "E", 0.1),
+        Result(4, 1, TaskState.FAILED, None, "E", timed_out=True),
+    ):
+        sql, params = finish_statement("w", [*firsts, other])
+        assert sql is queries.FINISH_MANY_RECORDING
+        assert [r["id"] for r in json.loads(params["results"])] == [1, 2, 3, 4]
+
+
+def test_every_statement_that_deletes_tasks_deletes_their_attempts() -> None:
+    """No foreign key deletes them (migration 0016): each statement does, or (DELETE_TASK)
+    the store runs DELETE_ATTEMPTS_OF_GONE after it in its transaction (tested in
+    tests/integration/test_attempts.py)."""
+    statements = {name: value for name, value in vars(queries).items() if isinstance(value, str)}
+    deleting = {name for name, sql in statements.items() if "DELETE FROM tasks" in sql}
+    assert {"DELETE_TASK", "DELETE_NOT_RUNNING", "PRUNE_FINISHED"} <= deleting
+    for name in deleting - {"DELETE_TASK"}:
+        assert "DELETE FROM attempts" in statements[name], name
