@@ -888,12 +888,15 @@ def delete_tasks(condition: str = "true", states: tuple[str, ...] = DELETABLE) -
     a task claimed while this waited for it is running, and stays); return their ids.
 
     POST /tasks/delete. It deletes what DELETE_TASK and PRUNE_FINISHED delete with a task:
-    its row, and whatever is kept of the task elsewhere goes with it (a table keyed by task
-    deletes with it here, or by a foreign key's cascade)."""
+    its row and its attempts. (An attempt committed after this statement's snapshot, by a
+    finish this statement's lock waited for, is not seen here: the store then runs
+    DELETE_ATTEMPTS_OF_GONE on the ids deleted, as DELETE_TASK's does.)"""
     assert states and set(states) <= set(DELETABLE)
     return f"""
-WITH target AS (
+WITH target AS MATERIALIZED (
     {_locked_in_id_order(states, condition)}
+), gone AS (
+    DELETE FROM attempts WHERE task_id = ANY(ARRAY(SELECT id FROM target))
 ), deleted AS (
     DELETE FROM tasks AS t
     USING target

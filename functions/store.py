@@ -802,7 +802,14 @@ class Store:
     async def delete_matching(self, matching: TaskFilter, *, limit: int) -> int:
         """Delete up to `limit` tasks `matching` that are not running (of those, all when it
         names no state), lowest ids first, with all that is kept of each; return how many."""
-        return await self._in_batches(queries.delete_tasks, queries.DELETABLE, matching, limit, {})
+        return await self._in_batches(
+            queries.delete_tasks, queries.DELETABLE, matching, limit, {}, then=self._sweep_attempts
+        )
+
+    async def _sweep_attempts(self, rows: list[Any]) -> None:
+        """The attempts of the tasks deleted (`rows`, their ids first) that their delete's
+        snapshot did not see (queries.delete_tasks), in a transaction of its own."""
+        await self._all(queries.DELETE_ATTEMPTS_OF_GONE, ids=[row[0] for row in rows])
 
     async def count_matching(self, action: BulkAction, matching: TaskFilter, *, limit: int) -> int:
         """How many tasks `matching` the bulk `action` would take now, at most `limit`: the
@@ -826,10 +833,12 @@ class Store:
         params: dict[str, Any],
         *,
         announce: bool = False,
+        then: Callable[[list[Any]], Awaitable[None]] | None = None,
     ) -> int:
         """Run `statement_for(condition, states)` over the tasks `matching` (of its states
         within `allowed`), WRITE_BATCH at most a statement, until `limit` are done or none
-        is left; return how many were. With `announce`, each batch is a cancel's."""
+        is left; return how many were. With `announce`, each batch is a cancel's; `then` is
+        called with each batch's rows once it committed."""
         wanted = tuple(s for s in allowed if not matching.states or s in matching.states)
         if not wanted:
             return 0
@@ -847,6 +856,8 @@ class Store:
                 break
             if announce:
                 await self.announce(_cancelled(rows))
+            if then is not None:
+                await then(rows)
         return done
 
     async def delete_task(self, task_id: int) -> TaskState | None:

@@ -117,3 +117,19 @@ async def test_a_delete_that_cannot_be_read_is_a_422_and_deletes_nothing(
     assert issue["loc"][:2] == ["query", name]
     assert said in issue["msg"], issue
     assert sql("SELECT count(*) FROM tasks") == [(5,)]
+
+
+async def test_a_delete_takes_the_attempts_of_its_tasks_and_no_others(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    ids = await make_five(client, sql)  # 1 foo succeeded, 2 bar failed, 3 baz retrying
+    for task_id, kind in zip(ids[:3], ("foo", "bar", "baz"), strict=True):
+        sql(
+            "INSERT INTO attempts (task_id, attempt, kind, started_at, finished_at, worker,"
+            " outcome, error) VALUES (%s, 1, %s, now(), now(), 'w', 'retried', 'x')",
+            task_id,
+            kind,
+        )
+    response = await client.post("/tasks/delete", params={"type": ["bar", "baz"]})
+    assert response.json() == {"count": 3}  # 2, 3 and 5
+    assert sql("SELECT task_id FROM attempts") == [(ids[0],)]
