@@ -130,7 +130,7 @@ def test_cards_turn_amber_then_red_and_say_why_in_words(
     no live worker runs."""
     sql("INSERT INTO workers (id, lease_expires_at) VALUES ('w', now() + interval '1 hour')")
     sql("INSERT INTO kinds_served (kind, last_run_at) VALUES ('baz', now())")
-    oldest = task_factory("baz", due_in_s=-30.0)
+    oldest = task_factory("baz", due_in_s=-1.0)
     add_activity(sql, 7, started=50, succeeded=50, failed=2, lateness_bucket=10)
     api = taskrunner()
     page.clock.install()
