@@ -852,13 +852,24 @@ class Store:
             # (tests/integration/test_plans.py); pinned, their index is read in order.
             [rows] = await self._pinned((statement, {**params, **more, "limit": batch}))
             done += len(rows)
-            if not rows:
+            if rows:
+                if announce:
+                    await self.announce(_cancelled(rows))
+                if then is not None:
+                    await then(rows)
+            if len(rows) < batch and not await self._any_left(condition, wanted, more):
                 break
-            if announce:
-                await self.announce(_cancelled(rows))
-            if then is not None:
-                await then(rows)
         return done
+
+    async def _any_left(self, condition: str, states: tuple[str, ...], params: Any) -> bool:
+        """Whether a task in `states` meets `condition` now. A bulk statement that found
+        fewer than its limit may have waited for rows a concurrent one held, found them
+        changed and dropped them without taking the next ones (PostgreSQL rechecks a locked
+        row, not the LIMIT): it answered 0 while thousands still matched."""
+        [[(count,)]] = await self._pinned(
+            (queries.count_tasks(condition, states), {**params, "limit": 1})
+        )
+        return bool(count)
 
     async def delete_task(self, task_id: int) -> TaskState | None:
         """Delete the task unless it is running; return the state it had, None if missing."""

@@ -2,6 +2,7 @@
 side of every route: how it matches its path, reads its body, its task id parameter, and its
 JSON answer. (The bodies: `schemas`; the rules both paths read a request by: `rules`.)"""
 
+import inspect
 import re
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any
@@ -197,6 +198,27 @@ def task_filter(
 
 
 Filters = Annotated[TaskFilter, Depends(task_filter)]
+
+# What a bulk route reads from its query: the filters, `limit` and `dry_run`.
+_BULK_QUERY = frozenset(inspect.signature(task_filter).parameters) - {"request"} | {
+    "limit",
+    "dry_run",
+}
+
+
+def only_bulk_query(request: Request) -> None:
+    """A bulk route refuses a query parameter it does not read: `types=foo` (for `type`)
+    would otherwise act on every task, as if no filter had been given."""
+    for name in request.query_params:
+        if name not in _BULK_QUERY:
+            msg = (
+                f"{parsing.excerpt(name)} is not a parameter of this route; it takes"
+                f" {', '.join(sorted(_BULK_QUERY))}"
+            )
+            issue = {"loc": ("query", name), "msg": msg, "type": "extra_forbidden"}
+            raise RequestValidationError([issue])
+
+
 BulkLimit = Annotated[
     int, Query(ge=1, le=MAX_BULK, description="the most tasks acted on, lowest ids first")
 ]
@@ -335,7 +357,10 @@ def add_routes(
 
     # Before `/tasks/{task_id}`'s routes (which match digits only, so would not take these).
     @app.post(
-        "/tasks/cancel", response_model=CountOut, dependencies=token_check, responses=fails(422)
+        "/tasks/cancel",
+        response_model=CountOut,
+        dependencies=[*token_check, Depends(only_bulk_query)],
+        responses=fails(422),
     )
     async def cancel_tasks(
         matching: Filters, limit: BulkLimit = DEFAULT_BULK, dry_run: DryRun = False
@@ -348,7 +373,10 @@ def add_routes(
         return answer({"count": await tasks.cancel_tasks(store, matching, limit)})
 
     @app.post(
-        "/tasks/retry", response_model=CountOut, dependencies=token_check, responses=fails(422)
+        "/tasks/retry",
+        response_model=CountOut,
+        dependencies=[*token_check, Depends(only_bulk_query)],
+        responses=fails(422),
     )
     async def retry_tasks(
         matching: Filters, limit: BulkLimit = DEFAULT_BULK, dry_run: DryRun = False
@@ -362,7 +390,10 @@ def add_routes(
         return answer({"count": count})
 
     @app.post(
-        "/tasks/delete", response_model=CountOut, dependencies=token_check, responses=fails(422)
+        "/tasks/delete",
+        response_model=CountOut,
+        dependencies=[*token_check, Depends(only_bulk_query)],
+        responses=fails(422),
     )
     async def delete_tasks(
         matching: Filters, limit: BulkLimit = DEFAULT_BULK, dry_run: DryRun = False

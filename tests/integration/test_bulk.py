@@ -1,6 +1,7 @@
 """POST /tasks/delete, and the `dry_run` of the three bulk routes that the dashboard's
 confirmation counts with (issue 24, item 3)."""
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -133,3 +134,43 @@ async def test_a_delete_takes_the_attempts_of_its_tasks_and_no_others(
     response = await client.post("/tasks/delete", params={"type": ["bar", "baz"]})
     assert response.json() == {"count": 3}  # 2, 3 and 5
     assert sql("SELECT task_id FROM attempts") == [(ids[0],)]
+
+
+@pytest.mark.parametrize("action", ["cancel", "retry", "delete"])
+async def test_a_bulk_route_refuses_a_parameter_it_does_not_read(
+    client: httpx.AsyncClient, sql: Sql, action: str
+) -> None:
+    """`types=foo` for `type=foo` would act on every task as if unfiltered."""
+    ids = await make_five(client, sql)
+    queries: list[dict[str, str | int]] = [
+        {"types": "foo"}, {"sort": "id"}, {"cursor": "x"}, {"type": "foo", "lmit": 1}
+    ]  # fmt: skip
+    for query in queries:
+        response = await client.post(f"/tasks/{action}", params=query)
+        assert response.status_code == 422, (query, response.text)
+        [issue] = response.json()["detail"]
+        bad = next(name for name in query if name not in ("type",))
+        assert issue["loc"] == ["query", bad]
+        assert "is not a parameter of this route" in issue["msg"]
+    assert {i for (i,) in sql("SELECT id FROM tasks")} == set(ids)
+    assert sql("SELECT count(*) FROM tasks WHERE state = 'cancelled'") == [(1,)]  # make_five's
+
+
+async def test_bulk_cancels_made_at_once_leave_no_match_behind(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    """Eight cancels of 1,000 at once over 3,500 tasks: each waits for the rows another holds,
+    finds them cancelled, and goes on to the next, so together they cancel all 3,500."""
+    sql(
+        "INSERT INTO tasks (kind, execute_at, payload)"
+        " SELECT 'foo', '2031-01-01', '{\"grp\": \"g\"}' FROM generate_series(1, 3500)"
+    )
+    answers = await asyncio.gather(
+        *[
+            client.post("/tasks/cancel", params={"payload": '{"grp":"g"}', "limit": 1000})
+            for _ in range(8)
+        ]
+    )
+    counts = [a.json()["count"] for a in answers]
+    assert sql("SELECT count(*) FROM tasks WHERE state = 'scheduled'") == [(0,)], counts
+    assert sum(counts) == 3500, counts

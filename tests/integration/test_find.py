@@ -306,3 +306,21 @@ async def test_the_ends_of_each_range_are_taken(client: httpx.AsyncClient) -> No
     ]:
         response = await client.get("/tasks", params={name: value})
         assert response.status_code == 200, (name, response.text)
+
+
+async def test_a_bound_finer_than_a_microsecond_keeps_the_tasks_on_its_side(
+    client: httpx.AsyncClient,
+) -> None:
+    ids = await create(
+        client,
+        {"type": "foo", "execute_at": "2030-01-01T12:00:00.123456Z"},
+        {"type": "foo", "execute_at": "2030-01-01T12:00:00.123457Z"},
+        {"type": "foo", "execute_at": "9999-12-31T23:59:59.999999Z"},
+    )
+    for params, expected in [
+        ({"execute_before": "2030-01-01T12:00:00.1234561Z"}, ids[:1]),
+        ({"execute_after": "1893499200.1234569"}, ids[1:]),
+        ({"execute_before": "9999-12-31T23:59:59.9999999Z"}, ids),
+    ]:
+        page = (await client.get("/tasks", params={**params, "sort": "id"})).json()
+        assert [t["id"] for t in page["items"]] == expected, params
