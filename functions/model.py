@@ -286,9 +286,23 @@ SCAN_ROWS = 5_000
 MAX_ERROR_SEARCH = 200
 # The most bytes of the JSON a `payload` filter holds.
 MAX_PAYLOAD_FILTER_BYTES = 4096
-# The most tasks one bulk cancel or retry acts on, and how many when not told.
+# The most tasks one bulk cancel, retry or delete acts on, and how many when not told.
 MAX_BULK = 10_000
 DEFAULT_BULK = 1_000
+
+
+class BulkAction(StrEnum):
+    """What POST /tasks/{action} does to the tasks matching its filters (and a `dry_run` of
+    it counts)."""
+
+    # Scheduled and running tasks become cancelled.
+    CANCEL = "cancel"
+    # Failed and cancelled tasks are scheduled again, due now.
+    RETRY = "retry"
+    # Every task but a running one is deleted.
+    DELETE = "delete"
+
+
 BIGINT_MAX = 2**63 - 1
 # 1 to 255 printable ASCII characters, no space: what fits a header value unchanged (a
 # header's surrounding spaces are trimmed in transit, so a key with spaces could arrive as

@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from functions.errors import InvalidInput
@@ -50,6 +50,8 @@ _RFC_3339 = re.compile(
 # What a kind's name may have around it: ASCII spaces, tabs and line ends, nothing else, so
 # that the API's schema can say exactly what it takes.
 _BLANKS = " \t\n\r"
+# The fraction of a second of an RFC 3339 date-time.
+_FRACTION = re.compile(r":[0-9]{2}\.([0-9]+)")
 
 
 def any_case(words: Sequence[str], around: str = "") -> str:
@@ -389,25 +391,50 @@ def parse_sort(value: object) -> TaskOrder:
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:[.][0-9]+)?(?:[eE][+-]?[0-9]+)?")
 
 
-def parse_time_bound(value: object, name: str) -> datetime:
+def parse_time_bound(value: object, name: str) -> datetime | None:
     """A time a listing is bounded by (`created_after`, ...), read from a query string as
-    `execute_at` is read from a body: RFC 3339 with an offset, or Unix seconds (a number)."""
-    if isinstance(value, str) and _NUMBER.fullmatch(value):
-        if "e" in value.lower():
-            value = float(value)  # (an exponent past a double's range is infinite: refused)
-        else:
-            exact = Decimal(value)
-            value = int(exact) if exact == exact.to_integral_value() else float(value)
+    `execute_at` is read from a body: RFC 3339 with an offset, or Unix seconds (a number).
+
+    Times are kept to the microsecond and a bound excludes its own time, so a bound finer
+    than that is taken to the microsecond on its own side: an `_after` bound down, a
+    `_before` one up (a task at .123456 is before .1234561). None: a `_before` bound past
+    the last microsecond of 9999, which every time is before."""
+    finer = False  # whether the bound lies between two microseconds
     try:
-        return parse_execute_at(value)
+        if isinstance(value, str) and _NUMBER.fullmatch(value) and "e" not in value.lower():
+            number = Decimal(value)
+            if number == number.to_integral_value():
+                parsed = parse_execute_at(int(number))
+            elif not 0 <= number < END_UNIX_S:
+                parsed = parse_execute_at(float(value))  # (refused, saying why)
+            else:
+                us = number * 1_000_000
+                finer = us != us.to_integral_value()
+                # (The microsecond below it, where a float's would round to the nearest.)
+                parsed = _EPOCH + timedelta(microseconds=int(us.to_integral_value(ROUND_FLOOR)))
+        else:
+            # (An exponent past a double's range is infinite: refused.)
+            number_e = isinstance(value, str) and _NUMBER.fullmatch(value)
+            parsed = parse_execute_at(float(value) if number_e else value)  # type: ignore[arg-type]
+            fraction = _FRACTION.search(value) if isinstance(value, str) else None
+            # (A date-time's fraction is cut to the microsecond: the one below it.)
+            finer = fraction is not None and bool(fraction[1][6:].strip("0"))
     except ValueError as exc:
         raise ValueError(str(exc).replace("execute_at", name, 1)) from None
+    if not finer or not name.endswith("_before"):
+        return parsed
+    try:
+        return parsed + _MICROSECOND
+    except OverflowError:
+        return None
 
 
 def parse_error_search(value: object) -> str:
     """The text an `error` filter looks for: 1 to MAX_ERROR_SEARCH characters, not all
     blank (a search for nothing would select every task that failed), without U+0000."""
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_ERROR_SEARCH:
+    # (Blanks as the API's schema says them, ASCII's: any other character is searched for.)
+    blank = not isinstance(value, str) or not value.strip(" \t\n\r\f\v")
+    if blank or not isinstance(value, str) or len(value) > MAX_ERROR_SEARCH:
         raise ValueError(
             f"error {excerpt(value)} is not 1 to {MAX_ERROR_SEARCH} characters to search"
             " for (not only blanks)"

@@ -746,6 +746,26 @@ CANCELLABLE = ("scheduled", "running")
 RETRYABLE = ("failed", "cancelled")
 
 
+def _picks(states: tuple[str, ...], condition: str) -> str:
+    """The ids of the tasks in `states` matching `condition`, at most `%(limit)s` of each
+    state, as the rows of a UNION ALL."""
+    if "succeeded" in states:
+        # No index holds the succeeded tasks by id (they are most of the table): the primary
+        # key is read in order, `limit` at most, for them and every other state asked for
+        # (the running tasks it passes are no more than the workers hold).
+        literals = ", ".join(f"'{state}'" for state in states)
+        return f"""        (SELECT id FROM tasks WHERE state IN ({literals}) AND ({condition})
+         ORDER BY id LIMIT %(limit)s)"""
+    # A running task's id is read from `tasks_running`, which is not in id order: all the
+    # running tasks that match (no more than the workers hold), sorted. The other states' id
+    # indexes are read in order, `limit` at most.
+    return "\n        UNION ALL\n".join(
+        f"""        (SELECT id FROM tasks WHERE state = '{state}' AND ({condition})"""
+        + (")" if state == "running" else "\n         ORDER BY id LIMIT %(limit)s)")
+        for state in states
+    )
+
+
 def _locked_in_id_order(states: tuple[str, ...], condition: str) -> str:
     """A SELECT of up to `%(limit)s` tasks in `states` matching `condition`, lowest ids
     first, locked in id order; a row whose lock waited is re-read, and left out if it no
@@ -754,14 +774,7 @@ def _locked_in_id_order(states: tuple[str, ...], condition: str) -> str:
 
     Every statement that locks many tasks and waits for their locks does so in id order
     (FINISH_MANY's results are sorted by id), so none of them deadlock."""
-    # A running task's id is read from `tasks_running`, which is not in id order: all the
-    # running tasks that match (no more than the workers hold), sorted. The other states' id
-    # indexes are read in order, `limit` at most.
-    picks = "\n        UNION ALL\n".join(
-        f"""        (SELECT id FROM tasks WHERE state = '{state}' AND ({condition})"""
-        + (")" if state == "running" else "\n         ORDER BY id LIMIT %(limit)s)")
-        for state in states
-    )
+    picks = _picks(states, condition)
     literals = ", ".join(f"'{state}'" for state in states)
     return f"""SELECT id, claimed_by FROM tasks
     WHERE id = ANY(ARRAY(
@@ -862,6 +875,50 @@ WITH target AS (
 )
 SELECT retried.id FROM retried CROSS JOIN notified
 ORDER BY id
+"""
+
+
+# States a task can be deleted from: all but running (a worker holds it).
+DELETABLE = ("scheduled", "succeeded", "failed", "cancelled")
+
+
+def delete_tasks(condition: str = "true", states: tuple[str, ...] = DELETABLE) -> str:
+    """Delete up to `%(limit)s` tasks in `states` (DELETABLE or a part of it) matching
+    `condition`, lowest ids first, locked as the cancel locks them (`_locked_in_id_order`:
+    a task claimed while this waited for it is running, and stays); return their ids.
+
+    POST /tasks/delete. It deletes what DELETE_TASK and PRUNE_FINISHED delete with a task:
+    its row and its attempts. (An attempt committed after this statement's snapshot, by a
+    finish this statement's lock waited for, is not seen here: the store then runs
+    DELETE_ATTEMPTS_OF_GONE on the ids deleted, as DELETE_TASK's does.)"""
+    assert states and set(states) <= set(DELETABLE)
+    return f"""
+WITH target AS MATERIALIZED (
+    {_locked_in_id_order(states, condition)}
+), gone AS (
+    DELETE FROM attempts WHERE task_id = ANY(ARRAY(SELECT id FROM target))
+), deleted AS (
+    DELETE FROM tasks AS t
+    USING target
+    WHERE t.id = target.id
+    RETURNING t.id
+)
+SELECT id FROM deleted
+ORDER BY id
+"""
+
+
+def count_tasks(condition: str, states: tuple[str, ...]) -> str:
+    """How many of the tasks in `states` matching `condition` a bulk action would act on
+    now, at most `%(limit)s`: the ids it would pick (`_locked_in_id_order`'s, without their
+    locks), counted. A `dry_run` of POST /tasks/cancel, /retry and /delete."""
+    return f"""
+SELECT count(*) FROM (
+    SELECT id FROM (
+{_picks(states, condition)}
+    ) AS picked
+    ORDER BY id LIMIT %(limit)s
+) AS counted
 """
 
 

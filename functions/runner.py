@@ -200,7 +200,8 @@ class Runner:
             host=socket.gethostname(),
             pid=os.getpid(),
             version=version(),
-            tick=deadline is not None,
+            # A tick: Lambda's (a deadline) or `taskrunner tick` (runs once): not a worker.
+            tick=deadline is not None or not keep_polling,
         )
         # From here on this worker holds a lease: every way out goes through _shut_down.
         self.printer.start(sent_at)

@@ -40,7 +40,7 @@ _DAY_S = 24 * _HOUR_S
 _YEAR_S = 365 * _DAY_S
 # Variables with the prefix that are no setting: the test suite's and the screenshot tool's.
 _NOT_SETTINGS_PREFIXES = ("TASKRUNNER_TEST_",)
-_NOT_SETTINGS = frozenset({"TASKRUNNER_SCREENSHOT"})
+_NOT_SETTINGS = frozenset({"TASKRUNNER_SCREENSHOT", "TASKRUNNER_SCREENSHOTS"})
 _warned = False
 # libpq's connection options whose values it checks only when connecting.
 _LIBPQ_CHOICES = {

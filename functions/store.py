@@ -28,6 +28,7 @@ from functions.db import Coalescer, Database, first_line
 from functions.errors import DatabaseUnavailable, IdempotencyKeyReused, SchemaOutdated
 from functions.model import (
     Attempt,
+    BulkAction,
     CatchUp,
     ErrorGroup,
     NewTask,
@@ -265,6 +266,13 @@ def _row(new: NewTask, default_max_attempts: int | None = None) -> dict[str, Any
 # insert that found the key taken and the read of that task (deleted, or its creator rolled
 # back): each try is a new race, lost only to another delete of the same key.
 _KEY_TRIES = 3
+
+# The states each bulk action takes its tasks from.
+_BULK_STATES = {
+    BulkAction.CANCEL: queries.CANCELLABLE,
+    BulkAction.RETRY: queries.RETRYABLE,
+    BulkAction.DELETE: queries.DELETABLE,
+}
 
 
 class _KeyVanished(Exception):
@@ -791,6 +799,31 @@ class Store:
             {"max_attempts": max_attempts},
         )
 
+    async def delete_matching(self, matching: TaskFilter, *, limit: int) -> int:
+        """Delete up to `limit` tasks `matching` that are not running (of those, all when it
+        names no state), lowest ids first, with all that is kept of each; return how many."""
+        return await self._in_batches(
+            queries.delete_tasks, queries.DELETABLE, matching, limit, {}, then=self._sweep_attempts
+        )
+
+    async def _sweep_attempts(self, rows: list[Any]) -> None:
+        """The attempts of the tasks deleted (`rows`, their ids first) that their delete's
+        snapshot did not see (queries.delete_tasks), in a transaction of its own."""
+        await self._all(queries.DELETE_ATTEMPTS_OF_GONE, ids=[row[0] for row in rows])
+
+    async def count_matching(self, action: BulkAction, matching: TaskFilter, *, limit: int) -> int:
+        """How many tasks `matching` the bulk `action` would take now, at most `limit`: the
+        tasks `_in_batches` would pick for it, counted, untouched."""
+        allowed = _BULK_STATES[action]
+        wanted = tuple(s for s in allowed if not matching.states or s in matching.states)
+        if not wanted:
+            return 0
+        condition, more = queries.filter_condition(matching)
+        [[(count,)]] = await self._pinned(
+            (queries.count_tasks(condition, wanted), {**more, "limit": limit})
+        )
+        return int(count)
+
     async def _in_batches(
         self,
         statement_for: Callable[[str, tuple[str, ...]], str],
@@ -800,10 +833,12 @@ class Store:
         params: dict[str, Any],
         *,
         announce: bool = False,
+        then: Callable[[list[Any]], Awaitable[None]] | None = None,
     ) -> int:
         """Run `statement_for(condition, states)` over the tasks `matching` (of its states
         within `allowed`), WRITE_BATCH at most a statement, until `limit` are done or none
-        is left; return how many were. With `announce`, each batch is a cancel's."""
+        is left; return how many were. With `announce`, each batch is a cancel's; `then` is
+        called with each batch's rows once it committed."""
         wanted = tuple(s for s in allowed if not matching.states or s in matching.states)
         if not wanted:
             return 0
@@ -817,11 +852,24 @@ class Store:
             # (tests/integration/test_plans.py); pinned, their index is read in order.
             [rows] = await self._pinned((statement, {**params, **more, "limit": batch}))
             done += len(rows)
-            if not rows:
+            if rows:
+                if announce:
+                    await self.announce(_cancelled(rows))
+                if then is not None:
+                    await then(rows)
+            if len(rows) < batch and not await self._any_left(condition, wanted, more):
                 break
-            if announce:
-                await self.announce(_cancelled(rows))
         return done
+
+    async def _any_left(self, condition: str, states: tuple[str, ...], params: Any) -> bool:
+        """Whether a task in `states` meets `condition` now. A bulk statement that found
+        fewer than its limit may have waited for rows a concurrent one held, found them
+        changed and dropped them without taking the next ones (PostgreSQL rechecks a locked
+        row, not the LIMIT): it answered 0 while thousands still matched."""
+        [[(count,)]] = await self._pinned(
+            (queries.count_tasks(condition, states), {**params, "limit": 1})
+        )
+        return bool(count)
 
     async def delete_task(self, task_id: int) -> TaskState | None:
         """Delete the task unless it is running; return the state it had, None if missing."""

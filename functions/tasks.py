@@ -27,6 +27,7 @@ from functions.model import (
     DEFAULT_ORDER,
     MAX_PAGE_BYTES,
     AttemptPage,
+    BulkAction,
     ErrorGroup,
     NewTask,
     Page,
@@ -376,6 +377,21 @@ async def retry_tasks(store: Store, matching: TaskFilter, limit: int, max_attemp
     """Schedule again, as `retry_task` does, up to `limit` failed or cancelled tasks
     `matching`, lowest ids first; return how many."""
     return await store.retry_matching(matching, limit=limit, max_attempts=max_attempts)
+
+
+async def delete_tasks(store: Store, matching: TaskFilter, limit: int) -> int:
+    """Delete up to `limit` tasks `matching` that are not running, lowest ids first, with
+    all that is kept of each (as a prune deletes a task); return how many."""
+    return await store.delete_matching(matching, limit=limit)
+
+
+async def count_bulk(
+    store: Store, action: BulkAction, matching: TaskFilter, limit: int
+) -> tuple[int, bool]:
+    """How many tasks `matching` the bulk `action` would act on now with `limit` (a dry
+    run: nothing changes), and whether more than `limit` match."""
+    found = await store.count_matching(action, matching, limit=limit + 1)
+    return min(found, limit), found > limit
 
 
 async def reschedule_task(

@@ -2,6 +2,7 @@
 side of every route: how it matches its path, reads its body, its task id parameter, and its
 JSON answer. (The bodies: `schemas`; the rules both paths read a request by: `rules`.)"""
 
+import inspect
 import re
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any
@@ -59,6 +60,7 @@ from functions.model import (
     DEFAULT_BULK,
     MAX_ATTEMPTS_PAGE,
     MAX_BULK,
+    BulkAction,
     Schedule,
     Task,
     TaskFilter,
@@ -123,7 +125,16 @@ class Route(APIRoute):
         return match, child
 
 
+# The query parameters of GET /tasks and the bulk routes that take one value: FastAPI would
+# read the last of several, so `payload=a&payload=b` would filter by `b` alone, unsaid.
+_SINGLE_VALUED = (
+    "created_after", "created_before", "execute_after", "execute_before", "finished_after",
+    "finished_before", "error", "schedule", "payload", "limit", "cursor", "sort", "dry_run",
+)  # fmt: skip
+
+
 def task_filter(
+    request: Request,
     state: Annotated[
         list[TaskState] | None,
         Query(
@@ -163,8 +174,14 @@ def task_filter(
     ] = None,
     payload: Annotated[PayloadFilter | None, Query()] = None,
 ) -> TaskFilter:
-    """The filters of `GET /tasks`, read the same way by the bulk cancel and retry: a task
-    matches when it meets every one given (a repeated one: any of its values)."""
+    """The filters of `GET /tasks`, read the same way by the bulk cancel, retry and delete: a
+    task matches when it meets every one given (a repeated one: any of its values). One that
+    takes a single value, given twice, is a 422."""
+    for name in _SINGLE_VALUED:
+        if len(request.query_params.getlist(name)) > 1:
+            msg = f"{name} is given more than once: it takes one value"
+            issue = {"loc": ("query", name), "msg": msg, "type": "value_error"}
+            raise RequestValidationError([issue])
     return TaskFilter(
         states=tuple(dict.fromkeys(state or ())),
         kinds=tuple(dict.fromkeys(type or ())),
@@ -181,8 +198,38 @@ def task_filter(
 
 
 Filters = Annotated[TaskFilter, Depends(task_filter)]
+
+# What a bulk route reads from its query: the filters, `limit` and `dry_run`.
+_BULK_QUERY = frozenset(inspect.signature(task_filter).parameters) - {"request"} | {
+    "limit",
+    "dry_run",
+}
+
+
+def only_bulk_query(request: Request) -> None:
+    """A bulk route refuses a query parameter it does not read: `types=foo` (for `type`)
+    would otherwise act on every task, as if no filter had been given."""
+    for name in request.query_params:
+        if name not in _BULK_QUERY:
+            msg = (
+                f"{parsing.excerpt(name)} is not a parameter of this route; it takes"
+                f" {', '.join(sorted(_BULK_QUERY))}"
+            )
+            issue = {"loc": ("query", name), "msg": msg, "type": "extra_forbidden"}
+            raise RequestValidationError([issue])
+
+
 BulkLimit = Annotated[
     int, Query(ge=1, le=MAX_BULK, description="the most tasks acted on, lowest ids first")
+]
+
+
+DryRun = Annotated[
+    bool,
+    Query(
+        description="true: change nothing, and answer how many tasks this would act on now"
+        " (at most `limit`) and whether more match (`more`): the count a confirmation shows."
+    ),
 ]
 
 
@@ -304,25 +351,59 @@ def add_routes(
         page = await tasks.list_tasks(store, matching, limit=limit, cursor=cursor, order=order)
         return Response(page_json(page), media_type="application/json")
 
+    async def dry_run_answer(action: BulkAction, matching: TaskFilter, limit: int) -> Response:
+        count, more = await tasks.count_bulk(store, action, matching, limit)
+        return answer({"count": count, "more": more})
+
     # Before `/tasks/{task_id}`'s routes (which match digits only, so would not take these).
     @app.post(
-        "/tasks/cancel", response_model=CountOut, dependencies=token_check, responses=fails(422)
+        "/tasks/cancel",
+        response_model=CountOut,
+        dependencies=[*token_check, Depends(only_bulk_query)],
+        responses=fails(422),
     )
-    async def cancel_tasks(matching: Filters, limit: BulkLimit = DEFAULT_BULK) -> Response:
+    async def cancel_tasks(
+        matching: Filters, limit: BulkLimit = DEFAULT_BULK, dry_run: DryRun = False
+    ) -> Response:
         """Cancel the scheduled and running tasks that match the filters of `GET /tasks`,
         at most `limit`, lowest ids first; answer how many. A task outside the filters is
         never touched; a repeat acts only on tasks that still match."""
+        if dry_run:
+            return await dry_run_answer(BulkAction.CANCEL, matching, limit)
         return answer({"count": await tasks.cancel_tasks(store, matching, limit)})
 
     @app.post(
-        "/tasks/retry", response_model=CountOut, dependencies=token_check, responses=fails(422)
+        "/tasks/retry",
+        response_model=CountOut,
+        dependencies=[*token_check, Depends(only_bulk_query)],
+        responses=fails(422),
     )
-    async def retry_tasks(matching: Filters, limit: BulkLimit = DEFAULT_BULK) -> Response:
+    async def retry_tasks(
+        matching: Filters, limit: BulkLimit = DEFAULT_BULK, dry_run: DryRun = False
+    ) -> Response:
         """Retry, as `POST /tasks/{task_id}/retry` does, the failed and cancelled tasks that
         match the filters of `GET /tasks`, at most `limit`, lowest ids first; answer how
         many."""
+        if dry_run:
+            return await dry_run_answer(BulkAction.RETRY, matching, limit)
         count = await tasks.retry_tasks(store, matching, limit, settings.max_attempts)
         return answer({"count": count})
+
+    @app.post(
+        "/tasks/delete",
+        response_model=CountOut,
+        dependencies=[*token_check, Depends(only_bulk_query)],
+        responses=fails(422),
+    )
+    async def delete_tasks(
+        matching: Filters, limit: BulkLimit = DEFAULT_BULK, dry_run: DryRun = False
+    ) -> Response:
+        """Delete, as `DELETE /tasks/{task_id}` does, the tasks that match the filters of
+        `GET /tasks` and are not running (a running task is never deleted), at most
+        `limit`, lowest ids first; answer how many."""
+        if dry_run:
+            return await dry_run_answer(BulkAction.DELETE, matching, limit)
+        return answer({"count": await tasks.delete_tasks(store, matching, limit)})
 
     @app.get(
         "/tasks/{task_id}",

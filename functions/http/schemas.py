@@ -809,7 +809,14 @@ def error_group_fields(group: ErrorGroup) -> dict[str, Any]:
 
 
 class CountOut(BaseModel):
-    count: int = Field(description="How many tasks were acted on.")
+    count: int = Field(
+        description="How many tasks were acted on; with `dry_run`, how many would be now."
+    )
+    more: bool | None = Field(
+        None,
+        description="With `dry_run` only: whether more than `limit` tasks match now (a"
+        " run acts on the first `limit`, lowest ids first; a repeat on the rest).",
+    )
 
 
 class ErrorOut(BaseModel):

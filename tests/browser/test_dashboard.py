@@ -543,6 +543,8 @@ def test_screenshot(
             task_factory(kind, due_in_s=-0.5 if i < 2 else 600.0 + i)
         insert_finished(sql, kind, "succeeded", n * 5, f"{kind.title()} 1")
     insert_finished(sql, "bar", "failed", 3, "HTTP 503 from https://example.com/")
+    sql("INSERT INTO kinds_served (kind, last_run_at) SELECT k, now() FROM"
+        " unnest(ARRAY['foo', 'bar', 'baz']) AS k")  # fmt: skip
     for worker in ("a", "b"):
         sql("INSERT INTO workers (id, lease_expires_at) VALUES (%s, now() + interval '1 min')",
             worker)  # fmt: skip
@@ -551,6 +553,17 @@ def test_screenshot(
             sql("UPDATE tasks SET state = 'running', attempts = 1, claimed_by = %s WHERE id = %s",
                 worker, task_id)  # fmt: skip
     api = taskrunner()
+    # By type as /stats gives it once workers have run them (its contract's shape).
+    from tests.browser.test_operators import with_by_type
+
+    def of(started: int, failed: int, retried: int, p50: float, p99: float) -> dict[str, Any]:
+        return {"started": started, "succeeded": started - failed, "failed": failed,
+                "retried": retried, "cancelled": 0, "per_s": started / 300,
+                "lateness_ms": {"p50": p50, "p99": p99, "max": p99 * 1.4}}  # fmt: skip
+
+    by_type = {"foo": of(1200, 0, 0, 4.1, 11.0), "bar": of(450, 3, 12, 9.5, 48.0),
+               "baz": of(3300, 0, 0, 2.2, 7.5)}  # fmt: skip
+    page.route(re.compile(r".*/stats$"), with_by_type(by_type))
     page.set_viewport_size({"width": 1280, "height": 780})
     page.goto(f"{api}/")
     expect(page.locator('td[data-state="failed"][data-kind="bar"]')).to_have_text("3")

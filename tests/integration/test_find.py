@@ -59,6 +59,11 @@ async def listed(client: httpx.AsyncClient, params: Any) -> list[int]:
 @pytest.fixture
 async def five(client: httpx.AsyncClient, sql: Sql) -> list[int]:
     """Five tasks, one of each kind of life, with distinct times."""
+    return await make_five(client, sql)
+
+
+async def make_five(client: httpx.AsyncClient, sql: Sql) -> list[int]:
+    """Five tasks, one of each kind of life, with distinct times (see FILTERED)."""
     ids = await create(
         client,
         {"type": "foo", "execute_at": "2030-01-01T00:00:00Z", "payload": {"to": "a@x", "n": 1}},
@@ -80,49 +85,50 @@ async def five(client: httpx.AsyncClient, sql: Sql) -> list[int]:
     return ids
 
 
-@pytest.mark.parametrize(
-    ("query", "expected"),
-    [
-        # Newest first, whatever the filter.
-        ([], [5, 4, 3, 2, 1]),
-        ([("type", "foo")], [4, 1]),
-        ([("type", "FOO"), ("type", "bar")], [4, 2, 1]),
-        ([("state", "failed"), ("state", "cancelled")], [4, 2]),
-        ([("state", "scheduled")], [5, 3]),
-        ([("state", "succeeded"), ("type", "foo")], [1]),
-        # Each bound is exclusive; Unix seconds or RFC 3339 with any offset.
-        ([("created_after", "2021-01-01T00:00:00Z")], [5, 4, 3]),
-        ([("created_before", "1609459200")], [1]),  # 2021-01-01
-        (
-            [
-                ("created_after", "2020-06-01T02:00:00+02:00"),
-                ("created_before", "2023-01-01T00:00:00Z"),
-            ],
-            [3, 2],
-        ),
-        ([("execute_after", "2030-01-01T00:00:00Z")], [4, 2]),
-        ([("execute_before", "1893456000.5")], [5, 3, 1]),  # 2030-01-01 and a half second
-        ([("finished_after", "2031-01-01T00:00:00Z")], [4, 2]),
-        ([("finished_before", "2031-06-01T00:00:00.000001Z")], [2, 1]),
-        # A substring of the last error, in any case, taken as it is (no wildcards).
-        ([("error", "timeout")], [2]),
-        ([("error", "üNÏCODE")], [3]),
-        ([("error", "50% _d")], [2]),
-        ([("error", "%")], [2]),
-        ([("error", "h_")], []),
-        ([("error", "GET http://h/ 50% _done")], [2]),
-        ([("schedule", "nightly")], [5]),
-        ([("schedule", "weekly")], []),
-        # JSON containment; null: no payload.
-        ([("payload", '{"to":"a@x"}')], [4, 1]),
-        ([("payload", '{"to": "a@x", "n": 2}')], [4]),
-        ([("payload", '{"tags":["y"]}')], [2]),
-        ([("payload", '{"tags":"y"}')], []),
-        ([("payload", "null")], [5, 3]),
-        ([("payload", "{}")], [4, 2, 1]),
-        ([("payload", '{"to":"a@x"}'), ("state", "cancelled"), ("execute_after", "0")], [4]),
-    ],
-)
+# Each filter, and which of the five tasks (1 to 5) it selects, newest first.
+FILTERED = [
+    # Newest first, whatever the filter.
+    ([], [5, 4, 3, 2, 1]),
+    ([("type", "foo")], [4, 1]),
+    ([("type", "FOO"), ("type", "bar")], [4, 2, 1]),
+    ([("state", "failed"), ("state", "cancelled")], [4, 2]),
+    ([("state", "scheduled")], [5, 3]),
+    ([("state", "succeeded"), ("type", "foo")], [1]),
+    # Each bound is exclusive; Unix seconds or RFC 3339 with any offset.
+    ([("created_after", "2021-01-01T00:00:00Z")], [5, 4, 3]),
+    ([("created_before", "1609459200")], [1]),  # 2021-01-01
+    (
+        [
+            ("created_after", "2020-06-01T02:00:00+02:00"),
+            ("created_before", "2023-01-01T00:00:00Z"),
+        ],
+        [3, 2],
+    ),
+    ([("execute_after", "2030-01-01T00:00:00Z")], [4, 2]),
+    ([("execute_before", "1893456000.5")], [5, 3, 1]),  # 2030-01-01 and a half second
+    ([("finished_after", "2031-01-01T00:00:00Z")], [4, 2]),
+    ([("finished_before", "2031-06-01T00:00:00.000001Z")], [2, 1]),
+    # A substring of the last error, in any case, taken as it is (no wildcards).
+    ([("error", "timeout")], [2]),
+    ([("error", "üNÏCODE")], [3]),
+    ([("error", "50% _d")], [2]),
+    ([("error", "%")], [2]),
+    ([("error", "h_")], []),
+    ([("error", "GET http://h/ 50% _done")], [2]),
+    ([("schedule", "nightly")], [5]),
+    ([("schedule", "weekly")], []),
+    # JSON containment; null: no payload.
+    ([("payload", '{"to":"a@x"}')], [4, 1]),
+    ([("payload", '{"to": "a@x", "n": 2}')], [4]),
+    ([("payload", '{"tags":["y"]}')], [2]),
+    ([("payload", '{"tags":"y"}')], []),
+    ([("payload", "null")], [5, 3]),
+    ([("payload", "{}")], [4, 2, 1]),
+    ([("payload", '{"to":"a@x"}'), ("state", "cancelled"), ("execute_after", "0")], [4]),
+]
+
+
+@pytest.mark.parametrize(("query", "expected"), FILTERED)
 async def test_each_filter_selects_its_tasks_and_no_other(
     client: httpx.AsyncClient, five: list[int], query: list[tuple[str, str]], expected: list[int]
 ) -> None:
@@ -277,7 +283,7 @@ async def test_a_filter_or_order_that_cannot_be_read_is_a_422_that_says_why(
         await client.get("/tasks", params={name: value}),
         *[
             await client.post(path, params={name: value})
-            for path in ["/tasks/cancel", "/tasks/retry"]
+            for path in ["/tasks/cancel", "/tasks/retry", "/tasks/delete"]
             if name != "sort"
         ],
     ]:
@@ -300,3 +306,21 @@ async def test_the_ends_of_each_range_are_taken(client: httpx.AsyncClient) -> No
     ]:
         response = await client.get("/tasks", params={name: value})
         assert response.status_code == 200, (name, response.text)
+
+
+async def test_a_bound_finer_than_a_microsecond_keeps_the_tasks_on_its_side(
+    client: httpx.AsyncClient,
+) -> None:
+    ids = await create(
+        client,
+        {"type": "foo", "execute_at": "2030-01-01T12:00:00.123456Z"},
+        {"type": "foo", "execute_at": "2030-01-01T12:00:00.123457Z"},
+        {"type": "foo", "execute_at": "9999-12-31T23:59:59.999999Z"},
+    )
+    for params, expected in [
+        ({"execute_before": "2030-01-01T12:00:00.1234561Z"}, ids[:1]),
+        ({"execute_after": "1893499200.1234569"}, ids[1:]),
+        ({"execute_before": "9999-12-31T23:59:59.9999999Z"}, ids),
+    ]:
+        page = (await client.get("/tasks", params={**params, "sort": "id"})).json()
+        assert [t["id"] for t in page["items"]] == expected, params

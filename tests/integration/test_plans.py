@@ -465,8 +465,10 @@ def test_a_cancel_or_retry_by_filter_reads_the_indexes_of_its_states(
     postgresql: psycopg.Connection[Any], sql: Sql, loaded: str, generic: bool
 ) -> None:
     """Of 25,000 running and 25,000 scheduled (and, for the retry, as many failed), a
-    statement of a bulk cancel or retry reads its states' partial indexes: the running
-    tasks, and at most `limit` of the others; never the whole table."""
+    statement of a bulk cancel, retry or delete, or the count of its dry run, reads its
+    states' partial indexes (a delete of succeeded tasks too, which have none: the primary
+    key, in order): the running tasks, and at most `limit` of the others; never the whole
+    table."""
     sql("UPDATE tasks SET state = 'failed', finished_at = now() WHERE state = 'scheduled'")
     sql(
         "INSERT INTO tasks (kind, execute_at) SELECT 'baz', now() FROM generate_series(1, %s)",
@@ -476,6 +478,10 @@ def test_a_cancel_or_retry_by_filter_reads_the_indexes_of_its_states(
         "cancel": queries.cancel_tasks("kind = %(kind)s"),
         "retry": queries.retry_tasks("kind = %(kind)s"),
         "cancel one": queries.CANCEL_TASK,
+        "delete": queries.delete_tasks("kind = %(kind)s"),
+        "delete scheduled": queries.delete_tasks("kind = %(kind)s", ("scheduled",)),
+        "count to cancel": queries.count_tasks("kind = %(kind)s", queries.CANCELLABLE),
+        "count to delete": queries.count_tasks("kind = %(kind)s", queries.DELETABLE),
     }
     postgresql.autocommit = False
     for name, statement in cases.items():

@@ -152,3 +152,21 @@ async def test_a_real_tick_registers_as_one(
     # Ended normally: not recorded.
     assert sql("SELECT count(*) FROM workers_ended") == [(0,)]
     assert sql("SELECT count(*) FROM workers") == [(0,)]
+
+
+async def test_a_tick_run_once_registers_as_a_tick_and_is_not_kept(
+    settings: Settings, store: Store, task_factory: Callable[..., int], sql: Sql
+) -> None:
+    """`taskrunner tick` (no deadline, no polling) is a tick as Lambda's is: listed as one,
+    and not kept once it ended (a cron of it every minute would fill the list)."""
+    task_factory("baz")
+    runner = Runner(store, settings, out=io.StringIO())
+    ticking = asyncio.create_task(runner.run())
+    seen: list[tuple[Any, ...]] = []
+    while not ticking.done():
+        seen += sql("SELECT tick FROM workers")
+        await asyncio.sleep(0.001)
+    assert (await ticking).succeeded == 1
+    assert set(seen) <= {(True,)}
+    assert sql("SELECT count(*) FROM workers_ended") == [(0,)]
+    assert sql("SELECT count(*) FROM workers") == [(0,)]

@@ -374,3 +374,40 @@ def test_a_payload_nests_at_most_100_deep() -> None:
 def test_payloads_are_the_same_as_jsonb_compares_them(a: Any, b: Any, same: bool) -> None:
     assert parsing.same_payload(a, b) is same
     assert parsing.same_payload(b, a) is same
+
+
+@pytest.mark.parametrize(
+    ("value", "name", "expected"),
+    [
+        # Finer than a microsecond: taken to the microsecond on the bound's own side, as
+        # the bound excludes its own time (a task at .123456 is before .1234561).
+        ("2030-01-01T12:00:00.1234561Z", "execute_before", "2030-01-01T12:00:00.123457"),
+        ("2030-01-01T12:00:00.1234569Z", "execute_after", "2030-01-01T12:00:00.123456"),
+        ("2030-01-01T12:00:00.1234560Z", "execute_before", "2030-01-01T12:00:00.123456"),
+        ("1893499200.1234569", "created_after", "2030-01-01T12:00:00.123456"),
+        ("1893499200.1234561", "created_before", "2030-01-01T12:00:00.123457"),
+        ("0001-01-01T00:00:00.0000001Z", "execute_before", "0001-01-01T00:00:00.000001"),
+        ("0001-01-01T00:00:00.0000001Z", "execute_after", "0001-01-01T00:00:00"),
+        ("253402300799.9999999", "finished_after", "9999-12-31T23:59:59.999999"),
+        # Past the last microsecond of 9999: every time is before it.
+        ("9999-12-31T23:59:59.9999999Z", "execute_before", None),
+        ("253402300799.9999999", "finished_before", None),
+    ],
+)
+def test_a_time_bound_finer_than_a_microsecond_keeps_every_time_on_its_side(
+    value: str, name: str, expected: str | None
+) -> None:
+    bound = parsing.parse_time_bound(value, name)
+    assert bound == (None if expected is None else datetime.fromisoformat(expected + "+00:00"))
+
+
+@pytest.mark.parametrize("blank", [" ", "\t\n", "\r\f\v "])
+def test_an_error_search_of_blanks_as_the_schema_says_them_is_refused(blank: str) -> None:
+    with pytest.raises(ValueError, match="not only blanks"):
+        parsing.parse_error_search(blank)
+
+
+@pytest.mark.parametrize("text", ["\u00a0", "\u3000", "\x1c", "\x85"])
+def test_any_other_character_is_searched_for(text: str) -> None:
+    """The schema's pattern takes these; the server did not."""
+    assert parsing.parse_error_search(text) == text

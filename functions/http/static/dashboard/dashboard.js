@@ -1,8 +1,18 @@
 // The taskrunner dashboard: reads the JSON API from the browser and draws it.
 //
-// No framework, no build step, no chart library: the two charts are a few SVG paths drawn
-// below, which is less code than any library's configuration would be. Every element is
-// built with textContent (never innerHTML), so a task's output or error is always text.
+// No framework, no build step, no chart library, nothing vendored (issue 24.8, weighed as the
+// page grew from two views to seven):
+// - uPlot (about 50 KB minified) would draw the two charts, which are a few SVG paths below: less code
+//   than its configuration, and their hover titles are plain SVG a test can read.
+// - Alpine.js evaluates its attributes with `new Function`, which the page's Content-Security-
+//   Policy forbids (script-src 'self', no 'unsafe-eval': a task's text can never become code);
+//   its CSP build drops the expressions that make it worth having.
+// - htmx swaps in HTML that a server renders, while this API answers JSON (and the Lambda
+//   deployment serves the same JSON): it would need a second, HTML-rendering API.
+// So every view is a function that reads the JSON API and builds its elements with h(), which
+// sets text with text nodes (never innerHTML): a task's output, error, traceback, worker or
+// schedule name is always text, never markup. Each view is 20 to 80 lines; a library would
+// save little of that and add a file to keep current, which is the trade against it.
 
 const BASE = document.documentElement.dataset.base || "";
 const KINDS = (document.documentElement.dataset.kinds || "").split(" ").filter(Boolean);
@@ -11,10 +21,20 @@ const REFRESH_MS = 3000;
 // A task shown while it is due or running is looked at more often: its result is near.
 const WATCH_MS = 1000;
 const PAGE_SIZE = 25;
+// The most tasks one bulk action takes (the API's `limit` at most, model.MAX_BULK).
+const BULK_MAX = 10000;
+const ATTEMPTS_PAGE = 25;
+// When a card turns amber and red (docs/operations.md, "The dashboard's cards").
+const OLDEST_AMBER_S = 60;
+const OLDEST_RED_S = 300;
+const FAILURES_WINDOW_MIN = 5;
+const FAILURES_RISING_MIN = 5;
+const FAILURES_RED_MIN = 10;
 const TOKEN_KEY = "taskrunner.token";
 const SVG = "http://www.w3.org/2000/svg";
 
 const $ = (id) => document.getElementById(id);
+const VIEWS = ["overview", "tasks", "failures", "schedules", "workers", "task"];
 
 // --- The API ------------------------------------------------------------------------------
 
@@ -168,7 +188,7 @@ let waitingForToken = false;
 function askForToken(message) {
   sessionStorage.removeItem(TOKEN_KEY);
   waitingForToken = true;
-  for (const id of ["overview-view", "tasks-view", "task-view"]) $(id).hidden = true;
+  for (const id of VIEWS) $(`${id}-view`).hidden = true;
   $("forget-token").hidden = true;
   $("token-view").hidden = false;
   show($("token-error"), message);
@@ -337,12 +357,85 @@ function drawCounts(counts, estimated) {
   $("estimated-note").hidden = estimated.length === 0;
 }
 
+/**
+ * Colour a card amber or red, always with its reason in words beside the colour (`level`:
+ * "amber", "red" or null for neither).
+ */
+function setLevel(card, line, level, text) {
+  for (const name of ["amber", "red"]) $(card).classList.toggle(name, level === name);
+  const prefix = level === "red" ? "Alert: " : level === "amber" ? "Warning: " : "";
+  show($(line), level ? prefix + text : "");
+  $(line).className = `level ${level || ""}`.trim();
+}
+
+/** The level of the oldest due task's wait. */
+function oldestLevel(ageS) {
+  if (ageS >= OLDEST_RED_S) return ["red", `a due task has waited over ${fmtSeconds(OLDEST_RED_S)}`];
+  if (ageS >= OLDEST_AMBER_S) {
+    return ["amber", `a due task has waited over ${fmtSeconds(OLDEST_AMBER_S)}`];
+  }
+  return [null, ""];
+}
+
+/**
+ * The level of the failures: red when at least FAILURES_RED_MIN failed in the last
+ * FAILURES_WINDOW_MIN minutes and they are half or more of what finished then; amber when
+ * at least FAILURES_RISING_MIN failed then and that is more than twice the minutes before.
+ */
+function failuresLevel(series) {
+  const recent = series.slice(-FAILURES_WINDOW_MIN);
+  const before = series.slice(-2 * FAILURES_WINDOW_MIN, -FAILURES_WINDOW_MIN);
+  const failed = sum(recent, "failed");
+  const finished = failed + sum(recent, "succeeded");
+  const earlier = sum(before, "failed");
+  const window = `${FAILURES_WINDOW_MIN} min`;
+  if (failed >= FAILURES_RED_MIN && failed * 2 >= finished) {
+    return ["red", `${fmtNumber(failed)} of ${fmtNumber(finished)} finished in the last ${window} failed`];
+  }
+  if (failed >= FAILURES_RISING_MIN && failed > 2 * earlier) {
+    return ["amber", `failures rising: ${fmtNumber(failed)} in the last ${window},` +
+      ` ${fmtNumber(earlier)} in the ${window} before`];
+  }
+  return [null, ""];
+}
+
+/** The level of the due tasks: red while some are due that no live worker runs. */
+function dueLevel(stats) {
+  const unserved = Object.keys(stats.unserved || {}).sort();
+  if (unserved.length) return ["red", `no live worker runs ${unserved.join(", ")}`];
+  if (stats.due > 0 && stats.workers_alive === 0) return ["red", "tasks are due and no worker is alive"];
+  return [null, ""];
+}
+
+function drawByType(byType) {
+  const section = $("by-type").closest("section");
+  section.hidden = !byType;
+  if (!byType) return;
+  const rate = (v) => (v >= 10 ? fmtNumber(Math.round(v)) : String(Math.round(v * 100) / 100));
+  const late = (t, q) => (t.lateness_ms && typeof t.lateness_ms[q] === "number"
+    ? fmtMs(t.lateness_ms[q]) : "–");
+  const count = (t, key) => fmtNumber(t[key] || 0);
+  const rows = Object.keys(byType).sort().map((kind) => {
+    const t = byType[kind] || {};
+    return h("tr", { "data-kind": kind },
+      h("th", { scope: "row" }, kind),
+      h("td", { "data-field": "per_s" }, rate(t.per_s || 0)),
+      ["started", "succeeded", "failed", "retried", "cancelled"].map((key) =>
+        h("td", { "data-field": key }, count(t, key))),
+      ["p50", "p99", "max"].map((q) => h("td", { "data-field": q }, late(t, q))));
+  });
+  $("by-type").tBodies[0].replaceChildren(...rows);
+  $("by-type-empty").hidden = rows.length > 0;
+}
+
 async function refreshOverview() {
   const stats = await api("GET", "/stats");
   setText("due", fmtNumber(stats.due));
   setText("oldest-due", fmtSeconds(stats.oldest_due_age_s));
-  $("card-oldest").classList.toggle("warn", stats.oldest_due_age_s > 60);
-  $("card-due").classList.toggle("warn", stats.due > 0 && stats.workers_alive === 0);
+  setLevel("card-oldest", "oldest-level", ...oldestLevel(stats.oldest_due_age_s));
+  setLevel("card-due", "due-level", ...dueLevel(stats));
+  setLevel("card-failures", "failures-level", ...failuresLevel(stats.series || []));
+  drawByType(stats.by_type);
   setText("workers", fmtNumber(stats.workers));
   setText("workers-alive", fmtNumber(stats.workers_alive));
   setText("last-succeeded", fmtNumber(stats.last_minute.succeeded || 0));
@@ -377,11 +470,55 @@ const ORDERS = {
   finished_at: "finished, earliest first",
 };
 
+// Filters of GET /tasks the form has no field for: a link may carry them (as the Failures
+// page's do), and they are shown above the list, each with a button that drops it.
+const MORE_FILTERS = [
+  "created_after", "created_before", "execute_after", "execute_before", "finished_after",
+  "finished_before", "schedule", "payload",
+];
+
 function filters() {
   const query = new URLSearchParams(location.hash.split("?")[1] || "");
   const sort = query.get("sort") || "";
+  const more = {};
+  for (const name of MORE_FILTERS) if (query.get(name)) more[name] = query.get(name);
   return { state: query.get("state") || "", type: query.get("type") || "",
-           sort: sort in ORDERS ? sort : "", error: query.get("error") || "" };
+           sort: sort in ORDERS ? sort : "", error: query.get("error") || "", more };
+}
+
+/** The filters shown, as GET /tasks's (and the bulk routes') query parameters. */
+function filterQuery({ state, type, error, more }) {
+  const query = new URLSearchParams();
+  if (state) query.set("state", state);
+  if (type) query.set("type", type);
+  if (error) query.set("error", error);
+  for (const [name, value] of Object.entries(more)) query.set(name, value);
+  return query;
+}
+
+/** The filters in words, for the bulk confirmation. */
+function describeFilters({ state, type, error, more }) {
+  const parts = [];
+  if (state) parts.push(`state ${state}`);
+  if (type) parts.push(`type ${type}`);
+  if (error) parts.push(`error contains “${error}”`);
+  for (const [name, value] of Object.entries(more)) parts.push(`${name} ${value}`);
+  return parts.length ? `Filters: ${parts.join(" · ")}.` : "No filters: every task.";
+}
+
+function drawMoreFilters(current) {
+  const chips = Object.entries(current.more).map(([name, value]) => {
+    const drop = h("button", { type: "button", class: "link", "aria-label": `Drop ${name}` }, "×");
+    drop.addEventListener("click", () => {
+      const more = { ...current.more };
+      delete more[name];
+      location.hash = tasksLink(current.state, current.type,
+        { sort: current.sort, error: current.error, ...more });
+    });
+    return h("span", { class: "chip", "data-filter": name }, `${name} ${value} `, drop);
+  });
+  $("filter-more").replaceChildren(...chips);
+  $("filter-more").hidden = chips.length === 0;
 }
 
 function excerpt(text, length = 80) {
@@ -403,18 +540,18 @@ function taskRow(task) {
 }
 
 async function refreshTasks() {
-  const { state, type, sort, error } = filters();
-  const key = JSON.stringify([state, type, sort, error]);
+  const current = filters();
+  const { state, type, sort, error } = current;
+  const key = JSON.stringify(current);
   if (paging.key !== key) Object.assign(paging, { key, cursors: [null], next: null });
   $("filter-state").value = state;
   $("filter-type").value = type;
   $("filter-sort").value = sort;
   if (document.activeElement !== $("filter-search")) $("filter-search").value = error;
-  const query = new URLSearchParams({ limit: String(PAGE_SIZE) });
-  if (state) query.set("state", state);
-  if (type) query.set("type", type);
+  drawMoreFilters(current);
+  const query = filterQuery(current);
+  query.set("limit", String(PAGE_SIZE));
   if (sort) query.set("sort", sort);
-  if (error) query.set("error", error);
   const cursor = paging.cursors[paging.cursors.length - 1];
   if (cursor) query.set("cursor", cursor);
   let page;
@@ -449,7 +586,7 @@ function setFilters() {
     return;
   }
   location.hash = tasksLink($("filter-state").value, $("filter-type").value,
-    { sort: $("filter-sort").value, error: search });
+    { sort: $("filter-sort").value, error: search, ...filters().more });
 }
 
 $("filter-state").addEventListener("change", setFilters);
@@ -468,6 +605,81 @@ $("page-next").addEventListener("click", () => {
 $("page-prev").addEventListener("click", () => {
   if (paging.cursors.length > 1) paging.cursors.pop();
   refreshNow();
+});
+
+// --- Acting on every task that matches -----------------------------------------------------
+
+const BULK = {
+  retry: { verb: "Retry", done: "Retried", what: "The failed and cancelled tasks",
+           effect: "are scheduled again, due now, with a fresh budget of attempts." },
+  cancel: { verb: "Cancel", done: "Cancelled", what: "The scheduled and running tasks",
+            effect: "are cancelled: nothing more runs for them." },
+  delete: { verb: "Delete", done: "Deleted", what: "The tasks (never a running one)",
+            effect: "are deleted for good, with their output and attempts." },
+};
+// What the open confirmation would run: its action, filters and confirmed count.
+let bulkPending = null;
+
+/** Count what `action` would take under the filters shown (a dry run), then ask. */
+async function askBulk(action) {
+  const current = filters();
+  const query = filterQuery(current);
+  query.set("limit", String(BULK_MAX));
+  query.set("dry_run", "true");
+  show($("tasks-error"), "");
+  show($("tasks-flash"), "");
+  let found;
+  try {
+    found = await api("POST", `/tasks/${action}?${query}`);
+  } catch (error) {
+    if (error instanceof ApiError) show($("tasks-error"), `${BULK[action].verb} refused: ${error.message}`);
+    else if (!(error instanceof NeedToken)) throw error;
+    return;
+  }
+  const { verb, what, effect } = BULK[action];
+  const n = found.count;
+  const tasks = `${fmtNumber(n)} task${n === 1 ? "" : "s"}`;
+  bulkPending = n ? { action, query: filterQuery(current), count: n } : null;
+  setText("bulk-confirm-title", n ? `${verb} ${tasks}?` : `No task to ${verb.toLowerCase()}`);
+  setText("bulk-confirm-text", n
+    ? `${what} these filters match ${effect}` +
+      (found.more ? ` More than ${fmtNumber(n)} match: this takes the ${fmtNumber(n)} with the` +
+        " lowest ids; do it again for the rest." : "")
+    : `${what} these filters match: none.`);
+  setText("bulk-confirm-filters", describeFilters(current));
+  $("bulk-confirm-yes").hidden = !n;
+  setText("bulk-confirm-yes", n ? `${verb} ${tasks}` : "");
+  $("bulk-confirm-yes").classList.toggle("danger", action === "delete");
+  $("bulk-confirm-yes").classList.toggle("primary", action !== "delete");
+  $("confirm-bulk").returnValue = "";
+  $("confirm-bulk").showModal();
+}
+
+/** Run the confirmed action: never on more tasks than the confirmation counted. */
+async function runBulk() {
+  const pending = bulkPending;
+  bulkPending = null;
+  if (!pending) return;
+  const query = new URLSearchParams(pending.query);
+  query.set("limit", String(pending.count));
+  const { verb, done } = BULK[pending.action];
+  try {
+    const result = await api("POST", `/tasks/${pending.action}?${query}`);
+    const n = result.count;
+    show($("tasks-flash"), `${done} ${fmtNumber(n)} task${n === 1 ? "" : "s"}.`);
+  } catch (error) {
+    if (error instanceof ApiError) show($("tasks-error"), `${verb} refused: ${error.message}`);
+    else if (!(error instanceof NeedToken)) throw error;
+  }
+  await refreshNow();
+}
+
+for (const id of ["bulk-retry", "bulk-cancel", "bulk-delete"]) {
+  $(id).addEventListener("click", () => askBulk($(id).dataset.action));
+}
+$("confirm-bulk").addEventListener("close", () => {
+  if ($("confirm-bulk").returnValue === "go") runBulk();
+  else bulkPending = null;
 });
 
 $("create-form").addEventListener("submit", async (event) => {
@@ -539,9 +751,70 @@ function drawTask(task) {
   }[task.state]);
 }
 
+// The attempts shown: of which task, how many pages the viewer asked for.
+const attemptsShown = { id: null, pages: 1, drawn: "" };
+
+function outcomeBadge(outcome) {
+  return outcome ? h("span", { class: `badge ${outcome}` }, outcome.replace("_", " "))
+    : h("span", { class: "badge running" }, "running");
+}
+
+function attemptRow(attempt) {
+  const took = attempt.finished_at
+    ? fmtSeconds(Math.max(0, (Date.parse(attempt.finished_at) - Date.parse(attempt.started_at)) / 1000))
+    : h("span", { class: "muted" }, "still running");
+  const error = attempt.error === null ? h("span", { class: "muted" }, "–")
+    : [h("span", { class: "error-text" }, attempt.error),
+      attempt.traceback ? h("details", {}, h("summary", {}, "traceback"),
+        h("pre", { class: "out" }, attempt.traceback)) : null];
+  return h("tr", { "data-attempt": attempt.attempt },
+    h("td", { class: "num" }, `#${attempt.attempt}`),
+    h("td", { class: "outcome" }, outcomeBadge(attempt.outcome)),
+    h("td", {}, fmtTime(attempt.started_at)),
+    h("td", { class: "took" }, took),
+    h("td", {}, attempt.worker ?? h("span", { class: "muted" }, "–")),
+    h("td", { class: "note" }, error));
+}
+
+async function refreshAttempts(id) {
+  if (attemptsShown.id !== id) Object.assign(attemptsShown, { id, pages: 1 });
+  const items = [];
+  let cursor = null;
+  let next = null;
+  try {
+    for (let page = 0; page < attemptsShown.pages; page += 1) {
+      const query = new URLSearchParams({ limit: String(ATTEMPTS_PAGE) });
+      if (cursor) query.set("cursor", cursor);
+      const answer = await api("GET", `/tasks/${id}/attempts?${query}`);
+      items.push(...answer.items);
+      next = answer.next_cursor;
+      if (!next) break;
+      cursor = next;
+    }
+  } catch (error) {
+    if (!(error instanceof ApiError)) throw error;
+    show($("attempts-error"), `The attempts cannot be read: ${error.message}`);
+    return;
+  }
+  show($("attempts-error"), "");
+  // Drawn again only when they changed: a traceback opened stays open across refreshes.
+  const drawn = JSON.stringify([id, items, next]);
+  if (attemptsShown.drawn === drawn) return;
+  attemptsShown.drawn = drawn;
+  $("attempts").tBodies[0].replaceChildren(...items.map(attemptRow));
+  $("attempts-empty").hidden = items.length > 0;
+  $("attempts-more").hidden = !next;
+}
+
+$("attempts-more").addEventListener("click", () => {
+  attemptsShown.pages += 1;
+  refreshNow();
+});
+
 async function refreshTask(id) {
   try {
     drawTask(await api("GET", `/tasks/${id}`));
+    await refreshAttempts(id);
   } catch (error) {
     if (error instanceof ApiError && error.status === 404) {
       current = null;
@@ -672,6 +945,59 @@ $("schedules-prev").addEventListener("click", () => {
   refreshNow();
 });
 
+// --- Failures -----------------------------------------------------------------------------
+
+function failureFilters() {
+  const query = new URLSearchParams(location.hash.split("?")[1] || "");
+  const since = query.get("since") || "";
+  return { since: /^[0-9]+$/.test(since) ? since : "", type: query.get("type") || "" };
+}
+
+function failureRow(group) {
+  // The text GET /tasks's `error` finds this group's tasks by (GET /errors says which).
+  const search = group.search ?? group.error;
+  return h("tr", { "data-type": group.type },
+    h("td", {}, group.type),
+    h("td", { class: "note" }, h("span", { class: "error-text", title: group.error },
+      excerpt(group.error || "", 160))),
+    h("td", { class: "num" }, fmtNumber(group.count)),
+    h("td", {}, fmtTime(group.first_seen)),
+    h("td", {}, fmtTime(group.last_seen)),
+    h("td", {}, group.sample_task
+      ? h("a", { href: `#/tasks/${group.sample_task}` }, `#${group.sample_task}`) : "–"),
+    h("td", {}, h("a", { class: "group-tasks", href: tasksLink(null, group.type,
+      { error: (search || "").slice(0, 200) }) }, "its tasks →")));
+}
+
+async function refreshFailures() {
+  const { since, type } = failureFilters();
+  $("failures-since").value = since;
+  $("failures-type").value = type;
+  const query = new URLSearchParams();
+  if (since) query.set("since", new Date(Date.now() - Number(since) * 1000).toISOString());
+  if (type) query.set("type", type);
+  let answer;
+  try {
+    answer = await api("GET", `/errors${query.size ? `?${query}` : ""}`);
+  } catch (error) {
+    if (error instanceof ApiError) show($("failures-error"), error.message);
+    throw error;
+  }
+  show($("failures-error"), "");
+  $("failures").tBodies[0].replaceChildren(...answer.items.map(failureRow));
+  $("failures-empty").hidden = answer.items.length > 0;
+}
+
+function setFailureFilters() {
+  const query = new URLSearchParams();
+  if ($("failures-since").value) query.set("since", $("failures-since").value);
+  if ($("failures-type").value) query.set("type", $("failures-type").value);
+  location.hash = `#/failures${query.size ? `?${query}` : ""}`;
+}
+
+$("failures-since").addEventListener("change", setFailureFilters);
+$("failures-type").addEventListener("change", setFailureFilters);
+
 // --- Workers ------------------------------------------------------------------------------
 
 function workerRow(worker) {
@@ -708,6 +1034,7 @@ function view() {
   const match = path.match(/^\/tasks\/(\d+)$/);
   if (match) return { name: "task", id: match[1] };
   if (path === "/tasks") return { name: "tasks" };
+  if (path === "/failures") return { name: "failures" };
   if (path === "/schedules") return { name: "schedules" };
   if (path === "/workers") return { name: "workers" };
   return { name: "overview" };
@@ -722,6 +1049,7 @@ async function refresh() {
   try {
     if (v.name === "overview") await refreshOverview();
     else if (v.name === "tasks") await refreshTasks();
+    else if (v.name === "failures") await refreshFailures();
     else if (v.name === "schedules") await refreshSchedules();
     else if (v.name === "workers") await refreshWorkers();
     else await refreshTask(v.id);
@@ -755,11 +1083,7 @@ function interval() {
 function route() {
   if (waitingForToken) return;
   const v = view();
-  $("overview-view").hidden = v.name !== "overview";
-  $("tasks-view").hidden = v.name !== "tasks";
-  $("schedules-view").hidden = v.name !== "schedules";
-  $("workers-view").hidden = v.name !== "workers";
-  $("task-view").hidden = v.name !== "task";
+  for (const name of VIEWS) $(`${name}-view`).hidden = v.name !== name;
   $("forget-token").hidden = !token();
   for (const link of document.querySelectorAll("nav a[data-view]")) {
     const on = link.dataset.view === (v.name === "task" ? "tasks" : v.name);
@@ -772,6 +1096,9 @@ function route() {
       current = null;
       setText("task-title", `Task #${v.id}`);
       $("task-fields").replaceChildren();
+      $("attempts").tBodies[0].replaceChildren();
+      $("attempts-more").hidden = true;
+      attemptsShown.drawn = "";
       $("reschedule-at").value = localValue(new Date(Date.now() + 3600_000));
     }
     show($("task-error"), "");
@@ -786,7 +1113,7 @@ function route() {
   refreshNow();
 }
 
-for (const select of [$("create-type"), $("filter-type")]) {
+for (const select of [$("create-type"), $("filter-type"), $("failures-type")]) {
   select.append(...KINDS.map((kind) => h("option", { value: kind }, kind)));
 }
 
