@@ -78,15 +78,23 @@ def _number(value: object) -> bool:
 
 
 def result_of(
-    claimed: Claimed, line: object, exc: BaseException | None, settings: Settings
+    claimed: Claimed,
+    line: object,
+    exc: BaseException | None,
+    settings: Settings,
+    duration_s: float | None = None,
+    timed_out: bool = False,
 ) -> Result:
     """A run's result: succeeded with its line (or none), or the retry or failure its error
     earns: `Fail` fails the task at once, whatever attempts it has left; `Retry` sets when
-    the next attempt is due (at most retry_max_s), in place of the backoff."""
+    the next attempt is due (at most retry_max_s), in place of the backoff. `duration_s` and
+    `timed_out` are passed on for the totals of /metrics (functions/counters.py)."""
     if exc is None:
         if line is None or isinstance(line, str):
             output = None if line is None else clean_text(line)
-            return Result(claimed.id, claimed.attempt, TaskState.SUCCEEDED, output)
+            return Result(
+                claimed.id, claimed.attempt, TaskState.SUCCEEDED, output, None, None, duration_s
+            )
         exc = TypeError(f"kind {claimed.kind} returned {type(line).__name__}, not a str or None")
     error = clean_text(f"{type(exc).__name__}: {exc}".rstrip(": "))
     if claimed.attempt < claimed.max_attempts and not isinstance(exc, Fail):
@@ -98,12 +106,18 @@ def result_of(
             "action=retry task_id=%s attempt=%s/%s in=%.1fs: %s",
             claimed.id, claimed.attempt, claimed.max_attempts, delay_s, error,
         )  # fmt: skip
-        return Result(claimed.id, claimed.attempt, TaskState.SCHEDULED, None, error, delay_s)
+        return Result(
+            claimed.id, claimed.attempt, TaskState.SCHEDULED, None, error, delay_s, duration_s,
+            timed_out,
+        )  # fmt: skip
     logger.error(
         "action=fail task_id=%s attempt=%s/%s: %s",
         claimed.id, claimed.attempt, claimed.max_attempts, error,
     )  # fmt: skip
-    return Result(claimed.id, claimed.attempt, TaskState.FAILED, error=error)
+    return Result(
+        claimed.id, claimed.attempt, TaskState.FAILED, error=error, duration_s=duration_s,
+        timed_out=timed_out,
+    )  # fmt: skip
 
 
 class Completer:
@@ -302,11 +316,11 @@ class Completer:
         unsure = [r for r in batch if r.id not in written and r.id in self._maybe_written]
         if unsure:
             written |= await state.store.recorded(unsure)
-        activity = state.activity_now()
+        activity_of = state.activity_by_kind()
         for result in batch:
             self._maybe_written.discard(result.id)
             self._printed.discard(result.id)
-            state.held.pop(result.id, None)
+            claimed = state.held.pop(result.id, None)
             if result.id not in written:
                 summary.lost += 1
                 logger.warning(
@@ -315,15 +329,29 @@ class Completer:
                     " result dropped",
                     result.id, result.attempt, state.worker_id,
                 )  # fmt: skip
-            elif result.state is TaskState.SUCCEEDED:
+                continue
+            # Counted by kind and outcome for /stats and /metrics (functions/counters.py).
+            activity = activity_of(claimed.kind) if claimed is not None else None
+            if result.state is TaskState.SUCCEEDED:
                 summary.succeeded += 1
-                activity.succeeded += 1
+                if activity is not None:
+                    activity.succeeded += 1
             elif result.state is TaskState.FAILED:
                 summary.failed += 1
-                activity.failed += 1
+                if activity is not None:
+                    if result.timed_out:
+                        activity.timed_out += 1
+                    else:
+                        activity.failed += 1
             else:
                 summary.retried += 1
-                activity.retried += 1
+                if activity is not None:
+                    if result.timed_out:
+                        activity.timed_out += 1
+                    else:
+                        activity.retried += 1
+            if activity is not None and result.duration_s is not None:
+                activity.ran(result.duration_s)
         return True
 
     async def _write_one_by_one(self, batch: list[Result]) -> tuple[set[int], list[Result]]:
@@ -346,6 +374,7 @@ class Completer:
                     result.attempt,
                     TaskState.FAILED,
                     error=clean_text(f"its result could not be recorded: {exc}"),
+                    duration_s=result.duration_s,
                 )
                 written |= await store.finish_many(worker=worker, results=[result])
             results.append(result)
