@@ -104,18 +104,22 @@ def result_of(
     line: object,
     exc: BaseException | None,
     settings: Settings,
+    duration_s: float | None = None,
     *,
     timed_out: bool = False,
 ) -> Result:
     """A run's result: succeeded with its line (or none), or the retry or failure its error
     earns: `Fail` fails the task at once, whatever attempts it has left; `Retry` sets when
     the next attempt is due (at most retry_max_s), in place of the backoff. A failure
-    carries its traceback and its normalised error, for the attempt's row; `timed_out`: it
-    was stopped at its time limit."""
+    carries its traceback and its normalised error, for the attempt's row; `duration_s` and
+    `timed_out` (stopped at its time limit) are passed on for the totals of /metrics
+    (functions/counters.py) and the attempt's outcome."""
     if exc is None:
         if line is None or isinstance(line, str):
             output = None if line is None else clean_text(line)
-            return Result(claimed.id, claimed.attempt, TaskState.SUCCEEDED, output)
+            return Result(
+                claimed.id, claimed.attempt, TaskState.SUCCEEDED, output, None, None, duration_s
+            )
         exc = TypeError(f"kind {claimed.kind} returned {type(line).__name__}, not a str or None")
     error = clean_text(f"{type(exc).__name__}: {exc}".rstrip(": "))
     trace, group = traceback_of(exc), normalise_error(error)
@@ -129,7 +133,7 @@ def result_of(
             claimed.id, claimed.attempt, claimed.max_attempts, delay_s, error,
         )  # fmt: skip
         return Result(
-            claimed.id, claimed.attempt, TaskState.SCHEDULED, None, error, delay_s,
+            claimed.id, claimed.attempt, TaskState.SCHEDULED, None, error, delay_s, duration_s,
             timed_out=timed_out, traceback=trace, error_group=group,
         )  # fmt: skip
     logger.error(
@@ -137,7 +141,7 @@ def result_of(
         claimed.id, claimed.attempt, claimed.max_attempts, error,
     )  # fmt: skip
     return Result(
-        claimed.id, claimed.attempt, TaskState.FAILED, error=error,
+        claimed.id, claimed.attempt, TaskState.FAILED, error=error, duration_s=duration_s,
         timed_out=timed_out, traceback=trace, error_group=group,
     )  # fmt: skip
 
@@ -338,11 +342,11 @@ class Completer:
         unsure = [r for r in batch if r.id not in written and r.id in self._maybe_written]
         if unsure:
             written |= await state.store.recorded(unsure)
-        activity = state.activity_now()
+        activity_of = state.activity_by_kind()
         for result in batch:
             self._maybe_written.discard(result.id)
             self._printed.discard(result.id)
-            state.held.pop(result.id, None)
+            claimed = state.held.pop(result.id, None)
             if result.id not in written:
                 summary.lost += 1
                 logger.warning(
@@ -351,15 +355,29 @@ class Completer:
                     " result dropped",
                     result.id, result.attempt, state.worker_id,
                 )  # fmt: skip
-            elif result.state is TaskState.SUCCEEDED:
+                continue
+            # Counted by kind and outcome for /stats and /metrics (functions/counters.py).
+            activity = activity_of(claimed.kind) if claimed is not None else None
+            if result.state is TaskState.SUCCEEDED:
                 summary.succeeded += 1
-                activity.succeeded += 1
+                if activity is not None:
+                    activity.succeeded += 1
             elif result.state is TaskState.FAILED:
                 summary.failed += 1
-                activity.failed += 1
+                if activity is not None:
+                    if result.timed_out:
+                        activity.timed_out += 1
+                    else:
+                        activity.failed += 1
             else:
                 summary.retried += 1
-                activity.retried += 1
+                if activity is not None:
+                    if result.timed_out:
+                        activity.timed_out += 1
+                    else:
+                        activity.retried += 1
+            if activity is not None and result.duration_s is not None:
+                activity.ran(result.duration_s)
         return True
 
     async def _write_one_by_one(self, batch: list[Result]) -> tuple[set[int], list[Result]]:
@@ -384,6 +402,7 @@ class Completer:
                     TaskState.FAILED,
                     error=error,
                     error_group=normalise_error(error),
+                    duration_s=result.duration_s,
                 )
                 written |= await store.finish_many(worker=worker, results=[result])
             results.append(result)

@@ -793,8 +793,9 @@ def cancel_tasks(
 ) -> str:
     """Cancel up to `%(limit)s` tasks in `states` (CANCELLABLE or a part of it) matching
     `condition` (SQL over the columns of `tasks`, with its own parameters), lowest ids first
-    (`_locked_in_id_order`); return `columns` of each, then `held_attempt` and `held_by`:
-    the worker that was running it (NULL: none) and the attempt it ran, by ascending id.
+    (`_locked_in_id_order`); return `columns` of each, then `cancelled_kind` (counted by
+    kind: ANNOUNCE_CANCELS), `held_attempt` and `held_by`: the worker that was running it
+    (NULL: none) and the attempt it ran, by ascending id.
 
     A task claimed while the cancel waited for its lock is cancelled running; one finished
     meanwhile is left as it finished. A cancelled task is finished, holds no lease and waits
@@ -821,31 +822,26 @@ WITH target AS (
     FROM cancelled WHERE held_by IS NOT NULL
     ON CONFLICT (task_id, attempt) DO NOTHING
 )
-SELECT {columns}, attempts AS held_attempt, held_by FROM cancelled
+SELECT {columns}, kind AS cancelled_kind, attempts AS held_attempt, held_by FROM cancelled
 ORDER BY id
 """
 
 
 # After a cancel committed: wake the workers that were running the tasks (`notes`, the
-# payloads: store.cancel_notes), and count the cancels (`count`) in the activity of the
-# moment (/stats; the 10-second bucket of functions/counters.py, an empty histogram that
-# ADD_ACTIVITY pads). A transaction of its own, committed without waiting for the disk:
-# NOTIFY serialises the commits of every session that notifies (a lock on the database held
-# through the commit: see NOTIFY_HORIZON_S), and the bucket's row those that count, so in
-# the cancel's own transaction every cancel of a running task would wait for the ones before
-# it to reach the disk. (With it apart, 1,000 cancels of running tasks from 32 clients took
-# 5.5 s in one API process on a loaded 2-core machine, 1,000 run-nows 6.1 s.) Lost in a
-# crash, a notification only makes the worker learn at its next poll; a count goes missing.
+# payloads: store.cancel_notes), and count the cancels by kind (`counts`, as ADD_ACTIVITY
+# takes them, in the bucket of the database's now) in the activity of the moment (/stats) and
+# the running totals (/metrics). A transaction of its own, committed without waiting for the
+# disk: NOTIFY serialises the commits of every session that notifies (a lock on the database
+# held through the commit: see NOTIFY_HORIZON_S), and the rows of the bucket and the totals
+# those that count, so in the cancel's own transaction every cancel of a running task would
+# wait for the ones before it to reach the disk. (With it apart, 1,000 cancels of running
+# tasks from 32 clients took 5.5 s in one API process on a loaded 2-core machine, 1,000
+# run-nows 6.1 s.) Lost in a crash, a notification only makes the worker learn at its next
+# poll; a count goes missing.
 ANNOUNCE_CANCELS = f"""
 WITH quick AS (
     SELECT set_config('synchronous_commit', 'off', true)
-), counted AS (
-    INSERT INTO task_activity AS a (bucket, cancelled, lateness)
-    SELECT to_timestamp(floor(extract(epoch FROM now()) / 10) * 10), %(count)s, '{{}}'
-    FROM quick
-    WHERE %(count)s > 0
-    ON CONFLICT (bucket) DO UPDATE SET cancelled = a.cancelled + EXCLUDED.cancelled
-)
+), {{counts}}
 SELECT count(pg_notify('{CANCEL_CHANNEL}', note))
 FROM quick, unnest(CAST(%(notes)s AS text[])) AS note
 """
@@ -1301,7 +1297,7 @@ SET state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'scheduled' EN
         || attempts || ' of ' || max_attempts,
     claimed_by = NULL
 WHERE id = ANY(ARRAY(SELECT id FROM picked))
-RETURNING id, state
+RETURNING id, state, kind
 """
 
 # Dead workers that hold nothing any more are forgotten, recorded as `dead` for an hour
@@ -1349,29 +1345,68 @@ PRUNE_ACTIVITY = "DELETE FROM task_activity WHERE bucket < now() - interval '1 d
 
 # --- activity: what /stats and /metrics read (functions/report.py) ----------------------------
 
-# A worker's counts for some 10-second buckets, added to what other workers counted. The
-# lateness histograms are added bucket by bucket (one of an older version is shorter: the
-# buckets it lacks count as 0).
-ADD_ACTIVITY = """
-INSERT INTO task_activity AS a
-    (bucket, started, succeeded, failed, retried, lateness, lateness_max_ms)
-SELECT to_timestamp(b.bucket_s), b.started, b.succeeded, b.failed, b.retried, b.lateness,
-       b.lateness_max_ms
-FROM json_to_recordset(CAST(%(buckets)s AS json)) AS b(
-    bucket_s bigint, started bigint, succeeded bigint, failed bigint, retried bigint,
-    lateness bigint[], lateness_max_ms float8
-)
-ON CONFLICT (bucket) DO UPDATE SET
-    started = a.started + EXCLUDED.started,
-    succeeded = a.succeeded + EXCLUDED.succeeded,
-    failed = a.failed + EXCLUDED.failed,
-    retried = a.retried + EXCLUDED.retried,
-    lateness = ARRAY(
+
+def _added(table: str, column: str) -> str:
+    """Histogram `column` of `table`'s row plus the one being inserted, bucket by bucket (one
+    of an older version is shorter: the buckets it lacks count as 0)."""
+    return f"""{column} = ARRAY(
         SELECT coalesce(x, 0) + coalesce(y, 0)
-        FROM unnest(a.lateness, EXCLUDED.lateness) WITH ORDINALITY AS u(x, y, i)
+        FROM unnest({table}.{column}, EXCLUDED.{column}) WITH ORDINALITY AS u(x, y, i)
         ORDER BY i
-    ),
-    lateness_max_ms = greatest(a.lateness_max_ms, EXCLUDED.lateness_max_ms)
+    )"""
+
+
+_OUTCOMES = ("succeeded", "failed", "retried", "timed_out", "cancelled", "lost")
+_COUNTS = ("started", *_OUTCOMES)
+
+# Some counts by 10-second bucket and kind (`activity`: functions/counters.py; a bucket of
+# null is the one of the database's now), added to what other workers counted; and the same
+# counts summed by kind (`totals`), added to the running totals (migration 0017), in one
+# statement: both or neither. No statement of it runs per task: a worker writes what it
+# counted every couple of seconds (upkeep), a cancel once. Rows are locked in the order of
+# their keys, the activity's then the totals', by every writer alike: no deadlock. CTEs to
+# go inside a WITH (`quick` before them: ANNOUNCE_CANCELS's setting, or nothing).
+ADD_COUNTS = f"""activity AS (
+    INSERT INTO task_activity AS a
+        (bucket, kind, {", ".join(_COUNTS)}, lateness, lateness_max_ms)
+    SELECT coalesce(to_timestamp(b.bucket_s),
+                    to_timestamp(floor(extract(epoch FROM now()) / 10) * 10)),
+           b.kind, {", ".join(f"coalesce(b.{c}, 0)" for c in _COUNTS)},
+           coalesce(b.lateness, '{{}}'), coalesce(b.lateness_max_ms, 0)
+    FROM quick, json_to_recordset(CAST(%(activity)s AS json)) AS b(
+        bucket_s bigint, kind text, {", ".join(f"{c} bigint" for c in _COUNTS)},
+        lateness bigint[], lateness_max_ms float8
+    )
+    ORDER BY 1, 2
+    ON CONFLICT (bucket, kind) DO UPDATE SET
+        {", ".join(f"{c} = a.{c} + EXCLUDED.{c}" for c in _COUNTS)},
+        {_added("a", "lateness")},
+        lateness_max_ms = greatest(a.lateness_max_ms, EXCLUDED.lateness_max_ms)
+), totals AS (
+    INSERT INTO task_totals AS t
+        (kind, {", ".join(_OUTCOMES)}, duration, duration_sum_s, lateness, lateness_sum_s)
+    SELECT b.kind, {", ".join(f"coalesce(b.{c}, 0)" for c in _OUTCOMES)},
+           coalesce(b.duration, '{{}}'), coalesce(b.duration_sum_s, 0),
+           coalesce(b.lateness, '{{}}'), coalesce(b.lateness_sum_s, 0)
+    FROM quick, json_to_recordset(CAST(%(totals)s AS json)) AS b(
+        kind text, {", ".join(f"{c} bigint" for c in _OUTCOMES)},
+        duration bigint[], duration_sum_s float8, lateness bigint[], lateness_sum_s float8
+    )
+    ORDER BY 1
+    ON CONFLICT (kind) DO UPDATE SET
+        {", ".join(f"{c} = t.{c} + EXCLUDED.{c}" for c in _OUTCOMES)},
+        {_added("t", "duration")},
+        duration_sum_s = t.duration_sum_s + EXCLUDED.duration_sum_s,
+        {_added("t", "lateness")},
+        lateness_sum_s = t.lateness_sum_s + EXCLUDED.lateness_sum_s
+)"""
+
+ANNOUNCE_CANCELS = ANNOUNCE_CANCELS.replace("{counts}", ADD_COUNTS)
+
+# A worker's counts (ADD_COUNTS), written every couple of seconds.
+ADD_ACTIVITY = f"""
+WITH quick AS (SELECT), {ADD_COUNTS}
+SELECT 1
 """
 
 # What /stats reads, in one read-only transaction (one snapshot). Each is bounded by an
@@ -1413,8 +1448,17 @@ SELECT (SELECT count(*) FROM {_due_tasks()}) AS due,
        (SELECT count(*) FROM workers WHERE lease_expires_at >= now()) AS workers_alive,
        CAST(extract(epoch FROM now()) AS float8) AS now_s
 """
-# - due tasks of kinds that no worker or tick ran in the last 5 minutes, by kind (read
+# - due tasks by kind, and whether a worker or tick ran the kind in the last 5 minutes (read
 #   among the due tasks, as the counts above read the scheduled ones);
+STATS_DUE_BY_KIND = f"""
+SELECT kind, count(*),
+       kind NOT IN (SELECT kind FROM kinds_served
+                    WHERE last_run_at >= now() - interval '5 minutes') AS unserved
+FROM {_due_tasks()}
+GROUP BY kind ORDER BY kind
+"""
+# Due tasks of kinds that no worker or tick ran in the last 5 minutes, by kind (a worker's
+# warning: upkeep).
 STATS_UNSERVED = f"""
 SELECT kind, count(*) FROM {
     _due_tasks(
@@ -1424,13 +1468,18 @@ SELECT kind, count(*) FROM {
 }
 GROUP BY kind ORDER BY kind
 """
-# - the last hour of activity: 360 rows at most.
+# - the last hour of activity: 360 rows a kind at most;
 STATS_ACTIVITY = """
-SELECT CAST(extract(epoch FROM bucket) AS bigint), started, succeeded, failed, retried,
-       lateness, lateness_max_ms, cancelled
+SELECT CAST(extract(epoch FROM bucket) AS bigint), kind, started, succeeded, failed, retried,
+       timed_out, cancelled, lost, lateness, lateness_max_ms
 FROM task_activity
 WHERE bucket >= now() - interval '1 hour'
 ORDER BY bucket
+"""
+# - for /metrics, the running totals: a row per kind (migration 0017).
+STATS_TOTALS = f"""
+SELECT kind, {", ".join(_OUTCOMES)}, duration, duration_sum_s, lateness, lateness_sum_s
+FROM task_totals ORDER BY kind
 """
 
 # --- attempts (migration 0016) -------------------------------------------------------------
@@ -1481,5 +1530,5 @@ PING = "SELECT 1"
 
 # The schema revision these statements are written for (local/migrations/versions/); a
 # unit test keeps it equal to the newest migration.
-SCHEMA_REVISION = "0016"
+SCHEMA_REVISION = "0017"
 SCHEMA_REVISION_IN_DATABASE = "SELECT version_num FROM alembic_version"

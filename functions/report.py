@@ -6,10 +6,12 @@ instance.
   estimated once a count would read more than `EXACT_UP_TO` rows (`estimated` names them):
   their total from the table's live rows, as the server counts them, shared out among
   states and kinds as in a sample of its pages.
-- Throughput and lateness come from `task_activity`: 10-second buckets that workers and
-  ticks add to as they claim and record (functions/counters.py), so reading the last hour
-  is reading 360 small rows, however many tasks that hour ran (and pruning finished tasks
-  does not rewrite history).
+- Throughput and lateness come from `task_activity`: 10-second buckets by task type that
+  workers and ticks add to as they claim and record (functions/counters.py), so reading the
+  last hour is reading 360 small rows a type, however many tasks that hour ran (and pruning
+  finished tasks does not rewrite history).
+- /metrics's counters and histograms come from `task_totals`, running totals by type added
+  to by the same writes: a row per type, never recounted from tasks.
   Start lateness is kept as a histogram of log-spaced buckets and a maximum per bucket:
   percentiles are within about 12% (the middle of a bucket 1.25 wide) of the exact value, up
   to 330 days late, and never above the maximum of the same rows, which is exact.
@@ -18,6 +20,7 @@ instance.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 from collections.abc import Iterable, Sequence
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from functions.counters import LATENESS_BOUNDS_MS
+from functions.counters import LATENESS_BOUNDS_MS, OUTCOMES
 from functions.kinds import KINDS
 from functions.model import TaskState, Worker
 from functions.store import StatsRows, Store
@@ -85,6 +88,32 @@ class Minute:
 
 
 @dataclass(frozen=True)
+class TypeActivity:
+    """What one task type did in the last 5 minutes (/stats `by_type`)."""
+
+    started: int
+    # Attempts ended, by outcome (counters.OUTCOMES).
+    outcomes: dict[str, int]
+    # Attempts ended a second (every outcome but cancelled), over the 5 minutes.
+    per_s: float
+    lateness_ms: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Totals:
+    """The running totals of one task type (/metrics; migration 0017): attempts ended by
+    outcome, and the histograms of run duration and start lateness, counts per bucket of
+    counters.TOTAL_BOUNDS_S (not cumulative) and their sums in seconds."""
+
+    kind: str
+    outcomes: dict[str, int]
+    duration: list[int]
+    duration_sum_s: float
+    lateness: list[int]
+    lateness_sum_s: float
+
+
+@dataclass(frozen=True)
 class Stats:
     """What /stats answers (see the module docstring for where each figure comes from)."""
 
@@ -106,7 +135,14 @@ class Stats:
     series: list[Minute]
     # Due tasks of kinds that no worker or tick ran in the last 5 minutes, by kind.
     unserved: dict[str, int]
+    # The last 5 minutes by type: the types that did anything then or have tasks due.
+    by_type: dict[str, TypeActivity]
+    # The running totals by type (read for /metrics only: empty otherwise).
+    totals: list[Totals]
 
+
+# The outcomes in queries.STATS_ACTIVITY's order.
+_ACTIVITY_OUTCOMES = ("succeeded", "failed", "retried", "timed_out", "cancelled", "lost")
 
 _FINISHED = frozenset(
     {TaskState.SUCCEEDED.value, TaskState.FAILED.value, TaskState.CANCELLED.value}
@@ -137,17 +173,59 @@ def _finished_scale(rows: StatsRows) -> float:
 WORKERS_LIMIT = 1_000
 
 
+@functools.cache
+def build_version() -> str:
+    """taskrunner's version as installed, for /metrics (`unknown` where it is not installed:
+    a Lambda bundle, a source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("taskrunner")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 async def read_workers(store: Store) -> list[Worker]:
     """Live workers and ticks, and those that left or died in the last hour, newest first."""
     return await store.list_workers(limit=WORKERS_LIMIT)
 
 
-async def read_stats(store: Store) -> Stats:
-    """Read the figures /stats and /metrics report."""
+async def read_stats(store: Store, *, totals: bool = False) -> Stats:
+    """Read the figures /stats reports; /metrics's running totals too when `totals`."""
     rows = await store.stats_rows(
-        exact_up_to=EXACT_UP_TO, sample_rows=SAMPLE_ROWS, widest_rows=WIDEST_SAMPLE_ROWS
+        exact_up_to=EXACT_UP_TO,
+        sample_rows=SAMPLE_ROWS,
+        widest_rows=WIDEST_SAMPLE_ROWS,
+        totals=totals,
     )
     return stats_from(rows)
+
+
+# /stats `by_type` covers this long.
+BY_TYPE_S = 300
+
+
+def _by_type(
+    recent: dict[str, list[Any]], due_by_kind: list[tuple[str, int, bool]]
+) -> dict[str, TypeActivity]:
+    by_type = {}
+    for kind in sorted(set(recent) | {kind for kind, *_ in due_by_kind}):
+        started, outcomes, histograms, max_ms = recent.get(
+            kind, [0, dict.fromkeys(OUTCOMES, 0), [], 0.0]
+        )
+        histogram = merge(histograms)
+        ended = sum(n for outcome, n in outcomes.items() if outcome != "cancelled")
+        by_type[kind] = TypeActivity(
+            started=started,
+            outcomes=outcomes,
+            per_s=ended / BY_TYPE_S,
+            lateness_ms={
+                "p50": percentile_ms(histogram, 0.5, max_ms),
+                "p99": percentile_ms(histogram, 0.99, max_ms),
+                "max": max_ms,
+            },
+        )
+    return by_type
 
 
 def stats_from(rows: StatsRows) -> Stats:
@@ -159,26 +237,34 @@ def stats_from(rows: StatsRows) -> Stats:
         by_kind[kind] = by_kind.get(kind, 0) + (round(n * scale) if state in _FINISHED else n)
 
     now_s = rows.now_s
-    last_minute = {"succeeded": 0, "failed": 0, "retried": 0, "cancelled": 0}
+    last_minute = dict.fromkeys(OUTCOMES, 0)
     recent: list[Sequence[int]] = []
     recent_max_ms = 0.0
     minutes: dict[int, list[Any]] = {}
-    for bucket, started, succeeded, failed, retried, lateness, max_ms, cancelled in rows.activity:
+    # kind -> [started, outcomes, lateness histograms, lateness max ms] of the last 5 minutes.
+    recent_by_kind: dict[str, list[Any]] = {}
+    for bucket, kind, started, *ended, lateness, max_ms in rows.activity:
+        outcomes = dict(zip(_ACTIVITY_OUTCOMES, ended, strict=True))
         if bucket >= now_s - 60:
-            last_minute["succeeded"] += succeeded
-            last_minute["failed"] += failed
-            last_minute["retried"] += retried
-            last_minute["cancelled"] += cancelled
-        if bucket >= now_s - 300:
+            for outcome, n in outcomes.items():
+                last_minute[outcome] += n
+        if bucket >= now_s - BY_TYPE_S:
             recent.append(lateness)
             recent_max_ms = max(recent_max_ms, max_ms)
+            if kind:  # ('': a row of before migration 0017, of no one type)
+                of_kind = recent_by_kind.setdefault(kind, [0, dict.fromkeys(OUTCOMES, 0), [], 0.0])
+                of_kind[0] += started
+                for outcome, n in outcomes.items():
+                    of_kind[1][outcome] += n
+                of_kind[2].append(lateness)
+                of_kind[3] = max(of_kind[3], max_ms)
         minute = minutes.setdefault(bucket // 60 * 60, [0, 0, 0, [], 0.0, 0])
         minute[0] += started
-        minute[1] += succeeded
-        minute[2] += failed
+        minute[1] += outcomes["succeeded"]
+        minute[2] += outcomes["failed"]
         minute[3].append(lateness)
         minute[4] = max(minute[4], max_ms)
-        minute[5] += cancelled
+        minute[5] += outcomes["cancelled"]
 
     histogram = merge(recent)
     lateness_ms = {f"p{q}": percentile_ms(histogram, q / 100, recent_max_ms) for q in (50, 95, 99)}
@@ -210,5 +296,17 @@ def stats_from(rows: StatsRows) -> Stats:
         last_minute=last_minute,
         lateness_ms=lateness_ms,
         series=series,
-        unserved=dict(rows.unserved),
+        unserved={kind: n for kind, n, unserved in rows.due_by_kind if unserved},
+        by_type=_by_type(recent_by_kind, rows.due_by_kind),
+        totals=[
+            Totals(
+                kind=kind,
+                outcomes=dict(zip(OUTCOMES, outcomes, strict=True)),
+                duration=duration,
+                duration_sum_s=duration_sum_s,
+                lateness=lateness,
+                lateness_sum_s=lateness_sum_s,
+            )
+            for kind, *outcomes, duration, duration_sum_s, lateness, lateness_sum_s in rows.totals
+        ],
     )

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -161,9 +162,10 @@ class RunState:
     halt: asyncio.Event = field(default_factory=asyncio.Event)
     failure: str | None = None
     lease_lost: bool = False
-    # Counts for /stats by 10-second bucket of the database's time, not yet written; the
-    # database's clock less this process's (from each claim's answer).
-    activity: dict[int, Activity] = field(default_factory=dict)
+    # Counts for /stats and /metrics by 10-second bucket of the database's time and task
+    # type, not yet written; the database's clock less this process's (from each claim's
+    # answer).
+    activity: dict[tuple[int, str], Activity] = field(default_factory=dict)
     db_offset_s: float = 0.0
     # The kinds this run records as served (`kinds_served`): those whose every run fits its
     # deadline when it starts. A tick that can never fit a kind leaves it unserved, and its
@@ -203,15 +205,25 @@ class RunState:
     def count_started(self, claimed: list[Claimed]) -> None:
         """Count first attempts' lateness (a claim with nothing writes no activity)."""
         if claimed:
-            activity = self.activity_now()
+            by_kind = self.activity_by_kind()
             for task in claimed:
                 if task.lateness_ms is not None:
-                    activity.start(task.lateness_ms)
+                    by_kind(task.kind).start(task.lateness_ms)
 
-    def activity_now(self) -> Activity:
-        """The activity counts of the current bucket (of the database's time)."""
+    def activity_now(self, kind: str) -> Activity:
+        """The activity counts of `kind` in the current bucket (of the database's time)."""
+        return self.activity_by_kind()(kind)
+
+    def activity_by_kind(self) -> Callable[[str], Activity]:
+        """The activity counts of the current bucket, by kind: for counting a batch (the
+        bucket is read once)."""
         bucket = bucket_of(time.time() + self.db_offset_s)
-        activity = self.activity.get(bucket)
-        if activity is None:
-            activity = self.activity[bucket] = Activity()
-        return activity
+        activity = self.activity
+
+        def of(kind: str) -> Activity:
+            counts = activity.get((bucket, kind))
+            if counts is None:
+                counts = activity[bucket, kind] = Activity()
+            return counts
+
+        return of

@@ -384,12 +384,13 @@ class Runner:
             ctx = Context(
                 claimed.id, claimed.attempt, self.settings, self._lend_http, claimed.payload_json
             )
+            began = time.monotonic()
             try:
                 line = kind.run(ctx)
             except BaseException as exc:  # SystemExit included: it fails this attempt only
-                self._record(claimed, None, exc)
+                self._record(claimed, None, exc, time.monotonic() - began)
             else:
-                self._record(claimed, line, None)
+                self._record(claimed, line, None, time.monotonic() - began)
             return
         if self.slots.full(kind.name):
             self.slots.queued[kind.name].append(claimed)
@@ -414,7 +415,7 @@ class Runner:
         # A run far longer than its kind declares is stopped and fails its attempt: nothing a
         # worker holds waits forever (its lease would keep it from everyone else).
         timer = asyncio.get_running_loop().call_later(limit_s, self._time_out, claimed.id)
-        task.add_done_callback(functools.partial(self._on_done, claimed, timer))
+        task.add_done_callback(functools.partial(self._on_done, claimed, timer, time.monotonic()))
         self._running[claimed.id] = task
 
     def _time_out(self, task_id: int) -> None:
@@ -424,9 +425,14 @@ class Runner:
             task.cancel()
 
     def _on_done(
-        self, claimed: Claimed, timer: asyncio.TimerHandle, task: asyncio.Future[Any]
+        self,
+        claimed: Claimed,
+        timer: asyncio.TimerHandle,
+        began: float,
+        task: asyncio.Future[Any],
     ) -> None:
         timer.cancel()
+        took_s = time.monotonic() - began
         self._running.pop(claimed.id, None)
         self.slots.active[claimed.kind] -= 1
         self._start_queued(claimed.kind)
@@ -438,7 +444,7 @@ class Runner:
             limit_s = time_limit_s(KINDS[claimed.kind], self.settings, claimed.timeout_s)
             whose = "its kind's limit" if claimed.timeout_s is None else "its timeout_s"
             error = TimeoutError(f"ran longer than {whose} of {limit_s:g} s")
-            self._record(claimed, None, error, timed_out=True)
+            self._record(claimed, None, error, took_s, timed_out=True)
             return
         if claimed.id in self._stopping:
             self._stopping.discard(claimed.id)
@@ -449,15 +455,15 @@ class Runner:
             # something that other code cancelled). Left alone, its task would stay running
             # for as long as the worker lives: it fails the attempt, as any error does.
             raised = RuntimeError("the run raised CancelledError (not a cancel of the task)")
-            self._record(claimed, None, raised)
+            self._record(claimed, None, raised, took_s)
             return
         exc = task.exception()
         if isinstance(exc, _Escaped):
             exc = exc.escaped
         if exc is None:
-            self._record(claimed, task.result(), None)
+            self._record(claimed, task.result(), None, took_s)
         else:
-            self._record(claimed, None, exc)
+            self._record(claimed, None, exc, took_s)
 
     def _start_queued(self, kind_name: str) -> None:
         queue = self.slots.queued[kind_name]
@@ -513,6 +519,7 @@ class Runner:
         claimed: Claimed,
         line: object,
         exc: BaseException | None,
+        duration_s: float,
         *,
         timed_out: bool = False,
     ) -> None:
@@ -521,7 +528,9 @@ class Runner:
         back at shutdown, for a worker that can print."""
         if claimed.id not in self.state.held:
             return  # no longer this worker's (handed back while it ran)
-        self.completer.add(result_of(claimed, line, exc, self.settings, timed_out=timed_out))
+        self.completer.add(
+            result_of(claimed, line, exc, self.settings, duration_s, timed_out=timed_out)
+        )
 
     def _lines_out(self, results: list[Result]) -> None:
         """Lines are out (on the loop): the completer, which waits for them, is told by the

@@ -7,7 +7,6 @@ It returns domain values; `db.Database.connection` turns driver errors into doma
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import json
 import logging
@@ -23,7 +22,7 @@ from psycopg.rows import RowFactory, namedtuple_row, tuple_row
 
 from functions import queries
 from functions.conninfo import behind_pooler, connect
-from functions.counters import Activity
+from functions.counters import OUTCOMES, Activity, merge_activity
 from functions.db import Coalescer, Database, first_line
 from functions.errors import DatabaseUnavailable, IdempotencyKeyReused, SchemaOutdated
 from functions.model import (
@@ -83,9 +82,12 @@ class Result(NamedTuple):
     output: str | None = None
     error: str | None = None
     retry_in_s: float | None = None
-    # Of an attempt that failed: stopped at its time limit; its traceback (bounded); its
-    # error normalised (model.normalise_error), for GET /errors.
+    # For the totals of /metrics: how long the run took (None: not run here), and whether it
+    # was stopped at its time limit (its outcome `timed_out`).
+    duration_s: float | None = None
     timed_out: bool = False
+    # Of an attempt that failed: its traceback (bounded); its error normalised
+    # (model.normalise_error), for GET /errors.
     traceback: str | None = None
     error_group: str | None = None
 
@@ -109,11 +111,14 @@ class StatsRows:
     workers: int
     workers_alive: int
     now_s: float
-    # (bucket start in Unix seconds, started, succeeded, failed, retried, lateness histogram,
-    #  lateness max ms, cancelled), oldest first.
-    activity: list[tuple[int, int, int, int, int, list[int], float, int]]
-    # (kind, due tasks) of the kinds nothing ran in the last 5 minutes (queries.STATS_UNSERVED).
-    unserved: list[tuple[str, int]] = field(default_factory=list)
+    # queries.STATS_ACTIVITY's rows: (bucket start in Unix seconds, kind ('': of before
+    # migration 0017), started, succeeded, failed, retried, timed_out, cancelled, lost,
+    # lateness histogram, lateness max ms), oldest first.
+    activity: list[tuple[Any, ...]]
+    # (kind, due tasks, whether nothing ran the kind in the last 5 minutes).
+    due_by_kind: list[tuple[str, int, bool]] = field(default_factory=list)
+    # queries.STATS_TOTALS's rows, when asked for (/metrics).
+    totals: list[tuple[Any, ...]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -298,22 +303,25 @@ def _outcome_of(rows: list[Any]) -> tuple[TaskState | None, Task | None]:
 
 class Cancelled(NamedTuple):
     """What a cancel did: the ids cancelled, ascending, and of those that were running,
-    `(id, attempt)` by the worker that was running them."""
+    `(id, attempt)` by the worker that was running them; how many of each kind."""
 
     ids: list[int]
     held: dict[str, list[tuple[int, int]]]
+    kinds: dict[str, int]
 
 
 def _cancelled(rows: Iterable[Any]) -> Cancelled:
-    """A cancel's rows (queries.cancel_tasks: the id first, `held_attempt` and `held_by`
-    last) as what it did."""
+    """A cancel's rows (queries.cancel_tasks: the id first, `cancelled_kind`,
+    `held_attempt` and `held_by` last) as what it did."""
     ids: list[int] = []
     held: dict[str, list[tuple[int, int]]] = {}
+    kinds: dict[str, int] = {}
     for row in rows:
         ids.append(row[0])
+        kinds[row[-3]] = kinds.get(row[-3], 0) + 1
         if row[-1] is not None:
             held.setdefault(row[-1], []).append((row[0], row[-2]))
-    return Cancelled(ids, held)
+    return Cancelled(ids, held, kinds)
 
 
 # A notification's payload must be shorter than 8,000 bytes (PostgreSQL's limit).
@@ -366,6 +374,37 @@ _ORDER_KEYS: dict[SortKey, Callable[[Task], Any]] = {
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+_ACTIVITY_FIELDS = ("started", *OUTCOMES, "lateness", "lateness_max_ms")
+
+
+def _counts_json(counts: Iterable[tuple[tuple[int | None, str], Activity]]) -> dict[str, Any]:
+    """The parameters of queries.ADD_COUNTS: `counts` by (bucket or None for now, kind), and
+    summed by kind for the totals."""
+    activity = []
+    totals: dict[str, Activity] = {}
+    for (bucket, kind), of in counts:
+        activity.append(
+            {"bucket_s": bucket, "kind": kind, **{f: getattr(of, f) for f in _ACTIVITY_FIELDS}}
+        )
+        totals[kind] = merge_activity(totals.get(kind), of)
+    return {
+        "activity": json.dumps(activity),
+        "totals": json.dumps(
+            [
+                {
+                    "kind": kind,
+                    **{f: getattr(of, f) for f in OUTCOMES},
+                    "duration": of.duration_s,
+                    "duration_sum_s": of.duration_sum_s,
+                    "lateness": of.lateness_s,
+                    "lateness_sum_s": of.lateness_sum_s,
+                }
+                for kind, of in totals.items()
+            ]
+        ),
+    }
 
 
 def _results_json(results: Iterable[Result], *, kept: bool = False) -> str:
@@ -1100,8 +1139,10 @@ class Store:
             await self._all(
                 queries.ANNOUNCE_CANCELS,
                 tuple_row,
-                count=len(cancelled.ids),
                 notes=cancel_notes(cancelled.held),
+                **_counts_json(
+                    ((None, kind), Activity(cancelled=n)) for kind, n in cancelled.kinds.items()
+                ),
             )
 
     # --- workers ---------------------------------------------------------------------------
@@ -1297,9 +1338,10 @@ class Store:
         return released
 
     async def stats_rows(
-        self, *, exact_up_to: int, sample_rows: int, widest_rows: int
+        self, *, exact_up_to: int, sample_rows: int, widest_rows: int, totals: bool = False
     ) -> StatsRows:
-        """The rows /stats is made of (queries.STATS_*), in one snapshot but the sample's."""
+        """The rows /stats is made of (queries.STATS_*), in one snapshot but the sample's;
+        and the running totals, for /metrics, when `totals`."""
         [(pages, rows_per_page, live_rows)] = await self._all(queries.STATS_TABLE_SIZE, tuple_row)
         # A table never analyzed has no rows-per-page figure: ~100 fit a page of tasks.
         rows = int(pages * (rows_per_page or 100))
@@ -1310,14 +1352,15 @@ class Store:
             else (queries.STATS_FINISHED_SAMPLE, {"percent": percent})
         )
         async with self.database.connection() as conn:
-            cursors = [conn.cursor(row_factory=tuple_row) for _ in range(5)]
             statements: list[tuple[str, dict[str, Any]]] = [
                 (queries.STATS_ACTIVE_COUNTS, {}),
                 finished,
                 (queries.STATS_DUE_AND_WORKERS, {}),
                 (queries.STATS_ACTIVITY, {}),
-                (queries.STATS_UNSERVED, {}),
+                (queries.STATS_DUE_BY_KIND, {}),
+                *([(queries.STATS_TOTALS, {})] if totals else []),
             ]
+            cursors = [conn.cursor(row_factory=tuple_row) for _ in statements]
 
             async def work() -> None:
                 async with conn.pipeline(), conn.transaction():
@@ -1331,7 +1374,9 @@ class Store:
                         await cursor.execute(sql, params)
 
             await self.database.bounded(conn, work())
-            active, finished_rows, [due], activity, unserved = [await c.fetchall() for c in cursors]
+            active, finished_rows, [due], activity, due_by_kind, *total_rows = [
+                await c.fetchall() for c in cursors
+            ]
         # A sample of a few pages can miss every finished row of a drained table (most pages
         # dead, the live ones few): the server counts them, so sample again, eight times
         # wider, while the sample reads at most `widest_rows` rows, rather than report none.
@@ -1355,7 +1400,8 @@ class Store:
             workers_alive=due[3],
             now_s=due[4],
             activity=activity,
-            unserved=unserved,
+            due_by_kind=due_by_kind,
+            totals=total_rows[0] if total_rows else [],
         )
 
     async def prune_finished(self, *, older_than_s: float) -> int:
@@ -1371,24 +1417,22 @@ class Store:
     async def prune_activity(self) -> None:
         await self._all(queries.PRUNE_ACTIVITY)
 
-    async def add_activity(self, buckets: dict[int, Activity]) -> None:
-        """Add a worker's counts of some 10-second buckets (functions/report.py) to the table."""
-        payload = json.dumps(
-            [
-                {"bucket_s": bucket, **dataclasses.asdict(activity)}
-                for bucket, activity in buckets.items()
-            ]
-        )
-        await self._all(queries.ADD_ACTIVITY, buckets=payload)
+    async def add_activity(self, counts: dict[tuple[int, str], Activity]) -> None:
+        """Add a worker's counts by 10-second bucket and kind (functions/counters.py) to the
+        activity and to the running totals (queries.ADD_COUNTS)."""
+        await self._all(queries.ADD_ACTIVITY, **_counts_json(counts.items()))
 
-    async def rescue_expired(self, *, now: datetime | None = None) -> list[tuple[int, TaskState]]:
+    async def rescue_expired(
+        self, *, now: datetime | None = None
+    ) -> list[tuple[int, TaskState, str]]:
         """Put back the tasks of workers whose lease ran out; forget those workers. `now`: a
-        test's clock for the rescue (queries.NOW; forgetting stays on the database's)."""
-        rescued: list[tuple[int, TaskState]] = []
+        test's clock for the rescue (queries.NOW; forgetting stays on the database's).
+        Returns each task's id, its state now and its kind."""
+        rescued: list[tuple[int, TaskState, str]] = []
         params = {"limit": self.WRITE_BATCH, "now": now}
         while True:
             [rows] = await self._pinned((queries.RESCUE_EXPIRED, params))
-            rescued += [(task_id, TaskState(state)) for task_id, state in rows]
+            rescued += [(task_id, TaskState(state), kind) for task_id, state, kind in rows]
             if len(rows) < self.WRITE_BATCH:
                 break
         await self._pinned((queries.FORGET_DEAD_WORKERS, {}))

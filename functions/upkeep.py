@@ -26,7 +26,6 @@ from functions import schedules, tasks
 from functions.counters import merge_activity
 from functions.errors import DatabaseError, DatabaseUnavailable
 from functions.kinds import KINDS
-from functions.model import TaskState
 from functions.output import Printer
 from functions.run_state import RunState
 from functions.store import Claimed
@@ -37,7 +36,8 @@ logger = logging.getLogger("functions.runner")
 # Retention: each process prunes finished tasks at most this often, for at most this long.
 PRUNE_EVERY_S = 60.0
 _PRUNE_BUDGET_S = 5.0
-# Activity counts (for /stats) are written this often.
+# Activity counts and the running totals (for /stats and /metrics) are written this often:
+# what a worker killed loses at most (counters.py).
 _ACTIVITY_EVERY_S = 2.0
 # The least time a cancel's notification naming a task this worker does not hold yet is kept
 # for the claim whose answer may still be on its way.
@@ -121,10 +121,12 @@ class Upkeep:
         state = self.state
         rescued = await state.store.rescue_expired()
         state.summary.rescued += len(rescued)
-        failed = sum(task_state is TaskState.FAILED for _, task_state in rescued)
-        if failed:
-            state.activity_now().failed += failed
-        for task_id, task_state in rescued[:_LOG_EACH_UP_TO]:
+        # Each rescued attempt is `lost` (/stats, /metrics), whether it runs again or failed.
+        if rescued:
+            activity_of = state.activity_by_kind()
+            for _, _, kind in rescued:
+                activity_of(kind).lost += 1
+        for task_id, task_state, _ in rescued[:_LOG_EACH_UP_TO]:
             logger.warning(
                 "action=rescue task_id=%s state=%s: its worker's lease ran out", task_id, task_state
             )
@@ -344,6 +346,6 @@ class Upkeep:
         try:
             await state.store.add_activity(activity)
         except DatabaseUnavailable:
-            for bucket, counts in activity.items():  # kept for the next try
-                state.activity[bucket] = merge_activity(state.activity.get(bucket), counts)
+            for key, counts in activity.items():  # kept for the next try
+                state.activity[key] = merge_activity(state.activity.get(key), counts)
             raise

@@ -2,6 +2,7 @@
 database, so every instance answers the same (functions/report.py says where each figure
 comes from)."""
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -9,9 +10,10 @@ from typing import Any
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
+from functions.counters import OUTCOMES, TOTAL_BOUNDS_S
 from functions.http.routes import Route
 from functions.model import Worker
-from functions.report import Stats, read_stats, read_workers
+from functions.report import Stats, Totals, build_version, read_stats, read_workers
 from functions.store import Store
 
 
@@ -22,6 +24,28 @@ class MinuteOut(BaseModel):
     failed: int
     cancelled: int
     lateness_p99_ms: float
+
+
+class LatenessOut(BaseModel):
+    p50: float
+    p99: float
+    max: float
+
+
+class TypeOut(BaseModel):
+    started: int = Field(description="First attempts started.")
+    succeeded: int
+    failed: int = Field(description="Attempts that raised, the task failed for good.")
+    retried: int = Field(description="Attempts that raised, another attempt is due.")
+    cancelled: int = Field(description="Tasks cancelled by a request.")
+    timed_out: int = Field(description="Attempts stopped at their time limit.")
+    lost: int = Field(description="Attempts of a worker that died (rescued).")
+    per_s: float = Field(
+        description="Attempts ended a second (every outcome but cancelled), over the 5 minutes."
+    )
+    lateness_ms: LatenessOut = Field(
+        description="Start lateness of first attempts started, as `lateness_ms` above."
+    )
 
 
 class StatsOut(BaseModel):
@@ -40,8 +64,10 @@ class StatsOut(BaseModel):
     workers: int = Field(description="Distinct workers holding running tasks now.")
     workers_alive: int = Field(description="Workers alive now, busy or idle.")
     last_minute: dict[str, int] = Field(
-        description="Tasks that finished in the last 60 s: succeeded, failed, retried "
-        "(an attempt failed, another is due) and cancelled."
+        description="Attempts that ended in the last 60 s, by outcome: succeeded, failed "
+        "(raised; the task failed for good), retried (raised; another attempt is due), "
+        "timed_out (stopped at its time limit), cancelled (by a request), lost (its worker "
+        "died; rescued)."
     )
     lateness_ms: dict[str, float] = Field(
         description="p50, p95, p99 and max of the start lateness of first attempts started "
@@ -55,6 +81,11 @@ class StatsOut(BaseModel):
         'by type (`{"send_email": 12}`; empty when every due task\'s type is run): a type '
         "the workers do not load yet (the API deployed first) or any more. Nothing claims "
         "them; they run once a worker that runs their type starts."
+    )
+    by_type: dict[str, TypeOut] = Field(
+        description="The last 5 minutes by type, each type that did anything then or has "
+        'tasks due: `{"foo": {"started": 3, "succeeded": 3, ..., "per_s": 0.01, '
+        '"lateness_ms": {"p50": 2.1, "p99": 6.3, "max": 6.3}}}`.'
     )
 
     @classmethod
@@ -80,6 +111,15 @@ class StatsOut(BaseModel):
                 for m in stats.series
             ],
             unserved=stats.unserved,
+            by_type={
+                kind: TypeOut(
+                    started=of.started,
+                    **of.outcomes,
+                    per_s=round(of.per_s, 3),
+                    lateness_ms=LatenessOut(**{k: round(v, 3) for k, v in of.lateness_ms.items()}),
+                )
+                for kind, of in stats.by_type.items()
+            },
         )
 
 
@@ -118,10 +158,28 @@ class WorkersOut(BaseModel):
     workers: list[WorkerOut] = Field(description="The newest first.")
 
 
-def metric_families(stats: Stats) -> list[Any]:
-    """The Prometheus metrics of `stats`."""
+def _histogram(
+    name: str, doc: str, totals: list[Totals], of: Callable[[Totals], tuple[list[int], float]]
+) -> Any:
+    """A histogram by type of running totals: cumulative buckets, `_count` the +Inf one."""
+    from prometheus_client.core import HistogramMetricFamily
+    from prometheus_client.utils import floatToGoString
+
+    family = HistogramMetricFamily(name, doc, labels=["type"])
+    # As the client library writes `le` itself ("0.005", "1.0", "+Inf").
+    bounds = [floatToGoString(bound) for bound in TOTAL_BOUNDS_S]  # type: ignore[no-untyped-call]
+    for total in totals:
+        counts, sum_s = of(total)
+        counts = [*counts, *[0] * (len(TOTAL_BOUNDS_S) - len(counts))]
+        buckets = list(zip(bounds, itertools.accumulate(counts), strict=True))
+        family.add_metric([total.kind], buckets, sum_s)
+    return family
+
+
+def metric_families(stats: Stats, build_version: str) -> list[Any]:
+    """The Prometheus metrics of `stats` (read with its totals)."""
     # Imported here: only /metrics needs the client library.
-    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     tasks = GaugeMetricFamily(
         "taskrunner_tasks",
@@ -131,18 +189,34 @@ def metric_families(stats: Stats) -> list[Any]:
     for state, by_kind in stats.counts.items():
         for kind, n in by_kind.items():
             tasks.add_metric([state, kind], n)
-    lateness = GaugeMetricFamily(
-        "taskrunner_start_lateness_seconds",
-        "Start lateness (started_at less the moment the task became due) of first attempts "
-        "started in the last 5 minutes (quantile 1 is the maximum).",
-        labels=["quantile"],
+    finished_total = CounterMetricFamily(
+        "taskrunner_tasks_finished",
+        "Attempts ended, by type and outcome (succeeded; failed: raised, the task failed for "
+        "good; retried: raised, another attempt is due; timed_out: stopped at its time "
+        "limit; cancelled: by a request; lost: its worker died), since migration 0017: "
+        "running totals in the database, across restarts and retention.",
+        labels=["type", "outcome"],
     )
-    for quantile, key in (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"), ("1", "max")):
-        lateness.add_metric([quantile], stats.lateness_ms[key] / 1000)
+    for total in stats.totals:
+        for outcome in OUTCOMES:
+            finished_total.add_metric([total.kind, outcome], total.outcomes[outcome])
+    duration = _histogram(
+        "taskrunner_task_duration_seconds",
+        "Run time of attempts that ran to an end in a worker (succeeded, failed, retried, "
+        "timed_out), by type.",
+        stats.totals,
+        lambda t: (t.duration, t.duration_sum_s),
+    )
+    lateness = _histogram(
+        "taskrunner_start_lateness_seconds",
+        "Start lateness of first attempts (started_at less the moment the task became due), "
+        "by type.",
+        stats.totals,
+        lambda t: (t.lateness, t.lateness_sum_s),
+    )
     finished = GaugeMetricFamily(
         "taskrunner_finished_last_minute",
-        "Tasks that finished in the last 60 s, by outcome (retried: another attempt is due;"
-        " cancelled: by a request).",
+        "Attempts that ended in the last 60 s, by outcome (as taskrunner_tasks_finished_total).",
         labels=["state"],
     )
     for state, n in stats.last_minute.items():
@@ -154,6 +228,10 @@ def metric_families(stats: Stats) -> list[Any]:
     )
     for kind, n in stats.unserved.items():
         unserved.add_metric([kind], n)
+    build = GaugeMetricFamily(
+        "taskrunner_build_info", "The taskrunner version serving /metrics.", labels=["version"]
+    )
+    build.add_metric([build_version], 1)
     return [
         tasks,
         GaugeMetricFamily(
@@ -170,9 +248,12 @@ def metric_families(stats: Stats) -> list[Any]:
         GaugeMetricFamily(
             "taskrunner_workers_alive", "Workers alive, busy or idle.", stats.workers_alive
         ),
+        finished_total,
+        duration,
         lateness,
         finished,
         unserved,
+        build,
     ]
 
 
@@ -212,7 +293,7 @@ def build_router(
         """The same figures in the Prometheus text format."""
         from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-        families = metric_families(await read_stats(store))
+        families = metric_families(await read_stats(store, totals=True), build_version())
         body = generate_latest(_Families(families))
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 

@@ -206,7 +206,7 @@ async def test_a_task_rescued_from_a_dead_worker_ends_its_attempt_lost(
     await store.register_worker(worker="dead:1:abc", lease_s=60)
     [claimed], _ = await store.claim_due(worker="dead:1:abc", kinds=["baz"], limit=1, lease_s=60)
     sql("UPDATE workers SET lease_expires_at = now() - interval '1 second'")
-    assert await store.rescue_expired() == [(task_id, TaskState.FAILED)]
+    assert await store.rescue_expired() == [(task_id, TaskState.FAILED, "baz")]
     # The dead worker's write, should it come after all: fenced out.
     late = Result(task_id, claimed.attempt, TaskState.SUCCEEDED, output="Baz 1")
     assert await store.finish_many(worker="dead:1:abc", results=[late]) == set()

@@ -40,15 +40,27 @@ async def test_a_cancel_by_condition_takes_the_lowest_ids_and_only_what_matches(
     everything = queries.cancel_tasks("kind = %(kind)s")
     with psycopg.connect(database_url, autocommit=True) as listener:
         listener.execute(f"LISTEN {queries.CANCEL_CHANNEL}")
-        assert await store.cancel_tasks(unstarted, limit=1, kind="foo") == ([foo[0]], {})
-        assert await store.cancel_tasks(unstarted, limit=10, kind="foo") == ([foo[3]], {})
+        assert await store.cancel_tasks(unstarted, limit=1, kind="foo") == (
+            [foo[0]],
+            {},
+            {"foo": 1},
+        )
+        assert await store.cancel_tasks(unstarted, limit=10, kind="foo") == (
+            [foo[3]],
+            {},
+            {"foo": 1},
+        )
         assert [n.payload for n in listener.notifies(timeout=0.2)] == []
         held = {"w1": [(foo[1], 1)]}
-        assert await store.cancel_tasks(everything, limit=10, kind="foo") == ([foo[1]], held)
+        assert await store.cancel_tasks(everything, limit=10, kind="foo") == (
+            [foo[1]],
+            held,
+            {"foo": 1},
+        )
         assert [n.payload for n in listener.notifies(timeout=1, stop_after=1)] == [
             f'["w1",[{foo[1]},1]]'
         ]
-        assert await store.cancel_tasks(everything, limit=10, kind="foo") == ([], {})
+        assert await store.cancel_tasks(everything, limit=10, kind="foo") == ([], {}, {})
     found = states(sql)
     assert found[foo[0]] == found[foo[1]] == found[foo[3]] == ("cancelled", None, True)
     assert found[foo[2]] == ("succeeded", None, True)

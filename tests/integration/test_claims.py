@@ -154,7 +154,7 @@ async def test_finish_is_fenced_against_a_worker_that_lost_its_lease(
     [first] = (await a.claim_due(worker="A", kinds=ALL, limit=1, lease_s=60))[0]
 
     expire(sql, "A")  # A stalled past its lease
-    assert await b.rescue_expired() == [(task, TaskState.SCHEDULED)]
+    assert await b.rescue_expired() == [(task, TaskState.SCHEDULED, "baz")]
     assert sql("SELECT id FROM workers") == [("B",)], "a dead worker holding nothing is forgotten"
     [second] = (await b.claim_due(worker="B", kinds=ALL, limit=1, lease_s=60))[0]
     assert second.attempt == 2
@@ -185,7 +185,7 @@ async def test_the_claim_the_lease_and_the_rescue_read_the_clock_they_are_given(
     assert await store.rescue_expired(now=later + timedelta(seconds=30)) == []
     dead = later + timedelta(seconds=61)
     assert not await store.heartbeat(worker="A", lease_s=60, timeout_s=5, now=dead)
-    assert await store.rescue_expired(now=dead) == [(task, TaskState.SCHEDULED)]
+    assert await store.rescue_expired(now=dead) == [(task, TaskState.SCHEDULED, "baz")]
     [(next_attempt_at,)] = sql("SELECT next_attempt_at FROM tasks")
     assert next_attempt_at == dead, "due again at the rescue's now"
 
@@ -214,7 +214,7 @@ async def test_rescue_only_touches_workers_whose_lease_ran_out(
     await store.claim_due(worker="B", kinds=ALL, limit=1, lease_s=60)
     assert await store.rescue_expired() == []
     expire(sql, "B")
-    assert [state for _, state in await store.rescue_expired()] == [TaskState.SCHEDULED]
+    assert [state for _, state, _ in await store.rescue_expired()] == [TaskState.SCHEDULED]
     assert sql("SELECT claimed_by FROM tasks WHERE state = 'running'") == [("A",)]
 
 
@@ -238,7 +238,7 @@ async def test_a_worker_frozen_inside_a_transaction_does_not_hold_up_its_rescue(
     while not rescued and asyncio.get_running_loop().time() < deadline:
         rescued = await store.rescue_expired(now=later)
         await asyncio.sleep(0.2)
-    assert rescued == [(task, TaskState.SCHEDULED)]
+    assert rescued == [(task, TaskState.SCHEDULED, "baz")]
     await frozen.close()
 
 
@@ -253,7 +253,7 @@ async def test_crashes_use_up_attempts_then_the_task_fails(
         [claimed] = (await store.claim_due(worker=worker, kinds=ALL, limit=1, lease_s=60))[0]
         assert claimed.attempt == attempt
         expire(sql, worker)
-        [(rescued, state)] = await store.rescue_expired()
+        [(rescued, state, _)] = await store.rescue_expired()
     assert (rescued, state) == (task, TaskState.FAILED)
     [(state, attempts, error, finished)] = sql(
         "SELECT state, attempts, error, finished_at IS NOT NULL FROM tasks"

@@ -77,7 +77,26 @@ async def test_stats_match_the_database(
     assert 119 < got["oldest_due_age_s"] < 130
     assert (got["workers"], got["workers_alive"]) == (1, 1)
     assert got["counts"]["cancelled"] == {"bar": 1, "baz": 0, "foo": 1, "http": 0}
-    assert got["last_minute"] == {"succeeded": 35, "failed": 2, "retried": 0, "cancelled": 2}
+    assert got["last_minute"] == {
+        "succeeded": 35, "failed": 2, "retried": 0, "timed_out": 0, "cancelled": 2, "lost": 0
+    }  # fmt: skip
+    # By type: what each did in the last 5 minutes, and the types with tasks due (baz).
+    by_type = got["by_type"]
+    assert sorted(by_type) == ["bar", "baz", "foo"]
+    assert {k: by_type["bar"][k] for k in ("started", "failed", "cancelled")} == {
+        "started": 2, "failed": 2, "cancelled": 1
+    }  # fmt: skip
+    assert (by_type["baz"]["started"], by_type["baz"]["succeeded"]) == (30, 30)
+    assert (by_type["foo"]["succeeded"], by_type["foo"]["cancelled"]) == (5, 1)
+    assert by_type["baz"]["per_s"] == 0.1  # 30 in 5 minutes
+    assert by_type["foo"]["per_s"] == round(5 / 300, 3)  # the cancel is not throughput
+    for of_type in by_type.values():
+        assert set(of_type) == {
+            "started", "succeeded", "failed", "retried", "cancelled", "timed_out", "lost",
+            "per_s", "lateness_ms",
+        }  # fmt: skip
+        late = of_type["lateness_ms"]
+        assert 800 < late["p50"] <= late["p99"] <= late["max"] < 5000
     lateness = got["lateness_ms"]
     # Started about a second after their time (task_factory's -1 s), within a bucket (12%).
     assert 800 < lateness["p50"] <= lateness["p95"] <= lateness["p99"] <= lateness["max"] < 5000
@@ -133,12 +152,16 @@ async def lateness_after_a_tick(client: httpx.AsyncClient, settings: Settings) -
     assert summary.succeeded >= 1
     stats_ms = (await client.get("/stats")).json()["lateness_ms"]
     metrics = {
-        dict(s.labels)["quantile"]: s.value * 1000
+        s.name: s.value * 1000
         for family in text_string_to_metric_families((await client.get("/metrics")).text)
         for s in family.samples
-        if s.name == "taskrunner_start_lateness_seconds"
+        if s.name.startswith("taskrunner_start_lateness_seconds") and s.labels["type"] == "baz"
     }
-    assert metrics["1"] == pytest.approx(stats_ms["max"], abs=0.01)
+    # The histogram's sum of the same starts: at most all of them at the maximum.
+    count = metrics["taskrunner_start_lateness_seconds_count"] / 1000
+    assert count == summary.succeeded
+    late_sum_ms = metrics["taskrunner_start_lateness_seconds_sum"]
+    assert stats_ms["max"] - 0.01 <= late_sum_ms <= stats_ms["max"] * count + 0.01
     return dict(stats_ms)
 
 
@@ -175,10 +198,11 @@ async def test_a_task_run_now_or_rescheduled_to_the_past_is_late_from_that_reque
 async def test_a_shorter_histogram_of_an_older_version_adds_up(
     settings: Settings, sql: Sql, task_factory: Callable[..., int]
 ) -> None:
-    """During an upgrade, old workers write 72 buckets and new ones 113 into the same rows."""
+    """Rows written by an older version hold 72 buckets; new counts of 113 add to them."""
     sql(
-        "INSERT INTO task_activity (bucket, started, succeeded, failed, retried, lateness,"
-        " lateness_max_ms) SELECT to_timestamp(b), 72, 0, 0, 0, array_fill(1::bigint, ARRAY[72]),"
+        "INSERT INTO task_activity (bucket, kind, started, succeeded, failed, retried, lateness,"
+        " lateness_max_ms) SELECT to_timestamp(b), 'baz', 72, 0, 0, 0,"
+        " array_fill(1::bigint, ARRAY[72]),"
         " 1 FROM generate_series(floor(extract(epoch FROM now()) / 10)::bigint * 10,"
         " floor(extract(epoch FROM now()) / 10)::bigint * 10 + 60, 10) AS b"
     )
@@ -218,12 +242,9 @@ async def test_metrics_say_the_same_in_prometheus_text(
     assert samples[("taskrunner_finished_last_minute", (("state", "succeeded"),))] == 4
     assert samples[("taskrunner_tasks", (("state", "cancelled"), ("type", "bar")))] == 1
     assert samples[("taskrunner_finished_last_minute", (("state", "cancelled"),))] == 1
-    quantiles = {
-        dict(labels)["quantile"]: value
-        for (name, labels), value in samples.items()
-        if name == "taskrunner_start_lateness_seconds"
-    }
-    assert set(quantiles) == {"0.5", "0.95", "0.99", "1"}
+    # The start lateness is a histogram by type (tests/integration/test_metrics.py).
+    baz = (("type", "baz"),)
+    assert samples[("taskrunner_start_lateness_seconds_count", baz)] == 4
 
 
 async def test_monitoring_needs_the_token_when_one_is_set(settings: Settings) -> None:
