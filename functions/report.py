@@ -261,7 +261,8 @@ def stats_from(rows: StatsRows) -> Stats:
         minute = minutes.setdefault(bucket // 60 * 60, [0, 0, 0, [], 0.0, 0])
         minute[0] += started
         minute[1] += outcomes["succeeded"]
-        minute[2] += outcomes["failed"]
+        # (An attempt stopped at its limit, or lost with its worker, failed too.)
+        minute[2] += outcomes["failed"] + outcomes["timed_out"] + outcomes["lost"]
         minute[3].append(lateness)
         minute[4] = max(minute[4], max_ms)
         minute[5] += outcomes["cancelled"]

@@ -21,7 +21,10 @@ class MinuteOut(BaseModel):
     minute: datetime = Field(description="The minute's start, UTC.")
     started: int
     succeeded: int
-    failed: int
+    failed: int = Field(
+        description="Attempts that failed: raised (the task failed for good), timed out or lost"
+        " (whether or not another attempt follows)."
+    )
     cancelled: int
     lateness_p99_ms: float
 

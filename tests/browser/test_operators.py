@@ -190,8 +190,9 @@ def test_the_overview_shows_throughput_and_lateness_by_type(
     as a table, one row a type, sorted; a type's name is text, never markup."""
     api = taskrunner()
     by_type = {
-        "foo": {"started": 1500, "succeeded": 1490, "failed": 10, "retried": 4, "cancelled": 0,
-                "per_s": 5.0, "lateness_ms": {"p50": 3.2, "p99": 48.0, "max": 1500.0}},
+        "foo": {"started": 1500, "succeeded": 1490, "failed": 10, "retried": 4, "timed_out": 7,
+                "lost": 2, "cancelled": 0, "per_s": 5.0,
+                "lateness_ms": {"p50": 3.2, "p99": 48.0, "max": 1500.0}},
         "<b>x</b>": {"started": 1, "succeeded": 0, "failed": 0, "retried": 0, "cancelled": 1,
                      "per_s": 0.0033, "lateness_ms": {"p50": 0.5, "p99": 0.5, "max": 0.5}},
     }  # fmt: skip
@@ -202,7 +203,7 @@ def test_the_overview_shows_throughput_and_lateness_by_type(
     expect(rows.nth(0).locator("th")).to_have_text("<b>x</b>")
     foo = page.locator('#by-type tr[data-kind="foo"]')
     expect(foo.locator("td")).to_have_text(
-        ["5", "1,500", "1,490", "10", "4", "0", "3.2 ms", "48 ms", "1.5 s"]
+        ["5", "1,500", "1,490", "10", "4", "7", "2", "0", "3.2 ms", "48 ms", "1.5 s"]
     )
     expect(rows.nth(0).locator('td[data-field="per_s"]')).to_have_text("0")
     expect(rows.nth(0).locator('td[data-field="cancelled"]')).to_have_text("1")

@@ -160,6 +160,9 @@ async def test_each_outcome_is_counted_by_type_with_its_duration_and_lateness(
     }
     assert by_type["baz"]["per_s"] == round(5 / 300, 3)  # every outcome but cancelled
     assert by_type["foo"]["per_s"] == 0
+    # The overview's minutes count every attempt that failed: raised, timed out, lost.
+    series = (await client.get("/stats")).json()["series"]
+    assert sum(m["failed"] for m in series) == 3
 
 
 async def test_totals_survive_retention_and_restarts_of_workers_and_apis(

@@ -420,7 +420,7 @@ function drawByType(byType) {
     return h("tr", { "data-kind": kind },
       h("th", { scope: "row" }, kind),
       h("td", { "data-field": "per_s" }, rate(t.per_s || 0)),
-      ["started", "succeeded", "failed", "retried", "cancelled"].map((key) =>
+      ["started", "succeeded", "failed", "retried", "timed_out", "lost", "cancelled"].map((key) =>
         h("td", { "data-field": key }, count(t, key))),
       ["p50", "p99", "max"].map((q) => h("td", { "data-field": q }, late(t, q))));
   });
