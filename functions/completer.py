@@ -62,6 +62,15 @@ def clean_text(text: str) -> str:
     return text
 
 
+def message_of(exc: BaseException) -> str:
+    """`str(exc)`, or what stands for it when a kind's exception cannot say it (its
+    `__str__` raises): the attempt still fails as any other, and the worker goes on."""
+    try:
+        return str(exc)
+    except Exception as failed:  # (as Python's own traceback printing does)
+        return f"<str() raised {type(failed).__name__}>"
+
+
 def traceback_of(exc: BaseException) -> str | None:
     """`exc` formatted as Python prints it, its chain included, as PostgreSQL can store it;
     its last MAX_TRACEBACK_BYTES (UTF-8) when longer: the end holds the error. None for an
@@ -121,7 +130,7 @@ def result_of(
                 claimed.id, claimed.attempt, TaskState.SUCCEEDED, output, None, None, duration_s
             )
         exc = TypeError(f"kind {claimed.kind} returned {type(line).__name__}, not a str or None")
-    error = clean_text(f"{type(exc).__name__}: {exc}".rstrip(": "))
+    error = clean_text(f"{type(exc).__name__}: {message_of(exc)}".rstrip(": "))
     trace, group = traceback_of(exc), normalise_error(error)
     if claimed.attempt < claimed.max_attempts and not isinstance(exc, Fail):
         if isinstance(exc, Retry) and _number(exc.after_s):

@@ -321,3 +321,26 @@ def test_a_kind_named_as_the_base_paths_first_segment_is_refused_at_start(
         cli.main(["worker"])
     assert stopped.value.code == 2
     assert "'prod' is the first segment of TASKRUNNER_BASE_PATH (/prod)" in caplog.text
+
+
+class Unsayable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no words")
+
+    __repr__ = __str__
+
+
+def test_an_error_that_cannot_say_itself_fails_its_attempt_as_any_other() -> None:
+    """A kind's exception whose __str__ raises: the worker crashed on it (a plain kind's,
+    each worker that claimed the task in turn) or left the task running (a coroutine's)."""
+    try:
+        raise Unsayable()
+    except Unsayable as raised:
+        exc = raised
+    retried = result_of(claimed(1), None, exc, Settings())
+    assert (retried.state, retried.error) == (
+        TaskState.SCHEDULED,
+        "Unsayable: <str() raised RuntimeError>",
+    )
+    assert retried.traceback is not None and "Unsayable" in retried.traceback
+    assert result_of(claimed(3), None, exc, Settings()).state is TaskState.FAILED
