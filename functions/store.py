@@ -882,6 +882,10 @@ class Store:
         if not wanted:
             return 0
         condition, more = queries.filter_condition(matching)
+        # Each batch goes on past the last id of the one before: a task retried by one batch
+        # that failed again before the next matched again, and was retried twice in one call.
+        condition = f"({condition}) AND id > %(after_id)s"
+        more = {**more, "after_id": 0}
         statement = statement_for(condition, wanted)
         done = 0
         while done < limit:
@@ -892,6 +896,7 @@ class Store:
             [rows] = await self._pinned((statement, {**params, **more, "limit": batch}))
             done += len(rows)
             if rows:
+                more["after_id"] = max(row[0] for row in rows)
                 if announce:
                     await self.announce(_cancelled(rows))
                 if then is not None:

@@ -8,7 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
-from functions.model import MAX_BULK
+from functions.model import MAX_BULK, TaskFilter
+from functions.store import Store
 from tests.integration.test_find import FILTERED, make_five
 
 Sql = Callable[..., list[tuple[Any, ...]]]
@@ -174,3 +175,30 @@ async def test_bulk_cancels_made_at_once_leave_no_match_behind(
     counts = [a.json()["count"] for a in answers]
     assert sql("SELECT count(*) FROM tasks WHERE state = 'scheduled'") == [(0,)], counts
     assert sum(counts) == 3500, counts
+
+
+async def test_one_bulk_retry_acts_on_each_task_once_though_it_failed_again_meanwhile(
+    store: Store, sql: Sql, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bulk call works a batch at a time; a task the first batch retried that a worker ran
+    and failed again before the next batch matched again, and was retried twice by one call
+    (with two attempt budgets) while a task it had counted was left out."""
+    sql(
+        "INSERT INTO tasks (kind, execute_at, state, attempts, max_attempts, finished_at, error)"
+        " SELECT 'bar', now(), 'failed', 1, 1, now(), 'down' FROM generate_series(1, 4)"
+    )
+    monkeypatch.setattr(store, "WRITE_BATCH", 2)
+    pinned = store._pinned
+
+    async def then_they_fail_again(*steps: Any, **options: Any) -> Any:
+        answer = await pinned(*steps, **options)
+        sql(
+            "UPDATE tasks SET state = 'failed', finished_at = now(), next_attempt_at = NULL"
+            " WHERE state = 'scheduled'"
+        )
+        return answer
+
+    monkeypatch.setattr(store, "_pinned", then_they_fail_again)
+    count = await store.retry_matching(TaskFilter(states=("failed",)), limit=4, max_attempts=3)
+    assert count == 4
+    assert sql("SELECT max_attempts, count(*) FROM tasks GROUP BY 1") == [(4, 4)]
