@@ -199,6 +199,8 @@ async def test_one_bulk_retry_acts_on_each_task_once_though_it_failed_again_mean
         return answer
 
     monkeypatch.setattr(store, "_pinned", then_they_fail_again)
-    count = await store.retry_matching(TaskFilter(states=(TaskState.FAILED,)), limit=4, max_attempts=3)
+    count = await store.retry_matching(
+        TaskFilter(states=(TaskState.FAILED,)), limit=4, max_attempts=3
+    )
     assert count == 4
     assert sql("SELECT max_attempts, count(*) FROM tasks GROUP BY 1") == [(4, 4)]
