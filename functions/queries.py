@@ -58,13 +58,14 @@ _LEVELS = ",".join(str(level) for level in range(MIN_PRIORITY, MAX_PRIORITY + 1)
 PRIORITIES = f"CAST('{{{_LEVELS}}}' AS smallint[])"
 
 
-def _first_due_by_priority(where: str) -> str:
+def _first_due_by_priority(where: str, due: str = DUE_AT) -> str:
     """The earliest due time among scheduled tasks that match `where`: the first task of
-    each priority's range of `tasks_due`, ten index probes in all, never a scan of them."""
+    each priority's range of `tasks_due`, ten index probes in all, never a scan of them
+    (`due`: what is read of each first task, its due time by default)."""
     return f"""(
         SELECT min(first.due) FROM unnest({PRIORITIES}) AS level(priority)
         CROSS JOIN LATERAL (
-            SELECT {DUE_AT} AS due FROM tasks
+            SELECT {due} AS due FROM tasks
             WHERE state = 'scheduled' AND tasks.priority = level.priority AND {where}
             -- priority first: the index's order (it is one value here).
             ORDER BY tasks.priority, {DUE_AT}, id
@@ -1437,12 +1438,16 @@ STATS_FINISHED_SAMPLE = """
 SELECT state, kind, count(*) FROM tasks TABLESAMPLE SYSTEM (CAST(%(percent)s AS float4))
 WHERE state IN ('succeeded', 'failed', 'cancelled') GROUP BY 1, 2
 """
+# When a due task became due, as start lateness counts it: a task created with
+# `execute_at: 0` has waited since it was created, not for 56 years (BECAME_DUE), and one
+# waiting for a retry since its retry's time.
+_DUE_SINCE = f"greatest({DUE_AT}, {BECAME_DUE})"
 # - tasks due now, and how long the oldest has waited: the `tasks_due` index, a range of due
 #   tasks per priority (PRIORITIES); workers holding running tasks: the `tasks_running` index;
 STATS_DUE_AND_WORKERS = f"""
 SELECT (SELECT count(*) FROM {_due_tasks()}) AS due,
        CAST(extract(epoch FROM
-           now() - {_first_due_by_priority(f"{DUE_AT} <= now()")}
+           now() - {_first_due_by_priority(f"{DUE_AT} <= now()", _DUE_SINCE)}
        ) AS float8) AS oldest_due_age_s,
        (SELECT count(DISTINCT claimed_by) FROM tasks WHERE state = 'running') AS workers,
        (SELECT count(*) FROM workers WHERE lease_expires_at >= now()) AS workers_alive,

@@ -61,8 +61,8 @@ class StatsOut(BaseModel):
     )
     due: int = Field(description="Scheduled tasks whose time has come.")
     oldest_due_age_s: float = Field(
-        description="How long the oldest due task has waited (0 when none is due): whether "
-        "workers keep up."
+        description="How long the due task first in line has waited since it became due, as "
+        "start lateness counts it (0 when none is due): whether workers keep up."
     )
     workers: int = Field(description="Distinct workers holding running tasks now.")
     workers_alive: int = Field(description="Workers alive now, busy or idle.")

@@ -97,6 +97,8 @@ def test_overview_shows_what_the_database_holds_and_keeps_it_current(
     for due_in_s in (-90.0, -5.0, 3600.0, 7200.0):
         task_factory("baz", due_in_s=due_in_s)
     task_factory("foo", due_in_s=-1.0)
+    # Created before they became due, as tasks are (one created past its time waits from then).
+    sql("UPDATE tasks SET created_at = execute_at WHERE execute_at < now()")
     insert_finished(sql, "baz", "succeeded", 3, "Baz 7")
     insert_finished(sql, "bar", "failed", 2, "HTTP 500")
     hold_running(sql, task_factory("foo", due_in_s=-1.0))

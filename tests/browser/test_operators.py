@@ -142,7 +142,11 @@ def test_cards_turn_amber_then_red_and_say_why_in_words(
         expect(card).not_to_have_class(re.compile(r"\b(amber|red)\b"))
         expect(card.locator(".level")).to_be_hidden()
 
-    sql("UPDATE tasks SET execute_at = now() - interval '90 s' WHERE id = %s", oldest)
+    sql(
+        "UPDATE tasks SET execute_at = now() - interval '90 s',"
+        " created_at = now() - interval '90 s' WHERE id = %s",
+        oldest,
+    )
     add_activity(sql, 1, started=100, succeeded=94, failed=6, lateness_bucket=10)
     page.clock.run_for(3_000)
     expect(cards["oldest"]).to_have_class(re.compile(r"\bamber\b"))
@@ -155,7 +159,11 @@ def test_cards_turn_amber_then_red_and_say_why_in_words(
     )
     expect(cards["due"]).not_to_have_class(re.compile(r"\b(amber|red)\b"))
 
-    sql("UPDATE tasks SET execute_at = now() - interval '301 s' WHERE id = %s", oldest)
+    sql(
+        "UPDATE tasks SET execute_at = now() - interval '301 s',"
+        " created_at = now() - interval '301 s' WHERE id = %s",
+        oldest,
+    )
     add_activity(sql, 2, started=100, succeeded=0, failed=100, lateness_bucket=10)
     task_factory("ghost", due_in_s=-1.0)
     page.clock.run_for(3_000)

@@ -55,7 +55,11 @@ async def test_stats_match_the_database(
     assert (summary.succeeded, summary.failed) == (35, 2)
     # Then: 3 due now (one of them waiting 120 s), 2 later, 1 held by a live worker.
     for due_in_s in (-120.0, -5.0, -1.0, 3600.0, 7200.0):
-        task_factory("baz", due_in_s=due_in_s)
+        task_id = task_factory("baz", due_in_s=due_in_s)
+        # Created when it was due (one created already past its time waits from its creation).
+        sql(
+            "UPDATE tasks SET created_at = execute_at WHERE id = %s AND execute_at < now()", task_id
+        )
     held = task_factory("foo", due_in_s=-1.0)
     sql("INSERT INTO workers (id, lease_expires_at) VALUES ('w', now() + interval '1 minute')")
     sql("UPDATE tasks SET state = 'running', attempts = 1, claimed_by = 'w' WHERE id = %s", held)
@@ -217,12 +221,13 @@ async def test_a_shorter_histogram_of_an_older_version_adds_up(
 
 
 async def test_metrics_say_the_same_in_prometheus_text(
-    client: httpx.AsyncClient, settings: Settings, task_factory: Callable[..., int]
+    client: httpx.AsyncClient, settings: Settings, task_factory: Callable[..., int], sql: Sql
 ) -> None:
     for _ in range(4):
         task_factory("baz")
     await tick(settings, out=io.StringIO())
-    task_factory("foo", due_in_s=-2.0)
+    late = task_factory("foo", due_in_s=-2.0)
+    sql("UPDATE tasks SET created_at = execute_at WHERE id = %s", late)
     cancelled = task_factory("bar", due_in_s=60.0)
     assert (await client.post(f"/tasks/{cancelled}/cancel")).status_code == 200
 
@@ -436,3 +441,13 @@ def test_prune_on_demand_says_how_many(database_url: str, sql: Sql) -> None:
     assert every.returncode == 0, every.stderr
     assert "pruned 10 finished tasks older than 0 s" in every.stderr
     assert sql("SELECT count(*) FROM tasks") == [(0,)]
+
+
+async def test_a_task_created_past_its_time_has_waited_since_its_creation(
+    client: httpx.AsyncClient,
+) -> None:
+    """`execute_at: 0`, as the README's examples create tasks: due since its creation, not
+    for 56 years (the oldest-due card went red, and the alert on it fired, at once)."""
+    assert (await client.post("/tasks", json={"type": "baz", "execute_at": 0})).status_code == 201
+    age = (await client.get("/stats")).json()["oldest_due_age_s"]
+    assert 0 <= age < 60, age
