@@ -1469,7 +1469,8 @@ class Store:
                     finished_at=_utc(t.finished_at) if finished else None,
                     worker=t.worker,
                     outcome=_OUTCOME_OF_STATE[state],
-                    error=None if state is TaskState.SUCCEEDED else t.error,
+                    # (Running: the task's error is its previous attempt's, not this one's.)
+                    error=None if state in (TaskState.SUCCEEDED, TaskState.RUNNING) else t.error,
                     traceback=None,
                 )
             )

@@ -406,3 +406,19 @@ async def test_errors_are_grouped_by_type_and_normalised_error_within_the_window
     assert back["since"] == "2000-01-01T00:00:00Z"
     bad = await client.get("/errors", params={"since": "yesterday"})
     assert bad.status_code == 422
+
+
+async def test_a_running_second_attempt_shows_no_error_of_its_own(
+    store: Store, sql: Sql, client: httpx.AsyncClient
+) -> None:
+    """The task's `error` is its first attempt's while the second runs: not the second's."""
+    [task_id] = await create(client, {"type": "baz", "execute_at": 0, "max_attempts": 2})
+    await store.register_worker(worker="A", lease_s=60)
+    [claimed], _ = await store.claim_due(worker="A", kinds=["baz"], limit=1, lease_s=60)
+    failed = Result(task_id, claimed.attempt, TaskState.SCHEDULED, error="E: first", retry_in_s=0)
+    assert await store.finish_many(worker="A", results=[failed]) == {task_id}
+    [again], _ = await store.claim_due(worker="A", kinds=["baz"], limit=1, lease_s=60)
+    assert again.attempt == 2
+    first, second = (await attempts(client, task_id))["items"]
+    assert (first["outcome"], first["error"]) == ("retried", "E: first")
+    assert (second["attempt"], second["outcome"], second["error"]) == (2, None, None)
