@@ -118,6 +118,10 @@ def test_the_grafana_dashboard_asks_only_for_what_metrics_serves() -> None:
         "0.99",
     }
     assert all("by (type, le)" in e and "rate(" in e for e in quantiles)
+    # Every API instance serves the same database figures: summed across the instances
+    # scraped, they would read twice as high with two (a histogram's quantile is a ratio).
+    summed = [e for e in exprs if "histogram_quantile" not in e and re.search(r"\bsum\b", e)]
+    assert all(e.startswith("sum(max by ") for e in summed), summed
     # Panels do not overlap (Grafana would move them).
     cells: set[tuple[int, int]] = set()
     for panel in dashboard["panels"]:
