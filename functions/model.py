@@ -417,26 +417,53 @@ class ErrorGroup:
     @property
     def search(self) -> str:
         """Text to find this group's tasks with GET /tasks?error=: the longest part of the
-        normalised error that no placeholder cut (stripped)."""
-        parts = _PLACEHOLDER.split(self.error)
-        return max((p.strip() for p in parts), key=len, default="")
+        normalised error that no placeholder cut (stripped), at most its first
+        MAX_ERROR_SEARCH characters (code points). Each part is text of the error as it was,
+        so it finds the tasks whose last error this is."""
+        parts = _PLACEHOLDER.split(_CUT_PLACEHOLDER.sub("", self.error))
+        longest = max((p.strip() for p in parts), key=len, default="")
+        return longest[:MAX_ERROR_SEARCH].rstrip()
 
 
-# The rule that folds an error's variable parts, in this order: UUIDs; hex ids (`0x...`, or
-# a word of 6 or more hex digits holding a digit and a letter: a worker's random part, a
-# digest); numbers (digits, with the `.`- or `,`-separated groups and the exponent that
-# follow: `5.5`, `1,000`, `127.0.0.1` are one each) that do not end a word (`http2`, `sha256`
-# stay). Each becomes a placeholder below.
+# The rule that folds an error's variable parts, in this order: UUIDs; timestamps (ISO 8601
+# / RFC 3339: a date, `T` or a space, hours and minutes, maybe seconds and their fraction,
+# maybe `Z` or an offset); IPv6 addresses (8 groups, or fewer around `::`, holding a digit,
+# maybe an IPv4 address last); hex ids (`0x...`, or a word of 6 or more hex digits holding a
+# digit and a letter: a worker's random part, a digest); numbers (digits, with the `.`- or
+# `,`-separated groups and the exponent that follow: `5.5`, `1,000`, `127.0.0.1` are one
+# each) that do not end a word (`http2`, `sha256` stay). Each becomes a placeholder below.
 _UUID = re.compile(r"\b[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}\b")
+_TIME = re.compile(
+    r"(?<![\w.:-])[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:[.,][0-9]+)?)?"
+    r"(?:[Zz]|[-+][0-9]{2}(?::?[0-9]{2})?)?(?![\w:])"
+)
+_G, _V4 = r"[0-9a-fA-F]{1,4}", r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}"
+_IPV6 = re.compile(
+    rf"(?<![\w:.])(?=[0-9a-fA-F:.]*[0-9])(?:(?:{_G}:){{7}}{_G}|(?:{_G}:){{6}}{_V4}"
+    rf"|(?:{_G}(?::{_G}){{0,6}})?::(?:(?:{_G}:){{0,6}}(?:{_V4}|{_G}))?)(?![\w:])"
+)
 _HEX = re.compile(
     r"\b(?:0[xX][0-9a-fA-F]+|(?=[0-9a-fA-F]*[0-9])(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{6,})\b"
 )
 _NUMBER = re.compile(r"(?<![A-Za-z0-9_])[0-9]+(?:[.,][0-9]+)*(?:[eE][-+]?[0-9]+)?")
-_PLACEHOLDER = re.compile(r"<(?:uuid|hex|n)>")
+# Every placeholder a normalised error holds: the folds above, and a lost attempt's worker
+# (written by the rescue: queries.RESCUE_EXPIRED).
+_NAMES = ("uuid", "time", "hex", "n", "worker")
+_PLACEHOLDER = re.compile(r"<(?:" + "|".join(_NAMES) + r")>")
+# A placeholder cut short at the end (`<uu`, by MAX_ERROR_GROUP): text no error held.
+_CUT_PLACEHOLDER = re.compile(
+    r"<(?:" + "|".join(name[:i] for name in _NAMES for i in range(len(name) + 1)) + r")\Z"
+)
 
 
 def normalise_error(error: str) -> str:
-    """`error` with UUIDs, hex ids and numbers folded (`<uuid>`, `<hex>`, `<n>`), cut to
-    MAX_ERROR_GROUP characters: the attempts GET /errors groups together."""
-    folded = _NUMBER.sub("<n>", _HEX.sub("<hex>", _UUID.sub("<uuid>", error)))
-    return folded[:MAX_ERROR_GROUP]
+    """`error` with UUIDs, timestamps, IPv6 addresses, hex ids and numbers folded (`<uuid>`,
+    `<time>`, `<n>`, `<hex>`, `<n>`: IPv6 as IPv4), cut to MAX_ERROR_GROUP characters, never
+    within a placeholder: the attempts GET /errors groups together."""
+    folded = _TIME.sub("<time>", _UUID.sub("<uuid>", error))
+    folded = _NUMBER.sub("<n>", _HEX.sub("<hex>", _IPV6.sub("<n>", folded)))
+    end = MAX_ERROR_GROUP
+    for placeholder in _PLACEHOLDER.finditer(folded, max(0, end - 8), end + 8):
+        if placeholder.start() < end < placeholder.end():
+            end = placeholder.start()
+    return folded[:end]

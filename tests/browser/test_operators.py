@@ -305,6 +305,29 @@ def test_the_failures_page_groups_errors_and_links_each_group_to_its_tasks(
     assert sorted(int(tasks.nth(i).get_attribute("data-id") or 0) for i in range(3)) == timeouts
 
 
+def test_a_groups_link_searches_for_its_200_characters_whole(
+    taskrunner: Callable[..., str], page: Page, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    """A search of 200 characters, of emoji (two UTF-16 units each) after one of one unit, is
+    passed on whole: no surrogate pair split in half, so the link finds the group's task."""
+    error = "x" + "\N{SLIGHTLY SMILING FACE}" * 300
+    task_id = task_factory("bar", due_in_s=-600.0)
+    sql(
+        "UPDATE tasks SET state = 'failed', attempts = 1, finished_at = now(), error = %s"
+        " WHERE id = %s",
+        error,
+        task_id,
+    )
+    record_attempts(sql, task_id, "bar", ("failed", error))
+    api = taskrunner()
+    page.goto(f"{api}/#/failures")
+    page.locator("#failures tbody tr").get_by_role("link", name="its tasks").click()
+    tasks = page.locator("#tasks tbody tr")
+    expect(tasks).to_have_count(1)
+    assert tasks.get_attribute("data-id") == str(task_id)
+    expect(page.get_by_label("Search")).to_have_value(error[:200])
+
+
 def test_a_tasks_page_shows_its_attempts_oldest_first_with_their_tracebacks_as_text(
     taskrunner: Callable[..., str], page: Page, sql: Sql, task_factory: Callable[..., int]
 ) -> None:

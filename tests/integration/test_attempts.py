@@ -215,9 +215,17 @@ async def test_a_task_rescued_from_a_dead_worker_ends_its_attempt_lost(
     assert (lost["outcome"], lost["worker"]) == ("lost", "dead:1:abc")
     assert lost["error"] == "lease expired: worker dead:1:abc stopped during attempt 1 of 1"
     errors = (await client.get("/errors")).json()["items"]
-    assert [(g["type"], g["error"], g["count"]) for g in errors] == [
-        ("baz", "lease expired: worker <worker> stopped during attempt <n> of <n>", 1)
+    assert [(g["type"], g["error"], g["count"], g["search"]) for g in errors] == [
+        (
+            "baz",
+            "lease expired: worker <worker> stopped during attempt <n> of <n>",
+            1,
+            "stopped during attempt",
+        )
     ]
+    # Its search finds the task (whose last error it is).
+    found = await client.get("/tasks", params={"type": "baz", "error": errors[0]["search"]})
+    assert [t["id"] for t in found.json()["items"]] == [task_id]
 
 
 async def test_a_worker_killed_mid_task_leaves_it_to_the_rescue_which_ends_it_lost(
@@ -422,3 +430,27 @@ async def test_a_running_second_attempt_shows_no_error_of_its_own(
     first, second = (await attempts(client, task_id))["items"]
     assert (first["outcome"], first["error"]) == ("retried", "E: first")
     assert (second["attempt"], second["outcome"], second["error"]) == (2, None, None)
+
+
+async def test_a_long_errors_search_is_200_characters_that_find_its_tasks(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    client: httpx.AsyncClient,
+    extra_kinds: Callable[[Kind], None],
+) -> None:
+    """An error longer than a search may be (emoji: two UTF-16 units, one character)."""
+
+    def long(ctx: Context) -> str:
+        raise Fail("x" + "\N{SLIGHTLY SMILING FACE}" * 2000)
+
+    extra_kinds(Kind("long", long, lambda s: 5.0))
+    made = await create(client, *({"type": "long", "execute_at": 0},) * 2)
+    await drain(store, settings, sql)
+
+    [group] = (await client.get("/errors")).json()["items"]
+    assert group["count"] == 2
+    assert group["search"] == ("Fail: x" + "\N{SLIGHTLY SMILING FACE}" * 2000)[:200]
+    found = await client.get("/tasks", params={"type": "long", "error": group["search"]})
+    assert found.status_code == 200, found.text
+    assert sorted(t["id"] for t in found.json()["items"]) == made

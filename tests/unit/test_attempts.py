@@ -13,6 +13,7 @@ from functions import kinds, queries
 from functions.completer import traceback_of
 from functions.model import (
     MAX_ERROR_GROUP,
+    MAX_ERROR_SEARCH,
     MAX_TRACEBACK_BYTES,
     ErrorGroup,
     TaskState,
@@ -35,6 +36,27 @@ from functions.store import Result, finish_statement
         ("http2 sha256 utf8 facade abc12", "http2 sha256 utf8 facade abc12"),
         ("ünïcode 42 ✓", "ünïcode <n> ✓"),
         ("", ""),
+        # As before timestamps and IPv6 folded: both cases of UUIDs, numbers, ip:port.
+        (
+            "3f2a9c1b-0000-4d6e-8a1b-1234567890ab 3F2A9C1B-0000-4D6E-8A1B-1234567890AB",
+            "<uuid> <uuid>",
+        ),
+        ("1,000,000.5 and 3.14e-2 at 10.0.0.1:5432", "<n> and <n> at <n>:<n>"),
+        # Timestamps, one placeholder whatever their hour, fraction or offset.
+        ("deadline 2026-12-06T18:00:00Z passed", "deadline <time> passed"),
+        ("at 2026-12-06T07:59:59.123456+05:30.", "at <time>."),
+        (
+            "at 2026-12-06 18:00:00, 2026-12-06t18:00z and 2026-12-06T18:00:00,5-0800",
+            ("at <time>, <time> and <time>"),
+        ),
+        # A date or a time alone is numbers.
+        ("on 2026-12-06 at 18:00:00", "on <n>-<n>-<n> at <n>:<n>:<n>"),
+        # IPv6 addresses, one placeholder as IPv4's.
+        ("connect fe80::dead:beef refused", "connect <n> refused"),
+        ("GET http://[2001:db8::1]:8080/ and ::1", "GET http://[<n>]:<n>/ and <n>"),
+        ("2001:0db8:85a3:0000:0000:8a2e:0370:7334 ::ffff:192.0.2.1", "<n> <n>"),
+        # Not addresses: paths of names, and hex words around `::` with no digit.
+        ("std::vector dead::beef", "std::vector dead::beef"),
     ],
 )
 def test_numbers_hex_ids_and_uuids_are_folded(error: str, normalised: str) -> None:
@@ -44,6 +66,14 @@ def test_numbers_hex_ids_and_uuids_are_folded(error: str, normalised: str) -> No
 def test_a_normalised_error_is_cut_to_its_bound() -> None:
     assert normalise_error("x" * MAX_ERROR_GROUP) == "x" * MAX_ERROR_GROUP
     assert normalise_error("x" * (MAX_ERROR_GROUP + 1)) == "x" * MAX_ERROR_GROUP
+    # Never within a placeholder: one the bound would cut is left out whole.
+    uuid = "3f2a9c1b-0000-4d6e-8a1b-1234567890ab"
+    for before in range(MAX_ERROR_GROUP - 7, MAX_ERROR_GROUP + 1):
+        text = "x" * (before - 1) + " "
+        whole = before + len("<uuid>") <= MAX_ERROR_GROUP
+        assert (
+            normalise_error(text + uuid) == (text + "<uuid>" if whole else text)[:MAX_ERROR_GROUP]
+        )
 
 
 def test_a_groups_search_is_its_longest_part_that_no_placeholder_cut() -> None:
@@ -57,6 +87,29 @@ def test_a_groups_search_is_its_longest_part_that_no_placeholder_cut() -> None:
     )
     assert search("RuntimeError: disk full") == "RuntimeError: disk full"
     assert search("<n>") == ""
+    # No placeholder, whichever: a lost attempt's worker, a timestamp.
+    assert search("lease expired: worker <worker> stopped during attempt <n> of <n>") == (
+        "stopped during attempt"
+    )
+    assert search("deadline <time> passed for the last payment") == "passed for the last payment"
+    # An error normalised before placeholders were kept whole: the cut one is not text.
+    assert search("x" * 10 + "<uu") == "x" * 10
+
+
+def test_a_groups_search_is_at_most_200_characters_never_half_of_one() -> None:
+    now = datetime.now(UTC)
+
+    def search(error: str) -> str:
+        return ErrorGroup("bar", error, 1, now, now, 1).search
+
+    assert MAX_ERROR_SEARCH == 200
+    assert search("y" * 200) == "y" * 200
+    assert search("y" * 201) == "y" * 200
+    # Code points: an emoji (two UTF-16 units) is whole or not there.
+    emoji = "x" + "\N{SLIGHTLY SMILING FACE}" * (MAX_ERROR_GROUP - 1)
+    assert search(normalise_error(emoji)) == emoji[:200]
+    # Cut before a blank: stripped, still text of the error.
+    assert search("z" * 199 + " tail") == "z" * 199
 
 
 def raised(message: str) -> BaseException:

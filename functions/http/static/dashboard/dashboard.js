@@ -954,8 +954,9 @@ function failureFilters() {
 }
 
 function failureRow(group) {
-  // The text GET /tasks's `error` finds this group's tasks by (GET /errors says which).
-  const search = group.search ?? group.error;
+  // The text GET /tasks's `error` finds this group's tasks by, as GET /errors gives it (at most
+  // 200 characters, whole: cut here in UTF-16 units, it could split a surrogate pair).
+  const search = group.search || "";
   return h("tr", { "data-type": group.type },
     h("td", {}, group.type),
     h("td", { class: "note" }, h("span", { class: "error-text", title: group.error },
@@ -966,7 +967,7 @@ function failureRow(group) {
     h("td", {}, group.sample_task
       ? h("a", { href: `#/tasks/${group.sample_task}` }, `#${group.sample_task}`) : "–"),
     h("td", {}, h("a", { class: "group-tasks", href: tasksLink(null, group.type,
-      { error: (search || "").slice(0, 200) }) }, "its tasks →")));
+      { error: search }) }, "its tasks →")));
 }
 
 async function refreshFailures() {
