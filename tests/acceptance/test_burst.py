@@ -101,7 +101,11 @@ def test_slow_writes_run_nothing_twice_and_stop_the_claiming(
     with psycopg.connect(database_url, autocommit=True) as locker:
         locker.execute("BEGIN")
         locker.execute("SELECT id FROM tasks WHERE id = ANY(%s) FOR UPDATE", [first])
-        time.sleep(1.5)  # the foo tasks finish; their results wait on the lock
+        # The foo tasks finish (each within a second of its claim, before the lock) and their
+        # results wait on the lock; the worker stops claiming once they have waited a second
+        # (completer.SLOW_WRITE_S). Then as long again and more, for a loaded host: tasks due
+        # before that are claimed, as they should be (CI once inserted them too early).
+        time.sleep(4.0)
         later = [
             i
             for (i,) in sql(
