@@ -95,8 +95,10 @@ async def test_a_kind_last_run_over_5_minutes_ago_is_unserved(
     settings: Settings, task_factory: Callable[..., int], sql: Sql
 ) -> None:
     await tick(settings, out=io.StringIO())
-    sql("UPDATE kinds_served SET last_run_at = now() - interval '301 seconds' WHERE kind = 'foo'")
-    sql("UPDATE kinds_served SET last_run_at = now() - interval '299 seconds' WHERE kind = 'baz'")
+    # Either side of the 5 minutes, far enough from them that a slow host's seconds between
+    # these lines and the read do not carry baz over (299 s did, once, on CI).
+    sql("UPDATE kinds_served SET last_run_at = now() - interval '330 seconds' WHERE kind = 'foo'")
+    sql("UPDATE kinds_served SET last_run_at = now() - interval '270 seconds' WHERE kind = 'baz'")
     task_factory("foo")
     task_factory("baz")
     assert await unserved(settings) == ({"foo": 1}, {"foo": 1.0})
