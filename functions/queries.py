@@ -1168,21 +1168,27 @@ GROUP BY kind ORDER BY kind
 # The batch travels as one JSON parameter: psycopg dumps Python lists into SQL arrays in
 # Python (1.6 s of a 9 s profile of 100,000 baz); JSON took a worker from 14,400 to 17,300
 # baz/s.
-FINISH_MANY = """
-UPDATE tasks AS t
-SET state = r.state,
+_FINISH_SET = """SET state = r.state,
     output = r.output,
     error = r.error,
     finished_at = CASE WHEN r.state IN ('succeeded', 'failed') THEN now() END,
     next_attempt_at = CASE
         WHEN r.state = 'scheduled' THEN now() + make_interval(secs => r.retry_in_s)
     END,
-    claimed_by = NULL
-FROM json_to_recordset(CAST(%(results)s AS json))
-    AS r(id bigint, attempt integer, state text, output text, error text, retry_in_s float8)
-WHERE t.id = r.id
+    claimed_by = NULL"""
+# Fenced: the worker's own claim of this attempt, found by primary key.
+_FINISH_FENCE = """WHERE t.id = r.id
   AND t.claimed_by = %(worker)s
-  AND t.attempts = r.attempt
+  AND t.attempts = r.attempt"""
+_RESULT_COLUMNS = (
+    "id bigint, attempt integer, state text, output text, error text, retry_in_s float8"
+)
+FINISH_MANY = f"""
+UPDATE tasks AS t
+{_FINISH_SET}
+FROM json_to_recordset(CAST(%(results)s AS json))
+    AS r({_RESULT_COLUMNS})
+{_FINISH_FENCE}
 RETURNING t.id
 """
 
@@ -1192,23 +1198,14 @@ RETURNING t.id
 # that took the task wrote its row). A first attempt that succeeded writes none: its fields
 # are the task's. A batch of first successes alone (a drain) runs FINISH_MANY itself, the
 # statement it ran before attempts were kept (Store.finish_many).
-FINISH_MANY_RECORDING = """
+FINISH_MANY_RECORDING = f"""
 WITH finished AS (
     UPDATE tasks AS t
-    SET state = r.state,
-        output = r.output,
-        error = r.error,
-        finished_at = CASE WHEN r.state IN ('succeeded', 'failed') THEN now() END,
-        next_attempt_at = CASE
-            WHEN r.state = 'scheduled' THEN now() + make_interval(secs => r.retry_in_s)
-        END,
-        claimed_by = NULL
+    {_FINISH_SET}
     FROM json_to_recordset(CAST(%(results)s AS json))
-        AS r(id bigint, attempt integer, state text, output text, error text, retry_in_s float8,
+        AS r({_RESULT_COLUMNS},
              timed_out boolean, traceback text, error_group text)
-    WHERE t.id = r.id
-      AND t.claimed_by = %(worker)s
-      AND t.attempts = r.attempt
+    {_FINISH_FENCE}
     RETURNING t.id, t.kind, t.claimed_at, r.attempt, r.state, r.error, r.timed_out,
         r.traceback, r.error_group
 ), recorded AS (
