@@ -131,6 +131,7 @@ def libpq_only_url(database_url: str, form: str) -> str:
     return f"postgresql://{user}@{host}:{port},{host}:{port}/{dbname}"
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize("form", ["two hosts", "socket as host"])
 def test_migrate_worker_and_dev_take_urls_only_libpq_parses(
     spawn: Callable[..., Proc], empty_database_url: str, form: str, tmp_path: Path
@@ -221,6 +222,7 @@ def test_tick_fails_clearly(
     assert result.stdout == ""
 
 
+@pytest.mark.one_server
 def test_api_behind_a_reverse_proxy_at_a_prefix(
     spawn: Callable[..., Proc], database_url: str
 ) -> None:
@@ -254,6 +256,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.one_server
 def test_api_with_two_workers_serves_from_two_processes_and_stops_cleanly(
     spawn: Callable[..., Proc], database_url: str, sql: Callable[..., Any]
 ) -> None:
@@ -362,6 +365,7 @@ def test_migrate_says_what_it_applies_and_nothing_else_of_alembic(
         assert noise not in first.stderr + again.stderr
 
 
+@pytest.mark.one_server
 def test_worker_and_prune_print_no_alembic_noise(
     spawn: Callable[..., Proc], database_url: str, tmp_path: Path
 ) -> None:

@@ -16,7 +16,8 @@ from tests.procs import Proc, spawn
 
 __all__ = ["spawn"]  # the fixture
 
-pytestmark = pytest.mark.slow
+# The HTTP server refuses these before any statement: no PostgreSQL version reaches them.
+pytestmark = [pytest.mark.slow, pytest.mark.one_server]
 
 MiB = 1024 * 1024
 ITEM = b'{"type": "baz", "execute_at": 1893499200, "idempotency_key": "' + b"k" * 200 + b'"},'

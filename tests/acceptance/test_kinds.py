@@ -82,6 +82,7 @@ def stdout_lines(*procs: Proc) -> list[str]:
     return [line for proc in procs for line in proc.stdout().splitlines()]
 
 
+@pytest.mark.one_server
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["setting", "entry_point"])
 @pytest.mark.parametrize("processes", ["dev", "worker+api"])
@@ -254,6 +255,7 @@ print(json.dumps({"created": created, "summary": summary}), file=sys.stderr)
 """
 
 
+@pytest.mark.one_server
 @pytest.mark.slow
 def test_the_lambda_handlers_load_the_kinds_at_init(
     database_url: str, tmp_path: Path, sql: Callable[..., list[tuple[Any, ...]]]
@@ -324,6 +326,7 @@ def docs_module() -> str:
     return text.split("```python\n", 1)[1].split("```", 1)[0]
 
 
+@pytest.mark.one_server
 @pytest.mark.slow
 def test_the_docs_module_runs_as_written(
     spawn: Callable[..., Proc], database_url: str, tmp_path: Path
@@ -397,6 +400,7 @@ def test_a_kind_no_worker_loads_waits_in_sight_until_one_does(
         assert proc.terminate() == 0, proc.stderr()
 
 
+@pytest.mark.one_server
 @pytest.mark.slow
 def test_each_process_of_api_workers_loads_the_kinds(
     spawn: Callable[..., Proc], database_url: str, tmp_path: Path

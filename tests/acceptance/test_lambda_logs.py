@@ -11,6 +11,9 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).parents[2]
+# The lines are the handlers' logging; the ticks' statements are checked on every server in
+# tests/integration/test_lambda.py and test_tick.py.
+pytestmark = pytest.mark.one_server
 
 # Three warm invocations of the tick, then one of the API, in one process. With `runtime`, a
 # handler is put on the root logger first and the level left at WARNING, as the Lambda Python

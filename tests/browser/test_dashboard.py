@@ -28,6 +28,8 @@ SCREENSHOT = os.environ.get("TASKRUNNER_SCREENSHOT")
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.parametrize("pg_server", [SERVER], indirect=True),
+    # Not kept in that server's xdist group: any free worker takes them.
+    pytest.mark.one_server,
 ]
 
 

@@ -28,6 +28,8 @@ SCREENSHOTS = os.environ.get("TASKRUNNER_SCREENSHOTS")
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.parametrize("pg_server", [SERVER], indirect=True),
+    # Not kept in that server's xdist group: any free worker takes them.
+    pytest.mark.one_server,
 ]
 
 

@@ -18,6 +18,7 @@ from tests.conftest import serve, utc_in
 from tests.pages import is_local, page_urls
 
 
+@pytest.mark.one_server
 async def test_healthz(client: httpx.AsyncClient) -> None:
     response = await client.get("/healthz")
     assert response.status_code == 200
@@ -43,6 +44,7 @@ def task_url(task: dict[str, Any]) -> str:
     return f"/tasks/{task['id']}"
 
 
+@pytest.mark.one_server
 async def test_execute_at_as_unix_seconds(client: httpx.AsyncClient) -> None:
     response = await client.post("/tasks", json={"type": "baz", "execute_at": 1893499200})
     assert response.status_code == 201
@@ -130,6 +132,7 @@ BAD_CREATES: list[tuple[str, Any]] = [
 ]
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize(("case", "body"), BAD_CREATES, ids=[c for c, _ in BAD_CREATES])
 async def test_bad_create_is_4xx_and_writes_nothing(
     client: httpx.AsyncClient,
@@ -143,6 +146,7 @@ async def test_bad_create_is_4xx_and_writes_nothing(
     assert sql("SELECT count(*) FROM tasks") == [(0,)]
 
 
+@pytest.mark.one_server
 async def test_malformed_json_is_4xx(client: httpx.AsyncClient) -> None:
     response = await client.post(
         "/tasks", content=b'{"type": "foo",', headers={"content-type": "application/json"}
@@ -151,6 +155,7 @@ async def test_malformed_json_is_4xx(client: httpx.AsyncClient) -> None:
     assert response.json()["detail"][0]["type"] == "json_invalid"
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize(
     "path",
     [
@@ -171,6 +176,7 @@ async def test_bad_reads_are_4xx(client: httpx.AsyncClient, path: str) -> None:
     assert response.json()["detail"]
 
 
+@pytest.mark.one_server
 async def test_delete_with_non_integer_id_is_4xx(client: httpx.AsyncClient) -> None:
     # A task id is digits: /tasks/abc names no route (404); digits out of range are a 422.
     assert (await client.delete("/tasks/abc")).status_code == 404
@@ -190,6 +196,7 @@ async def test_batch_create_keeps_order(client: httpx.AsyncClient) -> None:
         assert task["execute_at"].startswith("2030-01-01T12:0")
 
 
+@pytest.mark.one_server
 async def test_batch_with_one_bad_item_writes_nothing_and_names_it(
     client: httpx.AsyncClient, sql: Callable[..., list[tuple[Any, ...]]]
 ) -> None:
@@ -201,18 +208,21 @@ async def test_batch_with_one_bad_item_writes_nothing_and_names_it(
     assert sql("SELECT count(*) FROM tasks") == [(0,)]
 
 
+@pytest.mark.one_server
 async def test_batch_limits(client: httpx.AsyncClient) -> None:
     assert (await client.post("/tasks/batch", json={"tasks": []})).status_code == 422
     too_many = {"tasks": [{"type": "baz", "execute_at": 1893499200}] * 10_001}
     assert (await client.post("/tasks/batch", json=too_many)).status_code == 422
 
 
+@pytest.mark.one_server
 async def test_openapi_docs_are_served(client: httpx.AsyncClient) -> None:
     assert (await client.get("/docs")).status_code == 200
     schema = (await client.get("/openapi.json")).json()
     assert {"/tasks", "/tasks/{task_id}", "/tasks/batch", "/healthz"} <= set(schema["paths"])
 
 
+@pytest.mark.one_server
 async def test_database_down_is_503_not_a_hang() -> None:
     # Nothing listens on port 1 of 127.0.0.1: the connection is refused at once.
     async with serve(Settings(database_url="postgresql://postgres@127.0.0.1:1/none")) as c:
@@ -223,12 +233,14 @@ async def test_database_down_is_503_not_a_hang() -> None:
     assert create.json() == {"detail": "database unavailable, try again shortly"}
 
 
+@pytest.mark.one_server
 async def test_head_healthz_when_the_database_is_down_is_503_without_a_body() -> None:
     async with serve(Settings(database_url="postgresql://postgres@127.0.0.1:1/none")) as c:
         head = await c.head("/healthz")
     assert (head.status_code, head.content) == (503, b"")
 
 
+@pytest.mark.one_server
 async def test_head_healthz_up(client: httpx.AsyncClient) -> None:
     head, get = await client.head("/healthz"), await client.get("/healthz")
     assert (head.status_code, head.content) == (200, b"")
@@ -236,6 +248,7 @@ async def test_head_healthz_up(client: httpx.AsyncClient) -> None:
     assert head.headers["content-length"] == get.headers["content-length"]
 
 
+@pytest.mark.one_server
 async def test_every_get_route_answers_head(client: httpx.AsyncClient) -> None:
     """HTTP asks HEAD of whatever answers GET (it was 405 everywhere but / and /healthz)."""
     created = await client.post("/tasks", json={"type": "baz", "execute_at": 4_102_444_800})
@@ -252,6 +265,7 @@ def body_routes(app: FastAPI) -> list[APIRoute]:
     return [r for r in app.routes if isinstance(r, APIRoute) and r.body_field is not None]
 
 
+@pytest.mark.one_server
 async def test_every_route_with_a_body_reads_json_without_a_content_type(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:
@@ -281,6 +295,7 @@ async def test_every_route_with_a_body_reads_json_without_a_content_type(
             assert response.status_code in (200, 201), response.text
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize(
     "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
 )
@@ -300,6 +315,7 @@ async def test_every_route_with_a_body_refuses_other_types_with_415(
             assert "application/json" in detail and content_type in detail
 
 
+@pytest.mark.one_server
 async def test_json_with_charset_or_a_json_suffix_is_json(client: httpx.AsyncClient) -> None:
     for content_type in ("application/json; charset=utf-8", "application/merge-patch+json"):
         response = await client.post(
@@ -310,6 +326,7 @@ async def test_json_with_charset_or_a_json_suffix_is_json(client: httpx.AsyncCli
         assert response.status_code == 201, (content_type, response.text)
 
 
+@pytest.mark.one_server
 async def test_token_is_compared_as_bytes_with_the_scheme_in_any_case(settings: Settings) -> None:
     async with serve(dataclasses.replace(settings, api_token="s3crét")) as c:
         for value, status in (
@@ -323,6 +340,7 @@ async def test_token_is_compared_as_bytes_with_the_scheme_in_any_case(settings: 
             assert response.status_code == status, (value, response.text)
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize("sent_path", ["/prod/tasks", "/tasks"], ids=["kept", "stripped"])
 async def test_behind_a_proxy_with_a_path_prefix(settings: Settings, sent_path: str) -> None:
     """A reverse proxy serving the API at /prod/, passing the prefix on or stripping it."""
@@ -340,6 +358,7 @@ async def test_behind_a_proxy_with_a_path_prefix(settings: Settings, sent_path: 
         assert (await c.get("/prod/openapi.json")).json()["servers"] == [{"url": "/prod"}]
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
 async def test_docs_pages_load_everything_from_the_app_itself(
     client: httpx.AsyncClient, page: str
@@ -356,6 +375,7 @@ async def test_docs_pages_load_everything_from_the_app_itself(
         assert response.content
 
 
+@pytest.mark.one_server
 async def test_docs_assets_answer_head_and_refuse_what_is_not_there(
     client: httpx.AsyncClient,
 ) -> None:

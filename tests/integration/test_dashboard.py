@@ -7,12 +7,15 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 
 from functions.settings import Settings
 from tests.conftest import serve
 from tests.pages import is_local, page_urls
 
 Sql = Callable[..., list[tuple[Any, ...]]]
+# Static files and the routing around them: no PostgreSQL version reaches them.
+pytestmark = pytest.mark.one_server
 
 
 async def test_the_page_and_its_files_are_served_without_the_token(settings: Settings) -> None:

@@ -131,6 +131,7 @@ HOSTILE: list[tuple[str, str, str, bytes, int | tuple[int, ...]]] = [
 ]
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize(
     ("what", "method", "path", "body", "status"), HOSTILE, ids=[h[0] for h in HOSTILE]
 )
@@ -150,6 +151,7 @@ async def test_hostile_bodies_get_a_short_4xx(
     assert sql("SELECT count(*) FROM tasks") == [(0,)]
 
 
+@pytest.mark.one_server
 async def test_a_422_lists_at_most_20_issues_and_says_how_many_more(
     client: httpx.AsyncClient,
 ) -> None:
@@ -165,6 +167,7 @@ async def test_a_422_lists_at_most_20_issues_and_says_how_many_more(
     assert all(set(issue) == {"loc", "msg", "type"} for issue in detail), "no input, no ctx"
 
 
+@pytest.mark.one_server
 async def test_an_unknown_field_is_named_in_short(client: httpx.AsyncClient) -> None:
     response = await client.post("/tasks", json={**task(), "priority" * 1000: 1})
     refused(response, 422)
@@ -226,6 +229,7 @@ async def test_times_at_the_ends_of_the_range_are_accepted_by_every_route(
     assert moved.json()["execute_at"] == single.json()["execute_at"]
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize("at", PAST_THE_ENDS, ids=map(str, PAST_THE_ENDS))
 async def test_times_past_the_ends_of_the_range_are_422_on_every_route(
     client: httpx.AsyncClient, sql: Sql, at: Any
@@ -237,6 +241,7 @@ async def test_times_past_the_ends_of_the_range_are_422_on_every_route(
     assert sql("SELECT count(*) FROM tasks") == [(1,)]
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize(
     ("headers", "status"),
     [
@@ -304,6 +309,7 @@ async def call(app: Any, scope: dict[str, Any], receive: Any) -> tuple[int, byte
     return start["status"], body
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize("value", [b"abc", b"-5", b"1e3", b"\xff", b"12 34", "١٢".encode()])
 async def test_a_content_length_that_is_not_a_number_is_400(
     settings: Settings, value: bytes
@@ -319,6 +325,7 @@ async def test_a_content_length_that_is_not_a_number_is_400(
     assert json.loads(body) == {"detail": "the Content-Length header is not a number"}
 
 
+@pytest.mark.one_server
 async def test_a_declared_length_over_the_limit_is_413_before_any_byte_is_read(
     settings: Settings,
 ) -> None:
@@ -333,6 +340,7 @@ async def test_a_declared_length_over_the_limit_is_413_before_any_byte_is_read(
     assert json.loads(body) == {"detail": "the request body is over the limit of 1024 bytes"}
 
 
+@pytest.mark.one_server
 async def test_a_body_without_a_length_is_cut_off_at_the_limit(
     settings: Settings, sql: Sql
 ) -> None:
@@ -359,6 +367,7 @@ async def test_a_body_without_a_length_is_cut_off_at_the_limit(
     assert sql("SELECT count(*) FROM tasks") == [(0,)]
 
 
+@pytest.mark.one_server
 async def test_a_trickled_body_is_cut_off_with_408(settings: Settings, sql: Sql) -> None:
     async def trickle() -> AsyncIterator[bytes]:
         yield b'{"type": "foo", '
@@ -377,6 +386,7 @@ async def test_a_trickled_body_is_cut_off_with_408(settings: Settings, sql: Sql)
     assert sql("SELECT count(*) FROM tasks") == [(0,)]
 
 
+@pytest.mark.one_server
 async def test_a_body_that_arrives_in_time_in_small_chunks_is_read(settings: Settings) -> None:
     body = json.dumps(task()).encode()
 
@@ -389,6 +399,7 @@ async def test_a_body_that_arrives_in_time_in_small_chunks_is_read(settings: Set
     assert response.status_code == 201, response.text
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize(
     "path",
     [
@@ -407,6 +418,7 @@ async def test_odd_paths_and_queries_get_a_short_4xx(client: httpx.AsyncClient, 
     refused(response, (404, 422))
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize("path", ["/FOO/" + "9" * 5000, "/foo/253402300800"])
 async def test_the_original_create_with_a_huge_time_is_422(
     client: httpx.AsyncClient, path: str
@@ -414,6 +426,7 @@ async def test_the_original_create_with_a_huge_time_is_422(
     refused(await client.post(path), 422)
 
 
+@pytest.mark.one_server
 async def test_a_number_too_long_to_read_is_named_as_such(settings: Settings) -> None:
     body = b'{"type": "foo", "execute_at": ' + b"7" * 5_000 + b"}"
     async with serve(settings) as client:
@@ -424,6 +437,7 @@ async def test_a_number_too_long_to_read_is_named_as_such(settings: Settings) ->
     )
 
 
+@pytest.mark.one_server
 async def test_a_body_with_too_many_values_is_refused_before_it_is_parsed(
     client: httpx.AsyncClient, sql: Sql, settings: Settings
 ) -> None:

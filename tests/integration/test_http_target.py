@@ -29,6 +29,10 @@ from tests.httpservers import Target, target_server
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 SECRET = "s3cret-t0ken-value"
+# What is tested is the kind's HTTP exchange and the create rules for its payload; the
+# claim, finish and retry statements a run goes through are checked on every server in
+# test_tick.py, test_runner.py, test_attempts.py and test_claims.py.
+pytestmark = pytest.mark.one_server
 
 
 @pytest.fixture

@@ -219,6 +219,7 @@ def test_api_without_a_database_answers_json_503(
     assert body(response) == {"detail": "database unavailable, try again shortly"}
 
 
+@pytest.mark.one_server
 def test_api_token_when_configured(lambda_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TASKRUNNER_API_TOKEN", "s3cret")
     refused = functions.api.handler(api_event("v2", "create"), FakeContext())
@@ -236,6 +237,7 @@ def test_api_token_when_configured(lambda_env: None, monkeypatch: pytest.MonkeyP
     assert health["statusCode"] == 200, "health checks need no token"
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize(
     ("authorization", "status"),
     [
@@ -258,6 +260,7 @@ def test_api_token_scheme_and_bytes(
         assert response["statusCode"] == status, (version, body(response))
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_event_with_null_headers_is_answered(lambda_env: None, version: str) -> None:
     event = api_event(version, "healthz")
@@ -271,6 +274,7 @@ def test_event_with_null_headers_is_answered(lambda_env: None, version: str) -> 
     )
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_body_without_content_type_is_json_and_another_type_is_415(
     lambda_env: None, version: str
@@ -287,6 +291,7 @@ def test_body_without_content_type_is_json_and_another_type_is_415(
     assert "application/json" in body(plain)["detail"]
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_head_healthz_answers_like_get_without_a_body(lambda_env: None, version: str) -> None:
     event = retarget(api_event(version, "healthz"), "HEAD", "/healthz")
@@ -305,6 +310,7 @@ BASE_PATHS = [
 ]
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize(("version", "event_name", "base"), BASE_PATHS)
 def test_base_path_routes_and_urls_carry_it(
     lambda_env: None, monkeypatch: pytest.MonkeyPatch, version: str, event_name: str, base: str
@@ -333,6 +339,7 @@ def test_base_path_routes_and_urls_carry_it(
     assert body(schema)["servers"] == [{"url": base}], "Try it out in /docs calls the prefix"
 
 
+@pytest.mark.one_server
 def test_api_handler_survives_another_loop_in_between(lambda_env: None) -> None:
     """A warm container whose thread ran (and closed) another event loop between events."""
     assert functions.api.handler(api_event("v2", "healthz"), FakeContext())["statusCode"] == 200
@@ -340,6 +347,7 @@ def test_api_handler_survives_another_loop_in_between(lambda_env: None) -> None:
     assert functions.api.handler(api_event("v2", "healthz"), FakeContext())["statusCode"] == 200
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize("page", ["docs", "redoc"])
 def test_docs_behind_a_base_path_load_from_the_app_itself(
     lambda_env: None, monkeypatch: pytest.MonkeyPatch, page: str
@@ -387,6 +395,7 @@ def test_healthz_reports_a_schema_behind_this_version(
     )
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_a_cold_start_that_creates_and_reads_tasks_imports_no_fastapi(
     database_url: str, version: str
@@ -432,6 +441,7 @@ print(json.dumps([before, "fastapi" in sys.modules]))
     assert json.loads(result.stdout.splitlines()[-1]) == [[], True]
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_a_time_no_float_can_hold_is_a_422_in_json(lambda_env: None, version: str) -> None:
     """An integer of 400 digits overflowed a float check: a 500, and on Lambda (where the
@@ -448,6 +458,7 @@ def test_a_time_no_float_can_hold_is_a_422_in_json(lambda_env: None, version: st
 LAMBDA_RESPONSE_LIMIT = 6 * 1024 * 1024
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize(
     "payload",
     [
@@ -496,6 +507,7 @@ def test_a_page_fits_lambdas_response_once_escaped_and_the_cursor_goes_on(
     assert [t["id"] for t in listed] == ids[: len(listed)] and len(listed) > 1
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_a_repeated_filter_reaches_the_app_whole_through_api_gateway(
     lambda_env: None, sql: Sql, version: str
@@ -518,6 +530,7 @@ def test_a_repeated_filter_reaches_the_app_whole_through_api_gateway(
     assert [t["id"] for t in body(response)["items"]] == ids[2::-1]
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize(
     "character",
     ["é", "😀"],  # 2 bytes in UTF-8, `\u00e9` (6) in the envelope; 4 bytes, 12

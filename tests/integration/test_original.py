@@ -13,6 +13,7 @@ from tests.conftest import serve
 Sql = Callable[..., list[tuple[Any, ...]]]
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize(
     ("path", "kind", "execute_at"),
     [
@@ -34,6 +35,7 @@ async def test_create_answers_the_id_as_a_json_number(
     assert task == (await client.get(f"/tasks/{task_id}")).json()
 
 
+@pytest.mark.one_server
 async def test_create_past_year_9999_is_422(client: httpx.AsyncClient, sql: Sql) -> None:
     response = await client.post("/FOO/253402300800")
     assert response.status_code == 422, response.text
@@ -41,6 +43,7 @@ async def test_create_past_year_9999_is_422(client: httpx.AsyncClient, sql: Sql)
     assert sql("SELECT count(*) FROM tasks") == [(0,)]
 
 
+@pytest.mark.one_server
 @pytest.mark.parametrize(
     ("method", "path", "status"),
     [
@@ -62,6 +65,7 @@ async def test_create_takes_no_path_of_another_route(
     assert sql("SELECT count(*) FROM tasks") == [(0,)]
 
 
+@pytest.mark.one_server
 async def test_taskrunners_own_routes_still_answer(client: httpx.AsyncClient) -> None:
     batch = await client.post("/tasks/batch", json={"tasks": [{"type": "baz", "execute_at": 0}]})
     assert batch.status_code == 201, batch.text
@@ -137,6 +141,7 @@ async def test_delete_everything_when_allowed_leaves_running_tasks(
     assert sql("SELECT state, count(*) FROM tasks GROUP BY state") == [("running", 25)]
 
 
+@pytest.mark.one_server
 async def test_every_original_route_needs_the_token(settings: Settings) -> None:
     calls = [
         ("POST", "/foo/0"),
@@ -153,6 +158,7 @@ async def test_every_original_route_needs_the_token(settings: Settings) -> None:
         assert response.status_code == 200
 
 
+@pytest.mark.one_server
 async def test_the_original_routes_are_tagged_in_the_openapi_document(
     client: httpx.AsyncClient,
 ) -> None:
