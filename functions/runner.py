@@ -352,7 +352,11 @@ class Runner:
                 raise
             for task in claimed:
                 state.held[task.id] = task
-            if state.cancels_named.keys() & {(task.id, task.attempt) for task in claimed}:
+            # (A set of the claim's tasks only when some cancel was heard: 0.8% of a
+            # draining worker's CPU for an empty intersection, py-spy.)
+            if state.cancels_named and state.cancels_named.keys() & {
+                (task.id, task.attempt) for task in claimed
+            }:
                 # Cancelled, and heard of, before this claim's answer came: stopped at once.
                 state.cancel_heard.set()
         if claimed:  # (none: nothing was due, or the lease had run out)
