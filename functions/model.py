@@ -229,9 +229,26 @@ class Position:
     id: int
 
 
+@dataclass(frozen=True, slots=True)
+class ListedTask:
+    """A task as a listing reads it (GET /tasks, the original routes' lists): what places
+    it in an order, what its answer writes in Python (the timeout, and the payload through
+    its kind's `show`), and `head`, the JSON of its other fields as the database wrote it
+    (queries.LISTED_JSON): a page is not a Task built and encoded in Python per row."""
+
+    id: int
+    kind: str
+    execute_at: datetime
+    finished_at: datetime | None
+    timeout_s: float | None
+    payload: Any
+    # `{"id":...` up to the value of `lease_expires_at`, without the closing brace.
+    head: str
+
+
 @dataclass(frozen=True)
 class Page:
-    items: list[Task]
+    items: list[Task] | list[ListedTask]
     next_cursor: str | None
     # The order the items are in: a cursor made from one of them goes on in it.
     order: TaskOrder = DEFAULT_ORDER
@@ -251,7 +268,7 @@ def from_microseconds(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=min(max(us, first), last))
 
 
-def position_of(task: Task, order: TaskOrder) -> Position:
+def position_of(task: Task | ListedTask, order: TaskOrder) -> Position:
     """Where `task` stands in `order` (a page that ends with it goes on from there)."""
     if order.key is SortKey.ID:
         return Position(order, task.id, task.id)

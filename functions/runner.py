@@ -146,6 +146,8 @@ class Runner:
         # or dropped, never recorded. A run cancelled otherwise raised CancelledError itself.
         self._stopping: set[int] = set()
         self._http: HttpClients | None = None
+        # When the last claim was sent (time.monotonic()): its NEXT_DUE counts from then.
+        self._claim_sent_at = 0.0
 
     @property
     def out(self) -> TextIO:
@@ -332,7 +334,7 @@ class Runner:
         here on."""
         state = self.state
         async with state.claim_lock:
-            sent_at = time.monotonic()
+            sent_at = self._claim_sent_at = time.monotonic()
             try:
                 claimed, due = await self.store.claim_due(
                     worker=self.worker_id,
@@ -350,7 +352,11 @@ class Runner:
                 raise
             for task in claimed:
                 state.held[task.id] = task
-            if state.cancels_named.keys() & {(task.id, task.attempt) for task in claimed}:
+            # (A set of the claim's tasks only when some cancel was heard: 0.8% of a
+            # draining worker's CPU for an empty intersection, py-spy.)
+            if state.cancels_named and state.cancels_named.keys() & {
+                (task.id, task.attempt) for task in claimed
+            }:
                 # Cancelled, and heard of, before this claim's answer came: stopped at once.
                 state.cancel_heard.set()
         if claimed:  # (none: nothing was due, or the lease had run out)
@@ -360,12 +366,15 @@ class Runner:
         return claimed, due
 
     def _time_to(self, due: NextDue) -> float:
-        """Seconds until the next task is due by the database's clock, capped by polling."""
+        """Seconds until the next task is due by the database's clock, capped by polling,
+        from now: the claim's `now` was the database's when the claim began, about when it
+        was sent, so the time its answer took to come back is already gone. (Counted from
+        the answer, every wake-up was late by the claim's whole round trip.)"""
         wait_s = self.settings.poll_interval_s
         if due.wait_s is not None:
             wait_s = min(max(0.0, due.wait_s), wait_s)
         self.wakeup.sleep_until = due.now_s + wait_s
-        return wait_s
+        return max(0.0, wait_s - (time.monotonic() - self._claim_sent_at))
 
     # --- start -------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from functions.model import (
     BulkAction,
     CatchUp,
     ErrorGroup,
+    ListedTask,
     NewTask,
     Outcome,
     Schedule,
@@ -158,6 +159,14 @@ def _task(row: Any) -> Task:
         worker=row.worker,
         running_since=_utc(row.running_since),
         lease_expires_at=_utc(row.lease_expires_at),
+    )
+
+
+def _listed(row: tuple[Any, ...]) -> ListedTask:
+    # The columns of queries.Listing.page, in order (tuples: a third of a namedtuple's cost).
+    task_id, kind, execute_at, finished_at, timeout_s, payload, _, head = row
+    return ListedTask(
+        task_id, kind, execute_at.replace(tzinfo=UTC), _utc(finished_at), timeout_s, payload, head
     )
 
 
@@ -364,7 +373,7 @@ def heard_cancel(payload: str) -> tuple[str, list[tuple[int, int]] | None]:
 
 
 # The key of a task in each order, as the store reads it (a datetime, or its id).
-_ORDER_KEYS: dict[SortKey, Callable[[Task], Any]] = {
+_ORDER_KEYS: dict[SortKey, Callable[[ListedTask], Any]] = {
     SortKey.ID: lambda task: task.id,
     SortKey.EXECUTE_AT: lambda task: task.execute_at,
     SortKey.FINISHED_AT: lambda task: task.finished_at,
@@ -756,9 +765,11 @@ class Store:
         limit: int,
         max_bytes: int,
         bounded: bool = True,
-    ) -> tuple[list[Task], bool, tuple[Any, int] | None]:
-        """Tasks `matching` in `order` (queries.listing), past `after` (the key, a datetime
-        or an id, and the id of the last task read before; None: from the start); whether
+    ) -> tuple[list[ListedTask], bool, tuple[Any, int] | None]:
+        """Tasks `matching` in `order` (queries.listing), as listed (ListedTask: their JSON
+        written by the database but for their timeout and payload), past `after` (the key,
+        a datetime or an id, and the id of the last task read before; None: from the
+        start); whether
         the reading stopped short of `limit` because the rows read held `max_bytes` (their
         payloads, outputs and errors as stored text, queries.STORED_BYTES): a page of large
         payloads is cut under its limit anyway (responses.page_json), and is not read whole
@@ -777,18 +788,16 @@ class Store:
                 bound = (found[0][0], found[0][1])
                 params.update(bound_key=bound[0], bound_id=bound[1])
         key = _ORDER_KEYS[listing.order.key]
-        rows: list[Task] = []
+        rows: list[ListedTask] = []
         held = 0
         chunk = min(limit, self.PAGE_CHUNK)
         while True:
             if after is not None:
                 params.update(after_key=after[0], after_id=after[1])
             sql = listing.page(after=after is not None, bounded=bound is not None)
-            [fetched] = await self._pinned(
-                (sql, {**params, "limit": chunk}), row_factory=namedtuple_row
-            )
-            rows += map(_task, fetched)
-            held += sum(row.stored_bytes for row in fetched)
+            [fetched] = await self._pinned((sql, {**params, "limit": chunk}))
+            rows += map(_listed, fetched)
+            held += sum(row[6] for row in fetched)
             if len(fetched) < chunk or len(rows) >= limit:
                 return rows, False, bound
             if held >= max_bytes:

@@ -29,6 +29,7 @@ from functions.model import (
     AttemptPage,
     BulkAction,
     ErrorGroup,
+    ListedTask,
     NewTask,
     Page,
     Position,
@@ -280,7 +281,7 @@ async def list_tasks(
     return Page(items=items, next_cursor=next_cursor, order=order)
 
 
-async def list_in_states(store: Store, states: Sequence[TaskState], limit: int) -> list[Task]:
+async def list_in_states(store: Store, states: Sequence[TaskState], limit: int) -> list[ListedTask]:
     """The first `limit` tasks in any of `states`, oldest first."""
     found, _, _ = await store.list_tasks(
         TaskFilter(states=tuple(states)),

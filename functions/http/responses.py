@@ -32,7 +32,7 @@ from functions.errors import (
     WrongState,
 )
 from functions.kinds import KINDS
-from functions.model import MAX_PAGE_BYTES, position_of
+from functions.model import MAX_PAGE_BYTES, ListedTask, position_of
 from functions.parsing import encode_cursor
 
 if TYPE_CHECKING:
@@ -105,6 +105,25 @@ def task_json(task: Task) -> bytes:
     return b"".join((head[:-1], b',"timeout_s":', "".join(tail).encode()))
 
 
+def listed_json(item: ListedTask) -> bytes:
+    """`task_json` of a listed task: the JSON the database wrote of its fields
+    (queries.LISTED_JSON, the same bytes) and the timeout and payload as `task_json`
+    writes them."""
+    if item.timeout_s is None and item.payload is None:
+        return (item.head + _NOTHING_AFTER).encode()
+    shown_one = shown(item.kind, item.payload)
+    tail = _dumps(item.timeout_s), ',"payload":', _dumps(shown_one), "}"
+    return "".join((item.head, ',"timeout_s":', *tail)).encode()
+
+
+# The end of a task's JSON without a timeout or a payload (most tasks).
+_NOTHING_AFTER = ',"timeout_s":null,"payload":null}'
+
+
+def _item_json(item: Task | ListedTask) -> bytes:
+    return listed_json(item) if isinstance(item, ListedTask) else task_json(item)
+
+
 def plain_task_json(task: Task) -> bytes:
     """`task_json` by the json module alone (a unit test holds the two equal)."""
     fields = task_fields(task)
@@ -132,14 +151,14 @@ def enveloped_size(text: bytes) -> int:
     return len(json.dumps(text.decode())) - 2
 
 
-def _fitting(items: list[Task]) -> list[bytes]:
+def _fitting(items: list[Task] | list[ListedTask]) -> list[bytes]:
     """The JSON of `items`, from the first, while they fit in one answer of MAX_PAGE_BYTES
     measured as Lambda's response envelope holds them (`enveloped_size`: a page of 5 MB of
     `"é"` payloads was 14.9 MB there, over Lambda's 6 MB limit); always the first."""
     out: list[bytes] = []
     size = _PAGE_ROOM
     for task in items:
-        one = task_json(task)
+        one = _item_json(task)
         size += enveloped_size(one) + 1
         if out and size > MAX_PAGE_BYTES:
             break
@@ -159,7 +178,7 @@ def page_json(page: Page) -> bytes:
     )
 
 
-def list_json(items: list[Task]) -> bytes:
+def list_json(items: list[Task] | list[ListedTask]) -> bytes:
     """Tasks as a JSON array, at most MAX_PAGE_BYTES: the first of `items` that fit."""
     return b"".join((b"[", b",".join(_fitting(items)), b"]"))
 

@@ -11,12 +11,15 @@ from pydantic import BaseModel
 
 app = FastAPI()
 
+# A task as the bench's are answered (a `baz` created ahead of its time): every field of
+# the API's answer (responses.task_fields), in its order, so the page of 100 is as many
+# bytes as `taskrunner api`'s (45 KB).
 TASK: dict[str, Any] = {
     "id": 1,
     "type": "baz",
     "state": "scheduled",
-    "execute_at": "2026-11-28T10:00:00Z",
-    "next_attempt_at": "2026-11-28T10:00:00Z",
+    "execute_at": "2026-11-28T10:00:00.654321Z",
+    "next_attempt_at": "2026-11-28T10:00:00.654321Z",
     "created_at": "2026-11-28T09:00:00.123456Z",
     "started_at": None,
     "finished_at": None,
@@ -25,6 +28,14 @@ TASK: dict[str, Any] = {
     "output": None,
     "error": None,
     "idempotency_key": None,
+    "schedule": None,
+    "scheduled_for": None,
+    "priority": 0,
+    "worker": None,
+    "running_since": None,
+    "lease_expires_at": None,
+    "timeout_s": None,
+    "payload": None,
 }
 
 

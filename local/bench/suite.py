@@ -17,6 +17,9 @@ from local.bench.scenarios import Bench
 SCENARIOS = ("drain", "payload-drain", "burst", "warm-burst", "fanout", "share", "lateness", "wake",
              "schedules", "cancel", "create", "payload-create", "api", "stats", "find", "soak",
              "cold-start")  # fmt: skip
+# Start lateness p99 for one worker (issue 25): at most this, or twice a NOTIFY's trip p99
+# measured in the same run where that is more (a busy machine).
+LATENESS_MS = 2.0
 # The payload scenarios' payload: a user's typical task data.
 PAYLOAD_BYTES = 1024
 
@@ -112,17 +115,18 @@ def run(
             )  # fmt: skip
 
         if want("lateness"):
-            p50, p99 = bench.lateness_future()
-            figures.append(
-                Figure("lateness, future task, p99", p99, "ms", "<= 5 ms", p99 <= 5, None,
-                       f"p50 {p50:.1f} ms")
-            )  # fmt: skip
-            notify = bench.raw_notify_ms()
-            p50, p99 = bench.lateness_now()
-            figures.append(
-                Figure("lateness, due on creation, p99", p99, "ms", "<= 5 ms", p99 <= 5, notify,
-                       f"p50 {p50:.1f} ms; raw: NOTIFY trip p99")
-            )  # fmt: skip
+            # Each beside a NOTIFY's trip measured just before it: on a busy machine the
+            # goal is twice that, where it is more than 2 ms.
+            for name, lateness in (("future task", bench.lateness_future),
+                                   ("due on creation", bench.lateness_now)):  # fmt: skip
+                notify = bench.raw_notify_ms()
+                p50, p99 = lateness()
+                allowed = max(LATENESS_MS, 2 * notify)
+                figures.append(
+                    Figure(f"lateness, {name}, p99", p99, "ms",
+                           f"<= {LATENESS_MS:g} ms or 2x NOTIFY p99", p99 <= allowed, notify,
+                           f"p50 {p50:.1f} ms; raw: NOTIFY trip p99")
+                )  # fmt: skip
 
         if want("wake"):
             p50, p99 = bench.wake()

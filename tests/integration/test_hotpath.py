@@ -215,6 +215,32 @@ async def test_reading_a_task_answers_alike(pair: Pair) -> None:
     assert shown.json()["id"] == task_id
 
 
+async def test_listing_tasks_answers_alike(pair: Pair, sql: Any) -> None:
+    """The first page, which the hot path serves when its query holds a plain `limit` at
+    most, and every other query, which the FastAPI route reads."""
+    items = [{"type": "baz", "execute_at": 0}, {"type": "foo", "execute_at": 1893499200.5}]
+    await pair.served.post("/tasks/batch", json={"tasks": items * 3}, headers=AUTH)
+    sql("UPDATE tasks SET state = 'failed', attempts = 1, finished_at = now(), error = 'é\n'"
+        " WHERE kind = 'foo'")  # fmt: skip
+    for query in ("", "?limit=1", "?limit=5", "?limit=6", "?limit=7", "?limit=100",
+                  "?limit=1000"):  # fmt: skip
+        page = await pair.both("GET", f"/tasks{query}", headers=AUTH)
+        assert page.status_code == 200
+    assert [t["id"] for t in page.json()["items"]] == sorted(
+        (t["id"] for t in page.json()["items"]), reverse=True
+    )
+    assert len(page.json()["items"]) == 6
+    cursor = (await pair.served.get("/tasks?limit=5", headers=AUTH)).json()["next_cursor"]
+    assert cursor is not None
+    for query in ("?limit=0", "?limit=1001", "?limit=01", "?limit=+5", "?limit=5.0",
+                  "?limit=", "?limit=1&limit=2", "?limit=\uff15", "?limit=99999",
+                  "?limit=5&state=failed", "?state=failed", "?type=foo&limit=2", "?sort=id",
+                  f"?limit=1&cursor={cursor}", f"?cursor={cursor}", "?cursor=x", "?x=1",
+                  "?limit=5&"):  # fmt: skip
+        await pair.both("GET", f"/tasks{query}", headers=AUTH)
+    assert (await pair.both("GET", "/tasks?limit=5")).status_code == 401
+
+
 async def test_cancelling_a_task_answers_alike(pair: Pair, sql: Any) -> None:
     ids = []
     for _ in range(3):
@@ -281,8 +307,10 @@ async def test_the_hot_path_does_not_build_the_fastapi_app(settings: Settings) -
             assert batch.status_code == 201
             cancelled = await client.post(f"{created.headers['location']}/cancel")
             assert cancelled.json() == {**shown.json(), **cancelled.json(), "state": "cancelled"}
+            for query in ("", "?limit=1", "?limit=1000"):
+                assert (await client.get(f"/tasks{query}")).status_code == 200
             assert built == []
-            assert (await client.get("/tasks")).status_code == 200
+            assert (await client.get("/tasks?state=failed")).status_code == 200
             assert built == [True]
     finally:
         await store.database.dispose()

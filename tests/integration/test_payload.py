@@ -151,13 +151,13 @@ async def test_a_list_of_large_payloads_stays_under_5_mb_and_its_cursor_goes_on(
     big = sized(LIMIT)
     # The rows each page read: not all 1,001 its limit allows, but a chunk that held 5 MB.
     read_rows: list[int] = []
-    as_task = store_module._task
+    as_listed = store_module._listed
 
     def counted(row: Any) -> Any:
         read_rows[-1] += 1
-        return as_task(row)
+        return as_listed(row)
 
-    monkeypatch.setattr(store_module, "_task", counted)
+    monkeypatch.setattr(store_module, "_listed", counted)
     ids: list[int] = []
     for _ in range(4):
         items = [{"type": "baz", "execute_at": 0, "payload": big}] * 50
