@@ -12,7 +12,7 @@ a large burst as well, then `taskrunner prune --older-than` of the oldest finish
 a trickle of tasks due beside it (their lateness), the table's size once autovacuum has been,
 and the worker's and API's peak memory.
 
-`TASKRUNNER_BENCH_SCALE_ROWS` (comma-separated) picks other table sizes, e.g. `10000,1000000`
+`BENCH_SCALE_ROWS` (comma-separated) picks other table sizes, e.g. `10000,1000000`
 to leave out the 10,000,000 (about 10 minutes of loading alone on 2 cores).
 """
 
@@ -72,7 +72,7 @@ class Measures:
 
 
 def rows_to_measure(bench: Bench) -> tuple[int, ...]:
-    chosen = os.environ.get("TASKRUNNER_BENCH_SCALE_ROWS")
+    chosen = os.environ.get("BENCH_SCALE_ROWS")
     if chosen:
         return tuple(int(part.replace("_", "")) for part in chosen.split(","))
     return bench.sizes.scale_rows
@@ -198,6 +198,15 @@ def _lateness(bench: Bench, n: int) -> float:
 
 
 def _lateness_since(bench: Bench, first_id: int) -> float:
+    """p99 (ms) of start lateness of the tasks from `first_id` on, once all have started."""
+
+    def started() -> int:
+        [(waiting,)] = bench.sql(
+            "SELECT count(*) FROM tasks WHERE id >= %s AND started_at IS NULL", first_id
+        )
+        return int(waiting == 0)
+
+    wait_until(started, 1, "the tasks timed to start", 120)
     rows = bench.sql(
         f"SELECT extract(epoch FROM started_at - {queries.BECAME_DUE}) * 1000 FROM tasks"
         " WHERE id >= %s",
