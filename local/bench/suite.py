@@ -23,6 +23,14 @@ NAMED_ONLY = ("scale",)
 PAYLOAD_BYTES = 1024
 
 
+def wanted(name: str, only: Collection[str] | None) -> bool:
+    """Whether the run picks scenario `name`: those in `only`, or with none named, every one
+    but NAMED_ONLY's."""
+    if only is None:
+        return name not in NAMED_ONLY
+    return name in only
+
+
 def run(
     server_url: str,
     *,
@@ -43,9 +51,7 @@ def run(
     notify: float | None = None  # a NOTIFY's trip, p99 (ms): the raw beside two lateness figures
 
     def want(name: str) -> bool:
-        if only is None:
-            return name not in NAMED_ONLY
-        return name in only
+        return wanted(name, only)
 
     try:
         if want("drain"):
