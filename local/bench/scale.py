@@ -151,13 +151,14 @@ def _per_second(bench: Bench, first_id: int, last_id: int) -> Drain:
     return average, float(whole[0]), float(min(whole)), float(whole[-1]), curve
 
 
-def _burst(bench: Bench, n: int, api_url: str) -> tuple[int, Drain]:
-    """`n` baz due at one instant, created through POST /tasks/batch ahead of it: the drain's
-    rates (_per_second)."""
+def _burst(bench: Bench, n: int, api_url: str, create_per_s: float) -> tuple[int, Drain]:
+    """`n` baz due at one instant, created through POST /tasks/batch ahead of it (at
+    `create_per_s`, as measured just before, with a margin): the drain's rates (_per_second)."""
     [(first,)] = bench.sql("SELECT coalesce(max(id), 0) + 1 FROM tasks")
-    # Due once they are all created (~100,000/s), so the drain starts on the whole burst.
+    # Due once they are all created, so the drain starts on the whole burst (a fixed 40,000/s
+    # was too fast a guess on a loaded machine: the drain started before the last was made).
     [(db_now,)] = bench.sql("SELECT extract(epoch FROM now())")
-    due = float(db_now) + 2 + n / 40_000
+    due = float(db_now) + 2 + n / (0.7 * create_per_s)
 
     async def post() -> None:
         conn = await load.HttpConnection.open(api_url)
@@ -303,9 +304,9 @@ def measure(bench: Bench, rows: int, *, big: bool) -> Measures:
         found.stats_p50, found.stats_p99 = percentile(times, 50), percentile(times, 99)
 
         found.lateness_p99 = _lateness(bench, sizes.lateness_tasks)
-        found.burst = _burst(bench, sizes.scale_burst, api_url)
+        found.burst = _burst(bench, sizes.scale_burst, api_url, found.create_batch)
         if big and sizes.scale_big_burst:
-            found.big_burst = _burst(bench, sizes.scale_big_burst, api_url)
+            found.big_burst = _burst(bench, sizes.scale_big_burst, api_url, found.create_batch)
         found.prune = _prune(bench, min(sizes.scale_prune, rows // 10))
         found.worker_mb = peak_rss_mb(worker.pid)
         found.api_mb = peak_rss_mb(api.pid)
