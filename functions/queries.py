@@ -1475,11 +1475,24 @@ SELECT 1
 # What /stats reads, in one read-only transaction (one snapshot). Each is bounded by an
 # index or a cap, so a table of a million finished tasks answers as fast as an empty one
 # (the `stats` scenario of `taskrunner bench`):
-# - scheduled and running by kind: exact, through their partial indexes;
+# - running by kind: exact, through its partial index; scheduled by kind: exact while no more
+#   than `exact` are scheduled, read through their partial index (`tasks_scheduled_id`), else
+#   left to the sample below (a count of a million scheduled tasks read them all: 123 ms at
+#   500,000, growing with them). The row of no state says how many scheduled tasks were seen,
+#   `exact` + 1 at most, and never more rows than that are read to decide.
 STATS_ACTIVE_COUNTS = """
-SELECT state, kind, count(*) FROM tasks WHERE state = 'scheduled' GROUP BY 1, 2
+WITH seen AS MATERIALIZED (
+    SELECT count(*) AS n FROM (
+        SELECT FROM tasks WHERE state = 'scheduled' LIMIT CAST(%(exact)s AS bigint) + 1
+    ) AS upto
+)
+SELECT state, kind, count(*) FROM tasks
+WHERE state = 'scheduled' AND (SELECT n FROM seen) <= CAST(%(exact)s AS bigint)
+GROUP BY 1, 2
 UNION ALL
 SELECT state, kind, count(*) FROM tasks WHERE state = 'running' GROUP BY 1, 2
+UNION ALL
+SELECT '', '', n FROM seen
 """
 # - the table's size, to choose between counting finished tasks and estimating them: its
 #   pages now, and the rows per page when it was last analyzed; and its live rows, as the
@@ -1491,14 +1504,15 @@ SELECT pg_relation_size('tasks') / current_setting('block_size')::int AS pages,
 FROM pg_class WHERE oid = 'tasks'::regclass
 """
 # - finished tasks by state and kind, exactly (a small table) or in a sample of `percent` of
-#   its pages (TABLESAMPLE SYSTEM reads only the pages it picks), scaled up (report.py);
+#   its pages (TABLESAMPLE SYSTEM reads only the pages it picks), scaled up (report.py); the
+#   sample's scheduled tasks too, for when there are too many to count;
 STATS_FINISHED_COUNTS = """
 SELECT state, kind, count(*) FROM tasks
 WHERE state IN ('succeeded', 'failed', 'cancelled') GROUP BY 1, 2
 """
 STATS_FINISHED_SAMPLE = """
 SELECT state, kind, count(*) FROM tasks TABLESAMPLE SYSTEM (CAST(%(percent)s AS float4))
-WHERE state IN ('succeeded', 'failed', 'cancelled') GROUP BY 1, 2
+WHERE state IN ('scheduled', 'succeeded', 'failed', 'cancelled') GROUP BY 1, 2
 """
 # When a due task became due, as start lateness counts it: a task created with
 # `execute_at: 0` has waited since it was created, not for 56 years (BECAME_DUE), and one

@@ -2,10 +2,10 @@
 instance.
 
 - Counts by state and kind come from the tasks table: exact where an index holds them
-  (scheduled, running, due), and for the finished states exact while the table is small,
-  estimated once a count would read more than `EXACT_UP_TO` rows (`estimated` names them):
-  their total from the table's live rows, as the server counts them, shared out among
-  states and kinds as in a sample of its pages.
+  (running, due; scheduled while no more than `SCHEDULED_EXACT_UP_TO` are), and for the
+  finished states exact while the table is small, estimated once a count would read more
+  than `EXACT_UP_TO` rows (`estimated` names them): their total from the table's live rows,
+  as the server counts them, shared out among states and kinds as in a sample of its pages.
 - Throughput and lateness come from `task_activity`: 10-second buckets by task type that
   workers and ticks add to as they claim and record (functions/counters.py), so reading the
   last hour is reading 360 small rows a type, however many tasks that hour ran (and pruning
@@ -37,6 +37,11 @@ from functions.store import StatsRows, Store
 # from a sample of about SAMPLE_ROWS rows.
 EXACT_UP_TO = 200_000
 SAMPLE_ROWS = 20_000
+# On a table that large, scheduled tasks are counted exactly while no more than this many are
+# (about what the sample reads), estimated beyond with the finished ones (a count of 500,000
+# scheduled tasks took 123 ms of every /stats, and grew with them). Due and running tasks are
+# always counted: the figures that say whether workers keep up.
+SCHEDULED_EXACT_UP_TO = 10_000
 # A sample that finds no finished task where the server counts some is taken again, wider,
 # while it reads no more than this many rows: never more than a count at EXACT_UP_TO costs.
 WIDEST_SAMPLE_ROWS = 200_000
@@ -149,6 +154,13 @@ _FINISHED = frozenset(
 )
 
 
+def _sampled_states(rows: StatsRows) -> frozenset[str]:
+    """The states whose counts are a sample's (empty: none)."""
+    if not rows.sampled_percent:
+        return frozenset()
+    return _FINISHED | {"scheduled"} if rows.scheduled_estimated else _FINISHED
+
+
 def _finished_scale(rows: StatsRows) -> float:
     """What the finished counts of a sample of the table's pages are multiplied by.
 
@@ -160,8 +172,9 @@ def _finished_scale(rows: StatsRows) -> float:
     the share of each state and kind in the sample is steady. By pages alone still where
     the server keeps no statistics (`track_counts` off) or they disagree with the sample.
     """
-    sampled = sum(n for state, _, n in rows.counts if state in _FINISHED)
-    active = sum(n for state, _, n in rows.counts if state not in _FINISHED)
+    sampled_states = _sampled_states(rows)
+    sampled = sum(n for state, _, n in rows.counts if state in sampled_states)
+    active = sum(n for state, _, n in rows.counts if state not in sampled_states)
     if sampled and rows.live_rows > active:
         return (rows.live_rows - active) / sampled
     assert rows.sampled_percent
@@ -196,6 +209,7 @@ async def read_stats(store: Store, *, totals: bool = False) -> Stats:
         exact_up_to=EXACT_UP_TO,
         sample_rows=SAMPLE_ROWS,
         widest_rows=WIDEST_SAMPLE_ROWS,
+        scheduled_exact_up_to=SCHEDULED_EXACT_UP_TO,
         totals=totals,
     )
     return stats_from(rows)
@@ -232,9 +246,14 @@ def stats_from(rows: StatsRows) -> Stats:
     """Make what /stats and /metrics report of the rows read for it (Store.stats_rows)."""
     counts = {state.value: dict.fromkeys(sorted(KINDS), 0) for state in TaskState}
     scale = _finished_scale(rows) if rows.sampled_percent else 1.0
+    sampled_states = _sampled_states(rows)
     for state, kind, n in rows.counts:
         by_kind = counts[state]
-        by_kind[kind] = by_kind.get(kind, 0) + (round(n * scale) if state in _FINISHED else n)
+        by_kind[kind] = by_kind.get(kind, 0) + (round(n * scale) if state in sampled_states else n)
+    if rows.scheduled_estimated:
+        # Never fewer scheduled than are due, which is exact.
+        for kind, due, _ in rows.due_by_kind:
+            counts["scheduled"][kind] = max(counts["scheduled"].get(kind, 0), due)
 
     now_s = rows.now_s
     last_minute = dict.fromkeys(OUTCOMES, 0)
@@ -289,7 +308,7 @@ def stats_from(rows: StatsRows) -> Stats:
         )
     return Stats(
         counts=counts,
-        estimated=sorted(_FINISHED) if rows.sampled_percent else [],
+        estimated=sorted(sampled_states),
         due=rows.due,
         oldest_due_age_s=max(0.0, rows.oldest_due_age_s or 0.0),
         workers=rows.workers,

@@ -102,7 +102,8 @@ class Result(NamedTuple):
 class StatsRows:
     """What /stats is computed from (functions/report.py)."""
 
-    # (state, kind, count); finished states' counts are from a sample when `sampled_percent`.
+    # (state, kind, count); finished states' counts are from a sample when `sampled_percent`,
+    # and scheduled ones too when `scheduled_estimated`.
     counts: list[tuple[str, str, int]]
     sampled_percent: float | None
     # The table's live rows as the server's statistics count them (0 without statistics).
@@ -120,6 +121,7 @@ class StatsRows:
     due_by_kind: list[tuple[str, int, bool]] = field(default_factory=list)
     # queries.STATS_TOTALS's rows, when asked for (/metrics).
     totals: list[tuple[Any, ...]] = field(default_factory=list)
+    scheduled_estimated: bool = False
 
 
 @dataclass(frozen=True)
@@ -1352,10 +1354,18 @@ class Store:
         return released
 
     async def stats_rows(
-        self, *, exact_up_to: int, sample_rows: int, widest_rows: int, totals: bool = False
+        self,
+        *,
+        exact_up_to: int,
+        sample_rows: int,
+        widest_rows: int,
+        scheduled_exact_up_to: int,
+        totals: bool = False,
     ) -> StatsRows:
         """The rows /stats is made of (queries.STATS_*), in one snapshot but the sample's;
-        and the running totals, for /metrics, when `totals`."""
+        and the running totals, for /metrics, when `totals`. Scheduled tasks are counted
+        exactly on a table small enough to count, and while no more than
+        `scheduled_exact_up_to` are scheduled; otherwise in the sample."""
         [(pages, rows_per_page, live_rows)] = await self._all(queries.STATS_TABLE_SIZE, tuple_row)
         # A table never analyzed has no rows-per-page figure: ~100 fit a page of tasks.
         rows = int(pages * (rows_per_page or 100))
@@ -1367,7 +1377,11 @@ class Store:
         )
         async with self.database.connection() as conn:
             statements: list[tuple[str, dict[str, Any]]] = [
-                (queries.STATS_ACTIVE_COUNTS, {}),
+                # (A table counted whole counts its scheduled tasks whole too.)
+                (
+                    queries.STATS_ACTIVE_COUNTS,
+                    {"exact": exact_up_to if percent >= 100.0 else scheduled_exact_up_to},
+                ),
                 finished,
                 (queries.STATS_DUE_AND_WORKERS, {}),
                 (queries.STATS_ACTIVITY, {}),
@@ -1391,6 +1405,11 @@ class Store:
             active, finished_rows, [due], activity, due_by_kind, *total_rows = [
                 await c.fetchall() for c in cursors
             ]
+        [scheduled_seen] = [n for state, _, n in active if not state]
+        active = [row for row in active if row[0]]
+        scheduled_estimated = percent < 100.0 and scheduled_seen > scheduled_exact_up_to
+        if not scheduled_estimated:
+            finished_rows = [row for row in finished_rows if row[0] != "scheduled"]
         # A sample of a few pages can miss every finished row of a drained table (most pages
         # dead, the live ones few): the server counts them, so sample again, eight times
         # wider, while the sample reads at most `widest_rows` rows, rather than report none.
@@ -1404,9 +1423,12 @@ class Store:
             finished_rows = await self._all(
                 queries.STATS_FINISHED_SAMPLE, tuple_row, percent=percent
             )
+            if not scheduled_estimated:
+                finished_rows = [row for row in finished_rows if row[0] != "scheduled"]
         return StatsRows(
             counts=[*active, *finished_rows],
             sampled_percent=None if percent >= 100.0 else percent,
+            scheduled_estimated=scheduled_estimated and percent < 100.0,
             live_rows=live_rows,
             due=due[0],
             oldest_due_age_s=due[1],

@@ -61,6 +61,13 @@ class Sizes:
     share_tasks: int
     # Cancel: running foo, spread over the workers, each cancelled by its own request.
     cancel_tasks: int
+    # Scale (local/bench/scale.py): the tables measured, by their rows (9 in 10 finished, run
+    # by a worker; 1 in 10 scheduled over 30 days); the burst drained at each, and the large
+    # burst drained beside it on the largest; the finished tasks pruned at most.
+    scale_rows: tuple[int, ...] = ()
+    scale_burst: int = 0
+    scale_big_burst: int = 0
+    scale_prune: int = 0
 
     @classmethod
     def choose(cls, *, quick: bool, tasks: int | None) -> Sizes:
@@ -84,10 +91,16 @@ class Sizes:
                 20_000,
                 400,
                 200,
+                scale_rows=(2_000, 50_000),
+                scale_burst=5_000,
+                scale_big_burst=20_000,
+                scale_prune=10_000,
             )
         return cls(
             tasks or 200_000, (50_000, 10_000), 10_000, 400, 20_000, 10,
             10, 1_000_000, 330, 120, 30, 1_000, 11, 100_000, 5_000, 1_000_000, 1_000, 1_000,
+            scale_rows=(10_000, 1_000_000, 10_000_000), scale_burst=100_000,
+            scale_big_burst=2_000_000, scale_prune=1_000_000,
         )  # fmt: skip
 
 

@@ -425,14 +425,7 @@ class Bench(Harness):
             wait_until(lambda: self.done(n), n, "stats, running the tasks", 900)
             self.check_all_succeeded(n)
             api_url, _ = self.api()
-            times = []
-            # 200, so that the p99 is not simply the slowest (the first, which opens the
-            # API's connection).
-            for _ in range(200):
-                started = time.perf_counter()
-                with urllib.request.urlopen(f"{api_url}/stats", timeout=10) as response:
-                    stats = json.loads(response.read())
-                times.append((time.perf_counter() - started) * 1000)
+            times, stats = stats_times(api_url)
             finished = sum(stats["counts"]["succeeded"].values())
             if abs(finished - n) > 0.1 * n:
                 raise RuntimeError(f"/stats counted {finished} succeeded of {n}")
@@ -474,35 +467,7 @@ class Bench(Harness):
                 pass
             [(error,)] = self.sql("SELECT error FROM tasks WHERE state = 'failed' LIMIT 1")
             middle = datetime.fromtimestamp(now, UTC).isoformat()
-            cases = {
-                "newest first": "", "type": "type=bar", "2 types": "type=bar&type=foo",
-                "state failed": "state=failed", "state succeeded": "state=succeeded",
-                "state scheduled": "state=scheduled", "state cancelled": "state=cancelled",
-                "2 states": "state=failed&state=cancelled",
-                "state running (none)": "state=running",
-                "created_after": f"created_after={quote(middle)}",
-                "created_before": f"created_before={quote(middle)}",
-                "execute_after": f"execute_after={quote(middle)}",
-                "execute_before": f"execute_before={quote(middle)}",
-                "finished_after": f"finished_after={quote(middle)}",
-                "finished_before": f"finished_before={quote(middle)}",
-                "error": f"error={quote(str(error)[:12].lower())}",
-                "error (none)": "error=no%20such%20error",
-                "schedule (none)": "schedule=nightly",
-                "payload": "payload=" + quote('{"to":"user7@example.com"}'),
-                **{f"sort={s}": f"sort={s}" for s in
-                   ("id", "execute_at", "-execute_at", "finished_at", "-finished_at")},
-            }  # fmt: skip
-            found = []
-            for name, query in cases.items():
-                url = f"{api_url}/tasks?limit=100&{query}"
-                times = []
-                for _ in range(1 + int(self.sizes.load_s * 20)):  # (the first connects)
-                    started = time.perf_counter()
-                    with urllib.request.urlopen(url, timeout=30) as response:
-                        response.read()
-                    times.append((time.perf_counter() - started) * 1000)
-                found.append((name, percentile(times[1:], 99)))
+            found = page_p99s(api_url, list_cases(middle, str(error)), self.sizes.load_s)
         return found, n
 
     def _due_left(self) -> int:
@@ -576,6 +541,61 @@ class Bench(Harness):
                     totals.append(json.loads(out.stdout.splitlines()[-1])["total_ms"])
                 medians.append(statistics.median(totals))
         return medians[0], medians[1], medians[2], where
+
+
+def stats_times(api_url: str, requests: int = 200) -> tuple[list[float], Any]:
+    """Milliseconds of each of `requests` GET /stats, one after another, and the last answer.
+    200 by default, so that the p99 is not simply the slowest (the first, which opens the
+    API's connection)."""
+    times = []
+    stats = None
+    for _ in range(requests):
+        started = time.perf_counter()
+        with urllib.request.urlopen(f"{api_url}/stats", timeout=30) as response:
+            stats = json.loads(response.read())
+        times.append((time.perf_counter() - started) * 1000)
+    return times, stats
+
+
+def list_cases(middle: str, error: str) -> dict[str, str]:
+    """The query of each filter and order of GET /tasks that `find` times, by name: the times
+    filters split at `middle` (ISO 8601), the error filter looks for `error`'s start."""
+    return {
+        "newest first": "", "type": "type=bar", "2 types": "type=bar&type=foo",
+        "state failed": "state=failed", "state succeeded": "state=succeeded",
+        "state scheduled": "state=scheduled", "state cancelled": "state=cancelled",
+        "2 states": "state=failed&state=cancelled",
+        "state running (none)": "state=running",
+        "created_after": f"created_after={quote(middle)}",
+        "created_before": f"created_before={quote(middle)}",
+        "execute_after": f"execute_after={quote(middle)}",
+        "execute_before": f"execute_before={quote(middle)}",
+        "finished_after": f"finished_after={quote(middle)}",
+        "finished_before": f"finished_before={quote(middle)}",
+        "error": f"error={quote(error[:12].lower())}",
+        "error (none)": "error=no%20such%20error",
+        "schedule (none)": "schedule=nightly",
+        "payload": "payload=" + quote('{"to":"user7@example.com"}'),
+        **{f"sort={s}": f"sort={s}" for s in
+           ("id", "execute_at", "-execute_at", "finished_at", "-finished_at")},
+    }  # fmt: skip
+
+
+def page_p99s(api_url: str, cases: dict[str, str], load_s: float) -> list[tuple[str, float]]:
+    """p99 (ms) of the first page (100) of GET /tasks under each of `cases`, by name: 1 +
+    20 requests per second of `load_s`, one after another (the first, which connects, not
+    counted)."""
+    found = []
+    for name, query in cases.items():
+        url = f"{api_url}/tasks?limit=100&{query}"
+        times = []
+        for _ in range(1 + int(load_s * 20)):
+            started = time.perf_counter()
+            with urllib.request.urlopen(url, timeout=30) as response:
+                response.read()
+            times.append((time.perf_counter() - started) * 1000)
+        found.append((name, percentile(times[1:], 99)))
+    return found
 
 
 def _post(url: str, body: object) -> Any:

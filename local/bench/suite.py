@@ -8,7 +8,7 @@ import sys
 from collections.abc import Collection
 
 from functions.errors import TaskrunnerError
-from local.bench import load
+from local.bench import load, scale
 from local.bench.figures import Figure
 from local.bench.harness import Sizes
 from local.bench.scenarios import Bench
@@ -16,12 +16,22 @@ from local.bench.scenarios import Bench
 # The scenarios `taskrunner bench --only` can pick, in the order they run.
 SCENARIOS = ("drain", "payload-drain", "burst", "warm-burst", "fanout", "share", "lateness", "wake",
              "schedules", "cancel", "create", "payload-create", "api", "stats", "find", "soak",
-             "cold-start")  # fmt: skip
+             "cold-start", "scale")  # fmt: skip
+# Run only when named (`--only scale`): loading its 10,000,000 rows alone takes minutes.
+NAMED_ONLY = ("scale",)
 # Start lateness p99 for one worker (issue 25): at most this, or twice a NOTIFY's trip p99
 # measured in the same run where that is more (a busy machine).
 LATENESS_MS = 2.0
 # The payload scenarios' payload: a user's typical task data.
 PAYLOAD_BYTES = 1024
+
+
+def wanted(name: str, only: Collection[str] | None) -> bool:
+    """Whether the run picks scenario `name`: those in `only`, or with none named, every one
+    but NAMED_ONLY's."""
+    if only is None:
+        return name not in NAMED_ONLY
+    return name in only
 
 
 def run(
@@ -44,7 +54,7 @@ def run(
     notify: float | None = None  # a NOTIFY's trip, p99 (ms): the raw beside two lateness figures
 
     def want(name: str) -> bool:
-        return only is None or name in only
+        return wanted(name, only)
 
     try:
         if want("drain"):
@@ -233,6 +243,9 @@ def run(
                 Figure("cold start, tick: import + a tick, nothing due", tick_ms, "ms", "<= 250 ms",
                        tick_ms <= 250, floor_ms, note)
             )  # fmt: skip
+
+        if want("scale"):
+            figures += scale.run(bench)
     finally:
         bench.procs.stop_all()
     return figures

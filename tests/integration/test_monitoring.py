@@ -318,6 +318,49 @@ async def test_a_drained_table_is_estimated_from_its_live_rows(
         assert abs(succeeded["foo"] - n / 4) < 0.1 * n / 4, succeeded
 
 
+async def test_many_scheduled_tasks_are_estimated_and_the_due_ones_counted(
+    client: httpx.AsyncClient, sql: Sql, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 30,000 succeeded and 20,000 scheduled tomorrow, mixed on every page (3 baz to 1 foo),
+    # then 500 foo due: past SCHEDULED_EXACT_UP_TO, the scheduled ones are a sample's, the
+    # due ones still counted.
+    n = 50_000
+    sql(
+        "INSERT INTO tasks (kind, state, execute_at, attempts, started_at, finished_at)"
+        " SELECT CASE WHEN n %% 4 = 0 THEN 'foo' ELSE 'baz' END, s.state,"
+        " now() + CASE WHEN s.state = 'scheduled' THEN interval '1 day' ELSE '0' END,"
+        " CASE WHEN s.state = 'scheduled' THEN 0 ELSE 1 END,"
+        " CASE WHEN s.state = 'scheduled' THEN NULL ELSE now() END,"
+        " CASE WHEN s.state = 'scheduled' THEN NULL ELSE now() END"
+        " FROM generate_series(1, %s) AS n, LATERAL (SELECT CAST(CASE WHEN n %% 5 < 2"
+        " THEN 'scheduled' ELSE 'succeeded' END AS text) AS state) AS s",
+        n,
+    )
+    sql(
+        "INSERT INTO tasks (kind, execute_at) SELECT 'foo', now() - interval '1 minute'"
+        " FROM generate_series(1, 500)"
+    )
+    deadline = time.monotonic() + 10
+    while sql("SELECT pg_stat_get_live_tuples('tasks'::regclass)") != [(n + 500,)]:
+        assert time.monotonic() < deadline, "the statistics never caught up"
+        time.sleep(0.1)
+    monkeypatch.setattr(report, "EXACT_UP_TO", 1_000)
+    monkeypatch.setattr(report, "SAMPLE_ROWS", 10_000)
+    # (raising=False: the same test, of a version without the setting, fails on its counts.)
+    monkeypatch.setattr(report, "SCHEDULED_EXACT_UP_TO", 20_500, raising=False)  # 1 more
+    got = (await client.get("/stats")).json()
+    assert got["estimated"] == ["cancelled", "failed", "succeeded"]
+    assert got["counts"]["scheduled"] == {"bar": 0, "baz": 15_000, "foo": 5_500, "http": 0}
+    monkeypatch.setattr(report, "SCHEDULED_EXACT_UP_TO", 20_499, raising=False)
+    got = (await client.get("/stats")).json()
+    assert got["estimated"] == ["cancelled", "failed", "scheduled", "succeeded"]
+    scheduled, succeeded = got["counts"]["scheduled"], got["counts"]["succeeded"]
+    assert abs(scheduled["baz"] - 15_000) < 1_500, scheduled
+    assert 500 <= scheduled["foo"] < 5_500 + 550, scheduled
+    assert abs(sum(scheduled.values()) + sum(succeeded.values()) - n - 500) <= 4, got["counts"]
+    assert got["due"] == 500
+
+
 @pytest.mark.parametrize(("widest_rows", "found"), [(200_000, True), (10, False)])
 async def test_a_sample_that_misses_every_finished_row_is_taken_again_wider(
     client: httpx.AsyncClient,
