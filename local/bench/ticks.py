@@ -92,6 +92,8 @@ class Outcome:
     ticks: int = 0
     idle_ticks: int = 0
     raised: int = 0
+    # POST /tasks/batch answered 503 (sent again: a batch may then be in the table twice).
+    refused: int = 0
     tick_errors: int = 0
     start_lag_p99_ms: float = 0.0
     xacts_per_tick: float = 0.0
@@ -297,20 +299,30 @@ class Sampler:
 # --- the creator ------------------------------------------------------------------------------
 
 
-async def _post_batch(api_url: str, times: list[float]) -> None:
+async def _post_batch(api_url: str, times: list[float], refused: list[int] | None = None) -> None:
+    """POST the tasks due at `times` as one batch; a 503 (the database's connections busy
+    past the API's bound) is sent again a second later, as a client does, and counted in
+    `refused` (none given: it fails)."""
     from local.bench.load import HttpConnection
 
-    conn = await HttpConnection.open(api_url)
-    try:
-        body = json.dumps({"tasks": [{"type": "baz", "execute_at": t} for t in times]}).encode()
-        status, text = await conn.post("/tasks/batch", body)
-        if status != 201:
+    body = json.dumps({"tasks": [{"type": "baz", "execute_at": t} for t in times]}).encode()
+    while True:
+        conn = await HttpConnection.open(api_url)
+        try:
+            status, text = await conn.post("/tasks/batch", body)
+        finally:
+            conn.close()
+        if status == 201:
+            return
+        if status != 503 or refused is None:
             raise RuntimeError(f"POST /tasks/batch answered {status}: {text[:200]!r}")
-    finally:
-        conn.close()
+        refused.append(1)
+        await asyncio.sleep(1.0)
 
 
-async def create_over(apis: list[str], sizes: TickSizes, first_due: float, skip: int) -> None:
+async def create_over(
+    apis: list[str], sizes: TickSizes, first_due: float, skip: int, refused: list[int]
+) -> None:
     """The tasks, batch by batch through the APIs in turn, each created AHEAD_S before its
     first task is due; their due times spread evenly over `sizes.spread_s` from `first_due`.
     The first `skip` batches were created already."""
@@ -324,7 +336,7 @@ async def create_over(apis: list[str], sizes: TickSizes, first_due: float, skip:
             due = first_due + start * step
             await asyncio.sleep(max(0.0, due - AHEAD_S - time.time()))
             count = min(sizes.batch, sizes.tasks - start)
-            await _post_batch(apis[which], [due + j * step for j in range(count)])
+            await _post_batch(apis[which], [due + j * step for j in range(count)], refused)
 
     await asyncio.gather(*(api(i) for i in range(len(apis))))
 
@@ -382,7 +394,9 @@ def run_fan_out(bench: Harness, sizes: TickSizes, fan_out: int) -> Outcome:
             totals_before = pooler_totals(admin, database)
             started = time.monotonic()
             with Sampler(bench.url, admin, [int(harness_pid)]) as sampler:
-                asyncio.run(create_over(apis, sizes, first_due, skip=1))
+                refused: list[int] = []
+                asyncio.run(create_over(apis, sizes, first_due, skip=1, refused=refused))
+                outcome.refused = len(refused)
                 # Until the last tick has ended; what it left is counted below, not waited
                 # for (a task claimed by a claim whose answer was lost, and not handed back,
                 # waits for the next tick after its lease, which never comes here).
@@ -424,13 +438,16 @@ def run_fan_out(bench: Harness, sizes: TickSizes, fan_out: int) -> Outcome:
         outcome.queries_per_tick = queries_ / max(1, outcome.ticks)
         waited_ms = (totals_after[2] - totals_before[2]) / 1000
         outcome.wait_per_tick_ms = waited_ms / max(1, outcome.ticks)
-        [(reruns, early, succeeded, running)] = bench.sql(
-            "SELECT count(*) FILTER (WHERE attempts > 1),"
+        [(created, reruns, early, succeeded, running)] = bench.sql(
+            "SELECT count(*), count(*) FILTER (WHERE attempts > 1),"
             " count(*) FILTER (WHERE started_at < execute_at),"
             " count(*) FILTER (WHERE state = 'succeeded'),"
             " count(*) FILTER (WHERE state = 'running') FROM tasks"
         )
         outcome.reruns, outcome.early = int(reruns), int(early)
+        if created != n:
+            outcome.notes.append(f"{created:,} tasks created (503s sent again)")
+            outcome.tasks = n = int(created)
         if int(succeeded) != n:
             outcome.notes.append(
                 f"{succeeded:,} of {n:,} succeeded, {running:,} left running by the last ticks"
@@ -500,7 +517,8 @@ def figures(bench: Harness, quick: bool) -> list[Figure]:
                    f" connections on average: {o.mean_running:.1f} running a statement,"
                    f" {o.mean_in_xact:.1f} idle in a transaction, {o.mean_on_lock:.2f} on a lock;"
                    f" {o.ticks:,} ticks, {o.idle_ticks:,} claimed nothing, {o.raised} raised,"
-                   f" {o.tick_errors} database errors retried; tick start lag p99"
+                   f" {o.tick_errors} database errors retried; POST /tasks/batch answered 503"
+                   f" {o.refused} times; tick start lag p99"
                    f" {o.start_lag_p99_ms:.0f} ms; CPU s: server {o.server_cpu_s:.1f}, ticks"
                    f" {o.drivers_cpu_s:.1f}, pgbouncer {o.pooler_cpu_s:.1f} in {o.seconds:.0f} s;"
                    f" load {o.load[0]:.1f}; {how}" + "".join(f"; {n}" for n in o.notes))
