@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -400,8 +401,14 @@ def run_fan_out(bench: Harness, sizes: TickSizes, fan_out: int) -> Outcome:
                 # Until the last tick has ended; what it left is counted below, not waited
                 # for (a task claimed by a claim whose answer was lost, and not handed back,
                 # waits for the next tick after its lease, which never comes here).
+                # The last ticks start `seconds` after the first, and each has its deadline.
+                until = started + seconds + TICK_TIMEOUT_S + 60
                 for proc in drivers:
-                    proc.wait(timeout=sizes.spread_s + TICK_TIMEOUT_S + 60)
+                    try:
+                        proc.wait(timeout=max(1.0, until - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        outcome.notes.append("ticks still running past their deadline")
+                        bench.procs.stop(proc)
             outcome.seconds = time.monotonic() - started
             totals_after = pooler_totals(admin, database)
             outcome.server_cpu_s = (server_cpu_s(postmaster) - server_before) if postmaster else 0
@@ -561,12 +568,27 @@ async def drive(per_s: int, start_at: float, seconds: int, results: Path) -> Non
         else:
             ticks.append({"lag_s": lag_s, **summary.as_dict()})
 
-    running = []
-    for second in range(seconds):
-        scheduled = start_at + second
-        await asyncio.sleep(max(0.0, scheduled - time.time()))
-        running += [asyncio.create_task(one(scheduled)) for _ in range(per_s)]
-    await asyncio.gather(*running)
+    async def start_all() -> None:
+        for second in range(seconds):
+            scheduled = start_at + second
+            await asyncio.sleep(max(0.0, scheduled - time.time()))
+            running.extend(asyncio.create_task(one(scheduled)) for _ in range(per_s))
+        await asyncio.gather(*running)
+
+    # Stopped (SIGTERM: the bench gave up waiting), the ticks still running are cancelled
+    # and counted as such; the results are written either way.
+    running: list[asyncio.Task[None]] = []
+    everything = asyncio.ensure_future(start_all())
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, everything.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await everything
+    unfinished = [task for task in running if not task.done()]
+    for task in unfinished:
+        task.cancel()
+    await asyncio.gather(*unfinished, return_exceptions=True)
+    ticks += [{"lag_s": 0.0, "raised": "unfinished when the bench stopped waiting"}] * len(
+        unfinished
+    )
     results.write_text(json.dumps({"ticks": ticks, "cpu_s": time.process_time()}))
 
 
