@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,10 @@ class Outcome:
     peak_server_conns: int = 0
     peak_active_conns: int = 0
     peak_clients_waiting: int = 0
+    # The pooler's client connections, at most (SHOW POOLS: active and waiting).
+    peak_clients: int = 0
+    # Ticks running at once, on average: their seconds summed over the run's.
+    mean_ticks: float = 0.0
     max_pool_wait_ms: float = 0.0
     # Server connections, on average over the run: running a statement, idle in a
     # transaction (waiting for the client), waiting for a lock.
@@ -244,7 +248,7 @@ class Sampler:
 
     def __init__(self, url: str, admin_url: str, exclude: list[int]) -> None:
         self.url, self.admin_url, self.exclude = url, admin_url, exclude
-        self.peak = self.peak_active = self.peak_waiting = 0
+        self.peak = self.peak_active = self.peak_waiting = self.peak_clients = 0
         self.max_wait_ms = 0.0
         # Summed over the samples: server connections running a statement, in a transaction
         # waiting for their client's next statement, and waiting for a lock.
@@ -291,6 +295,8 @@ class Sampler:
                         pool = dict(zip(names, row, strict=True))
                         if pool["database"] == conn.info.dbname:
                             self.peak_waiting = max(self.peak_waiting, int(pool["cl_waiting"]))
+                            clients = int(pool["cl_active"]) + int(pool["cl_waiting"])
+                            self.peak_clients = max(self.peak_clients, clients)
                             wait_ms = int(pool["maxwait"]) * 1000 + int(pool["maxwait_us"]) / 1000
                             self.max_wait_ms = max(self.max_wait_ms, wait_ms)
         except BaseException as exc:
@@ -419,6 +425,7 @@ def run_fan_out(bench: Harness, sizes: TickSizes, fan_out: int) -> Outcome:
             outcome.peak_server_conns = sampler.peak
             outcome.peak_active_conns = sampler.peak_active
             outcome.peak_clients_waiting = sampler.peak_waiting
+            outcome.peak_clients = sampler.peak_clients
             outcome.max_pool_wait_ms = sampler.max_wait_ms
             samples = max(1, sampler.samples)
             outcome.mean_running = sampler.running / samples
@@ -438,7 +445,8 @@ def run_fan_out(bench: Harness, sizes: TickSizes, fan_out: int) -> Outcome:
         outcome.idle_ticks = sum(1 for t in ticks if t.get("claimed") == 0)
         outcome.raised = sum(1 for t in ticks if "raised" in t)
         outcome.tick_errors = sum(t.get("errors", 0) for t in ticks)
-        outcome.start_lag_p99_ms = percentile([t["lag_s"] * 1000 for t in ticks], 99)
+        outcome.start_lag_p99_ms = percentile([t["lag_s"] * 1000 for t in ticks] or [0.0], 99)
+        outcome.mean_ticks = sum(t.get("seconds", 0.0) for t in ticks) / outcome.seconds
         xacts = totals_after[0] - totals_before[0] - (batches - 1) * batch_xacts
         queries_ = totals_after[1] - totals_before[1] - (batches - 1) * batch_queries
         outcome.xacts_per_tick = xacts / max(1, outcome.ticks)
@@ -463,8 +471,10 @@ def run_fan_out(bench: Harness, sizes: TickSizes, fan_out: int) -> Outcome:
             f"SELECT extract(epoch FROM started_at - {queries.BECAME_DUE}) * 1000 FROM tasks"
         )
         late = [float(v) for (v,) in rows if v is not None]
-        outcome.lateness_p50_ms = percentile(late, 50)
-        outcome.lateness_p99_ms = percentile(late, 99)
+        if late:  # (none: no task started)
+            outcome.lateness_p50_ms = percentile(late, 50)
+            outcome.lateness_p99_ms = percentile(late, 99)
+        print(f"bench: ticks, {fan_out} a second: {asdict(outcome)}", file=sys.stderr)
     return outcome
 
 
@@ -520,7 +530,9 @@ def figures(bench: Harness, quick: bool) -> list[Figure]:
                    f"p50 {o.lateness_p50_ms:.0f} ms; attempts > 1: {o.reruns}, lines {o.lines:,},"
                    f" early {o.early}; peak server connections {o.peak_server_conns} (active"
                    f" {o.peak_active_conns}); clients waiting for one at most"
-                   f" {o.peak_clients_waiting}, longest wait {o.max_pool_wait_ms:.0f} ms; server"
+                   f" {o.peak_clients_waiting}, longest wait {o.max_pool_wait_ms:.0f} ms, client"
+                   f" connections at most {o.peak_clients}; {o.mean_ticks:.0f} ticks running at"
+                   f" once on average; server"
                    f" connections on average: {o.mean_running:.1f} running a statement,"
                    f" {o.mean_in_xact:.1f} idle in a transaction, {o.mean_on_lock:.2f} on a lock;"
                    f" {o.ticks:,} ticks, {o.idle_ticks:,} claimed nothing, {o.raised} raised,"
