@@ -30,7 +30,7 @@ import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any, Generic, TypeVar
 
 import psycopg
@@ -379,13 +379,23 @@ async def bounded(conn: AsyncConnection[Any], work: Awaitable[T], bound_s: float
     assert task is not None
     expired = False
 
+    loop = asyncio.get_running_loop()
+
     def expire() -> None:
         nonlocal expired
         expired = True
+        # psycopg's wait has the loop watch the socket until that wait unwinds, after the
+        # cancel below: forgotten first, or a socket this process opens meanwhile (another
+        # connection) is given the same number and found already watched, and its own wait
+        # fails with ENOENT (192 claims of ticks sharing a process behind pgbouncer did).
+        with suppress(psycopg.OperationalError):  # (no socket: nothing watched)
+            fd = conn.pgconn.socket
+            loop.remove_reader(fd)
+            loop.remove_writer(fd)
         conn.pgconn.finish()
         task.cancel()
 
-    timer = asyncio.get_running_loop().call_later(bound_s, expire)
+    timer = loop.call_later(bound_s, expire)
     try:
         return await work
     except asyncio.CancelledError:

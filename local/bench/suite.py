@@ -8,7 +8,7 @@ import sys
 from collections.abc import Collection
 
 from functions.errors import TaskrunnerError
-from local.bench import load, scale
+from local.bench import capacity, load, scale, ticks
 from local.bench.figures import Figure
 from local.bench.harness import Sizes
 from local.bench.scenarios import Bench
@@ -16,7 +16,7 @@ from local.bench.scenarios import Bench
 # The scenarios `taskrunner bench --only` can pick, in the order they run.
 SCENARIOS = ("drain", "payload-drain", "burst", "warm-burst", "fanout", "share", "lateness", "wake",
              "schedules", "cancel", "create", "payload-create", "api", "stats", "find", "soak",
-             "cold-start", "scale")  # fmt: skip
+             "cold-start", "ticks", "capacity", "scale")  # fmt: skip
 # Run only when named (`--only scale`): loading its 10,000,000 rows alone takes minutes.
 NAMED_ONLY = ("scale",)
 # Start lateness p99 for one worker (issue 25): at most this, or twice a NOTIFY's trip p99
@@ -244,6 +244,14 @@ def run(
                        tick_ms <= 250, floor_ms, note)
             )  # fmt: skip
 
+        # These two are not in a plain --quick run (the smoke test in CI): a pooler, two APIs
+        # and the tick drivers take ~30 s even at the quick size, and the capacity figures
+        # are CPU seconds read from /proc of a server on this machine. `--quick --only NAME`
+        # runs either.
+        if want("ticks") and (only is not None or not quick):
+            figures += ticks.figures(bench, quick)
+        if want("capacity") and (only is not None or not quick):
+            figures += capacity.figures(bench, quick)
         if want("scale"):
             figures += scale.run(bench)
     finally:

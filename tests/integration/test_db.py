@@ -2,13 +2,16 @@
 
 import asyncio
 import dataclasses
+import socket
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
+import psycopg
 import pytest
 from psycopg.rows import tuple_row
 
-from functions.db import Database, StatementTimeout
+from functions.db import Database, StatementTimeout, bounded
 from functions.errors import DatabaseUnavailable
 from functions.settings import Settings
 from functions.store import Store
@@ -201,3 +204,53 @@ async def test_a_session_the_server_ended_is_an_outage_not_a_refusal(database: D
             await asyncio.sleep(0.5)
             await conn.execute("SELECT 1")
     assert await select_one(database) == 1  # and the next use gets a working connection
+
+
+@pytest.mark.one_server
+async def test_a_socket_opened_as_a_statement_is_cut_off_is_watched_for_itself(
+    database_url: str,
+) -> None:
+    # `bounded` closes the connection under psycopg's wait, which the event loop watches
+    # until the wait unwinds: a socket opened right then takes the same descriptor number (a
+    # connection being made, by another tick of the same process), and waiting for it to be
+    # writable failed with ENOENT while the loop still held the old socket's entry.
+    loop = asyncio.get_running_loop()
+    conn = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+    fd = conn.pgconn.socket
+    opened: list[socket.socket] = []
+    failed: list[BaseException] = []
+    writable = asyncio.Event()
+
+    def open_on_the_same_descriptor() -> None:
+        spare: list[socket.socket] = []
+        try:
+            while not any(s.fileno() == fd for s in opened):
+                pair = socket.socketpair()
+                (opened if fd in (pair[0].fileno(), pair[1].fileno()) else spare).extend(pair)
+                assert len(spare) < 200, f"descriptor {fd} not handed out again"
+            loop.add_writer(fd, writable.set)
+        except BaseException as exc:
+            failed.append(exc)
+        finally:
+            for s in spare:
+                s.close()
+
+    class Hooked(asyncio.Task[None]):
+        def cancel(self, msg: Any = None) -> bool:
+            # `bounded` cancels the awaiting task right after closing the connection.
+            open_on_the_same_descriptor()
+            return super().cancel(msg)
+
+    async def cut_off() -> None:
+        await bounded(conn, conn.execute("SELECT pg_sleep(10)"), 0.2)
+
+    try:
+        with pytest.raises(StatementTimeout):
+            await Hooked(cut_off())
+        assert failed == []
+        await asyncio.wait_for(writable.wait(), 10)
+    finally:
+        loop.remove_writer(fd)
+        for s in opened:
+            s.close()
+        await conn.close()
