@@ -14,12 +14,16 @@ def test_a_filter_the_order_does_not_serve_is_read_within_a_bound_of_its_index()
         "ORDER BY tasks.execute_at DESC, tasks.id DESC OFFSET 4999 LIMIT 1"
     )
     page = listing.page(after=True, bounded=True)
-    assert page.startswith(f"SELECT {queries.TASK_COLUMNS}, {queries.STORED_BYTES} AS stored_bytes")
+    # The page's rows are chosen inside, their JSON written outside, in the same order.
+    assert page.startswith("SELECT id, kind, execute_at, finished_at, timeout_s, payload,")
+    assert f"SELECT {queries.TASK_COLUMNS}, {queries.STORED_BYTES} AS stored_bytes" in page
     assert page.split("FROM tasks\n")[1] == (
-        "WHERE (execute_at, id) < (%(after_key)s, %(after_id)s)"
+        "    WHERE (execute_at, id) < (%(after_key)s, %(after_id)s)"
         " AND (execute_at, id) >= (%(bound_key)s, %(bound_id)s)"
         " AND (kind = %(kind)s) AND (payload @> CAST(%(payload)s AS jsonb))\n"
-        "ORDER BY tasks.execute_at DESC, tasks.id DESC LIMIT %(limit)s"
+        "    ORDER BY tasks.execute_at DESC, tasks.id DESC LIMIT %(limit)s\n"
+        ") AS page\n"
+        "ORDER BY order_key DESC, id DESC"
     )
     assert listing.params == {"kind": "bar", "payload": '{"to":"x@y"}'}
 
@@ -51,5 +55,5 @@ def test_what_an_index_serves_in_the_order_by_id_is_its_range() -> None:
         "(state IN ('failed'))",
     )
     assert listing.page(after=False, bounded=False).endswith(
-        "ORDER BY tasks.finished_at, tasks.id LIMIT %(limit)s"
+        "ORDER BY tasks.finished_at, tasks.id LIMIT %(limit)s\n) AS page\nORDER BY order_key, id"
     )
