@@ -545,11 +545,11 @@ class Bench(Harness):
 
     def cold_starts(self) -> tuple[dict[str, float], str]:
         """Median ms, over fresh processes (11 in a full run), of each cold start coldstart.py
-        measures, by its name there: importing the API handler plus its first request, for each
-        of `coldstart.REQUESTS`; the tick handler plus a tick with nothing due (`tick`); a
-        create then GET /stats, the second alone (`after-create`); and the floor under all of
-        them (importing asyncio and psycopg, one connection, one statement: `floor`); and where
-        they ran.
+        measures, by its name there: importing the API handler plus its first request, for
+        each of `coldstart.REQUESTS`; the tick handler plus a tick with nothing due (`tick`);
+        a create then GET /tasks?state=failed, the second alone (`after-create`); and the
+        floor under all of them (importing asyncio and psycopg, one connection, one
+        statement: `floor`); and where they ran.
 
         They run in the Lambda bundle `sam build` makes (infra/Makefile: the runtime
         dependencies only, compiled to .pyc as pip installs them), by `python -I -S`, which

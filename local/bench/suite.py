@@ -254,11 +254,12 @@ def _cold_start_figures(medians: dict[str, float], where: str, runs: int) -> lis
             Figure(f"cold start, API: import + first request, {request}", ms, "ms", goal, met,
                    floor, f"{ms / floor:.1f}x floor; {note}")
         )  # fmt: skip
-    second, first = medians["after-create"], medians["stats"]
+    second, first = medians["after-create"], medians["failed"]
     figures.append(
-        Figure("cold start, API: GET /stats after a POST /tasks on the fast path, the second"
-               " request alone", second, "ms", "<= GET /stats as the first request",
-               second <= first, floor, f"GET /stats as the first request {first:.1f} ms; {note}")
+        Figure("cold start, API: GET /tasks?state=failed (through FastAPI) after a POST /tasks on"
+               " the fast path, the second request alone", second, "ms",
+               "<= as the first request", second <= first, floor,
+               f"as the first request {first:.1f} ms; {note}")
     )  # fmt: skip
     tick = medians["tick"]
     figures.append(
