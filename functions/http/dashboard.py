@@ -2,23 +2,24 @@
 
 The page (functions/http/static/dashboard/) holds no data, so it is served without the token: its
 script asks for the token when the API answers 401 and sends it as a bearer header. Every
-URL in it carries the base path, injected here from the request's `root_path`.
+URL in it carries the base path, injected here from the request's `root_path`. The page is
+sent as `page` makes it, on the fast path (`reads.dashboard`) and by the route `add_dashboard`
+adds alike: FastAPI is imported only by the latter.
 """
-
-from __future__ import annotations
 
 import hashlib
 import html
 from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse
-
-from functions.http import static
-from functions.http.schemas import errors
 from functions.kinds import KINDS
 
-DIRECTORY = static.HERE / "dashboard"
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+# (Not `static.HERE`: importing that package imports Starlette's static files, and FastAPI.)
+DIRECTORY = Path(__file__).with_name("static") / "dashboard"
 ASSETS = ("dashboard.css", "dashboard.js")
 
 # What the page may load and where its script may connect: this site only. No inline script
@@ -52,15 +53,28 @@ def render(root_path: str) -> str:
     return page.replace("{{base}}", html.escape(root_path, quote=True))
 
 
-def add_dashboard(app: FastAPI) -> None:
+def page(root_path: str) -> tuple[bytes, str, dict[str, str]]:
+    """The page (`render`) as sent, its content type and headers: `reads.dashboard` on the
+    fast path, the route `add_dashboard` adds."""
+    return render(root_path).encode(), "text/html; charset=utf-8", dict(HEADERS)
+
+
+def add_dashboard(app: "FastAPI") -> None:
     """Serve the dashboard at `/`: GET in the OpenAPI document, as `text/html`, so that the
     document lists every method `/` answers (HEAD, as for every GET route, by the app's
     route class)."""
+    from fastapi import Request, Response
+    from fastapi.responses import HTMLResponse
 
-    async def dashboard(request: Request) -> HTMLResponse:
+    from functions.http.schemas import errors
+
+    # (No `from __future__ import annotations` in this module: FastAPI reads these annotations
+    # at run time, and their names are local.)
+    async def dashboard(request: Request) -> Response:
         """The dashboard: an HTML page that reads this API from the browser (no token
         needed for the page; its script asks for one when the API answers 401)."""
-        return HTMLResponse(render(request.scope.get("root_path", "")), headers=HEADERS)
+        body, content_type, headers = page(request.scope.get("root_path", ""))
+        return Response(body, 200, headers, media_type=content_type)
 
     app.add_api_route(
         "/",

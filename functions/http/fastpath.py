@@ -1,6 +1,7 @@
-"""The API's busiest requests, creating tasks, reading one and cancelling one, and the first
-page of tasks (`GET /tasks`, with a `limit` at most), served without FastAPI's routing and
-dependency machinery.
+"""The API's busiest requests, creating tasks, reading one and cancelling one, the first page
+of tasks (`GET /tasks`, with a `limit` at most), and the reads that take nothing but their path
+(`reads`: the health check, /stats, /metrics, the dashboard's page), served without FastAPI's
+routing and dependency machinery.
 
 Under load (wrk, 32 connections, one process) FastAPI's routing, dependency solving, and
 its exception and exit-stack middleware were ~40% of the CPU of a `POST /tasks` or a
@@ -14,8 +15,8 @@ success, and a domain error once the request was read (404, 409, 503), is answer
 same bytes the FastAPI routes send (`responses.task_json`, `responses.status_of`).
 
 On Lambda the FastAPI app is built, and FastAPI imported, by the first request it is needed
-for (`Lazy`): a cold start that creates or reads a task does without ~0.5 s of imports,
-pydantic's among them.
+for (`Lazy`): a cold start that creates or reads a task, or is one of `reads`, does without
+~0.5 s of imports (pydantic's among them) and building the app.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from functions import model, parsing, tasks
 from functions.errors import TaskrunnerError
-from functions.http import rules
+from functions.http import reads, rules
 from functions.http.responses import json_answer, page_json, send_detail, status_of, task_json
 from functions.model import BIGINT_MAX, NewTask
 from functions.settings import Settings
@@ -40,8 +41,8 @@ logger = logging.getLogger("functions.app")  # the API logs as one, on either pa
 
 _TASK_PREFIX = "/tasks/"
 _CANCEL = "/cancel"
-# A status, a JSON body, headers.
-Answer = tuple[int, bytes, dict[str, str]]
+# A status, a JSON body, headers; or with the body's content type (`reads.Read`'s).
+Answer = tuple[int, bytes, dict[str, str]] | tuple[int, bytes, dict[str, str], str]
 _MAX_ID_DIGITS = len(str(BIGINT_MAX))
 # A task's body nests two levels; one with more brackets than this goes to the FastAPI app.
 _MAX_BRACKETS = 100
@@ -49,8 +50,9 @@ _MAX_BRACKETS = 100
 
 class HotPath:
     """ASGI middleware: serve `POST /tasks`, `POST /tasks/batch`, `GET`/`HEAD /tasks/{id}`,
-    `POST /tasks/{id}/cancel` and `GET /tasks` (with no query but a plain `limit`) when
-    they are plainly well formed; pass everything else to `app`.
+    `POST /tasks/{id}/cancel` and `GET /tasks` (with no query but a plain `limit`) when they
+    are plainly well formed, and `GET`/`HEAD` of each path of `reads.PATHS` (whatever their
+    query string: the FastAPI routes read none); pass everything else to `app`.
 
     Inside `middleware.Authorize` (`middleware.layers`): a request without the token never
     gets here."""
@@ -72,6 +74,10 @@ class HotPath:
                 if limit is not None:
                     await self._send_answer(scope, send, self._list_tasks(limit))
                     return
+            if method in ("GET", "HEAD") and path in reads.PATHS:
+                read = reads.PATHS[path](self.store, scope.get("root_path", ""))
+                await self._send_answer(scope, send, _answer(read))
+                return
             if method in ("GET", "HEAD") and path.startswith(_TASK_PREFIX):
                 task_id = _task_id(path[len(_TASK_PREFIX) :])
                 if task_id is not None:
@@ -190,6 +196,11 @@ class HotPath:
         for message in messages:
             await send(message)
         return True
+
+
+async def _answer(read: Awaitable[reads.Read]) -> Answer:
+    body, content_type, headers = await read
+    return 200, body, headers, content_type
 
 
 def _plain_limit(query: bytes) -> int | None:

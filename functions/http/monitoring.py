@@ -1,19 +1,19 @@
 """`GET /stats` (JSON) and `GET /metrics` (Prometheus): what workers are doing, read from the
 database, so every instance answers the same (functions/report.py says where each figure
-comes from)."""
+comes from). Their answers are made in `reads` (served by the fast path too); `StatsOut`
+declares /stats' shape in the OpenAPI document, and `metrics` /metrics' families."""
 
-import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
-from functions.counters import OUTCOMES, TOTAL_BOUNDS_S
-from functions.http.routes import Route
+from functions.http import reads
+from functions.http.routes import Route, read_response
 from functions.model import Worker
-from functions.report import Stats, Totals, build_version, read_stats, read_workers
+from functions.report import read_workers
 from functions.store import Store
 
 
@@ -91,40 +91,6 @@ class StatsOut(BaseModel):
         '"lateness_ms": {"p50": 2.1, "p99": 6.3, "max": 6.3}}}`.'
     )
 
-    @classmethod
-    def of(cls, stats: Stats) -> "StatsOut":
-        return cls(
-            counts=stats.counts,
-            estimated=stats.estimated,
-            due=stats.due,
-            oldest_due_age_s=round(stats.oldest_due_age_s, 3),
-            workers=stats.workers,
-            workers_alive=stats.workers_alive,
-            last_minute=stats.last_minute,
-            lateness_ms={k: round(v, 3) for k, v in stats.lateness_ms.items()},
-            series=[
-                MinuteOut(
-                    minute=m.start,
-                    started=m.started,
-                    succeeded=m.succeeded,
-                    failed=m.failed,
-                    cancelled=m.cancelled,
-                    lateness_p99_ms=round(m.lateness_p99_ms, 3),
-                )
-                for m in stats.series
-            ],
-            unserved=stats.unserved,
-            by_type={
-                kind: TypeOut(
-                    started=of.started,
-                    **of.outcomes,
-                    per_s=round(of.per_s, 3),
-                    lateness_ms=LatenessOut(**{k: round(v, 3) for k, v in of.lateness_ms.items()}),
-                )
-                for kind, of in stats.by_type.items()
-            },
-        )
-
 
 class WorkerOut(BaseModel):
     id: str = Field(description="As a running task's `worker` names it: host:pid:random.")
@@ -161,115 +127,6 @@ class WorkersOut(BaseModel):
     workers: list[WorkerOut] = Field(description="The newest first.")
 
 
-def _histogram(
-    name: str, doc: str, totals: list[Totals], of: Callable[[Totals], tuple[list[int], float]]
-) -> Any:
-    """A histogram by type of running totals: cumulative buckets, `_count` the +Inf one."""
-    from prometheus_client.core import HistogramMetricFamily
-    from prometheus_client.utils import floatToGoString
-
-    family = HistogramMetricFamily(name, doc, labels=["type"])
-    # As the client library writes `le` itself ("0.005", "1.0", "+Inf").
-    bounds = [floatToGoString(bound) for bound in TOTAL_BOUNDS_S]  # type: ignore[no-untyped-call]
-    for total in totals:
-        counts, sum_s = of(total)
-        counts = [*counts, *[0] * (len(TOTAL_BOUNDS_S) - len(counts))]
-        buckets = list(zip(bounds, itertools.accumulate(counts), strict=True))
-        family.add_metric([total.kind], buckets, sum_s)
-    return family
-
-
-def metric_families(stats: Stats, build_version: str) -> list[Any]:
-    """The Prometheus metrics of `stats` (read with its totals)."""
-    # Imported here: only /metrics needs the client library.
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-    tasks = GaugeMetricFamily(
-        "taskrunner_tasks",
-        "Tasks by state and type (finished states estimated on large tables).",
-        labels=["state", "type"],
-    )
-    for state, by_kind in stats.counts.items():
-        for kind, n in by_kind.items():
-            tasks.add_metric([state, kind], n)
-    finished_total = CounterMetricFamily(
-        "taskrunner_tasks_finished",
-        "Attempts ended, by type and outcome (succeeded; failed: raised, the task failed for "
-        "good; retried: raised, another attempt is due; timed_out: stopped at its time "
-        "limit; cancelled: by a request; lost: its worker died), since migration 0017: "
-        "running totals in the database, across restarts and retention.",
-        labels=["type", "outcome"],
-    )
-    for total in stats.totals:
-        for outcome in OUTCOMES:
-            finished_total.add_metric([total.kind, outcome], total.outcomes[outcome])
-    duration = _histogram(
-        "taskrunner_task_duration_seconds",
-        "Run time of attempts that ran to an end in a worker (succeeded, failed, retried, "
-        "timed_out), by type.",
-        stats.totals,
-        lambda t: (t.duration, t.duration_sum_s),
-    )
-    lateness = _histogram(
-        "taskrunner_start_lateness_seconds",
-        "Start lateness of first attempts (started_at less the moment the task became due), "
-        "by type.",
-        stats.totals,
-        lambda t: (t.lateness, t.lateness_sum_s),
-    )
-    finished = GaugeMetricFamily(
-        "taskrunner_finished_last_minute",
-        "Attempts that ended in the last 60 s, by outcome (as taskrunner_tasks_finished_total).",
-        labels=["state"],
-    )
-    for state, n in stats.last_minute.items():
-        finished.add_metric([state], n)
-    unserved = GaugeMetricFamily(
-        "taskrunner_unserved_due_tasks",
-        "Due tasks of types that no worker or tick has run in the last 5 minutes.",
-        labels=["type"],
-    )
-    for kind, n in stats.unserved.items():
-        unserved.add_metric([kind], n)
-    build = GaugeMetricFamily(
-        "taskrunner_build_info", "The taskrunner version serving /metrics.", labels=["version"]
-    )
-    build.add_metric([build_version], 1)
-    return [
-        tasks,
-        GaugeMetricFamily(
-            "taskrunner_due_tasks", "Scheduled tasks whose time has come.", stats.due
-        ),
-        GaugeMetricFamily(
-            "taskrunner_oldest_due_age_seconds",
-            "How long the oldest due task has waited.",
-            stats.oldest_due_age_s,
-        ),
-        GaugeMetricFamily(
-            "taskrunner_workers", "Distinct workers holding running tasks.", stats.workers
-        ),
-        GaugeMetricFamily(
-            "taskrunner_workers_alive", "Workers alive, busy or idle.", stats.workers_alive
-        ),
-        finished_total,
-        duration,
-        lateness,
-        finished,
-        unserved,
-        build,
-    ]
-
-
-class _Families:
-    """What prometheus_client's exposition reads: something with `collect()`."""
-
-    def __init__(self, families: list[Any]) -> None:
-        self.families = families
-
-    def collect(self) -> Iterator[Any]:
-        return iter(self.families)
-
-
 def build_router(
     store: Store,
     authorized: Sequence[Any],
@@ -278,9 +135,9 @@ def build_router(
     router = APIRouter(tags=["monitoring"], route_class=Route, dependencies=list(authorized))
 
     @router.get("/stats", response_model=StatsOut, responses=fails())
-    async def stats() -> StatsOut:
+    async def stats() -> Response:
         """Counts, due tasks, workers, the last minute, start lateness and the last hour."""
-        return StatsOut.of(await read_stats(store))
+        return read_response(await reads.stats(store, ""))
 
     @router.get("/workers", response_model=WorkersOut, responses=fails())
     async def workers() -> WorkersOut:
@@ -294,10 +151,6 @@ def build_router(
     )
     async def metrics() -> Response:
         """The same figures in the Prometheus text format."""
-        from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-
-        families = metric_families(await read_stats(store, totals=True), build_version())
-        body = generate_latest(_Families(families))
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+        return read_response(await reads.metrics(store, ""))
 
     return router

@@ -130,7 +130,7 @@ def plain_task_json(task: Task) -> bytes:
     for name in _TIMES:
         when = fields[name]
         if when is not None:
-            fields[name] = _datetime_text(when)
+            fields[name] = datetime_text(when)
     return _dumps(fields).encode()
 
 
@@ -191,7 +191,7 @@ _TIMES = (
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-def _datetime_text(when: datetime) -> str:
+def datetime_text(when: datetime) -> str:
     """An aware datetime as pydantic-core writes it: "Z" for UTC, else the offset to the
     minute."""
     text = when.isoformat()
@@ -243,15 +243,19 @@ def status_of(exc: TaskrunnerError, path: str) -> tuple[int, Detail, dict[str, s
 
 
 def json_answer(
-    status: int, body: bytes, headers: dict[str, str] | None = None
+    status: int,
+    body: bytes,
+    headers: dict[str, str] | None = None,
+    content_type: str = "application/json",
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The two ASGI messages answering `body` (JSON) with `status`: the headers a Starlette
-    JSON response has, in its order (given ones, then content-length and content-type).
-    Made before anything is sent, so a header that cannot be encoded fails here."""
+    """The two ASGI messages answering `body` (JSON, or of `content_type`: a text type with
+    its charset) with `status`: the headers a Starlette response has, in its order (given
+    ones, then content-length and content-type). Made before anything is sent, so a header
+    that cannot be encoded fails here."""
     raw = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in
            (headers or {}).items()]  # fmt: skip
     raw.append((b"content-length", str(len(body)).encode()))
-    raw.append((b"content-type", b"application/json"))
+    raw.append((b"content-type", content_type.encode("latin-1")))
     start = {"type": "http.response.start", "status": status, "headers": raw}
     return start, {"type": "http.response.body", "body": body}
 

@@ -1,12 +1,16 @@
 """A Lambda cold start, measured in a fresh process: `python -m local.bench.coldstart
-api|tick|floor`, or `python -I -S local/bench/coldstart.py --bundle <dir> api|tick|floor` to
-import from a Lambda bundle (infra/Makefile) and nothing else.
+<which>`, or `python -I -S local/bench/coldstart.py --bundle <dir> <which>` to import from a
+Lambda bundle (infra/Makefile) and nothing else.
 
-Times the import of a handler's module plus its first invocation (for `api`, an API Gateway
-HTTP API event creating a task; for `tick`, a scheduled event with nothing due), or for
-`floor` what any handler on asyncio and psycopg pays (importing them, one connection, one
-statement), from the first line of this module, and prints {"import_ms": ...,
-"total_ms": ...} on stdout. The handlers read TASKRUNNER_DATABASE_URL like on Lambda.
+<which> is one of REQUESTS (the API handler's first request, an API Gateway HTTP API v2 event:
+`api` creates a task, `healthz` reads GET /healthz, ...), `after-create` (a create, on the
+fast path, then GET /tasks?state=failed, which goes through FastAPI: is the second as cheap
+as it is as the first request?), `tick` (a scheduled event with nothing due), or `floor`
+(what any handler on asyncio and psycopg pays: importing them, one connection, one
+statement). It times the
+import of the handler's module plus its first invocation, from the first line of this module,
+and prints {"import_ms": ..., "total_ms": ...} on stdout (for `after-create`, also
+"second_ms": the list alone). The handlers read TASKRUNNER_DATABASE_URL like on Lambda.
 `taskrunner bench` runs it.
 """
 
@@ -19,31 +23,66 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
-EVENT: dict[str, Any] = {
-    "version": "2.0",
-    "routeKey": "$default",
-    "rawPath": "/tasks",
-    "rawQueryString": "",
-    "headers": {"content-type": "application/json", "host": "api.example.com"},
-    "requestContext": {
-        "accountId": "123456789012",
-        "apiId": "api",
-        "domainName": "api.example.com",
-        "http": {
-            "method": "POST",
-            "path": "/tasks",
-            "protocol": "HTTP/1.1",
-            "sourceIp": "203.0.113.10",
-            "userAgent": "coldstart",
-        },
-        "requestId": "coldstart",
+
+def event(method: str, path: str, query: str = "", body: str | None = None) -> dict[str, Any]:
+    """An API Gateway HTTP API (payload format 2.0) event, as Lambda hands it over."""
+    headers = {"accept": "*/*", "host": "api.example.com", "user-agent": "coldstart",
+               "x-forwarded-for": "203.0.113.10", "x-forwarded-proto": "https"}  # fmt: skip
+    if body is not None:
+        headers["content-type"] = "application/json"
+        headers["content-length"] = str(len(body.encode()))
+    found: dict[str, Any] = {
+        "version": "2.0",
         "routeKey": "$default",
-        "stage": "$default",
-        "time": "28/Nov/2026:09:00:00 +0000",
-        "timeEpoch": 1795856400000,
-    },
-    "body": '{"type": "baz", "execute_at": "2099-01-01T00:00:00Z"}',
-    "isBase64Encoded": False,
+        "rawPath": path,
+        "rawQueryString": query,
+        "headers": headers,
+        "requestContext": {
+            "accountId": "123456789012",
+            "apiId": "api",
+            "domainName": "api.example.com",
+            "domainPrefix": "api",
+            "http": {
+                "method": method,
+                "path": path,
+                "protocol": "HTTP/1.1",
+                "sourceIp": "203.0.113.10",
+                "userAgent": "coldstart",
+            },
+            "requestId": "coldstart",
+            "routeKey": "$default",
+            "stage": "$default",
+            "time": "28/Nov/2026:09:00:00 +0000",
+            "timeEpoch": 1795856400000,
+        },
+        "isBase64Encoded": False,
+    }
+    if query:
+        found["queryStringParameters"] = dict(
+            part.split("=", 1)
+            for part in query.split("&")  # (no repeated names here)
+        )
+    if body is not None:
+        found["body"] = body
+    return found
+
+
+# The first requests measured, each in a process of its own: (event, the status it answers).
+REQUESTS: dict[str, tuple[dict[str, Any], int]] = {
+    "api": (
+        event("POST", "/tasks", body='{"type": "baz", "execute_at": "2099-01-01T00:00:00Z"}'),
+        201,
+    ),
+    "healthz": (event("GET", "/healthz"), 200),
+    "failed": (event("GET", "/tasks", "state=failed"), 200),
+    "stats": (event("GET", "/stats"), 200),
+    "metrics": (event("GET", "/metrics"), 200),
+    "dashboard": (event("GET", "/"), 200),
+    # A type no kind has: refused by the body's schema.
+    "invalid": (
+        event("POST", "/tasks", body='{"type": "nope", "execute_at": "2099-01-01T00:00:00Z"}'),
+        422,
+    ),
 }
 
 
@@ -63,6 +102,7 @@ def main() -> None:
         sys.path.insert(0, args[1])
         args = args[2:]
     which = args[0]
+    extra: dict[str, float] = {}
     if which == "floor":
         # What any handler on asyncio and psycopg pays: those imports, one connection, one
         # statement. The bench shows it beside the two, measured in the same run.
@@ -72,13 +112,16 @@ def main() -> None:
 
         imported = time.perf_counter()
         asyncio.run(_select_one(os.environ["TASKRUNNER_DATABASE_URL"]))
-    elif which == "api":
+    elif which in REQUESTS or which == "after-create":
         from functions.api import handler
 
         imported = time.perf_counter()
-        answer = handler(EVENT, Context())
-        if answer["statusCode"] != 201:
-            raise SystemExit(f"the first request answered {answer['statusCode']}: {answer}")
+        first = "api" if which == "after-create" else which
+        _serve(handler, *REQUESTS[first])
+        if which == "after-create":
+            second = time.perf_counter()
+            _serve(handler, *REQUESTS["failed"])
+            extra["second_ms"] = (time.perf_counter() - second) * 1000
     else:
         from functions.tick import handler
 
@@ -86,7 +129,14 @@ def main() -> None:
         handler({"source": "aws.events", "detail-type": "Scheduled Event"}, Context())
     done = time.perf_counter()
     result = {"import_ms": (imported - STARTED) * 1000, "total_ms": (done - STARTED) * 1000}
+    result.update(extra)
     print(json.dumps(result))
+
+
+def _serve(handler: Any, sent: dict[str, Any], status: int) -> None:
+    answer = handler(sent, Context())
+    if answer["statusCode"] != status:
+        raise SystemExit(f"{sent['rawPath']} answered {answer['statusCode']}: {answer}")
 
 
 async def _select_one(url: str) -> None:

@@ -508,18 +508,25 @@ class Bench(Harness):
         end = max(b for t, b in samples if t >= sizes.soak_s - window)
         return warm / 2**20, end / 2**20, end / warm
 
-    def cold_starts(self) -> tuple[float, float, float, str]:
-        """Median ms, over fresh processes (11 in a full run), of importing the API handler
-        plus its first request, of importing the tick handler plus a tick with nothing due,
-        and of the floor under both (importing asyncio and psycopg, one connection, one
-        statement: coldstart.py); and where they ran.
+    def cold_starts(self) -> tuple[dict[str, float], str]:
+        """Median ms, over fresh processes (11 in a full run), of each cold start coldstart.py
+        measures, by its name there: importing the API handler plus its first request, for
+        each of `coldstart.REQUESTS`; the tick handler plus a tick with nothing due (`tick`);
+        a create then GET /tasks?state=failed, the second alone (`after-create`); and the
+        floor under all of them (importing asyncio and psycopg, one connection, one
+        statement: `floor`); and where they ran.
 
         They run in the Lambda bundle `sam build` makes (infra/Makefile: the runtime
         dependencies only, compiled to .pyc as pip installs them), by `python -I -S`, which
         sees the standard library and the bundle and nothing else; where the bundle cannot
-        be built (no make, no PyPI), in the development install, and the note says so.
+        be built (no make, no PyPI), in the development install, and the note says so. The
+        processes take turns, one of each in a round, so a slow minute of the machine weighs on
+        each figure alike.
         """
-        medians = []
+        from local.bench.coldstart import REQUESTS
+
+        names = ["floor", *REQUESTS, "after-create", "tick"]
+        totals: dict[str, list[float]] = {name: [] for name in names}
         with self.scenario("coldstart"), tempfile.TemporaryDirectory() as tmp:
             bundle = _lambda_bundle(Path(tmp) / "bundle")
             if bundle is None:
@@ -529,18 +536,18 @@ class Bench(Harness):
                 script = str(Path(__file__).with_name("coldstart.py"))
                 command = [sys.executable, "-I", "-S", script, "--bundle", str(bundle)]
                 where = "the Lambda bundle, python -I -S"
-            for which in ("api", "tick", "floor"):
-                totals = []
-                for _ in range(self.sizes.cold_starts):
+            for _ in range(self.sizes.cold_starts):
+                for which in names:
                     out = subprocess.run(
                         [*command, which],
                         env={**os.environ, "TASKRUNNER_DATABASE_URL": self.url,
                              "AWS_LAMBDA_FUNCTION_NAME": "taskrunner-bench"},
                         capture_output=True, text=True, timeout=60, check=True,
                     )  # fmt: skip
-                    totals.append(json.loads(out.stdout.splitlines()[-1])["total_ms"])
-                medians.append(statistics.median(totals))
-        return medians[0], medians[1], medians[2], where
+                    result = json.loads(out.stdout.splitlines()[-1])
+                    key = "second_ms" if which == "after-create" else "total_ms"
+                    totals[which].append(result[key])
+        return {name: statistics.median(ms) for name, ms in totals.items()}, where
 
 
 def stats_times(api_url: str, requests: int = 200) -> tuple[list[float], Any]:

@@ -230,19 +230,7 @@ def run(
             )  # fmt: skip
 
         if want("cold-start"):
-            api_ms, tick_ms, floor_ms, where = bench.cold_starts()
-            note = (
-                f"median of {sizes.cold_starts} fresh processes, in {where}; raw: import asyncio"
-                " and psycopg, connect, SELECT 1"
-            )
-            figures.append(
-                Figure("cold start, API: import + first request", api_ms, "ms", "<= 350 ms",
-                       api_ms <= 350, floor_ms, note)
-            )  # fmt: skip
-            figures.append(
-                Figure("cold start, tick: import + a tick, nothing due", tick_ms, "ms", "<= 250 ms",
-                       tick_ms <= 250, floor_ms, note)
-            )  # fmt: skip
+            figures.extend(_cold_start_figures(*bench.cold_starts(), sizes.cold_starts))
 
         # These two are not in a plain --quick run (the smoke test in CI): a pooler, two APIs
         # and the tick drivers take ~30 s even at the quick size, and the capacity figures
@@ -256,4 +244,51 @@ def run(
             figures += scale.run(bench)
     finally:
         bench.procs.stop_all()
+    return figures
+
+
+# The first request of each cold start the bench measures (coldstart.REQUESTS), as the table
+# names it.
+COLD_REQUESTS = {
+    "api": "POST /tasks",
+    "healthz": "GET /healthz",
+    "failed": "GET /tasks?state=failed",
+    "stats": "GET /stats",
+    "metrics": "GET /metrics",
+    "dashboard": "GET / (the dashboard)",
+    "invalid": "a 422 (POST /tasks, a type no kind has)",
+}
+
+
+def _cold_start_figures(medians: dict[str, float], where: str, runs: int) -> list[Figure]:
+    """The cold-start scenario's figures: each first request within 3x the floor measured in
+    the same run (the create also within its old absolute goal), a request through FastAPI
+    after a fast-path one no dearer than as the first, and the tick."""
+    floor = medians["floor"]
+    note = (
+        f"median of {runs} fresh processes, in {where}; raw: the floor, import asyncio and"
+        " psycopg, connect, SELECT 1"
+    )
+    figures = []
+    for name, request in COLD_REQUESTS.items():
+        ms = medians[name]
+        goal, met = "<= 3x floor", ms <= 3 * floor
+        if name == "api":
+            goal, met = "<= 3x floor, <= 350 ms", met and ms <= 350
+        figures.append(
+            Figure(f"cold start, API: import + first request, {request}", ms, "ms", goal, met,
+                   floor, f"{ms / floor:.1f}x floor; {note}")
+        )  # fmt: skip
+    second, first = medians["after-create"], medians["failed"]
+    figures.append(
+        Figure("cold start, API: GET /tasks?state=failed (through FastAPI) after a POST /tasks on"
+               " the fast path, the second request alone", second, "ms",
+               "<= as the first request", second <= first, floor,
+               f"as the first request {first:.1f} ms; {note}")
+    )  # fmt: skip
+    tick = medians["tick"]
+    figures.append(
+        Figure("cold start, tick: import + a tick, nothing due", tick, "ms", "<= 250 ms",
+               tick <= 250, floor, f"{tick / floor:.1f}x floor; {note}")
+    )  # fmt: skip
     return figures

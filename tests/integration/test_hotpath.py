@@ -309,6 +309,9 @@ async def test_the_hot_path_does_not_build_the_fastapi_app(settings: Settings) -
             assert cancelled.json() == {**shown.json(), **cancelled.json(), "state": "cancelled"}
             for query in ("", "?limit=1", "?limit=1000"):
                 assert (await client.get(f"/tasks{query}")).status_code == 200
+            for path in ("/healthz", "/stats", "/metrics", "/"):
+                for method in ("GET", "HEAD"):
+                    assert (await client.request(method, path)).status_code == 200, path
             assert built == []
             assert (await client.get("/tasks?state=failed")).status_code == 200
             assert built == [True]
@@ -793,3 +796,67 @@ async def test_an_idempotent_repeat_is_compared_with_the_options_it_was_created_
     ]
     conflict = await pair.both("POST", "/tasks/batch", json={"tasks": twins}, headers=AUTH)
     assert conflict.status_code == 409 and "priority" in conflict.json()["detail"]
+
+
+async def _alike_within_a_minute(pair: Pair, method: str, path: str, **kwargs: Any) -> Any:
+    """`pair.both`, but for a read whose figures move with the clock (the last minute, the
+    last hour by minute): a minute may turn between the two requests once, not three times."""
+    for attempt in range(3):
+        try:
+            return await pair.both(method, path, **kwargs)
+        except AssertionError:
+            if attempt == 2:
+                raise
+    return None
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/stats", "/metrics", "/"])
+async def test_the_reads_answer_alike(pair: Pair, sql: Any, path: str) -> None:
+    """GET and HEAD of the reads the hot path serves (functions/http/reads.py): the same
+    status, headers and bytes, with the token and without (401 but for the public ones), with
+    a query string (ignored), and the rest of the path's methods left to FastAPI."""
+    ids = []
+    for kind in ("foo", "bar", "baz", "baz"):
+        body = {"type": kind, "execute_at": 1893499200}
+        ids.append((await pair.served.post("/tasks", json=body, headers=AUTH)).json()["id"])
+    await pair.served.post(f"/tasks/{ids[0]}/cancel", headers=AUTH)
+    sql("UPDATE tasks SET state = 'succeeded', attempts = 1, started_at = now(),"
+        " finished_at = now() WHERE id = %s", ids[1])  # fmt: skip
+    public = path in ("/healthz", "/")
+    for method in ("GET", "HEAD"):
+        for query in ("", "?x=1&state=failed", "?%ff"):
+            answer = await _alike_within_a_minute(pair, method, path + query, headers=AUTH)
+            assert answer.status_code == 200
+            assert bool(answer.content) == (method == "GET")
+        unauthorized = await _alike_within_a_minute(pair, method, path)
+        assert unauthorized.status_code == (200 if public else 401)
+    for method in ("POST", "PUT", "DELETE"):
+        assert (await pair.both(method, path, headers=AUTH)).status_code in (403, 405)
+    shown = await _alike_within_a_minute(pair, "GET", path, headers=AUTH)
+    if path == "/stats":
+        assert shown.json()["counts"]["cancelled"]["foo"] == 1
+        assert shown.json()["by_type"]["foo"]["cancelled"] == 1
+
+
+async def test_a_schema_behind_answers_alike_on_the_health_check(pair: Pair, sql: Any) -> None:
+    sql("UPDATE alembic_version SET version_num = '0001'")
+    for method in ("GET", "HEAD"):
+        answer = await pair.both(method, "/healthz")
+        assert answer.status_code == 503
+
+
+async def test_a_database_that_is_down_answers_alike_on_the_reads(settings: Settings) -> None:
+    down = dataclasses.replace(
+        settings, database_url="postgresql://nobody@127.0.0.1:1/none", db_pool_size=0
+    )
+    store = Store(Database(down))
+    pair = Pair(
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(down, store=store)),
+                          base_url="http://test"),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=_fastapi_only(down, store)),
+                          base_url="http://test"),
+    )  # fmt: skip
+    async with pair.served, pair.fastapi:
+        for path in ("/healthz", "/stats", "/metrics"):
+            assert (await pair.both("GET", path)).status_code == 503
+        assert (await pair.both("GET", "/")).status_code == 200  # (reads no database)

@@ -400,12 +400,28 @@ def test_healthz_reports_a_schema_behind_this_version(
 def test_a_cold_start_that_creates_and_reads_tasks_imports_no_fastapi(
     database_url: str, version: str
 ) -> None:
-    """The hot path (functions/http/fastpath.py) serves them; FastAPI and pydantic come with the
-    first request it does not serve (here a list), and answer it."""
+    """The hot path (functions/http/fastpath.py) serves them, and the reads of
+    functions/http/reads.py (the health check, /stats, /metrics, the dashboard's page);
+    FastAPI and pydantic come with the first request it does not serve (here a list), and
+    answer it."""
     probe = f"""
 import json, sys
 from functions.api import handler
-from tests.lambda_harness import FakeContext, api_event, body
+from tests.lambda_harness import FakeContext, api_event, body, retarget
+health = api_event("{version}", "healthz")
+for path, kind in (("/healthz", "application/json"), ("/stats", "application/json"),
+                   ("/metrics", "text/plain; version=1.0.0; charset=utf-8"),
+                   ("/", "text/html; charset=utf-8")):
+    for method in ("GET", "HEAD"):
+        read = handler(retarget(health, method, path), FakeContext())
+        assert read["statusCode"] == 200, read
+        headers = {{k.lower(): v for k, v in (read.get("headers") or {{}}).items()}}
+        if not headers:
+            headers = {{k.lower(): v[-1] for k, v in read["multiValueHeaders"].items()}}
+        assert headers["content-type"] == kind, (path, headers)
+        assert bool(read["body"]) == (method == "GET"), (path, method, read["body"][:100])
+assert "taskrunner_due_tasks" in handler(retarget(health, "GET", "/metrics"), FakeContext())["body"]
+assert '"workers_alive"' in handler(retarget(health, "GET", "/stats"), FakeContext())["body"]
 created = handler(api_event("{version}", "create"), FakeContext())
 assert created["statusCode"] == 201, created
 task_id = body(created)["id"]

@@ -10,7 +10,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from functions.counters import OUTCOMES, TOTAL_BOUNDS_S, Activity
-from functions.http.monitoring import _Families, metric_families
+from functions.http.metrics import Families, metric_families
 from functions.report import Stats, Totals
 
 DASHBOARD = Path(__file__).parents[2] / "infra" / "grafana-dashboard.json"
@@ -34,7 +34,7 @@ def stats_with(totals: list[Totals]) -> Stats:
 
 
 def exposition(stats: Stats) -> str:
-    return generate_latest(_Families(metric_families(stats, "1.2.3"))).decode()
+    return generate_latest(Families(metric_families(stats, "1.2.3"))).decode()
 
 
 def test_the_edges_of_each_bucket() -> None:
