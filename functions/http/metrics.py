@@ -37,7 +37,8 @@ def metric_families(stats: Stats, build_version: str) -> list[Any]:
 
     tasks = GaugeMetricFamily(
         "taskrunner_tasks",
-        "Tasks by state and type (finished states estimated on large tables).",
+        "Tasks by state and type (finished states, and scheduled ones past 10,000, estimated"
+        " on large tables).",
         labels=["state", "type"],
     )
     for state, by_kind in stats.counts.items():
