@@ -22,14 +22,12 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ from sqlalchemy.engine import make_url
 from functions import queries
 from local.bench.figures import Figure
 from local.bench.harness import Harness, free_port, percentile, wait_http
+from local.pgbouncer import pgbouncer
 
 # The pooler's server connections (default_pool_size): a small RDS Proxy's or pgbouncer's.
 POOL_SIZE = 10
@@ -115,68 +114,6 @@ class Outcome:
 
 
 # --- pgbouncer --------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def pgbouncer(
-    database_url: str, pool_size: int, max_clients: int
-) -> Iterator[tuple[str, str, int]]:
-    """Debian's pgbouncer in transaction mode in front of `database_url`'s server: yield the
-    database's URL through it, the URL of its admin console, and its pid."""
-    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-    if not Path(binary).exists():
-        raise RuntimeError("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
-    url = make_url(database_url)
-    host = url.query.get("host") or url.host or "127.0.0.1"
-    port = url.query.get("port") or url.port or 5432
-    user = url.username or "postgres"
-    listen = free_port()
-    with tempfile.TemporaryDirectory(prefix="taskrunner-bench-pgbouncer-") as tmp:
-        workdir = Path(tmp)
-        workdir.chmod(0o755)
-        (workdir / "users.txt").write_text(f'"{user}" "{url.password or ""}"\n')
-        password = f" password={url.password}" if url.password else ""
-        (workdir / "pgbouncer.ini").write_text(
-            f"""[databases]
-* = host={host} port={port} user={user}{password}
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {listen}
-unix_socket_dir =
-auth_type = trust
-auth_file = {workdir / "users.txt"}
-admin_users = {user}
-pool_mode = transaction
-default_pool_size = {pool_size}
-max_client_conn = {max_clients}
-ignore_startup_parameters = extra_float_digits
-"""
-        )
-        for f in workdir.iterdir():
-            f.chmod(0o644)
-        argv = [binary]
-        if os.geteuid() == 0:
-            argv += ["-u", "nobody"]  # pgbouncer refuses to run as root
-        with (workdir / "stderr").open("wb") as log:
-            proc = subprocess.Popen([*argv, str(workdir / "pgbouncer.ini")], stdout=log, stderr=log)
-        through = url.set(drivername="postgresql", host="127.0.0.1", port=listen, query={})
-        admin = through.set(database="pgbouncer")
-        dsn = through.render_as_string(hide_password=False)
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    psycopg.connect(dsn, connect_timeout=2).close()
-                    break
-                except psycopg.OperationalError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError((workdir / "stderr").read_text()) from None
-                    time.sleep(0.1)
-            yield dsn, admin.render_as_string(hide_password=False), proc.pid
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
 
 
 def _admin(admin_url: str) -> psycopg.Connection[Any]:
@@ -378,7 +315,8 @@ def run_fan_out(bench: Harness, sizes: TickSizes, fan_out: int) -> Outcome:
     with bench.scenario(f"ticks{fan_out}"), tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         database = make_url(bench.url).database or ""
-        with pgbouncer(bench.url, POOL_SIZE, MAX_CLIENTS) as (pooled, admin, pooler_pid):
+        with pgbouncer(bench.url, pool_size=POOL_SIZE, max_clients=MAX_CLIENTS) as pooler:
+            pooled, admin, pooler_pid = pooler.url, pooler.admin_url, pooler.pid
             env = {"TASKRUNNER_TRANSACTION_POOLER": "true", "TASKRUNNER_DB_POOL_SIZE": "1"}
             apis = []
             for _ in range(2):
