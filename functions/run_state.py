@@ -19,7 +19,7 @@ from typing import Any
 from functions.counters import Activity, bucket_of
 from functions.kinds import KINDS
 from functions.settings import Settings
-from functions.store import Claimed, Store
+from functions.store import Claimed, ClaimFrom, NextDue, Store
 
 # The worker's lines keep one logger name, whichever of its parts writes them (filters use it).
 logger = logging.getLogger("functions.runner")
@@ -89,6 +89,57 @@ class Slots:
                 extra = max(1, limit // PREFETCH_SHARE) if prefetch else 0
                 caps[name] = max(0, limit + extra - self.active[name] - len(self.queued[name]))
         return caps
+
+
+# A claim in a backlog starts where the last one left each priority (queries._LEVELS_FROM);
+# one reads every range from its start at least this often, so a task made due behind that
+# point with no notification (a retry, a rescue, a client's clock behind the database's)
+# waits at most this long past its turn.
+FROM_START_EVERY_S = 1.0
+
+
+class ClaimPoint:
+    """Where the worker's next claim starts reading due tasks.
+
+    From the start of each priority's range, unless the last claim took all it asked for (a
+    backlog: more are due at once) of the same kinds, no task was created meanwhile (a
+    notification; its due time may be behind the point), and a claim read from the start
+    within FROM_START_EVERY_S. Tasks claimed stay in the due index until vacuum: reading from
+    the start, each claim of a burst stepped over all of them (queries._LEVELS_FROM)."""
+
+    def __init__(self) -> None:
+        self._from: ClaimFrom | None = None
+        self._kinds: tuple[list[str], list[str]] | None = None
+        self._created = 0  # notifications of created tasks heard
+        self._from_start_at = -FROM_START_EVERY_S
+
+    def created(self) -> None:
+        """Tasks were created: the next claim reads from the start."""
+        self._created += 1
+        self._from = None
+
+    def begin(self, kinds: list[str], short_kinds: list[str]) -> tuple[ClaimFrom | None, int]:
+        """Where the claim about to be sent for `kinds` starts, and a token for `end`."""
+        start = self._from if self._kinds == (kinds, short_kinds) else None
+        if start is None:
+            self._from_start_at = time.monotonic()
+        return start, self._created
+
+    def end(
+        self, token: int, kinds: list[str], short_kinds: list[str], full: bool, due: NextDue
+    ) -> None:
+        """The claim begun with `token` came back (`full`: with all it asked for)."""
+        keep = (
+            full
+            and token == self._created
+            and time.monotonic() - self._from_start_at < FROM_START_EVERY_S
+        )
+        self._from = due.claim_from if keep else None
+        self._kinds = (kinds, short_kinds)
+
+    def reset(self) -> None:
+        """The claim failed: the next reads from the start."""
+        self._from = None
 
 
 class Wakeup:

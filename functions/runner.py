@@ -34,9 +34,9 @@ from functions.completer import DB_RETRY_FIRST_S, DB_RETRY_MAX_S, SLOW_WRITE_S, 
 from functions.errors import DatabaseError, DatabaseUnavailable, WorkerFailed
 from functions.kinds import BUILT_IN, BUILT_IN_MODULES, KINDS, Context, HttpClients, Kind
 from functions.output import Printer
-from functions.run_state import RunState, Slots, TickSummary, Wakeup
+from functions.run_state import ClaimPoint, RunState, Slots, TickSummary, Wakeup
 from functions.settings import Settings
-from functions.store import Claimed, NextDue, Result, Store
+from functions.store import Claimed, ClaimFrom, NextDue, Result, Store
 from functions.upkeep import PruneClock, Upkeep
 
 if TYPE_CHECKING:
@@ -148,6 +148,7 @@ class Runner:
         self._http: HttpClients | None = None
         # When the last claim was sent (time.monotonic()): its NEXT_DUE counts from then.
         self._claim_sent_at = 0.0
+        self.claim_point = ClaimPoint()
 
     @property
     def out(self) -> TextIO:
@@ -160,6 +161,7 @@ class Runner:
 
     def notify(self, due_s: float | None = None) -> None:
         """Wake the runner: a task due at `due_s` (None: unknown) was created."""
+        self.claim_point.created()
         self.wakeup.notify(due_s)
 
     def heard_cancel(self, worker: str | None, tasks: list[tuple[int, int]] | None) -> None:
@@ -295,16 +297,22 @@ class Runner:
                 if all(name in caps for name in kinds + short_kinds):
                     room = min(room, sum(caps.values()))  # locks no more rows than it takes
                 if room > 0:
-                    claimed, due = await self._claim(kinds, room, short_kinds, fit_s, caps)
+                    start, token = self.claim_point.begin(kinds, short_kinds)
+                    claimed, due = await self._claim(kinds, room, short_kinds, fit_s, caps, start)
                     state.summary.claimed += len(claimed)
                     for task in claimed:
                         self._start(task)
-                    if len(claimed) == room:
+                    full = len(claimed) == room
+                    self.claim_point.end(token, kinds, short_kinds, full, due)
+                    if full:
                         await asyncio.sleep(0)  # let the started tasks begin
                         continue  # more may be due
+                    if start is not None:
+                        continue  # look once from the start before sleeping (ClaimPoint)
                     wait_s = self._time_to(due)
                 db_retry_s = DB_RETRY_FIRST_S
             except DatabaseUnavailable as exc:
+                self.claim_point.reset()
                 logger.warning("action=claim worker=%s: %s; retrying", self.worker_id, exc)
                 state.summary.note_error(str(exc))
                 wait_s, db_retry_s = db_retry_s, min(db_retry_s * 2, DB_RETRY_MAX_S)
@@ -328,10 +336,11 @@ class Runner:
         short_kinds: list[str] | None = None,
         fit_s: float | None = None,
         caps: dict[str, int] | None = None,
+        claim_from: ClaimFrom | None = None,
     ) -> tuple[list[Claimed], NextDue]:
         """Claim up to `limit` due tasks of `kinds`, and of `short_kinds` those whose own
-        timeout_s is at most `fit_s`, no more of a kind than `caps` says; each is held from
-        here on."""
+        timeout_s is at most `fit_s`, no more of a kind than `caps` says, reading from
+        `claim_from` (ClaimPoint); each is held from here on."""
         state = self.state
         async with state.claim_lock:
             sent_at = self._claim_sent_at = time.monotonic()
@@ -344,6 +353,7 @@ class Runner:
                     short_kinds=short_kinds or (),
                     fit_s=fit_s,
                     caps=caps,
+                    claim_from=claim_from,
                 )
             except DatabaseUnavailable:
                 # The claim may have committed before its answer was lost: hand back what

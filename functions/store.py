@@ -26,6 +26,8 @@ from functions.counters import OUTCOMES, Activity, merge_activity
 from functions.db import Coalescer, Database, first_line
 from functions.errors import DatabaseUnavailable, IdempotencyKeyReused, SchemaOutdated
 from functions.model import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
     Attempt,
     BulkAction,
     CatchUp,
@@ -124,13 +126,35 @@ class StatsRows:
     scheduled_estimated: bool = False
 
 
+_LEVELS = list(range(MIN_PRIORITY, MAX_PRIORITY + 1))
+
+
+@dataclass(frozen=True)
+class ClaimFrom:
+    """Where a claim starts reading each priority's due tasks (queries._LEVELS_FROM): the
+    due time (naive, UTC) and id of the first task NEXT_DUE found still scheduled at each
+    level, lowest first; None where a level had none."""
+
+    due: list[datetime | None]
+    id: list[int | None]
+
+    @classmethod
+    def of(cls, levels: list[int], dues: list[datetime | None], ids: list[int | None]) -> ClaimFrom:
+        """From NEXT_DUE's arrays, in the order its join read the levels: lowest first."""
+        if levels != _LEVELS:
+            order = sorted(range(len(levels)), key=levels.__getitem__)
+            dues, ids = [dues[i] for i in order], [ids[i] for i in order]
+        return cls(dues, ids)
+
+
 @dataclass(frozen=True)
 class NextDue:
-    """The database's time (Unix seconds), and how long until the next task is due (None:
-    none is scheduled)."""
+    """The database's time (Unix seconds), how long until the next task is due (None: none
+    is scheduled), and where the claim after this one may start (`ClaimFrom`)."""
 
     now_s: float
     wait_s: float | None
+    claim_from: ClaimFrom | None = None
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -1251,6 +1275,7 @@ class Store:
         short_kinds: Sequence[str] = (),
         fit_s: float | None = None,
         caps: Mapping[str, int] | None = None,
+        claim_from: ClaimFrom | None = None,
         now: datetime | None = None,
     ) -> tuple[list[Claimed], NextDue]:
         """Claim up to `limit` due tasks of `kinds`, and of `short_kinds` those whose own
@@ -1259,7 +1284,9 @@ class Store:
         order to start them: by priority, then by id.
 
         One transaction (NEXT_DUE sees the claim's own rows as taken), one round trip.
-        `now`: a test's clock (queries.NOW; by default `clock()`'s)."""
+        `claim_from`: where to start reading each priority's due tasks (None: from the
+        start; a task due before it is not claimed). `now`: a test's clock (queries.NOW; by
+        default `clock()`'s)."""
         if now is None:
             now = self.clock()
         params = {
@@ -1270,16 +1297,18 @@ class Store:
             "caps": json.dumps(caps or {}),
             "limit": min(limit, self.WRITE_BATCH),
             "lease_s": lease_s,
+            "from_due": claim_from and claim_from.due,
+            "from_id": claim_from and claim_from.id,
             "now": now,
         }
-        rows, [(now_s, wait_s)] = await self._pinned(
+        rows, [(now_s, wait_s, levels, from_due, from_id)] = await self._pinned(
             (queries.CLAIM_DUE, params), (queries.NEXT_DUE, params)
         )
         claimed = list(map(Claimed._make, rows))
         # The UPDATE returns its rows by id (it finds them through the primary key).
         if any(task.priority for task in claimed):
             claimed.sort(key=_by_priority)
-        return claimed, NextDue(now_s=now_s, wait_s=wait_s)
+        return claimed, NextDue(now_s, wait_s, ClaimFrom.of(levels, from_due, from_id))
 
     async def count_due_by_kind(self, *, kinds: Sequence[str]) -> dict[str, int]:
         [rows] = await self._pinned((queries.COUNT_DUE_BY_KIND, {"kinds": list(kinds)}))

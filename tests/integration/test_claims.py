@@ -8,13 +8,14 @@ its `lease_expires_at` in the past, or the claim and the rescue are given a late
 import asyncio
 import dataclasses
 import io
+import itertools
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
-from functions import conninfo
+from functions import conninfo, run_state
 from functions.db import Database
 from functions.kinds import KINDS
 from functions.model import TaskState
@@ -83,6 +84,59 @@ async def test_claim_takes_only_due_tasks_oldest_first(
     assert [c.id for c in first] == [early]
     assert [c.id for c in rest] == [late]
     assert [c.attempt for c in first + rest] == [1, 1]
+
+
+async def test_a_claim_from_where_the_last_left_takes_the_next_tasks_in_order(
+    stores: list[Store], sql: Sql
+) -> None:
+    """In a backlog the worker claims from where NEXT_DUE found each priority's first task
+    still scheduled (run_state.ClaimPoint): each claim takes the next tasks in order, as one
+    from the start would, and one from the point takes none claimed before it."""
+    store = stores[0]
+    await register(store, "w")
+    sql(
+        "INSERT INTO tasks (kind, execute_at, priority)"
+        " SELECT 'baz', now() - interval '1 minute', i % 2 FROM generate_series(1, 500) AS i"
+    )
+    expected = [i for (i,) in sql("SELECT id FROM tasks ORDER BY priority, execute_at, id")]
+    taken: list[int] = []
+    claim_from = None
+    while len(taken) < 500:
+        claimed, due = await store.claim_due(
+            worker="w", kinds=ALL, limit=60, lease_s=60, claim_from=claim_from
+        )
+        taken += [c.id for c in claimed]
+        claim_from = due.claim_from
+        assert claim_from is not None
+    assert taken == expected
+    # Nothing scheduled is left: no point, at any priority.
+    assert claim_from.id == [None] * 10 and claim_from.due == [None] * 10
+
+
+async def test_a_task_due_behind_the_point_is_claimed_only_from_the_start(
+    stores: list[Store], sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    """What a claim from a point cannot see: a task made due before it in its priority (the
+    worker then reads from the start: ClaimPoint). A priority that had no task scheduled
+    when the point was taken is read from its start."""
+    store = stores[0]
+    await register(store, "w")
+    for _ in range(3):
+        task_factory("baz", due_in_s=-5)
+    first, due = await store.claim_due(worker="w", kinds=ALL, limit=1, lease_s=60)
+    point = due.claim_from
+    assert point is not None and point.id[0] == first[0].id + 1 and point.id[1:] == [None] * 9
+    behind = task_factory("baz", due_in_s=-60)  # priority 0, due before the point
+    urgent = sql(
+        "INSERT INTO tasks (kind, execute_at, priority)"
+        " VALUES ('baz', now() - interval '1 hour', 1) RETURNING id"
+    )[0][0]  # priority 1: its range had nothing scheduled
+    claimed, _ = await store.claim_due(
+        worker="w", kinds=ALL, limit=10, lease_s=60, claim_from=point
+    )
+    assert [c.id for c in claimed] == [first[0].id + 1, first[0].id + 2, urgent]
+    claimed, _ = await store.claim_due(worker="w", kinds=ALL, limit=10, lease_s=60)
+    assert [c.id for c in claimed] == [behind]
 
 
 async def test_claim_respects_the_kinds_asked_for(
@@ -422,3 +476,38 @@ async def test_deletes_racing_claims_never_delete_under_a_worker(
     assert set(deleted) | set(claimed) == set(ids)
     [(left,)] = sql("SELECT count(*) FROM tasks")
     assert left == len(claimed)
+
+
+async def test_a_worker_claims_a_backlog_from_where_it_left_then_looks_from_the_start(
+    settings: Settings, sql: Sql, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner's side of run_state.ClaimPoint: the first claim reads from the start, each
+    one after a full claim from the point its answer gave, and one that comes back short from
+    a point is followed at once by one from the start (a task may be due behind the point)."""
+    monkeypatch.setattr(run_state, "FROM_START_EVERY_S", 600.0)  # no second runs out here
+    settings = dataclasses.replace(settings, claim_batch=100, concurrency=1000)
+    database = Database(settings)
+    store = Store(database)
+    claims: list[tuple[bool, int, int]] = []  # (from a point, limit, claimed)
+    claim_due = store.claim_due
+
+    async def spy(**kwargs: Any) -> Any:
+        answer = await claim_due(**kwargs)
+        claims.append((kwargs["claim_from"] is not None, kwargs["limit"], len(answer[0])))
+        return answer
+
+    monkeypatch.setattr(store, "claim_due", spy)
+    sql(
+        "INSERT INTO tasks (kind, execute_at)"
+        " SELECT 'baz', now() - interval '1 second' FROM generate_series(1, 250)"
+    )
+    try:
+        runner = Runner(store, settings, worker_id="w", out=io.StringIO())
+        assert (await runner.run()).succeeded == 250
+    finally:
+        await database.dispose()
+    assert not claims[0][0], claims
+    for (_, limit, claimed), (next_from_point, _, _) in itertools.pairwise(claims):
+        assert next_from_point == (claimed == limit), claims
+    short_from_point = [i for i, (point, limit, n) in enumerate(claims) if point and n < limit]
+    assert short_from_point and not claims[short_from_point[0] + 1][0], claims
