@@ -602,7 +602,10 @@ class Store:
         wait_s: float | None = None,
     ) -> list[list[Any]]:
         """Run `statements` in one transaction under queries.PINNED_PLAN, sent as one
-        pipeline (one round trip); return each one's rows (as tuples, or `row_factory`'s)."""
+        pipeline; return each one's rows (as tuples, or `row_factory`'s). COMMIT goes once
+        their answers are in (psycopg syncs the pipeline before a transaction ends): a
+        caller that gave up on them (`bounded`) commits nothing, as the server rolls back
+        when it finds the connection gone (tests/integration/test_claims.py)."""
         async with self.database.connection(wait_s) as conn:
             cursors = [conn.cursor(row_factory=row_factory) for _ in statements]
 

@@ -13,15 +13,18 @@ from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 import pytest
 
 from functions import conninfo, run_state
 from functions.db import Database
+from functions.errors import DatabaseUnavailable
 from functions.kinds import KINDS
 from functions.model import TaskState
 from functions.runner import Runner
 from functions.settings import Settings
 from functions.store import Result, Store
+from local.pgbouncer import NotInstalled, pgbouncer
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 ALL = list(KINDS)
@@ -511,3 +514,63 @@ async def test_a_worker_claims_a_backlog_from_where_it_left_then_looks_from_the_
         assert next_from_point == (claimed == limit), claims
     short_from_point = [i for i, (point, limit, n) in enumerate(claims) if point and n < limit]
     assert short_from_point and not claims[short_from_point[0] + 1][0], claims
+
+
+async def test_a_claim_given_up_behind_a_pooler_commits_nothing(
+    database_url: str, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    """A claim that waits for a server connection in pgbouncer's queue, then on a lock, is
+    given up by the client (its statement bound) while the server still runs it, within the
+    server's own statement_timeout. It must take nothing: the store sends COMMIT only once
+    the claim's answer is in (psycopg's pipeline syncs before a transaction's end), so the
+    server, finding the client gone, rolls back. Had COMMIT gone in the same batch, the
+    tasks would wait for this worker's lease to run out before anyone ran them."""
+    try:
+        pooled = pgbouncer(database_url, pool_size=2)
+        pooler = pooled.__enter__()
+    except NotInstalled:
+        pytest.skip("needs pgbouncer (Debian package pgbouncer; .ci/run installs it)")
+    try:
+        for _ in range(10):
+            task_factory("baz")
+        settings = Settings(
+            database_url=pooler.url, transaction_pooler=True, db_statement_timeout_s=1.0
+        )
+        database = Database(settings)
+        store = Store(database)
+        await store.register_worker(worker="w", lease_s=60)
+        locked = asyncio.Event()
+
+        async def hold(statement: str, hold_s: float, lock: bool = False) -> None:
+            """A transaction through the pooler that holds a server connection `hold_s`."""
+            conn = await psycopg.AsyncConnection.connect(pooler.url, prepare_threshold=None)
+            async with conn, conn.transaction():
+                await conn.execute(statement)
+                if lock:
+                    locked.set()
+                await conn.execute("SELECT pg_sleep(%s)", [hold_s])
+
+        # Both server connections busy: the claim queues for 1.5 s, then waits 0.9 s (within
+        # the server's 1 s statement_timeout) on its worker's row; the client gives up at 2 s.
+        holders = asyncio.gather(
+            hold("SELECT 1", 1.5),
+            hold("SELECT FROM workers WHERE id = 'w' FOR UPDATE", 2.4, lock=True),
+        )
+        await locked.wait()
+        with pytest.raises(DatabaseUnavailable):
+            await store.claim_due(worker="w", kinds=ALL, limit=10, lease_s=60)
+        await holders
+        await database.dispose()
+        # Once the server is done with the claim's connection, nothing was taken.
+        for _ in range(100):
+            busy = sql(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND query LIKE %s AND pid <> pg_backend_pid()",
+                "%picked AS MATERIALIZED%",
+            )
+            if busy == [(0,)]:
+                break
+            await asyncio.sleep(0.1)
+        assert sql("SELECT state, count(*) FROM tasks GROUP BY state") == [("scheduled", 10)]
+    finally:
+        pooled.__exit__(None, None, None)
