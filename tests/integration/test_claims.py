@@ -23,7 +23,7 @@ from functions.kinds import KINDS
 from functions.model import TaskState
 from functions.runner import Runner
 from functions.settings import Settings
-from functions.store import Result, Store
+from functions.store import ClaimFrom, Result, Store
 from local.pgbouncer import NotInstalled, pgbouncer
 
 Sql = Callable[..., list[tuple[Any, ...]]]
@@ -103,7 +103,7 @@ async def test_a_claim_from_where_the_last_left_takes_the_next_tasks_in_order(
     )
     expected = [i for (i,) in sql("SELECT id FROM tasks ORDER BY priority, execute_at, id")]
     taken: list[int] = []
-    claim_from = None
+    claim_from: ClaimFrom | None = None
     while len(taken) < 500:
         claimed, due = await store.claim_due(
             worker="w", kinds=ALL, limit=60, lease_s=60, claim_from=claim_from
@@ -113,6 +113,7 @@ async def test_a_claim_from_where_the_last_left_takes_the_next_tasks_in_order(
         assert claim_from is not None
     assert taken == expected
     # Nothing scheduled is left: no point, at any priority.
+    assert claim_from is not None
     assert claim_from.id == [None] * 10 and claim_from.due == [None] * 10
 
 

@@ -2,6 +2,7 @@
 the last one left only in a backlog, for the same kinds, with no task created meanwhile, and
 from the start at least every FROM_START_EVERY_S."""
 
+import time
 from datetime import datetime
 
 import pytest
@@ -26,7 +27,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     clock = Clock()
-    monkeypatch.setattr(run_state.time, "monotonic", clock)
+    monkeypatch.setattr(time, "monotonic", clock)
     return clock
 
 
