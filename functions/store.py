@@ -1256,11 +1256,13 @@ class Store:
         )
         return bool(rows)
 
-    async def count_unserved(self) -> dict[str, int]:
-        """Due tasks of the kinds nothing ran in the last 5 minutes, by kind."""
+    async def count_unserved(self) -> dict[str, tuple[int, bool]]:
+        """Due tasks of the kinds nothing ran in the last 5 minutes, by kind, among the
+        first queries.UNSERVED_READ due; and whether more were due (the count is then at
+        least that)."""
         # Pinned, for its plan (queries._due_tasks).
         [rows] = await self._pinned((queries.STATS_UNSERVED, {}))
-        return dict(rows)
+        return {kind: (n, full) for kind, n, full in rows}
 
     async def deregister_worker(self, *, worker: str) -> None:
         # Pinned as the claim is, for its plan (a custom one: see queries.PINNED_PLAN).

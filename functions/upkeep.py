@@ -215,7 +215,10 @@ class Upkeep:
                 " last 5 minutes: %s; nothing claims them until a worker that runs them starts"
                 " (TASKRUNNER_KINDS, or an entry point of the group taskrunner.kinds)",
                 ",".join(unserved),
-                ", ".join(f"{kind} ({n} due)" for kind, n in unserved.items()),
+                ", ".join(
+                    f"{kind} ({n}{' or more' if more else ''} due)"
+                    for kind, (n, more) in unserved.items()
+                ),
             )
 
     async def release_held(self) -> None:

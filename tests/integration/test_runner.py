@@ -260,7 +260,7 @@ async def test_a_tick_counts_and_names_what_it_had_no_time_for(
     ]
     served = {kind for (kind,) in sql("SELECT kind FROM kinds_served")}
     assert "foo" in served and "bar" not in served
-    assert await store.count_unserved() == {"bar": 1}
+    assert await store.count_unserved() == {"bar": (1, False)}
 
 
 async def test_a_worker_whose_lease_ran_out_stops_and_hands_back(

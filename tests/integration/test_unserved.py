@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from functions import kinds, upkeep
+from functions import kinds, queries, upkeep
+from functions.db import Database
 from functions.settings import Settings
+from functions.store import Store
 from functions.tick import tick
 from tests.conftest import serve
 
@@ -170,3 +172,29 @@ async def test_the_tasks_of_a_removed_kind_are_listed_cancelled_and_retried(
         # Creating one is still refused: nothing would run it.
         created = await client.post("/tasks", json={"type": "ghost", "execute_at": 0})
         assert created.status_code == 422
+
+
+async def test_the_warning_reads_the_first_due_tasks_only_whatever_the_backlog(
+    settings: Settings, sql: Sql, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each heartbeat looks for due tasks of kinds nothing runs among the first
+    queries.UNSERVED_READ due (claim order); reading every due task grew with a backlog (with
+    4,000,000 due it ran into the statement timeout at every heartbeat). Past that many, the
+    warning says "or more"."""
+    sql(
+        "INSERT INTO tasks (kind, execute_at) SELECT 'ghost', now() - interval '1 minute'"
+        " FROM generate_series(1, %s)",
+        queries.UNSERVED_READ + 5,
+    )
+    sql("INSERT INTO tasks (kind, execute_at) VALUES ('lost', now() - interval '1 second')")
+    store = Store(Database(settings))
+    try:
+        # The 'lost' task is due last: past the first UNSERVED_READ, so not seen yet.
+        assert await store.count_unserved() == {"ghost": (queries.UNSERVED_READ, True)}
+        with caplog.at_level(logging.WARNING, logger="functions.upkeep"):
+            await tick(settings, out=io.StringIO())
+        assert f"ghost ({queries.UNSERVED_READ} or more due)" in caplog.text
+        sql("DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE kind = 'ghost' LIMIT 10)")
+        assert await store.count_unserved() == {"ghost": (9_995, False), "lost": (1, False)}
+    finally:
+        await store.database.dispose()
