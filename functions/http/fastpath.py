@@ -14,8 +14,9 @@ stays FastAPI's. A success, and a domain error once the request was read (404, 4
 answered with the same bytes the FastAPI routes send (`responses.task_json`,
 `responses.status_of`); so is the 422 of a create's body that the rules refuse where they
 can say why exactly as the FastAPI app says it (`rules.body_issue`, `rules.json_issues`,
-`rules.task_issues`, written as FastAPI's and pydantic's errors, `responses.issues_detail`
-making the detail of both): any other refusal is the app's.
+`rules.task_issues`, `rules.batch_issues` for a batch's items, written as FastAPI's and
+pydantic's errors, `responses.issues_detail` making the detail of both): any other refusal
+is the app's.
 
 On Lambda the FastAPI app is built, and FastAPI imported, by the first request it is needed
 for (`Lazy`): a cold start that creates or reads a task, is one of `reads`, or refuses a
@@ -173,7 +174,10 @@ class HotPath:
         # Its items are read by `parsing.read_batch` a slice at a time, as they are written.
         ids = await tasks.create_tasks_streamed(self.store, items, self.settings)
         if ids is None:
-            return None
+            # An item refused (nothing written): a 422 where the rules say why as the
+            # FastAPI app would; else (a keyed batch, which it reads) the app's.
+            refused = _refused(rules.batch_issues(items))
+            return None if refused is None else await refused
         from pydantic_core import to_json  # (loaded: it read the batch)
 
         return 201, to_json({"ids": ids}), {}

@@ -15,8 +15,9 @@ API, the FastAPI app and the fast path (`fastpath`), so that the two agree by co
   (`parsing.tiny_number`): `body_issue`, which `routes.Route` raises;
 - why a task's body is refused: `task_issues` says it as FastAPI's reading of
   `schemas.TaskIn` would (FastAPI's and pydantic's words: the same 422 to the byte), by the
-  rules the schema's fields are read by (`TASK_FIELDS`), so that the fast path answers it
-  without FastAPI or pydantic; where it cannot say so exactly, the app does.
+  rules the schema's fields are read by (`TASK_FIELDS`), and `batch_issues` of a batch's
+  items, so that the fast path answers it without FastAPI or pydantic; where they cannot say
+  so exactly, the app does.
 
 The JSON of a task is `responses.task_json`, and a domain error's status
 `responses.status_of`, for both. No FastAPI, Starlette or pydantic here: the Lambda handler
@@ -179,7 +180,8 @@ def body_issue(body: bytes, max_body_bytes: int) -> dict[str, Any] | None:
 # The fields of a task's body in the order `schemas.TaskIn` declares them, each with the
 # rule its validator calls (None: it takes any value; the domain checks it) and whether it
 # must be sent. A unit test holds this to the schema.
-TASK_FIELDS: tuple[tuple[str, Callable[[Any], Any] | None, bool], ...] = (
+Fields = tuple[tuple[str, Callable[[Any], Any] | None, bool], ...]
+TASK_FIELDS: Fields = (
     ("type", parsing.parse_kind, True),
     ("execute_at", parsing.parse_execute_at, True),
     ("payload", None, False),
@@ -187,7 +189,6 @@ TASK_FIELDS: tuple[tuple[str, Callable[[Any], Any] | None, bool], ...] = (
     ("timeout_s", parsing.parse_timeout_s, False),
     ("priority", parsing.parse_priority_or_default, False),
 )
-_TASK_FIELD_NAMES = frozenset(name for name, _, _ in TASK_FIELDS)
 # What pydantic says of a field missing, a key no field has, a body that is no object (as
 # FastAPI validates a body: from attributes), and a rule's ValueError (before its words); a
 # unit test holds these to pydantic's own.
@@ -218,15 +219,50 @@ def task_issues(sent: Any) -> list[dict[str, Any]] | None:
     names, missing or refused by its rule, then each key no field has. None when they cannot
     be told here as pydantic tells them (a rule failing otherwise than by ValueError) or the
     schema takes the body (its reading, `read_task`, or each field's): the app says it."""
-    if read_task(sent) is not None:  # (what `schemas.TaskIn` tries first)
+    return _issues(sent, TASK_FIELDS, ("body",)) or None
+
+
+def _key_or_none(value: object) -> str | None:
+    """A batch item's `idempotency_key` as `schemas.BatchItemIn` reads it: null, or a key."""
+    return None if value is None else parsing.parse_idempotency_key(value)
+
+
+# A batch item's fields (`schemas.BatchItemIn`): a task's, then its own key.
+ITEM_FIELDS: Fields = (*TASK_FIELDS, ("idempotency_key", _key_or_none, False))
+
+
+def batch_issues(items: list[Any]) -> list[dict[str, Any]] | None:
+    """`task_issues` of a batch's items (`batch_items` took its envelope), each item's
+    errors after the last's, as FastAPI's reading of `schemas.BatchIn` has them; None where
+    it takes the batch (`read_keyed_batch`) or an item's errors cannot be told here."""
+    try:
+        if read_keyed_batch(items) is not None:  # (what `schemas.BatchIn` tries first)
+            return None
+    except Exception:  # (pydantic would let it through: the app's to answer)
         return None
-    if sent.__class__ is not dict:
-        return [{"type": "model_attributes_type", "loc": ("body",), "msg": NOT_AN_OBJECT}]
     issues: list[dict[str, Any]] = []
-    for name, rule, required in TASK_FIELDS:
+    for i, item in enumerate(items):
+        found = _issues(item, ITEM_FIELDS, ("body", "tasks", i))
+        if found is None:
+            return None
+        issues += found
+    return issues or None
+
+
+def _issues(sent: Any, fields: Fields, at: tuple[Any, ...]) -> list[dict[str, Any]] | None:
+    """The errors of one task (or batch item) `sent`, each `loc` after `at`: none if the
+    schema takes it, None if they cannot be told here (see `task_issues`)."""
+    if read_task(sent) is not None:  # (what `schemas.TaskIn` tries first)
+        return []
+    if sent.__class__ is not dict:
+        return [{"type": "model_attributes_type", "loc": at, "msg": NOT_AN_OBJECT}]
+    issues: list[dict[str, Any]] = []
+    names = set()
+    for name, rule, required in fields:
+        names.add(name)
         if name not in sent:
             if required:
-                issues.append({"type": "missing", "loc": ("body", name), "msg": MISSING})
+                issues.append({"type": "missing", "loc": (*at, name), "msg": MISSING})
             continue
         if rule is None:
             continue
@@ -234,10 +270,10 @@ def task_issues(sent: Any) -> list[dict[str, Any]] | None:
             rule(sent[name])
         except ValueError as exc:
             msg = f"{VALUE_ERROR}{exc}"
-            issues.append({"type": "value_error", "loc": ("body", name), "msg": msg})
+            issues.append({"type": "value_error", "loc": (*at, name), "msg": msg})
         except Exception:  # (pydantic lets it through: a 500, the app's to answer)
             return None
     for key in sent:
-        if key not in _TASK_FIELD_NAMES:
-            issues.append({"type": "extra_forbidden", "loc": ("body", key), "msg": EXTRA})
-    return issues or None
+        if key not in names:
+            issues.append({"type": "extra_forbidden", "loc": (*at, key), "msg": EXTRA})
+    return issues

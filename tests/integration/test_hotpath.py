@@ -175,16 +175,30 @@ REFUSED_HERE: list[tuple[str, bytes]] = [
     ("/tasks", b"{'type': 'baz'}"),
     ("/tasks", b'{"type": "baz", "execute_at": 1e-400}'),
     ("/tasks/batch", b'{"tasks": [{"type": "baz", "execute_at": 1e-400}]}'),
+    ("/tasks/batch", b'{"tasks": [{"type": "nope", "execute_at": 0}]}'),
+    ("/tasks/batch", b'{"tasks": [{"type": "baz", "execute_at": 0}, {"type": "baz"}, [], null]}'),
+    ("/tasks/batch", b'{"tasks": [{"type": "baz", "execute_at": 0, "idempotency_key": "a b"}]}'),
+    (
+        "/tasks/batch",
+        b'{"tasks": [{"type": "baz", "execute_at": 0, "idempotency_key": "k", "x": 1},'
+        b' {"type": "qux", "execute_at": "2030-01-01T00:00:00", "idempotency_key": null}]}',
+    ),
+    ("/tasks/batch", json.dumps({"tasks": [{"type": "nope", "execute_at": 0}] * 25}).encode()),
+    # Refused at its last item, read past its first slices.
+    (
+        "/tasks/batch",
+        json.dumps({"tasks": [{"type": "baz", "execute_at": 0}] * 9_999 + [{}]}).encode(),
+    ),
 ]
 
 
 @pytest.mark.parametrize("base_path", ["", "/prod"], ids=["root", "base-path"])
 async def test_a_refused_create_is_answered_by_the_hot_path_to_the_byte(
-    settings: Settings, base_path: str
+    settings: Settings, base_path: str, sql: Any
 ) -> None:
     """Each as the FastAPI app answers it (status, headers in their order, body), without
-    building the app; a refusal the rules cannot word as it does (bytes that are not UTF-8:
-    a 400) is still the app's."""
+    building the app, and nothing written; a refusal the rules cannot word as it does (bytes
+    that are not UTF-8: a 400) is still the app's."""
     settings = dataclasses.replace(settings, api_token=TOKEN, base_path=base_path)
     built: list[bool] = []
 
@@ -210,6 +224,7 @@ async def test_a_refused_create_is_answered_by_the_hot_path_to_the_byte(
                     assert got.status_code == 422, (body[:80], got.text)
                     assert (got.headers.raw, got.content) == (want.headers.raw, want.content)
             assert built == []
+            assert sql("SELECT count(*) FROM tasks") == [(0,)]
             got = await a.post(f"{base_path}/tasks", content=b"\xff", headers=AUTH)
             assert got.status_code == 400
             assert built == [True]

@@ -1,6 +1,7 @@
-"""Why a task's body is refused, said by the request rules (functions/http/rules.py) as
-FastAPI's reading of `schemas.TaskIn` says it: the same errors, in pydantic's words and
-order, so that the fast path answers the same 422 without FastAPI or pydantic."""
+"""Why a task's body (or a batch's items) is refused, said by the request rules
+(functions/http/rules.py) as FastAPI's reading of `schemas.TaskIn` (`BatchIn`) says it: the
+same errors, in pydantic's words and order, so that the fast path answers the same 422
+without FastAPI or pydantic."""
 
 import json
 from typing import Any
@@ -11,14 +12,14 @@ from hypothesis import strategies as st
 from pydantic import PlainValidator, ValidationError
 
 from functions.http import rules
-from functions.http.schemas import TaskIn
+from functions.http.schemas import BatchIn, BatchItemIn, IdempotencyKey, TaskIn
 
 
-def by_the_schema(sent: Any) -> list[dict[str, Any]] | None:
+def by_the_schema(sent: Any, schema: Any = TaskIn) -> list[dict[str, Any]] | None:
     """What FastAPI's create route refuses `sent` with (type, loc, msg), or None if taken:
     TaskIn's, read from attributes as FastAPI reads a body (`fastapi._compat`)."""
     try:
-        TaskIn.model_validate(sent, from_attributes=True)
+        schema.model_validate(sent, from_attributes=True)
     except ValidationError as exc:
         return [
             {"type": e["type"], "loc": ("body", *e["loc"]), "msg": e["msg"]} for e in exc.errors()
@@ -32,6 +33,13 @@ def test_the_fields_are_the_schemas_in_its_order_with_its_validators() -> None:
         rule = [m.func for m in field.metadata if isinstance(m, PlainValidator)]
         declared.append((name, rule[0] if rule else None, field.is_required()))
     assert list(rules.TASK_FIELDS) == declared
+    assert list(BatchItemIn.model_fields) == [name for name, _, _ in rules.ITEM_FIELDS]
+    assert BatchItemIn.model_fields["idempotency_key"].annotation == IdempotencyKey | None
+    key = rules.ITEM_FIELDS[-1][1]
+    assert key is not None
+    assert (key(None), key("k")) == (None, "k")
+    with pytest.raises(ValueError, match="idempotency key"):
+        key("a b")
 
 
 REFUSED: list[Any] = [
@@ -149,3 +157,23 @@ keys = st.one_of(st.sampled_from([name for name, _, _ in rules.TASK_FIELDS]), st
 @example({"type": "baz", "execute_at": 0, "priority": 1.0})
 def test_any_body_is_refused_as_the_schema_refuses_it(sent: Any) -> None:
     assert rules.task_issues(sent) == by_the_schema(sent)
+
+
+items = st.one_of(
+    st.dictionaries(keys, values, max_size=9),
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["baz", "nope"]), "execute_at": st.sampled_from([0, "x"])},
+        optional={"idempotency_key": st.sampled_from([None, "k-1", "a b", 3, ""])},
+    ),
+    values,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(items, min_size=1, max_size=4))
+@example([{"type": "baz", "execute_at": 0, "idempotency_key": "k"}, {"type": "nope"}])
+@example([{"type": "baz", "execute_at": 0, "idempotency_key": "k"}])
+@example([{"type": "baz", "execute_at": 0}, [], None, {"idempotency_key": None, "x": 1}])
+@example([{f"extra{n}": n} for n in range(12)])
+def test_any_batch_is_refused_as_the_schema_refuses_it(sent: list[Any]) -> None:
+    assert rules.batch_issues(sent) == by_the_schema({"tasks": sent}, BatchIn)
