@@ -5,7 +5,7 @@ Domain errors become status codes in `responses.status_of`, for these routes and
 path (`fastpath`), which serves the busiest requests before they reach FastAPI.
 """
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -24,7 +24,7 @@ from functions.http import challenge, monitoring, routes, rules
 from functions.http.dashboard import add_dashboard
 from functions.http.docs import add_docs
 from functions.http.middleware import layers
-from functions.http.responses import Detail, status_of
+from functions.http.responses import Detail, cut, issues_detail, status_of
 from functions.http.routes import Route
 from functions.http.schemas import errors, with_timeout_limits
 from functions.settings import Settings
@@ -33,44 +33,6 @@ from functions.store import Store
 
 def _error(status: int, detail: Detail, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
-
-
-# A 422 lists at most this many issues: a batch of 10,000 bad items says so in a few lines.
-MAX_ISSUES = 20
-
-
-def _cut(text: str, limit: int) -> str:
-    """`text` at most `limit` characters long, and safe to encode (a lone surrogate from a
-    JSON escape would fail the response)."""
-    if len(text) > limit:
-        text = f"{text[: limit - 5]}...{text[-2:]}"
-    return text.encode("utf-8", "backslashreplace").decode()
-
-
-def _issues(errors: Sequence[Any]) -> list[dict[str, Any]]:
-    """FastAPI's validation errors as `loc`, `msg` and `type` only: never the `input` (which
-    can be the whole body) nor its `ctx`, and every string cut short."""
-    issues = []
-    for error in errors[:MAX_ISSUES]:
-        msg = str(error.get("msg", ""))
-        if error.get("type") == "json_invalid" and "error" in (error.get("ctx") or {}):
-            msg = f"{msg}: {error['ctx']['error']}"
-        issues.append(
-            {
-                "loc": [x if isinstance(x, int) else _cut(str(x), 40) for x in error["loc"]],
-                "msg": _cut(msg, 300),
-                "type": _cut(str(error.get("type", "")), 40),
-            }
-        )
-    if len(errors) > MAX_ISSUES:
-        issues.append(
-            {
-                "loc": [_cut(str(errors[0]["loc"][0]), 40)],
-                "msg": f"and {len(errors) - MAX_ISSUES} more issues",
-                "type": "too_many_issues",
-            }
-        )
-    return issues
 
 
 def _unreadable(cause: BaseException) -> str:
@@ -82,7 +44,7 @@ def _unreadable(cause: BaseException) -> str:
     if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
         return "the body is not JSON this API reads: a whole number has over 4,300 digits"
     if isinstance(cause, ValueError):
-        return f"the body is not JSON this API reads: {_cut(str(cause), 100)}"
+        return f"the body is not JSON this API reads: {cut(str(cause), 100)}"
     return "the body cannot be read as JSON"
 
 
@@ -166,7 +128,7 @@ def build_app(
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _issues(exc.errors())}, status_code=422)
+        return JSONResponse({"detail": issues_detail(exc.errors())}, status_code=422)
 
     def allowed(scope: Scope) -> str:
         """Every method some route answers at this path. Starlette's 405 names only the

@@ -8,15 +8,19 @@ its exception and exit-stack middleware were ~40% of the CPU of a `POST /tasks` 
 `GET /tasks/{id}`. A request is served here only when it is plainly well formed: the
 method and path of one of these routes, a JSON body that the rules accept (`rules.read_task`,
 `rules.batch_items`, the rules the FastAPI app reads a body by), at most one valid
-`Idempotency-Key`. (The token was checked before, by `middleware.Authorize`.) Anything else,
-every refusal in particular, goes on to the FastAPI app (`app`) and is answered there as
-before: the two cannot disagree about a 4xx, and the OpenAPI document stays FastAPI's. A
-success, and a domain error once the request was read (404, 409, 503), is answered with the
-same bytes the FastAPI routes send (`responses.task_json`, `responses.status_of`).
+`Idempotency-Key`. (The token was checked before, by `middleware.Authorize`.) Anything else
+goes on to the FastAPI app (`app`) and is answered there as before, and the OpenAPI document
+stays FastAPI's. A success, and a domain error once the request was read (404, 409, 503), is
+answered with the same bytes the FastAPI routes send (`responses.task_json`,
+`responses.status_of`); so is the 422 of a create's body that the rules refuse where they
+can say why exactly as the FastAPI app says it (`rules.body_issue`, `rules.json_issues`,
+`rules.task_issues`, `rules.batch_issues` for a batch's items, written as FastAPI's and
+pydantic's errors, `responses.issues_detail` making the detail of both): any other refusal
+is the app's.
 
 On Lambda the FastAPI app is built, and FastAPI imported, by the first request it is needed
-for (`Lazy`): a cold start that creates or reads a task, or is one of `reads`, does without
-~0.5 s of imports (pydantic's among them) and building the app.
+for (`Lazy`): a cold start that creates or reads a task, is one of `reads`, or refuses a
+task's body, does without ~0.5 s of imports (pydantic's among them) and building the app.
 """
 
 from __future__ import annotations
@@ -28,10 +32,18 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from functions import model, parsing, tasks
+from functions import model, tasks
 from functions.errors import TaskrunnerError
 from functions.http import reads, rules
-from functions.http.responses import json_answer, page_json, send_detail, status_of, task_json
+from functions.http.responses import (
+    detail_json,
+    issues_detail,
+    json_answer,
+    page_json,
+    send_detail,
+    status_of,
+    task_json,
+)
 from functions.model import BIGINT_MAX, NewTask
 from functions.settings import Settings
 from functions.store import Store
@@ -121,11 +133,14 @@ class HotPath:
         self, scope: Scope, body: bytes, key: str | None, *, batch: bool
     ) -> Awaitable[Answer | None] | None:
         """The work a body asks for, or None for the FastAPI app to answer. A body that
-        holds more values than any request takes is not read here (`parsing.count_values`),
-        and what was read is let go before the FastAPI app reads the body again."""
-        bound = model.max_values(self.settings.max_body_bytes)
-        if parsing.count_values(body, bound) > bound or parsing.tiny_number(body) is not None:
-            return None  # (refused before it is read, in the FastAPI app's words)
+        holds more values than any request takes is not read here (`rules.body_issue`),
+        and what was read is let go before the FastAPI app reads the body again. A task's
+        body that is refused is answered here where `rules.task_issues` says why exactly
+        as the FastAPI app would: a Lambda cold start then imports neither FastAPI nor
+        pydantic for it (~0.5 s)."""
+        issue = rules.body_issue(body, self.settings.max_body_bytes)
+        if issue is not None:
+            return _refused([issue])
         try:
             if batch:
                 # Read by pydantic-core (a third of json.loads' time for 10,000 tasks, the
@@ -142,8 +157,14 @@ class HotPath:
             # cannot come near the stack's limit: fewer brackets than that in all.
             if body.count(b"[") + body.count(b"{") > _MAX_BRACKETS:
                 return None
-            new = rules.read_task(json.loads(body), key)
-            return None if new is None else self._create_task(scope, new)
+            try:
+                sent = json.loads(body)
+            except json.JSONDecodeError as exc:
+                return _refused(rules.json_issues(body, exc))
+            new = rules.read_task(sent, key)
+            if new is None:
+                return _refused(rules.task_issues(sent))
+            return self._create_task(scope, new)
         except Exception:
             # Anything refused or failing here (a 422, an integer too long for a float) is
             # the FastAPI app's to answer, in its words.
@@ -153,7 +174,10 @@ class HotPath:
         # Its items are read by `parsing.read_batch` a slice at a time, as they are written.
         ids = await tasks.create_tasks_streamed(self.store, items, self.settings)
         if ids is None:
-            return None
+            # An item refused (nothing written): a 422 where the rules say why as the
+            # FastAPI app would; else (a keyed batch, which it reads) the app's.
+            refused = _refused(rules.batch_issues(items))
+            return None if refused is None else await refused
         from pydantic_core import to_json  # (loaded: it read the batch)
 
         return 201, to_json({"ids": ids}), {}
@@ -196,6 +220,18 @@ class HotPath:
         for message in messages:
             await send(message)
         return True
+
+
+def _refused(issues: list[dict[str, Any]] | None) -> Awaitable[Answer | None] | None:
+    """The 422 answering `issues` (FastAPI's validation errors, as its app answers them:
+    `responses.issues_detail`); None where there are none (the FastAPI app answers)."""
+    if not issues:
+        return None
+    return _ready((422, detail_json(issues_detail(issues)), {}))
+
+
+async def _ready(answer: Answer) -> Answer:
+    return answer
 
 
 async def _answer(read: Awaitable[reads.Read]) -> Answer:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -242,6 +242,45 @@ def status_of(exc: TaskrunnerError, path: str) -> tuple[int, Detail, dict[str, s
     return 500, "internal error", {}
 
 
+# A 422 lists at most this many issues: a batch of 10,000 bad items says so in a few lines.
+MAX_ISSUES = 20
+
+
+def cut(text: str, limit: int) -> str:
+    """`text` at most `limit` characters long, and safe to encode (a lone surrogate from a
+    JSON escape would fail the response)."""
+    if len(text) > limit:
+        text = f"{text[: limit - 5]}...{text[-2:]}"
+    return text.encode("utf-8", "backslashreplace").decode()
+
+
+def issues_detail(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """A 422's `detail`: validation errors (FastAPI's, or the fast path's in their shape,
+    `rules.task_issues`) as `loc`, `msg` and `type` only: never the `input` (which can be
+    the whole body) nor its `ctx`, and every string cut short."""
+    issues = []
+    for error in errors[:MAX_ISSUES]:
+        msg = str(error.get("msg", ""))
+        if error.get("type") == "json_invalid" and "error" in (error.get("ctx") or {}):
+            msg = f"{msg}: {error['ctx']['error']}"
+        issues.append(
+            {
+                "loc": [x if isinstance(x, int) else cut(str(x), 40) for x in error["loc"]],
+                "msg": cut(msg, 300),
+                "type": cut(str(error.get("type", "")), 40),
+            }
+        )
+    if len(errors) > MAX_ISSUES:
+        issues.append(
+            {
+                "loc": [cut(str(errors[0]["loc"][0]), 40)],
+                "msg": f"and {len(errors) - MAX_ISSUES} more issues",
+                "type": "too_many_issues",
+            }
+        )
+    return issues
+
+
 def json_answer(
     status: int,
     body: bytes,
@@ -271,6 +310,10 @@ async def send_json(
 async def send_detail(
     send: Send, status: int, detail: Detail, headers: dict[str, str] | None = None
 ) -> None:
-    """Answer `{"detail": detail}` with `status`, encoded as Starlette's JSONResponse does."""
-    body = json.dumps({"detail": detail}, ensure_ascii=False, separators=(",", ":"))
-    await send_json(send, status, body.encode(), headers)
+    """Answer `{"detail": detail}` with `status` (`detail_json`)."""
+    await send_json(send, status, detail_json(detail), headers)
+
+
+def detail_json(detail: Detail) -> bytes:
+    """`{"detail": detail}` encoded as Starlette's JSONResponse does."""
+    return json.dumps({"detail": detail}, ensure_ascii=False, separators=(",", ":")).encode()

@@ -14,10 +14,10 @@ from pydantic_core import to_json
 from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
-from functions import model, parsing, schedules, tasks
+from functions import parsing, schedules, tasks
 from functions.http import reads
 from functions.http.responses import page_json, task_json
-from functions.http.rules import require_json
+from functions.http.rules import body_issue, require_json
 from functions.http.schemas import (
     AttemptPageOut,
     BatchIn,
@@ -92,25 +92,17 @@ class Route(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         """FastAPI's handler, behind the checks of a body before it is parsed: its
-        content-type (415), and how many values it holds (`parsing.count_values`: 422 past
-        `model.max_values` of the body limit, before json.loads builds them all)."""
+        content-type (415), and how many values it holds and how small its numbers are
+        (`rules.body_issue`: a 422 before json.loads builds them all)."""
         handler = super().get_route_handler()
         if self.body_field is None:
             return handler
 
         async def read_body_first(request: Request) -> Response:
             require_json(request.headers.get("content-type", ""))
-            limit = request.app.state.max_body_bytes
-            bound = model.max_values(limit)
-            if parsing.count_values(await request.body(), bound) > bound:
-                msg = model.too_many_values(limit)
-                raise RequestValidationError([{"loc": ("body",), "msg": msg, "type": "too_long"}])
-            tiny = parsing.tiny_number(await request.body())
-            if tiny is not None:
-                msg = f"the number {parsing.excerpt(tiny)} is too small for a double: it reads as 0"
-                raise RequestValidationError(
-                    [{"loc": ("body",), "msg": msg, "type": "value_error"}]
-                )
+            issue = body_issue(await request.body(), request.app.state.max_body_bytes)
+            if issue is not None:
+                raise RequestValidationError([issue])
             # (FastAPI's handler reads the body this request has kept.)
             return await handler(request)
 

@@ -11,7 +11,13 @@ API, the FastAPI app and the fast path (`fastpath`), so that the two agree by co
   runs only to say why a body is refused; its options' rules, `parsing.parse_max_attempts`,
   `parse_timeout_s` and `parse_priority`, are the schema's validators too), and a batch's
   envelope: `batch_items`, with its items read by `parsing.read_batch`;
-- how much a body may hold: `parsing.count_values`.
+- how much a body may hold: `parsing.count_values`, and the numbers it may hold
+  (`parsing.tiny_number`): `body_issue`, which `routes.Route` raises;
+- why a task's body is refused: `task_issues` says it as FastAPI's reading of
+  `schemas.TaskIn` would (FastAPI's and pydantic's words: the same 422 to the byte), by the
+  rules the schema's fields are read by (`TASK_FIELDS`), and `batch_issues` of a batch's
+  items, so that the fast path answers it without FastAPI or pydantic; where they cannot say
+  so exactly, the app does.
 
 The JSON of a task is `responses.task_json`, and a domain error's status
 `responses.status_of`, for both. No FastAPI, Starlette or pydantic here: the Lambda handler
@@ -21,10 +27,11 @@ imports this on a cold start.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from functions import parsing
+from functions import model, parsing
 from functions.errors import NotJson
 from functions.model import MAX_BATCH, NewTask
 
@@ -152,3 +159,121 @@ def batch_items(sent: Any) -> list[Any] | None:
     if items.__class__ is not list or not 1 <= len(items) <= MAX_BATCH:
         return None
     return items
+
+
+def body_issue(body: bytes, max_body_bytes: int) -> dict[str, Any] | None:
+    """Why `body` is refused before it is read as JSON, as a validation error: it holds more
+    values than any request takes (`parsing.count_values`, against `model.max_values` of the
+    body limit: json.loads would build them all), or a number too small for a double (it
+    would read as 0); None if neither."""
+    bound = model.max_values(max_body_bytes)
+    if parsing.count_values(body, bound) > bound:
+        msg = model.too_many_values(max_body_bytes)
+        return {"loc": ("body",), "msg": msg, "type": "too_long"}
+    tiny = parsing.tiny_number(body)
+    if tiny is not None:
+        msg = f"the number {parsing.excerpt(tiny)} is too small for a double: it reads as 0"
+        return {"loc": ("body",), "msg": msg, "type": "value_error"}
+    return None
+
+
+# The fields of a task's body in the order `schemas.TaskIn` declares them, each with the
+# rule its validator calls (None: it takes any value; the domain checks it) and whether it
+# must be sent. A unit test holds this to the schema.
+Fields = tuple[tuple[str, Callable[[Any], Any] | None, bool], ...]
+TASK_FIELDS: Fields = (
+    ("type", parsing.parse_kind, True),
+    ("execute_at", parsing.parse_execute_at, True),
+    ("payload", None, False),
+    ("max_attempts", parsing.parse_max_attempts_or_default, False),
+    ("timeout_s", parsing.parse_timeout_s, False),
+    ("priority", parsing.parse_priority_or_default, False),
+)
+# What pydantic says of a field missing, a key no field has, a body that is no object (as
+# FastAPI validates a body: from attributes), and a rule's ValueError (before its words); a
+# unit test holds these to pydantic's own.
+MISSING = "Field required"
+EXTRA = "Extra inputs are not permitted"
+NOT_AN_OBJECT = "Input should be a valid dictionary or object to extract fields from"
+VALUE_ERROR = "Value error, "
+
+
+def json_issues(body: bytes, error: json.JSONDecodeError) -> list[dict[str, Any]]:
+    """Why FastAPI refuses a body that json.loads refused with `error`: nothing sent (it does
+    not read an empty body: the body is missing), or not JSON (where, and why)."""
+    if not body:
+        return [{"type": "missing", "loc": ("body",), "msg": MISSING}]
+    return [
+        {
+            "type": "json_invalid",
+            "loc": ("body", error.pos),
+            "msg": "JSON decode error",
+            "ctx": {"error": error.msg},
+        }
+    ]
+
+
+def task_issues(sent: Any) -> list[dict[str, Any]] | None:
+    """The validation errors FastAPI refuses a task's body (read as JSON: `sent`) with, in
+    its shape (`type`, `loc`, `msg`) and pydantic's words and order: each field `TASK_FIELDS`
+    names, missing or refused by its rule, then each key no field has. None when they cannot
+    be told here as pydantic tells them (a rule failing otherwise than by ValueError) or the
+    schema takes the body (its reading, `read_task`, or each field's): the app says it."""
+    return _issues(sent, TASK_FIELDS, ("body",)) or None
+
+
+def _key_or_none(value: object) -> str | None:
+    """A batch item's `idempotency_key` as `schemas.BatchItemIn` reads it: null, or a key."""
+    return None if value is None else parsing.parse_idempotency_key(value)
+
+
+# A batch item's fields (`schemas.BatchItemIn`): a task's, then its own key.
+ITEM_FIELDS: Fields = (*TASK_FIELDS, ("idempotency_key", _key_or_none, False))
+
+
+def batch_issues(items: list[Any]) -> list[dict[str, Any]] | None:
+    """`task_issues` of a batch's items (`batch_items` took its envelope), each item's
+    errors after the last's, as FastAPI's reading of `schemas.BatchIn` has them; None where
+    it takes the batch (`read_keyed_batch`) or an item's errors cannot be told here."""
+    try:
+        if read_keyed_batch(items) is not None:  # (what `schemas.BatchIn` tries first)
+            return None
+    except Exception:  # (pydantic would let it through: the app's to answer)
+        return None
+    issues: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        found = _issues(item, ITEM_FIELDS, ("body", "tasks", i))
+        if found is None:
+            return None
+        issues += found
+    return issues or None
+
+
+def _issues(sent: Any, fields: Fields, at: tuple[Any, ...]) -> list[dict[str, Any]] | None:
+    """The errors of one task (or batch item) `sent`, each `loc` after `at`: none if the
+    schema takes it, None if they cannot be told here (see `task_issues`)."""
+    if read_task(sent) is not None:  # (what `schemas.TaskIn` tries first)
+        return []
+    if sent.__class__ is not dict:
+        return [{"type": "model_attributes_type", "loc": at, "msg": NOT_AN_OBJECT}]
+    issues: list[dict[str, Any]] = []
+    names = set()
+    for name, rule, required in fields:
+        names.add(name)
+        if name not in sent:
+            if required:
+                issues.append({"type": "missing", "loc": (*at, name), "msg": MISSING})
+            continue
+        if rule is None:
+            continue
+        try:
+            rule(sent[name])
+        except ValueError as exc:
+            msg = f"{VALUE_ERROR}{exc}"
+            issues.append({"type": "value_error", "loc": (*at, name), "msg": msg})
+        except Exception:  # (pydantic lets it through: a 500, the app's to answer)
+            return None
+    for key in sent:
+        if key not in names:
+            issues.append({"type": "extra_forbidden", "loc": (*at, key), "msg": EXTRA})
+    return issues

@@ -136,6 +136,102 @@ async def test_a_refused_create_answers_alike(
     assert response.status_code in (400, 401, 415, 422)
 
 
+# Refused creates the hot path answers itself (rules.body_issue, json_issues, task_issues),
+# each by a path and a body: the ends of each field's range, every kind of issue, unicode,
+# strings and keys past what a 422 quotes, more issues than it lists.
+REFUSED_HERE: list[tuple[str, bytes]] = [
+    ("/tasks", b'{"type": "nope", "execute_at": "2099-01-01T00:00:00Z"}'),
+    ("/tasks", b'{"type": "\\u00fcn\\u00efc\\u00f6d\\u00e9", "execute_at": 0}'),
+    ("/tasks", '{"type": "ünïcödé ✓", "execute_at": 0}'.encode()),
+    ("/tasks", b'{"type": "\\ud800", "execute_at": 0}'),  # a lone surrogate
+    ("/tasks", b'{"type": "' + b"x" * 1000 + b'", "execute_at": 0}'),
+    ("/tasks", b'{"type": null, "execute_at": [0]}'),
+    ("/tasks", b'{"execute_at": 0}'),
+    ("/tasks", b'{"type": "baz"}'),
+    ("/tasks", b"{}"),
+    ("/tasks", b'{"type": "baz", "execute_at": "2030-01-01T12:00:00"}'),
+    ("/tasks", b'{"type": "baz", "execute_at": 253402300800}'),
+    ("/tasks", b'{"type": "baz", "execute_at": -1}'),
+    ("/tasks", b'{"type": "baz", "execute_at": 1e400}'),
+    ("/tasks", b'{"type": "baz", "execute_at": NaN}'),
+    ("/tasks", b'{"type": "baz", "execute_at": 1' + b"0" * 400 + b"}"),
+    ("/tasks", b'{"type": "baz", "execute_at": 0, "max_attempts": 0}'),
+    ("/tasks", b'{"type": "baz", "execute_at": 0, "max_attempts": 1001}'),
+    ("/tasks", b'{"type": "baz", "execute_at": 0, "max_attempts": 2.5}'),
+    ("/tasks", b'{"type": "baz", "execute_at": 0, "timeout_s": 0}'),
+    ("/tasks", b'{"type": "baz", "execute_at": 0, "priority": 10}'),
+    ("/tasks", b'{"type": "baz", "execute_at": 0, "priority": -1}'),
+    ("/tasks", b'{"type": "baz", "execute_at": 0, "x": 1, "idempotency_key": "k"}'),
+    ("/tasks", b'{"' + b"k" * 50 + b'": 1, "type": 3, "priority": true, "\xc3\xa9": 2}'),
+    ("/tasks", json.dumps({f"extra{n}": n for n in range(30)}).encode()),
+    ("/tasks", b"null"),
+    ("/tasks", b"[]"),
+    ("/tasks", b'"baz"'),
+    ("/tasks", b"1"),
+    ("/tasks", b""),
+    ("/tasks", b" "),
+    ("/tasks", b'{"type": "baz"'),
+    ("/tasks", b'{"type": "baz", "execute_at": 0,}'),
+    ("/tasks", b"{'type': 'baz'}"),
+    ("/tasks", b'{"type": "baz", "execute_at": 1e-400}'),
+    ("/tasks/batch", b'{"tasks": [{"type": "baz", "execute_at": 1e-400}]}'),
+    ("/tasks/batch", b'{"tasks": [{"type": "nope", "execute_at": 0}]}'),
+    ("/tasks/batch", b'{"tasks": [{"type": "baz", "execute_at": 0}, {"type": "baz"}, [], null]}'),
+    ("/tasks/batch", b'{"tasks": [{"type": "baz", "execute_at": 0, "idempotency_key": "a b"}]}'),
+    (
+        "/tasks/batch",
+        b'{"tasks": [{"type": "baz", "execute_at": 0, "idempotency_key": "k", "x": 1},'
+        b' {"type": "qux", "execute_at": "2030-01-01T00:00:00", "idempotency_key": null}]}',
+    ),
+    ("/tasks/batch", json.dumps({"tasks": [{"type": "nope", "execute_at": 0}] * 25}).encode()),
+    # Refused at its last item, read past its first slices.
+    (
+        "/tasks/batch",
+        json.dumps({"tasks": [{"type": "baz", "execute_at": 0}] * 9_999 + [{}]}).encode(),
+    ),
+]
+
+
+@pytest.mark.parametrize("base_path", ["", "/prod"], ids=["root", "base-path"])
+async def test_a_refused_create_is_answered_by_the_hot_path_to_the_byte(
+    settings: Settings, base_path: str, sql: Any
+) -> None:
+    """Each as the FastAPI app answers it (status, headers in their order, body), without
+    building the app, and nothing written; a refusal the rules cannot word as it does (bytes
+    that are not UTF-8: a 400) is still the app's."""
+    settings = dataclasses.replace(settings, api_token=TOKEN, base_path=base_path)
+    built: list[bool] = []
+
+    def build() -> Any:
+        built.append(True)
+        return build_app(settings, store=store, middleware=False)
+
+    store = Store(Database(settings))
+    hot = wrap(Lazy(build), settings, store)
+    fastapi = _fastapi_only(settings, store)
+    limit = settings.max_body_bytes
+    refused = [*REFUSED_HERE, ("/tasks/batch", b'{"tasks": [' + b"[" * max_values(limit))]
+    try:
+        async with (
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=hot), base_url="http://t") as a,
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=fastapi), base_url="http://t") as b,
+        ):
+            for path, body in refused:
+                url = f"{base_path}{path}"
+                for headers in (AUTH, {**AUTH, "Idempotency-Key": "k-1"}):
+                    got = await a.post(url, content=body, headers=headers)
+                    want = await b.post(url, content=body, headers=headers)
+                    assert got.status_code == 422, (body[:80], got.text)
+                    assert (got.headers.raw, got.content) == (want.headers.raw, want.content)
+            assert built == []
+            assert sql("SELECT count(*) FROM tasks") == [(0,)]
+            got = await a.post(f"{base_path}/tasks", content=b"\xff", headers=AUTH)
+            assert got.status_code == 400
+            assert built == [True]
+    finally:
+        await store.database.dispose()
+
+
 @pytest.mark.parametrize(
     ("path", "served", "passed"),
     [("/tasks", [1, 100], [101, 965, 5_000]), ("/tasks/batch", [1, 190], [965, 5_000])],

@@ -459,6 +459,55 @@ print(json.dumps([before, "fastapi" in sys.modules]))
 
 @pytest.mark.one_server
 @pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_cold_start_that_refuses_a_task_imports_no_fastapi(
+    database_url: str, version: str
+) -> None:
+    """The refusal of a task's body is said by the request rules (rules.task_issues) in the
+    FastAPI app's words: a 422 without importing FastAPI or pydantic."""
+    probe = f"""
+import json, sys
+from functions.api import handler
+from tests.lambda_harness import FakeContext, api_event
+answers = []
+for body in ('{{"type": "qux", "execute_at": "next tuesday"}}', '{{"type": "baz"', 'null'):
+    event = api_event("{version}", "create_bad")
+    event["body"] = body
+    answers.append(handler(event, FakeContext()))
+later = {{"fastapi", "pydantic", "pydantic_core", "functions.http.schemas"}}
+print(json.dumps([answers, sorted(later & set(sys.modules))]))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, "TASKRUNNER_DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers, imported = json.loads(result.stdout.splitlines()[-1])
+    assert imported == []
+    kinds = "bar, baz, foo, http"
+    assert [(a["statusCode"], header(a, "content-type"), body(a)) for a in answers] == [
+        (422, "application/json", {"detail": [
+            {"loc": ["body", "type"], "type": "value_error",
+             "msg": f"Value error, unknown type 'qux'; expected one of {kinds}"},
+            {"loc": ["body", "execute_at"], "type": "value_error",
+             "msg": "Value error, execute_at 'next tuesday' is not an RFC 3339 date-time with"
+             " an offset (e.g. 2030-01-01T12:00:00Z) or Unix seconds"},
+        ]}),
+        (422, "application/json", {"detail": [
+            {"loc": ["body", 14], "msg": "JSON decode error: Expecting ',' delimiter",
+             "type": "json_invalid"},
+        ]}),
+        (422, "application/json", {"detail": [
+            {"loc": ["body"], "type": "model_attributes_type",
+             "msg": "Input should be a valid dictionary or object to extract fields from"},
+        ]}),
+    ]  # fmt: skip
+
+
+@pytest.mark.one_server
+@pytest.mark.parametrize("version", ["v1", "v2"])
 def test_a_time_no_float_can_hold_is_a_422_in_json(lambda_env: None, version: str) -> None:
     """An integer of 400 digits overflowed a float check: a 500, and on Lambda (where the
     hot path sits outside FastAPI) Mangum's plain-text one."""
