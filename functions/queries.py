@@ -341,28 +341,36 @@ def _json_time(column: str) -> str:
 # answer's to write (responses.listed_json): a float and a payload's JSON are written in
 # Python, as for one task, and a payload goes through its kind's `show`.
 # tests/integration/test_listed_json.py holds the bytes equal to task_json's.
-LISTED_JSON = " || ".join(
-    [
-        """'{"id":' || id""",
-        """',"type":' || """ + _json_text("kind"),
-        """',"state":' || """ + _json_text("state"),
-        *(
-            f"""',"{name}":' || """ + _json_time(name)
-            for name in ("execute_at", "next_attempt_at", "created_at", "started_at", "finished_at")
-        ),
-        """',"attempts":' || attempts""",
-        """',"max_attempts":' || max_attempts""",
-        *(
-            f"""',"{name}":' || """ + _json_text(name)
-            for name in ("output", "error", "idempotency_key", "schedule")
-        ),
-        """',"scheduled_for":' || """ + _json_time("scheduled_for"),
-        """',"priority":' || priority""",
-        """',"worker":' || """ + _json_text("worker"),
-        """',"running_since":' || """ + _json_time("running_since"),
-        """',"lease_expires_at":' || """ + _json_time("lease_expires_at"),
-    ]
-)
+_LISTED_FIELDS = (
+    ("id", "id"),
+    ("type", _json_text("kind")),
+    ("state", _json_text("state")),
+    *((name, _json_time(name)) for name in
+      ("execute_at", "next_attempt_at", "created_at", "started_at", "finished_at")),
+    ("attempts", "attempts"),
+    ("max_attempts", "max_attempts"),
+    *((name, _json_text(name)) for name in ("output", "error", "idempotency_key", "schedule")),
+    ("scheduled_for", _json_time("scheduled_for")),
+    ("priority", "priority"),
+    ("worker", _json_text("worker")),
+    ("running_since", _json_time("running_since")),
+    ("lease_expires_at", _json_time("lease_expires_at")),
+)  # fmt: skip
+
+
+def _listed_json(*, plain: bool = False) -> str:
+    """LISTED_JSON; `plain`: the whole JSON of a task without a timeout or a payload (both
+    null, and the closing brace). One `format()` of the fields' values into the constant text
+    around them: a sixth less of the server's CPU a page of 100 than the same text joined by
+    `||` (1.56-2.09 ms against 1.93-2.48 ms, three alternating runs). `%%s`: psycopg's
+    escape of `%` (and references.as_pgbench's); no `:` is followed by a name, which pgbench
+    would read as its variable."""
+    fields = [*_LISTED_FIELDS, *((("timeout_s", "'null'"), ("payload", "'null'")) * plain)]
+    text = "{" + ",".join(f'"{name}":%%s' for name, _ in fields) + "}" * plain
+    return f"format('{text}', {', '.join(value for _, value in fields)})"
+
+
+LISTED_JSON = _listed_json()
 
 
 # Each row listed comes with what it holds of text that can be large, as stored
@@ -501,7 +509,7 @@ ORDER BY {self._outer_order}"""
         a page that goes on makes its cursor from. A page of 100 is then one string to the
         API, not 101 rows to read (see Store.list_page_text for the figures)."""
         return f"""SELECT count(*), coalesce(bool_and(timeout_s IS NULL AND payload IS NULL), true),
-    string_agg({LISTED_JSON} || {_NOTHING_AFTER}, ',' ORDER BY n)
+    string_agg({_listed_json(plain=True)}, ',' ORDER BY n)
         FILTER (WHERE n <= %(shown)s AND timeout_s IS NULL AND payload IS NULL),
     max(id) FILTER (WHERE n = %(shown)s),
     max(execute_at) FILTER (WHERE n = %(shown)s),
@@ -537,12 +545,6 @@ FROM (
     WHERE {conditions}
     ORDER BY {self.order_by} LIMIT %(limit)s
 ) AS page"""
-
-
-# The end of a task's JSON without a timeout or a payload (responses.listed_json's), as SQL:
-# each colon followed by a quote (pgbench, which runs a listing as the bench's raw
-# reference, reads `:name` as its variable).
-_NOTHING_AFTER = """',"timeout_s":' || 'null,"payload":' || 'null}'"""
 
 
 def listing(matching: TaskFilter, order: TaskOrder) -> Listing:

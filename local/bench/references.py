@@ -141,9 +141,10 @@ async def raw_insert_one_by_one(url: str, n: int, connections: int) -> float:
 
 def as_pgbench(sql: str, values: dict[str, str]) -> str:
     """One of our statements (queries.*) as a pgbench script: each `%(name)s` replaced by
-    the SQL in `values` (a literal, or a pgbench `:variable`), on one line."""
+    the SQL in `values` (a literal, or a pgbench `:variable`), `%%` as `%`, on one line."""
     script = re.sub(r"%\((\w+)\)s", lambda m: values[m.group(1)], sql)
-    return " ".join(script.split()) + ";\n"
+    # (`%%`: a `%` escaped for psycopg, as psycopg sends it.)
+    return " ".join(script.replace("%%", "%").split()) + ";\n"
 
 
 # The API's statements as pgbench runs them (values as the API would send them).
