@@ -6,6 +6,7 @@ these from input is `parsing`'s; doing something with them is `tasks`'s (through
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -254,6 +255,15 @@ class Page:
     order: TaskOrder = DEFAULT_ORDER
 
 
+@dataclass(frozen=True)
+class WrittenPage:
+    """A page of tasks whose JSON the database wrote whole (tasks.list_tasks): the answer's
+    `items`, comma separated, as `Page`'s would be written, and its cursor."""
+
+    items_json: bytes
+    next_cursor: str | None
+
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -484,3 +494,27 @@ def normalise_error(error: str) -> str:
         if placeholder.start() < end < placeholder.end():
             end = placeholder.start()
     return folded[:end]
+
+
+# What a page's JSON holds besides its items: `{"items":[`, `],"next_cursor":`, a cursor
+# (at most 36 characters, quoted) and `}`, rounded up, escaped as Lambda's envelope has it.
+PAGE_ROOM = 100
+
+
+def enveloped_size(text: bytes) -> int:
+    """How many bytes the JSON `text` takes once it is the `body` string of a Lambda
+    response, as the runtime sends it: JSON-escaped, `"` and `\\` as two bytes each, and every
+    other character beyond ASCII as `\\uXXXX` (awslambdaric writes the response with
+    `ensure_ascii`, as python3.11 does): a character of 2 or 3 bytes in UTF-8 takes 6, one of
+    4 takes 12. Never less than `len(text)`, so a page measured by it is as short as ever
+    served from a server. (`text` holds no raw control character: JSON escapes them.)"""
+    if text.isascii():
+        return len(text) + text.count(b'"') + text.count(b"\\")
+    return len(json.dumps(text.decode())) - 2
+
+
+def fits_one_answer(items_json: bytes) -> bool:
+    """Whether a page whose items are `items_json` (comma separated) is one answer of at
+    most MAX_PAGE_BYTES, as responses.page_json measures a page item by item: the sizes
+    add up, the commas included."""
+    return PAGE_ROOM + enveloped_size(items_json) + 1 <= MAX_PAGE_BYTES

@@ -341,28 +341,36 @@ def _json_time(column: str) -> str:
 # answer's to write (responses.listed_json): a float and a payload's JSON are written in
 # Python, as for one task, and a payload goes through its kind's `show`.
 # tests/integration/test_listed_json.py holds the bytes equal to task_json's.
-LISTED_JSON = " || ".join(
-    [
-        """'{"id":' || id""",
-        """',"type":' || """ + _json_text("kind"),
-        """',"state":' || """ + _json_text("state"),
-        *(
-            f"""',"{name}":' || """ + _json_time(name)
-            for name in ("execute_at", "next_attempt_at", "created_at", "started_at", "finished_at")
-        ),
-        """',"attempts":' || attempts""",
-        """',"max_attempts":' || max_attempts""",
-        *(
-            f"""',"{name}":' || """ + _json_text(name)
-            for name in ("output", "error", "idempotency_key", "schedule")
-        ),
-        """',"scheduled_for":' || """ + _json_time("scheduled_for"),
-        """',"priority":' || priority""",
-        """',"worker":' || """ + _json_text("worker"),
-        """',"running_since":' || """ + _json_time("running_since"),
-        """',"lease_expires_at":' || """ + _json_time("lease_expires_at"),
-    ]
-)
+_LISTED_FIELDS = (
+    ("id", "id"),
+    ("type", _json_text("kind")),
+    ("state", _json_text("state")),
+    *((name, _json_time(name)) for name in
+      ("execute_at", "next_attempt_at", "created_at", "started_at", "finished_at")),
+    ("attempts", "attempts"),
+    ("max_attempts", "max_attempts"),
+    *((name, _json_text(name)) for name in ("output", "error", "idempotency_key", "schedule")),
+    ("scheduled_for", _json_time("scheduled_for")),
+    ("priority", "priority"),
+    ("worker", _json_text("worker")),
+    ("running_since", _json_time("running_since")),
+    ("lease_expires_at", _json_time("lease_expires_at")),
+)  # fmt: skip
+
+
+def _listed_json(*, plain: bool = False) -> str:
+    """LISTED_JSON; `plain`: the whole JSON of a task without a timeout or a payload (both
+    null, and the closing brace). One `format()` of the fields' values into the constant text
+    around them: a sixth less of the server's CPU a page of 100 than the same text joined by
+    `||` (1.56-2.09 ms against 1.93-2.48 ms, three alternating runs). `%%s`: psycopg's
+    escape of `%` (and references.as_pgbench's); no `:` is followed by a name, which pgbench
+    would read as its variable."""
+    fields = [*_LISTED_FIELDS, *((("timeout_s", "'null'"), ("payload", "'null'")) * plain)]
+    text = "{" + ",".join(f'"{name}":%%s' for name, _ in fields) + "}" * plain
+    return f"format('{text}', {', '.join(value for _, value in fields)})"
+
+
+LISTED_JSON = _listed_json()
 
 
 # Each row listed comes with what it holds of text that can be large, as stored
@@ -488,6 +496,37 @@ ORDER BY {self.order_by} OFFSET {SCAN_ROWS - 1} LIMIT 1"""
     def page(self, *, after: bool, bounded: bool) -> str:
         """Up to `%(limit)s` tasks matching, in order (past `%(after_*)s` when `after`, and
         up to `%(bound_*)s` when `bounded`)."""
+        return f"""SELECT id, kind, execute_at, finished_at, timeout_s, payload, stored_bytes,
+    {LISTED_JSON} AS listed_json
+{self._rows(after=after, bounded=bounded)}
+ORDER BY {self._outer_order}"""
+
+    def page_text(self, *, after: bool, bounded: bool) -> str:
+        """`page`'s rows as one row: how many there are (`%(limit)s` at most); whether
+        none has a timeout or a payload (`plain`); and, when so, the JSON of the first
+        `%(shown)s` as the answer's `items` writes them (each `task_json`'s, comma
+        separated), with the id, `execute_at` and `finished_at` of the last of those, which
+        a page that goes on makes its cursor from. A page of 100 is then one string to the
+        API, not 101 rows to read (see Store.list_page_text for the figures)."""
+        return f"""SELECT count(*), coalesce(bool_and(timeout_s IS NULL AND payload IS NULL), true),
+    string_agg({_listed_json(plain=True)}, ',' ORDER BY n)
+        FILTER (WHERE n <= %(shown)s AND timeout_s IS NULL AND payload IS NULL),
+    max(id) FILTER (WHERE n = %(shown)s),
+    max(execute_at) FILTER (WHERE n = %(shown)s),
+    max(finished_at) FILTER (WHERE n = %(shown)s)
+FROM (
+    SELECT page.*, row_number() OVER (ORDER BY {self._outer_order}) AS n
+    {self._rows(after=after, bounded=bounded)}
+) AS numbered"""
+
+    @property
+    def _outer_order(self) -> str:
+        way = " DESC" if self.order.descending else ""
+        return f"order_key{way}, id{way}" if self.order.key in _KEY_COLUMN else f"id{way}"
+
+    def _rows(self, *, after: bool, bounded: bool) -> str:
+        """`FROM` the page's rows (TASK_COLUMNS, `stored_bytes` and the order's key as
+        `order_key`), a subquery named `page`."""
         where = [self.served]
         if after:
             where.append(self._keyset("after"))
@@ -499,19 +538,13 @@ ORDER BY {self.order_by} OFFSET {SCAN_ROWS - 1} LIMIT 1"""
         # never over every row a sort would read; the outer order is the inner one's, by
         # the same columns, so it costs no sort.
         key = _KEY_COLUMN.get(self.order.key)
-        way = " DESC" if self.order.descending else ""
-        inner_key, outer_order = (
-            (f", tasks.{key} AS order_key", f"order_key{way}, id{way}") if key else ("", f"id{way}")
-        )
-        return f"""SELECT id, kind, execute_at, finished_at, timeout_s, payload, stored_bytes,
-    {LISTED_JSON} AS listed_json
-FROM (
+        inner_key = f", tasks.{key} AS order_key" if key else ""
+        return f"""FROM (
     SELECT {TASK_COLUMNS}, {STORED_BYTES} AS stored_bytes{inner_key}
     FROM tasks
     WHERE {conditions}
     ORDER BY {self.order_by} LIMIT %(limit)s
-) AS page
-ORDER BY {outer_order}"""
+) AS page"""
 
 
 def listing(matching: TaskFilter, order: TaskOrder) -> Listing:

@@ -399,6 +399,20 @@ def heard_cancel(payload: str) -> tuple[str, list[tuple[int, int]] | None]:
 
 
 # The key of a task in each order, as the store reads it (a datetime, or its id).
+@dataclass(frozen=True)
+class WrittenRows:
+    """A page's rows as the database wrote them (Store.list_page_text)."""
+
+    # The JSON of the rows shown, comma separated, as the answer's `items` holds them.
+    text: str
+    # How many rows were read: one more than those shown when the page goes on.
+    count: int
+    # The last row shown, where a page that goes on goes on from (no JSON: `head` "").
+    last: ListedTask | None
+    # Where a bounded scan stopped (Store.list_tasks).
+    bound: tuple[Any, int] | None
+
+
 _ORDER_KEYS: dict[SortKey, Callable[[ListedTask], Any]] = {
     SortKey.ID: lambda task: task.id,
     SortKey.EXECUTE_AT: lambda task: task.execute_at,
@@ -807,15 +821,7 @@ class Store:
         short, None if it read to the end of the order. Not `bounded`: read on until `limit` (the
         original routes', whose answer has no cursor to go on with)."""
         listing = queries.listing(matching, order)
-        params: dict[str, Any] = dict(listing.params)
-        bound: tuple[Any, int] | None = None
-        if bounded and listing.rest != "true":
-            if after is not None:
-                params.update(after_key=after[0], after_id=after[1])
-            [found] = await self._pinned((listing.bound(after=after is not None), params))
-            if found:
-                bound = (found[0][0], found[0][1])
-                params.update(bound_key=bound[0], bound_id=bound[1])
+        params, bound = await self._bound(listing, after, bounded=bounded)
         key = _ORDER_KEYS[listing.order.key]
         rows: list[ListedTask] = []
         held = 0
@@ -834,6 +840,75 @@ class Store:
             after = (key(rows[-1]), rows[-1].id)
             per_row = max(1, held // len(rows))
             chunk = max(1, min(limit - len(rows), (max_bytes - held) // per_row + 1))
+
+    async def _bound(
+        self, listing: queries.Listing, after: tuple[Any, int] | None, *, bounded: bool
+    ) -> tuple[dict[str, Any], tuple[Any, int] | None]:
+        """The parameters of `listing`'s page past `after`, and where its bounded scan
+        stops (queries.Listing.bound; None: it reads to the end of the order, or is not
+        `bounded`)."""
+        params: dict[str, Any] = dict(listing.params)
+        if after is not None:
+            params.update(after_key=after[0], after_id=after[1])
+        if not (bounded and listing.rest != "true"):
+            return params, None
+        [found] = await self._pinned((listing.bound(after=after is not None), params))
+        if not found:
+            return params, None
+        params.update(bound_key=found[0][0], bound_id=found[0][1])
+        return params, (found[0][0], found[0][1])
+
+    async def list_page_text(
+        self,
+        matching: TaskFilter,
+        order: TaskOrder,
+        *,
+        after: tuple[Any, int] | None,
+        limit: int,
+    ) -> WrittenRows | None:
+        """`list_tasks` of at most PAGE_CHUNK rows (`limit`), bounded, written whole by the
+        database (queries.Listing.page_text) when none of them has a timeout or a payload
+        (their JSON is Python's to write): the JSON of the first `limit - 1`, comma
+        separated, and what the page's cursor is made from. None when a row has either,
+        or `limit` is over PAGE_CHUNK: `list_tasks` reads the page then.
+
+        One statement, sent with the planner's settings in one message (`_pinned_text`).
+        Under wrk (32 connections, a page of 100, alternating runs at load 3-6), the API
+        process's CPU a page went from 1.6-1.9 ms (101 rows read in a pipeline) to
+        0.65-1.0 ms, and the server's from 1.3-1.4 ms to 1.7-1.8 ms: a statement sent so
+        is planned each time (~0.26 ms), where the pipeline's was prepared."""
+        if limit > self.PAGE_CHUNK:
+            return None
+        listing = queries.listing(matching, order)
+        params, bound = await self._bound(listing, after, bounded=True)
+        sql = listing.page_text(after=after is not None, bounded=bound is not None)
+        [
+            (count, plain, text, last_id, last_execute_at, last_finished_at)
+        ] = await self._pinned_text(sql, {**params, "limit": limit, "shown": limit - 1})
+        if not plain:
+            return None
+        last = None
+        if last_id is not None:
+            last = ListedTask(
+                last_id, "", last_execute_at.replace(tzinfo=UTC), _utc(last_finished_at),
+                None, None, "",
+            )  # fmt: skip
+        return WrittenRows(text or "", count, last, bound)
+
+    async def _pinned_text(self, sql: str, params: dict[str, Any]) -> list[Any]:
+        """The rows of `sql` run under queries.PINNED_PLAN, the two sent as one message
+        (the simple query protocol, its parameters bound by the client): one implicit
+        transaction, as `_pinned`'s pipeline is, at a third of its CPU (no pipeline to
+        drive, no BEGIN and COMMIT), behind a transaction pooler too."""
+        async with self.database.connection() as conn:
+            cursor = psycopg.AsyncClientCursor(conn)
+
+            async def work() -> list[Any]:
+                await cursor.execute(f"{queries.PINNED_PLAN.strip()};\n{sql}", params)
+                cursor.nextset()
+                return await cursor.fetchall()
+
+            return await self.database.bounded(conn, work())
 
     async def cancel_task(self, task_id: int) -> Task | None:
         """Cancel the task if it is scheduled or running; return it cancelled (None: it was

@@ -1,5 +1,5 @@
-"""The API's busiest requests, creating tasks, reading one and cancelling one, the first page
-of tasks (`GET /tasks`, with a `limit` at most), and the reads that take nothing but their path
+"""The API's busiest requests, creating tasks, reading one and cancelling one, a page of
+tasks (`GET /tasks`, its filters, order and cursor), and the reads that take nothing but their path
 (`reads`: the health check, /stats, /metrics, the dashboard's page), served without FastAPI's
 routing and dependency machinery.
 
@@ -32,7 +32,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from functions import model, tasks
+from functions import tasks
 from functions.errors import TaskrunnerError
 from functions.http import reads, rules
 from functions.http.responses import (
@@ -62,8 +62,8 @@ _MAX_BRACKETS = 100
 
 class HotPath:
     """ASGI middleware: serve `POST /tasks`, `POST /tasks/batch`, `GET`/`HEAD /tasks/{id}`,
-    `POST /tasks/{id}/cancel` and `GET /tasks` (with no query but a plain `limit`) when they
-    are plainly well formed, and `GET`/`HEAD` of each path of `reads.PATHS` (whatever their
+    `POST /tasks/{id}/cancel` and `GET /tasks` (its query read by `rules.list_query`) when
+    they are plainly well formed, and `GET`/`HEAD` of each path of `reads.PATHS` (whatever their
     query string: the FastAPI routes read none); pass everything else to `app`.
 
     Inside `middleware.Authorize` (`middleware.layers`): a request without the token never
@@ -82,9 +82,9 @@ class HotPath:
                 await self._serve_create(scope, receive, send, batch=path == "/tasks/batch")
                 return
             if method == "GET" and path == "/tasks":
-                limit = _plain_limit(scope["query_string"])
-                if limit is not None:
-                    await self._send_answer(scope, send, self._list_tasks(limit))
+                query = rules.list_query(scope["query_string"])
+                if query is not None:
+                    await self._send_answer(scope, send, self._list_tasks(query))
                     return
             if method in ("GET", "HEAD") and path in reads.PATHS:
                 read = reads.PATHS[path](self.store, scope.get("root_path", ""))
@@ -197,8 +197,10 @@ class HotPath:
     async def _cancel_task(self, task_id: int) -> Answer:
         return 200, task_json(await tasks.cancel_task(self.store, task_id)), {}
 
-    async def _list_tasks(self, limit: int) -> Answer:
-        page = await tasks.list_tasks(self.store, model.TaskFilter(), limit=limit, cursor=None)
+    async def _list_tasks(self, query: rules.ListQuery) -> Answer:
+        page = await tasks.list_tasks(
+            self.store, query.matching, limit=query.limit, cursor=query.cursor, order=query.order
+        )
         return 200, page_json(page), {}
 
     async def _send_answer(self, scope: Scope, send: Send, work: Awaitable[Answer | None]) -> bool:
@@ -237,24 +239,6 @@ async def _ready(answer: Answer) -> Answer:
 async def _answer(read: Awaitable[reads.Read]) -> Answer:
     body, content_type, headers = await read
     return 200, body, headers, content_type
-
-
-def _plain_limit(query: bytes) -> int | None:
-    """The `limit` of a GET /tasks whose query asks for nothing else (none: 100), as the
-    FastAPI route reads it; None for any other query, which the FastAPI route reads (a
-    filter, a sort, a cursor, a limit out of range or written otherwise than plainly)."""
-    if not query:
-        return 100
-    digits = query.removeprefix(b"limit=")
-    if (
-        query.startswith(b"limit=")
-        and 0 < len(digits) <= 4
-        and digits.isdigit()
-        and not digits.startswith(b"0")
-        and int(digits) <= 1000
-    ):
-        return int(digits)
-    return None
 
 
 def _task_id(digits: str) -> int | None:

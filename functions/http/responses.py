@@ -32,7 +32,14 @@ from functions.errors import (
     WrongState,
 )
 from functions.kinds import KINDS
-from functions.model import MAX_PAGE_BYTES, ListedTask, position_of
+from functions.model import (
+    MAX_PAGE_BYTES,
+    PAGE_ROOM,
+    ListedTask,
+    WrittenPage,
+    enveloped_size,
+    position_of,
+)
 from functions.parsing import encode_cursor
 
 if TYPE_CHECKING:
@@ -134,29 +141,12 @@ def plain_task_json(task: Task) -> bytes:
     return _dumps(fields).encode()
 
 
-# What a page's JSON holds besides its items: `{"items":[`, `],"next_cursor":`, a cursor
-# (at most 36 characters, quoted) and `}`, rounded up, escaped as Lambda's envelope has it.
-_PAGE_ROOM = 100
-
-
-def enveloped_size(text: bytes) -> int:
-    """How many bytes the JSON `text` takes once it is the `body` string of a Lambda
-    response, as the runtime sends it: JSON-escaped, `"` and `\\` as two bytes each, and every
-    other character beyond ASCII as `\\uXXXX` (awslambdaric writes the response with
-    `ensure_ascii`, as python3.11 does): a character of 2 or 3 bytes in UTF-8 takes 6, one of
-    4 takes 12. Never less than `len(text)`, so a page measured by it is as short as ever
-    served from a server. (`text` holds no raw control character: JSON escapes them.)"""
-    if text.isascii():
-        return len(text) + text.count(b'"') + text.count(b"\\")
-    return len(json.dumps(text.decode())) - 2
-
-
 def _fitting(items: list[Task] | list[ListedTask]) -> list[bytes]:
     """The JSON of `items`, from the first, while they fit in one answer of MAX_PAGE_BYTES
     measured as Lambda's response envelope holds them (`enveloped_size`: a page of 5 MB of
     `"é"` payloads was 14.9 MB there, over Lambda's 6 MB limit); always the first."""
     out: list[bytes] = []
-    size = _PAGE_ROOM
+    size = PAGE_ROOM
     for task in items:
         one = _item_json(task)
         size += enveloped_size(one) + 1
@@ -166,16 +156,19 @@ def _fitting(items: list[Task] | list[ListedTask]) -> list[bytes]:
     return out
 
 
-def page_json(page: Page) -> bytes:
+def page_json(page: Page | WrittenPage) -> bytes:
     """A page of tasks as `schemas.PageOut`, at most MAX_PAGE_BYTES: its items while they
-    fit, and a `next_cursor` after the last one sent when some did not."""
-    out = _fitting(page.items)
-    cursor = page.next_cursor
-    if len(out) < len(page.items):
-        cursor = encode_cursor(position_of(page.items[len(out) - 1], page.order))
-    return b"".join(
-        (b'{"items":[', b",".join(out), b'],"next_cursor":', _dumps(cursor).encode(), b"}")
-    )
+    fit, and a `next_cursor` after the last one sent when some did not (a WrittenPage fits
+    whole: tasks.list_tasks made sure)."""
+    if isinstance(page, WrittenPage):
+        items, cursor = page.items_json, page.next_cursor
+    else:
+        out = _fitting(page.items)
+        cursor = page.next_cursor
+        if len(out) < len(page.items):
+            cursor = encode_cursor(position_of(page.items[len(out) - 1], page.order))
+        items = b",".join(out)
+    return b"".join((b'{"items":[', items, b'],"next_cursor":', _dumps(cursor).encode(), b"}"))
 
 
 def list_json(items: list[Task] | list[ListedTask]) -> bytes:

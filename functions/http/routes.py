@@ -15,7 +15,7 @@ from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
 from functions import parsing, schedules, tasks
-from functions.http import reads
+from functions.http import reads, rules
 from functions.http.responses import page_json, task_json
 from functions.http.rules import body_issue, require_json
 from functions.http.schemas import (
@@ -118,14 +118,6 @@ class Route(APIRoute):
         return match, child
 
 
-# The query parameters of GET /tasks and the bulk routes that take one value: FastAPI would
-# read the last of several, so `payload=a&payload=b` would filter by `b` alone, unsaid.
-_SINGLE_VALUED = (
-    "created_after", "created_before", "execute_after", "execute_before", "finished_after",
-    "finished_before", "error", "schedule", "payload", "limit", "cursor", "sort", "dry_run",
-)  # fmt: skip
-
-
 # `async`, though it waits for nothing: FastAPI runs a plain `def` dependency in a thread,
 # and that hop was 10% of the API process's CPU in a GET /tasks?limit=100 (py-spy).
 async def task_filter(
@@ -172,14 +164,14 @@ async def task_filter(
     """The filters of `GET /tasks`, read the same way by the bulk cancel, retry and delete: a
     task matches when it meets every one given (a repeated one: any of its values). One that
     takes a single value, given twice, is a 422."""
-    for name in _SINGLE_VALUED:
+    for name in rules.SINGLE_VALUED:
         if len(request.query_params.getlist(name)) > 1:
             msg = f"{name} is given more than once: it takes one value"
             issue = {"loc": ("query", name), "msg": msg, "type": "value_error"}
             raise RequestValidationError([issue])
-    return TaskFilter(
-        states=tuple(dict.fromkeys(state or ())),
-        kinds=tuple(dict.fromkeys(type or ())),
+    return rules.task_filter(
+        state,
+        type,
         created_after=created_after,
         created_before=created_before,
         execute_after=execute_after,

@@ -18,6 +18,10 @@ API, the FastAPI app and the fast path (`fastpath`), so that the two agree by co
   rules the schema's fields are read by (`TASK_FIELDS`), and `batch_issues` of a batch's
   items, so that the fast path answers it without FastAPI or pydantic; where they cannot say
   so exactly, the app does.
+- GET /tasks' query: `list_query`, each parameter read by the function its FastAPI
+  parameter's validator calls (`parsing`'s), the filter made by `task_filter`, a parameter
+  that takes one value given once (`SINGLE_VALUED`); the fast path reads a query only when
+  every parameter in it is well formed, and leaves any other to the app, which says why.
 
 The JSON of a task is `responses.task_json`, and a domain error's status
 `responses.status_of`, for both. No FastAPI, Starlette or pydantic here: the Lambda handler
@@ -28,12 +32,15 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+from urllib.parse import parse_qsl
 
 from functions import model, parsing
 from functions.errors import NotJson
-from functions.model import MAX_BATCH, NewTask
+from functions.model import MAX_BATCH, NewTask, TaskFilter, TaskOrder, TaskState
 
 # HTTP's optional whitespace (RFC 9110, 5.6.3): all that is ignored around the credentials.
 # (str.strip() would also drop \x85 and \xa0, which a client may have meant as the token's.)
@@ -277,3 +284,106 @@ def _issues(sent: Any, fields: Fields, at: tuple[Any, ...]) -> list[dict[str, An
         if key not in names:
             issues.append({"type": "extra_forbidden", "loc": (*at, key), "msg": EXTRA})
     return issues
+
+
+# The query parameters of GET /tasks and the bulk routes that take one value: FastAPI would
+# read the last of several, so `payload=a&payload=b` would filter by `b` alone, unsaid (the
+# app refuses a second one, routes.task_filter).
+SINGLE_VALUED = (
+    "created_after", "created_before", "execute_after", "execute_before", "finished_after",
+    "finished_before", "error", "schedule", "payload", "limit", "cursor", "sort", "dry_run",
+)  # fmt: skip
+TIME_BOUNDS = (
+    "created_after", "created_before", "execute_after", "execute_before", "finished_after",
+    "finished_before",
+)  # fmt: skip
+
+
+def task_filter(
+    states: Sequence[TaskState] | None,
+    kinds: Sequence[str] | None,
+    *,
+    error: str | None = None,
+    schedule: str | None = None,
+    payload: str | None = None,
+    **bounds: datetime | None,
+) -> TaskFilter:
+    """The filter of GET /tasks' parameters, each read already: a repeated state or type
+    counts once, in the order first given."""
+    return TaskFilter(
+        states=tuple(dict.fromkeys(states or ())),
+        kinds=tuple(dict.fromkeys(kinds or ())),
+        error=error,
+        schedule=schedule,
+        payload=payload,
+        **bounds,
+    )
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """What a GET /tasks asks for (`tasks.list_tasks`' arguments)."""
+
+    matching: TaskFilter
+    limit: int = 100
+    cursor: str | None = None
+    order: TaskOrder | None = None
+
+
+def list_query(query: bytes) -> ListQuery | None:
+    """GET /tasks' query (the bytes of the URL's), read as the FastAPI route reads it:
+    split as Starlette splits it, each parameter by its validator's function. None when a
+    parameter is refused, or repeated where it takes one value (`dry_run` too, which only
+    the bulk routes read): the FastAPI app answers it, its 422 saying why. A parameter the
+    route does not read is ignored, as the route ignores it."""
+    states: list[TaskState] = []
+    kinds: list[str] = []
+    given: dict[str, str] = {}
+    try:
+        for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+            if name == "state":
+                states.append(TaskState(value))
+            elif name == "type":
+                kinds.append(parsing.parse_kind_filter(value))
+            elif name in SINGLE_VALUED:
+                if name in given:
+                    return None  # (the app's 422)
+                given[name] = value
+            # (Any other parameter, the route does not read.)
+        read: dict[str, Any] = {name: given[name] for name in ("error", "payload") if name in given}
+        if "error" in read:
+            read["error"] = parsing.parse_error_search(read["error"])
+        if "payload" in read:
+            read["payload"] = parsing.parse_payload_filter(read["payload"])
+        if "schedule" in given:
+            # Imported here: only a query that names a schedule needs the module.
+            from functions.schedules import parse_name
+
+            read["schedule"] = parse_name(given["schedule"])
+        for name in TIME_BOUNDS:
+            if name in given:
+                read[name] = parsing.parse_time_bound(given[name], name)
+        limit = _limit(given.get("limit", "100"))
+        cursor = given.get("cursor")
+        sort = given.get("sort")
+        return ListQuery(
+            task_filter(states, kinds, **read),
+            limit,
+            None if cursor is None else parsing.parse_cursor(cursor),
+            None if sort is None else parsing.parse_sort(sort),
+        )
+    except Exception:  # (refused here, and explained by the app)
+        return None
+
+
+_MAX_LIMIT = 1000
+
+
+def _limit(text: str) -> int:
+    """A `limit` written plainly, 1 to 1,000 (the route's `Query(ge=1, le=1000)`); any
+    other spelling pydantic may read (`+5`, ` 5`, `05`) is left to the app: ValueError."""
+    if 0 < len(text) <= 4 and text.isascii() and text.isdigit() and text[0] != "0":
+        limit = int(text)
+        if limit <= _MAX_LIMIT:
+            return limit
+    raise ValueError(f"limit {parsing.excerpt(text)} is not written plainly")

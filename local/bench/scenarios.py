@@ -512,7 +512,7 @@ class Bench(Harness):
         """Median ms, over fresh processes (11 in a full run), of each cold start coldstart.py
         measures, by its name there: importing the API handler plus its first request, for
         each of `coldstart.REQUESTS`; the tick handler plus a tick with nothing due (`tick`);
-        a create then GET /tasks?state=failed, the second alone (`after-create`); and the
+        a create then GET /workers (through FastAPI), the second alone (`after-create`); and the
         floor under all of them (importing asyncio and psycopg, one connection, one
         statement: `floor`); and where they ran.
 

@@ -401,9 +401,9 @@ def test_a_cold_start_that_creates_and_reads_tasks_imports_no_fastapi(
     database_url: str, version: str
 ) -> None:
     """The hot path (functions/http/fastpath.py) serves them, and the reads of
-    functions/http/reads.py (the health check, /stats, /metrics, the dashboard's page);
-    FastAPI and pydantic come with the first request it does not serve (here a list), and
-    answer it."""
+    functions/http/reads.py (the health check, /stats, /metrics, the dashboard's page), and
+    lists with their filters, order and cursor; FastAPI and pydantic come with the first
+    request it does not serve (here a list whose state is refused), and answer it."""
     probe = f"""
 import json, sys
 from functions.api import handler
@@ -442,9 +442,20 @@ for size, status in ((65_536, 201), (65_537, 422)):
 later = {{"fastapi", "starlette.routing", "starlette.responses", "starlette.exceptions",
          "pydantic", "pydantic_core", "functions.http.schemas"}}
 before = sorted(later & set(sys.modules))
+# A filtered list (the event's state, type and limit; a state, an order, a schedule and a
+# cursor): served without FastAPI too.
 listed = handler(api_event("{version}", "list"), FakeContext())
 assert listed["statusCode"] == 200, listed
-print(json.dumps([before, "fastapi" in sys.modules]))
+for query in ("state=failed", "state=scheduled&sort=-execute_at&limit=1&schedule=nightly",
+              "sort=execute_at&limit=1", "type=baz&cursor=execute_at.0.1&sort=execute_at"):
+    page = handler(retarget(health, "GET", "/tasks", query), FakeContext())
+    assert page["statusCode"] == 200, page
+served = sorted(later & set(sys.modules))
+# One it refuses: the FastAPI app, imported now, says why.
+refused = handler(retarget(health, "GET", "/tasks", "state=nope"), FakeContext())
+assert refused["statusCode"] == 422, refused
+assert body(refused)["detail"][0]["loc"] == ["query", "state", 0], refused
+print(json.dumps([before, served, "fastapi" in sys.modules]))
 """
     result = subprocess.run(
         [sys.executable, "-c", probe],
@@ -454,7 +465,7 @@ print(json.dumps([before, "fastapi" in sys.modules]))
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout.splitlines()[-1]) == [[], True]
+    assert json.loads(result.stdout.splitlines()[-1]) == [[], [], True]
 
 
 @pytest.mark.one_server

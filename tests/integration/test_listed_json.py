@@ -10,8 +10,22 @@ from typing import Any
 
 import pytest
 
+from functions import queries
+from functions import tasks as domain
+from functions.db import Database
 from functions.http.responses import list_json, listed_json, page_json, plain_task_json, task_json
-from functions.model import MAX_PAGE_BYTES, Page, SortKey, Task, TaskFilter, TaskOrder
+from functions.model import (
+    DEFAULT_ORDER,
+    MAX_PAGE_BYTES,
+    Page,
+    SortKey,
+    Task,
+    TaskFilter,
+    TaskOrder,
+    TaskState,
+    WrittenPage,
+)
+from functions.settings import Settings
 from functions.store import Store
 
 Sql = Callable[..., list[tuple[Any, ...]]]
@@ -47,10 +61,10 @@ PAYLOADS: list[Any] = [
 TIMEOUTS: list[float | None] = [None, 1e-07, 0.5, 30.0, 1e16, 1.7976931348623157e308, 123.456]
 
 
-def _insert_every_kind_of_task(sql: Sql) -> None:
+def _insert_every_kind_of_task(sql: Sql, *, plain: bool = False) -> None:
     """Tasks in every state, each field at an edge, as workers, cancels and schedules leave
     them (written directly: the states and times at the ends of the range are not reached
-    through the API in a test's time)."""
+    through the API in a test's time); `plain`: none with a timeout or a payload."""
     sql("INSERT INTO workers (id, lease_expires_at) VALUES (%s, %s)", "w-é😀", TIMES[2])
     n = 0
     for state in ("scheduled", "running", "succeeded", "failed", "cancelled"):
@@ -81,9 +95,9 @@ def _insert_every_kind_of_task(sql: Sql) -> None:
                     TIMES[(n + 3) % len(TIMES)] if state == "scheduled" and text else None,
                     None if text is None else f'key-{n}~!{{}}"\\',
                     None if text is None else when,
-                    None if n % 7 == 0 else json.dumps(payload),
+                    None if n % 7 == 0 or plain else json.dumps(payload),
                     n % 10,
-                    TIMEOUTS[n % len(TIMEOUTS)],
+                    None if plain else TIMEOUTS[n % len(TIMEOUTS)],
                     None if text is None else f"{TRICKY}{n}",
                     None if text is None else TIMES[(n + 4) % len(TIMES)],
                 )
@@ -138,3 +152,116 @@ async def test_a_listing_keeps_its_order(
     done = " WHERE finished_at IS NOT NULL" if order is SortKey.FINISHED_AT else ""
     expected = [r[0] for r in sql(f"SELECT id FROM tasks{done} ORDER BY {column}{way}, id{way}")]
     assert [item.id for item in listed] == expected
+
+
+async def _pages(
+    store: Store, matching: TaskFilter, by: TaskOrder, limit: int, *, written: bool
+) -> list[bytes]:
+    """Every page of a listing, from its first to its last, as the API answers them; not
+    `written`: each read as rows and written in Python (as a page with a payload is)."""
+    if not written:
+        store.list_page_text = _never  # type: ignore[method-assign]
+    pages: list[bytes] = []
+    cursor = None
+    while True:
+        page = await domain.list_tasks(store, matching, limit=limit, cursor=cursor, order=by)
+        assert isinstance(page, WrittenPage) == written
+        pages.append(page_json(page))
+        cursor = page.next_cursor
+        if cursor is None or len(pages) > 200:
+            return pages
+
+
+async def _never(*args: object, **kwargs: object) -> None:
+    return None
+
+
+@pytest.mark.parametrize("order", [SortKey.ID, SortKey.EXECUTE_AT, SortKey.FINISHED_AT])
+@pytest.mark.parametrize("descending", [False, True])
+async def test_a_page_written_whole_is_the_page_of_rows_byte_for_byte(
+    settings: Settings, sql: Sql, order: SortKey, descending: bool
+) -> None:
+    """A page none of whose tasks has a timeout or a payload is written whole by the
+    database (queries.Listing.page_text): the same bytes as the page read as rows, cursors
+    included, page after page, over every kind of field, at limits of 1, 7, a page's
+    default (100), and a half and one under a half of the tasks (the last page holding
+    exactly its limit, and fewer)."""
+    _insert_every_kind_of_task(sql, plain=True)
+    (count,) = sql("SELECT count(*) FROM tasks")[0]
+    by = TaskOrder(order, descending=descending)
+    assert count == 120
+    (finished,) = sql("SELECT count(*) FROM tasks WHERE finished_at IS NOT NULL")[0]
+    for limit in (1, 7, count // 2 - 1, count // 2, Store.PAGE_CHUNK - 1):
+        pages = []
+        for written in (True, False):
+            database = Database(settings)
+            try:
+                pages.append(
+                    await _pages(Store(database), TaskFilter(), by, limit, written=written)
+                )
+            finally:
+                await database.dispose()
+        assert pages[0] == pages[1], limit
+        listed = count if order is not SortKey.FINISHED_AT else finished
+        assert len(pages[0]) == -(-listed // limit)
+
+
+async def test_a_filtered_page_written_whole_goes_on_where_its_scan_stopped(
+    settings: Settings, sql: Sql, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filter its order's index does not serve: each page reads SCAN_ROWS rows at most,
+    and a page written whole goes on where that scan stopped, as a page of rows does
+    (even one that found nothing)."""
+    monkeypatch.setattr(queries, "SCAN_ROWS", 20)
+    _insert_every_kind_of_task(sql, plain=True)
+    matching = TaskFilter(states=(TaskState.RUNNING, TaskState.FAILED))
+    # Oldest first: the first 24 tasks are scheduled, so the first page finds none.
+    by = TaskOrder(SortKey.ID, descending=False)
+    pages = []
+    for written in (True, False):
+        database = Database(settings)
+        try:
+            pages.append(await _pages(Store(database), matching, by, 3, written=written))
+        finally:
+            await database.dispose()
+    assert pages[0] == pages[1]
+    assert b'{"items":[],"next_cursor":"' in b"".join(pages[0])
+
+
+async def test_a_page_with_a_timeout_or_a_payload_is_read_as_rows(store: Store, sql: Sql) -> None:
+    """Their JSON is Python's to write (a payload through its kind's `show`, a float as the
+    json module writes it): one such task on a page, and the page is read as rows."""
+    _insert_every_kind_of_task(sql, plain=True)
+    for column, value in (("timeout_s", "1e-07"), ("payload", '{"a": 1e-7}')):
+        (task_id,) = sql(
+            f"INSERT INTO tasks (kind, execute_at, {column}) VALUES ('baz', now(), %s)"
+            " RETURNING id",
+            value,
+        )[0]
+        page = await domain.list_tasks(store, TaskFilter(), limit=100, cursor=None)
+        assert isinstance(page, Page)
+        assert (
+            await store.list_page_text(TaskFilter(), DEFAULT_ORDER, after=None, limit=101) is None
+        )
+        sql("DELETE FROM tasks WHERE id = %s", task_id)
+    page = await domain.list_tasks(store, TaskFilter(), limit=100, cursor=None)
+    assert isinstance(page, WrittenPage)
+
+
+async def test_a_page_written_whole_past_an_answers_size_is_cut_as_rows_are(
+    store: Store, sql: Sql
+) -> None:
+    """Tasks whose outputs hold more than an answer's limit together: the page is cut
+    after the last that fits, with a cursor from it, as the page of rows is."""
+    big = "é" * 30_000  # 60,000 bytes; 180,000 in Lambda's envelope
+    sql(
+        "INSERT INTO tasks (kind, execute_at, state, finished_at, output)"
+        " SELECT 'baz', now(), 'succeeded', now(), %s FROM generate_series(1, 40)",
+        big,
+    )
+    answer = page_json(await domain.list_tasks(store, TaskFilter(), limit=100, cursor=None))
+    assert len(answer) < MAX_PAGE_BYTES
+    store.list_page_text = _never  # type: ignore[method-assign]
+    rows = page_json(await domain.list_tasks(store, TaskFilter(), limit=100, cursor=None))
+    assert answer == rows
+    assert 1 < answer.count(big.encode()) < 40

@@ -17,9 +17,8 @@ import pytest
 from functions import kinds
 from functions import store as store_module
 from functions.http.app import build_app
-from functions.http.responses import enveloped_size
 from functions.kinds import Context, Kind
-from functions.model import MAX_PAGE_BYTES
+from functions.model import MAX_PAGE_BYTES, enveloped_size
 from functions.runner import Runner
 from functions.settings import Settings
 from functions.store import Store

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from pydantic_core import to_json
 
 from functions.http.responses import (
-    enveloped_size,
     list_json,
     page_json,
     plain_task_json,
@@ -20,7 +19,7 @@ from functions.http.responses import (
 )
 from functions.http.routes import answer
 from functions.http.schemas import TaskOut
-from functions.model import MAX_PAGE_BYTES, Page, Task, TaskState
+from functions.model import MAX_PAGE_BYTES, Page, Task, TaskState, enveloped_size
 from functions.parsing import decode_cursor
 
 AT = datetime(2026, 11, 28, 9, 0, 0, 123456, tzinfo=UTC)
