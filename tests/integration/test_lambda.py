@@ -53,6 +53,20 @@ def lambda_env(monkeypatch: pytest.MonkeyPatch, database_url: str, bar_server: A
     monkeypatch.setenv("TASKRUNNER_DB_POOL_SIZE", "1")
 
 
+def cold_probe(probe: str, database_url: str) -> Any:
+    """Run `probe` in a fresh Python process (a cold start) on `database_url`; the JSON of
+    its last line."""
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, "TASKRUNNER_DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
 def connections(sql: Sql) -> int:
     [(count,)] = sql(
         "SELECT count(*) FROM pg_stat_activity"
@@ -457,15 +471,7 @@ assert refused["statusCode"] == 422, refused
 assert body(refused)["detail"][0]["loc"] == ["query", "state", 0], refused
 print(json.dumps([before, served, "fastapi" in sys.modules]))
 """
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        env={**os.environ, "TASKRUNNER_DATABASE_URL": database_url},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout.splitlines()[-1]) == [[], [], True]
+    assert cold_probe(probe, database_url) == [[], [], True]
 
 
 @pytest.mark.one_server
@@ -487,15 +493,7 @@ for body in ('{{"type": "qux", "execute_at": "next tuesday"}}', '{{"type": "baz"
 later = {{"fastapi", "pydantic", "pydantic_core", "functions.http.schemas"}}
 print(json.dumps([answers, sorted(later & set(sys.modules))]))
 """
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        env={**os.environ, "TASKRUNNER_DATABASE_URL": database_url},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    answers, imported = json.loads(result.stdout.splitlines()[-1])
+    answers, imported = cold_probe(probe, database_url)
     assert imported == []
     kinds = "bar, baz, foo, http"
     assert [(a["statusCode"], header(a, "content-type"), body(a)) for a in answers] == [
