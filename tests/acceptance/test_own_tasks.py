@@ -97,8 +97,14 @@ def test_the_enqueue_examples_run_as_written_and_their_tasks_run_once(
         (grace, True),
         (alan, False),
     ]
-    assert sql("SELECT id, state, attempts FROM tasks WHERE state <> 'scheduled' ORDER BY id") == [
-        (ada, "succeeded", 1),
-        (alan, "succeeded", 1),
-    ]
+    # A line is printed while its finish holds the task's row, before that commits: wait for it.
+    finished = [(ada, "succeeded", 1), (alan, "succeeded", 1)]
+    wait_for(
+        lambda: (
+            sql("SELECT id, state, attempts FROM tasks WHERE state <> 'scheduled' ORDER BY id")
+            == finished
+        ),
+        30,
+        "the two results to be committed",
+    )
     assert worker.terminate() == 0, worker.stderr()
