@@ -175,6 +175,8 @@ def _finished_scale(rows: StatsRows) -> float:
     sampled_states = _sampled_states(rows)
     sampled = sum(n for state, _, n in rows.counts if state in sampled_states)
     active = sum(n for state, _, n in rows.counts if state not in sampled_states)
+    if rows.scheduled_estimated:  # (the sample's scheduled are those not yet due)
+        active += sum(due for _, due, _ in rows.due_by_kind)
     if sampled and rows.live_rows > active:
         return (rows.live_rows - active) / sampled
     assert rows.sampled_percent
@@ -251,9 +253,9 @@ def stats_from(rows: StatsRows) -> Stats:
         by_kind = counts[state]
         by_kind[kind] = by_kind.get(kind, 0) + (round(n * scale) if state in sampled_states else n)
     if rows.scheduled_estimated:
-        # Never fewer scheduled than are due, which is exact.
+        # The sample's scheduled tasks are those not yet due; the due ones are exact.
         for kind, due, _ in rows.due_by_kind:
-            counts["scheduled"][kind] = max(counts["scheduled"].get(kind, 0), due)
+            counts["scheduled"][kind] = counts["scheduled"].get(kind, 0) + due
 
     now_s = rows.now_s
     last_minute = dict.fromkeys(OUTCOMES, 0)

@@ -355,8 +355,10 @@ async def test_many_scheduled_tasks_are_estimated_and_the_due_ones_counted(
     got = (await client.get("/stats")).json()
     assert got["estimated"] == ["cancelled", "failed", "scheduled", "succeeded"]
     scheduled, succeeded = got["counts"]["scheduled"], got["counts"]["succeeded"]
-    assert abs(scheduled["baz"] - 15_000) < 1_500, scheduled
-    assert 500 <= scheduled["foo"] < 5_500 + 550, scheduled
+    assert abs(scheduled["baz"] - 15_000) < 300, scheduled
+    # The 500 due sit on the table's last few pages, which a sample takes whole or misses
+    # (500 +- 450 when they were sampled too): they are counted, the rest sampled.
+    assert abs(scheduled["foo"] - 5_500) < 150, scheduled
     assert abs(sum(scheduled.values()) + sum(succeeded.values()) - n - 500) <= 4, got["counts"]
     assert got["due"] == 500
 
