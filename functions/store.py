@@ -1511,7 +1511,7 @@ class Store:
                         await cursor.execute(sql, params)
 
             await self.database.bounded(conn, work())
-            active, finished_rows, [due], activity, due_by_kind, *total_rows = [
+            active, finished_rows, [waiting], activity, due_by_kind, *total_rows = [
                 await c.fetchall() for c in cursors
             ]
         [scheduled_seen] = [n for state, _, n in active if not state]
@@ -1539,11 +1539,11 @@ class Store:
             sampled_percent=None if percent >= 100.0 else percent,
             scheduled_estimated=scheduled_estimated and percent < 100.0,
             live_rows=live_rows,
-            due=due[0],
-            oldest_due_age_s=due[1],
-            workers=due[2],
-            workers_alive=due[3],
-            now_s=due[4],
+            due=sum(n for _, n, _ in due_by_kind),
+            oldest_due_age_s=waiting[0],
+            workers=waiting[1],
+            workers_alive=waiting[2],
+            now_s=waiting[3],
             activity=activity,
             due_by_kind=due_by_kind,
             totals=total_rows[0] if total_rows else [],
