@@ -1289,10 +1289,16 @@ LEFT JOIN LATERAL (
 ) AS first ON true
 """
 
-# Due tasks of kinds a tick could not fit before its deadline, by kind.
+# Due tasks of kinds a tick could not fit before its deadline, by kind, among the first
+# `%(read)s` due of those kinds in claim order (Store.LEFT_READ). Counted at the end of every
+# tick that could not fit a kind: all of them, with 666,666 foo due in a burst of 2,000,000,
+# took 1.5-2.6 s each on PostgreSQL 15, in ticks that run every second.
 COUNT_DUE_BY_KIND = f"""
-SELECT kind, count(*) FROM {_due_tasks("kind = ANY(CAST(%(kinds)s AS text[]))")}
-GROUP BY kind ORDER BY kind
+WITH head AS MATERIALIZED (
+    SELECT kind FROM {_due_tasks("kind = ANY(CAST(%(kinds)s AS text[]))")}
+    LIMIT %(read)s
+)
+SELECT kind, count(*) FROM head GROUP BY kind ORDER BY kind
 """
 
 # Records a batch of results in one statement, each fenced: it is written only if this

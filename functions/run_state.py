@@ -42,8 +42,11 @@ class TickSummary:
     lost: int = 0
     # Tasks this worker held that were cancelled: stopped, nothing recorded.
     cancelled: int = 0
-    # Due tasks left because their kind could not finish before the deadline, by kind.
+    # Due tasks left because their kind could not finish before the deadline, by kind: of
+    # the first 10,000 due of those kinds (Store.LEFT_READ); `left_for_time_more`: there
+    # are more than those.
     left_for_time: dict[str, int] = field(default_factory=dict)
+    left_for_time_more: bool = False
     seconds: float = 0.0
     # Database errors waited out (each retried), and the last one.
     errors: int = 0

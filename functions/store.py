@@ -1390,9 +1390,16 @@ class Store:
             claimed.sort(key=_by_priority)
         return claimed, NextDue(now_s, wait_s, ClaimFrom.of(levels, from_due, from_id))
 
-    async def count_due_by_kind(self, *, kinds: Sequence[str]) -> dict[str, int]:
-        [rows] = await self._pinned((queries.COUNT_DUE_BY_KIND, {"kinds": list(kinds)}))
-        return dict(rows)
+    # count_due_by_kind reads at most this many due tasks.
+    LEFT_READ = 10_000
+
+    async def count_due_by_kind(self, *, kinds: Sequence[str]) -> tuple[dict[str, int], bool]:
+        """Due tasks of `kinds` by kind, among the first LEFT_READ due of them in claim
+        order; and whether those were all read (False: there are more)."""
+        params = {"kinds": list(kinds), "read": self.LEFT_READ}
+        [rows] = await self._pinned((queries.COUNT_DUE_BY_KIND, params))
+        counts = dict(rows)
+        return counts, sum(counts.values()) < self.LEFT_READ
 
     async def finish_many(self, *, worker: str, results: Sequence[Result]) -> set[int]:
         """Record results; return the ids written (the others were no longer held)."""

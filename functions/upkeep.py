@@ -262,15 +262,17 @@ class Upkeep:
         if not unfit:
             return
         try:
-            summary.left_for_time = await state.store.count_due_by_kind(kinds=unfit)
+            summary.left_for_time, whole = await state.store.count_due_by_kind(kinds=unfit)
         except (DatabaseUnavailable, DatabaseError) as exc:
             summary.note_error(str(exc))
             return
+        summary.left_for_time_more = not whole
         never = {k: n for k, n in summary.left_for_time.items() if k not in kinds_at_start}
         if never:
             margin_s = settings.deadline_margin_s
+            due = "due" if whole else "or more due"
             needs = ", ".join(
-                f"{k} ({n} due; needs {KINDS[k].max_seconds(settings) + margin_s:.0f} s)"
+                f"{k} ({n} {due}; needs {KINDS[k].max_seconds(settings) + margin_s:.0f} s)"
                 for k, n in sorted(never.items())
             )
             logger.warning(

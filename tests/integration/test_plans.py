@@ -453,7 +453,11 @@ def test_reads_of_due_tasks_read_no_future_ones_whatever_their_priorities(
         "STATS_DUE_AND_WORKERS": (queries.STATS_DUE_AND_WORKERS, {}, PRIORITY_LEVELS),
         "STATS_UNSERVED": (queries.STATS_UNSERVED, {}, min(due, queries.UNSERVED_READ)),
         "STATS_DUE_BY_KIND": (queries.STATS_DUE_BY_KIND, {}, due),
-        "COUNT_DUE_BY_KIND": (queries.COUNT_DUE_BY_KIND, {"kinds": ["foo"]}, due),
+        "COUNT_DUE_BY_KIND": (
+            queries.COUNT_DUE_BY_KIND,
+            {"kinds": ["foo"], "read": Store.LEFT_READ},
+            min(due, Store.LEFT_READ),
+        ),
     }
     postgresql.autocommit = False
     for (name, (statement, params, rows_read)), generic in itertools.product(

@@ -252,6 +252,7 @@ async def test_a_tick_counts_and_names_what_it_had_no_time_for(
         with caplog.at_level(logging.WARNING):
             summary = await Runner(store, settings, out=io.StringIO()).run(deadline=deadline)
         assert summary.left_for_time == {"bar": 1}
+        assert not summary.left_for_time_more
         assert "bar (1 due; needs 13 s)" in caplog.text
         caplog.clear()
     assert sql("SELECT kind, state FROM tasks ORDER BY id") == [
@@ -261,6 +262,35 @@ async def test_a_tick_counts_and_names_what_it_had_no_time_for(
     served = {kind for (kind,) in sql("SELECT kind FROM kinds_served")}
     assert "foo" in served and "bar" not in served
     assert await store.count_unserved() == {"bar": (1, False)}
+
+
+async def test_a_tick_counts_what_it_had_no_time_for_up_to_a_bound(
+    store: Store,
+    settings: Settings,
+    task_factory: Callable[..., int],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past Store.LEFT_READ due tasks of the kinds it could not fit, a tick counts no
+    further (each tick's count read every one of them) and says "or more"."""
+    settings = dataclasses.replace(settings, bar_timeout_s=10.0, deadline_margin_s=2.0)
+    monkeypatch.setattr(Store, "LEFT_READ", 3)
+    for _ in range(3):
+        task_factory("bar")
+    with caplog.at_level(logging.WARNING):
+        summary = await Runner(store, settings, out=io.StringIO()).run(
+            deadline=time.monotonic() + 10.0
+        )
+    assert (summary.left_for_time, summary.left_for_time_more) == ({"bar": 3}, True)
+    assert "bar (3 or more due; needs 13 s)" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(Store, "LEFT_READ", 4)
+    with caplog.at_level(logging.WARNING):
+        summary = await Runner(store, settings, out=io.StringIO()).run(
+            deadline=time.monotonic() + 10.0
+        )
+    assert (summary.left_for_time, summary.left_for_time_more) == ({"bar": 3}, False)
+    assert "bar (3 due; needs 13 s)" in caplog.text
 
 
 async def test_a_worker_whose_lease_ran_out_stops_and_hands_back(
