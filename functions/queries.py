@@ -1152,6 +1152,9 @@ LIMIT %(limit)s
 # turned either way. A statement with no parameter always runs its generic plan (the setting
 # cannot change that): the worker's one on `tasks`, FORGET_DEAD_WORKERS, is run under these
 # settings too, so its plan is at least made under them.
+# The server's idle-in-transaction timeout, off for one transaction (Store.finish_many_after).
+NO_IDLE_TIMEOUT = "SELECT set_config('idle_in_transaction_session_timeout', '0', true)"
+
 PINNED_PLAN = """
 SELECT set_config('enable_seqscan', 'off', true),
     set_config('enable_bitmapscan', 'off', true),

@@ -11,13 +11,23 @@ import functools
 import json
 import logging
 import operator
-from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
 
 import psycopg
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, AsyncPipeline
 from psycopg.rows import RowFactory, namedtuple_row, tuple_row
 
 from functions import queries
@@ -420,6 +430,40 @@ _ORDER_KEYS: dict[SortKey, Callable[[ListedTask], Any]] = {
 }
 
 
+@asynccontextmanager
+async def _pipelined(conn: AsyncConnection[Any]) -> AsyncIterator[AsyncPipeline]:
+    """One transaction in one pipeline: BEGIN and the block's statements, a Sync, then
+    COMMIT once their answers are in (a caller that gave up on them commits nothing);
+    `psycopg.Rollback` out of the block rolls back. Any other exception leaves the
+    connection mid-transaction, and the pool discards it (the server rolls back).
+
+    Not psycopg's `transaction()`: in a pipeline it ends the block with a Sync and then a
+    Flush, and sends COMMIT after. PostgreSQL arms its idle-in-transaction timeout at a Sync
+    and disarms it at the next message, the Flush, without arming it again. A process
+    frozen there (SIGSTOP, a paused VM) kept its row locks for as long as it was frozen:
+    its worker's row and the tasks it was claiming or finishing, so no one rescued its
+    tasks (three draining workers, one stopped at random for 40 s with a 6 s lease: it
+    landed there 3 times in 3, nothing rescued until it was resumed). Here the Sync is the
+    last message inside the transaction, and the session ends within the timeout."""
+    async with conn.pipeline() as pipeline:
+        await conn.execute("BEGIN")
+        try:
+            yield pipeline
+            await pipeline.sync()
+        except psycopg.Rollback:
+            await conn.execute("ROLLBACK")
+            return
+        except psycopg.Error:
+            # A statement refused (its error raised at the Sync): roll back, and the
+            # connection goes on; one that broke is discarded.
+            if not conn.broken:
+                with suppress(psycopg.Error):
+                    await conn.execute("ROLLBACK")
+                    await pipeline.sync()
+            raise
+        await conn.execute("COMMIT")
+
+
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -616,15 +660,15 @@ class Store:
         wait_s: float | None = None,
     ) -> list[list[Any]]:
         """Run `statements` in one transaction under queries.PINNED_PLAN, sent as one
-        pipeline; return each one's rows (as tuples, or `row_factory`'s). COMMIT goes once
-        their answers are in (psycopg syncs the pipeline before a transaction ends): a
-        caller that gave up on them (`bounded`) commits nothing, as the server rolls back
-        when it finds the connection gone (tests/integration/test_claims.py)."""
+        pipeline (`_pipelined`); return each one's rows (as tuples, or `row_factory`'s).
+        COMMIT goes once their answers are in: a caller that gave up on them (`bounded`)
+        commits nothing, as the server rolls back when it finds the connection gone
+        (tests/integration/test_claims.py)."""
         async with self.database.connection(wait_s) as conn:
             cursors = [conn.cursor(row_factory=row_factory) for _ in statements]
 
             async def work() -> None:
-                async with conn.pipeline(), conn.transaction():
+                async with _pipelined(conn):
                     await conn.execute(queries.PINNED_PLAN)
                     for cursor, (sql, params) in zip(cursors, statements, strict=True):
                         await cursor.execute(sql, params)
@@ -1415,25 +1459,41 @@ class Store:
     ) -> set[int] | None:
         """Record results as `finish_many` does, but commit only once `before_commit` (given
         the ids written) returns True: meanwhile their rows stay locked, and a cancel of one
-        waits, then finds it finished. False rolls back: None, nothing written."""
+        waits, then finds it finished. False rolls back: None, nothing written.
+
+        The server's idle-in-transaction timeout is off for this transaction alone: once
+        lines are out, their rows stay locked until this worker commits or its connection
+        ends. A worker frozen between the two (SIGSTOP, a paused VM) would otherwise have
+        them rolled back, rescued and run again, their lines printed twice (891 of 2,000
+        with a worker stopped 40 s past a 6 s lease). Alive, it waits PRINT_WAIT_S at most."""
         async with self.database.connection() as conn:
             cursor = conn.cursor(row_factory=tuple_row)
-            committed = False
+            statement = self._finish_statement(worker, results)
 
-            async def work() -> set[int]:
-                nonlocal committed
-                async with conn.transaction():
-                    async with conn.pipeline():
-                        await conn.execute(queries.PINNED_PLAN)
-                        await cursor.execute(*self._finish_statement(worker, results))
-                    written = {task_id for (task_id,) in await cursor.fetchall()}
-                    if not await before_commit(written):
-                        raise psycopg.Rollback
-                    committed = True
-                return written
+            async def write() -> set[int]:
+                await conn.execute("BEGIN")
+                async with conn.pipeline():
+                    await conn.execute(queries.PINNED_PLAN)
+                    await conn.execute(queries.NO_IDLE_TIMEOUT)
+                    await cursor.execute(*statement)
+                return {task_id for (task_id,) in await cursor.fetchall()}
 
-            written = await self.database.bounded(conn, work())
-            return written if committed else None
+            # Each step bounded on its own, the wait for the lines by its own bound: a
+            # worker that wakes from a freeze with its lines out still commits. (A step
+            # that fails leaves the connection mid-transaction: rolled back here when it
+            # can be, else the pool discards it and the server rolls back.)
+            try:
+                written = await self.database.bounded(conn, write())
+            except psycopg.Error:
+                if not conn.broken:
+                    with suppress(psycopg.Error):
+                        await self.database.bounded(conn, conn.execute("ROLLBACK"))
+                raise
+            if not await before_commit(written):
+                await self.database.bounded(conn, conn.execute("ROLLBACK"))
+                return None
+            await self.database.bounded(conn, conn.execute("COMMIT"))
+            return written
 
     def _finish_statement(
         self, worker: str, results: Sequence[Result]
