@@ -536,15 +536,19 @@ def _results_json(results: Iterable[Result], *, kept: bool = False) -> str:
 
 def finish_statement(worker: str, results: Sequence[Result]) -> tuple[str, dict[str, Any]]:
     """The statement that records `results`: FINISH_MANY for a batch of first attempts that
-    succeeded (a drain: the statement and parameters of before attempts were kept), else
-    FINISH_MANY_RECORDING."""
+    succeeded (a drain: their ids and lines, nothing more), else FINISH_MANY_RECORDING."""
     # In id order, the order a cancel of many tasks locks them in: two statements that
     # lock rows in one order never deadlock (queries.cancel_tasks).
     ordered = sorted(results, key=lambda r: r.id)
     if any(r.kept for r in ordered):
         params = {"worker": worker, "results": _results_json(ordered, kept=True)}
         return queries.FINISH_MANY_RECORDING, params
-    return queries.FINISH_MANY, {"worker": worker, "results": _results_json(ordered)}
+    ids = json.dumps([r.id for r in ordered])
+    return queries.FINISH_MANY, {
+        "worker": worker,
+        "ids": ids,
+        "outputs": json.dumps([r.output for r in ordered]),
+    }
 
 
 def insert_task_steps(

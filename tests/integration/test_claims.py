@@ -261,6 +261,39 @@ async def test_finish_is_fenced_by_attempt_too(
     assert sql("SELECT state, attempts FROM tasks") == [("running", 1)]
 
 
+async def test_a_batch_of_first_successes_writes_each_line_as_given_and_is_fenced(
+    stores: list[Store], task_factory: Callable[..., int], sql: Sql
+) -> None:
+    """FINISH_MANY (ids and lines as two arrays): each line lands on its own task, exactly
+    (unicode, outside the BMP, quotes, a newline, empty, none); a first attempt's success
+    for a task this worker now holds at its second attempt is not written."""
+    store = stores[0]
+    await register(store, "A")
+    lines = ["Baz 343", "é ✓ 😀", '"quoted" \\ back\nslash', "", None, "null"]
+    again = task_factory("baz", due_in_s=-2.0)  # the first claimed
+    tasks = [task_factory("baz") for _ in lines]
+    # `again` ran its first attempt, which asked for a retry: A holds its second attempt.
+    [first] = (await store.claim_due(worker="A", kinds=ALL, limit=1, lease_s=60))[0]
+    retry = Result(again, first.attempt, TaskState.SCHEDULED, None, "E", 0.0)
+    assert first.id == again and await store.finish_many(worker="A", results=[retry]) == {again}
+    claimed = (await store.claim_due(worker="A", kinds=ALL, limit=10, lease_s=60))[0]
+    assert sorted((c.id, c.attempt) for c in claimed) == sorted(
+        [*((t, 1) for t in tasks), (again, 2)]
+    )
+    results = [
+        Result(t, 1, TaskState.SUCCEEDED, line) for t, line in zip(tasks, lines, strict=True)
+    ]
+    stale = Result(again, 1, TaskState.SUCCEEDED, "attempt 1")
+    # In reverse: the store writes them in id order, each line with its own task.
+    written = await store.finish_many(worker="A", results=[stale, *reversed(results)])
+    assert written == set(tasks)
+    rows = sql("SELECT id, state, output, finished_at IS NOT NULL, claimed_by FROM tasks")
+    assert sorted(rows) == sorted(
+        [(t, "succeeded", line, True, None) for t, line in zip(tasks, lines, strict=True)]
+        + [(again, "running", None, False, "A")]
+    )
+
+
 async def test_rescue_only_touches_workers_whose_lease_ran_out(
     stores: list[Store], task_factory: Callable[..., int], sql: Sql
 ) -> None:

@@ -36,7 +36,7 @@ from functions.model import (
 )
 from functions.runner import Runner
 from functions.settings import Settings
-from functions.store import Store
+from functions.store import Result, Store, finish_statement
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 N = 50_000
@@ -126,6 +126,12 @@ def results_json(ids: list[int]) -> str:
     )  # fmt: skip
 
 
+def finish_params(ids: list[int]) -> dict[str, Any]:
+    """FINISH_MANY's parameters for first attempts of `ids` that succeeded, as the store's."""
+    _, params = finish_statement("w", [Result(i, 1, TaskState.SUCCEEDED, "Baz 1") for i in ids])
+    return params
+
+
 @pytest.fixture(params=["never analyzed", "stale"])
 def loaded(request: pytest.FixtureRequest, sql: Sql) -> str:
     prepare_statistics(sql, request.param)
@@ -140,7 +146,7 @@ def test_batch_writes_read_their_batch_once_and_find_rows_by_key(
     # The last batch of the running rows: a plan scanning from the start would show it.
     batch = running[-BATCH:]
     cases: dict[str, tuple[str, dict[str, Any]]] = {
-        "FINISH_MANY": (queries.FINISH_MANY, {"worker": "w", "results": results_json(batch)}),
+        "FINISH_MANY": (queries.FINISH_MANY, finish_params(batch)),
         "RECORDED": (queries.RECORDED, {"results": results_json(batch)}),
         "RELEASE": (queries.RELEASE, {"worker": "w", "ids": batch}),
     }
@@ -222,7 +228,7 @@ def test_no_pinned_statement_is_compiled_with_jit(
         "NEXT_DUE": (queries.NEXT_DUE, {"kinds": ["foo", "bar", "baz"], "now": None,
                                         "short_kinds": [], "fit_s": None,
                                         "from_due": None, "from_id": None}),
-        "FINISH_MANY": (queries.FINISH_MANY, {"worker": "w", "results": results_json(batch)}),
+        "FINISH_MANY": (queries.FINISH_MANY, finish_params(batch)),
         "RECORDED": (queries.RECORDED, {"results": results_json(batch)}),
         "RELEASE": (queries.RELEASE, {"worker": "w", "ids": batch}),
         "RESCUE_EXPIRED": (queries.RESCUE_EXPIRED, {"limit": BATCH, "now": None}),
@@ -382,8 +388,9 @@ async def test_a_worker_warmed_on_a_small_table_keeps_the_burst_plans(
                 assert "tasks_due" in {n.get("Index Name") for n in nodes(plan)}
                 check_no_sort_of_due_tasks(plan, "the claim")
 
-                results = results_json([i for i, *_ in ids])
-                plan = await explain(prepared[finish][0], results, "w")
+                finished = finish_params([i for i, *_ in ids])
+                names = dict.fromkeys(re.findall(r"%\((\w+)\)s", queries.FINISH_MANY))
+                plan = await explain(prepared[finish][0], *(finished[n] for n in names))
             batch_reads = [n for n in nodes(plan) if n["Node Type"] == "Function Scan"]
             assert [n["Actual Loops"] for n in batch_reads] == [1], "the batch is read once"
             found = [n for n in nodes(plan) if n.get("Relation Name") == "tasks" and

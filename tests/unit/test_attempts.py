@@ -174,25 +174,25 @@ async def test_bar_says_which_url_refused_it_why_and_after_how_long() -> None:
     assert message.endswith(" s)") and " (after " in message
 
 
-def test_a_batch_of_first_attempts_that_succeeded_is_written_as_before_attempts_were_kept() -> None:
-    """A drain's batches run FINISH_MANY with the parameters of before (nothing more to
-    write, nothing more to send); a batch with any other result runs the statement that
-    keeps attempts."""
+def test_a_batch_of_first_attempts_that_succeeded_sends_ids_and_lines_only() -> None:
+    """A drain's batches run FINISH_MANY, which sends each task's id and line and nothing
+    more (two arrays, in id order: no object of six fields per result to build and encode);
+    a batch with any other result runs the statement that keeps attempts."""
     firsts = [Result(i, 1, TaskState.SUCCEEDED, f"Baz {i}") for i in (3, 1, 2)]
+    firsts.append(Result(4, 1, TaskState.SUCCEEDED, None))  # a kind that returned no line
     sql, params = finish_statement("w", firsts)
     assert sql is queries.FINISH_MANY
-    assert json.loads(params["results"])[0] == {
-        "id": 1, "attempt": 1, "state": "succeeded", "output": "Baz 1", "error": None,
-        "retry_in_s": None,
+    assert params == {
+        "worker": "w", "ids": "[1, 2, 3, 4]", "outputs": '["Baz 1", "Baz 2", "Baz 3", null]'
     }  # fmt: skip
     for other in (
-        Result(4, 2, TaskState.SUCCEEDED, "Baz 4"),  # a later attempt's success
-        Result(4, 1, TaskState.SCHEDULED, None, "E", 0.1),
-        Result(4, 1, TaskState.FAILED, None, "E", timed_out=True),
+        Result(5, 2, TaskState.SUCCEEDED, "Baz 5"),  # a later attempt's success
+        Result(5, 1, TaskState.SCHEDULED, None, "E", 0.1),
+        Result(5, 1, TaskState.FAILED, None, "E", timed_out=True),
     ):
         sql, params = finish_statement("w", [*firsts, other])
         assert sql is queries.FINISH_MANY_RECORDING
-        assert [r["id"] for r in json.loads(params["results"])] == [1, 2, 3, 4]
+        assert [r["id"] for r in json.loads(params["results"])] == [1, 2, 3, 4, 5]
 
 
 def test_every_statement_that_deletes_tasks_deletes_their_attempts() -> None:

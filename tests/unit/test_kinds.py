@@ -344,3 +344,17 @@ def test_an_error_that_cannot_say_itself_fails_its_attempt_as_any_other() -> Non
     )
     assert retried.traceback is not None and "Unsayable" in retried.traceback
     assert result_of(claimed(3), None, exc, Settings()).state is TaskState.FAILED
+
+
+def test_baz_prints_baz_and_a_number_from_0_to_343_each_as_likely(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The challenge's line, `Baz {0..343}`: both ends reached, from one draw each run."""
+    run = KINDS["baz"].run
+    ctx: Any = None  # (baz reads nothing of it)
+    for draw, line in ((0.0, "Baz 0"), (0.5, "Baz 172"), (1.0 - 2**-53, "Baz 343")):
+        monkeypatch.setattr(kinds, "_random", lambda draw=draw: draw)
+        assert run(ctx) == line
+    monkeypatch.undo()
+    lines = {run(ctx) for _ in range(20_000)}
+    assert lines == {f"Baz {n}" for n in range(344)}, "each number comes up"

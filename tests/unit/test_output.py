@@ -7,9 +7,11 @@ import io
 import os
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 
+from functions import output
 from functions.output import LineWriter, Printer, lease_margin_s
 
 
@@ -58,6 +60,34 @@ async def test_nothing_is_written_past_the_lease_until_it_is_renewed(
     writer.renewed(time.monotonic(), lease_s)
     await wait_until(lambda: reported == [7])
     assert read(read_fd) == b"Foo 7\n"
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_lines_handed_over_together_go_out_in_order_in_one_write(
+    pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's lines (`put_many`, as `Printer.print_now` hands them over) are queued at
+    once: the thread takes them all for its first write, in order, each reported out."""
+    read_fd, write_fd = pipe
+    writes: list[int] = []
+
+    def write(fd: int, data: memoryview) -> int:
+        writes.append(len(data))
+        return real_write(fd, data)
+
+    real_write = os.write
+    monkeypatch.setattr(output, "os", SimpleNamespace(write=write))
+    out = os.fdopen(write_fd, "w", closefd=False)
+    reported: list[int] = []
+    writer = LineWriter(out, lambda: reported.extend(writer.take_out()))
+    writer.renewed(time.monotonic(), 60.0)
+    lines = [(i, f"Baz {i:03}") for i in range(300)]  # 2,400 bytes: within the pipe's 4,096
+    writer.put_many(lines)
+    await wait_until(lambda: len(reported) == 300)
+    assert reported == list(range(300))
+    assert read(read_fd).decode().splitlines() == [line for _, line in lines]
+    assert writes == [2_400], "one write"
     writer.close()
     await writer.wait_closed()
 
