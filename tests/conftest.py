@@ -64,31 +64,70 @@ def _server_params() -> list[Any]:
     return params
 
 
+# Tests that take far longer than the rest, by name: the seconds each took in CI (pytest's
+# --durations). They go first (below).
+LONG_TESTS = {
+    "test_bench_quick_reports_every_scenario": 175,
+    "test_schemathesis_finds_nothing": 69,
+    "test_cancels_racing_the_claim_end_cancelled_without_a_line_or_succeeded_with_one": 24,
+    "test_the_first_page_of_every_filter_and_order_reads_an_index_a_bounded_run": 23,
+    "test_reads_of_due_tasks_read_no_future_ones_whatever_their_priorities": 20,
+    "test_lambda_bundle_holds_only_runtime_dependencies_and_its_handlers_work": 20,
+    "test_connections_that_never_finish_their_headers_are_bounded_and_closed": 20,
+    "test_many_workers_and_apis_run_each_task_exactly_once": 19,
+    "test_a_database_outage_mid_burst_strands_nothing": 19,
+}
+# Then the rest of each directory's tests, in this order: processes started, then in-process.
+_DIRECTORY_ORDER = ("acceptance", "browser", "integration")
+
+
+def _expected_rank(item: pytest.Item) -> tuple[float, int]:
+    directory = item.path.parent.name
+    return (
+        -LONG_TESTS.get(getattr(item, "originalname", item.name), 0),
+        _DIRECTORY_ORDER.index(directory) if directory in _DIRECTORY_ORDER else 99,
+    )
+
+
+def _server_of(item: pytest.Item) -> object:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("pg_server") if callspec is not None else None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Keep each server's tests in one xdist worker (`-n 2 --dist loadgroup`, the default):
-    the two servers' halves of the suite run side by side, each server started once.
+    """Drop the second server's half of `one_server` tests, and put the longest tests first.
 
     A test marked `one_server` runs on the first server only: it exercises what lies above
     the SQL (the HTTP contract, the bundle's build, the bench's command line, bar's HTTP
     client), which other tests already cover on every server, and takes a minute or more.
+
+    The order: `-n 2 --dist loadgroup` (the default) deals the tests one at a time to
+    whichever worker is free, in this order (no test here is in an xdist group; each worker
+    starts both servers). A long test dealt last would keep one worker busy while the other
+    sits idle, so the known-long ones come first (longest first), then tests that start
+    processes, then the rest. pytest put each server's tests together (a session fixture
+    set up again for each change of server): the order changes only within such a run.
     """
     first = _server_params()[0]
     first_id = first if isinstance(first, str) else first.values[0]
     kept, dropped = [], []
     for item in items:
-        callspec = getattr(item, "callspec", None)
-        server = callspec.params.get("pg_server") if callspec is not None else None
+        server = _server_of(item)
         if server is not None and server != first_id and item.get_closest_marker("one_server"):
             dropped.append(item)
-            continue
-        if server is not None and not item.get_closest_marker("one_server"):
-            # (one_server tests go to whichever worker is free: the long ones even out the
-            # two halves, at the cost of a second server started in that worker.)
-            item.add_marker(pytest.mark.xdist_group(f"pg{server}"))
-        kept.append(item)
+        else:
+            kept.append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
+    ordered: list[pytest.Item] = []
+    run: list[pytest.Item] = []
+    for item in kept:
+        if run and _server_of(item) != _server_of(run[0]):
+            ordered += sorted(run, key=_expected_rank)
+            run = []
+        run.append(item)
+    ordered += sorted(run, key=_expected_rank)
+    items[:] = ordered
 
 
 def db_url(*, host: str, port: int | str, user: str, dbname: str, password: str | None) -> str:
