@@ -237,7 +237,9 @@ class _TestDatabases:
     def take(self) -> str:
         """A fresh database's name, the test's own until it is given back with `drop`."""
         self._check_drops()
-        dbname = (self._next or self._work.submit(self._create)).result()
+        # (A copy that failed is not kept: the next test tries again.)
+        made, self._next = self._next, None
+        dbname = (made or self._work.submit(self._create)).result()
         self._next = self._work.submit(self._create)
         return dbname
 
