@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -64,31 +65,70 @@ def _server_params() -> list[Any]:
     return params
 
 
+# Tests that take far longer than the rest, by name: the seconds each took in CI (pytest's
+# --durations). They go first (below).
+LONG_TESTS = {
+    "test_bench_quick_reports_every_scenario": 175,
+    "test_schemathesis_finds_nothing": 69,
+    "test_cancels_racing_the_claim_end_cancelled_without_a_line_or_succeeded_with_one": 24,
+    "test_the_first_page_of_every_filter_and_order_reads_an_index_a_bounded_run": 23,
+    "test_reads_of_due_tasks_read_no_future_ones_whatever_their_priorities": 20,
+    "test_lambda_bundle_holds_only_runtime_dependencies_and_its_handlers_work": 20,
+    "test_connections_that_never_finish_their_headers_are_bounded_and_closed": 20,
+    "test_many_workers_and_apis_run_each_task_exactly_once": 19,
+    "test_a_database_outage_mid_burst_strands_nothing": 19,
+}
+# Then the rest of each directory's tests, in this order: processes started, then in-process.
+_DIRECTORY_ORDER = ("acceptance", "browser", "integration")
+
+
+def _expected_rank(item: pytest.Item) -> tuple[float, int]:
+    directory = item.path.parent.name
+    return (
+        -LONG_TESTS.get(getattr(item, "originalname", item.name), 0),
+        _DIRECTORY_ORDER.index(directory) if directory in _DIRECTORY_ORDER else 99,
+    )
+
+
+def _server_of(item: pytest.Item) -> object:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("pg_server") if callspec is not None else None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Keep each server's tests in one xdist worker (`-n 2 --dist loadgroup`, the default):
-    the two servers' halves of the suite run side by side, each server started once.
+    """Drop the second server's half of `one_server` tests, and put the longest tests first.
 
     A test marked `one_server` runs on the first server only: it exercises what lies above
     the SQL (the HTTP contract, the bundle's build, the bench's command line, bar's HTTP
     client), which other tests already cover on every server, and takes a minute or more.
+
+    The order: `-n 2 --dist loadgroup` (the default) deals the tests one at a time to
+    whichever worker is free, in this order (no test here is in an xdist group; each worker
+    starts both servers). A long test dealt last would keep one worker busy while the other
+    sits idle, so the known-long ones come first (longest first), then tests that start
+    processes, then the rest. pytest put each server's tests together (a session fixture
+    set up again for each change of server): the order changes only within such a run.
     """
     first = _server_params()[0]
     first_id = first if isinstance(first, str) else first.values[0]
     kept, dropped = [], []
     for item in items:
-        callspec = getattr(item, "callspec", None)
-        server = callspec.params.get("pg_server") if callspec is not None else None
+        server = _server_of(item)
         if server is not None and server != first_id and item.get_closest_marker("one_server"):
             dropped.append(item)
-            continue
-        if server is not None and not item.get_closest_marker("one_server"):
-            # (one_server tests go to whichever worker is free: the long ones even out the
-            # two halves, at the cost of a second server started in that worker.)
-            item.add_marker(pytest.mark.xdist_group(f"pg{server}"))
-        kept.append(item)
+        else:
+            kept.append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
+    ordered: list[pytest.Item] = []
+    run: list[pytest.Item] = []
+    for item in kept:
+        if run and _server_of(item) != _server_of(run[0]):
+            ordered += sorted(run, key=_expected_rank)
+            run = []
+        run.append(item)
+    ordered += sorted(run, key=_expected_rank)
+    items[:] = ordered
 
 
 def db_url(*, host: str, port: int | str, user: str, dbname: str, password: str | None) -> str:
@@ -167,15 +207,72 @@ def pg_server(request: pytest.FixtureRequest) -> Iterator[ServerInfo]:
             shutil.rmtree(root, ignore_errors=True)
 
 
+class _TestDatabases:
+    """The tests' databases on one server, each a copy of the migrated template: made one
+    test ahead, while the test before it runs, and dropped after its test while the next one
+    runs. A CREATE DATABASE takes longer than most tests do (50 ms to over a second, as the
+    machine's load goes); the copy is the same whenever it is made, and nothing touches it
+    before its test (an untouched table is not analyzed by autovacuum either).
+
+    One thread makes and drops them in turn; a drop that failed fails the next test that
+    takes a database, or the session's end."""
+
+    def __init__(self, server: ServerInfo) -> None:
+        self.server = server
+        self._work = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-databases")
+        self._next: Future[str] | None = None
+        self._drops: list[Future[None]] = []
+
+    def _create(self) -> str:
+        dbname = f"taskrunner_test_{os.getpid()}_{next(_test_dbs)}"
+        self.server.janitor(dbname, self.server.template).init()
+        return dbname
+
+    def _check_drops(self) -> None:
+        done = [drop for drop in self._drops if drop.done()]
+        self._drops = [drop for drop in self._drops if not drop.done()]
+        for drop in done:
+            drop.result()
+
+    def take(self) -> str:
+        """A fresh database's name, the test's own until it is given back with `drop`."""
+        self._check_drops()
+        # (A copy that failed is not kept: the next test tries again.)
+        made, self._next = self._next, None
+        dbname = (made or self._work.submit(self._create)).result()
+        self._next = self._work.submit(self._create)
+        return dbname
+
+    def drop(self, dbname: str) -> None:
+        self._drops.append(self._work.submit(self.server.janitor(dbname).drop))
+
+    def close(self) -> None:
+        try:
+            if self._next is not None:
+                self.drop(self._next.result())
+        finally:
+            self._work.shutdown(wait=True)
+        self._check_drops()
+
+
+@pytest.fixture(scope="session")
+def _test_databases(pg_server: ServerInfo) -> Iterator[_TestDatabases]:
+    databases = _TestDatabases(pg_server)
+    try:
+        yield databases
+    finally:
+        databases.close()
+
+
 @pytest.fixture
-def postgresql(pg_server: ServerInfo) -> Iterator[psycopg.Connection[Any]]:
+def postgresql(_test_databases: _TestDatabases) -> Iterator[psycopg.Connection[Any]]:
     """A connection to this test's own database, cloned from the migrated template."""
-    dbname = f"taskrunner_test_{os.getpid()}_{next(_test_dbs)}"
-    with (
-        pg_server.janitor(dbname, pg_server.template),
-        psycopg.connect(pg_server.url(dbname)) as conn,
-    ):
-        yield conn
+    dbname = _test_databases.take()
+    try:
+        with psycopg.connect(_test_databases.server.url(dbname)) as conn:
+            yield conn
+    finally:
+        _test_databases.drop(dbname)
 
 
 @pytest.fixture

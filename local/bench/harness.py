@@ -72,6 +72,9 @@ class Sizes:
     @classmethod
     def choose(cls, *, quick: bool, tasks: int | None) -> Sizes:
         if quick:
+            # A smoke test (tests/acceptance/test_bench.py: every scenario reports a figure):
+            # the least that still runs each scenario's every step. Its fixed costs (processes
+            # started, the minute the schedules wait for, the Lambda bundle built) dominate.
             return cls(
                 tasks or 2_000,
                 (2_000, 500),
@@ -80,15 +83,15 @@ class Sizes:
                 300,
                 1,
                 1,
-                5_000,
+                2_000,
                 8,
                 4,
                 2,
                 200,
-                2,
-                20_000,
+                1,
+                5_000,
                 500,
-                20_000,
+                5_000,
                 400,
                 200,
                 scale_rows=(2_000, 50_000),
