@@ -427,10 +427,13 @@ async def reschedule_task(
     `set_payload`, give it `payload` (None clears it). A payload refused raises
     InvalidPayload, with nothing changed."""
     if set_payload:
-        # The kind's own rules need the kind, which a task keeps for good: read first.
+        # The kind's own rules need the kind, which a task keeps for good: read first. No
+        # such task: 404, whatever the payload (one the rules refuse, U+0000, was sent to
+        # the database unchecked, which refused it: a 500).
         task = await store.get_task(task_id)
-        if task is not None:
-            check_payload(task.kind, payload, max_payload_bytes, ("body", "payload"))
+        if task is None:
+            raise TaskNotFound(task_id)
+        check_payload(task.kind, payload, max_payload_bytes, ("body", "payload"))
     outcome = await store.reschedule_task(
         task_id, execute_at, set_payload=set_payload, payload=payload
     )

@@ -135,6 +135,10 @@ async def test_patch_keeps_clears_or_sets_the_payload_of_a_scheduled_task_only(
         assert refused.status_code == 422, (change, refused.text)
         assert says in json.dumps(refused.json()["detail"]), refused.text
     assert (await client.get(f"/tasks/{task_id}")).json()["payload"] == 7
+    # No such task: 404, whatever the payload.
+    for change in ({"payload": "\u0000"}, {"payload": sized(LIMIT + 1)}, {"payload": 1}):
+        missing = await client.patch(f"/tasks/{task_id + 10**12}", json=change)
+        assert missing.status_code == 404, (change, missing.text)
     # A task that is not scheduled: 409, whatever is asked.
     sql("UPDATE tasks SET state = 'failed', finished_at = now() WHERE id = %s", task_id)
     for change in ({"payload": 8}, {"payload": None}, {"execute_at": 0, "payload": 8}):
