@@ -434,16 +434,17 @@ _ORDER_KEYS: dict[SortKey, Callable[[ListedTask], Any]] = {
 async def _pipelined(conn: AsyncConnection[Any]) -> AsyncIterator[AsyncPipeline]:
     """One transaction in one pipeline: BEGIN and the block's statements, a Sync, then
     COMMIT once their answers are in (a caller that gave up on them commits nothing);
-    `psycopg.Rollback` out of the block rolls back. Any other exception leaves the
-    connection mid-transaction, and the pool discards it (the server rolls back).
+    `psycopg.Rollback` out of the block, or a statement refused, rolls back. Any other
+    exception leaves the connection mid-transaction, and the pool discards it (the server
+    rolls back).
 
     Not psycopg's `transaction()`: in a pipeline it ends the block with a Sync and then a
     Flush, and sends COMMIT after. PostgreSQL arms its idle-in-transaction timeout at a Sync
     and disarms it at the next message, the Flush, without arming it again. A process
     frozen there (SIGSTOP, a paused VM) kept its row locks for as long as it was frozen:
-    its worker's row and the tasks it was claiming or finishing, so no one rescued its
-    tasks (three draining workers, one stopped at random for 40 s with a 6 s lease: it
-    landed there 3 times in 3, nothing rescued until it was resumed). Here the Sync is the
+    its worker's row and the tasks it was claiming, so no one rescued its tasks (three
+    draining workers, one stopped at random for 40 s with a 6 s lease: it landed there 3
+    times in 3, nothing rescued until it was resumed). Here the Sync is the
     last message inside the transaction, and the session ends within the timeout."""
     async with conn.pipeline() as pipeline:
         await conn.execute("BEGIN")
