@@ -1154,6 +1154,14 @@ LIMIT %(limit)s
 # settings too, so its plan is at least made under them.
 # The server's idle-in-transaction timeout, off for one transaction (Store.finish_many_after).
 NO_IDLE_TIMEOUT = "SELECT set_config('idle_in_transaction_session_timeout', '0', true)"
+# Behind a transaction pooler, which refuses the startup options that bound a direct session
+# (conninfo.connect_kwargs), the same bounds for one transaction: its statements, and how long
+# it may sit idle holding its locks (a process frozen inside it). Set for the transaction
+# alone, they leave the pooler's server connection as they found it.
+BOUND_TRANSACTION = """
+SELECT set_config('statement_timeout', %(ms)s, true),
+    set_config('idle_in_transaction_session_timeout', %(ms)s, true)
+"""
 
 PINNED_PLAN = """
 SELECT set_config('enable_seqscan', 'off', true),

@@ -431,12 +431,14 @@ _ORDER_KEYS: dict[SortKey, Callable[[ListedTask], Any]] = {
 
 
 @asynccontextmanager
-async def _pipelined(conn: AsyncConnection[Any]) -> AsyncIterator[AsyncPipeline]:
+async def _pipelined(
+    conn: AsyncConnection[Any], bounds: dict[str, str] | None = None
+) -> AsyncIterator[AsyncPipeline]:
     """One transaction in one pipeline: BEGIN and the block's statements, a Sync, then
     COMMIT once their answers are in (a caller that gave up on them commits nothing);
     `psycopg.Rollback` out of the block, or a statement refused, rolls back. Any other
     exception leaves the connection mid-transaction, and the pool discards it (the server
-    rolls back).
+    rolls back). `bounds`: queries.BOUND_TRANSACTION's, first (`Store._bounds`).
 
     Not psycopg's `transaction()`: in a pipeline it ends the block with a Sync and then a
     Flush, and sends COMMIT after. PostgreSQL arms its idle-in-transaction timeout at a Sync
@@ -448,6 +450,8 @@ async def _pipelined(conn: AsyncConnection[Any]) -> AsyncIterator[AsyncPipeline]
     last message inside the transaction, and the session ends within the timeout."""
     async with conn.pipeline() as pipeline:
         await conn.execute("BEGIN")
+        if bounds is not None:
+            await conn.execute(queries.BOUND_TRANSACTION, bounds)
         try:
             yield pipeline
             await pipeline.sync()
@@ -647,6 +651,14 @@ class Store:
             await self.database.bounded(conn, cursor.execute(sql, params), bound_s)
             return await cursor.fetchall() if cursor.description else []
 
+    def _bounds(self) -> dict[str, str] | None:
+        """queries.BOUND_TRANSACTION's parameters behind a transaction pooler (each of the
+        store's transactions that writes runs it first); None where the session is bounded
+        by its startup options."""
+        if not behind_pooler(self.database.settings):
+            return None
+        return {"ms": str(int(self.database.settings.db_statement_timeout_s * 1000))}
+
     async def _transaction(self, work: Callable[[AsyncConnection[Any]], Awaitable[T]]) -> T:
         """Run `work` on one connection in one transaction, bounded as a statement is; an
         exception out of `work` rolls it back."""
@@ -654,6 +666,8 @@ class Store:
 
             async def run() -> T:
                 async with conn.transaction():
+                    if (bounds := self._bounds()) is not None:
+                        await conn.execute(queries.BOUND_TRANSACTION, bounds)
                     return await work(conn)
 
             return await self.database.bounded(conn, run())
@@ -673,7 +687,7 @@ class Store:
             cursors = [conn.cursor(row_factory=row_factory) for _ in statements]
 
             async def work() -> None:
-                async with _pipelined(conn):
+                async with _pipelined(conn, self._bounds()):
                     await conn.execute(queries.PINNED_PLAN)
                     for cursor, (sql, params) in zip(cursors, statements, strict=True):
                         await cursor.execute(sql, params)
@@ -779,6 +793,8 @@ class Store:
                 # failed batches had been written; none this way).
                 async with conn.transaction():
                     async with conn.pipeline():
+                        if (bounds := self._bounds()) is not None:
+                            await conn.execute(queries.BOUND_TRANSACTION, bounds)
                         for rows in slices:
                             cursor = conn.cursor(row_factory=tuple_row)
                             await cursor.execute(
@@ -1478,6 +1494,8 @@ class Store:
             async def write() -> set[int]:
                 await conn.execute("BEGIN")
                 async with conn.pipeline():
+                    if (bounds := self._bounds()) is not None:
+                        await conn.execute(queries.BOUND_TRANSACTION, bounds)
                     await conn.execute(queries.PINNED_PLAN)
                     await conn.execute(queries.NO_IDLE_TIMEOUT)
                     await cursor.execute(*statement)

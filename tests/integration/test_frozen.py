@@ -21,6 +21,9 @@ from functions.kinds import KINDS
 from functions.model import TaskState
 from functions.settings import Settings
 from functions.store import Result, Store, _pipelined
+from tests.pgbouncer import pgbouncer_url
+
+__all__ = ["pgbouncer_url"]  # the fixture
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 
@@ -75,6 +78,38 @@ async def test_a_transaction_frozen_after_its_answers_is_ended_by_the_server(
         thread.join()
         assert seen == {"free": True}
         assert conn.broken or conn.closed
+
+
+async def test_a_transaction_frozen_behind_a_pooler_is_ended_by_the_server_too(
+    pgbouncer_url: str, database_url: str
+) -> None:
+    """The same through pgbouncer in transaction mode, which refuses the startup options
+    that set the timeout on a direct session: the store sets it for each transaction
+    (queries.BOUND_TRANSACTION). Without it the row stayed locked as long as the process
+    was frozen."""
+    settings = Settings(
+        database_url=pgbouncer_url,
+        transaction_pooler=True,
+        db_statement_timeout_s=1.0,
+        db_pool_size=1,
+    )
+    database = Database(settings)
+    store = Store(database)
+    try:
+        await store.register_worker(worker="w", lease_s=60)
+        async with database.connection() as conn:
+            seen, thread = lock_free_after(database_url, 2.5, "w")
+            with pytest.raises(psycopg.OperationalError):
+                async with _pipelined(conn, store._bounds()) as pipeline:
+                    await conn.execute(
+                        "UPDATE workers SET lease_expires_at = now() WHERE id = %s", ["w"]
+                    )
+                    await pipeline.sync()
+                    time.sleep(4.0)  # frozen, the worker's row locked
+            thread.join()
+            assert seen == {"free": True}
+    finally:
+        await database.dispose()
 
 
 async def test_a_claim_leaves_no_message_after_its_sync_before_commit(
