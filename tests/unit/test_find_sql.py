@@ -1,5 +1,7 @@
 """The statements of a listing (queries.listing), rendered whole: what runs is what you read."""
 
+from datetime import UTC, datetime
+
 from functions import queries
 from functions.model import SortKey, TaskFilter, TaskOrder, TaskState
 
@@ -57,3 +59,33 @@ def test_what_an_index_serves_in_the_order_by_id_is_its_range() -> None:
     assert listing.page(after=False, bounded=False).endswith(
         "ORDER BY tasks.finished_at, tasks.id LIMIT %(limit)s\n) AS page\nORDER BY order_key, id"
     )
+
+
+def test_every_page_statement_is_short_enough_for_psycopg_to_keep_it_parsed() -> None:
+    # psycopg converts a statement's %(name)s placeholders once and keeps the result only
+    # for statements up to this many bytes: a longer page statement was parsed again on
+    # every request (~0.2 ms of the API's CPU a page of 100, docs/performance.md).
+    from psycopg._queries import MAX_CACHED_STATEMENT_LENGTH  # (no public name for it)
+
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    widest = TaskFilter(
+        states=(TaskState.FAILED, TaskState.CANCELLED),
+        kinds=("foo", "bar", "baz"),
+        created_after=at,
+        created_before=at,
+        execute_after=at,
+        execute_before=at,
+        finished_after=at,
+        finished_before=at,
+        error="timed out",
+        schedule="nightly",
+        payload='{"to": "x@y"}',
+    )
+    for matching in (TaskFilter(), TaskFilter(states=(TaskState.FAILED,)), widest):
+        for order in (
+            TaskOrder(key, descending) for key in SortKey for descending in (True, False)
+        ):
+            listing = queries.listing(matching, order)
+            for after, bounded in ((False, False), (True, False), (False, True), (True, True)):
+                statement = listing.page_text(after=after, bounded=bounded).encode()
+                assert len(statement) <= MAX_CACHED_STATEMENT_LENGTH, (matching, order)
