@@ -10,10 +10,12 @@ test starts from a fresh, never-analyzed table, as a user's new database does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -27,6 +29,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from psycopg import sql as pgsql
 from pytest_postgresql.janitor import DatabaseJanitor
 from sqlalchemy.engine import URL, make_url
 
@@ -208,25 +211,45 @@ def pg_server(request: pytest.FixtureRequest) -> Iterator[ServerInfo]:
 
 
 class _TestDatabases:
-    """The tests' databases on one server, each a copy of the migrated template: made one
-    test ahead, while the test before it runs, and dropped after its test while the next one
-    runs. A CREATE DATABASE takes longer than most tests do (50 ms to over a second, as the
-    machine's load goes); the copy is the same whenever it is made, and nothing touches it
-    before its test (an untouched table is not analyzed by autovacuum either).
+    """The tests' databases on one server, each a copy of the migrated template: made a few
+    tests ahead (`AHEAD`), while the tests before them run, and dropped after their test
+    while the next ones run. A CREATE DATABASE takes longer than most tests do (70-130 ms on
+    a quiet machine, over a second on a busy one): a test that starts processes and waits
+    for them leaves time to make several, which the short tests after it then take. The copy
+    is the same whenever it is made, and nothing touches it before its test (an untouched
+    table is not analyzed by autovacuum either).
 
-    One thread makes and drops them in turn; a drop that failed fails the next test that
-    takes a database, or the session's end."""
+    One thread makes and drops them in turn, on one connection of its own (pytest-postgresql's
+    janitor opens a new one for each); a drop that failed fails the next test that takes a
+    database, or the session's end."""
+
+    AHEAD = 4
 
     def __init__(self, server: ServerInfo) -> None:
         self.server = server
         self._work = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-databases")
-        self._next: Future[str] | None = None
+        self._made: deque[Future[str]] = deque()
         self._drops: list[Future[None]] = []
+        self._admin: psycopg.Connection[Any] | None = None
+
+    def _execute(self, statement: pgsql.Composable) -> None:
+        """Run `statement` on the maintenance database (in the thread's turn)."""
+        if self._admin is None or self._admin.closed:
+            self._admin = psycopg.connect(self.server.url("postgres"), autocommit=True)
+        self._admin.execute(statement)
 
     def _create(self) -> str:
         dbname = f"taskrunner_test_{os.getpid()}_{next(_test_dbs)}"
-        self.server.janitor(dbname, self.server.template).init()
+        self._execute(
+            pgsql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                pgsql.Identifier(dbname), pgsql.Identifier(self.server.template)
+            )
+        )
         return dbname
+
+    def _drop(self, dbname: str) -> None:
+        # (FORCE: whatever a test left connected is disconnected first, as the janitor did.)
+        self._execute(pgsql.SQL("DROP DATABASE {} WITH (FORCE)").format(pgsql.Identifier(dbname)))
 
     def _check_drops(self) -> None:
         done = [drop for drop in self._drops if drop.done()]
@@ -237,21 +260,23 @@ class _TestDatabases:
     def take(self) -> str:
         """A fresh database's name, the test's own until it is given back with `drop`."""
         self._check_drops()
+        while len(self._made) < self.AHEAD + 1:
+            self._made.append(self._work.submit(self._create))
         # (A copy that failed is not kept: the next test tries again.)
-        made, self._next = self._next, None
-        dbname = (made or self._work.submit(self._create)).result()
-        self._next = self._work.submit(self._create)
-        return dbname
+        return self._made.popleft().result()
 
     def drop(self, dbname: str) -> None:
-        self._drops.append(self._work.submit(self.server.janitor(dbname).drop))
+        self._drops.append(self._work.submit(self._drop, dbname))
 
     def close(self) -> None:
         try:
-            if self._next is not None:
-                self.drop(self._next.result())
+            for made in self._made:
+                with contextlib.suppress(Exception):
+                    self.drop(made.result())
         finally:
             self._work.shutdown(wait=True)
+            if self._admin is not None:
+                self._admin.close()
         self._check_drops()
 
 
