@@ -4,8 +4,9 @@ Every test that uses a database runs once per server: the embedded PostgreSQL 18
 `taskrunner dev` starts) and Debian's PostgreSQL 15 (started as the OS user `postgres`);
 TASKRUNNER_TEST_SERVERS=18 narrows that, and TASKRUNNER_TEST_DATABASE_URL replaces both with a
 server of yours. pytest-postgresql's janitor builds a template database migrated once per
-server, and every test gets a copy of it (`_TestDatabases`). Tables are never analyzed or vacuumed by hand: each
-test starts from a fresh, never-analyzed table, as a user's new database does.
+server, and every test gets a copy of it (`_TestDatabases`). Tables are never analyzed or
+vacuumed by hand: each test starts from a fresh, never-analyzed table, as a user's new
+database does.
 """
 
 from __future__ import annotations
