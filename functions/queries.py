@@ -1597,11 +1597,23 @@ SELECT '', '', n FROM seen
 """
 # - the table's size, to choose between counting finished tasks and estimating them: its
 #   pages now, and the rows per page when it was last analyzed; and its live rows, as the
-#   server counts them (its statistics: each commit's inserts and deletes, within a second);
+#   server counts them (its statistics: each commit's inserts and deletes, within a second).
+#   Those counts start again from 0 when the server's statistics are lost (a crash, a
+#   failover, pg_stat_reset): then they count only the rows written since, and the table's
+#   last vacuum or analyze, which those statistics would remember, is forgotten too, while
+#   pg_class still holds the rows it counted. The larger of the two then (a table of
+#   2,100,000 read as 10,001 rows for minutes after a crash, until autovacuum came by);
 STATS_TABLE_SIZE = """
 SELECT pg_relation_size('tasks') / current_setting('block_size')::int AS pages,
        CASE WHEN relpages > 0 AND reltuples >= 0 THEN reltuples / relpages END AS rows_per_page,
-       pg_stat_get_live_tuples(oid) AS live_rows
+       CASE WHEN reltuples > 0
+                 AND pg_stat_get_last_vacuum_time(oid) IS NULL
+                 AND pg_stat_get_last_autovacuum_time(oid) IS NULL
+                 AND pg_stat_get_last_analyze_time(oid) IS NULL
+                 AND pg_stat_get_last_autoanalyze_time(oid) IS NULL
+            THEN greatest(pg_stat_get_live_tuples(oid), CAST(reltuples AS bigint))
+            ELSE pg_stat_get_live_tuples(oid)
+       END AS live_rows
 FROM pg_class WHERE oid = 'tasks'::regclass
 """
 # - finished tasks by state and kind, exactly (a small table) or in a sample of `percent` of
