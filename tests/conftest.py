@@ -233,7 +233,7 @@ class _TestDatabases:
         self._drops: list[Future[None]] = []
         self._admin: psycopg.Connection[Any] | None = None
 
-    def _execute(self, statement: pgsql.Composable) -> None:
+    def _execute(self, statement: pgsql.Composed) -> None:
         """Run `statement` on the maintenance database (in the thread's turn)."""
         if self._admin is None or self._admin.closed:
             self._admin = psycopg.connect(self.server.url("postgres"), autocommit=True)
