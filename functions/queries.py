@@ -1020,11 +1020,12 @@ SELECT count(*) FROM (
 """
 
 
-# Which of the tasks a worker holds (`[{"id", "attempt"}]`) it should stop: cancelled,
-# deleted since, or on another attempt (retried since and claimed again). A task whose
-# result this worker has just recorded is among them too, harmlessly: nothing of it runs.
+# Which of the tasks a worker holds (`[{"id", "attempt"}]`) it should stop, and whether
+# that attempt was cancelled: or else deleted since, or on another attempt (rescued after
+# this worker's lease ran out, or retried, and claimed again). A task whose result this
+# worker has just recorded is among them too, harmlessly: nothing of it runs.
 NO_LONGER_HELD = """
-SELECT h.id
+SELECT h.id, coalesce(t.state = 'cancelled' AND t.attempts = h.attempt, false) AS cancelled
 FROM json_to_recordset(CAST(%(held)s AS json)) AS h(id bigint, attempt integer)
 LEFT JOIN tasks AS t ON t.id = h.id
 WHERE t.id IS NULL OR t.state = 'cancelled' OR t.attempts <> h.attempt

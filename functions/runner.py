@@ -501,12 +501,19 @@ class Runner:
             ids.update(claimed.id for claimed in queue)
         return [held[task_id] for task_id in sorted(ids) if task_id in held]
 
-    def _stop(self, ids: set[int]) -> None:
-        """Stop held tasks that were cancelled: cancel their coroutines, drop them from their
-        slots' queues, and print and record nothing of them (a line already out stays)."""
+    def _stop(self, ids: set[int], moved: set[int] | None = None) -> None:
+        """Stop held tasks that were cancelled (`ids`), or are no longer this worker's
+        otherwise (`moved`: deleted, or rescued after its lease ran out): cancel their
+        coroutines, drop them from their slots' queues, and print and record nothing of
+        them (a line already out stays). The moved ones are `lost` in its summary."""
         state = self.state
         full = self._room() == 0
-        stopped = [state.held.pop(task_id) for task_id in sorted(ids) if task_id in state.held]
+        moved = moved or set()
+        cancelled = sum(task_id in state.held for task_id in ids - moved)
+        lost = sum(task_id in state.held for task_id in moved)
+        stopped = [
+            state.held.pop(task_id) for task_id in sorted(ids | moved) if task_id in state.held
+        ]
         if not stopped:
             return
         for claimed in stopped:
@@ -518,14 +525,22 @@ class Runner:
             queue = self.slots.queued[claimed.kind]
             if claimed in queue:
                 queue.remove(claimed)
-        self.printer.drop(ids)
-        self.completer.drop(ids)
-        state.summary.cancelled += len(stopped)
-        logger.info(
-            "action=cancel worker=%s count=%d: cancelled while this worker held them; stopped,"
-            " nothing printed or recorded for them",
-            self.worker_id, len(stopped),
-        )  # fmt: skip
+        self.printer.drop(ids | moved)
+        self.completer.drop(ids | moved)
+        state.summary.cancelled += cancelled
+        state.summary.lost += lost
+        if cancelled:
+            logger.info(
+                "action=cancel worker=%s count=%d: cancelled while this worker held them;"
+                " stopped, nothing printed or recorded for them",
+                self.worker_id, cancelled,
+            )  # fmt: skip
+        if lost:
+            logger.warning(
+                "action=lost worker=%s count=%d: no longer this worker's (deleted, or rescued"
+                " after its lease ran out); stopped, nothing printed or recorded for them",
+                self.worker_id, lost,
+            )  # fmt: skip
         if full or not state.held:
             # Room is free again (a worker that had room already claimed what was due), or
             # a tick that waited for its own tasks has none left.

@@ -1532,13 +1532,14 @@ class Store:
             found.update(task_id for (task_id,) in rows)
         return found
 
-    async def no_longer_held(self, held: Sequence[Claimed]) -> set[int]:
-        """Of the tasks a worker holds, those it should stop (queries.NO_LONGER_HELD)."""
-        gone: set[int] = set()
+    async def no_longer_held(self, held: Sequence[Claimed]) -> dict[int, bool]:
+        """Of the tasks a worker holds, those it should stop, each with whether its attempt
+        was cancelled (False: deleted, or rescued or retried since; queries.NO_LONGER_HELD)."""
+        gone: dict[int, bool] = {}
         for chunk in _chunks(held, self.WRITE_BATCH):
             sent = json.dumps([{"id": c.id, "attempt": c.attempt} for c in chunk])
             [rows] = await self._pinned((queries.NO_LONGER_HELD, {"held": sent}))
-            gone.update(task_id for (task_id,) in rows)
+            gone.update(rows)
         return gone
 
     async def held_by(self, *, worker: str) -> set[int]:

@@ -286,9 +286,10 @@ class Upkeep:
     async def cancel_loop(
         self,
         stoppable: Callable[[], list[Claimed]],
-        stop: Callable[[set[int]], None],
+        stop: Callable[[set[int], set[int]], None],
     ) -> None:
-        """Stop the held tasks that were cancelled: those a cancel's notification names
+        """Stop the held tasks that were cancelled (`stop`'s first set; its second: those
+        no longer this worker's otherwise): those a cancel's notification names
         (LISTEN), at once, with no query; and those the database says this worker no longer
         holds, looked for every poll interval while something it holds can still be stopped
         (`stoppable`: running, waiting for a slot or for its line to be printed), which is
@@ -323,15 +324,19 @@ class Upkeep:
                 }
             if not held:
                 continue
-            gone = {task_id for task_id, _ in named}
+            cancelled = {task_id for task_id, _ in named}
+            moved: set[int] = set()  # deleted, or rescued or retried since
             if ask:
                 try:
-                    gone |= await state.store.no_longer_held(held)
+                    found = await state.store.no_longer_held(held)
                 except DatabaseUnavailable:
-                    pass  # looked for again at the next poll
-            gone &= state.held.keys()
-            if gone:
-                stop(gone)
+                    found = {}  # looked for again at the next poll
+                cancelled |= {task_id for task_id, was in found.items() if was}
+                moved = {task_id for task_id, was in found.items() if not was} - cancelled
+            cancelled &= state.held.keys()
+            moved &= state.held.keys()
+            if cancelled or moved:
+                stop(cancelled, moved)
 
     # --- activity ----------------------------------------------------------------------------
 

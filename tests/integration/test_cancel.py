@@ -120,7 +120,7 @@ async def test_a_worker_stops_the_tasks_a_notification_names_without_asking_the_
     asked: list[int] = []
     no_longer_held = Store.no_longer_held
 
-    async def counted(self: Store, held: Any) -> set[int]:
+    async def counted(self: Store, held: Any) -> dict[int, bool]:
         asked.append(len(held))
         return await no_longer_held(self, held)
 
@@ -331,3 +331,22 @@ async def test_cancelled_is_a_state_the_filters_the_original_listing_and_retenti
     sql("UPDATE tasks SET finished_at = now() - interval '8 days' WHERE id = %s", cancelled)
     assert (await tick(settings, out=io.StringIO())).pruned == 1
     assert sql("SELECT id FROM tasks") == [(other,)]
+
+
+async def test_what_a_worker_no_longer_holds_says_whether_it_was_cancelled(
+    store: Store, task_factory: Callable[..., int], sql: Sql
+) -> None:
+    # Of four tasks a worker claimed: one cancelled, one rescued and claimed again (its
+    # attempt moved on), one deleted, one still its own. Only the first was a cancel: the
+    # worker's summary and log count the others as lost, not cancelled.
+    for _ in range(4):
+        task_factory("foo")
+    await store.register_worker(worker="w", lease_s=60)
+    claimed, _ = await store.claim_due(worker="w", kinds=["foo"], limit=4, lease_s=60)
+    cancelled, rescued, deleted, kept = sorted(c.id for c in claimed)
+    await tasks.cancel_task(store, cancelled)
+    sql("UPDATE tasks SET attempts = attempts + 1 WHERE id = %s", rescued)
+    sql("DELETE FROM tasks WHERE id = %s", deleted)
+    gone = await store.no_longer_held(claimed)
+    assert gone == {cancelled: True, rescued: False, deleted: False}
+    assert kept not in gone

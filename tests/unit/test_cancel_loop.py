@@ -16,9 +16,9 @@ class NoStore:
     def __init__(self) -> None:
         self.asked: list[list[Claimed]] = []
 
-    async def no_longer_held(self, held: list[Claimed]) -> set[int]:
+    async def no_longer_held(self, held: list[Claimed]) -> dict[int, bool]:
         self.asked.append(held)
-        return set()
+        return {}
 
 
 async def test_a_cancel_heard_before_the_claims_answer_outlives_a_poll_meanwhile() -> None:
@@ -28,7 +28,9 @@ async def test_a_cancel_heard_before_the_claims_answer_outlives_a_poll_meanwhile
     upkeep = Upkeep(state, printer=None, prune_clock=PruneClock())  # type: ignore[arg-type]
     held: list[Claimed] = []
     stopped: list[set[int]] = []
-    loop = asyncio.create_task(upkeep.cancel_loop(lambda: list(held), stopped.append))
+    loop = asyncio.create_task(
+        upkeep.cancel_loop(lambda: list(held), lambda ids, moved: stopped.append(ids | moved))
+    )
     try:
         # The claim of task 7 committed; before its answer is read, the cancel's
         # notification names it, and the listener (re)connected asks for a poll.

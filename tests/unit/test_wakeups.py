@@ -2,6 +2,7 @@
 and a cancel wakes its claim loop only when that can claim something new."""
 
 import asyncio
+import logging
 from types import SimpleNamespace
 from typing import Any
 
@@ -69,3 +70,19 @@ async def test_a_cancel_wakes_the_claim_loop_only_when_it_frees_room_it_lacked(
     assert runner.wakeup.is_set() is wakes
     assert sorted(runner.state.held) == sorted(set(range(1, held + 1)) - stopped)
     assert runner.state.summary.cancelled == len(stopped)
+
+
+async def test_tasks_no_longer_held_but_not_cancelled_are_lost_not_cancelled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A worker woken past its lease finds 2 of its tasks rescued (on another attempt) and 1
+    # cancelled: its summary and log say so, not that 3 were cancelled.
+    caplog.set_level(logging.INFO, "functions.runner")
+    runner = _holding(5, 10)
+    runner._stop({1}, {2, 3})
+    assert sorted(runner.state.held) == [4, 5]
+    summary = runner.state.summary
+    assert (summary.cancelled, summary.lost) == (1, 2)
+    logged = [record.getMessage() for record in caplog.records]
+    assert any(m.startswith("action=cancel") and "count=1:" in m for m in logged), logged
+    assert any(m.startswith("action=lost") and "count=2:" in m for m in logged), logged
