@@ -42,6 +42,9 @@ SAMPLE_ROWS = 20_000
 # scheduled tasks took 123 ms of every /stats, and grew with them). Due and running tasks are
 # always counted: the figures that say whether workers keep up.
 SCHEDULED_EXACT_UP_TO = 10_000
+# And finished tasks too, while no more than this many have finished (after a prune, or with
+# a short retention, beside many scheduled): the few a sample would take whole or miss.
+FINISHED_EXACT_UP_TO = 10_000
 # A sample that finds no finished task where the server counts some is taken again, wider,
 # while it reads no more than this many rows: never more than a count at EXACT_UP_TO costs.
 WIDEST_SAMPLE_ROWS = 200_000
@@ -158,7 +161,9 @@ def _sampled_states(rows: StatsRows) -> frozenset[str]:
     """The states whose counts are a sample's (empty: none)."""
     if not rows.sampled_percent:
         return frozenset()
-    return _FINISHED | {"scheduled"} if rows.scheduled_estimated else _FINISHED
+    return (_FINISHED if rows.finished_estimated else frozenset()) | (
+        {"scheduled"} if rows.scheduled_estimated else frozenset()
+    )
 
 
 def _finished_scale(rows: StatsRows) -> float:
@@ -212,6 +217,7 @@ async def read_stats(store: Store, *, totals: bool = False) -> Stats:
         sample_rows=SAMPLE_ROWS,
         widest_rows=WIDEST_SAMPLE_ROWS,
         scheduled_exact_up_to=SCHEDULED_EXACT_UP_TO,
+        finished_exact_up_to=FINISHED_EXACT_UP_TO,
         totals=totals,
     )
     return stats_from(rows)

@@ -114,8 +114,8 @@ class Result(NamedTuple):
 class StatsRows:
     """What /stats is computed from (functions/report.py)."""
 
-    # (state, kind, count); finished states' counts are from a sample when `sampled_percent`,
-    # and scheduled ones too when `scheduled_estimated`.
+    # (state, kind, count); finished states' counts are from a sample when `sampled_percent`
+    # and `finished_estimated`, and scheduled ones when `scheduled_estimated`.
     counts: list[tuple[str, str, int]]
     sampled_percent: float | None
     # The table's live rows as the server's statistics count them (0 without statistics).
@@ -134,6 +134,9 @@ class StatsRows:
     # queries.STATS_TOTALS's rows, when asked for (/metrics).
     totals: list[tuple[Any, ...]] = field(default_factory=list)
     scheduled_estimated: bool = False
+    # Whether the finished states' counts are the sample's (with `sampled_percent`): not
+    # when few enough have finished to count them.
+    finished_estimated: bool = True
 
 
 _LEVELS = list(range(MIN_PRIORITY, MAX_PRIORITY + 1))
@@ -1560,12 +1563,14 @@ class Store:
         sample_rows: int,
         widest_rows: int,
         scheduled_exact_up_to: int,
+        finished_exact_up_to: int,
         totals: bool = False,
     ) -> StatsRows:
         """The rows /stats is made of (queries.STATS_*), in one snapshot but the sample's;
         and the running totals, for /metrics, when `totals`. Scheduled tasks are counted
         exactly on a table small enough to count, and while no more than
-        `scheduled_exact_up_to` are scheduled; otherwise in the sample."""
+        `scheduled_exact_up_to` are scheduled; otherwise in the sample. Finished tasks
+        likewise, with `finished_exact_up_to`."""
         [(pages, rows_per_page, live_rows)] = await self._all(queries.STATS_TABLE_SIZE, tuple_row)
         # A table never analyzed has no rows-per-page figure: ~100 fit a page of tasks.
         rows = int(pages * (rows_per_page or 100))
@@ -1588,6 +1593,8 @@ class Store:
                 (queries.STATS_DUE_BY_KIND, {}),
                 *([(queries.STATS_TOTALS, {})] if totals else []),
             ]
+            if percent < 100.0:
+                statements.append((queries.STATS_FINISHED_FEW, {"exact": finished_exact_up_to}))
             cursors = [conn.cursor(row_factory=tuple_row) for _ in statements]
 
             async def work() -> None:
@@ -1602,33 +1609,51 @@ class Store:
                         await cursor.execute(sql, params)
 
             await self.database.bounded(conn, work())
-            active, finished_rows, [waiting], activity, due_by_kind, *total_rows = [
-                await c.fetchall() for c in cursors
-            ]
+            results = [await c.fetchall() for c in cursors]
+        active, finished_rows, [waiting], activity, due_by_kind = results[:5]
+        total_rows = results[5:6] if totals else []
         [scheduled_seen] = [n for state, _, n in active if not state]
         active = [row for row in active if row[0]]
         scheduled_estimated = percent < 100.0 and scheduled_seen > scheduled_exact_up_to
-        if not scheduled_estimated:
-            finished_rows = [row for row in finished_rows if row[0] != "scheduled"]
-        # A sample of a few pages can miss every finished row of a drained table (most pages
-        # dead, the live ones few): the server counts them, so sample again, eight times
-        # wider, while the sample reads at most `widest_rows` rows, rather than report none.
+        finished_estimated = True
+        if percent < 100.0:
+            few = results[-1]
+            [finished_seen] = [n for state, _, n in few if not state]
+            if finished_seen <= finished_exact_up_to:
+                finished_estimated = False
+                active += [row for row in few if row[0]]
+        # What the sample estimates: the finished tasks, the scheduled ones not yet due.
+        sampled = (
+            (set(queries.FINISHED) if finished_estimated else set())
+            | ({"scheduled"} if scheduled_estimated else set())
+        )
+
+        def estimated(rows: list[Any]) -> list[Any]:
+            return [row for row in rows if row[0] in sampled]
+
+        finished_rows = estimated(finished_rows)
+        # A sample of a few pages can miss every row it estimates (a drained table: most
+        # pages dead, the live ones few): the server counts them, so sample again, eight
+        # times wider, while the sample reads at most `widest_rows` rows, rather than
+        # report none.
         while (
-            not finished_rows
+            sampled
+            and not finished_rows
             and live_rows > sum(n for *_, n in active)
             and percent < 100.0
             and rows * min(100.0, percent * 8) / 100.0 <= widest_rows
         ):
             percent = min(100.0, percent * 8)
-            finished_rows = await self._all(
-                queries.STATS_FINISHED_SAMPLE, tuple_row, percent=percent
+            finished_rows = estimated(
+                await self._all(queries.STATS_FINISHED_SAMPLE, tuple_row, percent=percent)
             )
-            if not scheduled_estimated:
-                finished_rows = [row for row in finished_rows if row[0] != "scheduled"]
+        if not sampled:
+            percent = 100.0  # every count exact
         return StatsRows(
             counts=[*active, *finished_rows],
             sampled_percent=None if percent >= 100.0 else percent,
             scheduled_estimated=scheduled_estimated and percent < 100.0,
+            finished_estimated=finished_estimated,
             live_rows=live_rows,
             due=sum(n for _, n, _ in due_by_kind),
             oldest_due_age_s=waiting[0],

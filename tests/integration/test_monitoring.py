@@ -424,6 +424,41 @@ async def test_many_scheduled_tasks_are_estimated_and_the_due_ones_counted(
     assert got["due"] == 500
 
 
+async def test_few_finished_tasks_beside_many_scheduled_are_counted_not_sampled(
+    client: httpx.AsyncClient, sql: Sql, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 3,000 finished after a prune, on the last few of the table's pages, beside 30,000
+    # scheduled for tomorrow: a sample took those pages whole or missed them (0 on half the
+    # calls, ~6,000 on the rest). Few enough to count: counted, on every call.
+    scheduled, finished = 30_000, 3_000
+    sql(
+        "INSERT INTO tasks (kind, execute_at) SELECT 'foo', now() + interval '1 day'"
+        " FROM generate_series(1, %s)",
+        scheduled,
+    )
+    sql(
+        "INSERT INTO tasks (kind, state, attempts, started_at, finished_at, execute_at)"
+        " SELECT 'baz', 'succeeded', 1, now(), now(), now() FROM generate_series(1, %s)",
+        finished,
+    )
+    deadline = time.monotonic() + 10
+    while sql("SELECT pg_stat_get_live_tuples('tasks'::regclass)") != [(scheduled + finished,)]:
+        assert time.monotonic() < deadline, "the statistics never caught up"
+        time.sleep(0.1)
+    monkeypatch.setattr(report, "EXACT_UP_TO", 1_000)
+    monkeypatch.setattr(report, "SAMPLE_ROWS", 2_000)
+    for _ in range(10):
+        got = (await client.get("/stats")).json()
+        assert got["estimated"] == ["scheduled"]
+        assert got["counts"]["succeeded"] == {"bar": 0, "baz": finished, "foo": 0, "http": 0}
+        # (All the rest is scheduled: the server's count of live rows less those counted.)
+        assert got["counts"]["scheduled"]["foo"] == scheduled, got["counts"]
+    # One more than FINISHED_EXACT_UP_TO: sampled again, as they were.
+    monkeypatch.setattr(report, "FINISHED_EXACT_UP_TO", finished - 1)
+    got = (await client.get("/stats")).json()
+    assert got["estimated"] == ["cancelled", "failed", "scheduled", "succeeded"]
+
+
 @pytest.mark.parametrize(("widest_rows", "wider"), [(200_000, True), (10, False)])
 async def test_a_sample_that_misses_every_finished_row_is_taken_again_wider(
     client: httpx.AsyncClient,

@@ -266,7 +266,12 @@ def test_stats_count_through_the_indexes_after_a_drain(
         " finished_at = now(), output = 'Baz 1'"
     )
     postgresql.autocommit = False
-    for name in ("STATS_ACTIVE_COUNTS", "STATS_DUE_AND_WORKERS", "STATS_ACTIVITY"):
+    for name in (
+        "STATS_ACTIVE_COUNTS",
+        "STATS_FINISHED_FEW",
+        "STATS_DUE_AND_WORKERS",
+        "STATS_ACTIVITY",
+    ):
         plan = explain(
             postgresql, getattr(queries, name), {"exact": 10_000}, generic, queries.PINNED_PLAN
         )
@@ -294,6 +299,30 @@ def test_stats_read_no_more_scheduled_tasks_than_they_count_exactly(
         n["Actual Rows"] * n.get("Actual Loops", 1)
         for n in nodes(plan)
         if n.get("Relation Name") == "tasks" and n.get("Index Name") != "tasks_running"
+    ]
+    assert read and sum(read) <= exact + 1, read
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["custom plan", "generic plan"])
+def test_stats_read_no_more_finished_tasks_than_they_count_exactly(
+    postgresql: psycopg.Connection[Any], sql: Sql, generic: bool
+) -> None:
+    """Likewise for finished tasks, on a table too large to count (`exact` + 1 of them read
+    at most, from the newest end of their index), however many have finished."""
+    exact = 1_000
+    sql(
+        "INSERT INTO tasks (kind, state, attempts, started_at, finished_at, execute_at)"
+        " SELECT 'baz', 'succeeded', 1, now(), now(), now() FROM generate_series(1, %s)",
+        N,
+    )
+    postgresql.autocommit = False
+    plan = explain(
+        postgresql, queries.STATS_FINISHED_FEW, {"exact": exact}, generic, queries.PINNED_PLAN
+    )
+    read = [
+        n["Actual Rows"] * n.get("Actual Loops", 1)
+        for n in nodes(plan)
+        if n.get("Relation Name") == "tasks"
     ]
     assert read and sum(read) <= exact + 1, read
 
