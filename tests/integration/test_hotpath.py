@@ -104,6 +104,12 @@ async def test_creating_a_task_answers_alike(pair: Pair) -> None:
         headers = AUTH if content_type is None else {**AUTH, "content-type": content_type}
         sent = await pair.both("POST", "/tasks", content=json.dumps(body), headers=headers)
         assert sent.status_code == 201
+    # JSON in UTF-16 or UTF-32 is read too, told apart by its first bytes (docs/api.md).
+    for encoding in ("utf-16", "utf-16-be", "utf-32"):
+        sent = await pair.both(
+            "POST", "/tasks", content=json.dumps(body).encode(encoding), headers=AUTH
+        )
+        assert sent.status_code == 201, (encoding, sent.text)
 
 
 @pytest.mark.parametrize(
