@@ -1623,9 +1623,8 @@ class Store:
                 finished_estimated = False
                 active += [row for row in few if row[0]]
         # What the sample estimates: the finished tasks, the scheduled ones not yet due.
-        sampled = (
-            (set(queries.FINISHED) if finished_estimated else set())
-            | ({"scheduled"} if scheduled_estimated else set())
+        sampled = (set(queries.FINISHED) if finished_estimated else set()) | (
+            {"scheduled"} if scheduled_estimated else set()
         )
 
         def estimated(rows: list[Any]) -> list[Any]:

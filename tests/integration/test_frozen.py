@@ -58,26 +58,32 @@ def lock_free_after(
     return seen, thread
 
 
-async def test_a_transaction_frozen_after_its_answers_is_ended_by_the_server(
-    one_connection: Store, database_url: str
-) -> None:
-    """Frozen once its statements have answered and before COMMIT, holding its worker's
-    row: within the server's idle-in-transaction timeout the session is ended, the row is
-    free (a rescue can take the worker's tasks), and nothing is committed."""
-    store = one_connection
+async def frozen_holding_its_workers_row(store: Store, database_url: str) -> dict[str, bool]:
+    """Freeze 4 s in a store's transaction (`_pipelined`, as the store bounds it) once it
+    has locked its worker's row and its answers are in, before COMMIT: the session must be
+    ended (the connection broken). Return whether the row was free 2.5 s in."""
     await store.register_worker(worker="w", lease_s=60)
     async with store.database.connection() as conn:
         seen, thread = lock_free_after(database_url, 2.5, "w")
         with pytest.raises(psycopg.OperationalError):
-            async with _pipelined(conn) as pipeline:
+            async with _pipelined(conn, store._bounds()) as pipeline:
                 await conn.execute(
                     "UPDATE workers SET lease_expires_at = now() WHERE id = %s", ["w"]
                 )
                 await pipeline.sync()
                 time.sleep(4.0)  # frozen, the worker's row locked
         thread.join()
-        assert seen == {"free": True}
         assert conn.broken or conn.closed
+    return seen
+
+
+async def test_a_transaction_frozen_after_its_answers_is_ended_by_the_server(
+    one_connection: Store, database_url: str
+) -> None:
+    """Frozen once its statements have answered and before COMMIT, holding its worker's
+    row: within the server's idle-in-transaction timeout the session is ended, the row is
+    free (a rescue can take the worker's tasks), and nothing is committed."""
+    assert await frozen_holding_its_workers_row(one_connection, database_url) == {"free": True}
 
 
 async def test_a_transaction_frozen_behind_a_pooler_is_ended_by_the_server_too(
@@ -94,20 +100,9 @@ async def test_a_transaction_frozen_behind_a_pooler_is_ended_by_the_server_too(
         db_pool_size=1,
     )
     database = Database(settings)
-    store = Store(database)
     try:
-        await store.register_worker(worker="w", lease_s=60)
-        async with database.connection() as conn:
-            seen, thread = lock_free_after(database_url, 2.5, "w")
-            with pytest.raises(psycopg.OperationalError):
-                async with _pipelined(conn, store._bounds()) as pipeline:
-                    await conn.execute(
-                        "UPDATE workers SET lease_expires_at = now() WHERE id = %s", ["w"]
-                    )
-                    await pipeline.sync()
-                    time.sleep(4.0)  # frozen, the worker's row locked
-            thread.join()
-            assert seen == {"free": True}
+        seen = await frozen_holding_its_workers_row(Store(database), database_url)
+        assert seen == {"free": True}
     finally:
         await database.dispose()
 

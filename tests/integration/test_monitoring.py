@@ -25,6 +25,15 @@ from tests.procs import TASKRUNNER
 Sql = Callable[..., list[tuple[Any, ...]]]
 
 
+def wait_for_live_rows(sql: Callable[[str], list[tuple[Any, ...]]], n: int) -> None:
+    """Wait until the server's statistics count `n` live rows in `tasks` (each commit's
+    inserts and deletes reach them within a second or so)."""
+    deadline = time.monotonic() + 10
+    while sql("SELECT pg_stat_get_live_tuples('tasks'::regclass)") != [(n,)]:
+        assert time.monotonic() < deadline, "the statistics never caught up"
+        time.sleep(0.1)
+
+
 @pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with serve(settings) as c:
@@ -301,10 +310,7 @@ async def test_a_drained_table_is_estimated_from_its_live_rows(
         " WHERE state = 'running'"
     )
     # The server's count of live rows follows each commit within a second or so.
-    deadline = time.monotonic() + 10
-    while sql("SELECT pg_stat_get_live_tuples('tasks'::regclass)") != [(n + left,)]:
-        assert time.monotonic() < deadline, "the statistics never caught up"
-        time.sleep(0.1)
+    wait_for_live_rows(sql, n + left)
     monkeypatch.setattr(report, "EXACT_UP_TO", 1_000)
     monkeypatch.setattr(report, "SAMPLE_ROWS", 2_000)  # ~20 of the table's pages
     for _ in range(20):
@@ -363,12 +369,7 @@ async def test_a_table_is_not_read_as_small_after_its_statistics_were_lost(
             " SELECT 'baz', 'succeeded', 1, now(), now(), now() FROM generate_series(1, %s)",
             [after - scheduled],
         )
-        deadline = time.monotonic() + 10
-        while conn.execute("SELECT pg_stat_get_live_tuples('tasks'::regclass)").fetchone() != (
-            after,
-        ):
-            assert time.monotonic() < deadline, "the statistics never caught up"
-            time.sleep(0.1)
+        wait_for_live_rows(lambda query: conn.execute(query).fetchall(), after)
     monkeypatch.setattr(report, "EXACT_UP_TO", 1_000)
     async with serve(Settings(database_url=own_server.url)) as client:
         got = (await client.get("/stats")).json()
@@ -401,10 +402,7 @@ async def test_many_scheduled_tasks_are_estimated_and_the_due_ones_counted(
         "INSERT INTO tasks (kind, execute_at) SELECT 'foo', now() - interval '1 minute'"
         " FROM generate_series(1, 500)"
     )
-    deadline = time.monotonic() + 10
-    while sql("SELECT pg_stat_get_live_tuples('tasks'::regclass)") != [(n + 500,)]:
-        assert time.monotonic() < deadline, "the statistics never caught up"
-        time.sleep(0.1)
+    wait_for_live_rows(sql, n + 500)
     monkeypatch.setattr(report, "EXACT_UP_TO", 1_000)
     monkeypatch.setattr(report, "SAMPLE_ROWS", 10_000)
     # (raising=False: the same test, of a version without the setting, fails on its counts.)
@@ -441,10 +439,7 @@ async def test_few_finished_tasks_beside_many_scheduled_are_counted_not_sampled(
         " SELECT 'baz', 'succeeded', 1, now(), now(), now() FROM generate_series(1, %s)",
         finished,
     )
-    deadline = time.monotonic() + 10
-    while sql("SELECT pg_stat_get_live_tuples('tasks'::regclass)") != [(scheduled + finished,)]:
-        assert time.monotonic() < deadline, "the statistics never caught up"
-        time.sleep(0.1)
+    wait_for_live_rows(sql, scheduled + finished)
     monkeypatch.setattr(report, "EXACT_UP_TO", 1_000)
     monkeypatch.setattr(report, "SAMPLE_ROWS", 2_000)
     for _ in range(10):
@@ -477,10 +472,7 @@ async def test_a_sample_that_misses_every_finished_row_is_taken_again_wider(
         " SELECT 'baz', 'succeeded', 1, now(), now(), now() FROM generate_series(1, %s)",
         n,
     )
-    deadline = time.monotonic() + 10
-    while sql("SELECT pg_stat_get_live_tuples('tasks'::regclass)") != [(n,)]:
-        assert time.monotonic() < deadline, "the statistics never caught up"
-        time.sleep(0.1)
+    wait_for_live_rows(sql, n)
     monkeypatch.setattr(report, "EXACT_UP_TO", 1_000)
     monkeypatch.setattr(report, "SAMPLE_ROWS", 1)
     monkeypatch.setattr(report, "WIDEST_SAMPLE_ROWS", widest_rows)
