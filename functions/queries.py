@@ -1602,20 +1602,25 @@ SELECT '', '', n FROM seen
 #   Those counts start again from 0 when the server's statistics are lost (a crash, a
 #   failover, pg_stat_reset): then they count only the rows written since, and the table's
 #   last vacuum or analyze, which those statistics would remember, is forgotten too, while
-#   pg_class still holds the rows it counted. The larger of the two then (a table of
-#   2,100,000 read as 10,001 rows for minutes after a crash, until autovacuum came by);
+#   pg_class still holds the rows it counted and the pages they filled. The larger of the
+#   server's count and the planner's own estimate then, the rows per page of pg_class over
+#   the pages the table has now (a table of 2,100,000 read as 10,001 rows for minutes after
+#   a crash, until autovacuum came by);
 STATS_TABLE_SIZE = """
-SELECT pg_relation_size('tasks') / current_setting('block_size')::int AS pages,
+SELECT pages,
        CASE WHEN relpages > 0 AND reltuples >= 0 THEN reltuples / relpages END AS rows_per_page,
-       CASE WHEN reltuples > 0
+       CASE WHEN reltuples > 0 AND relpages > 0
                  AND pg_stat_get_last_vacuum_time(oid) IS NULL
                  AND pg_stat_get_last_autovacuum_time(oid) IS NULL
                  AND pg_stat_get_last_analyze_time(oid) IS NULL
                  AND pg_stat_get_last_autoanalyze_time(oid) IS NULL
-            THEN greatest(pg_stat_get_live_tuples(oid), CAST(reltuples AS bigint))
+            THEN greatest(pg_stat_get_live_tuples(oid),
+                          CAST(reltuples / relpages * pages AS bigint))
             ELSE pg_stat_get_live_tuples(oid)
        END AS live_rows
-FROM pg_class WHERE oid = 'tasks'::regclass
+FROM pg_class,
+     LATERAL (SELECT pg_relation_size(oid) / current_setting('block_size')::int AS pages) AS now
+WHERE oid = 'tasks'::regclass
 """
 # - on a table too large to count, finished tasks by state and kind, exactly while no more
 #   than `exact` have finished, read from the newest end of their partial index

@@ -346,10 +346,15 @@ async def test_a_table_is_not_read_as_small_after_its_statistics_were_lost(
             " SELECT 'baz', 'succeeded', 1, now(), now(), now() FROM generate_series(1, %s)",
             [n],
         )
+        # Autovacuum's vacuum and its analyze both done, and no worker of its still at the
+        # table (one that reports after the reset below counts the table again).
         deadline = time.monotonic() + 60
         while conn.execute(
-            "SELECT reltuples FROM pg_class WHERE oid = 'tasks'::regclass"
-        ).fetchone() != (n,):
+            "SELECT reltuples, pg_stat_get_last_autovacuum_time(oid) IS NOT NULL,"
+            " pg_stat_get_last_autoanalyze_time(oid) IS NOT NULL,"
+            " (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker')"
+            " FROM pg_class WHERE oid = 'tasks'::regclass"
+        ).fetchone() != (n, True, True, 0):
             assert time.monotonic() < deadline, "autovacuum never counted the table"
             time.sleep(0.2)
         conn.execute("ALTER SYSTEM RESET autovacuum_naptime")  # (it does not come back)
