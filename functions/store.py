@@ -28,6 +28,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection, AsyncPipeline
+from psycopg.pq import TransactionStatus
 from psycopg.rows import RowFactory, namedtuple_row, tuple_row
 
 from functions import queries
@@ -472,6 +473,31 @@ async def _pipelined(
         await conn.execute("COMMIT")
 
 
+async def _bounded(
+    conn: AsyncConnection[Any],
+    bounds: dict[str, str],
+    cursor: psycopg.AsyncCursor[Any],
+    sql: str,
+    params: dict[str, Any],
+) -> None:
+    """One statement behind a transaction pooler, as its own transaction under
+    queries.BOUND_TRANSACTION, sent in one round trip (COMMIT in the pipeline): the server
+    ends it at the statement bound, as it does on a direct session. Without, a write that
+    waited on a lock past the client's bound was answered 503 and carried out once the lock
+    was free. A statement refused rolls back, and the connection goes on."""
+    try:
+        async with conn.pipeline():
+            await conn.execute("BEGIN")
+            await conn.execute(queries.BOUND_TRANSACTION, bounds)
+            await cursor.execute(sql, params)
+            await conn.execute("COMMIT")
+    except psycopg.Error:
+        if not conn.broken and conn.info.transaction_status == TransactionStatus.INERROR:
+            with suppress(psycopg.Error):
+                await conn.execute("ROLLBACK")
+        raise
+
+
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -651,7 +677,13 @@ class Store:
     ) -> list[Any]:
         async with self.database.connection(wait_s) as conn:
             cursor = conn.cursor(row_factory=row_factory)
-            await self.database.bounded(conn, cursor.execute(sql, params), bound_s)
+            bounds = self._bounds()
+            work = (
+                cursor.execute(sql, params)
+                if bounds is None
+                else _bounded(conn, bounds, cursor, sql, params)
+            )
+            await self.database.bounded(conn, work, bound_s)
             return await cursor.fetchall() if cursor.description else []
 
     def _bounds(self) -> dict[str, str] | None:

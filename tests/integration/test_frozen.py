@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from functions.db import Database
+from functions.errors import DatabaseUnavailable
 from functions.kinds import KINDS
 from functions.model import TaskState
 from functions.settings import Settings
@@ -103,6 +104,36 @@ async def test_a_transaction_frozen_behind_a_pooler_is_ended_by_the_server_too(
     try:
         seen = await frozen_holding_its_workers_row(Store(database), database_url)
         assert seen == {"free": True}
+    finally:
+        await database.dispose()
+
+
+async def test_a_statement_behind_a_pooler_is_ended_by_the_server_at_its_bound(
+    pgbouncer_url: str, database_url: str, task_factory: Callable[..., int]
+) -> None:
+    """One statement of the store's, through pgbouncer, waiting on a row another session
+    holds: the server ends it at the bound (1 s here) and it writes nothing, as on a direct
+    session. Without, the store gave up on it a second later (a 503 to the API's client),
+    and the server carried it out once the row was free."""
+    task_id = task_factory("baz", due_in_s=3600.0)
+    settings = Settings(
+        database_url=pgbouncer_url, transaction_pooler=True, db_statement_timeout_s=1.0
+    )
+    database = Database(settings)
+    try:
+        with psycopg.connect(database_url) as holder:
+            holder.execute("SELECT FROM tasks WHERE id = %s FOR UPDATE", [task_id])
+            with pytest.raises(DatabaseUnavailable):
+                await Store(database)._all(
+                    "UPDATE tasks SET priority = 9 WHERE id = %(id)s", id=task_id
+                )
+            time.sleep(1.0)  # what the server would still carry out
+        with psycopg.connect(database_url) as conn:
+            assert conn.execute(
+                "SELECT priority FROM tasks WHERE id = %s", [task_id]
+            ).fetchone() == (0,)
+            # (the session goes on: the next statement through the same pool works)
+        assert await Store(database)._all("SELECT 1 AS one") == [(1,)]
     finally:
         await database.dispose()
 
