@@ -694,6 +694,11 @@ class Store:
             return None
         return {"ms": str(int(self.database.settings.db_statement_timeout_s * 1000))}
 
+    async def _bound_transaction(self, conn: AsyncConnection[Any]) -> None:
+        """Behind a transaction pooler, bound the transaction `conn` is in (`_bounds`)."""
+        if (bounds := self._bounds()) is not None:
+            await conn.execute(queries.BOUND_TRANSACTION, bounds)
+
     async def _transaction(self, work: Callable[[AsyncConnection[Any]], Awaitable[T]]) -> T:
         """Run `work` on one connection in one transaction, bounded as a statement is; an
         exception out of `work` rolls it back."""
@@ -701,8 +706,7 @@ class Store:
 
             async def run() -> T:
                 async with conn.transaction():
-                    if (bounds := self._bounds()) is not None:
-                        await conn.execute(queries.BOUND_TRANSACTION, bounds)
+                    await self._bound_transaction(conn)
                     return await work(conn)
 
             return await self.database.bounded(conn, run())
@@ -828,8 +832,7 @@ class Store:
                 # failed batches had been written; none this way).
                 async with conn.transaction():
                     async with conn.pipeline():
-                        if (bounds := self._bounds()) is not None:
-                            await conn.execute(queries.BOUND_TRANSACTION, bounds)
+                        await self._bound_transaction(conn)
                         for rows in slices:
                             cursor = conn.cursor(row_factory=tuple_row)
                             await cursor.execute(
@@ -1529,8 +1532,7 @@ class Store:
             async def write() -> set[int]:
                 await conn.execute("BEGIN")
                 async with conn.pipeline():
-                    if (bounds := self._bounds()) is not None:
-                        await conn.execute(queries.BOUND_TRANSACTION, bounds)
+                    await self._bound_transaction(conn)
                     await conn.execute(queries.PINNED_PLAN)
                     await conn.execute(queries.NO_IDLE_TIMEOUT)
                     await cursor.execute(*statement)
