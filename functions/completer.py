@@ -351,16 +351,29 @@ class Completer:
         unsure = [r for r in batch if r.id not in written and r.id in self._maybe_written]
         if unsure:
             written |= await state.store.recorded(unsure)
+        cancelled = await self._cancelled_of(
+            [state.held[r.id] for r in batch if r.id not in written and r.id in state.held]
+        )
         activity_of = state.activity_by_kind()
         for result in batch:
             self._maybe_written.discard(result.id)
             self._printed.discard(result.id)
             claimed = state.held.pop(result.id, None)
             if result.id not in written:
+                if claimed is None:
+                    continue  # stopped while it was being written: counted there
+                if result.id in cancelled:
+                    summary.cancelled += 1
+                    logger.info(
+                        "action=cancel task_id=%s attempt=%s worker=%s: cancelled while this"
+                        " worker held it; result dropped",
+                        result.id, result.attempt, state.worker_id,
+                    )  # fmt: skip
+                    continue
                 summary.lost += 1
                 logger.warning(
                     "action=finish task_id=%s attempt=%s worker=%s: no longer held by this"
-                    " worker (cancelled, or its lease ran out and the task was rescued):"
+                    " worker (deleted, or its lease ran out and the task was rescued):"
                     " result dropped",
                     result.id, result.attempt, state.worker_id,
                 )  # fmt: skip
@@ -388,6 +401,18 @@ class Completer:
             if activity is not None and result.duration_s is not None:
                 activity.ran(result.duration_s)
         return True
+
+    async def _cancelled_of(self, dropped: list[Claimed]) -> set[int]:
+        """Of the results the database would not take, those whose attempt was cancelled
+        (the others were deleted, or rescued after the lease ran out: lost). Unknown when
+        the database does not answer: counted lost."""
+        if not dropped:
+            return set()
+        try:
+            gone = await self.state.store.no_longer_held(dropped)
+        except (DatabaseUnavailable, DatabaseError):
+            return set()
+        return {task_id for task_id, cancelled in gone.items() if cancelled}
 
     async def _write_one_by_one(self, batch: list[Result]) -> tuple[set[int], list[Result]]:
         """The database refused a batch: write each result alone, and record the run of any

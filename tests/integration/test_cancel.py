@@ -289,6 +289,26 @@ async def test_a_tick_stops_its_task_cancelled_while_it_runs(
     assert sql("SELECT state, attempts, claimed_by FROM tasks") == [("cancelled", 1, None)]
 
 
+async def test_a_cancel_its_worker_learns_from_the_finish_is_counted_cancelled_not_lost(
+    client: httpx.AsyncClient, settings: Settings, sql: Sql, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tick does not listen and polls every 60 s here: the run's end is what tells it of
+    the cancel, when its finish is refused. That is a cancel in its summary and its log,
+    not a task lost to a rescue (it was counted lost before)."""
+    settings = dataclasses.replace(settings, foo_delay_s=1.0, poll_interval_s=60.0)
+    task_id = await created(client)
+    out = io.StringIO()
+    caplog.set_level(logging.INFO, "functions.runner")
+    run = asyncio.create_task(tick(settings, out=out))
+    await until(lambda: sql("SELECT state FROM tasks") == [("running",)])
+    assert (await client.post(f"/tasks/{task_id}/cancel")).status_code == 200
+    summary = await asyncio.wait_for(run, 20.0)
+    assert (summary.claimed, summary.cancelled, summary.lost) == (1, 1, 0)
+    assert out.getvalue() == ""
+    assert f"action=cancel task_id={task_id} attempt=1" in caplog.text
+    assert "no longer held" not in caplog.text
+
+
 async def test_cancels_racing_a_ticks_runs_end_cancelled_without_a_line_or_succeeded_with_one(
     store: Store, settings: Settings, sql: Sql, task_factory: Callable[..., int]
 ) -> None:
