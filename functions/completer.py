@@ -137,22 +137,19 @@ def result_of(
             delay_s = min(max(0.0, float(exc.after_s)), settings.retry_max_s)
         else:
             delay_s = retry_delay_s(settings, claimed.attempt)
-        logger.warning(
-            "action=retry task_id=%s attempt=%s/%s in=%.1fs: %s",
-            claimed.id, claimed.attempt, claimed.max_attempts, delay_s, error,
-        )  # fmt: skip
         return Result(
             claimed.id, claimed.attempt, TaskState.SCHEDULED, None, error, delay_s, duration_s,
             timed_out=timed_out, traceback=trace, error_group=group,
         )  # fmt: skip
-    logger.error(
-        "action=fail task_id=%s attempt=%s/%s: %s",
-        claimed.id, claimed.attempt, claimed.max_attempts, error,
-    )  # fmt: skip
     return Result(
         claimed.id, claimed.attempt, TaskState.FAILED, error=error, duration_s=duration_s,
         timed_out=timed_out, traceback=trace, error_group=group,
     )  # fmt: skip
+
+
+def _of(claimed: Claimed | None) -> object:
+    """The attempts a task has, for a log line: its claim's, when this worker still knows."""
+    return "?" if claimed is None else claimed.max_attempts
 
 
 class Completer:
@@ -386,6 +383,10 @@ class Completer:
                     activity.succeeded += 1
             elif result.state is TaskState.FAILED:
                 summary.failed += 1
+                logger.error(
+                    "action=fail task_id=%s attempt=%s/%s: %s",
+                    result.id, result.attempt, _of(claimed), result.error,
+                )  # fmt: skip
                 if activity is not None:
                     if result.timed_out:
                         activity.timed_out += 1
@@ -393,6 +394,10 @@ class Completer:
                         activity.failed += 1
             else:
                 summary.retried += 1
+                logger.warning(
+                    "action=retry task_id=%s attempt=%s/%s in=%.1fs: %s",
+                    result.id, result.attempt, _of(claimed), result.retry_in_s, result.error,
+                )  # fmt: skip
                 if activity is not None:
                     if result.timed_out:
                         activity.timed_out += 1

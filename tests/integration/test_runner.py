@@ -480,3 +480,33 @@ async def test_a_tick_claims_no_more_bar_than_it_has_slots_for(
     assert time.monotonic() < deadline, "the tick returns before its deadline"
     assert (summary.claimed, summary.released) == (1, 0)
     assert sql("SELECT attempts, count(*) FROM tasks GROUP BY 1 ORDER BY 1") == [(0, 2), (1, 1)]
+
+
+async def test_a_run_whose_task_was_taken_from_this_worker_logs_no_retry(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two foo stopped at their 0.3 s timeout: the one still this worker's is retried, and
+    says so; the other was rescued and claimed again elsewhere meanwhile (a worker that
+    froze past its lease), and its retry is never recorded: the log says it was dropped,
+    not that it will be retried (it said both before)."""
+    settings = dataclasses.replace(
+        settings, foo_delay_s=30.0, poll_interval_s=60.0, retry_base_s=60.0, retry_max_s=60.0
+    )
+    kept, taken = task_factory("foo"), task_factory("foo")
+    sql("UPDATE tasks SET timeout_s = 0.3")
+    caplog.set_level(logging.INFO, "functions.runner")
+    run = asyncio.create_task(Runner(store, settings, out=io.StringIO()).run())
+    for _ in range(200):
+        if sql("SELECT count(*) FROM tasks WHERE state = 'running'") == [(2,)]:
+            break
+        await asyncio.sleep(0.01)
+    sql("UPDATE tasks SET attempts = 2, claimed_by = 'elsewhere' WHERE id = %s", taken)
+    summary = await asyncio.wait_for(run, 20.0)
+    assert (summary.retried, summary.lost) == (1, 1)
+    assert f"action=retry task_id={kept} attempt=1/3" in caplog.text
+    assert f"task_id={taken} attempt=1" in caplog.text  # its line: dropped
+    assert f"action=retry task_id={taken}" not in caplog.text
