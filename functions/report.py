@@ -152,19 +152,6 @@ class Stats:
 # The outcomes in queries.STATS_ACTIVITY's order.
 _ACTIVITY_OUTCOMES = ("succeeded", "failed", "retried", "timed_out", "cancelled", "lost")
 
-_FINISHED = frozenset(
-    {TaskState.SUCCEEDED.value, TaskState.FAILED.value, TaskState.CANCELLED.value}
-)
-
-
-def _sampled_states(rows: StatsRows) -> frozenset[str]:
-    """The states whose counts are a sample's (empty: none)."""
-    if not rows.sampled_percent:
-        return frozenset()
-    return (_FINISHED if rows.finished_estimated else frozenset()) | (
-        {"scheduled"} if rows.scheduled_estimated else frozenset()
-    )
-
 
 def _finished_scale(rows: StatsRows) -> float:
     """What the finished counts of a sample of the table's pages are multiplied by.
@@ -177,7 +164,7 @@ def _finished_scale(rows: StatsRows) -> float:
     the share of each state and kind in the sample is steady. By pages alone still where
     the server keeps no statistics (`track_counts` off) or they disagree with the sample.
     """
-    sampled_states = _sampled_states(rows)
+    sampled_states = rows.estimated_states
     sampled = sum(n for state, _, n in rows.counts if state in sampled_states)
     active = sum(n for state, _, n in rows.counts if state not in sampled_states)
     if rows.scheduled_estimated:  # (the sample's scheduled are those not yet due)
@@ -254,7 +241,7 @@ def stats_from(rows: StatsRows) -> Stats:
     """Make what /stats and /metrics report of the rows read for it (Store.stats_rows)."""
     counts = {state.value: dict.fromkeys(sorted(KINDS), 0) for state in TaskState}
     scale = _finished_scale(rows) if rows.sampled_percent else 1.0
-    sampled_states = _sampled_states(rows)
+    sampled_states = rows.estimated_states
     for state, kind, n in rows.counts:
         by_kind = counts[state]
         by_kind[kind] = by_kind.get(kind, 0) + (round(n * scale) if state in sampled_states else n)

@@ -139,6 +139,18 @@ class StatsRows:
     # when few enough have finished to count them.
     finished_estimated: bool = True
 
+    @property
+    def estimated_states(self) -> frozenset[str]:
+        """The states whose counts are a sample's (empty: none)."""
+        if not self.sampled_percent:
+            return frozenset()
+        return _estimated(finished=self.finished_estimated, scheduled=self.scheduled_estimated)
+
+
+def _estimated(*, finished: bool, scheduled: bool) -> frozenset[str]:
+    """What a sample estimates: the finished states, the scheduled tasks not yet due."""
+    return frozenset([*(queries.FINISHED * finished), *(("scheduled",) * scheduled)])
+
 
 _LEVELS = list(range(MIN_PRIORITY, MAX_PRIORITY + 1))
 
@@ -1656,10 +1668,7 @@ class Store:
             if finished_seen <= finished_exact_up_to:
                 finished_estimated = False
                 active += [row for row in few if row[0]]
-        # What the sample estimates: the finished tasks, the scheduled ones not yet due.
-        sampled = (set(queries.FINISHED) if finished_estimated else set()) | (
-            {"scheduled"} if scheduled_estimated else set()
-        )
+        sampled = _estimated(finished=finished_estimated, scheduled=scheduled_estimated)
 
         def estimated(rows: list[Any]) -> list[Any]:
             return [row for row in rows if row[0] in sampled]
