@@ -651,7 +651,15 @@ _NOTIFY_DUE_SOON = f"""
 
 def _act(from_states: tuple[str, ...], update: str) -> str:
     """An action on one task: `update` (an UPDATE of tasks without its WHERE) applied to the
-    task `%(id)s` if it is in one of `from_states`, the row locked first."""
+    task `%(id)s` if it is in one of `from_states`, the row locked first.
+
+    The UPDATE checks the state of the row it writes as well as the lock's: when the row
+    changed twice while the lock waited (a worker's claim, then its finish), the lock's
+    read found the last version, but the UPDATE can find the one between and write over
+    it (a retry racing a worker wrote `scheduled` over the running version, which the
+    `running_iff_claimed` constraint refused: a 500). Then nothing is written and `raced`
+    says so: the caller runs the statement again (Store._act), which sees the row as it is
+    now."""
     literals = ", ".join(f"'{state}'" for state in from_states)
     return f"""
 WITH target AS (
@@ -659,11 +667,13 @@ WITH target AS (
 ), changed AS (
     {update}
     WHERE id IN (SELECT id FROM target WHERE state IN ({literals}))
+        AND state IN ({literals})
     RETURNING *
 ), notified AS (
     SELECT {_NOTIFY_DUE_SOON} FROM changed
 )
-SELECT target.state AS found_state, task.*
+SELECT target.state AS found_state,
+    target.state IN ({literals}) AND task.id IS NULL AS raced, task.*
 FROM target CROSS JOIN notified
 LEFT JOIN (SELECT {TASK_COLUMNS} FROM changed) AS task ON true
 """

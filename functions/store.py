@@ -654,6 +654,9 @@ class Store:
     # The most tasks one statement of `delete_all` deletes (DELETE /, for testing): bounded,
     # so it never runs into the statement timeout however many tasks there are.
     DELETE_BATCH = 10_000
+    # The most runs of one action on a task that raced changes of its row (`_act`): each
+    # run waits for the change before it, so a second sees the row as it is.
+    ACT_RACES = 3
 
     # Creates, reads and cancels of one task, the API's busiest statements: at most this
     # many run at once, and calls made meanwhile share the next statement, at most
@@ -1165,17 +1168,25 @@ class Store:
             if count < self.DELETE_BATCH:
                 return int(deleted)
 
+    async def _act(self, sql: str, **params: Any) -> tuple[TaskState | None, Task | None]:
+        """An action on one task (queries._act); see `_outcome_of` for what is returned.
+        Run again while it raced a change of the row that hid the row's state from it (a
+        claim and a finish while it waited for the lock): each run waits for the last."""
+        for _ in range(self.ACT_RACES):
+            rows = await self._all(sql, **params)
+            if not rows or not rows[0].raced:
+                break
+        return _outcome_of(rows)
+
     async def run_task(self, task_id: int) -> tuple[TaskState | None, Task | None]:
         """Make a scheduled task due now; see `_outcome_of` for what is returned."""
-        return _outcome_of(await self._all(queries.RUN_TASK, id=task_id))
+        return await self._act(queries.RUN_TASK, id=task_id)
 
     async def retry_task(
         self, task_id: int, max_attempts: int
     ) -> tuple[TaskState | None, Task | None]:
         """Schedule a failed task again, due now, with `max_attempts` more runs."""
-        return _outcome_of(
-            await self._all(queries.RETRY_TASK, id=task_id, max_attempts=max_attempts)
-        )
+        return await self._act(queries.RETRY_TASK, id=task_id, max_attempts=max_attempts)
 
     async def reschedule_task(
         self,
@@ -1187,14 +1198,13 @@ class Store:
     ) -> tuple[TaskState | None, Task | None]:
         """Move a scheduled task to `execute_at` (None: it stays), and with `set_payload`
         give it `payload` (None: none)."""
-        rows = await self._all(
+        return await self._act(
             queries.RESCHEDULE_TASK,
             id=task_id,
             execute_at=execute_at,
             set_payload=set_payload,
             payload=_payload_param(payload),
         )
-        return _outcome_of(rows)
 
     # --- schedules ---------------------------------------------------------------------------
 
