@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import signal
 import sys
 import time
@@ -226,7 +227,10 @@ def _port(text: str) -> int:
 
 
 def _age_s(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan  # (argparse would name the function: "invalid _age_s value")
     if not 0 <= value <= MAX_AGE_S:  # also refuses nan
         raise argparse.ArgumentTypeError(
             f"must be a number of seconds from 0 to {MAX_AGE_S:.0f} (100 years), not {text}"

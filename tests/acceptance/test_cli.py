@@ -324,16 +324,19 @@ def test_api_refuses_a_number_of_workers_that_cannot_work(workers: str) -> None:
         ["prune", "--older-than", "inf"],
         ["prune", "--older-than", "1e400"],
         ["prune", "--older-than", "99999999999999"],
+        ["prune", "--older-than", "abc"],
     ],
 )
 def test_arguments_out_of_range_are_usage_errors(argv: list[str]) -> None:
     """Exit 2 with what is wrong, before anything starts: not a port that wraps around
-    (70000 listened on 4464), a prune of every task (-1), or a database error (inf)."""
+    (70000 listened on 4464), a prune of every task (-1), or a database error (inf). An age
+    that is not a number is said as the others are (not `invalid _age_s value`)."""
     result = subprocess.run([TASKRUNNER, *argv], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2, result.stderr
     option = "--log-level" if argv[0] == "--log-level" else argv[-2]
     assert f"argument {option}:" in result.stderr
     assert "Traceback" not in result.stderr
+    assert "_age_s" not in result.stderr
 
 
 def test_version() -> None:
