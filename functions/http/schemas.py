@@ -258,7 +258,8 @@ MaxAttempts = Annotated[
             "maximum": model.MAX_ATTEMPTS_AT_CREATE,
             "description": "How many runs the task may start (a failed run is retried while"
             " runs are left); default TASKRUNNER_MAX_ATTEMPTS. A retry"
-            " (`POST /tasks/{task_id}/retry`) adds TASKRUNNER_MAX_ATTEMPTS more.",
+            " (`POST /tasks/{task_id}/retry`) gives it TASKRUNNER_MAX_ATTEMPTS more runs from"
+            " where it is: `attempts` plus that.",
         }
     ),
 ]
@@ -274,8 +275,8 @@ MaxAttemptsOrDefault = Annotated[
             ],
             "description": "How many runs the task may start (a failed run is retried while"
             " runs are left); null or absent: TASKRUNNER_MAX_ATTEMPTS. Written without a"
-            " fraction: `3.0` is refused. A retry (`POST /tasks/{task_id}/retry`) adds"
-            " TASKRUNNER_MAX_ATTEMPTS more.",
+            " fraction: `3.0` is refused. A retry (`POST /tasks/{task_id}/retry`) gives it"
+            " TASKRUNNER_MAX_ATTEMPTS more runs from where it is: `attempts` plus that.",
         }
     ),
 ]
@@ -369,7 +370,7 @@ def with_timeout_limits(document: dict[str, Any], settings: Settings) -> dict[st
         }
         for name, kind in sorted(KINDS.items())
     ]
-    for name in ("TaskIn", "BatchItemIn"):
+    for name in ("TaskIn", "BatchItemIn", "ScheduleIn", "SchedulePutIn"):
         schema = document.get("components", {}).get("schemas", {}).get(name)
         if schema is not None:
             schema["allOf"] = [*schema.get("allOf", ()), *limits]
@@ -606,7 +607,8 @@ _CATCH_UP = (
 
 
 class _ScheduleFields(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # The payload rules of a kind that declares them, as for a task (its tasks are made so).
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_kind_payloads)
 
     type: KindName
     cron: Cron

@@ -162,6 +162,35 @@ async def test_every_refusal_is_a_422_that_says_what_is_wrong(
 
 
 @pytest.mark.one_server
+async def test_the_openapi_document_states_each_kinds_rules_for_a_schedule_as_for_a_task(
+    client: httpx.AsyncClient,
+) -> None:
+    """A schedule's tasks are made by a task's rules, and its body says so as a task's does:
+    an `http` schedule needs a payload of the http kind's schema, and a `timeout_s` is at
+    most its kind's (before: a schedule's schema took any payload, which a client generated
+    from the document then sent, and got a 422)."""
+    document = (await client.get("/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+
+    def rules(name: str) -> list[tuple[str, Any]]:
+        return [
+            (rule["if"]["properties"]["type"]["pattern"], rule["then"])
+            for rule in schemas[name].get("allOf", [])
+        ]
+
+    task_rules = rules("TaskIn")
+    assert any("[Hh][Tt][Tt][Pp]" in pattern and "payload" in then.get("required", ())
+               for pattern, then in task_rules)  # fmt: skip
+    for name in ("ScheduleIn", "SchedulePutIn"):
+        assert rules(name) == task_rules, name
+    refused = await client.post(
+        "/schedules", json=schedule_body(type="http", payload={"to": "ada@example.com"})
+    )
+    assert refused.status_code == 422, refused.text
+    assert "payload" in refused.text
+
+
+@pytest.mark.one_server
 async def test_names_and_crons_at_the_ends_of_their_ranges(client: httpx.AsyncClient) -> None:
     for name, cron in [
         ("a" * 128, "59 23 31 12 7"),
