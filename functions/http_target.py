@@ -56,13 +56,14 @@ MANAGED_HEADERS = frozenset(
 # The rules of a payload, each a pattern written once for `check_payload` and for the API's
 # schema (PAYLOAD_SCHEMA), in what Python's and JSON Schema's regexes read alike: the two
 # agree by construction. A URL: http(s), a host name or IPv4 address (no user name or
-# password: they would be shown in answers), a port up to 65535, then printable ASCII
+# password: they would be shown in answers), a port from 1 to 65535 (0, which nothing listens
+# on, and leading zeros, which parsers read differently, refused), then printable ASCII
 # without spaces and the characters a URL escapes (percent-encode the rest). No IPv6
 # literal: `[...]` takes a grammar of its own, and a name serves (as for IDNs: punycode).
 URL_PATTERN = (
     "^[Hh][Tt][Tt][Pp][Ss]?://"
     "[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?"
-    "(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?"
+    "(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?"
     "(?:[/?#][!#-;=?-\\[\\]_a-z~]*)?$"
 )
 # A host of digits and dots alone is an IPv4 address written as four decimal numbers 0-255
@@ -174,9 +175,13 @@ def check_payload(payload: Any) -> None:
     if headers is not None:
         if not isinstance(headers, dict):
             _refuse("`headers` must be an object of header names to string values")
+        seen: dict[str, str] = {}
         for name, value in headers.items():
             if not _NAME.fullmatch(name):
                 _refuse(f"`headers` has a name that is not an HTTP header name: {name!r:.60}")
+            # Header names are one name in any case: which of two would be sent is not said.
+            if (other := seen.setdefault(name.lower(), name)) != name:
+                _refuse(f"`headers` names {other} and {name}, the same header: send it once")
             # (The value is never quoted: it may be a secret.)
             if not isinstance(value, str):
                 _refuse(f"`headers` value of {name} must be a string")

@@ -126,6 +126,18 @@ def test_answers_show_header_names_with_masked_values() -> None:
     assert http_target.masked("not an object") == "not an object"
 
 
+def test_a_port_nothing_listens_on_and_a_header_named_twice_are_refused() -> None:
+    """Port 0 (never connected to) and a port with leading zeros (read differently by
+    parsers); `X-Key` and `x-key`, one header in HTTP, of which one value would be lost."""
+    for url in ("http://a.b:0/", "https://a.b:0443/"):
+        with pytest.raises(ValueError, match="is not an http:// or https:// URL"):
+            http_target.check_payload({"url": url})
+    http_target.check_payload({"url": "http://a.b:1/x"})
+    with pytest.raises(ValueError, match="names X-Key and x-key, the same header"):
+        http_target.check_payload({"url": "https://a.b/", "headers": {"X-Key": "a", "x-key": "b"}})
+    http_target.check_payload({"url": "https://a.b/", "headers": {"X-Key": "a", "X-Other": "b"}})
+
+
 def test_a_refused_header_value_is_never_quoted() -> None:
     for value in ("secret\n", " secret", "sécret", 5):
         with pytest.raises(ValueError) as refused:
@@ -170,6 +182,7 @@ def test_the_mask_sent_back_as_a_header_value_is_refused() -> None:
 CASES: list[Any] = [
     None, [], "https://a.b/", {}, {"url": 5}, {"url": "https://a.b/", "x": 1},
     {"url": "https://a.b/"}, {"url": "HTTP://A.B:0/"}, {"url": "http://a.b:65535/"},
+    {"url": "http://a.b:1/"}, {"url": "http://a.b:080/"}, {"url": "http://a.b:00/"},
     {"url": "http://a.b:65536/"}, {"url": "http://a.b:/"}, {"url": "http://[::1]:8080/x"}, {"url": "http://1.2.3.4:8080/x"},
     {"url": "http://[zz]/"}, {"url": "http://a.b/é"}, {"url": "http://a.b/<"},
     {"url": "http://a.b/~!$&'()*+,;=:@[]?#/"}, {"url": "http://u@a.b/"}, {"url": "http://_a.b_/"},
