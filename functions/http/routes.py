@@ -299,6 +299,11 @@ def add_routes(
 
         With an `Idempotency-Key`, a repeat of this request gets the same task back (200).
         """
+        if len(request.headers.getlist("idempotency-key")) > 1:
+            # (The fast path leaves such a request to this route.)
+            msg = "Idempotency-Key is given more than once: send one key"
+            issue = {"loc": ("header", "Idempotency-Key"), "msg": msg, "type": "value_error"}
+            raise RequestValidationError([issue])
         new = body.to_new(idempotency_key)
         task, created = await tasks.create_task(store, new, settings)
         if not created:

@@ -124,6 +124,17 @@ async def test_a_key_that_is_not_1_to_255_printable_ascii_is_422(
     assert count(sql) == 0
 
 
+async def test_two_keys_on_one_request_are_a_422_not_the_first_taken(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    headers = [("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
+    response = await client.post("/tasks", json=FOO_2030, headers=headers)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+    assert "more than once" in response.text
+    assert count(sql) == 0
+
+
 async def test_keys_of_255_printable_characters_are_kept_exactly(
     client: httpx.AsyncClient,
 ) -> None:
