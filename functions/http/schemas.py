@@ -322,24 +322,33 @@ Priority = Annotated[
 ]
 
 
-def _kind_payloads(schema: dict[str, Any]) -> None:
+def _payload_rules(schema: dict[str, Any], partial: bool) -> None:
     """Add to a task's schema the payload rules of each kind that declares them (`http`):
     `if` its type is that kind (in any case, as `parsing.parse_kind` reads it), `then` a
-    payload of that schema is required. Read when a document is made (kinds are loaded
-    before)."""
+    payload of that schema is required. `partial` (a PATCH, which may leave the payload as
+    it is): a payload sent beside such a type is of that schema. Read when a document is
+    made (kinds are loaded before)."""
+    sent = ["type", "payload"] if partial else ["type"]
     rules = [
         {
             "if": {
-                "required": ["type"],
+                "required": sent,
                 "properties": {"type": {"pattern": parsing.any_case([name], "[ \\t\\n\\r]*")}},
             },
-            "then": {"required": ["payload"], "properties": {"payload": declared.payload_schema}},
+            "then": {
+                **({} if partial else {"required": ["payload"]}),
+                "properties": {"payload": declared.payload_schema},
+            },
         }
         for name, declared in sorted(KINDS.items())
         if declared.payload_schema is not None
     ]
     if rules:
         schema["allOf"] = [*schema.get("allOf", ()), *rules]
+
+
+def _kind_payloads(schema: dict[str, Any]) -> None:
+    _payload_rules(schema, partial=False)
 
 
 def with_timeout_limits(document: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -370,7 +379,7 @@ def with_timeout_limits(document: dict[str, Any], settings: Settings) -> dict[st
         }
         for name, kind in sorted(KINDS.items())
     ]
-    for name in ("TaskIn", "BatchItemIn", "ScheduleIn", "SchedulePutIn"):
+    for name in ("TaskIn", "BatchItemIn", "ScheduleIn", "SchedulePutIn", "SchedulePatchIn"):
         schema = document.get("components", {}).get("schemas", {}).get(name)
         if schema is not None:
             schema["allOf"] = [*schema.get("allOf", ()), *limits]
@@ -649,12 +658,18 @@ class SchedulePutIn(_ScheduleFields):
     name: ScheduleName | None = None
 
 
+def _patch_schema(schema: dict[str, Any]) -> None:
+    """Something to change; a payload sent beside a type is of that kind's schema."""
+    schema["minProperties"] = 1
+    _payload_rules(schema, partial=True)
+
+
 class SchedulePatchIn(BaseModel):
     """Some fields of a schedule; what is absent stays. A new cron or zone takes effect from
     the next occurrence not yet made; `enabled: false` makes nothing more, and cancels the
     occurrences made that have not started."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_patch_schema)
 
     type: KindName = Field(default=None)  # type: ignore[assignment]
     cron: Cron = Field(default=None)  # type: ignore[assignment]

@@ -167,8 +167,8 @@ async def test_the_openapi_document_states_each_kinds_rules_for_a_schedule_as_fo
 ) -> None:
     """A schedule's tasks are made by a task's rules, and its body says so as a task's does:
     an `http` schedule needs a payload of the http kind's schema, and a `timeout_s` is at
-    most its kind's (before: a schedule's schema took any payload, which a client generated
-    from the document then sent, and got a 422)."""
+    most its kind's, in a PATCH too (before: a schedule's schema took any payload, which a
+    client generated from the document then sent, and got a 422)."""
     document = (await client.get("/openapi.json")).json()
     schemas = document["components"]["schemas"]
 
@@ -183,6 +183,14 @@ async def test_the_openapi_document_states_each_kinds_rules_for_a_schedule_as_fo
                for pattern, then in task_rules)  # fmt: skip
     for name in ("ScheduleIn", "SchedulePutIn"):
         assert rules(name) == task_rules, name
+    # A PATCH may leave the payload as it is: a payload sent beside the type is checked.
+    [(pattern, then)] = [
+        (rule["if"]["properties"]["type"]["pattern"], rule["then"])
+        for rule in schemas["SchedulePatchIn"]["allOf"]
+        if rule["if"].get("required") == ["type", "payload"]
+    ]
+    assert "[Hh][Tt][Tt][Pp]" in pattern and "required" not in then
+    assert len(schemas["SchedulePatchIn"]["allOf"]) == len(task_rules)  # timeouts' ceilings too
     refused = await client.post(
         "/schedules", json=schedule_body(type="http", payload={"to": "ada@example.com"})
     )
