@@ -349,16 +349,18 @@ class Completer:
         if unsure:
             written |= await state.store.recorded(unsure)
         cancelled = await self._cancelled_of(
-            [state.held[r.id] for r in batch if r.id not in written and r.id in state.held]
+            [c for r in batch if r.id not in written and (c := state.held_attempt(r)) is not None]
         )
         activity_of = state.activity_by_kind()
         for result in batch:
             self._maybe_written.discard(result.id)
             self._printed.discard(result.id)
-            claimed = state.held.pop(result.id, None)
+            claimed = state.held_attempt(result)
+            if claimed is not None:
+                del state.held[result.id]
             if result.id not in written:
                 if claimed is None:
-                    continue  # stopped while it was being written: counted there
+                    continue  # stopped while it was being written (or claimed again): counted there
                 if result.id in cancelled:
                     summary.cancelled += 1
                     logger.info(

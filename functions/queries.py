@@ -1031,14 +1031,25 @@ SELECT count(*) FROM (
 
 
 # Which of the tasks a worker holds (`[{"id", "attempt"}]`) it should stop, and whether
-# that attempt was cancelled: or else deleted since, or on another attempt (rescued after
-# this worker's lease ran out, or retried, and claimed again). A task whose result this
-# worker has just recorded is among them too, harmlessly: nothing of it runs.
+# that attempt was cancelled: or else deleted since, or its attempt ended lost (rescued after
+# the worker's lease ran out), or on another attempt since. What ended an attempt is read in
+# `attempts` too: a task cancelled then retried within one poll is `scheduled` on the same
+# attempt count, as one this worker retried itself is, and was counted `lost`, or not found,
+# while the worker's run went on (it could then claim the task again over its own run). A
+# task whose result this worker has just recorded is not among them: its attempt ended as
+# the worker said.
 NO_LONGER_HELD = """
-SELECT h.id, coalesce(t.state = 'cancelled' AND t.attempts = h.attempt, false) AS cancelled
+SELECT h.id,
+    coalesce(t.state = 'cancelled' AND t.attempts = h.attempt, false)
+        OR coalesce(a.outcome = 'cancelled', false) AS cancelled
 FROM json_to_recordset(CAST(%(held)s AS json)) AS h(id bigint, attempt integer)
 LEFT JOIN tasks AS t ON t.id = h.id
-WHERE t.id IS NULL OR t.state = 'cancelled' OR t.attempts <> h.attempt
+LEFT JOIN attempts AS a
+    ON a.task_id = h.id AND a.attempt = h.attempt AND a.outcome IN ('cancelled', 'lost')
+WHERE t.id IS NULL
+    OR t.attempts <> h.attempt
+    OR t.state = 'cancelled'
+    OR a.task_id IS NOT NULL
 """
 
 

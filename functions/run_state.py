@@ -19,7 +19,7 @@ from typing import Any
 from functions.counters import Activity, bucket_of
 from functions.kinds import KINDS
 from functions.settings import Settings
-from functions.store import Claimed, ClaimFrom, NextDue, Store
+from functions.store import Claimed, ClaimFrom, NextDue, Result, Store
 
 # The worker's lines keep one logger name, whichever of its parts writes them (filters use it).
 logger = logging.getLogger("functions.runner")
@@ -225,6 +225,13 @@ class RunState:
     # deadline when it starts. A tick that can never fit a kind leaves it unserved, and its
     # due tasks show as such, rather than waiting unseen.
     served_kinds: list[str] = field(default_factory=lambda: list(KINDS))
+
+    def held_attempt(self, run: Claimed | Result) -> Claimed | None:
+        """What this worker holds of `run`'s task, if that is still the same attempt (a
+        task cancelled, retried and claimed again by the same worker is held anew, under
+        the same id: what the earlier attempt's run does is not the new one's)."""
+        held = self.held.get(run.id)
+        return held if held is not None and held.attempt == run.attempt else None
 
     def heard_cancel(self, tasks: list[tuple[int, int]] | None) -> None:
         """Some of this worker's tasks were cancelled: `tasks` (id, attempt), or None when

@@ -141,10 +141,11 @@ class Runner:
         # Tasks of kinds that wait, while they run; and each kind's slots.
         self._running: dict[int, asyncio.Future[Any]] = {}
         self.slots = Slots(self.settings)
-        self._timed_out: set[int] = set()
-        # Runs this worker cancelled itself (a cancel of their task, a shutdown): handed back
-        # or dropped, never recorded. A run cancelled otherwise raised CancelledError itself.
-        self._stopping: set[int] = set()
+        # Runs stopped at their time limit, and runs this worker cancelled itself (a cancel
+        # of their task, a shutdown: handed back or dropped, never recorded; a run cancelled
+        # otherwise raised CancelledError itself), by task and attempt.
+        self._timed_out: set[tuple[int, int]] = set()
+        self._stopping: set[tuple[int, int]] = set()
         self._http: HttpClients | None = None
         # When the last claim was sent (time.monotonic()): its NEXT_DUE counts from then.
         self._claim_sent_at = 0.0
@@ -360,6 +361,8 @@ class Runner:
                 # the database says this worker holds, once it answers again.
                 state.unsure_of_holdings = True
                 raise
+            if state.held.keys() & {task.id for task in claimed}:
+                await self._stop_superseded(claimed)
             for task in claimed:
                 state.held[task.id] = task
             # (A set of the claim's tasks only when some cancel was heard: 0.8% of a
@@ -374,6 +377,21 @@ class Runner:
         state.db_offset_s = due.now_s - time.time()
         state.count_started(claimed)
         return claimed, due
+
+    async def _stop_superseded(self, claimed: list[Claimed]) -> None:
+        """Tasks this claim took that this worker still holds on an earlier attempt: that
+        attempt was cancelled (or rescued) and the task made due again before this worker
+        heard, and its run goes no further, as if the cancel loop had found it (asked now,
+        whether it was cancelled; unknown: lost). Before, the new attempt was held over the
+        old one under the same id, and the two runs' results and hand-backs mixed."""
+        state = self.state
+        old = [state.held[task.id] for task in claimed if task.id in state.held]
+        try:
+            gone = await self.store.no_longer_held(old)
+        except (DatabaseUnavailable, DatabaseError):
+            gone = {}
+        cancelled = {task_id for task_id, was in gone.items() if was}
+        self._stop(cancelled, {c.id for c in old} - cancelled)
 
     def _time_to(self, due: NextDue) -> float:
         """Seconds until the next task is due by the database's clock, capped by polling,
@@ -433,14 +451,14 @@ class Runner:
         task = asyncio.ensure_future(run)
         # A run far longer than its kind declares is stopped and fails its attempt: nothing a
         # worker holds waits forever (its lease would keep it from everyone else).
-        timer = asyncio.get_running_loop().call_later(limit_s, self._time_out, claimed.id)
+        timer = asyncio.get_running_loop().call_later(limit_s, self._time_out, claimed)
         task.add_done_callback(functools.partial(self._on_done, claimed, timer, time.monotonic()))
         self._running[claimed.id] = task
 
-    def _time_out(self, task_id: int) -> None:
-        task = self._running.get(task_id)
-        if task is not None and not task.done():
-            self._timed_out.add(task_id)
+    def _time_out(self, claimed: Claimed) -> None:
+        task = self._running.get(claimed.id)
+        if task is not None and not task.done() and self.state.held_attempt(claimed):
+            self._timed_out.add((claimed.id, claimed.attempt))
             task.cancel()
 
     def _on_done(
@@ -452,21 +470,23 @@ class Runner:
     ) -> None:
         timer.cancel()
         took_s = time.monotonic() - began
-        self._running.pop(claimed.id, None)
+        if self._running.get(claimed.id) is task:  # (not a new attempt's run, claimed since)
+            del self._running[claimed.id]
         self.slots.active[claimed.kind] -= 1
         self._start_queued(claimed.kind)
-        if claimed.id in self._timed_out:
+        run = (claimed.id, claimed.attempt)
+        if run in self._timed_out:
             # Stopped at its time limit: it fails its attempt, whatever it did once told to
             # stop (a kind that swallows the cancel and returns later did not run on time).
-            self._timed_out.discard(claimed.id)
-            self._stopping.discard(claimed.id)
+            self._timed_out.discard(run)
+            self._stopping.discard(run)
             limit_s = time_limit_s(KINDS[claimed.kind], self.settings, claimed.timeout_s)
             whose = "its kind's limit" if claimed.timeout_s is None else "its timeout_s"
             error = TimeoutError(f"ran longer than {whose} of {limit_s:g} s")
             self._record(claimed, None, error, took_s, timed_out=True)
             return
-        if claimed.id in self._stopping:
-            self._stopping.discard(claimed.id)
+        if run in self._stopping:
+            self._stopping.discard(run)
             if task.cancelled():
                 return  # cancelled, or shutting down, or lease lost: never recorded here
         elif task.cancelled():
@@ -519,7 +539,7 @@ class Runner:
         for claimed in stopped:
             task = self._running.get(claimed.id)
             if task is not None:
-                self._stopping.add(claimed.id)
+                self._stopping.add((claimed.id, claimed.attempt))
                 task.cancel()  # (_on_done records nothing of it: it is no longer held)
                 continue
             queue = self.slots.queued[claimed.kind]
@@ -560,8 +580,8 @@ class Runner:
         """Hand a run's result to the completer, which prints its line, if it has one, as it
         records it. What is stored is what is printed; not printed (stdout failed): handed
         back at shutdown, for a worker that can print."""
-        if claimed.id not in self.state.held:
-            return  # no longer this worker's (handed back while it ran)
+        if self.state.held_attempt(claimed) is None:
+            return  # no longer this worker's (handed back while it ran, or claimed again)
         self.completer.add(
             result_of(claimed, line, exc, self.settings, duration_s, timed_out=timed_out)
         )
@@ -599,7 +619,12 @@ class Runner:
             except (DatabaseUnavailable, DatabaseError) as exc:
                 summary.note_error(str(exc))
         cancelled = [task for task in self._running.values() if not task.done()]
-        self._stopping.update(task_id for task_id, task in self._running.items() if not task.done())
+        held = self.state.held
+        self._stopping.update(
+            (task_id, held[task_id].attempt)
+            for task_id, task in self._running.items()
+            if not task.done() and task_id in held
+        )
         for task in cancelled:
             task.cancel()
         await asyncio.gather(*cancelled, return_exceptions=True)

@@ -1593,7 +1593,7 @@ class Store:
 
     async def no_longer_held(self, held: Sequence[Claimed]) -> dict[int, bool]:
         """Of the tasks a worker holds, those it should stop, each with whether its attempt
-        was cancelled (False: deleted, or rescued or retried since; queries.NO_LONGER_HELD)."""
+        was cancelled (False: deleted, or rescued since; queries.NO_LONGER_HELD)."""
         gone: dict[int, bool] = {}
         for chunk in _chunks(held, self.WRITE_BATCH):
             sent = json.dumps([{"id": c.id, "attempt": c.attempt} for c in chunk])

@@ -333,8 +333,11 @@ class Upkeep:
                     found = {}  # looked for again at the next poll
                 cancelled |= {task_id for task_id, was in found.items() if was}
                 moved = {task_id for task_id, was in found.items() if not was} - cancelled
-            cancelled &= state.held.keys()
-            moved &= state.held.keys()
+            # Only the attempts asked about: one claimed again meanwhile is another run.
+            asked = {c.id: c.attempt for c in held}
+            still = {t for t, c in state.held.items() if asked.get(t) == c.attempt}
+            cancelled &= still
+            moved &= still
             if cancelled or moved:
                 stop(cancelled, moved)
 

@@ -15,9 +15,11 @@ import pytest
 
 from functions import queries, tasks
 from functions.errors import TaskNotFound, WrongState
-from functions.model import Task
+from functions.kinds import KINDS, Context, Kind
+from functions.model import Task, TaskState
+from functions.runner import Runner
 from functions.settings import Settings
-from functions.store import Store
+from functions.store import Result, Store
 from functions.tick import tick
 
 Sql = Callable[..., list[tuple[Any, ...]]]
@@ -216,6 +218,46 @@ async def worker_running(settings: Settings, out: io.StringIO) -> tuple[Any, asy
     return run, stop
 
 
+async def test_a_task_cancelled_and_retried_before_its_worker_heard_runs_once_more_not_twice(
+    client: httpx.AsyncClient,
+    settings: Settings,
+    store: Store,
+    sql: Sql,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker that learns of cancels by polling (behind a transaction pooler; here every
+    60 s) is running a task that is cancelled, then retried, and claims it again before it
+    polls: the cancelled attempt stops there (a cancel in its summary), and the new one
+    runs, prints and is recorded once. Before, the new attempt was held over the old one
+    under the same id: the old run's dropped result took the new one's hold with it, the
+    new run was never recorded, and the task stayed running after the worker stopped."""
+
+    async def dozes(ctx: Context) -> str:
+        await asyncio.sleep(1.0)
+        return f"Dozed {ctx.task_id} a{ctx.attempt}"
+
+    monkeypatch.setitem(KINDS, "dozes", Kind("dozes", dozes, lambda s: 5.0))
+    settings = dataclasses.replace(settings, transaction_pooler=True, poll_interval_s=60.0)
+    task_id = await created(client, "dozes")
+    out = io.StringIO()
+    runner = Runner(store, settings, out=out)
+    stop = asyncio.Event()
+    run = asyncio.create_task(runner.run(keep_polling=True, stop=stop))
+    try:
+        await until(lambda: sql("SELECT state FROM tasks") == [("running",)])
+        assert (await client.post(f"/tasks/{task_id}/cancel")).status_code == 200
+        assert (await client.post(f"/tasks/{task_id}/retry")).status_code == 200
+        runner.wakeup.set()  # (as its next poll for due tasks would, before the cancels')
+        await until(lambda: sql("SELECT state FROM tasks") == [("succeeded",)])
+        await asyncio.sleep(1.5)  # the cancelled attempt's run would have ended by now
+    finally:
+        stop.set()
+        summary = await asyncio.wait_for(run, 20.0)
+    assert out.getvalue() == f"Dozed {task_id} a2\n"
+    assert (summary.claimed, summary.cancelled, summary.succeeded, summary.lost) == (2, 1, 1, 0)
+    assert sql("SELECT state, attempts, claimed_by FROM tasks") == [("succeeded", 2, None)]
+
+
 async def test_a_running_task_is_cancelled_its_worker_hears_it_and_prints_nothing(
     client: httpx.AsyncClient, settings: Settings, sql: Sql, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -356,17 +398,41 @@ async def test_cancelled_is_a_state_the_filters_the_original_listing_and_retenti
 async def test_what_a_worker_no_longer_holds_says_whether_it_was_cancelled(
     store: Store, task_factory: Callable[..., int], sql: Sql
 ) -> None:
-    # Of four tasks a worker claimed: one cancelled, one rescued and claimed again (its
-    # attempt moved on), one deleted, one still its own. Only the first was a cancel: the
-    # worker's summary and log count the others as lost, not cancelled.
-    for _ in range(4):
+    # Of the tasks a worker claimed: one cancelled; one cancelled then retried (scheduled
+    # again, on the same attempt count); one cancelled, retried and claimed again by the
+    # same worker (its next attempt); one whose attempt moved on (rescued, claimed again);
+    # one deleted; one it retried itself (scheduled on the same attempt count, as the
+    # cancelled and retried one is); one still its own. And one another worker held, which
+    # was rescued when that worker's lease ran out (scheduled, the same attempt count). The
+    # first three were cancels; the retried one and the one still running are this
+    # worker's still. (The cancelled and retried ones were lost, or not even found, before:
+    # the worker ran on, and could hold the new attempt over the old one.)
+    for _ in range(8):
         task_factory("foo")
     await store.register_worker(worker="w", lease_s=60)
-    claimed, _ = await store.claim_due(worker="w", kinds=["foo"], limit=4, lease_s=60)
-    cancelled, rescued, deleted, kept = sorted(c.id for c in claimed)
-    await tasks.cancel_task(store, cancelled)
-    sql("UPDATE tasks SET attempts = attempts + 1 WHERE id = %s", rescued)
+    await store.register_worker(worker="dies", lease_s=60)
+    [dead], _ = await store.claim_due(worker="dies", kinds=["foo"], limit=1, lease_s=60)
+    claimed, _ = await store.claim_due(worker="w", kinds=["foo"], limit=7, lease_s=60)
+    cancelled, retried, again, moved_on, deleted, itself, kept = sorted(c.id for c in claimed)
+    for task_id in (cancelled, retried, again):
+        await tasks.cancel_task(store, task_id)
+    assert (await store.retry_task(again, 3))[1] is not None
+    [taken], _ = await store.claim_due(worker="w", kinds=["foo"], limit=7, lease_s=60)
+    assert (taken.id, taken.attempt) == (again, 2)
+    assert (await store.retry_task(retried, 3))[1] is not None
+    sql("UPDATE tasks SET attempts = attempts + 1 WHERE id = %s", moved_on)
     sql("DELETE FROM tasks WHERE id = %s", deleted)
-    gone = await store.no_longer_held(claimed)
-    assert gone == {cancelled: True, rescued: False, deleted: False}
-    assert kept not in gone
+    retry = Result(itself, 1, TaskState.SCHEDULED, error="Exception: again", retry_in_s=60.0)
+    assert await store.finish_many(worker="w", results=[retry]) == {itself}
+    sql("UPDATE workers SET lease_expires_at = now() - interval '1 second' WHERE id = 'dies'")
+    assert [task_id for task_id, *_ in await store.rescue_expired()] == [dead.id]
+    gone = await store.no_longer_held([*claimed, dead])
+    assert gone == {
+        cancelled: True,
+        retried: True,
+        again: True,
+        moved_on: False,
+        deleted: False,
+        dead.id: False,
+    }
+    assert itself not in gone and kept not in gone
