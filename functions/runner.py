@@ -361,7 +361,7 @@ class Runner:
                 # the database says this worker holds, once it answers again.
                 state.unsure_of_holdings = True
                 raise
-            if state.held.keys() & {task.id for task in claimed}:
+            if not state.held.keys().isdisjoint(task.id for task in claimed):
                 await self._stop_superseded(claimed)
             for task in claimed:
                 state.held[task.id] = task

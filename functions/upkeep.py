@@ -335,7 +335,12 @@ class Upkeep:
                 moved = {task_id for task_id, was in found.items() if not was} - cancelled
             # Only the attempts asked about: one claimed again meanwhile is another run.
             asked = {c.id: c.attempt for c in held}
-            still = {t for t, c in state.held.items() if asked.get(t) == c.attempt}
+            still = {
+                task_id
+                for task_id in cancelled | moved
+                if (now_held := state.held.get(task_id)) is not None
+                and asked.get(task_id) == now_held.attempt
+            }
             cancelled &= still
             moved &= still
             if cancelled or moved:
