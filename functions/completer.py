@@ -169,6 +169,9 @@ class Completer:
         self._last_write_done = 0.0
         # Tasks whose last write failed with its connection: it may have committed.
         self._maybe_written: set[int] = set()
+        # Results of attempts this worker no longer holds because it claimed their task
+        # again (Runner._stop_superseded), by task and attempt: counted as written, or not.
+        self._superseded: dict[tuple[int, int], Claimed] = {}
         # After a database error the writes wait this long, doubling up to DB_RETRY_MAX_S.
         self._retry_s = DB_RETRY_FIRST_S
 
@@ -299,6 +302,23 @@ class Completer:
     def clear(self) -> None:
         self._pending.clear()
         self._printed.clear()
+        self._superseded.clear()
+
+    def supersede(self, claimed: Claimed) -> bool:
+        """Take over the count of `claimed`'s attempt when its result waits here or is being
+        written (the run is over: what the write finds is its outcome); False when none."""
+        if not any(
+            r.id == claimed.id and r.attempt == claimed.attempt
+            for r in (*self._pending, *self._writing)
+        ):
+            return False
+        self._superseded[claimed.id, claimed.attempt] = claimed
+        return True
+
+    def _holder(self, result: Result) -> Claimed | None:
+        """The claim `result` is of, if this worker still counts it."""
+        held = self.state.held_attempt(result)
+        return held or self._superseded.get((result.id, result.attempt))
 
     def drop(self, ids: set[int]) -> None:
         """Write none of the results of `ids` not yet being written (their tasks were
@@ -349,7 +369,7 @@ class Completer:
         if unsure:
             written |= await state.store.recorded(unsure)
         cancelled = await self._cancelled_of(
-            [c for r in batch if r.id not in written and (c := state.held_attempt(r)) is not None]
+            [c for r in batch if r.id not in written and (c := self._holder(r)) is not None]
         )
         activity_of = state.activity_by_kind()
         for result in batch:
@@ -358,6 +378,8 @@ class Completer:
             claimed = state.held_attempt(result)
             if claimed is not None:
                 del state.held[result.id]
+            else:
+                claimed = self._superseded.pop((result.id, result.attempt), None)
             if result.id not in written:
                 if claimed is None:
                     continue  # stopped while it was being written (or claimed again): counted there

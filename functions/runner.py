@@ -386,6 +386,13 @@ class Runner:
         old one under the same id, and the two runs' results and hand-backs mixed."""
         state = self.state
         old = [state.held[task.id] for task in claimed if task.id in state.held]
+        # An attempt whose result is being written (or waits to be): its run is over, and
+        # the write says what it came to; the completer counts it.
+        for attempt in [c for c in old if self.completer.supersede(c)]:
+            del state.held[attempt.id]
+            old.remove(attempt)
+        if not old:
+            return
         try:
             gone = await self.store.no_longer_held(old)
         except (DatabaseUnavailable, DatabaseError):

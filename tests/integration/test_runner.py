@@ -15,9 +15,10 @@ import pytest
 from functions import kinds
 from functions.errors import DatabaseUnavailable, WorkerFailed
 from functions.kinds import Context, Kind
+from functions.model import TaskState
 from functions.runner import Runner
 from functions.settings import Settings
-from functions.store import Store
+from functions.store import Result, Store
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 
@@ -510,3 +511,24 @@ async def test_a_run_whose_task_was_taken_from_this_worker_logs_no_retry(
     assert f"action=retry task_id={kept} attempt=1/3" in caplog.text
     assert f"task_id={taken} attempt=1" in caplog.text  # its line: dropped
     assert f"action=retry task_id={taken}" not in caplog.text
+
+
+async def test_a_task_claimed_again_while_its_last_result_is_written_is_counted_once(
+    store: Store, settings: Settings, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    """A run's retry, due at once, is being written when the same worker's next claim takes
+    the task again: the earlier attempt is counted by what its write comes to (retried),
+    not also as lost to the claim that superseded it (both, before)."""
+    task_id = task_factory("baz")
+    runner = Runner(store, settings, out=io.StringIO())
+    await store.register_worker(worker=runner.worker_id, lease_s=60)
+    [first], _ = await store.claim_due(worker=runner.worker_id, kinds=["baz"], limit=1, lease_s=60)
+    runner.state.held[task_id] = first
+    runner.completer.add(
+        Result(task_id, 1, TaskState.SCHEDULED, error="Exception: again", retry_in_s=0.0)
+    )
+    await runner._stop_superseded([first._replace(attempt=2)])
+    await runner.completer.write_rest()
+    summary = runner.state.summary
+    assert (summary.retried, summary.lost, summary.cancelled) == (1, 0, 0)
+    assert sql("SELECT state, attempts FROM tasks") == [("scheduled", 1)]
