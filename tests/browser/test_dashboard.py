@@ -291,7 +291,7 @@ def test_a_failed_task_is_found_by_its_state_and_retried(
     expect(page.get_by_role("button", name="Run now")).to_be_disabled()
 
     handler.hang_up = False
-    page.get_by_role("button", name="Retry").click()
+    page.get_by_role("button", name="Retry", exact=True).click()
     expect(page.locator('dd[data-field="state"]')).to_have_text("succeeded")
     expect(page.locator("#task-output")).to_have_text("200")
     assert sql("SELECT state, attempts, output FROM tasks WHERE id = %s", failing) == [
@@ -324,10 +324,10 @@ def test_tasks_page_by_cursor_filter_by_type_and_delete(
     expect(rows).to_have_count(len(foo))
     victim = foo[1]
     page.get_by_role("link", name=f"#{victim}", exact=True).click()
-    page.get_by_role("button", name="Delete").click()
+    page.get_by_role("button", name="Delete", exact=True).click()
     page.get_by_role("dialog").get_by_role("button", name="Cancel").click()
     assert sql("SELECT count(*) FROM tasks WHERE id = %s", victim) == [(1,)]
-    page.get_by_role("button", name="Delete").click()
+    page.get_by_role("button", name="Delete", exact=True).click()
     page.get_by_role("dialog").get_by_role("button", name="Delete").click()
     expect(page.get_by_role("status")).to_have_text(f"Task #{victim} deleted.")
     expect(rows).to_have_count(len(foo) - 1)
@@ -457,7 +457,7 @@ def test_an_action_the_api_refuses_shows_its_reason(
     browser_log.allow(409, "POST", rf"/tasks/{task_id}/run")
 
     with page.expect_response(lambda r: r.request.method == "DELETE") as refused:
-        page.get_by_role("button", name="Delete").click()
+        page.get_by_role("button", name="Delete", exact=True).click()
         page.get_by_role("dialog").get_by_role("button", name="Delete").click()
     assert refused.value.status == 409
     detail = refused.value.json()["detail"]
@@ -475,7 +475,7 @@ def test_an_action_the_api_refuses_shows_its_reason(
     # The next refresh shows why: it is running, and the actions are off.
     page.clock.run_for(3_000)
     expect(page.locator('dd[data-field="state"]')).to_have_text("running")
-    expect(page.get_by_role("button", name="Delete")).to_be_disabled()
+    expect(page.get_by_role("button", name="Delete", exact=True)).to_be_disabled()
 
 
 def test_with_a_token_the_page_asks_once_and_sends_it_only_as_a_header(
@@ -595,10 +595,10 @@ def test_a_running_task_is_cancelled_from_its_page_then_found_by_state_and_retri
     expect(page.locator('dd[data-field="worker"]')).to_have_text(worker)
     expect(page.locator('dd[data-field="running_since"] time')).to_have_count(1)
     expect(page.locator('dd[data-field="lease_expires_at"] time')).to_have_count(1)
-    expect(page.get_by_role("button", name="Retry")).to_be_disabled()
-    page.get_by_role("button", name="Cancel").click()
+    expect(page.get_by_role("button", name="Retry", exact=True)).to_be_disabled()
+    page.get_by_role("button", name="Cancel", exact=True).click()
     expect(page.locator('dd[data-field="state"]')).to_have_text("cancelled")
-    expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
+    expect(page.get_by_role("button", name="Cancel", exact=True)).to_be_disabled()
     expect(page.get_by_role("button", name="Run now")).to_be_disabled()
     assert sql("SELECT state, claimed_by FROM tasks WHERE id = %s", task_id) == [
         ("cancelled", None)
@@ -610,9 +610,11 @@ def test_a_running_task_is_cancelled_from_its_page_then_found_by_state_and_retri
     page.get_by_role("form", name="Filter tasks").get_by_label("State").select_option("cancelled")
     expect(rows).to_have_count(1)
     page.get_by_role("link", name=f"#{task_id}").click()
-    page.get_by_role("button", name="Retry").click()
+    # The task's page, not the list's hidden "Retry all…" that a bare name also finds.
+    expect(page.locator('dd[data-field="state"]')).to_have_text("cancelled")
+    page.get_by_role("button", name="Retry", exact=True).click()
     expect(page.locator('dd[data-field="state"]')).to_have_text("running")
     # A scheduled task can be cancelled too.
     page.goto(f"{api}/#/tasks/{waiting}")
-    page.get_by_role("button", name="Cancel").click()
+    page.get_by_role("button", name="Cancel", exact=True).click()
     expect(page.locator('dd[data-field="state"]')).to_have_text("cancelled")
