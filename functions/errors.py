@@ -29,6 +29,19 @@ class WrongState(TaskrunnerError):
         self.state = state
 
 
+class OccurrenceHeld(TaskrunnerError):
+    """A retry of a schedule's occurrence that another task holds now: its schedule, enabled
+    again after this one was cancelled, made the occurrence anew."""
+
+    def __init__(self, task_id: int, held_by: int) -> None:
+        super().__init__(
+            f"task {task_id} cannot be retried: its schedule's occurrence is task {held_by}'s"
+            " now (the schedule made it again after this one was cancelled)"
+        )
+        self.task_id = task_id
+        self.held_by = held_by
+
+
 class ScheduleNotFound(TaskrunnerError):
     def __init__(self, name: str) -> None:
         super().__init__(f"schedule {name!r} does not exist")

@@ -331,10 +331,11 @@ class BulkAction(StrEnum):
 
 
 BIGINT_MAX = 2**63 - 1
-# 1 to 255 printable ASCII characters, no space: what fits a header value unchanged (a
-# header's surrounding spaces are trimmed in transit, so a key with spaces could arrive as
-# another key). The table checks the same (`idempotency_key_printable`).
-IDEMPOTENCY_KEY_PATTERN = "^[!-~]{1,255}$"
+# 1 to 255 printable ASCII characters, no space or comma: what fits a header value unchanged
+# (a header's surrounding spaces are trimmed in transit, so a key with spaces could arrive as
+# another key) and cannot be two keys (API Gateway joins a header sent twice with a comma).
+# The table checks printable ASCII (`idempotency_key_printable`).
+IDEMPOTENCY_KEY_PATTERN = "^[!-+\\--~]{1,255}$"
 # How deep a payload may nest (`[[1]]` is 2): far below what json.loads, pydantic-core
 # (200) and PostgreSQL's jsonb read, so a stored payload can always be read back, by any of
 # them, in any stack.

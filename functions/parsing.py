@@ -122,10 +122,15 @@ def parse_kind_filter(value: object) -> str:
 
 def parse_idempotency_key(value: object) -> str:
     """Return `value` if it is an idempotency key this API takes (IDEMPOTENCY_KEY_PATTERN)."""
+    if isinstance(value, str) and "," in value:
+        raise ValueError(
+            f"idempotency key {excerpt(value)} holds a comma: a request takes one key (two"
+            " Idempotency-Key headers arrive joined by a comma through API Gateway)"
+        )
     if not isinstance(value, str) or not _IDEMPOTENCY_KEY.fullmatch(value):
         raise ValueError(
             f"idempotency key {excerpt(value)} is not 1 to 255 printable ASCII characters"
-            " (`!` to `~`, no spaces)"
+            " (`!` to `~`, no spaces or commas)"
         )
     return value
 

@@ -649,9 +649,11 @@ _NOTIFY_DUE_SOON = f"""
 """
 
 
-def _act(from_states: tuple[str, ...], update: str) -> str:
+def _act(from_states: tuple[str, ...], update: str, holder: str = "NULL") -> str:
     """An action on one task: `update` (an UPDATE of tasks without its WHERE) applied to the
-    task `%(id)s` if it is in one of `from_states`, the row locked first.
+    task `%(id)s` if it is in one of `from_states`, the row locked first, and unless
+    `holder` (SQL over the row, `tasks`) names another task that holds what this one would
+    take (`held_by`: OCCURRENCE_HOLDER).
 
     The UPDATE checks the state of the row it writes as well as the lock's: when the row
     changed twice while the lock waited (a worker's claim, then its finish), the lock's
@@ -663,17 +665,18 @@ def _act(from_states: tuple[str, ...], update: str) -> str:
     literals = ", ".join(f"'{state}'" for state in from_states)
     return f"""
 WITH target AS (
-    SELECT id, state FROM tasks WHERE id = %(id)s FOR UPDATE
+    SELECT id, state, {holder} AS held_by FROM tasks WHERE id = %(id)s FOR UPDATE
 ), changed AS (
     {update}
-    WHERE id IN (SELECT id FROM target WHERE state IN ({literals}))
+    WHERE id IN (SELECT id FROM target WHERE state IN ({literals}) AND held_by IS NULL)
         AND state IN ({literals})
     RETURNING *
 ), notified AS (
     SELECT {_NOTIFY_DUE_SOON} FROM changed
 )
-SELECT target.state AS found_state,
-    target.state IN ({literals}) AND task.id IS NULL AS raced, task.*
+SELECT target.state AS found_state, target.held_by,
+    target.state IN ({literals}) AND target.held_by IS NULL AND task.id IS NULL AS raced,
+    task.*
 FROM target CROSS JOIN notified
 LEFT JOIN (SELECT {TASK_COLUMNS} FROM changed) AS task ON true
 """
@@ -698,7 +701,17 @@ _RETRIED = """state = 'scheduled',
         made_due_at = now(),
         max_attempts = attempts + %(max_attempts)s,
         finished_at = NULL"""
-RETRY_TASK = _act(("failed", "cancelled"), f"UPDATE tasks SET {_RETRIED}")
+# A schedule's occurrence is held by at most one task that is not cancelled (the
+# `tasks_occurrence` index): a cancelled occurrence whose schedule, enabled again, made it
+# anew cannot be retried beside the new task. The task that holds the occurrence of the row
+# at hand (`tasks`), other than itself; NULL: none (or no schedule's).
+OCCURRENCE_HOLDER = """(SELECT held.id FROM tasks AS held
+    WHERE held.schedule = tasks.schedule AND held.scheduled_for = tasks.scheduled_for
+      AND held.state <> 'cancelled' AND held.id <> tasks.id
+    LIMIT 1)"""
+# The tasks a retry may take: their occurrence, if any, is free.
+OCCURRENCE_FREE = f"(tasks.schedule IS NULL OR {OCCURRENCE_HOLDER} IS NULL)"
+RETRY_TASK = _act(("failed", "cancelled"), f"UPDATE tasks SET {_RETRIED}", holder=OCCURRENCE_HOLDER)
 
 # PATCH /tasks/{id} with an execute_at: a scheduled task gets a new execute_at, and is due
 # then (a pending retry's time is dropped with the old one). Moved to a time already past, a
@@ -878,17 +891,18 @@ def _picks(states: tuple[str, ...], condition: str) -> str:
     )
 
 
-def _locked_in_id_order(states: tuple[str, ...], condition: str) -> str:
+def _locked_in_id_order(states: tuple[str, ...], condition: str, also: str = "") -> str:
     """A SELECT of up to `%(limit)s` tasks in `states` matching `condition`, lowest ids
     first, locked in id order; a row whose lock waited is re-read, and left out if it no
     longer matches. Each state's ids come from its partial index (tasks_scheduled_id,
     tasks_running, tasks_failed_id, tasks_cancelled_id): never a walk of the whole table.
 
     Every statement that locks many tasks and waits for their locks does so in id order
-    (FINISH_MANY's results are sorted by id), so none of them deadlock."""
+    (FINISH_MANY's results are sorted by id), so none of them deadlock. Its columns: `id`,
+    `claimed_by`, and `also`'s."""
     picks = _picks(states, condition)
     literals = ", ".join(f"'{state}'" for state in states)
-    return f"""SELECT id, claimed_by FROM tasks
+    return f"""SELECT id, claimed_by{", " + also if also else ""} FROM tasks
     WHERE id = ANY(ARRAY(
         SELECT id FROM (
 {picks}
@@ -967,16 +981,26 @@ CANCEL_TASK = cancel_tasks("id = ANY(CAST(%(ids)s AS bigint[]))", columns=TASK_C
 
 def retry_tasks(condition: str = "true", states: tuple[str, ...] = RETRYABLE) -> str:
     """Schedule again, due now, up to `%(limit)s` tasks in `states` (RETRYABLE or a part of
-    it) matching `condition`, lowest ids first, each as RETRY_TASK does; return their ids."""
+    it) matching `condition`, lowest ids first, each as RETRY_TASK does; return their ids.
+
+    `condition` holds OCCURRENCE_FREE (Store.retry_matching), and of the cancelled tasks of
+    one occurrence (its schedule disabled, enabled, disabled again) the statement retries
+    the first: the others are left cancelled, and the next statement finds the occurrence
+    held."""
     assert states and set(states) <= set(RETRYABLE)
     return f"""
 WITH target AS (
-    {_locked_in_id_order(states, condition)}
+    {_locked_in_id_order(states, condition, "schedule, scheduled_for")}
 ), retried AS (
     UPDATE tasks AS t
     SET {_RETRIED}
     FROM target
     WHERE t.id = target.id
+      AND (target.schedule IS NULL OR NOT EXISTS (
+          SELECT FROM target AS first
+          WHERE first.schedule = target.schedule AND first.scheduled_for = target.scheduled_for
+            AND first.id < target.id
+      ))
     RETURNING t.*
 ), notified AS (
     SELECT {_NOTIFY_DUE_SOON} FROM retried

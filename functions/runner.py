@@ -265,6 +265,15 @@ class Runner:
 
     # --- claim -------------------------------------------------------------------------------
 
+    def _fits(self, task: Claimed, left_s: float | None) -> bool:
+        """Whether `task` run now ends before the deadline, `left_s` away (None: none), as
+        the claim took it: its kind fits, or its own timeout_s does."""
+        if left_s is None:
+            return True
+        if KINDS[task.kind].max_seconds(self.settings) <= left_s:
+            return True
+        return task.timeout_s is not None and task.timeout_s <= left_s
+
     def _room(self) -> int:
         """How many tasks the next claim may take (0: none now)."""
         if self.completer.should_wait():
@@ -302,7 +311,10 @@ class Runner:
                     claimed, due = await self._claim(kinds, room, short_kinds, fit_s, caps, start)
                     state.summary.claimed += len(claimed)
                     for task in claimed:
-                        self._start(task)
+                        if deadline is None or self._fits(task, self._left_s(deadline)):
+                            self._start(task)
+                        # (Else a plain function run inline before it overran its time: this
+                        # one is held, not started, and handed back at the end.)
                     full = len(claimed) == room
                     self.claim_point.end(token, kinds, short_kinds, full, due)
                     if full:

@@ -35,7 +35,12 @@ from functions import queries
 from functions.conninfo import behind_pooler, connect
 from functions.counters import OUTCOMES, Activity, merge_activity
 from functions.db import Coalescer, Database, first_line
-from functions.errors import DatabaseUnavailable, IdempotencyKeyReused, SchemaOutdated
+from functions.errors import (
+    DatabaseError,
+    DatabaseUnavailable,
+    IdempotencyKeyReused,
+    SchemaOutdated,
+)
 from functions.model import (
     MAX_PRIORITY,
     MIN_PRIORITY,
@@ -339,6 +344,20 @@ _BULK_STATES = {
     BulkAction.RETRY: queries.RETRYABLE,
     BulkAction.DELETE: queries.DELETABLE,
 }
+# What a bulk action takes besides its states and the filters: a retry, no task whose
+# schedule's occurrence another task holds now.
+_BULK_ALSO = {BulkAction.RETRY: queries.OCCURRENCE_FREE}
+
+
+def _occurrence_taken(exc: DatabaseError) -> bool:
+    """A retry's write refused because another task took the occurrence meanwhile (the
+    `tasks_occurrence` index, written by a transaction its statement could not see): run
+    again, the statement sees that task, and leaves the retried one as it is."""
+    cause = exc.__cause__
+    return (
+        isinstance(cause, psycopg.errors.UniqueViolation)
+        and cause.diag.constraint_name == "tasks_occurrence"
+    )
 
 
 class _KeyVanished(Exception):
@@ -353,13 +372,21 @@ def _reused(key: str, task_id: int) -> IdempotencyKeyReused:
     )
 
 
-def _outcome_of(rows: list[Any]) -> tuple[TaskState | None, Task | None]:
-    """The state a task had before an action (None: no such task), and the task after it
-    (None: the action did not apply to that state)."""
+class Acted(NamedTuple):
+    """What an action on one task found and did: the state the task had (None: no such
+    task), the task after it (None: the action did not apply), and the task that holds
+    what it would have taken (a retry's occurrence: queries.OCCURRENCE_HOLDER)."""
+
+    found: TaskState | None
+    task: Task | None
+    held_by: int | None = None
+
+
+def _acted(rows: list[Any]) -> Acted:
     if not rows:
-        return None, None
+        return Acted(None, None)
     row = rows[0]
-    return TaskState(row.found_state), None if row.id is None else _task(row)
+    return Acted(TaskState(row.found_state), None if row.id is None else _task(row), row.held_by)
 
 
 class Cancelled(NamedTuple):
@@ -1067,6 +1094,7 @@ class Store:
             matching,
             limit,
             {"max_attempts": max_attempts},
+            also=_BULK_ALSO[BulkAction.RETRY],
         )
 
     async def delete_matching(self, matching: TaskFilter, *, limit: int) -> int:
@@ -1089,6 +1117,8 @@ class Store:
         if not wanted:
             return 0
         condition, more = queries.filter_condition(matching)
+        if action in _BULK_ALSO:
+            condition = f"({condition}) AND {_BULK_ALSO[action]}"
         [[(count,)]] = await self._pinned(
             (queries.count_tasks(condition, wanted), {**more, "limit": limit})
         )
@@ -1104,11 +1134,12 @@ class Store:
         *,
         announce: bool = False,
         then: Callable[[list[Any]], Awaitable[None]] | None = None,
+        also: str | None = None,
     ) -> int:
         """Run `statement_for(condition, states)` over the tasks `matching` (of its states
-        within `allowed`), WRITE_BATCH at most a statement, until `limit` are done or none
-        is left; return how many were. With `announce`, each batch is a cancel's; `then` is
-        called with each batch's rows once it committed."""
+        within `allowed`, and meeting `also`), WRITE_BATCH at most a statement, until
+        `limit` are done or none is left; return how many were. With `announce`, each batch
+        is a cancel's; `then` is called with each batch's rows once it committed."""
         wanted = tuple(s for s in allowed if not matching.states or s in matching.states)
         if not wanted:
             return 0
@@ -1116,15 +1147,24 @@ class Store:
         # Each batch goes on past the last id of the one before: a task retried by one batch
         # that failed again before the next matched again, and was retried twice in one call.
         condition = f"({condition}) AND id > %(after_id)s"
+        if also is not None:
+            condition = f"{condition} AND {also}"
         more = {**more, "after_id": 0}
         statement = statement_for(condition, wanted)
         done = 0
+        raced = 0
         while done < limit:
             batch = min(limit - done, self.WRITE_BATCH)
             # Pinned (queries.PINNED_PLAN): on a table never analyzed, the scheduled tasks'
             # ids were read through a bitmap and all sorted, 25,000 for a batch of 1,000
             # (tests/integration/test_plans.py); pinned, their index is read in order.
-            [rows] = await self._pinned((statement, {**params, **more, "limit": batch}))
+            try:
+                [rows] = await self._pinned((statement, {**params, **more, "limit": batch}))
+            except DatabaseError as exc:
+                raced += 1
+                if not _occurrence_taken(exc) or raced == self.ACT_RACES:
+                    raise
+                continue  # (a retry that raced the making of an occurrence: see _act)
             done += len(rows)
             if rows:
                 more["after_id"] = max(row[0] for row in rows)
@@ -1168,23 +1208,27 @@ class Store:
             if count < self.DELETE_BATCH:
                 return int(deleted)
 
-    async def _act(self, sql: str, **params: Any) -> tuple[TaskState | None, Task | None]:
-        """An action on one task (queries._act); see `_outcome_of` for what is returned.
-        Run again while it raced a change of the row that hid the row's state from it (a
-        claim and a finish while it waited for the lock): each run waits for the last."""
-        for _ in range(self.ACT_RACES):
-            rows = await self._all(sql, **params)
+    async def _act(self, sql: str, **params: Any) -> Acted:
+        """An action on one task (queries._act). Run again while it raced a change of the
+        row that hid the row's state from it (a claim and a finish while it waited for the
+        lock: each run waits for the last), or a retry raced the making of its occurrence."""
+        rows: list[Any] = []
+        for run in range(self.ACT_RACES):
+            try:
+                rows = await self._all(sql, **params)
+            except DatabaseError as exc:
+                if not _occurrence_taken(exc) or run == self.ACT_RACES - 1:
+                    raise
+                continue
             if not rows or not rows[0].raced:
                 break
-        return _outcome_of(rows)
+        return _acted(rows)
 
-    async def run_task(self, task_id: int) -> tuple[TaskState | None, Task | None]:
-        """Make a scheduled task due now; see `_outcome_of` for what is returned."""
+    async def run_task(self, task_id: int) -> Acted:
+        """Make a scheduled task due now."""
         return await self._act(queries.RUN_TASK, id=task_id)
 
-    async def retry_task(
-        self, task_id: int, max_attempts: int
-    ) -> tuple[TaskState | None, Task | None]:
+    async def retry_task(self, task_id: int, max_attempts: int) -> Acted:
         """Schedule a failed task again, due now, with `max_attempts` more runs."""
         return await self._act(queries.RETRY_TASK, id=task_id, max_attempts=max_attempts)
 
@@ -1195,7 +1239,7 @@ class Store:
         *,
         set_payload: bool = False,
         payload: Any = None,
-    ) -> tuple[TaskState | None, Task | None]:
+    ) -> Acted:
         """Move a scheduled task to `execute_at` (None: it stays), and with `set_payload`
         give it `payload` (None: none)."""
         return await self._act(

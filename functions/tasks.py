@@ -17,6 +17,7 @@ from functions.errors import (
     InvalidPayload,
     InvalidTimeout,
     InvalidValue,
+    OccurrenceHeld,
     SchemaOutdated,
     TaskNotFound,
     TaskRunning,
@@ -54,7 +55,7 @@ from functions.parsing import (
 )
 from functions.queries import SCHEMA_REVISION
 from functions.settings import Settings
-from functions.store import Store, WrittenRows
+from functions.store import Acted, Store, WrittenRows
 
 
 async def check_schema(store: Store) -> str:
@@ -338,15 +339,12 @@ async def delete_task(store: Store, task_id: int) -> None:
         raise TaskRunning(task_id)
 
 
-def _task_or_refusal(
-    task_id: int,
-    outcome: tuple[TaskState | None, Task | None],
-    action: str,
-    allowed: str,
-) -> Task:
-    found, task = outcome
+def _task_or_refusal(task_id: int, outcome: Acted, action: str, allowed: str) -> Task:
+    found, task, held_by = outcome
     if found is None:
         raise TaskNotFound(task_id)
+    if held_by is not None:
+        raise OccurrenceHeld(task_id, held_by)
     if task is None:
         raise WrongState(task_id, found.value, action, allowed)
     return task

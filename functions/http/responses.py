@@ -22,6 +22,7 @@ from functions.errors import (
     InvalidInput,
     InvalidValue,
     NotJson,
+    OccurrenceHeld,
     ScheduleExists,
     ScheduleNotFound,
     SchemaOutdated,
@@ -215,7 +216,9 @@ def status_of(exc: TaskrunnerError, path: str) -> tuple[int, Detail, dict[str, s
         return 422, exc.issues, {}
     if isinstance(exc, TaskNotFound | ScheduleNotFound):
         return 404, str(exc), {}
-    if isinstance(exc, TaskRunning | WrongState | IdempotencyKeyReused | ScheduleExists):
+    if isinstance(
+        exc, TaskRunning | WrongState | OccurrenceHeld | IdempotencyKeyReused | ScheduleExists
+    ):
         return 409, str(exc), {}
     if isinstance(exc, InvalidInput):
         return 400, str(exc), {}

@@ -4,7 +4,7 @@ JSON answer. (The bodies: `schemas`; the rules both paths read a request by: `ru
 
 import inspect
 import re
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
@@ -186,24 +186,30 @@ async def task_filter(
 
 Filters = Annotated[TaskFilter, Depends(task_filter)]
 
-# What a bulk route reads from its query: the filters, `limit` and `dry_run`.
-_BULK_QUERY = frozenset(inspect.signature(task_filter).parameters) - {"request"} | {
-    "limit",
-    "dry_run",
-}
+# What the routes that filter tasks read from their query: the filters, and `GET /tasks`'s
+# page and order, or a bulk route's `limit` and `dry_run` (rules.LIST_QUERY says the first too,
+# for the fast path).
+_FILTERS = frozenset(inspect.signature(task_filter).parameters) - {"request"}
+_LIST_QUERY = _FILTERS | {"limit", "cursor", "sort"}
+_BULK_QUERY = _FILTERS | {"limit", "dry_run"}
+assert _LIST_QUERY == rules.LIST_QUERY, "the fast path reads what the route reads"
 
 
-async def only_bulk_query(request: Request) -> None:
-    """A bulk route refuses a query parameter it does not read: `types=foo` (for `type`)
-    would otherwise act on every task, as if no filter had been given."""
-    for name in request.query_params:
-        if name not in _BULK_QUERY:
-            msg = (
-                f"{parsing.excerpt(name)} is not a parameter of this route; it takes"
-                f" {', '.join(sorted(_BULK_QUERY))}"
-            )
-            issue = {"loc": ("query", name), "msg": msg, "type": "extra_forbidden"}
-            raise RequestValidationError([issue])
+def only_query(names: frozenset[str]) -> Callable[[Request], Awaitable[None]]:
+    """A dependency: the route refuses a query parameter it does not read. `types=foo` (for
+    `type`) would otherwise list every task, or act on every one, as if no filter was given."""
+
+    async def refuse_others(request: Request) -> None:
+        for name in request.query_params:
+            if name not in names:
+                msg = (
+                    f"{parsing.excerpt(name)} is not a parameter of this route; it takes"
+                    f" {', '.join(sorted(names))}"
+                )
+                issue = {"loc": ("query", name), "msg": msg, "type": "extra_forbidden"}
+                raise RequestValidationError([issue])
+
+    return refuse_others
 
 
 BulkLimit = Annotated[
@@ -324,7 +330,12 @@ def add_routes(
         ids = await tasks.create_tasks(store, body.to_new(), settings)
         return answer({"ids": ids}, 201)
 
-    @app.get("/tasks", response_model=PageOut, dependencies=token_check, responses=fails(400, 422))
+    @app.get(
+        "/tasks",
+        response_model=PageOut,
+        dependencies=[*token_check, Depends(only_query(_LIST_QUERY))],
+        responses=fails(400, 422),
+    )
     async def list_tasks(
         matching: Filters,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -356,7 +367,7 @@ def add_routes(
     @app.post(
         "/tasks/cancel",
         response_model=CountOut,
-        dependencies=[*token_check, Depends(only_bulk_query)],
+        dependencies=[*token_check, Depends(only_query(_BULK_QUERY))],
         responses=fails(422),
     )
     async def cancel_tasks(
@@ -372,7 +383,7 @@ def add_routes(
     @app.post(
         "/tasks/retry",
         response_model=CountOut,
-        dependencies=[*token_check, Depends(only_bulk_query)],
+        dependencies=[*token_check, Depends(only_query(_BULK_QUERY))],
         responses=fails(422),
     )
     async def retry_tasks(
@@ -389,7 +400,7 @@ def add_routes(
     @app.post(
         "/tasks/delete",
         response_model=CountOut,
-        dependencies=[*token_check, Depends(only_bulk_query)],
+        dependencies=[*token_check, Depends(only_query(_BULK_QUERY))],
         responses=fails(422),
     )
     async def delete_tasks(

@@ -297,6 +297,8 @@ TIME_BOUNDS = (
     "created_after", "created_before", "execute_after", "execute_before", "finished_after",
     "finished_before",
 )  # fmt: skip
+# What GET /tasks reads from its query (the route refuses any other parameter).
+LIST_QUERY = frozenset({"state", "type", *SINGLE_VALUED} - {"dry_run"})
 
 
 def task_filter(
@@ -333,9 +335,8 @@ class ListQuery:
 def list_query(query: bytes) -> ListQuery | None:
     """GET /tasks' query (the bytes of the URL's), read as the FastAPI route reads it:
     split as Starlette splits it, each parameter by its validator's function. None when a
-    parameter is refused, or repeated where it takes one value (`dry_run` too, which only
-    the bulk routes read): the FastAPI app answers it, its 422 saying why. A parameter the
-    route does not read is ignored, as the route ignores it."""
+    parameter is refused, repeated where it takes one value, or not one the route reads
+    (`LIST_QUERY`): the FastAPI app answers it, its 422 saying why."""
     states: list[TaskState] = []
     kinds: list[str] = []
     given: dict[str, str] = {}
@@ -345,11 +346,12 @@ def list_query(query: bytes) -> ListQuery | None:
                 states.append(TaskState(value))
             elif name == "type":
                 kinds.append(parsing.parse_kind_filter(value))
-            elif name in SINGLE_VALUED:
+            elif name in LIST_QUERY:
                 if name in given:
                     return None  # (the app's 422)
                 given[name] = value
-            # (Any other parameter, the route does not read.)
+            else:
+                return None  # not a parameter of the route (the app's 422)
         read: dict[str, Any] = {name: given[name] for name in ("error", "payload") if name in given}
         if "error" in read:
             read["error"] = parsing.parse_error_search(read["error"])

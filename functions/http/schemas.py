@@ -438,7 +438,7 @@ IdempotencyKey = Annotated[
         {
             "type": "string",
             "pattern": model.IDEMPOTENCY_KEY_PATTERN,
-            "description": "1 to 255 printable ASCII characters, no spaces: a repeat of a"
+            "description": "1 to 255 printable ASCII characters, no spaces or commas: a repeat of a"
             " request with the same key and the same type, execute_at, payload and options"
             " (max_attempts, timeout_s, priority) gets the task the first one created, and"
             " creates nothing.",

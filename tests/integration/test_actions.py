@@ -380,7 +380,7 @@ async def test_reschedules_racing_claims_never_move_a_task_under_a_worker(
 
     async def mover(store: Store, mine: list[int]) -> None:
         for task_id in mine:
-            found, task = await store.reschedule_task(task_id, far)
+            found, task, _ = await store.reschedule_task(task_id, far)
             if task is not None:
                 moved.append(task_id)
             elif found is TaskState.RUNNING:

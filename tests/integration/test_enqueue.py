@@ -254,6 +254,7 @@ REFUSED: list[tuple[str, Call]] = [
     ("idempotency_key", (("foo", 0), {"idempotency_key": ""})),
     ("idempotency_key", (("foo", 0), {"idempotency_key": "a b"})),
     ("idempotency_key", (("foo", 0), {"idempotency_key": "k" * 256})),
+    ("idempotency_key", (("foo", 0), {"idempotency_key": "a,b"})),
     ("idempotency_key", (("foo", 0), {"idempotency_key": "clé"})),
     ("idempotency_key", (("foo", 0), {"idempotency_key": 12})),
 ]
@@ -364,6 +365,7 @@ async def test_what_is_taken_is_stored_as_given(
         {"max_attempts": 1, "idempotency_key": "k" * 255, "timeout_s": 1e-6, "priority": 9},
         {"max_attempts": 1000, "idempotency_key": "!~", "timeout_s": 1, "priority": 0},
         {"timeout_s": 4},  # foo's own: 3 s and 1
+        {"max_attempts": 2.0, "priority": 9.0},  # whole numbers, as the API reads `2.0`
     ]
     for kwargs in options:
         ids.append(enqueue(psycopg_conn, "foo", 0, **kwargs))
@@ -379,6 +381,7 @@ async def test_what_is_taken_is_stored_as_given(
         (1, "k" * 255, 1e-6, 9),
         (1000, "!~", 1.0, 0),
         (3, None, 4.0, 0),
+        (2, None, None, 9),
     ]
 
 

@@ -293,6 +293,26 @@ async def test_a_filter_or_order_that_cannot_be_read_is_a_422_that_says_why(
         assert said in issue["msg"]
 
 
+async def test_a_list_refuses_a_parameter_it_does_not_read(client: httpx.AsyncClient) -> None:
+    """`types=foo` for `type=foo` listed every task, as if unfiltered; `dry_run` (a bulk
+    route's) was taken and did nothing."""
+    [foo, _] = await create(
+        client, {"type": "foo", "execute_at": 0}, {"type": "baz", "execute_at": 0}
+    )
+    asked: list[dict[str, str | int]] = [
+        {"types": "foo"}, {"type": "foo", "lmit": 1}, {"dry_run": "true"}, {"": "1"}
+    ]  # fmt: skip
+    for query in asked:
+        response = await client.get("/tasks", params=query)
+        assert response.status_code == 422, (query, response.text)
+        [issue] = response.json()["detail"]
+        bad = next(name for name in query if name != "type")
+        assert issue["loc"] == ["query", bad]
+        assert "is not a parameter of this route; it takes created_after," in issue["msg"]
+    listed = await client.get("/tasks", params={"type": "foo", "limit": 5, "sort": "id"})
+    assert [task["id"] for task in listed.json()["items"]] == [foo]
+
+
 async def test_the_ends_of_each_range_are_taken(client: httpx.AsyncClient) -> None:
     for name, value in [
         ("error", "é" * 200),

@@ -357,7 +357,6 @@ SERVED_QUERIES = (
     "?schedule=nightly", "?payload=null", "?payload=%7B%22a%22%3A1%7D", "?payload=%5B%5D",
     "?state=failed&limit=1&sort=execute_at", "?type=foo&limit=1000&sort=-finished_at",
     "?state=scheduled&type=baz&limit=2", "?limit=1&state=failed&error=%C3%A9",
-    "?limit=1&x=", "?limit=1&unknown=1&state=failed&unknown=2", "?dry_run=true", "?=1",
 )  # fmt: skip
 # Refused (a 422, answered by the FastAPI app in its words), or written otherwise than
 # plainly: the FastAPI app reads them.
@@ -368,7 +367,8 @@ OTHER_QUERIES = (
     "?error=a&error=b", "?error=" + "x" * 1001, "?payload=%7B", "?payload=", "?schedule=BAD!",
     "?schedule=", "?cursor=x", "?cursor=", "?limit=0", "?limit=1001", "?limit=01",
     "?limit=+5", "?limit=", "?limit=1&limit=1", "?limit=%EF%BC%95", "?dry_run=1&dry_run=2",
-    "?state=failed&state=nope", "?%ff=1", "?state=%ff",
+    "?state=failed&state=nope", "?%ff=1", "?state=%ff", "?limit=1&x=",
+    "?limit=1&unknown=1&state=failed&unknown=2", "?dry_run=true", "?types=foo", "?=1",
 )  # fmt: skip
 
 

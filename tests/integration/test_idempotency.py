@@ -112,8 +112,8 @@ async def test_a_deleted_task_frees_its_key(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [b"", b"a b", b"\tkey", "clé".encode(), b"\xff\xfe", b"x" * 256, b"a\x7fb"],
-    ids=["empty", "space", "tab", "utf-8", "not utf-8", "256 chars", "DEL"],
+    [b"", b"a b", b"\tkey", "clé".encode(), b"\xff\xfe", b"x" * 256, b"a\x7fb", b"a,b"],
+    ids=["empty", "space", "tab", "utf-8", "not utf-8", "256 chars", "DEL", "comma"],
 )
 async def test_a_key_that_is_not_1_to_255_printable_ascii_is_422(
     client: httpx.AsyncClient, sql: Sql, value: bytes
@@ -138,7 +138,9 @@ async def test_two_keys_on_one_request_are_a_422_not_the_first_taken(
 async def test_keys_of_255_printable_characters_are_kept_exactly(
     client: httpx.AsyncClient,
 ) -> None:
-    key = "".join(chr(c) for c in range(0x21, 0x7F)) * 3  # 282 characters: cut to 255
+    # Every printable ASCII character but the comma (two keys, joined as API Gateway joins
+    # a header sent twice), 279 characters: cut to 255.
+    key = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != ",") * 3
     response = await client.post("/tasks", json=FOO_2030, headers={"Idempotency-Key": key[:255]})
     assert response.status_code == 201, response.text
     assert response.json()["idempotency_key"] == key[:255]

@@ -648,3 +648,23 @@ def test_a_task_with_the_largest_payload_fits_lambdas_response(
     assert [t["id"] for t in sent(page, 200)["items"]] == [created["id"]]
     over = create(payload + "a")
     assert over["statusCode"] == 422 and f"{MAX_PAYLOAD_BYTES + 1:,} bytes" in over["body"]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_two_idempotency_keys_through_api_gateway_are_a_422(
+    lambda_env: None, sql: Sql, version: str
+) -> None:
+    """API Gateway v2 joins a header sent twice with a comma into one value; v1 keeps both in
+    `multiValueHeaders` (the last alone in `headers`). Neither is a key (v2's was taken
+    whole, `dupA,dupB`, and a task made)."""
+    event = api_event(version, "create")
+    if version == "v2":
+        event["headers"]["idempotency-key"] = "dupA,dupB"
+    else:
+        event["headers"]["Idempotency-Key"] = "dupB"
+        event["multiValueHeaders"]["Idempotency-Key"] = ["dupA", "dupB"]
+    response = functions.api.handler(event, FakeContext())
+    assert response["statusCode"] == 422, response
+    [issue] = body(response)["detail"]
+    assert issue["loc"] == ["header", "Idempotency-Key"]
+    assert sql("SELECT count(*) FROM tasks") == [(0,)]

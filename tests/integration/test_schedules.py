@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from functions import schedules, upkeep
@@ -574,3 +575,90 @@ async def test_an_occurrence_cancelled_by_a_disable_or_delete_is_made_anew_after
             ("toggled", t0, "cancelled"),
             ("toggled", t0, "scheduled"),
         ]
+
+
+async def test_a_cancelled_occurrence_made_anew_is_not_retried_beside_its_new_task(
+    store: Store, sql: Sql
+) -> None:
+    """A schedule disabled (its occurrence's task cancelled), enabled (the occurrence made
+    anew), disabled and enabled again: three tasks for one occurrence, two cancelled. A
+    retry of a cancelled one is a 409 that names the task holding the occurrence (it was a
+    500: the `tasks_occurrence` index refused it), and a bulk retry leaves them and retries
+    the others, as its dry run counts."""
+    t0 = next_minute(sql).replace(second=0) + MINUTE
+    clock = Clock(t0 - timedelta(seconds=50))
+    own = Store(store.database, clock=clock)
+    async with api(store.database.settings, clock) as client:
+        assert (await client.post("/schedules", json=schedule_body("pd"))).status_code == 201
+        assert await made(own, clock) == 1
+        for enabled in (False, True):
+            await client.patch("/schedules/pd", json={"enabled": enabled})
+            assert await made(own, clock) == (1 if enabled else 0)
+        await client.patch("/schedules/pd", json={"enabled": False})
+        # Two cancelled tasks of the occurrence now, and an unrelated one.
+        [(other,)] = sql("INSERT INTO tasks (kind, execute_at, state, finished_at)"
+                         " VALUES ('baz', now(), 'cancelled', now()) RETURNING id")  # fmt: skip
+        dry = await client.post("/tasks/retry", params={"state": "cancelled", "dry_run": "true"})
+        assert dry.json() == {"count": 3, "more": False}
+        await client.patch("/schedules/pd", json={"enabled": True})
+        assert await made(own, clock) == 1
+        [first, second, third] = [i for (i,) in sql("SELECT id FROM tasks WHERE schedule = 'pd'"
+                                                     " ORDER BY id")]  # fmt: skip
+        for cancelled in (first, second):
+            refused = await client.post(f"/tasks/{cancelled}/retry")
+            assert refused.status_code == 409, refused.text
+            assert f"occurrence is task {third}'s now" in refused.json()["detail"]
+        dry = await client.post("/tasks/retry", params={"state": "cancelled", "dry_run": "true"})
+        assert dry.json() == {"count": 1, "more": False}
+        retried = await client.post("/tasks/retry", params={"state": "cancelled"})
+        assert retried.status_code == 200, retried.text
+        assert retried.json() == {"count": 1}
+        states = sql("SELECT id, state FROM tasks ORDER BY id")
+        assert states == sorted([(first, "cancelled"), (second, "cancelled"),
+                                 (third, "scheduled"), (other, "scheduled")])  # fmt: skip
+        # Disabled once more: a bulk retry of two cancelled tasks of one occurrence, none
+        # holding it, retries the first and leaves the second (one task an occurrence).
+        await client.patch("/schedules/pd", json={"enabled": False})
+        retried = await client.post("/tasks/retry", params={"state": "cancelled"})
+        assert retried.json() == {"count": 1}
+        assert sql("SELECT id FROM tasks WHERE schedule = 'pd' AND state <> 'cancelled'") == [
+            (first,)
+        ]
+
+
+@pytest.mark.parametrize("bulk", [False, True], ids=["one", "bulk"])
+async def test_a_retry_that_races_the_making_of_its_occurrence_is_refused_not_a_500(
+    store: Store, sql: Sql, database_url: str, bulk: bool
+) -> None:
+    """The occurrence is made anew (here by hand, as the creator inserts it) in a
+    transaction the retry cannot see: the retry's write waits for it, is refused by the
+    `tasks_occurrence` index once it commits, and runs again: a 409, or a bulk retry that
+    leaves the task."""
+    t0 = next_minute(sql).replace(second=0) + MINUTE
+    clock = Clock(t0 - timedelta(seconds=50))
+    own = Store(store.database, clock=clock)
+    async with api(store.database.settings, clock) as client:
+        assert (await client.post("/schedules", json=schedule_body("pd"))).status_code == 201
+        assert await made(own, clock) == 1
+        await client.patch("/schedules/pd", json={"enabled": False})
+        [(cancelled,)] = sql("SELECT id FROM tasks WHERE schedule = 'pd'")
+        async with await psycopg.AsyncConnection.connect(database_url) as maker:
+            await maker.execute(
+                "INSERT INTO tasks (kind, execute_at, schedule, scheduled_for)"
+                " VALUES ('baz', %s, 'pd', %s)",
+                (t0, t0),
+            )
+            if bulk:
+                retry = client.post("/tasks/retry", params={"state": "cancelled"})
+            else:
+                retry = client.post(f"/tasks/{cancelled}/retry")
+            answer = asyncio.ensure_future(retry)
+            await asyncio.sleep(0.5)
+            assert not answer.done()  # waiting for the maker's transaction
+            await maker.commit()
+        response = await answer
+    if bulk:
+        assert (response.status_code, response.json()) == (200, {"count": 0})
+    else:
+        assert response.status_code == 409, response.text
+    assert sql("SELECT state FROM tasks WHERE id = %s", cancelled) == [("cancelled",)]

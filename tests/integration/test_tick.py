@@ -10,6 +10,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from functions import kinds
+from functions.kinds import Context
 from functions.settings import Settings
 from functions.tick import tick
 from tests.pgservers import Server
@@ -195,3 +197,31 @@ async def test_a_tick_returns_by_its_deadline_when_the_database_freezes(
         own_server.thaw()
     assert returned <= deadline, f"returned {returned - deadline:.1f} s after the deadline"
     assert summary.errors > 0
+
+
+async def test_a_tick_starts_nothing_that_no_longer_fits_after_a_run_overran_its_time(
+    settings: Settings, task_factory: Callable[..., int], sql: Sql, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain function runs inline, and cannot be stopped: one that takes 2.5 s where it
+    declares 1 leaves a tick with 3.5 s at first (and a margin of 0.5) no time for the next
+    tasks of its claim. They are handed back unstarted, due as they were, not run past the
+    deadline (the tick ran all three, 7.5 s, where Lambda would have stopped it at 3.5)."""
+
+    def overruns(ctx: Context) -> str:
+        time.sleep(2.5)
+        return f"overran {ctx.task_id}"
+
+    def limit(_: Settings) -> float:
+        return 1.0
+
+    monkeypatch.setitem(
+        kinds.KINDS, "overruns", kinds.Kind("overruns", overruns, max_seconds=limit, limit_s=limit)
+    )
+    ids = [task_factory("overruns") for _ in range(3)]
+    settings = dataclasses.replace(settings, deadline_margin_s=0.5)
+    out = io.StringIO()
+    summary = await tick(settings, out=out, deadline=time.monotonic() + 3.5)
+    assert (summary.claimed, summary.succeeded, summary.released) == (3, 1, 2)
+    assert out.getvalue().splitlines() == [f"overran {ids[0]}"]
+    rows = sql("SELECT id, state, attempts FROM tasks ORDER BY id")
+    assert rows == [(ids[0], "succeeded", 1), (ids[1], "scheduled", 0), (ids[2], "scheduled", 0)]

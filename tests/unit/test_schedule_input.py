@@ -1,11 +1,11 @@
 """How a schedule's cron and timezone are read (functions/schedules.py): what cronsim takes,
 in words when it does not, and zone names that mean the same on every host."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from functions.schedules import next_occurrence, parse_cron, parse_timezone
+from functions.schedules import next_occurrence, occurrences_after, parse_cron, parse_timezone
 
 DEC_6 = datetime(2026, 12, 6, 12, tzinfo=UTC)
 
@@ -95,3 +95,37 @@ def test_cron_extensions_and_rare_dates_run_when_they_should(
         first,
         then,
     ]
+
+
+# The nights the clocks change in Paris in 2026: forward at 02:00 CET on 29 March, back at
+# 03:00 CEST on 25 October.
+SPRING = datetime(2026, 3, 28, 23, tzinfo=UTC)  # 00:00 CET, 29 March
+AUTUMN = datetime(2026, 10, 24, 22, tzinfo=UTC)  # 00:00 CEST, 25 October
+
+
+@pytest.mark.parametrize(
+    ("cron", "spring", "autumn"),
+    [
+        # Neither field starts with `*`: a skipped time runs after the gap, a repeated one once.
+        ("30 2 * * *", ["03:00+02"], ["02:30+02"]),
+        ("0-59/15 2 * * *", ["03:00+02"], ["02:00+02", "02:15+02", "02:30+02", "02:45+02"]),
+        ("0,15,30,45 2 * * *", ["03:00+02"], ["02:00+02", "02:15+02", "02:30+02", "02:45+02"]),
+        # One does: the clock as it reads, none in a skipped hour, both of a repeated one.
+        ("*/15 2 * * *", [], ["02:00+02", "02:15+02", "02:30+02", "02:45+02",
+                              "02:00+01", "02:15+01", "02:30+01", "02:45+01"]),
+        ("0 */2 * * *", ["00:00+01", "04:00+02"], ["00:00+02", "02:00+02", "02:00+01", "04:00+01"]),
+        ("0 * * * *", ["00:00+01", "01:00+01", "03:00+02", "04:00+02"],
+         ["00:00+02", "01:00+02", "02:00+02", "02:00+01", "03:00+01", "04:00+01"]),
+    ],
+)  # fmt: skip
+def test_daylight_saving_follows_debians_rule_as_the_docs_give_it(
+    cron: str, spring: list[str], autumn: list[str]
+) -> None:
+    """docs/api.md's examples: each occurrence from local midnight to 04:59 of each night."""
+    for night, expected in ((SPRING, spring), (AUTUMN, autumn)):
+        seen = []
+        for at in occurrences_after(cron, "Europe/Paris", night - timedelta(seconds=1)):
+            if at.hour >= 5 or at - night > timedelta(hours=6):  # (past that night's 04:59)
+                break
+            seen.append(at.strftime("%H:%M%z")[:-2])
+        assert seen == expected, night
