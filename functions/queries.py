@@ -709,8 +709,14 @@ OCCURRENCE_HOLDER = """(SELECT held.id FROM tasks AS held
     WHERE held.schedule = tasks.schedule AND held.scheduled_for = tasks.scheduled_for
       AND held.state <> 'cancelled' AND held.id <> tasks.id
     LIMIT 1)"""
-# The tasks a retry may take: their occurrence, if any, is free.
-OCCURRENCE_FREE = f"(tasks.schedule IS NULL OR {OCCURRENCE_HOLDER} IS NULL)"
+# The tasks a bulk retry takes (and its dry run counts): of a schedule's occurrence, the
+# task that holds it (failed), or else the first of its cancelled tasks, none holding it
+# (migration 0018's index finds an earlier one). One task an occurrence, in any batch.
+OCCURRENCE_RETRYABLE = f"""(tasks.schedule IS NULL OR ({OCCURRENCE_HOLDER} IS NULL
+    AND (tasks.state <> 'cancelled' OR NOT EXISTS (
+        SELECT FROM tasks AS earlier
+        WHERE earlier.schedule = tasks.schedule AND earlier.scheduled_for = tasks.scheduled_for
+          AND earlier.state = 'cancelled' AND earlier.id < tasks.id))))"""
 RETRY_TASK = _act(("failed", "cancelled"), f"UPDATE tasks SET {_RETRIED}", holder=OCCURRENCE_HOLDER)
 
 # PATCH /tasks/{id} with an execute_at: a scheduled task gets a new execute_at, and is due
@@ -891,18 +897,17 @@ def _picks(states: tuple[str, ...], condition: str) -> str:
     )
 
 
-def _locked_in_id_order(states: tuple[str, ...], condition: str, also: str = "") -> str:
+def _locked_in_id_order(states: tuple[str, ...], condition: str) -> str:
     """A SELECT of up to `%(limit)s` tasks in `states` matching `condition`, lowest ids
     first, locked in id order; a row whose lock waited is re-read, and left out if it no
     longer matches. Each state's ids come from its partial index (tasks_scheduled_id,
     tasks_running, tasks_failed_id, tasks_cancelled_id): never a walk of the whole table.
 
     Every statement that locks many tasks and waits for their locks does so in id order
-    (FINISH_MANY's results are sorted by id), so none of them deadlock. Its columns: `id`,
-    `claimed_by`, and `also`'s."""
+    (FINISH_MANY's results are sorted by id), so none of them deadlock."""
     picks = _picks(states, condition)
     literals = ", ".join(f"'{state}'" for state in states)
-    return f"""SELECT id, claimed_by{", " + also if also else ""} FROM tasks
+    return f"""SELECT id, claimed_by FROM tasks
     WHERE id = ANY(ARRAY(
         SELECT id FROM (
 {picks}
@@ -983,24 +988,17 @@ def retry_tasks(condition: str = "true", states: tuple[str, ...] = RETRYABLE) ->
     """Schedule again, due now, up to `%(limit)s` tasks in `states` (RETRYABLE or a part of
     it) matching `condition`, lowest ids first, each as RETRY_TASK does; return their ids.
 
-    `condition` holds OCCURRENCE_FREE (Store.retry_matching), and of the cancelled tasks of
-    one occurrence (its schedule disabled, enabled, disabled again) the statement retries
-    the first: the others are left cancelled, and the next statement finds the occurrence
-    held."""
+    `condition` holds OCCURRENCE_RETRYABLE (Store.retry_matching): one task of a
+    schedule's occurrence at most, and none that another task holds."""
     assert states and set(states) <= set(RETRYABLE)
     return f"""
 WITH target AS (
-    {_locked_in_id_order(states, condition, "schedule, scheduled_for")}
+    {_locked_in_id_order(states, condition)}
 ), retried AS (
     UPDATE tasks AS t
     SET {_RETRIED}
     FROM target
     WHERE t.id = target.id
-      AND (target.schedule IS NULL OR NOT EXISTS (
-          SELECT FROM target AS first
-          WHERE first.schedule = target.schedule AND first.scheduled_for = target.scheduled_for
-            AND first.id < target.id
-      ))
     RETURNING t.*
 ), notified AS (
     SELECT {_NOTIFY_DUE_SOON} FROM retried
@@ -1802,5 +1800,5 @@ PING = "SELECT 1"
 
 # The schema revision these statements are written for (local/migrations/versions/); a
 # unit test keeps it equal to the newest migration.
-SCHEMA_REVISION = "0017"
+SCHEMA_REVISION = "0018"
 SCHEMA_REVISION_IN_DATABASE = "SELECT version_num FROM alembic_version"

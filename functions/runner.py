@@ -310,11 +310,14 @@ class Runner:
                     start, token = self.claim_point.begin(kinds, short_kinds)
                     claimed, due = await self._claim(kinds, room, short_kinds, fit_s, caps, start)
                     state.summary.claimed += len(claimed)
+                    unfit: list[int] = []
                     for task in claimed:
                         if deadline is None or self._fits(task, self._left_s(deadline)):
                             self._start(task)
-                        # (Else a plain function run inline before it overran its time: this
-                        # one is held, not started, and handed back at the end.)
+                        else:  # a plain function run inline before it overran its time
+                            unfit.append(task.id)
+                    if unfit:
+                        await self.upkeep.release_held(unfit)  # for another tick, at once
                     full = len(claimed) == room
                     self.claim_point.end(token, kinds, short_kinds, full, due)
                     if full:

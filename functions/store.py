@@ -344,9 +344,9 @@ _BULK_STATES = {
     BulkAction.RETRY: queries.RETRYABLE,
     BulkAction.DELETE: queries.DELETABLE,
 }
-# What a bulk action takes besides its states and the filters: a retry, no task whose
-# schedule's occurrence another task holds now.
-_BULK_ALSO = {BulkAction.RETRY: queries.OCCURRENCE_FREE}
+# What a bulk action takes besides its states and the filters: a retry, one task of a
+# schedule's occurrence, that no other task holds now.
+_BULK_ALSO = {BulkAction.RETRY: queries.OCCURRENCE_RETRYABLE}
 
 
 def _occurrence_taken(exc: DatabaseError) -> bool:
@@ -1152,7 +1152,7 @@ class Store:
         more = {**more, "after_id": 0}
         statement = statement_for(condition, wanted)
         done = 0
-        raced = 0
+        clashes = 0  # in a row (see below)
         while done < limit:
             batch = min(limit - done, self.WRITE_BATCH)
             # Pinned (queries.PINNED_PLAN): on a table never analyzed, the scheduled tasks'
@@ -1161,10 +1161,14 @@ class Store:
             try:
                 [rows] = await self._pinned((statement, {**params, **more, "limit": batch}))
             except DatabaseError as exc:
-                raced += 1
-                if not _occurrence_taken(exc) or raced == self.ACT_RACES:
+                # A retry that raced the making of an occurrence (see _act): run again, and
+                # the statement leaves that task. Each clash is another occurrence made
+                # meanwhile; as many in a row as the batch holds tasks cannot be that.
+                clashes += 1
+                if not _occurrence_taken(exc) or clashes > batch:
                     raise
-                continue  # (a retry that raced the making of an occurrence: see _act)
+                continue
+            clashes = 0
             done += len(rows)
             if rows:
                 more["after_id"] = max(row[0] for row in rows)

@@ -221,15 +221,18 @@ class Upkeep:
                 ),
             )
 
-    async def release_held(self) -> None:
-        """Hand back what is still held (not recorded) at shutdown; fenced: what this
-        worker no longer holds is left alone."""
+    async def release_held(self, ids: list[int] | None = None) -> None:
+        """Hand back what is held and not recorded: `ids` of it (a tick's tasks that no
+        longer fit before its deadline), or all of it at shutdown; fenced: what this worker
+        no longer holds is left alone. What could not be handed back stays held."""
         state = self.state
-        if not state.held:
+        ids = sorted(state.held) if ids is None else ids
+        if not ids:
             return
-        ids = sorted(state.held)
         try:
             released = await state.store.release(worker=state.worker_id, ids=ids)
+            for task_id in ids:
+                state.held.pop(task_id, None)
             state.summary.released += len(released)
             logger.info(
                 "action=release worker=%s count=%d: back to scheduled",

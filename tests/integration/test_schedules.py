@@ -598,8 +598,14 @@ async def test_a_cancelled_occurrence_made_anew_is_not_retried_beside_its_new_ta
         # Two cancelled tasks of the occurrence now, and an unrelated one.
         [(other,)] = sql("INSERT INTO tasks (kind, execute_at, state, finished_at)"
                          " VALUES ('baz', now(), 'cancelled', now()) RETURNING id")  # fmt: skip
+        # A retry would take the other and the first of the occurrence's two (one task an
+        # occurrence), as its dry run counts (it counted 3).
         dry = await client.post("/tasks/retry", params={"state": "cancelled", "dry_run": "true"})
-        assert dry.json() == {"count": 3, "more": False}
+        assert dry.json() == {"count": 2, "more": False}
+        dry = await client.post(
+            "/tasks/retry", params={"state": "cancelled", "dry_run": "true", "limit": 1}
+        )
+        assert dry.json() == {"count": 1, "more": True}
         await client.patch("/schedules/pd", json={"enabled": True})
         assert await made(own, clock) == 1
         [first, second, third] = [i for (i,) in sql("SELECT id FROM tasks WHERE schedule = 'pd'"
@@ -630,35 +636,50 @@ async def test_a_cancelled_occurrence_made_anew_is_not_retried_beside_its_new_ta
 async def test_a_retry_that_races_the_making_of_its_occurrence_is_refused_not_a_500(
     store: Store, sql: Sql, database_url: str, bulk: bool
 ) -> None:
-    """The occurrence is made anew (here by hand, as the creator inserts it) in a
-    transaction the retry cannot see: the retry's write waits for it, is refused by the
+    """Occurrences are made anew (here by hand, as the creator inserts them) in transactions
+    the retry cannot see: the retry's write waits for each, is refused by the
     `tasks_occurrence` index once it commits, and runs again: a 409, or a bulk retry that
-    leaves the task."""
+    leaves the tasks, however many of its runs clash in a row (the third was a 500)."""
     t0 = next_minute(sql).replace(second=0) + MINUTE
     clock = Clock(t0 - timedelta(seconds=50))
     own = Store(store.database, clock=clock)
+    occurrences = [t0 + n * MINUTE for n in range(3 if bulk else 1)]
     async with api(store.database.settings, clock) as client:
         assert (await client.post("/schedules", json=schedule_body("pd"))).status_code == 201
         assert await made(own, clock) == 1
         await client.patch("/schedules/pd", json={"enabled": False})
-        [(cancelled,)] = sql("SELECT id FROM tasks WHERE schedule = 'pd'")
-        async with await psycopg.AsyncConnection.connect(database_url) as maker:
-            await maker.execute(
-                "INSERT INTO tasks (kind, execute_at, schedule, scheduled_for)"
-                " VALUES ('baz', %s, 'pd', %s)",
-                (t0, t0),
+        for at in occurrences[1:]:  # (as a disable leaves them: cancelled, not started)
+            sql(
+                "INSERT INTO tasks (kind, execute_at, schedule, scheduled_for, state,"
+                " finished_at) VALUES ('baz', %s, 'pd', %s, 'cancelled', now())",
+                at,
+                at,
             )
+        cancelled = [i for (i,) in sql("SELECT id FROM tasks WHERE schedule = 'pd' ORDER BY id")]
+        makers = [await psycopg.AsyncConnection.connect(database_url) for _ in occurrences]
+        try:
+            for maker, at in zip(makers, occurrences, strict=True):
+                await maker.execute(
+                    "INSERT INTO tasks (kind, execute_at, schedule, scheduled_for)"
+                    " VALUES ('baz', %s, 'pd', %s)",
+                    (at, at),
+                )
             if bulk:
                 retry = client.post("/tasks/retry", params={"state": "cancelled"})
             else:
-                retry = client.post(f"/tasks/{cancelled}/retry")
+                retry = client.post(f"/tasks/{cancelled[0]}/retry")
             answer = asyncio.ensure_future(retry)
-            await asyncio.sleep(0.5)
-            assert not answer.done()  # waiting for the maker's transaction
-            await maker.commit()
+            for maker in makers:
+                await asyncio.sleep(0.5)
+                assert not answer.done()  # waiting for this maker's transaction
+                await maker.commit()
+        finally:
+            for maker in makers:
+                await maker.close()
         response = await answer
     if bulk:
         assert (response.status_code, response.json()) == (200, {"count": 0})
     else:
         assert response.status_code == 409, response.text
-    assert sql("SELECT state FROM tasks WHERE id = %s", cancelled) == [("cancelled",)]
+    states = sql("SELECT state FROM tasks WHERE id = ANY(%s)", cancelled)
+    assert states == [("cancelled",)] * len(cancelled)

@@ -202,26 +202,37 @@ async def test_a_tick_returns_by_its_deadline_when_the_database_freezes(
 async def test_a_tick_starts_nothing_that_no_longer_fits_after_a_run_overran_its_time(
     settings: Settings, task_factory: Callable[..., int], sql: Sql, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A plain function runs inline, and cannot be stopped: one that takes 2.5 s where it
-    declares 1 leaves a tick with 3.5 s at first (and a margin of 0.5) no time for the next
-    tasks of its claim. They are handed back unstarted, due as they were, not run past the
-    deadline (the tick ran all three, 7.5 s, where Lambda would have stopped it at 3.5)."""
+    """A plain function runs inline, and cannot be stopped: one that takes 2 s where it
+    declares 1 leaves a tick with 22 s at first (and a margin of 0.5) too little time for the
+    next task of its claim, of a kind that may take 20 s. That one is handed back at once,
+    unstarted, due as it was; the tick then returns (it was started past the deadline's
+    margin; then, held unstarted, handed back only as the deadline came)."""
 
     def overruns(ctx: Context) -> str:
-        time.sleep(2.5)
+        time.sleep(2)
         return f"overran {ctx.task_id}"
 
-    def limit(_: Settings) -> float:
+    async def waits(ctx: Context) -> str:
+        return f"waited {ctx.task_id}"
+
+    def one_s(_: Settings) -> float:
         return 1.0
 
+    def twenty_s(_: Settings) -> float:
+        return 20.0
+
     monkeypatch.setitem(
-        kinds.KINDS, "overruns", kinds.Kind("overruns", overruns, max_seconds=limit, limit_s=limit)
+        kinds.KINDS, "overruns", kinds.Kind("overruns", overruns, max_seconds=one_s, limit_s=one_s)
     )
-    ids = [task_factory("overruns") for _ in range(3)]
+    monkeypatch.setitem(
+        kinds.KINDS, "waits", kinds.Kind("waits", waits, max_seconds=twenty_s, limit_s=twenty_s)
+    )
+    first, second = task_factory("overruns"), task_factory("waits")
     settings = dataclasses.replace(settings, deadline_margin_s=0.5)
     out = io.StringIO()
-    summary = await tick(settings, out=out, deadline=time.monotonic() + 3.5)
-    assert (summary.claimed, summary.succeeded, summary.released) == (3, 1, 2)
-    assert out.getvalue().splitlines() == [f"overran {ids[0]}"]
-    rows = sql("SELECT id, state, attempts FROM tasks ORDER BY id")
-    assert rows == [(ids[0], "succeeded", 1), (ids[1], "scheduled", 0), (ids[2], "scheduled", 0)]
+    summary = await tick(settings, out=out, deadline=time.monotonic() + 22)
+    assert (summary.claimed, summary.succeeded, summary.released) == (2, 1, 1)
+    assert summary.seconds < 12  # (2 s and a little; 21.5 s when it waited for the deadline)
+    assert out.getvalue().splitlines() == [f"overran {first}"]
+    rows = sql("SELECT id, state, attempts, claimed_by FROM tasks ORDER BY id")
+    assert rows == [(first, "succeeded", 1, None), (second, "scheduled", 0, None)]
