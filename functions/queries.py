@@ -709,14 +709,23 @@ OCCURRENCE_HOLDER = """(SELECT held.id FROM tasks AS held
     WHERE held.schedule = tasks.schedule AND held.scheduled_for = tasks.scheduled_for
       AND held.state <> 'cancelled' AND held.id <> tasks.id
     LIMIT 1)"""
-# The tasks a bulk retry takes (and its dry run counts): of a schedule's occurrence, the
-# task that holds it (failed), or else the first of its cancelled tasks, none holding it
-# (migration 0018's index finds an earlier one). One task an occurrence, in any batch.
-OCCURRENCE_RETRYABLE = f"""(tasks.schedule IS NULL OR ({OCCURRENCE_HOLDER} IS NULL
+
+
+def occurrence_retryable(condition: str) -> str:
+    """Of the tasks a bulk retry matching `condition` (SQL over the columns of `tasks`, as
+    `filter_condition` writes it) may take, those it takes, and its dry run counts: of a
+    schedule's occurrence, the task that holds it (failed), or else the first of its
+    cancelled tasks that `condition` matches too, when none holds it (migration 0018's index
+    finds an earlier one). One task an occurrence, in any batch. (`condition` is read inside
+    the subquery too, where its bare column names are the earlier task's.)"""
+    return f"""(tasks.schedule IS NULL OR ({OCCURRENCE_HOLDER} IS NULL
     AND (tasks.state <> 'cancelled' OR NOT EXISTS (
         SELECT FROM tasks AS earlier
         WHERE earlier.schedule = tasks.schedule AND earlier.scheduled_for = tasks.scheduled_for
-          AND earlier.state = 'cancelled' AND earlier.id < tasks.id))))"""
+          AND earlier.state = 'cancelled' AND earlier.id < tasks.id
+          AND ({condition})))))"""
+
+
 RETRY_TASK = _act(("failed", "cancelled"), f"UPDATE tasks SET {_RETRIED}", holder=OCCURRENCE_HOLDER)
 
 # PATCH /tasks/{id} with an execute_at: a scheduled task gets a new execute_at, and is due
@@ -988,7 +997,7 @@ def retry_tasks(condition: str = "true", states: tuple[str, ...] = RETRYABLE) ->
     """Schedule again, due now, up to `%(limit)s` tasks in `states` (RETRYABLE or a part of
     it) matching `condition`, lowest ids first, each as RETRY_TASK does; return their ids.
 
-    `condition` holds OCCURRENCE_RETRYABLE (Store.retry_matching): one task of a
+    `condition` holds `occurrence_retryable` (Store.retry_matching): one task of a
     schedule's occurrence at most, and none that another task holds."""
     assert states and set(states) <= set(RETRYABLE)
     return f"""

@@ -9,11 +9,13 @@ out their occurrences (the cron library is Python), and the store creates the ta
 each schedule past them in the same transaction; a unique index on (schedule, occurrence) is
 the second guard. No lock is held in a process. Nothing here knows about HTTP or SQL.
 
-Daylight saving time, as Debian's cron (cronsim): an occurrence at a local time that does
-not exist (the clocks went forward over it) is due at the first instant after the gap; one
-at a local time that happens twice is due once, at the first. A schedule that runs every hour
-or more often keeps its pace through the change (`0 * * * *` runs at both 02:00 of a night
-the clocks go back: they are an hour apart).
+Daylight saving time, as Debian's cron rules it (cronsim): a cron whose minute and hour
+fields do not start with `*` has an occurrence at a local time that does not exist (the
+clocks went forward over it) due at the first instant after the gap, and one at a local time
+that happens twice due once, at the first; any other follows the local clock as it reads,
+with no occurrence in a skipped hour and both of a repeated one (`*/15 2 * * *` skips the
+night the clocks go forward; `0-59/15 2 * * *` runs at 03:00 then). docs/api.md gives the
+examples tests/unit/test_schedule_input.py holds.
 """
 
 from __future__ import annotations

@@ -344,9 +344,9 @@ _BULK_STATES = {
     BulkAction.RETRY: queries.RETRYABLE,
     BulkAction.DELETE: queries.DELETABLE,
 }
-# What a bulk action takes besides its states and the filters: a retry, one task of a
-# schedule's occurrence, that no other task holds now.
-_BULK_ALSO = {BulkAction.RETRY: queries.OCCURRENCE_RETRYABLE}
+# What a bulk action takes besides its states and the filters (given the filters' SQL): a
+# retry, one task of a schedule's occurrence, that no other task holds now.
+_BULK_ALSO = {BulkAction.RETRY: queries.occurrence_retryable}
 
 
 def _occurrence_taken(exc: DatabaseError) -> bool:
@@ -1118,7 +1118,7 @@ class Store:
             return 0
         condition, more = queries.filter_condition(matching)
         if action in _BULK_ALSO:
-            condition = f"({condition}) AND {_BULK_ALSO[action]}"
+            condition = f"({condition}) AND {_BULK_ALSO[action](condition)}"
         [[(count,)]] = await self._pinned(
             (queries.count_tasks(condition, wanted), {**more, "limit": limit})
         )
@@ -1134,10 +1134,10 @@ class Store:
         *,
         announce: bool = False,
         then: Callable[[list[Any]], Awaitable[None]] | None = None,
-        also: str | None = None,
+        also: Callable[[str], str] | None = None,
     ) -> int:
         """Run `statement_for(condition, states)` over the tasks `matching` (of its states
-        within `allowed`, and meeting `also`), WRITE_BATCH at most a statement, until
+        within `allowed`, and meeting `also` of their SQL), WRITE_BATCH at most a statement, until
         `limit` are done or none is left; return how many were. With `announce`, each batch
         is a cancel's; `then` is called with each batch's rows once it committed."""
         wanted = tuple(s for s in allowed if not matching.states or s in matching.states)
@@ -1148,7 +1148,7 @@ class Store:
         # that failed again before the next matched again, and was retried twice in one call.
         condition = f"({condition}) AND id > %(after_id)s"
         if also is not None:
-            condition = f"{condition} AND {also}"
+            condition = f"{condition} AND {also(condition)}"
         more = {**more, "after_id": 0}
         statement = statement_for(condition, wanted)
         done = 0
@@ -1162,10 +1162,11 @@ class Store:
                 [rows] = await self._pinned((statement, {**params, **more, "limit": batch}))
             except DatabaseError as exc:
                 # A retry that raced the making of an occurrence (see _act): run again, and
-                # the statement leaves that task. Each clash is another occurrence made
-                # meanwhile; as many in a row as the batch holds tasks cannot be that.
+                # the statement leaves that task. Each clash is another transaction that made
+                # occurrences meanwhile (a creator's, a worker's or a tick's): a thousand in a
+                # row cannot be that.
                 clashes += 1
-                if not _occurrence_taken(exc) or clashes > batch:
+                if not _occurrence_taken(exc) or clashes > self.WRITE_BATCH:
                     raise
                 continue
             clashes = 0

@@ -590,9 +590,11 @@ TimeZone = Annotated[
         {
             "type": "string",
             "description": "An IANA time zone the cron is read in, in any case (kept as IANA"
-            " spells it); not `localtime` or `posixrules`, which depend on the host. A local time"
-            " the clocks skip runs at the first instant after the gap; one they pass twice runs"
-            " once, at the first.",
+            " spells it); not `localtime` or `posixrules`, which depend on the host. Daylight"
+            " saving time as Debian's cron rules it: with neither the minute nor the hour field"
+            " starting with `*`, a local time the clocks skip runs at the first instant after the"
+            " gap and one they pass twice runs once, at the first; otherwise the cron follows the"
+            " local clock as it reads (no run in a skipped hour, runs in both of a repeated one).",
             "examples": ["UTC", "Europe/Paris"],
         }
     ),

@@ -632,14 +632,16 @@ async def test_a_cancelled_occurrence_made_anew_is_not_retried_beside_its_new_ta
         ]
 
 
-@pytest.mark.parametrize("bulk", [False, True], ids=["one", "bulk"])
+@pytest.mark.parametrize("limit", [None, 1000, 1], ids=["one", "bulk", "bulk-limit-1"])
 async def test_a_retry_that_races_the_making_of_its_occurrence_is_refused_not_a_500(
-    store: Store, sql: Sql, database_url: str, bulk: bool
+    store: Store, sql: Sql, database_url: str, limit: int | None
 ) -> None:
     """Occurrences are made anew (here by hand, as the creator inserts them) in transactions
     the retry cannot see: the retry's write waits for each, is refused by the
     `tasks_occurrence` index once it commits, and runs again: a 409, or a bulk retry that
-    leaves the tasks, however many of its runs clash in a row (the third was a 500)."""
+    leaves the tasks, however many of its runs clash in a row (the third was a 500; with
+    `limit=1`, the second)."""
+    bulk = limit is not None
     t0 = next_minute(sql).replace(second=0) + MINUTE
     clock = Clock(t0 - timedelta(seconds=50))
     own = Store(store.database, clock=clock)
@@ -665,7 +667,7 @@ async def test_a_retry_that_races_the_making_of_its_occurrence_is_refused_not_a_
                     (at, at),
                 )
             if bulk:
-                retry = client.post("/tasks/retry", params={"state": "cancelled"})
+                retry = client.post("/tasks/retry", params={"state": "cancelled", "limit": limit})
             else:
                 retry = client.post(f"/tasks/{cancelled[0]}/retry")
             answer = asyncio.ensure_future(retry)
@@ -683,3 +685,31 @@ async def test_a_retry_that_races_the_making_of_its_occurrence_is_refused_not_a_
         assert response.status_code == 409, response.text
     states = sql("SELECT state FROM tasks WHERE id = ANY(%s)", cancelled)
     assert states == [("cancelled",)] * len(cancelled)
+
+
+async def test_a_bulk_retry_takes_the_first_cancelled_task_of_an_occurrence_its_filters_match(
+    client: httpx.AsyncClient, sql: Sql
+) -> None:
+    """Two cancelled tasks of one occurrence, none holding it: a bulk retry whose filters
+    leave out the first takes the second (it took none: the first, unmatched, came first)."""
+    rows = sql(
+        "INSERT INTO tasks (kind, execute_at, schedule, scheduled_for, state, finished_at,"
+        " created_at, error) VALUES"
+        " ('baz', now(), 'pd', now(), 'cancelled', now(), now() - interval '1 hour', NULL),"
+        " ('baz', now(), 'pd', now(), 'cancelled', now(), now(), 'boom') RETURNING id"
+    )
+    [first, second] = sorted(task_id for (task_id,) in rows)
+    sql("UPDATE tasks SET scheduled_for = (SELECT min(scheduled_for) FROM tasks)")
+    for query in ({"error": "boom"}, {"created_after": "now"}):
+        params = {"state": "cancelled", **query}
+        if "created_after" in params:
+            [(half_hour_ago,)] = sql("SELECT extract(epoch FROM now() - interval '30 minutes')")
+            params["created_after"] = str(half_hour_ago)
+        dry = await client.post("/tasks/retry", params={**params, "dry_run": "true"})
+        assert dry.json() == {"count": 1, "more": False}, query
+    retried = await client.post("/tasks/retry", params={"state": "cancelled", "error": "boom"})
+    assert retried.json() == {"count": 1}
+    assert sql("SELECT id, state FROM tasks ORDER BY id") == [
+        (first, "cancelled"),
+        (second, "scheduled"),
+    ]

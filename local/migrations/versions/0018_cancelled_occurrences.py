@@ -2,7 +2,7 @@
 
 - `tasks_cancelled_occurrence` (schedule, scheduled_for, id) of cancelled tasks of a schedule
   only: a bulk retry takes, of the cancelled tasks of one occurrence that no other task holds,
-  the first (queries.OCCURRENCE_RETRYABLE), and its dry run counts the same, each task
+  the first (queries.occurrence_retryable), and its dry run counts the same, each task
   checked in a lookup of this index. A schedule disabled, enabled again within the minute
   before an occurrence it had made, and disabled again, leaves two of them (`tasks_occurrence`
   holds the tasks that are not cancelled, one an occurrence). Tasks of no schedule, and those
