@@ -5,6 +5,8 @@ path does not serve."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 from typing import Any
 
 from mangum import Mangum
@@ -12,6 +14,7 @@ from mangum import Mangum
 from functions.db import Database
 from functions.http.fastpath import Lazy
 from functions.http.middleware import wrap
+from functions.http.responses import detail_json
 from functions.logs import handler_kinds, handler_settings
 from functions.settings import Settings
 from functions.store import Store
@@ -42,7 +45,28 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     # event): read it as no headers.
     if event.get("headers") is None:
         event = {**event, "headers": {}}
+    if (unreadable := _unreadable_base64(event)) is not None:
+        return unreadable
     return _adapter(event, context)
+
+
+def _unreadable_base64(event: dict[str, Any]) -> dict[str, Any] | None:
+    """A 400 for a body marked base64 that is not (Mangum's decoding would raise, and the
+    invocation fail); None for any other event. API Gateway never sends one; a hand-made
+    event or another proxy may."""
+    if not (event.get("isBase64Encoded") and event.get("body")):
+        return None
+    try:
+        base64.b64decode(event["body"])  # as Mangum decodes it
+    except (binascii.Error, ValueError) as exc:
+        detail = f"the body is marked base64 (isBase64Encoded) and is not: {exc}"
+        return {
+            "statusCode": 400,
+            "headers": {"content-type": "application/json"},
+            "body": detail_json(detail).decode(),
+            "isBase64Encoded": False,
+        }
+    return None
 
 
 def _build(settings: Settings, store: Store) -> Any:

@@ -1,6 +1,7 @@
 """The Lambda handlers, fed real API Gateway and EventBridge event JSON, warm, many times over."""
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -303,6 +304,24 @@ def test_body_without_content_type_is_json_and_another_type_is_415(
     plain = functions.api.handler(api_event(version, "create", None, **plain_text), FakeContext())
     assert plain["statusCode"] == 415
     assert "application/json" in body(plain)["detail"]
+
+
+@pytest.mark.one_server
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_body_marked_base64_that_is_not_is_a_400(lambda_env: None, version: str) -> None:
+    """API Gateway sends none, but a hand-made event or another proxy may: a 400 that says
+    why, as a body that is not JSON is, rather than an invocation that raises."""
+    event = api_event(version, "create")
+    event["body"], event["isBase64Encoded"] = "eyJ0eXBlIjogImJheiJ9x", True  # padding off
+    response = functions.api.handler(event, FakeContext())
+    assert response["statusCode"] == 400, response
+    assert "base64" in body(response)["detail"]
+
+    readable = api_event(version, "create")
+    raw = readable["body"].encode()
+    readable["body"], readable["isBase64Encoded"] = base64.b64encode(raw).decode(), True
+    created = functions.api.handler(readable, FakeContext())
+    assert created["statusCode"] == 201, body(created)
 
 
 @pytest.mark.one_server
