@@ -318,6 +318,10 @@ class Runner:
                             unfit.append(task.id)
                     if unfit:
                         await self.upkeep.release_held(unfit)  # for another tick, at once
+                    # (Those handed back unstarted are counted when claimed again.)
+                    state.count_started(
+                        [t for t in claimed if t.id not in unfit] if unfit else claimed
+                    )
                     full = len(claimed) == room
                     self.claim_point.end(token, kinds, short_kinds, full, due)
                     if full:
@@ -390,7 +394,6 @@ class Runner:
         if claimed:  # (none: nothing was due, or the lease had run out)
             self.printer.renewed(sent_at)
         state.db_offset_s = due.now_s - time.time()
-        state.count_started(claimed)
         return claimed, due
 
     async def _stop_superseded(self, claimed: list[Claimed]) -> None:

@@ -236,3 +236,6 @@ async def test_a_tick_starts_nothing_that_no_longer_fits_after_a_run_overran_its
     assert out.getvalue().splitlines() == [f"overran {first}"]
     rows = sql("SELECT id, state, attempts, claimed_by FROM tasks ORDER BY id")
     assert rows == [(first, "succeeded", 1, None), (second, "scheduled", 0, None)]
+    # Only the task that started is counted as started (its lateness, /stats's figures).
+    started = sql("SELECT kind, sum(started) FROM task_activity GROUP BY kind ORDER BY kind")
+    assert [(kind, int(n)) for kind, n in started if n] == [("overruns", 1)]
