@@ -399,9 +399,11 @@ async def bounded(conn: AsyncConnection[Any], work: Awaitable[T], bound_s: float
     try:
         return await work
     except asyncio.CancelledError:
-        if not expired:
+        # Not the timer's cancel alone: one from outside (a shutdown cancelling the loop
+        # that waits here) came too, and is not swallowed. Within one step of the event
+        # loop both can land, and the loop went on, past its shutdown, for good.
+        if not expired or task.uncancel() > 0:
             raise
-        task.uncancel()
         raise StatementTimeout(
             f"database statement got no answer within {bound_s:g}s; its connection was closed"
         ) from None
