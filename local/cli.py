@@ -57,10 +57,8 @@ def _settings(*, migrate: bool, wait: bool = False) -> Settings:
         try:
             if migrate:
                 migrations.migrate(settings.database_url)
-            elif migrations.pending(settings.database_url):
-                raise TaskrunnerError(
-                    "the database schema is not up to date: run `taskrunner migrate`"
-                )
+            elif (why := migrations.outdated(settings.database_url)) is not None:
+                raise TaskrunnerError(why)
             return settings
         except DatabaseUnavailable as exc:
             if not wait:

@@ -59,18 +59,48 @@ def _config(database_url: str) -> Config:
 def migrate(database_url: str) -> None:
     """Bring the schema up to date; safe to run from several processes at once."""
     try:
+        if (newer := _unknown_revision(database_url)) is not None:
+            raise TaskrunnerError(newer)
         command.upgrade(_config(database_url), "head")
     except sqlalchemy.exc.OperationalError as exc:
         raise DatabaseUnavailable(f"database unavailable: {exc.orig}") from exc
 
 
-def pending(database_url: str) -> bool:
-    """Whether the database is behind the newest migration."""
-    head = ScriptDirectory.from_config(_config(database_url)).get_current_head()
+def outdated(database_url: str) -> str | None:
+    """Why this version cannot run on the database's schema (None: it is this version's):
+    the schema is behind it, or at a migration it does not know (a newer version's)."""
+    if (newer := _unknown_revision(database_url)) is not None:
+        return newer
+    if _revision(database_url) != _scripts(database_url).get_current_head():
+        return "the database schema is not up to date: run `taskrunner migrate`"
+    return None
+
+
+def _unknown_revision(database_url: str) -> str | None:
+    """What to say of a schema at a migration this version does not know (None: it knows
+    it, or there is none yet). Alembic's own answer is a traceback ("Can't locate
+    revision")."""
+    revision = _revision(database_url)
+    scripts = _scripts(database_url)
+    if revision is None or revision in {script.revision for script in scripts.walk_revisions()}:
+        return None
+    return (
+        f"the database schema is at migration {revision}, which this version of taskrunner"
+        f" does not know (its newest is {scripts.get_current_head()}): a newer version"
+        " migrated it: run that version"
+    )
+
+
+def _scripts(database_url: str) -> ScriptDirectory:
+    return ScriptDirectory.from_config(_config(database_url))
+
+
+def _revision(database_url: str) -> str | None:
+    """The migration the database's schema is at (None: none yet)."""
     schema = make_engine(database_url)
     try:
         with schema.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision() != head
+            return MigrationContext.configure(conn).get_current_revision()
     except sqlalchemy.exc.OperationalError as exc:
         raise DatabaseUnavailable(f"database unavailable: {exc.orig}") from exc
     finally:

@@ -368,6 +368,40 @@ def test_migrate_says_what_it_applies_and_nothing_else_of_alembic(
         assert noise not in first.stderr + again.stderr
 
 
+def test_a_schema_newer_than_this_version_is_named_so_not_behind(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """A database a newer version migrated (here: at a migration no version has): each
+    command that needs the schema exits 1 and says the schema is newer than it knows. Before,
+    `worker`, `tick` and `prune` said to run `taskrunner migrate`, which then failed with
+    alembic's traceback. A schema behind this version still says to migrate."""
+    env = {**os.environ, "TASKRUNNER_DATABASE_URL": empty_database_url}
+
+    def run(*command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [TASKRUNNER, *command], env=env, capture_output=True, text=True, cwd=tmp_path,
+            timeout=60,
+        )  # fmt: skip
+
+    assert run("migrate").returncode == 0
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        [(head,)] = conn.execute("SELECT version_num FROM alembic_version").fetchall()
+        conn.execute("UPDATE alembic_version SET version_num = '9999'")
+    for command in (["worker"], ["tick"], ["prune"], ["migrate"]):
+        refused = run(*command)
+        assert refused.returncode == 1, (command, refused.stderr)
+        assert (
+            f"the database schema is at migration 9999, which this version of taskrunner does"
+            f" not know (its newest is {head})"
+        ) in refused.stderr, (command, refused.stderr)
+        assert "Traceback" not in refused.stderr
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0001'")
+    behind = run("tick")
+    assert behind.returncode == 1
+    assert "the database schema is not up to date: run `taskrunner migrate`" in behind.stderr
+
+
 @pytest.mark.one_server
 def test_worker_and_prune_print_no_alembic_noise(
     spawn: Callable[..., Proc], database_url: str, tmp_path: Path
