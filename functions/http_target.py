@@ -254,6 +254,29 @@ async def _read_some(response: httpx.Response) -> None:
             return
 
 
+# How httpx starts the RemoteProtocolError of a redirect whose Location is no URL.
+_NO_URL_LOCATION = "Invalid URL in location header"
+
+
+def _unfollowed_origin(target: httpx.URL) -> str | None:
+    """Why a redirect to `target` is not followed for its host or port, by the rules a
+    payload's `url` is checked by (URL_PATTERN, HOST_PATTERN): a port out of 1-65535, an
+    IPv4 address written otherwise than as four decimal numbers, a host of other characters.
+    None: followed (an IPv6 literal too, which a Location may hold: the address connected to
+    is checked in any case)."""
+    host = target.raw_host.decode("ascii", "backslashreplace")
+    if ":" in host:
+        return None
+    origin = f"{target.scheme}://{host}" + ("" if target.port is None else f":{target.port}")
+    if _URL.fullmatch(origin) and _HOST.search(origin):
+        return None
+    shown = origin.partition("://")[2]
+    return (
+        f"{shown!r:.80}, a host and port a task's `url` cannot have (a port from 1 to 65535;"
+        " an IPv4 address as four numbers 0 to 255 without leading zeros, or a name)"
+    )
+
+
 def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
     """Whether the payload's headers may go on to `b`: the same host, not from https to
     http (a credential meant for one host is never sent to another)."""
@@ -292,6 +315,14 @@ async def http(ctx: Context) -> str:
                 raise AddressRefused(f"{where}: {exc}") from None
             except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
                 raise Fail(f"{where}: {exc}") from None
+            except httpx.RemoteProtocolError as exc:
+                # httpx reads a redirect's Location even when it follows none, and raises
+                # this where it is no URL (`0177.0.0.1`): an answer that will not change.
+                if str(exc).startswith(_NO_URL_LOCATION):
+                    raise Fail(
+                        f"{where} answered a redirect to a Location that is no URL: {exc}"
+                    ) from None
+                raise HttpError(f"{where}: {type(exc).__name__}: {exc}".rstrip(": ")) from None
             except httpx.TransportError as exc:
                 raise HttpError(f"{where}: {type(exc).__name__}: {exc}".rstrip(": ")) from None
             try:
@@ -313,6 +344,8 @@ async def http(ctx: Context) -> str:
                     raise Fail(f"{answered} to a Location that is no URL: {exc}") from None
                 if target.scheme not in ("http", "https"):
                     raise Fail(f"{answered} to a {target.scheme or 'relative'} URL, not http(s)")
+                if (why := _unfollowed_origin(target)) is not None:
+                    raise Fail(f"{answered} to {why}")
                 if target.userinfo:
                     # httpx would send them as Basic auth: credentials go in `headers` only
                     # (as a payload's URL takes none), and the error never quotes them.

@@ -256,6 +256,55 @@ async def test_a_redirect_to_a_url_with_a_user_name_and_password_is_not_followed
 
 
 @pytest.mark.parametrize(
+    ("location", "shown"),
+    [
+        ("http://127.0.0.1:99999/x", "127.0.0.1:99999"),
+        ("http://127.0.0.1:0/x", "127.0.0.1:0"),
+        ("http://%zz/x", "%zz"),
+    ],
+)
+async def test_a_redirect_to_a_host_or_port_a_url_cannot_have_fails_at_once(
+    client: httpx.AsyncClient,
+    store: Store,
+    allowed: Settings,
+    sql: Sql,
+    target: Target,
+    location: str,
+    shown: str,
+) -> None:
+    """Each new address is checked as the first was: a port out of range, an IPv4 address
+    as not all readers read it, a host of other characters fail the task for good at that
+    hop, saying why. Before, each was tried (an OverflowError in a TaskGroup, a protocol
+    error, a lookup of `%zz`) and retried as if the target had failed."""
+    location, shown = (text.format(port=target.port) for text in (location, shown))
+    task_id = await create(client, {"url": f"{target.url}/to?{location}"})
+    await drain(store, allowed)
+    state, attempts, _, error = task_row(sql, task_id)
+    assert (state, attempts) == ("failed", 1)
+    assert error == (
+        f"Fail: POST {target.url}/to answered 307 Temporary Redirect to {shown!r}, a host and"
+        " port a task's `url` cannot have (a port from 1 to 65535; an IPv4 address as four"
+        " numbers 0 to 255 without leading zeros, or a name)"
+    )
+    assert [s.path for s in target.seen] == ["/to"]
+
+
+async def test_a_redirect_to_a_location_httpx_cannot_read_fails_at_once(
+    client: httpx.AsyncClient, store: Store, allowed: Settings, sql: Sql, target: Target
+) -> None:
+    """`0177.0.0.1` (octal to some readers) is no URL to httpx: the task fails for good.
+    Before, httpx's RemoteProtocolError was taken for a failing target and retried."""
+    task_id = await create(client, {"url": f"{target.url}/to?http://0177.0.0.1/x"})
+    await drain(store, allowed)
+    state, attempts, _, error = task_row(sql, task_id)
+    assert (state, attempts) == ("failed", 1)
+    assert error.startswith(
+        f"Fail: POST {target.url}/to answered a redirect to a Location that is no URL:"
+    )
+    assert [s.path for s in target.seen] == ["/to"]
+
+
+@pytest.mark.parametrize(
     ("allow", "host", "refused"),
     [
         (None, "127.0.0.1", True),
