@@ -311,17 +311,18 @@ class Runner:
                     claimed, due = await self._claim(kinds, room, short_kinds, fit_s, caps, start)
                     state.summary.claimed += len(claimed)
                     unfit: list[int] = []
+                    started: list[Claimed] = []
                     for task in claimed:
                         if deadline is None or self._fits(task, self._left_s(deadline)):
-                            self._start(task)
+                            if self._start(task):
+                                started.append(task)
                         else:  # a plain function run inline before it overran its time
                             unfit.append(task.id)
                     if unfit:
                         await self.upkeep.release_held(unfit)  # for another tick, at once
-                    # (Those handed back unstarted are counted when claimed again.)
-                    state.count_started(
-                        [t for t in claimed if t.id not in unfit] if unfit else claimed
-                    )
+                    # (Those waiting for a slot are counted as they start; those handed back
+                    # unstarted, when claimed again.)
+                    state.count_started(started)
                     full = len(claimed) == room
                     self.claim_point.end(token, kinds, short_kinds, full, due)
                     if full:
@@ -438,7 +439,9 @@ class Runner:
             self._http = HttpClients(self.settings)
         return self._http.lend(guarded=guarded, timeout_s=timeout_s)
 
-    def _start(self, claimed: Claimed) -> None:
+    def _start(self, claimed: Claimed) -> bool:
+        """Run `claimed` (inline, or as an asyncio task), or queue it for a slot of its
+        kind: False."""
         kind = KINDS[claimed.kind]
         if kind.instant:
             # No asyncio task for a kind that returns at once: creating and scheduling one
@@ -453,11 +456,12 @@ class Runner:
                 self._record(claimed, None, exc, time.monotonic() - began)
             else:
                 self._record(claimed, line, None, time.monotonic() - began)
-            return
+            return True
         if self.slots.full(kind.name):
             self.slots.queued[kind.name].append(claimed)
-            return
+            return False
         self._launch(kind, claimed)
+        return True
 
     def _launch(self, kind: Kind, claimed: Claimed) -> None:
         limit_s = time_limit_s(kind, self.settings, claimed.timeout_s)
@@ -531,8 +535,11 @@ class Runner:
 
     def _start_queued(self, kind_name: str) -> None:
         queue = self.slots.queued[kind_name]
+        started = []
         while queue and not self.state.halt.is_set() and not self.slots.full(kind_name):
-            self._launch(KINDS[kind_name], queue.popleft())
+            started.append(queue.popleft())
+            self._launch(KINDS[kind_name], started[-1])
+        self.state.count_started(started)
 
     # --- cancel ------------------------------------------------------------------------------
 

@@ -532,3 +532,38 @@ async def test_a_task_claimed_again_while_its_last_result_is_written_is_counted_
     summary = runner.state.summary
     assert (summary.retried, summary.lost, summary.cancelled) == (1, 0, 0)
     assert sql("SELECT state, attempts FROM tasks") == [("scheduled", 1)]
+
+
+async def test_a_task_handed_back_from_its_slots_queue_was_never_counted_as_started(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    extra_kinds: Callable[[Kind], None],
+) -> None:
+    """One slot: of the two tasks a worker claims (its slot, and one ahead for it), one runs
+    and one waits for the slot. Stopped, the worker hands both back; only the one that ran
+    is counted as started (the start lateness /stats and /metrics show). Before, the one
+    that waited was counted too, and again when it ran later."""
+
+    async def single(ctx: Context) -> str:
+        await asyncio.sleep(30)
+        return f"single {ctx.task_id}"
+
+    extra_kinds(Kind("single", single, lambda s: 40.0, concurrency=lambda s: 1))
+    for _ in range(3):
+        task_factory("single")
+    stop = asyncio.Event()
+    settings = dataclasses.replace(settings, poll_interval_s=60.0, shutdown_grace_s=0.2)
+    runner = Runner(store, settings, out=io.StringIO())
+    run = asyncio.create_task(runner.run(keep_polling=True, stop=stop))
+    for _ in range(200):
+        if sql("SELECT count(*) FROM tasks WHERE state = 'running'") == [(2,)]:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)  # the first has started; the second waits for its slot
+    stop.set()
+    summary = await asyncio.wait_for(run, 10)
+    assert (summary.claimed, summary.released) == (2, 2)
+    assert sql("SELECT state, attempts, count(*) FROM tasks GROUP BY 1, 2") == [("scheduled", 0, 3)]
+    assert sql("SELECT sum(started) FROM task_activity WHERE kind = 'single'") == [(1,)]
