@@ -247,7 +247,7 @@ def parse_execute_at(value: object) -> datetime:
             # upper(): RFC 3339 allows a lowercase t and z, Python's parser does not.
             parsed = datetime.fromisoformat(text.upper())
         except ValueError:
-            raise ValueError(f"execute_at {excerpt(value)} is not {_FORMS}") from None
+            raise ValueError(_not_taken(value, text)) from None
         offset = parsed.utcoffset()
         if offset is None:
             raise ValueError(
@@ -273,6 +273,19 @@ def parse_execute_at(value: object) -> datetime:
                 "9999-12-31T23:59:59.999999Z once converted to UTC"
             ) from None
     raise ValueError(f"execute_at must be {_FORMS}")
+
+
+def _not_taken(value: object, text: str) -> str:
+    """Why an RFC 3339 date-time in form (`text`, stripped) is refused: RFC 3339 allows
+    year 0 and a leap second, this API neither (DATE_TIME_PATTERN); else, it is no date."""
+    if text[17:19] == "60":
+        return (
+            f"execute_at {excerpt(value)} is a leap second (second 60), which is not taken:"
+            " give the second after it"
+        )
+    if text.startswith("0000"):
+        return f"execute_at {excerpt(value)} is in year 0; the earliest is 0001-01-01T00:00:00Z"
+    return f"execute_at {excerpt(value)} is not {_FORMS}"
 
 
 # The date-time strings parse_execute_at refuses, among those of JSON Schema's `date-time`
