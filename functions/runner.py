@@ -440,8 +440,8 @@ class Runner:
         return self._http.lend(guarded=guarded, timeout_s=timeout_s)
 
     def _start(self, claimed: Claimed) -> bool:
-        """Run `claimed` (inline, or as an asyncio task), or queue it for a slot of its
-        kind: False."""
+        """Run `claimed`, inline or as an asyncio task (True), or queue it for a slot of
+        its kind (False)."""
         kind = KINDS[claimed.kind]
         if kind.instant:
             # No asyncio task for a kind that returns at once: creating and scheduling one

@@ -59,7 +59,7 @@ def _config(database_url: str) -> Config:
 def migrate(database_url: str) -> None:
     """Bring the schema up to date; safe to run from several processes at once."""
     try:
-        if (newer := _unknown_revision(database_url)) is not None:
+        if (newer := _unknown(_revision(database_url), _scripts(database_url))) is not None:
             raise TaskrunnerError(newer)
         command.upgrade(_config(database_url), "head")
     except sqlalchemy.exc.OperationalError as exc:
@@ -69,19 +69,18 @@ def migrate(database_url: str) -> None:
 def outdated(database_url: str) -> str | None:
     """Why this version cannot run on the database's schema (None: it is this version's):
     the schema is behind it, or at a migration it does not know (a newer version's)."""
-    if (newer := _unknown_revision(database_url)) is not None:
+    revision, scripts = _revision(database_url), _scripts(database_url)
+    if (newer := _unknown(revision, scripts)) is not None:
         return newer
-    if _revision(database_url) != _scripts(database_url).get_current_head():
+    if revision != scripts.get_current_head():
         return "the database schema is not up to date: run `taskrunner migrate`"
     return None
 
 
-def _unknown_revision(database_url: str) -> str | None:
+def _unknown(revision: str | None, scripts: ScriptDirectory) -> str | None:
     """What to say of a schema at a migration this version does not know (None: it knows
     it, or there is none yet). Alembic's own answer is a traceback ("Can't locate
     revision")."""
-    revision = _revision(database_url)
-    scripts = _scripts(database_url)
     if revision is None or revision in {script.revision for script in scripts.walk_revisions()}:
         return None
     return (
