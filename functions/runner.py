@@ -686,6 +686,16 @@ class Runner:
             await self._http.aclose()
             self._http = None
 
+        if state.lease_lost:
+            # Its lease ran out: what it still holds is rescued as another worker's rescue
+            # would (each attempt `lost`, counted, `failed` once they are spent), not handed
+            # back as never started: a kind that blocked past the lease ran again and again,
+            # never using up its attempts, and an HTTP request sent was sent again uncounted.
+            try:
+                await self.upkeep.rescue()
+            except (DatabaseUnavailable, DatabaseError) as exc:
+                summary.note_error(str(exc))  # (the next rescue, anyone's, takes them)
+            state.held.clear()
         # Whatever is still held was not recorded: hand it back.
         await self.upkeep.release_held()
         await self.upkeep.sign_off()

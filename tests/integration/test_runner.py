@@ -294,11 +294,13 @@ async def test_a_tick_counts_what_it_had_no_time_for_up_to_a_bound(
     assert "bar (3 due; needs 13 s)" in caplog.text
 
 
-async def test_a_worker_whose_lease_ran_out_stops_and_hands_back(
+async def test_a_worker_whose_lease_ran_out_stops_and_rescues_what_it_held(
     store: Store, settings: Settings, sql: Sql, task_factory: Callable[..., int]
 ) -> None:
-    """A worker that stalled past its lease finds out at its next heartbeat: it stops, hands
-    back what nobody rescued yet, and the caller starts it again as a new worker."""
+    """A worker that stalled past its lease finds out at its next heartbeat: it stops, puts
+    back what nobody rescued yet as a rescue does (the attempt under way `lost`, counted),
+    and the caller starts it again as a new worker. Before, it handed them back as never
+    started: a kind that blocked past the lease ran again and again, using up no attempt."""
     settings = dataclasses.replace(settings, lease_seconds=3.0, foo_delay_s=30.0)
     task = task_factory("foo")
     runner = Runner(store, settings, out=io.StringIO())
@@ -310,10 +312,10 @@ async def test_a_worker_whose_lease_ran_out_stops_and_hands_back(
     sql("UPDATE workers SET lease_expires_at = now() - interval '1 second'")  # it stalled
     summary = await asyncio.wait_for(run, timeout=10)
     assert runner.lease_lost
-    assert summary.released == 1
-    assert sql("SELECT state, attempts, claimed_by FROM tasks") == [("scheduled", 0, None)]
+    assert (summary.rescued, summary.released) == (1, 0)
+    assert sql("SELECT state, attempts, claimed_by FROM tasks") == [("scheduled", 1, None)]
+    assert sql("SELECT task_id, attempt, outcome FROM attempts") == [(task, 1, "lost")]
     assert sql("SELECT count(*) FROM workers") == [(0,)]
-    assert task
 
 
 async def test_reconcile_reports_only_what_it_handed_back(
@@ -567,3 +569,35 @@ async def test_a_task_handed_back_from_its_slots_queue_was_never_counted_as_star
     assert (summary.claimed, summary.released) == (2, 2)
     assert sql("SELECT state, attempts, count(*) FROM tasks GROUP BY 1, 2") == [("scheduled", 0, 3)]
     assert sql("SELECT sum(started) FROM task_activity WHERE kind = 'single'") == [(1,)]
+
+
+async def test_a_kind_that_blocks_past_the_lease_fails_once_its_attempts_are_spent(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    extra_kinds: Callable[[Kind], None],
+) -> None:
+    """A plain function that blocks 4 s under a 3 s lease costs its worker the lease each
+    time it runs: each run is an attempt `lost`, and with two attempts the task fails after
+    the second, as own-tasks.md says. Before, each run was handed back as never started,
+    and the task ran again every few seconds for good, printing nothing."""
+
+    def blocks(ctx: Context) -> str:
+        time.sleep(4)
+        return f"blocked {ctx.task_id}"
+
+    extra_kinds(Kind("blocks", blocks, lambda s: 1.0))
+    task = task_factory("blocks", max_attempts=2)
+    settings = dataclasses.replace(settings, lease_seconds=3.0)
+    out = io.StringIO()
+    for _ in range(2):  # the caller starts it again as a new worker after each
+        runner = Runner(store, settings, out=out)
+        await asyncio.wait_for(runner.run(keep_polling=True), 30)
+        assert runner.lease_lost
+    assert sql("SELECT state, attempts FROM tasks") == [("failed", 2)]
+    assert sql("SELECT attempt, outcome FROM attempts WHERE task_id = %s ORDER BY 1", task) == [
+        (1, "lost"),
+        (2, "lost"),
+    ]
+    assert out.getvalue() == ""
