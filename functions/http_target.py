@@ -256,24 +256,31 @@ async def _read_some(response: httpx.Response) -> None:
 
 # How httpx starts the RemoteProtocolError of a redirect whose Location is no URL.
 _NO_URL_LOCATION = "Invalid URL in location header"
+# A Location's host and port as written (absolute, or protocol-relative `//host`).
+_AUTHORITY = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*:)?//([^/?#\\]*)")
 
 
-def _unfollowed_origin(target: httpx.URL) -> str | None:
-    """Why a redirect to `target` is not followed for its host or port, by the rules a
-    payload's `url` is checked by (URL_PATTERN, HOST_PATTERN): a port out of 1-65535, an
-    IPv4 address written otherwise than as four decimal numbers, a host of other characters.
-    None: followed (an IPv6 literal too, which a Location may hold: the address connected to
-    is checked in any case)."""
-    host = target.raw_host.decode("ascii", "backslashreplace")
-    if ":" in host:
+def _unfollowed_origin(location: str, scheme: str) -> str | None:
+    """Why a redirect to `location` is not followed for its host or port as written, by the
+    rules a payload's `url` is checked by (URL_PATTERN, HOST_PATTERN): a port out of
+    1-65535 or written otherwise than in plain digits without a leading zero (httpx reads
+    `:0080`, `:+80` and other digits alike), an IPv4 address written otherwise than as four
+    decimal numbers, a host of other characters. None: followed (a relative Location keeps
+    the origin; an IPv6 literal, which a Location may hold, and the address connected to are
+    checked in any case; a user name or password is refused apart)."""
+    written = _AUTHORITY.match(location.strip())
+    if written is None:
         return None
-    origin = f"{target.scheme}://{host}" + ("" if target.port is None else f":{target.port}")
+    authority = written.group(1)
+    if "@" in authority or authority.startswith("["):
+        return None
+    origin = f"{scheme}://{authority}"
     if _URL.fullmatch(origin) and _HOST.search(origin):
         return None
-    shown = origin.partition("://")[2]
     return (
-        f"{shown!r:.80}, a host and port a task's `url` cannot have (a port from 1 to 65535;"
-        " an IPv4 address as four numbers 0 to 255 without leading zeros, or a name)"
+        f"{authority!r:.80}, a host and port a task's `url` cannot have (a port from 1 to"
+        " 65535 in plain digits; an IPv4 address as four numbers 0 to 255 without leading"
+        " zeros, or a name)"
     )
 
 
@@ -344,7 +351,7 @@ async def http(ctx: Context) -> str:
                     raise Fail(f"{answered} to a Location that is no URL: {exc}") from None
                 if target.scheme not in ("http", "https"):
                     raise Fail(f"{answered} to a {target.scheme or 'relative'} URL, not http(s)")
-                if (why := _unfollowed_origin(target)) is not None:
+                if why := _unfollowed_origin(response.headers["location"], target.scheme):
                     raise Fail(f"{answered} to {why}")
                 if target.userinfo:
                     # httpx would send them as Basic auth: credentials go in `headers` only

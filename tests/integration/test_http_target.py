@@ -261,6 +261,8 @@ async def test_a_redirect_to_a_url_with_a_user_name_and_password_is_not_followed
         ("http://127.0.0.1:99999/x", "127.0.0.1:99999"),
         ("http://127.0.0.1:0/x", "127.0.0.1:0"),
         ("http://%zz/x", "%zz"),
+        ("http://127.0.0.1:0{port}/x", "127.0.0.1:0{port}"),  # httpx reads it as {port}
+        ("//127.0.0.1:+{port}/x", "127.0.0.1:+{port}"),
     ],
 )
 async def test_a_redirect_to_a_host_or_port_a_url_cannot_have_fails_at_once(
@@ -272,10 +274,10 @@ async def test_a_redirect_to_a_host_or_port_a_url_cannot_have_fails_at_once(
     location: str,
     shown: str,
 ) -> None:
-    """Each new address is checked as the first was: a port out of range, an IPv4 address
-    as not all readers read it, a host of other characters fail the task for good at that
-    hop, saying why. Before, each was tried (an OverflowError in a TaskGroup, a protocol
-    error, a lookup of `%zz`) and retried as if the target had failed."""
+    """Each new address is checked as the first was, as written: a port out of range or not
+    in plain digits, a host of other characters fail the task for good at that hop, saying
+    why. Before, each was tried (an OverflowError in a TaskGroup, a lookup of `%zz`) and
+    retried as if the target had failed, or followed (`:0` and `:+` before the port)."""
     location, shown = (text.format(port=target.port) for text in (location, shown))
     task_id = await create(client, {"url": f"{target.url}/to?{location}"})
     await drain(store, allowed)
@@ -283,8 +285,8 @@ async def test_a_redirect_to_a_host_or_port_a_url_cannot_have_fails_at_once(
     assert (state, attempts) == ("failed", 1)
     assert error == (
         f"Fail: POST {target.url}/to answered 307 Temporary Redirect to {shown!r}, a host and"
-        " port a task's `url` cannot have (a port from 1 to 65535; an IPv4 address as four"
-        " numbers 0 to 255 without leading zeros, or a name)"
+        " port a task's `url` cannot have (a port from 1 to 65535 in plain digits; an IPv4"
+        " address as four numbers 0 to 255 without leading zeros, or a name)"
     )
     assert [s.path for s in target.seen] == ["/to"]
 
