@@ -66,13 +66,21 @@ URL_PATTERN = (
     "(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?"
     "(?:[/?#][!#-;=?-\\[\\]_a-z~]*)?$"
 )
-# A host of digits and dots alone is an IPv4 address written as four decimal numbers 0-255
-# without leading zeros: parsers read `0177.0.0.1` (octal to some), `127.1` and `2130706433`
-# differently (httpx refuses the first; the resolver takes the others as 127.0.0.1). A second
-# pattern on the URL, without lookahead, so every regex engine reads it alike.
+# A host the resolver may read as a number (each of its one to four labels decimal, octal
+# with a leading 0, or hex with 0x) is an IPv4 address written as four decimal numbers
+# 0-255 without leading zeros: parsers read `0177.0.0.1` (octal to some), `127.1`,
+# `2130706433` and `0x7f.1` differently (httpx refuses the first; the resolver takes the
+# others as 127.0.0.1). Any other host is a name: one of its labels is no such number
+# (`_NAME_LABEL`). A second pattern on the URL, without lookahead, so every regex engine
+# reads it alike.
 _OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_NAME_LABEL = (
+    "(?:[A-Za-z_-]|[1-9][0-9]*[A-Za-z_-]|0[0-9]+[A-Za-z_-]|0[A-WYZa-wyz_-]"
+    "|0[Xx][0-9A-Fa-f]*[G-Zg-z_-])[A-Za-z0-9_-]*"
+)
 HOST_PATTERN = (
-    f"^[Hh][Tt][Tt][Pp][Ss]?://(?:(?:{_OCTET}\\.){{3}}{_OCTET}(?:[:/?#]|$)|[0-9.]*[A-Za-z_-])"
+    f"^[Hh][Tt][Tt][Pp][Ss]?://(?:(?:{_OCTET}\\.){{3}}{_OCTET}(?:[:/?#]|$)"
+    f"|(?:[A-Za-z0-9_-]*\\.)*{_NAME_LABEL})"
 )
 # RFC 9110: a header's name is a token; its value visible ASCII, with spaces and tabs inside.
 HEADER_NAME_PATTERN = "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
@@ -165,7 +173,8 @@ def check_payload(payload: Any) -> None:
         host = re.split("[:/?#]", url.partition("://")[2], maxsplit=1)[0]
         _refuse(
             f"`url` host {host!r:.40} is not an IPv4 address as written: four numbers 0 to"
-            " 255 without leading zeros (0177 is octal to some readers), or use a name"
+            " 255 without leading zeros (0177 is octal to some readers, 0x7f hex), or use a"
+            " name"
         )
     method = payload.get("method", "POST")
     if method not in METHODS:

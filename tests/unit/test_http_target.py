@@ -152,6 +152,9 @@ def test_a_refused_header_value_is_never_quoted() -> None:
         ("http://127.1:80/", "host '127.1' is not an IPv4 address as written"),
         ("https://2130706433", "host '2130706433' is not an IPv4 address"),
         ("http://256.1.1.1/", "four numbers 0 to 255 without leading zeros (0177 is octal"),
+        ("http://0x7f000001:80/", "host '0x7f000001' is not an IPv4 address as written"),
+        ("http://0x7f.1/", "(0177 is octal to some readers, 0x7f hex)"),
+        ("http://0x7F.0.0.1/", "host '0x7F.0.0.1' is not an IPv4 address as written"),
         ("http://[::1]:8080/", "has an IPv6 address for its host, which it cannot: use a name"),
         ("http://[2001:db8::1]/", "use a name that resolves to it"),
         ("http://[::ffff:127.0.0.1]/", "has an IPv6 address for its host"),
@@ -165,8 +168,15 @@ def test_a_url_whose_host_readers_read_differently_is_refused_saying_why(
     assert said in str(refused.value)
 
 
-@pytest.mark.parametrize("host", ["1.2.3.4", "0.0.0.0", "255.255.255.255", "10.0.0.1", "1.2.3.4a"])
-def test_an_ipv4_address_written_a_b_c_d_is_taken(host: str) -> None:
+@pytest.mark.parametrize(
+    "host",
+    ["1.2.3.4", "0.0.0.0", "255.255.255.255", "10.0.0.1", "1.2.3.4a", "0xdead.example",
+     "cafe.ca", "0day.example", "0xg.example", "x.0x10", "1_2.3"],
+)  # fmt: skip
+def test_an_ipv4_address_written_a_b_c_d_and_a_name_with_a_label_of_letters_are_taken(
+    host: str,
+) -> None:
+    """A name may hold labels a resolver reads as numbers (`0xdead`), as long as one is not."""
     http_target.check_payload({"url": f"http://{host}:8080/x"})
 
 
@@ -202,6 +212,7 @@ CASES: list[Any] = [
     {"url": "http://0.0.0.0:80/"}, {"url": "http://10.0.0.1?q"}, {"url": "http://1.2.3.4#f"},
     {"url": "http://01.2.3.4/"}, {"url": "http://1.2.3.04/"}, {"url": "http://1.2.3.4a/"},
     {"url": "http://123abc.example/"}, {"url": "http://0x7f000001/"}, {"url": "http://1_2.3/"},
+    {"url": "http://0x7f.1/"}, {"url": "http://0xdead.example/"}, {"url": "http://0xg/"},
 ]  # fmt: skip
 
 
