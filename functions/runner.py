@@ -691,6 +691,8 @@ class Runner:
             # would (each attempt `lost`, counted, `failed` once they are spent), not handed
             # back as never started: a kind that blocked past the lease ran again and again,
             # never using up its attempts, and an HTTP request sent was sent again uncounted.
+            # Those still waiting for a slot have their attempt counted so: started, then.
+            state.count_started([task for queue in self.slots.queued.values() for task in queue])
             try:
                 await self.upkeep.rescue()
             except (DatabaseUnavailable, DatabaseError) as exc:

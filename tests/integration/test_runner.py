@@ -601,3 +601,40 @@ async def test_a_kind_that_blocks_past_the_lease_fails_once_its_attempts_are_spe
         (2, "lost"),
     ]
     assert out.getvalue() == ""
+
+
+async def test_a_task_waiting_for_a_slot_when_the_lease_ran_out_is_counted_as_it_is_rescued(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    extra_kinds: Callable[[Kind], None],
+) -> None:
+    """One slot: a worker holds one task running and one waiting for the slot when it finds
+    its lease ran out. Both are rescued as lost, their attempts counted, and both counted as
+    started (their start lateness), as a rescue's attempt is one that started. Before, the
+    one that waited had its attempt counted but not its start."""
+
+    async def single(ctx: Context) -> str:
+        await asyncio.sleep(30)
+        return f"single {ctx.task_id}"
+
+    extra_kinds(Kind("single", single, lambda s: 40.0, concurrency=lambda s: 1))
+    for _ in range(2):
+        task_factory("single")
+    settings = dataclasses.replace(settings, lease_seconds=3.0, poll_interval_s=60.0)
+    runner = Runner(store, settings, out=io.StringIO())
+    run = asyncio.create_task(runner.run(keep_polling=True))
+    for _ in range(200):
+        if sql("SELECT count(*) FROM tasks WHERE state = 'running'") == [(2,)]:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)  # the first has started; the second waits for its slot
+    sql("UPDATE workers SET lease_expires_at = now() - interval '1 second'")  # it stalled
+    summary = await asyncio.wait_for(run, timeout=10)
+    assert runner.lease_lost
+    assert (summary.rescued, summary.released) == (2, 0)
+    assert sql("SELECT state, attempts, count(*) FROM tasks GROUP BY 1, 2") == [("scheduled", 1, 2)]
+    assert sql("SELECT sum(started), sum(lost) FROM task_activity WHERE kind = 'single'") == [
+        (2, 2)
+    ]
