@@ -266,7 +266,7 @@ async def _read_some(response: httpx.Response) -> None:
 # How httpx starts the RemoteProtocolError of a redirect whose Location is no URL.
 _NO_URL_LOCATION = "Invalid URL in location header"
 # A Location's host and port as written (absolute, or protocol-relative `//host`).
-_AUTHORITY = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*:)?//([^/?#\\]*)")
+_AUTHORITY = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*:)?//([^/?#]*)")
 
 
 def _unfollowed_origin(location: str, scheme: str) -> str | None:

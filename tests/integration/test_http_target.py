@@ -263,6 +263,7 @@ async def test_a_redirect_to_a_url_with_a_user_name_and_password_is_not_followed
         ("http://%zz/x", "%zz"),
         ("http://127.0.0.1:0{port}/x", "127.0.0.1:0{port}"),  # httpx reads it as {port}
         ("//127.0.0.1:+{port}/x", "127.0.0.1:+{port}"),
+        ("http://ex%5Cample.com/x", "ex\\ample.com"),  # a backslash: `/` to browsers
     ],
 )
 async def test_a_redirect_to_a_host_or_port_a_url_cannot_have_fails_at_once(
