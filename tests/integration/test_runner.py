@@ -536,6 +536,36 @@ async def test_a_task_claimed_again_while_its_last_result_is_written_is_counted_
     assert sql("SELECT state, attempts FROM tasks") == [("scheduled", 1)]
 
 
+async def _one_running_one_waiting(
+    store: Store,
+    settings: Settings,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    extra_kinds: Callable[[Kind], None],
+    tasks: int,
+    stop: asyncio.Event | None = None,
+) -> tuple[Runner, asyncio.Task[Any]]:
+    """A worker of one slot (a kind that waits 30 s), `tasks` due: once it holds two, one
+    running and one waiting for the slot (its slot, and one claimed ahead for it), the
+    worker and its run."""
+
+    async def single(ctx: Context) -> str:
+        await asyncio.sleep(30)
+        return f"single {ctx.task_id}"
+
+    extra_kinds(Kind("single", single, lambda s: 40.0, concurrency=lambda s: 1))
+    for _ in range(tasks):
+        task_factory("single")
+    runner = Runner(store, settings, out=io.StringIO())
+    run = asyncio.create_task(runner.run(keep_polling=True, stop=stop))
+    for _ in range(200):
+        if sql("SELECT count(*) FROM tasks WHERE state = 'running'") == [(2,)]:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)  # the first has started; the second waits for its slot
+    return runner, run
+
+
 async def test_a_task_handed_back_from_its_slots_queue_was_never_counted_as_started(
     store: Store,
     settings: Settings,
@@ -547,23 +577,11 @@ async def test_a_task_handed_back_from_its_slots_queue_was_never_counted_as_star
     and one waits for the slot. Stopped, the worker hands both back; only the one that ran
     is counted as started (the start lateness /stats and /metrics show). Before, the one
     that waited was counted too, and again when it ran later."""
-
-    async def single(ctx: Context) -> str:
-        await asyncio.sleep(30)
-        return f"single {ctx.task_id}"
-
-    extra_kinds(Kind("single", single, lambda s: 40.0, concurrency=lambda s: 1))
-    for _ in range(3):
-        task_factory("single")
     stop = asyncio.Event()
     settings = dataclasses.replace(settings, poll_interval_s=60.0, shutdown_grace_s=0.2)
-    runner = Runner(store, settings, out=io.StringIO())
-    run = asyncio.create_task(runner.run(keep_polling=True, stop=stop))
-    for _ in range(200):
-        if sql("SELECT count(*) FROM tasks WHERE state = 'running'") == [(2,)]:
-            break
-        await asyncio.sleep(0.02)
-    await asyncio.sleep(0.1)  # the first has started; the second waits for its slot
+    _, run = await _one_running_one_waiting(
+        store, settings, sql, task_factory, extra_kinds, 3, stop
+    )
     stop.set()
     summary = await asyncio.wait_for(run, 10)
     assert (summary.claimed, summary.released) == (2, 2)
@@ -614,22 +632,8 @@ async def test_a_task_waiting_for_a_slot_when_the_lease_ran_out_is_counted_as_it
     its lease ran out. Both are rescued as lost, their attempts counted, and both counted as
     started (their start lateness), as a rescue's attempt is one that started. Before, the
     one that waited had its attempt counted but not its start."""
-
-    async def single(ctx: Context) -> str:
-        await asyncio.sleep(30)
-        return f"single {ctx.task_id}"
-
-    extra_kinds(Kind("single", single, lambda s: 40.0, concurrency=lambda s: 1))
-    for _ in range(2):
-        task_factory("single")
     settings = dataclasses.replace(settings, lease_seconds=3.0, poll_interval_s=60.0)
-    runner = Runner(store, settings, out=io.StringIO())
-    run = asyncio.create_task(runner.run(keep_polling=True))
-    for _ in range(200):
-        if sql("SELECT count(*) FROM tasks WHERE state = 'running'") == [(2,)]:
-            break
-        await asyncio.sleep(0.02)
-    await asyncio.sleep(0.1)  # the first has started; the second waits for its slot
+    runner, run = await _one_running_one_waiting(store, settings, sql, task_factory, extra_kinds, 2)
     sql("UPDATE workers SET lease_expires_at = now() - interval '1 second'")  # it stalled
     summary = await asyncio.wait_for(run, timeout=10)
     assert runner.lease_lost
