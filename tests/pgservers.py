@@ -66,6 +66,27 @@ class Server:
         self.stop()
         self.start()
 
+    def crash(self) -> None:
+        """Kill a session's process (SIGKILL, as the OOM killer does): the postmaster ends
+        every session and runs crash recovery, which discards the statistics it kept. Back
+        once that recovery is done."""
+        with (
+            psycopg.connect(self.url, autocommit=True) as witness,
+            psycopg.connect(self.url, autocommit=True) as killed,
+        ):
+            [(pid,)] = killed.execute("SELECT pg_backend_pid()").fetchall()
+            _signal(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            # The postmaster ends every other session too, once it has seen the kill.
+            while not witness.closed:
+                try:
+                    witness.execute("SELECT 1")
+                except psycopg.OperationalError:
+                    break
+                assert time.monotonic() < deadline, "the server did not end its sessions"
+                time.sleep(0.05)
+        self.wait_ready()
+
     def freeze(self) -> None:
         """SIGSTOP every server process: a host that stalls without closing a connection."""
         for pid in self.pids():
