@@ -372,6 +372,8 @@ def _listed_json(*, plain: bool = False) -> str:
 
 
 LISTED_JSON = _listed_json()
+# A task's whole JSON, for a page written whole (Listing.page_text).
+_PLAIN_JSON = _listed_json(plain=True)
 
 
 # Each row listed comes with what it holds of text that can be large, as stored
@@ -510,7 +512,7 @@ ORDER BY {self._outer_order}"""
         a page that goes on makes its cursor from. A page of 100 is then one string to the
         API, not 101 rows to read (see Store.list_page_text for the figures)."""
         return f"""SELECT count(*), coalesce(bool_and(timeout_s IS NULL AND payload IS NULL), true),
-    string_agg({_listed_json(plain=True)}, ',' ORDER BY n)
+    string_agg({_PLAIN_JSON}, ',' ORDER BY n)
         FILTER (WHERE n <= %(shown)s AND timeout_s IS NULL AND payload IS NULL),
     max(id) FILTER (WHERE n = %(shown)s),
     max(execute_at) FILTER (WHERE n = %(shown)s),
@@ -1216,7 +1218,9 @@ SELECT set_config('statement_timeout', %(ms)s, true),
     set_config('idle_in_transaction_session_timeout', %(ms)s, true)
 """
 
-PINNED_PLAN = """
+
+def _pinned_plan(plan_cache_mode: str) -> str:
+    return f"""
 SELECT set_config('enable_seqscan', 'off', true),
     set_config('enable_bitmapscan', 'off', true),
     set_config('enable_sort', 'off', true),
@@ -1226,9 +1230,18 @@ SELECT set_config('enable_seqscan', 'off', true),
     -- Nor parallel workers: on the same estimates, a statement that reads a few index
     -- pages was planned with two of them, which cost 7 ms of a 9 ms count to start.
     set_config('max_parallel_workers_per_gather', '0', true),
-    -- A plan for the values at hand, each time: see above.
-    set_config('plan_cache_mode', 'force_custom_plan', true)
+    set_config('plan_cache_mode', '{plan_cache_mode}', true)
 """
+
+
+# A plan for the values at hand, each time: see above.
+PINNED_PLAN = _pinned_plan("force_custom_plan")
+# The same settings with the generic plan, for a statement whose plan no value can change:
+# one with no value but its LIMIT, which under these settings only an index walked in its
+# order can serve, whatever the LIMIT (the first page of every task, or of tasks in some
+# states: Store.list_page_text). Planned once on each connection, not at each run; its plan is made
+# under these settings, and so is the new one the server makes after an ANALYZE.
+PINNED_GENERIC_PLAN = _pinned_plan("force_generic_plan")
 
 # Which tasks a worker may take: those of `kinds` (each fits before its deadline, if it has
 # one), and those of `short_kinds` whose own timeout fits in `fit_s` seconds.

@@ -25,6 +25,7 @@ import pytest
 from psycopg import sql as pgsql
 
 from functions import queries
+from functions import tasks as domain
 from functions.db import Database
 from functions.model import (
     DEFAULT_ORDER,
@@ -703,6 +704,76 @@ def test_the_first_page_of_every_filter_and_order_reads_an_index_a_bounded_run(
             assert index in used, f"{name}: {used}"
         # The bound's run, then the page's within it (or a page and one more row).
         assert read <= 2 * SCAN_ROWS + Store.PAGE_CHUNK, f"{name} read {read} rows"
+
+
+# The first pages whose statement has no value but its limit, which Store.list_page_text
+# runs from a generic plan prepared on its connection: those whose filter the order's index
+# serves whole. (A filter it does not serve is a bounded scan, whose bound is a value; it
+# is prepared only where there is no bound, fewer than SCAN_ROWS rows in the index.)
+PREPARED_FIRST_PAGES = {
+    name: case
+    for name, case in FIRST_PAGES.items()
+    if not queries.listing(case[0], case[1]).params
+    and queries.listing(case[0], case[1]).rest == "true"
+}
+
+
+async def test_first_pages_prepared_on_a_small_table_read_an_index_on_a_million(
+    settings: Settings, sql: Sql
+) -> None:
+    """Each first page run from a prepared plan (no filter but states, in each order) is
+    first listed on a table of 50 tasks, analyzed (as autovacuum analyzes a small table
+    early), as a fresh API's first page is: its generic plan made then. A million tasks
+    later (never analyzed), each plan on that connection reads an index in the order asked
+    for and at most a page: no scan of the table, no sort. (Without the pinned settings, the
+    page of cancelled tasks was planned as a sort of every cancelled task.)"""
+    assert len(PREPARED_FIRST_PAGES) == 9, PREPARED_FIRST_PAGES.keys()
+    database = Database(dataclasses.replace(settings, db_pool_size=1))
+    store = Store(database)
+    try:
+        # As autovacuum analyzes a small table early: statistics of a few tasks.
+        sql("INSERT INTO tasks (kind, execute_at) SELECT 'baz', now() FROM generate_series(1, 50)")
+        sql("ANALYZE tasks")
+        for matching, order, _ in PREPARED_FIRST_PAGES.values():
+            await domain.list_tasks(store, matching, limit=100, cursor=None, order=order)
+        sql("DELETE FROM tasks")
+        load_a_million(sql)
+        for matching, order, _ in PREPARED_FIRST_PAGES.values():
+            await domain.list_tasks(store, matching, limit=100, cursor=None, order=order)
+        async with database.connection() as conn:
+            prepared = await (
+                await conn.execute(
+                    "SELECT name, generic_plans, custom_plans FROM pg_prepared_statements"
+                    " WHERE name LIKE 'taskrunner_page_%' ORDER BY name"
+                )
+            ).fetchall()
+            assert len(prepared) == len(PREPARED_FIRST_PAGES)
+            assert [p for p in prepared if tuple(p[1:]) != (2, 0)] == []
+            used: set[str] = set()
+            async with conn.transaction(force_rollback=True):
+                await conn.execute(queries.PINNED_GENERIC_PLAN)
+                for name, *_ in prepared:
+                    [(result,)] = await (
+                        await conn.execute(
+                            pgsql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {}(101, 100)").format(
+                                pgsql.Identifier(name)
+                            )
+                        )
+                    ).fetchall()
+                    read = 0
+                    for node in nodes(result[0]["Plan"]):
+                        kind = node["Node Type"]
+                        assert kind not in ("Seq Scan", "Sort", "Bitmap Heap Scan"), (name, kind)
+                        if "Index" in kind:
+                            used.add(node["Index Name"])
+                        if node.get("Relation Name") == "tasks":
+                            read += node["Actual Rows"] * node["Actual Loops"]
+                            read += node.get("Rows Removed by Filter", 0)
+                    assert read <= 2 * Store.PAGE_CHUNK, f"{name} read {read} rows"
+        wanted = {index for _, _, index in PREPARED_FIRST_PAGES.values() if index is not None}
+        assert wanted <= used, used
+    finally:
+        await database.dispose()
 
 
 @pytest.mark.parametrize("generic", [False, True], ids=["custom plan", "generic plan"])

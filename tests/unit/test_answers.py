@@ -19,7 +19,15 @@ from functions.http.responses import (
 )
 from functions.http.routes import answer
 from functions.http.schemas import TaskOut
-from functions.model import MAX_PAGE_BYTES, Page, Task, TaskState, enveloped_size
+from functions.model import (
+    MAX_PAGE_BYTES,
+    PAGE_ROOM,
+    Page,
+    Task,
+    TaskState,
+    enveloped_size,
+    fits_one_answer,
+)
 from functions.parsing import decode_cursor
 
 AT = datetime(2026, 11, 28, 9, 0, 0, 123456, tzinfo=UTC)
@@ -154,3 +162,18 @@ def test_a_page_of_large_payloads_is_cut_under_5_mb_and_says_where_to_go_on() ->
     assert len(listed) <= MAX_PAGE_BYTES
     assert [t["id"] for t in json.loads(listed)] == kept
     assert json.loads(list_json(items[:2])) == [json.loads(task_json(t)) for t in items[:2]]
+
+
+@pytest.mark.parametrize("character", ['"', "\\", "a", "\n", "é", "☃", "😀"])
+def test_a_page_fits_one_answer_exactly_as_its_envelope_is_measured(character: str) -> None:
+    """Items of one character repeated, around the most that fit and around the third of an
+    answer that is not measured: whether they fit is what their envelope's size says (no
+    byte takes more than 3 in the envelope)."""
+    one = json.dumps(character, ensure_ascii=False)[1:-1].encode()  # as JSON text holds it
+    most = (MAX_PAGE_BYTES - PAGE_ROOM - 1) // enveloped_size(one)
+    third = (MAX_PAGE_BYTES - PAGE_ROOM - 1) // (3 * len(one))
+    for n in (*range(most - 1, most + 2), *range(third - 1, third + 2)):
+        items = one * n
+        assert enveloped_size(items) <= 3 * len(items)
+        measured = PAGE_ROOM + enveloped_size(items) + 1 <= MAX_PAGE_BYTES
+        assert fits_one_answer(items) == measured == (n <= most), (character, n)
