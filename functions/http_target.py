@@ -276,13 +276,18 @@ def _unfollowed_origin(location: str, scheme: str) -> str | None:
     `:0080`, `:+80` and other digits alike), an IPv4 address written otherwise than as four
     decimal numbers, a host of other characters. None: followed (a relative Location keeps
     the origin; an IPv6 literal, which a Location may hold, and the address connected to are
-    checked in any case; a user name or password is refused apart)."""
+    checked in any case, but for a zone (`%25eth0`), an interface of this host's own link; a
+    user name or password is refused apart)."""
     written = _AUTHORITY.match(location.strip())
     if written is None:
         return None
     authority = written.group(1)
-    if "@" in authority or authority.startswith("["):
+    if "@" in authority:
         return None
+    if authority.startswith("["):
+        if "%" not in authority.partition("]")[0]:
+            return None
+        return f"{authority!r:.80}, an IPv6 address with a zone (a link of this host's own)"
     origin = f"{scheme}://{authority}"
     if _URL.fullmatch(origin) and _HOST.search(origin):
         return None

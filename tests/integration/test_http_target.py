@@ -292,6 +292,32 @@ async def test_a_redirect_to_a_host_or_port_a_url_cannot_have_fails_at_once(
     assert [s.path for s in target.seen] == ["/to"]
 
 
+@pytest.mark.parametrize("zone", ["%25lo", "%25eth0", "%lo"])
+async def test_a_redirect_to_an_ipv6_address_with_a_zone_fails_at_once(
+    client: httpx.AsyncClient,
+    store: Store,
+    allowed: Settings,
+    sql: Sql,
+    target: Target,
+    zone: str,
+) -> None:
+    """A zone names an interface of the worker's own host (`fe80::1%25lo`, link-local): the
+    task fails for good at that hop, saying why. Before, the address was looked up, not
+    found, and the task retried as if the target had failed."""
+    location = f"http://[fe80::1{zone}]:{target.port}/x"
+    # (The target answers with its query unquoted.)
+    task_id = await create(client, {"url": f"{target.url}/to?{location.replace('%', '%25')}"})
+    await drain(store, allowed)
+    state, attempts, _, error = task_row(sql, task_id)
+    assert (state, attempts) == ("failed", 1)
+    shown = f"[fe80::1{zone}]:{target.port}"
+    assert error == (
+        f"Fail: POST {target.url}/to answered 307 Temporary Redirect to {shown!r}, an IPv6"
+        " address with a zone (a link of this host's own)"
+    )
+    assert [s.path for s in target.seen] == ["/to"]
+
+
 async def test_a_redirect_to_a_location_httpx_cannot_read_fails_at_once(
     client: httpx.AsyncClient, store: Store, allowed: Settings, sql: Sql, target: Target
 ) -> None:
