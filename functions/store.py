@@ -1043,7 +1043,7 @@ class Store:
         params, bound = await self._bound(listing, after, bounded=True)
         sql = listing.page_text(after=after is not None, bounded=bound is not None)
         rows = None
-        if not params and not behind_pooler(self.database.settings):
+        if not params:
             rows = await self._pinned_prepared(sql, limit, limit - 1)
         if rows is None:
             rows = await self._pinned_text(sql, {**params, "limit": limit, "shown": limit - 1})
@@ -1068,12 +1068,15 @@ class Store:
         in one message with queries.PINNED_GENERIC_PLAN): planned once, not at each page.
         Under wrk (32 connections, the first page of 100, three alternating runs) the
         server's CPU a page went from 1.16-1.19 ms to 0.66-0.69 ms, and pages from
-        1,139-1,174/s to 1,663-1,772/s. None: the connection holds MAX_PREPARED already.
-        Not behind a transaction pooler, which runs each message on any server
-        connection."""
+        1,139-1,174/s to 1,663-1,772/s. None (sent as text, then): behind a transaction
+        pooler, which runs each message on any server connection; or the connection holds
+        MAX_PREPARED already."""
         name = "taskrunner_page_" + hashlib.blake2b(sql.encode(), digest_size=8).hexdigest()
         run = f"{queries.PINNED_GENERIC_PLAN.strip()};\nEXECUTE {name}({limit:d}, {shown:d})"
         async with self.database.connection() as conn:
+            # Asked once connected: a process's first connection may be what finds a pooler.
+            if behind_pooler(self.database.settings):
+                return None
             prepared = _PREPARED_PAGES.setdefault(conn, set())
             if name not in prepared and len(prepared) >= self.MAX_PREPARED:
                 return None
@@ -1085,16 +1088,22 @@ class Store:
                     pass
                 return await cursor.fetchall()
 
-            async def work() -> list[Any]:
+            async def work() -> list[Any] | None:
                 if name in prepared:
                     try:
                         return await last_rows(run)
                     except psycopg.errors.InvalidSqlStatementName:
                         prepared.discard(name)  # (DEALLOCATE, DISCARD ALL: prepared again)
+                prepare = f"PREPARE {name} AS {_server_side(sql)};\n{run}"
                 try:
-                    rows = await last_rows(f"PREPARE {name} AS {_server_side(sql)};\n{run}")
+                    rows = await last_rows(prepare)
                 except psycopg.errors.DuplicatePreparedStatement:
-                    rows = await last_rows(run)
+                    # Prepared in this session, unknown here: prepared anew, in the same
+                    # message (one session, whatever hands out sessions).
+                    try:
+                        rows = await last_rows(f"DEALLOCATE {name};\n{prepare}")
+                    except psycopg.errors.InvalidSqlStatementName:
+                        return None  # sessions that change between messages: a pooler
                 prepared.add(name)
                 return rows
 

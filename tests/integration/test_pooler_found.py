@@ -11,7 +11,12 @@ import psycopg
 import pytest
 
 from functions import conninfo
+from functions import store as store_module
+from functions import tasks as domain
+from functions.db import Database
+from functions.model import TaskFilter
 from functions.settings import Settings
+from functions.store import Store
 from tests.integration.test_lambda import cold_start, lambda_env, round_trip
 from tests.pgbouncer import pgbouncer_ignoring_options_url, pgbouncer_url
 
@@ -122,3 +127,22 @@ async def test_rds_proxy_refusal_is_recognised_too(
     assert conninfo.behind_pooler(settings)
     [warning] = [r.getMessage() for r in caplog.records if r.name == "functions.db"]
     assert "TASKRUNNER_TRANSACTION_POOLER=true" in warning
+
+
+async def test_a_first_page_through_pgbouncer_is_never_prepared(
+    fresh_process: None, pgbouncer_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process's first request is what finds the pooler, on connecting: its first page is
+    sent as text as every later one is, never PREPAREd on a server connection that the next
+    transaction may not get (Store._pinned_prepared)."""
+    prepared = type(store_module._PREPARED_PAGES)()
+    monkeypatch.setattr(store_module, "_PREPARED_PAGES", prepared)
+    database = Database(Settings(database_url=pgbouncer_url))
+    try:
+        for _ in range(3):
+            page = await domain.list_tasks(Store(database), TaskFilter(), limit=10, cursor=None)
+            assert page.next_cursor is None
+        assert conninfo.found.pooler
+        assert not any(prepared.values()), "a page prepared behind the pooler"
+    finally:
+        await database.dispose()

@@ -105,12 +105,15 @@ async def test_a_statement_prepared_on_the_connection_already_is_run(
     one_connection: Store, sql: Sql, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A connection that holds the statement though the store does not know it (as when a
-    session is handed over): the statement is run as it is."""
+    session is handed over): the statement is prepared anew, in the message that runs it."""
     _tasks(sql)
     first = await _page(one_connection)
     from functions import store as store_module
 
     monkeypatch.setattr(store_module, "_PREPARED_PAGES", type(store_module._PREPARED_PAGES)())
+    assert await _page(one_connection) == first
+    [(_, generic, _)] = await _on_connection(one_connection, PREPARED)
+    assert generic == 1
     assert await _page(one_connection) == first
     [(_, generic, _)] = await _on_connection(one_connection, PREPARED)
     assert generic == 2
