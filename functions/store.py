@@ -68,7 +68,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# The page statements prepared on each connection, by name (Store._pinned_prepared).
+# The page statements prepared on each connection, by name (Store._prepared_rows).
 _PREPARED_PAGES: weakref.WeakKeyDictionary[AsyncConnection[Any], set[str]] = (
     weakref.WeakKeyDictionary()
 )
@@ -1036,17 +1036,13 @@ class Store:
         under wrk (32 connections, a page of 100, alternating runs at load 3-6), the API
         process's CPU a page went from 1.6-1.9 ms (101 rows read in a pipeline) to
         0.65-1.0 ms. A statement with no value but its limit (a first page, unfiltered or
-        by state) is run from its prepared plan (`_pinned_prepared`)."""
+        by state) is run from its prepared plan (`_prepared_rows`)."""
         if limit > self.PAGE_CHUNK:
             return None
         listing = queries.listing(matching, order)
         params, bound = await self._bound(listing, after, bounded=True)
         sql = listing.page_text(after=after is not None, bounded=bound is not None)
-        rows = None
-        if not params:
-            rows = await self._pinned_prepared(sql, limit, limit - 1)
-        if rows is None:
-            rows = await self._pinned_text(sql, {**params, "limit": limit, "shown": limit - 1})
+        rows = await self._pinned_text(sql, params, limit=limit, shown=limit - 1)
         [(count, plain, text, last_id, last_execute_at, last_finished_at)] = rows
         if not plain:
             return None
@@ -1058,71 +1054,78 @@ class Store:
             )  # fmt: skip
         return WrittenRows(text or "", count, last, bound)
 
-    # Page statements prepared on one connection at most (~25 KB of the server's memory
-    # each); past that, a page is sent as text (`_pinned_text`).
-    MAX_PREPARED = 32
-
-    async def _pinned_prepared(self, sql: str, limit: int, shown: int) -> list[Any] | None:
-        """`_pinned_text` of a page statement whose only values are `limit` and `shown`,
-        run from the plan prepared for it on the connection (PREPARE, once; then EXECUTE,
-        in one message with queries.PINNED_GENERIC_PLAN): planned once, not at each page.
-        Under wrk (32 connections, the first page of 100, three alternating runs) the
-        server's CPU a page went from 1.16-1.19 ms to 0.66-0.69 ms, and pages from
-        1,139-1,174/s to 1,663-1,772/s. None (sent as text, then): behind a transaction
-        pooler, which runs each message on any server connection; or the connection holds
-        MAX_PREPARED already."""
-        name = "taskrunner_page_" + hashlib.blake2b(sql.encode(), digest_size=8).hexdigest()
-        run = f"{queries.PINNED_GENERIC_PLAN.strip()};\nEXECUTE {name}({limit:d}, {shown:d})"
+    async def _pinned_text(
+        self, sql: str, params: dict[str, Any], *, limit: int, shown: int
+    ) -> list[Any]:
+        """The rows of the page statement `sql` (its values `params`, `limit` and `shown`)
+        run under queries.PINNED_PLAN, the two sent as one message (the simple query
+        protocol, its parameters bound by the client): one implicit transaction, as
+        `_pinned`'s pipeline is, at a third of its CPU (no pipeline to drive, no BEGIN and
+        COMMIT), behind a transaction pooler too. One with no value but `limit` and `shown`
+        is run from its plan prepared on the connection where it can be (`_prepared_rows`)."""
         async with self.database.connection() as conn:
-            # Asked once connected: a process's first connection may be what finds a pooler.
-            if behind_pooler(self.database.settings):
-                return None
-            prepared = _PREPARED_PAGES.setdefault(conn, set())
-            if name not in prepared and len(prepared) >= self.MAX_PREPARED:
-                return None
             cursor = psycopg.AsyncClientCursor(conn)
 
-            async def last_rows(statements: str) -> list[Any]:
-                await cursor.execute(statements)
+            async def last_rows(statements: str, values: dict[str, Any] | None = None) -> list[Any]:
+                await cursor.execute(statements, values)
                 while cursor.nextset():
                     pass
                 return await cursor.fetchall()
 
-            async def work() -> list[Any] | None:
-                if name in prepared:
-                    try:
-                        return await last_rows(run)
-                    except psycopg.errors.InvalidSqlStatementName:
-                        prepared.discard(name)  # (DEALLOCATE, DISCARD ALL: prepared again)
-                prepare = f"PREPARE {name} AS {_server_side(sql)};\n{run}"
-                try:
-                    rows = await last_rows(prepare)
-                except psycopg.errors.DuplicatePreparedStatement:
-                    # Prepared in this session, unknown here: prepared anew, in the same
-                    # message (one session, whatever hands out sessions).
-                    try:
-                        rows = await last_rows(f"DEALLOCATE {name};\n{prepare}")
-                    except psycopg.errors.InvalidSqlStatementName:
-                        return None  # sessions that change between messages: a pooler
-                prepared.add(name)
-                return rows
-
-            return await self.database.bounded(conn, work())
-
-    async def _pinned_text(self, sql: str, params: dict[str, Any]) -> list[Any]:
-        """The rows of `sql` run under queries.PINNED_PLAN, the two sent as one message
-        (the simple query protocol, its parameters bound by the client): one implicit
-        transaction, as `_pinned`'s pipeline is, at a third of its CPU (no pipeline to
-        drive, no BEGIN and COMMIT), behind a transaction pooler too."""
-        async with self.database.connection() as conn:
-            cursor = psycopg.AsyncClientCursor(conn)
-
             async def work() -> list[Any]:
-                await cursor.execute(f"{queries.PINNED_PLAN.strip()};\n{sql}", params)
-                cursor.nextset()
-                return await cursor.fetchall()
+                # Asked once connected: a process's first connection may be what finds a
+                # pooler.
+                if not params and not behind_pooler(self.database.settings):
+                    rows = await self._prepared_rows(conn, last_rows, sql, limit, shown)
+                    if rows is not None:
+                        return rows
+                values = {**params, "limit": limit, "shown": shown}
+                return await last_rows(f"{queries.PINNED_PLAN.strip()};\n{sql}", values)
 
             return await self.database.bounded(conn, work())
+
+    # Page statements prepared on one connection at most (~25 KB of the server's memory
+    # each); past that, a page is sent as text.
+    MAX_PREPARED = 32
+
+    async def _prepared_rows(
+        self,
+        conn: AsyncConnection[Any],
+        last_rows: Callable[[str], Awaitable[list[Any]]],
+        sql: str,
+        limit: int,
+        shown: int,
+    ) -> list[Any] | None:
+        """The rows of a page statement whose only values are `limit` and `shown`, run
+        (`last_rows`) from the plan prepared for it on `conn` (PREPARE, once; then EXECUTE, in
+        one message with queries.PINNED_GENERIC_PLAN): planned once, not at each page. Under
+        wrk (32 connections, the first page of 100, three alternating runs) the server's CPU
+        a page went from 1.16-1.19 ms to 0.66-0.69 ms, and pages from 1,139-1,174/s to
+        1,663-1,772/s. None (sent as text, then): `conn` holds MAX_PREPARED already, or its
+        session changes between messages (a pooler, which runs each message on any server
+        connection, is never asked to)."""
+        name = "taskrunner_page_" + hashlib.blake2b(sql.encode(), digest_size=8).hexdigest()
+        run = f"{queries.PINNED_GENERIC_PLAN.strip()};\nEXECUTE {name}({limit:d}, {shown:d})"
+        prepared = _PREPARED_PAGES.setdefault(conn, set())
+        if name in prepared:
+            try:
+                return await last_rows(run)
+            except psycopg.errors.InvalidSqlStatementName:
+                prepared.discard(name)  # (DEALLOCATE, DISCARD ALL: prepared again)
+        if len(prepared) >= self.MAX_PREPARED:
+            return None
+        prepare = f"PREPARE {name} AS {_server_side(sql)};\n{run}"
+        try:
+            rows = await last_rows(prepare)
+        except psycopg.errors.DuplicatePreparedStatement:
+            # Prepared in this session, unknown here: prepared anew, in the same message
+            # (one session, whatever hands out sessions).
+            try:
+                rows = await last_rows(f"DEALLOCATE {name};\n{prepare}")
+            except psycopg.errors.InvalidSqlStatementName:
+                return None
+        prepared.add(name)
+        return rows
 
     async def cancel_task(self, task_id: int) -> Task | None:
         """Cancel the task if it is scheduled or running; return it cancelled (None: it was

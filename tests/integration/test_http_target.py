@@ -237,22 +237,32 @@ async def test_a_redirect_is_checked_as_the_first_address_was(
     assert [s.path for s in target.seen] == ["/to"]  # the first hop only
 
 
+async def _failed_at_the_redirect(
+    client: httpx.AsyncClient, store: Store, settings: Settings, sql: Sql, target: Target,
+    location: str,
+) -> str:  # fmt: skip
+    """The error of a task whose target (`/to`) redirects to `location` (sent as the query,
+    which the target answers unquoted): failed for good at that hop, the new address never
+    asked."""
+    task_id = await create(client, {"url": f"{target.url}/to?{location}"})
+    await drain(store, settings)
+    state, attempts, _, error = task_row(sql, task_id)
+    assert (state, attempts) == ("failed", 1)
+    assert [s.path for s in target.seen] == ["/to"]
+    return str(error)
+
+
 async def test_a_redirect_to_a_url_with_a_user_name_and_password_is_not_followed(
     client: httpx.AsyncClient, store: Store, allowed: Settings, sql: Sql, target: Target
 ) -> None:
     """Followed, httpx would send them as `Authorization: Basic ...`: the task fails for good
     at that hop, and the error does not quote them."""
-    task_id = await create(
-        client, {"url": f"{target.url}/to?http://user:{SECRET}@127.0.0.1:{target.port}/creds"}
-    )
-    await drain(store, allowed)
-    state, attempts, _, error = task_row(sql, task_id)
-    assert (state, attempts) == ("failed", 1)
+    location = f"http://user:{SECRET}@127.0.0.1:{target.port}/creds"
+    error = await _failed_at_the_redirect(client, store, allowed, sql, target, location)
     assert error == (
         f"Fail: POST {target.url}/to answered 307 Temporary Redirect to a URL with a user name"
         " or password, which is not followed (credentials go in the payload's `headers`)"
     )
-    assert [s.path for s in target.seen] == ["/to"]
 
 
 @pytest.mark.parametrize(
@@ -280,16 +290,12 @@ async def test_a_redirect_to_a_host_or_port_a_url_cannot_have_fails_at_once(
     why. Before, each was tried (an OverflowError in a TaskGroup, a lookup of `%zz`) and
     retried as if the target had failed, or followed (`:0` and `:+` before the port)."""
     location, shown = (text.format(port=target.port) for text in (location, shown))
-    task_id = await create(client, {"url": f"{target.url}/to?{location}"})
-    await drain(store, allowed)
-    state, attempts, _, error = task_row(sql, task_id)
-    assert (state, attempts) == ("failed", 1)
+    error = await _failed_at_the_redirect(client, store, allowed, sql, target, location)
     assert error == (
         f"Fail: POST {target.url}/to answered 307 Temporary Redirect to {shown!r}, a host and"
         " port a task's `url` cannot have (a port from 1 to 65535 in plain digits; an IPv4"
         " address as four numbers 0 to 255 without leading zeros, or a name)"
     )
-    assert [s.path for s in target.seen] == ["/to"]
 
 
 @pytest.mark.parametrize("zone", ["%25lo", "%25eth0", "%lo"])
@@ -304,18 +310,13 @@ async def test_a_redirect_to_an_ipv6_address_with_a_zone_fails_at_once(
     """A zone names an interface of the worker's own host (`fe80::1%25lo`, link-local): the
     task fails for good at that hop, saying why. Before, the address was looked up, not
     found, and the task retried as if the target had failed."""
-    location = f"http://[fe80::1{zone}]:{target.port}/x"
-    # (The target answers with its query unquoted.)
-    task_id = await create(client, {"url": f"{target.url}/to?{location.replace('%', '%25')}"})
-    await drain(store, allowed)
-    state, attempts, _, error = task_row(sql, task_id)
-    assert (state, attempts) == ("failed", 1)
+    location = f"http://[fe80::1{zone}]:{target.port}/x".replace("%", "%25")  # (unquoted)
+    error = await _failed_at_the_redirect(client, store, allowed, sql, target, location)
     shown = f"[fe80::1{zone}]:{target.port}"
     assert error == (
         f"Fail: POST {target.url}/to answered 307 Temporary Redirect to {shown!r}, an IPv6"
         " address with a zone (a link of this host's own)"
     )
-    assert [s.path for s in target.seen] == ["/to"]
 
 
 async def test_a_redirect_to_a_location_httpx_cannot_read_fails_at_once(
@@ -323,14 +324,12 @@ async def test_a_redirect_to_a_location_httpx_cannot_read_fails_at_once(
 ) -> None:
     """`0177.0.0.1` (octal to some readers) is no URL to httpx: the task fails for good.
     Before, httpx's RemoteProtocolError was taken for a failing target and retried."""
-    task_id = await create(client, {"url": f"{target.url}/to?http://0177.0.0.1/x"})
-    await drain(store, allowed)
-    state, attempts, _, error = task_row(sql, task_id)
-    assert (state, attempts) == ("failed", 1)
+    error = await _failed_at_the_redirect(
+        client, store, allowed, sql, target, "http://0177.0.0.1/x"
+    )
     assert error.startswith(
         f"Fail: POST {target.url}/to answered a redirect to a Location that is no URL:"
     )
-    assert [s.path for s in target.seen] == ["/to"]
 
 
 @pytest.mark.parametrize(

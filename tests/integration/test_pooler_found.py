@@ -134,7 +134,7 @@ async def test_a_first_page_through_pgbouncer_is_never_prepared(
 ) -> None:
     """A process's first request is what finds the pooler, on connecting: its first page is
     sent as text as every later one is, never PREPAREd on a server connection that the next
-    transaction may not get (Store._pinned_prepared)."""
+    transaction may not get (Store._prepared_rows)."""
     prepared = type(store_module._PREPARED_PAGES)()
     monkeypatch.setattr(store_module, "_PREPARED_PAGES", prepared)
     database = Database(Settings(database_url=pgbouncer_url))

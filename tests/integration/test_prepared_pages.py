@@ -1,5 +1,5 @@
 """A first page with no value but its limit (every task, or tasks in some states, in any
-order) is run from a plan prepared on its connection (Store._pinned_prepared): prepared once,
+order) is run from a plan prepared on its connection (Store._prepared_rows): prepared once,
 prepared again when the server forgot it, never behind a transaction pooler, at most
 Store.MAX_PREPARED on a connection. Whichever way a page is read, it is the same page.
 (test_plans.py checks the prepared plans' shape on a million tasks.)"""
