@@ -283,7 +283,10 @@ class Completer:
             self._writing = [r for r in self._writing if r.id not in ids]
         self._retry_s = DB_RETRY_FIRST_S
         self._last_write_done = time.monotonic()
-        state.wake.set()  # room is free again
+        if any(r.state is TaskState.SCHEDULED for r in batch):
+            state.wake.set()  # a retry: due again at a time the claim loop has not seen
+        else:
+            state.wake.room_freed()
 
     async def write_rest(self) -> None:
         """Write what the loop did not get to (it was backing off, or had no time): a run

@@ -25,6 +25,7 @@ import os
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TextIO
@@ -81,6 +82,15 @@ def time_limit_s(kind: Kind, settings: Settings, timeout_s: float | None = None)
     if kind.limit_s is not None:
         return kind.limit_s(settings)
     return 2 * kind.max_seconds(settings) + 10.0
+
+
+def _capped(caps: dict[str, int], claimed: list[Claimed]) -> bool:
+    """Whether a claim took as many of some kind as its slots allowed (`caps`): more of it
+    may be due, for when a slot frees."""
+    if not caps:
+        return False
+    taken = Counter(task.kind for task in claimed)
+    return any(taken[name] >= cap for name, cap in caps.items())
 
 
 class _Escaped(Exception):
@@ -294,6 +304,7 @@ class Runner:
             if fit_s is not None and fit_s <= 0:
                 return  # too close to the deadline to start anything
             self.wakeup.clear()
+            self.wakeup.wants_room = True
             wait_s: float | None = None  # None: until woken
             try:
                 if state.unsure_of_holdings:
@@ -331,6 +342,9 @@ class Runner:
                     if start is not None:
                         continue  # look once from the start before sleeping (ClaimPoint)
                     wait_s = self._time_to(due)
+                    self.wakeup.wants_room = _capped(caps, claimed) or (
+                        not keep_polling and bool(state.held)
+                    )
                 db_retry_s = DB_RETRY_FIRST_S
             except DatabaseUnavailable as exc:
                 self.claim_point.reset()
