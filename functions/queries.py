@@ -1475,17 +1475,21 @@ HELD_BY = "SELECT id FROM tasks WHERE state = 'running' AND claimed_by = %(worke
 
 # A worker hands back what it will not finish (shutting down, or tasks it never heard of):
 # due at once, without counting the interrupted attempt; a task that never got to run its
-# first attempt has not started.
-RELEASE = """
-UPDATE tasks
-SET state = 'scheduled',
-    attempts = attempts - 1,
-    started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END,
-    next_attempt_at = now(),
-    claimed_by = NULL
-WHERE id = ANY(CAST(%(ids)s AS bigint[]))
-  AND claimed_by = %(worker)s
-RETURNING id
+# first attempt has not started. The ids handed back, and a notification: listening workers
+# start them at once rather than at their next poll.
+RELEASE = f"""
+WITH released AS (
+    UPDATE tasks
+    SET state = 'scheduled',
+        attempts = attempts - 1,
+        started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END,
+        next_attempt_at = now(),
+        claimed_by = NULL
+    WHERE id = ANY(CAST(%(ids)s AS bigint[]))
+      AND claimed_by = %(worker)s
+    RETURNING id, next_attempt_at, execute_at
+)
+SELECT coalesce(array_agg(id), '{{}}') AS ids, {_NOTIFY_DUE_SOON} FROM released
 """
 
 # Tasks of workers whose lease ran out (kill -9, OOM, a FaaS timeout, a host that stalled)

@@ -1729,8 +1729,10 @@ class Store:
     async def release(self, *, worker: str, ids: Sequence[int]) -> set[int]:
         released: set[int] = set()
         for chunk in _chunks(ids, self.WRITE_BATCH):
-            [rows] = await self._pinned((queries.RELEASE, {"worker": worker, "ids": list(chunk)}))
-            released.update(task_id for (task_id,) in rows)
+            [[(chunk_ids, _)]] = await self._pinned(
+                (queries.RELEASE, {"worker": worker, "ids": list(chunk)})
+            )
+            released.update(chunk_ids)
         return released
 
     async def stats_rows(

@@ -1,6 +1,7 @@
 """What wakes a worker's claim loop: a write of results wakes it only when it waits for
-room (no empty claim after each write), and always when it made a task due again (a retry,
-at a time the loop has not seen)."""
+room (no empty claim after each write), when it made a task due again (a retry, at a time the
+loop has not seen), and behind a transaction pooler, where no notification reaches it. A task
+handed back notifies, as a created one does."""
 
 import asyncio
 import dataclasses
@@ -14,6 +15,7 @@ import pytest
 from functions.runner import Runner
 from functions.settings import Settings
 from functions.store import Store
+from functions.tick import tick
 
 Sql = Callable[..., list[tuple[Any, ...]]]
 
@@ -84,3 +86,72 @@ async def test_a_retry_written_wakes_the_claim_loop_at_its_time(
         " WHERE a1.attempt = 1 AND a2.attempt = 2"
     )
     assert 0.5 <= float(late_s) < 2.0, late_s
+
+
+async def test_behind_a_transaction_pooler_a_write_wakes_the_claim_loop(
+    settings: Settings, sql: Sql, store: Store
+) -> None:
+    """Behind a transaction pooler a worker cannot LISTEN: it hears of no new task, and
+    looks at each write of results (as it always did), not at its poll only. A `baz` made
+    due while six `foo` run finishes soon after the first of them does (the worker polls
+    every 5 s)."""
+    settings = dataclasses.replace(
+        settings, poll_interval_s=5.0, foo_delay_s=1.0, transaction_pooler=True
+    )
+    sql(
+        "INSERT INTO tasks (kind, execute_at)"
+        " SELECT 'foo', now() + n * interval '100 ms' FROM generate_series(0, 5) AS n"
+    )
+    runner = Runner(store, settings, out=io.StringIO())
+    started = time.monotonic()
+
+    def foo_started() -> bool:
+        return sql("SELECT count(*) FROM tasks WHERE started_at IS NOT NULL") == [(6,)]
+
+    def all_done() -> bool:
+        return sql("SELECT count(*) FROM tasks WHERE state = 'succeeded'") == [(7,)]
+
+    stop = asyncio.Event()
+    run = asyncio.create_task(runner.run(keep_polling=True, stop=stop))
+    try:
+        while not foo_started():
+            assert time.monotonic() - started < 10 and not run.done()
+            await asyncio.sleep(0.05)
+        # No notification reaches this worker: it looks again at its next write.
+        sql("INSERT INTO tasks (kind, execute_at) VALUES ('baz', now())")
+        while not all_done():
+            assert time.monotonic() - started < 20 and not run.done()
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await run
+    [(late_s,)] = sql(
+        "SELECT extract(epoch FROM started_at - created_at) FROM tasks WHERE kind = 'baz'"
+    )
+    assert float(late_s) < 2.0, late_s
+
+
+async def test_a_task_handed_back_wakes_a_listening_worker(
+    settings: Settings, sql: Sql, store: Store
+) -> None:
+    """A task a worker hands back (shutting down) is due at once: the hand-back notifies, and
+    another worker, asleep with nothing due (it polls every 5 s), starts it at once."""
+    settings = dataclasses.replace(settings, poll_interval_s=5.0)
+    [(task_id,)] = sql("INSERT INTO tasks (kind, execute_at) VALUES ('baz', now()) RETURNING id")
+    await store.register_worker(worker="leaving", lease_s=60)
+    claimed, _ = await store.claim_due(worker="leaving", kinds=["baz"], limit=10, lease_s=60)
+    assert [c.id for c in claimed] == [task_id]
+    stop = asyncio.Event()
+    run = asyncio.create_task(tick(settings, keep_polling=True, stop=stop, out=io.StringIO()))
+    try:
+        await asyncio.sleep(1.0)  # listening, and asleep
+        assert await store.release(worker="leaving", ids=[task_id]) == {task_id}
+        released = time.monotonic()
+        while sql("SELECT state FROM tasks") != [("succeeded",)]:
+            assert not run.done(), run
+            assert time.monotonic() - released < 10
+            await asyncio.sleep(0.02)
+        assert time.monotonic() - released < 2.0
+    finally:
+        stop.set()
+        await run
