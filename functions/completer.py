@@ -26,7 +26,6 @@ import math
 import time
 import traceback
 
-from functions.conninfo import behind_pooler
 from functions.errors import DatabaseError, DatabaseUnavailable
 from functions.kinds import Fail, Retry
 from functions.model import MAX_TRACEBACK_BYTES, TaskState, normalise_error
@@ -284,14 +283,10 @@ class Completer:
             self._writing = [r for r in self._writing if r.id not in ids]
         self._retry_s = DB_RETRY_FIRST_S
         self._last_write_done = time.monotonic()
-        if any(r.state is TaskState.SCHEDULED for r in batch) or behind_pooler(state.settings):
-            # A retry: due again at a time the claim loop has not seen. Behind a transaction
-            # pooler (no LISTEN), the loop hears of no new task: it looks at each write, as a
-            # busy worker there always did (a task created meanwhile waited 6-8 s for a 10 s
-            # poll, not 0.3-0.5 s, when it looked only when it wanted room).
-            state.wake.set()
+        if any(r.state is TaskState.SCHEDULED for r in batch):
+            state.wake.set()  # a retry: due again at a time the claim loop has not seen
         else:
-            state.wake.room_freed()
+            state.wake.wrote()
 
     async def write_rest(self) -> None:
         """Write what the loop did not get to (it was backing off, or had no time): a run

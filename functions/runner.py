@@ -304,7 +304,7 @@ class Runner:
             if fit_s is not None and fit_s <= 0:
                 return  # too close to the deadline to start anything
             self.wakeup.clear()
-            self.wakeup.wants_room = True
+            self.wakeup.wake_on_write = True
             wait_s: float | None = None  # None: until woken
             try:
                 if state.unsure_of_holdings:
@@ -342,8 +342,15 @@ class Runner:
                     if start is not None:
                         continue  # look once from the start before sleeping (ClaimPoint)
                     wait_s = self._time_to(due)
-                    self.wakeup.wants_room = _capped(caps, claimed) or (
-                        not keep_polling and bool(state.held)
+                    # A write is news when it frees what this look lacked (a kind's slots; a
+                    # tick's own tasks), and behind a transaction pooler, where no
+                    # notification comes (no LISTEN): each write is the loop's chance to see
+                    # new tasks before its poll (one created meanwhile waited 6-8 s for a 10 s
+                    # poll, not 0.3-0.5 s, when only the first counted).
+                    self.wakeup.wake_on_write = (
+                        _capped(caps, claimed)
+                        or (not keep_polling and bool(state.held))
+                        or conninfo.behind_pooler(self.settings)
                     )
                 db_retry_s = DB_RETRY_FIRST_S
             except DatabaseUnavailable as exc:

@@ -7,7 +7,8 @@ import asyncio
 import dataclasses
 import io
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -20,19 +21,33 @@ from functions.tick import tick
 Sql = Callable[..., list[tuple[Any, ...]]]
 
 
-async def _drain(runner: Runner, until: Callable[[], bool], seconds: float) -> None:
-    """Run `runner` as a worker until `until()`, `seconds` at most."""
+@asynccontextmanager
+async def _running(
+    run: Callable[[asyncio.Event], Coroutine[Any, Any, Any]],
+) -> AsyncIterator[asyncio.Task[Any]]:
+    """`run(stop)` (a worker's run, or a tick that keeps polling) as a task, then stopped."""
     stop = asyncio.Event()
-    run = asyncio.create_task(runner.run(keep_polling=True, stop=stop))
+    task = asyncio.create_task(run(stop))
     try:
-        deadline = time.monotonic() + seconds
-        while not until():
-            assert time.monotonic() < deadline, "not done in time"
-            assert not run.done(), run
-            await asyncio.sleep(0.05)
+        yield task
     finally:
         stop.set()
-        await run
+        await task
+
+
+async def _until(done: Callable[[], bool], run: asyncio.Task[Any], seconds: float) -> None:
+    """Until `done()`, `seconds` at most, `run` going on meanwhile."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, "not done in time"
+        assert not run.done(), run
+        await asyncio.sleep(0.02)
+
+
+async def _drain(runner: Runner, until: Callable[[], bool], seconds: float) -> None:
+    """Run `runner` as a worker until `until()`, `seconds` at most."""
+    async with _running(lambda stop: runner.run(keep_polling=True, stop=stop)) as run:
+        await _until(until, run, seconds)
 
 
 async def test_a_write_wakes_the_claim_loop_only_when_it_waits_for_room(
@@ -103,7 +118,6 @@ async def test_behind_a_transaction_pooler_a_write_wakes_the_claim_loop(
         " SELECT 'foo', now() + n * interval '100 ms' FROM generate_series(0, 5) AS n"
     )
     runner = Runner(store, settings, out=io.StringIO())
-    started = time.monotonic()
 
     def foo_started() -> bool:
         return sql("SELECT count(*) FROM tasks WHERE started_at IS NOT NULL") == [(6,)]
@@ -111,20 +125,11 @@ async def test_behind_a_transaction_pooler_a_write_wakes_the_claim_loop(
     def all_done() -> bool:
         return sql("SELECT count(*) FROM tasks WHERE state = 'succeeded'") == [(7,)]
 
-    stop = asyncio.Event()
-    run = asyncio.create_task(runner.run(keep_polling=True, stop=stop))
-    try:
-        while not foo_started():
-            assert time.monotonic() - started < 10 and not run.done()
-            await asyncio.sleep(0.05)
+    async with _running(lambda stop: runner.run(keep_polling=True, stop=stop)) as run:
+        await _until(foo_started, run, 10)
         # No notification reaches this worker: it looks again at its next write.
         sql("INSERT INTO tasks (kind, execute_at) VALUES ('baz', now())")
-        while not all_done():
-            assert time.monotonic() - started < 20 and not run.done()
-            await asyncio.sleep(0.05)
-    finally:
-        stop.set()
-        await run
+        await _until(all_done, run, 10)
     [(late_s,)] = sql(
         "SELECT extract(epoch FROM started_at - created_at) FROM tasks WHERE kind = 'baz'"
     )
@@ -141,17 +146,11 @@ async def test_a_task_handed_back_wakes_a_listening_worker(
     await store.register_worker(worker="leaving", lease_s=60)
     claimed, _ = await store.claim_due(worker="leaving", kinds=["baz"], limit=10, lease_s=60)
     assert [c.id for c in claimed] == [task_id]
-    stop = asyncio.Event()
-    run = asyncio.create_task(tick(settings, keep_polling=True, stop=stop, out=io.StringIO()))
-    try:
+    async with _running(
+        lambda stop: tick(settings, keep_polling=True, stop=stop, out=io.StringIO())
+    ) as run:
         await asyncio.sleep(1.0)  # listening, and asleep
         assert await store.release(worker="leaving", ids=[task_id]) == {task_id}
         released = time.monotonic()
-        while sql("SELECT state FROM tasks") != [("succeeded",)]:
-            assert not run.done(), run
-            assert time.monotonic() - released < 10
-            await asyncio.sleep(0.02)
+        await _until(lambda: sql("SELECT state FROM tasks") == [("succeeded",)], run, 10)
         assert time.monotonic() - released < 2.0
-    finally:
-        stop.set()
-        await run
