@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -184,12 +185,29 @@ def cmd_schedules(args: argparse.Namespace) -> None:
         )
 
 
+def _bench_stopped(signum: int, frame: object) -> None:
+    # A bench told to stop has no figures: never an exit 0 that `--check` would read as
+    # every goal met. Its scenarios stop what they started on the way out.
+    logger.warning("action=shutdown signal=SIGTERM: bench stopped before its figures")
+    raise SystemExit(128 + signal.SIGTERM)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from local.bench.figures import table, write_json
-    from local.bench.suite import run
+    from local.bench.suite import check_scenarios, run
 
+    signal.signal(signal.SIGTERM, _bench_stopped)
+    # What can be refused is refused before a database is started or a scenario run.
+    check_scenarios(args.only)
+    json_path = None if args.json is None else Path(args.json)
+    if json_path is not None and (
+        json_path.is_dir()
+        or not json_path.parent.is_dir()
+        or not os.access(json_path.parent, os.W_OK)
+    ):
+        raise TaskrunnerError(f"--json {args.json}: not a file this process can write")
     # The bench works in a database of its own on the same server: the configured one is
     # neither migrated nor touched.
     settings, _ = _resolve()
@@ -202,23 +220,33 @@ def cmd_bench(args: argparse.Namespace) -> None:
         only=args.only,
     )
     print(table(figures))
-    if args.json:
-        write_json(figures, Path(args.json))
+    if json_path is not None:
+        try:
+            write_json(figures, json_path)
+        except OSError as exc:
+            raise TaskrunnerError(f"--json {args.json}: {exc.strerror or exc}") from exc
     missed = [f.scenario for f in figures if not f.met]
     if args.check and missed:
         logger.error("bench: goals missed: %s", "; ".join(missed))
         sys.exit(1)
 
 
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+
+
 def _at_least_one(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
     return value
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, not {value}")
     return value
@@ -333,8 +361,14 @@ def _parser() -> argparse.ArgumentParser:
         "each figure, its goal, and what raw PostgreSQL does in the same run.",
     )  # fmt: skip
     bench.add_argument("--quick", action="store_true", help="small sizes: a smoke test for CI")
-    bench.add_argument("--tasks", type=int, help="tasks in the drain scenario (default 200,000)")
-    bench.add_argument("--workers", type=int, default=2, help="workers in the scaled drain")
+    bench.add_argument(
+        "--tasks", type=_at_least_one, help="tasks in the drain scenario (default 200,000)"
+    )
+    bench.add_argument(
+        "--workers", type=_at_least_one, default=2,
+        help="workers in the scenarios that run several: the second drain, the burst, the"
+        " cancel (default 2)",
+    )  # fmt: skip
     bench.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     bench.add_argument(
         "--check", action="store_true", help="exit 1 when a figure misses its goal (its `met`)"

@@ -180,7 +180,16 @@ class Processes:
             stderr = None if log is None else files.enter_context(log.open("wb"))
             # The task lines are printed to nobody, unless a scenario reads them.
             out = files.enter_context(open(stdout or os.devnull, "wb"))
-            proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=out, stderr=stderr)
+            # A process group of its own: Ctrl-C at the terminal reaches the bench alone, which
+            # stops each process once (with the terminal's too, a worker took the bench's
+            # SIGTERM as a second signal and stopped mid-shutdown, tracebacks and all).
+            proc = subprocess.Popen(
+                command,
+                env={**os.environ, **env},
+                stdout=out,
+                stderr=stderr,
+                process_group=0,
+            )
         self.started.append(proc)
         return proc
 

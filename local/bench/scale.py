@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from functions import queries
+from functions.errors import TaskrunnerError
 from local.bench import load
 from local.bench.figures import Figure
 from local.bench.harness import peak_rss_mb, percentile, wait_until
@@ -71,11 +72,26 @@ class Measures:
     api_mb: float = 0.0
 
 
+# The fewest rows BENCH_SCALE_ROWS may ask for: a table with something to prune and page.
+MIN_ROWS = 1_000
+
+
 def rows_to_measure(bench: Bench) -> tuple[int, ...]:
+    """The table sizes to measure, smallest first (each figure is set beside the first's):
+    BENCH_SCALE_ROWS's, or the run's own."""
     chosen = os.environ.get("BENCH_SCALE_ROWS")
-    if chosen:
-        return tuple(int(part.replace("_", "")) for part in chosen.split(","))
-    return bench.sizes.scale_rows
+    if not chosen:
+        return bench.sizes.scale_rows
+    try:
+        sizes = {int(part.strip().replace("_", "")) for part in chosen.split(",")}
+    except ValueError:
+        sizes = set()
+    if not sizes or min(sizes) < MIN_ROWS:
+        raise TaskrunnerError(
+            f"BENCH_SCALE_ROWS={chosen!r}: give table sizes of at least {MIN_ROWS:,} rows,"
+            " comma-separated, e.g. 10000,1000000"
+        )
+    return tuple(sorted(sizes))
 
 
 def run(bench: Bench) -> list[Figure]:
@@ -327,9 +343,14 @@ def figures(measured: list[Measures]) -> list[Figure]:
     def drain(m: Measures, burst: tuple[int, Drain]) -> None:
         n, (average, first, slowest, last, curve) = burst
         ref = base.burst[1][0]
+        seconds = (
+            f"first second {first:,.0f}, last {last:,.0f}; seconds:"
+            f" {' '.join(f'{c:,}' for c in curve)}"
+            if curve
+            else "done within its first second: its average stands for every second"
+        )
         add(f"scale {m.rows:,}: drain of {n:,} baz due at once, slowest second", "tasks/s",
-            slowest, ref, f"average {average:,.0f}/s; first second {first:,.0f}, last"
-            f" {last:,.0f}; seconds: {' '.join(f'{c:,}' for c in curve)}; raw:"
+            slowest, ref, f"average {average:,.0f}/s; {seconds}; raw:"
             f" {base.burst[0]:,} on {base.rows:,} rows, average",
             higher_is_better=True)  # fmt: skip
 

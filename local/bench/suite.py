@@ -22,6 +22,8 @@ NAMED_ONLY = ("scale",)
 # Start lateness p99 for one worker (issue 25): at most this, or twice a NOTIFY's trip p99
 # measured in the same run where that is more (a busy machine).
 LATENESS_MS = 2.0
+# One worker's drain (issue 25): at least this share of the raw claim and finish statements'.
+DRAIN_SHARE = 0.9
 # The payload scenarios' payload: a user's typical task data.
 PAYLOAD_BYTES = 1024
 
@@ -34,6 +36,13 @@ def wanted(name: str, only: Collection[str] | None) -> bool:
     return name in only
 
 
+def check_scenarios(only: Collection[str] | None) -> None:
+    """Refuse names in `only` that are not scenarios, listing those there are."""
+    unknown = sorted(set(only or ()) - set(SCENARIOS))
+    if unknown:
+        raise TaskrunnerError(f"no bench scenario {unknown}; the scenarios: {', '.join(SCENARIOS)}")
+
+
 def run(
     server_url: str,
     *,
@@ -43,9 +52,7 @@ def run(
     only: Collection[str] | None = None,
 ) -> list[Figure]:
     """Run every scenario, or those in `only` (names from SCENARIOS); return the figures."""
-    unknown = sorted(set(only or ()) - set(SCENARIOS))
-    if unknown:
-        raise TaskrunnerError(f"no bench scenario {unknown}; the scenarios: {', '.join(SCENARIOS)}")
+    check_scenarios(only)
     sizes = Sizes.choose(quick=quick, tasks=tasks)
     bench = Bench(server_url, sizes, workers)
     figures: list[Figure] = []
@@ -61,10 +68,9 @@ def run(
             raw = bench.raw_drain()
             one = drain_one = bench.drain(1)
             figures.append(
-                Figure(
-                    "drain, 1 worker", one, "tasks/s", ">= 50,000/s", one >= 50_000, raw, raw_note
-                )
-            )
+                Figure("drain, 1 worker", one, "tasks/s", f">= {DRAIN_SHARE:.0%} of raw",
+                       one >= DRAIN_SHARE * raw, raw, f"{raw_note} ({one / raw:.0%})")
+            )  # fmt: skip
             if workers > 1:
                 many = bench.drain(workers)
                 figures.append(

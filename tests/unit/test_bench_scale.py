@@ -3,7 +3,10 @@ table's in the direction that is worse (a rate lower, a time or memory higher)."
 
 from dataclasses import replace
 
-from local.bench.scale import Measures, figures
+import pytest
+
+from functions.errors import TaskrunnerError
+from local.bench.scale import Measures, figures, rows_to_measure
 from local.bench.suite import SCENARIOS, wanted
 
 
@@ -53,3 +56,35 @@ def test_each_figure_is_held_within_20_percent_of_the_smallest_table_the_worse_w
     # And better is never a miss: faster, smaller.
     better = replace(base, rows=1_000_000, create_single=5_000.0, stats_p99=1.0, api_mb=10.0)
     assert all(met([base, better]).values())
+
+
+def test_a_drain_within_its_first_second_says_so() -> None:
+    # No whole second to show: the note read "first second 20,907, last 20,907; seconds: ;".
+    base = replace(small(), burst=(5_000, (20_907.0, 20_907.0, 20_907.0, 20_907.0, ())))
+    [note] = [f.raw_note for f in figures([base]) if "drain of 5,000" in f.scenario]
+    assert "done within its first second" in note
+    assert "seconds: ;" not in note
+
+
+class _Sizes:
+    scale_rows = (2_000, 50_000)
+
+
+class _Bench:
+    sizes = _Sizes()
+
+
+@pytest.mark.parametrize("chosen", ["abc", "0", "10", "10000,", " , "])
+def test_bench_scale_rows_refused_in_words(chosen: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "abc" was a ValueError's traceback, "0" an OFFSET error from the database mid-run.
+    monkeypatch.setenv("BENCH_SCALE_ROWS", chosen)
+    with pytest.raises(TaskrunnerError, match=r"BENCH_SCALE_ROWS=.*at least 1,000 rows"):
+        rows_to_measure(_Bench())  # type: ignore[arg-type]
+
+
+def test_bench_scale_rows_smallest_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every figure is set beside the first size's: the smallest, however they are listed.
+    monkeypatch.setenv("BENCH_SCALE_ROWS", "1_000_000, 10000,1000000")
+    assert rows_to_measure(_Bench()) == (10_000, 1_000_000)  # type: ignore[arg-type]
+    monkeypatch.delenv("BENCH_SCALE_ROWS")
+    assert rows_to_measure(_Bench()) == (2_000, 50_000)  # type: ignore[arg-type]
