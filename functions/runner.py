@@ -102,6 +102,18 @@ class _Escaped(Exception):
         self.escaped = escaped
 
 
+async def _finished_or(
+    tasks: list[asyncio.Future[Any]], event: asyncio.Event, timeout_s: float
+) -> None:
+    """Wait until `tasks` are done or `event` is set, `timeout_s` at most (the tasks go on)."""
+    waits = [asyncio.ensure_future(asyncio.wait(tasks)), asyncio.ensure_future(event.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
 async def _contained(run: Awaitable[Any]) -> Any:
     """A user's kind's run, whose SystemExit or KeyboardInterrupt (a `sys.exit()` deep in a
     library) fails its attempt rather than stopping the worker. (Signals reach the worker
@@ -150,6 +162,8 @@ class Runner:
         self.upkeep = Upkeep(self.state, self.printer, self.prune_clock)
         # Tasks of kinds that wait, while they run; and each kind's slots.
         self._running: dict[int, asyncio.Future[Any]] = {}
+        # Set once stopping with no more time for running tasks (run's `hurry`).
+        self._hurry = asyncio.Event()
         self.slots = Slots(self.settings)
         # Runs stopped at their time limit, and runs this worker cancelled itself (a cancel
         # of their task, a shutdown: handed back or dropped, never recorded; a run cancelled
@@ -190,8 +204,11 @@ class Runner:
         deadline: float | None = None,
         keep_polling: bool = False,
         stop: asyncio.Event | None = None,
+        hurry: asyncio.Event | None = None,
     ) -> TickSummary:
         """Run due tasks until none is due (or, with `keep_polling`, until `stop` or `deadline`).
+        `hurry`, set once stopping (a second SIGTERM or Ctrl-C), ends the running tasks' grace
+        period at once: they are stopped and handed back.
 
         `deadline` is a `time.monotonic()` value: no task is claimed that could end after
         it (less `deadline_margin_s`). Raises DatabaseUnavailable if the database cannot be
@@ -204,6 +221,8 @@ class Runner:
             self.worker_id = new_worker_id()
         self._runs += 1
         self._reset()
+        if hurry is not None:
+            self._hurry = hurry
         state, summary = self.state, self.state.summary
         kinds_at_start, _ = self._kinds_that_fit(deadline)
         state.served_kinds = kinds_at_start
@@ -662,8 +681,10 @@ class Runner:
             grace_s = 0.0  # a failure or a lost lease: nothing more will be recorded as run
         state.halt.set()  # no queued task starts from here on
         unfinished = [task for task in self._running.values() if not task.done()]
-        if unfinished and grace_s > 0:
-            await asyncio.wait(unfinished, timeout=grace_s)
+        if unfinished and grace_s > 0 and not self._hurry.is_set():
+            await _finished_or(unfinished, self._hurry, grace_s)
+        if self._hurry.is_set():
+            grace_s = 0.0
         if state.unsure_of_holdings:
             # The last claim's answer was lost: what it took is handed back now, not left
             # until this worker's lease runs out (which would cost those tasks an attempt).
@@ -690,11 +711,16 @@ class Runner:
         # deadline): normally they are out within a millisecond, and a run whose line is out
         # is recorded rather than run again.
         lines_until = max(until, time.monotonic() + _LINES_AT_SHUTDOWN_S)
+        hurried = False
         while self.completer.busy and time.monotonic() < (
             lines_until if self.printer.may_print else until
         ):
             if write_loop.done():
                 break  # it broke: nothing more will be written
+            if self._hurry.is_set() and not hurried:
+                # A second signal meanwhile: the writes get what a run with no grace gets.
+                hurried = True
+                until = lines_until = min(until, time.monotonic() + _FINAL_WRITES_S)
             await asyncio.sleep(0.01)
         # Lines not out by now never will be: their tasks are handed back below.
         await self.printer.close()

@@ -36,11 +36,13 @@ async def tick(
     deadline: float | None = None,
     keep_polling: bool = False,
     stop: asyncio.Event | None = None,
+    hurry: asyncio.Event | None = None,
     out: TextIO | None = None,
     prune_clock: PruneClock | None = None,
     clock: Callable[[], datetime | None] | None = None,
 ) -> TickSummary:
-    """Run due tasks until none is left (or, with `keep_polling`, until `stop` or `deadline`).
+    """Run due tasks until none is left (or, with `keep_polling`, until `stop` or `deadline`;
+    `hurry`, set once stopping, cuts the running tasks' grace short).
 
     `deadline` is a `time.monotonic()` value; no task is claimed that could end after it.
     A caller that ticks again and again passes the same `prune_clock` to each tick, so the
@@ -61,7 +63,9 @@ async def tick(
             # pooler, where LISTEN cannot work).
             listener = asyncio.create_task(listen(settings, runner.notify, runner.heard_cancel))
         try:
-            return await runner.run(deadline=deadline, keep_polling=keep_polling, stop=stop)
+            return await runner.run(
+                deadline=deadline, keep_polling=keep_polling, stop=stop, hurry=hurry
+            )
         finally:
             if listener is not None:
                 listener.cancel()

@@ -22,6 +22,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import time
 import typing
 from collections.abc import Callable, Coroutine, Iterator
@@ -307,13 +308,25 @@ class _Server(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         yield
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets=sockets)
+        if self.force_exit:
+            # Forced (a second signal), uvicorn skips the app's own shutdown: its lifespan
+            # task was then cancelled at exit, and said so with a traceback.
+            await self.lifespan.shutdown()
+
 
 async def run_timer(
-    settings: Settings, stop: asyncio.Event, *, after: asyncio.Event | None = None
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    after: asyncio.Event | None = None,
+    hurry: asyncio.Event | None = None,
 ) -> None:
     """Call the tick until `stop` is set; when the database is down, retry with backoff.
 
-    With `after`, start once it is set (or return if `stop` is set first).
+    With `after`, start once it is set (or return if `stop` is set first). `hurry`: set
+    once stopping, the running tasks get no more time (Runner.run).
     """
     if after is not None:
         waits = [asyncio.ensure_future(after.wait()), asyncio.ensure_future(stop.wait())]
@@ -324,7 +337,9 @@ async def run_timer(
     prune_clock = PruneClock()  # this process's: it prunes at most once a minute
     while not stop.is_set():
         try:
-            summary = await tick(settings, keep_polling=True, stop=stop, prune_clock=prune_clock)
+            summary = await tick(
+                settings, keep_polling=True, stop=stop, hurry=hurry, prune_clock=prune_clock
+            )
             logger.info("action=tick %s", summary.as_dict())
             retry_s = 0.5
         except DatabaseUnavailable as exc:
@@ -352,6 +367,7 @@ async def serve(
     # before, 0.44 s after.
     gc.freeze()
     stop = asyncio.Event()
+    hurry = asyncio.Event()
     server: _Server | None = None
     app: Readiness | None = None
     if port is not None:
@@ -376,8 +392,20 @@ async def serve(
     def on_signal(signum: int) -> None:
         nonlocal signals
         signals += 1
-        if signals > 1 and main is not None:
-            logger.warning("action=shutdown: second signal, stopping now")
+        if signals == 2:
+            # Stop now, but cleanly: running tasks are stopped and handed back due again
+            # (no attempt used), the worker signs off. Cancelling everything here left them
+            # `running` for a lease, then rescued at the cost of an attempt, and exited 1
+            # with a traceback.
+            logger.warning(
+                "action=shutdown: second signal, stopping running tasks and handing them back"
+            )
+            hurry.set()
+            if server is not None:
+                server.force_exit = True
+            return
+        if signals > 2 and main is not None:
+            logger.warning("action=shutdown: third signal, stopping at once")
             main.cancel()
             return
         logger.info(
@@ -394,7 +422,9 @@ async def serve(
     if server is not None:
         jobs.append(server.serve())
     if worker:
-        jobs.append(run_timer(settings, stop, after=None if app is None else app.ready))
+        jobs.append(
+            run_timer(settings, stop, after=None if app is None else app.ready, hurry=hurry)
+        )
     try:
         await asyncio.gather(*jobs)
     finally:

@@ -1,8 +1,11 @@
 """Many instances, crashes, restarts, skewed clocks: real `taskrunner` processes, one database."""
 
 import asyncio
+import os
 import random
 import re
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -17,7 +20,7 @@ import pytest
 
 from tests.pgbouncer import pgbouncer_url
 from tests.pgservers import Server
-from tests.procs import Proc, spawn, wait_for
+from tests.procs import TASKRUNNER, Proc, spawn, wait_for
 
 __all__ = ["pgbouncer_url", "spawn"]  # the fixtures
 
@@ -155,23 +158,116 @@ async def test_sigterm_lets_running_tasks_finish(
     assert set(foo_lines(worker)) == set(ids)
 
 
-async def test_sigterm_hands_back_what_cannot_finish_in_the_grace_period(
-    spawn: Callable[..., Proc], database_url: str, sql: Sql, task_factory: Callable[..., int]
-) -> None:
+def five_foo_running(
+    spawn: Callable[..., Proc],
+    database_url: str,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    grace_s: float,
+) -> Proc:
+    """A worker running 5 foo of a minute each, with a shutdown grace of `grace_s`."""
     env = {
         "TASKRUNNER_DATABASE_URL": database_url,
         "TASKRUNNER_FOO_DELAY_S": "60",
-        "TASKRUNNER_SHUTDOWN_GRACE_S": "0.5",
+        "TASKRUNNER_SHUTDOWN_GRACE_S": str(grace_s),
     }
     for _ in range(5):
         task_factory("foo")
     worker = spawn("worker", env=env)
     wait_for(lambda: count_by_state(sql) == {"running": 5}, 30, "the tasks to start")
+    return worker
+
+
+async def test_sigterm_hands_back_what_cannot_finish_in_the_grace_period(
+    spawn: Callable[..., Proc], database_url: str, sql: Sql, task_factory: Callable[..., int]
+) -> None:
+    worker = five_foo_running(spawn, database_url, sql, task_factory, grace_s=0.5)
     stopped = time.monotonic()
     assert worker.terminate() == 0
     assert time.monotonic() - stopped < 5
     assert sql("SELECT DISTINCT state, attempts, claimed_by FROM tasks") == [("scheduled", 0, None)]
     assert worker.stdout() == ""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_a_second_signal_stops_running_tasks_and_hands_them_back(
+    spawn: Callable[..., Proc],
+    database_url: str,
+    sql: Sql,
+    task_factory: Callable[..., int],
+    signum: signal.Signals,
+) -> None:
+    # Ctrl-C twice: the grace period (30 s here) is cut short, and what ran is handed back
+    # due again without using an attempt, as at the end of a grace period; before, the
+    # process exited 1 with a traceback and left its tasks running until its lease ran out.
+    worker = five_foo_running(spawn, database_url, sql, task_factory, grace_s=30)
+    stopped = time.monotonic()
+    worker.popen.send_signal(signum)
+    wait_for(lambda: "finishing running tasks" in worker.stderr(), 10, "the first signal heard")
+    worker.popen.send_signal(signum)
+    assert worker.popen.wait(timeout=15) == 0, worker.stderr()
+    assert time.monotonic() - stopped < 10
+    assert sql("SELECT DISTINCT state, attempts, claimed_by FROM tasks") == [("scheduled", 0, None)]
+    assert sql("SELECT count(*) FROM workers") == [(0,)]
+    assert "Traceback" not in worker.stderr()
+    assert worker.stdout() == ""
+
+
+async def test_a_second_signal_ends_the_wait_for_lines_nobody_reads(
+    database_url: str, sql: Sql, tmp_path: Path
+) -> None:
+    # Its stdout a pipe nobody reads: lines back up, and the results wait for them. After the
+    # grace wait for running tasks, a second signal was not heard: the worker waited out the
+    # grace period (60 s here).
+    sql(
+        "INSERT INTO tasks (kind, execute_at, max_attempts)"
+        " SELECT 'baz', now(), 3 FROM generate_series(1, 20000)"
+    )
+    env = {
+        **os.environ,
+        "TASKRUNNER_DATABASE_URL": database_url,
+        "TASKRUNNER_SHUTDOWN_GRACE_S": "60",
+    }
+    with (tmp_path / "worker.stderr").open("wb") as err:
+        worker = subprocess.Popen(
+            [TASKRUNNER, "worker"], env=env, stdout=subprocess.PIPE, stderr=err
+        )
+        assert worker.stdout is not None
+        try:
+            wait_for(lambda: count_by_state(sql).get("running"), 30, "lines to back up")
+            time.sleep(1)
+            worker.send_signal(signal.SIGTERM)
+            time.sleep(1)
+            stopped = time.monotonic()
+            worker.send_signal(signal.SIGTERM)
+            wait_for(lambda: worker.poll() is not None, 15, "the worker to exit")
+            assert time.monotonic() - stopped < 10
+            lines = worker.stdout.read().decode().splitlines()
+        finally:
+            worker.kill()
+            worker.wait()
+            worker.stdout.close()
+    assert worker.returncode == 0
+    stderr = (tmp_path / "worker.stderr").read_text()
+    assert "second signal" in stderr and "Traceback" not in stderr
+    # What got out is recorded, the rest is handed back unused; nothing is running.
+    states = count_by_state(sql)
+    assert states == {"succeeded": len(lines), "scheduled": 20000 - len(lines)}, states
+    assert sql("SELECT DISTINCT attempts FROM tasks WHERE state = 'scheduled'") == [(0,)]
+
+
+async def test_a_second_ctrl_c_stops_the_api_without_a_traceback(
+    spawn: Callable[..., Proc], database_url: str
+) -> None:
+    # Forced, uvicorn skipped the app's shutdown, whose task was cancelled at exit: a
+    # traceback on the way out of a clean stop.
+    api = spawn("api", env={"TASKRUNNER_DATABASE_URL": database_url}, http=True)
+    api.wait_healthy()
+    api.popen.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    api.popen.send_signal(signal.SIGINT)
+    assert api.popen.wait(timeout=15) == 0, api.stderr()
+    assert "Traceback" not in api.stderr()
 
 
 @pytest.mark.parametrize("skew", ["+1h", "-1h"])
