@@ -62,9 +62,6 @@ def test_bench_quick_reports_every_scenario(
     [drain] = [f for f in figures if f["scenario"] == "drain, 1 worker"]
     assert drain["goal"] == ">= 90% of raw", drain
     assert drain["met"] == (drain["value"] >= 0.9 * drain["raw"]), drain
-    # Both rates from the database's timestamps: the raw statements, with no task to run, are
-    # not slower than a worker (timed on the client's clock, they read a quarter of it here).
-    assert drain["raw"] >= 0.5 * drain["value"], drain
     assert "| scenario | taskrunner | goal | met | raw PostgreSQL |" in result.stdout
     assert len(result.stdout.strip().splitlines()) == len(figures) + 2
     assert sql("SELECT to_regclass('tasks'), to_regclass('alembic_version')") == [(None, None)]
