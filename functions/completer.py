@@ -123,6 +123,20 @@ def result_of(
     carries its traceback and its normalised error, for the attempt's row; `duration_s` and
     `timed_out` (stopped at its time limit) are passed on for the totals of /metrics
     (functions/counters.py) and the attempt's outcome."""
+    result = _result_of(claimed, line, exc, settings, duration_s, timed_out)
+    if claimed.ahead_s > 0 and claimed.lateness_ms is not None:
+        return result._replace(late_s=claimed.lateness_ms / 1000)
+    return result
+
+
+def _result_of(
+    claimed: Claimed,
+    line: object,
+    exc: BaseException | None,
+    settings: Settings,
+    duration_s: float | None,
+    timed_out: bool,
+) -> Result:
     if exc is None:
         if line is None or isinstance(line, str):
             output = None if line is None else clean_text(line)

@@ -1290,6 +1290,7 @@ _FROM_ID = "coalesce(level.from_id, 0)"
 #   its NEXT_DUE, which does not skip, says they are due, so it looks again at once). The
 #   runner leaves a kind at its cap out of `kinds`, and claims no more than the caps' sum
 #   when every kind it asks for has one. (A CTE: FOR UPDATE is not allowed beside a window.)
+_CLAIMED_AT = f"greatest({NOW}, {DUE_AT}, {BECAME_DUE})"
 CLAIM_DUE = f"""
 WITH me AS (
     UPDATE workers
@@ -1304,7 +1305,8 @@ WITH me AS (
         WHERE state = 'scheduled'
           AND tasks.priority = level.priority
           AND ({DUE_AT}, id) >= ({_FROM_DUE}, {_FROM_ID})
-          AND {DUE_AT} <= {NOW}
+          AND {DUE_AT} <= {NOW} + make_interval(secs => CAST(%(ahead_s)s AS float8))
+          AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW})
           AND {_CLAIMABLE}
           AND EXISTS (SELECT FROM me)
         -- priority first: the index's order (it is one value here).
@@ -1327,8 +1329,8 @@ WITH me AS (
 UPDATE tasks
 SET state = 'running',
     attempts = attempts + 1,
-    started_at = coalesce(started_at, {NOW}),
-    claimed_at = {NOW},
+    started_at = coalesce(started_at, {_CLAIMED_AT}),
+    claimed_at = {_CLAIMED_AT},
     next_attempt_at = NULL,
     claimed_by = %(worker)s
 WHERE id = ANY(ARRAY(SELECT id FROM taken))
@@ -1336,10 +1338,13 @@ RETURNING id, kind, attempts, max_attempts,
     -- The start lateness of a first attempt, for the activity figures (functions/counters.py):
     -- from BECAME_DUE, which this UPDATE leaves as it was (it clears next_attempt_at).
     CASE WHEN attempts = 1
-        THEN CAST(extract(epoch FROM {NOW} - {BECAME_DUE}) * 1000 AS float8)
+        THEN CAST(extract(epoch FROM claimed_at - {BECAME_DUE}) * 1000 AS float8)
     END AS lateness_ms,
     -- As text: the kind parses it if it reads it (functions/kinds.py Context.payload).
-    CAST(payload AS text) AS payload, timeout_s, priority
+    CAST(payload AS text) AS payload, timeout_s, priority,
+    -- How far ahead of its time it was claimed (Runner._on_time); 0 for one due already.
+    CASE WHEN claimed_at > {NOW} THEN CAST(extract(epoch FROM claimed_at - {NOW}) AS float8)
+        ELSE 0 END AS ahead_s
 """
 
 # How long until the next task the claim would take is due, by the database's clock, as a
@@ -1365,6 +1370,10 @@ LEFT JOIN LATERAL (
     LIMIT 1
 ) AS first ON true
 """
+
+# The database's clock as the statement runs, in Unix seconds: sent with a claim's COMMIT, the
+# time the server had reached once the claim was committed (Store.claim_due).
+CLOCK = "SELECT extract(epoch FROM clock_timestamp())::float8"
 
 # Due tasks of kinds a tick could not fit before its deadline, by kind, among the first
 # `%(read)s` due of those kinds in claim order (Store.LEFT_READ). Counted at the end of every
@@ -1394,7 +1403,9 @@ _FINISH_SET = """SET state = r.state,
     next_attempt_at = CASE
         WHEN r.state = 'scheduled' THEN now() + make_interval(secs => r.retry_in_s)
     END,
-    claimed_by = NULL"""
+    claimed_by = NULL,
+    started_at = CASE WHEN r.late_s IS NULL THEN t.started_at
+        ELSE t.claimed_at + make_interval(secs => r.late_s) END"""
 # Fenced: the worker's own claim of this attempt, found by primary key.
 _FINISH_FENCE = """WHERE t.id = r.id
   AND t.claimed_by = %(worker)s
@@ -1436,9 +1447,11 @@ WITH finished AS (
     {_FINISH_SET}
     FROM json_to_recordset(CAST(%(results)s AS json))
         AS r({_RESULT_COLUMNS},
-             timed_out boolean, traceback text, error_group text)
+             timed_out boolean, traceback text, error_group text, late_s float8)
     {_FINISH_FENCE}
-    RETURNING t.id, t.kind, t.claimed_at, r.attempt, r.state, r.error, r.timed_out,
+    RETURNING t.id, t.kind,
+        t.claimed_at + make_interval(secs => coalesce(r.late_s, 0)) AS claimed_at,
+        r.attempt, r.state, r.error, r.timed_out,
         r.traceback, r.error_group
 ), recorded AS (
     INSERT INTO attempts AS a
@@ -1483,7 +1496,7 @@ WITH released AS (
     SET state = 'scheduled',
         attempts = attempts - 1,
         started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END,
-        next_attempt_at = now(),
+        next_attempt_at = greatest(now(), claimed_at),
         claimed_by = NULL
     WHERE id = ANY(CAST(%(ids)s AS bigint[]))
       AND claimed_by = %(worker)s
@@ -1526,7 +1539,7 @@ WITH dead AS (
 UPDATE tasks
 SET state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'scheduled' END,
     finished_at = CASE WHEN attempts >= max_attempts THEN {NOW} END,
-    next_attempt_at = CASE WHEN attempts < max_attempts THEN {NOW} END,
+    next_attempt_at = CASE WHEN attempts < max_attempts THEN greatest({NOW}, claimed_at) END,
     error = 'lease expired: worker ' || claimed_by || ' stopped during attempt '
         || attempts || ' of ' || max_attempts,
     claimed_by = NULL

@@ -145,6 +145,42 @@ class ClaimPoint:
         self._from = None
 
 
+class ClockCheck:
+    """Whether this process's monotonic clock keeps time with the database's, which a task
+    claimed ahead of its time is started by (runner.AHEAD_S): measured over the claims
+    themselves. A claim's span on this clock, from its sending to its answer, holds its span on
+    the database's, from its transaction's start to its reading after COMMIT; so from one
+    claim (the reference) to a later one, this clock counts at least what the database's did,
+    more only by the two claims' trips. A clock that counts more than that beyond `SLACK_S`
+    and `RATE` runs fast (libfaketime's `x2`, a broken clock): no task is claimed ahead
+    while it does, since it would start early. Checked over at least `SPAN_S`; the reference
+    moves on every `RENEW_S`."""
+
+    SPAN_S = 0.25
+    RENEW_S = 60.0
+    SLACK_S = 0.02
+    RATE = 0.002
+
+    def __init__(self) -> None:
+        self.keeps_time = False
+        self._reference: tuple[float, float] | None = None  # (sent, database's start)
+
+    def claimed(self, sent: float, now_s: float, received: float, answered_s: float) -> None:
+        """A claim sent at `sent` and answered at `received` (time.monotonic()), which the
+        database began at `now_s` and read its clock at `answered_s` after (Unix seconds)."""
+        if self._reference is None:
+            self._reference = (sent, now_s)
+            return
+        ref_sent, ref_now_s = self._reference
+        database_s = answered_s - ref_now_s
+        if database_s < self.SPAN_S:
+            return
+        counted_s = received - ref_sent
+        self.keeps_time = counted_s <= database_s * (1 + self.RATE) + self.SLACK_S
+        if database_s >= self.RENEW_S:
+            self._reference = (sent, now_s)
+
+
 class Wakeup:
     """What wakes the claim loop from its sleep: a task created due sooner than it means to
     sleep (`notify`), a write that is news to it (`wrote`), a rescue or a retry (`set`)."""

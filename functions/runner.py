@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import heapq
 import logging
 import os
 import socket
@@ -31,11 +32,12 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TextIO
 
 from functions import conninfo
+from functions.alarm import Alarm
 from functions.completer import DB_RETRY_FIRST_S, DB_RETRY_MAX_S, SLOW_WRITE_S, Completer, result_of
 from functions.errors import DatabaseError, DatabaseUnavailable, WorkerFailed
 from functions.kinds import BUILT_IN, BUILT_IN_MODULES, KINDS, Context, HttpClients, Kind
-from functions.output import Printer
-from functions.run_state import ClaimPoint, RunState, Slots, TickSummary, Wakeup
+from functions.output import Printer, lease_margin_s
+from functions.run_state import ClaimPoint, ClockCheck, RunState, Slots, TickSummary, Wakeup
 from functions.settings import Settings
 from functions.store import Claimed, ClaimFrom, NextDue, Result, Store
 from functions.upkeep import PruneClock, Upkeep
@@ -52,6 +54,12 @@ _FINAL_WRITES_S = 1.0
 # What a run stopping with no grace left still gives lines already with the writer; within
 # _FINAL_WRITES_S.
 _LINES_AT_SHUTDOWN_S = 0.25
+
+# A worker with nothing due claims each task a little before its time, and starts it at its
+# time by its own clock: a claim's round trip and a claim already in flight are behind it by
+# then. It wakes LEAD_S before the next task is due and takes those due within AHEAD_S.
+AHEAD_S = 0.02
+LEAD_S = 0.01
 
 
 def new_worker_id() -> str:
@@ -146,6 +154,7 @@ class Runner:
         self.prune_clock = prune_clock or PruneClock()
         # Persists across runs: `tick` hands `notify` to its listener before the run starts.
         self.wakeup = Wakeup()
+        self.clock_check = ClockCheck()
         self._runs = 0
         self._reset()
 
@@ -174,6 +183,13 @@ class Runner:
         # When the last claim was sent (time.monotonic()): its NEXT_DUE counts from then.
         self._claim_sent_at = 0.0
         self.claim_point = ClaimPoint()
+        # Tasks claimed ahead of their time, until they start: their timers.
+        # (Each: when it starts, by time.monotonic(); the task; when its claim was sent.)
+        self._waiting: dict[int, tuple[float, Claimed, float]] = {}
+        self._may_claim_ahead = False
+        self._times: list[tuple[float, int]] = []  # a heap of (when, id) of those
+        self._alarm: Alarm | None = None
+        self._background: set[asyncio.Future[None]] = set()
 
     @property
     def out(self) -> TextIO:
@@ -226,6 +242,12 @@ class Runner:
         state, summary = self.state, self.state.summary
         kinds_at_start, _ = self._kinds_that_fit(deadline)
         state.served_kinds = kinds_at_start
+        # Only a worker claims ahead: a tick's time is counted, and its tasks are its own;
+        # and only one that hears of cancels at once (LISTEN: not behind a transaction
+        # pooler, where it would learn of one on its next poll, after the task had started).
+        self._may_claim_ahead = (
+            keep_polling and deadline is None and not conninfo.behind_pooler(self.settings)
+        )
         sent_at = time.monotonic()
         await self.store.register_worker(
             worker=self.worker_id,
@@ -339,10 +361,24 @@ class Runner:
                 if room > 0:
                     start, token = self.claim_point.begin(kinds, short_kinds)
                     claimed, due = await self._claim(kinds, room, short_kinds, fit_s, caps, start)
+                    answered = time.monotonic()
                     state.summary.claimed += len(claimed)
+                    lease_s = self.settings.lease_seconds
+                    if claimed and answered > (
+                        self._claim_sent_at + lease_s - lease_margin_s(lease_s)
+                    ):
+                        # Frozen while it claimed (SIGSTOP, a paused VM), past what the claim's
+                        # renewal of the lease covers: another worker may have rescued these
+                        # and run them. Handed back unrun, those still this worker's.
+                        self.claim_point.reset()
+                        await self.upkeep.release_held([task.id for task in claimed])
+                        continue
                     unfit: list[int] = []
                     started: list[Claimed] = []
-                    for task in claimed:
+                    for each in claimed:
+                        task = self._on_time(each, due, answered) if each.ahead_s > 0 else each
+                        if task is None:
+                            continue  # claimed ahead of its time: it starts then
                         if deadline is None or self._fits(task, self._left_s(deadline)):
                             if self._start(task):
                                 started.append(task)
@@ -415,6 +451,7 @@ class Runner:
                     fit_s=fit_s,
                     caps=caps,
                     claim_from=claim_from,
+                    ahead_s=self._ahead_s(),
                 )
             except DatabaseUnavailable:
                 # The claim may have committed before its answer was lost: hand back what
@@ -432,6 +469,7 @@ class Runner:
             }:
                 # Cancelled, and heard of, before this claim's answer came: stopped at once.
                 state.cancel_heard.set()
+        self.clock_check.claimed(sent_at, due.now_s, time.monotonic(), due.answered_s)
         if claimed:  # (none: nothing was due, or the lease had run out)
             self.printer.renewed(sent_at)
         state.db_offset_s = due.now_s - time.time()
@@ -459,6 +497,11 @@ class Runner:
         cancelled = {task_id for task_id, was in gone.items() if was}
         self._stop(cancelled, {c.id for c in old} - cancelled)
 
+    def _ahead_s(self) -> float:
+        """How far ahead of their time the next claim may take tasks (AHEAD_S): 0 but in a
+        worker that hears of cancels at once and whose clock keeps time (ClockCheck)."""
+        return AHEAD_S if self._may_claim_ahead and self.clock_check.keeps_time else 0.0
+
     def _time_to(self, due: NextDue) -> float:
         """Seconds until the next task is due by the database's clock, capped by polling,
         from now: the claim's `now` was the database's when the claim began, about when it
@@ -466,11 +509,64 @@ class Runner:
         the answer, every wake-up was late by the claim's whole round trip.)"""
         wait_s = self.settings.poll_interval_s
         if due.wait_s is not None:
-            wait_s = min(max(0.0, due.wait_s), wait_s)
+            # (Early even while the clock is being checked: the claim then is one more
+            # measure of it, and the next may take what is due within AHEAD_S.)
+            lead_s = LEAD_S if self._may_claim_ahead else 0.0
+            wait_s = min(max(0.0, due.wait_s - lead_s), wait_s)
         self.wakeup.sleep_until = due.now_s + wait_s
         return max(0.0, wait_s - (time.monotonic() - self._claim_sent_at))
 
     # --- start -------------------------------------------------------------------------------
+
+    def _on_time(self, task: Claimed, due: NextDue, answered: float) -> Claimed | None:
+        """Start `task`, claimed ahead of its time, once it is due (None), by this process's
+        clock counted from the claim's answer (`answered`, time.monotonic()): the database's
+        clock had passed the claim's `answered_s` by then, so the task starts no earlier
+        than its time by the database's. Due already: the task to start now, its start
+        lateness from `answered_s`."""
+        due_s = due.now_s + task.ahead_s
+        delay_s = due_s - due.answered_s
+        if delay_s > 0:
+            at = answered + delay_s
+            self._waiting[task.id] = (at, task, self._claim_sent_at)
+            heapq.heappush(self._times, (at, task.id))
+            if self._times[0][1] == task.id:
+                if self._alarm is None:
+                    self._alarm = Alarm(asyncio.get_running_loop(), self._start_on_time)
+                self._alarm.set(at)
+            return None
+        if task.attempt == 1:
+            task = self.state.held[task.id] = task._replace(lateness_ms=-delay_s * 1000)
+        return task
+
+    def _start_on_time(self) -> None:
+        """The alarm rang: start the tasks claimed ahead whose time has come. Each one's
+        start lateness is how late it starts (its `started_at`: queries.CLAIM_DUE)."""
+        state, times, waiting = self.state, self._times, self._waiting
+        lease_s = self.settings.lease_seconds
+        started: list[Claimed] = []
+        while times and (times[0][0] <= time.monotonic() or times[0][1] not in waiting):
+            at, task_id = heapq.heappop(times)
+            if waiting.get(task_id, (None,))[0] != at:
+                continue  # dropped (stopped, cancelled) since
+            _, task, claim_sent_at = waiting.pop(task_id)
+            if state.halt.is_set() or state.held_attempt(task) is None:
+                continue  # stopping (handed back, due at its time), or no longer this worker's
+            if time.monotonic() > claim_sent_at + lease_s - lease_margin_s(lease_s):
+                # Frozen past the lease its claim renewed (SIGSTOP, a paused VM): another
+                # worker may have rescued it. Handed back unrun, if it is still this worker's.
+                handing_back = asyncio.ensure_future(self.upkeep.release_held([task.id]))
+                self._background.add(handing_back)
+                handing_back.add_done_callback(self._background.discard)
+                continue
+            if task.attempt == 1:
+                late_ms = (time.monotonic() - at) * 1000
+                task = state.held[task.id] = task._replace(lateness_ms=late_ms)
+            if self._start(task):
+                started.append(task)
+        state.count_started(started)
+        if times and self._alarm is not None:
+            self._alarm.set(times[0][0])
 
     def _lend_http(
         self, *, guarded: bool = False, timeout_s: float | None = None
@@ -588,7 +684,7 @@ class Runner:
         or with its result waiting to be written and its line not out (a cancel that comes
         while its batch prints it waits for that batch to commit, and finds it finished)."""
         held = self.state.held
-        ids = {*self._running, *self.completer.unprinted()}
+        ids = {*self._running, *self._waiting, *self.completer.unprinted()}
         for queue in self.slots.queued.values():
             ids.update(claimed.id for claimed in queue)
         return [held[task_id] for task_id in sorted(ids) if task_id in held]
@@ -614,6 +710,8 @@ class Runner:
                 self._stopping.add((claimed.id, claimed.attempt))
                 task.cancel()  # (_on_done records nothing of it: it is no longer held)
                 continue
+            if self._waiting.pop(claimed.id, None) is not None:
+                continue  # claimed ahead, not started (its alarm skips it)
             queue = self.slots.queued[claimed.kind]
             if claimed in queue:
                 queue.remove(claimed)
@@ -680,6 +778,13 @@ class Runner:
         if state.halt.is_set():
             grace_s = 0.0  # a failure or a lost lease: nothing more will be recorded as run
         state.halt.set()  # no queued task starts from here on
+        # Nor one claimed ahead of its time: handed back below, due then.
+        self._waiting.clear()
+        self._times.clear()
+        if self._alarm is not None:
+            self._alarm.close()
+            self._alarm = None
+        await asyncio.gather(*self._background, return_exceptions=True)
         unfinished = [task for task in self._running.values() if not task.done()]
         if unfinished and grace_s > 0 and not self._hurry.is_set():
             await _finished_or(unfinished, self._hurry, grace_s)

@@ -93,6 +93,9 @@ class Claimed(NamedTuple):
     # Its own time limit (None: its kind's), and its priority.
     timeout_s: float | None = None
     priority: int = 0
+    # Seconds from the claim's time until the task is due: more than 0 for a task claimed
+    # ahead of its time (Store.claim_due's `ahead_s`), which starts only then.
+    ahead_s: float = 0.0
 
 
 _by_priority = operator.attrgetter("priority")
@@ -115,6 +118,9 @@ class Result(NamedTuple):
     # (model.normalise_error), for GET /errors.
     traceback: str | None = None
     error_group: str | None = None
+    # Of a first attempt claimed ahead of its time: how long after its time it started, at
+    # most, by the worker's clock (its `started_at`: queries.CLAIM_DUE).
+    late_s: float | None = None
 
     @property
     def kept(self) -> bool:
@@ -192,6 +198,9 @@ class NextDue:
     now_s: float
     wait_s: float | None
     claim_from: ClaimFrom | None = None
+    # Of a claim that may take tasks ahead of their time: the database's time (Unix
+    # seconds) once it had committed, which its answer comes back after.
+    answered_s: float = 0.0
 
 
 def _server_side(page_sql: str) -> str:
@@ -490,7 +499,9 @@ _ORDER_KEYS: dict[SortKey, Callable[[ListedTask], Any]] = {
 
 @asynccontextmanager
 async def _pipelined(
-    conn: AsyncConnection[Any], bounds: dict[str, str] | None = None
+    conn: AsyncConnection[Any],
+    bounds: dict[str, str] | None = None,
+    then: Callable[[], Awaitable[Any]] | None = None,
 ) -> AsyncIterator[AsyncPipeline]:
     """One transaction in one pipeline: BEGIN and the block's statements, a Sync, then
     COMMIT once their answers are in (a caller that gave up on them commits nothing);
@@ -505,7 +516,8 @@ async def _pipelined(
     its worker's row and the tasks it was claiming, so no one rescued its tasks (three
     draining workers, one stopped at random for 40 s with a 6 s lease: it landed there 3
     times in 3, nothing rescued until it was resumed). Here the Sync is the
-    last message inside the transaction, and the session ends within the timeout."""
+    last message inside the transaction, and the session ends within the timeout.
+    `then`: a statement sent with the COMMIT, to run once it is done."""
     async with conn.pipeline() as pipeline:
         await conn.execute("BEGIN")
         if bounds is not None:
@@ -525,6 +537,8 @@ async def _pipelined(
                     await pipeline.sync()
             raise
         await conn.execute("COMMIT")
+        if then is not None:
+            await then()
 
 
 async def _bounded(
@@ -603,6 +617,7 @@ def _results_json(results: Iterable[Result], *, kept: bool = False) -> str:
                     "timed_out": r.timed_out,
                     "traceback": r.traceback,
                     "error_group": r.error_group,
+                    "late_s": r.late_s,
                 }
                 for r in results
             ]
@@ -628,7 +643,7 @@ def finish_statement(worker: str, results: Sequence[Result]) -> tuple[str, dict[
     # In id order, the order a cancel of many tasks locks them in: two statements that
     # lock rows in one order never deadlock (queries.cancel_tasks).
     ordered = sorted(results, key=lambda r: r.id)
-    if any(r.kept for r in ordered):
+    if any(r.kept or r.late_s is not None for r in ordered):
         params = {"worker": worker, "results": _results_json(ordered, kept=True)}
         return queries.FINISH_MANY_RECORDING, params
     ids = json.dumps([r.id for r in ordered])
@@ -773,23 +788,30 @@ class Store:
         *statements: tuple[str, dict[str, Any]],
         row_factory: RowFactory[Any] = tuple_row,
         wait_s: float | None = None,
+        then: str | None = None,
     ) -> list[list[Any]]:
         """Run `statements` in one transaction under queries.PINNED_PLAN, sent as one
         pipeline (`_pipelined`); return each one's rows (as tuples, or `row_factory`'s).
         COMMIT goes once their answers are in: a caller that gave up on them (`bounded`)
         commits nothing, as the server rolls back when it finds the connection gone
-        (tests/integration/test_claims.py)."""
+        (tests/integration/test_claims.py). `then`: a statement without values sent with
+        the COMMIT, run once it is done, its rows last."""
         async with self.database.connection(wait_s) as conn:
             cursors = [conn.cursor(row_factory=row_factory) for _ in statements]
+            after = None if then is None else conn.cursor(row_factory=row_factory)
 
             async def work() -> None:
-                async with _pipelined(conn, self._bounds()):
+                run_then = None if after is None else functools.partial(after.execute, then)
+                async with _pipelined(conn, self._bounds(), run_then):
                     await conn.execute(queries.PINNED_PLAN)
                     for cursor, (sql, params) in zip(cursors, statements, strict=True):
                         await cursor.execute(sql, params)
 
             await self.database.bounded(conn, work())
-            return [await cursor.fetchall() if cursor.description else [] for cursor in cursors]
+            rows = [await cursor.fetchall() if cursor.description else [] for cursor in cursors]
+            if after is not None:
+                rows.append(await after.fetchall())
+            return rows
 
     async def ping(self) -> None:
         await self._all(queries.PING)
@@ -1602,6 +1624,7 @@ class Store:
         fit_s: float | None = None,
         caps: Mapping[str, int] | None = None,
         claim_from: ClaimFrom | None = None,
+        ahead_s: float = 0.0,
         now: datetime | None = None,
     ) -> tuple[list[Claimed], NextDue]:
         """Claim up to `limit` due tasks of `kinds`, and of `short_kinds` those whose own
@@ -1625,16 +1648,21 @@ class Store:
             "lease_s": lease_s,
             "from_due": claim_from and claim_from.due,
             "from_id": claim_from and claim_from.id,
+            "ahead_s": ahead_s,
             "now": now,
         }
-        rows, [(now_s, wait_s, levels, from_due, from_id)] = await self._pinned(
-            (queries.CLAIM_DUE, params), (queries.NEXT_DUE, params)
+        # A claim ahead of time also reads the database's clock once it has committed.
+        then = queries.CLOCK if ahead_s > 0 else None
+        rows, [(now_s, wait_s, levels, from_due, from_id)], *clock = await self._pinned(
+            (queries.CLAIM_DUE, params), (queries.NEXT_DUE, params), then=then
         )
+        answered_s = clock[0][0][0] if clock else now_s
         claimed = list(map(Claimed._make, rows))
         # The UPDATE returns its rows by id (it finds them through the primary key).
         if any(task.priority for task in claimed):
             claimed.sort(key=_by_priority)
-        return claimed, NextDue(now_s, wait_s, ClaimFrom.of(levels, from_due, from_id))
+        claim_from_next = ClaimFrom.of(levels, from_due, from_id)
+        return claimed, NextDue(now_s, wait_s, claim_from_next, answered_s)
 
     # count_due_by_kind reads at most this many due tasks.
     LEFT_READ = 10_000

@@ -353,9 +353,11 @@ class Harness:
 
         wait_until(listening, count, "workers starting", 60)
 
-    def api(self, processes: int = 1) -> tuple[str, subprocess.Popen[bytes]]:
+    def api(self, processes: int = 1, **env: str) -> tuple[str, subprocess.Popen[bytes]]:
         port = free_port()
-        proc = self.procs.start(self.url, "api", "--port", str(port), "--workers", str(processes))
+        proc = self.procs.start(
+            self.url, "api", "--port", str(port), "--workers", str(processes), **env
+        )
         api_url = f"http://127.0.0.1:{port}"
         wait_http(api_url)
         return api_url, proc

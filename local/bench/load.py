@@ -188,11 +188,14 @@ async def post_many(api_url: str, n: int, clients: int, payload_bytes: int = 0) 
     await asyncio.gather(*(client(n // clients) for _ in range(clients)))
 
 
-async def post_one_by_one(api_url: str, n: int, gap_s: float | None = None) -> None:
-    """Create tasks due at once, one at a time, a few milliseconds apart (or `gap_s`)."""
+async def post_one_by_one(
+    api_url: str, n: int, gap_s: float | None = None, kind: str = "baz"
+) -> None:
+    """Create tasks of `kind` due at once, one at a time, a few milliseconds apart (or
+    `gap_s`)."""
     conn = await HttpConnection.open(api_url)
     for _ in range(n):
-        body = json.dumps({"type": "baz", "execute_at": time.time() - 1}).encode()
+        body = json.dumps({"type": kind, "execute_at": time.time() - 1}).encode()
         status, text = await conn.post("/tasks", body)
         if status != 201:
             raise RuntimeError(f"POST /tasks answered {status}: {text[:200]!r}")

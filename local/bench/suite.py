@@ -136,12 +136,15 @@ def run(
             for name, lateness in (("future task", bench.lateness_future),
                                    ("due on creation", bench.lateness_now)):  # fmt: skip
                 notify = bench.raw_notify_ms()
-                p50, p99 = lateness()
+                late = lateness()
                 allowed = max(LATENESS_MS, 2 * notify)
                 figures.append(
-                    Figure(f"lateness, {name}, p99", p99, "ms",
-                           f"<= {LATENESS_MS:g} ms or 2x NOTIFY p99", p99 <= allowed, notify,
-                           f"p50 {p50:.1f} ms; raw: NOTIFY trip p99")
+                    Figure(f"lateness, {name}, p99", late.p99, "ms",
+                           f"<= {LATENESS_MS:g} ms or 2x NOTIFY p99", late.p99 <= allowed,
+                           notify,
+                           f"p50 {late.p50:.1f} ms; by the task's own clock p50 "
+                           f"{late.ran_p50:.1f} ms, p99 {late.ran_p99:.1f} ms; raw: NOTIFY "
+                           "trip p99")
                 )  # fmt: skip
 
         if want("wake"):

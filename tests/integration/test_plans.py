@@ -35,7 +35,7 @@ from functions.model import (
     TaskOrder,
     TaskState,
 )
-from functions.runner import Runner
+from functions.runner import AHEAD_S, Runner
 from functions.settings import Settings
 from functions.store import Result, Store, finish_statement
 
@@ -175,6 +175,7 @@ def test_the_claim_walks_the_due_index_in_order(
     params = {
         "worker": "w", "kinds": ["foo", "bar", "baz"], "limit": BATCH, "lease_s": 60.0, "now": None,
         "short_kinds": [], "fit_s": None, "caps": '{"bar": 110}', "from_due": None, "from_id": None,
+        "ahead_s": AHEAD_S,
     }  # fmt: skip
     for name, statement in (("CLAIM_DUE", queries.CLAIM_DUE), ("NEXT_DUE", queries.NEXT_DUE)):
         # As Store.claim_due runs them: in one transaction with the claim's settings.
@@ -225,7 +226,8 @@ def test_no_pinned_statement_is_compiled_with_jit(
         "CLAIM_DUE": (queries.CLAIM_DUE, {"worker": "w", "kinds": ["foo", "bar", "baz"],
                                           "limit": BATCH, "lease_s": 60.0, "now": None,
                                           "short_kinds": [], "fit_s": None, "caps": "{}",
-                                          "from_due": None, "from_id": None}),
+                                          "from_due": None, "from_id": None,
+                                          "ahead_s": AHEAD_S}),
         "NEXT_DUE": (queries.NEXT_DUE, {"kinds": ["foo", "bar", "baz"], "now": None,
                                         "short_kinds": [], "fit_s": None,
                                         "from_due": None, "from_id": None}),
@@ -380,7 +382,7 @@ async def test_a_worker_warmed_on_a_small_table_keeps_the_burst_plans(
         await store.register_worker(worker="w", lease_s=60)
         params = {"lease_s": 60.0, "worker": "w", "kinds": ["baz"], "limit": BATCH, "now": None,
                   "short_kinds": [], "fit_s": None, "caps": "{}", "from_due": None,
-                  "from_id": None}  # fmt: skip
+                  "from_id": None, "ahead_s": AHEAD_S}  # fmt: skip
         [ids] = await store._pinned((queries.CLAIM_DUE, params))
         assert len(ids) == BATCH
 
@@ -481,7 +483,7 @@ def test_reads_of_due_tasks_read_no_future_ones_whatever_their_priorities(
     ).fetchall()
     claim = {"worker": "w", "kinds": ["foo", "baz"], "limit": BATCH, "lease_s": 60.0,
              "now": None, "short_kinds": [], "fit_s": None, "caps": "{}", "from_due": None,
-             "from_id": None}  # fmt: skip
+             "from_id": None, "ahead_s": AHEAD_S}  # fmt: skip
     cases: dict[str, tuple[str, dict[str, Any], int]] = {
         # (statement, parameters, the rows of tasks it reads)
         "CLAIM_DUE": (queries.CLAIM_DUE, claim, due),
@@ -855,6 +857,7 @@ def test_a_claim_in_a_backlog_steps_over_none_of_the_tasks_claimed_before(
     params: dict[str, Any] = {
         "worker": "w", "kinds": ["baz"], "limit": BATCH, "lease_s": 60.0, "now": None,
         "short_kinds": [], "fit_s": None, "caps": "{}", "from_due": None, "from_id": None,
+        "ahead_s": AHEAD_S,
     }  # fmt: skip
     postgresql.autocommit = False
     claimed = 0
