@@ -6,6 +6,7 @@ has time to happen."""
 
 import asyncio
 import dataclasses
+import datetime
 import io
 import time
 from collections.abc import Callable
@@ -294,3 +295,23 @@ async def test_a_claim_answered_past_its_lease_starts_nothing(
     async with _running(lambda stop: _starting_again(runner, stop)) as run:
         await _until(lambda: sql("SELECT state FROM tasks") == [("succeeded",)], run, 15)
     assert froze == [task_id] and len(started[task_id]) == 1  # once
+
+
+async def test_a_claim_begun_before_a_task_was_created_records_no_start_before_it(
+    sql: Sql, store: Store
+) -> None:
+    """A claim's `now()` is its transaction's start, which can come before a task it then
+    takes was created (its statement's snapshot is later): `started_at` and `claimed_at` are
+    the creation then, never before the task became due. (A test's clock stands for the
+    early transaction.)"""
+    [(task_id, created_at)] = sql(
+        "INSERT INTO tasks (kind, execute_at) VALUES ('baz', now() - interval '2 s')"
+        " RETURNING id, created_at"
+    )
+    await store.register_worker(worker="w", lease_s=60)
+    claimed, _ = await store.claim_due(
+        worker="w", kinds=["baz"], limit=10, lease_s=60,
+        now=created_at - datetime.timedelta(seconds=1),
+    )  # fmt: skip
+    assert [(task.id, task.lateness_ms) for task in claimed] == [(task_id, 0.0)]
+    assert sql("SELECT started_at, claimed_at FROM tasks") == [(created_at, created_at)]
